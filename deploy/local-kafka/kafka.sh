@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# A real single-node Apache Kafka broker (KRaft, no ZooKeeper) on loopback, fetched from Maven Central.
+#
+#   deploy/local-kafka/kafka.sh fetch     download the broker jars (once; cached)
+#   deploy/local-kafka/kafka.sh start     format storage, start the broker, wait until it answers
+#   deploy/local-kafka/kafka.sh stop      stop it cleanly (SIGTERM, then wait)
+#   deploy/local-kafka/kafka.sh restart   stop then start, keeping the data (for outage tests)
+#   deploy/local-kafka/kafka.sh status    exit 0 when the broker is up
+#
+# Environment:
+#   KAFKA_PORT      client listener port on 127.0.0.1 (default 19092)
+#   KAFKA_HOME      where the jars live (default ~/.cache/stitcher/kafka-<version>)
+#   KAFKA_DATA      log dirs, config and pid file (default /tmp/stitcher-kafka-<port>)
+#   KAFKA_HEAP      JVM heap (default 1g)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/pom.xml")"
+port="${KAFKA_PORT:-19092}"
+controller_port=$((port + 1))
+home="${KAFKA_HOME:-$HOME/.cache/stitcher/kafka-$version}"
+data="${KAFKA_DATA:-/tmp/stitcher-kafka-$port}"
+pidfile="$data/kafka.pid"
+
+log() { echo "[local-kafka] $*" >&2; }
+
+fetch() {
+  if [ -f "$home/libs/kafka_2.13-$version.jar" ]; then return; fi
+  log "fetching Apache Kafka $version from Maven Central into $home/libs"
+  mkdir -p "$home"
+  mvn -q -B -f "$here/pom.xml" dependency:copy-dependencies -DoutputDirectory="$home/libs" -DincludeScope=runtime
+}
+
+java_run() {
+  java -Xmx"${KAFKA_HEAP:-1g}" -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j.configuration="file:$data/log4j.properties" -cp "$home/libs/*" "$@"
+}
+
+is_up() {
+  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null || return 1
+  grep -q "Kafka Server started" "$data/server.log" 2>/dev/null || grep -q "\[KafkaRaftServer nodeId=1\] Kafka Server started" "$data/kafka.out" 2>/dev/null
+}
+
+write_config() {
+  mkdir -p "$data/logs"
+  cat > "$data/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$controller_port
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$data/logs
+num.partitions=1
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=8
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=false
+log.segment.bytes=67108864
+log.cleaner.dedupe.buffer.size=16777216
+transaction.max.timeout.ms=900000
+PROPS
+  cat > "$data/log4j.properties" <<PROPS
+log4j.rootLogger=WARN, file
+log4j.logger.kafka.server.KafkaServer=INFO
+log4j.logger.kafka.server.KafkaRaftServer=INFO
+log4j.logger.kafka.Kafka=INFO
+log4j.appender.file=org.apache.log4j.FileAppender
+log4j.appender.file.File=$data/server.log
+log4j.appender.file.layout=org.apache.log4j.PatternLayout
+log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
+PROPS
+}
+
+start() {
+  fetch
+  if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    log "already running (pid $(cat "$pidfile")) on 127.0.0.1:$port"; return
+  fi
+  write_config
+  if [ ! -f "$data/logs/meta.properties" ]; then
+    java_run kafka.tools.StorageTool format -t "$(java_run kafka.tools.StorageTool random-uuid)" \
+      -c "$data/server.properties" --ignore-formatted >/dev/null
+  fi
+  : > "$data/server.log"
+  nohup java -Xmx"${KAFKA_HEAP:-1g}" -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j.configuration="file:$data/log4j.properties" -cp "$home/libs/*" \
+    kafka.Kafka "$data/server.properties" > "$data/kafka.out" 2>&1 &
+  echo $! > "$pidfile"
+  for _ in $(seq 1 120); do
+    if is_up; then log "broker $version up on 127.0.0.1:$port (data $data)"; return; fi
+    if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+      log "broker exited during start:"; tail -30 "$data/kafka.out" "$data/server.log" >&2; exit 1
+    fi
+    sleep 0.5
+  done
+  log "broker did not come up within 60s"; tail -30 "$data/server.log" >&2; exit 1
+}
+
+stop() {
+  [ -f "$pidfile" ] || return 0
+  local pid; pid="$(cat "$pidfile")"
+  if kill -0 "$pid" 2>/dev/null; then
+    kill -TERM "$pid"
+    for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -0 "$pid" 2>/dev/null && { log "broker did not stop in 30s, killing"; kill -KILL "$pid"; }
+  fi
+  rm -f "$pidfile"
+  log "broker stopped"
+}
+
+case "${1:-}" in
+  fetch) fetch ;;
+  start) start ;;
+  stop) stop ;;
+  restart) stop; start ;;
+  status) is_up ;;
+  clean) stop; rm -rf "$data" ;;
+  *) echo "usage: $0 fetch|start|stop|restart|status|clean" >&2; exit 2 ;;
+esac

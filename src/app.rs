@@ -1,0 +1,87 @@
+//! Wiring: state, HTTP, topics, the pipeline thread, and an orderly stop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::http::{self, HttpState};
+use crate::metrics::Metrics;
+use crate::normalize::Normalizer;
+use crate::pipeline::{Pipeline, RunSummary};
+use crate::store::Store;
+
+/// Runs the service until `shutdown` is cancelled, or the pipeline fails.
+pub async fn run(cfg: Config, metrics: Metrics, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {
+    let store = open_store(&cfg).await?;
+    let listener = TcpListener::bind(cfg.http.listen).await?;
+    tracing::info!(addr = %listener.local_addr()?, "http listening");
+    let http_state = HttpState {
+        metrics: metrics.clone(),
+        store: Some(store.clone()),
+        normalizer: Arc::new(Normalizer::new(&cfg.identity)?),
+        bearer_token: cfg.http.bearer_token.clone(),
+    };
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
+    let sizes = tokio::spawn(report_state_size(store.clone(), metrics.clone(), http_stop.clone()));
+
+    if cfg.output.create_topics {
+        create_topics(&cfg, &shutdown).await?;
+    }
+    let instance = cfg.kafka.instance_id.clone();
+    let pipeline_stop = shutdown.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let pipeline = Pipeline::start(cfg, store, metrics, &instance, &pipeline_stop)?;
+        pipeline.run(pipeline_stop)
+    })
+    .await;
+    http_stop.cancel();
+    let _ = http.await;
+    let _ = sizes.await;
+    Ok(result??)
+}
+
+async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
+    let dir = cfg.state.dir.clone();
+    let cache = cfg.state.block_cache_mb;
+    std::fs::create_dir_all(&dir)?;
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, cache)).await??;
+    Ok(store)
+}
+
+/// Creates missing topics, waiting for the broker if it is not up yet.
+async fn create_topics(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        match crate::kafka::ensure_topics(cfg).await {
+            Ok(()) => return Ok(()),
+            Err(e) if shutdown.is_cancelled() => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create topics yet, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn report_state_size(store: Store, metrics: Metrics, stop: CancellationToken) {
+    loop {
+        let s = store.clone();
+        if let Ok(sizes) = tokio::task::spawn_blocking(move || s.approximate_sizes()).await {
+            for (cf, bytes) in sizes {
+                metrics.state_size.with_label_values(&[cf]).set(bytes as i64);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+            _ = stop.cancelled() => return,
+        }
+    }
+}

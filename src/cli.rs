@@ -1,0 +1,125 @@
+//! Command line: `run`, `demo`, `generate`, `inspect`, `export`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(name = "stitcher", version, about = "Omnichannel identity stitching on Apache Kafka")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service: consume channel topics, stitch, produce profile updates.
+    Run(RunArgs),
+    /// A self-contained demo on librdkafka's in-process mock cluster: no broker needed.
+    Demo(DemoArgs),
+    /// Produce synthetic omnichannel journeys with a known ground truth to the channel topics.
+    Generate(GenerateArgs),
+    /// Show a profile, its identifiers and their links, by profile id or by any identifier.
+    Inspect(InspectArgs),
+    /// Export the identifier -> profile mapping of a state directory as JSON lines.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// TOML configuration file (see README.md, "Configuration").
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Kafka bootstrap servers (overrides kafka.brokers).
+    #[arg(long)]
+    pub brokers: Option<String>,
+    /// Consumer group (overrides kafka.group_id).
+    #[arg(long)]
+    pub group_id: Option<String>,
+    /// RocksDB state directory (overrides state.dir).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Address for /metrics, /healthz, /readyz and lookups (overrides http.listen).
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Persons in the generated stream.
+    #[arg(long, default_value_t = 2000)]
+    pub persons: usize,
+    /// Seed of the generated stream.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Where /metrics is served while the demo runs.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub http_listen: SocketAddr,
+    /// Keep serving /metrics and lookups after the summary, until Ctrl-C.
+    #[arg(long)]
+    pub serve: bool,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum FormatArg {
+    Avro,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Configuration whose [[inputs]] name the channel topics and formats.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    #[arg(long, default_value_t = 1000)]
+    pub persons: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Share of events sent twice.
+    #[arg(long, default_value_t = 0.0)]
+    pub duplicates: f64,
+    /// Share of messages that are garbage (dead-letter material).
+    #[arg(long, default_value_t = 0.0)]
+    pub malformed: f64,
+    /// Shuffle events within windows of this many (out-of-order delivery).
+    #[arg(long, default_value_t = 0)]
+    pub shuffle_window: usize,
+    /// Messages per second (0: as fast as the broker takes them).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Event times start now instead of at a fixed date (for latency measurements).
+    #[arg(long)]
+    pub now: bool,
+    /// Write the ground truth here (JSON lines).
+    #[arg(long)]
+    pub truth: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// State directory of a stopped instance (RocksDB allows one process at a time).
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// Profile id (p-...).
+    #[arg(long, conflicts_with = "identifier")]
+    pub profile: Option<String>,
+    /// Identifier as type:value (email:alice@example.com).
+    #[arg(long)]
+    pub identifier: Option<String>,
+    /// Configuration, for the normalisation rules of --identifier.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[arg(long)]
+    pub state_dir: PathBuf,
+}

@@ -1,0 +1,121 @@
+//! Wire formats: Avro in the Confluent wire format (schemas/*.avsc embedded at build time) and JSON.
+
+pub mod avro;
+pub mod update;
+
+use std::collections::HashSet;
+
+use apache_avro::Schema;
+
+use crate::config::Format;
+use crate::model::ChannelEvent;
+
+pub use avro::{decode_confluent, encode_confluent, SchemaError};
+pub use update::{ProfileUpdate, UpdateEncoder};
+
+pub const CHANNEL_EVENT_AVSC: &str = include_str!("../../schemas/channel_event.avsc");
+pub const PROFILE_UPDATE_AVSC: &str = include_str!("../../schemas/profile_update.avsc");
+
+/// Why an input message could not be decoded. The message goes to the dead-letter topic with this text.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("empty message")]
+    Empty,
+    #[error("message of {0} bytes exceeds the limit of {1}")]
+    TooLarge(usize, usize),
+    #[error("not Confluent wire format: magic byte {0:#04x}, expected 0x00")]
+    BadMagic(u8),
+    #[error("message shorter than the 5-byte Confluent header")]
+    ShortHeader,
+    #[error("unknown schema id {0}")]
+    UnknownSchemaId(u32),
+    #[error("invalid avro: {0}")]
+    Avro(String),
+    #[error("invalid json: {0}")]
+    Json(String),
+}
+
+/// Decodes channel events of either format.
+pub struct EventDecoder {
+    schema: Schema,
+    accepted_ids: HashSet<u32>,
+    max_bytes: usize,
+}
+
+impl EventDecoder {
+    pub fn new(accepted_ids: &[u32], max_bytes: usize) -> Result<Self, SchemaError> {
+        Ok(Self { schema: avro::channel_event_schema()?, accepted_ids: accepted_ids.iter().copied().collect(), max_bytes })
+    }
+
+    pub fn decode(&self, format: Format, payload: &[u8]) -> Result<ChannelEvent, DecodeError> {
+        if payload.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        if payload.len() > self.max_bytes {
+            return Err(DecodeError::TooLarge(payload.len(), self.max_bytes));
+        }
+        match format {
+            Format::Json => serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string())),
+            Format::Avro => {
+                let (id, body) = avro::split_confluent(payload)?;
+                if !self.accepted_ids.contains(&id) {
+                    return Err(DecodeError::UnknownSchemaId(id));
+                }
+                avro::decode_datum(&self.schema, body)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RawIdentifier;
+
+    fn sample() -> ChannelEvent {
+        ChannelEvent {
+            event_id: "e-1".into(),
+            channel: Some("web".into()),
+            event_type: "add_to_cart".into(),
+            timestamp: 1_700_000_000_123,
+            identifiers: vec![RawIdentifier { kind: "email".into(), value: "A@B.io".into() }],
+            order_id: None,
+            amount: Some(12.5),
+            currency: Some("EUR".into()),
+            items: vec![crate::model::Item { sku: "sku-1".into(), quantity: 2, price: Some(3.0) }],
+            campaign_id: None,
+            consent: Some(crate::model::ConsentChange { cross_channel: Some(false), email_marketing: None }),
+            attributes: [("page".to_string(), "/cart".to_string())].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn avro_round_trip_in_confluent_format() {
+        let schema = avro::channel_event_schema().unwrap();
+        let bytes = encode_confluent(&schema, 1, &sample()).unwrap();
+        assert_eq!(&bytes[..5], &[0, 0, 0, 0, 1]);
+        let d = EventDecoder::new(&[1], 1 << 20).unwrap();
+        assert_eq!(d.decode(Format::Avro, &bytes).unwrap(), sample());
+    }
+
+    #[test]
+    fn json_decodes_same_shape_with_defaults() {
+        let d = EventDecoder::new(&[1], 1 << 20).unwrap();
+        let json = br#"{"event_id":"e","event_type":"page_view","timestamp":5,"identifiers":[{"type":"anonymous_id","value":"c"}]}"#;
+        let ev = d.decode(Format::Json, json).unwrap();
+        assert_eq!(ev.identifiers.len(), 1);
+        assert!(ev.items.is_empty());
+    }
+
+    #[test]
+    fn bad_input_is_a_clear_error() {
+        let d = EventDecoder::new(&[1], 64).unwrap();
+        assert_eq!(d.decode(Format::Avro, b""), Err(DecodeError::Empty));
+        assert_eq!(d.decode(Format::Avro, b"{\"x\":1}"), Err(DecodeError::BadMagic(b'{')));
+        assert_eq!(d.decode(Format::Avro, &[0, 0, 0]), Err(DecodeError::ShortHeader));
+        assert_eq!(d.decode(Format::Avro, &[0, 0, 0, 0, 9, 1]), Err(DecodeError::UnknownSchemaId(9)));
+        assert!(matches!(d.decode(Format::Avro, &[0, 0, 0, 0, 1, 0xff, 0xff]), Err(DecodeError::Avro(_))));
+        assert!(matches!(d.decode(Format::Json, b"not json"), Err(DecodeError::Json(_))));
+        assert_eq!(d.decode(Format::Json, &[b' '; 65]), Err(DecodeError::TooLarge(65, 64)));
+    }
+}

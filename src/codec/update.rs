@@ -1,0 +1,252 @@
+//! The profile-update record (schemas/profile_update.avsc) and its encoding.
+
+use apache_avro::Schema;
+use serde::{Deserialize, Serialize};
+
+use super::avro::{encode_confluent, profile_update_schema, SchemaError};
+use crate::model::{Millis, ProfileId};
+use crate::profile::Profile;
+use crate::stitch::Refusal;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileUpdate {
+    pub profile_id: String,
+    pub redirect_to: Option<String>,
+    pub merged_from: Vec<String>,
+    pub trigger_event_id: Option<String>,
+    pub trigger_channel: Option<String>,
+    pub updated_at: Millis,
+    pub refused_links: Vec<RefusedLink>,
+    pub profile: Option<ProfileRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefusedLink {
+    pub rule: String,
+    pub id_type: String,
+    pub other_profile_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProfileRecord {
+    pub identifiers: Vec<IdentifierRecord>,
+    pub first_seen: Millis,
+    pub last_seen: Millis,
+    pub events: i64,
+    pub channels: Vec<ChannelRecord>,
+    pub event_types: std::collections::BTreeMap<String, i64>,
+    pub purchases: Vec<PurchaseRecord>,
+    pub email: EmailRecord,
+    pub cart: Vec<CartRecord>,
+    pub consent: ConsentRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct IdentifierRecord {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: String,
+    pub first_seen: Millis,
+    pub last_seen: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelRecord {
+    pub channel: String,
+    pub first_seen: Millis,
+    pub last_seen: Millis,
+    pub events: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PurchaseRecord {
+    pub venue: String,
+    pub currency: String,
+    pub orders: i64,
+    pub revenue_minor: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EmailRecord {
+    pub opens: i64,
+    pub clicks: i64,
+    pub last_open_at: Option<Millis>,
+    pub last_click_at: Option<Millis>,
+    pub last_campaign_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CartRecord {
+    pub sku: String,
+    pub quantity: i32,
+    pub price_minor: Option<i64>,
+    pub channel: String,
+    pub added_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsentRecord {
+    pub cross_channel: bool,
+    pub email_marketing: Option<bool>,
+    pub updated_at: Option<Millis>,
+}
+
+fn count(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+impl From<&Profile> for ProfileRecord {
+    fn from(p: &Profile) -> Self {
+        let consent_at = [p.consent.cross_channel.as_ref().map(|l| l.at), p.consent.email_marketing.as_ref().map(|l| l.at)]
+            .into_iter()
+            .flatten()
+            .max();
+        ProfileRecord {
+            identifiers: p
+                .identifiers
+                .iter()
+                .map(|(id, seen)| IdentifierRecord {
+                    kind: id.kind.clone(),
+                    value: id.value.clone(),
+                    first_seen: seen.first,
+                    last_seen: seen.last,
+                })
+                .collect(),
+            first_seen: p.seen.first,
+            last_seen: p.seen.last,
+            events: count(p.events),
+            channels: p
+                .channels
+                .iter()
+                .map(|(ch, a)| ChannelRecord {
+                    channel: ch.clone(),
+                    first_seen: a.seen.first,
+                    last_seen: a.seen.last,
+                    events: count(a.events),
+                })
+                .collect(),
+            event_types: p.event_types.iter().map(|(k, v)| (k.clone(), count(*v))).collect(),
+            purchases: p
+                .purchases
+                .iter()
+                .map(|((venue, currency), t)| PurchaseRecord {
+                    venue: venue.as_str().into(),
+                    currency: currency.clone(),
+                    orders: count(t.orders),
+                    revenue_minor: t.revenue_minor,
+                })
+                .collect(),
+            email: EmailRecord {
+                opens: count(p.email.opens),
+                clicks: count(p.email.clicks),
+                last_open_at: p.email.last_open_at,
+                last_click_at: p.email.last_click.as_ref().map(|c| c.at),
+                last_campaign_id: p.email.last_click.as_ref().and_then(|c| c.value.clone()),
+            },
+            cart: p
+                .cart
+                .lines
+                .iter()
+                .map(|l| CartRecord {
+                    sku: l.sku.clone(),
+                    quantity: l.quantity,
+                    price_minor: l.price_minor,
+                    channel: l.channel.clone(),
+                    added_at: l.added_at,
+                })
+                .collect(),
+            consent: ConsentRecord {
+                cross_channel: !p.cross_channel_refused(),
+                email_marketing: p.consent.email_marketing.as_ref().map(|l| l.value),
+                updated_at: consent_at,
+            },
+        }
+    }
+}
+
+impl From<&Refusal> for RefusedLink {
+    fn from(r: &Refusal) -> Self {
+        RefusedLink {
+            rule: r.rule.name().into(),
+            id_type: r.kind.clone(),
+            other_profile_id: r.other.as_ref().map(|p| p.to_string()),
+        }
+    }
+}
+
+impl ProfileUpdate {
+    /// The record saying that `from` now lives in `to`.
+    pub fn redirect(from: &ProfileId, to: &ProfileId, now: Millis) -> Self {
+        ProfileUpdate {
+            profile_id: from.to_string(),
+            redirect_to: Some(to.to_string()),
+            merged_from: vec![],
+            trigger_event_id: None,
+            trigger_channel: None,
+            updated_at: now,
+            refused_links: vec![],
+            profile: None,
+        }
+    }
+}
+
+/// Encodes profile updates as Confluent-framed Avro.
+pub struct UpdateEncoder {
+    schema: Schema,
+    schema_id: u32,
+}
+
+impl UpdateEncoder {
+    pub fn new(schema_id: u32) -> Result<Self, SchemaError> {
+        Ok(Self { schema: profile_update_schema()?, schema_id })
+    }
+
+    pub fn encode(&self, update: &ProfileUpdate) -> Result<Vec<u8>, SchemaError> {
+        encode_confluent(&self.schema, self.schema_id, update)
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Event, Identifier, Purchase, Venue};
+
+    #[test]
+    fn update_round_trips_through_avro() {
+        let ev = Event {
+            event_id: "e1".into(),
+            channel: "pos".into(),
+            event_type: "purchase".into(),
+            timestamp: 1000,
+            identifiers: vec![Identifier::new("loyalty_id", "L1")],
+            purchase: Some(Purchase { amount_minor: 999, currency: "EUR".into(), venue: Venue::Store }),
+            items: vec![],
+            campaign_id: None,
+            consent: None,
+        };
+        let p = Profile::new(&ev);
+        let update = ProfileUpdate {
+            profile_id: p.id().to_string(),
+            redirect_to: None,
+            merged_from: vec!["p-old".into()],
+            trigger_event_id: Some("e1".into()),
+            trigger_channel: Some("pos".into()),
+            updated_at: 5,
+            refused_links: vec![],
+            profile: Some((&p).into()),
+        };
+        let enc = UpdateEncoder::new(2).unwrap();
+        let bytes = enc.encode(&update).unwrap();
+        let (id, back): (u32, ProfileUpdate) = crate::codec::decode_confluent(enc.schema(), &bytes).unwrap();
+        assert_eq!(id, 2);
+        assert_eq!(back, update);
+        let redirect = ProfileUpdate::redirect(&p.id(), &crate::model::ProfileId("p-new".into()), 6);
+        let bytes = enc.encode(&redirect).unwrap();
+        let (_, back): (u32, ProfileUpdate) = crate::codec::decode_confluent(enc.schema(), &bytes).unwrap();
+        assert_eq!(back, redirect);
+    }
+}

@@ -1,0 +1,127 @@
+//! The subcommands other than the demo.
+
+use std::io::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{ConfigArgs, ExportArgs, GenerateArgs, InspectArgs, RunArgs};
+use crate::codec::update::ProfileRecord;
+use crate::config::{Config, Overrides};
+use crate::generate::{self, Routes};
+use crate::journeys::{self, JourneyConfig};
+use crate::metrics::Metrics;
+use crate::model::{Identifier, ProfileId};
+use crate::normalize::Normalizer;
+use crate::store::Store;
+
+fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
+    let flags = Overrides {
+        brokers: args.brokers.clone(),
+        group_id: args.group_id.clone(),
+        state_dir: args.state_dir.clone(),
+        http_listen: args.http_listen,
+    };
+    Ok(Config::load(args.config.as_deref(), std::env::vars(), &flags)?)
+}
+
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let cfg = load_config(&args.config)?;
+    let shutdown = CancellationToken::new();
+    crate::shutdown::cancel_on_signals(shutdown.clone());
+    let summary = crate::app::run(cfg, Metrics::new()?, shutdown).await?;
+    tracing::info!(batches = summary.batches, messages = summary.messages, records = summary.records, "stopped");
+    Ok(())
+}
+
+pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    let cfg = load_config(&args.config)?;
+    let routes: Routes = cfg.inputs.iter().map(|i| (i.channel.clone(), (i.topic.clone(), i.format))).collect();
+    let start_ms = if args.now {
+        SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64
+    } else {
+        JourneyConfig::default().start_ms
+    };
+    let jc = JourneyConfig {
+        persons: args.persons,
+        seed: args.seed,
+        start_ms,
+        span_ms: if args.now { 1 } else { JourneyConfig::default().span_ms },
+        duplicate_rate: args.duplicates,
+        malformed_rate: args.malformed,
+        shuffle_window: args.shuffle_window,
+    };
+    let brokers = cfg.kafka.brokers.clone();
+    let rate = args.rate;
+    let truth_path = args.truth.clone();
+    let (sent, events, malformed, duplicates) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let j = journeys::generate(&jc);
+        if let Some(path) = &truth_path {
+            generate::write_truth(path, &j.truth)?;
+        }
+        let sent = generate::send(&brokers, &routes, &j, rate)?;
+        Ok((sent, j.events, j.malformed, j.duplicates))
+    })
+    .await??;
+    println!(
+        "sent {sent} messages: {events} events of {} persons, {duplicates} duplicates, {malformed} malformed",
+        args.persons
+    );
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Inspection {
+    profile_id: String,
+    /// Internal node; identifiers point at it.
+    node: u64,
+    profile: ProfileRecord,
+    /// Ids of profiles merged into this one that still redirect here.
+    links: Vec<String>,
+}
+
+pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    let store = Store::open(&args.state_dir, 64).context("opening state (is the service still running?)")?;
+    let node = match (&args.profile, &args.identifier) {
+        (Some(p), _) => store.resolve_profile_id(&ProfileId(p.clone()))?.map(|(_, n)| n),
+        (None, Some(spec)) => {
+            let (kind, value) = spec.split_once(':').context("--identifier takes type:value")?;
+            let cfg = match &args.config {
+                Some(path) => Config::from_toml_file(path)?,
+                None => Config::default(),
+            };
+            let id: Identifier = Normalizer::new(&cfg.identity)?
+                .identifier(kind, value)
+                .map_err(|r| anyhow::anyhow!("identifier refused: {}", r.as_str()))?;
+            store.node_of(&id)?
+        }
+        (None, None) => anyhow::bail!("give --profile or --identifier"),
+    };
+    let node = node.context("no profile for this id")?;
+    let profile = store.profile(node)?.context("identifier points at a missing profile")?;
+    let id = profile.id();
+    let links = store.redirects_to(&id)?.into_iter().map(|p| p.to_string()).collect();
+    let out = Inspection { profile_id: id.to_string(), node: node.0, profile: (&profile).into(), links };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<()> {
+    let store = Store::open(&args.state_dir, 64).context("opening state (is the service still running?)")?;
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut result = Ok(());
+    store.for_each_profile(|_, p| {
+        let id = p.id();
+        for ident in p.identifiers.keys() {
+            if result.is_ok() {
+                result = writeln!(out, "{}", serde_json::json!({"type": ident.kind, "value": ident.value, "profile_id": id}));
+            }
+        }
+    })?;
+    result?;
+    out.flush()?;
+    Ok(())
+}

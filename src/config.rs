@@ -1,0 +1,451 @@
+//! Configuration: documented structs, unknown keys refused, validated once at start-up.
+//!
+//! Precedence, lowest first: built-in defaults < the TOML file (`--config`) < `STITCHER_*` environment
+//! variables < command-line flags. See README.md "Configuration" for every key.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid environment variable {name}: {reason}")]
+    Env { name: String, reason: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    /// Channel topics to consume; one `[[inputs]]` table each.
+    pub inputs: Vec<InputConfig>,
+    pub output: OutputConfig,
+    pub identity: IdentityConfig,
+    pub guardrails: GuardrailConfig,
+    pub state: StateConfig,
+    pub processing: ProcessingConfig,
+    pub http: HttpConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group; instances with the same group share the partitions.
+    pub group_id: String,
+    /// Prefix of the transactional id; the instance's id is appended. Must be stable across restarts of the
+    /// same instance so that a restarted instance fences its zombie.
+    pub transactional_id: String,
+    /// This instance's name, appended to the transactional id. Stable per instance (a StatefulSet pod name).
+    pub instance_id: String,
+    /// Any librdkafka setting, applied to consumer and producer (security.protocol, sasl.*, ssl.*, ...).
+    pub common: BTreeMap<String, String>,
+    /// librdkafka settings for the consumer only.
+    pub consumer: BTreeMap<String, String>,
+    /// librdkafka settings for the producer only.
+    pub producer: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            group_id: "stitcher".into(),
+            transactional_id: "stitcher".into(),
+            instance_id: "0".into(),
+            common: BTreeMap::new(),
+            consumer: BTreeMap::new(),
+            producer: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// Avro in the Confluent wire format (magic byte 0, 4-byte schema id, Avro binary).
+    Avro,
+    /// One JSON object per message, the same fields as schemas/channel_event.avsc.
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    pub topic: String,
+    /// Channel name recorded for events of this topic (web, app, email, pos, callcenter, social, ...).
+    pub channel: String,
+    #[serde(default = "default_format")]
+    pub format: Format,
+}
+
+fn default_format() -> Format {
+    Format::Avro
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutputConfig {
+    /// Profile updates, keyed by profile id (schemas/profile_update.avsc). Should be compacted.
+    pub topic: String,
+    /// Messages that could not be processed, with headers naming source and error.
+    pub dead_letter_topic: String,
+    /// Control commands (erase, unlink), JSON; empty to disable.
+    pub control_topic: String,
+    /// Schema id written in the Confluent wire-format header of profile updates.
+    pub schema_id: u32,
+    /// Create missing output, dead-letter and control topics at start-up.
+    pub create_topics: bool,
+    /// Partitions for topics created at start-up.
+    pub partitions: i32,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        Self {
+            topic: "profile-updates".into(),
+            dead_letter_topic: "stitcher-dead-letters".into(),
+            control_topic: String::new(),
+            schema_id: 2,
+            create_topics: true,
+            partitions: 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// ISO country whose calling code completes national phone numbers.
+    pub default_country: String,
+    /// Identifier types stored and emitted only as SHA-256 of their normalised value.
+    pub hashed_types: Vec<String>,
+    /// Identifier types accepted besides the built-in ones.
+    pub custom_types: Vec<String>,
+    /// Values refused for every type, besides the built-in junk list (case-insensitive).
+    pub blocked_values: Vec<String>,
+    /// Regular expressions; a normalised value matching any is refused.
+    pub blocked_patterns: Vec<String>,
+    /// Channels whose purchases count as in-store.
+    pub store_channels: Vec<String>,
+    /// Events with more identifiers than this go to the dead-letter topic.
+    pub max_identifiers_per_event: usize,
+    /// Longest accepted identifier value, in bytes.
+    pub max_value_len: usize,
+}
+
+impl Default for IdentityConfig {
+    fn default() -> Self {
+        Self {
+            default_country: "US".into(),
+            hashed_types: vec![],
+            custom_types: vec![],
+            blocked_values: vec![],
+            blocked_patterns: vec![],
+            store_channels: vec!["pos".into(), "store".into()],
+            max_identifiers_per_event: 32,
+            max_value_len: 256,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardrailConfig {
+    /// Most identifiers one profile may hold; a merge that would exceed it is refused.
+    pub max_profile_identifiers: usize,
+    /// Most values of one type a profile may hold (`email = 5`); a merge that would exceed it is refused.
+    pub limits: BTreeMap<String, usize>,
+    /// Types in decreasing trust: the profile matched by the most trusted type is the one an event lands in
+    /// when a merge is refused, and links are tried in this order.
+    pub priority: Vec<String>,
+}
+
+impl Default for GuardrailConfig {
+    fn default() -> Self {
+        let limits = [
+            ("customer_id", 1),
+            ("loyalty_id", 3),
+            ("email", 5),
+            ("phone", 5),
+            ("device_id", 10),
+            ("anonymous_id", 50),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Self {
+            max_profile_identifiers: 200,
+            limits,
+            priority: ["customer_id", "loyalty_id", "email", "phone", "device_id", "anonymous_id"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StateConfig {
+    /// RocksDB directory; holds the graph, profiles and the committed input offsets.
+    pub dir: PathBuf,
+    /// RocksDB block cache, in MiB.
+    pub block_cache_mb: usize,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        Self { dir: PathBuf::from("./stitcher-state"), block_cache_mb: 256 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Kafka transactions: output records, dead letters and input offsets commit atomically.
+    ExactlyOnce,
+    /// Output flushed, then offsets committed; a crash may repeat the last batch's output.
+    AtLeastOnce,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessingConfig {
+    pub guarantee: Guarantee,
+    /// Most input messages in one batch (one transaction).
+    pub batch_max_events: usize,
+    /// Longest wait to fill a batch before committing what there is.
+    #[serde(with = "humantime_serde")]
+    pub batch_linger: Duration,
+    /// On SIGTERM/SIGINT: how long the current batch may take to finish and commit.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Kafka transaction timeout (`transaction.timeout.ms`).
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
+    /// Schema ids accepted on Avro inputs, all read with schemas/channel_event.avsc; others go to the
+    /// dead-letter topic.
+    pub avro_schema_ids: Vec<u32>,
+    /// Largest accepted input message, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for ProcessingConfig {
+    fn default() -> Self {
+        Self {
+            guarantee: Guarantee::ExactlyOnce,
+            batch_max_events: 2000,
+            batch_linger: Duration::from_millis(100),
+            drain_timeout: Duration::from_secs(30),
+            transaction_timeout: Duration::from_secs(60),
+            avro_schema_ids: vec![1],
+            max_message_bytes: 1 << 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address of /metrics, /healthz, /readyz and the profile lookup API. Loopback unless you mean it.
+    pub listen: SocketAddr,
+    /// When set, the lookup API requires `Authorization: Bearer <token>` (metrics and probes do not).
+    pub bearer_token: Option<String>,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9464)), bearer_token: None }
+    }
+}
+
+/// Values given on the command line; they win over everything else.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub brokers: Option<String>,
+    pub group_id: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub http_listen: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Loads defaults < file < environment < flags, then validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        flags: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut cfg = match file {
+            Some(path) => Self::from_toml_file(path)?,
+            None => Config::default(),
+        };
+        cfg.apply_env(env)?;
+        cfg.apply_flags(flags);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })
+    }
+
+    /// `STITCHER_BROKERS`, `STITCHER_GROUP_ID`, `STITCHER_TRANSACTIONAL_ID`, `STITCHER_INSTANCE_ID`, `STITCHER_STATE_DIR`,
+    /// `STITCHER_HTTP_LISTEN`, `STITCHER_OUTPUT_TOPIC`, `STITCHER_HTTP_BEARER_TOKEN`, and
+    /// `STITCHER_RDKAFKA__<NAME>` for any librdkafka setting (`STITCHER_RDKAFKA__SASL_PASSWORD` sets
+    /// `sasl.password`).
+    pub fn apply_env(&mut self, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+        for (name, value) in env {
+            let Some(key) = name.strip_prefix("STITCHER_") else { continue };
+            match key {
+                "BROKERS" => self.kafka.brokers = value,
+                "GROUP_ID" => self.kafka.group_id = value,
+                "TRANSACTIONAL_ID" => self.kafka.transactional_id = value,
+                "INSTANCE_ID" => self.kafka.instance_id = value,
+                "STATE_DIR" => self.state.dir = PathBuf::from(value),
+                "OUTPUT_TOPIC" => self.output.topic = value,
+                "HTTP_BEARER_TOKEN" => self.http.bearer_token = Some(value),
+                "HTTP_LISTEN" => {
+                    self.http.listen = value
+                        .parse()
+                        .map_err(|e| ConfigError::Env { name: name.clone(), reason: format!("{e}") })?
+                }
+                "LOG" | "LOG_FORMAT" => {}
+                _ => {
+                    if let Some(setting) = key.strip_prefix("RDKAFKA__") {
+                        self.kafka.common.insert(setting.to_ascii_lowercase().replace('_', "."), value);
+                    } else {
+                        return Err(ConfigError::Env { name, reason: "unknown setting".into() });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub fn apply_flags(&mut self, flags: &Overrides) {
+        if let Some(b) = &flags.brokers {
+            self.kafka.brokers = b.clone();
+        }
+        if let Some(g) = &flags.group_id {
+            self.kafka.group_id = g.clone();
+        }
+        if let Some(d) = &flags.state_dir {
+            self.state.dir = d.clone();
+        }
+        if let Some(l) = flags.http_listen {
+            self.http.listen = l;
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.inputs.is_empty() {
+            return invalid("at least one [[inputs]] topic is required".into());
+        }
+        let mut topics = std::collections::HashSet::new();
+        for input in &self.inputs {
+            if input.topic.is_empty() || input.channel.is_empty() {
+                return invalid("every input needs a topic and a channel".into());
+            }
+            if !topics.insert(&input.topic) {
+                return invalid(format!("input topic {:?} is listed twice", input.topic));
+            }
+        }
+        if self.output.topic.is_empty() || self.output.dead_letter_topic.is_empty() {
+            return invalid("output.topic and output.dead_letter_topic are required".into());
+        }
+        if topics.contains(&self.output.topic) {
+            return invalid("output.topic must not also be an input".into());
+        }
+        if self.processing.batch_max_events == 0 {
+            return invalid("processing.batch_max_events must be at least 1".into());
+        }
+        if self.processing.transaction_timeout < Duration::from_secs(1) {
+            return invalid("processing.transaction_timeout must be at least 1s".into());
+        }
+        if self.guardrails.max_profile_identifiers == 0 {
+            return invalid("guardrails.max_profile_identifiers must be at least 1".into());
+        }
+        if self.kafka.group_id.is_empty() || self.kafka.transactional_id.is_empty() {
+            return invalid("kafka.group_id and kafka.transactional_id are required".into());
+        }
+        crate::normalize::Normalizer::new(&self.identity)?;
+        Ok(())
+    }
+
+    /// The channel configured for a topic.
+    pub fn input(&self, topic: &str) -> Option<&InputConfig> {
+        self.inputs.iter().find(|i| i.topic == topic)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"
+        [kafka]
+        brokers = "127.0.0.1:19092"
+        common = { "client.id" = "stitcher-test" }
+
+        [[inputs]]
+        topic = "web-events"
+        channel = "web"
+        format = "json"
+
+        [[inputs]]
+        topic = "pos-events"
+        channel = "pos"
+
+        [processing]
+        batch_linger = "250ms"
+        drain_timeout = "10s"
+
+        [guardrails.limits]
+        email = 3
+    "#;
+
+    #[test]
+    fn file_env_and_flags_apply_in_order() {
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        assert_eq!(cfg.inputs[1].format, Format::Avro);
+        assert_eq!(cfg.processing.batch_linger, Duration::from_millis(250));
+        assert_eq!(cfg.guardrails.limits.get("email"), Some(&3));
+        cfg.apply_env([
+            ("STITCHER_BROKERS".to_string(), "127.0.0.1:1".to_string()),
+            ("STITCHER_RDKAFKA__SASL_USERNAME".to_string(), "alice".to_string()),
+            ("PATH".to_string(), "/bin".to_string()),
+        ])
+        .unwrap();
+        assert_eq!(cfg.kafka.brokers, "127.0.0.1:1");
+        assert_eq!(cfg.kafka.common.get("sasl.username").map(String::as_str), Some("alice"));
+        cfg.apply_flags(&Overrides { brokers: Some("127.0.0.1:2".into()), ..Default::default() });
+        assert_eq!(cfg.kafka.brokers, "127.0.0.1:2");
+        cfg.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<Config>("[kafka]\nbrokerz = \"x\"").is_err());
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        assert!(cfg.apply_env([("STITCHER_NOPE".to_string(), "1".to_string())]).is_err());
+        cfg.output.topic = "web-events".into();
+        assert!(cfg.validate().is_err());
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        cfg.identity.default_country = "Atlantis".into();
+        assert!(cfg.validate().is_err());
+    }
+}

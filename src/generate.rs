@@ -1,0 +1,100 @@
+//! Sends generated journeys to Kafka (one topic per channel) and writes the ground truth.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+use crate::codec::avro::channel_event_schema;
+use crate::codec::encode_confluent;
+use crate::config::Format;
+use crate::journeys::{Generated, Journeys, PersonTruth};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("encoding: {0}")]
+    Encode(String),
+    #[error("writing truth file: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no topic configured for channel {0}")]
+    NoTopic(String),
+}
+
+/// Where each channel's events go, and in which format.
+pub type Routes = HashMap<String, (String, Format)>;
+
+/// Produces every generated message; `rate` limits messages per second (0: as fast as possible).
+/// Returns the number of messages sent.
+pub fn send(brokers: &str, routes: &Routes, journeys: &Journeys, rate: u64) -> Result<u64, GenerateError> {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "10000")
+        .set("queue.buffering.max.messages", "1000000")
+        .set("compression.type", "lz4")
+        .create()?;
+    let schema = channel_event_schema().map_err(|e| GenerateError::Encode(e.to_string()))?;
+    let started = Instant::now();
+    let mut sent = 0u64;
+    for m in &journeys.messages {
+        let (channel, key, bytes) = match m {
+            Generated::Event { channel, key, event } => {
+                let (_, format) = routes.get(*channel).ok_or_else(|| GenerateError::NoTopic(channel.to_string()))?;
+                let bytes = match format {
+                    Format::Avro => encode_confluent(&schema, 1, event).map_err(|e| GenerateError::Encode(e.to_string()))?,
+                    Format::Json => serde_json::to_vec(event).map_err(|e| GenerateError::Encode(e.to_string()))?,
+                };
+                (*channel, key, bytes)
+            }
+            Generated::Malformed { channel, key, bytes } => (*channel, key, bytes.clone()),
+        };
+        let (topic, _) = routes.get(channel).ok_or_else(|| GenerateError::NoTopic(channel.to_string()))?;
+        let mut record = BaseRecord::to(topic).key(key.as_bytes()).payload(&bytes);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        sent += 1;
+        if rate > 0 && sent % 100 == 0 {
+            let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                std::thread::sleep(wait);
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(60))?;
+    Ok(sent)
+}
+
+/// Writes the truth as JSON lines, one person a line.
+pub fn write_truth(path: &Path, truth: &[PersonTruth]) -> Result<(), GenerateError> {
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for t in truth {
+        serde_json::to_writer(&mut f, t).map_err(|e| GenerateError::Encode(e.to_string()))?;
+        f.write_all(b"\n")?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
+/// Reads a truth file written by [`write_truth`].
+pub fn read_truth(path: &Path) -> Result<Vec<PersonTruth>, GenerateError> {
+    let text = std::fs::read_to_string(path)?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).map_err(|e| GenerateError::Encode(e.to_string())))
+        .collect()
+}

@@ -1,0 +1,154 @@
+//! HTTP: Prometheus `/metrics`, `/healthz`, `/readyz`, and the profile lookup used by call-centre screens.
+//!
+//! - `GET /v1/profiles/{profile_id}`: follows redirects of merged profiles.
+//! - `GET /v1/identifiers/{type}/{value}`: the value is normalised (and hashed) exactly as in stitching.
+//!
+//! Answers come from local RocksDB state. 404 for unknown ids, 400 for malformed ones. With
+//! `http.bearer_token` set, the lookup routes require `Authorization: Bearer <token>`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::update::ProfileRecord;
+use crate::metrics::Metrics;
+use crate::model::{NodeId, ProfileId};
+use crate::normalize::Normalizer;
+use crate::store::Store;
+
+#[derive(Clone)]
+pub struct HttpState {
+    pub metrics: Metrics,
+    pub store: Option<Store>,
+    pub normalizer: Arc<Normalizer>,
+    pub bearer_token: Option<String>,
+}
+
+#[derive(Serialize)]
+struct LookupAnswer {
+    profile_id: String,
+    /// The id asked for, when it was merged into `profile_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redirected_from: Option<String>,
+    profile: ProfileRecord,
+}
+
+#[derive(Serialize)]
+struct ErrorAnswer {
+    error: String,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    (status, Json(ErrorAnswer { error: msg.into() })).into_response()
+}
+
+pub fn router(state: HttpState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/profiles/:id", get(by_profile_id))
+        .route("/v1/identifiers/:kind/:value", get(by_identifier))
+        .with_state(state)
+}
+
+/// Serves until `shutdown`.
+pub async fn serve(listener: TcpListener, state: HttpState, shutdown: CancellationToken) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+}
+
+async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    if s.metrics.ready.get() == 1 {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+fn authorized(s: &HttpState, headers: &HeaderMap) -> bool {
+    match &s.bearer_token {
+        None => true,
+        Some(token) => headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes())),
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn by_profile_id(State(s): State<HttpState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+    if !authorized(&s, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    if !id.starts_with("p-") || id.len() != 22 || !id[2..].bytes().all(|b| b.is_ascii_hexdigit()) {
+        return error(StatusCode::BAD_REQUEST, "malformed profile id: expected p- and 20 hex digits");
+    }
+    let Some(store) = s.store.clone() else { return error(StatusCode::SERVICE_UNAVAILABLE, "no state") };
+    let asked = ProfileId(id);
+    let answer = tokio::task::spawn_blocking(move || {
+        let Some((resolved, node)) = store.resolve_profile_id(&asked)? else { return Ok(None) };
+        let redirected_from = (resolved != asked).then(|| asked.to_string());
+        load(&store, node, redirected_from)
+    })
+    .await;
+    respond(answer)
+}
+
+async fn by_identifier(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path((kind, value)): Path<(String, String)>,
+) -> Response {
+    if !authorized(&s, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let id = match s.normalizer.identifier(&kind, &value) {
+        Ok(id) => id,
+        Err(r) => return error(StatusCode::BAD_REQUEST, format!("identifier refused: {}", r.as_str())),
+    };
+    let Some(store) = s.store.clone() else { return error(StatusCode::SERVICE_UNAVAILABLE, "no state") };
+    let answer = tokio::task::spawn_blocking(move || match store.node_of(&id)? {
+        Some(node) => load(&store, node, None),
+        None => Ok(None),
+    })
+    .await;
+    respond(answer)
+}
+
+fn load(
+    store: &Store,
+    node: NodeId,
+    redirected_from: Option<String>,
+) -> Result<Option<LookupAnswer>, crate::store::StoreError> {
+    Ok(store.profile(node)?.map(|p| LookupAnswer {
+        profile_id: p.id().to_string(),
+        redirected_from,
+        profile: (&p).into(),
+    }))
+}
+
+fn respond(
+    answer: Result<Result<Option<LookupAnswer>, crate::store::StoreError>, tokio::task::JoinError>,
+) -> Response {
+    match answer {
+        Ok(Ok(Some(a))) => Json(a).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "no profile for this id"),
+        Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("state: {e}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("lookup task: {e}")),
+    }
+}

@@ -1,0 +1,413 @@
+//! Synthetic omnichannel journeys with a known ground truth, deterministic from a seed.
+//!
+//! Each person has cookies that rotate, one or two devices, maybe an account (customer id), an email, a
+//! phone and a loyalty card. Their journey: anonymous browsing, a login, app sessions, email opens and
+//! clicks, carts, store purchases with the loyalty card, calls to support, social logins. Every identifier
+//! of a person is connected to the others through the person's events, and no identifier is shared between
+//! persons, so the ground truth is one profile per person. Raw values carry realistic noise (case, spaces,
+//! national phone formats) that normalisation must undo.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use rand::rngs::SmallRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ChannelEvent, ConsentChange, Item, RawIdentifier};
+
+/// The channels of a generated stream, each with its own topic.
+pub const CHANNELS: &[&str] = &["web", "app", "email", "pos", "callcenter", "social"];
+
+#[derive(Debug, Clone)]
+pub struct JourneyConfig {
+    pub persons: usize,
+    pub seed: u64,
+    /// Event time of the first event, in ms since the epoch.
+    pub start_ms: i64,
+    /// Time span over which journeys are spread.
+    pub span_ms: i64,
+    /// Share of events sent twice (same event id).
+    pub duplicate_rate: f64,
+    /// Share of messages replaced by garbage (not counted in the truth).
+    pub malformed_rate: f64,
+    /// Events are shuffled within windows of this many events (0: in time order).
+    pub shuffle_window: usize,
+}
+
+impl Default for JourneyConfig {
+    fn default() -> Self {
+        Self {
+            persons: 1000,
+            seed: 42,
+            start_ms: 1_767_225_600_000,
+            span_ms: 30 * 24 * 3600 * 1000,
+            duplicate_rate: 0.0,
+            malformed_rate: 0.0,
+            shuffle_window: 0,
+        }
+    }
+}
+
+/// One person's ground truth: normalised identifiers and what their profile must sum to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PersonTruth {
+    pub person: usize,
+    /// (type, normalised value), sorted.
+    pub identifiers: BTreeSet<(String, String)>,
+    pub events: u64,
+    /// "venue/currency" -> (orders, revenue in minor units).
+    pub purchases: BTreeMap<String, (u64, i64)>,
+    pub channels: BTreeMap<String, u64>,
+}
+
+/// One message to send: the channel (topic chosen by the caller), a key, and either an event or garbage.
+#[derive(Debug, Clone)]
+pub enum Generated {
+    Event { channel: &'static str, key: String, event: ChannelEvent },
+    Malformed { channel: &'static str, key: String, bytes: Vec<u8> },
+}
+
+pub struct Journeys {
+    pub messages: Vec<Generated>,
+    pub truth: Vec<PersonTruth>,
+    /// Distinct events (excluding duplicates and garbage).
+    pub events: usize,
+    pub malformed: usize,
+    pub duplicates: usize,
+}
+
+struct Person {
+    idx: usize,
+    cookies: Vec<String>,
+    devices: Vec<String>,
+    customer_id: Option<String>,
+    email: Option<(String, String)>,
+    phone: Option<(String, String)>,
+    loyalty: Option<(String, String)>,
+    social: Option<String>,
+}
+
+fn raw(kind: &str, value: &str) -> RawIdentifier {
+    RawIdentifier { kind: kind.into(), value: value.into() }
+}
+
+impl Person {
+    fn new(idx: usize, seed: u64, rng: &mut SmallRng) -> Self {
+        let tag = format!("{seed:x}{idx:07}");
+        let cookies = (0..rng.gen_range(1..=3)).map(|i| format!("ck-{tag}-{i}")).collect();
+        let devices = (0..rng.gen_range(1..=2)).map(|i| format!("dv-{tag}-{i}")).collect();
+        let customer_id = rng.gen_bool(0.7).then(|| format!("C{tag}"));
+        let email = rng.gen_bool(0.85).then(|| {
+            let canonical = format!("person{idx}.s{seed}@example.org");
+            let noisy = match rng.gen_range(0..3) {
+                0 => canonical.clone(),
+                1 => format!("  {}", canonical.to_uppercase()),
+                _ => format!("Person{idx}.S{seed}@Example.ORG "),
+            };
+            (noisy, canonical)
+        });
+        let phone = rng.gen_bool(0.6).then(|| {
+            let n = 2_000_000 + (idx as u64 * 7919 + seed * 104_729) % 7_000_000;
+            let area = 200 + (idx as u64 / 7_000_000 + seed) % 700;
+            let canonical = format!("+1{area}{n:07}");
+            let noisy = match rng.gen_range(0..3) {
+                0 => format!("({area}) {}-{:04}", n / 10_000, n % 10_000),
+                1 => format!("+1 {area} {n:07}"),
+                _ => format!("1-{area}-{}-{:04}", n / 10_000, n % 10_000),
+            };
+            (noisy, canonical)
+        });
+        let loyalty = rng.gen_bool(0.5).then(|| {
+            let canonical = format!("LC{tag}").to_uppercase();
+            let noisy = format!("lc-{}", &tag).to_lowercase();
+            (noisy, canonical)
+        });
+        let social = rng.gen_bool(0.3).then(|| format!("sc-{tag}"));
+        Person { idx, cookies, devices, customer_id, email, phone, loyalty, social }
+    }
+
+    /// The identifier the person is best known by in logged-in contexts.
+    fn login_id(&self) -> Option<RawIdentifier> {
+        self.customer_id
+            .as_ref()
+            .map(|c| raw("customer_id", c))
+            .or_else(|| self.email.as_ref().map(|(n, _)| raw("email", n)))
+    }
+
+    fn truth_ids(&self) -> Vec<(String, String)> {
+        let mut ids: Vec<(String, String)> = Vec::new();
+        ids.extend(self.cookies.iter().map(|c| ("anonymous_id".to_string(), c.clone())));
+        ids.extend(self.devices.iter().map(|d| ("device_id".to_string(), d.clone())));
+        ids.extend(self.customer_id.iter().map(|c| ("customer_id".to_string(), c.clone())));
+        ids.extend(self.email.iter().map(|(_, c)| ("email".to_string(), c.clone())));
+        ids.extend(self.phone.iter().map(|(_, c)| ("phone".to_string(), c.clone())));
+        ids.extend(self.loyalty.iter().map(|(_, c)| ("loyalty_id".to_string(), c.clone())));
+        ids.extend(self.social.iter().map(|s| ("social_id".to_string(), s.clone())));
+        ids
+    }
+
+    fn normalised(&self, id: &RawIdentifier) -> (String, String) {
+        let value = match id.kind.as_str() {
+            "email" => self.email.as_ref().map(|(_, c)| c.clone()),
+            "phone" => self.phone.as_ref().map(|(_, c)| c.clone()),
+            "loyalty_id" => self.loyalty.as_ref().map(|(_, c)| c.clone()),
+            _ => None,
+        };
+        (id.kind.clone(), value.unwrap_or_else(|| id.value.clone()))
+    }
+}
+
+struct Builder<'a> {
+    rng: &'a mut SmallRng,
+    person: &'a Person,
+    seq: usize,
+    t: i64,
+    events: Vec<(&'static str, ChannelEvent)>,
+}
+
+impl Builder<'_> {
+    fn push(&mut self, channel: &'static str, event_type: &str, ids: Vec<RawIdentifier>) -> &mut ChannelEvent {
+        self.t += self.rng.gen_range(1_000..3_600_000);
+        self.seq += 1;
+        let event = ChannelEvent {
+            event_id: format!("ev-{}-{}", self.person.idx, self.seq),
+            channel: Some(channel.to_string()),
+            event_type: event_type.to_string(),
+            timestamp: self.t,
+            identifiers: ids,
+            order_id: None,
+            amount: None,
+            currency: None,
+            items: vec![],
+            campaign_id: None,
+            consent: None,
+            attributes: BTreeMap::new(),
+        };
+        self.events.push((channel, event));
+        &mut self.events.last_mut().expect("just pushed").1
+    }
+
+    fn purchase(&mut self, channel: &'static str, ids: Vec<RawIdentifier>) {
+        let cents: i64 = self.rng.gen_range(500..50_000);
+        let order = format!("o-{}-{}", self.person.idx, self.seq + 1);
+        let e = self.push(channel, "purchase", ids);
+        e.amount = Some(cents as f64 / 100.0);
+        e.currency = Some("USD".into());
+        e.order_id = Some(order);
+    }
+}
+
+fn journey(p: &Person, rng: &mut SmallRng, start: i64) -> Vec<(&'static str, ChannelEvent)> {
+    let mut b = Builder { rng, person: p, seq: 0, t: start, events: Vec::new() };
+    for (i, cookie) in p.cookies.iter().enumerate() {
+        for _ in 0..b.rng.gen_range(1..=4) {
+            b.push("web", "page_view", vec![raw("anonymous_id", cookie)]);
+        }
+        if b.rng.gen_bool(0.5) {
+            let e = b.push("web", "add_to_cart", vec![raw("anonymous_id", cookie)]);
+            e.items = vec![Item { sku: format!("sku-{}", i + 1), quantity: 1, price: Some(19.99) }];
+        }
+        if let Some(login) = p.login_id() {
+            b.push("web", "login", vec![raw("anonymous_id", cookie), login]);
+        }
+    }
+    if let (Some(c), Some((e, _))) = (&p.customer_id, &p.email) {
+        b.push("web", "profile_update", vec![raw("customer_id", c), raw("email", e)]);
+    }
+    for device in &p.devices {
+        b.push("app", "app_open", vec![raw("device_id", device)]);
+        if let Some(login) = p.login_id() {
+            b.push("app", "login", vec![raw("device_id", device), login]);
+        }
+    }
+    if let Some((email, _)) = &p.email {
+        for c in 0..b.rng.gen_range(0..4) {
+            b.push("email", "email_open", vec![raw("email", email)]);
+            if b.rng.gen_bool(0.5) {
+                let e = b.push("email", "email_click", vec![raw("email", email)]);
+                e.campaign_id = Some(format!("camp-{c}"));
+            }
+        }
+    }
+    if let Some((card, _)) = &p.loyalty {
+        for _ in 0..b.rng.gen_range(1..=3) {
+            b.purchase("pos", vec![raw("loyalty_id", card)]);
+        }
+        let mut link = vec![raw("loyalty_id", card)];
+        link.extend(p.email.as_ref().map(|(e, _)| raw("email", e)));
+        link.extend(p.phone.as_ref().map(|(n, _)| raw("phone", n)));
+        link.extend(p.login_id());
+        b.push("pos", "store_visit", link);
+    }
+    if b.rng.gen_bool(0.6) {
+        if let Some(cookie) = p.cookies.last() {
+            b.purchase("web", vec![raw("anonymous_id", cookie)]);
+        }
+    }
+    if let Some((phone, _)) = &p.phone {
+        let mut ids = vec![raw("phone", phone)];
+        ids.extend(p.login_id());
+        b.push("callcenter", "call", ids);
+    }
+    if let Some(social) = &p.social {
+        let mut ids = vec![raw("social_id", social)];
+        ids.extend(p.login_id().or_else(|| p.cookies.first().map(|c| raw("anonymous_id", c))));
+        b.push("social", "social_login", ids);
+    }
+    if b.rng.gen_bool(0.1) {
+        if let Some(login) = p.login_id() {
+            let e = b.push("web", "consent_change", vec![login]);
+            e.consent = Some(ConsentChange { cross_channel: None, email_marketing: Some(false) });
+        }
+    }
+    connect(p, &mut b);
+    b.events
+}
+
+/// Makes sure every identifier of the person is connected to the first one, adding login events where a
+/// random journey left a piece apart (a person without account or email, say).
+fn connect(p: &Person, b: &mut Builder<'_>) {
+    let mut parent: HashMap<(String, String), (String, String)> = HashMap::new();
+    fn find(parent: &mut HashMap<(String, String), (String, String)>, x: &(String, String)) -> (String, String) {
+        let mut cur = x.clone();
+        while let Some(next) = parent.get(&cur).cloned() {
+            if next == cur {
+                break;
+            }
+            cur = next;
+        }
+        cur
+    }
+    let all = p.truth_ids();
+    for id in &all {
+        parent.insert(id.clone(), id.clone());
+    }
+    for (_, e) in &b.events {
+        let ids: Vec<(String, String)> = e.identifiers.iter().map(|i| p.normalised(i)).collect();
+        for w in ids.windows(2) {
+            let (a, c) = (find(&mut parent, &w[0]), find(&mut parent, &w[1]));
+            parent.insert(a, c);
+        }
+    }
+    let root = find(&mut parent, &all[0]);
+    let first = raw_of(p, &all[0]);
+    for id in &all[1..] {
+        if find(&mut parent, id) != root {
+            let r = find(&mut parent, id);
+            parent.insert(r, root.clone());
+            b.push("web", "login", vec![first.clone(), raw_of(p, id)]);
+        }
+    }
+}
+
+fn raw_of(p: &Person, (kind, canonical): &(String, String)) -> RawIdentifier {
+    let noisy = match kind.as_str() {
+        "email" => p.email.as_ref().map(|(n, _)| n.clone()),
+        "phone" => p.phone.as_ref().map(|(n, _)| n.clone()),
+        "loyalty_id" => p.loyalty.as_ref().map(|(n, _)| n.clone()),
+        _ => None,
+    };
+    raw(kind, &noisy.unwrap_or_else(|| canonical.clone()))
+}
+
+/// Generates the whole stream and its truth.
+pub fn generate(cfg: &JourneyConfig) -> Journeys {
+    let mut rng = SmallRng::seed_from_u64(cfg.seed);
+    let mut timed: Vec<(i64, usize, &'static str, ChannelEvent)> = Vec::new();
+    let mut truth = Vec::with_capacity(cfg.persons);
+    for idx in 0..cfg.persons {
+        let person = Person::new(idx, cfg.seed, &mut rng);
+        let start = cfg.start_ms + rng.gen_range(0..cfg.span_ms.max(1));
+        let events = journey(&person, &mut rng, start);
+        let mut t = PersonTruth {
+            person: idx,
+            identifiers: person.truth_ids().into_iter().collect(),
+            events: events.len() as u64,
+            purchases: BTreeMap::new(),
+            channels: BTreeMap::new(),
+        };
+        for (channel, e) in &events {
+            *t.channels.entry(channel.to_string()).or_insert(0) += 1;
+            if let Some(amount) = e.amount {
+                let venue = if *channel == "pos" { "store" } else { "online" };
+                let slot = t.purchases.entry(format!("{venue}/USD")).or_insert((0, 0));
+                slot.0 += 1;
+                slot.1 += crate::model::to_minor_units(amount);
+            }
+        }
+        truth.push(t);
+        for (channel, e) in events {
+            timed.push((e.timestamp, idx, channel, e));
+        }
+    }
+    timed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    if cfg.shuffle_window > 1 {
+        for chunk in timed.chunks_mut(cfg.shuffle_window) {
+            chunk.shuffle(&mut rng);
+        }
+    }
+    let events = timed.len();
+    let (mut duplicates, mut malformed) = (0, 0);
+    let mut messages = Vec::with_capacity(events + events / 50);
+    for (_, _, channel, e) in timed {
+        let key = e.identifiers.first().map(|i| i.value.clone()).unwrap_or_default();
+        if cfg.malformed_rate > 0.0 && rng.gen_bool(cfg.malformed_rate) {
+            malformed += 1;
+            let len = rng.gen_range(1..64);
+            let bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
+            messages.push(Generated::Malformed { channel, key: key.clone(), bytes });
+        }
+        let dup = cfg.duplicate_rate > 0.0 && rng.gen_bool(cfg.duplicate_rate);
+        if dup {
+            duplicates += 1;
+            messages.push(Generated::Event { channel, key: key.clone(), event: e.clone() });
+        }
+        messages.push(Generated::Event { channel, key, event: e });
+    }
+    Journeys { messages, truth, events, malformed, duplicates }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IdentityConfig;
+    use crate::normalize::Normalizer;
+    use crate::stitch::{MemStore, Rules, Stitcher};
+
+    #[test]
+    fn generation_is_deterministic() {
+        let cfg = JourneyConfig { persons: 50, duplicate_rate: 0.1, shuffle_window: 20, ..Default::default() };
+        let (a, b) = (generate(&cfg), generate(&cfg));
+        assert_eq!(a.truth, b.truth);
+        assert_eq!(a.messages.len(), b.messages.len());
+        assert!(a.duplicates > 0);
+    }
+
+    /// Stitching the generated stream in memory reproduces the truth exactly.
+    #[test]
+    fn stitching_recovers_the_truth() {
+        let cfg = JourneyConfig { persons: 300, duplicate_rate: 0.05, shuffle_window: 100, ..Default::default() };
+        let j = generate(&cfg);
+        let n = Normalizer::new(&IdentityConfig { custom_types: vec!["social_id".into()], ..Default::default() })
+            .unwrap();
+        let s = Stitcher::new(Rules::new(&Default::default()));
+        let mut store = MemStore::default();
+        for m in &j.messages {
+            if let Generated::Event { channel, event, .. } = m {
+                let ev = n.event(event.clone(), channel, |r| panic!("rejected {r:?}")).unwrap();
+                s.apply(&mut store, &ev).unwrap();
+            }
+        }
+        let mut got: Vec<(BTreeSet<(String, String)>, u64)> = store
+            .profiles
+            .values()
+            .map(|p| (p.identifiers.keys().map(|i| (i.kind.clone(), i.value.clone())).collect(), p.events))
+            .collect();
+        let mut want: Vec<(BTreeSet<(String, String)>, u64)> =
+            j.truth.iter().map(|t| (t.identifiers.clone(), t.events)).collect();
+        got.sort();
+        want.sort();
+        assert_eq!(got, want);
+    }
+}

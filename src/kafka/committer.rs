@@ -1,0 +1,226 @@
+//! Commits a batch's output and input offsets to Kafka, retrying through broker outages.
+//!
+//! Exactly-once: one Kafka transaction holds the batch's profile updates, dead letters and the consumer
+//! offsets (`send_offsets_to_transaction`), so downstream `read_committed` consumers see all or nothing.
+//! At-least-once: the records are flushed, then the offsets committed.
+
+use std::cell::Cell;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+
+use super::StitchConsumer;
+use crate::config::{Config, Guarantee};
+use crate::metrics::Metrics;
+use crate::store::{OutRecord, Position};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    #[error("producer fenced or in a fatal state: {0}")]
+    Fatal(KafkaError),
+    #[error("could not commit before the deadline: {0}")]
+    Deadline(KafkaError),
+    #[error("kafka client: {0}")]
+    Client(#[from] KafkaError),
+}
+
+/// Per-call timeout of the transactional API; a call that times out is retried.
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// When to stop retrying: never while running (a broker outage is waited out), `drain` after shutdown
+/// was requested.
+pub struct Deadline {
+    shutdown: CancellationToken,
+    drain: Duration,
+    drain_started: Cell<Option<Instant>>,
+}
+
+impl Deadline {
+    pub fn new(shutdown: CancellationToken, drain: Duration) -> Self {
+        Self { shutdown, drain, drain_started: Cell::new(None) }
+    }
+
+    /// Would waiting `wait` more overrun the deadline?
+    pub fn passed_after(&self, wait: Duration) -> bool {
+        if !self.shutdown.is_cancelled() {
+            return false;
+        }
+        let started = self.drain_started.get().unwrap_or_else(|| {
+            let now = Instant::now();
+            self.drain_started.set(Some(now));
+            now
+        });
+        Instant::now() + wait > started + self.drain
+    }
+}
+
+pub struct Committer {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    guarantee: Guarantee,
+    metrics: Metrics,
+    /// A failed transaction must be aborted before the next one begins.
+    needs_abort: bool,
+}
+
+fn is_fatal(e: &KafkaError) -> bool {
+    match e {
+        KafkaError::Transaction(rd) => rd.is_fatal(),
+        _ => matches!(
+            e.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+        ),
+    }
+}
+
+fn is_retriable(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::Transaction(rd) if rd.is_retriable())
+}
+
+impl Committer {
+    /// Creates the producer; under exactly-once, initialises transactions, which fences any older instance
+    /// with the same transactional id and aborts its open transaction.
+    pub fn new(cfg: &Config, instance: &str, metrics: Metrics, deadline: &Deadline) -> Result<Self, CommitError> {
+        let producer: ThreadedProducer<DefaultProducerContext> = super::producer_config(cfg, instance).create()?;
+        let guarantee = cfg.processing.guarantee;
+        if guarantee == Guarantee::ExactlyOnce {
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match producer.init_transactions(TXN_CALL_TIMEOUT) {
+                    Ok(()) => break,
+                    Err(e) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
+                    Err(e) if deadline.passed_after(backoff) => return Err(CommitError::Deadline(e)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "init_transactions failed, retrying");
+                        std::thread::sleep(backoff);
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+        }
+        Ok(Self { producer, guarantee, metrics, needs_abort: false })
+    }
+
+    /// Commits `records` and `positions` as one unit, retrying transient failures (a broker outage) until
+    /// `deadline`.
+    pub fn commit(
+        &mut self,
+        records: &[OutRecord],
+        positions: &[Position],
+        consumer: &StitchConsumer,
+        deadline: &Deadline,
+    ) -> Result<(), CommitError> {
+        let mut tpl = TopicPartitionList::new();
+        for p in positions {
+            tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(p.next_offset))?;
+        }
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let attempt = match self.guarantee {
+                Guarantee::ExactlyOnce => self.transaction(records, &tpl, consumer, deadline),
+                Guarantee::AtLeastOnce => self.flush_then_commit(records, &tpl, consumer, deadline),
+            };
+            match attempt {
+                Ok(()) => {
+                    self.metrics.transactions.with_label_values(&["committed"]).inc();
+                    return Ok(());
+                }
+                Err(e) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
+                Err(e) => {
+                    self.metrics.errors.with_label_values(&["commit"]).inc();
+                    self.metrics.transactions.with_label_values(&["aborted"]).inc();
+                    if deadline.passed_after(backoff) {
+                        return Err(CommitError::Deadline(e));
+                    }
+                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "commit failed, retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+    }
+
+    fn transaction(
+        &mut self,
+        records: &[OutRecord],
+        tpl: &TopicPartitionList,
+        consumer: &StitchConsumer,
+        deadline: &Deadline,
+    ) -> Result<(), KafkaError> {
+        if self.needs_abort {
+            self.producer.abort_transaction(TXN_CALL_TIMEOUT)?;
+            self.needs_abort = false;
+        }
+        self.producer.begin_transaction()?;
+        self.needs_abort = true;
+        self.send_all(records, deadline)?;
+        if tpl.count() > 0 {
+            let group = consumer.group_metadata().ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownGroup))?;
+            self.producer.send_offsets_to_transaction(tpl, &group, TXN_CALL_TIMEOUT)?;
+        }
+        loop {
+            match self.producer.commit_transaction(TXN_CALL_TIMEOUT) {
+                Ok(()) => break,
+                // A commit that timed out may be retried as it is.
+                Err(e) if is_retriable(&e) && !deadline.passed_after(Duration::ZERO) => {
+                    tracing::warn!(error = %e, "commit_transaction timed out, retrying");
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.needs_abort = false;
+        Ok(())
+    }
+
+    fn flush_then_commit(
+        &mut self,
+        records: &[OutRecord],
+        tpl: &TopicPartitionList,
+        consumer: &StitchConsumer,
+        deadline: &Deadline,
+    ) -> Result<(), KafkaError> {
+        self.send_all(records, deadline)?;
+        self.producer.flush(TXN_CALL_TIMEOUT)?;
+        if tpl.count() > 0 {
+            consumer.commit(tpl, CommitMode::Sync)?;
+        }
+        Ok(())
+    }
+
+    fn send_all(&self, records: &[OutRecord], deadline: &Deadline) -> Result<(), KafkaError> {
+        for r in records {
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            for (k, v) in &r.headers {
+                headers = headers.insert(Header { key: k, value: Some(v) });
+            }
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&r.topic).headers(headers);
+            if let Some(k) = &r.key {
+                record = record.key(k.as_slice());
+            }
+            if let Some(p) = &r.payload {
+                record = record.payload(p.as_slice());
+            }
+            let mut pending = record;
+            loop {
+                match self.producer.send(pending) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        if deadline.passed_after(Duration::ZERO) {
+                            return Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
+                        }
+                        pending = back;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+}

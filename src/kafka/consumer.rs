@@ -1,0 +1,43 @@
+//! The consumer and its context: rebalance logging and consumer lag from librdkafka statistics.
+
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::statistics::Statistics;
+use rdkafka::ClientContext;
+
+use crate::metrics::Metrics;
+
+pub type StitchConsumer = BaseConsumer<StitchContext>;
+
+pub struct StitchContext {
+    metrics: Metrics,
+}
+
+impl StitchContext {
+    pub fn new(metrics: Metrics) -> Self {
+        Self { metrics }
+    }
+}
+
+impl ClientContext for StitchContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            let lag: i64 = t
+                .partitions
+                .values()
+                .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
+                .map(|p| p.consumer_lag)
+                .sum();
+            self.metrics.consumer_lag.with_label_values(&[topic]).set(lag);
+        }
+    }
+}
+
+impl ConsumerContext for StitchContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked"),
+            Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
+        }
+    }
+}

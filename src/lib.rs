@@ -1,0 +1,42 @@
+//! Identity stitching for omnichannel customer events on Apache Kafka.
+//!
+//! Channels (web, app, email, store tills, call centre, social) publish events to their own topics. This
+//! crate consumes them, normalises the identifiers they carry, stitches identifiers seen together into one
+//! graph per person (kept in RocksDB, bounded by guardrails), enriches a profile per person from every
+//! channel, and produces profile updates keyed by profile id, exactly once.
+//!
+//! # Layout
+//!
+//! - [`cli`], [`config`], [`commands`], [`app`], [`shutdown`]: the binary's surface and wiring.
+//! - [`model`]: identifiers, events, profile ids.
+//! - [`normalize`]: from what channels send to what stitching sees (email, E.164 phones, junk, hashing).
+//! - [`codec`]: Avro in the Confluent wire format, and JSON.
+//! - [`stitch`]: the merge logic (pure, property-tested) and the guardrails.
+//! - [`profile`]: enrichment; every field an order-independent join.
+//! - [`store`]: RocksDB column families, key encoding, the batch overlay and the checkpoint.
+//! - [`processor`]: messages to state changes and output records, without Kafka.
+//! - [`kafka`], [`pipeline`]: the consume-process-commit loop with Kafka transactions.
+//! - [`metrics`], [`http`]: Prometheus metrics, probes, profile lookup.
+//! - [`journeys`], [`generate`], [`demo`]: synthetic journeys with ground truth, and the demo.
+//!
+//! docs/DESIGN.md describes the state and the commit protocol.
+
+pub mod app;
+pub mod cli;
+pub mod codec;
+pub mod commands;
+pub mod config;
+pub mod demo;
+pub mod generate;
+pub mod http;
+pub mod journeys;
+pub mod kafka;
+pub mod metrics;
+pub mod model;
+pub mod normalize;
+pub mod pipeline;
+pub mod processor;
+pub mod profile;
+pub mod shutdown;
+pub mod stitch;
+pub mod store;

@@ -1,0 +1,42 @@
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use stitcher::cli::{Cli, Command};
+
+fn init_tracing() {
+    let filter = EnvFilter::try_from_env("STITCHER_LOG").unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if std::env::var("STITCHER_LOG_FORMAT").as_deref() == Ok("json") {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Command::Run(args) => stitcher::commands::run(args).await,
+            Command::Demo(args) => stitcher::demo::run(args).await,
+            Command::Generate(args) => stitcher::commands::generate(args).await,
+            Command::Inspect(args) => stitcher::commands::inspect(args),
+            Command::Export(args) => stitcher::commands::export(args),
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

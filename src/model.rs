@@ -1,0 +1,179 @@
+//! The nouns of the pipeline: identifiers, events as they arrive, events once normalised, profile ids.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Milliseconds since the Unix epoch.
+pub type Millis = i64;
+
+/// A typed identifier after normalisation (`email`, `alice@example.com`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Identifier {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: String,
+}
+
+impl Identifier {
+    pub fn new(kind: impl Into<String>, value: impl Into<String>) -> Self {
+        Self { kind: kind.into(), value: value.into() }
+    }
+}
+
+impl fmt::Display for Identifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.kind, self.value)
+    }
+}
+
+/// The public, stable id of a profile: derived from the profile's earliest event, so that the same input
+/// yields the same ids whatever the order in which partitions were read.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ProfileId(pub String);
+
+impl ProfileId {
+    /// The id of a profile anchored on `event_id`.
+    pub fn from_anchor(event_id: &str) -> Self {
+        let digest = Sha256::digest(event_id.as_bytes());
+        ProfileId(format!("p-{}", hex::encode(&digest[..10])))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ProfileId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Internal, never-exposed key of a profile in state. Stable while the profile lives; the union-by-size
+/// merge keeps the node of the larger side so only the smaller side's identifiers are relabelled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct NodeId(pub u64);
+
+/// An identifier as the channel sent it, before normalisation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RawIdentifier {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: String,
+}
+
+/// A line item of a cart or an order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Item {
+    pub sku: String,
+    #[serde(default = "one")]
+    pub quantity: i32,
+    #[serde(default)]
+    pub price: Option<f64>,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// Consent carried by an event; `None` fields leave the stored choice unchanged.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConsentChange {
+    #[serde(default)]
+    pub cross_channel: Option<bool>,
+    #[serde(default)]
+    pub email_marketing: Option<bool>,
+}
+
+/// An event exactly as decoded from a channel topic (schemas/channel_event.avsc, or the same shape in JSON).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChannelEvent {
+    pub event_id: String,
+    #[serde(default)]
+    pub channel: Option<String>,
+    pub event_type: String,
+    pub timestamp: Millis,
+    pub identifiers: Vec<RawIdentifier>,
+    #[serde(default)]
+    pub order_id: Option<String>,
+    #[serde(default)]
+    pub amount: Option<f64>,
+    #[serde(default)]
+    pub currency: Option<String>,
+    #[serde(default)]
+    pub items: Vec<Item>,
+    #[serde(default)]
+    pub campaign_id: Option<String>,
+    #[serde(default)]
+    pub consent: Option<ConsentChange>,
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+}
+
+/// A purchase in minor units, so that sums are exact and independent of order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purchase {
+    pub amount_minor: i64,
+    pub currency: String,
+    pub venue: Venue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Venue {
+    Online,
+    Store,
+}
+
+impl Venue {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Venue::Online => "online",
+            Venue::Store => "store",
+        }
+    }
+}
+
+/// A normalised event, ready for stitching and enrichment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub event_id: String,
+    pub channel: String,
+    pub event_type: String,
+    pub timestamp: Millis,
+    /// Normalised, deduplicated, sorted identifiers; never empty.
+    pub identifiers: Vec<Identifier>,
+    pub purchase: Option<Purchase>,
+    pub items: Vec<Item>,
+    pub campaign_id: Option<String>,
+    pub consent: Option<ConsentChange>,
+}
+
+/// Converts an amount in major units to minor units (cents), rounding half away from zero.
+pub fn to_minor_units(amount: f64) -> i64 {
+    (amount * 100.0).round() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn profile_id_is_deterministic_and_short() {
+        let a = ProfileId::from_anchor("evt-1");
+        assert_eq!(a, ProfileId::from_anchor("evt-1"));
+        assert_ne!(a, ProfileId::from_anchor("evt-2"));
+        assert_eq!(a.as_str().len(), 22);
+    }
+
+    #[test]
+    fn minor_units_round() {
+        assert_eq!(to_minor_units(19.99), 1999);
+        assert_eq!(to_minor_units(0.1 + 0.2), 30);
+        assert_eq!(to_minor_units(-1.005), -100);
+    }
+}

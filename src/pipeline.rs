@@ -1,0 +1,209 @@
+//! The consume-process-commit loop, on a dedicated thread (librdkafka polling and RocksDB are blocking).
+//!
+//! Per batch: poll up to `batch_max_events` messages or `batch_linger`; apply them to a RocksDB overlay;
+//! write state + checkpoint (positions and the batch's output) in one synced RocksDB write; then commit the
+//! output and the offsets in one Kafka transaction. docs/DESIGN.md explains why this order is crash-safe.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::kafka::{consumer_config, CommitError, Committer, Deadline, StitchConsumer, StitchContext};
+use crate::metrics::Metrics;
+use crate::processor::{positions_vec, Batch, InMessage, ProcessError, Processor};
+use crate::store::{Checkpoint, OutRecord, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    #[error("commit: {0}")]
+    Commit(#[from] CommitError),
+    #[error("state: {0}")]
+    Store(#[from] StoreError),
+    #[error("processing: {0}")]
+    Process(#[from] ProcessError),
+}
+
+/// Totals of one run, for logs and the demo's summary.
+#[derive(Debug, Default, Clone)]
+pub struct RunSummary {
+    pub batches: u64,
+    pub messages: u64,
+    pub records: u64,
+    pub recovered_records: u64,
+}
+
+pub struct Pipeline {
+    cfg: Config,
+    store: Store,
+    metrics: Metrics,
+    processor: Processor,
+    consumer: StitchConsumer,
+    committer: Committer,
+    positions: BTreeMap<(String, i32), i64>,
+    /// Output of the last checkpoint whose transaction is not known to have committed.
+    carry: Vec<OutRecord>,
+    sequence: u64,
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl Pipeline {
+    /// Connects, fences older instances, and recovers the last checkpoint's transaction if it never
+    /// committed.
+    pub fn start(
+        cfg: Config,
+        store: Store,
+        metrics: Metrics,
+        instance: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, PipelineError> {
+        let processor = Processor::new(&cfg, metrics.clone())?;
+        let consumer: StitchConsumer =
+            consumer_config(&cfg).create_with_context(StitchContext::new(metrics.clone()))?;
+        let committer = Committer::new(&cfg, instance, metrics.clone(), &Deadline::new(shutdown.clone(), cfg.processing.drain_timeout))?;
+        let checkpoint = store.checkpoint()?.unwrap_or_default();
+        let positions: BTreeMap<(String, i32), i64> = checkpoint
+            .positions
+            .iter()
+            .map(|p| ((p.topic.clone(), p.partition), p.next_offset))
+            .collect();
+        let mut pipeline = Pipeline {
+            cfg,
+            store,
+            metrics,
+            processor,
+            consumer,
+            committer,
+            positions,
+            carry: Vec::new(),
+            sequence: checkpoint.sequence,
+        };
+        if !checkpoint.outbox.is_empty() && !pipeline.checkpoint_committed(&checkpoint, shutdown)? {
+            tracing::warn!(
+                records = checkpoint.outbox.len(),
+                sequence = checkpoint.sequence,
+                "last batch was written to state but its transaction did not commit; producing it again"
+            );
+            pipeline.metrics.transactions.with_label_values(&["recovered"]).inc();
+            pipeline.carry = checkpoint.outbox;
+        }
+        let topics: Vec<&str> = pipeline.cfg.inputs.iter().map(|i| i.topic.as_str()).collect();
+        pipeline.consumer.subscribe(&topics)?;
+        Ok(pipeline)
+    }
+
+    /// Did Kafka commit the checkpoint's offsets? Once `init_transactions` has fenced any older producer,
+    /// the group's committed offsets are final: equal to the checkpoint's positions if its transaction
+    /// committed, behind them if not.
+    fn checkpoint_committed(&self, cp: &Checkpoint, shutdown: &CancellationToken) -> Result<bool, PipelineError> {
+        let mut tpl = TopicPartitionList::new();
+        for p in &cp.positions {
+            tpl.add_partition(&p.topic, p.partition);
+        }
+        let mut backoff = Duration::from_millis(200);
+        let committed = loop {
+            match self.consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+                Ok(c) => break c,
+                Err(e) if shutdown.is_cancelled() => return Err(e.into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read committed offsets, retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        Ok(cp.positions.iter().all(|p| {
+            matches!(committed.find_partition(&p.topic, p.partition).map(|e| e.offset()),
+                Some(Offset::Offset(o)) if o >= p.next_offset)
+        }))
+    }
+
+    /// Runs until `shutdown`; then finishes and commits the current batch within the drain timeout.
+    pub fn run(mut self, shutdown: CancellationToken) -> Result<RunSummary, PipelineError> {
+        let mut summary = RunSummary { recovered_records: self.carry.len() as u64, ..RunSummary::default() };
+        self.metrics.ready.set(1);
+        tracing::info!(inputs = self.cfg.inputs.len(), "pipeline running");
+        while !shutdown.is_cancelled() {
+            self.run_batch(&shutdown, &mut summary)?;
+        }
+        self.metrics.ready.set(0);
+        tracing::info!(batches = summary.batches, messages = summary.messages, "pipeline drained");
+        Ok(summary)
+    }
+
+    fn run_batch(&mut self, shutdown: &CancellationToken, summary: &mut RunSummary) -> Result<(), PipelineError> {
+        let started = Instant::now();
+        let linger_until = started + self.cfg.processing.batch_linger;
+        let store = self.store.clone();
+        let mut overlay = store.overlay()?;
+        let mut batch = Batch::default();
+        while batch.messages < self.cfg.processing.batch_max_events && !shutdown.is_cancelled() {
+            let now = Instant::now();
+            if now >= linger_until {
+                break;
+            }
+            match self.consumer.poll(linger_until - now) {
+                None => {}
+                Some(Err(e)) => {
+                    self.metrics.errors.with_label_values(&["consume"]).inc();
+                    tracing::warn!(error = %e, "consume error");
+                }
+                Some(Ok(m)) => {
+                    let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
+                    let next = self.positions.get(&(topic.to_string(), partition)).copied().unwrap_or(0);
+                    if offset < next {
+                        continue; // already in state: re-read after a crash before the commit
+                    }
+                    let msg = InMessage { topic, partition, offset, key: m.key(), payload: m.payload() };
+                    self.processor.process(&mut overlay, &mut batch, msg)?;
+                }
+            }
+        }
+        if batch.is_empty() && (self.carry.is_empty() || !self.assigned()) {
+            return Ok(());
+        }
+        let now_ms = now_millis();
+        let mut records = std::mem::take(&mut self.carry);
+        records.extend(self.processor.finish(&overlay, &mut batch, now_ms)?);
+        for (tp, next) in &batch.positions {
+            self.positions.insert(tp.clone(), *next);
+        }
+        let positions = positions_vec(&self.positions);
+        self.sequence += 1;
+        let checkpoint = Checkpoint { sequence: self.sequence, positions, outbox: records };
+        let mut wb = overlay.into_write_batch()?;
+        self.store.put_checkpoint(&mut wb, &checkpoint)?;
+        self.store.write(wb)?;
+        let deadline = Deadline::new(shutdown.clone(), self.cfg.processing.drain_timeout);
+        if let Err(e) = self.committer.commit(&checkpoint.outbox, &checkpoint.positions, &self.consumer, &deadline) {
+            // The checkpoint is in state: a restart produces this batch again.
+            self.carry = checkpoint.outbox;
+            return Err(e.into());
+        }
+        let committed_ms = now_millis();
+        for ts in &batch.event_times {
+            self.metrics.event_latency.observe(((committed_ms - ts).max(0)) as f64 / 1000.0);
+        }
+        self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics.batch_size.observe(batch.messages as f64);
+        self.metrics.last_commit.set(committed_ms / 1000);
+        summary.batches += 1;
+        summary.messages += batch.messages as u64;
+        summary.records += checkpoint.outbox.len() as u64;
+        Ok(())
+    }
+
+    fn assigned(&self) -> bool {
+        self.consumer.assignment().map(|a| a.count() > 0).unwrap_or(false)
+    }
+}

@@ -1,0 +1,181 @@
+//! Turning input messages into state changes and output records, with no Kafka client involved: decode,
+//! normalise, stitch, enrich; then, per batch, one profile update per touched profile and one redirect per
+//! retired profile id. Bad messages become dead letters; nothing else is lost.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::codec::{EventDecoder, ProfileUpdate, SchemaError, UpdateEncoder};
+use crate::config::{Config, ConfigError, Format};
+use crate::kafka::dead_letters::{self, Source};
+use crate::metrics::Metrics;
+use crate::model::Millis;
+use crate::normalize::Normalizer;
+use crate::stitch::{BatchChanges, Rules, Stitcher};
+use crate::store::{OutRecord, Overlay, Position, StoreError};
+
+/// One input message, borrowed from wherever it came from.
+#[derive(Debug, Clone, Copy)]
+pub struct InMessage<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<&'a [u8]>,
+    pub payload: Option<&'a [u8]>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("state: {0}")]
+    Store(#[from] StoreError),
+    #[error("encoding output: {0}")]
+    Encode(#[from] SchemaError),
+    #[error("configuration: {0}")]
+    Config(#[from] ConfigError),
+}
+
+/// What one batch has gathered so far.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub changes: BatchChanges,
+    pub dead_letters: Vec<OutRecord>,
+    /// Next offset per (topic, partition) after this batch.
+    pub positions: BTreeMap<(String, i32), i64>,
+    pub messages: usize,
+    /// Timestamps of applied events, for the latency histogram.
+    pub event_times: Vec<Millis>,
+    pub duplicates: u64,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.messages == 0
+    }
+}
+
+pub struct Processor {
+    decoder: EventDecoder,
+    normalizer: Normalizer,
+    stitcher: Stitcher,
+    encoder: UpdateEncoder,
+    inputs: HashMap<String, (String, Format)>,
+    output_topic: String,
+    dlq_topic: String,
+    metrics: Metrics,
+}
+
+impl Processor {
+    pub fn new(cfg: &Config, metrics: Metrics) -> Result<Self, ProcessError> {
+        Ok(Self {
+            decoder: EventDecoder::new(&cfg.processing.avro_schema_ids, cfg.processing.max_message_bytes)?,
+            normalizer: Normalizer::new(&cfg.identity)?,
+            stitcher: Stitcher::new(Rules::new(&cfg.guardrails)),
+            encoder: UpdateEncoder::new(cfg.output.schema_id)?,
+            inputs: cfg.inputs.iter().map(|i| (i.topic.clone(), (i.channel.clone(), i.format))).collect(),
+            output_topic: cfg.output.topic.clone(),
+            dlq_topic: cfg.output.dead_letter_topic.clone(),
+            metrics,
+        })
+    }
+
+    pub fn normalizer(&self) -> &Normalizer {
+        &self.normalizer
+    }
+
+    pub fn stitcher(&self) -> &Stitcher {
+        &self.stitcher
+    }
+
+    /// Applies one message to the batch. Only a state error is an error: bad input becomes a dead letter.
+    pub fn process(&self, overlay: &mut Overlay<'_>, batch: &mut Batch, msg: InMessage<'_>) -> Result<(), ProcessError> {
+        batch.messages += 1;
+        batch.positions.insert((msg.topic.to_string(), msg.partition), msg.offset + 1);
+        let src = Source { topic: msg.topic, partition: msg.partition, offset: msg.offset };
+        let Some((channel, format)) = self.inputs.get(msg.topic) else {
+            self.dead_letter(batch, src, msg, "route", "message from a topic that is not a configured input");
+            return Ok(());
+        };
+        self.metrics.events_consumed.with_label_values(&[channel]).inc();
+        let raw = match self.decoder.decode(*format, msg.payload.unwrap_or_default()) {
+            Ok(raw) => raw,
+            Err(e) => {
+                self.dead_letter(batch, src, msg, "decode", &e.to_string());
+                return Ok(());
+            }
+        };
+        let event = match self.normalizer.event(raw, channel, |r| {
+            self.metrics.identifiers_rejected.with_label_values(&[r.as_str()]).inc();
+        }) {
+            Ok(ev) => ev,
+            Err(e) => {
+                self.dead_letter(batch, src, msg, "validate", &e.to_string());
+                return Ok(());
+            }
+        };
+        match self.stitcher.apply(overlay, &event)? {
+            None => {
+                batch.duplicates += 1;
+                self.metrics.events_duplicate.with_label_values(&[channel]).inc();
+            }
+            Some(applied) => {
+                self.metrics.events_applied.with_label_values(&[channel]).inc();
+                for r in &applied.refused {
+                    self.metrics.merge_refusals.with_label_values(&[r.rule.name()]).inc();
+                }
+                batch.event_times.push(event.timestamp);
+                batch.changes.record(&event, applied);
+            }
+        }
+        Ok(())
+    }
+
+    fn dead_letter(&self, batch: &mut Batch, src: Source<'_>, msg: InMessage<'_>, stage: &str, error: &str) {
+        tracing::debug!(topic = src.topic, partition = src.partition, offset = src.offset, stage, error, "dead letter");
+        self.metrics.dead_letters.with_label_values(&[stage]).inc();
+        batch.dead_letters.push(dead_letters::record(&self.dlq_topic, src, msg.key, msg.payload, stage, error));
+    }
+
+    /// The batch's output: dead letters, then per touched profile its redirects and its update.
+    pub fn finish(&self, overlay: &Overlay<'_>, batch: &mut Batch, now: Millis) -> Result<Vec<OutRecord>, ProcessError> {
+        let mut out = std::mem::take(&mut batch.dead_letters);
+        self.metrics.profiles_created.inc_by(batch.changes.created);
+        self.metrics.profile_merges.inc_by(batch.changes.merges);
+        for u in batch.changes.updates() {
+            let Some(record) = overlay.with_profile(u.node, |p| p.map(|p| (p.id(), p.into())))? else { continue };
+            let (id, profile) = record;
+            for old in u.merged_from.iter().filter(|old| **old != id) {
+                let redirect = ProfileUpdate::redirect(old, &id, now);
+                out.push(self.output(old.as_str(), Some(self.encoder.encode(&redirect)?)));
+                self.metrics.output_records.with_label_values(&["redirect"]).inc();
+            }
+            let update = ProfileUpdate {
+                profile_id: id.to_string(),
+                redirect_to: None,
+                merged_from: u.merged_from.iter().filter(|old| **old != id).map(|p| p.to_string()).collect(),
+                trigger_event_id: Some(u.trigger_event_id.clone()),
+                trigger_channel: Some(u.trigger_channel.clone()),
+                updated_at: now,
+                refused_links: u.refused.iter().map(Into::into).collect(),
+                profile: Some(profile),
+            };
+            out.push(self.output(id.as_str(), Some(self.encoder.encode(&update)?)));
+            self.metrics.output_records.with_label_values(&["update"]).inc();
+        }
+        Ok(out)
+    }
+
+    /// A record on the profile topic; `None` payload is a tombstone.
+    pub fn output(&self, key: &str, payload: Option<Vec<u8>>) -> OutRecord {
+        OutRecord { topic: self.output_topic.clone(), key: Some(key.as_bytes().to_vec()), payload, headers: vec![] }
+    }
+
+    pub fn encoder(&self) -> &UpdateEncoder {
+        &self.encoder
+    }
+}
+
+/// Positions as stored in the checkpoint.
+pub fn positions_vec(map: &BTreeMap<(String, i32), i64>) -> Vec<Position> {
+    map.iter()
+        .map(|((topic, partition), next)| Position { topic: topic.clone(), partition: *partition, next_offset: *next })
+        .collect()
+}

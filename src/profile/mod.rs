@@ -1,0 +1,363 @@
+//! Enrichment: what we know about one person, built from every channel.
+//!
+//! Every field is a join of the events applied (sums, minimums, maximums, last-writer-wins by event time),
+//! so applying the same set of events in any order, or merging two profiles in any order, gives the same
+//! profile. That is what lets a crashed and restarted run, or a different interleaving of partitions,
+//! produce exactly the same output.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Event, Identifier, Millis, ProfileId, Venue};
+
+/// First and last time something was seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seen {
+    pub first: Millis,
+    pub last: Millis,
+}
+
+impl Seen {
+    pub fn at(ts: Millis) -> Self {
+        Self { first: ts, last: ts }
+    }
+
+    pub fn observe(&mut self, ts: Millis) {
+        self.first = self.first.min(ts);
+        self.last = self.last.max(ts);
+    }
+
+    pub fn join(&mut self, other: Seen) {
+        self.first = self.first.min(other.first);
+        self.last = self.last.max(other.last);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelActivity {
+    pub seen: Seen,
+    pub events: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Totals {
+    pub orders: u64,
+    pub revenue_minor: i64,
+}
+
+/// A value that the latest event (by event time, then event id) decides.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Latest<T> {
+    pub at: Millis,
+    pub event_id: String,
+    pub value: T,
+}
+
+impl<T: Clone> Latest<T> {
+    fn newer_than(&self, other: &Latest<T>) -> bool {
+        (self.at, &self.event_id) > (other.at, &other.event_id)
+    }
+
+    /// Keeps whichever of the two is later.
+    pub fn join(slot: &mut Option<Latest<T>>, candidate: Latest<T>) {
+        match slot {
+            Some(current) if !candidate.newer_than(current) => {}
+            _ => *slot = Some(candidate),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmailEngagement {
+    pub opens: u64,
+    pub clicks: u64,
+    pub last_open_at: Option<Millis>,
+    /// The latest click and its campaign.
+    pub last_click: Option<Latest<Option<String>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct CartLine {
+    pub added_at: Millis,
+    pub sku: String,
+    pub quantity: i32,
+    pub price_minor: Option<i64>,
+    pub channel: String,
+    pub event_id: String,
+}
+
+/// The open cart that follows the customer across channels: lines added anywhere, cleared by a purchase
+/// anywhere. Clearing is recorded as a time so that a late-arriving older add stays cleared.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cart {
+    pub lines: Vec<CartLine>,
+    pub cleared_at: Option<Millis>,
+    /// Per sku, the latest removal.
+    pub removed: BTreeMap<String, Millis>,
+}
+
+impl Cart {
+    fn live(&self, line: &CartLine) -> bool {
+        self.cleared_at.is_none_or(|c| line.added_at > c)
+            && self.removed.get(&line.sku).is_none_or(|r| line.added_at > *r)
+    }
+
+    fn prune(&mut self) {
+        let mut lines = std::mem::take(&mut self.lines);
+        lines.retain(|l| self.live(l));
+        lines.sort();
+        lines.dedup();
+        self.lines = lines;
+    }
+
+    pub fn join(&mut self, other: Cart) {
+        self.lines.extend(other.lines);
+        self.cleared_at = self.cleared_at.max(other.cleared_at);
+        for (sku, at) in other.removed {
+            let slot = self.removed.entry(sku).or_insert(at);
+            *slot = (*slot).max(at);
+        }
+        self.prune();
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    pub cross_channel: Option<Latest<bool>>,
+    pub email_marketing: Option<Latest<bool>>,
+}
+
+/// Everything known about one person. Stored in RocksDB, emitted as schemas/profile_update.avsc.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Profile {
+    /// The earliest event (time, id); the public profile id derives from it.
+    pub anchor: (Millis, String),
+    pub identifiers: BTreeMap<Identifier, Seen>,
+    pub seen: Seen,
+    pub events: u64,
+    pub channels: BTreeMap<String, ChannelActivity>,
+    pub event_types: BTreeMap<String, u64>,
+    pub purchases: BTreeMap<(Venue, String), Totals>,
+    pub email: EmailEngagement,
+    pub cart: Cart,
+    pub consent: Consent,
+}
+
+impl Profile {
+    /// A profile made from its first event.
+    pub fn new(event: &Event) -> Self {
+        let mut p = Profile {
+            anchor: (event.timestamp, event.event_id.clone()),
+            identifiers: BTreeMap::new(),
+            seen: Seen::at(event.timestamp),
+            events: 0,
+            channels: BTreeMap::new(),
+            event_types: BTreeMap::new(),
+            purchases: BTreeMap::new(),
+            email: EmailEngagement::default(),
+            cart: Cart::default(),
+            consent: Consent { cross_channel: None, email_marketing: None },
+        };
+        p.apply(event, &event.identifiers);
+        p
+    }
+
+    pub fn id(&self) -> ProfileId {
+        ProfileId::from_anchor(&self.anchor.1)
+    }
+
+    /// Counts of identifiers per type.
+    pub fn type_counts(&self) -> BTreeMap<&str, usize> {
+        let mut counts = BTreeMap::new();
+        for id in self.identifiers.keys() {
+            *counts.entry(id.kind.as_str()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Whether the person said no to being recognised across channels (latest consent event wins).
+    pub fn cross_channel_refused(&self) -> bool {
+        matches!(&self.consent.cross_channel, Some(Latest { value: false, .. }))
+    }
+
+    /// Applies one event; `linked` are the event's identifiers that now belong to this profile (guardrails
+    /// may have kept some out).
+    pub fn apply(&mut self, ev: &Event, linked: &[Identifier]) {
+        let ts = ev.timestamp;
+        if (ts, &ev.event_id) < (self.anchor.0, &self.anchor.1) {
+            self.anchor = (ts, ev.event_id.clone());
+        }
+        self.observe_identifiers(linked, ts);
+        self.seen.observe(ts);
+        self.events += 1;
+        self.channels
+            .entry(ev.channel.clone())
+            .and_modify(|c| {
+                c.seen.observe(ts);
+                c.events += 1;
+            })
+            .or_insert(ChannelActivity { seen: Seen::at(ts), events: 1 });
+        *self.event_types.entry(ev.event_type.clone()).or_insert(0) += 1;
+        if let Some(p) = &ev.purchase {
+            let t = self.purchases.entry((p.venue, p.currency.clone())).or_default();
+            t.orders += 1;
+            t.revenue_minor += p.amount_minor;
+        }
+        match ev.event_type.as_str() {
+            "email_open" => {
+                self.email.opens += 1;
+                self.email.last_open_at = self.email.last_open_at.max(Some(ts));
+            }
+            "email_click" => {
+                self.email.clicks += 1;
+                Latest::join(
+                    &mut self.email.last_click,
+                    Latest { at: ts, event_id: ev.event_id.clone(), value: ev.campaign_id.clone() },
+                );
+            }
+            "add_to_cart" => {
+                self.cart.lines.extend(ev.items.iter().map(|item| CartLine {
+                    added_at: ts,
+                    sku: item.sku.clone(),
+                    quantity: item.quantity,
+                    price_minor: item.price.map(crate::model::to_minor_units),
+                    channel: ev.channel.clone(),
+                    event_id: ev.event_id.clone(),
+                }));
+                self.cart.prune();
+            }
+            "remove_from_cart" => {
+                for item in &ev.items {
+                    let slot = self.cart.removed.entry(item.sku.clone()).or_insert(ts);
+                    *slot = (*slot).max(ts);
+                }
+                self.cart.prune();
+            }
+            _ => {}
+        }
+        if ev.purchase.is_some() {
+            self.cart.cleared_at = self.cart.cleared_at.max(Some(ts));
+            self.cart.prune();
+        }
+        if let Some(consent) = &ev.consent {
+            let latest = |value| Latest { at: ts, event_id: ev.event_id.clone(), value };
+            if let Some(v) = consent.cross_channel {
+                Latest::join(&mut self.consent.cross_channel, latest(v));
+            }
+            if let Some(v) = consent.email_marketing {
+                Latest::join(&mut self.consent.email_marketing, latest(v));
+            }
+        }
+    }
+
+    /// Records that `ids` were seen at `ts`.
+    pub fn observe_identifiers(&mut self, ids: &[Identifier], ts: Millis) {
+        for id in ids {
+            self.identifiers.entry(id.clone()).or_insert_with(|| Seen::at(ts)).observe(ts);
+        }
+    }
+
+    /// Absorbs another profile (a merge). Commutative and associative.
+    pub fn absorb(&mut self, other: Profile) {
+        if other.anchor < self.anchor {
+            self.anchor = other.anchor;
+        }
+        for (id, seen) in other.identifiers {
+            self.identifiers.entry(id).and_modify(|s| s.join(seen)).or_insert(seen);
+        }
+        self.seen.join(other.seen);
+        self.events += other.events;
+        for (ch, act) in other.channels {
+            self.channels
+                .entry(ch)
+                .and_modify(|c| {
+                    c.seen.join(act.seen);
+                    c.events += act.events;
+                })
+                .or_insert(act);
+        }
+        for (t, n) in other.event_types {
+            *self.event_types.entry(t).or_insert(0) += n;
+        }
+        for (k, t) in other.purchases {
+            let mine = self.purchases.entry(k).or_default();
+            mine.orders += t.orders;
+            mine.revenue_minor += t.revenue_minor;
+        }
+        self.email.opens += other.email.opens;
+        self.email.clicks += other.email.clicks;
+        self.email.last_open_at = self.email.last_open_at.max(other.email.last_open_at);
+        if let Some(c) = other.email.last_click {
+            Latest::join(&mut self.email.last_click, c);
+        }
+        self.cart.join(other.cart);
+        if let Some(c) = other.consent.cross_channel {
+            Latest::join(&mut self.consent.cross_channel, c);
+        }
+        if let Some(c) = other.consent.email_marketing {
+            Latest::join(&mut self.consent.email_marketing, c);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Item, Purchase};
+
+    fn ev(id: &str, ts: Millis, kind: &str, ids: &[(&str, &str)]) -> Event {
+        Event {
+            event_id: id.into(),
+            channel: if kind == "purchase" { "pos".into() } else { "web".into() },
+            event_type: kind.into(),
+            timestamp: ts,
+            identifiers: ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
+            purchase: (kind == "purchase").then(|| Purchase {
+                amount_minor: 1000,
+                currency: "EUR".into(),
+                venue: Venue::Store,
+            }),
+            items: if kind == "add_to_cart" {
+                vec![Item { sku: format!("sku-{id}"), quantity: 1, price: Some(5.0) }]
+            } else {
+                vec![]
+            },
+            campaign_id: None,
+            consent: None,
+        }
+    }
+
+    #[test]
+    fn cart_follows_customer_and_purchase_clears_it() {
+        let a = ev("a", 10, "add_to_cart", &[("email", "x@y.io")]);
+        let b = ev("b", 20, "purchase", &[("email", "x@y.io")]);
+        let c = ev("c", 30, "add_to_cart", &[("email", "x@y.io")]);
+        let mut in_order = Profile::new(&a);
+        in_order.apply(&b, &b.identifiers);
+        in_order.apply(&c, &c.identifiers);
+        let mut reversed = Profile::new(&c);
+        reversed.apply(&b, &b.identifiers);
+        reversed.apply(&a, &a.identifiers);
+        assert_eq!(in_order, reversed);
+        assert_eq!(in_order.cart.lines.len(), 1);
+        assert_eq!(in_order.cart.lines[0].sku, "sku-c");
+        assert_eq!(in_order.id(), ProfileId::from_anchor("a"));
+    }
+
+    #[test]
+    fn absorb_equals_applying_everything_to_one_profile() {
+        let events =
+            [ev("a", 10, "page_view", &[("anonymous_id", "c1")]), ev("b", 5, "purchase", &[("email", "x@y.io")])];
+        let mut one = Profile::new(&events[0]);
+        one.apply(&events[1], &events[1].identifiers);
+        let mut left = Profile::new(&events[0]);
+        left.absorb(Profile::new(&events[1]));
+        let mut right = Profile::new(&events[1]);
+        right.absorb(Profile::new(&events[0]));
+        assert_eq!(one, left);
+        assert_eq!(left, right);
+        assert_eq!(one.anchor, (5, "b".into()));
+        assert_eq!(one.purchases[&(Venue::Store, "EUR".into())], Totals { orders: 1, revenue_minor: 1000 });
+    }
+}

@@ -1,0 +1,10 @@
+//! Stitching: identifiers seen together belong to one person; merges are transitive, bounded by guardrails.
+//!
+//! [`graph`] is the merge logic over an abstract [`GraphStore`], free of IO so that it can be
+//! property-tested; [`rules`] holds the guardrails.
+
+pub mod graph;
+pub mod rules;
+
+pub use graph::{Applied, BatchChanges, GraphStore, MemStore, Refusal, Stitcher};
+pub use rules::{Rule, Rules};

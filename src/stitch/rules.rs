@@ -1,0 +1,107 @@
+//! Guardrails: limits that stop a shared device or a typo'd identifier from gluing strangers together.
+
+use std::collections::BTreeMap;
+
+use crate::config::GuardrailConfig;
+use crate::model::Identifier;
+use crate::profile::Profile;
+
+/// Why a link was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rule {
+    /// A profile would hold more than `limit` values of this type.
+    TypeLimit { kind: String, limit: usize },
+    /// A profile would hold more identifiers than the maximum profile size.
+    ProfileSize { limit: usize },
+    /// The person refused cross-channel identification.
+    Consent,
+}
+
+impl Rule {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Rule::TypeLimit { .. } => "type_limit",
+            Rule::ProfileSize { .. } => "profile_size",
+            Rule::Consent => "consent",
+        }
+    }
+}
+
+/// The compiled guardrail configuration.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    limits: BTreeMap<String, usize>,
+    max_identifiers: usize,
+    priority: Vec<String>,
+}
+
+impl Rules {
+    pub fn new(cfg: &GuardrailConfig) -> Self {
+        Self { limits: cfg.limits.clone(), max_identifiers: cfg.max_profile_identifiers, priority: cfg.priority.clone() }
+    }
+
+    /// No limits at all: pure connected components (the oracle's view).
+    pub fn unlimited() -> Self {
+        Self { limits: BTreeMap::new(), max_identifiers: usize::MAX, priority: Vec::new() }
+    }
+
+    /// Rank of a type: lower is more trusted; unlisted types come last, ordered by name.
+    pub fn rank(&self, kind: &str) -> usize {
+        self.priority.iter().position(|p| p == kind).unwrap_or(self.priority.len())
+    }
+
+    /// Sort key of an identifier by trust.
+    pub fn trust_key<'a>(&self, id: &'a Identifier) -> (usize, &'a str, &'a str) {
+        (self.rank(&id.kind), id.kind.as_str(), id.value.as_str())
+    }
+
+    /// Can `a` and `b` become one profile?
+    pub fn check_merge(&self, a: &Profile, b: &Profile) -> Result<(), Rule> {
+        let shared = a.identifiers.keys().filter(|id| b.identifiers.contains_key(*id)).count();
+        let total = a.identifiers.len() + b.identifiers.len() - shared;
+        if total > self.max_identifiers {
+            return Err(Rule::ProfileSize { limit: self.max_identifiers });
+        }
+        if self.limits.is_empty() {
+            return Ok(());
+        }
+        let mut counts = a.type_counts();
+        for id in b.identifiers.keys() {
+            if !a.identifiers.contains_key(id) {
+                *counts.entry(id.kind.as_str()).or_insert(0) += 1;
+            }
+        }
+        for (kind, n) in counts {
+            if let Some(&limit) = self.limits.get(kind) {
+                if n > limit {
+                    return Err(Rule::TypeLimit { kind: kind.to_string(), limit });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Can `id` be added to a profile whose identifiers of each type are counted in `counts`, `total` in all?
+    pub fn check_add(&self, counts: &BTreeMap<String, usize>, total: usize, id: &Identifier) -> Result<(), Rule> {
+        if total + 1 > self.max_identifiers {
+            return Err(Rule::ProfileSize { limit: self.max_identifiers });
+        }
+        if let Some(&limit) = self.limits.get(&id.kind) {
+            if counts.get(&id.kind).copied().unwrap_or(0) + 1 > limit {
+                return Err(Rule::TypeLimit { kind: id.kind.clone(), limit });
+            }
+        }
+        Ok(())
+    }
+
+    /// Does the profile break any limit? (Used by property tests and the quality report.)
+    pub fn violation(&self, p: &Profile) -> Option<Rule> {
+        if p.identifiers.len() > self.max_identifiers {
+            return Some(Rule::ProfileSize { limit: self.max_identifiers });
+        }
+        p.type_counts().into_iter().find_map(|(kind, n)| match self.limits.get(kind) {
+            Some(&limit) if n > limit => Some(Rule::TypeLimit { kind: kind.to_string(), limit }),
+            _ => None,
+        })
+    }
+}

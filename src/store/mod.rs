@@ -1,0 +1,303 @@
+//! RocksDB state: the identity graph, the profiles, the dedup set, and the offsets and outbox that tie
+//! state to Kafka's transactions (see docs/DESIGN.md).
+//!
+//! Column families, keys and values (every value starts with a format version byte):
+//!
+//! | cf            | key                            | value                              |
+//! |---------------|--------------------------------|------------------------------------|
+//! | `identifiers` | type `\0` value                | node id (u64 BE)                   |
+//! | `profiles`    | node id (u64 BE)               | v1 + bincode(Profile)              |
+//! | `profile_ids` | public profile id              | node id (u64 BE)                   |
+//! | `redirects`   | retired public profile id      | public profile id it moved to      |
+//! | `events`      | SHA-256(event_id)[..16]        | empty (dedup set, bloom-filtered)  |
+//! | `meta`        | `next_node`, `checkpoint`      | u64 BE, v1 + bincode(Checkpoint)   |
+
+mod overlay;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::model::{Identifier, NodeId, ProfileId};
+use crate::profile::Profile;
+
+pub use overlay::Overlay;
+
+const FORMAT_V1: u8 = 1;
+/// Longest redirect chain followed by a lookup.
+const MAX_REDIRECT_HOPS: usize = 32;
+
+pub(crate) const CF_IDENTIFIERS: &str = "identifiers";
+pub(crate) const CF_PROFILES: &str = "profiles";
+pub(crate) const CF_PROFILE_IDS: &str = "profile_ids";
+pub(crate) const CF_REDIRECTS: &str = "redirects";
+pub(crate) const CF_EVENTS: &str = "events";
+pub(crate) const CF_META: &str = "meta";
+const CFS: &[&str] = &[CF_IDENTIFIERS, CF_PROFILES, CF_PROFILE_IDS, CF_REDIRECTS, CF_EVENTS, CF_META];
+
+const META_NEXT_NODE: &[u8] = b"next_node";
+const META_CHECKPOINT: &[u8] = b"checkpoint";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("rocksdb: {0}")]
+    Rocks(#[from] rocksdb::Error),
+    #[error("corrupt value in {cf}: {reason}")]
+    Corrupt { cf: &'static str, reason: String },
+    #[error("cannot encode state: {0}")]
+    Encode(#[from] bincode::Error),
+    #[error("missing column family {0}")]
+    MissingCf(&'static str),
+}
+
+/// One record to produce, kept in the checkpoint until its transaction is known to be committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutRecord {
+    pub topic: String,
+    pub key: Option<Vec<u8>>,
+    /// `None` is a tombstone.
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+/// Input position of one partition: the offset of the next message to read.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Position {
+    pub topic: String,
+    pub partition: i32,
+    pub next_offset: i64,
+}
+
+/// Written atomically with the state changes of a batch: where the inputs stand after the batch, and the
+/// records that the batch's transaction produces. On start-up, if Kafka's committed offsets are behind
+/// `positions`, the transaction did not commit and `outbox` is produced again.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    pub sequence: u64,
+    pub positions: Vec<Position>,
+    pub outbox: Vec<OutRecord>,
+}
+
+/// The RocksDB database; cheap to clone and safe to share between the pipeline and lookups.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+}
+
+impl Store {
+    pub fn open(path: &Path, block_cache_mb: usize) -> Result<Self, StoreError> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.increase_parallelism(2);
+        opts.set_max_background_jobs(2);
+        opts.set_bytes_per_sync(1 << 20);
+        let cache = Cache::new_lru_cache(block_cache_mb.max(8) << 20);
+        let cfs = CFS.iter().map(|name| {
+            let mut block = BlockBasedOptions::default();
+            block.set_block_cache(&cache);
+            block.set_bloom_filter(10.0, false);
+            block.set_cache_index_and_filter_blocks(true);
+            let mut cf = Options::default();
+            cf.set_block_based_table_factory(&block);
+            cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            if *name == CF_EVENTS || *name == CF_IDENTIFIERS {
+                // Point lookups only: optimise for them.
+                cf.optimize_for_point_lookup(block_cache_mb.max(8) as u64);
+            }
+            ColumnFamilyDescriptor::new(*name, cf)
+        });
+        let db = DB::open_cf_descriptors(&opts, path, cfs)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    pub(crate) fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StoreError> {
+        self.db.cf_handle(name).ok_or(StoreError::MissingCf(name))
+    }
+
+    pub fn node_of(&self, id: &Identifier) -> Result<Option<NodeId>, StoreError> {
+        self.db.get_pinned_cf(self.cf(CF_IDENTIFIERS)?, identifier_key(id))?.map(|v| decode_node(&v)).transpose()
+    }
+
+    pub fn profile(&self, node: NodeId) -> Result<Option<Profile>, StoreError> {
+        self.db.get_pinned_cf(self.cf(CF_PROFILES)?, node.0.to_be_bytes())?.map(|v| decode_profile(&v)).transpose()
+    }
+
+    pub fn node_of_profile_id(&self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
+        self.db.get_pinned_cf(self.cf(CF_PROFILE_IDS)?, id.as_str())?.map(|v| decode_node(&v)).transpose()
+    }
+
+    pub fn redirect_of(&self, id: &ProfileId) -> Result<Option<ProfileId>, StoreError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_REDIRECTS)?, id.as_str())?
+            .map(|v| ProfileId(String::from_utf8_lossy(&v).into_owned())))
+    }
+
+    pub fn has_event(&self, event_id: &str) -> Result<bool, StoreError> {
+        Ok(self.db.get_pinned_cf(self.cf(CF_EVENTS)?, event_key(event_id))?.is_some())
+    }
+
+    pub fn next_node(&self) -> Result<u64, StoreError> {
+        Ok(match self.db.get_cf(self.cf(CF_META)?, META_NEXT_NODE)? {
+            Some(v) => decode_node(&v)?.0,
+            None => 1,
+        })
+    }
+
+    pub fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
+        match self.db.get_cf(self.cf(CF_META)?, META_CHECKPOINT)? {
+            Some(v) => match v.split_first() {
+                Some((&FORMAT_V1, rest)) => Ok(Some(bincode::deserialize(rest)?)),
+                _ => Err(StoreError::Corrupt { cf: CF_META, reason: "unknown checkpoint format".into() }),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// Adds the checkpoint to a batch.
+    pub fn put_checkpoint(&self, batch: &mut WriteBatch, cp: &Checkpoint) -> Result<(), StoreError> {
+        let mut v = vec![FORMAT_V1];
+        v.extend(bincode::serialize(cp)?);
+        batch.put_cf(self.cf(CF_META)?, META_CHECKPOINT, v);
+        Ok(())
+    }
+
+    /// Writes a batch atomically and durably (WAL synced): the state must be on disk before the Kafka
+    /// transaction that depends on it commits.
+    pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
+    }
+
+    /// A fresh overlay for one batch of changes.
+    pub fn overlay(&self) -> Result<Overlay<'_>, StoreError> {
+        Overlay::new(self)
+    }
+
+    /// Resolves a public id, following redirects of merged profiles. Returns the id it resolved to.
+    pub fn resolve_profile_id(&self, id: &ProfileId) -> Result<Option<(ProfileId, NodeId)>, StoreError> {
+        let mut current = id.clone();
+        for _ in 0..MAX_REDIRECT_HOPS {
+            if let Some(node) = self.node_of_profile_id(&current)? {
+                return Ok(Some((current, node)));
+            }
+            match self.redirect_of(&current)? {
+                Some(next) => current = next,
+                None => return Ok(None),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Every live profile, for exports and reports. Reads a consistent snapshot.
+    pub fn for_each_profile(&self, mut f: impl FnMut(NodeId, Profile)) -> Result<(), StoreError> {
+        let snapshot = self.db.snapshot();
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_snapshot(&snapshot);
+        for item in self.db.iterator_cf_opt(self.cf(CF_PROFILES)?, ro, rocksdb::IteratorMode::Start) {
+            let (k, v) = item?;
+            f(decode_node(&k)?, decode_profile(&v)?);
+        }
+        Ok(())
+    }
+
+    /// Approximate live data size per column family, in bytes (for the state-size metric and reports).
+    pub fn approximate_sizes(&self) -> Vec<(&'static str, u64)> {
+        CFS.iter()
+            .filter_map(|name| {
+                let cf = self.db.cf_handle(name)?;
+                let size =
+                    self.db.property_int_value_cf(cf, "rocksdb.estimate-live-data-size").ok().flatten()?;
+                let mem = self.db.property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables").ok().flatten()?;
+                Some((*name, size + mem))
+            })
+            .collect()
+    }
+
+    pub(crate) fn db(&self) -> &DB {
+        &self.db
+    }
+}
+
+pub(crate) fn identifier_key(id: &Identifier) -> Vec<u8> {
+    let mut k = Vec::with_capacity(id.kind.len() + id.value.len() + 1);
+    k.extend_from_slice(id.kind.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.value.as_bytes());
+    k
+}
+
+pub(crate) fn event_key(event_id: &str) -> [u8; 16] {
+    let digest = Sha256::digest(event_id.as_bytes());
+    let mut k = [0u8; 16];
+    k.copy_from_slice(&digest[..16]);
+    k
+}
+
+pub(crate) fn decode_node(v: &[u8]) -> Result<NodeId, StoreError> {
+    let bytes: [u8; 8] =
+        v.try_into().map_err(|_| StoreError::Corrupt { cf: CF_IDENTIFIERS, reason: format!("node id of {} bytes", v.len()) })?;
+    Ok(NodeId(u64::from_be_bytes(bytes)))
+}
+
+pub(crate) fn encode_profile(p: &Profile) -> Result<Vec<u8>, StoreError> {
+    let mut v = Vec::with_capacity(512);
+    v.push(FORMAT_V1);
+    bincode::serialize_into(&mut v, p)?;
+    Ok(v)
+}
+
+pub(crate) fn decode_profile(v: &[u8]) -> Result<Profile, StoreError> {
+    match v.split_first() {
+        Some((&FORMAT_V1, rest)) => Ok(bincode::deserialize(rest)?),
+        _ => Err(StoreError::Corrupt { cf: CF_PROFILES, reason: "unknown profile format".into() }),
+    }
+}
+
+/// A RocksDB store in a temporary directory, removed on drop. For tests and benches.
+pub struct TempStore {
+    pub store: Store,
+    _dir: tempfile_dir::TempDir,
+}
+
+mod tempfile_dir {
+    /// A directory under the system temp dir, removed on drop.
+    pub struct TempDir(pub std::path::PathBuf);
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl TempStore {
+    pub fn new() -> Result<Self, StoreError> {
+        let path = std::env::temp_dir().join(format!(
+            "stitcher-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let store = Store::open(&path, 64)?;
+        Ok(Self { store, _dir: tempfile_dir::TempDir(path) })
+    }
+}
+
+impl Store {
+    /// Retired ids that redirect directly to `id` (a scan of the redirects column family).
+    pub fn redirects_to(&self, id: &ProfileId) -> Result<Vec<ProfileId>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(self.cf(CF_REDIRECTS)?, rocksdb::IteratorMode::Start) {
+            let (k, v) = item?;
+            if v.as_ref() == id.as_str().as_bytes() {
+                out.push(ProfileId(String::from_utf8_lossy(&k).into_owned()));
+            }
+        }
+        Ok(out)
+    }
+}
