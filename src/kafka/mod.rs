@@ -31,6 +31,8 @@ pub fn base_config(cfg: &Config) -> ClientConfig {
 pub fn consumer_config(cfg: &Config) -> ClientConfig {
     let mut c = base_config(cfg);
     c.set("group.id", &cfg.kafka.group_id)
+        // Static membership: a restarted instance takes its partitions back at once, no rebalance.
+        .set("group.instance.id", format!("{}-{}", cfg.kafka.transactional_id, cfg.kafka.instance_id))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what building and testing need on a fresh Debian machine (idempotent).
+set -euo pipefail
+need=()
+for pkg in libclang-dev cmake libcurl4-openssl-dev libsasl2-dev libssl-dev libzstd-dev liblz4-dev pkg-config build-essential maven openjdk-17-jre-headless; do
+  dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then :; else
+  # Java and Maven may come from elsewhere than Debian (a JDK install); do not pull Debian's then.
+  need=("${need[@]/maven}"); need=("${need[@]/openjdk-17-jre-headless}")
+fi
+pkgs=()
+for p in "${need[@]}"; do [ -n "$p" ] && pkgs+=("$p"); done
+if [ ${#pkgs[@]} -gt 0 ]; then
+  echo "[setup] installing ${pkgs[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "[setup] Rust (cargo) is required: https://rustup.rs" >&2; exit 1; }

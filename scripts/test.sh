@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The tests: installs build dependencies, fetches and starts a real single-node Apache Kafka on loopback,
+# checks formatting and lints, runs unit, property and integration tests, stops the broker.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/stitcher/target}"
+export KAFKA_PORT="${KAFKA_PORT:-19092}"
+export STITCHER_TEST_BROKERS="127.0.0.1:$KAFKA_PORT"
+
+cargo fmt --all -- --check
+cargo clippy --all-targets --features kafka-it -- -D warnings
+
+deploy/local-kafka/kafka.sh clean >/dev/null 2>&1 || true
+deploy/local-kafka/kafka.sh start
+trap 'deploy/local-kafka/kafka.sh stop || true' EXIT
+cargo test --features kafka-it -- --nocapture "$@" 2>&1 | tee "${TEST_LOG:-/tmp/stitcher-test.log}"
+status=${PIPESTATUS[0]}
+passed=$(grep -Eo '[0-9]+ passed' "${TEST_LOG:-/tmp/stitcher-test.log}" | awk '{s+=$1} END {print s+0}')
+failed=$(grep -Eo '[0-9]+ failed' "${TEST_LOG:-/tmp/stitcher-test.log}" | awk '{s+=$1} END {print s+0}')
+echo "all tests: $passed passed, $failed failed"
+exit "$status"

@@ -1,0 +1,352 @@
+//! Harness for integration tests against a real broker: unique topics, the service as a child process,
+//! the compacted read_committed view of the output topic, and comparison with the ground truth.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{Offset, TopicPartitionList};
+
+use stitcher::codec::avro::profile_update_schema;
+use stitcher::codec::{decode_confluent, ProfileUpdate};
+use stitcher::config::Format;
+use stitcher::generate::Routes;
+use stitcher::journeys::{PersonTruth, CHANNELS};
+
+pub fn brokers() -> String {
+    std::env::var("STITCHER_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+}
+
+/// One test's topics, group, state dir and config file.
+pub struct Setup {
+    pub name: String,
+    pub routes: Routes,
+    pub input_topics: Vec<String>,
+    pub output_topic: String,
+    pub dlq_topic: String,
+    pub group: String,
+    pub dir: PathBuf,
+    pub config_path: PathBuf,
+}
+
+impl Setup {
+    /// Creates `partitions`-partition topics for every channel and writes the service config.
+    pub fn new(test: &str, partitions: i32, extra_toml: &str) -> Setup {
+        let name = unique(test);
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut routes = Routes::new();
+        let mut inputs = String::new();
+        let mut input_topics = Vec::new();
+        for (i, ch) in CHANNELS.iter().enumerate() {
+            let topic = format!("{name}-{ch}");
+            let format = if i % 2 == 0 { Format::Avro } else { Format::Json };
+            let fmt = if format == Format::Avro { "avro" } else { "json" };
+            inputs.push_str(&format!("[[inputs]]\ntopic = \"{topic}\"\nchannel = \"{ch}\"\nformat = \"{fmt}\"\n\n"));
+            routes.insert(ch.to_string(), (topic.clone(), format));
+            input_topics.push(topic);
+        }
+        let output_topic = format!("{name}-profiles");
+        let dlq_topic = format!("{name}-dlq");
+        let group = format!("{name}-group");
+        create_topics(&input_topics, partitions);
+        let config = format!(
+            r#"[kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+transactional_id = "{name}"
+
+{inputs}
+[output]
+topic = "{output_topic}"
+dead_letter_topic = "{dlq_topic}"
+partitions = 3
+
+[identity]
+custom_types = ["social_id"]
+
+[state]
+dir = "{state}"
+block_cache_mb = 32
+
+[processing]
+batch_linger = "50ms"
+drain_timeout = "20s"
+
+[http]
+listen = "127.0.0.1:0"
+{extra_toml}
+"#,
+            brokers = brokers(),
+            state = dir.join("state").display(),
+        );
+        let config_path = dir.join("stitcher.toml");
+        std::fs::File::create(&config_path).and_then(|mut f| f.write_all(config.as_bytes())).expect("config");
+        Setup { name, routes, input_topics, output_topic, dlq_topic, group, dir, config_path }
+    }
+
+    /// Starts the service binary.
+    pub fn start(&self) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("service.log"))
+            .expect("log file");
+        Command::new(env!("CARGO_BIN_EXE_stitcher"))
+            .args(["run", "--config"])
+            .arg(&self.config_path)
+            .env("STITCHER_LOG", "info,librdkafka=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn stitcher")
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(self.dir.join("service.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    /// Messages the group has committed, summed over the input topics, and the total in them.
+    pub fn progress(&self) -> (i64, i64) {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", &self.group)
+            .create()
+            .expect("consumer");
+        let (mut committed, mut total) = (0, 0);
+        let mut tpl = TopicPartitionList::new();
+        for topic in &self.input_topics {
+            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+            for p in md.topics()[0].partitions() {
+                tpl.add_partition(topic, p.id());
+                let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks");
+                total += high;
+            }
+        }
+        if let Ok(c) = consumer.committed_offsets(tpl, Duration::from_secs(10)) {
+            for e in c.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    committed += o;
+                }
+            }
+        }
+        (committed, total)
+    }
+
+    /// Waits until every input message is committed by the group.
+    pub fn wait_caught_up(&self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let (committed, total) = self.progress();
+            if committed >= total && total > 0 {
+                return;
+            }
+            assert!(start.elapsed() < timeout, "not caught up after {timeout:?}: {committed}/{total}\n{}", self.log_tail());
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    /// The read_committed output topic, compacted: last value per key (None for a tombstone), and the
+    /// number of records read.
+    pub fn compacted_output(&self) -> (BTreeMap<String, Option<ProfileUpdate>>, usize, Vec<(String, i64)>) {
+        let records = read_all(&self.output_topic);
+        let schema = profile_update_schema().expect("schema");
+        let mut view = BTreeMap::new();
+        let mut keys_offsets = Vec::new();
+        let n = records.len();
+        for r in records {
+            let key = String::from_utf8(r.key.expect("keyed")).expect("utf8 key");
+            let value = r.payload.map(|p| decode_confluent::<ProfileUpdate>(&schema, &p).expect("valid avro").1);
+            keys_offsets.push((key.clone(), r.offset));
+            view.insert(key, value);
+        }
+        (view, n, keys_offsets)
+    }
+
+    pub fn dead_letters(&self) -> Vec<Record> {
+        read_all(&self.dlq_topic)
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+pub fn create_topics(topics: &[String], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin");
+    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let results = rt.block_on(admin.create_topics(&new, &AdminOptions::new())).expect("create topics");
+    for r in results {
+        r.expect("topic created");
+    }
+}
+
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: HashMap<String, String>,
+}
+
+/// Every committed record of a topic, partition by partition.
+pub fn read_all(topic: &str) -> Vec<Record> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let partitions: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
+    let mut tpl = TopicPartitionList::new();
+    for p in &partitions {
+        tpl.add_partition_offset(topic, *p, Offset::Beginning).expect("tpl");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut at_eof: BTreeSet<i32> = BTreeSet::new();
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while at_eof.len() < partitions.len() {
+        assert!(Instant::now() < deadline, "reading {topic} did not reach the end");
+        match consumer.poll(Duration::from_millis(500)) {
+            None => {}
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                at_eof.insert(p);
+            }
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+            Some(Ok(m)) => {
+                at_eof.remove(&m.partition());
+                let headers = m
+                    .headers()
+                    .map(|h| {
+                        h.iter()
+                            .map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                out.push(Record {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().map(<[u8]>::to_vec),
+                    headers,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A live profile reduced to what the ground truth can say about it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Summary {
+    pub identifiers: BTreeSet<(String, String)>,
+    pub events: u64,
+    pub purchases: BTreeMap<String, (u64, i64)>,
+    pub channels: BTreeMap<String, u64>,
+}
+
+pub fn truth_summaries(truth: &[PersonTruth]) -> Vec<Summary> {
+    let mut v: Vec<Summary> = truth
+        .iter()
+        .map(|t| Summary {
+            identifiers: t.identifiers.clone(),
+            events: t.events,
+            purchases: t.purchases.clone(),
+            channels: t.channels.clone(),
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// The live profiles of a compacted view; checks that every redirect leads to a live profile.
+pub fn live_summaries(view: &BTreeMap<String, Option<ProfileUpdate>>) -> Vec<Summary> {
+    let mut out = Vec::new();
+    for (key, value) in view {
+        let Some(u) = value else { continue };
+        assert_eq!(&u.profile_id, key, "record keyed by its profile id");
+        match (&u.profile, &u.redirect_to) {
+            (Some(p), None) => out.push(Summary {
+                identifiers: p.identifiers.iter().map(|i| (i.kind.clone(), i.value.clone())).collect(),
+                events: p.events as u64,
+                purchases: p
+                    .purchases
+                    .iter()
+                    .map(|x| (format!("{}/{}", x.venue, x.currency), (x.orders as u64, x.revenue_minor)))
+                    .collect(),
+                channels: p.channels.iter().map(|c| (c.channel.clone(), c.events as u64)).collect(),
+            }),
+            (None, Some(_)) => {
+                let mut target = key.clone();
+                for _ in 0..64 {
+                    match view.get(&target) {
+                        Some(Some(ProfileUpdate { redirect_to: Some(next), .. })) => target = next.clone(),
+                        _ => break,
+                    }
+                }
+                let landed = view.get(&target).cloned().flatten();
+                assert!(
+                    landed.is_some_and(|u| u.profile.is_some()),
+                    "redirect from {key} does not lead to a live profile"
+                );
+            }
+            other => panic!("record {key} is neither a profile nor a redirect: {other:?}"),
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Compares two sorted lists of summaries and describes the first differences.
+pub fn diff(got: &[Summary], want: &[Summary]) -> String {
+    let g: BTreeSet<&Summary> = got.iter().collect();
+    let w: BTreeSet<&Summary> = want.iter().collect();
+    let extra: Vec<_> = g.difference(&w).take(3).collect();
+    let missing: Vec<_> = w.difference(&g).take(3).collect();
+    format!("{} profiles, {} persons; unexpected: {extra:#?}\nmissing: {missing:#?}", got.len(), want.len())
+}
+
+pub fn kill9(child: &mut Child) {
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGKILL);
+    }
+    let _ = child.wait();
+}
+
+pub fn sigterm(child: &mut Child) -> std::process::ExitStatus {
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+    child.wait().expect("wait")
+}
+
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
