@@ -18,5 +18,5 @@ cargo test --features kafka-it -- --nocapture "$@" 2>&1 | tee "${TEST_LOG:-/tmp/
 status=${PIPESTATUS[0]}
 passed=$(grep -Eo '[0-9]+ passed' "${TEST_LOG:-/tmp/stitcher-test.log}" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "${TEST_LOG:-/tmp/stitcher-test.log}" | awk '{s+=$1} END {print s+0}')
-echo "all tests: $passed passed, $failed failed"
+echo "summary: $passed passed, $failed failed"
 exit "$status"

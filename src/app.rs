@@ -14,7 +14,11 @@ use crate::pipeline::{Pipeline, RunSummary};
 use crate::store::Store;
 
 /// Runs the service until `shutdown` is cancelled, or the pipeline fails.
-pub async fn run(cfg: Config, metrics: Metrics, shutdown: CancellationToken) -> anyhow::Result<RunSummary> {
+pub async fn run(
+    cfg: Config,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunSummary> {
     let store = open_store(&cfg).await?;
     let listener = TcpListener::bind(cfg.http.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, "http listening");
@@ -26,7 +30,11 @@ pub async fn run(cfg: Config, metrics: Metrics, shutdown: CancellationToken) -> 
     };
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
-    let sizes = tokio::spawn(report_state_size(store.clone(), metrics.clone(), http_stop.clone()));
+    let sizes = tokio::spawn(report_state_size(
+        store.clone(),
+        metrics.clone(),
+        http_stop.clone(),
+    ));
 
     if cfg.output.create_topics {
         create_topics(&cfg, &shutdown).await?;
@@ -76,7 +84,10 @@ async fn report_state_size(store: Store, metrics: Metrics, stop: CancellationTok
         let s = store.clone();
         if let Ok(sizes) = tokio::task::spawn_blocking(move || s.approximate_sizes()).await {
             for (cf, bytes) in sizes {
-                metrics.state_size.with_label_values(&[cf]).set(bytes as i64);
+                metrics
+                    .state_size
+                    .with_label_values(&[cf])
+                    .set(bytes as i64);
             }
         }
         tokio::select! {

@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Debug, Parser)]
-#[command(name = "stitcher", version, about = "Omnichannel identity stitching on Apache Kafka")]
+#[command(
+    name = "stitcher",
+    version,
+    about = "Omnichannel identity stitching on Apache Kafka"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

@@ -24,7 +24,11 @@ fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
         state_dir: args.state_dir.clone(),
         http_listen: args.http_listen,
     };
-    Ok(Config::load(args.config.as_deref(), std::env::vars(), &flags)?)
+    Ok(Config::load(
+        args.config.as_deref(),
+        std::env::vars(),
+        &flags,
+    )?)
 }
 
 pub async fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -32,13 +36,22 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     crate::shutdown::cancel_on_signals(shutdown.clone());
     let summary = crate::app::run(cfg, Metrics::new()?, shutdown).await?;
-    tracing::info!(batches = summary.batches, messages = summary.messages, records = summary.records, "stopped");
+    tracing::info!(
+        batches = summary.batches,
+        messages = summary.messages,
+        records = summary.records,
+        "stopped"
+    );
     Ok(())
 }
 
 pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let cfg = load_config(&args.config)?;
-    let routes: Routes = cfg.inputs.iter().map(|i| (i.channel.clone(), (i.topic.clone(), i.format))).collect();
+    let routes: Routes = cfg
+        .inputs
+        .iter()
+        .map(|i| (i.channel.clone(), (i.topic.clone(), i.format)))
+        .collect();
     let start_ms = if args.now {
         SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64
     } else {
@@ -48,7 +61,11 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         persons: args.persons,
         seed: args.seed,
         start_ms,
-        span_ms: if args.now { 1 } else { JourneyConfig::default().span_ms },
+        span_ms: if args.now {
+            1
+        } else {
+            JourneyConfig::default().span_ms
+        },
         duplicate_rate: args.duplicates,
         malformed_rate: args.malformed,
         shuffle_window: args.shuffle_window,
@@ -56,15 +73,16 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let brokers = cfg.kafka.brokers.clone();
     let rate = args.rate;
     let truth_path = args.truth.clone();
-    let (sent, events, malformed, duplicates) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let j = journeys::generate(&jc);
-        if let Some(path) = &truth_path {
-            generate::write_truth(path, &j.truth)?;
-        }
-        let sent = generate::send(&brokers, &routes, &j, rate)?;
-        Ok((sent, j.events, j.malformed, j.duplicates))
-    })
-    .await??;
+    let (sent, events, malformed, duplicates) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let j = journeys::generate(&jc);
+            if let Some(path) = &truth_path {
+                generate::write_truth(path, &j.truth)?;
+            }
+            let sent = generate::send(&brokers, &routes, &j, rate)?;
+            Ok((sent, j.events, j.malformed, j.duplicates))
+        })
+        .await??;
     println!(
         "sent {sent} messages: {events} events of {} persons, {duplicates} duplicates, {malformed} malformed",
         args.persons
@@ -83,11 +101,16 @@ struct Inspection {
 }
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
-    let store = Store::open(&args.state_dir, 64).context("opening state (is the service still running?)")?;
+    let store = Store::open(&args.state_dir, 64)
+        .context("opening state (is the service still running?)")?;
     let node = match (&args.profile, &args.identifier) {
-        (Some(p), _) => store.resolve_profile_id(&ProfileId(p.clone()))?.map(|(_, n)| n),
+        (Some(p), _) => store
+            .resolve_profile_id(&ProfileId(p.clone()))?
+            .map(|(_, n)| n),
         (None, Some(spec)) => {
-            let (kind, value) = spec.split_once(':').context("--identifier takes type:value")?;
+            let (kind, value) = spec
+                .split_once(':')
+                .context("--identifier takes type:value")?;
             let cfg = match &args.config {
                 Some(path) => Config::from_toml_file(path)?,
                 None => Config::default(),
@@ -100,16 +123,28 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --profile or --identifier"),
     };
     let node = node.context("no profile for this id")?;
-    let profile = store.profile(node)?.context("identifier points at a missing profile")?;
+    let profile = store
+        .profile(node)?
+        .context("identifier points at a missing profile")?;
     let id = profile.id();
-    let links = store.redirects_to(&id)?.into_iter().map(|p| p.to_string()).collect();
-    let out = Inspection { profile_id: id.to_string(), node: node.0, profile: (&profile).into(), links };
+    let links = store
+        .redirects_to(&id)?
+        .into_iter()
+        .map(|p| p.to_string())
+        .collect();
+    let out = Inspection {
+        profile_id: id.to_string(),
+        node: node.0,
+        profile: (&profile).into(),
+        links,
+    };
     println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }
 
 pub fn export(args: ExportArgs) -> anyhow::Result<()> {
-    let store = Store::open(&args.state_dir, 64).context("opening state (is the service still running?)")?;
+    let store = Store::open(&args.state_dir, 64)
+        .context("opening state (is the service still running?)")?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let mut result = Ok(());
@@ -117,7 +152,11 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         let id = p.id();
         for ident in p.identifiers.keys() {
             if result.is_ok() {
-                result = writeln!(out, "{}", serde_json::json!({"type": ident.kind, "value": ident.value, "profile_id": id}));
+                result = writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({"type": ident.kind, "value": ident.value, "profile_id": id})
+                );
             }
         }
     })?;

@@ -13,9 +13,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("invalid environment variable {name}: {reason}")]
     Env { name: String, reason: String },
     #[error("invalid configuration: {0}")]
@@ -187,10 +193,17 @@ impl Default for GuardrailConfig {
         Self {
             max_profile_identifiers: 200,
             limits,
-            priority: ["customer_id", "loyalty_id", "email", "phone", "device_id", "anonymous_id"]
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+            priority: [
+                "customer_id",
+                "loyalty_id",
+                "email",
+                "phone",
+                "device_id",
+                "anonymous_id",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
         }
     }
 }
@@ -206,7 +219,10 @@ pub struct StateConfig {
 
 impl Default for StateConfig {
     fn default() -> Self {
-        Self { dir: PathBuf::from("./stitcher-state"), block_cache_mb: 256 }
+        Self {
+            dir: PathBuf::from("./stitcher-state"),
+            block_cache_mb: 256,
+        }
     }
 }
 
@@ -266,7 +282,10 @@ pub struct HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        Self { listen: SocketAddr::from(([127, 0, 0, 1], 9464)), bearer_token: None }
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            bearer_token: None,
+        }
     }
 }
 
@@ -297,18 +316,28 @@ impl Config {
     }
 
     pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_path_buf(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 
     /// `STITCHER_BROKERS`, `STITCHER_GROUP_ID`, `STITCHER_TRANSACTIONAL_ID`, `STITCHER_INSTANCE_ID`, `STITCHER_STATE_DIR`,
     /// `STITCHER_HTTP_LISTEN`, `STITCHER_OUTPUT_TOPIC`, `STITCHER_HTTP_BEARER_TOKEN`, and
     /// `STITCHER_RDKAFKA__<NAME>` for any librdkafka setting (`STITCHER_RDKAFKA__SASL_PASSWORD` sets
     /// `sasl.password`).
-    pub fn apply_env(&mut self, env: impl IntoIterator<Item = (String, String)>) -> Result<(), ConfigError> {
+    pub fn apply_env(
+        &mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
         for (name, value) in env {
-            let Some(key) = name.strip_prefix("STITCHER_") else { continue };
+            let Some(key) = name.strip_prefix("STITCHER_") else {
+                continue;
+            };
             match key {
                 "BROKERS" => self.kafka.brokers = value,
                 "GROUP_ID" => self.kafka.group_id = value,
@@ -318,16 +347,22 @@ impl Config {
                 "OUTPUT_TOPIC" => self.output.topic = value,
                 "HTTP_BEARER_TOKEN" => self.http.bearer_token = Some(value),
                 "HTTP_LISTEN" => {
-                    self.http.listen = value
-                        .parse()
-                        .map_err(|e| ConfigError::Env { name: name.clone(), reason: format!("{e}") })?
+                    self.http.listen = value.parse().map_err(|e| ConfigError::Env {
+                        name: name.clone(),
+                        reason: format!("{e}"),
+                    })?
                 }
                 "LOG" | "LOG_FORMAT" => {}
                 _ => {
                     if let Some(setting) = key.strip_prefix("RDKAFKA__") {
-                        self.kafka.common.insert(setting.to_ascii_lowercase().replace('_', "."), value);
+                        self.kafka
+                            .common
+                            .insert(setting.to_ascii_lowercase().replace('_', "."), value);
                     } else {
-                        return Err(ConfigError::Env { name, reason: "unknown setting".into() });
+                        return Err(ConfigError::Env {
+                            name,
+                            reason: "unknown setting".into(),
+                        });
                     }
                 }
             }
@@ -426,13 +461,22 @@ mod tests {
         assert_eq!(cfg.guardrails.limits.get("email"), Some(&3));
         cfg.apply_env([
             ("STITCHER_BROKERS".to_string(), "127.0.0.1:1".to_string()),
-            ("STITCHER_RDKAFKA__SASL_USERNAME".to_string(), "alice".to_string()),
+            (
+                "STITCHER_RDKAFKA__SASL_USERNAME".to_string(),
+                "alice".to_string(),
+            ),
             ("PATH".to_string(), "/bin".to_string()),
         ])
         .unwrap();
         assert_eq!(cfg.kafka.brokers, "127.0.0.1:1");
-        assert_eq!(cfg.kafka.common.get("sasl.username").map(String::as_str), Some("alice"));
-        cfg.apply_flags(&Overrides { brokers: Some("127.0.0.1:2".into()), ..Default::default() });
+        assert_eq!(
+            cfg.kafka.common.get("sasl.username").map(String::as_str),
+            Some("alice")
+        );
+        cfg.apply_flags(&Overrides {
+            brokers: Some("127.0.0.1:2".into()),
+            ..Default::default()
+        });
         assert_eq!(cfg.kafka.brokers, "127.0.0.1:2");
         cfg.validate().unwrap();
     }
@@ -441,7 +485,9 @@ mod tests {
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(toml::from_str::<Config>("[kafka]\nbrokerz = \"x\"").is_err());
         let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
-        assert!(cfg.apply_env([("STITCHER_NOPE".to_string(), "1".to_string())]).is_err());
+        assert!(cfg
+            .apply_env([("STITCHER_NOPE".to_string(), "1".to_string())])
+            .is_err());
         cfg.output.topic = "web-events".into();
         assert!(cfg.validate().is_err());
         let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();

@@ -25,21 +25,42 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             topic: format!("{ch}-events"),
             channel: ch.to_string(),
             // Two channels publish JSON, the others Avro: both paths run.
-            format: if matches!(*ch, "web" | "social") { Format::Json } else { Format::Avro },
+            format: if matches!(*ch, "web" | "social") {
+                Format::Json
+            } else {
+                Format::Avro
+            },
         })
         .collect();
     cfg.identity.custom_types = vec!["social_id".into()];
     cfg.state.dir = state_dir.clone();
     cfg.http.listen = args.http_listen;
     cfg.output.create_topics = false;
-    for t in cfg.inputs.iter().map(|i| i.topic.clone()).chain([cfg.output.topic.clone(), cfg.output.dead_letter_topic.clone()]) {
+    for t in cfg.inputs.iter().map(|i| i.topic.clone()).chain([
+        cfg.output.topic.clone(),
+        cfg.output.dead_letter_topic.clone(),
+    ]) {
         cluster.create_topic(&t, 3, 1)?;
     }
     cfg.validate()?;
 
-    println!("mock cluster at {brokers}; metrics on http://{}/metrics", args.http_listen);
-    let jc = JourneyConfig { persons: args.persons, seed: args.seed, duplicate_rate: 0.02, malformed_rate: 0.002, shuffle_window: 200, ..Default::default() };
-    let routes: Routes = cfg.inputs.iter().map(|i| (i.channel.clone(), (i.topic.clone(), i.format))).collect();
+    println!(
+        "mock cluster at {brokers}; metrics on http://{}/metrics",
+        args.http_listen
+    );
+    let jc = JourneyConfig {
+        persons: args.persons,
+        seed: args.seed,
+        duplicate_rate: 0.02,
+        malformed_rate: 0.002,
+        shuffle_window: 200,
+        ..Default::default()
+    };
+    let routes: Routes = cfg
+        .inputs
+        .iter()
+        .map(|i| (i.channel.clone(), (i.topic.clone(), i.format)))
+        .collect();
     let gen_brokers = brokers.clone();
     let (journeys, sent) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let j = journeys::generate(&jc);
@@ -56,19 +77,36 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     crate::shutdown::cancel_on_signals(shutdown.clone());
     let started = Instant::now();
-    let service = tokio::spawn(crate::app::run(cfg.clone(), metrics.clone(), shutdown.clone()));
+    let service = tokio::spawn(crate::app::run(
+        cfg.clone(),
+        metrics.clone(),
+        shutdown.clone(),
+    ));
     // Wait until every message has been consumed and committed.
-    let consumed = || -> u64 { CHANNELS.iter().map(|c| metrics.events_consumed.with_label_values(&[c]).get()).sum() };
-    while consumed() < sent && !shutdown.is_cancelled() && started.elapsed() < Duration::from_secs(600) {
+    let consumed = || -> u64 {
+        CHANNELS
+            .iter()
+            .map(|c| metrics.events_consumed.with_label_values(&[c]).get())
+            .sum()
+    };
+    while consumed() < sent
+        && !shutdown.is_cancelled()
+        && started.elapsed() < Duration::from_secs(600)
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let elapsed = started.elapsed();
     let commits = metrics.transactions.with_label_values(&["committed"]).get();
-    while metrics.transactions.with_label_values(&["committed"]).get() == commits && !shutdown.is_cancelled() {
+    while metrics.transactions.with_label_values(&["committed"]).get() == commits
+        && !shutdown.is_cancelled()
+    {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     if args.serve {
-        println!("serving http://{}/metrics and /v1/identifiers/{{type}}/{{value}} until Ctrl-C", args.http_listen);
+        println!(
+            "serving http://{}/metrics and /v1/identifiers/{{type}}/{{value}} until Ctrl-C",
+            args.http_listen
+        );
         shutdown.cancelled().await;
     }
     shutdown.cancel();
@@ -77,20 +115,50 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let store = Store::open(&state_dir, 64)?;
     let mut profiles: Vec<Profile> = Vec::new();
     store.for_each_profile(|_, p| profiles.push(p))?;
-    let applied: u64 = CHANNELS.iter().map(|c| metrics.events_applied.with_label_values(&[c]).get()).sum();
-    let dups: u64 = CHANNELS.iter().map(|c| metrics.events_duplicate.with_label_values(&[c]).get()).sum();
-    let dead: u64 = ["decode", "validate", "route"].iter().map(|s| metrics.dead_letters.with_label_values(&[s]).get()).sum();
+    let applied: u64 = CHANNELS
+        .iter()
+        .map(|c| metrics.events_applied.with_label_values(&[c]).get())
+        .sum();
+    let dups: u64 = CHANNELS
+        .iter()
+        .map(|c| metrics.events_duplicate.with_label_values(&[c]).get())
+        .sum();
+    let dead: u64 = ["decode", "validate", "route"]
+        .iter()
+        .map(|s| metrics.dead_letters.with_label_values(&[s]).get())
+        .sum();
     println!();
-    println!("processed {} messages in {:.1}s ({:.0}/s), {} transactions", consumed(), elapsed.as_secs_f64(), consumed() as f64 / elapsed.as_secs_f64(), summary.batches);
+    println!(
+        "processed {} messages in {:.1}s ({:.0}/s), {} transactions",
+        consumed(),
+        elapsed.as_secs_f64(),
+        consumed() as f64 / elapsed.as_secs_f64(),
+        summary.batches
+    );
     println!("  events applied      {applied}");
     println!("  duplicates skipped  {dups}");
     println!("  dead letters        {dead}");
     println!("  profiles created    {}", metrics.profiles_created.get());
     println!("  merges              {}", metrics.profile_merges.get());
-    println!("  profiles now        {} (ground truth: {} persons)", profiles.len(), journeys.truth.len());
-    println!("  updates produced    {}", metrics.output_records.with_label_values(&["update"]).get());
-    println!("  redirects produced  {}", metrics.output_records.with_label_values(&["redirect"]).get());
-    profiles.sort_by(|a, b| (b.channels.len(), b.events, &b.anchor).cmp(&(a.channels.len(), a.events, &a.anchor)));
+    println!(
+        "  profiles now        {} (ground truth: {} persons)",
+        profiles.len(),
+        journeys.truth.len()
+    );
+    println!(
+        "  updates produced    {}",
+        metrics.output_records.with_label_values(&["update"]).get()
+    );
+    println!(
+        "  redirects produced  {}",
+        metrics
+            .output_records
+            .with_label_values(&["redirect"])
+            .get()
+    );
+    profiles.sort_by(|a, b| {
+        (b.channels.len(), b.events, &b.anchor).cmp(&(a.channels.len(), a.events, &a.anchor))
+    });
     println!();
     println!("three of the most omnichannel profiles:");
     for p in profiles.iter().take(3) {
@@ -102,23 +170,44 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
 }
 
 fn print_profile(p: &Profile) {
-    println!("  {}  {} events, first seen {}, last seen {}", p.id(), p.events, fmt_ts(p.seen.first), fmt_ts(p.seen.last));
+    println!(
+        "  {}  {} events, first seen {}, last seen {}",
+        p.id(),
+        p.events,
+        fmt_ts(p.seen.first),
+        fmt_ts(p.seen.last)
+    );
     let ids: Vec<String> = p.identifiers.keys().map(|i| i.to_string()).collect();
     println!("    identifiers: {}", ids.join(", "));
-    let channels: Vec<String> = p.channels.iter().map(|(c, a)| format!("{c}={}", a.events)).collect();
+    let channels: Vec<String> = p
+        .channels
+        .iter()
+        .map(|(c, a)| format!("{c}={}", a.events))
+        .collect();
     println!("    channels:    {}", channels.join(" "));
     for ((venue, currency), t) in &p.purchases {
-        println!("    purchases:   {} {} orders, {:.2} {currency}", venue.as_str(), t.orders, t.revenue_minor as f64 / 100.0);
+        println!(
+            "    purchases:   {} {} orders, {:.2} {currency}",
+            venue.as_str(),
+            t.orders,
+            t.revenue_minor as f64 / 100.0
+        );
     }
     if !p.cart.lines.is_empty() {
         let skus: Vec<&str> = p.cart.lines.iter().map(|l| l.sku.as_str()).collect();
         println!("    open cart:   {}", skus.join(", "));
     }
     if p.email.opens + p.email.clicks > 0 {
-        println!("    email:       {} opens, {} clicks", p.email.opens, p.email.clicks);
+        println!(
+            "    email:       {} opens, {} clicks",
+            p.email.opens, p.email.clicks
+        );
     }
 }
 
 fn fmt_ts(ms: i64) -> String {
-    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)).to_string()
+    humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64),
+    )
+    .to_string()
 }

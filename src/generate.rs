@@ -31,7 +31,12 @@ pub type Routes = HashMap<String, (String, Format)>;
 
 /// Produces every generated message; `rate` limits messages per second (0: as fast as possible).
 /// Returns the number of messages sent.
-pub fn send(brokers: &str, routes: &Routes, journeys: &Journeys, rate: u64) -> Result<u64, GenerateError> {
+pub fn send(
+    brokers: &str,
+    routes: &Routes,
+    journeys: &Journeys,
+    rate: u64,
+) -> Result<u64, GenerateError> {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
@@ -45,17 +50,31 @@ pub fn send(brokers: &str, routes: &Routes, journeys: &Journeys, rate: u64) -> R
     let mut sent = 0u64;
     for m in &journeys.messages {
         let (channel, key, bytes) = match m {
-            Generated::Event { channel, key, event } => {
-                let (_, format) = routes.get(*channel).ok_or_else(|| GenerateError::NoTopic(channel.to_string()))?;
+            Generated::Event {
+                channel,
+                key,
+                event,
+            } => {
+                let (_, format) = routes
+                    .get(*channel)
+                    .ok_or_else(|| GenerateError::NoTopic(channel.to_string()))?;
                 let bytes = match format {
-                    Format::Avro => encode_confluent(&schema, 1, event).map_err(|e| GenerateError::Encode(e.to_string()))?,
-                    Format::Json => serde_json::to_vec(event).map_err(|e| GenerateError::Encode(e.to_string()))?,
+                    Format::Avro => encode_confluent(&schema, 1, event)
+                        .map_err(|e| GenerateError::Encode(e.to_string()))?,
+                    Format::Json => serde_json::to_vec(event)
+                        .map_err(|e| GenerateError::Encode(e.to_string()))?,
                 };
                 (*channel, key, bytes)
             }
-            Generated::Malformed { channel, key, bytes } => (*channel, key, bytes.clone()),
+            Generated::Malformed {
+                channel,
+                key,
+                bytes,
+            } => (*channel, key, bytes.clone()),
         };
-        let (topic, _) = routes.get(channel).ok_or_else(|| GenerateError::NoTopic(channel.to_string()))?;
+        let (topic, _) = routes
+            .get(channel)
+            .ok_or_else(|| GenerateError::NoTopic(channel.to_string()))?;
         let mut record = BaseRecord::to(topic).key(key.as_bytes()).payload(&bytes);
         loop {
             match producer.send(record) {

@@ -60,12 +60,21 @@ pub fn router(state: HttpState) -> Router {
 }
 
 /// Serves until `shutdown`.
-pub async fn serve(listener: TcpListener, state: HttpState, shutdown: CancellationToken) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+pub async fn serve(
+    listener: TcpListener,
+    state: HttpState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
 }
 
 async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
 }
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
@@ -91,17 +100,28 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-async fn by_profile_id(State(s): State<HttpState>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn by_profile_id(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if !authorized(&s, &headers) {
         return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
     }
     if !id.starts_with("p-") || id.len() != 22 || !id[2..].bytes().all(|b| b.is_ascii_hexdigit()) {
-        return error(StatusCode::BAD_REQUEST, "malformed profile id: expected p- and 20 hex digits");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "malformed profile id: expected p- and 20 hex digits",
+        );
     }
-    let Some(store) = s.store.clone() else { return error(StatusCode::SERVICE_UNAVAILABLE, "no state") };
+    let Some(store) = s.store.clone() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no state");
+    };
     let asked = ProfileId(id);
     let answer = tokio::task::spawn_blocking(move || {
-        let Some((resolved, node)) = store.resolve_profile_id(&asked)? else { return Ok(None) };
+        let Some((resolved, node)) = store.resolve_profile_id(&asked)? else {
+            return Ok(None);
+        };
         let redirected_from = (resolved != asked).then(|| asked.to_string());
         load(&store, node, redirected_from)
     })
@@ -119,9 +139,16 @@ async fn by_identifier(
     }
     let id = match s.normalizer.identifier(&kind, &value) {
         Ok(id) => id,
-        Err(r) => return error(StatusCode::BAD_REQUEST, format!("identifier refused: {}", r.as_str())),
+        Err(r) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("identifier refused: {}", r.as_str()),
+            )
+        }
     };
-    let Some(store) = s.store.clone() else { return error(StatusCode::SERVICE_UNAVAILABLE, "no state") };
+    let Some(store) = s.store.clone() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no state");
+    };
     let answer = tokio::task::spawn_blocking(move || match store.node_of(&id)? {
         Some(node) => load(&store, node, None),
         None => Ok(None),
@@ -149,6 +176,9 @@ fn respond(
         Ok(Ok(Some(a))) => Json(a).into_response(),
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "no profile for this id"),
         Ok(Err(e)) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("state: {e}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("lookup task: {e}")),
+        Err(e) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("lookup task: {e}"),
+        ),
     }
 }

@@ -62,10 +62,20 @@ pub struct PersonTruth {
 }
 
 /// One message to send: the channel (topic chosen by the caller), a key, and either an event or garbage.
+// Garbage is rare (≈1%), so boxing every event to shrink the enum would cost more than it saves.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone)]
 pub enum Generated {
-    Event { channel: &'static str, key: String, event: ChannelEvent },
-    Malformed { channel: &'static str, key: String, bytes: Vec<u8> },
+    Event {
+        channel: &'static str,
+        key: String,
+        event: ChannelEvent,
+    },
+    Malformed {
+        channel: &'static str,
+        key: String,
+        bytes: Vec<u8>,
+    },
 }
 
 pub struct Journeys {
@@ -89,14 +99,21 @@ struct Person {
 }
 
 fn raw(kind: &str, value: &str) -> RawIdentifier {
-    RawIdentifier { kind: kind.into(), value: value.into() }
+    RawIdentifier {
+        kind: kind.into(),
+        value: value.into(),
+    }
 }
 
 impl Person {
     fn new(idx: usize, seed: u64, rng: &mut SmallRng) -> Self {
         let tag = format!("{seed:x}{idx:07}");
-        let cookies = (0..rng.gen_range(1..=3)).map(|i| format!("ck-{tag}-{i}")).collect();
-        let devices = (0..rng.gen_range(1..=2)).map(|i| format!("dv-{tag}-{i}")).collect();
+        let cookies = (0..rng.gen_range(1..=3))
+            .map(|i| format!("ck-{tag}-{i}"))
+            .collect();
+        let devices = (0..rng.gen_range(1..=2))
+            .map(|i| format!("dv-{tag}-{i}"))
+            .collect();
         let customer_id = rng.gen_bool(0.7).then(|| format!("C{tag}"));
         let email = rng.gen_bool(0.85).then(|| {
             let canonical = format!("person{idx}.s{seed}@example.org");
@@ -124,7 +141,16 @@ impl Person {
             (noisy, canonical)
         });
         let social = rng.gen_bool(0.3).then(|| format!("sc-{tag}"));
-        Person { idx, cookies, devices, customer_id, email, phone, loyalty, social }
+        Person {
+            idx,
+            cookies,
+            devices,
+            customer_id,
+            email,
+            phone,
+            loyalty,
+            social,
+        }
     }
 
     /// The identifier the person is best known by in logged-in contexts.
@@ -137,13 +163,41 @@ impl Person {
 
     fn truth_ids(&self) -> Vec<(String, String)> {
         let mut ids: Vec<(String, String)> = Vec::new();
-        ids.extend(self.cookies.iter().map(|c| ("anonymous_id".to_string(), c.clone())));
-        ids.extend(self.devices.iter().map(|d| ("device_id".to_string(), d.clone())));
-        ids.extend(self.customer_id.iter().map(|c| ("customer_id".to_string(), c.clone())));
-        ids.extend(self.email.iter().map(|(_, c)| ("email".to_string(), c.clone())));
-        ids.extend(self.phone.iter().map(|(_, c)| ("phone".to_string(), c.clone())));
-        ids.extend(self.loyalty.iter().map(|(_, c)| ("loyalty_id".to_string(), c.clone())));
-        ids.extend(self.social.iter().map(|s| ("social_id".to_string(), s.clone())));
+        ids.extend(
+            self.cookies
+                .iter()
+                .map(|c| ("anonymous_id".to_string(), c.clone())),
+        );
+        ids.extend(
+            self.devices
+                .iter()
+                .map(|d| ("device_id".to_string(), d.clone())),
+        );
+        ids.extend(
+            self.customer_id
+                .iter()
+                .map(|c| ("customer_id".to_string(), c.clone())),
+        );
+        ids.extend(
+            self.email
+                .iter()
+                .map(|(_, c)| ("email".to_string(), c.clone())),
+        );
+        ids.extend(
+            self.phone
+                .iter()
+                .map(|(_, c)| ("phone".to_string(), c.clone())),
+        );
+        ids.extend(
+            self.loyalty
+                .iter()
+                .map(|(_, c)| ("loyalty_id".to_string(), c.clone())),
+        );
+        ids.extend(
+            self.social
+                .iter()
+                .map(|s| ("social_id".to_string(), s.clone())),
+        );
         ids
     }
 
@@ -167,7 +221,12 @@ struct Builder<'a> {
 }
 
 impl Builder<'_> {
-    fn push(&mut self, channel: &'static str, event_type: &str, ids: Vec<RawIdentifier>) -> &mut ChannelEvent {
+    fn push(
+        &mut self,
+        channel: &'static str,
+        event_type: &str,
+        ids: Vec<RawIdentifier>,
+    ) -> &mut ChannelEvent {
         self.t += self.rng.gen_range(1_000..3_600_000);
         self.seq += 1;
         let event = ChannelEvent {
@@ -199,21 +258,35 @@ impl Builder<'_> {
 }
 
 fn journey(p: &Person, rng: &mut SmallRng, start: i64) -> Vec<(&'static str, ChannelEvent)> {
-    let mut b = Builder { rng, person: p, seq: 0, t: start, events: Vec::new() };
+    let mut b = Builder {
+        rng,
+        person: p,
+        seq: 0,
+        t: start,
+        events: Vec::new(),
+    };
     for (i, cookie) in p.cookies.iter().enumerate() {
         for _ in 0..b.rng.gen_range(1..=4) {
             b.push("web", "page_view", vec![raw("anonymous_id", cookie)]);
         }
         if b.rng.gen_bool(0.5) {
             let e = b.push("web", "add_to_cart", vec![raw("anonymous_id", cookie)]);
-            e.items = vec![Item { sku: format!("sku-{}", i + 1), quantity: 1, price: Some(19.99) }];
+            e.items = vec![Item {
+                sku: format!("sku-{}", i + 1),
+                quantity: 1,
+                price: Some(19.99),
+            }];
         }
         if let Some(login) = p.login_id() {
             b.push("web", "login", vec![raw("anonymous_id", cookie), login]);
         }
     }
     if let (Some(c), Some((e, _))) = (&p.customer_id, &p.email) {
-        b.push("web", "profile_update", vec![raw("customer_id", c), raw("email", e)]);
+        b.push(
+            "web",
+            "profile_update",
+            vec![raw("customer_id", c), raw("email", e)],
+        );
     }
     for device in &p.devices {
         b.push("app", "app_open", vec![raw("device_id", device)]);
@@ -252,13 +325,19 @@ fn journey(p: &Person, rng: &mut SmallRng, start: i64) -> Vec<(&'static str, Cha
     }
     if let Some(social) = &p.social {
         let mut ids = vec![raw("social_id", social)];
-        ids.extend(p.login_id().or_else(|| p.cookies.first().map(|c| raw("anonymous_id", c))));
+        ids.extend(
+            p.login_id()
+                .or_else(|| p.cookies.first().map(|c| raw("anonymous_id", c))),
+        );
         b.push("social", "social_login", ids);
     }
     if b.rng.gen_bool(0.1) {
         if let Some(login) = p.login_id() {
             let e = b.push("web", "consent_change", vec![login]);
-            e.consent = Some(ConsentChange { cross_channel: None, email_marketing: Some(false) });
+            e.consent = Some(ConsentChange {
+                cross_channel: None,
+                email_marketing: Some(false),
+            });
         }
     }
     connect(p, &mut b);
@@ -269,7 +348,10 @@ fn journey(p: &Person, rng: &mut SmallRng, start: i64) -> Vec<(&'static str, Cha
 /// random journey left a piece apart (a person without account or email, say).
 fn connect(p: &Person, b: &mut Builder<'_>) {
     let mut parent: HashMap<(String, String), (String, String)> = HashMap::new();
-    fn find(parent: &mut HashMap<(String, String), (String, String)>, x: &(String, String)) -> (String, String) {
+    fn find(
+        parent: &mut HashMap<(String, String), (String, String)>,
+        x: &(String, String),
+    ) -> (String, String) {
         let mut cur = x.clone();
         while let Some(next) = parent.get(&cur).cloned() {
             if next == cur {
@@ -341,7 +423,7 @@ pub fn generate(cfg: &JourneyConfig) -> Journeys {
             timed.push((e.timestamp, idx, channel, e));
         }
     }
-    timed.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    timed.sort_by_key(|t| (t.0, t.1));
     if cfg.shuffle_window > 1 {
         for chunk in timed.chunks_mut(cfg.shuffle_window) {
             chunk.shuffle(&mut rng);
@@ -351,21 +433,43 @@ pub fn generate(cfg: &JourneyConfig) -> Journeys {
     let (mut duplicates, mut malformed) = (0, 0);
     let mut messages = Vec::with_capacity(events + events / 50);
     for (_, _, channel, e) in timed {
-        let key = e.identifiers.first().map(|i| i.value.clone()).unwrap_or_default();
+        let key = e
+            .identifiers
+            .first()
+            .map(|i| i.value.clone())
+            .unwrap_or_default();
         if cfg.malformed_rate > 0.0 && rng.gen_bool(cfg.malformed_rate) {
             malformed += 1;
             let len = rng.gen_range(1..64);
             let bytes: Vec<u8> = (0..len).map(|_| rng.gen()).collect();
-            messages.push(Generated::Malformed { channel, key: key.clone(), bytes });
+            messages.push(Generated::Malformed {
+                channel,
+                key: key.clone(),
+                bytes,
+            });
         }
         let dup = cfg.duplicate_rate > 0.0 && rng.gen_bool(cfg.duplicate_rate);
         if dup {
             duplicates += 1;
-            messages.push(Generated::Event { channel, key: key.clone(), event: e.clone() });
+            messages.push(Generated::Event {
+                channel,
+                key: key.clone(),
+                event: e.clone(),
+            });
         }
-        messages.push(Generated::Event { channel, key, event: e });
+        messages.push(Generated::Event {
+            channel,
+            key,
+            event: e,
+        });
     }
-    Journeys { messages, truth, events, malformed, duplicates }
+    Journeys {
+        messages,
+        truth,
+        events,
+        malformed,
+        duplicates,
+    }
 }
 
 #[cfg(test)]
@@ -377,7 +481,12 @@ mod tests {
 
     #[test]
     fn generation_is_deterministic() {
-        let cfg = JourneyConfig { persons: 50, duplicate_rate: 0.1, shuffle_window: 20, ..Default::default() };
+        let cfg = JourneyConfig {
+            persons: 50,
+            duplicate_rate: 0.1,
+            shuffle_window: 20,
+            ..Default::default()
+        };
         let (a, b) = (generate(&cfg), generate(&cfg));
         assert_eq!(a.truth, b.truth);
         assert_eq!(a.messages.len(), b.messages.len());
@@ -387,25 +496,46 @@ mod tests {
     /// Stitching the generated stream in memory reproduces the truth exactly.
     #[test]
     fn stitching_recovers_the_truth() {
-        let cfg = JourneyConfig { persons: 300, duplicate_rate: 0.05, shuffle_window: 100, ..Default::default() };
+        let cfg = JourneyConfig {
+            persons: 300,
+            duplicate_rate: 0.05,
+            shuffle_window: 100,
+            ..Default::default()
+        };
         let j = generate(&cfg);
-        let n = Normalizer::new(&IdentityConfig { custom_types: vec!["social_id".into()], ..Default::default() })
-            .unwrap();
+        let n = Normalizer::new(&IdentityConfig {
+            custom_types: vec!["social_id".into()],
+            ..Default::default()
+        })
+        .unwrap();
         let s = Stitcher::new(Rules::new(&Default::default()));
         let mut store = MemStore::default();
         for m in &j.messages {
             if let Generated::Event { channel, event, .. } = m {
-                let ev = n.event(event.clone(), channel, |r| panic!("rejected {r:?}")).unwrap();
+                let ev = n
+                    .event(event.clone(), channel, |r| panic!("rejected {r:?}"))
+                    .unwrap();
                 s.apply(&mut store, &ev).unwrap();
             }
         }
         let mut got: Vec<(BTreeSet<(String, String)>, u64)> = store
             .profiles
             .values()
-            .map(|p| (p.identifiers.keys().map(|i| (i.kind.clone(), i.value.clone())).collect(), p.events))
+            .map(|p| {
+                (
+                    p.identifiers
+                        .keys()
+                        .map(|i| (i.kind.clone(), i.value.clone()))
+                        .collect(),
+                    p.events,
+                )
+            })
             .collect();
-        let mut want: Vec<(BTreeSet<(String, String)>, u64)> =
-            j.truth.iter().map(|t| (t.identifiers.clone(), t.events)).collect();
+        let mut want: Vec<(BTreeSet<(String, String)>, u64)> = j
+            .truth
+            .iter()
+            .map(|t| (t.identifiers.clone(), t.events))
+            .collect();
         got.sort();
         want.sort();
         assert_eq!(got, want);

@@ -4,8 +4,11 @@ use tracing_subscriber::EnvFilter;
 use stitcher::cli::{Cli, Command};
 
 fn init_tracing() {
-    let filter = EnvFilter::try_from_env("STITCHER_LOG").unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_env("STITCHER_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("STITCHER_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {
@@ -16,7 +19,11 @@ fn init_tracing() {
 fn main() -> std::process::ExitCode {
     init_tracing();
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");

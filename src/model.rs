@@ -19,7 +19,10 @@ pub struct Identifier {
 
 impl Identifier {
     pub fn new(kind: impl Into<String>, value: impl Into<String>) -> Self {
-        Self { kind: kind.into(), value: value.into() }
+        Self {
+            kind: kind.into(),
+            value: value.into(),
+        }
     }
 }
 

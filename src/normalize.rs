@@ -10,17 +10,44 @@ use regex::RegexSet;
 use sha2::{Digest, Sha256};
 
 use crate::config::IdentityConfig;
-use crate::model::{to_minor_units, ChannelEvent, Event, Identifier, Purchase, RawIdentifier, Venue};
+use crate::model::{
+    to_minor_units, ChannelEvent, Event, Identifier, Purchase, RawIdentifier, Venue,
+};
 
 /// Identifier types every deployment knows.
-pub const BUILTIN_TYPES: &[&str] =
-    &["anonymous_id", "device_id", "email", "phone", "customer_id", "loyalty_id"];
+pub const BUILTIN_TYPES: &[&str] = &[
+    "anonymous_id",
+    "device_id",
+    "email",
+    "phone",
+    "customer_id",
+    "loyalty_id",
+];
 
 /// Values refused for every identifier type (compared after normalisation, case-insensitively).
 const DEFAULT_JUNK: &[&str] = &[
-    "", "null", "nil", "none", "undefined", "nan", "unknown", "n/a", "na", "-", "0", "-1", "test",
-    "anonymous", "guest", "test@test.com", "test@example.com", "noemail@example.com", "no@email.com",
-    "none@none.com", "email@email.com", "00000000-0000-0000-0000-000000000000",
+    "",
+    "null",
+    "nil",
+    "none",
+    "undefined",
+    "nan",
+    "unknown",
+    "n/a",
+    "na",
+    "-",
+    "0",
+    "-1",
+    "test",
+    "anonymous",
+    "guest",
+    "test@test.com",
+    "test@example.com",
+    "noemail@example.com",
+    "no@email.com",
+    "none@none.com",
+    "email@email.com",
+    "00000000-0000-0000-0000-000000000000",
 ];
 
 /// Why an identifier was not used.
@@ -111,15 +138,19 @@ const MAX_ITEMS: usize = 500;
 impl Normalizer {
     pub fn new(cfg: &IdentityConfig) -> Result<Self, crate::config::ConfigError> {
         use crate::config::ConfigError;
-        let calling_code = calling_code(&cfg.default_country)
-            .ok_or_else(|| ConfigError::Invalid(format!("unknown default_country {:?}", cfg.default_country)))?;
+        let calling_code = calling_code(&cfg.default_country).ok_or_else(|| {
+            ConfigError::Invalid(format!("unknown default_country {:?}", cfg.default_country))
+        })?;
         let blocked_patterns = RegexSet::new(&cfg.blocked_patterns)
             .map_err(|e| ConfigError::Invalid(format!("identity.blocked_patterns: {e}")))?;
-        let mut known_types: HashSet<String> = BUILTIN_TYPES.iter().map(|s| s.to_string()).collect();
+        let mut known_types: HashSet<String> =
+            BUILTIN_TYPES.iter().map(|s| s.to_string()).collect();
         known_types.extend(cfg.custom_types.iter().cloned());
         for t in &cfg.hashed_types {
             if !known_types.contains(t) {
-                return Err(ConfigError::Invalid(format!("identity.hashed_types names unknown type {t:?}")));
+                return Err(ConfigError::Invalid(format!(
+                    "identity.hashed_types names unknown type {t:?}"
+                )));
             }
         }
         let mut blocked: HashSet<String> = DEFAULT_JUNK.iter().map(|s| s.to_string()).collect();
@@ -201,7 +232,10 @@ impl Normalizer {
             check_len("campaign_id", c)?;
         }
         if raw.identifiers.len() > self.max_identifiers {
-            return Err(EventError::TooManyIdentifiers(raw.identifiers.len(), self.max_identifiers));
+            return Err(EventError::TooManyIdentifiers(
+                raw.identifiers.len(),
+                self.max_identifiers,
+            ));
         }
         if raw.items.len() > MAX_ITEMS {
             return Err(EventError::Oversize("items", raw.items.len(), MAX_ITEMS));
@@ -210,13 +244,15 @@ impl Normalizer {
         let mut identifiers: Vec<Identifier> = raw
             .identifiers
             .iter()
-            .filter_map(|RawIdentifier { kind, value }| match self.identifier(kind, value) {
-                Ok(id) => Some(id),
-                Err(r) => {
-                    on_reject(r);
-                    None
-                }
-            })
+            .filter_map(
+                |RawIdentifier { kind, value }| match self.identifier(kind, value) {
+                    Ok(id) => Some(id),
+                    Err(r) => {
+                        on_reject(r);
+                        None
+                    }
+                },
+            )
             .collect();
         identifiers.sort();
         identifiers.dedup();
@@ -231,14 +267,20 @@ impl Normalizer {
                 if !amount.is_finite() {
                     return Err(EventError::BadAmount(amount));
                 }
-                let venue = if self.store_channels.contains(&channel) || event_type == "store_purchase" {
-                    Venue::Store
-                } else {
-                    Venue::Online
-                };
+                let venue =
+                    if self.store_channels.contains(&channel) || event_type == "store_purchase" {
+                        Venue::Store
+                    } else {
+                        Venue::Online
+                    };
                 Some(Purchase {
                     amount_minor: to_minor_units(amount),
-                    currency: raw.currency.as_deref().unwrap_or("XXX").trim().to_ascii_uppercase(),
+                    currency: raw
+                        .currency
+                        .as_deref()
+                        .unwrap_or("XXX")
+                        .trim()
+                        .to_ascii_uppercase(),
                     venue,
                 })
             }
@@ -317,25 +359,48 @@ mod tests {
     use crate::config::IdentityConfig;
 
     fn normalizer() -> Normalizer {
-        Normalizer::new(&IdentityConfig { default_country: "GB".into(), ..IdentityConfig::default() })
-            .expect("valid config")
+        Normalizer::new(&IdentityConfig {
+            default_country: "GB".into(),
+            ..IdentityConfig::default()
+        })
+        .expect("valid config")
     }
 
     #[test]
     fn emails_are_trimmed_and_lowercased() {
         let n = normalizer();
-        assert_eq!(n.identifier("email", "  Alice.Smith@Example.COM ").unwrap().value, "alice.smith@example.com");
+        assert_eq!(
+            n.identifier("email", "  Alice.Smith@Example.COM ")
+                .unwrap()
+                .value,
+            "alice.smith@example.com"
+        );
         assert_eq!(n.identifier("email", "no-at-sign"), Err(Rejection::Invalid));
         assert_eq!(n.identifier("email", "a@b"), Err(Rejection::Invalid));
     }
 
     #[test]
     fn phones_become_e164() {
-        assert_eq!(normalize_phone("07700 900123", "44").unwrap(), "+447700900123");
-        assert_eq!(normalize_phone("+44 7700-900-123", "44").unwrap(), "+447700900123");
-        assert_eq!(normalize_phone("0044 7700 900123", "44").unwrap(), "+447700900123");
-        assert_eq!(normalize_phone("(555) 123-4567", "1").unwrap(), "+15551234567");
-        assert_eq!(normalize_phone("1-555-123-4567", "1").unwrap(), "+15551234567");
+        assert_eq!(
+            normalize_phone("07700 900123", "44").unwrap(),
+            "+447700900123"
+        );
+        assert_eq!(
+            normalize_phone("+44 7700-900-123", "44").unwrap(),
+            "+447700900123"
+        );
+        assert_eq!(
+            normalize_phone("0044 7700 900123", "44").unwrap(),
+            "+447700900123"
+        );
+        assert_eq!(
+            normalize_phone("(555) 123-4567", "1").unwrap(),
+            "+15551234567"
+        );
+        assert_eq!(
+            normalize_phone("1-555-123-4567", "1").unwrap(),
+            "+15551234567"
+        );
         assert_eq!(normalize_phone("12", "44"), Err(Rejection::Invalid));
         assert_eq!(normalize_phone("call me", "44"), Err(Rejection::Invalid));
     }
@@ -352,7 +417,11 @@ mod tests {
             ("customer_id", "0000000"),
             ("phone", "+1 111-111-1111"),
         ] {
-            assert_eq!(n.identifier(kind, value), Err(Rejection::Blocked), "{kind}={value}");
+            assert_eq!(
+                n.identifier(kind, value),
+                Err(Rejection::Blocked),
+                "{kind}={value}"
+            );
         }
         assert!(n.identifier("customer_id", "C-1001").is_ok());
     }
@@ -365,8 +434,14 @@ mod tests {
             ..IdentityConfig::default()
         })
         .unwrap();
-        assert_eq!(n.identifier("device_id", "shop-till-01"), Err(Rejection::Blocked));
-        assert_eq!(n.identifier("device_id", "agent-7"), Err(Rejection::Blocked));
+        assert_eq!(
+            n.identifier("device_id", "shop-till-01"),
+            Err(Rejection::Blocked)
+        );
+        assert_eq!(
+            n.identifier("device_id", "agent-7"),
+            Err(Rejection::Blocked)
+        );
         assert!(n.identifier("device_id", "d-7").is_ok());
     }
 
@@ -375,13 +450,19 @@ mod tests {
         let n = normalizer();
         assert_eq!(n.identifier("shoe_size", "42"), Err(Rejection::UnknownType));
         assert_eq!(n.identifier("cookie", "abc").unwrap().kind, "anonymous_id");
-        assert_eq!(n.identifier("loyalty", "ab 12-34").unwrap(), Identifier::new("loyalty_id", "AB1234"));
+        assert_eq!(
+            n.identifier("loyalty", "ab 12-34").unwrap(),
+            Identifier::new("loyalty_id", "AB1234")
+        );
     }
 
     #[test]
     fn hashed_types_never_keep_the_raw_value() {
-        let n = Normalizer::new(&IdentityConfig { hashed_types: vec!["email".into()], ..IdentityConfig::default() })
-            .unwrap();
+        let n = Normalizer::new(&IdentityConfig {
+            hashed_types: vec!["email".into()],
+            ..IdentityConfig::default()
+        })
+        .unwrap();
         let id = n.identifier("email", " Bob@Example.com").unwrap();
         assert_eq!(id.value.len(), 64);
         assert_eq!(id, n.identifier("email", "bob@example.com").unwrap());
@@ -396,7 +477,10 @@ mod tests {
             timestamp: 1_700_000_000_000,
             identifiers: ids
                 .iter()
-                .map(|(k, v)| RawIdentifier { kind: k.to_string(), value: v.to_string() })
+                .map(|(k, v)| RawIdentifier {
+                    kind: k.to_string(),
+                    value: v.to_string(),
+                })
                 .collect(),
             order_id: Some("o1".into()),
             amount: Some(19.99),
@@ -413,23 +497,40 @@ mod tests {
         let n = normalizer();
         let mut rejected = vec![];
         let ev = n
-            .event(raw(&[("email", "A@x.io"), ("email", "a@x.io"), ("anonymous_id", "null")]), "pos", |r| {
-                rejected.push(r)
-            })
+            .event(
+                raw(&[
+                    ("email", "A@x.io"),
+                    ("email", "a@x.io"),
+                    ("anonymous_id", "null"),
+                ]),
+                "pos",
+                |r| rejected.push(r),
+            )
             .unwrap();
         assert_eq!(ev.identifiers, vec![Identifier::new("email", "a@x.io")]);
         assert_eq!(rejected, vec![Rejection::Blocked]);
         let p = ev.purchase.unwrap();
-        assert_eq!((p.amount_minor, p.currency.as_str(), p.venue), (1999, "EUR", Venue::Store));
+        assert_eq!(
+            (p.amount_minor, p.currency.as_str(), p.venue),
+            (1999, "EUR", Venue::Store)
+        );
         assert_eq!(ev.event_type, "purchase");
     }
 
     #[test]
     fn events_without_usable_identifiers_are_errors() {
         let n = normalizer();
-        assert_eq!(n.event(raw(&[("email", "null")]), "web", |_| {}), Err(EventError::NoIdentifiers(1)));
-        let many: Vec<(String, String)> = (0..100).map(|i| ("anonymous_id".into(), format!("c{i}"))).collect();
+        assert_eq!(
+            n.event(raw(&[("email", "null")]), "web", |_| {}),
+            Err(EventError::NoIdentifiers(1))
+        );
+        let many: Vec<(String, String)> = (0..100)
+            .map(|i| ("anonymous_id".into(), format!("c{i}")))
+            .collect();
         let many: Vec<(&str, &str)> = many.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
-        assert!(matches!(n.event(raw(&many), "web", |_| {}), Err(EventError::TooManyIdentifiers(100, _))));
+        assert!(matches!(
+            n.event(raw(&many), "web", |_| {}),
+            Err(EventError::TooManyIdentifiers(100, _))
+        ));
     }
 }

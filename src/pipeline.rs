@@ -14,7 +14,9 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::kafka::{consumer_config, CommitError, Committer, Deadline, StitchConsumer, StitchContext};
+use crate::kafka::{
+    consumer_config, CommitError, Committer, Deadline, StitchConsumer, StitchContext,
+};
 use crate::metrics::Metrics;
 use crate::processor::{positions_vec, Batch, InMessage, ProcessError, Processor};
 use crate::store::{Checkpoint, OutRecord, Store, StoreError};
@@ -54,7 +56,10 @@ pub struct Pipeline {
 }
 
 fn now_millis() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Pipeline {
@@ -70,7 +75,12 @@ impl Pipeline {
         let processor = Processor::new(&cfg, metrics.clone())?;
         let consumer: StitchConsumer =
             consumer_config(&cfg).create_with_context(StitchContext::new(metrics.clone()))?;
-        let committer = Committer::new(&cfg, instance, metrics.clone(), &Deadline::new(shutdown.clone(), cfg.processing.drain_timeout))?;
+        let committer = Committer::new(
+            &cfg,
+            instance,
+            metrics.clone(),
+            &Deadline::new(shutdown.clone(), cfg.processing.drain_timeout),
+        )?;
         let checkpoint = store.checkpoint()?.unwrap_or_default();
         let positions: BTreeMap<(String, i32), i64> = checkpoint
             .positions
@@ -94,10 +104,19 @@ impl Pipeline {
                 sequence = checkpoint.sequence,
                 "last batch was written to state but its transaction did not commit; producing it again"
             );
-            pipeline.metrics.transactions.with_label_values(&["recovered"]).inc();
+            pipeline
+                .metrics
+                .transactions
+                .with_label_values(&["recovered"])
+                .inc();
             pipeline.carry = checkpoint.outbox;
         }
-        let topics: Vec<&str> = pipeline.cfg.inputs.iter().map(|i| i.topic.as_str()).collect();
+        let topics: Vec<&str> = pipeline
+            .cfg
+            .inputs
+            .iter()
+            .map(|i| i.topic.as_str())
+            .collect();
         pipeline.consumer.subscribe(&topics)?;
         Ok(pipeline)
     }
@@ -105,14 +124,21 @@ impl Pipeline {
     /// Did Kafka commit the checkpoint's offsets? Once `init_transactions` has fenced any older producer,
     /// the group's committed offsets are final: equal to the checkpoint's positions if its transaction
     /// committed, behind them if not.
-    fn checkpoint_committed(&self, cp: &Checkpoint, shutdown: &CancellationToken) -> Result<bool, PipelineError> {
+    fn checkpoint_committed(
+        &self,
+        cp: &Checkpoint,
+        shutdown: &CancellationToken,
+    ) -> Result<bool, PipelineError> {
         let mut tpl = TopicPartitionList::new();
         for p in &cp.positions {
             tpl.add_partition(&p.topic, p.partition);
         }
         let mut backoff = Duration::from_millis(200);
         let committed = loop {
-            match self.consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+            match self
+                .consumer
+                .committed_offsets(tpl.clone(), Duration::from_secs(10))
+            {
                 Ok(c) => break c,
                 Err(e) if shutdown.is_cancelled() => return Err(e.into()),
                 Err(e) => {
@@ -130,18 +156,29 @@ impl Pipeline {
 
     /// Runs until `shutdown`; then finishes and commits the current batch within the drain timeout.
     pub fn run(mut self, shutdown: CancellationToken) -> Result<RunSummary, PipelineError> {
-        let mut summary = RunSummary { recovered_records: self.carry.len() as u64, ..RunSummary::default() };
+        let mut summary = RunSummary {
+            recovered_records: self.carry.len() as u64,
+            ..RunSummary::default()
+        };
         self.metrics.ready.set(1);
         tracing::info!(inputs = self.cfg.inputs.len(), "pipeline running");
         while !shutdown.is_cancelled() {
             self.run_batch(&shutdown, &mut summary)?;
         }
         self.metrics.ready.set(0);
-        tracing::info!(batches = summary.batches, messages = summary.messages, "pipeline drained");
+        tracing::info!(
+            batches = summary.batches,
+            messages = summary.messages,
+            "pipeline drained"
+        );
         Ok(summary)
     }
 
-    fn run_batch(&mut self, shutdown: &CancellationToken, summary: &mut RunSummary) -> Result<(), PipelineError> {
+    fn run_batch(
+        &mut self,
+        shutdown: &CancellationToken,
+        summary: &mut RunSummary,
+    ) -> Result<(), PipelineError> {
         let started = Instant::now();
         let linger_until = started + self.cfg.processing.batch_linger;
         let store = self.store.clone();
@@ -160,11 +197,21 @@ impl Pipeline {
                 }
                 Some(Ok(m)) => {
                     let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
-                    let next = self.positions.get(&(topic.to_string(), partition)).copied().unwrap_or(0);
+                    let next = self
+                        .positions
+                        .get(&(topic.to_string(), partition))
+                        .copied()
+                        .unwrap_or(0);
                     if offset < next {
                         continue; // already in state: re-read after a crash before the commit
                     }
-                    let msg = InMessage { topic, partition, offset, key: m.key(), payload: m.payload() };
+                    let msg = InMessage {
+                        topic,
+                        partition,
+                        offset,
+                        key: m.key(),
+                        payload: m.payload(),
+                    };
                     self.processor.process(&mut overlay, &mut batch, msg)?;
                 }
             }
@@ -180,21 +227,34 @@ impl Pipeline {
         }
         let positions = positions_vec(&self.positions);
         self.sequence += 1;
-        let checkpoint = Checkpoint { sequence: self.sequence, positions, outbox: records };
+        let checkpoint = Checkpoint {
+            sequence: self.sequence,
+            positions,
+            outbox: records,
+        };
         let mut wb = overlay.into_write_batch()?;
         self.store.put_checkpoint(&mut wb, &checkpoint)?;
         self.store.write(wb)?;
         let deadline = Deadline::new(shutdown.clone(), self.cfg.processing.drain_timeout);
-        if let Err(e) = self.committer.commit(&checkpoint.outbox, &checkpoint.positions, &self.consumer, &deadline) {
+        if let Err(e) = self.committer.commit(
+            &checkpoint.outbox,
+            &checkpoint.positions,
+            &self.consumer,
+            &deadline,
+        ) {
             // The checkpoint is in state: a restart produces this batch again.
             self.carry = checkpoint.outbox;
             return Err(e.into());
         }
         let committed_ms = now_millis();
         for ts in &batch.event_times {
-            self.metrics.event_latency.observe(((committed_ms - ts).max(0)) as f64 / 1000.0);
+            self.metrics
+                .event_latency
+                .observe(((committed_ms - ts).max(0)) as f64 / 1000.0);
         }
-        self.metrics.batch_duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .batch_duration
+            .observe(started.elapsed().as_secs_f64());
         self.metrics.batch_size.observe(batch.messages as f64);
         self.metrics.last_commit.set(committed_ms / 1000);
         summary.batches += 1;
@@ -204,6 +264,9 @@ impl Pipeline {
     }
 
     fn assigned(&self) -> bool {
-        self.consumer.assignment().map(|a| a.count() > 0).unwrap_or(false)
+        self.consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false)
     }
 }

@@ -66,11 +66,18 @@ pub struct Processor {
 impl Processor {
     pub fn new(cfg: &Config, metrics: Metrics) -> Result<Self, ProcessError> {
         Ok(Self {
-            decoder: EventDecoder::new(&cfg.processing.avro_schema_ids, cfg.processing.max_message_bytes)?,
+            decoder: EventDecoder::new(
+                &cfg.processing.avro_schema_ids,
+                cfg.processing.max_message_bytes,
+            )?,
             normalizer: Normalizer::new(&cfg.identity)?,
             stitcher: Stitcher::new(Rules::new(&cfg.guardrails)),
             encoder: UpdateEncoder::new(cfg.output.schema_id)?,
-            inputs: cfg.inputs.iter().map(|i| (i.topic.clone(), (i.channel.clone(), i.format))).collect(),
+            inputs: cfg
+                .inputs
+                .iter()
+                .map(|i| (i.topic.clone(), (i.channel.clone(), i.format)))
+                .collect(),
             output_topic: cfg.output.topic.clone(),
             dlq_topic: cfg.output.dead_letter_topic.clone(),
             metrics,
@@ -86,16 +93,39 @@ impl Processor {
     }
 
     /// Applies one message to the batch. Only a state error is an error: bad input becomes a dead letter.
-    pub fn process(&self, overlay: &mut Overlay<'_>, batch: &mut Batch, msg: InMessage<'_>) -> Result<(), ProcessError> {
+    pub fn process(
+        &self,
+        overlay: &mut Overlay<'_>,
+        batch: &mut Batch,
+        msg: InMessage<'_>,
+    ) -> Result<(), ProcessError> {
         batch.messages += 1;
-        batch.positions.insert((msg.topic.to_string(), msg.partition), msg.offset + 1);
-        let src = Source { topic: msg.topic, partition: msg.partition, offset: msg.offset };
+        batch
+            .positions
+            .insert((msg.topic.to_string(), msg.partition), msg.offset + 1);
+        let src = Source {
+            topic: msg.topic,
+            partition: msg.partition,
+            offset: msg.offset,
+        };
         let Some((channel, format)) = self.inputs.get(msg.topic) else {
-            self.dead_letter(batch, src, msg, "route", "message from a topic that is not a configured input");
+            self.dead_letter(
+                batch,
+                src,
+                msg,
+                "route",
+                "message from a topic that is not a configured input",
+            );
             return Ok(());
         };
-        self.metrics.events_consumed.with_label_values(&[channel]).inc();
-        let raw = match self.decoder.decode(*format, msg.payload.unwrap_or_default()) {
+        self.metrics
+            .events_consumed
+            .with_label_values(&[channel])
+            .inc();
+        let raw = match self
+            .decoder
+            .decode(*format, msg.payload.unwrap_or_default())
+        {
             Ok(raw) => raw,
             Err(e) => {
                 self.dead_letter(batch, src, msg, "decode", &e.to_string());
@@ -103,7 +133,10 @@ impl Processor {
             }
         };
         let event = match self.normalizer.event(raw, channel, |r| {
-            self.metrics.identifiers_rejected.with_label_values(&[r.as_str()]).inc();
+            self.metrics
+                .identifiers_rejected
+                .with_label_values(&[r.as_str()])
+                .inc();
         }) {
             Ok(ev) => ev,
             Err(e) => {
@@ -114,12 +147,21 @@ impl Processor {
         match self.stitcher.apply(overlay, &event)? {
             None => {
                 batch.duplicates += 1;
-                self.metrics.events_duplicate.with_label_values(&[channel]).inc();
+                self.metrics
+                    .events_duplicate
+                    .with_label_values(&[channel])
+                    .inc();
             }
             Some(applied) => {
-                self.metrics.events_applied.with_label_values(&[channel]).inc();
+                self.metrics
+                    .events_applied
+                    .with_label_values(&[channel])
+                    .inc();
                 for r in &applied.refused {
-                    self.metrics.merge_refusals.with_label_values(&[r.rule.name()]).inc();
+                    self.metrics
+                        .merge_refusals
+                        .with_label_values(&[r.rule.name()])
+                        .inc();
                 }
                 batch.event_times.push(event.timestamp);
                 batch.changes.record(&event, applied);
@@ -128,29 +170,66 @@ impl Processor {
         Ok(())
     }
 
-    fn dead_letter(&self, batch: &mut Batch, src: Source<'_>, msg: InMessage<'_>, stage: &str, error: &str) {
-        tracing::debug!(topic = src.topic, partition = src.partition, offset = src.offset, stage, error, "dead letter");
+    fn dead_letter(
+        &self,
+        batch: &mut Batch,
+        src: Source<'_>,
+        msg: InMessage<'_>,
+        stage: &str,
+        error: &str,
+    ) {
+        tracing::debug!(
+            topic = src.topic,
+            partition = src.partition,
+            offset = src.offset,
+            stage,
+            error,
+            "dead letter"
+        );
         self.metrics.dead_letters.with_label_values(&[stage]).inc();
-        batch.dead_letters.push(dead_letters::record(&self.dlq_topic, src, msg.key, msg.payload, stage, error));
+        batch.dead_letters.push(dead_letters::record(
+            &self.dlq_topic,
+            src,
+            msg.key,
+            msg.payload,
+            stage,
+            error,
+        ));
     }
 
     /// The batch's output: dead letters, then per touched profile its redirects and its update.
-    pub fn finish(&self, overlay: &Overlay<'_>, batch: &mut Batch, now: Millis) -> Result<Vec<OutRecord>, ProcessError> {
+    pub fn finish(
+        &self,
+        overlay: &Overlay<'_>,
+        batch: &mut Batch,
+        now: Millis,
+    ) -> Result<Vec<OutRecord>, ProcessError> {
         let mut out = std::mem::take(&mut batch.dead_letters);
         self.metrics.profiles_created.inc_by(batch.changes.created);
         self.metrics.profile_merges.inc_by(batch.changes.merges);
         for u in batch.changes.updates() {
-            let Some(record) = overlay.with_profile(u.node, |p| p.map(|p| (p.id(), p.into())))? else { continue };
+            let Some(record) = overlay.with_profile(u.node, |p| p.map(|p| (p.id(), p.into())))?
+            else {
+                continue;
+            };
             let (id, profile) = record;
             for old in u.merged_from.iter().filter(|old| **old != id) {
                 let redirect = ProfileUpdate::redirect(old, &id, now);
                 out.push(self.output(old.as_str(), Some(self.encoder.encode(&redirect)?)));
-                self.metrics.output_records.with_label_values(&["redirect"]).inc();
+                self.metrics
+                    .output_records
+                    .with_label_values(&["redirect"])
+                    .inc();
             }
             let update = ProfileUpdate {
                 profile_id: id.to_string(),
                 redirect_to: None,
-                merged_from: u.merged_from.iter().filter(|old| **old != id).map(|p| p.to_string()).collect(),
+                merged_from: u
+                    .merged_from
+                    .iter()
+                    .filter(|old| **old != id)
+                    .map(|p| p.to_string())
+                    .collect(),
                 trigger_event_id: Some(u.trigger_event_id.clone()),
                 trigger_channel: Some(u.trigger_channel.clone()),
                 updated_at: now,
@@ -158,14 +237,22 @@ impl Processor {
                 profile: Some(profile),
             };
             out.push(self.output(id.as_str(), Some(self.encoder.encode(&update)?)));
-            self.metrics.output_records.with_label_values(&["update"]).inc();
+            self.metrics
+                .output_records
+                .with_label_values(&["update"])
+                .inc();
         }
         Ok(out)
     }
 
     /// A record on the profile topic; `None` payload is a tombstone.
     pub fn output(&self, key: &str, payload: Option<Vec<u8>>) -> OutRecord {
-        OutRecord { topic: self.output_topic.clone(), key: Some(key.as_bytes().to_vec()), payload, headers: vec![] }
+        OutRecord {
+            topic: self.output_topic.clone(),
+            key: Some(key.as_bytes().to_vec()),
+            payload,
+            headers: vec![],
+        }
     }
 
     pub fn encoder(&self) -> &UpdateEncoder {
@@ -176,6 +263,10 @@ impl Processor {
 /// Positions as stored in the checkpoint.
 pub fn positions_vec(map: &BTreeMap<(String, i32), i64>) -> Vec<Position> {
     map.iter()
-        .map(|((topic, partition), next)| Position { topic: topic.clone(), partition: *partition, next_offset: *next })
+        .map(|((topic, partition), next)| Position {
+            topic: topic.clone(),
+            partition: *partition,
+            next_offset: *next,
+        })
         .collect()
 }

@@ -26,20 +26,36 @@ fn profiles_match_ground_truth() {
     assert!(j.events >= 3000, "a few thousand events, got {}", j.events);
     let mut child = s.start();
     s.wait_caught_up(TIMEOUT);
-    assert!(sigterm(&mut child).success(), "clean exit on SIGTERM\n{}", s.log_tail());
+    assert!(
+        sigterm(&mut child).success(),
+        "clean exit on SIGTERM\n{}",
+        s.log_tail()
+    );
 
-    let (view, records, _) = s.compacted_output();
+    let out = s.output();
+    let (view, records) = (out.view, out.records.len());
     let got = live_summaries(&view);
     let want = truth_summaries(&j.truth);
     assert!(got == want, "{}", diff(&got, &want));
     assert!(s.dead_letters().is_empty());
-    println!("truth: {} messages ({} events, {} duplicates) -> {} profiles, {records} output records", sent, j.events, j.duplicates, got.len());
+    println!(
+        "truth: {} messages ({} events, {} duplicates) -> {} profiles, {records} output records",
+        sent,
+        j.events,
+        j.duplicates,
+        got.len()
+    );
 }
 
 #[test]
 fn restart_half_way_loses_nothing() {
     let s = Setup::new("restart", 3, "");
-    let j = journeys::generate(&JourneyConfig { persons: 600, seed: 12, shuffle_window: 50, ..Default::default() });
+    let j = journeys::generate(&JourneyConfig {
+        persons: 600,
+        seed: 12,
+        shuffle_window: 50,
+        ..Default::default()
+    });
     generate::send(&brokers(), &s.routes, &j, 0).expect("send");
     let mut child = s.start();
     // Stop once a good part, but not all, is committed.
@@ -49,14 +65,18 @@ fn restart_half_way_loses_nothing() {
         std::thread::sleep(Duration::from_millis(20));
         committed = s.progress().0;
     }
-    assert!(sigterm(&mut child).success(), "clean exit on SIGTERM\n{}", s.log_tail());
+    assert!(
+        sigterm(&mut child).success(),
+        "clean exit on SIGTERM\n{}",
+        s.log_tail()
+    );
     let (at_stop, total) = s.progress();
     println!("stopped at {at_stop}/{total}");
     let mut child = s.start();
     s.wait_caught_up(TIMEOUT);
     assert!(sigterm(&mut child).success());
 
-    let (view, _, _) = s.compacted_output();
+    let view = s.output().view;
     let got = live_summaries(&view);
     let want = truth_summaries(&j.truth);
     assert!(got == want, "{}", diff(&got, &want));
@@ -65,7 +85,12 @@ fn restart_half_way_loses_nothing() {
 #[test]
 fn malformed_input_goes_to_dead_letters_and_nothing_else_is_lost() {
     let s = Setup::new("poison", 2, "");
-    let j = journeys::generate(&JourneyConfig { persons: 300, seed: 13, malformed_rate: 0.01, ..Default::default() });
+    let j = journeys::generate(&JourneyConfig {
+        persons: 300,
+        seed: 13,
+        malformed_rate: 0.01,
+        ..Default::default()
+    });
     assert!(j.malformed > 10);
     generate::send(&brokers(), &s.routes, &j, 0).expect("send");
     let mut child = s.start();
@@ -73,16 +98,34 @@ fn malformed_input_goes_to_dead_letters_and_nothing_else_is_lost() {
     assert!(sigterm(&mut child).success());
 
     let dead = s.dead_letters();
-    assert_eq!(dead.len(), j.malformed, "every malformed message, once, in the dead-letter topic");
+    assert_eq!(
+        dead.len(),
+        j.malformed,
+        "every malformed message, once, in the dead-letter topic"
+    );
     for d in &dead {
-        for h in ["dlq.source.topic", "dlq.source.partition", "dlq.source.offset", "dlq.stage", "dlq.error"] {
-            assert!(d.headers.contains_key(h), "header {h} missing: {:?}", d.headers);
+        for h in [
+            "dlq.source.topic",
+            "dlq.source.partition",
+            "dlq.source.offset",
+            "dlq.stage",
+            "dlq.error",
+        ] {
+            assert!(
+                d.headers.contains_key(h),
+                "header {h} missing: {:?}",
+                d.headers
+            );
         }
         assert!(s.input_topics.contains(&d.headers["dlq.source.topic"]));
     }
-    let (view, _, _) = s.compacted_output();
+    let view = s.output().view;
     let got = live_summaries(&view);
     let want = truth_summaries(&j.truth);
     assert!(got == want, "{}", diff(&got, &want));
-    println!("poison: {} malformed of {} messages, all dead-lettered", j.malformed, j.messages.len());
+    println!(
+        "poison: {} malformed of {} messages, all dead-lettered",
+        j.malformed,
+        j.messages.len()
+    );
 }

@@ -32,24 +32,40 @@ pub fn split_confluent(payload: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
 }
 
 /// Decodes an Avro body written with `schema`.
-pub fn decode_datum<T: DeserializeOwned>(schema: &Schema, mut body: &[u8]) -> Result<T, DecodeError> {
-    let value = from_avro_datum(schema, &mut body, None).map_err(|e| DecodeError::Avro(e.to_string()))?;
+pub fn decode_datum<T: DeserializeOwned>(
+    schema: &Schema,
+    mut body: &[u8],
+) -> Result<T, DecodeError> {
+    let value =
+        from_avro_datum(schema, &mut body, None).map_err(|e| DecodeError::Avro(e.to_string()))?;
     if !body.is_empty() {
-        return Err(DecodeError::Avro(format!("{} trailing bytes after the record", body.len())));
+        return Err(DecodeError::Avro(format!(
+            "{} trailing bytes after the record",
+            body.len()
+        )));
     }
     apache_avro::from_value(&value).map_err(|e| DecodeError::Avro(e.to_string()))
 }
 
 /// Decodes a Confluent-framed message, whatever its schema id, with `schema`.
-pub fn decode_confluent<T: DeserializeOwned>(schema: &Schema, payload: &[u8]) -> Result<(u32, T), DecodeError> {
+pub fn decode_confluent<T: DeserializeOwned>(
+    schema: &Schema,
+    payload: &[u8],
+) -> Result<(u32, T), DecodeError> {
     let (id, body) = split_confluent(payload)?;
     Ok((id, decode_datum(schema, body)?))
 }
 
 /// Encodes `value` with `schema`, framed with schema id `id`.
-pub fn encode_confluent<T: Serialize>(schema: &Schema, id: u32, value: &T) -> Result<Vec<u8>, SchemaError> {
+pub fn encode_confluent<T: Serialize>(
+    schema: &Schema,
+    id: u32,
+    value: &T,
+) -> Result<Vec<u8>, SchemaError> {
     let v = apache_avro::to_value(value).map_err(|e| SchemaError::Encode(e.to_string()))?;
-    let v = v.resolve(schema).map_err(|e| SchemaError::Encode(e.to_string()))?;
+    let v = v
+        .resolve(schema)
+        .map_err(|e| SchemaError::Encode(e.to_string()))?;
     let body = to_avro_datum(schema, v).map_err(|e| SchemaError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(body.len() + 5);
     out.push(0);

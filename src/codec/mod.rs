@@ -44,7 +44,11 @@ pub struct EventDecoder {
 
 impl EventDecoder {
     pub fn new(accepted_ids: &[u32], max_bytes: usize) -> Result<Self, SchemaError> {
-        Ok(Self { schema: avro::channel_event_schema()?, accepted_ids: accepted_ids.iter().copied().collect(), max_bytes })
+        Ok(Self {
+            schema: avro::channel_event_schema()?,
+            accepted_ids: accepted_ids.iter().copied().collect(),
+            max_bytes,
+        })
     }
 
     pub fn decode(&self, format: Format, payload: &[u8]) -> Result<ChannelEvent, DecodeError> {
@@ -55,7 +59,9 @@ impl EventDecoder {
             return Err(DecodeError::TooLarge(payload.len(), self.max_bytes));
         }
         match format {
-            Format::Json => serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string())),
+            Format::Json => {
+                serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))
+            }
             Format::Avro => {
                 let (id, body) = avro::split_confluent(payload)?;
                 if !self.accepted_ids.contains(&id) {
@@ -78,14 +84,26 @@ mod tests {
             channel: Some("web".into()),
             event_type: "add_to_cart".into(),
             timestamp: 1_700_000_000_123,
-            identifiers: vec![RawIdentifier { kind: "email".into(), value: "A@B.io".into() }],
+            identifiers: vec![RawIdentifier {
+                kind: "email".into(),
+                value: "A@B.io".into(),
+            }],
             order_id: None,
             amount: Some(12.5),
             currency: Some("EUR".into()),
-            items: vec![crate::model::Item { sku: "sku-1".into(), quantity: 2, price: Some(3.0) }],
+            items: vec![crate::model::Item {
+                sku: "sku-1".into(),
+                quantity: 2,
+                price: Some(3.0),
+            }],
             campaign_id: None,
-            consent: Some(crate::model::ConsentChange { cross_channel: Some(false), email_marketing: None }),
-            attributes: [("page".to_string(), "/cart".to_string())].into_iter().collect(),
+            consent: Some(crate::model::ConsentChange {
+                cross_channel: Some(false),
+                email_marketing: None,
+            }),
+            attributes: [("page".to_string(), "/cart".to_string())]
+                .into_iter()
+                .collect(),
         }
     }
 
@@ -111,11 +129,29 @@ mod tests {
     fn bad_input_is_a_clear_error() {
         let d = EventDecoder::new(&[1], 64).unwrap();
         assert_eq!(d.decode(Format::Avro, b""), Err(DecodeError::Empty));
-        assert_eq!(d.decode(Format::Avro, b"{\"x\":1}"), Err(DecodeError::BadMagic(b'{')));
-        assert_eq!(d.decode(Format::Avro, &[0, 0, 0]), Err(DecodeError::ShortHeader));
-        assert_eq!(d.decode(Format::Avro, &[0, 0, 0, 0, 9, 1]), Err(DecodeError::UnknownSchemaId(9)));
-        assert!(matches!(d.decode(Format::Avro, &[0, 0, 0, 0, 1, 0xff, 0xff]), Err(DecodeError::Avro(_))));
-        assert!(matches!(d.decode(Format::Json, b"not json"), Err(DecodeError::Json(_))));
-        assert_eq!(d.decode(Format::Json, &[b' '; 65]), Err(DecodeError::TooLarge(65, 64)));
+        assert_eq!(
+            d.decode(Format::Avro, b"{\"x\":1}"),
+            Err(DecodeError::BadMagic(b'{'))
+        );
+        assert_eq!(
+            d.decode(Format::Avro, &[0, 0, 0]),
+            Err(DecodeError::ShortHeader)
+        );
+        assert_eq!(
+            d.decode(Format::Avro, &[0, 0, 0, 0, 9, 1]),
+            Err(DecodeError::UnknownSchemaId(9))
+        );
+        assert!(matches!(
+            d.decode(Format::Avro, &[0, 0, 0, 0, 1, 0xff, 0xff]),
+            Err(DecodeError::Avro(_))
+        ));
+        assert!(matches!(
+            d.decode(Format::Json, b"not json"),
+            Err(DecodeError::Json(_))
+        ));
+        assert_eq!(
+            d.decode(Format::Json, &[b' '; 65]),
+            Err(DecodeError::TooLarge(65, 64))
+        );
     }
 }

@@ -97,10 +97,13 @@ fn count(n: u64) -> i64 {
 
 impl From<&Profile> for ProfileRecord {
     fn from(p: &Profile) -> Self {
-        let consent_at = [p.consent.cross_channel.as_ref().map(|l| l.at), p.consent.email_marketing.as_ref().map(|l| l.at)]
-            .into_iter()
-            .flatten()
-            .max();
+        let consent_at = [
+            p.consent.cross_channel.as_ref().map(|l| l.at),
+            p.consent.email_marketing.as_ref().map(|l| l.at),
+        ]
+        .into_iter()
+        .flatten()
+        .max();
         ProfileRecord {
             identifiers: p
                 .identifiers
@@ -125,7 +128,11 @@ impl From<&Profile> for ProfileRecord {
                     events: count(a.events),
                 })
                 .collect(),
-            event_types: p.event_types.iter().map(|(k, v)| (k.clone(), count(*v))).collect(),
+            event_types: p
+                .event_types
+                .iter()
+                .map(|(k, v)| (k.clone(), count(*v)))
+                .collect(),
             purchases: p
                 .purchases
                 .iter()
@@ -198,7 +205,10 @@ pub struct UpdateEncoder {
 
 impl UpdateEncoder {
     pub fn new(schema_id: u32) -> Result<Self, SchemaError> {
-        Ok(Self { schema: profile_update_schema()?, schema_id })
+        Ok(Self {
+            schema: profile_update_schema()?,
+            schema_id,
+        })
     }
 
     pub fn encode(&self, update: &ProfileUpdate) -> Result<Vec<u8>, SchemaError> {
@@ -223,7 +233,11 @@ mod tests {
             event_type: "purchase".into(),
             timestamp: 1000,
             identifiers: vec![Identifier::new("loyalty_id", "L1")],
-            purchase: Some(Purchase { amount_minor: 999, currency: "EUR".into(), venue: Venue::Store }),
+            purchase: Some(Purchase {
+                amount_minor: 999,
+                currency: "EUR".into(),
+                venue: Venue::Store,
+            }),
             items: vec![],
             campaign_id: None,
             consent: None,
@@ -241,12 +255,15 @@ mod tests {
         };
         let enc = UpdateEncoder::new(2).unwrap();
         let bytes = enc.encode(&update).unwrap();
-        let (id, back): (u32, ProfileUpdate) = crate::codec::decode_confluent(enc.schema(), &bytes).unwrap();
+        let (id, back): (u32, ProfileUpdate) =
+            crate::codec::decode_confluent(enc.schema(), &bytes).unwrap();
         assert_eq!(id, 2);
         assert_eq!(back, update);
-        let redirect = ProfileUpdate::redirect(&p.id(), &crate::model::ProfileId("p-new".into()), 6);
+        let redirect =
+            ProfileUpdate::redirect(&p.id(), &crate::model::ProfileId("p-new".into()), 6);
         let bytes = enc.encode(&redirect).unwrap();
-        let (_, back): (u32, ProfileUpdate) = crate::codec::decode_confluent(enc.schema(), &bytes).unwrap();
+        let (_, back): (u32, ProfileUpdate) =
+            crate::codec::decode_confluent(enc.schema(), &bytes).unwrap();
         assert_eq!(back, redirect);
     }
 }

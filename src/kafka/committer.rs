@@ -44,7 +44,11 @@ pub struct Deadline {
 
 impl Deadline {
     pub fn new(shutdown: CancellationToken, drain: Duration) -> Self {
-        Self { shutdown, drain, drain_started: Cell::new(None) }
+        Self {
+            shutdown,
+            drain,
+            drain_started: Cell::new(None),
+        }
     }
 
     /// Would waiting `wait` more overrun the deadline?
@@ -74,7 +78,11 @@ fn is_fatal(e: &KafkaError) -> bool {
         KafkaError::Transaction(rd) => rd.is_fatal(),
         _ => matches!(
             e.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::Fatal | RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch)
+            Some(
+                RDKafkaErrorCode::Fatal
+                    | RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+            )
         ),
     }
 }
@@ -86,8 +94,14 @@ fn is_retriable(e: &KafkaError) -> bool {
 impl Committer {
     /// Creates the producer; under exactly-once, initialises transactions, which fences any older instance
     /// with the same transactional id and aborts its open transaction.
-    pub fn new(cfg: &Config, instance: &str, metrics: Metrics, deadline: &Deadline) -> Result<Self, CommitError> {
-        let producer: ThreadedProducer<DefaultProducerContext> = super::producer_config(cfg, instance).create()?;
+    pub fn new(
+        cfg: &Config,
+        instance: &str,
+        metrics: Metrics,
+        deadline: &Deadline,
+    ) -> Result<Self, CommitError> {
+        let producer: ThreadedProducer<DefaultProducerContext> =
+            super::producer_config(cfg, instance).create()?;
         let guarantee = cfg.processing.guarantee;
         if guarantee == Guarantee::ExactlyOnce {
             let mut backoff = Duration::from_millis(200);
@@ -95,7 +109,9 @@ impl Committer {
                 match producer.init_transactions(TXN_CALL_TIMEOUT) {
                     Ok(()) => break,
                     Err(e) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
-                    Err(e) if deadline.passed_after(backoff) => return Err(CommitError::Deadline(e)),
+                    Err(e) if deadline.passed_after(backoff) => {
+                        return Err(CommitError::Deadline(e))
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "init_transactions failed, retrying");
                         std::thread::sleep(backoff);
@@ -104,7 +120,12 @@ impl Committer {
                 }
             }
         }
-        Ok(Self { producer, guarantee, metrics, needs_abort: false })
+        Ok(Self {
+            producer,
+            guarantee,
+            metrics,
+            needs_abort: false,
+        })
     }
 
     /// Commits `records` and `positions` as one unit, retrying transient failures (a broker outage) until
@@ -128,13 +149,19 @@ impl Committer {
             };
             match attempt {
                 Ok(()) => {
-                    self.metrics.transactions.with_label_values(&["committed"]).inc();
+                    self.metrics
+                        .transactions
+                        .with_label_values(&["committed"])
+                        .inc();
                     return Ok(());
                 }
                 Err(e) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
                 Err(e) => {
                     self.metrics.errors.with_label_values(&["commit"]).inc();
-                    self.metrics.transactions.with_label_values(&["aborted"]).inc();
+                    self.metrics
+                        .transactions
+                        .with_label_values(&["aborted"])
+                        .inc();
                     if deadline.passed_after(backoff) {
                         return Err(CommitError::Deadline(e));
                     }
@@ -161,8 +188,11 @@ impl Committer {
         self.needs_abort = true;
         self.send_all(records, deadline)?;
         if tpl.count() > 0 {
-            let group = consumer.group_metadata().ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownGroup))?;
-            self.producer.send_offsets_to_transaction(tpl, &group, TXN_CALL_TIMEOUT)?;
+            let group = consumer
+                .group_metadata()
+                .ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownGroup))?;
+            self.producer
+                .send_offsets_to_transaction(tpl, &group, TXN_CALL_TIMEOUT)?;
         }
         loop {
             match self.producer.commit_transaction(TXN_CALL_TIMEOUT) {
@@ -197,7 +227,10 @@ impl Committer {
         for r in records {
             let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
             for (k, v) in &r.headers {
-                headers = headers.insert(Header { key: k, value: Some(v) });
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
             }
             let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&r.topic).headers(headers);
             if let Some(k) = &r.key {

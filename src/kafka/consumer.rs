@@ -27,7 +27,10 @@ impl ClientContext for StitchContext {
                 .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
                 .map(|p| p.consumer_lag)
                 .sum();
-            self.metrics.consumer_lag.with_label_values(&[topic]).set(lag);
+            self.metrics
+                .consumer_lag
+                .with_label_values(&[topic])
+                .set(lag);
         }
     }
 }
@@ -35,8 +38,12 @@ impl ClientContext for StitchContext {
 impl ConsumerContext for StitchContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
-            Rebalance::Revoke(tpl) => tracing::info!(partitions = tpl.count(), "partitions revoked"),
-            Rebalance::Assign(tpl) => tracing::info!(partitions = tpl.count(), "partitions assigned"),
+            Rebalance::Revoke(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions revoked")
+            }
+            Rebalance::Assign(tpl) => {
+                tracing::info!(partitions = tpl.count(), "partitions assigned")
+            }
             Rebalance::Error(e) => tracing::warn!(error = %e, "rebalance error"),
         }
     }

@@ -31,7 +31,10 @@ pub fn record(
         payload: Some(payload.map(<[u8]>::to_vec).unwrap_or_default()),
         headers: vec![
             (HEADER_TOPIC.into(), src.topic.as_bytes().to_vec()),
-            (HEADER_PARTITION.into(), src.partition.to_string().into_bytes()),
+            (
+                HEADER_PARTITION.into(),
+                src.partition.to_string().into_bytes(),
+            ),
             (HEADER_OFFSET.into(), src.offset.to_string().into_bytes()),
             (HEADER_STAGE.into(), stage.as_bytes().to_vec()),
             (HEADER_ERROR.into(), error.as_bytes().to_vec()),

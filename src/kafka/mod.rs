@@ -32,7 +32,10 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
     let mut c = base_config(cfg);
     c.set("group.id", &cfg.kafka.group_id)
         // Static membership: a restarted instance takes its partitions back at once, no rebalance.
-        .set("group.instance.id", format!("{}-{}", cfg.kafka.transactional_id, cfg.kafka.instance_id))
+        .set(
+            "group.instance.id",
+            format!("{}-{}", cfg.kafka.transactional_id, cfg.kafka.instance_id),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -53,10 +56,19 @@ pub fn producer_config(cfg: &Config, instance: &str) -> ClientConfig {
     c.set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .set("message.timeout.ms", &cfg.processing.transaction_timeout.as_millis().to_string());
+        .set(
+            "message.timeout.ms",
+            cfg.processing.transaction_timeout.as_millis().to_string(),
+        );
     if cfg.processing.guarantee == Guarantee::ExactlyOnce {
-        c.set("transactional.id", format!("{}-{}", cfg.kafka.transactional_id, instance))
-            .set("transaction.timeout.ms", cfg.processing.transaction_timeout.as_millis().to_string());
+        c.set(
+            "transactional.id",
+            format!("{}-{}", cfg.kafka.transactional_id, instance),
+        )
+        .set(
+            "transaction.timeout.ms",
+            cfg.processing.transaction_timeout.as_millis().to_string(),
+        );
     }
     for (k, v) in &cfg.kafka.producer {
         c.set(k, v);
@@ -74,7 +86,11 @@ pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaErro
     let dlq = NewTopic::new(&cfg.output.dead_letter_topic, 1, TopicReplication::Fixed(1));
     let mut topics = vec![output, dlq];
     if !cfg.output.control_topic.is_empty() {
-        topics.push(NewTopic::new(&cfg.output.control_topic, 1, TopicReplication::Fixed(1)));
+        topics.push(NewTopic::new(
+            &cfg.output.control_topic,
+            1,
+            TopicReplication::Fixed(1),
+        ));
     }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics(&topics, &opts).await? {

@@ -20,7 +20,10 @@ pub struct Seen {
 
 impl Seen {
     pub fn at(ts: Millis) -> Self {
-        Self { first: ts, last: ts }
+        Self {
+            first: ts,
+            last: ts,
+        }
     }
 
     pub fn observe(&mut self, ts: Millis) {
@@ -100,7 +103,10 @@ pub struct Cart {
 impl Cart {
     fn live(&self, line: &CartLine) -> bool {
         self.cleared_at.is_none_or(|c| line.added_at > c)
-            && self.removed.get(&line.sku).is_none_or(|r| line.added_at > *r)
+            && self
+                .removed
+                .get(&line.sku)
+                .is_none_or(|r| line.added_at > *r)
     }
 
     fn prune(&mut self) {
@@ -157,7 +163,10 @@ impl Profile {
             purchases: BTreeMap::new(),
             email: EmailEngagement::default(),
             cart: Cart::default(),
-            consent: Consent { cross_channel: None, email_marketing: None },
+            consent: Consent {
+                cross_channel: None,
+                email_marketing: None,
+            },
         };
         p.apply(event, &event.identifiers);
         p
@@ -178,7 +187,10 @@ impl Profile {
 
     /// Whether the person said no to being recognised across channels (latest consent event wins).
     pub fn cross_channel_refused(&self) -> bool {
-        matches!(&self.consent.cross_channel, Some(Latest { value: false, .. }))
+        matches!(
+            &self.consent.cross_channel,
+            Some(Latest { value: false, .. })
+        )
     }
 
     /// Applies one event; `linked` are the event's identifiers that now belong to this profile (guardrails
@@ -197,10 +209,16 @@ impl Profile {
                 c.seen.observe(ts);
                 c.events += 1;
             })
-            .or_insert(ChannelActivity { seen: Seen::at(ts), events: 1 });
+            .or_insert(ChannelActivity {
+                seen: Seen::at(ts),
+                events: 1,
+            });
         *self.event_types.entry(ev.event_type.clone()).or_insert(0) += 1;
         if let Some(p) = &ev.purchase {
-            let t = self.purchases.entry((p.venue, p.currency.clone())).or_default();
+            let t = self
+                .purchases
+                .entry((p.venue, p.currency.clone()))
+                .or_default();
             t.orders += 1;
             t.revenue_minor += p.amount_minor;
         }
@@ -213,7 +231,11 @@ impl Profile {
                 self.email.clicks += 1;
                 Latest::join(
                     &mut self.email.last_click,
-                    Latest { at: ts, event_id: ev.event_id.clone(), value: ev.campaign_id.clone() },
+                    Latest {
+                        at: ts,
+                        event_id: ev.event_id.clone(),
+                        value: ev.campaign_id.clone(),
+                    },
                 );
             }
             "add_to_cart" => {
@@ -241,7 +263,11 @@ impl Profile {
             self.cart.prune();
         }
         if let Some(consent) = &ev.consent {
-            let latest = |value| Latest { at: ts, event_id: ev.event_id.clone(), value };
+            let latest = |value| Latest {
+                at: ts,
+                event_id: ev.event_id.clone(),
+                value,
+            };
             if let Some(v) = consent.cross_channel {
                 Latest::join(&mut self.consent.cross_channel, latest(v));
             }
@@ -254,7 +280,10 @@ impl Profile {
     /// Records that `ids` were seen at `ts`.
     pub fn observe_identifiers(&mut self, ids: &[Identifier], ts: Millis) {
         for id in ids {
-            self.identifiers.entry(id.clone()).or_insert_with(|| Seen::at(ts)).observe(ts);
+            self.identifiers
+                .entry(id.clone())
+                .or_insert_with(|| Seen::at(ts))
+                .observe(ts);
         }
     }
 
@@ -264,7 +293,10 @@ impl Profile {
             self.anchor = other.anchor;
         }
         for (id, seen) in other.identifiers {
-            self.identifiers.entry(id).and_modify(|s| s.join(seen)).or_insert(seen);
+            self.identifiers
+                .entry(id)
+                .and_modify(|s| s.join(seen))
+                .or_insert(seen);
         }
         self.seen.join(other.seen);
         self.events += other.events;
@@ -309,7 +341,11 @@ mod tests {
     fn ev(id: &str, ts: Millis, kind: &str, ids: &[(&str, &str)]) -> Event {
         Event {
             event_id: id.into(),
-            channel: if kind == "purchase" { "pos".into() } else { "web".into() },
+            channel: if kind == "purchase" {
+                "pos".into()
+            } else {
+                "web".into()
+            },
             event_type: kind.into(),
             timestamp: ts,
             identifiers: ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
@@ -319,7 +355,11 @@ mod tests {
                 venue: Venue::Store,
             }),
             items: if kind == "add_to_cart" {
-                vec![Item { sku: format!("sku-{id}"), quantity: 1, price: Some(5.0) }]
+                vec![Item {
+                    sku: format!("sku-{id}"),
+                    quantity: 1,
+                    price: Some(5.0),
+                }]
             } else {
                 vec![]
             },
@@ -347,8 +387,10 @@ mod tests {
 
     #[test]
     fn absorb_equals_applying_everything_to_one_profile() {
-        let events =
-            [ev("a", 10, "page_view", &[("anonymous_id", "c1")]), ev("b", 5, "purchase", &[("email", "x@y.io")])];
+        let events = [
+            ev("a", 10, "page_view", &[("anonymous_id", "c1")]),
+            ev("b", 5, "purchase", &[("email", "x@y.io")]),
+        ];
         let mut one = Profile::new(&events[0]);
         one.apply(&events[1], &events[1].identifiers);
         let mut left = Profile::new(&events[0]);
@@ -358,6 +400,12 @@ mod tests {
         assert_eq!(one, left);
         assert_eq!(left, right);
         assert_eq!(one.anchor, (5, "b".into()));
-        assert_eq!(one.purchases[&(Venue::Store, "EUR".into())], Totals { orders: 1, revenue_minor: 1000 });
+        assert_eq!(
+            one.purchases[&(Venue::Store, "EUR".into())],
+            Totals {
+                orders: 1,
+                revenue_minor: 1000
+            }
+        );
     }
 }

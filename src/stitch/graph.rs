@@ -70,7 +70,11 @@ impl Stitcher {
     }
 
     /// Applies one event. `Ok(None)` means the event id was seen before and nothing changed.
-    pub fn apply<S: GraphStore>(&self, store: &mut S, ev: &Event) -> Result<Option<Applied>, S::Error> {
+    pub fn apply<S: GraphStore>(
+        &self,
+        store: &mut S,
+        ev: &Event,
+    ) -> Result<Option<Applied>, S::Error> {
         if !store.first_sighting(&ev.event_id)? {
             return Ok(None);
         }
@@ -111,18 +115,23 @@ impl Stitcher {
 
         // Merge the other matched profiles, most trusted first, unless a rule forbids it.
         for &other in candidates.iter().skip(1) {
-            let Some(other_profile) = store.take_profile(other)? else { continue };
-            let verdict = if profile.cross_channel_refused() || other_profile.cross_channel_refused() {
-                Err(Rule::Consent)
-            } else {
-                self.rules.check_merge(&profile, &other_profile)
+            let Some(other_profile) = store.take_profile(other)? else {
+                continue;
             };
+            let verdict =
+                if profile.cross_channel_refused() || other_profile.cross_channel_refused() {
+                    Err(Rule::Consent)
+                } else {
+                    self.rules.check_merge(&profile, &other_profile)
+                };
             match verdict {
                 Ok(()) => {
                     ids_before.insert(other_profile.id());
                     // Union by size: the larger side keeps its node, the smaller side is relabelled.
-                    let (keep, gone, mut big, small) = if other_profile.identifiers.len() > profile.identifiers.len()
-                        || (other_profile.identifiers.len() == profile.identifiers.len() && other < node)
+                    let (keep, gone, mut big, small) = if other_profile.identifiers.len()
+                        > profile.identifiers.len()
+                        || (other_profile.identifiers.len() == profile.identifiers.len()
+                            && other < node)
                     {
                         (other, node, other_profile, profile)
                     } else {
@@ -145,15 +154,22 @@ impl Stitcher {
                         .find(|(_, o)| **o == Some(other))
                         .map(|(id, _)| id.kind.clone())
                         .unwrap_or_default();
-                    refused.push(Refusal { rule, kind, other: Some(other_profile.id()) });
+                    refused.push(Refusal {
+                        rule,
+                        kind,
+                        other: Some(other_profile.id()),
+                    });
                     store.put_profile(other, other_profile);
                 }
             }
         }
 
         // Link the event's identifiers that belong to no profile yet, within the limits.
-        let mut counts: BTreeMap<String, usize> =
-            profile.type_counts().into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+        let mut counts: BTreeMap<String, usize> = profile
+            .type_counts()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect();
         let mut total = profile.identifiers.len();
         let mut linked: Vec<Identifier> = Vec::with_capacity(ids.len());
         for (id, own) in ids.iter().zip(&owner) {
@@ -168,7 +184,11 @@ impl Stitcher {
                         store.set_node(id, node);
                         linked.push((*id).clone());
                     }
-                    Err(rule) => refused.push(Refusal { rule, kind: id.kind.clone(), other: None }),
+                    Err(rule) => refused.push(Refusal {
+                        rule,
+                        kind: id.kind.clone(),
+                        other: None,
+                    }),
                 },
             }
         }
@@ -188,7 +208,13 @@ impl Stitcher {
         }
         store.index(&id_after, node);
         store.put_profile(node, profile);
-        Ok(Some(Applied { node, created, retired, absorbed_nodes, refused }))
+        Ok(Some(Applied {
+            node,
+            created,
+            retired,
+            absorbed_nodes,
+            refused,
+        }))
     }
 }
 
@@ -224,9 +250,13 @@ impl BatchChanges {
             self.retired.insert(id, applied.node);
         }
         if !applied.refused.is_empty() {
-            self.refused.entry(applied.node).or_default().extend(applied.refused);
+            self.refused
+                .entry(applied.node)
+                .or_default()
+                .extend(applied.refused);
         }
-        self.touched.insert(applied.node, (ev.event_id.clone(), ev.channel.clone()));
+        self.touched
+            .insert(applied.node, (ev.event_id.clone(), ev.channel.clone()));
     }
 
     pub fn is_empty(&self) -> bool {
@@ -245,7 +275,10 @@ impl BatchChanges {
     pub fn updates(&self) -> Vec<NodeUpdate> {
         let mut merged_from: BTreeMap<NodeId, Vec<ProfileId>> = BTreeMap::new();
         for (id, node) in &self.retired {
-            merged_from.entry(self.resolve(*node)).or_default().push(id.clone());
+            merged_from
+                .entry(self.resolve(*node))
+                .or_default()
+                .push(id.clone());
         }
         self.touched
             .iter()
@@ -341,7 +374,10 @@ mod tests {
             event_type: "page_view".into(),
             timestamp: ts,
             identifiers: {
-                let mut v: Vec<Identifier> = ids.iter().map(|(k, v)| Identifier::new(*k, v.clone())).collect();
+                let mut v: Vec<Identifier> = ids
+                    .iter()
+                    .map(|(k, v)| Identifier::new(*k, v.clone()))
+                    .collect();
                 v.sort();
                 v.dedup();
                 v
@@ -363,7 +399,11 @@ mod tests {
 
     /// The graph as a canonical value: each profile's identifier set, with the profile itself.
     fn canonical(store: &MemStore) -> BTreeMap<ProfileId, Profile> {
-        store.by_public_id().into_iter().map(|(k, v)| (k, v.clone())).collect()
+        store
+            .by_public_id()
+            .into_iter()
+            .map(|(k, v)| (k, v.clone()))
+            .collect()
     }
 
     #[test]
@@ -372,7 +412,11 @@ mod tests {
         let mut store = MemStore::default();
         let a = ev(1, 100, &[("anonymous_id", "c1".into())]);
         let b = ev(2, 50, &[("email", "x@y.io".into())]);
-        let c = ev(3, 200, &[("anonymous_id", "c1".into()), ("email", "x@y.io".into())]);
+        let c = ev(
+            3,
+            200,
+            &[("anonymous_id", "c1".into()), ("email", "x@y.io".into())],
+        );
         s.apply(&mut store, &a).unwrap();
         s.apply(&mut store, &b).unwrap();
         let applied = s.apply(&mut store, &c).unwrap().unwrap();
@@ -380,26 +424,57 @@ mod tests {
         let p = store.profiles.values().next().unwrap();
         assert_eq!(p.id(), ProfileId::from_anchor("e2"));
         assert_eq!(applied.retired, vec![ProfileId::from_anchor("e1")]);
-        assert_eq!(store.redirects[&ProfileId::from_anchor("e1")], ProfileId::from_anchor("e2"));
+        assert_eq!(
+            store.redirects[&ProfileId::from_anchor("e1")],
+            ProfileId::from_anchor("e2")
+        );
         assert_eq!(p.events, 3);
-        assert!(s.apply(&mut store, &c).unwrap().is_none(), "a repeated event changes nothing");
+        assert!(
+            s.apply(&mut store, &c).unwrap().is_none(),
+            "a repeated event changes nothing"
+        );
     }
 
     #[test]
     fn type_limit_refuses_merge_and_keeps_event_in_best_profile() {
         let s = Stitcher::new(Rules::new(&GuardrailConfig::default()));
         let mut store = MemStore::default();
-        s.apply(&mut store, &ev(1, 1, &[("customer_id", "A".into()), ("device_id", "tablet".into())])).unwrap();
-        s.apply(&mut store, &ev(2, 2, &[("customer_id", "B".into())])).unwrap();
-        let applied =
-            s.apply(&mut store, &ev(3, 3, &[("customer_id", "B".into()), ("device_id", "tablet".into())])).unwrap();
+        s.apply(
+            &mut store,
+            &ev(
+                1,
+                1,
+                &[("customer_id", "A".into()), ("device_id", "tablet".into())],
+            ),
+        )
+        .unwrap();
+        s.apply(&mut store, &ev(2, 2, &[("customer_id", "B".into())]))
+            .unwrap();
+        let applied = s
+            .apply(
+                &mut store,
+                &ev(
+                    3,
+                    3,
+                    &[("customer_id", "B".into()), ("device_id", "tablet".into())],
+                ),
+            )
+            .unwrap();
         let applied = applied.unwrap();
         assert_eq!(store.profiles.len(), 2);
         assert_eq!(applied.refused.len(), 1);
-        assert_eq!(applied.refused[0].rule, Rule::TypeLimit { kind: "customer_id".into(), limit: 1 });
+        assert_eq!(
+            applied.refused[0].rule,
+            Rule::TypeLimit {
+                kind: "customer_id".into(),
+                limit: 1
+            }
+        );
         // The event landed in B's profile (customer_id is the most trusted type).
         let b = &store.profiles[&applied.node];
-        assert!(b.identifiers.contains_key(&Identifier::new("customer_id", "B")));
+        assert!(b
+            .identifiers
+            .contains_key(&Identifier::new("customer_id", "B")));
         assert_eq!(b.events, 2);
     }
 
@@ -412,8 +487,16 @@ mod tests {
             ev(1, 30, &[("anonymous_id", "a".into())]),
             ev(2, 20, &[("anonymous_id", "b".into())]),
             ev(3, 10, &[("anonymous_id", "c".into())]),
-            ev(4, 40, &[("anonymous_id", "a".into()), ("anonymous_id", "b".into())]),
-            ev(5, 50, &[("anonymous_id", "b".into()), ("anonymous_id", "c".into())]),
+            ev(
+                4,
+                40,
+                &[("anonymous_id", "a".into()), ("anonymous_id", "b".into())],
+            ),
+            ev(
+                5,
+                50,
+                &[("anonymous_id", "b".into()), ("anonymous_id", "c".into())],
+            ),
         ];
         for e in &events {
             let applied = s.apply(&mut store, e).unwrap().unwrap();
@@ -435,9 +518,14 @@ mod tests {
             let kind = ["anonymous_id", "email", "device_id", "customer_id"][k];
             (kind, format!("{kind}-{v}"))
         });
-        prop::collection::vec((prop::collection::vec(id, 1..4), 0i64..1000), 1..40).prop_map(|evs| {
-            evs.into_iter().enumerate().map(|(i, (ids, ts))| ev(i as u32, ts, &ids)).collect()
-        })
+        prop::collection::vec((prop::collection::vec(id, 1..4), 0i64..1000), 1..40).prop_map(
+            |evs| {
+                evs.into_iter()
+                    .enumerate()
+                    .map(|(i, (ids, ts))| ev(i as u32, ts, &ids))
+                    .collect()
+            },
+        )
     }
 
     proptest! {

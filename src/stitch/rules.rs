@@ -37,17 +37,28 @@ pub struct Rules {
 
 impl Rules {
     pub fn new(cfg: &GuardrailConfig) -> Self {
-        Self { limits: cfg.limits.clone(), max_identifiers: cfg.max_profile_identifiers, priority: cfg.priority.clone() }
+        Self {
+            limits: cfg.limits.clone(),
+            max_identifiers: cfg.max_profile_identifiers,
+            priority: cfg.priority.clone(),
+        }
     }
 
     /// No limits at all: pure connected components (the oracle's view).
     pub fn unlimited() -> Self {
-        Self { limits: BTreeMap::new(), max_identifiers: usize::MAX, priority: Vec::new() }
+        Self {
+            limits: BTreeMap::new(),
+            max_identifiers: usize::MAX,
+            priority: Vec::new(),
+        }
     }
 
     /// Rank of a type: lower is more trusted; unlisted types come last, ordered by name.
     pub fn rank(&self, kind: &str) -> usize {
-        self.priority.iter().position(|p| p == kind).unwrap_or(self.priority.len())
+        self.priority
+            .iter()
+            .position(|p| p == kind)
+            .unwrap_or(self.priority.len())
     }
 
     /// Sort key of an identifier by trust.
@@ -57,10 +68,16 @@ impl Rules {
 
     /// Can `a` and `b` become one profile?
     pub fn check_merge(&self, a: &Profile, b: &Profile) -> Result<(), Rule> {
-        let shared = a.identifiers.keys().filter(|id| b.identifiers.contains_key(*id)).count();
+        let shared = a
+            .identifiers
+            .keys()
+            .filter(|id| b.identifiers.contains_key(*id))
+            .count();
         let total = a.identifiers.len() + b.identifiers.len() - shared;
         if total > self.max_identifiers {
-            return Err(Rule::ProfileSize { limit: self.max_identifiers });
+            return Err(Rule::ProfileSize {
+                limit: self.max_identifiers,
+            });
         }
         if self.limits.is_empty() {
             return Ok(());
@@ -74,7 +91,10 @@ impl Rules {
         for (kind, n) in counts {
             if let Some(&limit) = self.limits.get(kind) {
                 if n > limit {
-                    return Err(Rule::TypeLimit { kind: kind.to_string(), limit });
+                    return Err(Rule::TypeLimit {
+                        kind: kind.to_string(),
+                        limit,
+                    });
                 }
             }
         }
@@ -82,13 +102,23 @@ impl Rules {
     }
 
     /// Can `id` be added to a profile whose identifiers of each type are counted in `counts`, `total` in all?
-    pub fn check_add(&self, counts: &BTreeMap<String, usize>, total: usize, id: &Identifier) -> Result<(), Rule> {
+    pub fn check_add(
+        &self,
+        counts: &BTreeMap<String, usize>,
+        total: usize,
+        id: &Identifier,
+    ) -> Result<(), Rule> {
         if total + 1 > self.max_identifiers {
-            return Err(Rule::ProfileSize { limit: self.max_identifiers });
+            return Err(Rule::ProfileSize {
+                limit: self.max_identifiers,
+            });
         }
         if let Some(&limit) = self.limits.get(&id.kind) {
             if counts.get(&id.kind).copied().unwrap_or(0) + 1 > limit {
-                return Err(Rule::TypeLimit { kind: id.kind.clone(), limit });
+                return Err(Rule::TypeLimit {
+                    kind: id.kind.clone(),
+                    limit,
+                });
             }
         }
         Ok(())
@@ -97,11 +127,18 @@ impl Rules {
     /// Does the profile break any limit? (Used by property tests and the quality report.)
     pub fn violation(&self, p: &Profile) -> Option<Rule> {
         if p.identifiers.len() > self.max_identifiers {
-            return Some(Rule::ProfileSize { limit: self.max_identifiers });
+            return Some(Rule::ProfileSize {
+                limit: self.max_identifiers,
+            });
         }
-        p.type_counts().into_iter().find_map(|(kind, n)| match self.limits.get(kind) {
-            Some(&limit) if n > limit => Some(Rule::TypeLimit { kind: kind.to_string(), limit }),
-            _ => None,
-        })
+        p.type_counts()
+            .into_iter()
+            .find_map(|(kind, n)| match self.limits.get(kind) {
+                Some(&limit) if n > limit => Some(Rule::TypeLimit {
+                    kind: kind.to_string(),
+                    limit,
+                }),
+                _ => None,
+            })
     }
 }

@@ -17,7 +17,9 @@ mod overlay;
 use std::path::Path;
 use std::sync::Arc;
 
-use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB,
+};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -36,7 +38,14 @@ pub(crate) const CF_PROFILE_IDS: &str = "profile_ids";
 pub(crate) const CF_REDIRECTS: &str = "redirects";
 pub(crate) const CF_EVENTS: &str = "events";
 pub(crate) const CF_META: &str = "meta";
-const CFS: &[&str] = &[CF_IDENTIFIERS, CF_PROFILES, CF_PROFILE_IDS, CF_REDIRECTS, CF_EVENTS, CF_META];
+const CFS: &[&str] = &[
+    CF_IDENTIFIERS,
+    CF_PROFILES,
+    CF_PROFILE_IDS,
+    CF_REDIRECTS,
+    CF_EVENTS,
+    CF_META,
+];
 
 const META_NEXT_NODE: &[u8] = b"next_node";
 const META_CHECKPOINT: &[u8] = b"checkpoint";
@@ -119,15 +128,24 @@ impl Store {
     }
 
     pub fn node_of(&self, id: &Identifier) -> Result<Option<NodeId>, StoreError> {
-        self.db.get_pinned_cf(self.cf(CF_IDENTIFIERS)?, identifier_key(id))?.map(|v| decode_node(&v)).transpose()
+        self.db
+            .get_pinned_cf(self.cf(CF_IDENTIFIERS)?, identifier_key(id))?
+            .map(|v| decode_node(&v))
+            .transpose()
     }
 
     pub fn profile(&self, node: NodeId) -> Result<Option<Profile>, StoreError> {
-        self.db.get_pinned_cf(self.cf(CF_PROFILES)?, node.0.to_be_bytes())?.map(|v| decode_profile(&v)).transpose()
+        self.db
+            .get_pinned_cf(self.cf(CF_PROFILES)?, node.0.to_be_bytes())?
+            .map(|v| decode_profile(&v))
+            .transpose()
     }
 
     pub fn node_of_profile_id(&self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
-        self.db.get_pinned_cf(self.cf(CF_PROFILE_IDS)?, id.as_str())?.map(|v| decode_node(&v)).transpose()
+        self.db
+            .get_pinned_cf(self.cf(CF_PROFILE_IDS)?, id.as_str())?
+            .map(|v| decode_node(&v))
+            .transpose()
     }
 
     pub fn redirect_of(&self, id: &ProfileId) -> Result<Option<ProfileId>, StoreError> {
@@ -138,7 +156,10 @@ impl Store {
     }
 
     pub fn has_event(&self, event_id: &str) -> Result<bool, StoreError> {
-        Ok(self.db.get_pinned_cf(self.cf(CF_EVENTS)?, event_key(event_id))?.is_some())
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_EVENTS)?, event_key(event_id))?
+            .is_some())
     }
 
     pub fn next_node(&self) -> Result<u64, StoreError> {
@@ -152,14 +173,21 @@ impl Store {
         match self.db.get_cf(self.cf(CF_META)?, META_CHECKPOINT)? {
             Some(v) => match v.split_first() {
                 Some((&FORMAT_V1, rest)) => Ok(Some(bincode::deserialize(rest)?)),
-                _ => Err(StoreError::Corrupt { cf: CF_META, reason: "unknown checkpoint format".into() }),
+                _ => Err(StoreError::Corrupt {
+                    cf: CF_META,
+                    reason: "unknown checkpoint format".into(),
+                }),
             },
             None => Ok(None),
         }
     }
 
     /// Adds the checkpoint to a batch.
-    pub fn put_checkpoint(&self, batch: &mut WriteBatch, cp: &Checkpoint) -> Result<(), StoreError> {
+    pub fn put_checkpoint(
+        &self,
+        batch: &mut WriteBatch,
+        cp: &Checkpoint,
+    ) -> Result<(), StoreError> {
         let mut v = vec![FORMAT_V1];
         v.extend(bincode::serialize(cp)?);
         batch.put_cf(self.cf(CF_META)?, META_CHECKPOINT, v);
@@ -181,7 +209,10 @@ impl Store {
     }
 
     /// Resolves a public id, following redirects of merged profiles. Returns the id it resolved to.
-    pub fn resolve_profile_id(&self, id: &ProfileId) -> Result<Option<(ProfileId, NodeId)>, StoreError> {
+    pub fn resolve_profile_id(
+        &self,
+        id: &ProfileId,
+    ) -> Result<Option<(ProfileId, NodeId)>, StoreError> {
         let mut current = id.clone();
         for _ in 0..MAX_REDIRECT_HOPS {
             if let Some(node) = self.node_of_profile_id(&current)? {
@@ -200,7 +231,10 @@ impl Store {
         let snapshot = self.db.snapshot();
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_snapshot(&snapshot);
-        for item in self.db.iterator_cf_opt(self.cf(CF_PROFILES)?, ro, rocksdb::IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_PROFILES)?, ro, rocksdb::IteratorMode::Start)
+        {
             let (k, v) = item?;
             f(decode_node(&k)?, decode_profile(&v)?);
         }
@@ -212,9 +246,16 @@ impl Store {
         CFS.iter()
             .filter_map(|name| {
                 let cf = self.db.cf_handle(name)?;
-                let size =
-                    self.db.property_int_value_cf(cf, "rocksdb.estimate-live-data-size").ok().flatten()?;
-                let mem = self.db.property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables").ok().flatten()?;
+                let size = self
+                    .db
+                    .property_int_value_cf(cf, "rocksdb.estimate-live-data-size")
+                    .ok()
+                    .flatten()?;
+                let mem = self
+                    .db
+                    .property_int_value_cf(cf, "rocksdb.cur-size-all-mem-tables")
+                    .ok()
+                    .flatten()?;
                 Some((*name, size + mem))
             })
             .collect()
@@ -241,8 +282,10 @@ pub(crate) fn event_key(event_id: &str) -> [u8; 16] {
 }
 
 pub(crate) fn decode_node(v: &[u8]) -> Result<NodeId, StoreError> {
-    let bytes: [u8; 8] =
-        v.try_into().map_err(|_| StoreError::Corrupt { cf: CF_IDENTIFIERS, reason: format!("node id of {} bytes", v.len()) })?;
+    let bytes: [u8; 8] = v.try_into().map_err(|_| StoreError::Corrupt {
+        cf: CF_IDENTIFIERS,
+        reason: format!("node id of {} bytes", v.len()),
+    })?;
     Ok(NodeId(u64::from_be_bytes(bytes)))
 }
 
@@ -256,7 +299,10 @@ pub(crate) fn encode_profile(p: &Profile) -> Result<Vec<u8>, StoreError> {
 pub(crate) fn decode_profile(v: &[u8]) -> Result<Profile, StoreError> {
     match v.split_first() {
         Some((&FORMAT_V1, rest)) => Ok(bincode::deserialize(rest)?),
-        _ => Err(StoreError::Corrupt { cf: CF_PROFILES, reason: "unknown profile format".into() }),
+        _ => Err(StoreError::Corrupt {
+            cf: CF_PROFILES,
+            reason: "unknown profile format".into(),
+        }),
     }
 }
 
@@ -284,7 +330,10 @@ impl TempStore {
             rand::random::<u64>()
         ));
         let store = Store::open(&path, 64)?;
-        Ok(Self { store, _dir: tempfile_dir::TempDir(path) })
+        Ok(Self {
+            store,
+            _dir: tempfile_dir::TempDir(path),
+        })
     }
 }
 
@@ -292,7 +341,10 @@ impl Store {
     /// Retired ids that redirect directly to `id` (a scan of the redirects column family).
     pub fn redirects_to(&self, id: &ProfileId) -> Result<Vec<ProfileId>, StoreError> {
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(self.cf(CF_REDIRECTS)?, rocksdb::IteratorMode::Start) {
+        for item in self
+            .db
+            .iterator_cf(self.cf(CF_REDIRECTS)?, rocksdb::IteratorMode::Start)
+        {
             let (k, v) = item?;
             if v.as_ref() == id.as_str().as_bytes() {
                 out.push(ProfileId(String::from_utf8_lossy(&k).into_owned()));

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use rocksdb::WriteBatch;
 
 use super::{
-    encode_profile, event_key, identifier_key, Store, StoreError, CF_EVENTS,
-    CF_IDENTIFIERS, CF_META, CF_PROFILES, CF_PROFILE_IDS, CF_REDIRECTS, META_NEXT_NODE,
+    encode_profile, event_key, identifier_key, Store, StoreError, CF_EVENTS, CF_IDENTIFIERS,
+    CF_META, CF_PROFILES, CF_PROFILE_IDS, CF_REDIRECTS, META_NEXT_NODE,
 };
 use crate::model::{Identifier, NodeId, ProfileId};
 use crate::profile::Profile;
@@ -49,7 +49,11 @@ impl<'a> Overlay<'a> {
     }
 
     /// Same as [`Overlay::profile`] without a copy when the batch touched the profile.
-    pub fn with_profile<T>(&self, node: NodeId, f: impl FnOnce(Option<&Profile>) -> T) -> Result<T, StoreError> {
+    pub fn with_profile<T>(
+        &self,
+        node: NodeId,
+        f: impl FnOnce(Option<&Profile>) -> T,
+    ) -> Result<T, StoreError> {
         match self.profiles.get(&node) {
             Some(p) => Ok(f(p.as_ref())),
             None => Ok(f(self.store.profile(node)?.as_ref())),
@@ -155,7 +159,12 @@ impl GraphStore for Overlay<'_> {
         if self.seen.contains(&key) {
             return Ok(false);
         }
-        if self.store.db().get_pinned_cf(self.store.cf(CF_EVENTS)?, key)?.is_some() {
+        if self
+            .store
+            .db()
+            .get_pinned_cf(self.store.cf(CF_EVENTS)?, key)?
+            .is_some()
+        {
             return Ok(false);
         }
         self.seen.insert(key);
@@ -208,16 +217,37 @@ mod tests {
         t.store.write(o.into_write_batch().unwrap()).unwrap();
 
         let mut o = t.store.overlay().unwrap();
-        assert!(s.apply(&mut o, &ev(1, &[("email", "a@x.io")])).unwrap().is_none(), "dedup survives commit");
-        let applied = s.apply(&mut o, &ev(3, &[("email", "a@x.io"), ("anonymous_id", "c1")])).unwrap().unwrap();
+        assert!(
+            s.apply(&mut o, &ev(1, &[("email", "a@x.io")]))
+                .unwrap()
+                .is_none(),
+            "dedup survives commit"
+        );
+        let applied = s
+            .apply(
+                &mut o,
+                &ev(3, &[("email", "a@x.io"), ("anonymous_id", "c1")]),
+            )
+            .unwrap()
+            .unwrap();
         t.store.write(o.into_write_batch().unwrap()).unwrap();
-        assert_eq!(applied.retired, vec![crate::model::ProfileId::from_anchor("e2")]);
+        assert_eq!(
+            applied.retired,
+            vec![crate::model::ProfileId::from_anchor("e2")]
+        );
 
-        let node = t.store.node_of(&Identifier::new("anonymous_id", "c1")).unwrap().unwrap();
+        let node = t
+            .store
+            .node_of(&Identifier::new("anonymous_id", "c1"))
+            .unwrap()
+            .unwrap();
         let p = t.store.profile(node).unwrap().unwrap();
         assert_eq!(p.events, 3);
-        let (resolved, n) =
-            t.store.resolve_profile_id(&crate::model::ProfileId::from_anchor("e2")).unwrap().unwrap();
+        let (resolved, n) = t
+            .store
+            .resolve_profile_id(&crate::model::ProfileId::from_anchor("e2"))
+            .unwrap()
+            .unwrap();
         assert_eq!((resolved, n), (p.id(), node));
         let mut count = 0;
         t.store.for_each_profile(|_, _| count += 1).unwrap();

@@ -26,7 +26,11 @@ pub fn brokers() -> String {
 }
 
 pub fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{:08x}", std::process::id(), rand::random::<u32>())
+    format!(
+        "{prefix}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// One test's topics, group, state dir and config file.
@@ -52,9 +56,19 @@ impl Setup {
         let mut input_topics = Vec::new();
         for (i, ch) in CHANNELS.iter().enumerate() {
             let topic = format!("{name}-{ch}");
-            let format = if i % 2 == 0 { Format::Avro } else { Format::Json };
-            let fmt = if format == Format::Avro { "avro" } else { "json" };
-            inputs.push_str(&format!("[[inputs]]\ntopic = \"{topic}\"\nchannel = \"{ch}\"\nformat = \"{fmt}\"\n\n"));
+            let format = if i % 2 == 0 {
+                Format::Avro
+            } else {
+                Format::Json
+            };
+            let fmt = if format == Format::Avro {
+                "avro"
+            } else {
+                "json"
+            };
+            inputs.push_str(&format!(
+                "[[inputs]]\ntopic = \"{topic}\"\nchannel = \"{ch}\"\nformat = \"{fmt}\"\n\n"
+            ));
             routes.insert(ch.to_string(), (topic.clone(), format));
             input_topics.push(topic);
         }
@@ -93,8 +107,19 @@ listen = "127.0.0.1:0"
             state = dir.join("state").display(),
         );
         let config_path = dir.join("stitcher.toml");
-        std::fs::File::create(&config_path).and_then(|mut f| f.write_all(config.as_bytes())).expect("config");
-        Setup { name, routes, input_topics, output_topic, dlq_topic, group, dir, config_path }
+        std::fs::File::create(&config_path)
+            .and_then(|mut f| f.write_all(config.as_bytes()))
+            .expect("config");
+        Setup {
+            name,
+            routes,
+            input_topics,
+            output_topic,
+            dlq_topic,
+            group,
+            dir,
+            config_path,
+        }
     }
 
     /// Starts the service binary.
@@ -130,10 +155,14 @@ listen = "127.0.0.1:0"
         let (mut committed, mut total) = (0, 0);
         let mut tpl = TopicPartitionList::new();
         for topic in &self.input_topics {
-            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+            let md = consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .expect("metadata");
             for p in md.topics()[0].partitions() {
                 tpl.add_partition(topic, p.id());
-                let (_, high) = consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks");
+                let (_, high) = consumer
+                    .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+                    .expect("watermarks");
                 total += high;
             }
         }
@@ -155,26 +184,30 @@ listen = "127.0.0.1:0"
             if committed >= total && total > 0 {
                 return;
             }
-            assert!(start.elapsed() < timeout, "not caught up after {timeout:?}: {committed}/{total}\n{}", self.log_tail());
+            assert!(
+                start.elapsed() < timeout,
+                "not caught up after {timeout:?}: {committed}/{total}\n{}",
+                self.log_tail()
+            );
             std::thread::sleep(Duration::from_millis(250));
         }
     }
 
-    /// The read_committed output topic, compacted: last value per key (None for a tombstone), and the
-    /// number of records read.
-    pub fn compacted_output(&self) -> (BTreeMap<String, Option<ProfileUpdate>>, usize, Vec<(String, i64)>) {
-        let records = read_all(&self.output_topic);
+    /// Every committed record of the output topic, decoded, and its compacted view.
+    pub fn output(&self) -> Output {
         let schema = profile_update_schema().expect("schema");
-        let mut view = BTreeMap::new();
-        let mut keys_offsets = Vec::new();
-        let n = records.len();
-        for r in records {
+        let mut out = Output::default();
+        for r in read_all(&self.output_topic) {
             let key = String::from_utf8(r.key.expect("keyed")).expect("utf8 key");
-            let value = r.payload.map(|p| decode_confluent::<ProfileUpdate>(&schema, &p).expect("valid avro").1);
-            keys_offsets.push((key.clone(), r.offset));
-            view.insert(key, value);
+            let value = r.payload.map(|p| {
+                decode_confluent::<ProfileUpdate>(&schema, &p)
+                    .expect("valid avro")
+                    .1
+            });
+            out.view.insert(key.clone(), value.clone());
+            out.records.push((key, value));
         }
-        (view, n, keys_offsets)
+        out
     }
 
     pub fn dead_letters(&self) -> Vec<Record> {
@@ -191,13 +224,49 @@ impl Drop for Setup {
 }
 
 pub fn create_topics(topics: &[String], partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers()).create().expect("admin");
-    let new: Vec<NewTopic> = topics.iter().map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1))).collect();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-    let results = rt.block_on(admin.create_topics(&new, &AdminOptions::new())).expect("create topics");
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin");
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let results = rt
+        .block_on(admin.create_topics(&new, &AdminOptions::new()))
+        .expect("create topics");
     for r in results {
         r.expect("topic created");
+    }
+}
+
+/// The output topic as a consumer sees it.
+#[derive(Default)]
+pub struct Output {
+    /// Last value per key (None for a tombstone): what a compacted topic converges to.
+    pub view: BTreeMap<String, Option<ProfileUpdate>>,
+    /// Every committed record in partition order.
+    pub records: Vec<(String, Option<ProfileUpdate>)>,
+}
+
+impl Output {
+    /// Committed update records that repeat an earlier (profile, triggering event) pair. A replay after a
+    /// crash that leaked into committed output would show up here.
+    pub fn duplicates(&self) -> usize {
+        let mut seen = std::collections::HashSet::new();
+        self.records
+            .iter()
+            .filter_map(|(key, v)| {
+                let u = v.as_ref()?;
+                let trigger = u.trigger_event_id.clone()?;
+                Some((key.clone(), trigger, u.redirect_to.is_some()))
+            })
+            .filter(|k| !seen.insert(k.clone()))
+            .count()
     }
 }
 
@@ -220,18 +289,24 @@ pub fn read_all(topic: &str) -> Vec<Record> {
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
     let partitions: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
     let mut tpl = TopicPartitionList::new();
     for p in &partitions {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning).expect("tpl");
+        tpl.add_partition_offset(topic, *p, Offset::Beginning)
+            .expect("tpl");
     }
     consumer.assign(&tpl).expect("assign");
     let mut at_eof: BTreeSet<i32> = BTreeSet::new();
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(120);
     while at_eof.len() < partitions.len() {
-        assert!(Instant::now() < deadline, "reading {topic} did not reach the end");
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} did not reach the end"
+        );
         match consumer.poll(Duration::from_millis(500)) {
             None => {}
             Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
@@ -244,7 +319,13 @@ pub fn read_all(topic: &str) -> Vec<Record> {
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|x| (x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned()))
+                            .map(|x| {
+                                (
+                                    x.key.to_string(),
+                                    String::from_utf8_lossy(x.value.unwrap_or_default())
+                                        .into_owned(),
+                                )
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -292,20 +373,36 @@ pub fn live_summaries(view: &BTreeMap<String, Option<ProfileUpdate>>) -> Vec<Sum
         assert_eq!(&u.profile_id, key, "record keyed by its profile id");
         match (&u.profile, &u.redirect_to) {
             (Some(p), None) => out.push(Summary {
-                identifiers: p.identifiers.iter().map(|i| (i.kind.clone(), i.value.clone())).collect(),
+                identifiers: p
+                    .identifiers
+                    .iter()
+                    .map(|i| (i.kind.clone(), i.value.clone()))
+                    .collect(),
                 events: p.events as u64,
                 purchases: p
                     .purchases
                     .iter()
-                    .map(|x| (format!("{}/{}", x.venue, x.currency), (x.orders as u64, x.revenue_minor)))
+                    .map(|x| {
+                        (
+                            format!("{}/{}", x.venue, x.currency),
+                            (x.orders as u64, x.revenue_minor),
+                        )
+                    })
                     .collect(),
-                channels: p.channels.iter().map(|c| (c.channel.clone(), c.events as u64)).collect(),
+                channels: p
+                    .channels
+                    .iter()
+                    .map(|c| (c.channel.clone(), c.events as u64))
+                    .collect(),
             }),
             (None, Some(_)) => {
                 let mut target = key.clone();
                 for _ in 0..64 {
                     match view.get(&target) {
-                        Some(Some(ProfileUpdate { redirect_to: Some(next), .. })) => target = next.clone(),
+                        Some(Some(ProfileUpdate {
+                            redirect_to: Some(next),
+                            ..
+                        })) => target = next.clone(),
                         _ => break,
                     }
                 }
@@ -328,7 +425,11 @@ pub fn diff(got: &[Summary], want: &[Summary]) -> String {
     let w: BTreeSet<&Summary> = want.iter().collect();
     let extra: Vec<_> = g.difference(&w).take(3).collect();
     let missing: Vec<_> = w.difference(&g).take(3).collect();
-    format!("{} profiles, {} persons; unexpected: {extra:#?}\nmissing: {missing:#?}", got.len(), want.len())
+    format!(
+        "{} profiles, {} persons; unexpected: {extra:#?}\nmissing: {missing:#?}",
+        got.len(),
+        want.len()
+    )
 }
 
 pub fn kill9(child: &mut Child) {
