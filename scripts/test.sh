@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/stitcher/target}"
 export KAFKA_PORT="${KAFKA_PORT:-19092}"
-export STITCHER_TEST_BROKERS="127.0.0.1:$KAFKA_PORT"
+export TEST_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
 
 cargo fmt --all -- --check
 cargo clippy --all-targets --features kafka-it -- -D warnings
@@ -14,8 +14,10 @@ cargo clippy --all-targets --features kafka-it -- -D warnings
 deploy/local-kafka/kafka.sh clean >/dev/null 2>&1 || true
 deploy/local-kafka/kafka.sh start
 trap 'deploy/local-kafka/kafka.sh stop || true' EXIT
+set +e
 cargo test --features kafka-it -- --nocapture "$@" 2>&1 | tee "${TEST_LOG:-/tmp/stitcher-test.log}"
 status=${PIPESTATUS[0]}
+set -e
 passed=$(grep -Eo '[0-9]+ passed' "${TEST_LOG:-/tmp/stitcher-test.log}" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "${TEST_LOG:-/tmp/stitcher-test.log}" | awk '{s+=$1} END {print s+0}')
 echo "summary: $passed passed, $failed failed"

@@ -25,7 +25,7 @@ fn profiles_match_ground_truth() {
     let sent = generate::send(&brokers(), &s.routes, &j, 0).expect("send");
     assert!(j.events >= 3000, "a few thousand events, got {}", j.events);
     let mut child = s.start();
-    s.wait_caught_up(TIMEOUT);
+    s.wait_caught_up(&mut child, TIMEOUT);
     assert!(
         sigterm(&mut child).success(),
         "clean exit on SIGTERM\n{}",
@@ -73,7 +73,7 @@ fn restart_half_way_loses_nothing() {
     let (at_stop, total) = s.progress();
     println!("stopped at {at_stop}/{total}");
     let mut child = s.start();
-    s.wait_caught_up(TIMEOUT);
+    s.wait_caught_up(&mut child, TIMEOUT);
     assert!(sigterm(&mut child).success());
 
     let view = s.output().view;
@@ -94,7 +94,7 @@ fn malformed_input_goes_to_dead_letters_and_nothing_else_is_lost() {
     assert!(j.malformed > 10);
     generate::send(&brokers(), &s.routes, &j, 0).expect("send");
     let mut child = s.start();
-    s.wait_caught_up(TIMEOUT);
+    s.wait_caught_up(&mut child, TIMEOUT);
     assert!(sigterm(&mut child).success());
 
     let dead = s.dead_letters();

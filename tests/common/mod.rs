@@ -22,7 +22,7 @@ use stitcher::generate::Routes;
 use stitcher::journeys::{PersonTruth, CHANNELS};
 
 pub fn brokers() -> String {
-    std::env::var("STITCHER_TEST_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
+    std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
 
 pub fn unique(prefix: &str) -> String {
@@ -129,8 +129,14 @@ listen = "127.0.0.1:0"
             .append(true)
             .open(self.dir.join("service.log"))
             .expect("log file");
-        Command::new(env!("CARGO_BIN_EXE_stitcher"))
-            .args(["run", "--config"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stitcher"));
+        // The config file says everything; no STITCHER_* variable of the caller's shell may override it.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("STITCHER_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.args(["run", "--config"])
             .arg(&self.config_path)
             .env("STITCHER_LOG", "info,librdkafka=warn")
             .stdout(Stdio::null())
@@ -177,9 +183,13 @@ listen = "127.0.0.1:0"
     }
 
     /// Waits until every input message is committed by the group.
-    pub fn wait_caught_up(&self, timeout: Duration) {
+    /// Fails at once if the service exits.
+    pub fn wait_caught_up(&self, child: &mut Child, timeout: Duration) {
         let start = Instant::now();
         loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("service exited early ({status})\n{}", self.log_tail());
+            }
             let (committed, total) = self.progress();
             if committed >= total && total > 0 {
                 return;
