@@ -453,6 +453,23 @@ mod tests {
         email = 3
     "#;
 
+    /// The reference file in deploy/config documents every key with its default: it must load, and apart
+    /// from the inputs and custom types it lists, equal the built-in defaults.
+    #[test]
+    fn reference_config_matches_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/config/stitcher.toml");
+        let mut cfg = Config::from_toml_file(&path).unwrap();
+        assert_eq!(cfg.inputs.len(), 6);
+        cfg.validate().unwrap();
+        cfg.inputs.clear();
+        cfg.identity.custom_types.clear();
+        let defaults = Config::default();
+        assert_eq!(
+            toml::to_string(&cfg).unwrap(),
+            toml::to_string(&defaults).unwrap()
+        );
+    }
+
     #[test]
     fn file_env_and_flags_apply_in_order() {
         let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
