@@ -46,13 +46,11 @@ pub struct Setup {
 }
 
 impl Setup {
-    /// Creates `partitions`-partition topics for every channel and writes the service config.
+    /// Creates `partitions`-partition topics for every channel (Avro and JSON alternately) and writes the
+    /// service config.
     pub fn new(test: &str, partitions: i32, extra_toml: &str) -> Setup {
         let name = unique(test);
-        let dir = std::env::temp_dir().join(&name);
-        std::fs::create_dir_all(&dir).expect("temp dir");
         let mut routes = Routes::new();
-        let mut inputs = String::new();
         let mut input_topics = Vec::new();
         for (i, ch) in CHANNELS.iter().enumerate() {
             let topic = format!("{name}-{ch}");
@@ -61,7 +59,36 @@ impl Setup {
             } else {
                 Format::Json
             };
-            let fmt = if format == Format::Avro {
+            routes.insert(ch.to_string(), (topic.clone(), format));
+            input_topics.push(topic);
+        }
+        create_topics(&input_topics, partitions);
+        Self::with_inputs(name, routes, input_topics, extra_toml)
+    }
+
+    /// A second service over the same input topics, with its own group, output topics and state.
+    pub fn sibling(&self, test: &str, extra_toml: &str) -> Setup {
+        Self::with_inputs(
+            unique(test),
+            self.routes.clone(),
+            self.input_topics.clone(),
+            extra_toml,
+        )
+    }
+
+    fn with_inputs(
+        name: String,
+        routes: Routes,
+        input_topics: Vec<String>,
+        extra_toml: &str,
+    ) -> Setup {
+        let dir = std::env::temp_dir().join(&name);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut inputs = String::new();
+        let mut channels: Vec<_> = routes.iter().collect();
+        channels.sort_by_key(|(ch, _)| ch.as_str());
+        for (ch, (topic, format)) in channels {
+            let fmt = if *format == Format::Avro {
                 "avro"
             } else {
                 "json"
@@ -69,13 +96,10 @@ impl Setup {
             inputs.push_str(&format!(
                 "[[inputs]]\ntopic = \"{topic}\"\nchannel = \"{ch}\"\nformat = \"{fmt}\"\n\n"
             ));
-            routes.insert(ch.to_string(), (topic.clone(), format));
-            input_topics.push(topic);
         }
         let output_topic = format!("{name}-profiles");
         let dlq_topic = format!("{name}-dlq");
         let group = format!("{name}-group");
-        create_topics(&input_topics, partitions);
         let config = format!(
             r#"[kafka]
 brokers = "{brokers}"
@@ -143,6 +167,11 @@ listen = "127.0.0.1:0"
             .stderr(log)
             .spawn()
             .expect("spawn stitcher")
+    }
+
+    /// Everything the service instances of this setup logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("service.log")).unwrap_or_default()
     }
 
     pub fn log_tail(&self) -> String {

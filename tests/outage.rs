@@ -1,0 +1,71 @@
+//! Broker outage: the broker is stopped and started again (same data) while the service runs. The service
+//! must wait it out and finish without loss or duplicates. Alone in its test binary because it takes the
+//! shared broker down.
+#![cfg(feature = "kafka-it")]
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use stitcher::generate;
+use stitcher::journeys::{self, JourneyConfig};
+
+const TIMEOUT: Duration = Duration::from_secs(300);
+
+#[test]
+fn broker_restart_mid_run_loses_and_duplicates_nothing() {
+    let s = Setup::new("outage", 3, "");
+    let j = journeys::generate(&JourneyConfig {
+        persons: 3000,
+        seed: 31,
+        duplicate_rate: 0.01,
+        shuffle_window: 100,
+        ..Default::default()
+    });
+    generate::send(&brokers(), &s.routes, &j, 0).expect("send");
+    let mut child = s.start();
+    let (mut committed, total) = s.progress();
+    let start = Instant::now();
+    while committed < total / 4 {
+        assert!(start.elapsed() < TIMEOUT, "no progress\n{}", s.log_tail());
+        std::thread::sleep(Duration::from_millis(20));
+        committed = s.progress().0;
+    }
+    let t = Instant::now();
+    let status = Command::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/local-kafka/kafka.sh"
+    ))
+    .arg("restart")
+    .status()
+    .expect("run kafka.sh restart");
+    assert!(status.success(), "broker restart failed");
+    let outage = t.elapsed();
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "the service died with the broker\n{}",
+        s.log_tail()
+    );
+    s.wait_caught_up(&mut child, TIMEOUT);
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+
+    let out = s.output();
+    let duplicates = out.duplicates();
+    let got = live_summaries(&out.view);
+    let want = truth_summaries(&j.truth);
+    let applied: u64 = got.iter().map(|s| s.events).sum();
+    let lost = j.events as i64 - applied as i64;
+    let retries = s.log().matches("retrying").count();
+    println!(
+        "outage: broker down for {outage:.1?} at {committed}/{total}; {retries} retried calls logged; {} events, {duplicates} duplicate \
+         output records, {lost} events lost, {} profiles for {} persons",
+        j.events,
+        got.len(),
+        want.len()
+    );
+    assert_eq!(duplicates, 0);
+    assert_eq!(lost, 0);
+    assert!(got == want, "{}", diff(&got, &want));
+}
