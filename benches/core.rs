@@ -1,1 +1,372 @@
-fn main() {}
+//! Benchmarks of the core, without Kafka: identifier normalisation, Avro decode/encode, and the stitch step on
+//! a RocksDB store holding 1M and 10M identifiers, compared in the same run with an in-memory union-find over
+//! the same stream (the upper bound: no profiles, no persistence).
+//!
+//! `cargo bench --bench core` runs everything; `STITCH_SIZES=1000000 cargo bench --bench core -- stitch`
+//! only the stitch step at 1M. Each store size prints its preload time, resident memory and disk size.
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+
+use stitcher::codec::avro::channel_event_schema;
+use stitcher::codec::update::ProfileRecord;
+use stitcher::codec::{encode_confluent, EventDecoder, ProfileUpdate, UpdateEncoder};
+use stitcher::config::{Format, GuardrailConfig, IdentityConfig};
+use stitcher::journeys::{self, Generated, JourneyConfig};
+use stitcher::model::{Event, Identifier};
+use stitcher::normalize::Normalizer;
+use stitcher::stitch::{MemStore, Rules, Stitcher};
+use stitcher::store::{Store, TempStore};
+
+fn sample_events(persons: usize) -> Vec<(String, stitcher::model::ChannelEvent)> {
+    journeys::generate(&JourneyConfig {
+        persons,
+        seed: 5,
+        ..Default::default()
+    })
+    .messages
+    .into_iter()
+    .filter_map(|m| match m {
+        Generated::Event { channel, event, .. } => Some((channel.to_string(), event)),
+        Generated::Malformed { .. } => None,
+    })
+    .collect()
+}
+
+fn normalisation(c: &mut Criterion) {
+    let norm = Normalizer::new(&IdentityConfig::default()).expect("normalizer");
+    let mut g = c.benchmark_group("normalize");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("email", |b| {
+        b.iter(|| norm.identifier("email", black_box("  Alice.Smith+promo@Example.COM ")))
+    });
+    g.bench_function("phone", |b| {
+        b.iter(|| norm.identifier("phone", black_box("(207) 555-0134")))
+    });
+    let events = sample_events(200);
+    g.throughput(Throughput::Elements(events.len() as u64));
+    g.bench_function("event", |b| {
+        b.iter_batched(
+            || events.clone(),
+            |evs| {
+                for (channel, e) in evs {
+                    let _ = black_box(norm.event(e, &channel, |_| {}));
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.finish();
+}
+
+fn avro(c: &mut Criterion) {
+    let schema = channel_event_schema().expect("schema");
+    let events = sample_events(200);
+    let encoded: Vec<Vec<u8>> = events
+        .iter()
+        .map(|(_, e)| encode_confluent(&schema, 1, e).expect("encode"))
+        .collect();
+    let decoder = EventDecoder::new(&[1], 1 << 20).expect("decoder");
+    let mut g = c.benchmark_group("avro");
+    g.throughput(Throughput::Elements(encoded.len() as u64));
+    g.bench_function("decode_channel_event", |b| {
+        b.iter(|| {
+            for bytes in &encoded {
+                black_box(decoder.decode(Format::Avro, bytes).expect("decode"));
+            }
+        })
+    });
+
+    // A realistic profile: the largest of a generated run.
+    let norm = Normalizer::new(&IdentityConfig::default()).expect("normalizer");
+    let stitcher = Stitcher::new(Rules::new(&GuardrailConfig::default()));
+    let mut mem = MemStore::default();
+    for (channel, e) in events {
+        if let Ok(ev) = norm.event(e, &channel, |_| {}) {
+            stitcher.apply(&mut mem, &ev).expect("apply");
+        }
+    }
+    let profile = mem
+        .by_public_id()
+        .into_values()
+        .max_by_key(|p| p.events)
+        .map(ProfileRecord::from)
+        .expect("a profile");
+    let update = ProfileUpdate {
+        profile_id: "p-0123456789abcdef0123".into(),
+        redirect_to: None,
+        merged_from: vec!["p-00000000000000000001".into()],
+        trigger_event_id: Some("evt-1".into()),
+        trigger_channel: Some("web".into()),
+        updated_at: 1_767_225_600_000,
+        refused_links: vec![],
+        profile: Some(profile),
+    };
+    let encoder = UpdateEncoder::new(2).expect("encoder");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("encode_profile_update", |b| {
+        b.iter(|| black_box(encoder.encode(black_box(&update)).expect("encode")))
+    });
+    g.finish();
+}
+
+/// The measured stream over a store preloaded with `persons` persons of ten identifiers each: most events
+/// come back for a known person with a fresh cookie (lookup hit, profile read-modify-write), some are new
+/// anonymous visitors, some log a recent visitor in (a merge into a known profile).
+struct Stream {
+    rng: SmallRng,
+    persons: u64,
+    next: u64,
+    visitors: Vec<u64>,
+}
+
+fn person_identifiers(p: u64) -> Vec<Identifier> {
+    let mut ids = vec![
+        Identifier::new("customer_id", format!("C{p}")),
+        Identifier::new("email", format!("person{p}@example.org")),
+        Identifier::new("phone", format!("+1207{:07}", p % 10_000_000)),
+        Identifier::new("loyalty_id", format!("LC{p}")),
+    ];
+    for k in 0..3 {
+        ids.push(Identifier::new("device_id", format!("dv-{p}-{k}")));
+        ids.push(Identifier::new("anonymous_id", format!("ck-{p}-{k}")));
+    }
+    ids
+}
+
+fn event(id: u64, identifiers: Vec<Identifier>) -> Event {
+    let mut identifiers = identifiers;
+    identifiers.sort();
+    identifiers.dedup();
+    Event {
+        event_id: format!("b-{id}"),
+        channel: "web".into(),
+        event_type: "page_view".into(),
+        timestamp: 1_767_225_600_000 + id as i64,
+        identifiers,
+        purchase: None,
+        items: vec![],
+        campaign_id: None,
+        consent: None,
+    }
+}
+
+impl Stream {
+    fn new(persons: u64) -> Self {
+        Self {
+            rng: SmallRng::seed_from_u64(9),
+            persons,
+            next: 0,
+            visitors: Vec::new(),
+        }
+    }
+
+    fn next_event(&mut self) -> Event {
+        self.next += 1;
+        let n = self.next;
+        let roll = self.rng.gen_range(0..10);
+        let ids = if roll < 7 || self.visitors.is_empty() && roll >= 9 {
+            let p = self.rng.gen_range(0..self.persons);
+            vec![
+                Identifier::new("email", format!("person{p}@example.org")),
+                Identifier::new("anonymous_id", format!("ck-{p}-r{n}")),
+            ]
+        } else if roll < 9 {
+            self.visitors.push(n);
+            vec![
+                Identifier::new("anonymous_id", format!("visitor-{n}")),
+                Identifier::new("device_id", format!("vdev-{n}")),
+            ]
+        } else {
+            let v = self
+                .visitors
+                .swap_remove(self.rng.gen_range(0..self.visitors.len()));
+            let p = self.rng.gen_range(0..self.persons);
+            vec![
+                Identifier::new("anonymous_id", format!("visitor-{v}")),
+                Identifier::new("customer_id", format!("C{p}")),
+            ]
+        };
+        event(n, ids)
+    }
+}
+
+fn rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+fn dir_size_mib(path: &std::path::Path) -> f64 {
+    std::fs::read_dir(path)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum::<u64>()
+        })
+        .unwrap_or(0) as f64
+        / (1024.0 * 1024.0)
+}
+
+/// Applies events in batches the way the pipeline does: an overlay per batch, one synced write.
+fn apply_batch(store: &Store, stitcher: &Stitcher, events: &[Event]) {
+    let mut overlay = store.overlay().expect("overlay");
+    for ev in events {
+        stitcher.apply(&mut overlay, ev).expect("apply");
+    }
+    store
+        .write(overlay.into_write_batch().expect("write batch"))
+        .expect("write");
+}
+
+fn preload(store: &Store, stitcher: &Stitcher, persons: u64) {
+    let mut batch = Vec::with_capacity(10_000);
+    for p in 0..persons {
+        let mut e = event(p, person_identifiers(p));
+        e.event_id = format!("pre-{p}");
+        batch.push(e);
+        if batch.len() == 10_000 {
+            apply_batch(store, stitcher, &batch);
+            batch.clear();
+        }
+    }
+    apply_batch(store, stitcher, &batch);
+}
+
+/// In-memory union-find over identifier strings: union by size, path halving.
+#[derive(Default)]
+struct UnionFind {
+    index: HashMap<Identifier, u32>,
+    parent: Vec<u32>,
+    size: Vec<u32>,
+}
+
+impl UnionFind {
+    fn node(&mut self, id: &Identifier) -> u32 {
+        if let Some(&n) = self.index.get(id) {
+            return n;
+        }
+        let n = self.parent.len() as u32;
+        self.parent.push(n);
+        self.size.push(1);
+        self.index.insert(id.clone(), n);
+        n
+    }
+
+    fn find(&mut self, mut x: u32) -> u32 {
+        while self.parent[x as usize] != x {
+            let grand = self.parent[self.parent[x as usize] as usize];
+            self.parent[x as usize] = grand;
+            x = grand;
+        }
+        x
+    }
+
+    fn union(&mut self, a: u32, b: u32) {
+        let (ra, rb) = (self.find(a), self.find(b));
+        if ra == rb {
+            return;
+        }
+        let (big, small) = if self.size[ra as usize] >= self.size[rb as usize] {
+            (ra, rb)
+        } else {
+            (rb, ra)
+        };
+        self.parent[small as usize] = big;
+        self.size[big as usize] += self.size[small as usize];
+    }
+
+    fn apply(&mut self, ev: &Event) {
+        let mut it = ev.identifiers.iter();
+        if let Some(first) = it.next() {
+            let root = self.node(first);
+            for id in it {
+                let n = self.node(id);
+                self.union(root, n);
+            }
+        }
+    }
+}
+
+const BATCH: usize = 2000;
+
+fn stitch(c: &mut Criterion) {
+    let sizes: Vec<u64> = std::env::var("STITCH_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|s| s.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000_000, 10_000_000]);
+    let rules = Rules::new(&GuardrailConfig::default());
+    let stitcher = Stitcher::new(rules);
+    let mut g = c.benchmark_group("stitch");
+    g.sample_size(10)
+        .warm_up_time(Duration::from_secs(2))
+        .measurement_time(Duration::from_secs(10))
+        .throughput(Throughput::Elements(BATCH as u64));
+    for identifiers in sizes {
+        let persons = identifiers / 10;
+        let label = format!("{}M_identifiers", identifiers / 1_000_000);
+
+        let temp = TempStore::new().expect("temp store");
+        let rss_before = rss_mib();
+        let t = Instant::now();
+        preload(&temp.store, &stitcher, persons);
+        eprintln!(
+            "stitch/{label}: preloaded {persons} persons ({identifiers} identifiers) in {:.1?}; \
+             RSS {:.0} MiB (+{:.0}), state on disk {:.0} MiB",
+            t.elapsed(),
+            rss_mib(),
+            rss_mib() - rss_before,
+            dir_size_mib(temp.path()),
+        );
+        let mut stream = Stream::new(persons);
+        g.bench_function(format!("rocksdb/{label}"), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let events: Vec<Event> = (0..BATCH).map(|_| stream.next_event()).collect();
+                    let t = Instant::now();
+                    apply_batch(&temp.store, &stitcher, &events);
+                    spent += t.elapsed();
+                }
+                spent
+            })
+        });
+        drop(temp);
+
+        let mut uf = UnionFind::default();
+        for p in 0..persons {
+            uf.apply(&event(p, person_identifiers(p)));
+        }
+        let mut stream = Stream::new(persons);
+        g.bench_function(format!("union_find/{label}"), |b| {
+            b.iter_custom(|iters| {
+                let mut spent = Duration::ZERO;
+                for _ in 0..iters {
+                    let events: Vec<Event> = (0..BATCH).map(|_| stream.next_event()).collect();
+                    let t = Instant::now();
+                    for ev in &events {
+                        uf.apply(ev);
+                    }
+                    spent += t.elapsed();
+                }
+                spent
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, normalisation, avro, stitch);
+criterion_main!(benches);

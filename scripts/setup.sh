@@ -18,3 +18,8 @@ if [ ${#pkgs[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${pkgs[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "[setup] Rust (cargo) is required: https://rustup.rs" >&2; exit 1; }
+# networkx for the oracle check (tests/oracle.rs).
+if ! python3 -c "import networkx" >/dev/null 2>&1; then
+  echo "[setup] installing networkx from PyPI"
+  python3 -m pip install --quiet networkx 2>/dev/null || python3 -m pip install --quiet --user --break-system-packages networkx
+fi

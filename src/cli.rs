@@ -28,6 +28,10 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Export the identifier -> profile mapping of a state directory as JSON lines.
     Export(ExportArgs),
+    /// End-to-end benchmark against a real broker: passthrough rate vs pipeline rate, latency, memory.
+    Bench(BenchArgs),
+    /// Stitching quality against a ground-truth file: pairwise precision, recall, F1, over/under-merges.
+    Quality(QualityArgs),
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +99,9 @@ pub struct GenerateArgs {
     /// Shuffle events within windows of this many (out-of-order delivery).
     #[arg(long, default_value_t = 0)]
     pub shuffle_window: usize,
+    /// Share of persons sharing a home phone with the previous person (households).
+    #[arg(long, default_value_t = 0.0)]
+    pub households: f64,
     /// Messages per second (0: as fast as the broker takes them).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
@@ -126,4 +133,45 @@ pub struct InspectArgs {
 pub struct ExportArgs {
     #[arg(long)]
     pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value = "127.0.0.1:19092")]
+    pub brokers: String,
+    /// Persons generated for the throughput runs (about 16 events each).
+    #[arg(long, default_value_t = 12_000)]
+    pub persons: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Partitions of every input topic.
+    #[arg(long, default_value_t = 3)]
+    pub partitions: i32,
+    /// Messages per second produced during the latency phase.
+    #[arg(long, default_value_t = 1000)]
+    pub latency_rate: u64,
+    /// Length of the latency phase.
+    #[arg(long, default_value_t = 20)]
+    pub latency_secs: u64,
+    /// Give up a phase after this long.
+    #[arg(long, default_value_t = 240)]
+    pub timeout_secs: u64,
+    /// Also write the figures here as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct QualityArgs {
+    /// Ground truth written by `generate --truth`.
+    #[arg(long)]
+    pub truth: PathBuf,
+    /// Read the mapping from a stopped instance's state directory...
+    #[arg(long, conflicts_with = "topic")]
+    pub state_dir: Option<PathBuf>,
+    /// ...or from the compacted, read_committed view of this profile topic.
+    #[arg(long, requires = "brokers")]
+    pub topic: Option<String>,
+    #[arg(long)]
+    pub brokers: Option<String>,
 }

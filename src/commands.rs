@@ -7,7 +7,9 @@ use anyhow::Context;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{ConfigArgs, ExportArgs, GenerateArgs, InspectArgs, RunArgs};
+use crate::cli::{
+    BenchArgs, ConfigArgs, ExportArgs, GenerateArgs, InspectArgs, QualityArgs, RunArgs,
+};
 use crate::codec::update::ProfileRecord;
 use crate::config::{Config, Overrides};
 use crate::generate::{self, Routes};
@@ -69,6 +71,7 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         duplicate_rate: args.duplicates,
         malformed_rate: args.malformed,
         shuffle_window: args.shuffle_window,
+        household_rate: args.households,
     };
     let brokers = cfg.kafka.brokers.clone();
     let rate = args.rate;
@@ -162,5 +165,34 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
     })?;
     result?;
     out.flush()?;
+    Ok(())
+}
+
+pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
+    let json = args.json.clone();
+    let report = tokio::task::spawn_blocking(move || crate::bench::run(&args)).await??;
+    print!("{report}");
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
+    let truth = generate::read_truth(&args.truth)
+        .with_context(|| format!("reading {}", args.truth.display()))?;
+    let mapping = match (&args.state_dir, &args.topic, &args.brokers) {
+        (Some(dir), _, _) => {
+            let store =
+                Store::open(dir, 64).context("opening state (is the service still running?)")?;
+            crate::quality::mapping_from_state(&store)?
+        }
+        (None, Some(topic), Some(brokers)) => {
+            crate::quality::mapping_from_topic(brokers, topic, std::time::Duration::from_secs(300))?
+        }
+        _ => anyhow::bail!("give --state-dir, or --topic and --brokers"),
+    };
+    println!("{}", crate::quality::evaluate(&truth, &mapping));
     Ok(())
 }

@@ -33,6 +33,9 @@ pub struct JourneyConfig {
     pub malformed_rate: f64,
     /// Events are shuffled within windows of this many events (0: in time order).
     pub shuffle_window: usize,
+    /// Share of persons who live with the previous person and share their home phone. Stitching on phone
+    /// then merges two true persons: the quality report shows it as over-merges.
+    pub household_rate: f64,
 }
 
 impl Default for JourneyConfig {
@@ -45,6 +48,7 @@ impl Default for JourneyConfig {
             duplicate_rate: 0.0,
             malformed_rate: 0.0,
             shuffle_window: 0,
+            household_rate: 0.0,
         }
     }
 }
@@ -89,6 +93,8 @@ pub struct Journeys {
 
 struct Person {
     idx: usize,
+    /// Unique per person and seed: prefixes its identifiers and event ids.
+    tag: String,
     cookies: Vec<String>,
     devices: Vec<String>,
     customer_id: Option<String>,
@@ -143,6 +149,7 @@ impl Person {
         let social = rng.gen_bool(0.3).then(|| format!("sc-{tag}"));
         Person {
             idx,
+            tag,
             cookies,
             devices,
             customer_id,
@@ -230,7 +237,7 @@ impl Builder<'_> {
         self.t += self.rng.gen_range(1_000..3_600_000);
         self.seq += 1;
         let event = ChannelEvent {
-            event_id: format!("ev-{}-{}", self.person.idx, self.seq),
+            event_id: format!("ev-{}-{}", self.person.tag, self.seq),
             channel: Some(channel.to_string()),
             event_type: event_type.to_string(),
             timestamp: self.t,
@@ -398,8 +405,15 @@ pub fn generate(cfg: &JourneyConfig) -> Journeys {
     let mut rng = SmallRng::seed_from_u64(cfg.seed);
     let mut timed: Vec<(i64, usize, &'static str, ChannelEvent)> = Vec::new();
     let mut truth = Vec::with_capacity(cfg.persons);
+    let mut previous_phone: Option<(String, String)> = None;
     for idx in 0..cfg.persons {
-        let person = Person::new(idx, cfg.seed, &mut rng);
+        let mut person = Person::new(idx, cfg.seed, &mut rng);
+        if cfg.household_rate > 0.0 && rng.gen_bool(cfg.household_rate.min(1.0)) {
+            if let Some(phone) = &previous_phone {
+                person.phone = Some(phone.clone());
+            }
+        }
+        previous_phone = person.phone.clone();
         let start = cfg.start_ms + rng.gen_range(0..cfg.span_ms.max(1));
         let events = journey(&person, &mut rng, start);
         let mut t = PersonTruth {

@@ -18,10 +18,12 @@
 //! - [`kafka`], [`pipeline`]: the consume-process-commit loop with Kafka transactions.
 //! - [`metrics`], [`http`]: Prometheus metrics, probes, profile lookup.
 //! - [`journeys`], [`generate`], [`demo`]: synthetic journeys with ground truth, and the demo.
+//! - [`quality`], [`bench`]: stitching quality against ground truth; the end-to-end benchmark.
 //!
 //! docs/DESIGN.md describes the state and the commit protocol.
 
 pub mod app;
+pub mod bench;
 pub mod cli;
 pub mod codec;
 pub mod commands;
@@ -37,6 +39,7 @@ pub mod normalize;
 pub mod pipeline;
 pub mod processor;
 pub mod profile;
+pub mod quality;
 pub mod shutdown;
 pub mod stitch;
 pub mod store;

@@ -335,6 +335,10 @@ impl TempStore {
             _dir: tempfile_dir::TempDir(path),
         })
     }
+
+    pub fn path(&self) -> &Path {
+        &self._dir.0
+    }
 }
 
 impl Store {

@@ -1,0 +1,589 @@
+//! `stitcher bench`: end-to-end throughput and latency against a real broker, in one run.
+//!
+//! 1. Generated journeys are written once to fresh channel topics.
+//! 2. **Passthrough**: a consumer and a transactional producer built from the same client settings as the
+//!    service read every input message and write the same bytes to another topic, committing offsets in
+//!    transactions of the same batch size. No decoding, no state: the rate this broker and client allow.
+//! 3. **Pipeline**: the service (this binary, `run`) processes the same input with exactly-once on.
+//! 4. **Latency**: with the service caught up, new journeys are produced live at a fixed rate with event time
+//!    = send time; a read_committed consumer of the profile topic measures event time → update visible.
+//!
+//! Both rates are measured the same way, from the group's committed offsets: messages committed between
+//! the first commit and the last, over that time, so start-up (group join, RocksDB open) counts for neither.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Serialize;
+
+use crate::cli::BenchArgs;
+use crate::codec::avro::profile_update_schema;
+use crate::codec::{decode_confluent, ProfileUpdate};
+use crate::config::{Config, Format, InputConfig};
+use crate::generate::{self, Routes};
+use crate::journeys::{self, Generated, JourneyConfig, CHANNELS};
+use crate::kafka::{consumer_config, producer_config, StitchContext};
+use crate::metrics::Metrics;
+
+/// What one run measured; printed and optionally written as JSON.
+#[derive(Debug, Serialize)]
+pub struct BenchReport {
+    pub messages: u64,
+    pub events: usize,
+    pub partitions: i32,
+    pub passthrough_msgs_per_sec: f64,
+    pub pipeline_msgs_per_sec: f64,
+    pub ratio: f64,
+    pub latency_rate_msgs_per_sec: u64,
+    pub latency_samples: usize,
+    pub latency_p50_ms: f64,
+    pub latency_p99_ms: f64,
+    pub latency_max_ms: f64,
+    pub service_peak_rss_mib: f64,
+    pub service_cpu_secs: f64,
+    pub total_secs: f64,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+struct Topics {
+    routes: Routes,
+    inputs: Vec<String>,
+    passthrough: String,
+    output: String,
+    dead_letters: String,
+}
+
+fn bench_config(args: &BenchArgs, run: &str, topics: &Topics, state: &Path) -> Config {
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = args.brokers.clone();
+    cfg.kafka.group_id = format!("{run}-pipeline");
+    cfg.kafka.transactional_id = format!("{run}-pipeline");
+    let mut channels: Vec<_> = topics.routes.iter().collect();
+    channels.sort_by_key(|(ch, _)| ch.as_str());
+    cfg.inputs = channels
+        .into_iter()
+        .map(|(ch, (topic, format))| InputConfig {
+            topic: topic.clone(),
+            channel: ch.clone(),
+            format: *format,
+        })
+        .collect();
+    cfg.identity.custom_types = vec!["social_id".into()];
+    cfg.output.topic = topics.output.clone();
+    cfg.output.dead_letter_topic = topics.dead_letters.clone();
+    cfg.output.partitions = args.partitions;
+    cfg.state.dir = state.to_path_buf();
+    cfg.http.listen = ([127, 0, 0, 1], 0).into();
+    cfg
+}
+
+fn create_topics(brokers: &str, names: &[String], partitions: i32) -> anyhow::Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let new: Vec<NewTopic> = names
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    for r in rt.block_on(admin.create_topics(&new, &AdminOptions::new()))? {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+/// Sum of the group's committed offsets over the inputs, and the total of messages in them.
+struct Progress {
+    consumer: BaseConsumer,
+    tpl: TopicPartitionList,
+}
+
+impl Progress {
+    fn new(brokers: &str, group: &str, inputs: &[String], partitions: i32) -> anyhow::Result<Self> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers)
+            .set("group.id", group)
+            .create()?;
+        let mut tpl = TopicPartitionList::new();
+        for t in inputs {
+            for p in 0..partitions {
+                tpl.add_partition(t, p);
+            }
+        }
+        Ok(Self { consumer, tpl })
+    }
+
+    fn committed(&self) -> i64 {
+        self.consumer
+            .committed_offsets(self.tpl.clone(), Duration::from_secs(10))
+            .map(|c| {
+                c.elements()
+                    .iter()
+                    .filter_map(|e| match e.offset() {
+                        Offset::Offset(o) => Some(o),
+                        _ => None,
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+
+    /// Waits until `total` is committed; returns the steady rate (messages per second between the first
+    /// commit and the last). `alive` is checked so that a dead service fails the run instead of hanging it.
+    fn measure(
+        &self,
+        total: i64,
+        timeout: Duration,
+        mut alive: impl FnMut() -> anyhow::Result<()>,
+    ) -> anyhow::Result<f64> {
+        let started = Instant::now();
+        let mut first: Option<(Instant, i64)> = None;
+        loop {
+            alive()?;
+            let c = self.committed();
+            let now = Instant::now();
+            if c > 0 && first.is_none() {
+                first = Some((now, c));
+            }
+            if c >= total {
+                let (t0, c0) = first.unwrap_or((started, 0));
+                let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
+                return Ok((c - c0) as f64 / secs);
+            }
+            if started.elapsed() > timeout {
+                bail!("not done after {timeout:?}: {c}/{total} committed");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Reads every input message and writes the same key and bytes to `topics.passthrough`, in transactions of
+/// `batch_max_events` with offsets, with the service's client settings. Returns when `stop` is set.
+fn passthrough(cfg: &Config, topics: &Topics, stop: &AtomicBool) -> anyhow::Result<()> {
+    let mut cfg = cfg.clone();
+    cfg.kafka.group_id = format!("{}-passthrough", cfg.kafka.group_id);
+    // The service's consumer context too (statistics parsed for lag), so the clients differ in nothing.
+    let consumer: BaseConsumer<StitchContext> =
+        consumer_config(&cfg).create_with_context(StitchContext::new(Metrics::new()?))?;
+    let producer: ThreadedProducer<DefaultProducerContext> =
+        producer_config(&cfg, "passthrough").create()?;
+    producer.init_transactions(Duration::from_secs(30))?;
+    let inputs: Vec<&str> = topics.inputs.iter().map(String::as_str).collect();
+    consumer.subscribe(&inputs)?;
+    let linger = cfg.processing.batch_linger;
+    while !stop.load(Ordering::Relaxed) {
+        let until = Instant::now() + linger;
+        let mut next: HashMap<(String, i32), i64> = HashMap::new();
+        let mut n = 0;
+        producer.begin_transaction()?;
+        while n < cfg.processing.batch_max_events {
+            let now = Instant::now();
+            if now >= until {
+                break;
+            }
+            let Some(m) = consumer.poll(until - now) else {
+                continue;
+            };
+            let m = m?;
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topics.passthrough);
+            if let Some(k) = m.key() {
+                record = record.key(k);
+            }
+            if let Some(p) = m.payload() {
+                record = record.payload(p);
+            }
+            let mut pending = record;
+            loop {
+                match producer.send(pending) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        pending = back;
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                }
+            }
+            next.insert((m.topic().to_string(), m.partition()), m.offset() + 1);
+            n += 1;
+        }
+        if !next.is_empty() {
+            let mut tpl = TopicPartitionList::new();
+            for ((t, p), o) in &next {
+                tpl.add_partition_offset(t, *p, Offset::Offset(*o))?;
+            }
+            let group = consumer
+                .group_metadata()
+                .context("consumer has no group metadata")?;
+            producer.send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))?;
+        }
+        producer.commit_transaction(Duration::from_secs(30))?;
+    }
+    Ok(())
+}
+
+fn proc_status(pid: u32, field: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// User + system CPU seconds of a process.
+fn cpu_secs(pid: u32) -> f64 {
+    let ticks = 100.0; // USER_HZ on Linux
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let after = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+        })
+        .unwrap_or(0.0)
+}
+
+struct Service {
+    child: Child,
+}
+
+impl Service {
+    fn start(config: &Path, log: &Path) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let log = std::fs::File::create(log)?;
+        let child = Command::new(exe)
+            .args(["run", "--config"])
+            .arg(config)
+            .env("STITCHER_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("starting the service")?;
+        Ok(Self { child })
+    }
+
+    fn check(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("the service exited ({status}); see its log");
+        }
+        Ok(())
+    }
+
+    fn stop(&mut self) -> anyhow::Result<()> {
+        // SAFETY: kill(2) on our own child.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGTERM);
+        }
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("the service exited with {status}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Latency samples: send time of each live event, matched with the time its profile update became visible.
+fn measure_latency(
+    args: &BenchArgs,
+    topics: &Topics,
+    persons: usize,
+) -> anyhow::Result<(Vec<f64>, u64)> {
+    let schema = profile_update_schema()?;
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("group.id", format!("{}-latency", topics.output))
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..args.partitions {
+        tpl.add_partition_offset(&topics.output, p, Offset::End)?;
+    }
+    reader.assign(&tpl)?;
+    // Let the assignment settle at the end before producing.
+    let settle = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < settle {
+        reader.poll(Duration::from_millis(100));
+    }
+
+    let j = journeys::generate(&JourneyConfig {
+        persons,
+        seed: args.seed.wrapping_add(1),
+        ..Default::default()
+    });
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &args.brokers)
+        .set("linger.ms", "1")
+        .set("enable.idempotence", "true")
+        .create()?;
+    let event_schema = crate::codec::avro::channel_event_schema()?;
+    let mut sent_at: HashMap<String, i64> = HashMap::new();
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.latency_secs);
+    let mut sent = 0u64;
+    let read = |sent_at: &HashMap<String, i64>, latencies: &mut Vec<f64>, wait: Duration| {
+        if let Some(Ok(m)) = reader.poll(wait) {
+            let seen = now_ms();
+            if let Some(Ok((_, u))) = m
+                .payload()
+                .map(|p| decode_confluent::<ProfileUpdate>(&schema, p))
+            {
+                if let Some(t) = u.trigger_event_id.as_ref().and_then(|id| sent_at.get(id)) {
+                    latencies.push((seen - t) as f64);
+                }
+            }
+        }
+    };
+    for m in &j.messages {
+        if Instant::now() >= deadline {
+            break;
+        }
+        let Generated::Event {
+            channel,
+            key,
+            event,
+        } = m
+        else {
+            continue;
+        };
+        let Some((topic, format)) = topics.routes.get(*channel) else {
+            continue;
+        };
+        let mut event = event.clone();
+        event.timestamp = now_ms();
+        let bytes = match format {
+            Format::Avro => crate::codec::encode_confluent(&event_schema, 1, &event)?,
+            Format::Json => serde_json::to_vec(&event)?,
+        };
+        sent_at.insert(event.event_id.clone(), event.timestamp);
+        producer
+            .send(BaseRecord::to(topic).key(key.as_bytes()).payload(&bytes))
+            .map_err(|(e, _)| e)?;
+        sent += 1;
+        // Pace to the rate, reading the output while waiting.
+        let due = started + Duration::from_secs_f64(sent as f64 / args.latency_rate as f64);
+        loop {
+            let now = Instant::now();
+            if now >= due {
+                break;
+            }
+            read(
+                &sent_at,
+                &mut latencies,
+                (due - now).min(Duration::from_millis(5)),
+            );
+        }
+    }
+    producer.flush(Duration::from_secs(30))?;
+    // Drain what is still in flight.
+    let drain = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < drain {
+        read(&sent_at, &mut latencies, Duration::from_millis(50));
+    }
+    Ok((latencies, sent))
+}
+
+fn percentile(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
+    let started = Instant::now();
+    let run = format!(
+        "bench-{}-{:06x}",
+        std::process::id(),
+        rand::random::<u32>() & 0xff_ffff
+    );
+    let dir: PathBuf = std::env::temp_dir().join(&run);
+    std::fs::create_dir_all(&dir)?;
+    let mut routes = Routes::new();
+    let mut inputs = Vec::new();
+    for (i, ch) in CHANNELS.iter().enumerate() {
+        let topic = format!("{run}-{ch}");
+        let format = if i % 2 == 0 {
+            Format::Avro
+        } else {
+            Format::Json
+        };
+        routes.insert(ch.to_string(), (topic.clone(), format));
+        inputs.push(topic);
+    }
+    let topics = Topics {
+        routes,
+        passthrough: format!("{run}-passthrough"),
+        output: format!("{run}-profiles"),
+        dead_letters: format!("{run}-dlq"),
+        inputs,
+    };
+    let mut all = topics.inputs.clone();
+    all.push(topics.passthrough.clone());
+    create_topics(&args.brokers, &all, args.partitions)?;
+
+    let j = journeys::generate(&JourneyConfig {
+        persons: args.persons,
+        seed: args.seed,
+        duplicate_rate: 0.01,
+        shuffle_window: 100,
+        ..Default::default()
+    });
+    let t = Instant::now();
+    let messages = generate::send(&args.brokers, &topics.routes, &j, 0)?;
+    eprintln!(
+        "bench: wrote {messages} messages ({} events) to {} topics x {} partitions in {:.1?}",
+        j.events,
+        topics.inputs.len(),
+        args.partitions,
+        t.elapsed()
+    );
+
+    let cfg = bench_config(args, &run, &topics, &dir.join("state"));
+    let timeout = Duration::from_secs(args.timeout_secs);
+
+    // (a) passthrough
+    let progress = Progress::new(
+        &args.brokers,
+        &format!("{}-passthrough", cfg.kafka.group_id),
+        &topics.inputs,
+        args.partitions,
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let (cfg, stop) = (cfg.clone(), stop.clone());
+        let topics = Topics {
+            routes: topics.routes.clone(),
+            inputs: topics.inputs.clone(),
+            passthrough: topics.passthrough.clone(),
+            output: topics.output.clone(),
+            dead_letters: topics.dead_letters.clone(),
+        };
+        std::thread::spawn(move || passthrough(&cfg, &topics, &stop))
+    };
+    let pass_rate = progress.measure(messages as i64, timeout, || {
+        if worker.is_finished() {
+            bail!("passthrough stopped early");
+        }
+        Ok(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("passthrough panicked"))??;
+    let pass_rate = pass_rate?;
+    eprintln!("bench: passthrough {pass_rate:.0} msg/s");
+
+    // (b) pipeline
+    let config_path = dir.join("stitcher.toml");
+    std::fs::write(&config_path, toml::to_string(&cfg)?)?;
+    let mut service = Service::start(&config_path, &dir.join("service.log"))?;
+    let progress = Progress::new(
+        &args.brokers,
+        &cfg.kafka.group_id,
+        &topics.inputs,
+        args.partitions,
+    )?;
+    let pipe_rate = progress.measure(messages as i64, timeout, || service.check())?;
+    eprintln!("bench: pipeline {pipe_rate:.0} msg/s");
+
+    // (c) latency at a fixed live rate
+    let live_persons = (args.latency_rate * args.latency_secs / 15).max(10) as usize;
+    let (mut latencies, live_sent) = measure_latency(args, &topics, live_persons)?;
+    service.check()?;
+    let pid = service.child.id();
+    let rss = proc_status(pid, "VmHWM:") / 1024.0;
+    let cpu = cpu_secs(pid);
+    service.stop()?;
+    latencies.sort_by(f64::total_cmp);
+    if latencies.is_empty() {
+        bail!("no profile update seen for {live_sent} live events");
+    }
+    let report = BenchReport {
+        messages,
+        events: j.events,
+        partitions: args.partitions,
+        passthrough_msgs_per_sec: pass_rate,
+        pipeline_msgs_per_sec: pipe_rate,
+        ratio: pipe_rate / pass_rate,
+        latency_rate_msgs_per_sec: args.latency_rate,
+        latency_samples: latencies.len(),
+        latency_p50_ms: percentile(&latencies, 0.50),
+        latency_p99_ms: percentile(&latencies, 0.99),
+        latency_max_ms: percentile(&latencies, 1.0),
+        service_peak_rss_mib: rss,
+        service_cpu_secs: cpu,
+        total_secs: started.elapsed().as_secs_f64(),
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}
+
+impl std::fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(
+            f,
+            "end-to-end, {} messages ({} events) over {} partitions, exactly-once",
+            self.messages, self.events, self.partitions
+        )?;
+        writeln!(
+            f,
+            "  passthrough (same bytes, same client settings, transactions): {:>9.0} msg/s",
+            self.passthrough_msgs_per_sec
+        )?;
+        writeln!(
+            f,
+            "  pipeline:                                                     {:>9.0} msg/s",
+            self.pipeline_msgs_per_sec
+        )?;
+        writeln!(f, "  pipeline / passthrough: {:.2}", self.ratio)?;
+        writeln!(
+            f,
+            "  latency event time -> update visible, live at {} msg/s ({} samples): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            self.latency_rate_msgs_per_sec,
+            self.latency_samples,
+            self.latency_p50_ms,
+            self.latency_p99_ms,
+            self.latency_max_ms
+        )?;
+        writeln!(
+            f,
+            "  service peak RSS {:.0} MiB, CPU {:.1} s; whole run {:.0} s",
+            self.service_peak_rss_mib, self.service_cpu_secs, self.total_secs
+        )
+    }
+}
