@@ -34,6 +34,7 @@ use crate::generate::{self, Routes};
 use crate::journeys::{self, Generated, JourneyConfig, CHANNELS};
 use crate::kafka::{consumer_config, producer_config, StitchContext};
 use crate::metrics::Metrics;
+use crate::quality::{self, QualityReport};
 
 /// What one run measured; printed and optionally written as JSON.
 #[derive(Debug, Serialize)]
@@ -52,6 +53,8 @@ pub struct BenchReport {
     pub service_peak_rss_mib: f64,
     pub service_cpu_secs: f64,
     pub total_secs: f64,
+    /// Stitching quality of the throughput run against its ground truth.
+    pub quality: QualityReport,
 }
 
 fn now_ms() -> i64 {
@@ -461,6 +464,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         seed: args.seed,
         duplicate_rate: 0.01,
         shuffle_window: 100,
+        household_rate: args.households,
         ..Default::default()
     });
     let t = Instant::now();
@@ -520,6 +524,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     )?;
     let pipe_rate = progress.measure(messages as i64, timeout, || service.check())?;
     eprintln!("bench: pipeline {pipe_rate:.0} msg/s");
+    let quality = quality::evaluate(
+        &j.truth,
+        &quality::mapping_from_topic(&args.brokers, &topics.output, timeout)?,
+    );
 
     // (c) latency at a fixed live rate
     let live_persons = (args.latency_rate * args.latency_secs / 15).max(10) as usize;
@@ -548,6 +556,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         service_peak_rss_mib: rss,
         service_cpu_secs: cpu,
         total_secs: started.elapsed().as_secs_f64(),
+        quality,
     };
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
@@ -584,6 +593,11 @@ impl std::fmt::Display for BenchReport {
             f,
             "  service peak RSS {:.0} MiB, CPU {:.1} s; whole run {:.0} s",
             self.service_peak_rss_mib, self.service_cpu_secs, self.total_secs
-        )
+        )?;
+        writeln!(f, "quality of the throughput run against its ground truth:")?;
+        for line in self.quality.to_string().lines() {
+            writeln!(f, "  {line}")?;
+        }
+        Ok(())
     }
 }

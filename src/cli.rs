@@ -147,6 +147,9 @@ pub struct BenchArgs {
     /// Partitions of every input topic.
     #[arg(long, default_value_t = 3)]
     pub partitions: i32,
+    /// Share of persons sharing a home phone with another (over-merges the quality report shows).
+    #[arg(long, default_value_t = 0.02)]
+    pub households: f64,
     /// Messages per second produced during the latency phase.
     #[arg(long, default_value_t = 1000)]
     pub latency_rate: u64,

@@ -10,9 +10,11 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
@@ -129,7 +131,7 @@ pub fn mapping_from_topic(
     timeout: Duration,
 ) -> anyhow::Result<HashMap<Key, String>> {
     let schema = profile_update_schema()?;
-    let consumer: BaseConsumer = ClientConfig::new()
+    let consumer: BaseConsumer<QuietEof> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set(
             "group.id",
@@ -138,7 +140,7 @@ pub fn mapping_from_topic(
         .set("isolation.level", "read_committed")
         .set("enable.partition.eof", "true")
         .set("enable.auto.commit", "false")
-        .create()?;
+        .create_with_context(QuietEof)?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = md
         .topics()
@@ -183,6 +185,19 @@ pub fn mapping_from_topic(
     }
     Ok(map)
 }
+
+/// End of partition is how the reader knows it is done, not an error worth a log line.
+struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::warn!(%error, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for QuietEof {}
 
 impl std::fmt::Display for QualityReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -181,34 +181,46 @@ listen = "127.0.0.1:0"
     }
 
     /// Messages the group has committed, summed over the input topics, and the total in them.
+    /// Retries through transient broker errors (leaders moving after a broker restart) for up to a minute.
     pub fn progress(&self) -> (i64, i64) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.try_progress() {
+                Ok(p) => return p,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("progress: {e}, retrying");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("cannot read progress: {e}"),
+            }
+        }
+    }
+
+    fn try_progress(&self) -> Result<(i64, i64), rdkafka::error::KafkaError> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers())
             .set("group.id", &self.group)
-            .create()
-            .expect("consumer");
+            .create()?;
         let (mut committed, mut total) = (0, 0);
         let mut tpl = TopicPartitionList::new();
         for topic in &self.input_topics {
-            let md = consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(10))
-                .expect("metadata");
+            let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
             for p in md.topics()[0].partitions() {
                 tpl.add_partition(topic, p.id());
-                let (_, high) = consumer
-                    .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
-                    .expect("watermarks");
+                let (_, high) =
+                    consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(10))?;
                 total += high;
             }
         }
-        if let Ok(c) = consumer.committed_offsets(tpl, Duration::from_secs(10)) {
-            for e in c.elements() {
-                if let Offset::Offset(o) = e.offset() {
-                    committed += o;
-                }
+        for e in consumer
+            .committed_offsets(tpl, Duration::from_secs(10))?
+            .elements()
+        {
+            if let Offset::Offset(o) = e.offset() {
+                committed += o;
             }
         }
-        (committed, total)
+        Ok((committed, total))
     }
 
     /// Waits until every input message is committed by the group.
