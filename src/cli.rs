@@ -102,6 +102,9 @@ pub struct GenerateArgs {
     /// Share of persons sharing a home phone with the previous person (households).
     #[arg(long, default_value_t = 0.0)]
     pub households: f64,
+    /// Channel mix: only these channels emit events (comma-separated; default all).
+    #[arg(long, value_delimiter = ',')]
+    pub channels: Vec<String>,
     /// Messages per second (0: as fast as the broker takes them).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,

@@ -72,6 +72,7 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         malformed_rate: args.malformed,
         shuffle_window: args.shuffle_window,
         household_rate: args.households,
+        channels: args.channels.clone(),
     };
     let brokers = cfg.kafka.brokers.clone();
     let rate = args.rate;
