@@ -31,7 +31,7 @@ use crate::codec::avro::profile_update_schema;
 use crate::codec::{decode_confluent, ProfileUpdate};
 use crate::config::{Config, Format, InputConfig};
 use crate::generate::{self, Routes};
-use crate::journeys::{self, Generated, JourneyConfig, CHANNELS};
+use crate::journeys::{self, Generated, JourneyConfig};
 use crate::kafka::{consumer_config, producer_config, StitchContext};
 use crate::metrics::Metrics;
 use crate::quality::{self, QualityReport};
@@ -436,18 +436,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     );
     let dir: PathBuf = std::env::temp_dir().join(&run);
     std::fs::create_dir_all(&dir)?;
-    let mut routes = Routes::new();
-    let mut inputs = Vec::new();
-    for (i, ch) in CHANNELS.iter().enumerate() {
-        let topic = format!("{run}-{ch}");
-        let format = if i % 2 == 0 {
-            Format::Avro
-        } else {
-            Format::Json
-        };
-        routes.insert(ch.to_string(), (topic.clone(), format));
-        inputs.push(topic);
-    }
+    let (routes, inputs) = generate::channel_routes(&run);
     let topics = Topics {
         routes,
         passthrough: format!("{run}-passthrough"),

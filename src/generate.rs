@@ -29,6 +29,24 @@ pub enum GenerateError {
 /// Where each channel's events go, and in which format.
 pub type Routes = HashMap<String, (String, Format)>;
 
+/// A topic `<prefix>-<channel>` for every generated channel, Avro and JSON alternately; and the topic names
+/// in channel order. Used by the tests and the benchmark so that both formats are always exercised.
+pub fn channel_routes(prefix: &str) -> (Routes, Vec<String>) {
+    let mut routes = Routes::new();
+    let mut topics = Vec::new();
+    for (i, ch) in crate::journeys::CHANNELS.iter().enumerate() {
+        let topic = format!("{prefix}-{ch}");
+        let format = if i % 2 == 0 {
+            Format::Avro
+        } else {
+            Format::Json
+        };
+        routes.insert(ch.to_string(), (topic.clone(), format));
+        topics.push(topic);
+    }
+    (routes, topics)
+}
+
 /// Produces every generated message; `rate` limits messages per second (0: as fast as possible).
 /// Returns the number of messages sent.
 pub fn send(

@@ -529,6 +529,27 @@ mod tests {
     use crate::normalize::Normalizer;
     use crate::stitch::{MemStore, Rules, Stitcher};
 
+    /// Normalises and stitches every generated event in memory, default rules; `check` sees each channel.
+    fn stitch_in_memory(j: &Journeys, check: impl Fn(&str)) -> MemStore {
+        let n = Normalizer::new(&IdentityConfig {
+            custom_types: vec!["social_id".into()],
+            ..Default::default()
+        })
+        .unwrap();
+        let s = Stitcher::new(Rules::new(&Default::default()));
+        let mut store = MemStore::default();
+        for m in &j.messages {
+            if let Generated::Event { channel, event, .. } = m {
+                check(channel);
+                let ev = n
+                    .event(event.clone(), channel, |r| panic!("rejected {r:?}"))
+                    .unwrap();
+                s.apply(&mut store, &ev).unwrap();
+            }
+        }
+        store
+    }
+
     #[test]
     fn generation_is_deterministic() {
         let cfg = JourneyConfig {
@@ -553,21 +574,7 @@ mod tests {
             ..Default::default()
         };
         let j = generate(&cfg);
-        let n = Normalizer::new(&IdentityConfig {
-            custom_types: vec!["social_id".into()],
-            ..Default::default()
-        })
-        .unwrap();
-        let s = Stitcher::new(Rules::new(&Default::default()));
-        let mut store = MemStore::default();
-        for m in &j.messages {
-            if let Generated::Event { channel, event, .. } = m {
-                let ev = n
-                    .event(event.clone(), channel, |r| panic!("rejected {r:?}"))
-                    .unwrap();
-                s.apply(&mut store, &ev).unwrap();
-            }
-        }
+        let store = stitch_in_memory(&j, |_| {});
         let mut got: Vec<(BTreeSet<(String, String)>, u64)> = store
             .profiles
             .values()
@@ -601,20 +608,7 @@ mod tests {
             ..Default::default()
         };
         let j = generate(&cfg);
-        let n = Normalizer::new(&IdentityConfig {
-            custom_types: vec!["social_id".into()],
-            ..Default::default()
-        })
-        .unwrap();
-        let s = Stitcher::new(Rules::new(&Default::default()));
-        let mut store = MemStore::default();
-        for m in &j.messages {
-            if let Generated::Event { channel, event, .. } = m {
-                assert!(*channel == "web" || *channel == "pos");
-                let ev = n.event(event.clone(), channel, |_| {}).unwrap();
-                s.apply(&mut store, &ev).unwrap();
-            }
-        }
+        let store = stitch_in_memory(&j, |ch| assert!(ch == "web" || ch == "pos"));
         let mapping: std::collections::HashMap<(String, String), String> = store
             .profiles
             .values()

@@ -19,7 +19,7 @@ use stitcher::codec::avro::profile_update_schema;
 use stitcher::codec::{decode_confluent, ProfileUpdate};
 use stitcher::config::Format;
 use stitcher::generate::Routes;
-use stitcher::journeys::{PersonTruth, CHANNELS};
+use stitcher::journeys::PersonTruth;
 
 pub fn brokers() -> String {
     std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
@@ -50,18 +50,7 @@ impl Setup {
     /// service config.
     pub fn new(test: &str, partitions: i32, extra_toml: &str) -> Setup {
         let name = unique(test);
-        let mut routes = Routes::new();
-        let mut input_topics = Vec::new();
-        for (i, ch) in CHANNELS.iter().enumerate() {
-            let topic = format!("{name}-{ch}");
-            let format = if i % 2 == 0 {
-                Format::Avro
-            } else {
-                Format::Json
-            };
-            routes.insert(ch.to_string(), (topic.clone(), format));
-            input_topics.push(topic);
-        }
+        let (routes, input_topics) = stitcher::generate::channel_routes(&name);
         create_topics(&input_topics, partitions);
         Self::with_inputs(name, routes, input_topics, extra_toml)
     }
