@@ -2,7 +2,7 @@
 # Installs what building and testing need on a fresh Debian machine (idempotent).
 set -euo pipefail
 need=()
-for pkg in libclang-dev cmake libcurl4-openssl-dev libsasl2-dev libssl-dev libzstd-dev liblz4-dev pkg-config build-essential maven openjdk-17-jre-headless; do
+for pkg in libclang-dev cmake libcurl4-openssl-dev libsasl2-dev libssl-dev libzstd-dev liblz4-dev pkg-config build-essential maven openjdk-17-jre-headless prometheus; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ! command -v java >/dev/null 2>&1 || ! command -v mvn >/dev/null 2>&1; then :; else

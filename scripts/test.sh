@@ -9,6 +9,7 @@ export KAFKA_PORT="${KAFKA_PORT:-19092}"
 export TEST_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
 
 cargo fmt --all -- --check
+promtool check rules deploy/prometheus/alerts.yml
 cargo clippy --all-targets --features kafka-it -- -D warnings
 
 deploy/local-kafka/kafka.sh clean >/dev/null 2>&1 || true

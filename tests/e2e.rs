@@ -26,6 +26,7 @@ fn profiles_match_ground_truth() {
     assert!(j.events >= 3000, "a few thousand events, got {}", j.events);
     let mut child = s.start();
     s.wait_caught_up(&mut child, TIMEOUT);
+    check_http(&s, &j.truth);
     assert!(
         sigterm(&mut child).success(),
         "clean exit on SIGTERM\n{}",
@@ -128,4 +129,74 @@ fn malformed_input_goes_to_dead_letters_and_nothing_else_is_lost() {
         j.malformed,
         j.messages.len()
     );
+}
+
+/// The running service's HTTP surface: probes, metrics (valid exposition format, checked by promtool when
+/// installed), and the lookup of a profile by a raw, unnormalised identifier.
+fn check_http(s: &Setup, truth: &[journeys::PersonTruth]) {
+    assert_eq!(s.http_get("/healthz").0, 200);
+    assert_eq!(s.http_get("/readyz").0, 200);
+    let (status, metrics) = s.http_get("/metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "stitcher_events_consumed_total",
+        "stitcher_profiles_created_total",
+        "stitcher_profile_merges_total",
+        "stitcher_output_records_total",
+        "stitcher_event_latency_seconds_bucket",
+        "stitcher_transactions_total",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
+    if let Ok(mut promtool) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        use std::io::Write;
+        promtool
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(metrics.as_bytes())
+            .expect("write to promtool");
+        let out = promtool.wait_with_output().expect("promtool");
+        assert!(
+            out.status.success(),
+            "promtool check metrics: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!("promtool check metrics: ok");
+    }
+    // An email as a call-centre agent would type it: mixed case, spaces (URL-encoded).
+    let person = truth
+        .iter()
+        .find(|t| t.identifiers.iter().any(|(k, _)| k == "email"))
+        .expect("a person with an email");
+    let email = &person
+        .identifiers
+        .iter()
+        .find(|(k, _)| k == "email")
+        .expect("email")
+        .1;
+    let (status, body) = s.http_get(&format!(
+        "/v1/identifiers/email/%20{}%20",
+        email.to_uppercase()
+    ));
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let ids = answer["profile"]["identifiers"]
+        .as_array()
+        .expect("identifiers");
+    assert_eq!(ids.len(), person.identifiers.len(), "{body}");
+    let profile_id = answer["profile_id"].as_str().expect("profile_id");
+    assert_eq!(s.http_get(&format!("/v1/profiles/{profile_id}")).0, 200);
+    assert_eq!(
+        s.http_get("/v1/identifiers/email/nobody@example.org").0,
+        404
+    );
+    assert_eq!(s.http_get("/v1/profiles/not-an-id").0, 400);
 }

@@ -43,6 +43,8 @@ pub struct Setup {
     pub group: String,
     pub dir: PathBuf,
     pub config_path: PathBuf,
+    /// Loopback port of the service's HTTP endpoints.
+    pub http_port: u16,
 }
 
 impl Setup {
@@ -86,6 +88,11 @@ impl Setup {
                 "[[inputs]]\ntopic = \"{topic}\"\nchannel = \"{ch}\"\nformat = \"{fmt}\"\n\n"
             ));
         }
+        // A free port: bind to 0, read it, release it for the service.
+        let http_port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("free port");
         let output_topic = format!("{name}-profiles");
         let dlq_topic = format!("{name}-dlq");
         let group = format!("{name}-group");
@@ -113,11 +120,12 @@ batch_linger = "50ms"
 drain_timeout = "20s"
 
 [http]
-listen = "127.0.0.1:0"
+listen = "127.0.0.1:{http_port}"
 {extra_toml}
 "#,
             brokers = brokers(),
             state = dir.join("state").display(),
+            http_port = http_port,
         );
         let config_path = dir.join("stitcher.toml");
         std::fs::File::create(&config_path)
@@ -132,7 +140,28 @@ listen = "127.0.0.1:0"
             group,
             dir,
             config_path,
+            http_port,
         }
+    }
+
+    /// GET `path` from the service: (status, body). Plain HTTP/1.0 over loopback.
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::Read;
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.http_port))
+            .expect("connect to service");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        let status = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .expect("status code");
+        (status, body.to_string())
     }
 
     /// Starts the service binary.
