@@ -106,11 +106,9 @@ pub struct OutputConfig {
     pub topic: String,
     /// Messages that could not be processed, with headers naming source and error.
     pub dead_letter_topic: String,
-    /// Control commands (erase, unlink), JSON; empty to disable.
-    pub control_topic: String,
     /// Schema id written in the Confluent wire-format header of profile updates.
     pub schema_id: u32,
-    /// Create missing output, dead-letter and control topics at start-up.
+    /// Create missing output and dead-letter topics at start-up.
     pub create_topics: bool,
     /// Partitions for topics created at start-up.
     pub partitions: i32,
@@ -121,7 +119,6 @@ impl Default for OutputConfig {
         Self {
             topic: "profile-updates".into(),
             dead_letter_topic: "stitcher-dead-letters".into(),
-            control_topic: String::new(),
             schema_id: 2,
             create_topics: true,
             partitions: 1,
