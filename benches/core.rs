@@ -197,15 +197,7 @@ impl Stream {
 }
 
 fn rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
+    stitcher::bench::proc_status(std::process::id(), "VmRSS:") / 1024.0
 }
 
 fn dir_size_mib(path: &std::path::Path) -> f64 {

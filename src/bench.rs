@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use rdkafka::config::ClientConfig;
@@ -34,6 +34,7 @@ use crate::generate::{self, Routes};
 use crate::journeys::{self, Generated, JourneyConfig};
 use crate::kafka::{consumer_config, producer_config, StitchContext};
 use crate::metrics::Metrics;
+use crate::model::now_millis;
 use crate::quality::{self, QualityReport};
 
 /// What one run measured; printed and optionally written as JSON.
@@ -55,13 +56,6 @@ pub struct BenchReport {
     pub total_secs: f64,
     /// Stitching quality of the throughput run against its ground truth.
     pub quality: QualityReport,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 struct Topics {
@@ -94,25 +88,6 @@ fn bench_config(args: &BenchArgs, run: &str, topics: &Topics, state: &Path) -> C
     cfg.state.dir = state.to_path_buf();
     cfg.http.listen = ([127, 0, 0, 1], 0).into();
     cfg
-}
-
-fn create_topics(brokers: &str, names: &[String], partitions: i32) -> anyhow::Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .create()?;
-    let new: Vec<NewTopic> = names
-        .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
-        .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    for r in rt.block_on(admin.create_topics(&new, &AdminOptions::new()))? {
-        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
-    }
-    Ok(())
 }
 
 /// Sum of the group's committed offsets over the inputs, and the total of messages in them.
@@ -244,7 +219,8 @@ fn passthrough(cfg: &Config, topics: &Topics, stop: &AtomicBool) -> anyhow::Resu
     Ok(())
 }
 
-fn proc_status(pid: u32, field: &str) -> f64 {
+/// A numeric field of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`, in KiB); 0 if unreadable.
+pub fn proc_status(pid: u32, field: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -359,7 +335,7 @@ fn measure_latency(
     let mut sent = 0u64;
     let read = |sent_at: &HashMap<String, i64>, latencies: &mut Vec<f64>, wait: Duration| {
         if let Some(Ok(m)) = reader.poll(wait) {
-            let seen = now_ms();
+            let seen = now_millis();
             if let Some(Ok((_, u))) = m
                 .payload()
                 .map(|p| decode_confluent::<ProfileUpdate>(&schema, p))
@@ -386,7 +362,7 @@ fn measure_latency(
             continue;
         };
         let mut event = event.clone();
-        event.timestamp = now_ms();
+        event.timestamp = now_millis();
         let bytes = match format {
             Format::Avro => crate::codec::encode_confluent(&event_schema, 1, &event)?,
             Format::Json => serde_json::to_vec(&event)?,
@@ -446,7 +422,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     };
     let mut all = topics.inputs.clone();
     all.push(topics.passthrough.clone());
-    create_topics(&args.brokers, &all, args.partitions)?;
+    generate::create_topics(&args.brokers, &all, args.partitions)?;
 
     let j = journeys::generate(&JourneyConfig {
         persons: args.persons,

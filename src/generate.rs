@@ -5,6 +5,8 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
@@ -24,6 +26,8 @@ pub enum GenerateError {
     Io(#[from] std::io::Error),
     #[error("no topic configured for channel {0}")]
     NoTopic(String),
+    #[error("cannot create topic {0}: {1}")]
+    CreateTopic(String, RDKafkaErrorCode),
 }
 
 /// Where each channel's events go, and in which format.
@@ -45,6 +49,29 @@ pub fn channel_routes(prefix: &str) -> (Routes, Vec<String>) {
         topics.push(topic);
     }
     (routes, topics)
+}
+
+/// Creates `names` with `partitions` partitions each (replication 1, for local brokers); fails if one
+/// exists already. Blocking: the tests and the benchmark call it from plain threads.
+pub fn create_topics(
+    brokers: &str,
+    names: &[String],
+    partitions: i32,
+) -> Result<(), GenerateError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()?;
+    let new: Vec<NewTopic> = names
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    for r in rt.block_on(admin.create_topics(&new, &AdminOptions::new()))? {
+        r.map_err(|(topic, code)| GenerateError::CreateTopic(topic, code))?;
+    }
+    Ok(())
 }
 
 /// Produces every generated message; `rate` limits messages per second (0: as fast as possible).

@@ -156,6 +156,14 @@ pub struct Event {
     pub consent: Option<ConsentChange>,
 }
 
+/// Wall-clock time in milliseconds since the epoch (0 if the clock is before 1970).
+pub fn now_millis() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as Millis)
+        .unwrap_or(0)
+}
+
 /// Converts an amount in major units to minor units (cents), rounding half away from zero.
 pub fn to_minor_units(amount: f64) -> i64 {
     (amount * 100.0).round() as i64

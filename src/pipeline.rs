@@ -5,7 +5,7 @@
 //! output and the offsets in one Kafka transaction. docs/DESIGN.md explains why this order is crash-safe.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
@@ -18,6 +18,7 @@ use crate::kafka::{
     consumer_config, CommitError, Committer, Deadline, StitchConsumer, StitchContext,
 };
 use crate::metrics::Metrics;
+use crate::model::now_millis;
 use crate::processor::{positions_vec, Batch, InMessage, ProcessError, Processor};
 use crate::store::{Checkpoint, OutRecord, Store, StoreError};
 
@@ -53,13 +54,6 @@ pub struct Pipeline {
     /// Output of the last checkpoint whose transaction is not known to have committed.
     carry: Vec<OutRecord>,
     sequence: u64,
-}
-
-fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 impl Pipeline {
