@@ -56,6 +56,15 @@ pub struct Pipeline {
     sequence: u64,
 }
 
+/// A consumer with the service's settings, subscribed to every input topic.
+fn subscribed_consumer(cfg: &Config, metrics: &Metrics) -> Result<StitchConsumer, KafkaError> {
+    let consumer: StitchConsumer =
+        consumer_config(cfg).create_with_context(StitchContext::new(metrics.clone()))?;
+    let topics: Vec<&str> = cfg.inputs.iter().map(|i| i.topic.as_str()).collect();
+    consumer.subscribe(&topics)?;
+    Ok(consumer)
+}
+
 impl Pipeline {
     /// Connects, fences older instances, and recovers the last checkpoint's transaction if it never
     /// committed.
@@ -67,8 +76,7 @@ impl Pipeline {
         shutdown: &CancellationToken,
     ) -> Result<Self, PipelineError> {
         let processor = Processor::new(&cfg, metrics.clone())?;
-        let consumer: StitchConsumer =
-            consumer_config(&cfg).create_with_context(StitchContext::new(metrics.clone()))?;
+        let consumer = subscribed_consumer(&cfg, &metrics)?;
         let committer = Committer::new(
             &cfg,
             instance,
@@ -105,13 +113,6 @@ impl Pipeline {
                 .inc();
             pipeline.carry = checkpoint.outbox;
         }
-        let topics: Vec<&str> = pipeline
-            .cfg
-            .inputs
-            .iter()
-            .map(|i| i.topic.as_str())
-            .collect();
-        pipeline.consumer.subscribe(&topics)?;
         Ok(pipeline)
     }
 
@@ -185,6 +186,17 @@ impl Pipeline {
             }
             match self.consumer.poll(linger_until - now) {
                 None => {}
+                Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                    // librdkafka gave this consumer up (for example a static member fenced after the
+                    // coordinator restarted). Nothing of this batch is in state yet: drop it, start a
+                    // new consumer, and read again from the committed offsets; what is already in state
+                    // is skipped by the positions.
+                    self.metrics.errors.with_label_values(&["consume"]).inc();
+                    tracing::warn!(?code, "consumer failed fatally; replacing it");
+                    drop(overlay);
+                    self.consumer = subscribed_consumer(&self.cfg, &self.metrics)?;
+                    return Ok(());
+                }
                 Some(Err(e)) => {
                     self.metrics.errors.with_label_values(&["consume"]).inc();
                     tracing::warn!(error = %e, "consume error");
@@ -230,15 +242,26 @@ impl Pipeline {
         self.store.put_checkpoint(&mut wb, &checkpoint)?;
         self.store.write(wb)?;
         let deadline = Deadline::new(shutdown.clone(), self.cfg.processing.drain_timeout);
-        if let Err(e) = self.committer.commit(
+        match self.committer.commit(
             &checkpoint.outbox,
             &checkpoint.positions,
             &self.consumer,
             &deadline,
         ) {
-            // The checkpoint is in state: a restart produces this batch again.
-            self.carry = checkpoint.outbox;
-            return Err(e.into());
+            Ok(()) => {}
+            Err(CommitError::Rejoin(e)) => {
+                // Only polling rejoins the group. The batch is in state; its records go out with the next
+                // transaction, together with these positions.
+                tracing::warn!(error = %e, "consumer group membership lost; rejoining, batch carried over");
+                self.carry = checkpoint.outbox;
+                summary.messages += batch.messages as u64;
+                return Ok(());
+            }
+            Err(e) => {
+                // The checkpoint is in state: a restart produces this batch again.
+                self.carry = checkpoint.outbox;
+                return Err(e.into());
+            }
         }
         let committed_ms = now_millis();
         for ts in &batch.event_times {

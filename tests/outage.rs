@@ -60,8 +60,11 @@ fn broker_restart_mid_run_loses_and_duplicates_nothing() {
     // What the service noticed: client warnings while the broker was gone (librdkafka retries inside the
     // transactional calls, so the pipeline itself usually only waits).
     let warnings = s.log().matches("WARN").count();
+    let log = s.log();
+    let recovered_membership =
+        log.matches("rejoining").count() + log.matches("replacing it").count();
     println!(
-        "outage: broker down for {outage:.1?} at {committed}/{total}; {warnings} warnings logged by the service; {} events, {duplicates} duplicate \
+        "outage: broker down for {outage:.1?} at {committed}/{total}; {warnings} warnings logged by the service, {recovered_membership} group memberships recovered; {} events, {duplicates} duplicate \
          output records, {lost} events lost, {} profiles for {} persons",
         j.events,
         got.len(),

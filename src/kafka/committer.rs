@@ -24,6 +24,10 @@ use crate::store::{OutRecord, Position};
 pub enum CommitError {
     #[error("producer fenced or in a fatal state: {0}")]
     Fatal(KafkaError),
+    /// The group coordinator no longer knows this consumer (its session expired during a broker outage, or
+    /// the group rebalanced). Retrying cannot help until the consumer has polled and rejoined the group.
+    #[error("consumer group membership lost, rejoin needed: {0}")]
+    Rejoin(KafkaError),
     #[error("could not commit before the deadline: {0}")]
     Deadline(KafkaError),
     #[error("kafka client: {0}")]
@@ -85,6 +89,18 @@ fn is_fatal(e: &KafkaError) -> bool {
             )
         ),
     }
+}
+
+/// Offsets rejected because the consumer's group membership is stale.
+fn needs_rejoin(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::UnknownMemberId
+                | RDKafkaErrorCode::IllegalGeneration
+                | RDKafkaErrorCode::RebalanceInProgress
+        )
+    )
 }
 
 fn is_retriable(e: &KafkaError) -> bool {
@@ -156,6 +172,15 @@ impl Committer {
                     return Ok(());
                 }
                 Err(e) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
+                Err(e) if needs_rejoin(&e) => {
+                    // The open transaction is aborted before the next one begins (`needs_abort`).
+                    self.metrics.errors.with_label_values(&["commit"]).inc();
+                    self.metrics
+                        .transactions
+                        .with_label_values(&["aborted"])
+                        .inc();
+                    return Err(CommitError::Rejoin(e));
+                }
                 Err(e) => {
                     self.metrics.errors.with_label_values(&["commit"]).inc();
                     self.metrics
