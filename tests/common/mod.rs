@@ -43,6 +43,8 @@ pub struct Setup {
     pub config_path: PathBuf,
     /// Loopback port of the service's HTTP endpoints.
     pub http_port: u16,
+    /// Every service process started, killed when the setup is dropped (also when a test panics).
+    pids: std::cell::RefCell<Vec<u32>>,
 }
 
 impl Setup {
@@ -139,6 +141,7 @@ listen = "127.0.0.1:{http_port}"
             dir,
             config_path,
             http_port,
+            pids: Default::default(),
         }
     }
 
@@ -182,6 +185,7 @@ listen = "127.0.0.1:{http_port}"
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
+            .inspect(|c| self.pids.borrow_mut().push(c.id()))
             .expect("spawn stitcher")
     }
 
@@ -284,6 +288,18 @@ listen = "127.0.0.1:{http_port}"
 
 impl Drop for Setup {
     fn drop(&mut self) {
+        // A panicking test must not leave its service running against the shared broker. Only pids whose
+        // command line still names this setup's config are ours (pids get reused).
+        let config = self.config_path.to_string_lossy().into_owned();
+        for pid in self.pids.borrow().iter() {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&config) {
+                // SAFETY: plain kill(2) on a child of this process.
+                unsafe {
+                    libc::kill(*pid as i32, libc::SIGKILL);
+                }
+            }
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
