@@ -7,20 +7,14 @@
 //! profile), so it is linear in the number of identifiers, not quadratic.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::ConsumerContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
-use rdkafka::ClientContext;
-use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::codec::avro::profile_update_schema;
 use crate::codec::{decode_confluent, ProfileUpdate};
 use crate::journeys::PersonTruth;
+use crate::kafka::reader::read_committed;
 use crate::store::{Store, StoreError};
 
 /// (type, normalised value).
@@ -131,52 +125,15 @@ pub fn mapping_from_topic(
     timeout: Duration,
 ) -> anyhow::Result<HashMap<Key, String>> {
     let schema = profile_update_schema()?;
-    let consumer: BaseConsumer<QuietEof> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set(
-            "group.id",
-            format!("stitcher-quality-{}", std::process::id()),
-        )
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .set("enable.auto.commit", "false")
-        .create_with_context(QuietEof)?;
-    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
-    let partitions: Vec<i32> = md
-        .topics()
-        .first()
-        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-        .unwrap_or_default();
-    anyhow::ensure!(!partitions.is_empty(), "topic {topic} not found");
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
-    }
-    consumer.assign(&tpl)?;
-    let mut latest: HashMap<String, Option<ProfileUpdate>> = HashMap::new();
-    let mut at_eof = BTreeSet::new();
-    let deadline = Instant::now() + timeout;
-    while at_eof.len() < partitions.len() {
-        anyhow::ensure!(Instant::now() < deadline, "reading {topic} timed out");
-        match consumer.poll(Duration::from_millis(500)) {
-            None => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                at_eof.insert(p);
-            }
-            Some(Err(e)) => return Err(e.into()),
-            Some(Ok(m)) => {
-                at_eof.remove(&m.partition());
-                let Some(key) = m.key() else { continue };
-                let value = match m.payload() {
-                    Some(p) => Some(decode_confluent::<ProfileUpdate>(&schema, p)?.1),
-                    None => None,
-                };
-                latest.insert(String::from_utf8_lossy(key).into_owned(), value);
-            }
+    let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
+    for r in read_committed(brokers, topic, timeout)? {
+        if let Some(key) = r.key {
+            latest.insert(key, r.payload);
         }
     }
     let mut map = HashMap::new();
-    for u in latest.into_values().flatten() {
+    for payload in latest.into_values().flatten() {
+        let (_, u) = decode_confluent::<ProfileUpdate>(&schema, &payload)?;
         if let Some(p) = u.profile {
             for i in p.identifiers {
                 map.insert((i.kind, i.value), u.profile_id.clone());
@@ -185,19 +142,6 @@ pub fn mapping_from_topic(
     }
     Ok(map)
 }
-
-/// End of partition is how the reader knows it is done, not an error worth a log line.
-struct QuietEof;
-
-impl ClientContext for QuietEof {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
-            tracing::warn!(%error, reason, "kafka client error");
-        }
-    }
-}
-
-impl ConsumerContext for QuietEof {}
 
 impl std::fmt::Display for QualityReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -4,6 +4,7 @@
 pub mod committer;
 pub mod consumer;
 pub mod dead_letters;
+pub mod reader;
 
 use std::time::Duration;
 

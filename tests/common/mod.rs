@@ -2,7 +2,7 @@
 //! the compacted read_committed view of the output topic, and comparison with the ground truth.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 
 use stitcher::codec::avro::profile_update_schema;
@@ -336,76 +335,12 @@ impl Output {
     }
 }
 
-pub struct Record {
-    pub partition: i32,
-    pub offset: i64,
-    pub key: Option<Vec<u8>>,
-    pub payload: Option<Vec<u8>>,
-    pub headers: HashMap<String, String>,
-}
+pub use stitcher::kafka::reader::Record;
 
 /// Every committed record of a topic, partition by partition.
 pub fn read_all(topic: &str) -> Vec<Record> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("reader"))
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .set("auto.offset.reset", "earliest")
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    let partitions: Vec<i32> = md.topics()[0].partitions().iter().map(|p| p.id()).collect();
-    let mut tpl = TopicPartitionList::new();
-    for p in &partitions {
-        tpl.add_partition_offset(topic, *p, Offset::Beginning)
-            .expect("tpl");
-    }
-    consumer.assign(&tpl).expect("assign");
-    let mut at_eof: BTreeSet<i32> = BTreeSet::new();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while at_eof.len() < partitions.len() {
-        assert!(
-            Instant::now() < deadline,
-            "reading {topic} did not reach the end"
-        );
-        match consumer.poll(Duration::from_millis(500)) {
-            None => {}
-            Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
-                at_eof.insert(p);
-            }
-            Some(Err(e)) => panic!("reading {topic}: {e}"),
-            Some(Ok(m)) => {
-                at_eof.remove(&m.partition());
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| {
-                                (
-                                    x.key.to_string(),
-                                    String::from_utf8_lossy(x.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push(Record {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                    headers,
-                });
-            }
-        }
-    }
-    out
+    stitcher::kafka::reader::read_committed(&brokers(), topic, Duration::from_secs(120))
+        .unwrap_or_else(|e| panic!("reading {topic}: {e}"))
 }
 
 /// A live profile reduced to what the ground truth can say about it.
