@@ -294,6 +294,18 @@ impl UnionFind {
 
 const BATCH: usize = 2000;
 
+/// Time spent in `apply` over `iters` batches of the stream; generating the events is not timed.
+fn time_batches(iters: u64, stream: &mut Stream, mut apply: impl FnMut(&[Event])) -> Duration {
+    let mut spent = Duration::ZERO;
+    for _ in 0..iters {
+        let events: Vec<Event> = (0..BATCH).map(|_| stream.next_event()).collect();
+        let t = Instant::now();
+        apply(&events);
+        spent += t.elapsed();
+    }
+    spent
+}
+
 fn stitch(c: &mut Criterion) {
     let sizes: Vec<u64> = std::env::var("STITCH_SIZES")
         .ok()
@@ -325,14 +337,9 @@ fn stitch(c: &mut Criterion) {
         let mut stream = Stream::new(persons);
         g.bench_function(format!("rocksdb/{label}"), |b| {
             b.iter_custom(|iters| {
-                let mut spent = Duration::ZERO;
-                for _ in 0..iters {
-                    let events: Vec<Event> = (0..BATCH).map(|_| stream.next_event()).collect();
-                    let t = Instant::now();
-                    apply_batch(&temp.store, &stitcher, &events);
-                    spent += t.elapsed();
-                }
-                spent
+                time_batches(iters, &mut stream, |evs| {
+                    apply_batch(&temp.store, &stitcher, evs)
+                })
             })
         });
         drop(temp);
@@ -344,16 +351,9 @@ fn stitch(c: &mut Criterion) {
         let mut stream = Stream::new(persons);
         g.bench_function(format!("union_find/{label}"), |b| {
             b.iter_custom(|iters| {
-                let mut spent = Duration::ZERO;
-                for _ in 0..iters {
-                    let events: Vec<Event> = (0..BATCH).map(|_| stream.next_event()).collect();
-                    let t = Instant::now();
-                    for ev in &events {
-                        uf.apply(ev);
-                    }
-                    spent += t.elapsed();
-                }
-                spent
+                time_batches(iters, &mut stream, |evs| {
+                    evs.iter().for_each(|ev| uf.apply(ev))
+                })
             })
         });
     }
