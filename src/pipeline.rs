@@ -50,6 +50,8 @@ pub struct Pipeline {
     processor: Processor,
     consumer: StitchConsumer,
     committer: Committer,
+    /// This instance's name in the transactional id, to create a new producer.
+    instance: String,
     positions: BTreeMap<(String, i32), i64>,
     /// Output of the last checkpoint whose transaction is not known to have committed.
     carry: Vec<OutRecord>,
@@ -96,6 +98,7 @@ impl Pipeline {
             processor,
             consumer,
             committer,
+            instance: instance.to_string(),
             positions,
             carry: Vec::new(),
             sequence: checkpoint.sequence,
@@ -254,6 +257,19 @@ impl Pipeline {
                 // transaction, together with these positions.
                 tracing::warn!(error = %e, "consumer group membership lost; rejoining, batch carried over");
                 self.carry = checkpoint.outbox;
+                summary.messages += batch.messages as u64;
+                return Ok(());
+            }
+            Err(CommitError::Stuck(e)) => {
+                // A new producer with the same transactional id fences the stuck one; once it is
+                // initialised, the fate of the batch's transaction is final and the committed offsets tell
+                // it, exactly as on a restart.
+                tracing::warn!(error = %e, "transactional producer stuck; replacing it");
+                self.committer =
+                    Committer::new(&self.cfg, &self.instance, self.metrics.clone(), &deadline)?;
+                if !self.checkpoint_committed(&checkpoint, shutdown)? {
+                    self.carry = checkpoint.outbox;
+                }
                 summary.messages += batch.messages as u64;
                 return Ok(());
             }

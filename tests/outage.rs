@@ -61,10 +61,9 @@ fn broker_restart_mid_run_loses_and_duplicates_nothing() {
     // transactional calls, so the pipeline itself usually only waits).
     let warnings = s.log().matches("WARN").count();
     let log = s.log();
-    let recovered_membership =
-        log.matches("rejoining").count() + log.matches("replacing it").count();
+    let recoveries = log.matches("rejoining").count() + log.matches("replacing it").count();
     println!(
-        "outage: broker down for {outage:.1?} at {committed}/{total}; {warnings} warnings logged by the service, {recovered_membership} group memberships recovered; {} events, {duplicates} duplicate \
+        "outage: broker down for {outage:.1?} at {committed}/{total}; {warnings} warnings logged by the service, {recoveries} client recoveries (group rejoined, consumer or producer replaced); {} events, {duplicates} duplicate \
          output records, {lost} events lost, {} profiles for {} persons",
         j.events,
         got.len(),

@@ -28,6 +28,11 @@ pub enum CommitError {
     /// the group rebalanced). Retrying cannot help until the consumer has polled and rejoined the group.
     #[error("consumer group membership lost, rejoin needed: {0}")]
     Rejoin(KafkaError),
+    /// A transactional call kept timing out for longer than the transaction timeout: by then the broker has
+    /// aborted the transaction, and this producer is not getting through to its coordinator (seen after a
+    /// coordinator restart). Only a new producer helps.
+    #[error("transactional producer stuck: {0}")]
+    Stuck(KafkaError),
     #[error("could not commit before the deadline: {0}")]
     Deadline(KafkaError),
     #[error("kafka client: {0}")]
@@ -75,6 +80,8 @@ pub struct Committer {
     metrics: Metrics,
     /// A failed transaction must be aborted before the next one begins.
     needs_abort: bool,
+    /// How long a timed-out `commit_transaction` is retried as it is (the transaction timeout).
+    stuck_after: Duration,
 }
 
 fn is_fatal(e: &KafkaError) -> bool {
@@ -141,6 +148,7 @@ impl Committer {
             guarantee,
             metrics,
             needs_abort: false,
+            stuck_after: cfg.processing.transaction_timeout,
         })
     }
 
@@ -181,6 +189,11 @@ impl Committer {
                         .inc();
                     return Err(CommitError::Rejoin(e));
                 }
+                // The transactional calls already waited their own timeout; retrying in place did not help.
+                Err(e) if is_retriable(&e) => {
+                    self.metrics.errors.with_label_values(&["commit"]).inc();
+                    return Err(CommitError::Stuck(e));
+                }
                 Err(e) => {
                     self.metrics.errors.with_label_values(&["commit"]).inc();
                     self.metrics
@@ -219,11 +232,16 @@ impl Committer {
             self.producer
                 .send_offsets_to_transaction(tpl, &group, TXN_CALL_TIMEOUT)?;
         }
+        let committing = Instant::now();
         loop {
             match self.producer.commit_transaction(TXN_CALL_TIMEOUT) {
                 Ok(()) => break,
-                // A commit that timed out may be retried as it is.
-                Err(e) if is_retriable(&e) && !deadline.passed_after(Duration::ZERO) => {
+                // A commit that timed out may be retried as it is, up to the transaction timeout.
+                Err(e)
+                    if is_retriable(&e)
+                        && !deadline.passed_after(Duration::ZERO)
+                        && committing.elapsed() < self.stuck_after =>
+                {
                     tracing::warn!(error = %e, "commit_transaction timed out, retrying");
                 }
                 Err(e) => return Err(e),
