@@ -106,6 +106,7 @@ fn avro(c: &mut Criterion) {
         updated_at: 1_767_225_600_000,
         refused_links: vec![],
         profile: Some(profile),
+        split_from: None,
     };
     let encoder = UpdateEncoder::new(2).expect("encoder");
     g.throughput(Throughput::Elements(1));

@@ -40,6 +40,23 @@ pub struct Config {
     pub state: StateConfig,
     pub processing: ProcessingConfig,
     pub http: HttpConfig,
+    pub control: ControlConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlConfig {
+    /// Topic of erase and unlink commands (JSON, see README.md "Erasure and unmerge"), consumed in the same
+    /// transactions as the channel topics. Empty: no control topic.
+    pub topic: String,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        Self {
+            topic: "stitcher-control".into(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -172,6 +189,14 @@ pub struct GuardrailConfig {
     /// Types in decreasing trust: the profile matched by the most trusted type is the one an event lands in
     /// when a merge is refused, and links are tried in this order.
     pub priority: Vec<String>,
+    /// Shared-identifier detection: an identifier of one of these types that has been seen with more than
+    /// this many distinct owner identifiers (`owner_types`) is a shared one (a family tablet, a shop's
+    /// till, a call-centre phone): it stops linking, is taken out of the profile it glued together, which
+    /// is recomputed from the link evidence and split, and lives on in a profile of its own.
+    pub shared_limits: BTreeMap<String, usize>,
+    /// Types that name one person (an account, an email address, a loyalty card); what `shared_limits`
+    /// counts.
+    pub owner_types: Vec<String>,
 }
 
 impl Default for GuardrailConfig {
@@ -201,6 +226,14 @@ impl Default for GuardrailConfig {
             .iter()
             .map(|s| s.to_string())
             .collect(),
+            shared_limits: [("device_id", 3), ("anonymous_id", 3), ("phone", 3)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            owner_types: ["customer_id", "email", "loyalty_id"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         }
     }
 }
@@ -413,6 +446,30 @@ impl Config {
         }
         if self.kafka.group_id.is_empty() || self.kafka.transactional_id.is_empty() {
             return invalid("kafka.group_id and kafka.transactional_id are required".into());
+        }
+        if topics.contains(&self.control.topic) || self.control.topic == self.output.topic {
+            return invalid("control.topic must not also be an input or the output".into());
+        }
+        if let Some(t) = self
+            .identity
+            .custom_types
+            .iter()
+            .find(|t| t.contains(crate::model::SCOPE_SEPARATOR))
+        {
+            return invalid(format!(
+                "identity.custom_types: {t:?} contains '{}', which marks channel-scoped identifiers",
+                crate::model::SCOPE_SEPARATOR
+            ));
+        }
+        if let Some(t) = self
+            .guardrails
+            .shared_limits
+            .keys()
+            .find(|t| self.guardrails.owner_types.contains(t))
+        {
+            return invalid(format!(
+                "guardrails: {t:?} is both an owner type and has a shared limit"
+            ));
         }
         crate::normalize::Normalizer::new(&self.identity)?;
         Ok(())

@@ -39,6 +39,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for t in cfg.inputs.iter().map(|i| i.topic.clone()).chain([
         cfg.output.topic.clone(),
         cfg.output.dead_letter_topic.clone(),
+        cfg.control.topic.clone(),
     ]) {
         cluster.create_topic(&t, 3, 1)?;
     }

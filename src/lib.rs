@@ -28,6 +28,7 @@ pub mod cli;
 pub mod codec;
 pub mod commands;
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod generate;
 pub mod http;

@@ -24,6 +24,33 @@ impl Identifier {
             value: value.into(),
         }
     }
+
+    /// The same identifier confined to one channel (`email@web`): how identifiers of a person who refused
+    /// cross-channel identification are kept apart per channel (see docs/DESIGN.md, "Consent").
+    pub fn scoped(&self, channel: &str) -> Self {
+        Self {
+            kind: format!("{}{SCOPE_SEPARATOR}{channel}", self.base_kind()),
+            value: self.value.clone(),
+        }
+    }
+
+    /// The type without a channel scope: `email` for both `email` and `email@web`.
+    pub fn base_kind(&self) -> &str {
+        base_kind(&self.kind)
+    }
+
+    /// The channel a scoped identifier is confined to.
+    pub fn scope(&self) -> Option<&str> {
+        self.kind.split_once(SCOPE_SEPARATOR).map(|(_, ch)| ch)
+    }
+}
+
+/// Separates an identifier type from the channel it is scoped to; identifier types cannot contain it.
+pub const SCOPE_SEPARATOR: char = '@';
+
+/// The type without a channel scope.
+pub fn base_kind(kind: &str) -> &str {
+    kind.split_once(SCOPE_SEPARATOR).map_or(kind, |(k, _)| k)
 }
 
 impl fmt::Display for Identifier {

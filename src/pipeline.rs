@@ -58,11 +58,16 @@ pub struct Pipeline {
     sequence: u64,
 }
 
-/// A consumer with the service's settings, subscribed to every input topic.
+/// A consumer with the service's settings, subscribed to every input topic and the control topic.
 fn subscribed_consumer(cfg: &Config, metrics: &Metrics) -> Result<StitchConsumer, KafkaError> {
     let consumer: StitchConsumer =
         consumer_config(cfg).create_with_context(StitchContext::new(metrics.clone()))?;
-    let topics: Vec<&str> = cfg.inputs.iter().map(|i| i.topic.as_str()).collect();
+    let topics: Vec<&str> = cfg
+        .inputs
+        .iter()
+        .map(|i| i.topic.as_str())
+        .chain(Some(cfg.control.topic.as_str()).filter(|t| !t.is_empty()))
+        .collect();
     consumer.subscribe(&topics)?;
     Ok(consumer)
 }

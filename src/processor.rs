@@ -6,11 +6,12 @@ use std::collections::{BTreeMap, HashMap};
 
 use crate::codec::{EventDecoder, ProfileUpdate, SchemaError, UpdateEncoder};
 use crate::config::{Config, ConfigError, Format};
+use crate::control::Command;
 use crate::kafka::dead_letters::{self, Source};
 use crate::metrics::Metrics;
-use crate::model::Millis;
+use crate::model::{Identifier, Millis, ProfileId};
 use crate::normalize::Normalizer;
-use crate::stitch::{BatchChanges, Rules, Stitcher};
+use crate::stitch::{BatchChanges, Reshape, Rules, Stitcher};
 use crate::store::{OutRecord, Overlay, Position, StoreError};
 
 /// One input message, borrowed from wherever it came from.
@@ -58,6 +59,9 @@ pub struct Processor {
     stitcher: Stitcher,
     encoder: UpdateEncoder,
     inputs: HashMap<String, (String, Format)>,
+    /// Every input channel, for the channel-scoped copies of an erased identifier.
+    channels: Vec<String>,
+    control_topic: Option<String>,
     output_topic: String,
     dlq_topic: String,
     metrics: Metrics,
@@ -78,6 +82,13 @@ impl Processor {
                 .iter()
                 .map(|i| (i.topic.clone(), (i.channel.clone(), i.format)))
                 .collect(),
+            channels: {
+                let mut c: Vec<String> = cfg.inputs.iter().map(|i| i.channel.clone()).collect();
+                c.sort();
+                c.dedup();
+                c
+            },
+            control_topic: (!cfg.control.topic.is_empty()).then(|| cfg.control.topic.clone()),
             output_topic: cfg.output.topic.clone(),
             dlq_topic: cfg.output.dead_letter_topic.clone(),
             metrics,
@@ -108,6 +119,9 @@ impl Processor {
             partition: msg.partition,
             offset: msg.offset,
         };
+        if self.control_topic.as_deref() == Some(msg.topic) {
+            return self.control(overlay, batch, src, msg);
+        }
         let Some((channel, format)) = self.inputs.get(msg.topic) else {
             self.dead_letter(
                 batch,
@@ -163,10 +177,96 @@ impl Processor {
                         .with_label_values(&[r.rule.name()])
                         .inc();
                 }
+                if !applied.reshape.quarantined.is_empty() {
+                    tracing::info!(
+                        channel = channel.as_str(),
+                        splits = applied.reshape.splits.len(),
+                        "shared identifier set apart"
+                    );
+                }
                 batch.event_times.push(event.timestamp);
                 batch.changes.record(&event, applied);
             }
         }
+        Ok(())
+    }
+
+    /// Applies one control command (see [`crate::control`]).
+    fn control(
+        &self,
+        overlay: &mut Overlay<'_>,
+        batch: &mut Batch,
+        src: Source<'_>,
+        msg: InMessage<'_>,
+    ) -> Result<(), ProcessError> {
+        let command = match Command::parse(msg.payload.unwrap_or_default()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.dead_letter(batch, src, msg, "control", &e);
+                return Ok(());
+            }
+        };
+        let normalize = |kind: &str, value: &str| {
+            self.normalizer.identifier(kind, value).map_err(|r| {
+                format!(
+                    "control command identifier {kind:?} refused: {}",
+                    r.as_str()
+                )
+            })
+        };
+        let mut reshape = Reshape::default();
+        match &command {
+            Command::EraseIdentifier { kind, value } => {
+                let id = match normalize(kind, value) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        self.dead_letter(batch, src, msg, "control", &e);
+                        return Ok(());
+                    }
+                };
+                let copies = std::iter::once(id.clone())
+                    .chain(self.channels.iter().map(|ch| id.scoped(ch)))
+                    .collect::<Vec<Identifier>>();
+                for x in &copies {
+                    merge_reshape(&mut reshape, self.stitcher.erase_identifier(overlay, x)?);
+                }
+            }
+            Command::EraseProfile { profile_id } => {
+                reshape = self
+                    .stitcher
+                    .erase_profile(overlay, &ProfileId(profile_id.clone()))?;
+            }
+            Command::Unlink { a, b } => {
+                let (a, b) = match (normalize(&a.kind, &a.value), normalize(&b.kind, &b.value)) {
+                    (Ok(a), Ok(b)) => (a, b),
+                    (Err(e), _) | (_, Err(e)) => {
+                        self.dead_letter(batch, src, msg, "control", &e);
+                        return Ok(());
+                    }
+                };
+                reshape = self.stitcher.unlink(overlay, &a, &b)?;
+            }
+        }
+        let result = if reshape.is_empty() && reshape.identifiers_erased == 0 {
+            "not_found"
+        } else {
+            "applied"
+        };
+        tracing::info!(
+            op = command.op(),
+            result,
+            partition = src.partition,
+            offset = src.offset,
+            splits = reshape.splits.len(),
+            erased = reshape.erased.len(),
+            "control command"
+        );
+        self.metrics
+            .control_commands
+            .with_label_values(&[command.op(), result])
+            .inc();
+        let trigger = format!("control:{}:{}:{}", src.topic, src.partition, src.offset);
+        batch.changes.record_reshape(&trigger, "control", reshape);
         Ok(())
     }
 
@@ -205,8 +305,25 @@ impl Processor {
         now: Millis,
     ) -> Result<Vec<OutRecord>, ProcessError> {
         let mut out = std::mem::take(&mut batch.dead_letters);
-        self.metrics.profiles_created.inc_by(batch.changes.created);
-        self.metrics.profile_merges.inc_by(batch.changes.merges);
+        let changes = &batch.changes;
+        self.metrics.profiles_created.inc_by(changes.created);
+        self.metrics.profile_merges.inc_by(changes.merges);
+        self.metrics.profile_splits.inc_by(changes.splits);
+        self.metrics.shared_identifiers.inc_by(changes.shared_found);
+        self.metrics
+            .identifiers_erased
+            .inc_by(changes.identifiers_erased);
+        // Ids that stopped existing and are not alive again at the end of the batch: tombstones first,
+        // so that a key that came back within the batch ends on its update.
+        for id in changes.erased() {
+            if overlay.live_node(id)?.is_none() {
+                out.push(self.output(id.as_str(), None));
+                self.metrics
+                    .output_records
+                    .with_label_values(&["tombstone"])
+                    .inc();
+            }
+        }
         for u in batch.changes.updates() {
             let Some(record) = overlay.with_profile(u.node, |p| p.map(|p| (p.id(), p.into())))?
             else {
@@ -235,6 +352,11 @@ impl Processor {
                 updated_at: now,
                 refused_links: u.refused.iter().map(Into::into).collect(),
                 profile: Some(profile),
+                split_from: u
+                    .split_from
+                    .as_ref()
+                    .filter(|from| **from != id)
+                    .map(|p| p.to_string()),
             };
             out.push(self.output(id.as_str(), Some(self.encoder.encode(&update)?)));
             self.metrics
@@ -258,6 +380,13 @@ impl Processor {
     pub fn encoder(&self) -> &UpdateEncoder {
         &self.encoder
     }
+}
+
+fn merge_reshape(into: &mut Reshape, more: Reshape) {
+    into.splits.extend(more.splits);
+    into.erased.extend(more.erased);
+    into.quarantined.extend(more.quarantined);
+    into.identifiers_erased += more.identifiers_erased;
 }
 
 /// Positions as stored in the checkpoint.

@@ -18,6 +18,7 @@ pub struct ProfileUpdate {
     pub updated_at: Millis,
     pub refused_links: Vec<RefusedLink>,
     pub profile: Option<ProfileRecord>,
+    pub split_from: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,6 +40,7 @@ pub struct ProfileRecord {
     pub email: EmailRecord,
     pub cart: Vec<CartRecord>,
     pub consent: ConsentRecord,
+    pub shared: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -104,6 +106,15 @@ impl From<&Profile> for ProfileRecord {
         .into_iter()
         .flatten()
         .max();
+        // A profile rebuilt from a split without events of its own: its identifiers' sightings.
+        let seen = if p.has_events() {
+            p.seen
+        } else {
+            p.identifiers.values().fold(p.seen, |mut acc, s| {
+                acc.join(*s);
+                acc
+            })
+        };
         ProfileRecord {
             identifiers: p
                 .identifiers
@@ -115,8 +126,8 @@ impl From<&Profile> for ProfileRecord {
                     last_seen: seen.last,
                 })
                 .collect(),
-            first_seen: p.seen.first,
-            last_seen: p.seen.last,
+            first_seen: seen.first,
+            last_seen: seen.last,
             events: count(p.events),
             channels: p
                 .channels
@@ -167,6 +178,7 @@ impl From<&Profile> for ProfileRecord {
                 email_marketing: p.consent.email_marketing.as_ref().map(|l| l.value),
                 updated_at: consent_at,
             },
+            shared: p.shared,
         }
     }
 }
@@ -193,6 +205,7 @@ impl ProfileUpdate {
             updated_at: now,
             refused_links: vec![],
             profile: None,
+            split_from: None,
         }
     }
 }
@@ -252,6 +265,7 @@ mod tests {
             updated_at: 5,
             refused_links: vec![],
             profile: Some((&p).into()),
+            split_from: Some("p-before".into()),
         };
         let enc = UpdateEncoder::new(2).unwrap();
         let bytes = enc.encode(&update).unwrap();
@@ -265,5 +279,29 @@ mod tests {
         let (_, back): (u32, ProfileUpdate) =
             crate::codec::decode_confluent(enc.schema(), &bytes).unwrap();
         assert_eq!(back, redirect);
+    }
+
+    /// Every schema change must be both ways compatible: consumers on the new schema read records written
+    /// with every older one, and consumers still on an older schema read ours (new fields have defaults
+    /// and are appended).
+    #[test]
+    fn schema_changes_stay_compatible() {
+        use apache_avro::schema_compatibility::SchemaCompatibility;
+        let current = profile_update_schema().unwrap();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/history");
+        let mut checked = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if !path.to_string_lossy().contains("profile_update") {
+                continue;
+            }
+            let old = Schema::parse_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            SchemaCompatibility::can_read(&old, &current)
+                .unwrap_or_else(|e| panic!("{path:?}: new schema cannot read old data: {e}"));
+            SchemaCompatibility::can_read(&current, &old)
+                .unwrap_or_else(|e| panic!("{path:?}: old schema cannot read new data: {e}"));
+            checked += 1;
+        }
+        assert!(checked >= 1, "no schema history found");
     }
 }

@@ -77,7 +77,7 @@ pub fn producer_config(cfg: &Config, instance: &str) -> ClientConfig {
     c
 }
 
-/// Creates the output and dead-letter topics if missing (compacted output topic).
+/// Creates the output, dead-letter and control topics if missing (compacted output topic).
 pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaError> {
     let admin: AdminClient<DefaultClientContext> = base_config(cfg).create()?;
     let partitions = cfg.output.partitions.max(1);
@@ -85,7 +85,15 @@ pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaErro
         .set("cleanup.policy", "compact")
         .set("min.compaction.lag.ms", "60000");
     let dlq = NewTopic::new(&cfg.output.dead_letter_topic, 1, TopicReplication::Fixed(1));
-    let topics = vec![output, dlq];
+    let mut topics = vec![output, dlq];
+    if !cfg.control.topic.is_empty() {
+        // One partition: commands apply in the order they were sent.
+        topics.push(NewTopic::new(
+            &cfg.control.topic,
+            1,
+            TopicReplication::Fixed(1),
+        ));
+    }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics(&topics, &opts).await? {
         match result {

@@ -131,7 +131,22 @@ impl Cart {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Consent {
     pub cross_channel: Option<Latest<bool>>,
+    /// The channel of the event that set `cross_channel`: a refusing profile is sealed to it.
+    pub cross_channel_on: Option<String>,
     pub email_marketing: Option<Latest<bool>>,
+}
+
+impl Consent {
+    fn join_cross_channel(&mut self, candidate: Latest<bool>, channel: Option<String>) {
+        let newer = match &self.cross_channel {
+            Some(current) => candidate.newer_than(current),
+            None => true,
+        };
+        if newer {
+            self.cross_channel = Some(candidate);
+            self.cross_channel_on = channel;
+        }
+    }
 }
 
 /// Everything known about one person. Stored in RocksDB, emitted as schemas/profile_update.avsc.
@@ -148,6 +163,9 @@ pub struct Profile {
     pub email: EmailEngagement,
     pub cart: Cart,
     pub consent: Consent,
+    /// The profile of one shared identifier (see `guardrails.shared_limits`): it holds only that
+    /// identifier and never merges.
+    pub shared: bool,
 }
 
 impl Profile {
@@ -165,11 +183,59 @@ impl Profile {
             cart: Cart::default(),
             consent: Consent {
                 cross_channel: None,
+                cross_channel_on: None,
                 email_marketing: None,
             },
+            shared: false,
         };
         p.apply(event, &event.identifiers);
         p
+    }
+
+    /// What one event contributes, without identifiers: the unit that splits carry (see `parts` in
+    /// src/store/mod.rs).
+    pub fn part_of(event: &Event) -> Self {
+        let mut p = Self::new(event);
+        p.identifiers.clear();
+        p
+    }
+
+    /// A profile with nothing in it yet, to absorb parts into: its anchor and times are neutral elements.
+    pub fn empty() -> Self {
+        Profile {
+            anchor: (Millis::MAX, String::new()),
+            identifiers: BTreeMap::new(),
+            seen: Seen {
+                first: Millis::MAX,
+                last: Millis::MIN,
+            },
+            events: 0,
+            channels: BTreeMap::new(),
+            event_types: BTreeMap::new(),
+            purchases: BTreeMap::new(),
+            email: EmailEngagement::default(),
+            cart: Cart::default(),
+            consent: Consent {
+                cross_channel: None,
+                cross_channel_on: None,
+                email_marketing: None,
+            },
+            shared: false,
+        }
+    }
+
+    /// Whether anything was absorbed into a profile made by [`Profile::empty`].
+    pub fn has_events(&self) -> bool {
+        self.events > 0
+    }
+
+    /// The channel a profile is sealed to: set while the person refuses cross-channel identification.
+    pub fn sealed_to(&self) -> Option<&str> {
+        if self.cross_channel_refused() {
+            self.consent.cross_channel_on.as_deref()
+        } else {
+            None
+        }
     }
 
     pub fn id(&self) -> ProfileId {
@@ -180,7 +246,7 @@ impl Profile {
     pub fn type_counts(&self) -> BTreeMap<&str, usize> {
         let mut counts = BTreeMap::new();
         for id in self.identifiers.keys() {
-            *counts.entry(id.kind.as_str()).or_insert(0) += 1;
+            *counts.entry(id.base_kind()).or_insert(0) += 1;
         }
         counts
     }
@@ -269,7 +335,8 @@ impl Profile {
                 value,
             };
             if let Some(v) = consent.cross_channel {
-                Latest::join(&mut self.consent.cross_channel, latest(v));
+                self.consent
+                    .join_cross_channel(latest(v), Some(ev.channel.clone()));
             }
             if let Some(v) = consent.email_marketing {
                 Latest::join(&mut self.consent.email_marketing, latest(v));
@@ -325,8 +392,10 @@ impl Profile {
         }
         self.cart.join(other.cart);
         if let Some(c) = other.consent.cross_channel {
-            Latest::join(&mut self.consent.cross_channel, c);
+            self.consent
+                .join_cross_channel(c, other.consent.cross_channel_on);
         }
+        self.shared |= other.shared;
         if let Some(c) = other.consent.email_marketing {
             Latest::join(&mut self.consent.email_marketing, c);
         }

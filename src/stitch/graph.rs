@@ -5,12 +5,21 @@
 //! size) and relabels only the smaller side's identifiers, so a merge costs O(smaller side). The public
 //! [`ProfileId`] is derived from the profile's earliest event, so the oldest profile's id survives a merge
 //! and the result does not depend on the order in which events arrive.
+//!
+//! Two more things are kept so that a merge can be undone:
+//! - evidence: every pair of identifiers seen together in an accepted event is a link ([`Evidence`]);
+//! - parts: what each event contributed to a profile is also added to the part of the event's most
+//!   trusted identifier, so a profile is always the join of its identifiers' parts.
+//!
+//! A split (an identifier erased or found shared, a link removed) recomputes the connected components of
+//! the profile's remaining links and rebuilds one profile per component from the parts.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use crate::model::{Event, Identifier, NodeId, ProfileId};
-use crate::profile::Profile;
+use crate::profile::{Profile, Seen};
 
+use super::evidence::Evidence;
 use super::rules::{Rule, Rules};
 
 /// What stitching needs from state. Implemented by the RocksDB batch overlay and by [`MemStore`].
@@ -26,10 +35,24 @@ pub trait GraphStore {
     fn allocate_node(&mut self) -> Result<NodeId, Self::Error>;
     /// Marks the event as seen; false if it had been seen already.
     fn first_sighting(&mut self, event_id: &str) -> Result<bool, Self::Error>;
-    /// Records that public id `from` now lives in `to` (and `to` is served by `node`).
+    /// Records that public id `from` now lives in `to`.
     fn redirect(&mut self, from: &ProfileId, to: &ProfileId);
+    fn remove_redirect(&mut self, id: &ProfileId);
+    fn redirect_of(&mut self, id: &ProfileId) -> Result<Option<ProfileId>, Self::Error>;
+    /// Retired ids that redirect to `id`. May scan every redirect: erasure only.
+    fn redirects_to(&mut self, id: &ProfileId) -> Result<Vec<ProfileId>, Self::Error>;
     fn index(&mut self, id: &ProfileId, node: NodeId);
     fn unindex(&mut self, id: &ProfileId);
+    fn indexed(&mut self, id: &ProfileId) -> Result<Option<NodeId>, Self::Error>;
+    /// The identifiers linked to `id`, with the evidence of each link.
+    fn links(&mut self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, Self::Error>;
+    /// Adds evidence to the link between `a` and `b` (both directions).
+    fn add_link(&mut self, a: &Identifier, b: &Identifier, evidence: &Evidence);
+    fn remove_link(&mut self, a: &Identifier, b: &Identifier);
+    /// Takes the part of an identifier out; give it back with `put_part`.
+    fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, Self::Error>;
+    fn put_part(&mut self, id: &Identifier, part: Profile);
+    fn delete_part(&mut self, id: &Identifier);
 }
 
 /// A link that guardrails refused.
@@ -42,6 +65,33 @@ pub struct Refusal {
     pub other: Option<ProfileId>,
 }
 
+/// One profile split into several.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Split {
+    /// The id of the profile before the split.
+    pub from: ProfileId,
+    /// The nodes of the profiles that came out of it.
+    pub into: Vec<NodeId>,
+}
+
+/// Changes other than the event's own profile: splits, erased profiles, shared identifiers set apart.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reshape {
+    pub splits: Vec<Split>,
+    /// Public ids that no longer exist; each gets a tombstone.
+    pub erased: Vec<ProfileId>,
+    /// Nodes of profiles made for identifiers found to be shared.
+    pub quarantined: Vec<NodeId>,
+    /// Identifiers removed from state.
+    pub identifiers_erased: u64,
+}
+
+impl Reshape {
+    pub fn is_empty(&self) -> bool {
+        self.splits.is_empty() && self.erased.is_empty() && self.quarantined.is_empty()
+    }
+}
+
 /// The outcome of applying one new event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
@@ -52,6 +102,8 @@ pub struct Applied {
     /// Nodes whose profiles were absorbed into `node`.
     pub absorbed_nodes: Vec<NodeId>,
     pub refused: Vec<Refusal>,
+    /// Splits caused by an identifier of the event found to be shared.
+    pub reshape: Reshape,
 }
 
 /// Applies events to the graph under the guardrails.
@@ -69,6 +121,10 @@ impl Stitcher {
         &self.rules
     }
 
+    fn sort_by_trust(&self, ids: &mut [Identifier]) {
+        ids.sort_by(|a, b| self.rules.trust_key(a).cmp(&self.rules.trust_key(b)));
+    }
+
     /// Applies one event. `Ok(None)` means the event id was seen before and nothing changed.
     pub fn apply<S: GraphStore>(
         &self,
@@ -78,52 +134,117 @@ impl Stitcher {
         if !store.first_sighting(&ev.event_id)? {
             return Ok(None);
         }
+        let mut reshape = Reshape::default();
         // Identifiers in decreasing trust; the most trusted match decides the primary profile.
-        let mut ids: Vec<&Identifier> = ev.identifiers.iter().collect();
-        ids.sort_by(|a, b| self.rules.trust_key(a).cmp(&self.rules.trust_key(b)));
-        let mut owner: Vec<Option<NodeId>> = Vec::with_capacity(ids.len());
-        let mut candidates: Vec<NodeId> = Vec::new();
-        for id in &ids {
-            let node = store.node_of(id)?;
-            if let Some(n) = node {
-                if !candidates.contains(&n) {
-                    candidates.push(n);
-                }
+        let mut ids: Vec<Identifier> = ev.identifiers.clone();
+        self.sort_by_trust(&mut ids);
+        let mut owner = resolve(store, &ids)?;
+
+        // Consent: a person who refused cross-channel identification is sealed to one channel; an event
+        // of another channel lives in that channel's own identity space.
+        if let Some(first) = owner.iter().flatten().next().copied() {
+            let sealed = peek(store, first, |p| {
+                p.sealed_to().is_some_and(|home| home != ev.channel) && !p.shared
+            })?;
+            if sealed == Some(true) && ids.iter().all(|id| id.scope().is_none()) {
+                ids = ids.iter().map(|id| id.scoped(&ev.channel)).collect();
+                self.sort_by_trust(&mut ids);
+                owner = resolve(store, &ids)?;
             }
-            owner.push(node);
         }
 
+        // A shared identifier must not glue anyone together: find them before linking anything.
+        if self.detect_shared(store, &ids, ev, &mut reshape)? {
+            owner = resolve(store, &ids)?;
+        }
+
+        // Take the matched profiles; profiles of shared identifiers are not merge candidates.
+        let mut candidates: Vec<(NodeId, Profile)> = Vec::new();
+        let mut shared: Vec<(NodeId, Profile)> = Vec::new();
+        for n in owner.iter().flatten() {
+            if candidates.iter().chain(&shared).any(|(c, _)| c == n) {
+                continue;
+            }
+            if let Some(p) = store.take_profile(*n)? {
+                if p.shared {
+                    shared.push((*n, p));
+                } else {
+                    candidates.push((*n, p));
+                }
+            }
+        }
+        let has_unowned = owner.iter().any(Option::is_none);
+        if candidates.is_empty() && !has_unowned {
+            if let Some((node, mut profile)) = shared.first().cloned() {
+                // Only shared identifiers: the event belongs to the shared identifier's own profile.
+                for (n, p) in shared.into_iter().skip(1) {
+                    store.put_profile(n, p);
+                }
+                let linked: Vec<Identifier> = profile.identifiers.keys().cloned().collect();
+                let linked: Vec<Identifier> =
+                    ids.iter().filter(|i| linked.contains(i)).cloned().collect();
+                profile.apply(ev, &linked);
+                self.record_part(store, &linked, ev)?;
+                store.put_profile(node, profile);
+                return Ok(Some(Applied {
+                    node,
+                    created: false,
+                    retired: vec![],
+                    absorbed_nodes: vec![],
+                    refused: vec![],
+                    reshape,
+                }));
+            }
+        }
         let mut refused = Vec::new();
+        for (n, p) in shared {
+            let kind = ids
+                .iter()
+                .zip(&owner)
+                .find(|(_, o)| **o == Some(n))
+                .map(|(id, _)| id.base_kind().to_string())
+                .unwrap_or_default();
+            refused.push(Refusal {
+                rule: Rule::Shared,
+                kind,
+                other: None,
+            });
+            store.put_profile(n, p);
+        }
+
         let mut retired = Vec::new();
         let mut absorbed_nodes = Vec::new();
-        let (mut node, mut profile, created) = match candidates.first() {
-            Some(&first) => match store.take_profile(first)? {
-                Some(p) => (first, p, false),
-                None => (first, Profile::new(ev), true),
-            },
-            None => (store.allocate_node()?, Profile::new(ev), true),
+        let mut rest = candidates.into_iter();
+        let (mut node, mut profile, created) = match rest.next() {
+            Some((n, p)) => (n, p, false),
+            None => {
+                let mut p = Profile::new(ev);
+                // Identifiers are linked below, within the limits.
+                p.identifiers.clear();
+                (store.allocate_node()?, p, true)
+            }
         };
-        if created {
-            // Identifiers are linked below, within the limits.
-            profile.identifiers.clear();
-        }
         let mut ids_before: BTreeSet<ProfileId> = BTreeSet::new();
         if !created {
             ids_before.insert(profile.id());
         }
         let mut merged_into_primary: BTreeSet<NodeId> = BTreeSet::from([node]);
+        let event_refuses = ev
+            .consent
+            .as_ref()
+            .and_then(|c| c.cross_channel)
+            .is_some_and(|v| !v);
 
         // Merge the other matched profiles, most trusted first, unless a rule forbids it.
-        for &other in candidates.iter().skip(1) {
-            let Some(other_profile) = store.take_profile(other)? else {
-                continue;
+        for (other, other_profile) in rest {
+            let verdict = if event_refuses
+                || profile.cross_channel_refused()
+                || other_profile.cross_channel_refused()
+            {
+                Err(Rule::Consent)
+            } else {
+                self.rules.check_merge(&profile, &other_profile)
             };
-            let verdict =
-                if profile.cross_channel_refused() || other_profile.cross_channel_refused() {
-                    Err(Rule::Consent)
-                } else {
-                    self.rules.check_merge(&profile, &other_profile)
-                };
             match verdict {
                 Ok(()) => {
                     ids_before.insert(other_profile.id());
@@ -152,7 +273,7 @@ impl Stitcher {
                         .iter()
                         .zip(&owner)
                         .find(|(_, o)| **o == Some(other))
-                        .map(|(id, _)| id.kind.clone())
+                        .map(|(id, _)| id.base_kind().to_string())
                         .unwrap_or_default();
                     refused.push(Refusal {
                         rule,
@@ -174,19 +295,19 @@ impl Stitcher {
         let mut linked: Vec<Identifier> = Vec::with_capacity(ids.len());
         for (id, own) in ids.iter().zip(&owner) {
             match own {
-                Some(n) if merged_into_primary.contains(n) => linked.push((*id).clone()),
-                Some(_) => {} // belongs to a profile whose merge was refused
-                None if profile.identifiers.contains_key(*id) => linked.push((*id).clone()),
+                Some(n) if merged_into_primary.contains(n) => linked.push(id.clone()),
+                Some(_) => {} // belongs to a profile whose merge was refused, or to a shared identifier
+                None if profile.identifiers.contains_key(id) => linked.push(id.clone()),
                 None => match self.rules.check_add(&counts, total, id) {
                     Ok(()) => {
-                        *counts.entry(id.kind.clone()).or_insert(0) += 1;
+                        *counts.entry(id.base_kind().to_string()).or_insert(0) += 1;
                         total += 1;
                         store.set_node(id, node);
-                        linked.push((*id).clone());
+                        linked.push(id.clone());
                     }
                     Err(rule) => refused.push(Refusal {
                         rule,
-                        kind: id.kind.clone(),
+                        kind: id.base_kind().to_string(),
                         other: None,
                     }),
                 },
@@ -197,6 +318,13 @@ impl Stitcher {
         } else {
             profile.apply(ev, &linked);
         }
+        let evidence = Evidence::of(ev);
+        for (i, a) in linked.iter().enumerate() {
+            for b in &linked[i + 1..] {
+                store.add_link(a, b, &evidence);
+            }
+        }
+        self.record_part(store, &linked, ev)?;
 
         let id_after = profile.id();
         for old in ids_before {
@@ -214,14 +342,374 @@ impl Stitcher {
             retired,
             absorbed_nodes,
             refused,
+            reshape,
         }))
+    }
+
+    /// Adds the event to the part of its most trusted linked identifier.
+    fn record_part<S: GraphStore>(
+        &self,
+        store: &mut S,
+        linked: &[Identifier],
+        ev: &Event,
+    ) -> Result<(), S::Error> {
+        let Some(anchor) = linked.first() else {
+            return Ok(());
+        };
+        let part = match store.take_part(anchor)? {
+            Some(mut part) => {
+                part.apply(ev, &[]);
+                part
+            }
+            None => Profile::part_of(ev),
+        };
+        store.put_part(anchor, part);
+        Ok(())
+    }
+
+    /// Finds the event's identifiers that have now been seen with more owners than their type allows
+    /// (owners in this event, or linked to it before), and sets each apart in a profile of its own,
+    /// splitting the profile it was in. True if any was.
+    fn detect_shared<S: GraphStore>(
+        &self,
+        store: &mut S,
+        ids: &[Identifier],
+        ev: &Event,
+        reshape: &mut Reshape,
+    ) -> Result<bool, S::Error> {
+        let owners: Vec<&Identifier> = ids.iter().filter(|i| self.rules.is_owner(i)).collect();
+        if owners.is_empty() {
+            return Ok(false);
+        }
+        let mut found = false;
+        for x in ids {
+            let Some(limit) = self.rules.shared_limit(x) else {
+                continue;
+            };
+            // Looked up afresh: setting another identifier of this event apart may have moved this one.
+            let node = store.node_of(x)?;
+            let mut seen: BTreeSet<Identifier> = owners.iter().map(|o| (*o).clone()).collect();
+            if let Some(n) = node {
+                if peek(store, n, |p| p.shared)? == Some(true) {
+                    continue;
+                }
+                seen.extend(
+                    store
+                        .links(x)?
+                        .into_iter()
+                        .map(|(y, _)| y)
+                        .filter(|y| self.rules.is_owner(y)),
+                );
+            }
+            if seen.len() > limit {
+                self.quarantine(store, x, node, ev, reshape)?;
+                found = true;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Moves a shared identifier out of its profile (which is split along its remaining links) into a
+    /// profile of its own that never merges.
+    fn quarantine<S: GraphStore>(
+        &self,
+        store: &mut S,
+        x: &Identifier,
+        node: Option<NodeId>,
+        ev: &Event,
+        reshape: &mut Reshape,
+    ) -> Result<(), S::Error> {
+        let mut seen = Seen::at(ev.timestamp);
+        if let Some(n) = node {
+            if let Some(profile) = store.take_profile(n)? {
+                if let Some(s) = profile.identifiers.get(x) {
+                    seen = *s;
+                }
+                for (y, _) in store.links(x)? {
+                    store.remove_link(x, &y);
+                }
+                self.split(store, n, profile, std::slice::from_ref(x), false, reshape)?;
+            }
+        }
+        let q = store.allocate_node()?;
+        let mut own = Profile::empty();
+        if let Some(part) = store.take_part(x)? {
+            own.absorb(part.clone());
+            store.put_part(x, part);
+        }
+        own.identifiers.insert(x.clone(), seen);
+        fill_anchor(&mut own);
+        own.shared = true;
+        store.set_node(x, q);
+        let id = own.id();
+        store.remove_redirect(&id);
+        store.index(&id, q);
+        store.put_profile(q, own);
+        reshape.quarantined.push(q);
+        Ok(())
+    }
+
+    /// Recomputes a profile whose identifiers `removed` are gone (or one of whose links is): one profile per
+    /// connected component of the remaining links, each the join of its identifiers' parts. The component
+    /// that keeps the old public id (or else the largest) keeps the node. `purge` (erasure) also removes
+    /// the redirects to an id that stops existing.
+    fn split<S: GraphStore>(
+        &self,
+        store: &mut S,
+        node: NodeId,
+        profile: Profile,
+        removed: &[Identifier],
+        purge: bool,
+        reshape: &mut Reshape,
+    ) -> Result<(), S::Error> {
+        let old_id = profile.id();
+        let remaining: BTreeSet<&Identifier> = profile
+            .identifiers
+            .keys()
+            .filter(|id| !removed.contains(id))
+            .collect();
+        let components = components(store, &remaining)?;
+        if components.len() == 1 && removed.is_empty() {
+            // Still one piece: nothing changes.
+            store.put_profile(node, profile);
+            return Ok(());
+        }
+        store.unindex(&old_id);
+        let mut pieces: Vec<Profile> = Vec::with_capacity(components.len());
+        for component in &components {
+            let mut piece = Profile::empty();
+            for id in component {
+                if let Some(part) = store.take_part(id)? {
+                    piece.absorb(part.clone());
+                    store.put_part(id, part);
+                }
+                if let Some(seen) = profile.identifiers.get(id) {
+                    piece.identifiers.insert(id.clone(), *seen);
+                }
+            }
+            piece.shared = profile.shared;
+            fill_anchor(&mut piece);
+            pieces.push(piece);
+        }
+        // The piece that keeps the node: the one that kept the public id, else the largest.
+        let kept_id = pieces.iter().any(|p| p.id() == old_id);
+        let keeper = pieces.iter().position(|p| p.id() == old_id).or_else(|| {
+            (0..pieces.len()).max_by_key(|i| (pieces[*i].identifiers.len(), usize::MAX - i))
+        });
+        let mut into = Vec::with_capacity(pieces.len());
+        for (i, piece) in pieces.into_iter().enumerate() {
+            let n = if Some(i) == keeper {
+                node
+            } else {
+                store.allocate_node()?
+            };
+            if n != node {
+                for id in piece.identifiers.keys() {
+                    store.set_node(id, n);
+                }
+            }
+            let id = piece.id();
+            // An id that comes back (it was retired by a merge) no longer redirects anywhere.
+            store.remove_redirect(&id);
+            store.index(&id, n);
+            store.put_profile(n, piece);
+            into.push(n);
+        }
+        if keeper.is_none() {
+            store.delete_profile(node);
+        }
+        if !kept_id {
+            self.retire_erased(store, &old_id, purge, reshape)?;
+        }
+        reshape.splits.push(Split { from: old_id, into });
+        Ok(())
+    }
+
+    /// An id that stops existing: a tombstone, and with `purge` the redirects to it go too.
+    fn retire_erased<S: GraphStore>(
+        &self,
+        store: &mut S,
+        id: &ProfileId,
+        purge: bool,
+        reshape: &mut Reshape,
+    ) -> Result<(), S::Error> {
+        store.unindex(id);
+        if purge {
+            for from in store.redirects_to(id)? {
+                store.remove_redirect(&from);
+                reshape.erased.push(from);
+            }
+        }
+        reshape.erased.push(id.clone());
+        Ok(())
+    }
+
+    /// Erases an identifier: its node entry, links and part are removed and its profile is recomputed
+    /// without it (and split if it held the profile together).
+    pub fn erase_identifier<S: GraphStore>(
+        &self,
+        store: &mut S,
+        x: &Identifier,
+    ) -> Result<Reshape, S::Error> {
+        let mut reshape = Reshape::default();
+        let Some(node) = store.node_of(x)? else {
+            return Ok(reshape);
+        };
+        for (y, _) in store.links(x)? {
+            store.remove_link(x, &y);
+        }
+        store.delete_part(x);
+        store.remove_identifier(x);
+        reshape.identifiers_erased += 1;
+        if let Some(profile) = store.take_profile(node)? {
+            self.split(
+                store,
+                node,
+                profile,
+                std::slice::from_ref(x),
+                true,
+                &mut reshape,
+            )?;
+        }
+        Ok(reshape)
+    }
+
+    /// Erases a whole profile, found by its public id (redirects followed): every identifier, link and
+    /// part, the profile, and the ids redirecting to it.
+    pub fn erase_profile<S: GraphStore>(
+        &self,
+        store: &mut S,
+        id: &ProfileId,
+    ) -> Result<Reshape, S::Error> {
+        let mut reshape = Reshape::default();
+        let Some((live, node)) = resolve_profile_id(store, id)? else {
+            return Ok(reshape);
+        };
+        if let Some(profile) = store.take_profile(node)? {
+            for x in profile.identifiers.keys() {
+                for (y, _) in store.links(x)? {
+                    store.remove_link(x, &y);
+                }
+                store.delete_part(x);
+                store.remove_identifier(x);
+                reshape.identifiers_erased += 1;
+            }
+        }
+        store.delete_profile(node);
+        self.retire_erased(store, &live, true, &mut reshape)?;
+        Ok(reshape)
+    }
+
+    /// Removes the link between two identifiers of one profile and splits the profile if nothing else
+    /// holds it together. Later events that carry both identifiers link them again.
+    pub fn unlink<S: GraphStore>(
+        &self,
+        store: &mut S,
+        a: &Identifier,
+        b: &Identifier,
+    ) -> Result<Reshape, S::Error> {
+        let mut reshape = Reshape::default();
+        let (Some(na), Some(nb)) = (store.node_of(a)?, store.node_of(b)?) else {
+            return Ok(reshape);
+        };
+        if na != nb {
+            return Ok(reshape);
+        }
+        store.remove_link(a, b);
+        if let Some(profile) = store.take_profile(na)? {
+            self.split(store, na, profile, &[], false, &mut reshape)?;
+        }
+        Ok(reshape)
     }
 }
 
-/// What one batch changed, coalesced: one update per live profile, one redirect per retired id.
+/// Nodes of identifiers, in the same order.
+fn resolve<S: GraphStore>(
+    store: &mut S,
+    ids: &[Identifier],
+) -> Result<Vec<Option<NodeId>>, S::Error> {
+    ids.iter().map(|id| store.node_of(id)).collect()
+}
+
+/// Reads something of a profile without keeping it out.
+fn peek<S: GraphStore, T>(
+    store: &mut S,
+    node: NodeId,
+    f: impl FnOnce(&Profile) -> T,
+) -> Result<Option<T>, S::Error> {
+    let Some(p) = store.take_profile(node)? else {
+        return Ok(None);
+    };
+    let out = f(&p);
+    store.put_profile(node, p);
+    Ok(Some(out))
+}
+
+/// A public id to its live id and node, following redirects.
+pub fn resolve_profile_id<S: GraphStore>(
+    store: &mut S,
+    id: &ProfileId,
+) -> Result<Option<(ProfileId, NodeId)>, S::Error> {
+    let mut current = id.clone();
+    for _ in 0..crate::store::MAX_REDIRECT_HOPS {
+        if let Some(node) = store.indexed(&current)? {
+            return Ok(Some((current, node)));
+        }
+        match store.redirect_of(&current)? {
+            Some(next) => current = next,
+            None => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
+/// Connected components of `ids` over their links (links to identifiers outside `ids` are ignored), in a
+/// deterministic order.
+fn components<S: GraphStore>(
+    store: &mut S,
+    ids: &BTreeSet<&Identifier>,
+) -> Result<Vec<Vec<Identifier>>, S::Error> {
+    let mut done: HashSet<&Identifier> = HashSet::with_capacity(ids.len());
+    let mut out = Vec::new();
+    for &start in ids {
+        if !done.insert(start) {
+            continue;
+        }
+        let mut component = vec![start.clone()];
+        let mut queue = vec![start.clone()];
+        while let Some(x) = queue.pop() {
+            for (y, _) in store.links(&x)? {
+                if let Some(&y) = ids.get(&y) {
+                    if done.insert(y) {
+                        component.push(y.clone());
+                        queue.push(y.clone());
+                    }
+                }
+            }
+        }
+        component.sort();
+        out.push(component);
+    }
+    Ok(out)
+}
+
+/// A profile rebuilt from parts that carried no event (all its events were anchored on identifiers now
+/// gone) still needs a stable anchor: its earliest identifier sighting. Its `seen` stays empty; the
+/// output shows the identifiers' times instead.
+fn fill_anchor(p: &mut Profile) {
+    if p.has_events() {
+        return;
+    }
+    if let Some((id, seen)) = p.identifiers.iter().min_by_key(|(id, s)| (s.first, *id)) {
+        p.anchor = (seen.first, format!("identifier:{id}"));
+    }
+}
+
+/// What one batch changed, coalesced: one update per live profile, one redirect per retired id, one
+/// tombstone per erased id.
 #[derive(Debug, Default)]
 pub struct BatchChanges {
-    /// Touched nodes with the last event that touched them (event id, channel).
+    /// Touched nodes with the last event (or command) that touched them: (trigger id, channel).
     touched: BTreeMap<NodeId, (String, String)>,
     /// Node absorbed -> node it went into, within this batch.
     forwarded: HashMap<NodeId, NodeId>,
@@ -229,12 +717,20 @@ pub struct BatchChanges {
     retired: BTreeMap<ProfileId, NodeId>,
     /// Refusals per node, to report on the output.
     refused: BTreeMap<NodeId, Vec<Refusal>>,
+    /// Nodes that came out of a split, with the id of the profile they came from.
+    split_from: BTreeMap<NodeId, ProfileId>,
+    /// Ids erased (or split away) in this batch.
+    erased: BTreeSet<ProfileId>,
     pub created: u64,
     pub merges: u64,
+    pub splits: u64,
+    pub shared_found: u64,
+    pub identifiers_erased: u64,
 }
 
 impl BatchChanges {
     pub fn record(&mut self, ev: &Event, applied: Applied) {
+        self.record_reshape(&ev.event_id, &ev.channel, applied.reshape);
         for gone in &applied.absorbed_nodes {
             self.forwarded.insert(*gone, applied.node);
             if let Some(t) = self.touched.remove(gone) {
@@ -243,10 +739,14 @@ impl BatchChanges {
             if let Some(r) = self.refused.remove(gone) {
                 self.refused.entry(applied.node).or_default().extend(r);
             }
+            if let Some(from) = self.split_from.remove(gone) {
+                self.split_from.entry(applied.node).or_insert(from);
+            }
         }
         self.merges += applied.absorbed_nodes.len() as u64;
         self.created += u64::from(applied.created);
         for id in applied.retired {
+            self.erased.remove(&id);
             self.retired.insert(id, applied.node);
         }
         if !applied.refused.is_empty() {
@@ -259,8 +759,35 @@ impl BatchChanges {
             .insert(applied.node, (ev.event_id.clone(), ev.channel.clone()));
     }
 
+    /// Records splits, erasures and shared identifiers, triggered by an event or a control command.
+    pub fn record_reshape(&mut self, trigger: &str, channel: &str, reshape: Reshape) {
+        self.splits += reshape.splits.len() as u64;
+        self.shared_found += reshape.quarantined.len() as u64;
+        self.identifiers_erased += reshape.identifiers_erased;
+        for split in reshape.splits {
+            for n in split.into {
+                self.split_from.insert(n, split.from.clone());
+                self.touched
+                    .insert(n, (trigger.to_string(), channel.to_string()));
+            }
+        }
+        for n in reshape.quarantined {
+            self.touched
+                .insert(n, (trigger.to_string(), channel.to_string()));
+        }
+        for id in reshape.erased {
+            self.retired.remove(&id);
+            self.erased.insert(id);
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.touched.is_empty()
+        self.touched.is_empty() && self.erased.is_empty()
+    }
+
+    /// Ids to tombstone: erased in this batch and not alive again at its end (`live` tells).
+    pub fn erased(&self) -> impl Iterator<Item = &ProfileId> {
+        self.erased.iter()
     }
 
     /// The node a node ended up in at the end of the batch.
@@ -288,6 +815,7 @@ impl BatchChanges {
                 trigger_channel: channel.clone(),
                 merged_from: merged_from.remove(node).unwrap_or_default(),
                 refused: self.refused.get(node).cloned().unwrap_or_default(),
+                split_from: self.split_from.get(node).cloned(),
             })
             .collect()
     }
@@ -302,6 +830,8 @@ pub struct NodeUpdate {
     /// Public ids now living in this profile; each also gets a redirect record.
     pub merged_from: Vec<ProfileId>,
     pub refused: Vec<Refusal>,
+    /// The profile this one was split from, if it came out of a split in this batch.
+    pub split_from: Option<ProfileId>,
 }
 
 /// An in-memory [`GraphStore`]: for tests, benches and the oracle check.
@@ -312,6 +842,8 @@ pub struct MemStore {
     pub seen: std::collections::HashSet<String>,
     pub redirects: HashMap<ProfileId, ProfileId>,
     pub index: HashMap<ProfileId, NodeId>,
+    pub links: HashMap<Identifier, BTreeMap<Identifier, Evidence>>,
+    pub parts: HashMap<Identifier, Profile>,
     next: u64,
 }
 
@@ -345,6 +877,23 @@ impl GraphStore for MemStore {
     }
     fn redirect(&mut self, from: &ProfileId, to: &ProfileId) {
         self.redirects.insert(from.clone(), to.clone());
+        self.redirects.remove(to);
+    }
+    fn remove_redirect(&mut self, id: &ProfileId) {
+        self.redirects.remove(id);
+    }
+    fn redirect_of(&mut self, id: &ProfileId) -> Result<Option<ProfileId>, Self::Error> {
+        Ok(self.redirects.get(id).cloned())
+    }
+    fn redirects_to(&mut self, id: &ProfileId) -> Result<Vec<ProfileId>, Self::Error> {
+        let mut v: Vec<ProfileId> = self
+            .redirects
+            .iter()
+            .filter(|(_, to)| *to == id)
+            .map(|(from, _)| from.clone())
+            .collect();
+        v.sort();
+        Ok(v)
     }
     fn index(&mut self, id: &ProfileId, node: NodeId) {
         self.index.insert(id.clone(), node);
@@ -352,12 +901,59 @@ impl GraphStore for MemStore {
     fn unindex(&mut self, id: &ProfileId) {
         self.index.remove(id);
     }
+    fn indexed(&mut self, id: &ProfileId) -> Result<Option<NodeId>, Self::Error> {
+        Ok(self.index.get(id).copied())
+    }
+    fn links(&mut self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, Self::Error> {
+        Ok(self
+            .links
+            .get(id)
+            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .unwrap_or_default())
+    }
+    fn add_link(&mut self, a: &Identifier, b: &Identifier, evidence: &Evidence) {
+        for (x, y) in [(a, b), (b, a)] {
+            self.links
+                .entry(x.clone())
+                .or_default()
+                .entry(y.clone())
+                .and_modify(|e| e.join(evidence))
+                .or_insert_with(|| evidence.clone());
+        }
+    }
+    fn remove_link(&mut self, a: &Identifier, b: &Identifier) {
+        for (x, y) in [(a, b), (b, a)] {
+            if let Some(m) = self.links.get_mut(x) {
+                m.remove(y);
+                if m.is_empty() {
+                    self.links.remove(x);
+                }
+            }
+        }
+    }
+    fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, Self::Error> {
+        Ok(self.parts.remove(id))
+    }
+    fn put_part(&mut self, id: &Identifier, part: Profile) {
+        self.parts.insert(id.clone(), part);
+    }
+    fn delete_part(&mut self, id: &Identifier) {
+        self.parts.remove(id);
+    }
 }
 
 impl MemStore {
     /// Profiles by public id, for comparisons.
     pub fn by_public_id(&self) -> BTreeMap<ProfileId, &Profile> {
         self.profiles.values().map(|p| (p.id(), p)).collect()
+    }
+
+    /// The graph as sets of identifiers, for comparisons that ignore ids and enrichment.
+    pub fn partition(&self) -> BTreeSet<BTreeSet<Identifier>> {
+        self.profiles
+            .values()
+            .map(|p| p.identifiers.keys().cloned().collect())
+            .collect()
     }
 }
 
@@ -573,6 +1169,416 @@ mod tests {
             for (id, node) in &store.nodes {
                 prop_assert!(store.profiles[node].identifiers.contains_key(id));
             }
+        }
+    }
+
+    fn ids(pairs: &[(&str, &str)]) -> Vec<(&'static str, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                let k: &'static str = match *k {
+                    "email" => "email",
+                    "device_id" => "device_id",
+                    "anonymous_id" => "anonymous_id",
+                    "customer_id" => "customer_id",
+                    other => panic!("unknown type {other}"),
+                };
+                (k, v.to_string())
+            })
+            .collect()
+    }
+
+    fn node_of(store: &MemStore, kind: &str, value: &str) -> NodeId {
+        store.nodes[&Identifier::new(kind, value)]
+    }
+
+    /// A profile and the join of its identifiers' parts must agree on everything but the identifiers.
+    fn assert_parts_add_up(store: &MemStore) {
+        for p in store.profiles.values() {
+            if !p.has_events() {
+                continue;
+            }
+            let mut joined = Profile::empty();
+            for id in p.identifiers.keys() {
+                if let Some(part) = store.parts.get(id) {
+                    joined.absorb(part.clone());
+                }
+            }
+            joined.identifiers = p.identifiers.clone();
+            joined.shared = p.shared;
+            if p.anchor.1.starts_with("identifier:") {
+                // Rebuilt from parts that had no event: anchored on its earliest identifier for good.
+                joined.anchor = p.anchor.clone();
+            }
+            assert_eq!(&joined, p, "profile {} differs from its parts", p.id());
+        }
+    }
+
+    #[test]
+    fn shared_device_is_set_apart_and_the_people_it_glued_split() {
+        let cfg = GuardrailConfig {
+            shared_limits: BTreeMap::from([("device_id".to_string(), 2)]),
+            ..Default::default()
+        };
+        let s = Stitcher::new(Rules::new(&cfg));
+        let mut store = MemStore::default();
+        // Three people log in on the same till device; each also has a cookie of their own.
+        for (n, who) in ["a", "b"].iter().enumerate() {
+            let n = n as u32 * 10;
+            let email = format!("{who}@x.io");
+            let cookie = format!("c-{who}");
+            s.apply(
+                &mut store,
+                &ev(
+                    n + 1,
+                    i64::from(n) + 1,
+                    &ids(&[("email", &email), ("anonymous_id", &cookie)]),
+                ),
+            )
+            .unwrap();
+            s.apply(
+                &mut store,
+                &ev(
+                    n + 2,
+                    i64::from(n) + 2,
+                    &ids(&[("email", &email), ("device_id", "till")]),
+                ),
+            )
+            .unwrap();
+        }
+        assert_eq!(
+            node_of(&store, "email", "a@x.io"),
+            node_of(&store, "email", "b@x.io"),
+            "two owners: glued"
+        );
+        let applied = s
+            .apply(
+                &mut store,
+                &ev(31, 31, &ids(&[("email", "c@x.io"), ("device_id", "till")])),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(applied.reshape.quarantined.len(), 1);
+        assert_eq!(applied.reshape.splits.len(), 1);
+        assert_eq!(applied.refused[0].rule, Rule::Shared);
+        let (a, b, c, till) = (
+            node_of(&store, "email", "a@x.io"),
+            node_of(&store, "email", "b@x.io"),
+            node_of(&store, "email", "c@x.io"),
+            node_of(&store, "device_id", "till"),
+        );
+        assert!(a != b && b != c && a != c && till != a);
+        assert_eq!(
+            store.profiles[&a].identifiers.len(),
+            2,
+            "a keeps its cookie"
+        );
+        assert!(store.profiles[&till].shared);
+        // The split profiles carry their own events only.
+        assert_eq!(store.profiles[&a].events, 2);
+        assert_eq!(store.profiles[&b].events, 2);
+        assert_parts_add_up(&store);
+        // Later events with the till land in the person's profile, not the till's.
+        let later = s
+            .apply(
+                &mut store,
+                &ev(
+                    41,
+                    41,
+                    &ids(&[("anonymous_id", "c-a"), ("device_id", "till")]),
+                ),
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(later.node, a);
+        // An event with only the till lands in the till's own profile.
+        let alone = s
+            .apply(&mut store, &ev(42, 42, &ids(&[("device_id", "till")])))
+            .unwrap()
+            .unwrap();
+        assert_eq!(alone.node, till);
+        assert_parts_add_up(&store);
+    }
+
+    #[test]
+    fn erasing_the_bridge_splits_and_retires_the_id_it_anchored() {
+        let s = Stitcher::new(Rules::new(&GuardrailConfig::default()));
+        let mut store = MemStore::default();
+        s.apply(&mut store, &ev(1, 1, &ids(&[("anonymous_id", "bridge")])))
+            .unwrap();
+        s.apply(
+            &mut store,
+            &ev(
+                2,
+                2,
+                &ids(&[("anonymous_id", "bridge"), ("email", "a@x.io")]),
+            ),
+        )
+        .unwrap();
+        s.apply(
+            &mut store,
+            &ev(
+                3,
+                3,
+                &ids(&[("anonymous_id", "bridge"), ("email", "b@x.io")]),
+            ),
+        )
+        .unwrap();
+        assert_eq!(store.profiles.len(), 1);
+        let before = store.profiles.values().next().unwrap().id();
+        assert_eq!(before, ProfileId::from_anchor("e1"));
+        let r = s
+            .erase_identifier(&mut store, &Identifier::new("anonymous_id", "bridge"))
+            .unwrap();
+        assert_eq!(r.identifiers_erased, 1);
+        assert_eq!(r.splits.len(), 1);
+        assert_eq!(r.splits[0].from, before);
+        assert_eq!(r.splits[0].into.len(), 2);
+        assert_eq!(
+            r.erased,
+            vec![before.clone()],
+            "the anchor event was the bridge's: its id goes"
+        );
+        let mut now: Vec<ProfileId> = store.by_public_id().into_keys().collect();
+        now.sort();
+        let mut want = vec![ProfileId::from_anchor("e2"), ProfileId::from_anchor("e3")];
+        want.sort();
+        assert_eq!(now, want);
+        assert!(!store
+            .nodes
+            .contains_key(&Identifier::new("anonymous_id", "bridge")));
+        assert!(store
+            .links
+            .values()
+            .all(|m| !m.contains_key(&Identifier::new("anonymous_id", "bridge"))));
+        assert!(!store.index.contains_key(&before));
+        assert_parts_add_up(&store);
+    }
+
+    #[test]
+    fn erase_profile_removes_everything_and_names_every_id() {
+        let s = Stitcher::new(Rules::unlimited());
+        let mut store = MemStore::default();
+        s.apply(&mut store, &ev(1, 10, &ids(&[("anonymous_id", "c1")])))
+            .unwrap();
+        s.apply(&mut store, &ev(2, 5, &ids(&[("email", "a@x.io")])))
+            .unwrap();
+        s.apply(
+            &mut store,
+            &ev(3, 20, &ids(&[("anonymous_id", "c1"), ("email", "a@x.io")])),
+        )
+        .unwrap();
+        s.apply(&mut store, &ev(4, 30, &ids(&[("email", "other@x.io")])))
+            .unwrap();
+        // Erase by the retired id: redirects are followed.
+        let r = s
+            .erase_profile(&mut store, &ProfileId::from_anchor("e1"))
+            .unwrap();
+        assert_eq!(r.identifiers_erased, 2);
+        let mut erased = r.erased.clone();
+        erased.sort();
+        let mut want = vec![ProfileId::from_anchor("e1"), ProfileId::from_anchor("e2")];
+        want.sort();
+        assert_eq!(erased, want);
+        assert_eq!(store.profiles.len(), 1, "the other person stays");
+        assert!(store.redirects.is_empty());
+        assert_eq!(store.nodes.len(), 1);
+        assert!(store.parts.keys().all(|id| id.value == "other@x.io"));
+        assert!(s
+            .erase_profile(&mut store, &ProfileId::from_anchor("e1"))
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn unlink_splits_only_when_nothing_else_holds() {
+        let s = Stitcher::new(Rules::unlimited());
+        let mut store = MemStore::default();
+        let (a, b, c) = (
+            Identifier::new("email", "a@x.io"),
+            Identifier::new("anonymous_id", "b"),
+            Identifier::new("anonymous_id", "c"),
+        );
+        s.apply(
+            &mut store,
+            &ev(1, 1, &ids(&[("email", "a@x.io"), ("anonymous_id", "b")])),
+        )
+        .unwrap();
+        s.apply(
+            &mut store,
+            &ev(2, 2, &ids(&[("anonymous_id", "b"), ("anonymous_id", "c")])),
+        )
+        .unwrap();
+        s.apply(
+            &mut store,
+            &ev(3, 3, &ids(&[("email", "a@x.io"), ("anonymous_id", "c")])),
+        )
+        .unwrap();
+        assert!(
+            s.unlink(&mut store, &a, &b).unwrap().is_empty(),
+            "a-c-b still holds"
+        );
+        assert_eq!(store.profiles.len(), 1);
+        let r = s.unlink(&mut store, &b, &c).unwrap();
+        assert_eq!(r.splits.len(), 1);
+        assert_eq!(store.profiles.len(), 2);
+        assert_ne!(store.nodes[&a], store.nodes[&b]);
+        assert_eq!(store.nodes[&a], store.nodes[&c]);
+        assert_parts_add_up(&store);
+    }
+
+    #[test]
+    fn refused_consent_seals_the_profile_to_its_channel() {
+        let s = Stitcher::new(Rules::new(&GuardrailConfig::default()));
+        let mut store = MemStore::default();
+        let mut refuse = ev(1, 1, &ids(&[("email", "a@x.io")]));
+        refuse.channel = "web".into();
+        refuse.consent = Some(crate::model::ConsentChange {
+            cross_channel: Some(false),
+            email_marketing: None,
+        });
+        let home = s.apply(&mut store, &refuse).unwrap().unwrap().node;
+        // The same email in the email channel: a separate, channel-scoped profile.
+        let mut other = ev(2, 2, &ids(&[("email", "a@x.io")]));
+        other.channel = "email".into();
+        let scoped = s.apply(&mut store, &other).unwrap().unwrap().node;
+        assert_ne!(home, scoped);
+        assert!(store
+            .nodes
+            .contains_key(&Identifier::new("email@email", "a@x.io")));
+        // The home channel still lands at home.
+        let mut web = ev(3, 3, &ids(&[("email", "a@x.io")]));
+        web.channel = "web".into();
+        assert_eq!(s.apply(&mut store, &web).unwrap().unwrap().node, home);
+        // Consent given again: later events of every channel stitch to the main profile again.
+        let mut grant = ev(4, 4, &ids(&[("email", "a@x.io")]));
+        grant.channel = "web".into();
+        grant.consent = Some(crate::model::ConsentChange {
+            cross_channel: Some(true),
+            email_marketing: None,
+        });
+        s.apply(&mut store, &grant).unwrap();
+        let mut again = ev(5, 5, &ids(&[("email", "a@x.io")]));
+        again.channel = "email".into();
+        assert_eq!(s.apply(&mut store, &again).unwrap().unwrap().node, home);
+        assert_eq!(
+            store.profiles[&scoped].events, 1,
+            "what was kept apart stays apart"
+        );
+    }
+
+    /// Expected graph under shared-identifier detection alone, computed directly: identifiers seen with
+    /// more than `limit` distinct owners (in the same events) stand alone; everything else is connected
+    /// components of co-occurrence without them.
+    fn expected_partition(events: &[Event], rules: &Rules) -> BTreeSet<BTreeSet<Identifier>> {
+        let mut owners: HashMap<&Identifier, BTreeSet<&Identifier>> = HashMap::new();
+        for e in events {
+            for x in &e.identifiers {
+                if rules.shared_limit(x).is_some() {
+                    let slot = owners.entry(x).or_default();
+                    slot.extend(e.identifiers.iter().filter(|o| rules.is_owner(o)));
+                }
+            }
+        }
+        let shared: BTreeSet<&Identifier> = owners
+            .iter()
+            .filter(|(x, o)| o.len() > rules.shared_limit(x).unwrap_or(usize::MAX))
+            .map(|(x, _)| *x)
+            .collect();
+        let mut parent: HashMap<&Identifier, &Identifier> = HashMap::new();
+        fn find<'a>(
+            p: &mut HashMap<&'a Identifier, &'a Identifier>,
+            x: &'a Identifier,
+        ) -> &'a Identifier {
+            let mut r = x;
+            while let Some(&n) = p.get(r) {
+                if n == r {
+                    break;
+                }
+                r = n;
+            }
+            p.insert(x, r);
+            r
+        }
+        for e in events {
+            let kept: Vec<&Identifier> = e
+                .identifiers
+                .iter()
+                .filter(|i| !shared.contains(i))
+                .collect();
+            for i in &kept {
+                parent.entry(i).or_insert(i);
+            }
+            for w in kept.windows(2) {
+                let (a, b) = (find(&mut parent, w[0]), find(&mut parent, w[1]));
+                parent.insert(a, b);
+            }
+        }
+        let mut groups: HashMap<&Identifier, BTreeSet<Identifier>> = HashMap::new();
+        let keys: Vec<&Identifier> = parent.keys().copied().collect();
+        for k in keys {
+            let r = find(&mut parent, k);
+            groups.entry(r).or_default().insert(k.clone());
+        }
+        let mut out: BTreeSet<BTreeSet<Identifier>> = groups.into_values().collect();
+        for x in shared {
+            out.insert(BTreeSet::from([x.clone()]));
+        }
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        /// Erasing an identifier leaves the graph it would be if the identifier had never been seen.
+        #[test]
+        fn erasure_equals_never_having_seen_it(
+            events in arb_events(),
+            pick in any::<prop::sample::Index>(),
+        ) {
+            let s = Stitcher::new(Rules::unlimited());
+            let all: Vec<&Identifier> = events.iter().flat_map(|e| &e.identifiers).collect();
+            let x: Identifier = (*pick.get(&all)).clone();
+            let mut store = run(&s, &events);
+            s.erase_identifier(&mut store, &x).unwrap();
+            let without: Vec<Event> = events
+                .iter()
+                .cloned()
+                .map(|mut e| {
+                    e.identifiers.retain(|i| i != &x);
+                    e
+                })
+                .filter(|e| !e.identifiers.is_empty())
+                .collect();
+            prop_assert_eq!(store.partition(), run(&s, &without).partition());
+            for (id, node) in &store.nodes {
+                prop_assert!(store.profiles[node].identifiers.contains_key(id));
+            }
+            assert_parts_add_up(&store);
+        }
+
+        /// With shared-identifier detection, any order and repetition gives the graph computed directly
+        /// from the events, and every profile is the join of its parts.
+        #[test]
+        fn shared_detection_is_order_independent(
+            events in arb_events(),
+            seed in any::<u64>(),
+            repeats in prop::collection::vec(any::<prop::sample::Index>(), 0..10),
+        ) {
+            use rand::{seq::SliceRandom, SeedableRng};
+            let rules = Rules::shared_only(
+                BTreeMap::from([("device_id".to_string(), 2), ("anonymous_id".to_string(), 3)]),
+                vec!["email".into(), "customer_id".into()],
+            );
+            let s = Stitcher::new(rules.clone());
+            let mut shuffled = events.clone();
+            for r in &repeats {
+                shuffled.push(r.get(&events).clone());
+            }
+            shuffled.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(seed));
+            let store = run(&s, &shuffled);
+            prop_assert_eq!(store.partition(), expected_partition(&events, &rules));
+            assert_parts_add_up(&store);
         }
     }
 }

@@ -3,8 +3,10 @@
 //! [`graph`] is the merge logic over an abstract [`GraphStore`], free of IO so that it can be
 //! property-tested; [`rules`] holds the guardrails.
 
+pub mod evidence;
 pub mod graph;
 pub mod rules;
 
-pub use graph::{Applied, BatchChanges, GraphStore, MemStore, Refusal, Stitcher};
+pub use evidence::Evidence;
+pub use graph::{Applied, BatchChanges, GraphStore, MemStore, Refusal, Reshape, Split, Stitcher};
 pub use rules::{Rule, Rules};

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use crate::config::GuardrailConfig;
-use crate::model::Identifier;
+use crate::model::{base_kind, Identifier};
 use crate::profile::Profile;
 
 /// Why a link was refused.
@@ -15,6 +15,8 @@ pub enum Rule {
     ProfileSize { limit: usize },
     /// The person refused cross-channel identification.
     Consent,
+    /// The identifier is shared by more people than its type allows (a family tablet, a shop's till).
+    Shared,
 }
 
 impl Rule {
@@ -23,6 +25,7 @@ impl Rule {
             Rule::TypeLimit { .. } => "type_limit",
             Rule::ProfileSize { .. } => "profile_size",
             Rule::Consent => "consent",
+            Rule::Shared => "shared_identifier",
         }
     }
 }
@@ -33,6 +36,8 @@ pub struct Rules {
     limits: BTreeMap<String, usize>,
     max_identifiers: usize,
     priority: Vec<String>,
+    shared_limits: BTreeMap<String, usize>,
+    owner_types: Vec<String>,
 }
 
 impl Rules {
@@ -41,6 +46,8 @@ impl Rules {
             limits: cfg.limits.clone(),
             max_identifiers: cfg.max_profile_identifiers,
             priority: cfg.priority.clone(),
+            shared_limits: cfg.shared_limits.clone(),
+            owner_types: cfg.owner_types.clone(),
         }
     }
 
@@ -50,11 +57,33 @@ impl Rules {
             limits: BTreeMap::new(),
             max_identifiers: usize::MAX,
             priority: Vec::new(),
+            shared_limits: BTreeMap::new(),
+            owner_types: Vec::new(),
         }
+    }
+
+    /// Only shared-identifier detection, no limits: what the property tests of splitting use.
+    pub fn shared_only(shared_limits: BTreeMap<String, usize>, owner_types: Vec<String>) -> Self {
+        Self {
+            shared_limits,
+            owner_types,
+            ..Self::unlimited()
+        }
+    }
+
+    /// How many distinct owners an identifier of this type may be seen with before it counts as shared.
+    pub fn shared_limit(&self, id: &Identifier) -> Option<usize> {
+        self.shared_limits.get(id.base_kind()).copied()
+    }
+
+    /// Whether the identifier names one person (what shared limits count).
+    pub fn is_owner(&self, id: &Identifier) -> bool {
+        self.owner_types.iter().any(|t| t == id.base_kind())
     }
 
     /// Rank of a type: lower is more trusted; unlisted types come last, ordered by name.
     pub fn rank(&self, kind: &str) -> usize {
+        let kind = base_kind(kind);
         self.priority
             .iter()
             .position(|p| p == kind)
@@ -85,7 +114,7 @@ impl Rules {
         let mut counts = a.type_counts();
         for id in b.identifiers.keys() {
             if !a.identifiers.contains_key(id) {
-                *counts.entry(id.kind.as_str()).or_insert(0) += 1;
+                *counts.entry(id.base_kind()).or_insert(0) += 1;
             }
         }
         for (kind, n) in counts {
@@ -113,10 +142,10 @@ impl Rules {
                 limit: self.max_identifiers,
             });
         }
-        if let Some(&limit) = self.limits.get(&id.kind) {
-            if counts.get(&id.kind).copied().unwrap_or(0) + 1 > limit {
+        if let Some(&limit) = self.limits.get(id.base_kind()) {
+            if counts.get(id.base_kind()).copied().unwrap_or(0) + 1 > limit {
                 return Err(Rule::TypeLimit {
-                    kind: id.kind.clone(),
+                    kind: id.base_kind().to_string(),
                     limit,
                 });
             }

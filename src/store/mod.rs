@@ -10,7 +10,13 @@
 //! | `profile_ids` | public profile id              | node id (u64 BE)                   |
 //! | `redirects`   | retired public profile id      | public profile id it moved to      |
 //! | `events`      | SHA-256(event_id)[..16]        | empty (dedup set, bloom-filtered)  |
+//! | `links`       | u16 BE len(a) + a + b          | v1 + bincode(Evidence), merge op   |
+//! | `parts`       | type `\0` value                | v1 + bincode(Profile) of its events|
 //! | `meta`        | `next_node`, `checkpoint`      | u64 BE, v1 + bincode(Checkpoint)   |
+//!
+//! `a` and `b` in `links` are identifier keys; every link is stored in both directions so that the
+//! links of one identifier are one prefix scan. The `links` column family has an associative merge
+//! operator ([`Evidence::join`]), so adding evidence is a blind write.
 
 mod overlay;
 
@@ -25,18 +31,21 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{Identifier, NodeId, ProfileId};
 use crate::profile::Profile;
+use crate::stitch::Evidence;
 
 pub use overlay::Overlay;
 
 const FORMAT_V1: u8 = 1;
 /// Longest redirect chain followed by a lookup.
-const MAX_REDIRECT_HOPS: usize = 32;
+pub(crate) const MAX_REDIRECT_HOPS: usize = 32;
 
 pub(crate) const CF_IDENTIFIERS: &str = "identifiers";
 pub(crate) const CF_PROFILES: &str = "profiles";
 pub(crate) const CF_PROFILE_IDS: &str = "profile_ids";
 pub(crate) const CF_REDIRECTS: &str = "redirects";
 pub(crate) const CF_EVENTS: &str = "events";
+pub(crate) const CF_LINKS: &str = "links";
+pub(crate) const CF_PARTS: &str = "parts";
 pub(crate) const CF_META: &str = "meta";
 const CFS: &[&str] = &[
     CF_IDENTIFIERS,
@@ -44,6 +53,8 @@ const CFS: &[&str] = &[
     CF_PROFILE_IDS,
     CF_REDIRECTS,
     CF_EVENTS,
+    CF_LINKS,
+    CF_PARTS,
     CF_META,
 ];
 
@@ -117,6 +128,9 @@ impl Store {
                 // Point lookups only: optimise for them.
                 cf.optimize_for_point_lookup(block_cache_mb.max(8) as u64);
             }
+            if *name == CF_LINKS {
+                cf.set_merge_operator_associative("evidence_join", merge_evidence);
+            }
             ColumnFamilyDescriptor::new(*name, cf)
         });
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
@@ -153,6 +167,31 @@ impl Store {
             .db
             .get_cf(self.cf(CF_REDIRECTS)?, id.as_str())?
             .map(|v| ProfileId(String::from_utf8_lossy(&v).into_owned())))
+    }
+
+    /// The identifiers linked to `id`, with the evidence of each link.
+    pub fn links(&self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, StoreError> {
+        let prefix = link_prefix(id);
+        let mut out = Vec::new();
+        for item in self.db.iterator_cf(
+            self.cf(CF_LINKS)?,
+            rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        ) {
+            let (k, v) = item?;
+            let Some(other) = k.strip_prefix(prefix.as_slice()) else {
+                break;
+            };
+            out.push((decode_identifier(other)?, decode_evidence(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// What the events anchored on `id` contributed.
+    pub fn part(&self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
+        self.db
+            .get_pinned_cf(self.cf(CF_PARTS)?, identifier_key(id))?
+            .map(|v| decode_profile(&v))
+            .transpose()
     }
 
     pub fn has_event(&self, event_id: &str) -> Result<bool, StoreError> {
@@ -272,6 +311,71 @@ pub(crate) fn identifier_key(id: &Identifier) -> Vec<u8> {
     k.push(0);
     k.extend_from_slice(id.value.as_bytes());
     k
+}
+
+pub(crate) fn decode_identifier(k: &[u8]) -> Result<Identifier, StoreError> {
+    let text = std::str::from_utf8(k).map_err(|_| StoreError::Corrupt {
+        cf: CF_LINKS,
+        reason: "identifier key is not UTF-8".into(),
+    })?;
+    let (kind, value) = text.split_once('\0').ok_or_else(|| StoreError::Corrupt {
+        cf: CF_LINKS,
+        reason: "identifier key without a type".into(),
+    })?;
+    Ok(Identifier::new(kind, value))
+}
+
+/// Prefix of every link of `id`: the length of its key, then the key.
+pub(crate) fn link_prefix(id: &Identifier) -> Vec<u8> {
+    let key = identifier_key(id);
+    let len = u16::try_from(key.len()).unwrap_or(u16::MAX);
+    let mut k = Vec::with_capacity(key.len() + 2);
+    k.extend_from_slice(&len.to_be_bytes());
+    k.extend_from_slice(&key);
+    k
+}
+
+pub(crate) fn link_key(a: &Identifier, b: &Identifier) -> Vec<u8> {
+    let mut k = link_prefix(a);
+    k.extend_from_slice(&identifier_key(b));
+    k
+}
+
+pub(crate) fn encode_evidence(e: &Evidence) -> Result<Vec<u8>, StoreError> {
+    let mut v = Vec::with_capacity(64);
+    v.push(FORMAT_V1);
+    bincode::serialize_into(&mut v, e)?;
+    Ok(v)
+}
+
+pub(crate) fn decode_evidence(v: &[u8]) -> Result<Evidence, StoreError> {
+    match v.split_first() {
+        Some((&FORMAT_V1, rest)) => Ok(bincode::deserialize(rest)?),
+        _ => Err(StoreError::Corrupt {
+            cf: CF_LINKS,
+            reason: "unknown evidence format".into(),
+        }),
+    }
+}
+
+/// The `links` merge operator: joins the evidence of all operands. `None` (corrupt input) fails the read.
+fn merge_evidence(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut acc: Option<Evidence> = match existing {
+        Some(v) => Some(decode_evidence(v).ok()?),
+        None => None,
+    };
+    for op in operands {
+        let e = decode_evidence(op).ok()?;
+        match &mut acc {
+            Some(a) => a.join(&e),
+            None => acc = Some(e),
+        }
+    }
+    encode_evidence(&acc?).ok()
 }
 
 pub(crate) fn event_key(event_id: &str) -> [u8; 16] {

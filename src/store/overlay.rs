@@ -6,12 +6,23 @@ use std::collections::{HashMap, HashSet};
 use rocksdb::WriteBatch;
 
 use super::{
-    encode_profile, event_key, identifier_key, Store, StoreError, CF_EVENTS, CF_IDENTIFIERS,
-    CF_META, CF_PROFILES, CF_PROFILE_IDS, CF_REDIRECTS, META_NEXT_NODE,
+    encode_evidence, encode_profile, event_key, identifier_key, link_key, Store, StoreError,
+    CF_EVENTS, CF_IDENTIFIERS, CF_LINKS, CF_META, CF_PARTS, CF_PROFILES, CF_PROFILE_IDS,
+    CF_REDIRECTS, META_NEXT_NODE,
 };
 use crate::model::{Identifier, NodeId, ProfileId};
 use crate::profile::Profile;
-use crate::stitch::GraphStore;
+use crate::stitch::{Evidence, GraphStore};
+
+/// A pending change to one link.
+#[derive(Debug, Clone)]
+enum LinkOp {
+    /// Evidence to join with whatever is stored (a RocksDB merge).
+    Join(Evidence),
+    /// The link's whole value (it was removed earlier in the batch).
+    Put(Evidence),
+    Delete,
+}
 
 pub struct Overlay<'a> {
     store: &'a Store,
@@ -20,6 +31,9 @@ pub struct Overlay<'a> {
     profiles: HashMap<NodeId, Option<Profile>>,
     index: HashMap<ProfileId, Option<NodeId>>,
     redirects: HashMap<ProfileId, Option<ProfileId>>,
+    /// Pending link changes by first identifier, then second (both directions are kept).
+    links: HashMap<Identifier, HashMap<Identifier, LinkOp>>,
+    parts: HashMap<Identifier, Option<Profile>>,
     seen: HashSet<[u8; 16]>,
     next_node: u64,
     first_node: u64,
@@ -34,6 +48,8 @@ impl<'a> Overlay<'a> {
             profiles: HashMap::new(),
             index: HashMap::new(),
             redirects: HashMap::new(),
+            links: HashMap::new(),
+            parts: HashMap::new(),
             seen: HashSet::new(),
             next_node,
             first_node: next_node,
@@ -60,8 +76,20 @@ impl<'a> Overlay<'a> {
         }
     }
 
-    pub fn remove_redirect(&mut self, id: &ProfileId) {
-        self.redirects.insert(id.clone(), None);
+    /// The node of a live public id (no redirects followed) as the batch leaves it.
+    pub fn live_node(&self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
+        match self.index.get(id) {
+            Some(n) => Ok(*n),
+            None => self.store.node_of_profile_id(id),
+        }
+    }
+
+    fn link_op(&mut self, a: &Identifier, b: &Identifier, op: impl Fn(Option<LinkOp>) -> LinkOp) {
+        for (x, y) in [(a, b), (b, a)] {
+            let slot = self.links.entry(x.clone()).or_default();
+            let next = op(slot.remove(y));
+            slot.insert(y.clone(), next);
+        }
     }
 
     /// Everything the batch changed, as one atomic write batch.
@@ -76,6 +104,23 @@ impl<'a> Overlay<'a> {
             s.cf(CF_EVENTS)?,
             s.cf(CF_META)?,
         );
+        let (links_cf, parts_cf) = (s.cf(CF_LINKS)?, s.cf(CF_PARTS)?);
+        for (x, ops) in &self.links {
+            for (y, op) in ops {
+                let k = link_key(x, y);
+                match op {
+                    LinkOp::Join(e) => b.merge_cf(links_cf, k, encode_evidence(e)?),
+                    LinkOp::Put(e) => b.put_cf(links_cf, k, encode_evidence(e)?),
+                    LinkOp::Delete => b.delete_cf(links_cf, k),
+                }
+            }
+        }
+        for (id, part) in &self.parts {
+            match part {
+                Some(p) => b.put_cf(parts_cf, identifier_key(id), encode_profile(p)?),
+                None => b.delete_cf(parts_cf, identifier_key(id)),
+            }
+        }
         for (id, node) in &self.nodes {
             match node {
                 Some(n) => b.put_cf(ids_cf, identifier_key(id), n.0.to_be_bytes()),
@@ -178,12 +223,114 @@ impl GraphStore for Overlay<'_> {
         self.redirects.insert(to.clone(), None);
     }
 
+    fn remove_redirect(&mut self, id: &ProfileId) {
+        self.redirects.insert(id.clone(), None);
+    }
+
+    fn redirect_of(&mut self, id: &ProfileId) -> Result<Option<ProfileId>, StoreError> {
+        match self.redirects.get(id) {
+            Some(to) => Ok(to.clone()),
+            None => self.store.redirect_of(id),
+        }
+    }
+
+    fn redirects_to(&mut self, id: &ProfileId) -> Result<Vec<ProfileId>, StoreError> {
+        let mut out: Vec<ProfileId> = self
+            .store
+            .redirects_to(id)?
+            .into_iter()
+            .filter(|from| !self.redirects.contains_key(from))
+            .collect();
+        out.extend(
+            self.redirects
+                .iter()
+                .filter(|(_, to)| to.as_ref() == Some(id))
+                .map(|(from, _)| from.clone()),
+        );
+        out.sort();
+        Ok(out)
+    }
+
     fn index(&mut self, id: &ProfileId, node: NodeId) {
         self.index.insert(id.clone(), Some(node));
     }
 
     fn unindex(&mut self, id: &ProfileId) {
         self.index.insert(id.clone(), None);
+    }
+
+    fn indexed(&mut self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
+        match self.index.get(id) {
+            Some(n) => Ok(*n),
+            None => self.store.node_of_profile_id(id),
+        }
+    }
+
+    fn links(&mut self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, StoreError> {
+        let stored = self.store.links(id)?;
+        let Some(pending) = self.links.get(id) else {
+            return Ok(stored);
+        };
+        let mut out: Vec<(Identifier, Evidence)> = Vec::with_capacity(stored.len());
+        for (other, mut e) in stored {
+            match pending.get(&other) {
+                None => out.push((other, e)),
+                Some(LinkOp::Join(more)) => {
+                    e.join(more);
+                    out.push((other, e));
+                }
+                Some(LinkOp::Put(_)) | Some(LinkOp::Delete) => {}
+            }
+        }
+        for (other, op) in pending {
+            match op {
+                LinkOp::Put(e) => out.push((other.clone(), e.clone())),
+                LinkOp::Join(e) if !out.iter().any(|(o, _)| o == other) => {
+                    out.push((other.clone(), e.clone()))
+                }
+                _ => {}
+            }
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(out)
+    }
+
+    fn add_link(&mut self, a: &Identifier, b: &Identifier, evidence: &Evidence) {
+        self.link_op(a, b, |prev| match prev {
+            None => LinkOp::Join(evidence.clone()),
+            Some(LinkOp::Join(mut e)) => {
+                e.join(evidence);
+                LinkOp::Join(e)
+            }
+            Some(LinkOp::Put(mut e)) => {
+                e.join(evidence);
+                LinkOp::Put(e)
+            }
+            Some(LinkOp::Delete) => LinkOp::Put(evidence.clone()),
+        });
+    }
+
+    fn remove_link(&mut self, a: &Identifier, b: &Identifier) {
+        self.link_op(a, b, |_| LinkOp::Delete);
+    }
+
+    fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
+        match self.parts.get_mut(id) {
+            Some(slot) => Ok(slot.take()),
+            None => {
+                let p = self.store.part(id)?;
+                self.parts.insert(id.clone(), None);
+                Ok(p)
+            }
+        }
+    }
+
+    fn put_part(&mut self, id: &Identifier, part: Profile) {
+        self.parts.insert(id.clone(), Some(part));
+    }
+
+    fn delete_part(&mut self, id: &Identifier) {
+        self.parts.insert(id.clone(), None);
     }
 }
 
@@ -252,5 +399,51 @@ mod tests {
         let mut count = 0;
         t.store.for_each_profile(|_, _| count += 1).unwrap();
         assert_eq!(count, 1);
+    }
+
+    /// Links and parts written in one batch (RocksDB merge operands) and read in a later one give the same
+    /// split as the in-memory store.
+    #[test]
+    fn links_and_parts_persist_and_split_like_memory() {
+        use crate::stitch::{GraphStore, MemStore};
+        let t = TempStore::new().unwrap();
+        let s = Stitcher::new(Rules::new(&crate::config::GuardrailConfig::default()));
+        let events = [
+            ev(1, &[("anonymous_id", "bridge")]),
+            ev(2, &[("anonymous_id", "bridge"), ("email", "a@x.io")]),
+            ev(3, &[("anonymous_id", "bridge"), ("email", "b@x.io")]),
+            ev(4, &[("anonymous_id", "bridge"), ("email", "a@x.io")]),
+        ];
+        let mut mem = MemStore::default();
+        for e in &events {
+            // One batch per event: evidence for the same link accumulates as merge operands.
+            let mut o = t.store.overlay().unwrap();
+            s.apply(&mut o, e).unwrap();
+            s.apply(&mut mem, e).unwrap();
+            t.store.write(o.into_write_batch().unwrap()).unwrap();
+        }
+        let bridge = Identifier::new("anonymous_id", "bridge");
+        let a = Identifier::new("email", "a@x.io");
+        let links = t.store.links(&bridge).unwrap();
+        assert_eq!(links.len(), 2);
+        let (_, ev_a) = links.iter().find(|(id, _)| *id == a).unwrap();
+        assert_eq!((ev_a.events, ev_a.first_event.as_str()), (2, "e2"));
+        assert_eq!(links, mem.links(&bridge).unwrap());
+
+        let mut o = t.store.overlay().unwrap();
+        let r = s.erase_identifier(&mut o, &bridge).unwrap();
+        let r_mem = s.erase_identifier(&mut mem, &bridge).unwrap();
+        assert_eq!(r.erased, r_mem.erased);
+        assert_eq!(r.splits.len(), 1);
+        t.store.write(o.into_write_batch().unwrap()).unwrap();
+        assert!(t.store.links(&bridge).unwrap().is_empty());
+        assert!(t.store.links(&a).unwrap().is_empty());
+        assert!(t.store.part(&bridge).unwrap().is_none());
+        let mut profiles = Vec::new();
+        t.store.for_each_profile(|_, p| profiles.push(p)).unwrap();
+        profiles.sort_by_key(|p| p.id());
+        let mut want: Vec<_> = mem.profiles.values().cloned().collect();
+        want.sort_by_key(|p| p.id());
+        assert_eq!(profiles, want);
     }
 }

@@ -1,0 +1,82 @@
+//! Commands on the control topic: erasure (right to be forgotten) and unlinking. They are read in the
+//! same transactions as the channel topics, so a command is applied exactly once, and its tombstones and
+//! split profiles are produced atomically with the state change.
+//!
+//! One JSON object per message:
+//!
+//! ```json
+//! {"op": "erase_identifier", "type": "email", "value": "Alice@Example.com"}
+//! {"op": "erase_profile", "profile_id": "p-3f2a..."}
+//! {"op": "unlink", "a": {"type": "email", "value": "a@x.io"}, "b": {"type": "device_id", "value": "tablet-1"}}
+//! ```
+//!
+//! Identifiers are normalised like event identifiers. Erasing an identifier also erases its
+//! channel-scoped copies (kept for people who refused cross-channel identification).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawId {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// Remove one identifier everywhere; its profile is recomputed and split if it held it together.
+    EraseIdentifier {
+        #[serde(rename = "type")]
+        kind: String,
+        value: String,
+    },
+    /// Remove a whole profile (any of its ids, current or merged away) with all its identifiers.
+    EraseProfile { profile_id: String },
+    /// Remove the link between two identifiers of one profile; split it if nothing else holds it.
+    Unlink { a: RawId, b: RawId },
+}
+
+impl Command {
+    pub fn op(&self) -> &'static str {
+        match self {
+            Command::EraseIdentifier { .. } => "erase_identifier",
+            Command::EraseProfile { .. } => "erase_profile",
+            Command::Unlink { .. } => "unlink",
+        }
+    }
+
+    pub fn parse(payload: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(payload).map_err(|e| format!("invalid control command: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_parse_and_bad_ones_are_explained() {
+        let c = Command::parse(br#"{"op":"erase_identifier","type":"email","value":"A@x.io"}"#)
+            .unwrap();
+        assert_eq!(
+            c,
+            Command::EraseIdentifier {
+                kind: "email".into(),
+                value: "A@x.io".into()
+            }
+        );
+        let c = Command::parse(
+            br#"{"op":"unlink","a":{"type":"email","value":"a@x.io"},"b":{"type":"device_id","value":"t"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.op(), "unlink");
+        let json = serde_json::to_string(&Command::EraseProfile {
+            profile_id: "p-1".into(),
+        })
+        .unwrap();
+        assert_eq!(json, r#"{"op":"erase_profile","profile_id":"p-1"}"#);
+        let err = Command::parse(br#"{"op":"forget_everything"}"#).unwrap_err();
+        assert!(err.starts_with("invalid control command"), "{err}");
+    }
+}
