@@ -1,4 +1,4 @@
-//! Command line: `run`, `demo`, `generate`, `inspect`, `export`.
+//! Command line: `run`, `demo`, `generate`, `inspect`, `export`, `erase`, `unlink`, `bench`, `quality`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +28,12 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Export the identifier -> profile mapping of a state directory as JSON lines.
     Export(ExportArgs),
+    /// Erase an identifier or a whole profile (right to be forgotten): sends the command to the control
+    /// topic; the running service applies it exactly once and produces the tombstones and splits.
+    Erase(EraseArgs),
+    /// Remove the link between two identifiers of one profile; the profile splits if nothing else holds
+    /// it together. Sent to the control topic like `erase`.
+    Unlink(UnlinkArgs),
     /// End-to-end benchmark against a real broker: passthrough rate vs pipeline rate, latency, memory.
     Bench(BenchArgs),
     /// Stitching quality against a ground-truth file: pairwise precision, recall, F1, over/under-merges.
@@ -130,6 +136,30 @@ pub struct InspectArgs {
     /// Configuration, for the normalisation rules of --identifier.
     #[arg(long)]
     pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EraseArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Identifier as type:value (email:alice@example.com); normalised like event identifiers.
+    #[arg(long, required_unless_present = "profile", conflicts_with = "profile")]
+    pub identifier: Option<String>,
+    /// Profile id (p-...), current or merged away.
+    #[arg(long)]
+    pub profile: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct UnlinkArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// One identifier as type:value.
+    #[arg(long)]
+    pub a: String,
+    /// The other identifier as type:value.
+    #[arg(long)]
+    pub b: String,
 }
 
 #[derive(Debug, Args)]

@@ -8,10 +8,12 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{
-    BenchArgs, ConfigArgs, ExportArgs, GenerateArgs, InspectArgs, QualityArgs, RunArgs,
+    BenchArgs, ConfigArgs, EraseArgs, ExportArgs, GenerateArgs, InspectArgs, QualityArgs, RunArgs,
+    UnlinkArgs,
 };
 use crate::codec::update::ProfileRecord;
 use crate::config::{Config, Overrides};
+use crate::control::{Command as ControlCommand, RawId};
 use crate::generate::{self, Routes};
 use crate::journeys::{self, JourneyConfig};
 use crate::metrics::Metrics;
@@ -94,14 +96,91 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[derive(Serialize)]
-struct Inspection {
-    profile_id: String,
+/// Everything known about one profile, and why: what `inspect` prints.
+#[derive(Debug, Serialize)]
+pub struct Inspection {
+    pub profile_id: String,
     /// Internal node; identifiers point at it.
-    node: u64,
-    profile: ProfileRecord,
+    pub node: u64,
+    /// The profile of one shared identifier (it never merges).
+    pub shared: bool,
+    /// Set while the person refuses cross-channel identification: the channel the profile is sealed to.
+    pub sealed_to: Option<String>,
     /// Ids of profiles merged into this one that still redirect here.
-    links: Vec<String>,
+    pub merged_ids: Vec<String>,
+    pub identifiers: Vec<InspectedIdentifier>,
+    pub profile: ProfileRecord,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InspectedIdentifier {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: String,
+    pub first_seen: i64,
+    pub last_seen: i64,
+    /// Events whose most trusted identifier this is (they split with it).
+    pub events_anchored: u64,
+    /// The identifiers it was seen with, and the evidence.
+    pub links: Vec<InspectedLink>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct InspectedLink {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: String,
+    /// Events that carried both.
+    pub events: u64,
+    pub first_event_id: String,
+    pub first_channel: String,
+    pub first_at: i64,
+    pub last_at: i64,
+}
+
+/// Builds the inspection of the profile under `node`.
+pub fn inspection(store: &Store, node: crate::model::NodeId) -> anyhow::Result<Inspection> {
+    let profile = store
+        .profile(node)?
+        .context("identifier points at a missing profile")?;
+    let id = profile.id();
+    let mut identifiers = Vec::with_capacity(profile.identifiers.len());
+    for (ident, seen) in &profile.identifiers {
+        let links = store
+            .links(ident)?
+            .into_iter()
+            .map(|(other, e)| InspectedLink {
+                kind: other.kind,
+                value: other.value,
+                events: e.events,
+                first_event_id: e.first_event,
+                first_channel: e.first_channel,
+                first_at: e.first_at,
+                last_at: e.last_at,
+            })
+            .collect();
+        identifiers.push(InspectedIdentifier {
+            kind: ident.kind.clone(),
+            value: ident.value.clone(),
+            first_seen: seen.first,
+            last_seen: seen.last,
+            events_anchored: store.part(ident)?.map_or(0, |p| p.events),
+            links,
+        });
+    }
+    Ok(Inspection {
+        profile_id: id.to_string(),
+        node: node.0,
+        shared: profile.shared,
+        sealed_to: profile.sealed_to().map(str::to_string),
+        merged_ids: store
+            .redirects_to(&id)?
+            .into_iter()
+            .map(|p| p.to_string())
+            .collect(),
+        identifiers,
+        profile: (&profile).into(),
+    })
 }
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
@@ -112,37 +191,98 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
             .resolve_profile_id(&ProfileId(p.clone()))?
             .map(|(_, n)| n),
         (None, Some(spec)) => {
-            let (kind, value) = spec
-                .split_once(':')
-                .context("--identifier takes type:value")?;
             let cfg = match &args.config {
                 Some(path) => Config::from_toml_file(path)?,
                 None => Config::default(),
             };
-            let id: Identifier = Normalizer::new(&cfg.identity)?
-                .identifier(kind, value)
-                .map_err(|r| anyhow::anyhow!("identifier refused: {}", r.as_str()))?;
+            let id = parse_identifier(&Normalizer::new(&cfg.identity)?, spec)?;
             store.node_of(&id)?
         }
         (None, None) => anyhow::bail!("give --profile or --identifier"),
     };
     let node = node.context("no profile for this id")?;
-    let profile = store
-        .profile(node)?
-        .context("identifier points at a missing profile")?;
-    let id = profile.id();
-    let links = store
-        .redirects_to(&id)?
-        .into_iter()
-        .map(|p| p.to_string())
-        .collect();
-    let out = Inspection {
-        profile_id: id.to_string(),
-        node: node.0,
-        profile: (&profile).into(),
-        links,
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&inspection(&store, node)?)?
+    );
+    Ok(())
+}
+
+/// `type:value`, normalised like an event's identifier.
+fn parse_identifier(normalizer: &Normalizer, spec: &str) -> anyhow::Result<Identifier> {
+    let (kind, value) = spec
+        .split_once(':')
+        .context("an identifier is written type:value")?;
+    normalizer
+        .identifier(kind, value)
+        .map_err(|r| anyhow::anyhow!("identifier {spec:?} refused: {}", r.as_str()))
+}
+
+fn raw_identifier(normalizer: &Normalizer, spec: &str) -> anyhow::Result<RawId> {
+    // Checked here for a clear error now rather than a dead letter later; sent as given.
+    parse_identifier(normalizer, spec)?;
+    let (kind, value) = spec
+        .split_once(':')
+        .context("an identifier is written type:value")?;
+    Ok(RawId {
+        kind: kind.to_string(),
+        value: value.to_string(),
+    })
+}
+
+pub async fn erase(args: EraseArgs) -> anyhow::Result<()> {
+    let cfg = load_config(&args.config)?;
+    let command = match (&args.identifier, &args.profile) {
+        (Some(spec), _) => {
+            let raw = raw_identifier(&Normalizer::new(&cfg.identity)?, spec)?;
+            ControlCommand::EraseIdentifier {
+                kind: raw.kind,
+                value: raw.value,
+            }
+        }
+        (None, Some(p)) => ControlCommand::EraseProfile {
+            profile_id: p.clone(),
+        },
+        (None, None) => anyhow::bail!("give --identifier or --profile"),
     };
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    send_control(&cfg, &command).await
+}
+
+pub async fn unlink(args: UnlinkArgs) -> anyhow::Result<()> {
+    let cfg = load_config(&args.config)?;
+    let normalizer = Normalizer::new(&cfg.identity)?;
+    let command = ControlCommand::Unlink {
+        a: raw_identifier(&normalizer, &args.a)?,
+        b: raw_identifier(&normalizer, &args.b)?,
+    };
+    send_control(&cfg, &command).await
+}
+
+/// Produces one command to the control topic and waits until the broker has it.
+async fn send_control(cfg: &Config, command: &ControlCommand) -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    anyhow::ensure!(
+        !cfg.control.topic.is_empty(),
+        "control.topic is empty: this deployment has no control topic"
+    );
+    let producer: FutureProducer = crate::kafka::base_config(cfg)
+        .set("enable.idempotence", "true")
+        .create()?;
+    let payload = serde_json::to_vec(command)?;
+    let delivery = producer
+        .send(
+            FutureRecord::<[u8], _>::to(&cfg.control.topic).payload(&payload),
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("cannot send to {}: {e}", cfg.control.topic))?;
+    println!(
+        "{} sent to {} (partition {}, offset {}); the service applies it with its next batch",
+        command.op(),
+        cfg.control.topic,
+        delivery.0,
+        delivery.1
+    );
     Ok(())
 }
 

@@ -37,6 +37,8 @@ fn main() -> std::process::ExitCode {
             Command::Generate(args) => stitcher::commands::generate(args).await,
             Command::Inspect(args) => stitcher::commands::inspect(args),
             Command::Export(args) => stitcher::commands::export(args),
+            Command::Erase(args) => stitcher::commands::erase(args).await,
+            Command::Unlink(args) => stitcher::commands::unlink(args).await,
             Command::Bench(args) => stitcher::commands::bench(args).await,
             Command::Quality(args) => stitcher::commands::quality(args),
         }

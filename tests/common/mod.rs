@@ -37,6 +37,8 @@ pub struct Setup {
     pub input_topics: Vec<String>,
     pub output_topic: String,
     pub dlq_topic: String,
+    /// Erase / unlink commands (its own per setup).
+    pub control_topic: String,
     pub group: String,
     pub dir: PathBuf,
     pub config_path: PathBuf,
@@ -94,6 +96,8 @@ impl Setup {
             .expect("free port");
         let output_topic = format!("{name}-profiles");
         let dlq_topic = format!("{name}-dlq");
+        let control_topic = format!("{name}-control");
+        create_topics(std::slice::from_ref(&control_topic), 1);
         let group = format!("{name}-group");
         let config = format!(
             r#"[kafka]
@@ -120,6 +124,9 @@ drain_timeout = "20s"
 
 [http]
 listen = "127.0.0.1:{http_port}"
+
+[control]
+topic = "{control_topic}"
 {extra_toml}
 "#,
             brokers = brokers(),
@@ -136,6 +143,7 @@ listen = "127.0.0.1:{http_port}"
             input_topics,
             output_topic,
             dlq_topic,
+            control_topic,
             group,
             dir,
             config_path,
@@ -199,7 +207,29 @@ listen = "127.0.0.1:{http_port}"
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    /// Messages the group has committed, summed over the input topics, and the total in them.
+    /// Runs the stitcher binary with this setup's config (a CLI command such as `erase`); its output.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stitcher"));
+        for (k, _) in std::env::vars() {
+            if k.starts_with("STITCHER_") {
+                cmd.env_remove(k);
+            }
+        }
+        let out = cmd
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .expect("run stitcher");
+        assert!(
+            out.status.success(),
+            "stitcher {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+
+    /// Messages the group has committed, summed over the input and control topics, and the total in them.
     /// Retries through transient broker errors (leaders moving after a broker restart) for up to a minute.
     pub fn progress(&self) -> (i64, i64) {
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -222,7 +252,7 @@ listen = "127.0.0.1:{http_port}"
             .create()?;
         let (mut committed, mut total) = (0, 0);
         let mut tpl = TopicPartitionList::new();
-        for topic in &self.input_topics {
+        for topic in self.input_topics.iter().chain([&self.control_topic]) {
             let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
             for p in md.topics()[0].partitions() {
                 tpl.add_partition(topic, p.id());

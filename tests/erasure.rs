@@ -1,0 +1,170 @@
+//! Erasure and unmerge against a real broker: an identifier that bridges two people is erased with the
+//! `stitcher erase` command (through the control topic); the output topic must show the split, with
+//! `split_from`, and a tombstone for the profile id that no longer exists. Then a whole profile is erased,
+//! and `stitcher inspect` explains what is left.
+#![cfg(feature = "kafka-it")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use stitcher::codec::ProfileUpdate;
+use stitcher::generate;
+use stitcher::journeys::{Generated, Journeys};
+use stitcher::model::{ChannelEvent, ProfileId, RawIdentifier};
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn event(id: &str, ts: i64, ids: &[(&str, &str)]) -> Generated {
+    Generated::Event {
+        channel: "web",
+        key: id.to_string(),
+        event: ChannelEvent {
+            event_id: id.to_string(),
+            channel: None,
+            event_type: "page_view".into(),
+            timestamp: 1_767_225_600_000 + ts,
+            identifiers: ids
+                .iter()
+                .map(|(k, v)| RawIdentifier {
+                    kind: k.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            order_id: None,
+            amount: None,
+            currency: None,
+            items: vec![],
+            campaign_id: None,
+            consent: None,
+            attributes: Default::default(),
+        },
+    }
+}
+
+fn send(s: &Setup, messages: Vec<Generated>) {
+    let n = messages.len();
+    let j = Journeys {
+        messages,
+        truth: vec![],
+        events: n,
+        malformed: 0,
+        duplicates: 0,
+    };
+    generate::send(&brokers(), &s.routes, &j, 0).expect("send");
+}
+
+fn live(view: &std::collections::BTreeMap<String, Option<ProfileUpdate>>) -> Vec<&ProfileUpdate> {
+    view.values()
+        .flatten()
+        .filter(|u| u.redirect_to.is_none())
+        .collect()
+}
+
+fn values(u: &ProfileUpdate) -> Vec<String> {
+    let mut v: Vec<String> = u
+        .profile
+        .iter()
+        .flat_map(|p| &p.identifiers)
+        .map(|i| format!("{}:{}", i.kind, i.value))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn erasing_a_bridge_splits_the_profile_and_tombstones_its_id() {
+    let s = Setup::new("erase", 1, "");
+    // A shared cookie seen first on its own, then with two people's emails: one profile, anchored on the
+    // cookie's first event.
+    send(
+        &s,
+        vec![
+            event("e0", 0, &[("anonymous_id", "bridge")]),
+            event("e1", 1, &[("anonymous_id", "bridge"), ("email", "A@x.io")]),
+            event("e2", 2, &[("anonymous_id", "bridge"), ("email", "b@x.io")]),
+            event(
+                "e3",
+                3,
+                &[("email", "a@x.io"), ("anonymous_id", "cookie-a")],
+            ),
+        ],
+    );
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, TIMEOUT);
+    let merged = ProfileId::from_anchor("e0").to_string();
+    let before = s.output();
+    let profiles = live(&before.view);
+    assert_eq!(profiles.len(), 1, "one glued profile: {profiles:?}");
+    assert_eq!(profiles[0].profile_id, merged);
+    assert_eq!(values(profiles[0]).len(), 4);
+    let records_before = before.records.len();
+
+    let out = s.cli(&["erase", "--identifier", "anonymous_id:bridge"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("erase_identifier sent"));
+    s.wait_caught_up(&mut child, TIMEOUT);
+
+    let after = s.output();
+    let new_records = &after.records[records_before..];
+    let (a_id, b_id) = (
+        ProfileId::from_anchor("e1").to_string(),
+        ProfileId::from_anchor("e2").to_string(),
+    );
+    assert!(
+        new_records.iter().any(|(k, v)| *k == merged && v.is_none()),
+        "a tombstone for {merged}: {new_records:?}"
+    );
+    for (id, want) in [
+        (&a_id, vec!["anonymous_id:cookie-a", "email:a@x.io"]),
+        (&b_id, vec!["email:b@x.io"]),
+    ] {
+        let u = new_records
+            .iter()
+            .rev()
+            .find_map(|(k, v)| v.as_ref().filter(|_| k == id))
+            .unwrap_or_else(|| panic!("an update for {id}: {new_records:?}"));
+        assert_eq!(u.split_from.as_deref(), Some(merged.as_str()));
+        assert_eq!(values(u), want);
+    }
+    let profiles = live(&after.view);
+    assert_eq!(profiles.len(), 2);
+    assert!(after.view[&merged].is_none());
+    assert!(profiles
+        .iter()
+        .all(|u| !values(u).iter().any(|v| v.contains("bridge"))));
+
+    // Erase a whole profile by id.
+    s.cli(&["erase", "--profile", &b_id]);
+    s.wait_caught_up(&mut child, TIMEOUT);
+    let last = s.output();
+    assert!(
+        last.view[&b_id].is_none(),
+        "tombstone for the erased profile"
+    );
+    assert_eq!(live(&last.view).len(), 1);
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+    assert!(s.dead_letters().is_empty());
+
+    // What is left, explained by `inspect` (the service is stopped: RocksDB is one process at a time).
+    let out = s.cli(&[
+        "inspect",
+        "--state-dir",
+        &s.dir.join("state").to_string_lossy(),
+        "--identifier",
+        "email: A@X.io",
+    ]);
+    let inspection: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(inspection["profile_id"], a_id.as_str());
+    let ids = inspection["identifiers"].as_array().expect("identifiers");
+    assert_eq!(ids.len(), 2);
+    let email = ids.iter().find(|i| i["type"] == "email").expect("email");
+    assert_eq!(email["links"][0]["value"], "cookie-a");
+    assert_eq!(email["links"][0]["first_event_id"], "e3");
+    assert_eq!(email["links"][0]["events"], 1);
+    println!(
+        "erasure: {} records before, {} after the erase, split {merged} into {a_id} and {b_id}",
+        records_before,
+        after.records.len()
+    );
+}
