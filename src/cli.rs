@@ -111,6 +111,12 @@ pub struct GenerateArgs {
     /// Channel mix: only these channels emit events (comma-separated; default all).
     #[arg(long, value_delimiter = ',')]
     pub channels: Vec<String>,
+    /// Adversarial: this many persons also log in on one shared device (it must not glue them).
+    #[arg(long, default_value_t = 0)]
+    pub shared_device_persons: usize,
+    /// Adversarial: share of events that also carry a junk identifier (test@test.com, undefined, ...).
+    #[arg(long, default_value_t = 0.0)]
+    pub junk_rate: f64,
     /// Messages per second (0: as fast as the broker takes them).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,

@@ -75,6 +75,8 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         shuffle_window: args.shuffle_window,
         household_rate: args.households,
         channels: args.channels.clone(),
+        shared_device_persons: args.shared_device_persons,
+        junk_rate: args.junk_rate,
     };
     let brokers = cfg.kafka.brokers.clone();
     let rate = args.rate;

@@ -40,7 +40,25 @@ pub struct JourneyConfig {
     /// holds identifiers the emitted events carry, so a person seen on one channel only is one profile per
     /// disconnected part: the quality report counts it as under-merged.
     pub channels: Vec<String>,
+    /// Adversarial: this many persons (those with an email, in order) also log in on one and the same
+    /// device, `SHARED_DEVICE`. It belongs to nobody: the truth leaves it out, and stitching must not let
+    /// it glue those persons together.
+    pub shared_device_persons: usize,
+    /// Adversarial: share of events that also carry a junk identifier (`test@test.com`, `undefined`, ...),
+    /// which normalisation must drop.
+    pub junk_rate: f64,
 }
+
+/// The device id every person of `shared_device_persons` uses.
+pub const SHARED_DEVICE: &str = "shared-kiosk-tablet";
+
+/// Junk values put on events by `junk_rate`, as (type, value).
+const JUNK: &[(&str, &str)] = &[
+    ("email", "test@test.com"),
+    ("anonymous_id", "undefined"),
+    ("customer_id", "null"),
+    ("device_id", "00000000-0000-0000-0000-000000000000"),
+];
 
 impl Default for JourneyConfig {
     fn default() -> Self {
@@ -54,6 +72,8 @@ impl Default for JourneyConfig {
             shuffle_window: 0,
             household_rate: 0.0,
             channels: Vec::new(),
+            shared_device_persons: 0,
+            junk_rate: 0.0,
         }
     }
 }
@@ -433,6 +453,7 @@ pub fn generate(cfg: &JourneyConfig) -> Journeys {
     let mut timed: Vec<(i64, usize, &'static str, ChannelEvent)> = Vec::new();
     let mut truth = Vec::with_capacity(cfg.persons);
     let mut previous_phone: Option<(String, String)> = None;
+    let mut shared_left = cfg.shared_device_persons;
     for idx in 0..cfg.persons {
         let mut person = Person::new(idx, cfg.seed, &mut rng);
         if cfg.household_rate > 0.0 && rng.gen_bool(cfg.household_rate.min(1.0)) {
@@ -443,6 +464,24 @@ pub fn generate(cfg: &JourneyConfig) -> Journeys {
         previous_phone = person.phone.clone();
         let start = cfg.start_ms + rng.gen_range(0..cfg.span_ms.max(1));
         let mut events = journey(&person, &mut rng, start);
+        if shared_left > 0 {
+            if let (Some((email, _)), Some((_, first))) = (&person.email, events.first()) {
+                shared_left -= 1;
+                let mut e = first.clone();
+                e.event_id = format!("ev-{}-shared-device", person.tag);
+                e.channel = Some("app".into());
+                e.event_type = "login".into();
+                e.timestamp += rng.gen_range(1..3_600_000);
+                e.identifiers = vec![raw("device_id", SHARED_DEVICE), raw("email", email)];
+                e.amount = None;
+                e.order_id = None;
+                e.currency = None;
+                e.items.clear();
+                e.campaign_id = None;
+                e.consent = None;
+                events.push(("app", e));
+            }
+        }
         let mut identifiers: BTreeSet<(String, String)> = person.truth_ids().into_iter().collect();
         if !cfg.channels.is_empty() {
             events.retain(|(ch, _)| cfg.channels.iter().any(|c| c == ch));
@@ -482,7 +521,11 @@ pub fn generate(cfg: &JourneyConfig) -> Journeys {
     let events = timed.len();
     let (mut duplicates, mut malformed) = (0, 0);
     let mut messages = Vec::with_capacity(events + events / 50);
-    for (_, _, channel, e) in timed {
+    for (i, (_, _, channel, mut e)) in timed.into_iter().enumerate() {
+        if cfg.junk_rate > 0.0 && rng.gen_bool(cfg.junk_rate.min(1.0)) {
+            let (kind, value) = JUNK[i % JUNK.len()];
+            e.identifiers.push(raw(kind, value));
+        }
         let key = e
             .identifiers
             .first()

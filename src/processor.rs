@@ -386,6 +386,7 @@ fn merge_reshape(into: &mut Reshape, more: Reshape) {
     into.splits.extend(more.splits);
     into.erased.extend(more.erased);
     into.quarantined.extend(more.quarantined);
+    into.retired.extend(more.retired);
     into.identifiers_erased += more.identifiers_erased;
 }
 

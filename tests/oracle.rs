@@ -23,8 +23,8 @@ const UNLIMITED: &str = r#"
 [guardrails]
 max_profile_identifiers = 1000000000
 priority = []
-
-[guardrails.limits]
+limits = {}
+shared_limits = {}
 "#;
 
 #[test]

@@ -70,7 +70,8 @@ pub struct Refusal {
 pub struct Split {
     /// The id of the profile before the split.
     pub from: ProfileId,
-    /// The nodes of the profiles that came out of it.
+    /// The nodes of the profiles that came out of it (the largest, or the one that kept the id, kept the
+    /// old node).
     pub into: Vec<NodeId>,
 }
 
@@ -82,6 +83,9 @@ pub struct Reshape {
     pub erased: Vec<ProfileId>,
     /// Nodes of profiles made for identifiers found to be shared.
     pub quarantined: Vec<NodeId>,
+    /// Ids that stopped existing in a split that was not an erasure, each now redirecting to the
+    /// largest piece (so that older redirects still lead somewhere).
+    pub retired: Vec<(ProfileId, NodeId)>,
     /// Identifiers removed from state.
     pub identifiers_erased: u64,
 }
@@ -496,6 +500,7 @@ impl Stitcher {
         let keeper = pieces.iter().position(|p| p.id() == old_id).or_else(|| {
             (0..pieces.len()).max_by_key(|i| (pieces[*i].identifiers.len(), usize::MAX - i))
         });
+        let keeper_id = keeper.map(|k| pieces[k].id());
         let mut into = Vec::with_capacity(pieces.len());
         for (i, piece) in pieces.into_iter().enumerate() {
             let n = if Some(i) == keeper {
@@ -515,11 +520,20 @@ impl Stitcher {
             store.put_profile(n, piece);
             into.push(n);
         }
-        if keeper.is_none() {
-            store.delete_profile(node);
-        }
-        if !kept_id {
-            self.retire_erased(store, &old_id, purge, reshape)?;
+        match keeper {
+            None => {
+                store.delete_profile(node);
+                self.retire_erased(store, &old_id, purge, reshape)?;
+            }
+            Some(_) if kept_id => {}
+            Some(_) if purge => self.retire_erased(store, &old_id, purge, reshape)?,
+            Some(_) => {
+                // Not an erasure: the old id continues as the largest piece.
+                if let Some(to) = &keeper_id {
+                    store.redirect(&old_id, to);
+                    reshape.retired.push((old_id.clone(), node));
+                }
+            }
         }
         reshape.splits.push(Split { from: old_id, into });
         Ok(())
@@ -778,6 +792,10 @@ impl BatchChanges {
         for id in reshape.erased {
             self.retired.remove(&id);
             self.erased.insert(id);
+        }
+        for (id, node) in reshape.retired {
+            self.erased.remove(&id);
+            self.retired.insert(id, node);
         }
     }
 
