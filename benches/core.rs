@@ -335,6 +335,23 @@ fn stitch(c: &mut Criterion) {
             rss_mib() - rss_before,
             dir_size_mib(temp.path()),
         );
+        // What the unmerge evidence costs: links (one per pair seen together, both directions) and parts.
+        let sizes: Vec<String> = temp
+            .store
+            .approximate_sizes()
+            .into_iter()
+            .map(|(cf, bytes)| {
+                format!(
+                    "{cf} {:.0} MiB ({:.0} B/identifier)",
+                    bytes as f64 / 1048576.0,
+                    bytes as f64 / identifiers as f64
+                )
+            })
+            .collect();
+        eprintln!(
+            "stitch/{label}: live data per column family: {}",
+            sizes.join(", ")
+        );
         let mut stream = Stream::new(persons);
         g.bench_function(format!("rocksdb/{label}"), |b| {
             b.iter_custom(|iters| {

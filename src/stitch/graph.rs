@@ -52,6 +52,8 @@ pub trait GraphStore {
     /// Takes the part of an identifier out; give it back with `put_part`.
     fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, Self::Error>;
     fn put_part(&mut self, id: &Identifier, part: Profile);
+    /// Joins more into the part of an identifier (a blind write: parts join like profiles).
+    fn join_part(&mut self, id: &Identifier, more: Profile);
     fn delete_part(&mut self, id: &Identifier);
 }
 
@@ -357,17 +359,9 @@ impl Stitcher {
         linked: &[Identifier],
         ev: &Event,
     ) -> Result<(), S::Error> {
-        let Some(anchor) = linked.first() else {
-            return Ok(());
-        };
-        let part = match store.take_part(anchor)? {
-            Some(mut part) => {
-                part.apply(ev, &[]);
-                part
-            }
-            None => Profile::part_of(ev),
-        };
-        store.put_part(anchor, part);
+        if let Some(anchor) = linked.first() {
+            store.join_part(anchor, Profile::part_of(ev));
+        }
         Ok(())
     }
 
@@ -954,6 +948,14 @@ impl GraphStore for MemStore {
     }
     fn put_part(&mut self, id: &Identifier, part: Profile) {
         self.parts.insert(id.clone(), part);
+    }
+    fn join_part(&mut self, id: &Identifier, more: Profile) {
+        match self.parts.get_mut(id) {
+            Some(p) => p.absorb(more),
+            None => {
+                self.parts.insert(id.clone(), more);
+            }
+        }
     }
     fn delete_part(&mut self, id: &Identifier) {
         self.parts.remove(id);

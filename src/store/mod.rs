@@ -11,12 +11,12 @@
 //! | `redirects`   | retired public profile id      | public profile id it moved to      |
 //! | `events`      | SHA-256(event_id)[..16]        | empty (dedup set, bloom-filtered)  |
 //! | `links`       | u16 BE len(a) + a + b          | v1 + bincode(Evidence), merge op   |
-//! | `parts`       | type `\0` value                | v1 + bincode(Profile) of its events|
+//! | `parts`       | type `\0` value                | v1 + bincode(Profile), merge op    |
 //! | `meta`        | `next_node`, `checkpoint`      | u64 BE, v1 + bincode(Checkpoint)   |
 //!
 //! `a` and `b` in `links` are identifier keys; every link is stored in both directions so that the
-//! links of one identifier are one prefix scan. The `links` column family has an associative merge
-//! operator ([`Evidence::join`]), so adding evidence is a blind write.
+//! links of one identifier are one prefix scan. `links` and `parts` have associative merge operators
+//! ([`Evidence::join`], [`Profile::absorb`]), so adding evidence or an event's part is a blind write.
 
 mod overlay;
 
@@ -130,6 +130,9 @@ impl Store {
             }
             if *name == CF_LINKS {
                 cf.set_merge_operator_associative("evidence_join", merge_evidence);
+            }
+            if *name == CF_PARTS {
+                cf.set_merge_operator_associative("profile_absorb", merge_parts);
             }
             ColumnFamilyDescriptor::new(*name, cf)
         });
@@ -376,6 +379,26 @@ fn merge_evidence(
         }
     }
     encode_evidence(&acc?).ok()
+}
+
+/// The `parts` merge operator: absorbs every operand (parts join like profiles).
+fn merge_parts(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut acc: Option<Profile> = match existing {
+        Some(v) => Some(decode_profile(v).ok()?),
+        None => None,
+    };
+    for op in operands {
+        let p = decode_profile(op).ok()?;
+        match &mut acc {
+            Some(a) => a.absorb(p),
+            None => acc = Some(p),
+        }
+    }
+    encode_profile(&acc?).ok()
 }
 
 pub(crate) fn event_key(event_id: &str) -> [u8; 16] {

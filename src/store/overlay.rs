@@ -14,6 +14,15 @@ use crate::model::{Identifier, NodeId, ProfileId};
 use crate::profile::Profile;
 use crate::stitch::{Evidence, GraphStore};
 
+/// A pending change to one part.
+#[derive(Debug, Clone)]
+enum PartOp {
+    /// To join with whatever is stored (a RocksDB merge).
+    Join(Profile),
+    /// The whole value; `None`: deleted, or taken and not put back.
+    Set(Option<Profile>),
+}
+
 /// A pending change to one link.
 #[derive(Debug, Clone)]
 enum LinkOp {
@@ -33,7 +42,7 @@ pub struct Overlay<'a> {
     redirects: HashMap<ProfileId, Option<ProfileId>>,
     /// Pending link changes by first identifier, then second (both directions are kept).
     links: HashMap<Identifier, HashMap<Identifier, LinkOp>>,
-    parts: HashMap<Identifier, Option<Profile>>,
+    parts: HashMap<Identifier, PartOp>,
     seen: HashSet<[u8; 16]>,
     next_node: u64,
     first_node: u64,
@@ -117,8 +126,9 @@ impl<'a> Overlay<'a> {
         }
         for (id, part) in &self.parts {
             match part {
-                Some(p) => b.put_cf(parts_cf, identifier_key(id), encode_profile(p)?),
-                None => b.delete_cf(parts_cf, identifier_key(id)),
+                PartOp::Join(p) => b.merge_cf(parts_cf, identifier_key(id), encode_profile(p)?),
+                PartOp::Set(Some(p)) => b.put_cf(parts_cf, identifier_key(id), encode_profile(p)?),
+                PartOp::Set(None) => b.delete_cf(parts_cf, identifier_key(id)),
             }
         }
         for (id, node) in &self.nodes {
@@ -315,22 +325,36 @@ impl GraphStore for Overlay<'_> {
     }
 
     fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
-        match self.parts.get_mut(id) {
-            Some(slot) => Ok(slot.take()),
-            None => {
-                let p = self.store.part(id)?;
-                self.parts.insert(id.clone(), None);
-                Ok(p)
-            }
+        // Whatever happens, the slot reads as deleted until the part is put back.
+        match self.parts.insert(id.clone(), PartOp::Set(None)) {
+            Some(PartOp::Set(p)) => Ok(p),
+            Some(PartOp::Join(more)) => Ok(Some(match self.store.part(id)? {
+                Some(mut stored) => {
+                    stored.absorb(more);
+                    stored
+                }
+                None => more,
+            })),
+            None => self.store.part(id),
         }
     }
 
     fn put_part(&mut self, id: &Identifier, part: Profile) {
-        self.parts.insert(id.clone(), Some(part));
+        self.parts.insert(id.clone(), PartOp::Set(Some(part)));
+    }
+
+    fn join_part(&mut self, id: &Identifier, more: Profile) {
+        match self.parts.get_mut(id) {
+            Some(PartOp::Join(p)) | Some(PartOp::Set(Some(p))) => p.absorb(more),
+            Some(slot @ PartOp::Set(None)) => *slot = PartOp::Set(Some(more)),
+            None => {
+                self.parts.insert(id.clone(), PartOp::Join(more));
+            }
+        }
     }
 
     fn delete_part(&mut self, id: &Identifier) {
-        self.parts.insert(id.clone(), None);
+        self.parts.insert(id.clone(), PartOp::Set(None));
     }
 }
 
