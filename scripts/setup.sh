@@ -23,3 +23,10 @@ if ! python3 -c "import networkx" >/dev/null 2>&1; then
   echo "[setup] installing networkx from PyPI"
   python3 -m pip install --quiet networkx 2>/dev/null || python3 -m pip install --quiet --user --break-system-packages networkx
 fi
+# Python tools for the deployment checks (Kubernetes schema validation), in a venv outside the clone.
+venv="${STITCHER_VENV:-$HOME/.cache/stitcher/venv}"
+if [ ! -x "$venv/bin/kubernetes-validate" ]; then
+  echo "[setup] installing kubernetes-validate from PyPI into $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet kubernetes-validate
+fi

@@ -10,6 +10,9 @@ export TEST_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
 
 cargo fmt --all -- --check
 promtool check rules deploy/prometheus/alerts.yml
+"${STITCHER_VENV:-$HOME/.cache/stitcher/venv}/bin/kubernetes-validate" --strict --quiet -k 1.30.0 \
+  deploy/kubernetes/configmap.yaml deploy/kubernetes/statefulset.yaml deploy/kubernetes/service.yaml \
+  deploy/kubernetes/pdb.yaml deploy/kubernetes/secret.example.yaml
 cargo clippy --all-targets --features kafka-it -- -D warnings
 
 deploy/local-kafka/kafka.sh clean >/dev/null 2>&1 || true

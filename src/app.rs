@@ -36,9 +36,7 @@ pub async fn run(
         http_stop.clone(),
     ));
 
-    if cfg.output.create_topics {
-        create_topics(&cfg, &shutdown).await?;
-    }
+    connect(&cfg, &shutdown).await?;
     let instance = cfg.kafka.instance_id.clone();
     let pipeline_stop = shutdown.clone();
     let result = tokio::task::spawn_blocking(move || {
@@ -60,15 +58,23 @@ async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     Ok(store)
 }
 
-/// Creates missing topics, waiting for the broker if it is not up yet.
-async fn create_topics(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+/// Waits until the brokers answer with these credentials (logging why not), then creates missing topics if
+/// configured to.
+async fn connect(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        match crate::kafka::ensure_topics(cfg).await {
+        let probe = cfg.clone();
+        let reachable =
+            tokio::task::spawn_blocking(move || crate::kafka::check_connection(&probe)).await?;
+        let result = match reachable {
+            Ok(()) if cfg.output.create_topics => crate::kafka::ensure_topics(cfg).await,
+            other => other,
+        };
+        match result {
             Ok(()) => return Ok(()),
             Err(e) if shutdown.is_cancelled() => return Err(e.into()),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot create topics yet, retrying");
+                tracing::warn!(error = %e, "cannot reach kafka or create topics yet, retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.cancelled() => {}

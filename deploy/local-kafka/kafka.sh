@@ -7,6 +7,14 @@
 #   deploy/local-kafka/kafka.sh restart   stop then start, keeping the data (for outage tests)
 #   deploy/local-kafka/kafka.sh status    exit 0 when the broker is up
 #
+# Listeners, all on 127.0.0.1 (KAFKA_PORT = P):
+#   P       PLAINTEXT
+#   P+1     the KRaft controller
+#   P+2     SASL_PLAINTEXT, SCRAM-SHA-512
+#   P+3     SASL_SSL, SCRAM-SHA-512, a self-signed certificate for 127.0.0.1/localhost whose CA is written to
+#           $KAFKA_DATA/tls/ca.pem (for ssl.ca.location)
+# SCRAM user: KAFKA_SCRAM_USER / KAFKA_SCRAM_PASSWORD (default stitcher / stitcher-secret), created at start.
+#
 # Environment:
 #   KAFKA_PORT      client listener port on 127.0.0.1 (default 19092)
 #   KAFKA_HOME      where the jars live (default ~/.cache/stitcher/kafka-<version>)
@@ -18,6 +26,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/pom.xml")"
 port="${KAFKA_PORT:-19092}"
 controller_port=$((port + 1))
+sasl_port=$((port + 2))
+ssl_port=$((port + 3))
+scram_user="${KAFKA_SCRAM_USER:-stitcher}"
+scram_password="${KAFKA_SCRAM_PASSWORD:-stitcher-secret}"
 home="${KAFKA_HOME:-$HOME/.cache/stitcher/kafka-$version}"
 data="${KAFKA_DATA:-/tmp/stitcher-kafka-$port}"
 pidfile="$data/kafka.pid"
@@ -47,11 +59,18 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$controller_port
-listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port
-advertised.listeners=PLAINTEXT://127.0.0.1:$port
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$controller_port,SASL_PLAINTEXT://127.0.0.1:$sasl_port,SASL_SSL://127.0.0.1:$ssl_port
+advertised.listeners=PLAINTEXT://127.0.0.1:$port,SASL_PLAINTEXT://127.0.0.1:$sasl_port,SASL_SSL://127.0.0.1:$ssl_port
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SASL_SSL:SASL_SSL
 inter.broker.listener.name=PLAINTEXT
+sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+ssl.keystore.type=PKCS12
+ssl.keystore.location=$data/tls/broker.p12
+ssl.keystore.password=changeit
+ssl.key.password=changeit
 log.dirs=$data/logs
 num.partitions=1
 offsets.topic.replication.factor=1
@@ -77,12 +96,31 @@ log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
 PROPS
 }
 
+# A self-signed certificate for the SASL_SSL listener, valid for 127.0.0.1 and localhost.
+make_tls() {
+  [ -f "$data/tls/broker.p12" ] && return
+  mkdir -p "$data/tls"
+  keytool -genkeypair -alias broker -keyalg RSA -keysize 2048 -validity 3650 \
+    -dname "CN=localhost" -ext "SAN=ip:127.0.0.1,dns:localhost" \
+    -keystore "$data/tls/broker.p12" -storetype PKCS12 -storepass changeit -keypass changeit >/dev/null 2>&1
+  keytool -exportcert -rfc -alias broker -keystore "$data/tls/broker.p12" -storepass changeit \
+    -file "$data/tls/ca.pem" >/dev/null 2>&1
+}
+
+# SCRAM credentials live in the cluster metadata; (re)setting them is idempotent.
+add_scram_user() {
+  java_run kafka.admin.ConfigCommand --bootstrap-server "127.0.0.1:$port" --alter \
+    --add-config "SCRAM-SHA-512=[iterations=4096,password=$scram_password]" \
+    --entity-type users --entity-name "$scram_user" >/dev/null
+}
+
 start() {
   fetch
   if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
     log "already running (pid $(cat "$pidfile")) on 127.0.0.1:$port"; return
   fi
   write_config
+  make_tls
   if [ ! -f "$data/logs/meta.properties" ]; then
     java_run kafka.tools.StorageTool format -t "$(java_run kafka.tools.StorageTool random-uuid)" \
       -c "$data/server.properties" --ignore-formatted >/dev/null
@@ -93,7 +131,11 @@ start() {
     kafka.Kafka "$data/server.properties" > "$data/kafka.out" 2>&1 &
   echo $! > "$pidfile"
   for _ in $(seq 1 120); do
-    if is_up; then log "broker $version up on 127.0.0.1:$port (data $data)"; return; fi
+    if is_up; then
+      add_scram_user
+      log "broker $version up on 127.0.0.1:$port (SASL/SCRAM on $sasl_port, SASL_SSL on $ssl_port; data $data)"
+      return
+    fi
     if ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
       log "broker exited during start:"; tail -30 "$data/kafka.out" "$data/server.log" >&2; exit 1
     fi

@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 use rdkafka::consumer::{CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+
+use super::LoggingContext;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::StitchConsumer;
@@ -75,7 +77,7 @@ impl Deadline {
 }
 
 pub struct Committer {
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<LoggingContext>,
     guarantee: Guarantee,
     metrics: Metrics,
     /// A failed transaction must be aborted before the next one begins.
@@ -123,8 +125,8 @@ impl Committer {
         metrics: Metrics,
         deadline: &Deadline,
     ) -> Result<Self, CommitError> {
-        let producer: ThreadedProducer<DefaultProducerContext> =
-            super::producer_config(cfg, instance).create()?;
+        let producer: ThreadedProducer<LoggingContext> =
+            super::producer_config(cfg, instance).create_with_context(LoggingContext)?;
         let guarantee = cfg.processing.guarantee;
         if guarantee == Guarantee::ExactlyOnce {
             let mut backoff = Duration::from_millis(200);

@@ -19,6 +19,10 @@ impl StitchContext {
 }
 
 impl ClientContext for StitchContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        super::log_client_error(&error, reason);
+    }
+
     fn stats(&self, stats: Statistics) {
         for (topic, t) in &stats.topics {
             let lag: i64 = t

@@ -9,14 +9,54 @@ pub mod reader;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::producer::ProducerContext;
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
 
 use crate::config::{Config, Guarantee};
 
 pub use committer::{CommitError, Committer, Deadline};
 pub use consumer::{StitchConsumer, StitchContext};
+
+/// Logs what librdkafka reports as client errors (the default context sends them to the `log` crate, which
+/// this service does not read). Authentication and TLS failures are errors an operator must fix, so they are
+/// logged as errors and say what to check; connection trouble is a warning (librdkafka retries).
+pub fn log_client_error(error: &KafkaError, reason: &str) {
+    let code = error.rdkafka_error_code();
+    match code {
+        Some(RDKafkaErrorCode::Authentication)
+        | Some(RDKafkaErrorCode::SaslAuthenticationFailed) => {
+            tracing::error!(
+                %error,
+                reason,
+                "kafka authentication failed: check sasl.mechanism, sasl.username and sasl.password"
+            )
+        }
+        Some(RDKafkaErrorCode::SSL) => tracing::error!(
+            %error,
+            reason,
+            "kafka TLS handshake failed: check ssl.ca.location and the broker's certificate"
+        ),
+        _ => tracing::warn!(%error, reason, "kafka client error"),
+    }
+}
+
+/// A client context that only logs client errors; for the admin client and the producers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoggingContext;
+
+impl ClientContext for LoggingContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(&error, reason);
+    }
+}
+
+impl ProducerContext for LoggingContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
 
 /// Settings shared by every client: brokers plus `kafka.common`.
 pub fn base_config(cfg: &Config) -> ClientConfig {
@@ -77,9 +117,25 @@ pub fn producer_config(cfg: &Config, instance: &str) -> ClientConfig {
     c
 }
 
+/// Fetches cluster metadata once: proves the brokers are reachable with these credentials. librdkafka's own
+/// error events (an authentication or TLS failure, say) are logged through [`LoggingContext`] on the way.
+pub fn check_connection(cfg: &Config) -> Result<(), KafkaError> {
+    use rdkafka::producer::{BaseProducer, Producer};
+    let producer: BaseProducer<LoggingContext> =
+        base_config(cfg).create_with_context(LoggingContext)?;
+    let result = producer
+        .client()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map(|_| ());
+    // Error events are delivered to the context when the client is polled.
+    producer.poll(Duration::from_millis(200));
+    result
+}
+
 /// Creates the output, dead-letter and control topics if missing (compacted output topic).
 pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaError> {
-    let admin: AdminClient<DefaultClientContext> = base_config(cfg).create()?;
+    let admin: AdminClient<LoggingContext> =
+        base_config(cfg).create_with_context(LoggingContext)?;
     let partitions = cfg.output.partitions.max(1);
     let output = NewTopic::new(&cfg.output.topic, partitions, TopicReplication::Fixed(1))
         .set("cleanup.policy", "compact")

@@ -52,10 +52,16 @@ impl Setup {
     /// Creates `partitions`-partition topics for every channel (Avro and JSON alternately) and writes the
     /// service config.
     pub fn new(test: &str, partitions: i32, extra_toml: &str) -> Setup {
+        Self::secured(test, partitions, &brokers(), extra_toml)
+    }
+
+    /// Like [`Setup::new`], but the service talks to `service_brokers` (a SASL or TLS listener of the same
+    /// broker; `extra_toml` carries the security settings). The harness itself uses the plain listener.
+    pub fn secured(test: &str, partitions: i32, service_brokers: &str, extra_toml: &str) -> Setup {
         let name = unique(test);
         let (routes, input_topics) = stitcher::generate::channel_routes(&name);
         create_topics(&input_topics, partitions);
-        Self::with_inputs(name, routes, input_topics, extra_toml)
+        Self::with_inputs(name, routes, input_topics, service_brokers, extra_toml)
     }
 
     /// A second service over the same input topics, with its own group, output topics and state.
@@ -64,6 +70,7 @@ impl Setup {
             unique(test),
             self.routes.clone(),
             self.input_topics.clone(),
+            &brokers(),
             extra_toml,
         )
     }
@@ -72,6 +79,7 @@ impl Setup {
         name: String,
         routes: Routes,
         input_topics: Vec<String>,
+        service_brokers: &str,
         extra_toml: &str,
     ) -> Setup {
         let dir = std::env::temp_dir().join(&name);
@@ -129,7 +137,7 @@ listen = "127.0.0.1:{http_port}"
 topic = "{control_topic}"
 {extra_toml}
 "#,
-            brokers = brokers(),
+            brokers = service_brokers,
             state = dir.join("state").display(),
             http_port = http_port,
         );
@@ -174,6 +182,11 @@ topic = "{control_topic}"
 
     /// Starts the service binary.
     pub fn start(&self) -> Child {
+        self.start_with_env(&[])
+    }
+
+    /// Starts the service binary with extra environment variables (secrets, as a deployment passes them).
+    pub fn start_with_env(&self, env: &[(&str, &str)]) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -186,6 +199,7 @@ topic = "{control_topic}"
                 cmd.env_remove(k);
             }
         }
+        cmd.envs(env.iter().copied());
         cmd.args(["run", "--config"])
             .arg(&self.config_path)
             .env("STITCHER_LOG", "info,librdkafka=warn")
