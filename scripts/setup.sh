@@ -30,3 +30,8 @@ if [ ! -x "$venv/bin/kubernetes-validate" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet kubernetes-validate
 fi
+# confluent-kafka (Confluent's Python client, with its Avro serializers) for tests/interop.rs.
+if ! "$venv/bin/python" -c "import confluent_kafka.schema_registry.avro, fastavro" >/dev/null 2>&1; then
+  echo "[setup] installing confluent-kafka[avro] from PyPI into $venv"
+  "$venv/bin/pip" install --quiet "confluent-kafka[avro]"
+fi

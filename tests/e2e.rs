@@ -199,4 +199,29 @@ fn check_http(s: &Setup, truth: &[journeys::PersonTruth]) {
         404
     );
     assert_eq!(s.http_get("/v1/profiles/not-an-id").0, 400);
+
+    // Lookup latency as a call-centre screen sees it: every person's email, one request each (a new TCP
+    // connection per request, as http_get does), while the service is idle.
+    let mut times: Vec<std::time::Duration> = Vec::new();
+    for t in truth.iter().take(300) {
+        if let Some((_, email)) = t.identifiers.iter().find(|(k, _)| k == "email") {
+            let started = std::time::Instant::now();
+            let (status, _) = s.http_get(&format!("/v1/identifiers/email/{email}"));
+            times.push(started.elapsed());
+            assert_eq!(status, 200);
+        }
+    }
+    times.sort();
+    let q = |f: f64| times[((times.len() as f64 * f) as usize).min(times.len() - 1)];
+    println!(
+        "lookup by email: {} requests, p50 {:.2?}, p99 {:.2?}, max {:.2?}",
+        times.len(),
+        q(0.5),
+        q(0.99),
+        times[times.len() - 1]
+    );
+    assert!(
+        q(0.99) < std::time::Duration::from_millis(50),
+        "lookups answer from local state in milliseconds"
+    );
 }
