@@ -171,23 +171,7 @@ pub struct Profile {
 impl Profile {
     /// A profile made from its first event.
     pub fn new(event: &Event) -> Self {
-        let mut p = Profile {
-            anchor: (event.timestamp, event.event_id.clone()),
-            identifiers: BTreeMap::new(),
-            seen: Seen::at(event.timestamp),
-            events: 0,
-            channels: BTreeMap::new(),
-            event_types: BTreeMap::new(),
-            purchases: BTreeMap::new(),
-            email: EmailEngagement::default(),
-            cart: Cart::default(),
-            consent: Consent {
-                cross_channel: None,
-                cross_channel_on: None,
-                email_marketing: None,
-            },
-            shared: false,
-        };
+        let mut p = Self::empty();
         p.apply(event, &event.identifiers);
         p
     }

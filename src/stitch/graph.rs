@@ -202,14 +202,17 @@ impl Stitcher {
                 }));
             }
         }
+        // The type of the event's identifier that matched a node.
+        let kind_of = |node: NodeId| {
+            ids.iter()
+                .zip(&owner)
+                .find(|(_, o)| **o == Some(node))
+                .map(|(id, _)| id.base_kind().to_string())
+                .unwrap_or_default()
+        };
         let mut refused = Vec::new();
         for (n, p) in shared {
-            let kind = ids
-                .iter()
-                .zip(&owner)
-                .find(|(_, o)| **o == Some(n))
-                .map(|(id, _)| id.base_kind().to_string())
-                .unwrap_or_default();
+            let kind = kind_of(n);
             refused.push(Refusal {
                 rule: Rule::Shared,
                 kind,
@@ -275,15 +278,9 @@ impl Stitcher {
                     profile = big;
                 }
                 Err(rule) => {
-                    let kind = ids
-                        .iter()
-                        .zip(&owner)
-                        .find(|(_, o)| **o == Some(other))
-                        .map(|(id, _)| id.base_kind().to_string())
-                        .unwrap_or_default();
                     refused.push(Refusal {
                         rule,
-                        kind,
+                        kind: kind_of(other),
                         other: Some(other_profile.id()),
                     });
                     store.put_profile(other, other_profile);
@@ -658,17 +655,13 @@ pub fn resolve_profile_id<S: GraphStore>(
     store: &mut S,
     id: &ProfileId,
 ) -> Result<Option<(ProfileId, NodeId)>, S::Error> {
-    let mut current = id.clone();
-    for _ in 0..crate::store::MAX_REDIRECT_HOPS {
-        if let Some(node) = store.indexed(&current)? {
-            return Ok(Some((current, node)));
-        }
-        match store.redirect_of(&current)? {
-            Some(next) => current = next,
-            None => return Ok(None),
-        }
-    }
-    Ok(None)
+    // Both lookups need the store mutably; they never run at the same time.
+    let store = std::cell::RefCell::new(store);
+    crate::store::follow_redirects(
+        id,
+        |p| store.borrow_mut().indexed(p),
+        |p| store.borrow_mut().redirect_of(p),
+    )
 }
 
 /// Connected components of `ids` over their links (links to identifiers outside `ids` are ignored), in a

@@ -37,7 +37,7 @@ pub use overlay::Overlay;
 
 const FORMAT_V1: u8 = 1;
 /// Longest redirect chain followed by a lookup.
-pub(crate) const MAX_REDIRECT_HOPS: usize = 32;
+const MAX_REDIRECT_HOPS: usize = 32;
 
 pub(crate) const CF_IDENTIFIERS: &str = "identifiers";
 pub(crate) const CF_PROFILES: &str = "profiles";
@@ -212,16 +212,10 @@ impl Store {
     }
 
     pub fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
-        match self.db.get_cf(self.cf(CF_META)?, META_CHECKPOINT)? {
-            Some(v) => match v.split_first() {
-                Some((&FORMAT_V1, rest)) => Ok(Some(bincode::deserialize(rest)?)),
-                _ => Err(StoreError::Corrupt {
-                    cf: CF_META,
-                    reason: "unknown checkpoint format".into(),
-                }),
-            },
-            None => Ok(None),
-        }
+        self.db
+            .get_cf(self.cf(CF_META)?, META_CHECKPOINT)?
+            .map(|v| decode_v1(&v, CF_META, "checkpoint"))
+            .transpose()
     }
 
     /// Adds the checkpoint to a batch.
@@ -230,9 +224,7 @@ impl Store {
         batch: &mut WriteBatch,
         cp: &Checkpoint,
     ) -> Result<(), StoreError> {
-        let mut v = vec![FORMAT_V1];
-        v.extend(bincode::serialize(cp)?);
-        batch.put_cf(self.cf(CF_META)?, META_CHECKPOINT, v);
+        batch.put_cf(self.cf(CF_META)?, META_CHECKPOINT, encode_v1(cp, 256)?);
         Ok(())
     }
 
@@ -255,17 +247,7 @@ impl Store {
         &self,
         id: &ProfileId,
     ) -> Result<Option<(ProfileId, NodeId)>, StoreError> {
-        let mut current = id.clone();
-        for _ in 0..MAX_REDIRECT_HOPS {
-            if let Some(node) = self.node_of_profile_id(&current)? {
-                return Ok(Some((current, node)));
-            }
-            match self.redirect_of(&current)? {
-                Some(next) => current = next,
-                None => return Ok(None),
-            }
-        }
-        Ok(None)
+        follow_redirects(id, |p| self.node_of_profile_id(p), |p| self.redirect_of(p))
     }
 
     /// Every live profile, for exports and reports. Reads a consistent snapshot.
@@ -308,6 +290,26 @@ impl Store {
     }
 }
 
+/// Follows redirects from `id` to a live profile id (at most [`MAX_REDIRECT_HOPS`]): the live id and its
+/// node, or `None` if the chain ends nowhere.
+pub fn follow_redirects<E>(
+    id: &ProfileId,
+    mut live: impl FnMut(&ProfileId) -> Result<Option<NodeId>, E>,
+    mut redirect_of: impl FnMut(&ProfileId) -> Result<Option<ProfileId>, E>,
+) -> Result<Option<(ProfileId, NodeId)>, E> {
+    let mut current = id.clone();
+    for _ in 0..MAX_REDIRECT_HOPS {
+        if let Some(node) = live(&current)? {
+            return Ok(Some((current, node)));
+        }
+        match redirect_of(&current)? {
+            Some(next) => current = next,
+            None => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
 pub(crate) fn identifier_key(id: &Identifier) -> Vec<u8> {
     let mut k = Vec::with_capacity(id.kind.len() + id.value.len() + 1);
     k.extend_from_slice(id.kind.as_bytes());
@@ -344,21 +346,34 @@ pub(crate) fn link_key(a: &Identifier, b: &Identifier) -> Vec<u8> {
     k
 }
 
-pub(crate) fn encode_evidence(e: &Evidence) -> Result<Vec<u8>, StoreError> {
-    let mut v = Vec::with_capacity(64);
+/// A value with its format version byte in front.
+fn encode_v1<T: Serialize>(value: &T, capacity: usize) -> Result<Vec<u8>, StoreError> {
+    let mut v = Vec::with_capacity(capacity);
     v.push(FORMAT_V1);
-    bincode::serialize_into(&mut v, e)?;
+    bincode::serialize_into(&mut v, value)?;
     Ok(v)
 }
 
-pub(crate) fn decode_evidence(v: &[u8]) -> Result<Evidence, StoreError> {
+fn decode_v1<T: serde::de::DeserializeOwned>(
+    v: &[u8],
+    cf: &'static str,
+    what: &str,
+) -> Result<T, StoreError> {
     match v.split_first() {
         Some((&FORMAT_V1, rest)) => Ok(bincode::deserialize(rest)?),
         _ => Err(StoreError::Corrupt {
-            cf: CF_LINKS,
-            reason: "unknown evidence format".into(),
+            cf,
+            reason: format!("unknown {what} format"),
         }),
     }
+}
+
+pub(crate) fn encode_evidence(e: &Evidence) -> Result<Vec<u8>, StoreError> {
+    encode_v1(e, 64)
+}
+
+pub(crate) fn decode_evidence(v: &[u8]) -> Result<Evidence, StoreError> {
+    decode_v1(v, CF_LINKS, "evidence")
 }
 
 /// The `links` merge operator: joins the evidence of all operands. `None` (corrupt input) fails the read.
@@ -417,20 +432,11 @@ pub(crate) fn decode_node(v: &[u8]) -> Result<NodeId, StoreError> {
 }
 
 pub(crate) fn encode_profile(p: &Profile) -> Result<Vec<u8>, StoreError> {
-    let mut v = Vec::with_capacity(512);
-    v.push(FORMAT_V1);
-    bincode::serialize_into(&mut v, p)?;
-    Ok(v)
+    encode_v1(p, 512)
 }
 
 pub(crate) fn decode_profile(v: &[u8]) -> Result<Profile, StoreError> {
-    match v.split_first() {
-        Some((&FORMAT_V1, rest)) => Ok(bincode::deserialize(rest)?),
-        _ => Err(StoreError::Corrupt {
-            cf: CF_PROFILES,
-            reason: "unknown profile format".into(),
-        }),
-    }
+    decode_v1(v, CF_PROFILES, "profile")
 }
 
 /// A RocksDB store in a temporary directory, removed on drop. For tests and benches.
