@@ -4,14 +4,12 @@ use std::io::Write;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{
     BenchArgs, ConfigArgs, EraseArgs, ExportArgs, GenerateArgs, InspectArgs, QualityArgs, RunArgs,
     UnlinkArgs,
 };
-use crate::codec::update::ProfileRecord;
 use crate::config::{Config, Overrides};
 use crate::control::{Command as ControlCommand, RawId};
 use crate::generate::{self, Routes};
@@ -98,93 +96,6 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Everything known about one profile, and why: what `inspect` prints.
-#[derive(Debug, Serialize)]
-pub struct Inspection {
-    pub profile_id: String,
-    /// Internal node; identifiers point at it.
-    pub node: u64,
-    /// The profile of one shared identifier (it never merges).
-    pub shared: bool,
-    /// Set while the person refuses cross-channel identification: the channel the profile is sealed to.
-    pub sealed_to: Option<String>,
-    /// Ids of profiles merged into this one that still redirect here.
-    pub merged_ids: Vec<String>,
-    pub identifiers: Vec<InspectedIdentifier>,
-    pub profile: ProfileRecord,
-}
-
-#[derive(Debug, Serialize)]
-pub struct InspectedIdentifier {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub value: String,
-    pub first_seen: i64,
-    pub last_seen: i64,
-    /// Events whose most trusted identifier this is (they split with it).
-    pub events_anchored: u64,
-    /// The identifiers it was seen with, and the evidence.
-    pub links: Vec<InspectedLink>,
-}
-
-#[derive(Debug, Serialize)]
-pub struct InspectedLink {
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub value: String,
-    /// Events that carried both.
-    pub events: u64,
-    pub first_event_id: String,
-    pub first_channel: String,
-    pub first_at: i64,
-    pub last_at: i64,
-}
-
-/// Builds the inspection of the profile under `node`.
-pub fn inspection(store: &Store, node: crate::model::NodeId) -> anyhow::Result<Inspection> {
-    let profile = store
-        .profile(node)?
-        .context("identifier points at a missing profile")?;
-    let id = profile.id();
-    let mut identifiers = Vec::with_capacity(profile.identifiers.len());
-    for (ident, seen) in &profile.identifiers {
-        let links = store
-            .links(ident)?
-            .into_iter()
-            .map(|(other, e)| InspectedLink {
-                kind: other.kind,
-                value: other.value,
-                events: e.events,
-                first_event_id: e.first_event,
-                first_channel: e.first_channel,
-                first_at: e.first_at,
-                last_at: e.last_at,
-            })
-            .collect();
-        identifiers.push(InspectedIdentifier {
-            kind: ident.kind.clone(),
-            value: ident.value.clone(),
-            first_seen: seen.first,
-            last_seen: seen.last,
-            events_anchored: store.part(ident)?.map_or(0, |p| p.events),
-            links,
-        });
-    }
-    Ok(Inspection {
-        profile_id: id.to_string(),
-        node: node.0,
-        shared: profile.shared,
-        sealed_to: profile.sealed_to().map(str::to_string),
-        merged_ids: store
-            .redirects_to(&id)?
-            .into_iter()
-            .map(|p| p.to_string())
-            .collect(),
-        identifiers,
-        profile: (&profile).into(),
-    })
-}
-
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let store = Store::open(&args.state_dir, 64)
         .context("opening state (is the service still running?)")?;
@@ -203,10 +114,9 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("give --profile or --identifier"),
     };
     let node = node.context("no profile for this id")?;
-    println!(
-        "{}",
-        serde_json::to_string_pretty(&inspection(&store, node)?)?
-    );
+    let inspection = crate::inspect::inspection(&store, node)?
+        .context("identifier points at a missing profile")?;
+    println!("{}", serde_json::to_string_pretty(&inspection)?);
     Ok(())
 }
 

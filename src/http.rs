@@ -2,6 +2,8 @@
 //!
 //! - `GET /v1/profiles/{profile_id}`: follows redirects of merged profiles.
 //! - `GET /v1/identifiers/{type}/{value}`: the value is normalised (and hashed) exactly as in stitching.
+//! - `GET /v1/identifiers/{type}/{value}/explain`: the same profile with every identifier's links and their
+//!   evidence, the events each anchors and the ids merged into it ([`crate::inspect`]).
 //!
 //! Answers come from local RocksDB state. 404 for unknown ids, 400 for malformed ones. With
 //! `http.bearer_token` set, the lookup routes require `Authorization: Bearer <token>`.
@@ -56,6 +58,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/profiles/:id", get(by_profile_id))
         .route("/v1/identifiers/:kind/:value", get(by_identifier))
+        .route("/v1/identifiers/:kind/:value/explain", get(explain))
         .with_state(state)
 }
 
@@ -157,6 +160,34 @@ async fn by_identifier(
     respond(answer)
 }
 
+async fn explain(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path((kind, value)): Path<(String, String)>,
+) -> Response {
+    if !authorized(&s, &headers) {
+        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    }
+    let id = match s.normalizer.identifier(&kind, &value) {
+        Ok(id) => id,
+        Err(r) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("identifier refused: {}", r.as_str()),
+            )
+        }
+    };
+    let Some(store) = s.store.clone() else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no state");
+    };
+    let answer = tokio::task::spawn_blocking(move || match store.node_of(&id)? {
+        Some(node) => crate::inspect::inspection(&store, node),
+        None => Ok(None),
+    })
+    .await;
+    respond(answer)
+}
+
 fn load(
     store: &Store,
     node: NodeId,
@@ -169,8 +200,8 @@ fn load(
     }))
 }
 
-fn respond(
-    answer: Result<Result<Option<LookupAnswer>, crate::store::StoreError>, tokio::task::JoinError>,
+fn respond<T: Serialize>(
+    answer: Result<Result<Option<T>, crate::store::StoreError>, tokio::task::JoinError>,
 ) -> Response {
     match answer {
         Ok(Ok(Some(a))) => Json(a).into_response(),

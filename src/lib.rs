@@ -16,6 +16,8 @@
 //! - [`store`]: RocksDB column families, key encoding, the batch overlay and the checkpoint.
 //! - [`processor`]: messages to state changes and output records, without Kafka.
 //! - [`kafka`], [`pipeline`]: the consume-process-commit loop with Kafka transactions.
+//! - [`control`]: erase and unlink commands from the control topic.
+//! - [`inspect`]: a profile with its links and their evidence (`stitcher inspect`, `/explain`).
 //! - [`metrics`], [`http`]: Prometheus metrics, probes, profile lookup.
 //! - [`journeys`], [`generate`], [`demo`]: synthetic journeys with ground truth, and the demo.
 //! - [`quality`], [`bench`]: stitching quality against ground truth; the end-to-end benchmark.
@@ -32,6 +34,7 @@ pub mod control;
 pub mod demo;
 pub mod generate;
 pub mod http;
+pub mod inspect;
 pub mod journeys;
 pub mod kafka;
 pub mod metrics;

@@ -143,6 +143,25 @@ fn erasing_a_bridge_splits_the_profile_and_tombstones_its_id() {
         "tombstone for the erased profile"
     );
     assert_eq!(live(&last.view).len(), 1);
+
+    // The call-centre view of what is left, over HTTP while the service runs.
+    let (status, body) = s.http_get("/v1/identifiers/email/A@x.io/explain");
+    assert_eq!(status, 200, "{body}");
+    let explained: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(explained["profile_id"], a_id.as_str());
+    let cookie = explained["identifiers"]
+        .as_array()
+        .expect("identifiers")
+        .iter()
+        .find(|i| i["type"] == "anonymous_id")
+        .expect("the cookie");
+    assert_eq!(cookie["links"][0]["value"], "a@x.io");
+    assert_eq!(cookie["links"][0]["first_event_id"], "e3");
+    assert_eq!(
+        s.http_get("/v1/identifiers/anonymous_id/bridge/explain").0,
+        404,
+        "the erased identifier is gone"
+    );
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
     assert!(s.dead_letters().is_empty());
 
