@@ -56,6 +56,10 @@ pub struct Pipeline {
     /// Output of the last checkpoint whose transaction is not known to have committed.
     carry: Vec<OutRecord>,
     sequence: u64,
+    /// Partitions of the subscribed topics (refreshed now and then) and whether this instance has paused
+    /// its partitions because it holds only some of them.
+    expected_partitions: std::cell::Cell<Option<(usize, Instant)>>,
+    paused: bool,
 }
 
 /// A consumer with the service's settings, subscribed to every input topic and the control topic.
@@ -107,6 +111,8 @@ impl Pipeline {
             positions,
             carry: Vec::new(),
             sequence: checkpoint.sequence,
+            expected_partitions: std::cell::Cell::new(None),
+            paused: false,
         };
         if !checkpoint.outbox.is_empty() && !pipeline.checkpoint_committed(&checkpoint, shutdown)? {
             tracing::warn!(
@@ -182,6 +188,9 @@ impl Pipeline {
         shutdown: &CancellationToken,
         summary: &mut RunSummary,
     ) -> Result<(), PipelineError> {
+        if self.hold_partial_assignment()? {
+            return Ok(());
+        }
         let started = Instant::now();
         let linger_until = started + self.cfg.processing.batch_linger;
         let store = self.store.clone();
@@ -210,6 +219,11 @@ impl Pipeline {
                     tracing::warn!(error = %e, "consume error");
                 }
                 Some(Ok(m)) => {
+                    if self.consumer.context().take_assigned() && self.partial_assignment()? {
+                        // A rebalance left this instance with part of the partitions: nothing of this
+                        // batch is in state or sent; drop it, the next round pauses.
+                        return Ok(());
+                    }
                     let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
                     let next = self
                         .positions
@@ -299,6 +313,98 @@ impl Pipeline {
         summary.messages += batch.messages as u64;
         summary.records += checkpoint.outbox.len() as u64;
         Ok(())
+    }
+
+    /// One instance must hold every input partition: the identity graph is not partitioned (yet), so an
+    /// instance holding some partitions would stitch their identifiers apart from the others'. When a second
+    /// instance joins the group, both hold a part: each pauses its partitions, reports not ready and keeps
+    /// its group membership, until one is stopped and the other gets everything back; it then rewinds to
+    /// its own positions (nothing read while paused is lost) and carries on. True while paused.
+    fn hold_partial_assignment(&mut self) -> Result<bool, PipelineError> {
+        let assignment = self.consumer.assignment()?;
+        let assigned = assignment.count();
+        let expected = self.expected_partitions();
+        if assigned > 0 && expected.is_some_and(|e| assigned < e) {
+            if !self.paused {
+                self.consumer.pause(&assignment)?;
+                self.paused = true;
+                self.metrics.ready.set(0);
+                tracing::error!(
+                    assigned,
+                    expected = expected.unwrap_or_default(),
+                    group = self.cfg.kafka.group_id.as_str(),
+                    "this instance was assigned only part of the input partitions: another instance runs \
+                     in the same consumer group. One instance must hold them all (the identity graph is not \
+                     partitioned across instances); pausing until it does"
+                );
+            }
+            // Polling keeps the group membership; paused partitions deliver nothing.
+            let _ = self.consumer.poll(Duration::from_millis(500));
+            return Ok(true);
+        }
+        if self.paused && assigned > 0 {
+            self.rewind(&assignment)?;
+            self.consumer.resume(&assignment)?;
+            self.paused = false;
+            self.metrics.ready.set(1);
+            tracing::info!(assigned, "all input partitions assigned again; resuming");
+        }
+        Ok(false)
+    }
+
+    /// Whether the current assignment holds only some of the partitions.
+    fn partial_assignment(&self) -> Result<bool, PipelineError> {
+        let assigned = self.consumer.assignment()?.count();
+        Ok(assigned > 0 && self.expected_partitions().is_some_and(|e| assigned < e))
+    }
+
+    /// Seeks every assigned partition to where this instance's state stands (or, for a partition it never
+    /// read, to the group's committed offset), so that whatever a paused fetch dropped is read again.
+    fn rewind(&self, assignment: &TopicPartitionList) -> Result<(), PipelineError> {
+        let committed = self
+            .consumer
+            .committed_offsets(assignment.clone(), Duration::from_secs(10))?;
+        for e in assignment.elements() {
+            let (topic, partition) = (e.topic(), e.partition());
+            let offset = match self.positions.get(&(topic.to_string(), partition)) {
+                Some(next) => Offset::Offset(*next),
+                None => match committed
+                    .find_partition(topic, partition)
+                    .map(|c| c.offset())
+                {
+                    Some(Offset::Offset(o)) => Offset::Offset(o),
+                    _ => Offset::Beginning,
+                },
+            };
+            self.consumer
+                .seek(topic, partition, offset, Duration::from_secs(10))?;
+        }
+        Ok(())
+    }
+
+    /// Partitions of every subscribed topic, from metadata at most a minute old.
+    fn expected_partitions(&self) -> Option<usize> {
+        if let Some((n, at)) = self.expected_partitions.get() {
+            if at.elapsed() < Duration::from_secs(60) {
+                return Some(n);
+            }
+        }
+        let mut total = 0;
+        let topics = self
+            .cfg
+            .inputs
+            .iter()
+            .map(|i| i.topic.as_str())
+            .chain(Some(self.cfg.control.topic.as_str()).filter(|t| !t.is_empty()));
+        for topic in topics {
+            let md = self
+                .consumer
+                .fetch_metadata(Some(topic), Duration::from_secs(5))
+                .ok()?;
+            total += md.topics().first().map_or(0, |t| t.partitions().len());
+        }
+        self.expected_partitions.set(Some((total, Instant::now())));
+        Some(total)
     }
 
     fn assigned(&self) -> bool {

@@ -129,6 +129,8 @@ fn kubernetes_config_map_holds_a_valid_configuration() {
         "path: /readyz",
         "STITCHER_INSTANCE_ID",
         "runAsNonRoot: true",
+        // One instance per group until the graph is partitioned (tests/group.rs shows what two do).
+        "replicas: 1",
     ] {
         assert!(sts.contains(needle), "statefulset.yaml lacks {needle:?}");
     }

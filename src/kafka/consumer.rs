@@ -10,11 +10,22 @@ pub type StitchConsumer = BaseConsumer<StitchContext>;
 
 pub struct StitchContext {
     metrics: Metrics,
+    /// Set when partitions were assigned; the pipeline takes it to re-check its assignment.
+    assigned: std::sync::atomic::AtomicBool,
 }
 
 impl StitchContext {
     pub fn new(metrics: Metrics) -> Self {
-        Self { metrics }
+        Self {
+            metrics,
+            assigned: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Whether partitions were assigned since the last call.
+    pub fn take_assigned(&self) -> bool {
+        self.assigned
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 }
 
@@ -40,6 +51,13 @@ impl ClientContext for StitchContext {
 }
 
 impl ConsumerContext for StitchContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            self.assigned
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+    }
+
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
