@@ -285,6 +285,10 @@ pub struct ProcessingConfig {
     pub avro_schema_ids: Vec<u32>,
     /// Largest accepted input message, in bytes.
     pub max_message_bytes: usize,
+    /// How long an applied event id is remembered; a duplicate arriving later than this after the first
+    /// copy is applied again. Bounds the dedup set by the event rate. "0s": forever.
+    #[serde(with = "humantime_serde")]
+    pub dedup_retention: Duration,
 }
 
 impl Default for ProcessingConfig {
@@ -297,6 +301,7 @@ impl Default for ProcessingConfig {
             transaction_timeout: Duration::from_secs(60),
             avro_schema_ids: vec![1],
             max_message_bytes: 1 << 20,
+            dedup_retention: Duration::from_secs(30 * 24 * 3600),
         }
     }
 }

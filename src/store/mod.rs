@@ -9,7 +9,7 @@
 //! | `profiles`    | node id (u64 BE)               | v1 + bincode(Profile)              |
 //! | `profile_ids` | public profile id              | node id (u64 BE)                   |
 //! | `redirects`   | retired public profile id      | public profile id it moved to      |
-//! | `events`      | SHA-256(event_id)[..16]        | empty (dedup set, bloom-filtered)  |
+//! | `events`      | SHA-256(event_id)[..16]        | write time, ms (i64 BE); dedup set |
 //! | `links`       | u16 BE len(a) + a + b          | v1 + bincode(Evidence), merge op   |
 //! | `parts`       | type `\0` value                | v1 + bincode(Profile), merge op    |
 //! | `meta`        | `next_node`, `checkpoint`      | u64 BE, v1 + bincode(Checkpoint)   |
@@ -108,7 +108,18 @@ pub struct Store {
 }
 
 impl Store {
+    /// Opens (or creates) the state with a dedup set kept forever: for tools and tests.
     pub fn open(path: &Path, block_cache_mb: usize) -> Result<Self, StoreError> {
+        Self::open_with(path, block_cache_mb, None)
+    }
+
+    /// Opens the state; with `dedup_retention`, compactions drop event ids applied longer ago than that
+    /// (a duplicate arriving later is applied again), which bounds the dedup set by the event rate.
+    pub fn open_with(
+        path: &Path,
+        block_cache_mb: usize,
+        dedup_retention: Option<std::time::Duration>,
+    ) -> Result<Self, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -127,6 +138,16 @@ impl Store {
             if *name == CF_EVENTS || *name == CF_IDENTIFIERS {
                 // Point lookups only: optimise for them.
                 cf.optimize_for_point_lookup(block_cache_mb.max(8) as u64);
+            }
+            if let (CF_EVENTS, Some(retention)) = (*name, dedup_retention) {
+                let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
+                cf.set_compaction_filter("dedup_retention", move |_level, _key, value| {
+                    if dedup_expired(value, crate::model::now_millis(), retention_ms) {
+                        rocksdb::CompactionDecision::Remove
+                    } else {
+                        rocksdb::CompactionDecision::Keep
+                    }
+                });
             }
             if *name == CF_LINKS {
                 cf.set_merge_operator_associative("evidence_join", merge_evidence);
@@ -416,6 +437,15 @@ fn merge_parts(
     encode_profile(&acc?).ok()
 }
 
+/// Whether a dedup entry written at the time in `value` is older than the retention. Entries without a
+/// time are kept.
+fn dedup_expired(value: &[u8], now_ms: i64, retention_ms: i64) -> bool {
+    match <[u8; 8]>::try_from(value) {
+        Ok(bytes) => now_ms.saturating_sub(i64::from_be_bytes(bytes)) > retention_ms,
+        Err(_) => false,
+    }
+}
+
 pub(crate) fn event_key(event_id: &str) -> [u8; 16] {
     let digest = Sha256::digest(event_id.as_bytes());
     let mut k = [0u8; 16];
@@ -462,7 +492,7 @@ impl TempStore {
             std::process::id(),
             rand::random::<u64>()
         ));
-        let store = Store::open(&path, 64)?;
+        let store = Store::open_with(&path, 64, Some(std::time::Duration::from_secs(3600)))?;
         Ok(Self {
             store,
             _dir: tempfile_dir::TempDir(path),
@@ -488,5 +518,30 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compaction_drops_event_ids_older_than_the_retention() {
+        let t = TempStore::new().unwrap(); // retention: one hour
+        let db = t.store.db();
+        let cf = t.store.cf(CF_EVENTS).unwrap();
+        let now = crate::model::now_millis();
+        db.put_cf(cf, event_key("old"), (now - 2 * 3_600_000).to_be_bytes())
+            .unwrap();
+        db.put_cf(cf, event_key("fresh"), (now - 60_000).to_be_bytes())
+            .unwrap();
+        db.put_cf(cf, event_key("timeless"), []).unwrap();
+        db.flush_cf(cf).unwrap();
+        db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        assert!(!t.store.has_event("old").unwrap());
+        assert!(t.store.has_event("fresh").unwrap());
+        assert!(t.store.has_event("timeless").unwrap());
+        assert!(dedup_expired(&0i64.to_be_bytes(), 10, 5));
+        assert!(!dedup_expired(&8i64.to_be_bytes(), 10, 5));
     }
 }

@@ -155,8 +155,10 @@ impl<'a> Overlay<'a> {
                 None => b.delete_cf(red_cf, from.as_str()),
             }
         }
+        // The write time, for `processing.dedup_retention`.
+        let written = crate::model::now_millis().to_be_bytes();
         for k in &self.seen {
-            b.put_cf(ev_cf, k, []);
+            b.put_cf(ev_cf, k, written);
         }
         if self.next_node != self.first_node {
             b.put_cf(meta_cf, META_NEXT_NODE, self.next_node.to_be_bytes());
