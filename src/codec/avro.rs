@@ -62,10 +62,9 @@ pub fn encode_confluent<T: Serialize>(
     id: u32,
     value: &T,
 ) -> Result<Vec<u8>, SchemaError> {
+    // No `Value::resolve`: serde already produces the shapes our schemas use (records by field name,
+    // options as ["null", T] unions), and `to_avro_datum` validates against the schema before writing.
     let v = apache_avro::to_value(value).map_err(|e| SchemaError::Encode(e.to_string()))?;
-    let v = v
-        .resolve(schema)
-        .map_err(|e| SchemaError::Encode(e.to_string()))?;
     let body = to_avro_datum(schema, v).map_err(|e| SchemaError::Encode(e.to_string()))?;
     let mut out = Vec::with_capacity(body.len() + 5);
     out.push(0);
