@@ -1121,6 +1121,14 @@ mod tests {
         assert_eq!(updates[0].trigger_event_id, "e5");
     }
 
+    /// Cases per property: 300 in CI; `PROPTEST_CASES=20000` for a soak run.
+    fn cases() -> u32 {
+        std::env::var("PROPTEST_CASES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300)
+    }
+
     /// Events over a small universe of identifiers so that merges are frequent.
     fn arb_events() -> impl Strategy<Value = Vec<Event>> {
         let id = (0usize..4, 0u8..12).prop_map(|(k, v)| {
@@ -1138,7 +1146,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
 
         /// Without guardrails, any order and any repetition of the same events gives the same graph and
         /// the same profiles.
@@ -1541,7 +1549,7 @@ mod tests {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(300))]
+        #![proptest_config(ProptestConfig::with_cases(cases()))]
 
         /// Erasing an identifier leaves the graph it would be if the identifier had never been seen.
         #[test]
