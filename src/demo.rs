@@ -55,6 +55,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         duplicate_rate: 0.02,
         malformed_rate: 0.002,
         shuffle_window: 200,
+        // A shop's kiosk tablet that 3% of the people log in on, and junk identifiers on 2% of events:
+        // the guardrails must keep both from gluing anyone together.
+        shared_device_persons: args.persons * 3 / 100,
+        junk_rate: 0.02,
         ..Default::default()
     };
     let routes: Routes = cfg
@@ -103,6 +107,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Right to be forgotten: erase one person's email through the control topic, as `stitcher erase` does.
+    let erased = journeys
+        .truth
+        .iter()
+        .flat_map(|t| t.identifiers.iter())
+        .find(|(kind, _)| kind == "email")
+        .map(|(_, value)| value.clone());
+    if let Some(email) = &erased {
+        erase_email(&cfg, email, &metrics, &shutdown).await?;
+    }
     if args.serve {
         println!(
             "serving http://{}/metrics and /v1/identifiers/{{type}}/{{value}} until Ctrl-C",
@@ -141,9 +155,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     println!("  dead letters        {dead}");
     println!("  profiles created    {}", metrics.profiles_created.get());
     println!("  merges              {}", metrics.profile_merges.get());
+    let shared = profiles.iter().filter(|p| p.shared).count();
     println!(
-        "  profiles now        {} (ground truth: {} persons)",
-        profiles.len(),
+        "  profiles now        {} people + {shared} shared device (ground truth: {} persons)",
+        profiles.len() - shared,
         journeys.truth.len()
     );
     println!(
@@ -157,6 +172,35 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .with_label_values(&["redirect"])
             .get()
     );
+    println!(
+        "  junk identifiers    {} blocked (test@test.com, undefined, ...)",
+        metrics
+            .identifiers_rejected
+            .with_label_values(&["blocked"])
+            .get()
+    );
+    println!(
+        "  shared identifiers  {} set apart (the kiosk tablet), {} profile splits",
+        metrics.shared_identifiers.get(),
+        metrics.profile_splits.get()
+    );
+    if let Some(email) = &erased {
+        let gone = store
+            .node_of(&crate::model::Identifier::new("email", email.as_str()))?
+            .is_none();
+        println!(
+            "  erasure             email {email}: {}, {} tombstone(s)",
+            if gone {
+                "gone from state"
+            } else {
+                "STILL PRESENT"
+            },
+            metrics
+                .output_records
+                .with_label_values(&["tombstone"])
+                .get()
+        );
+    }
     profiles.sort_by(|a, b| {
         (b.channels.len(), b.events, &b.anchor).cmp(&(a.channels.len(), a.events, &a.anchor))
     });
@@ -167,6 +211,46 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     drop(store);
     let _ = std::fs::remove_dir_all(&state_dir);
+    Ok(())
+}
+
+/// Sends an erase command to the control topic and waits until the pipeline has applied and committed it.
+async fn erase_email(
+    cfg: &Config,
+    email: &str,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = crate::kafka::base_config(cfg).create()?;
+    let command = crate::control::Command::EraseIdentifier {
+        kind: "email".into(),
+        value: email.to_string(),
+    };
+    let payload = serde_json::to_vec(&command)?;
+    let committed = || metrics.transactions.with_label_values(&["committed"]).get();
+    let before = committed();
+    producer
+        .send(
+            FutureRecord::<[u8], _>::to(&cfg.control.topic).payload(&payload),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("sending the erase command: {e}"))?;
+    let applied = || {
+        metrics
+            .control_commands
+            .with_label_values(&["erase_identifier", "applied"])
+            .get()
+    };
+    // Applied, and the transaction of its batch committed.
+    let started = Instant::now();
+    while (applied() == 0 || committed() == before)
+        && !shutdown.is_cancelled()
+        && started.elapsed() < Duration::from_secs(30)
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     Ok(())
 }
 
