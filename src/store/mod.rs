@@ -132,6 +132,16 @@ impl Store {
             block.set_block_cache(&cache);
             block.set_bloom_filter(10.0, false);
             block.set_cache_index_and_filter_blocks(true);
+            // Fresh L0 files are read by every lookup: keep their index and filter blocks in the cache.
+            block.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            if *name == CF_LINKS {
+                // Links are read by prefix (all links of one identifier): the bloom filter is built on
+                // that prefix, so a scan skips every file that holds none. Every scan opens an iterator on
+                // each level's file, which reads its index block: keep those with the table readers (about
+                // 1% of the column family) instead of letting data blocks evict them from the cache.
+                block.set_whole_key_filtering(false);
+                block.set_cache_index_and_filter_blocks(false);
+            }
             let mut cf = Options::default();
             cf.set_block_based_table_factory(&block);
             cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
@@ -151,6 +161,12 @@ impl Store {
             }
             if *name == CF_LINKS {
                 cf.set_merge_operator_associative("evidence_join", merge_evidence);
+                cf.set_prefix_extractor(rocksdb::SliceTransform::create(
+                    "link_prefix",
+                    link_prefix_of,
+                    Some(has_link_prefix),
+                ));
+                cf.set_memtable_prefix_bloom_ratio(0.05);
             }
             if *name == CF_PARTS {
                 cf.set_merge_operator_associative("profile_absorb", merge_parts);
@@ -197,8 +213,11 @@ impl Store {
     pub fn links(&self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, StoreError> {
         let prefix = link_prefix(id);
         let mut out = Vec::new();
-        for item in self.db.iterator_cf(
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_prefix_same_as_start(true);
+        for item in self.db.iterator_cf_opt(
             self.cf(CF_LINKS)?,
+            ro,
             rocksdb::IteratorMode::From(&prefix, rocksdb::Direction::Forward),
         ) {
             let (k, v) = item?;
@@ -349,6 +368,24 @@ pub(crate) fn decode_identifier(k: &[u8]) -> Result<Identifier, StoreError> {
         reason: "identifier key without a type".into(),
     })?;
     Ok(Identifier::new(kind, value))
+}
+
+/// The `links` prefix extractor: the first identifier's length and key.
+fn link_prefix_of(key: &[u8]) -> &[u8] {
+    match key {
+        [a, b, rest @ ..] => {
+            let len = usize::from(u16::from_be_bytes([*a, *b]));
+            &key[..(2 + len).min(2 + rest.len())]
+        }
+        _ => key,
+    }
+}
+
+fn has_link_prefix(key: &[u8]) -> bool {
+    match key {
+        [a, b, rest @ ..] => rest.len() >= usize::from(u16::from_be_bytes([*a, *b])),
+        _ => false,
+    }
 }
 
 /// Prefix of every link of `id`: the length of its key, then the key.
