@@ -132,25 +132,41 @@ async fn by_profile_id(
     respond(answer)
 }
 
+/// The checks both identifier routes start with: the token, the identifier normalised as in stitching,
+/// the state.
+fn identifier_request(
+    s: &HttpState,
+    headers: &HeaderMap,
+    kind: &str,
+    value: &str,
+) -> Result<(Store, crate::model::Identifier), Response> {
+    if !authorized(s, headers) {
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token",
+        ));
+    }
+    let id = s.normalizer.identifier(kind, value).map_err(|r| {
+        error(
+            StatusCode::BAD_REQUEST,
+            format!("identifier refused: {}", r.as_str()),
+        )
+    })?;
+    let store = s
+        .store
+        .clone()
+        .ok_or_else(|| error(StatusCode::SERVICE_UNAVAILABLE, "no state"))?;
+    Ok((store, id))
+}
+
 async fn by_identifier(
     State(s): State<HttpState>,
     headers: HeaderMap,
     Path((kind, value)): Path<(String, String)>,
 ) -> Response {
-    if !authorized(&s, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
-    let id = match s.normalizer.identifier(&kind, &value) {
-        Ok(id) => id,
-        Err(r) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("identifier refused: {}", r.as_str()),
-            )
-        }
-    };
-    let Some(store) = s.store.clone() else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "no state");
+    let (store, id) = match identifier_request(&s, &headers, &kind, &value) {
+        Ok(x) => x,
+        Err(response) => return response,
     };
     let answer = tokio::task::spawn_blocking(move || match store.node_of(&id)? {
         Some(node) => load(&store, node, None),
@@ -165,20 +181,9 @@ async fn explain(
     headers: HeaderMap,
     Path((kind, value)): Path<(String, String)>,
 ) -> Response {
-    if !authorized(&s, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
-    let id = match s.normalizer.identifier(&kind, &value) {
-        Ok(id) => id,
-        Err(r) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("identifier refused: {}", r.as_str()),
-            )
-        }
-    };
-    let Some(store) = s.store.clone() else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "no state");
+    let (store, id) = match identifier_request(&s, &headers, &kind, &value) {
+        Ok(x) => x,
+        Err(response) => return response,
     };
     let answer = tokio::task::spawn_blocking(move || match store.node_of(&id)? {
         Some(node) => crate::inspect::inspection(&store, node),

@@ -434,24 +434,41 @@ pub(crate) fn decode_evidence(v: &[u8]) -> Result<Evidence, StoreError> {
     decode_v1(v, CF_LINKS, "evidence")
 }
 
-/// The `links` merge operator: joins the evidence of all operands. `None` (corrupt input) fails the read.
+/// Folds a stored value and merge operands with `join`. `None` (a corrupt input) fails the read.
+fn fold_operands<T>(
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+    decode: fn(&[u8]) -> Result<T, StoreError>,
+    join: fn(&mut T, T),
+    encode: fn(&T) -> Result<Vec<u8>, StoreError>,
+) -> Option<Vec<u8>> {
+    let mut acc: Option<T> = match existing {
+        Some(v) => Some(decode(v).ok()?),
+        None => None,
+    };
+    for op in operands {
+        let more = decode(op).ok()?;
+        match &mut acc {
+            Some(a) => join(a, more),
+            None => acc = Some(more),
+        }
+    }
+    encode(&acc?).ok()
+}
+
+/// The `links` merge operator: joins the evidence of all operands.
 fn merge_evidence(
     _key: &[u8],
     existing: Option<&[u8]>,
     operands: &rocksdb::MergeOperands,
 ) -> Option<Vec<u8>> {
-    let mut acc: Option<Evidence> = match existing {
-        Some(v) => Some(decode_evidence(v).ok()?),
-        None => None,
-    };
-    for op in operands {
-        let e = decode_evidence(op).ok()?;
-        match &mut acc {
-            Some(a) => a.join(&e),
-            None => acc = Some(e),
-        }
-    }
-    encode_evidence(&acc?).ok()
+    fold_operands(
+        existing,
+        operands,
+        decode_evidence,
+        |a, b| a.join(&b),
+        encode_evidence,
+    )
 }
 
 /// The `parts` merge operator: absorbs every operand (parts join like profiles).
@@ -460,27 +477,13 @@ fn merge_parts(
     existing: Option<&[u8]>,
     operands: &rocksdb::MergeOperands,
 ) -> Option<Vec<u8>> {
-    let mut acc: Option<Profile> = match existing {
-        Some(v) => Some(decode_profile(v).ok()?),
-        None => None,
-    };
-    for op in operands {
-        let p = decode_profile(op).ok()?;
-        match &mut acc {
-            Some(a) => a.absorb(p),
-            None => acc = Some(p),
-        }
-    }
-    encode_profile(&acc?).ok()
-}
-
-/// Whether a dedup entry written at the time in `value` is older than the retention. Entries without a
-/// time are kept.
-fn dedup_expired(value: &[u8], now_ms: i64, retention_ms: i64) -> bool {
-    match <[u8; 8]>::try_from(value) {
-        Ok(bytes) => now_ms.saturating_sub(i64::from_be_bytes(bytes)) > retention_ms,
-        Err(_) => false,
-    }
+    fold_operands(
+        existing,
+        operands,
+        decode_profile,
+        Profile::absorb,
+        encode_profile,
+    )
 }
 
 pub(crate) fn event_key(event_id: &str) -> [u8; 16] {
