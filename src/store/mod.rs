@@ -486,6 +486,15 @@ fn merge_parts(
     )
 }
 
+/// Whether a dedup entry written at the time in `value` is older than the retention. Entries without a
+/// time are kept.
+fn dedup_expired(value: &[u8], now_ms: i64, retention_ms: i64) -> bool {
+    match <[u8; 8]>::try_from(value) {
+        Ok(bytes) => now_ms.saturating_sub(i64::from_be_bytes(bytes)) > retention_ms,
+        Err(_) => false,
+    }
+}
+
 pub(crate) fn event_key(event_id: &str) -> [u8; 16] {
     let digest = Sha256::digest(event_id.as_bytes());
     let mut k = [0u8; 16];
