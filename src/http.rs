@@ -139,15 +139,15 @@ fn identifier_request(
     headers: &HeaderMap,
     kind: &str,
     value: &str,
-) -> Result<(Store, crate::model::Identifier), Response> {
+) -> Result<(Store, crate::model::Identifier), (StatusCode, String)> {
     if !authorized(s, headers) {
-        return Err(error(
+        return Err((
             StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token",
+            "missing or wrong bearer token".into(),
         ));
     }
     let id = s.normalizer.identifier(kind, value).map_err(|r| {
-        error(
+        (
             StatusCode::BAD_REQUEST,
             format!("identifier refused: {}", r.as_str()),
         )
@@ -155,7 +155,7 @@ fn identifier_request(
     let store = s
         .store
         .clone()
-        .ok_or_else(|| error(StatusCode::SERVICE_UNAVAILABLE, "no state"))?;
+        .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, "no state".to_string()))?;
     Ok((store, id))
 }
 
@@ -166,7 +166,7 @@ async fn by_identifier(
 ) -> Response {
     let (store, id) = match identifier_request(&s, &headers, &kind, &value) {
         Ok(x) => x,
-        Err(response) => return response,
+        Err((status, message)) => return error(status, message),
     };
     let answer = tokio::task::spawn_blocking(move || match store.node_of(&id)? {
         Some(node) => load(&store, node, None),
@@ -183,7 +183,7 @@ async fn explain(
 ) -> Response {
     let (store, id) = match identifier_request(&s, &headers, &kind, &value) {
         Ok(x) => x,
-        Err(response) => return response,
+        Err((status, message)) => return error(status, message),
     };
     let answer = tokio::task::spawn_blocking(move || match store.node_of(&id)? {
         Some(node) => crate::inspect::inspection(&store, node),
