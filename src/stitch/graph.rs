@@ -141,66 +141,36 @@ impl Stitcher {
             return Ok(None);
         }
         let mut reshape = Reshape::default();
-        // Identifiers in decreasing trust; the most trusted match decides the primary profile.
-        let mut ids: Vec<Identifier> = ev.identifiers.clone();
-        self.sort_by_trust(&mut ids);
-        let mut owner = resolve(store, &ids)?;
-
-        // Consent: a person who refused cross-channel identification is sealed to one channel; an event
-        // of another channel lives in that channel's own identity space.
-        if let Some(first) = owner.iter().flatten().next().copied() {
-            let sealed = peek(store, first, |p| {
-                p.sealed_to().is_some_and(|home| home != ev.channel) && !p.shared
-            })?;
-            if sealed == Some(true) && ids.iter().all(|id| id.scope().is_none()) {
-                ids = ids.iter().map(|id| id.scoped(&ev.channel)).collect();
-                self.sort_by_trust(&mut ids);
-                owner = resolve(store, &ids)?;
-            }
-        }
-
+        let (ids, mut owner) = self.identify(store, ev)?;
         // A shared identifier must not glue anyone together: find them before linking anything.
         if self.detect_shared(store, &ids, ev, &mut reshape)? {
             owner = resolve(store, &ids)?;
         }
-
-        // Take the matched profiles; profiles of shared identifiers are not merge candidates.
-        let mut candidates: Vec<(NodeId, Profile)> = Vec::new();
-        let mut shared: Vec<(NodeId, Profile)> = Vec::new();
-        for n in owner.iter().flatten() {
-            if candidates.iter().chain(&shared).any(|(c, _)| c == n) {
-                continue;
-            }
-            if let Some(p) = store.take_profile(*n)? {
-                if p.shared {
-                    shared.push((*n, p));
-                } else {
-                    candidates.push((*n, p));
-                }
-            }
-        }
+        let (candidates, shared) = take_matched(store, &owner)?;
         let has_unowned = owner.iter().any(Option::is_none);
-        if candidates.is_empty() && !has_unowned {
-            if let Some((node, mut profile)) = shared.first().cloned() {
-                // Only shared identifiers: the event belongs to the shared identifier's own profile.
-                for (n, p) in shared.into_iter().skip(1) {
-                    store.put_profile(n, p);
-                }
-                let linked: Vec<Identifier> = profile.identifiers.keys().cloned().collect();
-                let linked: Vec<Identifier> =
-                    ids.iter().filter(|i| linked.contains(i)).cloned().collect();
-                profile.apply(ev, &linked);
-                self.record_part(store, &linked, ev)?;
-                store.put_profile(node, profile);
-                return Ok(Some(Applied {
-                    node,
-                    created: false,
-                    retired: vec![],
-                    absorbed_nodes: vec![],
-                    refused: vec![],
-                    reshape,
-                }));
+        if candidates.is_empty() && !has_unowned && !shared.is_empty() {
+            // Only shared identifiers: the event belongs to the first shared identifier's own profile.
+            let mut shared = shared;
+            let (node, mut profile) = shared.remove(0);
+            for (n, p) in shared {
+                store.put_profile(n, p);
             }
+            let linked: Vec<Identifier> = ids
+                .iter()
+                .filter(|i| profile.identifiers.contains_key(*i))
+                .cloned()
+                .collect();
+            profile.apply(ev, &linked);
+            self.record_part(store, &linked, ev)?;
+            store.put_profile(node, profile);
+            return Ok(Some(Applied {
+                node,
+                created: false,
+                retired: vec![],
+                absorbed_nodes: vec![],
+                refused: vec![],
+                reshape,
+            }));
         }
         // The type of the event's identifier that matched a node.
         let kind_of = |node: NodeId| {
@@ -347,6 +317,33 @@ impl Stitcher {
             refused,
             reshape,
         }))
+    }
+
+    /// The event's identifiers in decreasing trust (the most trusted match decides the primary profile),
+    /// in the identity space the event belongs to, with the node of each. Consent: a person who refused
+    /// cross-channel identification is sealed to one channel; an event of another channel lives in that
+    /// channel's own identity space (identifiers scoped to the channel).
+    fn identify<S: GraphStore>(
+        &self,
+        store: &mut S,
+        ev: &Event,
+    ) -> Result<(Vec<Identifier>, Owners), S::Error> {
+        let mut ids: Vec<Identifier> = ev.identifiers.clone();
+        self.sort_by_trust(&mut ids);
+        let owner = resolve(store, &ids)?;
+        let Some(first) = owner.iter().flatten().next().copied() else {
+            return Ok((ids, owner));
+        };
+        let sealed = peek(store, first, |p| {
+            p.sealed_to().is_some_and(|home| home != ev.channel) && !p.shared
+        })?;
+        if sealed != Some(true) || ids.iter().any(|id| id.scope().is_some()) {
+            return Ok((ids, owner));
+        }
+        let mut scoped: Vec<Identifier> = ids.iter().map(|id| id.scoped(&ev.channel)).collect();
+        self.sort_by_trust(&mut scoped);
+        let owner = resolve(store, &scoped)?;
+        Ok((scoped, owner))
     }
 
     /// Adds the event to the part of its most trusted linked identifier.
@@ -628,12 +625,38 @@ impl Stitcher {
     }
 }
 
+/// The node of each of an event's identifiers, in the same order.
+type Owners = Vec<Option<NodeId>>;
+
+/// Profiles taken out of the store, with their nodes.
+type Taken = Vec<(NodeId, Profile)>;
+
 /// Nodes of identifiers, in the same order.
-fn resolve<S: GraphStore>(
-    store: &mut S,
-    ids: &[Identifier],
-) -> Result<Vec<Option<NodeId>>, S::Error> {
+fn resolve<S: GraphStore>(store: &mut S, ids: &[Identifier]) -> Result<Owners, S::Error> {
     ids.iter().map(|id| store.node_of(id)).collect()
+}
+
+/// Takes the profiles the event's identifiers matched out of the store, each once, in trust order: the
+/// merge candidates, and the profiles of shared identifiers (never merge candidates).
+fn take_matched<S: GraphStore>(
+    store: &mut S,
+    owner: &[Option<NodeId>],
+) -> Result<(Taken, Taken), S::Error> {
+    let mut candidates: Taken = Vec::new();
+    let mut shared: Taken = Vec::new();
+    for n in owner.iter().flatten() {
+        if candidates.iter().chain(&shared).any(|(c, _)| c == n) {
+            continue;
+        }
+        if let Some(p) = store.take_profile(*n)? {
+            if p.shared {
+                shared.push((*n, p));
+            } else {
+                candidates.push((*n, p));
+            }
+        }
+    }
+    Ok((candidates, shared))
 }
 
 /// Reads something of a profile without keeping it out.
