@@ -2,8 +2,9 @@
 //!
 //! - `GET /v1/profiles/{profile_id}`: follows redirects of merged profiles.
 //! - `GET /v1/identifiers/{type}/{value}`: the value is normalised (and hashed) exactly as in stitching.
-//! - `GET /v1/identifiers/{type}/{value}/explain`: the same profile with every identifier's links and their
-//!   evidence, the events each anchors and the ids merged into it ([`crate::inspect`]).
+//! - `GET /v1/identifiers/{type}/{value}/explain`, `GET /v1/profiles/{profile_id}/explain`: the profile
+//!   with every identifier's links and their evidence, the events each anchors and the ids merged into it
+//!   ([`crate::inspect`]).
 //!
 //! Answers come from local RocksDB state. 404 for unknown ids, 400 for malformed ones. With
 //! `http.bearer_token` set, the lookup routes require `Authorization: Bearer <token>`.
@@ -57,6 +58,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/v1/profiles/:id", get(by_profile_id))
+        .route("/v1/profiles/:id/explain", get(explain_profile))
         .route("/v1/identifiers/:kind/:value", get(by_identifier))
         .route("/v1/identifiers/:kind/:value/explain", get(explain))
         .with_state(state)
@@ -103,30 +105,63 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The checks both profile routes start with: the token, a well-formed id, the state.
+fn profile_request(
+    s: &HttpState,
+    headers: &HeaderMap,
+    id: String,
+) -> Result<(Store, ProfileId), (StatusCode, String)> {
+    if !authorized(s, headers) {
+        return Err((
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        ));
+    }
+    if !id.starts_with("p-") || id.len() != 22 || !id[2..].bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err((
+            StatusCode::BAD_REQUEST,
+            "malformed profile id: expected p- and 20 hex digits".into(),
+        ));
+    }
+    let store = s
+        .store
+        .clone()
+        .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, "no state".to_string()))?;
+    Ok((store, ProfileId(id)))
+}
+
 async fn by_profile_id(
     State(s): State<HttpState>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    if !authorized(&s, &headers) {
-        return error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
-    }
-    if !id.starts_with("p-") || id.len() != 22 || !id[2..].bytes().all(|b| b.is_ascii_hexdigit()) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "malformed profile id: expected p- and 20 hex digits",
-        );
-    }
-    let Some(store) = s.store.clone() else {
-        return error(StatusCode::SERVICE_UNAVAILABLE, "no state");
+    let (store, asked) = match profile_request(&s, &headers, id) {
+        Ok(x) => x,
+        Err((status, message)) => return error(status, message),
     };
-    let asked = ProfileId(id);
     let answer = tokio::task::spawn_blocking(move || {
         let Some((resolved, node)) = store.resolve_profile_id(&asked)? else {
             return Ok(None);
         };
         let redirected_from = (resolved != asked).then(|| asked.to_string());
         load(&store, node, redirected_from)
+    })
+    .await;
+    respond(answer)
+}
+
+async fn explain_profile(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    let (store, asked) = match profile_request(&s, &headers, id) {
+        Ok(x) => x,
+        Err((status, message)) => return error(status, message),
+    };
+    let answer = tokio::task::spawn_blocking(move || match store.resolve_profile_id(&asked)? {
+        Some((_, node)) => crate::inspect::inspection(&store, node),
+        None => Ok(None),
     })
     .await;
     respond(answer)

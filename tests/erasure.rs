@@ -162,6 +162,10 @@ fn erasing_a_bridge_splits_the_profile_and_tombstones_its_id() {
         404,
         "the erased identifier is gone"
     );
+    let (status, body) = s.http_get(&format!("/v1/profiles/{a_id}/explain"));
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("cookie-a"), "{body}");
+    assert_eq!(s.http_get(&format!("/v1/profiles/{merged}/explain")).0, 404);
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
     assert!(s.dead_letters().is_empty());
 
