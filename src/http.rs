@@ -194,38 +194,39 @@ fn identifier_request(
     Ok((store, id))
 }
 
-async fn by_identifier(
-    State(s): State<HttpState>,
+/// Answers with `f` applied to the profile holding an identifier, read off the async threads.
+async fn for_identifier<T: Serialize + Send + 'static>(
+    s: HttpState,
     headers: HeaderMap,
-    Path((kind, value)): Path<(String, String)>,
+    (kind, value): (String, String),
+    f: fn(&Store, NodeId) -> Result<Option<T>, crate::store::StoreError>,
 ) -> Response {
     let (store, id) = match identifier_request(&s, &headers, &kind, &value) {
         Ok(x) => x,
         Err((status, message)) => return error(status, message),
     };
     let answer = tokio::task::spawn_blocking(move || match store.node_of(&id)? {
-        Some(node) => load(&store, node, None),
+        Some(node) => f(&store, node),
         None => Ok(None),
     })
     .await;
     respond(answer)
 }
 
+async fn by_identifier(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(key): Path<(String, String)>,
+) -> Response {
+    for_identifier(s, headers, key, |store, node| load(store, node, None)).await
+}
+
 async fn explain(
     State(s): State<HttpState>,
     headers: HeaderMap,
-    Path((kind, value)): Path<(String, String)>,
+    Path(key): Path<(String, String)>,
 ) -> Response {
-    let (store, id) = match identifier_request(&s, &headers, &kind, &value) {
-        Ok(x) => x,
-        Err((status, message)) => return error(status, message),
-    };
-    let answer = tokio::task::spawn_blocking(move || match store.node_of(&id)? {
-        Some(node) => crate::inspect::inspection(&store, node),
-        None => Ok(None),
-    })
-    .await;
-    respond(answer)
+    for_identifier(s, headers, key, crate::inspect::inspection).await
 }
 
 fn load(
