@@ -21,6 +21,7 @@
 //! - [`metrics`], [`http`]: Prometheus metrics, probes, profile lookup.
 //! - [`journeys`], [`generate`], [`demo`]: synthetic journeys with ground truth, and the demo.
 //! - [`quality`], [`bench`]: stitching quality against ground truth; the end-to-end benchmark.
+//! - [`scaleout`]: the cross-partition stitching protocol and its simulation (not wired to Kafka yet).
 //!
 //! docs/DESIGN.md describes the state and the commit protocol.
 
@@ -44,6 +45,7 @@ pub mod pipeline;
 pub mod processor;
 pub mod profile;
 pub mod quality;
+pub mod scaleout;
 pub mod shutdown;
 pub mod stitch;
 pub mod store;
