@@ -179,8 +179,8 @@ impl Profile {
     /// What one event contributes, without identifiers: the unit that splits carry (see `parts` in
     /// src/store/mod.rs).
     pub fn part_of(event: &Event) -> Self {
-        let mut p = Self::new(event);
-        p.identifiers.clear();
+        let mut p = Self::empty();
+        p.apply(event, &[]);
         p
     }
 
