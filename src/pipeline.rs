@@ -62,17 +62,20 @@ pub struct Pipeline {
     paused: bool,
 }
 
-/// A consumer with the service's settings, subscribed to every input topic and the control topic.
-fn subscribed_consumer(cfg: &Config, metrics: &Metrics) -> Result<StitchConsumer, KafkaError> {
-    let consumer: StitchConsumer =
-        consumer_config(cfg).create_with_context(StitchContext::new(metrics.clone()))?;
-    let topics: Vec<&str> = cfg
-        .inputs
+/// Every topic the pipeline consumes: the inputs and, if configured, the control topic.
+fn subscribed_topics(cfg: &Config) -> Vec<&str> {
+    cfg.inputs
         .iter()
         .map(|i| i.topic.as_str())
         .chain(Some(cfg.control.topic.as_str()).filter(|t| !t.is_empty()))
-        .collect();
-    consumer.subscribe(&topics)?;
+        .collect()
+}
+
+/// A consumer with the service's settings, subscribed to [`subscribed_topics`].
+fn subscribed_consumer(cfg: &Config, metrics: &Metrics) -> Result<StitchConsumer, KafkaError> {
+    let consumer: StitchConsumer =
+        consumer_config(cfg).create_with_context(StitchContext::new(metrics.clone()))?;
+    consumer.subscribe(&subscribed_topics(cfg))?;
     Ok(consumer)
 }
 
@@ -323,15 +326,14 @@ impl Pipeline {
     fn hold_partial_assignment(&mut self) -> Result<bool, PipelineError> {
         let assignment = self.consumer.assignment()?;
         let assigned = assignment.count();
-        let expected = self.expected_partitions();
-        if assigned > 0 && expected.is_some_and(|e| assigned < e) {
+        if self.is_partial(assigned) {
             if !self.paused {
                 self.consumer.pause(&assignment)?;
                 self.paused = true;
                 self.metrics.ready.set(0);
                 tracing::error!(
                     assigned,
-                    expected = expected.unwrap_or_default(),
+                    expected = self.expected_partitions().unwrap_or_default(),
                     group = self.cfg.kafka.group_id.as_str(),
                     "this instance was assigned only part of the input partitions: another instance runs \
                      in the same consumer group. One instance must hold them all (the identity graph is not \
@@ -354,8 +356,12 @@ impl Pipeline {
 
     /// Whether the current assignment holds only some of the partitions.
     fn partial_assignment(&self) -> Result<bool, PipelineError> {
-        let assigned = self.consumer.assignment()?.count();
-        Ok(assigned > 0 && self.expected_partitions().is_some_and(|e| assigned < e))
+        Ok(self.is_partial(self.consumer.assignment()?.count()))
+    }
+
+    /// Whether `assigned` partitions are some, but not all, of the subscribed topics' partitions.
+    fn is_partial(&self, assigned: usize) -> bool {
+        assigned > 0 && self.expected_partitions().is_some_and(|e| assigned < e)
     }
 
     /// Seeks every assigned partition to where this instance's state stands (or, for a partition it never
@@ -390,13 +396,7 @@ impl Pipeline {
             }
         }
         let mut total = 0;
-        let topics = self
-            .cfg
-            .inputs
-            .iter()
-            .map(|i| i.topic.as_str())
-            .chain(Some(self.cfg.control.topic.as_str()).filter(|t| !t.is_empty()));
-        for topic in topics {
+        for topic in subscribed_topics(&self.cfg) {
             let md = self
                 .consumer
                 .fetch_metadata(Some(topic), Duration::from_secs(5))

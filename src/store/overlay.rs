@@ -272,10 +272,7 @@ impl GraphStore for Overlay<'_> {
     }
 
     fn indexed(&mut self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
-        match self.index.get(id) {
-            Some(n) => Ok(*n),
-            None => self.store.node_of_profile_id(id),
-        }
+        self.live_node(id)
     }
 
     fn links(&mut self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, StoreError> {
