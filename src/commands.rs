@@ -122,31 +122,30 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
 
 /// `type:value`, normalised like an event's identifier.
 fn parse_identifier(normalizer: &Normalizer, spec: &str) -> anyhow::Result<Identifier> {
-    let (kind, value) = spec
-        .split_once(':')
-        .context("an identifier is written type:value")?;
-    normalizer
-        .identifier(kind, value)
-        .map_err(|r| anyhow::anyhow!("identifier {spec:?} refused: {}", r.as_str()))
+    raw_identifier(normalizer, spec).map(|(_, id)| id)
 }
 
-fn raw_identifier(normalizer: &Normalizer, spec: &str) -> anyhow::Result<RawId> {
-    // Checked here for a clear error now rather than a dead letter later; sent as given.
-    parse_identifier(normalizer, spec)?;
+/// `type:value` as given (what a control command carries) and normalised (checked here for a clear error
+/// now rather than a dead letter later).
+fn raw_identifier(normalizer: &Normalizer, spec: &str) -> anyhow::Result<(RawId, Identifier)> {
     let (kind, value) = spec
         .split_once(':')
         .context("an identifier is written type:value")?;
-    Ok(RawId {
+    let id = normalizer
+        .identifier(kind, value)
+        .map_err(|r| anyhow::anyhow!("identifier {spec:?} refused: {}", r.as_str()))?;
+    let raw = RawId {
         kind: kind.to_string(),
         value: value.to_string(),
-    })
+    };
+    Ok((raw, id))
 }
 
 pub async fn erase(args: EraseArgs) -> anyhow::Result<()> {
     let cfg = load_config(&args.config)?;
     let command = match (&args.identifier, &args.profile) {
         (Some(spec), _) => {
-            let raw = raw_identifier(&Normalizer::new(&cfg.identity)?, spec)?;
+            let (raw, _) = raw_identifier(&Normalizer::new(&cfg.identity)?, spec)?;
             ControlCommand::EraseIdentifier {
                 kind: raw.kind,
                 value: raw.value,
@@ -164,36 +163,19 @@ pub async fn unlink(args: UnlinkArgs) -> anyhow::Result<()> {
     let cfg = load_config(&args.config)?;
     let normalizer = Normalizer::new(&cfg.identity)?;
     let command = ControlCommand::Unlink {
-        a: raw_identifier(&normalizer, &args.a)?,
-        b: raw_identifier(&normalizer, &args.b)?,
+        a: raw_identifier(&normalizer, &args.a)?.0,
+        b: raw_identifier(&normalizer, &args.b)?.0,
     };
     send_control(&cfg, &command).await
 }
 
-/// Produces one command to the control topic and waits until the broker has it.
+/// Sends a command to the control topic and says where it landed.
 async fn send_control(cfg: &Config, command: &ControlCommand) -> anyhow::Result<()> {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    anyhow::ensure!(
-        !cfg.control.topic.is_empty(),
-        "control.topic is empty: this deployment has no control topic"
-    );
-    let producer: FutureProducer = crate::kafka::base_config(cfg)
-        .set("enable.idempotence", "true")
-        .create()?;
-    let payload = serde_json::to_vec(command)?;
-    let delivery = producer
-        .send(
-            FutureRecord::<[u8], _>::to(&cfg.control.topic).payload(&payload),
-            std::time::Duration::from_secs(30),
-        )
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("cannot send to {}: {e}", cfg.control.topic))?;
+    let (partition, offset) = crate::control::send(cfg, command).await?;
     println!(
-        "{} sent to {} (partition {}, offset {}); the service applies it with its next batch",
+        "{} sent to {} (partition {partition}, offset {offset}); the service applies it with its next batch",
         command.op(),
         cfg.control.topic,
-        delivery.0,
-        delivery.1
     );
     Ok(())
 }

@@ -15,6 +15,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::Config;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RawId {
     #[serde(rename = "type")]
@@ -49,6 +51,26 @@ impl Command {
     pub fn parse(payload: &[u8]) -> Result<Self, String> {
         serde_json::from_slice(payload).map_err(|e| format!("invalid control command: {e}"))
     }
+}
+
+/// Produces one command to `control.topic` and waits until the broker has it: its (partition, offset).
+pub async fn send(cfg: &Config, command: &Command) -> anyhow::Result<(i32, i64)> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    anyhow::ensure!(
+        !cfg.control.topic.is_empty(),
+        "control.topic is empty: this deployment has no control topic"
+    );
+    let producer: FutureProducer = crate::kafka::base_config(cfg)
+        .set("enable.idempotence", "true")
+        .create()?;
+    let payload = serde_json::to_vec(command)?;
+    producer
+        .send(
+            FutureRecord::<[u8], _>::to(&cfg.control.topic).payload(&payload),
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .map_err(|(e, _)| anyhow::anyhow!("cannot send to {}: {e}", cfg.control.topic))
 }
 
 #[cfg(test)]

@@ -221,22 +221,13 @@ async fn erase_email(
     metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = crate::kafka::base_config(cfg).create()?;
     let command = crate::control::Command::EraseIdentifier {
         kind: "email".into(),
         value: email.to_string(),
     };
-    let payload = serde_json::to_vec(&command)?;
     let committed = || metrics.transactions.with_label_values(&["committed"]).get();
     let before = committed();
-    producer
-        .send(
-            FutureRecord::<[u8], _>::to(&cfg.control.topic).payload(&payload),
-            Duration::from_secs(10),
-        )
-        .await
-        .map_err(|(e, _)| anyhow::anyhow!("sending the erase command: {e}"))?;
+    crate::control::send(cfg, &command).await?;
     let applied = || {
         metrics
             .control_commands
