@@ -105,29 +105,42 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A refused request: its status and message.
+type Refused = (StatusCode, String);
+
+/// What every lookup route checks first: the token.
+fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Refused> {
+    if authorized(s, headers) {
+        Ok(())
+    } else {
+        Err((
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        ))
+    }
+}
+
+/// What every lookup route checks last: that there is state to read.
+fn state(s: &HttpState) -> Result<Store, Refused> {
+    s.store
+        .clone()
+        .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, "no state".to_string()))
+}
+
 /// The checks both profile routes start with: the token, a well-formed id, the state.
 fn profile_request(
     s: &HttpState,
     headers: &HeaderMap,
     id: String,
-) -> Result<(Store, ProfileId), (StatusCode, String)> {
-    if !authorized(s, headers) {
-        return Err((
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        ));
-    }
+) -> Result<(Store, ProfileId), Refused> {
+    authorize(s, headers)?;
     if !id.starts_with("p-") || id.len() != 22 || !id[2..].bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err((
             StatusCode::BAD_REQUEST,
             "malformed profile id: expected p- and 20 hex digits".into(),
         ));
     }
-    let store = s
-        .store
-        .clone()
-        .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, "no state".to_string()))?;
-    Ok((store, ProfileId(id)))
+    Ok((state(s)?, ProfileId(id)))
 }
 
 async fn by_profile_id(
@@ -174,24 +187,15 @@ fn identifier_request(
     headers: &HeaderMap,
     kind: &str,
     value: &str,
-) -> Result<(Store, crate::model::Identifier), (StatusCode, String)> {
-    if !authorized(s, headers) {
-        return Err((
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        ));
-    }
+) -> Result<(Store, crate::model::Identifier), Refused> {
+    authorize(s, headers)?;
     let id = s.normalizer.identifier(kind, value).map_err(|r| {
         (
             StatusCode::BAD_REQUEST,
             format!("identifier refused: {}", r.as_str()),
         )
     })?;
-    let store = s
-        .store
-        .clone()
-        .ok_or_else(|| (StatusCode::SERVICE_UNAVAILABLE, "no state".to_string()))?;
-    Ok((store, id))
+    Ok((state(s)?, id))
 }
 
 /// Answers with `f` applied to the profile holding an identifier, read off the async threads.

@@ -228,7 +228,7 @@ impl Processor {
                     .chain(self.channels.iter().map(|ch| id.scoped(ch)))
                     .collect::<Vec<Identifier>>();
                 for x in &copies {
-                    merge_reshape(&mut reshape, self.stitcher.erase_identifier(overlay, x)?);
+                    reshape.extend(self.stitcher.erase_identifier(overlay, x)?);
                 }
             }
             Command::EraseProfile { profile_id } => {
@@ -380,14 +380,6 @@ impl Processor {
     pub fn encoder(&self) -> &UpdateEncoder {
         &self.encoder
     }
-}
-
-fn merge_reshape(into: &mut Reshape, more: Reshape) {
-    into.splits.extend(more.splits);
-    into.erased.extend(more.erased);
-    into.quarantined.extend(more.quarantined);
-    into.retired.extend(more.retired);
-    into.identifiers_erased += more.identifiers_erased;
 }
 
 /// Positions as stored in the checkpoint.

@@ -40,10 +40,7 @@ fn a_second_instance_in_the_group_pauses_instead_of_splitting_the_graph() {
     );
 
     // The same group, another instance name, its own state directory and HTTP port.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
+    let port = free_port();
     let second_state = s.dir.join("second-state");
     let mut second = s.start_with_env(&[
         ("STITCHER_INSTANCE_ID", "second"),

@@ -93,6 +93,15 @@ pub struct Reshape {
 }
 
 impl Reshape {
+    /// Adds another step's changes (erasing one identifier and its channel-scoped copies, say).
+    pub fn extend(&mut self, more: Reshape) {
+        self.splits.extend(more.splits);
+        self.erased.extend(more.erased);
+        self.quarantined.extend(more.quarantined);
+        self.retired.extend(more.retired);
+        self.identifiers_erased += more.identifiers_erased;
+    }
+
     pub fn is_empty(&self) -> bool {
         self.splits.is_empty() && self.erased.is_empty() && self.quarantined.is_empty()
     }

@@ -536,12 +536,19 @@ mod tempfile_dir {
 
 impl TempStore {
     pub fn new() -> Result<Self, StoreError> {
+        Self::with_dedup_retention(None)
+    }
+
+    /// A temporary store whose compactions drop event ids older than `retention`.
+    pub fn with_dedup_retention(
+        retention: Option<std::time::Duration>,
+    ) -> Result<Self, StoreError> {
         let path = std::env::temp_dir().join(format!(
             "stitcher-{}-{}",
             std::process::id(),
             rand::random::<u64>()
         ));
-        let store = Store::open_with(&path, 64, Some(std::time::Duration::from_secs(3600)))?;
+        let store = Store::open_with(&path, 64, retention)?;
         Ok(Self {
             store,
             _dir: tempfile_dir::TempDir(path),
@@ -576,7 +583,8 @@ mod tests {
 
     #[test]
     fn compaction_drops_event_ids_older_than_the_retention() {
-        let t = TempStore::new().unwrap(); // retention: one hour
+        let t =
+            TempStore::with_dedup_retention(Some(std::time::Duration::from_secs(3600))).unwrap();
         let db = t.store.db();
         let cf = t.store.cf(CF_EVENTS).unwrap();
         let now = crate::model::now_millis();

@@ -18,6 +18,14 @@ use stitcher::config::Format;
 use stitcher::generate::Routes;
 use stitcher::journeys::PersonTruth;
 
+/// A free loopback port: bind to 0, read it, release it for a service.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 pub fn brokers() -> String {
     std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
@@ -97,11 +105,7 @@ impl Setup {
                 "[[inputs]]\ntopic = \"{topic}\"\nchannel = \"{ch}\"\nformat = \"{fmt}\"\n\n"
             ));
         }
-        // A free port: bind to 0, read it, release it for the service.
-        let http_port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let http_port = free_port();
         let output_topic = format!("{name}-profiles");
         let dlq_topic = format!("{name}-dlq");
         let control_topic = format!("{name}-control");
