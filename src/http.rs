@@ -105,6 +105,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// What a lookup finds in state: nothing, or the answer.
+type Found<T> = Result<Option<T>, crate::store::StoreError>;
+
 /// A refused request: its status and message.
 type Refused = (StatusCode, String);
 
@@ -143,24 +146,36 @@ fn profile_request(
     Ok((state(s)?, ProfileId(id)))
 }
 
-async fn by_profile_id(
-    State(s): State<HttpState>,
+/// Answers with `f` applied to a profile found by any of its ids (redirects followed): `f` gets the id
+/// asked for, the live id and its node. Read off the async threads.
+async fn for_profile<T: Serialize + Send + 'static>(
+    s: HttpState,
     headers: HeaderMap,
-    Path(id): Path<String>,
+    id: String,
+    f: fn(&Store, &ProfileId, &ProfileId, NodeId) -> Found<T>,
 ) -> Response {
     let (store, asked) = match profile_request(&s, &headers, id) {
         Ok(x) => x,
         Err((status, message)) => return error(status, message),
     };
-    let answer = tokio::task::spawn_blocking(move || {
-        let Some((resolved, node)) = store.resolve_profile_id(&asked)? else {
-            return Ok(None);
-        };
-        let redirected_from = (resolved != asked).then(|| asked.to_string());
-        load(&store, node, redirected_from)
+    let answer = tokio::task::spawn_blocking(move || match store.resolve_profile_id(&asked)? {
+        Some((live, node)) => f(&store, &asked, &live, node),
+        None => Ok(None),
     })
     .await;
     respond(answer)
+}
+
+async fn by_profile_id(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    for_profile(s, headers, id, |store, asked, live, node| {
+        let redirected_from = (live != asked).then(|| asked.to_string());
+        load(store, node, redirected_from)
+    })
+    .await
 }
 
 async fn explain_profile(
@@ -168,16 +183,10 @@ async fn explain_profile(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    let (store, asked) = match profile_request(&s, &headers, id) {
-        Ok(x) => x,
-        Err((status, message)) => return error(status, message),
-    };
-    let answer = tokio::task::spawn_blocking(move || match store.resolve_profile_id(&asked)? {
-        Some((_, node)) => crate::inspect::inspection(&store, node),
-        None => Ok(None),
+    for_profile(s, headers, id, |store, _, _, node| {
+        crate::inspect::inspection(store, node)
     })
-    .await;
-    respond(answer)
+    .await
 }
 
 /// The checks both identifier routes start with: the token, the identifier normalised as in stitching,
@@ -203,7 +212,7 @@ async fn for_identifier<T: Serialize + Send + 'static>(
     s: HttpState,
     headers: HeaderMap,
     (kind, value): (String, String),
-    f: fn(&Store, NodeId) -> Result<Option<T>, crate::store::StoreError>,
+    f: fn(&Store, NodeId) -> Found<T>,
 ) -> Response {
     let (store, id) = match identifier_request(&s, &headers, &kind, &value) {
         Ok(x) => x,
@@ -233,11 +242,7 @@ async fn explain(
     for_identifier(s, headers, key, crate::inspect::inspection).await
 }
 
-fn load(
-    store: &Store,
-    node: NodeId,
-    redirected_from: Option<String>,
-) -> Result<Option<LookupAnswer>, crate::store::StoreError> {
+fn load(store: &Store, node: NodeId, redirected_from: Option<String>) -> Found<LookupAnswer> {
     Ok(store.profile(node)?.map(|p| LookupAnswer {
         profile_id: p.id().to_string(),
         redirected_from,
@@ -245,9 +250,7 @@ fn load(
     }))
 }
 
-fn respond<T: Serialize>(
-    answer: Result<Result<Option<T>, crate::store::StoreError>, tokio::task::JoinError>,
-) -> Response {
+fn respond<T: Serialize>(answer: Result<Found<T>, tokio::task::JoinError>) -> Response {
     match answer {
         Ok(Ok(Some(a))) => Json(a).into_response(),
         Ok(Ok(None)) => error(StatusCode::NOT_FOUND, "no profile for this id"),
