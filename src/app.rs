@@ -11,6 +11,7 @@ use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::normalize::Normalizer;
 use crate::pipeline::{Pipeline, RunSummary};
+use crate::scaleout::runtime::ShardedPipeline;
 use crate::store::Store;
 
 /// Runs the service until `shutdown` is cancelled, or the pipeline fails.
@@ -40,8 +41,13 @@ pub async fn run(
     let instance = cfg.kafka.instance_id.clone();
     let pipeline_stop = shutdown.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let pipeline = Pipeline::start(cfg, store, metrics, &instance, &pipeline_stop)?;
-        pipeline.run(pipeline_stop)
+        if cfg.scaleout.enabled() {
+            let pipeline = ShardedPipeline::start(cfg, store, metrics, &instance, &pipeline_stop)?;
+            pipeline.run(pipeline_stop)
+        } else {
+            let pipeline = Pipeline::start(cfg, store, metrics, &instance, &pipeline_stop)?;
+            pipeline.run(pipeline_stop)
+        }
     })
     .await;
     http_stop.cancel();

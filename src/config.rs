@@ -41,6 +41,38 @@ pub struct Config {
     pub processing: ProcessingConfig,
     pub http: HttpConfig,
     pub control: ControlConfig,
+    pub scaleout: ScaleoutConfig,
+}
+
+/// Scale-out across instances of one consumer group (docs/DESIGN.md, "Scale-out"). Off while `shards` is 0:
+/// then one instance holds the whole graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScaleoutConfig {
+    /// Shards of the graph: partitions of `topic` and of its changelog. Identifiers are placed by hash
+    /// modulo this number, so it is fixed for the life of a deployment's state.
+    pub shards: u32,
+    /// Internal topic of the messages between shards; the changelog is `<topic>-changelog`.
+    pub topic: String,
+}
+
+impl Default for ScaleoutConfig {
+    fn default() -> Self {
+        Self {
+            shards: 0,
+            topic: "stitcher-shards".into(),
+        }
+    }
+}
+
+impl ScaleoutConfig {
+    pub fn enabled(&self) -> bool {
+        self.shards > 0
+    }
+
+    pub fn changelog_topic(&self) -> String {
+        format!("{}-changelog", self.topic)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -454,6 +486,31 @@ impl Config {
         }
         if topics.contains(&self.control.topic) || self.control.topic == self.output.topic {
             return invalid("control.topic must not also be an input or the output".into());
+        }
+        if self.scaleout.enabled() {
+            if self.scaleout.topic.is_empty() {
+                return invalid("scaleout.topic is required when scaleout.shards is set".into());
+            }
+            let changelog = self.scaleout.changelog_topic();
+            let internal = [self.scaleout.topic.as_str(), changelog.as_str()];
+            if internal.iter().any(|t| {
+                topics.contains(&t.to_string())
+                    || *t == self.output.topic
+                    || *t == self.control.topic
+                    || *t == self.output.dead_letter_topic
+            }) {
+                return invalid(
+                    "scaleout.topic and its changelog must not be an input, output or control topic"
+                        .into(),
+                );
+            }
+            if self.processing.guarantee != Guarantee::ExactlyOnce {
+                return invalid(
+                    "scale-out needs processing.guarantee = \"exactly_once\": shard state and shard \
+                     messages commit together"
+                        .into(),
+                );
+            }
         }
         if let Some(t) = self
             .identity

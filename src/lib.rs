@@ -21,7 +21,8 @@
 //! - [`metrics`], [`http`]: Prometheus metrics, probes, profile lookup.
 //! - [`journeys`], [`generate`], [`demo`]: synthetic journeys with ground truth, and the demo.
 //! - [`quality`], [`bench`]: stitching quality against ground truth; the end-to-end benchmark.
-//! - [`scaleout`]: the cross-partition stitching protocol and its simulation (not wired to Kafka yet).
+//! - [`scaleout`]: scale-out across instances: the cross-partition stitching protocol, its simulation, its
+//!   RocksDB state with a changelog, and the sharded pipeline.
 //!
 //! docs/DESIGN.md describes the state and the commit protocol.
 

@@ -1,3 +1,5 @@
+use std::io::IsTerminal;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -8,7 +10,8 @@ fn init_tracing() {
         .unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if std::env::var("STITCHER_LOG_FORMAT").as_deref() == Ok("json") {
         builder.json().init();
     } else {

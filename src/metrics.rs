@@ -32,6 +32,10 @@ pub struct Metrics {
     pub state_size: IntGaugeVec,
     pub ready: IntGauge,
     pub last_commit: IntGauge,
+    pub shard_messages: IntCounterVec,
+    pub shards_owned: IntGauge,
+    pub restored_records: IntCounter,
+    pub restore_duration: Histogram,
 }
 
 fn counter_vec(
@@ -105,6 +109,10 @@ impl Metrics {
             state_size: gauge_vec(&r, "stitcher_state_size_bytes", "Approximate RocksDB size per column family.", &["cf"])?,
             ready: gauge(&r, "stitcher_ready", "1 once recovery finished and the pipeline consumes.")?,
             last_commit: gauge(&r, "stitcher_last_commit_timestamp_seconds", "Unix time of the last committed batch.")?,
+            shard_messages: counter_vec(&r, "stitcher_shard_messages_total", "Scale-out: messages handled by this instance's shards, by kind (event, union, meet, hook, absorb, part) and route (local: sent and handled in the same batch; topic: read from the internal topic).", &["kind", "route"])?,
+            shards_owned: gauge(&r, "stitcher_shards_owned", "Scale-out: shards this instance holds (restored and processing).")?,
+            restored_records: counter(&r, "stitcher_restored_records_total", "Scale-out: changelog records applied while restoring shards.")?,
+            restore_duration: histogram(&r, "stitcher_restore_duration_seconds", "Scale-out: time to restore one shard from its changelog.", exponential_buckets(0.01, 2.0, 15)?)?,
             registry: r,
         };
         Ok(m)

@@ -145,7 +145,7 @@ pub struct ChannelEvent {
 }
 
 /// A purchase in minor units, so that sums are exact and independent of order.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Purchase {
     pub amount_minor: i64,
     pub currency: String,
@@ -169,7 +169,7 @@ impl Venue {
 }
 
 /// A normalised event, ready for stitching and enrichment.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Event {
     pub event_id: String,
     pub channel: String,

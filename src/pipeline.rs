@@ -32,6 +32,8 @@ pub enum PipelineError {
     Store(#[from] StoreError),
     #[error("processing: {0}")]
     Process(#[from] ProcessError),
+    #[error("restoring shards: {0}")]
+    Restore(String),
 }
 
 /// Totals of one run, for logs and the demo's summary.
@@ -62,17 +64,26 @@ pub struct Pipeline {
     paused: bool,
 }
 
-/// Every topic the pipeline consumes: the inputs and, if configured, the control topic.
-fn subscribed_topics(cfg: &Config) -> Vec<&str> {
+/// Every topic the pipeline consumes: the inputs and, if configured, the control topic; in scale-out mode
+/// the inputs and the internal shard topic.
+pub(crate) fn subscribed_topics(cfg: &Config) -> Vec<&str> {
+    let extra = if cfg.scaleout.enabled() {
+        cfg.scaleout.topic.as_str()
+    } else {
+        cfg.control.topic.as_str()
+    };
     cfg.inputs
         .iter()
         .map(|i| i.topic.as_str())
-        .chain(Some(cfg.control.topic.as_str()).filter(|t| !t.is_empty()))
+        .chain(Some(extra).filter(|t| !t.is_empty()))
         .collect()
 }
 
 /// A consumer with the service's settings, subscribed to [`subscribed_topics`].
-fn subscribed_consumer(cfg: &Config, metrics: &Metrics) -> Result<StitchConsumer, KafkaError> {
+pub(crate) fn subscribed_consumer(
+    cfg: &Config,
+    metrics: &Metrics,
+) -> Result<StitchConsumer, KafkaError> {
     let consumer: StitchConsumer =
         consumer_config(cfg).create_with_context(StitchContext::new(metrics.clone()))?;
     consumer.subscribe(&subscribed_topics(cfg))?;

@@ -9,7 +9,7 @@ use crate::config::{Config, ConfigError, Format};
 use crate::control::Command;
 use crate::kafka::dead_letters::{self, Source};
 use crate::metrics::Metrics;
-use crate::model::{Identifier, Millis, ProfileId};
+use crate::model::{Event, Identifier, Millis, ProfileId};
 use crate::normalize::Normalizer;
 use crate::stitch::{BatchChanges, Reshape, Rules, Stitcher};
 use crate::store::{OutRecord, Overlay, Position, StoreError};
@@ -110,54 +110,14 @@ impl Processor {
         batch: &mut Batch,
         msg: InMessage<'_>,
     ) -> Result<(), ProcessError> {
-        batch.messages += 1;
-        batch
-            .positions
-            .insert((msg.topic.to_string(), msg.partition), msg.offset + 1);
-        let src = Source {
-            topic: msg.topic,
-            partition: msg.partition,
-            offset: msg.offset,
-        };
+        self.track(batch, msg);
         if self.control_topic.as_deref() == Some(msg.topic) {
-            return self.control(overlay, batch, src, msg);
+            return self.control(overlay, batch, source(msg), msg);
         }
-        let Some((channel, format)) = self.inputs.get(msg.topic) else {
-            self.dead_letter(
-                batch,
-                src,
-                msg,
-                "route",
-                "message from a topic that is not a configured input",
-            );
+        let Some(event) = self.event(batch, msg) else {
             return Ok(());
         };
-        self.metrics
-            .events_consumed
-            .with_label_values(&[channel])
-            .inc();
-        let raw = match self
-            .decoder
-            .decode(*format, msg.payload.unwrap_or_default())
-        {
-            Ok(raw) => raw,
-            Err(e) => {
-                self.dead_letter(batch, src, msg, "decode", &e.to_string());
-                return Ok(());
-            }
-        };
-        let event = match self.normalizer.event(raw, channel, |r| {
-            self.metrics
-                .identifiers_rejected
-                .with_label_values(&[r.as_str()])
-                .inc();
-        }) {
-            Ok(ev) => ev,
-            Err(e) => {
-                self.dead_letter(batch, src, msg, "validate", &e.to_string());
-                return Ok(());
-            }
-        };
+        let channel = &event.channel;
         match self.stitcher.apply(overlay, &event)? {
             None => {
                 batch.duplicates += 1;
@@ -189,6 +149,55 @@ impl Processor {
             }
         }
         Ok(())
+    }
+
+    /// Counts a message into the batch and advances its partition's position.
+    pub fn track(&self, batch: &mut Batch, msg: InMessage<'_>) {
+        batch.messages += 1;
+        batch
+            .positions
+            .insert((msg.topic.to_string(), msg.partition), msg.offset + 1);
+    }
+
+    /// Decodes and normalises an input message; a message that cannot be becomes a dead letter.
+    pub fn event(&self, batch: &mut Batch, msg: InMessage<'_>) -> Option<Event> {
+        let src = source(msg);
+        let Some((channel, format)) = self.inputs.get(msg.topic) else {
+            self.dead_letter(
+                batch,
+                src,
+                msg,
+                "route",
+                "message from a topic that is not a configured input",
+            );
+            return None;
+        };
+        self.metrics
+            .events_consumed
+            .with_label_values(&[channel])
+            .inc();
+        let raw = match self
+            .decoder
+            .decode(*format, msg.payload.unwrap_or_default())
+        {
+            Ok(raw) => raw,
+            Err(e) => {
+                self.dead_letter(batch, src, msg, "decode", &e.to_string());
+                return None;
+            }
+        };
+        match self.normalizer.event(raw, channel, |r| {
+            self.metrics
+                .identifiers_rejected
+                .with_label_values(&[r.as_str()])
+                .inc();
+        }) {
+            Ok(ev) => Some(ev),
+            Err(e) => {
+                self.dead_letter(batch, src, msg, "validate", &e.to_string());
+                None
+            }
+        }
     }
 
     /// Applies one control command (see [`crate::control`]).
@@ -270,7 +279,7 @@ impl Processor {
         Ok(())
     }
 
-    fn dead_letter(
+    pub fn dead_letter(
         &self,
         batch: &mut Batch,
         src: Source<'_>,
@@ -331,12 +340,7 @@ impl Processor {
             };
             let (id, profile) = record;
             for old in u.merged_from.iter().filter(|old| **old != id) {
-                let redirect = ProfileUpdate::redirect(old, &id, now);
-                out.push(self.output(old.as_str(), Some(self.encoder.encode(&redirect)?)));
-                self.metrics
-                    .output_records
-                    .with_label_values(&["redirect"])
-                    .inc();
+                out.push(self.redirect(old, &id, now)?);
             }
             let update = ProfileUpdate {
                 profile_id: id.to_string(),
@@ -358,19 +362,40 @@ impl Processor {
                     .filter(|from| **from != id)
                     .map(|p| p.to_string()),
             };
-            out.push(self.output(id.as_str(), Some(self.encoder.encode(&update)?)));
-            self.metrics
-                .output_records
-                .with_label_values(&["update"])
-                .inc();
+            out.push(self.update(&update)?);
         }
         Ok(out)
+    }
+
+    /// The record saying that profile `old` now lives in `to`.
+    pub fn redirect(
+        &self,
+        old: &ProfileId,
+        to: &ProfileId,
+        now: Millis,
+    ) -> Result<OutRecord, ProcessError> {
+        let redirect = ProfileUpdate::redirect(old, to, now);
+        self.metrics
+            .output_records
+            .with_label_values(&["redirect"])
+            .inc();
+        Ok(self.output(old.as_str(), Some(self.encoder.encode(&redirect)?)))
+    }
+
+    /// The record of a profile update, keyed by its profile id.
+    pub fn update(&self, update: &ProfileUpdate) -> Result<OutRecord, ProcessError> {
+        self.metrics
+            .output_records
+            .with_label_values(&["update"])
+            .inc();
+        Ok(self.output(&update.profile_id, Some(self.encoder.encode(update)?)))
     }
 
     /// A record on the profile topic; `None` payload is a tombstone.
     pub fn output(&self, key: &str, payload: Option<Vec<u8>>) -> OutRecord {
         OutRecord {
             topic: self.output_topic.clone(),
+            partition: None,
             key: Some(key.as_bytes().to_vec()),
             payload,
             headers: vec![],
@@ -379,6 +404,15 @@ impl Processor {
 
     pub fn encoder(&self) -> &UpdateEncoder {
         &self.encoder
+    }
+}
+
+/// Where a message came from, for its dead letter.
+pub fn source(msg: InMessage<'_>) -> Source<'_> {
+    Source {
+        topic: msg.topic,
+        partition: msg.partition,
+        offset: msg.offset,
     }
 }
 

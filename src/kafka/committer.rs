@@ -14,8 +14,9 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
-use super::LoggingContext;
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::message::{DeliveryResult, Message};
+use rdkafka::producer::ProducerContext;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::StitchConsumer;
 use crate::config::{Config, Guarantee};
@@ -76,8 +77,37 @@ impl Deadline {
     }
 }
 
+/// The producer's context: logs client errors and, for one watched topic, remembers the highest offset
+/// delivered per partition (scale-out mode keeps its changelog positions this way).
+pub struct CommitContext {
+    watch: Option<String>,
+    delivered: std::sync::Mutex<std::collections::BTreeMap<i32, i64>>,
+}
+
+impl ClientContext for CommitContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        super::log_client_error(&error, reason);
+    }
+}
+
+impl ProducerContext for CommitContext {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let (Some(watch), Ok(m)) = (&self.watch, result) else {
+            return;
+        };
+        if m.topic() == watch {
+            if let Ok(mut d) = self.delivered.lock() {
+                let max = d.entry(m.partition()).or_insert(m.offset());
+                *max = (*max).max(m.offset());
+            }
+        }
+    }
+}
+
 pub struct Committer {
-    producer: ThreadedProducer<LoggingContext>,
+    producer: ThreadedProducer<CommitContext>,
     guarantee: Guarantee,
     metrics: Metrics,
     /// A failed transaction must be aborted before the next one begins.
@@ -125,8 +155,23 @@ impl Committer {
         metrics: Metrics,
         deadline: &Deadline,
     ) -> Result<Self, CommitError> {
-        let producer: ThreadedProducer<LoggingContext> =
-            super::producer_config(cfg, instance).create_with_context(LoggingContext)?;
+        Self::watching(cfg, instance, metrics, deadline, None)
+    }
+
+    /// Like [`Committer::new`]; remembers the offsets delivered to `watch` (see [`Committer::take_delivered`]).
+    pub fn watching(
+        cfg: &Config,
+        instance: &str,
+        metrics: Metrics,
+        deadline: &Deadline,
+        watch: Option<&str>,
+    ) -> Result<Self, CommitError> {
+        let context = CommitContext {
+            watch: watch.map(str::to_string),
+            delivered: Default::default(),
+        };
+        let producer: ThreadedProducer<CommitContext> =
+            super::producer_config(cfg, instance).create_with_context(context)?;
         let guarantee = cfg.processing.guarantee;
         if guarantee == Guarantee::ExactlyOnce {
             let mut backoff = Duration::from_millis(200);
@@ -213,6 +258,20 @@ impl Committer {
         }
     }
 
+    /// Per partition of the watched topic, the offset after the last record delivered since the last call.
+    /// After a committed transaction, that is where the partition stands with this producer's records in.
+    pub fn take_delivered(&self) -> std::collections::BTreeMap<i32, i64> {
+        self.producer
+            .context()
+            .delivered
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(p, last)| (p, last + 1))
+            .collect()
+    }
+
     fn transaction(
         &mut self,
         records: &[OutRecord],
@@ -278,6 +337,9 @@ impl Committer {
                 });
             }
             let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&r.topic).headers(headers);
+            if let Some(p) = r.partition {
+                record = record.partition(p);
+            }
             if let Some(k) = &r.key {
                 record = record.key(k.as_slice());
             }

@@ -12,6 +12,8 @@ pub struct StitchContext {
     metrics: Metrics,
     /// Set when partitions were assigned; the pipeline takes it to re-check its assignment.
     assigned: std::sync::atomic::AtomicBool,
+    /// Assignments and revocations so far: a batch built across a change is not committed in scale-out mode.
+    rebalances: std::sync::atomic::AtomicU64,
 }
 
 impl StitchContext {
@@ -19,7 +21,13 @@ impl StitchContext {
         Self {
             metrics,
             assigned: std::sync::atomic::AtomicBool::new(false),
+            rebalances: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// How many times partitions were assigned or revoked.
+    pub fn rebalances(&self) -> u64 {
+        self.rebalances.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Whether partitions were assigned since the last call.
@@ -59,6 +67,8 @@ impl ConsumerContext for StitchContext {
     }
 
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.rebalances
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(partitions = tpl.count(), "partitions revoked")

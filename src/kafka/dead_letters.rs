@@ -27,6 +27,7 @@ pub fn record(
 ) -> OutRecord {
     OutRecord {
         topic: dlq_topic.to_string(),
+        partition: None,
         key: key.map(<[u8]>::to_vec),
         payload: Some(payload.map(<[u8]>::to_vec).unwrap_or_default()),
         headers: vec![

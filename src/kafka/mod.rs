@@ -132,7 +132,8 @@ pub fn check_connection(cfg: &Config) -> Result<(), KafkaError> {
     result
 }
 
-/// Creates the output, dead-letter and control topics if missing (compacted output topic).
+/// Creates the output, dead-letter and control topics if missing (compacted output topic), and in scale-out
+/// mode the internal topic and its compacted changelog, one partition per shard.
 pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaError> {
     let admin: AdminClient<LoggingContext> =
         base_config(cfg).create_with_context(LoggingContext)?;
@@ -149,6 +150,20 @@ pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaErro
             1,
             TopicReplication::Fixed(1),
         ));
+    }
+    let changelog = cfg.scaleout.changelog_topic();
+    if cfg.scaleout.enabled() {
+        let shards = i32::try_from(cfg.scaleout.shards).unwrap_or(i32::MAX);
+        topics.push(NewTopic::new(
+            &cfg.scaleout.topic,
+            shards,
+            TopicReplication::Fixed(1),
+        ));
+        // Compacted: the latest value of every state key is all a restore needs.
+        topics.push(
+            NewTopic::new(&changelog, shards, TopicReplication::Fixed(1))
+                .set("cleanup.policy", "compact"),
+        );
     }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics(&topics, &opts).await? {

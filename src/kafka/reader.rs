@@ -33,7 +33,7 @@ pub struct Record {
 }
 
 /// End of partition is how the reader knows it is done, not an error worth a log line.
-struct QuietEof;
+pub(crate) struct QuietEof;
 
 impl ClientContext for QuietEof {
     fn error(&self, error: KafkaError, reason: &str) {

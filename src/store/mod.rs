@@ -13,6 +13,8 @@
 //! | `links`       | u16 BE len(a) + a + b          | v1 + bincode(Evidence), merge op   |
 //! | `parts`       | type `\0` value                | v1 + bincode(Profile), merge op    |
 //! | `meta`        | `next_node`, `checkpoint`      | u64 BE, v1 + bincode(Checkpoint)   |
+//! | `shards`      | shard (u32 BE) + kind + key    | see src/scaleout/state.rs          |
+//! | `meta`        | `changelog/` + shard (u32 BE)  | next changelog offset (i64 BE)     |
 //!
 //! `a` and `b` in `links` are identifier keys; every link is stored in both directions so that the
 //! links of one identifier are one prefix scan. `links` and `parts` have associative merge operators
@@ -47,6 +49,7 @@ pub(crate) const CF_EVENTS: &str = "events";
 pub(crate) const CF_LINKS: &str = "links";
 pub(crate) const CF_PARTS: &str = "parts";
 pub(crate) const CF_META: &str = "meta";
+pub(crate) const CF_SHARDS: &str = "shards";
 const CFS: &[&str] = &[
     CF_IDENTIFIERS,
     CF_PROFILES,
@@ -56,6 +59,7 @@ const CFS: &[&str] = &[
     CF_LINKS,
     CF_PARTS,
     CF_META,
+    CF_SHARDS,
 ];
 
 const META_NEXT_NODE: &[u8] = b"next_node";
@@ -77,6 +81,10 @@ pub enum StoreError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutRecord {
     pub topic: String,
+    /// A fixed partition (the internal topics of scale-out mode); otherwise the key decides. Not stored in
+    /// checkpoints: only scale-out mode sets it, and it keeps no outbox.
+    #[serde(skip)]
+    pub partition: Option<i32>,
     pub key: Option<Vec<u8>>,
     /// `None` is a tombstone.
     pub payload: Option<Vec<u8>>,
@@ -328,6 +336,60 @@ impl Store {
     pub(crate) fn db(&self) -> &DB {
         &self.db
     }
+
+    /// A value of the sharded state (scale-out mode).
+    pub(crate) fn shard_value(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.db.get_cf(self.cf(CF_SHARDS)?, key)?)
+    }
+
+    /// Where this instance's copy of a shard stands in the shard's changelog: the next offset to apply.
+    pub fn changelog_position(&self, shard: u32) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_META)?, changelog_meta_key(shard))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(i64::from_be_bytes))
+    }
+
+    /// Adds sharded-state changes (`None` deletes) and changelog positions to a batch.
+    pub fn put_shard_changes<'a>(
+        &self,
+        batch: &mut WriteBatch,
+        changes: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+        positions: impl IntoIterator<Item = (u32, i64)>,
+    ) -> Result<(), StoreError> {
+        let cf = self.cf(CF_SHARDS)?;
+        for (k, v) in changes {
+            match v {
+                Some(v) => batch.put_cf(cf, k, v),
+                None => batch.delete_cf(cf, k),
+            }
+        }
+        let meta = self.cf(CF_META)?;
+        for (shard, next) in positions {
+            batch.put_cf(meta, changelog_meta_key(shard), next.to_be_bytes());
+        }
+        Ok(())
+    }
+
+    /// Forgets this instance's copy of a shard (before restoring it from the start of its changelog).
+    pub fn wipe_shard(&self, shard: u32) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
+        let from = shard.to_be_bytes().to_vec();
+        let to = match shard.checked_add(1) {
+            Some(next) => next.to_be_bytes().to_vec(),
+            None => vec![0xff; 5],
+        };
+        batch.delete_range_cf(self.cf(CF_SHARDS)?, from, to);
+        batch.delete_cf(self.cf(CF_META)?, changelog_meta_key(shard));
+        self.write(batch)
+    }
+}
+
+fn changelog_meta_key(shard: u32) -> Vec<u8> {
+    let mut k = b"changelog/".to_vec();
+    k.extend_from_slice(&shard.to_be_bytes());
+    k
 }
 
 /// Follows redirects from `id` to a live profile id (at most [`MAX_REDIRECT_HOPS`]): the live id and its
@@ -405,14 +467,14 @@ pub(crate) fn link_key(a: &Identifier, b: &Identifier) -> Vec<u8> {
 }
 
 /// A value with its format version byte in front.
-fn encode_v1<T: Serialize>(value: &T, capacity: usize) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn encode_v1<T: Serialize>(value: &T, capacity: usize) -> Result<Vec<u8>, StoreError> {
     let mut v = Vec::with_capacity(capacity);
     v.push(FORMAT_V1);
     bincode::serialize_into(&mut v, value)?;
     Ok(v)
 }
 
-fn decode_v1<T: serde::de::DeserializeOwned>(
+pub(crate) fn decode_v1<T: serde::de::DeserializeOwned>(
     v: &[u8],
     cf: &'static str,
     what: &str,

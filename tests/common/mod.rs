@@ -26,6 +26,25 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// GET `path` from a service listening on loopback `port`: (status, body). Plain HTTP/1.0.
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to service");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .expect("status code");
+    (status, body.to_string())
+}
+
 pub fn brokers() -> String {
     std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".into())
 }
@@ -166,22 +185,7 @@ topic = "{control_topic}"
 
     /// GET `path` from the service: (status, body). Plain HTTP/1.0 over loopback.
     pub fn http_get(&self, path: &str) -> (u16, String) {
-        use std::io::Read;
-        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.http_port))
-            .expect("connect to service");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .expect("status code");
-        (status, body.to_string())
+        http_get(self.http_port, path)
     }
 
     /// Starts the service binary.
@@ -250,9 +254,21 @@ topic = "{control_topic}"
     /// Messages the group has committed, summed over the input and control topics, and the total in them.
     /// Retries through transient broker errors (leaders moving after a broker restart) for up to a minute.
     pub fn progress(&self) -> (i64, i64) {
+        let topics: Vec<&str> = self
+            .input_topics
+            .iter()
+            .chain([&self.control_topic])
+            .map(String::as_str)
+            .collect();
+        self.progress_of(&topics)
+    }
+
+    /// Messages the group has committed on `topics`, and the total in them (summed high watermarks, read
+    /// before the committed offsets).
+    pub fn progress_of(&self, topics: &[&str]) -> (i64, i64) {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            match self.try_progress() {
+            match self.try_progress(topics) {
                 Ok(p) => return p,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("progress: {e}, retrying");
@@ -263,14 +279,14 @@ topic = "{control_topic}"
         }
     }
 
-    fn try_progress(&self) -> Result<(i64, i64), rdkafka::error::KafkaError> {
+    fn try_progress(&self, topics: &[&str]) -> Result<(i64, i64), rdkafka::error::KafkaError> {
         let consumer: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", brokers())
             .set("group.id", &self.group)
             .create()?;
         let (mut committed, mut total) = (0, 0);
         let mut tpl = TopicPartitionList::new();
-        for topic in self.input_topics.iter().chain([&self.control_topic]) {
+        for topic in topics {
             let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
             for p in md.topics()[0].partitions() {
                 tpl.add_partition(topic, p.id());
@@ -288,6 +304,12 @@ topic = "{control_topic}"
             }
         }
         Ok((committed, total))
+    }
+
+    /// Changes the service config before a start (`edit` gets and returns the TOML text).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config_path).expect("config");
+        std::fs::write(&self.config_path, edit(text)).expect("config");
     }
 
     /// Waits until every input message is committed by the group.

@@ -1,12 +1,12 @@
-//! The cross-partition stitching protocol for scale-out (issue 6), as a pure state machine with a
-//! deterministic simulation. Not wired to Kafka yet: today one instance holds the whole graph (see
-//! docs/DESIGN.md, "One instance per group" and "Scale-out protocol").
+//! The cross-partition stitching protocol for scale-out (issue 6): a per-shard state machine
+//! ([`handle`]) with a deterministic simulation (the tests below), and its Kafka runtime ([`runtime`]) over
+//! RocksDB state backed by a changelog topic ([`state`]). docs/DESIGN.md, "Scale-out", has the diagram.
 //!
 //! Every identifier has a *home* shard, `hash(identifier) mod shards`: the shard that keeps its parent
 //! pointer. A component is a tree of parent pointers whose root is its smallest identifier; the root's home
-//! keeps the component's profile (the join of its events' parts). Shards talk only by messages, which in
-//! the Kafka version are records on an internal topic partitioned by shard, consumed and produced in the
-//! same transactions as the shard's state changes, so each message is handled exactly once.
+//! keeps the component's profile (the join of its events' parts). Shards talk only by messages, records on
+//! an internal topic partitioned by shard, consumed and produced in the same transactions as the shard's
+//! state changes, so each message is handled exactly once.
 //!
 //! - `Event` goes to the home of its event id (the dedup set is partitioned the same way); the first copy
 //!   sends `Part` for its most trusted identifier and `Union` for every other identifier with it.
@@ -17,17 +17,23 @@
 //!   retry follows a hook that removed a root, so unions terminate; the final root of a component is its
 //!   smallest identifier, whatever the order.
 //! - `Part` and `Absorb` (a hooked root's profile) climb to the current root and are joined there. Profiles
-//!   are joins (commutative, associative), so the root ends with exactly the single-instance profile.
+//!   are joins (commutative, associative), so the root ends with exactly the single-instance profile, and
+//!   its public id (from the earliest event) is the single-instance id too.
+
+pub mod runtime;
+pub mod state;
 
 use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::{Event, Identifier};
+use crate::model::{Event, Identifier, ProfileId};
 use crate::profile::Profile;
 use crate::stitch::Rules;
 
-/// A shard number.
+/// A shard number: a partition of the internal topic and of the changelog.
 pub type ShardId = u32;
 
 /// The shard that keeps an identifier's parent pointer.
@@ -45,7 +51,7 @@ fn hash_mod(bytes: &[u8], shards: ShardId) -> ShardId {
     u32::from_be_bytes([d[0], d[1], d[2], d[3]]) % shards.max(1)
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Msg {
     /// A new event, at the home of its id.
     Event(Event),
@@ -76,9 +82,182 @@ impl Msg {
             Msg::Hook { child, .. } => home(child, shards),
         }
     }
+
+    /// The message's kind, for metrics and reports.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Msg::Event(_) => "event",
+            Msg::Union(..) => "union",
+            Msg::Meet(..) => "meet",
+            Msg::Hook { .. } => "hook",
+            Msg::Absorb(..) => "absorb",
+            Msg::Part(..) => "part",
+        }
+    }
 }
 
-/// One shard's state.
+/// What a shard keeps, wherever it keeps it: in memory for the simulation ([`Shard`]), in RocksDB with a
+/// changelog when running ([`state::ShardOverlay`]).
+pub trait ShardState {
+    type Error;
+    /// The parent of `x`, or `None` if this shard never saw `x`.
+    fn parent(&mut self, x: &Identifier) -> Result<Option<Identifier>, Self::Error>;
+    fn set_parent(&mut self, x: &Identifier, parent: &Identifier) -> Result<(), Self::Error>;
+    /// Removes the profile of root `r` and returns it.
+    fn take_profile(&mut self, r: &Identifier) -> Result<Option<Profile>, Self::Error>;
+    fn put_profile(&mut self, r: &Identifier, profile: Profile) -> Result<(), Self::Error>;
+    /// Records that `event_id` was applied; false if it already was.
+    fn first_sighting(&mut self, event_id: &str) -> Result<bool, Self::Error>;
+}
+
+/// What handling messages produced, besides state changes.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Messages to send, each to its [`Msg::target`].
+    pub msgs: Vec<Msg>,
+    /// Roots whose profile changed (an update to publish).
+    pub touched: Vec<Identifier>,
+    /// Public profile ids that stopped existing, with the id that now holds their events.
+    pub redirects: Vec<(ProfileId, ProfileId)>,
+    /// Roots hooked under another root.
+    pub merges: u64,
+    /// Events seen before.
+    pub duplicates: u64,
+}
+
+/// The parent of `x`, registering `x` as a new root if it was never seen.
+fn parent_of<S: ShardState>(state: &mut S, x: &Identifier) -> Result<Identifier, S::Error> {
+    match state.parent(x)? {
+        Some(p) => Ok(p),
+        None => {
+            state.set_parent(x, x)?;
+            Ok(x.clone())
+        }
+    }
+}
+
+/// Handles one message at its target shard.
+pub fn handle<S: ShardState>(
+    state: &mut S,
+    msg: Msg,
+    rules: &Rules,
+    fx: &mut Effects,
+) -> Result<(), S::Error> {
+    match msg {
+        Msg::Event(ev) => {
+            if !state.first_sighting(&ev.event_id)? {
+                fx.duplicates += 1;
+                return Ok(());
+            }
+            let mut ids = ev.identifiers.clone();
+            ids.sort_by(|a, b| rules.trust_key(a).cmp(&rules.trust_key(b)));
+            let Some(anchor) = ids.first().cloned() else {
+                return Ok(());
+            };
+            fx.msgs
+                .push(Msg::Part(anchor.clone(), Box::new(Profile::new(&ev))));
+            for other in ids.into_iter().skip(1) {
+                fx.msgs.push(Msg::Union(anchor.clone(), other));
+            }
+        }
+        Msg::Union(x, y) => {
+            let p = parent_of(state, &x)?;
+            if p == x {
+                fx.msgs.push(Msg::Meet(y, x));
+            } else {
+                fx.msgs.push(Msg::Union(p, y));
+            }
+        }
+        Msg::Meet(y, rx) => {
+            let p = parent_of(state, &y)?;
+            if p != y {
+                fx.msgs.push(Msg::Meet(p, rx));
+            } else if y == rx {
+                // Already one component.
+            } else if rx < y {
+                hook(state, y, rx, fx)?;
+            } else {
+                fx.msgs.push(Msg::Hook {
+                    child: rx,
+                    parent: y,
+                });
+            }
+        }
+        Msg::Hook { child, parent } => {
+            let p = parent_of(state, &child)?;
+            if p == child {
+                hook(state, child, parent, fx)?;
+            } else {
+                // Hooked elsewhere meanwhile: join its current tree with `parent` instead.
+                fx.msgs.push(Msg::Union(child, parent));
+            }
+        }
+        Msg::Part(x, part) => {
+            let p = parent_of(state, &x)?;
+            if p == x {
+                join_at_root(state, x, *part, false, fx)?;
+            } else {
+                fx.msgs.push(Msg::Part(p, part));
+            }
+        }
+        Msg::Absorb(x, profile) => {
+            let p = parent_of(state, &x)?;
+            if p == x {
+                join_at_root(state, x, *profile, true, fx)?;
+            } else {
+                fx.msgs.push(Msg::Absorb(p, profile));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Joins `incoming` into the profile of root `r`. A profile's public id follows its earliest event, so a
+/// join may retire the root's id (an earlier event arrived) or, for an absorbed profile, the absorbed id.
+fn join_at_root<S: ShardState>(
+    state: &mut S,
+    r: Identifier,
+    incoming: Profile,
+    absorbed: bool,
+    fx: &mut Effects,
+) -> Result<(), S::Error> {
+    let joined = match state.take_profile(&r)? {
+        None => incoming,
+        Some(mut mine) => {
+            let (before, theirs) = (mine.id(), incoming.id());
+            mine.absorb(incoming);
+            let after = mine.id();
+            if before != after {
+                fx.redirects.push((before, after.clone()));
+            }
+            if absorbed && theirs != after {
+                fx.redirects.push((theirs, after));
+            }
+            mine
+        }
+    };
+    state.put_profile(&r, joined)?;
+    fx.touched.push(r);
+    Ok(())
+}
+
+/// Makes root `child` a child of `parent` (smaller) and sends its profile up.
+fn hook<S: ShardState>(
+    state: &mut S,
+    child: Identifier,
+    parent: Identifier,
+    fx: &mut Effects,
+) -> Result<(), S::Error> {
+    debug_assert!(parent < child);
+    state.set_parent(&child, &parent)?;
+    fx.merges += 1;
+    if let Some(profile) = state.take_profile(&child)? {
+        fx.msgs.push(Msg::Absorb(parent, Box::new(profile)));
+    }
+    Ok(())
+}
+
+/// One shard's state in memory: the simulation's, and a reference for the RocksDB one.
 #[derive(Debug, Default, Clone)]
 pub struct Shard {
     /// Parent of every identifier homed here; a root is its own parent.
@@ -89,87 +268,29 @@ pub struct Shard {
     pub seen: HashSet<String>,
 }
 
-impl Shard {
-    /// The parent of `x`, registering `x` as a new root if it was never seen.
-    fn parent_of(&mut self, x: &Identifier) -> Identifier {
-        self.parent
-            .entry(x.clone())
-            .or_insert_with(|| x.clone())
-            .clone()
+impl ShardState for Shard {
+    type Error = Infallible;
+
+    fn parent(&mut self, x: &Identifier) -> Result<Option<Identifier>, Infallible> {
+        Ok(self.parent.get(x).cloned())
     }
 
-    /// Handles one message; the messages it sends go to `out`.
-    pub fn handle(&mut self, msg: Msg, rules: &Rules, out: &mut Vec<Msg>) {
-        match msg {
-            Msg::Event(ev) => {
-                if !self.seen.insert(ev.event_id.clone()) {
-                    return;
-                }
-                let mut ids = ev.identifiers.clone();
-                ids.sort_by(|a, b| rules.trust_key(a).cmp(&rules.trust_key(b)));
-                let Some(anchor) = ids.first().cloned() else {
-                    return;
-                };
-                out.push(Msg::Part(anchor.clone(), Box::new(Profile::part_of(&ev))));
-                for other in ids.into_iter().skip(1) {
-                    out.push(Msg::Union(anchor.clone(), other));
-                }
-            }
-            Msg::Union(x, y) => {
-                let p = self.parent_of(&x);
-                if p == x {
-                    out.push(Msg::Meet(y, x));
-                } else {
-                    out.push(Msg::Union(p, y));
-                }
-            }
-            Msg::Meet(y, rx) => {
-                let p = self.parent_of(&y);
-                if p != y {
-                    out.push(Msg::Meet(p, rx));
-                } else if y == rx {
-                    // Already one component.
-                } else if rx < y {
-                    self.hook(y, rx, out);
-                } else {
-                    out.push(Msg::Hook {
-                        child: rx,
-                        parent: y,
-                    });
-                }
-            }
-            Msg::Hook { child, parent } => {
-                let p = self.parent_of(&child);
-                if p == child {
-                    self.hook(child, parent, out);
-                } else {
-                    // Hooked elsewhere meanwhile: join its current tree with `parent` instead.
-                    out.push(Msg::Union(child, parent));
-                }
-            }
-            Msg::Absorb(x, profile) | Msg::Part(x, profile) => {
-                let p = self.parent_of(&x);
-                if p == x {
-                    match self.profiles.get_mut(&x) {
-                        Some(mine) => mine.absorb(*profile),
-                        None => {
-                            self.profiles.insert(x, *profile);
-                        }
-                    }
-                } else {
-                    out.push(Msg::Absorb(p, profile));
-                }
-            }
-        }
+    fn set_parent(&mut self, x: &Identifier, parent: &Identifier) -> Result<(), Infallible> {
+        self.parent.insert(x.clone(), parent.clone());
+        Ok(())
     }
 
-    /// Makes root `child` a child of `parent` (smaller) and sends its profile up.
-    fn hook(&mut self, child: Identifier, parent: Identifier, out: &mut Vec<Msg>) {
-        debug_assert!(parent < child);
-        self.parent.insert(child.clone(), parent.clone());
-        if let Some(profile) = self.profiles.remove(&child) {
-            out.push(Msg::Absorb(parent, Box::new(profile)));
-        }
+    fn take_profile(&mut self, r: &Identifier) -> Result<Option<Profile>, Infallible> {
+        Ok(self.profiles.remove(r))
+    }
+
+    fn put_profile(&mut self, r: &Identifier, profile: Profile) -> Result<(), Infallible> {
+        self.profiles.insert(r.clone(), profile);
+        Ok(())
+    }
+
+    fn first_sighting(&mut self, event_id: &str) -> Result<bool, Infallible> {
+        Ok(self.seen.insert(event_id.to_string()))
     }
 }
 
@@ -231,17 +352,6 @@ mod tests {
         by_kind: BTreeMap<&'static str, u64>,
     }
 
-    fn kind(m: &Msg) -> &'static str {
-        match m {
-            Msg::Event(_) => "event",
-            Msg::Union(..) => "union",
-            Msg::Meet(..) => "meet",
-            Msg::Hook { .. } => "hook",
-            Msg::Absorb(..) => "absorb",
-            Msg::Part(..) => "part",
-        }
-    }
-
     /// Delivers every message in a random order (each shard's queue in order, as a Kafka partition is, the
     /// shards interleaved at random); with probability `crash`, a step is lost before it commits and the
     /// message is handled again later (what a transaction abort and restart do).
@@ -284,27 +394,34 @@ mod tests {
                 }
             }
             let s = busy[rng.gen_range(0..busy.len())];
-            let Some(msg) = queues[s].pop_front() else {
+            // Mostly the head of the queue, as a partition delivers; now and then a later message first,
+            // as when the runtime handles a message for a shard of its own within the batch that sent it.
+            let at = if rng.gen_bool(0.2) {
+                rng.gen_range(0..queues[s].len())
+            } else {
+                0
+            };
+            let Some(msg) = queues[s].remove(at) else {
                 continue;
             };
             if rng.gen_bool(crash) {
                 // Crashed before the commit: state and output of this step never happened.
-                queues[s].push_front(msg);
+                queues[s].insert(at, msg);
                 run.redeliveries += 1;
                 continue;
             }
-            let mut out = Vec::new();
-            *run.by_kind.entry(kind(&msg)).or_default() += 1;
-            cluster.shards[s].handle(msg, rules, &mut out);
+            let mut fx = Effects::default();
+            *run.by_kind.entry(msg.kind()).or_default() += 1;
+            let Ok(()) = handle(&mut cluster.shards[s], msg, rules, &mut fx);
             run.messages += 1;
-            for m in out {
+            for m in fx.msgs {
                 queues[m.target(shards) as usize].push_back(m);
             }
         }
         (cluster, run)
     }
 
-    /// Components as identifier sets, each with its profile (identifiers left out).
+    /// Components as identifier sets, each with its profile.
     fn sharded_result(c: &Cluster) -> BTreeMap<BTreeSet<Identifier>, Profile> {
         let mut groups: HashMap<Identifier, BTreeSet<Identifier>> = HashMap::new();
         for id in c.identifiers() {
@@ -314,6 +431,10 @@ mod tests {
             .into_iter()
             .map(|(root, ids)| {
                 let p = c.profile(&root).cloned().unwrap_or_else(Profile::empty);
+                assert!(
+                    p.identifiers.keys().eq(ids.iter()),
+                    "the root's profile lists exactly its component's identifiers"
+                );
                 (ids, p)
             })
             .collect()
@@ -331,12 +452,7 @@ mod tests {
         store
             .profiles
             .values()
-            .map(|p| {
-                let ids: BTreeSet<Identifier> = p.identifiers.keys().cloned().collect();
-                let mut p = p.clone();
-                p.identifiers.clear();
-                (ids, p)
-            })
+            .map(|p| (p.identifiers.keys().cloned().collect(), p.clone()))
             .collect()
     }
 

@@ -1,0 +1,655 @@
+//! The scale-out pipeline: instances of one consumer group share the input partitions and the shards (the
+//! partitions of the internal topic), as Kafka assigns them. Per batch, in one Kafka transaction: the
+//! consumed offsets (inputs and internal topic), the messages for shards held elsewhere, the shard state
+//! changes (changelog records), profile updates, redirects and dead letters. The local RocksDB copy of the
+//! shards is written after the commit, with the changelog offsets it reached.
+//!
+//! A message for a shard this instance holds is handled at once, in the batch that produced it: with one
+//! instance the internal topic carries nothing. A batch built across a rebalance is dropped (nothing of it
+//! is in Kafka or in local state); the new assignment starts from the committed offsets. A shard this
+//! instance did not hold before is restored from its changelog before anything is handled. docs/DESIGN.md,
+//! "Scale-out", explains why this is exactly-once.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use rocksdb::WriteBatch;
+use tokio_util::sync::CancellationToken;
+
+use super::state::{shard_of_key, ShardOverlay};
+use super::{handle, home, Effects, Msg, ShardId};
+use crate::codec::ProfileUpdate;
+use crate::config::Config;
+use crate::kafka::reader::QuietEof;
+use crate::kafka::{base_config, CommitError, Committer, Deadline, StitchConsumer};
+use crate::metrics::Metrics;
+use crate::model::{now_millis, Identifier, ProfileId};
+use crate::pipeline::{subscribed_consumer, PipelineError, RunSummary};
+use crate::processor::{positions_vec, source, Batch, InMessage, Processor};
+use crate::stitch::Rules;
+use crate::store::{decode_v1, encode_v1, OutRecord, Store, StoreError};
+
+/// Changelog records applied per RocksDB write while restoring.
+const RESTORE_CHUNK: usize = 10_000;
+
+/// What a batch produced besides state changes.
+#[derive(Default)]
+struct Work {
+    /// Messages for shards held elsewhere.
+    remote: Vec<OutRecord>,
+    /// Roots whose profile changed, with the latest event that changed it (id, channel).
+    touched: BTreeMap<Identifier, Option<(String, String)>>,
+    redirects: Vec<(ProfileId, ProfileId)>,
+    merges: u64,
+}
+
+pub struct ShardedPipeline {
+    cfg: Config,
+    store: Store,
+    metrics: Metrics,
+    processor: Processor,
+    /// Shard placement ranks identifiers only; stateful guardrails do not apply in this mode.
+    rules: Rules,
+    consumer: StitchConsumer,
+    committer: Committer,
+    instance: String,
+    shards: ShardId,
+    topic: String,
+    changelog: String,
+    /// Shards restored and handled here, under the current assignment.
+    owned: BTreeSet<ShardId>,
+    /// The consumer's rebalance count when `owned` was last brought in line with the assignment.
+    synced_at: Option<u64>,
+    /// Per assigned partition, the committed offset: a message before it (fetched before a rebalance) is
+    /// not taken again.
+    expected: BTreeMap<(String, i32), i64>,
+    /// The message whose poll revealed a rebalance: the first of the next batch.
+    carried: Option<OwnedMessage>,
+}
+
+impl ShardedPipeline {
+    pub fn start(
+        cfg: Config,
+        store: Store,
+        metrics: Metrics,
+        instance: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, PipelineError> {
+        let processor = Processor::new(&cfg, metrics.clone())?;
+        let consumer = subscribed_consumer(&cfg, &metrics)?;
+        let changelog = cfg.scaleout.changelog_topic();
+        let committer = Committer::watching(
+            &cfg,
+            instance,
+            metrics.clone(),
+            &Deadline::new(shutdown.clone(), cfg.processing.drain_timeout),
+            Some(&changelog),
+        )?;
+        if !cfg.control.topic.is_empty() {
+            tracing::warn!(
+                topic = cfg.control.topic.as_str(),
+                "scale-out mode does not read the control topic: erasure and unlink need one instance \
+                 holding the whole graph (README.md, \"Scale-out\")"
+            );
+        }
+        tracing::info!(
+            shards = cfg.scaleout.shards,
+            topic = cfg.scaleout.topic.as_str(),
+            "scale-out mode: stateful guardrails (type limits, max_profile_identifiers, shared \
+             identifiers, consent sealing) are not applied"
+        );
+        Ok(Self {
+            shards: cfg.scaleout.shards,
+            topic: cfg.scaleout.topic.clone(),
+            changelog,
+            rules: Rules::new(&cfg.guardrails),
+            cfg,
+            store,
+            metrics,
+            processor,
+            consumer,
+            committer,
+            instance: instance.to_string(),
+            owned: BTreeSet::new(),
+            synced_at: None,
+            expected: BTreeMap::new(),
+            carried: None,
+        })
+    }
+
+    /// Runs until `shutdown`; the batch under way is finished and committed within the drain timeout.
+    pub fn run(mut self, shutdown: CancellationToken) -> Result<RunSummary, PipelineError> {
+        let mut summary = RunSummary::default();
+        tracing::info!(inputs = self.cfg.inputs.len(), "sharded pipeline running");
+        while !shutdown.is_cancelled() {
+            self.run_batch(&shutdown, &mut summary)?;
+        }
+        self.metrics.ready.set(0);
+        tracing::info!(
+            batches = summary.batches,
+            messages = summary.messages,
+            "pipeline drained"
+        );
+        Ok(summary)
+    }
+
+    fn run_batch(
+        &mut self,
+        shutdown: &CancellationToken,
+        summary: &mut RunSummary,
+    ) -> Result<(), PipelineError> {
+        self.sync_assignment(shutdown)?;
+        let generation = self.consumer.context().rebalances();
+        let started = Instant::now();
+        let linger_until = started + self.cfg.processing.batch_linger;
+        let store = self.store.clone();
+        let mut overlay = ShardOverlay::new(&store);
+        let mut batch = Batch::default();
+        let mut work = Work::default();
+        let mut rebalanced = false;
+        if let Some(m) = self.carried.take() {
+            self.take(&mut overlay, &mut batch, &mut work, &m)?;
+        }
+        while batch.messages < self.cfg.processing.batch_max_events && !shutdown.is_cancelled() {
+            let now = Instant::now();
+            if now >= linger_until {
+                break;
+            }
+            let polled = self.consumer.poll(linger_until - now);
+            // Rebalance callbacks run inside `poll`: whatever it returned comes from the new assignment.
+            if self.consumer.context().rebalances() != generation {
+                if let Some(Ok(m)) = &polled {
+                    self.carried = Some(m.detach());
+                }
+                rebalanced = true;
+                break;
+            }
+            match polled {
+                None => {}
+                Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
+                    self.metrics.errors.with_label_values(&["consume"]).inc();
+                    tracing::warn!(?code, "consumer failed fatally; replacing it");
+                    drop(overlay);
+                    return self.restart_consumer();
+                }
+                Some(Err(e)) => {
+                    self.metrics.errors.with_label_values(&["consume"]).inc();
+                    tracing::warn!(error = %e, "consume error");
+                }
+                Some(Ok(m)) => {
+                    self.take(&mut overlay, &mut batch, &mut work, &m)?;
+                }
+            }
+        }
+        if rebalanced {
+            // Partitions moved while this batch was built: it may hold messages of partitions that are no
+            // longer ours. Nothing of it is in Kafka or in local state; the new assignment starts from the
+            // committed offsets.
+            if !batch.is_empty() {
+                tracing::info!(
+                    messages = batch.messages,
+                    "rebalance during the batch; dropping it"
+                );
+            }
+            return Ok(());
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let records = self.output(&overlay, &mut batch, &mut work)?;
+        let positions = positions_vec(&batch.positions);
+        let deadline = Deadline::new(shutdown.clone(), self.cfg.processing.drain_timeout);
+        match self
+            .committer
+            .commit(&records, &positions, &self.consumer, &deadline)
+        {
+            Ok(()) => {}
+            Err(e @ CommitError::Fatal(_)) | Err(e @ CommitError::Deadline(_)) => {
+                return Err(e.into())
+            }
+            Err(e) => {
+                // Not committed, so not in local state either: read the batch again from the committed
+                // offsets, with a new producer if the old one is stuck.
+                tracing::warn!(error = %e, "batch not committed; reading it again");
+                if matches!(e, CommitError::Stuck(_)) {
+                    self.committer = Committer::watching(
+                        &self.cfg,
+                        &self.instance,
+                        self.metrics.clone(),
+                        &deadline,
+                        Some(&self.changelog),
+                    )?;
+                }
+                drop(overlay);
+                return self.restart_consumer();
+            }
+        }
+        for (tp, next) in &batch.positions {
+            self.expected.insert(tp.clone(), *next);
+        }
+        let mut wb = WriteBatch::default();
+        let reached = self.committer.take_delivered();
+        let positions = reached.iter().map(|(p, next)| (*p as ShardId, *next));
+        self.store
+            .put_shard_changes(&mut wb, overlay.changes(), positions)?;
+        self.store.write(wb)?;
+        let committed_ms = now_millis();
+        for ts in &batch.event_times {
+            self.metrics
+                .event_latency
+                .observe(((committed_ms - ts).max(0)) as f64 / 1000.0);
+        }
+        self.metrics.profile_merges.inc_by(work.merges);
+        self.metrics
+            .batch_duration
+            .observe(started.elapsed().as_secs_f64());
+        self.metrics.batch_size.observe(batch.messages as f64);
+        self.metrics.last_commit.set(committed_ms / 1000);
+        summary.batches += 1;
+        summary.messages += batch.messages as u64;
+        summary.records += records.len() as u64;
+        Ok(())
+    }
+
+    /// Adds one consumed message to the batch.
+    fn take(
+        &self,
+        overlay: &mut ShardOverlay<'_>,
+        batch: &mut Batch,
+        work: &mut Work,
+        m: &impl Message,
+    ) -> Result<(), PipelineError> {
+        let tp = (m.topic().to_string(), m.partition());
+        if batch
+            .positions
+            .get(&tp)
+            .or(self.expected.get(&tp))
+            .is_some_and(|next| m.offset() < *next)
+        {
+            return Ok(()); // committed already
+        }
+        let msg = InMessage {
+            topic: m.topic(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key(),
+            payload: m.payload(),
+        };
+        self.processor.track(batch, msg);
+        if msg.topic == self.topic {
+            let shard = ShardId::try_from(msg.partition).unwrap_or_default();
+            match decode_v1::<Msg>(msg.payload.unwrap_or_default(), "shards", "message") {
+                Ok(x) => self.deliver(overlay, work, shard, x, "topic")?,
+                Err(e) => self.processor.dead_letter(
+                    batch,
+                    source(msg),
+                    msg,
+                    "shard",
+                    &format!("undecodable shard message: {e}"),
+                ),
+            }
+        } else if let Some(ev) = self.processor.event(batch, msg) {
+            batch.event_times.push(ev.timestamp);
+            self.send(overlay, work, Msg::Event(ev))?;
+        }
+        Ok(())
+    }
+
+    /// Sends `msg` to its shard: handled here if this instance holds the shard, else produced to the
+    /// internal topic.
+    fn send(
+        &self,
+        overlay: &mut ShardOverlay<'_>,
+        work: &mut Work,
+        msg: Msg,
+    ) -> Result<(), PipelineError> {
+        let target = msg.target(self.shards);
+        if self.owned.contains(&target) {
+            self.deliver(overlay, work, target, msg, "local")
+        } else {
+            work.remote.push(self.shard_record(target, &msg)?);
+            Ok(())
+        }
+    }
+
+    /// Handles `msg` at `shard`, and everything it sends to shards held here, to the end.
+    fn deliver(
+        &self,
+        overlay: &mut ShardOverlay<'_>,
+        work: &mut Work,
+        shard: ShardId,
+        msg: Msg,
+        route: &'static str,
+    ) -> Result<(), PipelineError> {
+        let mut queue = VecDeque::from([(shard, msg, route)]);
+        while let Some((shard, msg, route)) = queue.pop_front() {
+            self.metrics
+                .shard_messages
+                .with_label_values(&[msg.kind(), route])
+                .inc();
+            let trigger = match &msg {
+                Msg::Part(_, part) => Some((
+                    part.anchor.1.clone(),
+                    part.channels.keys().next().cloned().unwrap_or_default(),
+                )),
+                _ => None,
+            };
+            let channel = match &msg {
+                Msg::Event(ev) => Some(ev.channel.clone()),
+                _ => None,
+            };
+            let mut fx = Effects::default();
+            handle(&mut overlay.shard(shard), msg, &self.rules, &mut fx)?;
+            if let Some(channel) = channel {
+                let counter = if fx.duplicates > 0 {
+                    &self.metrics.events_duplicate
+                } else {
+                    &self.metrics.events_applied
+                };
+                counter.with_label_values(&[&channel]).inc();
+            }
+            for root in fx.touched {
+                let slot = work.touched.entry(root).or_default();
+                if trigger.is_some() {
+                    slot.clone_from(&trigger);
+                }
+            }
+            work.redirects.append(&mut fx.redirects);
+            work.merges += fx.merges;
+            for next in fx.msgs {
+                let target = next.target(self.shards);
+                if self.owned.contains(&target) {
+                    queue.push_back((target, next, "local"));
+                } else {
+                    work.remote.push(self.shard_record(target, &next)?);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn shard_record(&self, shard: ShardId, msg: &Msg) -> Result<OutRecord, StoreError> {
+        Ok(OutRecord {
+            topic: self.topic.clone(),
+            partition: Some(shard as i32),
+            key: None,
+            payload: Some(encode_v1(msg, 256)?),
+            headers: vec![],
+        })
+    }
+
+    /// The batch's records: dead letters, messages for other instances' shards, redirects, one update per
+    /// changed root, and the changelog records of every state change.
+    fn output(
+        &self,
+        overlay: &ShardOverlay<'_>,
+        batch: &mut Batch,
+        work: &mut Work,
+    ) -> Result<Vec<OutRecord>, PipelineError> {
+        let now = now_millis();
+        let mut out = std::mem::take(&mut batch.dead_letters);
+        out.append(&mut work.remote);
+        for (old, to) in &work.redirects {
+            out.push(self.processor.redirect(old, to, now)?);
+        }
+        for (root, trigger) in &work.touched {
+            // A root hooked later in the batch has handed its profile on: no update under it.
+            let Some(profile) = overlay.profile(home(root, self.shards), root)? else {
+                continue;
+            };
+            let id = profile.id();
+            let update = ProfileUpdate {
+                profile_id: id.to_string(),
+                redirect_to: None,
+                merged_from: work
+                    .redirects
+                    .iter()
+                    .filter(|(_, to)| *to == id)
+                    .map(|(old, _)| old.to_string())
+                    .collect(),
+                trigger_event_id: trigger.as_ref().map(|t| t.0.clone()),
+                trigger_channel: trigger.as_ref().map(|t| t.1.clone()),
+                updated_at: now,
+                refused_links: vec![],
+                profile: Some((&profile).into()),
+                split_from: None,
+            };
+            out.push(self.processor.update(&update)?);
+        }
+        for (key, value) in overlay.changes() {
+            out.push(OutRecord {
+                topic: self.changelog.clone(),
+                partition: shard_of_key(key).map(|s| s as i32),
+                key: Some(key.to_vec()),
+                payload: value.map(<[u8]>::to_vec),
+                headers: vec![],
+            });
+        }
+        Ok(out)
+    }
+
+    /// A new consumer, which reads from the committed offsets; shards are restored again when assigned
+    /// (from where the local copy stands: usually nothing to read).
+    fn restart_consumer(&mut self) -> Result<(), PipelineError> {
+        let _ = self.committer.take_delivered();
+        self.expected.clear();
+        self.carried = None;
+        self.consumer = subscribed_consumer(&self.cfg, &self.metrics)?;
+        self.owned.clear();
+        self.synced_at = None;
+        self.metrics.shards_owned.set(0);
+        Ok(())
+    }
+
+    /// Brings the shards handled here in line with the consumer's assignment after a rebalance.
+    fn sync_assignment(&mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+        let generation = self.consumer.context().rebalances();
+        if self.synced_at == Some(generation) {
+            return Ok(());
+        }
+        // Every shard is caught up again, also those assigned before: between two looks at the assignment
+        // a shard may have been handled elsewhere and come back. A restore reads only what this instance's
+        // copy lacks, usually nothing.
+        self.owned.clear();
+        let assignment = self.consumer.assignment()?;
+        let assigned: Vec<ShardId> = assignment
+            .elements_for_topic(&self.topic)
+            .iter()
+            .filter_map(|e| ShardId::try_from(e.partition()).ok())
+            .collect();
+        if !assigned.is_empty() {
+            self.metrics.ready.set(0);
+            self.restore(&assigned, shutdown)?;
+            self.owned.extend(assigned);
+        }
+        self.expected.clear();
+        if assignment.count() > 0 {
+            // Stable committed offsets (KIP-447); a partition never committed starts at its beginning.
+            let committed = self.consumer.committed_offsets(
+                assignment.clone(),
+                self.cfg.processing.transaction_timeout * 2,
+            )?;
+            for e in committed.elements() {
+                let next = match e.offset() {
+                    Offset::Offset(o) => o,
+                    _ => {
+                        self.consumer
+                            .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))?
+                            .0
+                    }
+                };
+                self.expected
+                    .insert((e.topic().to_string(), e.partition()), next);
+            }
+        }
+        self.metrics.shards_owned.set(self.owned.len() as i64);
+        self.metrics.ready.set(1);
+        self.synced_at = Some(generation);
+        Ok(())
+    }
+
+    /// Restores shards from their changelog partitions, from where the local copy stands to the end.
+    fn restore(
+        &self,
+        shards: &[ShardId],
+        shutdown: &CancellationToken,
+    ) -> Result<(), PipelineError> {
+        let started = Instant::now();
+        // The committed offsets of the internal topic are fetched as stable (KIP-447): this returns once a
+        // transaction of the shard's previous owner is over, so its changelog records are final.
+        let mut tpl = TopicPartitionList::new();
+        for s in shards {
+            tpl.add_partition(&self.topic, *s as i32);
+        }
+        self.consumer
+            .committed_offsets(tpl, self.cfg.processing.transaction_timeout * 2)?;
+
+        let restorer: BaseConsumer<QuietEof> =
+            restore_config(&self.cfg).create_with_context(QuietEof)?;
+        let mut start = TopicPartitionList::new();
+        let mut high = BTreeMap::new();
+        for s in shards {
+            let p = *s as i32;
+            let (low, hw) =
+                restorer.fetch_watermarks(&self.changelog, p, Duration::from_secs(30))?;
+            let from = match self.store.changelog_position(*s)? {
+                Some(at) if at >= low && at <= hw => at,
+                local => {
+                    if local.is_some() {
+                        tracing::warn!(
+                            shard = s,
+                            "local copy of the shard is outside its changelog; restoring from the start"
+                        );
+                    }
+                    self.store.wipe_shard(*s)?;
+                    low
+                }
+            };
+            if from < hw {
+                start.add_partition_offset(&self.changelog, p, Offset::Offset(from))?;
+                high.insert(p, hw);
+            }
+        }
+        let mut applied = 0u64;
+        if start.count() > 0 {
+            restorer.assign(&start)?;
+            applied = self.read_changelog(&restorer, &mut high, shutdown)?;
+        }
+        let elapsed = started.elapsed();
+        self.metrics.restored_records.inc_by(applied);
+        for _ in shards {
+            self.metrics
+                .restore_duration
+                .observe(elapsed.as_secs_f64() / shards.len() as f64);
+        }
+        tracing::info!(
+            shards = shards.len(),
+            records = applied,
+            elapsed_ms = elapsed.as_millis() as u64,
+            records_per_second = (applied as f64 / elapsed.as_secs_f64().max(1e-3)) as u64,
+            "shards restored"
+        );
+        Ok(())
+    }
+
+    /// Applies changelog records until every partition in `high` reached its high watermark. A partition
+    /// that stops short has an open transaction (its previous owner's, about to be aborted or committed):
+    /// it is waited for, up to twice the transaction timeout.
+    fn read_changelog(
+        &self,
+        restorer: &BaseConsumer<QuietEof>,
+        high: &mut BTreeMap<i32, i64>,
+        shutdown: &CancellationToken,
+    ) -> Result<u64, PipelineError> {
+        let deadline = Instant::now() + self.cfg.processing.transaction_timeout * 2;
+        let mut pending: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut reached: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut applied = 0u64;
+        while !high.is_empty() {
+            if shutdown.is_cancelled() {
+                return Err(PipelineError::Restore("shutdown during restore".into()));
+            }
+            if Instant::now() > deadline {
+                return Err(PipelineError::Restore(format!(
+                    "changelog partitions {:?} of {} did not reach their end: an open transaction \
+                     that never ends?",
+                    high.keys().collect::<Vec<_>>(),
+                    self.changelog
+                )));
+            }
+            match restorer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    pending.push((
+                        m.key().unwrap_or_default().to_vec(),
+                        m.payload().map(<[u8]>::to_vec),
+                    ));
+                    reached.insert(m.partition(), m.offset() + 1);
+                    if m.offset() + 1 >= high.get(&m.partition()).copied().unwrap_or(0) {
+                        high.remove(&m.partition());
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    let at = restorer
+                        .position()?
+                        .find_partition(&self.changelog, p)
+                        .and_then(|e| e.offset().to_raw());
+                    if let (Some(at), Some(hw)) = (at, high.get(&p).copied()) {
+                        if at >= hw {
+                            reached.insert(p, at);
+                            high.remove(&p);
+                        }
+                    }
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    // Past the last record, a partition may end on transaction markers: done once the
+                    // fetch position reached the watermark.
+                    let positions = restorer.position()?;
+                    high.retain(|p, hw| {
+                        let at = positions
+                            .find_partition(&self.changelog, *p)
+                            .and_then(|e| e.offset().to_raw());
+                        match at {
+                            Some(at) if at >= *hw => {
+                                reached.insert(*p, at);
+                                false
+                            }
+                            _ => true,
+                        }
+                    });
+                }
+            }
+            if pending.len() >= RESTORE_CHUNK || high.is_empty() {
+                applied += pending.len() as u64;
+                let mut wb = WriteBatch::default();
+                self.store.put_shard_changes(
+                    &mut wb,
+                    pending.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
+                    reached.iter().map(|(p, at)| (*p as ShardId, *at)),
+                )?;
+                self.store.write(wb)?;
+                pending.clear();
+            }
+        }
+        Ok(applied)
+    }
+}
+
+/// A consumer outside the group, reading changelog partitions as committed.
+fn restore_config(cfg: &Config) -> ClientConfig {
+    let mut c = base_config(cfg);
+    c.set(
+        "group.id",
+        format!("{}-restore-{}", cfg.kafka.group_id, cfg.kafka.instance_id),
+    )
+    .set("enable.auto.commit", "false")
+    .set("enable.partition.eof", "true")
+    .set("isolation.level", "read_committed")
+    .set("auto.offset.reset", "earliest");
+    c
+}

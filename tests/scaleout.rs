@@ -1,0 +1,384 @@
+//! Scale-out against the real broker: three instances of one consumer group over 12-partition topics and 12
+//! shards; one is killed with SIGKILL during the run and a fourth joins later. The final profiles must be
+//! exactly those of one instance (classic mode, guardrails off) over the same input, with no output record
+//! committed twice. `SCALEOUT_BENCH=1` with `--ignored` measures throughput with 1, 2 and 3 instances.
+#![cfg(feature = "kafka-it")]
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Offset, TopicPartitionList};
+
+use common::*;
+use stitcher::codec::update::ProfileRecord;
+use stitcher::generate;
+use stitcher::journeys::{self, JourneyConfig};
+
+const PARTITIONS: i32 = 12;
+const TIMEOUT: Duration = Duration::from_secs(900);
+
+/// Guardrails that never refuse: what the sharded protocol computes (it applies no stateful guardrail).
+const UNLIMITED: &str = r#"
+[guardrails]
+max_profile_identifiers = 1000000
+limits = {}
+shared_limits = {}
+"#;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A sharded setup: its own internal topic, failover within seconds (short session and transaction
+/// timeouts).
+fn sharded(test: &str) -> (Setup, String) {
+    let shard_topic = unique(&format!("{test}-shards"));
+    let setup = Setup::new(
+        test,
+        PARTITIONS,
+        &format!("{UNLIMITED}\n[scaleout]\nshards = {PARTITIONS}\ntopic = \"{shard_topic}\"\n"),
+    );
+    setup.edit_config(|c| {
+        c.replace(
+            "[processing]\n",
+            "[processing]\ntransaction_timeout = \"10s\"\n",
+        )
+    });
+    (setup, shard_topic)
+}
+
+/// One instance of a sharded setup, with its own id, state and HTTP port.
+struct Instance {
+    child: Child,
+    port: u16,
+}
+
+fn start_instance(setup: &Setup, n: usize) -> Instance {
+    let state = setup.dir.join(format!("state-{n}"));
+    let port = free_port();
+    let child = setup.start_with_env(&[
+        ("STITCHER_INSTANCE_ID", &format!("i{n}")),
+        ("STITCHER_STATE_DIR", &state.to_string_lossy()),
+        ("STITCHER_HTTP_LISTEN", &format!("127.0.0.1:{port}")),
+    ]);
+    Instance { child, port }
+}
+
+/// Sums of the counters named `name` over the instances' `/metrics`, per label set.
+fn counters(ports: &[u16], name: &str) -> BTreeMap<String, f64> {
+    let mut sums = BTreeMap::new();
+    for port in ports {
+        let (status, body) = http_get(*port, "/metrics");
+        assert_eq!(status, 200, "metrics of the instance on port {port}");
+        for line in body.lines().filter(|l| l.starts_with(name)) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let labels = series[name.len()..].trim_matches(|c| c == '{' || c == '}');
+            *sums.entry(labels.to_string()).or_default() += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sums
+}
+
+/// Records of `topic` past the group's committed offsets, as a read_committed consumer sees them.
+fn backlog(group: &str, topic: &str) -> Result<usize, KafkaError> {
+    let admin: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let committed = admin.committed_offsets(tpl, Duration::from_secs(10))?;
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("backlog"))
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut from = TopicPartitionList::new();
+    for e in committed.elements() {
+        let offset = match e.offset() {
+            Offset::Offset(o) => Offset::Offset(o),
+            _ => Offset::Beginning,
+        };
+        from.add_partition_offset(topic, e.partition(), offset)?;
+    }
+    reader.assign(&from)?;
+    let (mut eof, mut records) = (std::collections::BTreeSet::new(), 0);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while eof.len() < PARTITIONS as usize && Instant::now() < deadline {
+        match reader.poll(Duration::from_millis(200)) {
+            Some(Ok(_)) => records += 1,
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                eof.insert(p);
+            }
+            _ => {}
+        }
+    }
+    Ok(if eof.len() < PARTITIONS as usize {
+        records.max(1)
+    } else {
+        records
+    })
+}
+
+/// Waits until the group has committed every input message and nothing waits on the internal topic (twice
+/// in a row, a second apart).
+fn wait_quiescent(setup: &Setup, shard_topic: &str, alive: &mut [&mut Child], timeout: Duration) {
+    let started = Instant::now();
+    let inputs: Vec<&str> = setup.input_topics.iter().map(String::as_str).collect();
+    let mut calm = 0;
+    while calm < 2 {
+        for child in alive.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("an instance exited ({status})\n{}", setup.log_tail());
+            }
+        }
+        assert!(
+            started.elapsed() < timeout,
+            "not done after {timeout:?}\n{}",
+            setup.log_tail()
+        );
+        let (committed, total) = setup.progress_of(&inputs);
+        let done = committed >= total && backlog(&setup.group, shard_topic).unwrap_or(1) == 0;
+        calm = if done { calm + 1 } else { 0 };
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// User + system CPU seconds of a running process.
+fn cpu_seconds(child: &Child) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
+    // Fields after the command name, which is in parentheses: utime is the 14th field, stime the 15th.
+    let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|i| fields.get(*i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    ticks / 100.0
+}
+
+fn live_profiles(out: &Output) -> BTreeMap<String, ProfileRecord> {
+    out.view
+        .iter()
+        .filter_map(|(k, v)| Some((k.clone(), v.as_ref()?.profile.clone()?)))
+        .collect()
+}
+
+#[test]
+fn three_instances_one_killed_one_added_equal_one_instance() {
+    let persons = env_or("SCALEOUT_PERSONS", 3_000usize);
+    let (setup, shard_topic) = sharded("scaleout");
+    let reference = setup.sibling("scaleout-ref", UNLIMITED);
+    let j = journeys::generate(&JourneyConfig {
+        persons,
+        seed: 33,
+        duplicate_rate: 0.01,
+        shuffle_window: 200,
+        ..Default::default()
+    });
+    // The input arrives in three parts, so that the kill and the new instance land amid work.
+    let third = j.messages.len().div_ceil(3);
+    let part = |n: usize| journeys::Journeys {
+        messages: j
+            .messages
+            .iter()
+            .skip(n * third)
+            .take(third)
+            .cloned()
+            .collect(),
+        truth: vec![],
+        events: 0,
+        malformed: 0,
+        duplicates: 0,
+    };
+    let send = |n: usize| generate::send(&brokers(), &setup.routes, &part(n), 0).expect("send");
+    let mut sent = send(0);
+
+    let started = Instant::now();
+    let mut reference_child = reference.start();
+    let mut a = start_instance(&setup, 0).child;
+    let mut b = start_instance(&setup, 1).child;
+    let mut c = start_instance(&setup, 2).child;
+    let inputs: Vec<&str> = setup.input_topics.iter().map(String::as_str).collect();
+    let wait_for = |share: f64, children: &mut [&mut Child]| loop {
+        for child in children.iter_mut() {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("an instance exited ({status})\n{}", setup.log_tail());
+            }
+        }
+        let (committed, total) = setup.progress_of(&inputs);
+        if committed as f64 >= share * total as f64 {
+            return (committed, total);
+        }
+        assert!(started.elapsed() < TIMEOUT, "{}", setup.log_tail());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    wait_for(0.5, &mut [&mut a, &mut b, &mut c]);
+    sent += send(1);
+    let at_kill = wait_for(0.6, &mut [&mut a, &mut b, &mut c]);
+    let in_flight = backlog(&setup.group, &shard_topic).unwrap_or_default();
+    kill9(&mut b);
+    println!(
+        "scaleout: killed instance 1 at {}/{} input messages committed, {in_flight} shard messages waiting",
+        at_kill.0, at_kill.1
+    );
+    sent += send(2);
+    let at_add = wait_for(0.75, &mut [&mut a, &mut c]);
+    let mut d = start_instance(&setup, 3).child;
+    println!("scaleout: added instance 3 at {}/{}", at_add.0, at_add.1);
+    println!("scaleout: sent {sent} messages ({} events)", j.events);
+    wait_quiescent(&setup, &shard_topic, &mut [&mut a, &mut c, &mut d], TIMEOUT);
+    let took = started.elapsed();
+    reference.wait_caught_up(&mut reference_child, TIMEOUT);
+    for child in [&mut a, &mut c, &mut d, &mut reference_child] {
+        assert!(sigterm(child).success(), "{}", setup.log_tail());
+    }
+
+    let out = setup.output();
+    let want = reference.output();
+    let got_profiles = live_profiles(&out);
+    let want_profiles = live_profiles(&want);
+    let log = setup.log();
+    let restored: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("shards restored"))
+        .collect();
+    let field = |line: &str, name: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(name)?.strip_prefix('='))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let restored_records: u64 = restored.iter().map(|l| field(l, "records")).sum();
+    let restore_ms: u64 = restored.iter().map(|l| field(l, "elapsed_ms")).sum();
+    println!(
+        "scaleout: {} events, 3 instances (one killed, one added) in {took:.1?}: {} live profiles, \
+         reference {}; {} output records, {} duplicates; {} restores of {restored_records} changelog \
+         records in {restore_ms} ms in all",
+        j.events,
+        got_profiles.len(),
+        want_profiles.len(),
+        out.records.len(),
+        out.duplicates(),
+        restored.len()
+    );
+    assert!(
+        restored_records > 0,
+        "the killed instance's shards were restored elsewhere from their changelog"
+    );
+    assert_eq!(out.duplicates(), 0, "committed output records repeated");
+    let only_here: Vec<_> = got_profiles
+        .iter()
+        .filter(|(id, _)| !want_profiles.contains_key(*id))
+        .map(|(id, p)| (id, p.identifiers.len(), p.events))
+        .collect();
+    let only_there: Vec<_> = want_profiles
+        .iter()
+        .filter(|(id, _)| !got_profiles.contains_key(*id))
+        .map(|(id, p)| (id, p.identifiers.len(), p.events))
+        .collect();
+    assert!(
+        only_here.is_empty() && only_there.is_empty(),
+        "live profile ids differ: only sharded {only_here:?}, only one instance {only_there:?}"
+    );
+    let differing: Vec<_> = got_profiles
+        .iter()
+        .filter(|(id, p)| want_profiles.get(*id) != Some(*p))
+        .collect();
+    if let Some((id, p)) = differing.first() {
+        panic!(
+            "{} profiles differ from the one-instance run; first {id}:\nsharded   {p:?}\none instance {:?}",
+            differing.len(),
+            want_profiles.get(*id)
+        );
+    }
+    // Every redirect of the sharded run leads to a live profile.
+    let summaries = live_summaries(&out.view);
+    assert_eq!(
+        summaries,
+        truth_summaries(&j.truth),
+        "profiles equal the truth"
+    );
+}
+
+/// Throughput with 1, 2 and 3 instances on this machine, each over the same input, with each instance's
+/// CPU time and the messages between shards per merge. `SCALEOUT_BENCH=1 cargo test --release --features
+/// kafka-it --test scaleout -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn throughput_with_one_two_three_instances() {
+    if std::env::var("SCALEOUT_BENCH").is_err() {
+        return;
+    }
+    let persons = env_or("SCALEOUT_PERSONS", 10_000usize);
+    let j = journeys::generate(&JourneyConfig {
+        persons,
+        seed: 34,
+        shuffle_window: 200,
+        ..Default::default()
+    });
+    for n in 1..=3usize {
+        let (setup, shard_topic) = sharded(&format!("scaleout-bench{n}"));
+        let sent = generate::send(&brokers(), &setup.routes, &j, 0).expect("send");
+        let started = Instant::now();
+        let mut instances: Vec<Instance> = (0..n).map(|i| start_instance(&setup, i)).collect();
+        {
+            let mut children: Vec<&mut Child> =
+                instances.iter_mut().map(|i| &mut i.child).collect();
+            wait_quiescent(&setup, &shard_topic, &mut children, TIMEOUT);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let cpu: Vec<String> = instances
+            .iter()
+            .map(|i| format!("{:.1}", cpu_seconds(&i.child)))
+            .collect();
+        let ports: Vec<u16> = instances.iter().map(|i| i.port).collect();
+        let by_series = counters(&ports, "stitcher_shard_messages_total");
+        let merges: f64 = counters(&ports, "stitcher_profile_merges_total")
+            .values()
+            .sum();
+        for instance in instances.iter_mut() {
+            sigterm(&mut instance.child);
+        }
+        let count = |pred: &dyn Fn(&str) -> bool| -> f64 {
+            by_series
+                .iter()
+                .filter(|(k, _)| pred(k))
+                .map(|(_, v)| v)
+                .sum()
+        };
+        let events = count(&|k| k.contains("kind=\"event\""));
+        let linking = count(&|k| {
+            ["union", "meet", "hook", "absorb"]
+                .iter()
+                .any(|kind| k.contains(&format!("kind=\"{kind}\"")))
+        });
+        let all = count(&|_| true);
+        let crossing = count(&|k| k.contains("route=\"topic\""));
+        println!(
+            "scaleout-bench: {n} instance(s): {sent} messages in {secs:.1}s = {:.0} msg/s; CPU seconds per \
+             instance [{}]; {:.1} shard messages per event, {:.1} union/meet/hook/absorb per merge \
+             ({merges} merges), {:.0}% through the internal topic",
+            sent as f64 / secs,
+            cpu.join(", "),
+            all / events.max(1.0),
+            linking / merges.max(1.0),
+            100.0 * crossing / all.max(1.0),
+        );
+    }
+}
