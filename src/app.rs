@@ -11,6 +11,7 @@ use crate::http::{self, HttpState};
 use crate::metrics::Metrics;
 use crate::normalize::Normalizer;
 use crate::pipeline::{Pipeline, RunSummary};
+use crate::scaleout::lookup::HeldShards;
 use crate::scaleout::runtime::ShardedPipeline;
 use crate::store::Store;
 
@@ -22,12 +23,17 @@ pub async fn run(
 ) -> anyhow::Result<RunSummary> {
     let store = open_store(&cfg).await?;
     let listener = TcpListener::bind(cfg.http.listen).await?;
+    let held = cfg
+        .scaleout
+        .enabled()
+        .then(|| HeldShards::new(cfg.scaleout.shards));
     tracing::info!(addr = %listener.local_addr()?, "http listening");
     let http_state = HttpState {
         metrics: metrics.clone(),
         store: Some(store.clone()),
         normalizer: Arc::new(Normalizer::new(&cfg.identity)?),
         bearer_token: cfg.http.bearer_token.clone(),
+        shards: held.clone(),
     };
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
@@ -41,8 +47,9 @@ pub async fn run(
     let instance = cfg.kafka.instance_id.clone();
     let pipeline_stop = shutdown.clone();
     let result = tokio::task::spawn_blocking(move || {
-        if cfg.scaleout.enabled() {
-            let pipeline = ShardedPipeline::start(cfg, store, metrics, &instance, &pipeline_stop)?;
+        if let Some(held) = held {
+            let pipeline =
+                ShardedPipeline::start(cfg, store, metrics, &instance, held, &pipeline_stop)?;
             pipeline.run(pipeline_stop)
         } else {
             let pipeline = Pipeline::start(cfg, store, metrics, &instance, &pipeline_stop)?;

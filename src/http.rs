@@ -8,6 +8,9 @@
 //!
 //! Answers come from local RocksDB state. 404 for unknown ids, 400 for malformed ones. With
 //! `http.bearer_token` set, the lookup routes require `Authorization: Bearer <token>`.
+//!
+//! In scale-out mode only `GET /v1/identifiers/{type}/{value}` answers (the others 501): from the shards
+//! this instance holds, or 421 when the identifier's component lies partly in a shard held elsewhere.
 
 use std::sync::Arc;
 
@@ -24,6 +27,7 @@ use crate::codec::update::ProfileRecord;
 use crate::metrics::Metrics;
 use crate::model::{NodeId, ProfileId};
 use crate::normalize::Normalizer;
+use crate::scaleout::lookup::{lookup, HeldShards, Lookup};
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -32,6 +36,8 @@ pub struct HttpState {
     pub store: Option<Store>,
     pub normalizer: Arc<Normalizer>,
     pub bearer_token: Option<String>,
+    /// In scale-out mode, the shards this instance holds: identifier lookups climb them.
+    pub shards: Option<HeldShards>,
 }
 
 #[derive(Serialize)]
@@ -123,6 +129,18 @@ fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Refused> {
     }
 }
 
+/// Scale-out mode keeps neither an index of profile ids nor the links an explanation shows.
+fn sharded_refuses(s: &HttpState) -> Result<(), Refused> {
+    match s.shards {
+        Some(_) => Err((
+            StatusCode::NOT_IMPLEMENTED,
+            "scale-out mode answers lookups by identifier only: GET /v1/identifiers/{type}/{value}"
+                .into(),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// What every lookup route checks last: that there is state to read.
 fn state(s: &HttpState) -> Result<Store, Refused> {
     s.store
@@ -137,6 +155,7 @@ fn profile_request(
     id: String,
 ) -> Result<(Store, ProfileId), Refused> {
     authorize(s, headers)?;
+    sharded_refuses(s)?;
     if !id.starts_with("p-") || id.len() != 22 || !id[2..].bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err((
             StatusCode::BAD_REQUEST,
@@ -214,7 +233,9 @@ async fn for_identifier<T: Serialize + Send + 'static>(
     (kind, value): (String, String),
     f: fn(&Store, NodeId) -> Found<T>,
 ) -> Response {
-    let (store, id) = match identifier_request(&s, &headers, &kind, &value) {
+    let (store, id) = match identifier_request(&s, &headers, &kind, &value)
+        .and_then(|x| sharded_refuses(&s).map(|()| x))
+    {
         Ok(x) => x,
         Err((status, message)) => return error(status, message),
     };
@@ -231,7 +252,40 @@ async fn by_identifier(
     headers: HeaderMap,
     Path(key): Path<(String, String)>,
 ) -> Response {
-    for_identifier(s, headers, key, |store, node| load(store, node, None)).await
+    match s.shards.clone() {
+        Some(held) => sharded_identifier(s, headers, key, held).await,
+        None => for_identifier(s, headers, key, |store, node| load(store, node, None)).await,
+    }
+}
+
+/// An identifier lookup in scale-out mode ([`lookup`]).
+async fn sharded_identifier(
+    s: HttpState,
+    headers: HeaderMap,
+    (kind, value): (String, String),
+    held: HeldShards,
+) -> Response {
+    let (store, id) = match identifier_request(&s, &headers, &kind, &value) {
+        Ok(x) => x,
+        Err((status, message)) => return error(status, message),
+    };
+    let answer = tokio::task::spawn_blocking(move || lookup(&store, &held, &id)).await;
+    if let Ok(Ok(Lookup::Elsewhere(shard))) = answer {
+        return error(
+            StatusCode::MISDIRECTED_REQUEST,
+            format!("shard {shard} of this identifier's component is held by another instance"),
+        );
+    }
+    respond(answer.map(|found| {
+        found.map(|l| match l {
+            Lookup::Found(p) => Some(LookupAnswer {
+                profile_id: p.id().to_string(),
+                redirected_from: None,
+                profile: (&*p).into(),
+            }),
+            Lookup::Unknown | Lookup::Elsewhere(_) => None,
+        })
+    }))
 }
 
 async fn explain(

@@ -18,7 +18,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use common::*;
 use stitcher::codec::update::ProfileRecord;
 use stitcher::generate;
-use stitcher::journeys::{self, JourneyConfig};
+use stitcher::journeys::{self, JourneyConfig, PersonTruth};
 
 const PARTITIONS: i32 = 12;
 const TIMEOUT: Duration = Duration::from_secs(900);
@@ -179,6 +179,38 @@ fn live_profiles(out: &Output) -> BTreeMap<String, ProfileRecord> {
         .collect()
 }
 
+/// Asks every live instance for the profile of up to 200 persons' emails: each answers with the profile the
+/// one-instance reference gives, or 421 when a shard of the component is held by another instance. Returns
+/// how many emails some instance answered.
+fn lookups_agree(truth: &[PersonTruth], ports: &[u16], reference: &Setup) -> usize {
+    let mut answered = 0;
+    let emails = truth
+        .iter()
+        .filter_map(|p| p.identifiers.iter().find(|(k, _)| k == "email"))
+        .take(200);
+    for (_, email) in emails {
+        let path = format!("/v1/identifiers/email/{email}");
+        let (status, body) = reference.http_get(&path);
+        assert_eq!(status, 200, "reference lookup of {email}: {body}");
+        let want: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let mut found = false;
+        for port in ports {
+            let (status, body) = http_get(*port, &path);
+            match status {
+                200 => {
+                    let got: serde_json::Value = serde_json::from_str(&body).expect("json");
+                    assert_eq!(got, want, "lookup of {email} on port {port}");
+                    found = true;
+                }
+                421 => {}
+                _ => panic!("lookup of {email} on port {port}: {status} {body}"),
+            }
+        }
+        answered += usize::from(found);
+    }
+    answered
+}
+
 #[test]
 fn three_instances_one_killed_one_added_equal_one_instance() {
     let persons = env_or("SCALEOUT_PERSONS", 3_000usize);
@@ -211,9 +243,9 @@ fn three_instances_one_killed_one_added_equal_one_instance() {
 
     let started = Instant::now();
     let mut reference_child = reference.start();
-    let mut a = start_instance(&setup, 0).child;
-    let mut b = start_instance(&setup, 1).child;
-    let mut c = start_instance(&setup, 2).child;
+    let mut a = start_instance(&setup, 0);
+    let mut b = start_instance(&setup, 1);
+    let mut c = start_instance(&setup, 2);
     let inputs: Vec<&str> = setup.input_topics.iter().map(String::as_str).collect();
     let wait_for = |share: f64, children: &mut [&mut Child]| loop {
         for child in children.iter_mut() {
@@ -228,24 +260,35 @@ fn three_instances_one_killed_one_added_equal_one_instance() {
         assert!(started.elapsed() < TIMEOUT, "{}", setup.log_tail());
         std::thread::sleep(Duration::from_millis(100));
     };
-    wait_for(0.5, &mut [&mut a, &mut b, &mut c]);
+    wait_for(0.5, &mut [&mut a.child, &mut b.child, &mut c.child]);
     sent += send(1);
-    let at_kill = wait_for(0.6, &mut [&mut a, &mut b, &mut c]);
+    let at_kill = wait_for(0.6, &mut [&mut a.child, &mut b.child, &mut c.child]);
     let in_flight = backlog(&setup.group, &shard_topic).unwrap_or_default();
-    kill9(&mut b);
+    kill9(&mut b.child);
     println!(
         "scaleout: killed instance 1 at {}/{} input messages committed, {in_flight} shard messages waiting",
         at_kill.0, at_kill.1
     );
     sent += send(2);
-    let at_add = wait_for(0.75, &mut [&mut a, &mut c]);
-    let mut d = start_instance(&setup, 3).child;
+    let at_add = wait_for(0.75, &mut [&mut a.child, &mut c.child]);
+    let mut d = start_instance(&setup, 3);
     println!("scaleout: added instance 3 at {}/{}", at_add.0, at_add.1);
     println!("scaleout: sent {sent} messages ({} events)", j.events);
-    wait_quiescent(&setup, &shard_topic, &mut [&mut a, &mut c, &mut d], TIMEOUT);
+    wait_quiescent(
+        &setup,
+        &shard_topic,
+        &mut [&mut a.child, &mut c.child, &mut d.child],
+        TIMEOUT,
+    );
     let took = started.elapsed();
     reference.wait_caught_up(&mut reference_child, TIMEOUT);
-    for child in [&mut a, &mut c, &mut d, &mut reference_child] {
+    let answered = lookups_agree(&j.truth, &[a.port, c.port, d.port], &reference);
+    for child in [
+        &mut a.child,
+        &mut c.child,
+        &mut d.child,
+        &mut reference_child,
+    ] {
         assert!(sigterm(child).success(), "{}", setup.log_tail());
     }
 
@@ -281,6 +324,8 @@ fn three_instances_one_killed_one_added_equal_one_instance() {
         restored_records > 0,
         "the killed instance's shards were restored elsewhere from their changelog"
     );
+    println!("scaleout: {answered} of the lookups by email answered by one of the live instances");
+    assert!(answered > 0, "no instance answered a lookup");
     assert_eq!(out.duplicates(), 0, "committed output records repeated");
     let only_here: Vec<_> = got_profiles
         .iter()

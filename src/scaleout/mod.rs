@@ -20,6 +20,7 @@
 //!   are joins (commutative, associative), so the root ends with exactly the single-instance profile, and
 //!   its public id (from the earliest event) is the single-instance id too.
 
+pub mod lookup;
 pub mod runtime;
 pub mod state;
 

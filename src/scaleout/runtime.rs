@@ -21,6 +21,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use rocksdb::WriteBatch;
 use tokio_util::sync::CancellationToken;
 
+use super::lookup::HeldShards;
 use super::state::{shard_of_key, ShardOverlay};
 use super::{handle, home, Effects, Msg, ShardId};
 use crate::codec::ProfileUpdate;
@@ -63,6 +64,8 @@ pub struct ShardedPipeline {
     changelog: String,
     /// Shards restored and handled here, under the current assignment.
     owned: BTreeSet<ShardId>,
+    /// `owned`, as the lookup API sees it.
+    held: HeldShards,
     /// The consumer's rebalance count when `owned` was last brought in line with the assignment.
     synced_at: Option<u64>,
     /// Per assigned partition, the committed offset: a message before it (fetched before a rebalance) is
@@ -78,6 +81,7 @@ impl ShardedPipeline {
         store: Store,
         metrics: Metrics,
         instance: &str,
+        held: HeldShards,
         shutdown: &CancellationToken,
     ) -> Result<Self, PipelineError> {
         let processor = Processor::new(&cfg, metrics.clone())?;
@@ -116,6 +120,7 @@ impl ShardedPipeline {
             committer,
             instance: instance.to_string(),
             owned: BTreeSet::new(),
+            held,
             synced_at: None,
             expected: BTreeMap::new(),
             carried: None,
@@ -441,6 +446,7 @@ impl ShardedPipeline {
         self.carried = None;
         self.consumer = subscribed_consumer(&self.cfg, &self.metrics)?;
         self.owned.clear();
+        self.held.publish(&self.owned);
         self.synced_at = None;
         self.metrics.shards_owned.set(0);
         Ok(())
@@ -456,6 +462,7 @@ impl ShardedPipeline {
         // a shard may have been handled elsewhere and come back. A restore reads only what this instance's
         // copy lacks, usually nothing.
         self.owned.clear();
+        self.held.publish(&self.owned);
         let assignment = self.consumer.assignment()?;
         let assigned: Vec<ShardId> = assignment
             .elements_for_topic(&self.topic)
@@ -488,6 +495,7 @@ impl ShardedPipeline {
             }
         }
         self.metrics.shards_owned.set(self.owned.len() as i64);
+        self.held.publish(&self.owned);
         self.metrics.ready.set(1);
         self.synced_at = Some(generation);
         Ok(())
