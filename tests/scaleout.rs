@@ -136,10 +136,16 @@ fn backlog(group: &str, topic: &str) -> Result<usize, KafkaError> {
 }
 
 /// Waits until the group has committed every input message and nothing waits on the internal topic (twice
-/// in a row, a second apart).
-fn wait_quiescent(setup: &Setup, shard_topic: &str, alive: &mut [&mut Child], timeout: Duration) {
+/// in a row, a second apart); returns when that was first seen.
+fn wait_quiescent(
+    setup: &Setup,
+    shard_topic: &str,
+    alive: &mut [&mut Child],
+    timeout: Duration,
+) -> Instant {
     let started = Instant::now();
     let inputs: Vec<&str> = setup.input_topics.iter().map(String::as_str).collect();
+    let mut done_since: Option<Instant> = None;
     let mut calm = 0;
     while calm < 2 {
         for child in alive.iter_mut() {
@@ -154,14 +160,46 @@ fn wait_quiescent(setup: &Setup, shard_topic: &str, alive: &mut [&mut Child], ti
         );
         let (committed, total) = setup.progress_of(&inputs);
         let done = committed >= total && backlog(&setup.group, shard_topic).unwrap_or(1) == 0;
-        calm = if done { calm + 1 } else { 0 };
-        std::thread::sleep(Duration::from_secs(1));
+        if done {
+            calm += 1;
+            done_since.get_or_insert_with(Instant::now);
+        } else {
+            calm = 0;
+            done_since = None;
+        }
+        std::thread::sleep(Duration::from_millis(if done { 1000 } else { 100 }));
     }
+    done_since.unwrap_or_else(Instant::now)
+}
+
+/// Waits for the group's first commit on the inputs.
+fn wait_first_commit(setup: &Setup, timeout: Duration) -> Instant {
+    let started = Instant::now();
+    let inputs: Vec<&str> = setup.input_topics.iter().map(String::as_str).collect();
+    while setup.progress_of(&inputs).0 == 0 {
+        assert!(started.elapsed() < timeout, "{}", setup.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Instant::now()
+}
+
+/// The broker's pid (the local launcher's java process), for its CPU time.
+fn broker_pid() -> Option<u32> {
+    let out = std::process::Command::new("pgrep")
+        .args(["-f", "kafka.Kafka"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// User + system CPU seconds of a running process.
-fn cpu_seconds(child: &Child) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap_or_default();
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the command name, which is in parentheses: utime is the 14th field, stime the 15th.
     let after = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after.split_whitespace().collect();
@@ -380,23 +418,28 @@ fn throughput_with_one_two_three_instances() {
     for n in 1..=3usize {
         let (setup, shard_topic) = sharded(&format!("scaleout-bench{n}"));
         let sent = generate::send(&brokers(), &setup.routes, &j, 0).expect("send");
-        let started = Instant::now();
+        let broker = broker_pid();
+        let broker_before = broker.map(cpu_seconds).unwrap_or_default();
         let mut instances: Vec<Instance> = (0..n).map(|i| start_instance(&setup, i)).collect();
-        {
+        let first = wait_first_commit(&setup, TIMEOUT);
+        let done = {
             let mut children: Vec<&mut Child> =
                 instances.iter_mut().map(|i| &mut i.child).collect();
-            wait_quiescent(&setup, &shard_topic, &mut children, TIMEOUT);
-        }
-        let secs = started.elapsed().as_secs_f64();
+            wait_quiescent(&setup, &shard_topic, &mut children, TIMEOUT)
+        };
+        let secs = (done - first).as_secs_f64();
         let cpu: Vec<String> = instances
             .iter()
-            .map(|i| format!("{:.1}", cpu_seconds(&i.child)))
+            .map(|i| format!("{:.1}", cpu_seconds(i.child.id())))
             .collect();
+        let broker_cpu = broker.map(cpu_seconds).unwrap_or_default() - broker_before;
         let ports: Vec<u16> = instances.iter().map(|i| i.port).collect();
         let by_series = counters(&ports, "stitcher_shard_messages_total");
-        let merges: f64 = counters(&ports, "stitcher_profile_merges_total")
-            .values()
-            .sum();
+        let sum_of = |name: &str| -> f64 { counters(&ports, name).values().sum() };
+        let merges = sum_of("stitcher_profile_merges_total");
+        let batches = sum_of("stitcher_batch_size_messages_count");
+        let batch_mean = sum_of("stitcher_batch_size_messages_sum") / batches.max(1.0);
+        let batch_ms = 1000.0 * sum_of("stitcher_batch_duration_seconds_sum") / batches.max(1.0);
         for instance in instances.iter_mut() {
             sigterm(&mut instance.child);
         }
@@ -417,13 +460,14 @@ fn throughput_with_one_two_three_instances() {
         let crossing = count(&|k| k.contains("route=\"topic\""));
         println!(
             "scaleout-bench: {n} instance(s): {sent} messages in {secs:.1}s = {:.0} msg/s; CPU seconds per \
-             instance [{}]; {:.1} shard messages per event, {:.1} union/meet/hook/absorb per merge \
+             instance [{}], broker {broker_cpu:.1}; {batches} batches of {batch_mean:.0} messages, \
+             {batch_ms:.0} ms each; {:.1} shard messages per event, {:.1} union/meet/hook/absorb per merge \
              ({merges} merges), {:.0}% through the internal topic",
             sent as f64 / secs,
             cpu.join(", "),
             all / events.max(1.0),
             linking / merges.max(1.0),
-            100.0 * crossing / all.max(1.0),
+            (100.0 * crossing / all.max(1.0)).abs(),
         );
     }
 }
