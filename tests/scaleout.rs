@@ -301,13 +301,16 @@ fn three_instances_one_killed_one_added_equal_one_instance() {
     wait_for(0.5, &mut [&mut a.child, &mut b.child, &mut c.child]);
     sent += send(1);
     let at_kill = wait_for(0.6, &mut [&mut a.child, &mut b.child, &mut c.child]);
-    let in_flight = backlog(&setup.group, &shard_topic).unwrap_or_default();
+    // The last part arrives just before the kill, so that the killed instance is in the middle of a batch.
+    sent += send(2);
+    std::thread::sleep(Duration::from_millis(300));
     kill9(&mut b.child);
+    let in_flight = backlog(&setup.group, &shard_topic).unwrap_or_default();
     println!(
-        "scaleout: killed instance 1 at {}/{} input messages committed, {in_flight} shard messages waiting",
+        "scaleout: killed instance 1 at {}/{} input messages committed (then {sent} sent), {in_flight} \
+         shard messages waiting",
         at_kill.0, at_kill.1
     );
-    sent += send(2);
     let at_add = wait_for(0.75, &mut [&mut a.child, &mut c.child]);
     let mut d = start_instance(&setup, 3);
     println!("scaleout: added instance 3 at {}/{}", at_add.0, at_add.1);
