@@ -418,6 +418,22 @@ fn throughput_with_one_two_three_instances() {
         shuffle_window: 200,
         ..Default::default()
     });
+    {
+        // Baseline: classic mode, one instance, same input and guardrails.
+        let classic = Setup::new("scaleout-bench-classic", PARTITIONS, UNLIMITED);
+        let sent = generate::send(&brokers(), &classic.routes, &j, 0).expect("send");
+        let mut child = classic.start();
+        let first = wait_first_commit(&classic, TIMEOUT);
+        classic.wait_caught_up(&mut child, TIMEOUT);
+        let secs = first.elapsed().as_secs_f64();
+        let cpu = cpu_seconds(child.id());
+        sigterm(&mut child);
+        println!(
+            "scaleout-bench: classic mode, 1 instance: {sent} messages in {secs:.1}s = {:.0} msg/s; CPU \
+             seconds {cpu:.1}",
+            sent as f64 / secs
+        );
+    }
     for n in 1..=3usize {
         let (setup, shard_topic) = sharded(&format!("scaleout-bench{n}"));
         let sent = generate::send(&brokers(), &setup.routes, &j, 0).expect("send");

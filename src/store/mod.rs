@@ -373,6 +373,9 @@ impl Store {
     }
 
     /// Forgets this instance's copy of a shard (before restoring it from the start of its changelog).
+    /// A range deletion is written only if the shard holds something: every later read of the memtable
+    /// and files that hold a range tombstone pays for it (measured: half the CPU of a sharded instance
+    /// that had wiped its empty shards at start-up).
     pub fn wipe_shard(&self, shard: u32) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         let from = shard.to_be_bytes().to_vec();
@@ -380,7 +383,13 @@ impl Store {
             Some(next) => next.to_be_bytes().to_vec(),
             None => vec![0xff; 5],
         };
-        batch.delete_range_cf(self.cf(CF_SHARDS)?, from, to);
+        let cf = self.cf(CF_SHARDS)?;
+        let mut first = self.db.raw_iterator_cf(cf);
+        first.seek(&from);
+        first.status()?;
+        if first.key().is_some_and(|k| k < to.as_slice()) {
+            batch.delete_range_cf(cf, from, to);
+        }
         batch.delete_cf(self.cf(CF_META)?, changelog_meta_key(shard));
         self.write(batch)
     }
