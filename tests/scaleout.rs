@@ -56,6 +56,29 @@ fn sharded(test: &str) -> (Setup, String) {
     (setup, shard_topic)
 }
 
+/// Mean time of a batch and of its commit, in ms, over the instances.
+fn batch_and_commit_ms(ports: &[u16]) -> (f64, f64) {
+    let mean = |name: &str| {
+        let sum: f64 = counters(ports, &format!("{name}_sum")).values().sum();
+        let count: f64 = counters(ports, &format!("{name}_count")).values().sum();
+        1000.0 * sum / count.max(1.0)
+    };
+    (
+        mean("stitcher_batch_duration_seconds"),
+        mean("stitcher_commit_duration_seconds"),
+    )
+}
+
+/// Sets `processing.batch_max_events` (the tests' linger is 50 ms).
+fn batching(setup: &Setup, max_events: usize) {
+    setup.edit_config(|c| {
+        c.replace(
+            "[processing]\n",
+            &format!("[processing]\nbatch_max_events = {max_events}\n"),
+        )
+    });
+}
+
 /// One instance of a sharded setup, with its own id, state and HTTP port.
 struct Instance {
     child: Child,
@@ -403,8 +426,9 @@ fn three_instances_one_killed_one_added_equal_one_instance() {
 }
 
 /// Throughput with 1, 2 and 3 instances on this machine, each over the same input, with each instance's
-/// CPU time and the messages between shards per merge. `SCALEOUT_BENCH=1 cargo test --release --features
-/// kafka-it --test scaleout -- --ignored --nocapture`.
+/// CPU time and the messages between shards per merge, after one instance in classic mode as the baseline.
+/// `SCALEOUT_BENCH=1 cargo test --release --features kafka-it --test scaleout -- --ignored --nocapture`;
+/// `SCALEOUT_PERSONS` and `SCALEOUT_BATCH` (most messages per batch, 2,000) change the run.
 #[test]
 #[ignore]
 fn throughput_with_one_two_three_instances() {
@@ -412,6 +436,8 @@ fn throughput_with_one_two_three_instances() {
         return;
     }
     let persons = env_or("SCALEOUT_PERSONS", 10_000usize);
+    let batch = env_or("SCALEOUT_BATCH", 2_000usize);
+    println!("scaleout-bench: batches of at most {batch} messages or 50 ms");
     let j = journeys::generate(&JourneyConfig {
         persons,
         seed: 34,
@@ -421,21 +447,24 @@ fn throughput_with_one_two_three_instances() {
     {
         // Baseline: classic mode, one instance, same input and guardrails.
         let classic = Setup::new("scaleout-bench-classic", PARTITIONS, UNLIMITED);
+        batching(&classic, batch);
         let sent = generate::send(&brokers(), &classic.routes, &j, 0).expect("send");
         let mut child = classic.start();
         let first = wait_first_commit(&classic, TIMEOUT);
         classic.wait_caught_up(&mut child, TIMEOUT);
         let secs = first.elapsed().as_secs_f64();
         let cpu = cpu_seconds(child.id());
+        let (batch_ms, commit_ms) = batch_and_commit_ms(&[classic.http_port]);
         sigterm(&mut child);
         println!(
             "scaleout-bench: classic mode, 1 instance: {sent} messages in {secs:.1}s = {:.0} msg/s; CPU \
-             seconds {cpu:.1}",
+             seconds {cpu:.1}; batches of {batch_ms:.0} ms, {commit_ms:.0} ms of it committing",
             sent as f64 / secs
         );
     }
     for n in 1..=3usize {
         let (setup, shard_topic) = sharded(&format!("scaleout-bench{n}"));
+        batching(&setup, batch);
         let sent = generate::send(&brokers(), &setup.routes, &j, 0).expect("send");
         let broker = broker_pid();
         let broker_before = broker.map(cpu_seconds).unwrap_or_default();
@@ -458,7 +487,7 @@ fn throughput_with_one_two_three_instances() {
         let merges = sum_of("stitcher_profile_merges_total");
         let batches = sum_of("stitcher_batch_size_messages_count");
         let batch_mean = sum_of("stitcher_batch_size_messages_sum") / batches.max(1.0);
-        let batch_ms = 1000.0 * sum_of("stitcher_batch_duration_seconds_sum") / batches.max(1.0);
+        let (batch_ms, commit_ms) = batch_and_commit_ms(&ports);
         for instance in instances.iter_mut() {
             sigterm(&mut instance.child);
         }
@@ -480,7 +509,7 @@ fn throughput_with_one_two_three_instances() {
         println!(
             "scaleout-bench: {n} instance(s): {sent} messages in {secs:.1}s = {:.0} msg/s; CPU seconds per \
              instance [{}], broker {broker_cpu:.1}; {batches} batches of {batch_mean:.0} messages, \
-             {batch_ms:.0} ms each; {:.1} shard messages per event, {:.1} union/meet/hook/absorb per merge \
+             {batch_ms:.0} ms each, {commit_ms:.0} ms of it committing; {:.1} shard messages per event, {:.1} union/meet/hook/absorb per merge \
              ({merges} merges), {:.0}% through the internal topic",
             sent as f64 / secs,
             cpu.join(", "),

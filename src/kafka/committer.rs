@@ -213,6 +213,7 @@ impl Committer {
             tpl.add_partition_offset(&p.topic, p.partition, Offset::Offset(p.next_offset))?;
         }
         let mut backoff = Duration::from_millis(100);
+        let started = Instant::now();
         loop {
             let attempt = match self.guarantee {
                 Guarantee::ExactlyOnce => self.transaction(records, &tpl, consumer, deadline),
@@ -224,6 +225,9 @@ impl Committer {
                         .transactions
                         .with_label_values(&["committed"])
                         .inc();
+                    self.metrics
+                        .commit_duration
+                        .observe(started.elapsed().as_secs_f64());
                     return Ok(());
                 }
                 Err(e) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
