@@ -64,6 +64,30 @@ pub struct Pipeline {
     paused: bool,
 }
 
+/// Records a committed batch (started at `started`, `records` produced) in the metrics and the totals.
+pub(crate) fn batch_committed(
+    metrics: &Metrics,
+    batch: &Batch,
+    started: Instant,
+    records: usize,
+    summary: &mut RunSummary,
+) {
+    let committed_ms = now_millis();
+    for ts in &batch.event_times {
+        metrics
+            .event_latency
+            .observe(((committed_ms - ts).max(0)) as f64 / 1000.0);
+    }
+    metrics
+        .batch_duration
+        .observe(started.elapsed().as_secs_f64());
+    metrics.batch_size.observe(batch.messages as f64);
+    metrics.last_commit.set(committed_ms / 1000);
+    summary.batches += 1;
+    summary.messages += batch.messages as u64;
+    summary.records += records as u64;
+}
+
 /// Every topic the pipeline consumes: the inputs and, if configured, the control topic; in scale-out mode
 /// the inputs and the internal shard topic.
 pub(crate) fn subscribed_topics(cfg: &Config) -> Vec<&str> {
@@ -312,20 +336,13 @@ impl Pipeline {
                 return Err(e.into());
             }
         }
-        let committed_ms = now_millis();
-        for ts in &batch.event_times {
-            self.metrics
-                .event_latency
-                .observe(((committed_ms - ts).max(0)) as f64 / 1000.0);
-        }
-        self.metrics
-            .batch_duration
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics.batch_size.observe(batch.messages as f64);
-        self.metrics.last_commit.set(committed_ms / 1000);
-        summary.batches += 1;
-        summary.messages += batch.messages as u64;
-        summary.records += checkpoint.outbox.len() as u64;
+        batch_committed(
+            &self.metrics,
+            &batch,
+            started,
+            checkpoint.outbox.len(),
+            summary,
+        );
         Ok(())
     }
 

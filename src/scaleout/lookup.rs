@@ -79,25 +79,12 @@ mod tests {
     use super::*;
     use crate::model::Event;
     use crate::scaleout::state::ShardOverlay;
+    use crate::scaleout::tests::ev;
     use crate::scaleout::{handle, Effects, Msg};
     use crate::stitch::Rules;
     use crate::store::TempStore;
 
     const SHARDS: ShardId = 4;
-
-    fn ev(n: usize, ids: &[(&str, &str)]) -> Event {
-        Event {
-            event_id: format!("e{n}"),
-            channel: "web".into(),
-            event_type: "page_view".into(),
-            timestamp: 1_000 + n as i64,
-            identifiers: ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
-            purchase: None,
-            items: vec![],
-            campaign_id: None,
-            consent: None,
-        }
-    }
 
     /// Handles the events to the end over four shards and commits the state.
     fn stitched(store: &Store, events: &[Event]) {
@@ -131,11 +118,11 @@ mod tests {
         stitched(
             store,
             &[
-                ev(0, &[ids[0], ids[1]]),
-                ev(1, &[ids[2], ids[3]]),
-                ev(2, &[ids[1], ids[3]]),
-                ev(3, &[ids[4], ids[2]]),
-                ev(4, &[("email", "b@x.io")]),
+                ev(0, 1000, [ids[0], ids[1]]),
+                ev(1, 1001, [ids[2], ids[3]]),
+                ev(2, 1002, [ids[1], ids[3]]),
+                ev(3, 1003, [ids[4], ids[2]]),
+                ev(4, 1004, [("email", "b@x.io")]),
             ],
         );
         let held = HeldShards::new(SHARDS);

@@ -193,24 +193,31 @@ pub fn handle<S: ShardState>(
                 fx.msgs.push(Msg::Union(child, parent));
             }
         }
-        Msg::Part(x, part) => {
-            let p = parent_of(state, &x)?;
-            if p == x {
-                join_at_root(state, x, *part, false, fx)?;
-            } else {
-                fx.msgs.push(Msg::Part(p, part));
-            }
-        }
-        Msg::Absorb(x, profile) => {
-            let p = parent_of(state, &x)?;
-            if p == x {
-                join_at_root(state, x, *profile, true, fx)?;
-            } else {
-                fx.msgs.push(Msg::Absorb(p, profile));
-            }
-        }
+        Msg::Part(x, part) => climb_to_join(state, x, part, false, fx)?,
+        Msg::Absorb(x, profile) => climb_to_join(state, x, profile, true, fx)?,
     }
     Ok(())
+}
+
+/// `Part` (`absorbed` false) and `Absorb`: joins `profile` at `x` if it is a root, else sends it one step up.
+fn climb_to_join<S: ShardState>(
+    state: &mut S,
+    x: Identifier,
+    profile: Box<Profile>,
+    absorbed: bool,
+    fx: &mut Effects,
+) -> Result<(), S::Error> {
+    let p = parent_of(state, &x)?;
+    if p == x {
+        join_at_root(state, x, *profile, absorbed, fx)
+    } else {
+        fx.msgs.push(if absorbed {
+            Msg::Absorb(p, profile)
+        } else {
+            Msg::Part(p, profile)
+        });
+        Ok(())
+    }
 }
 
 /// Joins `incoming` into the profile of root `r`. A profile's public id follows its earliest event, so a
@@ -457,7 +464,12 @@ mod tests {
             .collect()
     }
 
-    fn ev(n: usize, ts: i64, ids: Vec<(&'static str, String)>) -> Event {
+    /// Event `e{n}` at `ts` with identifiers `ids`; also for the tests of `state` and `lookup`.
+    pub(super) fn ev<V: Into<String>>(
+        n: usize,
+        ts: i64,
+        ids: impl IntoIterator<Item = (&'static str, V)>,
+    ) -> Event {
         let mut identifiers: Vec<Identifier> = ids
             .into_iter()
             .map(|(k, v)| Identifier::new(k, v))

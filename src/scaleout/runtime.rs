@@ -30,7 +30,7 @@ use crate::kafka::reader::QuietEof;
 use crate::kafka::{base_config, CommitError, Committer, Deadline, StitchConsumer};
 use crate::metrics::Metrics;
 use crate::model::{now_millis, Identifier, ProfileId};
-use crate::pipeline::{subscribed_consumer, PipelineError, RunSummary};
+use crate::pipeline::{batch_committed, subscribed_consumer, PipelineError, RunSummary};
 use crate::processor::{positions_vec, source, Batch, InMessage, Processor};
 use crate::stitch::Rules;
 use crate::store::{decode_v1, encode_v1, OutRecord, Store, StoreError};
@@ -243,21 +243,8 @@ impl ShardedPipeline {
         self.store
             .put_shard_changes(&mut wb, overlay.changes(), positions)?;
         self.store.write(wb)?;
-        let committed_ms = now_millis();
-        for ts in &batch.event_times {
-            self.metrics
-                .event_latency
-                .observe(((committed_ms - ts).max(0)) as f64 / 1000.0);
-        }
         self.metrics.profile_merges.inc_by(work.merges);
-        self.metrics
-            .batch_duration
-            .observe(started.elapsed().as_secs_f64());
-        self.metrics.batch_size.observe(batch.messages as f64);
-        self.metrics.last_commit.set(committed_ms / 1000);
-        summary.batches += 1;
-        summary.messages += batch.messages as u64;
-        summary.records += records.len() as u64;
+        batch_committed(&self.metrics, &batch, started, records.len(), summary);
         Ok(())
     }
 
@@ -469,54 +456,59 @@ impl ShardedPipeline {
             .iter()
             .filter_map(|e| ShardId::try_from(e.partition()).ok())
             .collect();
+        self.expected.clear();
+        if assignment.count() == 0 {
+            self.synced(generation);
+            return Ok(());
+        }
         if !assigned.is_empty() {
             self.metrics.ready.set(0);
-            self.restore(&assigned, shutdown)?;
+        }
+        let started = Instant::now();
+        // Stable committed offsets (KIP-447): this returns once a transaction of a previous owner of these
+        // partitions is over, so the changelog records of the shards' previous owners are final.
+        let committed = self.consumer.committed_offsets(
+            assignment.clone(),
+            self.cfg.processing.transaction_timeout * 2,
+        )?;
+        if !assigned.is_empty() {
+            self.restore(&assigned, started, shutdown)?;
             self.owned.extend(assigned);
         }
-        self.expected.clear();
-        if assignment.count() > 0 {
-            // Stable committed offsets (KIP-447); a partition never committed starts at its beginning.
-            let committed = self.consumer.committed_offsets(
-                assignment.clone(),
-                self.cfg.processing.transaction_timeout * 2,
-            )?;
-            for e in committed.elements() {
-                let next = match e.offset() {
-                    Offset::Offset(o) => o,
-                    _ => {
-                        self.consumer
-                            .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))?
-                            .0
-                    }
-                };
-                self.expected
-                    .insert((e.topic().to_string(), e.partition()), next);
-            }
+        for e in committed.elements() {
+            // A partition never committed starts at its beginning.
+            let next = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => {
+                    self.consumer
+                        .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))?
+                        .0
+                }
+            };
+            self.expected
+                .insert((e.topic().to_string(), e.partition()), next);
         }
+        self.synced(generation);
+        Ok(())
+    }
+
+    /// The shards in `owned` are ready: publishes them and reports ready.
+    fn synced(&mut self, generation: u64) {
         self.metrics.shards_owned.set(self.owned.len() as i64);
         self.held.publish(&self.owned);
         self.metrics.ready.set(1);
         self.synced_at = Some(generation);
-        Ok(())
     }
 
-    /// Restores shards from their changelog partitions, from where the local copy stands to the end.
+    /// Restores shards from their changelog partitions, from where the local copy stands to the end, once
+    /// their previous owners' transactions are over (see [`Self::sync_assignment`]). The time reported runs
+    /// from `started`, the start of that wait.
     fn restore(
         &self,
         shards: &[ShardId],
+        started: Instant,
         shutdown: &CancellationToken,
     ) -> Result<(), PipelineError> {
-        let started = Instant::now();
-        // The committed offsets of the internal topic are fetched as stable (KIP-447): this returns once a
-        // transaction of the shard's previous owner is over, so its changelog records are final.
-        let mut tpl = TopicPartitionList::new();
-        for s in shards {
-            tpl.add_partition(&self.topic, *s as i32);
-        }
-        self.consumer
-            .committed_offsets(tpl, self.cfg.processing.transaction_timeout * 2)?;
-
         let restorer: BaseConsumer<QuietEof> =
             restore_config(&self.cfg).create_with_context(QuietEof)?;
         let mut start = TopicPartitionList::new();

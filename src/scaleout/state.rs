@@ -165,27 +165,10 @@ mod tests {
     use rocksdb::WriteBatch;
 
     use super::*;
-    use crate::model::Event;
+    use crate::scaleout::tests::ev;
     use crate::scaleout::{handle, Effects, Msg, Shard};
     use crate::stitch::Rules;
     use crate::store::TempStore;
-
-    fn ev(n: usize, ids: &[(&str, &str)]) -> Event {
-        let mut identifiers: Vec<Identifier> =
-            ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect();
-        identifiers.sort();
-        Event {
-            event_id: format!("e{n}"),
-            channel: "web".into(),
-            event_type: "page_view".into(),
-            timestamp: 1_000 + n as i64,
-            identifiers,
-            purchase: None,
-            items: vec![],
-            campaign_id: None,
-            consent: None,
-        }
-    }
 
     /// Runs every message to completion on one shard kept in RocksDB and on one kept in memory,
     /// committing the RocksDB overlay after every message; both must end equal.
@@ -196,11 +179,11 @@ mod tests {
         let rules = Rules::unlimited();
         let mut mem = Shard::default();
         let events = [
-            ev(0, &[("email", "a@x.io"), ("anonymous_id", "c1")]),
-            ev(1, &[("anonymous_id", "c2"), ("device_id", "d1")]),
-            ev(2, &[("anonymous_id", "c1"), ("device_id", "d1")]),
-            ev(2, &[("anonymous_id", "c1"), ("device_id", "d1")]),
-            ev(3, &[("email", "b@x.io")]),
+            ev(0, 1000, [("email", "a@x.io"), ("anonymous_id", "c1")]),
+            ev(1, 1001, [("anonymous_id", "c2"), ("device_id", "d1")]),
+            ev(2, 1002, [("anonymous_id", "c1"), ("device_id", "d1")]),
+            ev(2, 1002, [("anonymous_id", "c1"), ("device_id", "d1")]),
+            ev(3, 1003, [("email", "b@x.io")]),
         ];
         let mut queue: std::collections::VecDeque<Msg> =
             events.iter().cloned().map(Msg::Event).collect();
