@@ -55,7 +55,8 @@ fn normalisation(c: &mut Criterion) {
             || events.clone(),
             |evs| {
                 for (channel, e) in evs {
-                    let _ = black_box(norm.event(e, &channel, |_| {}));
+                    let _ =
+                        black_box(norm.event(e, &channel, stitcher::model::now_millis(), |_| {}));
                 }
             },
             BatchSize::LargeInput,
@@ -87,7 +88,7 @@ fn avro(c: &mut Criterion) {
     let stitcher = Stitcher::new(Rules::new(&GuardrailConfig::default()));
     let mut mem = MemStore::default();
     for (channel, e) in events {
-        if let Ok(ev) = norm.event(e, &channel, |_| {}) {
+        if let Ok(ev) = norm.event(e, &channel, stitcher::model::now_millis(), |_| {}) {
             stitcher.apply(&mut mem, &ev).expect("apply");
         }
     }

@@ -17,7 +17,7 @@ use crate::store::Store;
 
 /// Runs the service until `shutdown` is cancelled, or the pipeline fails.
 pub async fn run(
-    cfg: Config,
+    mut cfg: Config,
     metrics: Metrics,
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunSummary> {
@@ -44,6 +44,7 @@ pub async fn run(
     ));
 
     connect(&cfg, &shutdown).await?;
+    fit_record_limit(&mut cfg).await;
     let instance = cfg.kafka.instance_id.clone();
     let pipeline_stop = shutdown.clone();
     let result = tokio::task::spawn_blocking(move || {
@@ -97,6 +98,27 @@ async fn connect(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<(
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+/// Lowers `output.max_record_bytes` to what the output and dead-letter topics accept, so that no record
+/// this service produces is refused for its size.
+async fn fit_record_limit(cfg: &mut Config) {
+    match crate::kafka::topic_record_limit(cfg).await {
+        Ok(Some(limit)) if limit < cfg.output.max_record_bytes => {
+            tracing::info!(
+                configured = cfg.output.max_record_bytes,
+                topics = limit,
+                "lowering output.max_record_bytes to the topics' max.message.bytes"
+            );
+            cfg.output.max_record_bytes = limit;
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(
+            error = %e,
+            max_record_bytes = cfg.output.max_record_bytes,
+            "cannot read the topics' max.message.bytes; keeping output.max_record_bytes"
+        ),
     }
 }
 

@@ -82,10 +82,31 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let (sent, events, malformed, duplicates) =
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let j = journeys::generate(&jc);
+            // Every generated channel needs a configured input; checked before anything is sent, and the
+            // truth is written only once everything was.
+            let mut unrouted: Vec<&str> = j
+                .messages
+                .iter()
+                .map(journeys::Generated::channel)
+                .filter(|c| !routes.contains_key(*c))
+                .collect();
+            unrouted.sort_unstable();
+            unrouted.dedup();
+            anyhow::ensure!(
+                unrouted.is_empty(),
+                "no [[inputs]] entry in the configuration for channel(s) {}: configure them or choose \
+                 --channels among {}",
+                unrouted.join(", "),
+                {
+                    let mut known: Vec<&str> = routes.keys().map(String::as_str).collect();
+                    known.sort_unstable();
+                    known.join(", ")
+                }
+            );
+            let sent = generate::send(&brokers, &routes, &j, rate)?;
             if let Some(path) = &truth_path {
                 generate::write_truth(path, &j.truth)?;
             }
-            let sent = generate::send(&brokers, &routes, &j, rate)?;
             Ok((sent, j.events, j.malformed, j.duplicates))
         })
         .await??;
@@ -145,10 +166,13 @@ pub async fn erase(args: EraseArgs) -> anyhow::Result<()> {
     let cfg = load_config(&args.config)?;
     let command = match (&args.identifier, &args.profile) {
         (Some(spec), _) => {
-            let (raw, _) = raw_identifier(&Normalizer::new(&cfg.identity)?, spec)?;
+            let (raw, id) = raw_identifier(&Normalizer::new(&cfg.identity)?, spec)?;
+            // A hashed type is sent as its hash: the clear value stays off the control topic.
+            let hashed = cfg.identity.hashed_types.contains(&id.kind);
             ControlCommand::EraseIdentifier {
                 kind: raw.kind,
-                value: raw.value,
+                value: (!hashed).then_some(raw.value),
+                hash: hashed.then_some(id.value),
             }
         }
         (None, Some(p)) => ControlCommand::EraseProfile {

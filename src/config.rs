@@ -42,6 +42,46 @@ pub struct Config {
     pub http: HttpConfig,
     pub control: ControlConfig,
     pub scaleout: ScaleoutConfig,
+    pub limits: LimitsConfig,
+}
+
+/// Plausible ranges for the values an event carries. An event with a value outside them goes to the
+/// dead-letter topic with a `dlq.error` naming the field; nothing it carries can overflow a sum or a
+/// timestamp downstream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Largest purchase amount or unit price, in major units (a refund may be as negative).
+    pub max_amount: f64,
+    /// Largest quantity of one cart or order line (at least 1).
+    pub max_quantity: i32,
+    /// Earliest accepted event time.
+    #[serde(with = "humantime_serde")]
+    pub min_event_time: std::time::SystemTime,
+    /// How far ahead of this machine's clock an event time may be.
+    #[serde(with = "humantime_serde")]
+    pub max_future: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_amount: 1e9,
+            max_quantity: 10_000,
+            // 2000-01-01T00:00:00Z
+            min_event_time: std::time::UNIX_EPOCH + Duration::from_secs(946_684_800),
+            max_future: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The earliest accepted event time, in epoch milliseconds.
+    pub fn min_event_millis(&self) -> i64 {
+        self.min_event_time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    }
 }
 
 /// Scale-out across instances of one consumer group (docs/DESIGN.md, "Scale-out"). Off while `shards` is 0:
@@ -161,6 +201,11 @@ pub struct OutputConfig {
     pub create_topics: bool,
     /// Partitions for topics created at start-up.
     pub partitions: i32,
+    /// Largest record produced, in bytes. At start-up the service lowers it to the broker's
+    /// `message.max.bytes` and the output and dead-letter topics' `max.message.bytes` when those are
+    /// smaller. A dead letter larger than this carries only the first part of its payload; a profile stays
+    /// far smaller by the profile bounds (README "Bounds").
+    pub max_record_bytes: usize,
 }
 
 impl Default for OutputConfig {
@@ -171,6 +216,7 @@ impl Default for OutputConfig {
             schema_id: 2,
             create_topics: true,
             partitions: 1,
+            max_record_bytes: 1_000_000,
         }
     }
 }
@@ -194,6 +240,19 @@ pub struct IdentityConfig {
     pub max_identifiers_per_event: usize,
     /// Longest accepted identifier value, in bytes.
     pub max_value_len: usize,
+    /// The secret key of `hashed_types` (HMAC-SHA-256), from `STITCHER_HASH_KEY`; never in a file.
+    #[serde(skip)]
+    pub hash_key: Option<HashKey>,
+}
+
+/// The HMAC key of hashed identifier types. Its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct HashKey(pub Vec<u8>);
+
+impl std::fmt::Debug for HashKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HashKey(..)")
+    }
 }
 
 impl Default for IdentityConfig {
@@ -207,6 +266,7 @@ impl Default for IdentityConfig {
             store_channels: vec!["pos".into(), "store".into()],
             max_identifiers_per_event: 32,
             max_value_len: 256,
+            hash_key: None,
         }
     }
 }
@@ -365,6 +425,15 @@ pub struct Overrides {
     pub http_listen: Option<SocketAddr>,
 }
 
+/// The variables Kubernetes injects for a Service named `stitcher` (`STITCHER_SERVICE_HOST`,
+/// `STITCHER_PORT_9464_TCP_PROTO`, ...), without the prefix.
+fn is_platform_variable(key: &str) -> bool {
+    key == "PORT"
+        || key.starts_with("PORT_")
+        || key == "SERVICE_HOST"
+        || key.starts_with("SERVICE_PORT")
+}
+
 impl Config {
     /// Loads defaults < file < environment < flags, then validates.
     pub fn load(
@@ -420,16 +489,19 @@ impl Config {
                     })?
                 }
                 "LOG" | "LOG_FORMAT" => {}
+                "HASH_KEY" => self.identity.hash_key = Some(HashKey(value.into_bytes())),
                 _ => {
                     if let Some(setting) = key.strip_prefix("RDKAFKA__") {
                         self.kafka
                             .common
                             .insert(setting.to_ascii_lowercase().replace('_', "."), value);
+                    } else if is_platform_variable(key) {
+                        // Kubernetes service links for a Service named `stitcher`.
+                        tracing::debug!(name, "ignoring a service-link environment variable");
                     } else {
-                        return Err(ConfigError::Env {
-                            name,
-                            reason: "unknown setting".into(),
-                        });
+                        // A platform may inject variables of its own: never a reason not to start. A typo
+                        // in a setting's name is worth a warning.
+                        tracing::warn!(name, "ignoring unknown STITCHER_ environment variable");
                     }
                 }
             }
@@ -471,6 +543,9 @@ impl Config {
         }
         if topics.contains(&self.output.topic) {
             return invalid("output.topic must not also be an input".into());
+        }
+        if self.output.max_record_bytes < 16 * 1024 {
+            return invalid("output.max_record_bytes must be at least 16384".into());
         }
         if self.processing.batch_max_events == 0 {
             return invalid("processing.batch_max_events must be at least 1".into());
@@ -532,6 +607,14 @@ impl Config {
             return invalid(format!(
                 "guardrails: {t:?} is both an owner type and has a shared limit"
             ));
+        }
+        if !(self.limits.max_amount.is_finite() && self.limits.max_amount > 0.0)
+            || self.limits.max_amount > 1e15
+        {
+            return invalid("limits.max_amount must be a positive number up to 1e15".into());
+        }
+        if self.limits.max_quantity < 1 {
+            return invalid("limits.max_quantity must be at least 1".into());
         }
         crate::normalize::Normalizer::new(&self.identity)?;
         Ok(())
@@ -614,12 +697,34 @@ mod tests {
         cfg.validate().unwrap();
     }
 
+    /// Kubernetes injects `<SERVICE>_PORT_...` variables for every Service in the namespace; one named
+    /// `stitcher` must not stop the pods from starting, nor may any other unknown `STITCHER_` variable.
+    #[test]
+    fn injected_environment_variables_are_ignored() {
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        let before = toml::to_string(&cfg).unwrap();
+        let injected = [
+            ("STITCHER_PORT", "tcp://10.0.0.7:9464"),
+            ("STITCHER_PORT_9464_TCP", "tcp://10.0.0.7:9464"),
+            ("STITCHER_PORT_9464_TCP_PROTO", "tcp"),
+            ("STITCHER_PORT_9464_TCP_PORT", "9464"),
+            ("STITCHER_PORT_9464_TCP_ADDR", "10.0.0.7"),
+            ("STITCHER_SERVICE_HOST", "10.0.0.7"),
+            ("STITCHER_SERVICE_PORT", "9464"),
+            ("STITCHER_SERVICE_PORT_HTTP", "9464"),
+            ("STITCHER_SOMETHING_ELSE", "1"),
+        ];
+        cfg.apply_env(injected.map(|(k, v)| (k.to_string(), v.to_string())))
+            .unwrap();
+        assert_eq!(toml::to_string(&cfg).unwrap(), before);
+    }
+
     #[test]
     fn unknown_keys_and_bad_values_are_refused() {
         assert!(toml::from_str::<Config>("[kafka]\nbrokerz = \"x\"").is_err());
         let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
         assert!(cfg
-            .apply_env([("STITCHER_NOPE".to_string(), "1".to_string())])
+            .apply_env([("STITCHER_HTTP_LISTEN".to_string(), "nowhere".to_string())])
             .is_err());
         cfg.output.topic = "web-events".into();
         assert!(cfg.validate().is_err());

@@ -6,6 +6,7 @@
 //!
 //! ```json
 //! {"op": "erase_identifier", "type": "email", "value": "Alice@Example.com"}
+//! {"op": "erase_identifier", "type": "email", "hash": "<64 hex digits: the identifier as hashed on the output>"}
 //! {"op": "erase_profile", "profile_id": "p-3f2a..."}
 //! {"op": "unlink", "a": {"type": "email", "value": "a@x.io"}, "b": {"type": "device_id", "value": "tablet-1"}}
 //! ```
@@ -28,10 +29,15 @@ pub struct RawId {
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Command {
     /// Remove one identifier everywhere; its profile is recomputed and split if it held it together.
+    /// Given by its clear `value`, or for a hashed type by its `hash` (so that the clear value never
+    /// travels on the control topic).
     EraseIdentifier {
         #[serde(rename = "type")]
         kind: String,
-        value: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        value: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hash: Option<String>,
     },
     /// Remove a whole profile (any of its ids, current or merged away) with all its identifiers.
     EraseProfile { profile_id: String },
@@ -49,7 +55,16 @@ impl Command {
     }
 
     pub fn parse(payload: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(payload).map_err(|e| format!("invalid control command: {e}"))
+        let command: Command =
+            serde_json::from_slice(payload).map_err(|e| format!("invalid control command: {e}"))?;
+        if let Command::EraseIdentifier { value, hash, .. } = &command {
+            if value.is_some() == hash.is_some() {
+                return Err(
+                    "invalid control command: erase_identifier takes either value or hash".into(),
+                );
+            }
+        }
+        Ok(command)
     }
 }
 
@@ -85,9 +100,19 @@ mod tests {
             c,
             Command::EraseIdentifier {
                 kind: "email".into(),
-                value: "A@x.io".into()
+                value: Some("A@x.io".into()),
+                hash: None,
             }
         );
+        let hashed = Command::EraseIdentifier {
+            kind: "email".into(),
+            value: None,
+            hash: Some("ab".repeat(32)),
+        };
+        let json = serde_json::to_string(&hashed).unwrap();
+        assert!(!json.contains("value"), "{json}");
+        assert_eq!(Command::parse(json.as_bytes()).unwrap(), hashed);
+        assert!(Command::parse(br#"{"op":"erase_identifier","type":"email"}"#).is_err());
         let c = Command::parse(
             br#"{"op":"unlink","a":{"type":"email","value":"a@x.io"},"b":{"type":"device_id","value":"t"}}"#,
         )

@@ -223,7 +223,8 @@ async fn erase_email(
 ) -> anyhow::Result<()> {
     let command = crate::control::Command::EraseIdentifier {
         kind: "email".into(),
-        value: email.to_string(),
+        value: Some(email.to_string()),
+        hash: None,
     };
     let committed = || metrics.transactions.with_label_values(&["committed"]).get();
     let before = committed();
@@ -269,8 +270,8 @@ fn print_profile(p: &Profile) {
             t.revenue_minor as f64 / 100.0
         );
     }
-    if !p.cart.lines.is_empty() {
-        let skus: Vec<&str> = p.cart.lines.iter().map(|l| l.sku.as_str()).collect();
+    let skus: Vec<&str> = p.cart.open_lines().map(|l| l.sku.as_str()).collect();
+    if !skus.is_empty() {
         println!("    open cart:   {}", skus.join(", "));
     }
     if p.email.opens + p.email.clicks > 0 {

@@ -88,11 +88,14 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     )
 }
 
+/// 200 while the instance makes progress, else 503 with the reason ([`crate::metrics::Health`]).
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    if s.metrics.ready.get() == 1 {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    match s.metrics.health.check() {
+        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 
@@ -208,22 +211,22 @@ async fn explain_profile(
     .await
 }
 
-/// The checks both identifier routes start with: the token, the identifier normalised as in stitching,
-/// the state.
+/// The checks both identifier routes start with: the token, the identifier normalised as in stitching
+/// (for a hashed type: the clear value hashed on arrival, or the hash as consumers see it), the state.
 fn identifier_request(
     s: &HttpState,
     headers: &HeaderMap,
     kind: &str,
     value: &str,
-) -> Result<(Store, crate::model::Identifier), Refused> {
+) -> Result<(Store, Vec<crate::model::Identifier>), Refused> {
     authorize(s, headers)?;
-    let id = s.normalizer.identifier(kind, value).map_err(|r| {
+    let ids = s.normalizer.lookup_candidates(kind, value).map_err(|r| {
         (
             StatusCode::BAD_REQUEST,
             format!("identifier refused: {}", r.as_str()),
         )
     })?;
-    Ok((state(s)?, id))
+    Ok((state(s)?, ids))
 }
 
 /// Answers with `f` applied to the profile holding an identifier, read off the async threads.
@@ -233,15 +236,19 @@ async fn for_identifier<T: Serialize + Send + 'static>(
     (kind, value): (String, String),
     f: fn(&Store, NodeId) -> Found<T>,
 ) -> Response {
-    let (store, id) = match identifier_request(&s, &headers, &kind, &value)
+    let (store, ids) = match identifier_request(&s, &headers, &kind, &value)
         .and_then(|x| sharded_refuses(&s).map(|()| x))
     {
         Ok(x) => x,
         Err((status, message)) => return error(status, message),
     };
-    let answer = tokio::task::spawn_blocking(move || match store.node_of(&id)? {
-        Some(node) => f(&store, node),
-        None => Ok(None),
+    let answer = tokio::task::spawn_blocking(move || {
+        for id in &ids {
+            if let Some(node) = store.node_of(id)? {
+                return f(&store, node);
+            }
+        }
+        Ok(None)
     })
     .await;
     respond(answer)
@@ -265,11 +272,21 @@ async fn sharded_identifier(
     (kind, value): (String, String),
     held: HeldShards,
 ) -> Response {
-    let (store, id) = match identifier_request(&s, &headers, &kind, &value) {
+    let (store, ids) = match identifier_request(&s, &headers, &kind, &value) {
         Ok(x) => x,
         Err((status, message)) => return error(status, message),
     };
-    let answer = tokio::task::spawn_blocking(move || lookup(&store, &held, &id)).await;
+    let answer = tokio::task::spawn_blocking(move || {
+        let mut answer = Lookup::Unknown;
+        for id in &ids {
+            answer = lookup(&store, &held, id)?;
+            if !matches!(answer, Lookup::Unknown) {
+                break;
+            }
+        }
+        Ok::<_, crate::store::StoreError>(answer)
+    })
+    .await;
     if let Ok(Ok(Lookup::Elsewhere(shard))) = answer {
         return error(
             StatusCode::MISDIRECTED_REQUEST,

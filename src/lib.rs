@@ -34,6 +34,8 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod demo;
+#[cfg(test)]
+mod fuzz;
 pub mod generate;
 pub mod http;
 pub mod inspect;

@@ -22,6 +22,14 @@ fn init_tracing() {
 fn main() -> std::process::ExitCode {
     init_tracing();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_) | Command::Demo(_)) {
+        // The one-shot commands print to stdout like any Unix tool: `stitcher inspect ... | head` ends
+        // quietly when head has read enough, instead of panicking on the closed pipe.
+        // SAFETY: setting a signal disposition before any thread is started.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,6 +1,11 @@
 //! Every metric, defined once, in the service's own registry. Naming: `stitcher_<name>_<unit>[_total]`,
 //! base units (seconds, bytes). Labels never carry an identifier, email or profile id.
 
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::model::now_millis;
 use prometheus::{
     exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -37,6 +42,115 @@ pub struct Metrics {
     pub shards_owned: IntGauge,
     pub restored_records: IntCounter,
     pub restore_duration: Histogram,
+    /// What `stitcher_ready` and `/readyz` report.
+    pub health: Health,
+}
+
+/// How long the brokers may be unreachable before the instance reports not ready.
+pub const BROKER_GRACE: Duration = Duration::from_secs(15);
+
+/// Readiness means progress: the pipeline is running (recovered, holding its partitions, not draining), its
+/// last commit did not fail, the brokers answered within [`BROKER_GRACE`], and every input topic exists.
+#[derive(Clone, Default)]
+pub struct Health(Arc<HealthState>);
+
+#[derive(Default)]
+struct HealthState {
+    running: AtomicBool,
+    /// Since when (epoch ms) commits fail; 0 while the last one succeeded.
+    commit_failing_since: AtomicI64,
+    /// Since when (epoch ms) the commit under way has been trying; 0 between commits.
+    committing_since: AtomicI64,
+    /// Since when (epoch ms) no broker is up; 0 while one is.
+    brokers_down_since: AtomicI64,
+    missing_topics: Mutex<Vec<String>>,
+}
+
+impl Health {
+    /// The pipeline consumes (true) or not: recovering, paused, draining (false).
+    pub fn set_running(&self, running: bool) {
+        self.0.running.store(running, Ordering::Release);
+    }
+
+    /// A commit begins; one that takes longer than [`BROKER_GRACE`] (a transactional call blocked on an
+    /// unreachable coordinator, say) makes the instance not ready.
+    pub fn commit_started(&self) {
+        self.0
+            .committing_since
+            .store(now_millis(), Ordering::Release);
+    }
+
+    pub fn commit_failed(&self) {
+        let _ = self.0.commit_failing_since.compare_exchange(
+            0,
+            now_millis(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
+    /// The last commit succeeded, or its batch is known to be committed or to be read again: nothing
+    /// waits to be committed.
+    pub fn commit_settled(&self) {
+        self.0.commit_failing_since.store(0, Ordering::Release);
+        self.0.committing_since.store(0, Ordering::Release);
+    }
+
+    /// From librdkafka's statistics: whether any broker connection is up.
+    pub fn brokers_up(&self, up: bool) {
+        if up {
+            self.0.brokers_down_since.store(0, Ordering::Release);
+        } else {
+            let _ = self.0.brokers_down_since.compare_exchange(
+                0,
+                now_millis(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    /// The configured input topics the cluster does not have.
+    pub fn set_missing_topics(&self, topics: Vec<String>) {
+        if let Ok(mut m) = self.0.missing_topics.lock() {
+            *m = topics;
+        }
+    }
+
+    /// `Ok` when ready, otherwise why not.
+    pub fn check(&self) -> Result<(), String> {
+        let s = &self.0;
+        if let Ok(m) = s.missing_topics.lock() {
+            if !m.is_empty() {
+                return Err(format!("input topics missing: {}", m.join(", ")));
+            }
+        }
+        let since = s.commit_failing_since.load(Ordering::Acquire);
+        if since != 0 {
+            return Err(format!(
+                "commits failing for {} s",
+                (now_millis() - since).max(0) / 1000
+            ));
+        }
+        let committing = s.committing_since.load(Ordering::Acquire);
+        if committing != 0 && now_millis() - committing > BROKER_GRACE.as_millis() as i64 {
+            return Err(format!(
+                "a commit has been under way for {} s",
+                (now_millis() - committing) / 1000
+            ));
+        }
+        let down = s.brokers_down_since.load(Ordering::Acquire);
+        if down != 0 && now_millis() - down > BROKER_GRACE.as_millis() as i64 {
+            return Err(format!(
+                "no broker reachable for {} s",
+                (now_millis() - down) / 1000
+            ));
+        }
+        if !s.running.load(Ordering::Acquire) {
+            return Err("pipeline not consuming (starting, recovering, paused or draining)".into());
+        }
+        Ok(())
+    }
 }
 
 fn counter_vec(
@@ -109,19 +223,21 @@ impl Metrics {
             event_latency: histogram(&r, "stitcher_event_latency_seconds", "From the event's timestamp to the commit of its profile update.", exponential_buckets(0.001, 2.0, 20)?)?,
             consumer_lag: gauge_vec(&r, "stitcher_consumer_lag_messages", "Messages behind the end of each input topic (sum over its partitions).", &["topic"])?,
             state_size: gauge_vec(&r, "stitcher_state_size_bytes", "Approximate RocksDB size per column family.", &["cf"])?,
-            ready: gauge(&r, "stitcher_ready", "1 once recovery finished and the pipeline consumes.")?,
+            ready: gauge(&r, "stitcher_ready", "1 while the instance makes progress: recovered, consuming, commits succeeding, brokers reachable, input topics present (as /readyz).")?,
             last_commit: gauge(&r, "stitcher_last_commit_timestamp_seconds", "Unix time of the last committed batch.")?,
             shard_messages: counter_vec(&r, "stitcher_shard_messages_total", "Scale-out: messages handled by this instance's shards, by kind (event, union, meet, hook, absorb, part) and route (local: sent and handled in the same batch; topic: read from the internal topic).", &["kind", "route"])?,
             shards_owned: gauge(&r, "stitcher_shards_owned", "Scale-out: shards this instance holds (restored and processing).")?,
             restored_records: counter(&r, "stitcher_restored_records_total", "Scale-out: changelog records applied while restoring shards.")?,
             restore_duration: histogram(&r, "stitcher_restore_duration_seconds", "Scale-out: time to restore one shard from its changelog.", exponential_buckets(0.01, 2.0, 15)?)?,
             registry: r,
+            health: Health::default(),
         };
         Ok(m)
     }
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.ready.set(i64::from(self.health.check().is_ok()));
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# error: {e}\n"))

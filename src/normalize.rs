@@ -7,11 +7,11 @@
 use std::collections::HashSet;
 
 use regex::RegexSet;
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 
-use crate::config::IdentityConfig;
+use crate::config::{HashKey, IdentityConfig, LimitsConfig};
 use crate::model::{
-    to_minor_units, ChannelEvent, Event, Identifier, Purchase, RawIdentifier, Venue,
+    to_minor_units, ChannelEvent, Event, Identifier, Item, Millis, Purchase, RawIdentifier, Venue,
 };
 
 /// Identifier types every deployment knows.
@@ -81,40 +81,15 @@ pub enum EventError {
     Oversize(&'static str, usize, usize),
     #[error("event_id is empty")]
     EmptyEventId,
-    #[error("amount {0} is not a finite number")]
-    BadAmount(f64),
+    #[error("field {field} out of range: {reason}")]
+    OutOfRange { field: String, reason: String },
 }
 
-/// Country calling codes for the default-country rule of phone normalisation.
-fn calling_code(country: &str) -> Option<&'static str> {
-    Some(match country.to_ascii_uppercase().as_str() {
-        "US" | "CA" => "1",
-        "GB" | "UK" => "44",
-        "DE" => "49",
-        "FR" => "33",
-        "NL" => "31",
-        "BE" => "32",
-        "ES" => "34",
-        "IT" => "39",
-        "PT" => "351",
-        "IE" => "353",
-        "SE" => "46",
-        "NO" => "47",
-        "DK" => "45",
-        "FI" => "358",
-        "PL" => "48",
-        "CH" => "41",
-        "AT" => "43",
-        "AU" => "61",
-        "NZ" => "64",
-        "IN" => "91",
-        "BR" => "55",
-        "MX" => "52",
-        "JP" => "81",
-        "SG" => "65",
-        "ZA" => "27",
-        _ => return None,
-    })
+fn out_of_range(field: impl Into<String>, reason: String) -> EventError {
+    EventError::OutOfRange {
+        field: field.into(),
+        reason,
+    }
 }
 
 /// Normalises identifiers and events according to [`IdentityConfig`].
@@ -122,12 +97,16 @@ fn calling_code(country: &str) -> Option<&'static str> {
 pub struct Normalizer {
     known_types: HashSet<String>,
     hashed_types: HashSet<String>,
+    /// The HMAC key of `hashed_types` (set when there are any); its `Debug` hides it.
+    hash_key: Option<HashKey>,
     blocked: HashSet<String>,
     blocked_patterns: RegexSet,
-    calling_code: String,
+    /// The country of national phone numbers (and of their international dialling prefix).
+    country: phonenumber::country::Id,
     store_channels: HashSet<String>,
     max_identifiers: usize,
     max_value_len: usize,
+    limits: LimitsConfig,
 }
 
 /// Longest accepted event id, channel, event type or campaign id.
@@ -138,9 +117,17 @@ const MAX_ITEMS: usize = 500;
 impl Normalizer {
     pub fn new(cfg: &IdentityConfig) -> Result<Self, crate::config::ConfigError> {
         use crate::config::ConfigError;
-        let calling_code = calling_code(&cfg.default_country).ok_or_else(|| {
-            ConfigError::Invalid(format!("unknown default_country {:?}", cfg.default_country))
-        })?;
+        let country: phonenumber::country::Id = cfg
+            .default_country
+            .trim()
+            .to_ascii_uppercase()
+            .parse()
+            .map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "identity.default_country {:?} is not an ISO 3166 country code",
+                    cfg.default_country
+                ))
+            })?;
         let blocked_patterns = RegexSet::new(&cfg.blocked_patterns)
             .map_err(|e| ConfigError::Invalid(format!("identity.blocked_patterns: {e}")))?;
         let mut known_types: HashSet<String> =
@@ -153,28 +140,110 @@ impl Normalizer {
                 )));
             }
         }
+        let hash_key = match (&cfg.hash_key, cfg.hashed_types.is_empty()) {
+            (_, true) => None,
+            (Some(key), false) if key.0.len() >= MIN_HASH_KEY_LEN => Some(key.clone()),
+            (Some(_), false) => {
+                return Err(ConfigError::Invalid(format!(
+                    "STITCHER_HASH_KEY must be at least {MIN_HASH_KEY_LEN} bytes"
+                )))
+            }
+            (None, false) => {
+                return Err(ConfigError::Invalid(
+                    "identity.hashed_types is set: give the secret key of the keyed hash in \
+                     STITCHER_HASH_KEY (README \"Personal data\")"
+                        .into(),
+                ))
+            }
+        };
         let mut blocked: HashSet<String> = DEFAULT_JUNK.iter().map(|s| s.to_string()).collect();
         blocked.extend(cfg.blocked_values.iter().map(|v| v.trim().to_lowercase()));
         Ok(Self {
             known_types,
             hashed_types: cfg.hashed_types.iter().cloned().collect(),
+            hash_key,
             blocked,
             blocked_patterns,
-            calling_code: calling_code.to_string(),
+            country,
             store_channels: cfg.store_channels.iter().cloned().collect(),
             max_identifiers: cfg.max_identifiers_per_event,
             max_value_len: cfg.max_value_len,
+            limits: LimitsConfig::default(),
         })
+    }
+
+    /// The same normaliser with these plausible ranges for event values (defaults otherwise).
+    pub fn with_limits(mut self, limits: &LimitsConfig) -> Self {
+        self.limits = limits.clone();
+        self
+    }
+
+    /// Refuses an event time outside `[limits.min_event_time, now + limits.max_future]`.
+    fn check_timestamp(&self, ts: Millis, now: Millis) -> Result<(), EventError> {
+        let min = self.limits.min_event_millis();
+        let future = i64::try_from(self.limits.max_future.as_millis()).unwrap_or(i64::MAX);
+        let max = now.saturating_add(future);
+        if ts < min {
+            return Err(out_of_range(
+                "timestamp",
+                format!("{ts} is before limits.min_event_time ({min} ms since the epoch); timestamps are epoch milliseconds"),
+            ));
+        }
+        if ts > max {
+            return Err(out_of_range(
+                "timestamp",
+                format!(
+                    "{ts} is more than limits.max_future ahead of now ({now} ms since the epoch)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses a non-finite amount or one larger than `limits.max_amount` in absolute value.
+    fn check_amount(&self, field: impl Into<String>, amount: f64) -> Result<(), EventError> {
+        if !amount.is_finite() || amount.abs() > self.limits.max_amount {
+            return Err(out_of_range(
+                field,
+                format!(
+                    "{amount} is not a number within ±limits.max_amount ({})",
+                    self.limits.max_amount
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses cart or order lines with an empty or oversized sku, a quantity outside
+    /// `1..=limits.max_quantity`, or a negative or implausible price.
+    fn check_items(&self, items: &[Item]) -> Result<(), EventError> {
+        for (i, item) in items.iter().enumerate() {
+            check_len_named(|| format!("items[{i}].sku"), &item.sku)?;
+            if !(1..=self.limits.max_quantity).contains(&item.quantity) {
+                return Err(out_of_range(
+                    format!("items[{i}].quantity"),
+                    format!(
+                        "{} is not within 1..={}",
+                        item.quantity, self.limits.max_quantity
+                    ),
+                ));
+            }
+            if let Some(price) = item.price {
+                self.check_amount(format!("items[{i}].price"), price)?;
+                if price < 0.0 {
+                    return Err(out_of_range(
+                        format!("items[{i}].price"),
+                        format!("{price} is negative"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Normalises one identifier: the stored form, or why it was refused.
     pub fn identifier(&self, kind: &str, value: &str) -> Result<Identifier, Rejection> {
-        let kind = kind.trim().to_ascii_lowercase();
-        let kind = match kind.as_str() {
-            "cookie" | "cookie_id" | "anonymous" => "anonymous_id".to_string(),
-            "loyalty" | "loyalty_card" => "loyalty_id".to_string(),
-            _ => kind,
-        };
+        let kind = canonical_kind(kind);
         if !self.known_types.contains(&kind) {
             return Err(Rejection::UnknownType);
         }
@@ -183,7 +252,7 @@ impl Normalizer {
         }
         let normal = match kind.as_str() {
             "email" => normalize_email(value)?,
-            "phone" => normalize_phone(value, &self.calling_code)?,
+            "phone" => normalize_phone(value, self.country)?,
             "loyalty_id" => value
                 .chars()
                 .filter(|c| !c.is_whitespace() && *c != '-')
@@ -194,12 +263,49 @@ impl Normalizer {
         if self.is_blocked(&normal) {
             return Err(Rejection::Blocked);
         }
-        let value = if self.hashed_types.contains(&kind) {
-            hex::encode(Sha256::digest(normal.as_bytes()))
-        } else {
-            normal
+        let value = match self.key_of(&kind) {
+            Some(key) => keyed_hash(key, &normal),
+            None => normal,
         };
         Ok(Identifier { kind, value })
+    }
+
+    /// The HMAC key if `kind` is a hashed type.
+    fn key_of(&self, kind: &str) -> Option<&[u8]> {
+        self.hash_key
+            .as_ref()
+            .map(|k| k.0.as_slice())
+            .filter(|_| self.hashed_types.contains(kind))
+    }
+
+    /// An identifier given in its hashed form, as consumers see it on the output topic (64 hex digits):
+    /// accepted for a hashed type only.
+    pub fn hashed_identifier(&self, kind: &str, hash: &str) -> Result<Identifier, Rejection> {
+        let kind = canonical_kind(kind);
+        if !self.known_types.contains(&kind) {
+            return Err(Rejection::UnknownType);
+        }
+        let hash = hash.trim().to_ascii_lowercase();
+        if self.key_of(&kind).is_none()
+            || hash.len() != 64
+            || !hash.bytes().all(|b| b.is_ascii_hexdigit())
+        {
+            return Err(Rejection::Invalid);
+        }
+        Ok(Identifier { kind, value: hash })
+    }
+
+    /// What a lookup by `kind`/`value` may mean: the value normalised (and hashed) as in stitching and,
+    /// for a hashed type, the value taken as the hash itself. Empty when neither is valid.
+    pub fn lookup_candidates(&self, kind: &str, value: &str) -> Result<Vec<Identifier>, Rejection> {
+        let normal = self.identifier(kind, value);
+        let hashed = self.hashed_identifier(kind, value).ok();
+        match (normal, hashed) {
+            (Ok(a), Some(b)) => Ok(vec![a, b]),
+            (Ok(a), None) => Ok(vec![a]),
+            (Err(_), Some(b)) => Ok(vec![b]),
+            (Err(e), None) => Err(e),
+        }
     }
 
     fn is_blocked(&self, value: &str) -> bool {
@@ -217,15 +323,18 @@ impl Normalizer {
 
     /// Normalises a decoded event; `channel` is the channel configured for the topic it came from.
     /// Rejected identifiers are reported through `on_reject` (for metrics) and dropped.
+    /// `now` is this machine's clock, for the plausible range of the event time.
     pub fn event(
         &self,
         raw: ChannelEvent,
         channel: &str,
+        now: Millis,
         mut on_reject: impl FnMut(Rejection),
     ) -> Result<Event, EventError> {
         if raw.event_id.trim().is_empty() {
             return Err(EventError::EmptyEventId);
         }
+        self.check_timestamp(raw.timestamp, now)?;
         check_len("event_id", &raw.event_id)?;
         check_len("event_type", &raw.event_type)?;
         if let Some(c) = &raw.campaign_id {
@@ -240,6 +349,7 @@ impl Normalizer {
         if raw.items.len() > MAX_ITEMS {
             return Err(EventError::Oversize("items", raw.items.len(), MAX_ITEMS));
         }
+        self.check_items(&raw.items)?;
         let given = raw.identifiers.len();
         let mut identifiers: Vec<Identifier> = raw
             .identifiers
@@ -264,8 +374,18 @@ impl Normalizer {
         let event_type = raw.event_type.trim().to_ascii_lowercase();
         let purchase = match (event_type.as_str(), raw.amount) {
             ("purchase" | "order" | "store_purchase", Some(amount)) => {
-                if !amount.is_finite() {
-                    return Err(EventError::BadAmount(amount));
+                self.check_amount("amount", amount)?;
+                let currency = raw
+                    .currency
+                    .as_deref()
+                    .unwrap_or("XXX")
+                    .trim()
+                    .to_ascii_uppercase();
+                if currency.len() != 3 || !currency.bytes().all(|b| b.is_ascii_uppercase()) {
+                    return Err(out_of_range(
+                        "currency",
+                        format!("{currency:?} is not a three-letter ISO 4217 code"),
+                    ));
                 }
                 let venue =
                     if self.store_channels.contains(&channel) || event_type == "store_purchase" {
@@ -275,12 +395,7 @@ impl Normalizer {
                     };
                 Some(Purchase {
                     amount_minor: to_minor_units(amount),
-                    currency: raw
-                        .currency
-                        .as_deref()
-                        .unwrap_or("XXX")
-                        .trim()
-                        .to_ascii_uppercase(),
+                    currency,
                     venue,
                 })
             }
@@ -300,9 +415,44 @@ impl Normalizer {
     }
 }
 
+/// The type name after aliases (`cookie` is `anonymous_id`, `loyalty_card` is `loyalty_id`).
+fn canonical_kind(kind: &str) -> String {
+    let kind = kind.trim().to_ascii_lowercase();
+    match kind.as_str() {
+        "cookie" | "cookie_id" | "anonymous" => "anonymous_id".to_string(),
+        "loyalty" | "loyalty_card" => "loyalty_id".to_string(),
+        _ => kind,
+    }
+}
+
+/// Shortest accepted `STITCHER_HASH_KEY`.
+const MIN_HASH_KEY_LEN: usize = 16;
+
+/// Hex HMAC-SHA-256 of `value` under `key`: without the key, a hashed phone number cannot be recovered
+/// by hashing every possible number.
+pub fn keyed_hash(key: &[u8], value: &str) -> String {
+    use hmac::{Mac, SimpleHmac};
+    // HMAC takes keys of any length.
+    let mut mac = SimpleHmac::<Sha256>::new_from_slice(key)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    mac.update(value.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
 fn check_len(field: &'static str, value: &str) -> Result<(), EventError> {
     if value.len() > MAX_FIELD_LEN {
         return Err(EventError::Oversize(field, value.len(), MAX_FIELD_LEN));
+    }
+    Ok(())
+}
+
+/// Like [`check_len`] for a field inside a list, named only when refused; also refuses an empty value.
+fn check_len_named(field: impl FnOnce() -> String, value: &str) -> Result<(), EventError> {
+    if value.is_empty() || value.len() > MAX_FIELD_LEN {
+        return Err(out_of_range(
+            field(),
+            format!("{} bytes, not within 1..={MAX_FIELD_LEN}", value.len()),
+        ));
     }
     Ok(())
 }
@@ -324,33 +474,23 @@ pub fn normalize_email(value: &str) -> Result<String, Rejection> {
     Ok(email)
 }
 
-/// Brings a phone number to E.164 (`+447700900123`), using `calling_code` for national numbers.
-pub fn normalize_phone(value: &str, calling_code: &str) -> Result<String, Rejection> {
-    let trimmed = value.trim();
-    let mut digits = String::with_capacity(16);
-    for c in trimmed.chars() {
-        match c {
-            '0'..='9' => digits.push(c),
-            ' ' | '-' | '.' | '(' | ')' | '/' | '+' => {}
-            _ => return Err(Rejection::Invalid),
-        }
-    }
-    let international = if trimmed.starts_with('+') {
-        digits
-    } else if let Some(rest) = digits.strip_prefix("00") {
-        rest.to_string()
-    } else if let Some(rest) = digits.strip_prefix('0') {
-        // National number with a trunk prefix (07700 900123 in the UK).
-        format!("{calling_code}{rest}")
-    } else if calling_code == "1" && digits.len() == 11 && digits.starts_with('1') {
-        digits
-    } else {
-        format!("{calling_code}{digits}")
-    };
-    if !(8..=15).contains(&international.len()) || international.starts_with('0') {
+/// Brings a phone number to E.164 (`+447700900123`) with libphonenumber's metadata (the `phonenumber`
+/// crate): national numbers complete with `country`, its international dialling prefix is understood
+/// (`011 46 70 123 45 67` dialled from the US is `+46701234567`), numbers invalid for their country are
+/// refused, and an extension is kept as `;ext=` (`+15551234567;ext=9`, RFC 3966).
+pub fn normalize_phone(
+    value: &str,
+    country: phonenumber::country::Id,
+) -> Result<String, Rejection> {
+    let number = phonenumber::parse(Some(country), value.trim()).map_err(|_| Rejection::Invalid)?;
+    if !number.is_valid() {
         return Err(Rejection::Invalid);
     }
-    Ok(format!("+{international}"))
+    let e164 = number.format().mode(phonenumber::Mode::E164).to_string();
+    Ok(match number.extension() {
+        Some(ext) if !ext.is_empty() => format!("{e164};ext={}", &**ext),
+        _ => e164,
+    })
 }
 
 #[cfg(test)]
@@ -381,28 +521,38 @@ mod tests {
 
     #[test]
     fn phones_become_e164() {
-        assert_eq!(
-            normalize_phone("07700 900123", "44").unwrap(),
-            "+447700900123"
-        );
-        assert_eq!(
-            normalize_phone("+44 7700-900-123", "44").unwrap(),
-            "+447700900123"
-        );
-        assert_eq!(
-            normalize_phone("0044 7700 900123", "44").unwrap(),
-            "+447700900123"
-        );
-        assert_eq!(
-            normalize_phone("(555) 123-4567", "1").unwrap(),
-            "+15551234567"
-        );
-        assert_eq!(
-            normalize_phone("1-555-123-4567", "1").unwrap(),
-            "+15551234567"
-        );
-        assert_eq!(normalize_phone("12", "44"), Err(Rejection::Invalid));
-        assert_eq!(normalize_phone("call me", "44"), Err(Rejection::Invalid));
+        use phonenumber::country::Id::{GB, SE, US};
+        for (given, country, want) in [
+            ("07400 123456", GB, "+447400123456"),
+            ("+44 7400-123-456", GB, "+447400123456"),
+            ("0044 7400 123456", GB, "+447400123456"),
+            ("(212) 555-0123", US, "+12125550123"),
+            ("1-212-555-0123", US, "+12125550123"),
+            ("+1 212 555 0123", US, "+12125550123"),
+            // An international dialling prefix, from the US and from Sweden.
+            ("011 46 70 123 45 67", US, "+46701234567"),
+            ("00 1 212 555 0123", SE, "+12125550123"),
+            ("070-123 45 67", SE, "+46701234567"),
+            // Extensions are kept.
+            ("+1 212 555 0123 ext 9", US, "+12125550123;ext=9"),
+            ("(212) 555-0123 x9", US, "+12125550123;ext=9"),
+        ] {
+            assert_eq!(
+                normalize_phone(given, country).as_deref(),
+                Ok(want),
+                "{given}"
+            );
+        }
+        // Invalid for their country: too short, not a number, an unassigned area code, Ofcom's drama range.
+        for junk in [
+            "12",
+            "call me",
+            "+1 000 000 0000",
+            "+44 1234",
+            "07700 900123",
+        ] {
+            assert_eq!(normalize_phone(junk, GB), Err(Rejection::Invalid), "{junk}");
+        }
     }
 
     #[test]
@@ -415,7 +565,6 @@ mod tests {
             ("email", "noemail@example.com"),
             ("device_id", "00000000-0000-0000-0000-000000000000"),
             ("customer_id", "0000000"),
-            ("phone", "+1 111-111-1111"),
         ] {
             assert_eq!(
                 n.identifier(kind, value),
@@ -424,6 +573,11 @@ mod tests {
             );
         }
         assert!(n.identifier("customer_id", "C-1001").is_ok());
+        // A run of one digit is not a number libphonenumber accepts in the first place.
+        assert_eq!(
+            n.identifier("phone", "+1 111-111-1111"),
+            Err(Rejection::Invalid)
+        );
     }
 
     #[test]
@@ -458,16 +612,56 @@ mod tests {
 
     #[test]
     fn hashed_types_never_keep_the_raw_value() {
-        let n = Normalizer::new(&IdentityConfig {
-            hashed_types: vec!["email".into()],
-            ..IdentityConfig::default()
-        })
-        .unwrap();
+        let keyed = |key: &str| {
+            Normalizer::new(&IdentityConfig {
+                hashed_types: vec!["email".into()],
+                hash_key: Some(crate::config::HashKey(key.as_bytes().to_vec())),
+                ..IdentityConfig::default()
+            })
+            .unwrap()
+        };
+        let n = keyed("a-secret-of-32-bytes-for-testing");
         let id = n.identifier("email", " Bob@Example.com").unwrap();
         assert_eq!(id.value.len(), 64);
         assert_eq!(id, n.identifier("email", "bob@example.com").unwrap());
         assert!(!id.value.contains("bob"));
+        // Keyed: not the plain SHA-256 an attacker could compute, and another key gives another hash.
+        use sha2::Digest;
+        assert_ne!(id.value, hex::encode(Sha256::digest(b"bob@example.com")));
+        assert_ne!(
+            id,
+            keyed("another-secret-of-32-bytes-here!")
+                .identifier("email", "bob@example.com")
+                .unwrap()
+        );
+        // RFC 4231 test case 2.
+        assert_eq!(
+            keyed_hash(b"Jefe", "what do ya want for nothing?"),
+            "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
+        );
+        // A lookup or an erasure may give the hash consumers see instead of the clear value.
+        assert_eq!(
+            n.hashed_identifier("email", &id.value.to_uppercase()),
+            Ok(id.clone())
+        );
+        assert_eq!(
+            n.lookup_candidates("email", &id.value).unwrap(),
+            vec![id.clone()]
+        );
+        assert_eq!(
+            n.hashed_identifier("phone", &id.value),
+            Err(Rejection::Invalid),
+            "phone is not hashed"
+        );
+        // Without a key, hashed types are refused at start-up.
+        assert!(Normalizer::new(&IdentityConfig {
+            hashed_types: vec!["email".into()],
+            ..IdentityConfig::default()
+        })
+        .is_err());
     }
+
+    const NOW: Millis = 1_700_000_100_000;
 
     fn raw(ids: &[(&str, &str)]) -> ChannelEvent {
         ChannelEvent {
@@ -504,6 +698,7 @@ mod tests {
                     ("anonymous_id", "null"),
                 ]),
                 "pos",
+                NOW,
                 |r| rejected.push(r),
             )
             .unwrap();
@@ -521,7 +716,7 @@ mod tests {
     fn events_without_usable_identifiers_are_errors() {
         let n = normalizer();
         assert_eq!(
-            n.event(raw(&[("email", "null")]), "web", |_| {}),
+            n.event(raw(&[("email", "null")]), "web", NOW, |_| {}),
             Err(EventError::NoIdentifiers(1))
         );
         let many: Vec<(String, String)> = (0..100)
@@ -529,8 +724,67 @@ mod tests {
             .collect();
         let many: Vec<(&str, &str)> = many.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         assert!(matches!(
-            n.event(raw(&many), "web", |_| {}),
+            n.event(raw(&many), "web", NOW, |_| {}),
             Err(EventError::TooManyIdentifiers(100, _))
         ));
+    }
+
+    #[test]
+    fn values_out_of_range_name_their_field() {
+        let n = normalizer();
+        let field = |r: Result<Event, EventError>| match r {
+            Err(EventError::OutOfRange { field, .. }) => field,
+            other => panic!("expected out of range, got {other:?}"),
+        };
+        let base = raw(&[("email", "a@x.io")]);
+        let with = |f: &dyn Fn(&mut ChannelEvent)| {
+            let mut r = base.clone();
+            f(&mut r);
+            n.event(r, "web", NOW, |_| {})
+        };
+        assert_eq!(field(with(&|r| r.amount = Some(1e17))), "amount");
+        assert_eq!(field(with(&|r| r.amount = Some(f64::NAN))), "amount");
+        assert_eq!(
+            field(with(&|r| r.currency = Some("euros".into()))),
+            "currency"
+        );
+        for ts in [i64::MAX, i64::MIN, -1, 0, 1_700_000_000, 32_503_680_000_000] {
+            assert_eq!(field(with(&|r| r.timestamp = ts)), "timestamp", "{ts}");
+        }
+        let item = |quantity, price| Item {
+            sku: "s".into(),
+            quantity,
+            price,
+        };
+        assert_eq!(
+            field(with(&|r| r.items = vec![item(1, None), item(0, None)])),
+            "items[1].quantity"
+        );
+        assert_eq!(
+            field(with(&|r| r.items = vec![item(i32::MAX, None)])),
+            "items[0].quantity"
+        );
+        assert_eq!(
+            field(with(&|r| r.items = vec![item(1, Some(-1.0))])),
+            "items[0].price"
+        );
+        assert_eq!(
+            field(with(&|r| r.items = vec![item(1, Some(f64::INFINITY))])),
+            "items[0].price"
+        );
+        let long = Item {
+            sku: "x".repeat(300),
+            quantity: 1,
+            price: None,
+        };
+        assert_eq!(
+            field(with(&|r| r.items = vec![long.clone()])),
+            "items[0].sku"
+        );
+        assert!(
+            with(&|r| r.amount = Some(-25.0)).is_ok(),
+            "a refund is a negative amount"
+        );
+        assert!(with(&|r| r.timestamp = NOW + 3_600_000).is_ok());
     }
 }

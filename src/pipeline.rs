@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::kafka::{
-    consumer_config, CommitError, Committer, Deadline, StitchConsumer, StitchContext,
+    consumer_config, group_has_others, CommitError, Committer, Deadline, StitchConsumer,
+    StitchContext, TopicWatch,
 };
 use crate::metrics::Metrics;
 use crate::model::now_millis;
@@ -58,9 +59,11 @@ pub struct Pipeline {
     /// Output of the last checkpoint whose transaction is not known to have committed.
     carry: Vec<OutRecord>,
     sequence: u64,
-    /// Partitions of the subscribed topics (refreshed now and then) and whether this instance has paused
-    /// its partitions because it holds only some of them.
-    expected_partitions: std::cell::Cell<Option<(usize, Instant)>>,
+    /// The subscribed topics in the cluster's metadata: their partitions, and which are missing.
+    topics: std::cell::RefCell<TopicWatch>,
+    /// Whether another member is in the consumer group, and when that was asked.
+    others: std::cell::Cell<Option<(bool, Instant)>>,
+    /// Whether this instance has paused its partitions because it holds only some of them.
     paused: bool,
 }
 
@@ -133,6 +136,12 @@ impl Pipeline {
             &Deadline::new(shutdown.clone(), cfg.processing.drain_timeout),
         )?;
         let checkpoint = store.checkpoint()?.unwrap_or_default();
+        let topics = TopicWatch::new(
+            subscribed_topics(&cfg)
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+        );
         let positions: BTreeMap<(String, i32), i64> = checkpoint
             .positions
             .iter()
@@ -149,7 +158,8 @@ impl Pipeline {
             positions,
             carry: Vec::new(),
             sequence: checkpoint.sequence,
-            expected_partitions: std::cell::Cell::new(None),
+            topics: std::cell::RefCell::new(topics),
+            others: std::cell::Cell::new(None),
             paused: false,
         };
         if !checkpoint.outbox.is_empty() && !pipeline.checkpoint_committed(&checkpoint, shutdown)? {
@@ -207,12 +217,15 @@ impl Pipeline {
             recovered_records: self.carry.len() as u64,
             ..RunSummary::default()
         };
-        self.metrics.ready.set(1);
+        self.metrics.health.set_running(true);
         tracing::info!(inputs = self.cfg.inputs.len(), "pipeline running");
         while !shutdown.is_cancelled() {
-            self.run_batch(&shutdown, &mut summary)?;
+            if let Err(e) = self.run_batch(&shutdown, &mut summary) {
+                self.metrics.health.set_running(false);
+                return Err(e);
+            }
         }
-        self.metrics.ready.set(0);
+        self.metrics.health.set_running(false);
         tracing::info!(
             batches = summary.batches,
             messages = summary.messages,
@@ -324,7 +337,9 @@ impl Pipeline {
                 tracing::warn!(error = %e, "transactional producer stuck; replacing it");
                 self.committer =
                     Committer::new(&self.cfg, &self.instance, self.metrics.clone(), &deadline)?;
-                if !self.checkpoint_committed(&checkpoint, shutdown)? {
+                if self.checkpoint_committed(&checkpoint, shutdown)? {
+                    self.metrics.health.commit_settled();
+                } else {
                     self.carry = checkpoint.outbox;
                 }
                 summary.messages += batch.messages as u64;
@@ -352,13 +367,14 @@ impl Pipeline {
     /// its group membership, until one is stopped and the other gets everything back; it then rewinds to
     /// its own positions (nothing read while paused is lost) and carries on. True while paused.
     fn hold_partial_assignment(&mut self) -> Result<bool, PipelineError> {
+        self.expected_partitions();
         let assignment = self.consumer.assignment()?;
         let assigned = assignment.count();
         if self.is_partial(assigned) {
             if !self.paused {
                 self.consumer.pause(&assignment)?;
                 self.paused = true;
-                self.metrics.ready.set(0);
+                self.metrics.health.set_running(false);
                 tracing::error!(
                     assigned,
                     expected = self.expected_partitions().unwrap_or_default(),
@@ -376,7 +392,7 @@ impl Pipeline {
             self.rewind(&assignment)?;
             self.consumer.resume(&assignment)?;
             self.paused = false;
-            self.metrics.ready.set(1);
+            self.metrics.health.set_running(true);
             tracing::info!(assigned, "all input partitions assigned again; resuming");
         }
         Ok(false)
@@ -384,12 +400,30 @@ impl Pipeline {
 
     /// Whether the current assignment holds only some of the partitions.
     fn partial_assignment(&self) -> Result<bool, PipelineError> {
-        Ok(self.is_partial(self.consumer.assignment()?.count()))
+        let assigned = self.consumer.assignment()?.count();
+        Ok(self.is_partial(assigned))
     }
 
-    /// Whether `assigned` partitions are some, but not all, of the subscribed topics' partitions.
+    /// Whether `assigned` partitions are some, but not all, of the subscribed topics' partitions because
+    /// another instance holds the rest. Fewer partitions with no other member in the group is a topic
+    /// created after start-up that the subscription has not seen yet: not a reason to pause.
     fn is_partial(&self, assigned: usize) -> bool {
-        assigned > 0 && self.expected_partitions().is_some_and(|e| assigned < e)
+        assigned > 0
+            && self.expected_partitions().is_some_and(|e| assigned < e)
+            && self.group_has_others()
+    }
+
+    /// Whether the group has another member, asked at most every five seconds; assumed so when the
+    /// coordinator cannot tell (pausing is the safe side).
+    fn group_has_others(&self) -> bool {
+        if let Some((others, at)) = self.others.get() {
+            if at.elapsed() < Duration::from_secs(5) {
+                return others;
+            }
+        }
+        let others = group_has_others(&self.consumer, &self.cfg.kafka.group_id).unwrap_or(true);
+        self.others.set(Some((others, Instant::now())));
+        others
     }
 
     /// Seeks every assigned partition to where this instance's state stands (or, for a partition it never
@@ -416,23 +450,11 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Partitions of every subscribed topic, from metadata at most a minute old.
+    /// Partitions of every subscribed topic that exists, from recent metadata.
     fn expected_partitions(&self) -> Option<usize> {
-        if let Some((n, at)) = self.expected_partitions.get() {
-            if at.elapsed() < Duration::from_secs(60) {
-                return Some(n);
-            }
-        }
-        let mut total = 0;
-        for topic in subscribed_topics(&self.cfg) {
-            let md = self
-                .consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(5))
-                .ok()?;
-            total += md.topics().first().map_or(0, |t| t.partitions().len());
-        }
-        self.expected_partitions.set(Some((total, Instant::now())));
-        Some(total)
+        self.topics
+            .borrow_mut()
+            .partitions(&self.consumer, &self.metrics.health)
     }
 
     fn assigned(&self) -> bool {

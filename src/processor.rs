@@ -64,6 +64,8 @@ pub struct Processor {
     control_topic: Option<String>,
     output_topic: String,
     dlq_topic: String,
+    /// Largest record produced (`output.max_record_bytes`).
+    max_record_bytes: usize,
     metrics: Metrics,
 }
 
@@ -74,7 +76,7 @@ impl Processor {
                 &cfg.processing.avro_schema_ids,
                 cfg.processing.max_message_bytes,
             )?,
-            normalizer: Normalizer::new(&cfg.identity)?,
+            normalizer: Normalizer::new(&cfg.identity)?.with_limits(&cfg.limits),
             stitcher: Stitcher::new(Rules::new(&cfg.guardrails)),
             encoder: UpdateEncoder::new(cfg.output.schema_id)?,
             inputs: cfg
@@ -91,6 +93,7 @@ impl Processor {
             control_topic: (!cfg.control.topic.is_empty()).then(|| cfg.control.topic.clone()),
             output_topic: cfg.output.topic.clone(),
             dlq_topic: cfg.output.dead_letter_topic.clone(),
+            max_record_bytes: cfg.output.max_record_bytes,
             metrics,
         })
     }
@@ -186,12 +189,14 @@ impl Processor {
                 return None;
             }
         };
-        match self.normalizer.event(raw, channel, |r| {
-            self.metrics
-                .identifiers_rejected
-                .with_label_values(&[r.as_str()])
-                .inc();
-        }) {
+        match self
+            .normalizer
+            .event(raw, channel, crate::model::now_millis(), |r| {
+                self.metrics
+                    .identifiers_rejected
+                    .with_label_values(&[r.as_str()])
+                    .inc();
+            }) {
             Ok(ev) => Some(ev),
             Err(e) => {
                 self.dead_letter(batch, src, msg, "validate", &e.to_string());
@@ -225,8 +230,15 @@ impl Processor {
         };
         let mut reshape = Reshape::default();
         match &command {
-            Command::EraseIdentifier { kind, value } => {
-                let id = match normalize(kind, value) {
+            Command::EraseIdentifier { kind, value, hash } => {
+                let id = match (value, hash) {
+                    (Some(value), _) => normalize(kind, value),
+                    (None, Some(hash)) => self.normalizer.hashed_identifier(kind, hash).map_err(|r| {
+                        format!("control command hash for type {kind:?} refused: {} (a hash is 64 hex digits, for a type in identity.hashed_types)", r.as_str())
+                    }),
+                    (None, None) => Err("erase_identifier takes either value or hash".into()),
+                };
+                let id = match id {
                     Ok(id) => id,
                     Err(e) => {
                         self.dead_letter(batch, src, msg, "control", &e);
@@ -256,7 +268,10 @@ impl Processor {
                 reshape = self.stitcher.unlink(overlay, &a, &b)?;
             }
         }
-        let result = if reshape.is_empty() && reshape.identifiers_erased == 0 {
+        let result = if reshape.is_empty()
+            && reshape.identifiers_erased == 0
+            && reshape.links_removed == 0
+        {
             "not_found"
         } else {
             "applied"
@@ -303,6 +318,7 @@ impl Processor {
             msg.payload,
             stage,
             error,
+            self.max_record_bytes,
         ));
     }
 
@@ -359,7 +375,7 @@ impl Processor {
                 split_from: u
                     .split_from
                     .as_ref()
-                    .filter(|from| **from != id)
+                    .filter(|from| u.split_into_several || **from != id)
                     .map(|p| p.to_string()),
             };
             out.push(self.update(&update)?);

@@ -92,8 +92,8 @@ fn every_metric_is_documented() {
     );
 }
 
-#[test]
-fn kubernetes_config_map_holds_a_valid_configuration() {
+/// The `stitcher.toml` of the Kubernetes config map.
+fn config_map_toml() -> String {
     let yaml = read("deploy/kubernetes/configmap.yaml");
     // The block scalar after `stitcher.toml: |`, de-indented.
     let mut lines = yaml
@@ -112,6 +112,12 @@ fn kubernetes_config_map_holds_a_valid_configuration() {
         .map(|l| l.get(indent..).unwrap_or(""))
         .collect::<Vec<_>>()
         .join("\n");
+    toml_text
+}
+
+#[test]
+fn kubernetes_config_map_holds_a_valid_configuration() {
+    let toml_text = config_map_toml();
     let cfg: stitcher::config::Config = toml::from_str(&toml_text).expect("valid TOML config");
     cfg.validate().expect("a valid configuration");
     assert_eq!(cfg.inputs.len(), 6);
@@ -129,6 +135,7 @@ fn kubernetes_config_map_holds_a_valid_configuration() {
         "path: /readyz",
         "STITCHER_INSTANCE_ID",
         "runAsNonRoot: true",
+        "enableServiceLinks: false",
         // One instance per group until the graph is partitioned (tests/group.rs shows what two do).
         "replicas: 1",
     ] {
@@ -178,4 +185,112 @@ fn dockerfile_builds_from_what_the_repository_has() {
         !user.starts_with('0') && !user.starts_with("root"),
         "runs as {user}"
     );
+}
+
+/// The environment the StatefulSet gives its container: literal values, secrets from
+/// `secret.example.yaml`, the pod name for `metadata.name`.
+fn pod_environment() -> Vec<(String, String)> {
+    let secrets = read("deploy/kubernetes/secret.example.yaml");
+    let secret = |key: &str| {
+        secrets
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(&format!("{key}:")))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("secret.example.yaml lacks {key}"))
+    };
+    let sts = read("deploy/kubernetes/statefulset.yaml");
+    let mut env = Vec::new();
+    let mut lines = sts.lines().map(str::trim).peekable();
+    while let Some(line) = lines.next() {
+        let Some(name) = line.strip_prefix("- name: STITCHER_") else {
+            continue;
+        };
+        let name = format!("STITCHER_{name}");
+        let mut value = None;
+        while let Some(next) = lines.peek() {
+            if next.starts_with("- ") || next.ends_with("ports:") {
+                break;
+            }
+            if let Some(v) = next.strip_prefix("value:") {
+                value = Some(v.trim().trim_matches('"').to_string());
+            } else if next.starts_with("fieldPath: metadata.name") {
+                value = Some("stitcher-0".to_string());
+            } else if let Some(k) = next.strip_prefix("key:") {
+                value = Some(secret(k.trim()));
+            }
+            lines.next();
+        }
+        env.push((
+            name.clone(),
+            value.unwrap_or_else(|| panic!("no value for {name}")),
+        ));
+    }
+    assert!(env.len() >= 3, "the StatefulSet's env: {env:?}");
+    env
+}
+
+/// The pod's environment, plus the service links Kubernetes would inject for the shipped Service
+/// `stitcher` if `enableServiceLinks` were on (it was, and pods exited 1), starts the service: it
+/// answers /healthz while it looks for its brokers.
+#[test]
+fn the_pods_environment_starts_the_service() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("stitcher.toml");
+    std::fs::write(&config, config_map_toml()).expect("write config");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let mut env = pod_environment();
+    for (k, v) in [
+        ("STITCHER_PORT", "tcp://10.96.0.7:9464"),
+        ("STITCHER_PORT_9464_TCP", "tcp://10.96.0.7:9464"),
+        ("STITCHER_PORT_9464_TCP_PROTO", "tcp"),
+        ("STITCHER_PORT_9464_TCP_PORT", "9464"),
+        ("STITCHER_PORT_9464_TCP_ADDR", "10.96.0.7"),
+        ("STITCHER_SERVICE_HOST", "10.96.0.7"),
+        ("STITCHER_SERVICE_PORT", "9464"),
+        ("STITCHER_SERVICE_PORT_HTTP", "9464"),
+    ] {
+        env.push((k.to_string(), v.to_string()));
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(["--http-listen", &format!("127.0.0.1:{port}")])
+        // Nothing listens there: the service must still start and serve its probes.
+        .args(["--brokers", "127.0.0.1:9"])
+        .env_clear()
+        .envs(env)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start stitcher");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut healthy = false;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("wait") {
+            let mut err = String::new();
+            use std::io::Read;
+            if let Some(mut e) = child.stderr.take() {
+                let _ = e.read_to_string(&mut err);
+            }
+            panic!("stitcher exited with {status} in the pod's environment: {err}");
+        }
+        if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            use std::io::{Read, Write};
+            let _ = write!(stream, "GET /healthz HTTP/1.0\r\nHost: x\r\n\r\n");
+            let mut response = String::new();
+            let _ = stream.read_to_string(&mut response);
+            if response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200") {
+                healthy = true;
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(healthy, "stitcher did not answer /healthz within 30 s");
 }

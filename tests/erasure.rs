@@ -191,3 +191,72 @@ fn erasing_a_bridge_splits_the_profile_and_tombstones_its_id() {
         after.records.len()
     );
 }
+
+/// Unlinking two identifiers that stay connected through a third removes the link without a split and is
+/// reported as applied; an unlink that does split gives every piece, the one keeping the id included,
+/// `split_from`.
+#[test]
+fn unlink_is_applied_without_a_split_and_every_piece_names_its_origin() {
+    let s = Setup::new("unlink", 1, "");
+    send(
+        &s,
+        vec![
+            event("u1", 1, &[("email", "x@x.io"), ("device_id", "d1")]),
+            event("u2", 2, &[("email", "x@x.io"), ("anonymous_id", "c1")]),
+            event("u3", 3, &[("device_id", "d1"), ("anonymous_id", "c1")]),
+        ],
+    );
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, TIMEOUT);
+    let old = ProfileId::from_anchor("u1").to_string();
+    assert_eq!(live(&s.output().view).len(), 1);
+    let applied = |s: &Setup| {
+        let (_, metrics) = s.http_get("/metrics");
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("stitcher_control_commands_total")
+                    && l.contains("op=\"unlink\"")
+                    && l.contains("result=\"applied\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+
+    s.cli(&["unlink", "--a", "email:x@x.io", "--b", "device_id:d1"]);
+    s.wait_caught_up(&mut child, TIMEOUT);
+    assert_eq!(
+        applied(&s),
+        1,
+        "an unlink that splits nothing is still applied"
+    );
+    assert_eq!(
+        live(&s.output().view).len(),
+        1,
+        "d1 is still linked through c1"
+    );
+
+    let records_before = s.output().records.len();
+    s.cli(&["unlink", "--a", "device_id:d1", "--b", "anonymous_id:c1"]);
+    s.wait_caught_up(&mut child, TIMEOUT);
+    assert_eq!(applied(&s), 2);
+    let after = s.output();
+    let pieces: Vec<&ProfileUpdate> = after.records[records_before..]
+        .iter()
+        .filter_map(|(_, v)| v.as_ref())
+        .filter(|u| u.redirect_to.is_none())
+        .collect();
+    assert_eq!(pieces.len(), 2, "{pieces:?}");
+    assert!(
+        pieces.iter().any(|u| u.profile_id == old),
+        "one piece keeps the id: {pieces:?}"
+    );
+    for u in &pieces {
+        assert_eq!(
+            u.split_from.as_deref(),
+            Some(old.as_str()),
+            "every piece, the keeper included, names the split profile: {u:?}"
+        );
+    }
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+}

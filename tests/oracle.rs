@@ -88,7 +88,12 @@ fn export_equals_networkx_components_with_guardrails_off() {
     let mut f = std::io::BufWriter::new(std::fs::File::create(&events_path).expect("events file"));
     for m in &j.messages {
         if let Generated::Event { channel, event, .. } = m {
-            if let Ok(ev) = norm.event(event.clone(), channel, |_| {}) {
+            if let Ok(ev) = norm.event(
+                event.clone(),
+                channel,
+                stitcher::model::now_millis(),
+                |_| {},
+            ) {
                 let ids: Vec<(&str, &str)> = ev
                     .identifiers
                     .iter()

@@ -33,22 +33,50 @@ fn broker_restart_mid_run_loses_and_duplicates_nothing() {
         std::thread::sleep(Duration::from_millis(20));
         committed = s.progress().0;
     }
+    let kafka = |cmd: &str| {
+        let status = Command::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/local-kafka/kafka.sh"
+        ))
+        .arg(cmd)
+        .status()
+        .expect("run kafka.sh");
+        assert!(status.success(), "kafka.sh {cmd} failed");
+    };
     let t = Instant::now();
-    let status = Command::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/deploy/local-kafka/kafka.sh"
-    ))
-    .arg("restart")
-    .status()
-    .expect("run kafka.sh restart");
-    assert!(status.success(), "broker restart failed");
+    kafka("stop");
+    // Readiness means progress: with the broker gone, /readyz turns 503 once the grace period is over.
+    let mut unready = None;
+    while t.elapsed() < Duration::from_secs(60) {
+        let (status, why) = s.http_get("/readyz");
+        if status == 503 {
+            unready = Some((t.elapsed(), why));
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    kafka("start");
     let outage = t.elapsed();
+    let (unready_after, why) = unready.expect("not ready while the broker is down");
+    println!(
+        "outage: /readyz 503 after {unready_after:.1?}: {}",
+        why.trim()
+    );
     assert!(
         child.try_wait().expect("wait").is_none(),
         "the service died with the broker\n{}",
         s.log_tail()
     );
     s.wait_caught_up(&mut child, TIMEOUT);
+    let ready_again = Instant::now();
+    while s.http_get("/readyz").0 != 200 {
+        assert!(
+            ready_again.elapsed() < Duration::from_secs(60),
+            "ready again once the broker is back\n{}",
+            s.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
 
     let out = s.output();

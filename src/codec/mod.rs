@@ -44,6 +44,10 @@ pub struct EventDecoder {
 
 impl EventDecoder {
     pub fn new(accepted_ids: &[u32], max_bytes: usize) -> Result<Self, SchemaError> {
+        // A string, array or map in a message cannot be longer than the message: without this bound a
+        // 20-byte message announcing a 500 MB string makes apache-avro allocate that much before it finds
+        // the message too short. The setting is process-wide and the first call wins.
+        apache_avro::max_allocation_bytes(max_bytes.max(16 << 20));
         Ok(Self {
             schema: avro::channel_event_schema()?,
             accepted_ids: accepted_ids.iter().copied().collect(),

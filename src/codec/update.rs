@@ -163,8 +163,7 @@ impl From<&Profile> for ProfileRecord {
             },
             cart: p
                 .cart
-                .lines
-                .iter()
+                .open_lines()
                 .map(|l| CartRecord {
                     sku: l.sku.clone(),
                     quantity: l.quantity,

@@ -18,7 +18,7 @@ use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::ProducerContext;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::StitchConsumer;
+use super::{dead_letters, StitchConsumer};
 use crate::config::{Config, Guarantee};
 use crate::metrics::Metrics;
 use crate::store::{OutRecord, Position};
@@ -114,6 +114,24 @@ pub struct Committer {
     needs_abort: bool,
     /// How long a timed-out `commit_transaction` is retried as it is (the transaction timeout).
     stuck_after: Duration,
+    /// Where a record that cannot be produced goes instead (see [`dead_letters::unproducible`]).
+    dlq_topic: String,
+    /// Largest record sent; lowered when the broker refuses a record for its size.
+    max_record_bytes: usize,
+}
+
+/// An error about a record rather than about the infrastructure: retrying the same record cannot help.
+fn is_record_error(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+                | RDKafkaErrorCode::InvalidMessage
+                | RDKafkaErrorCode::InvalidRecord
+                | RDKafkaErrorCode::MessageBatchTooLarge
+        )
+    ) || e.to_string().contains("too large")
 }
 
 fn is_fatal(e: &KafkaError) -> bool {
@@ -196,6 +214,8 @@ impl Committer {
             metrics,
             needs_abort: false,
             stuck_after: cfg.processing.transaction_timeout,
+            dlq_topic: cfg.output.dead_letter_topic.clone(),
+            max_record_bytes: cfg.output.max_record_bytes,
         })
     }
 
@@ -214,6 +234,7 @@ impl Committer {
         }
         let mut backoff = Duration::from_millis(100);
         let started = Instant::now();
+        self.metrics.health.commit_started();
         loop {
             let attempt = match self.guarantee {
                 Guarantee::ExactlyOnce => self.transaction(records, &tpl, consumer, deadline),
@@ -221,6 +242,7 @@ impl Committer {
             };
             match attempt {
                 Ok(()) => {
+                    self.metrics.health.commit_settled();
                     self.metrics
                         .transactions
                         .with_label_values(&["committed"])
@@ -230,8 +252,12 @@ impl Committer {
                         .observe(started.elapsed().as_secs_f64());
                     return Ok(());
                 }
-                Err(e) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
+                Err(e) if is_fatal(&e) => {
+                    self.metrics.health.commit_failed();
+                    return Err(CommitError::Fatal(e));
+                }
                 Err(e) if needs_rejoin(&e) => {
+                    self.metrics.health.commit_failed();
                     // The open transaction is aborted before the next one begins (`needs_abort`).
                     self.metrics.errors.with_label_values(&["commit"]).inc();
                     self.metrics
@@ -242,15 +268,28 @@ impl Committer {
                 }
                 // The transactional calls already waited their own timeout; retrying in place did not help.
                 Err(e) if is_retriable(&e) => {
+                    self.metrics.health.commit_failed();
                     self.metrics.errors.with_label_values(&["commit"]).inc();
                     return Err(CommitError::Stuck(e));
                 }
                 Err(e) => {
+                    self.metrics.health.commit_failed();
                     self.metrics.errors.with_label_values(&["commit"]).inc();
                     self.metrics
                         .transactions
                         .with_label_values(&["aborted"])
                         .inc();
+                    if is_record_error(&e) {
+                        // The broker refused a record for its size (a topic limit lowered since start-up):
+                        // from now on the largest record of this batch is too large, and the next attempt
+                        // sends a dead letter in its place.
+                        let largest = records.iter().map(dead_letters::record_bytes).max();
+                        self.max_record_bytes = largest
+                            .map_or(self.max_record_bytes, |l| l.saturating_sub(1))
+                            .clamp(16 * 1024, self.max_record_bytes);
+                        tracing::error!(error = %e, max_record_bytes = self.max_record_bytes,
+                            "a record was refused for its size; lowering the record limit");
+                    }
                     if deadline.passed_after(backoff) {
                         return Err(CommitError::Deadline(e));
                     }
@@ -333,36 +372,78 @@ impl Committer {
 
     fn send_all(&self, records: &[OutRecord], deadline: &Deadline) -> Result<(), KafkaError> {
         for r in records {
-            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
-            for (k, v) in &r.headers {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v),
-                });
+            if !dead_letters::fits(r, self.max_record_bytes) {
+                let error = format!(
+                    "record of {} bytes for {} exceeds the record limit of {} bytes",
+                    dead_letters::record_bytes(r),
+                    r.topic,
+                    self.max_record_bytes
+                );
+                self.send_unproducible(r, &error, deadline)?;
+                continue;
             }
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&r.topic).headers(headers);
-            if let Some(p) = r.partition {
-                record = record.partition(p);
+            match self.send(r, deadline) {
+                Err(e) if is_record_error(&e) => self.send_unproducible(
+                    r,
+                    &format!("producer refused the record: {e}"),
+                    deadline,
+                )?,
+                other => other?,
             }
-            if let Some(k) = &r.key {
-                record = record.key(k.as_slice());
-            }
-            if let Some(p) = &r.payload {
-                record = record.payload(p.as_slice());
-            }
-            let mut pending = record;
-            loop {
-                match self.producer.send(pending) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        if deadline.passed_after(Duration::ZERO) {
-                            return Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
-                        }
-                        pending = back;
-                        std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+
+    /// Sends the dead letter standing in for `r`, which cannot be produced.
+    fn send_unproducible(
+        &self,
+        r: &OutRecord,
+        error: &str,
+        deadline: &Deadline,
+    ) -> Result<(), KafkaError> {
+        tracing::error!(
+            topic = r.topic.as_str(),
+            error,
+            "record cannot be produced; sending a dead letter in its place"
+        );
+        self.metrics
+            .dead_letters
+            .with_label_values(&["output"])
+            .inc();
+        let letter = dead_letters::unproducible(&self.dlq_topic, r, error, self.max_record_bytes);
+        self.send(&letter, deadline)
+    }
+
+    fn send(&self, r: &OutRecord, deadline: &Deadline) -> Result<(), KafkaError> {
+        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+        for (k, v) in &r.headers {
+            headers = headers.insert(Header {
+                key: k,
+                value: Some(v),
+            });
+        }
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&r.topic).headers(headers);
+        if let Some(p) = r.partition {
+            record = record.partition(p);
+        }
+        if let Some(k) = &r.key {
+            record = record.key(k.as_slice());
+        }
+        if let Some(p) = &r.payload {
+            record = record.payload(p.as_slice());
+        }
+        let mut pending = record;
+        loop {
+            match self.producer.send(pending) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    if deadline.passed_after(Duration::ZERO) {
+                        return Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
                     }
-                    Err((e, _)) => return Err(e),
+                    pending = back;
+                    std::thread::sleep(Duration::from_millis(5));
                 }
+                Err((e, _)) => return Err(e),
             }
         }
         Ok(())

@@ -18,7 +18,7 @@ use rdkafka::ClientContext;
 use crate::config::{Config, Guarantee};
 
 pub use committer::{CommitError, Committer, Deadline};
-pub use consumer::{StitchConsumer, StitchContext};
+pub use consumer::{group_has_others, StitchConsumer, StitchContext, TopicWatch};
 
 /// Logs what librdkafka reports as client errors (the default context sends them to the `log` crate, which
 /// this service does not read). Authentication and TLS failures are errors an operator must fix, so they are
@@ -84,6 +84,8 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "2000")
         .set("statistics.interval.ms", "5000")
+        // A topic created after start-up is subscribed within this time.
+        .set("topic.metadata.refresh.interval.ms", "10000")
         .set("fetch.wait.max.ms", "50");
     for (k, v) in &cfg.kafka.consumer {
         c.set(k, v);
@@ -100,6 +102,11 @@ pub fn producer_config(cfg: &Config, instance: &str) -> ClientConfig {
         .set(
             "message.timeout.ms",
             cfg.processing.transaction_timeout.as_millis().to_string(),
+        )
+        // Room for the largest record plus a request's framing.
+        .set(
+            "message.max.bytes",
+            (cfg.output.max_record_bytes.max(1_000_000) + 64 * 1024).to_string(),
         );
     if cfg.processing.guarantee == Guarantee::ExactlyOnce {
         c.set(
@@ -177,4 +184,32 @@ pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaErro
         }
     }
     Ok(())
+}
+
+/// The largest record the output and dead-letter topics accept: their effective `max.message.bytes`
+/// (the broker's `message.max.bytes` unless the topic overrides it). `None` for a topic that does not
+/// exist or whose configuration cannot be read.
+pub async fn topic_record_limit(cfg: &Config) -> Result<Option<usize>, KafkaError> {
+    use rdkafka::admin::ResourceSpecifier;
+    let admin: AdminClient<LoggingContext> =
+        base_config(cfg).create_with_context(LoggingContext)?;
+    let topics = [
+        ResourceSpecifier::Topic(&cfg.output.topic),
+        ResourceSpecifier::Topic(&cfg.output.dead_letter_topic),
+    ];
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let limit = admin
+        .describe_configs(&topics, &opts)
+        .await?
+        .into_iter()
+        .filter_map(Result::ok)
+        .filter_map(|r| {
+            r.get("max.message.bytes")?
+                .value
+                .as_deref()?
+                .parse::<usize>()
+                .ok()
+        })
+        .min();
+    Ok(limit)
 }

@@ -49,6 +49,50 @@ pub struct Totals {
     pub revenue_minor: i64,
 }
 
+impl Totals {
+    /// Adds `other`; saturates instead of overflowing (amounts are bounded per event by
+    /// `limits.max_amount`, so only an implausible number of orders reaches the bound).
+    fn add(&mut self, other: Totals) {
+        self.orders = self.orders.saturating_add(other.orders);
+        self.revenue_minor = self.revenue_minor.saturating_add(other.revenue_minor);
+    }
+}
+
+fn add_count(counts: &mut BTreeMap<String, u64>, key: String, n: u64) {
+    let slot = counts.entry(key).or_insert(0);
+    *slot = slot.saturating_add(n);
+}
+
+/// Keeps the [`bounds::EVENT_TYPES`] smallest event types and adds the counts of the others up under
+/// [`bounds::OTHER_EVENT_TYPES`]: the smallest keys of a union are the smallest of its parts, so this
+/// commutes with joins.
+fn bound_event_types(types: &mut BTreeMap<String, u64>) {
+    let named = types.len() - usize::from(types.contains_key(bounds::OTHER_EVENT_TYPES));
+    if named <= bounds::EVENT_TYPES {
+        return;
+    }
+    let other = types.remove(bounds::OTHER_EVENT_TYPES).unwrap_or(0);
+    let excess: u64 = types
+        .split_off(
+            types
+                .keys()
+                .nth(bounds::EVENT_TYPES)
+                .cloned()
+                .unwrap_or_default()
+                .as_str(),
+        )
+        .into_values()
+        .fold(other, u64::saturating_add);
+    types.insert(bounds::OTHER_EVENT_TYPES.to_string(), excess);
+}
+
+/// Keeps the first [`bounds::PURCHASE_TOTALS`] (venue, currency) totals.
+fn bound_purchases(purchases: &mut BTreeMap<(Venue, String), Totals>) {
+    while purchases.len() > bounds::PURCHASE_TOTALS {
+        purchases.pop_last();
+    }
+}
+
 /// A value that the latest event (by event time, then event id) decides.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Latest<T> {
@@ -90,8 +134,29 @@ pub struct CartLine {
     pub event_id: String,
 }
 
+/// Bounds on what one profile holds, so that a profile update always fits in a Kafka record (README
+/// "Bounds"). Each bound keeps a deterministic subset of the union of what was applied (the newest cart
+/// lines, the smallest keys), so merges stay commutative and associative: truncating before or after a join
+/// gives the same profile.
+pub mod bounds {
+    /// Cart lines kept: the newest since the last purchase.
+    pub const CART_LINES: usize = 100;
+    /// Per-sku removals kept: the newest since the last purchase.
+    pub const CART_REMOVALS: usize = 400;
+    /// Distinct event types counted one by one; the counts of the others add up under [`OTHER_EVENT_TYPES`].
+    pub const EVENT_TYPES: usize = 64;
+    /// The key of the event types beyond [`EVENT_TYPES`].
+    pub const OTHER_EVENT_TYPES: &str = "(other)";
+    /// Purchase totals per (venue, currency) kept: the first in (venue, currency) order.
+    pub const PURCHASE_TOTALS: usize = 32;
+}
+
 /// The open cart that follows the customer across channels: lines added anywhere, cleared by a purchase
 /// anywhere. Clearing is recorded as a time so that a late-arriving older add stays cleared.
+///
+/// `lines` holds the newest [`bounds::CART_LINES`] lines added after the last clearing, including lines
+/// removed since (a removal is per sku and not a time threshold, so pruning on it would make truncation
+/// depend on the order of joins); [`Cart::open_lines`] is the cart as the customer sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cart {
     pub lines: Vec<CartLine>,
@@ -109,12 +174,31 @@ impl Cart {
                 .is_none_or(|r| line.added_at > *r)
     }
 
+    /// The lines in the cart now: added after the last clearing and not removed since.
+    pub fn open_lines(&self) -> impl Iterator<Item = &CartLine> {
+        self.lines.iter().filter(|l| self.live(l))
+    }
+
     fn prune(&mut self) {
+        let cleared = self.cleared_at;
+        let after_clearing = |at: Millis| cleared.is_none_or(|c| at > c);
         let mut lines = std::mem::take(&mut self.lines);
-        lines.retain(|l| self.live(l));
+        lines.retain(|l| after_clearing(l.added_at));
         lines.sort();
         lines.dedup();
+        let excess = lines.len().saturating_sub(bounds::CART_LINES);
+        lines.drain(..excess);
         self.lines = lines;
+        self.removed.retain(|_, at| after_clearing(*at));
+        if self.removed.len() > bounds::CART_REMOVALS {
+            let mut newest: Vec<(Millis, String)> = std::mem::take(&mut self.removed)
+                .into_iter()
+                .map(|(sku, at)| (at, sku))
+                .collect();
+            newest.sort_unstable_by(|a, b| b.cmp(a));
+            newest.truncate(bounds::CART_REMOVALS);
+            self.removed = newest.into_iter().map(|(at, sku)| (sku, at)).collect();
+        }
     }
 
     pub fn join(&mut self, other: Cart) {
@@ -247,38 +331,41 @@ impl Profile {
     /// may have kept some out).
     pub fn apply(&mut self, ev: &Event, linked: &[Identifier]) {
         let ts = ev.timestamp;
-        if (ts, &ev.event_id) < (self.anchor.0, &self.anchor.1) {
+        if self.anchor.1.is_empty() || (ts, &ev.event_id) < (self.anchor.0, &self.anchor.1) {
             self.anchor = (ts, ev.event_id.clone());
         }
         self.observe_identifiers(linked, ts);
         self.seen.observe(ts);
-        self.events += 1;
+        self.events = self.events.saturating_add(1);
         self.channels
             .entry(ev.channel.clone())
             .and_modify(|c| {
                 c.seen.observe(ts);
-                c.events += 1;
+                c.events = c.events.saturating_add(1);
             })
             .or_insert(ChannelActivity {
                 seen: Seen::at(ts),
                 events: 1,
             });
-        *self.event_types.entry(ev.event_type.clone()).or_insert(0) += 1;
+        add_count(&mut self.event_types, ev.event_type.clone(), 1);
+        bound_event_types(&mut self.event_types);
         if let Some(p) = &ev.purchase {
-            let t = self
-                .purchases
+            self.purchases
                 .entry((p.venue, p.currency.clone()))
-                .or_default();
-            t.orders += 1;
-            t.revenue_minor += p.amount_minor;
+                .or_default()
+                .add(Totals {
+                    orders: 1,
+                    revenue_minor: p.amount_minor,
+                });
+            bound_purchases(&mut self.purchases);
         }
         match ev.event_type.as_str() {
             "email_open" => {
-                self.email.opens += 1;
+                self.email.opens = self.email.opens.saturating_add(1);
                 self.email.last_open_at = self.email.last_open_at.max(Some(ts));
             }
             "email_click" => {
-                self.email.clicks += 1;
+                self.email.clicks = self.email.clicks.saturating_add(1);
                 Latest::join(
                     &mut self.email.last_click,
                     Latest {
@@ -350,26 +437,26 @@ impl Profile {
                 .or_insert(seen);
         }
         self.seen.join(other.seen);
-        self.events += other.events;
+        self.events = self.events.saturating_add(other.events);
         for (ch, act) in other.channels {
             self.channels
                 .entry(ch)
                 .and_modify(|c| {
                     c.seen.join(act.seen);
-                    c.events += act.events;
+                    c.events = c.events.saturating_add(act.events);
                 })
                 .or_insert(act);
         }
         for (t, n) in other.event_types {
-            *self.event_types.entry(t).or_insert(0) += n;
+            add_count(&mut self.event_types, t, n);
         }
+        bound_event_types(&mut self.event_types);
         for (k, t) in other.purchases {
-            let mine = self.purchases.entry(k).or_default();
-            mine.orders += t.orders;
-            mine.revenue_minor += t.revenue_minor;
+            self.purchases.entry(k).or_default().add(t);
         }
-        self.email.opens += other.email.opens;
-        self.email.clicks += other.email.clicks;
+        bound_purchases(&mut self.purchases);
+        self.email.opens = self.email.opens.saturating_add(other.email.opens);
+        self.email.clicks = self.email.clicks.saturating_add(other.email.clicks);
         self.email.last_open_at = self.email.last_open_at.max(other.email.last_open_at);
         if let Some(c) = other.email.last_click {
             Latest::join(&mut self.email.last_click, c);

@@ -27,13 +27,15 @@ use super::{handle, home, Effects, Msg, ShardId};
 use crate::codec::ProfileUpdate;
 use crate::config::Config;
 use crate::kafka::reader::QuietEof;
-use crate::kafka::{base_config, CommitError, Committer, Deadline, StitchConsumer};
+use crate::kafka::{base_config, CommitError, Committer, Deadline, StitchConsumer, TopicWatch};
 use crate::metrics::Metrics;
 use crate::model::{now_millis, Identifier, ProfileId};
-use crate::pipeline::{batch_committed, subscribed_consumer, PipelineError, RunSummary};
+use crate::pipeline::{
+    batch_committed, subscribed_consumer, subscribed_topics, PipelineError, RunSummary,
+};
 use crate::processor::{positions_vec, source, Batch, InMessage, Processor};
 use crate::stitch::Rules;
-use crate::store::{decode_v1, encode_v1, OutRecord, Store, StoreError};
+use crate::store::{decode_value, encode_value, OutRecord, Store, StoreError};
 
 /// Changelog records applied per RocksDB write while restoring.
 const RESTORE_CHUNK: usize = 10_000;
@@ -73,6 +75,8 @@ pub struct ShardedPipeline {
     expected: BTreeMap<(String, i32), i64>,
     /// The message whose poll revealed a rebalance: the first of the next batch.
     carried: Option<OwnedMessage>,
+    /// The subscribed topics in the cluster's metadata, for the missing-topic readiness check.
+    topics: TopicWatch,
 }
 
 impl ShardedPipeline {
@@ -107,7 +111,14 @@ impl ShardedPipeline {
             "scale-out mode: stateful guardrails (type limits, max_profile_identifiers, shared \
              identifiers, consent sealing) are not applied"
         );
+        let topics = TopicWatch::new(
+            subscribed_topics(&cfg)
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+        );
         Ok(Self {
+            topics,
             shards: cfg.scaleout.shards,
             topic: cfg.scaleout.topic.clone(),
             changelog,
@@ -134,7 +145,7 @@ impl ShardedPipeline {
         while !shutdown.is_cancelled() {
             self.run_batch(&shutdown, &mut summary)?;
         }
-        self.metrics.ready.set(0);
+        self.metrics.health.set_running(false);
         tracing::info!(
             batches = summary.batches,
             messages = summary.messages,
@@ -148,6 +159,7 @@ impl ShardedPipeline {
         shutdown: &CancellationToken,
         summary: &mut RunSummary,
     ) -> Result<(), PipelineError> {
+        self.topics.partitions(&self.consumer, &self.metrics.health);
         self.sync_assignment(shutdown)?;
         let generation = self.consumer.context().rebalances();
         let started = Instant::now();
@@ -231,6 +243,8 @@ impl ShardedPipeline {
                     )?;
                 }
                 drop(overlay);
+                // Nothing is pending: the batch is read again from the committed offsets.
+                self.metrics.health.commit_settled();
                 return self.restart_consumer();
             }
         }
@@ -275,7 +289,7 @@ impl ShardedPipeline {
         self.processor.track(batch, msg);
         if msg.topic == self.topic {
             let shard = ShardId::try_from(msg.partition).unwrap_or_default();
-            match decode_v1::<Msg>(msg.payload.unwrap_or_default(), "shards", "message") {
+            match decode_value::<Msg>(msg.payload.unwrap_or_default(), "shards", "message") {
                 Ok(x) => self.deliver(overlay, work, shard, x, "topic")?,
                 Err(e) => self.processor.dead_letter(
                     batch,
@@ -370,7 +384,7 @@ impl ShardedPipeline {
             topic: self.topic.clone(),
             partition: Some(shard as i32),
             key: None,
-            payload: Some(encode_v1(msg, 256)?),
+            payload: Some(encode_value(msg, 256)?),
             headers: vec![],
         })
     }
@@ -462,7 +476,7 @@ impl ShardedPipeline {
             return Ok(());
         }
         if !assigned.is_empty() {
-            self.metrics.ready.set(0);
+            self.metrics.health.set_running(false);
         }
         let started = Instant::now();
         // Stable committed offsets (KIP-447): this returns once a transaction of a previous owner of these
@@ -496,7 +510,7 @@ impl ShardedPipeline {
     fn synced(&mut self, generation: u64) {
         self.metrics.shards_owned.set(self.owned.len() as i64);
         self.held.publish(&self.owned);
-        self.metrics.ready.set(1);
+        self.metrics.health.set_running(true);
         self.synced_at = Some(generation);
     }
 

@@ -1,11 +1,11 @@
 //! Sharded state in RocksDB (column family `shards`), written through an overlay whose changes are also
 //! the shard's changelog records.
 //!
-//! | key                                          | value                                  |
-//! |----------------------------------------------|----------------------------------------|
-//! | shard (u32 BE) `p` identifier key            | v1 + bincode(Identifier): the parent   |
-//! | shard (u32 BE) `r` identifier key            | v1 + bincode(Profile): a root's profile|
-//! | shard (u32 BE) `e` SHA-256(event id)[..16]   | empty: the event was applied           |
+//! | key                                          | value                                   |
+//! |----------------------------------------------|-----------------------------------------|
+//! | shard (u32 BE) `p` identifier key            | v2 + postcard(Identifier): the parent  |
+//! | shard (u32 BE) `r` identifier key            | v2 + postcard(Profile): a root's profile |
+//! | shard (u32 BE) `e` SHA-256(event id)[..16]   | empty: the event was applied            |
 //!
 //! A batch's changes go to partition `shard` of the changelog topic (same key and value; a delete is a
 //! tombstone) inside the batch's transaction. The local copy is written only after that transaction
@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use super::{ShardId, ShardState};
 use crate::model::Identifier;
 use crate::profile::Profile;
-use crate::store::{decode_v1, encode_v1, identifier_key, Store, StoreError, CF_SHARDS};
+use crate::store::{decode_value, encode_value, identifier_key, Store, StoreError, CF_SHARDS};
 
 const PARENT: u8 = b'p';
 const ROOT_PROFILE: u8 = b'r';
@@ -70,7 +70,7 @@ impl<'s> ShardOverlay<'s> {
     /// The profile of root `r` of `shard`, as the batch left it.
     pub fn profile(&self, shard: ShardId, r: &Identifier) -> Result<Option<Profile>, StoreError> {
         self.get(&key(shard, ROOT_PROFILE, &identifier_key(r)))?
-            .map(|v| decode_v1(&v, CF_SHARDS, "profile"))
+            .map(|v| decode_value(&v, CF_SHARDS, "profile"))
             .transpose()
     }
 
@@ -92,7 +92,7 @@ pub fn committed_parent(
 ) -> Result<Option<Identifier>, StoreError> {
     store
         .shard_value(&key(shard, PARENT, &identifier_key(x)))?
-        .map(|v| decode_v1(&v, CF_SHARDS, "parent"))
+        .map(|v| decode_value(&v, CF_SHARDS, "parent"))
         .transpose()
 }
 
@@ -117,12 +117,12 @@ impl ShardState for ShardView<'_, '_> {
     fn parent(&mut self, x: &Identifier) -> Result<Option<Identifier>, StoreError> {
         self.overlay
             .get(&key(self.shard, PARENT, &identifier_key(x)))?
-            .map(|v| decode_v1(&v, CF_SHARDS, "parent"))
+            .map(|v| decode_value(&v, CF_SHARDS, "parent"))
             .transpose()
     }
 
     fn set_parent(&mut self, x: &Identifier, parent: &Identifier) -> Result<(), StoreError> {
-        let value = encode_v1(parent, 64)?;
+        let value = encode_value(parent, 64)?;
         self.overlay
             .dirty
             .insert(key(self.shard, PARENT, &identifier_key(x)), Some(value));
@@ -136,12 +136,12 @@ impl ShardState for ShardView<'_, '_> {
             self.overlay.dirty.insert(k, None);
         }
         found
-            .map(|v| decode_v1(&v, CF_SHARDS, "profile"))
+            .map(|v| decode_value(&v, CF_SHARDS, "profile"))
             .transpose()
     }
 
     fn put_profile(&mut self, r: &Identifier, profile: Profile) -> Result<(), StoreError> {
-        let value = encode_v1(&profile, 512)?;
+        let value = encode_value(&profile, 512)?;
         self.overlay.dirty.insert(
             key(self.shard, ROOT_PROFILE, &identifier_key(r)),
             Some(value),

@@ -90,6 +90,8 @@ pub struct Reshape {
     pub retired: Vec<(ProfileId, NodeId)>,
     /// Identifiers removed from state.
     pub identifiers_erased: u64,
+    /// Links removed by unlink commands (whether or not the profile split).
+    pub links_removed: u64,
 }
 
 impl Reshape {
@@ -100,6 +102,7 @@ impl Reshape {
         self.quarantined.extend(more.quarantined);
         self.retired.extend(more.retired);
         self.identifiers_erased += more.identifiers_erased;
+        self.links_removed += more.links_removed;
     }
 
     pub fn is_empty(&self) -> bool {
@@ -626,6 +629,7 @@ impl Stitcher {
         if na != nb {
             return Ok(reshape);
         }
+        reshape.links_removed += 1;
         store.remove_link(a, b);
         if let Some(profile) = store.take_profile(na)? {
             self.split(store, na, profile, &[], false, &mut reshape)?;
@@ -750,8 +754,9 @@ pub struct BatchChanges {
     retired: BTreeMap<ProfileId, NodeId>,
     /// Refusals per node, to report on the output.
     refused: BTreeMap<NodeId, Vec<Refusal>>,
-    /// Nodes that came out of a split, with the id of the profile they came from.
-    split_from: BTreeMap<NodeId, ProfileId>,
+    /// Nodes that came out of a split, with the id of the profile they came from and whether it split
+    /// into several pieces (rather than losing identifiers and staying one).
+    split_from: BTreeMap<NodeId, (ProfileId, bool)>,
     /// Ids erased (or split away) in this batch.
     erased: BTreeSet<ProfileId>,
     pub created: u64,
@@ -798,8 +803,9 @@ impl BatchChanges {
         self.shared_found += reshape.quarantined.len() as u64;
         self.identifiers_erased += reshape.identifiers_erased;
         for split in reshape.splits {
+            let several = split.into.len() > 1;
             for n in split.into {
-                self.split_from.insert(n, split.from.clone());
+                self.split_from.insert(n, (split.from.clone(), several));
                 self.touched
                     .insert(n, (trigger.to_string(), channel.to_string()));
             }
@@ -852,7 +858,8 @@ impl BatchChanges {
                 trigger_channel: channel.clone(),
                 merged_from: merged_from.remove(node).unwrap_or_default(),
                 refused: self.refused.get(node).cloned().unwrap_or_default(),
-                split_from: self.split_from.get(node).cloned(),
+                split_from: self.split_from.get(node).map(|(from, _)| from.clone()),
+                split_into_several: self.split_from.get(node).is_some_and(|(_, s)| *s),
             })
             .collect()
     }
@@ -869,6 +876,9 @@ pub struct NodeUpdate {
     pub refused: Vec<Refusal>,
     /// The profile this one was split from, if it came out of a split in this batch.
     pub split_from: Option<ProfileId>,
+    /// Whether that split made several profiles (every piece, the one keeping the id included, reports
+    /// `split_from`); otherwise the profile only lost identifiers, which matters only if its id changed.
+    pub split_into_several: bool,
 }
 
 /// An in-memory [`GraphStore`]: for tests, benches and the oracle check.

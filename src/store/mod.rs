@@ -6,13 +6,13 @@
 //! | cf            | key                            | value                              |
 //! |---------------|--------------------------------|------------------------------------|
 //! | `identifiers` | type `\0` value                | node id (u64 BE)                   |
-//! | `profiles`    | node id (u64 BE)               | v1 + bincode(Profile)              |
+//! | `profiles`    | node id (u64 BE)               | v2 + postcard(Profile)             |
 //! | `profile_ids` | public profile id              | node id (u64 BE)                   |
 //! | `redirects`   | retired public profile id      | public profile id it moved to      |
 //! | `events`      | SHA-256(event_id)[..16]        | write time, ms (i64 BE); dedup set |
-//! | `links`       | u16 BE len(a) + a + b          | v1 + bincode(Evidence), merge op   |
-//! | `parts`       | type `\0` value                | v1 + bincode(Profile), merge op    |
-//! | `meta`        | `next_node`, `checkpoint`      | u64 BE, v1 + bincode(Checkpoint)   |
+//! | `links`       | u16 BE len(a) + a + b          | v2 + postcard(Evidence), merge op  |
+//! | `parts`       | type `\0` value                | v2 + postcard(Profile), merge op   |
+//! | `meta`        | `next_node`, `checkpoint`      | u64 BE, v2 + postcard(Checkpoint) |
 //! | `shards`      | shard (u32 BE) + kind + key    | see src/scaleout/state.rs          |
 //! | `meta`        | `changelog/` + shard (u32 BE)  | next changelog offset (i64 BE)     |
 //!
@@ -37,7 +37,10 @@ use crate::stitch::Evidence;
 
 pub use overlay::Overlay;
 
-const FORMAT_V1: u8 = 1;
+/// The version byte in front of every encoded value: 2 is postcard. Version 1 (bincode, unmaintained per
+/// RUSTSEC-2025-0141) is refused with an error saying how to rebuild.
+const FORMAT_V2: u8 = 2;
+const FORMAT_V1_BINCODE: u8 = 1;
 /// Longest redirect chain followed by a lookup.
 const MAX_REDIRECT_HOPS: usize = 32;
 
@@ -72,7 +75,7 @@ pub enum StoreError {
     #[error("corrupt value in {cf}: {reason}")]
     Corrupt { cf: &'static str, reason: String },
     #[error("cannot encode state: {0}")]
-    Encode(#[from] bincode::Error),
+    Encode(#[from] postcard::Error),
     #[error("missing column family {0}")]
     MissingCf(&'static str),
 }
@@ -262,7 +265,7 @@ impl Store {
     pub fn checkpoint(&self) -> Result<Option<Checkpoint>, StoreError> {
         self.db
             .get_cf(self.cf(CF_META)?, META_CHECKPOINT)?
-            .map(|v| decode_v1(&v, CF_META, "checkpoint"))
+            .map(|v| decode_value(&v, CF_META, "checkpoint"))
             .transpose()
     }
 
@@ -272,7 +275,7 @@ impl Store {
         batch: &mut WriteBatch,
         cp: &Checkpoint,
     ) -> Result<(), StoreError> {
-        batch.put_cf(self.cf(CF_META)?, META_CHECKPOINT, encode_v1(cp, 256)?);
+        batch.put_cf(self.cf(CF_META)?, META_CHECKPOINT, encode_value(cp, 256)?);
         Ok(())
     }
 
@@ -476,20 +479,29 @@ pub(crate) fn link_key(a: &Identifier, b: &Identifier) -> Vec<u8> {
 }
 
 /// A value with its format version byte in front.
-pub(crate) fn encode_v1<T: Serialize>(value: &T, capacity: usize) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn encode_value<T: Serialize>(
+    value: &T,
+    capacity: usize,
+) -> Result<Vec<u8>, StoreError> {
     let mut v = Vec::with_capacity(capacity);
-    v.push(FORMAT_V1);
-    bincode::serialize_into(&mut v, value)?;
-    Ok(v)
+    v.push(FORMAT_V2);
+    Ok(postcard::to_extend(value, v)?)
 }
 
-pub(crate) fn decode_v1<T: serde::de::DeserializeOwned>(
+pub(crate) fn decode_value<T: serde::de::DeserializeOwned>(
     v: &[u8],
     cf: &'static str,
     what: &str,
 ) -> Result<T, StoreError> {
     match v.split_first() {
-        Some((&FORMAT_V1, rest)) => Ok(bincode::deserialize(rest)?),
+        Some((&FORMAT_V2, rest)) => Ok(postcard::from_bytes(rest)?),
+        Some((&FORMAT_V1_BINCODE, _)) => Err(StoreError::Corrupt {
+            cf,
+            reason: format!(
+                "{what} written by stitcher 0.1 (format 1, bincode); this version reads format 2: start \
+                 with an empty state directory and let it replay the input topics (README \"Upgrading\")"
+            ),
+        }),
         _ => Err(StoreError::Corrupt {
             cf,
             reason: format!("unknown {what} format"),
@@ -498,11 +510,11 @@ pub(crate) fn decode_v1<T: serde::de::DeserializeOwned>(
 }
 
 pub(crate) fn encode_evidence(e: &Evidence) -> Result<Vec<u8>, StoreError> {
-    encode_v1(e, 64)
+    encode_value(e, 64)
 }
 
 pub(crate) fn decode_evidence(v: &[u8]) -> Result<Evidence, StoreError> {
-    decode_v1(v, CF_LINKS, "evidence")
+    decode_value(v, CF_LINKS, "evidence")
 }
 
 /// Folds a stored value and merge operands with `join`. `None` (a corrupt input) fails the read.
@@ -582,11 +594,11 @@ pub(crate) fn decode_node(v: &[u8]) -> Result<NodeId, StoreError> {
 }
 
 pub(crate) fn encode_profile(p: &Profile) -> Result<Vec<u8>, StoreError> {
-    encode_v1(p, 512)
+    encode_value(p, 512)
 }
 
 pub(crate) fn decode_profile(v: &[u8]) -> Result<Profile, StoreError> {
-    decode_v1(v, CF_PROFILES, "profile")
+    decode_value(v, CF_PROFILES, "profile")
 }
 
 /// A RocksDB store in a temporary directory, removed on drop. For tests and benches.

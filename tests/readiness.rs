@@ -1,0 +1,144 @@
+//! Readiness means progress, and the lag gauge tells the truth (issue 17), against the real broker:
+//! - a configured input topic that does not exist makes the instance not ready, naming the topic, while the
+//!   other channels keep flowing; once created it is picked up without pausing anything, and no log line
+//!   blames another instance;
+//! - after a restart with a backlog, `stitcher_consumer_lag_messages` falls to 0 once the backlog is read.
+#![cfg(feature = "kafka-it")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use stitcher::generate;
+use stitcher::journeys::{self, JourneyConfig};
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+fn wait_for(what: &str, s: &Setup, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(
+            start.elapsed() < timeout,
+            "{what}: not within {timeout:?}\n{}",
+            s.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    start.elapsed()
+}
+
+#[test]
+fn a_missing_input_topic_is_named_and_picked_up_once_created() {
+    let s = Setup::new("missing", 1, "");
+    let late = format!("{}-late", s.name);
+    s.edit_config(|c| {
+        c.replacen(
+            "[[inputs]]",
+            &format!("[[inputs]]\ntopic = \"{late}\"\nchannel = \"kiosk\"\nformat = \"json\"\n\n[[inputs]]"),
+            1,
+        )
+    });
+    let j = journeys::generate(&JourneyConfig {
+        persons: 200,
+        seed: 5,
+        ..Default::default()
+    });
+    generate::send(&brokers(), &s.routes, &j, 0).expect("send");
+    let mut child = s.start();
+    // The other channels flow while the topic is missing...
+    s.wait_caught_up(&mut child, TIMEOUT);
+    // ...and the instance says why it is not ready.
+    let (status, why) = s.http_get("/readyz");
+    assert_eq!(status, 503, "{why}");
+    assert!(why.contains(&late), "{why}");
+    assert!(s.log().contains(&late), "the log names the missing topic");
+
+    create_topics(std::slice::from_ref(&late), 2);
+    let event = serde_json::json!({
+        "event_id": "kiosk-1",
+        "event_type": "page_view",
+        "timestamp": stitcher::model::now_millis(),
+        "identifiers": [{"type": "email", "value": "kiosk@x.io"}],
+    });
+    let mut routes = s.routes.clone();
+    routes.insert(
+        "kiosk".into(),
+        (late.clone(), stitcher::config::Format::Json),
+    );
+    let taken = wait_for(
+        "ready once the topic exists",
+        &s,
+        Duration::from_secs(60),
+        || s.http_get("/readyz").0 == 200,
+    );
+    generate::send(
+        &brokers(),
+        &routes,
+        &journeys::Journeys {
+            messages: vec![journeys::Generated::Malformed {
+                channel: "kiosk",
+                key: "k".into(),
+                bytes: serde_json::to_vec(&event).expect("json"),
+            }],
+            truth: vec![],
+            events: 1,
+            malformed: 0,
+            duplicates: 0,
+        },
+        0,
+    )
+    .expect("send");
+    let picked = wait_for(
+        "the new topic's event applied",
+        &s,
+        Duration::from_secs(60),
+        || s.http_get("/v1/identifiers/email/kiosk@x.io").0 == 200,
+    );
+    println!("missing topic: ready {taken:.1?} after creation, its first event visible {picked:.1?} later");
+    let log = s.log();
+    assert!(
+        !log.contains("another instance"),
+        "no second instance to blame:\n{}",
+        s.log_tail()
+    );
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+}
+
+#[test]
+fn the_lag_gauge_is_right_after_a_restart_with_a_backlog() {
+    let s = Setup::new("lag", 2, "");
+    let j = journeys::generate(&JourneyConfig {
+        persons: 1500,
+        seed: 9,
+        ..Default::default()
+    });
+    generate::send(&brokers(), &s.routes, &j, 0).expect("send");
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, TIMEOUT);
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+    // A backlog while it is down: the offsets committed before the restart are far behind the end.
+    let more = journeys::generate(&JourneyConfig {
+        persons: 1500,
+        seed: 10,
+        ..Default::default()
+    });
+    generate::send(&brokers(), &s.routes, &more, 0).expect("send");
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, TIMEOUT);
+    // librdkafka publishes statistics every 5 s; the gauge must read 0 at the next one.
+    let lag = || {
+        let (_, metrics) = s.http_get("/metrics");
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("stitcher_consumer_lag_messages{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
+            .sum::<i64>()
+    };
+    let took = wait_for("lag gauge at 0", &s, Duration::from_secs(20), || lag() == 0);
+    println!(
+        "lag gauge: 0 {took:.1?} after catching up a backlog of {} messages",
+        more.messages.len()
+    );
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+}
