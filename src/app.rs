@@ -27,13 +27,17 @@ pub async fn run(
         .scaleout
         .enabled()
         .then(|| HeldShards::new(cfg.scaleout.shards));
+    let owners = match held {
+        Some(_) => Some(crate::scaleout::routing::Owners::new(&cfg)?),
+        None => None,
+    };
     tracing::info!(addr = %listener.local_addr()?, "http listening");
     let http_state = HttpState {
         metrics: metrics.clone(),
         store: Some(store.clone()),
         normalizer: Arc::new(Normalizer::new(&cfg.identity)?),
         bearer_token: cfg.http.bearer_token.clone(),
-        shards: held.clone(),
+        shards: held.clone().zip(owners),
     };
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));

@@ -54,6 +54,16 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .iter()
         .map(|i| (i.channel.clone(), (i.topic.clone(), i.format)))
         .collect();
+    if let Some(unknown) = args
+        .channels
+        .iter()
+        .find(|c| !journeys::CHANNELS.contains(&c.as_str()))
+    {
+        anyhow::bail!(
+            "--channels: {unknown:?} is not a generated channel (one of {})",
+            journeys::CHANNELS.join(", ")
+        );
+    }
     let start_ms = if args.now {
         SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64
     } else {

@@ -405,6 +405,9 @@ pub struct HttpConfig {
     pub listen: SocketAddr,
     /// When set, the lookup API requires `Authorization: Bearer <token>` (metrics and probes do not).
     pub bearer_token: Option<String>,
+    /// `host:port` at which the other instances reach this one's HTTP API, to forward lookups in scale-out
+    /// mode (a StatefulSet pod's DNS name). Default: `listen`.
+    pub advertised_address: Option<String>,
 }
 
 impl Default for HttpConfig {
@@ -412,7 +415,17 @@ impl Default for HttpConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
             bearer_token: None,
+            advertised_address: None,
         }
+    }
+}
+
+impl HttpConfig {
+    /// Where the other instances reach this one.
+    pub fn advertised(&self) -> String {
+        self.advertised_address
+            .clone()
+            .unwrap_or_else(|| self.listen.to_string())
     }
 }
 
@@ -482,6 +495,7 @@ impl Config {
                 "STATE_DIR" => self.state.dir = PathBuf::from(value),
                 "OUTPUT_TOPIC" => self.output.topic = value,
                 "HTTP_BEARER_TOKEN" => self.http.bearer_token = Some(value),
+                "HTTP_ADVERTISED_ADDRESS" => self.http.advertised_address = Some(value),
                 "HTTP_LISTEN" => {
                     self.http.listen = value.parse().map_err(|e| ConfigError::Env {
                         name: name.clone(),

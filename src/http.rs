@@ -9,8 +9,10 @@
 //! Answers come from local RocksDB state. 404 for unknown ids, 400 for malformed ones. With
 //! `http.bearer_token` set, the lookup routes require `Authorization: Bearer <token>`.
 //!
-//! In scale-out mode only `GET /v1/identifiers/{type}/{value}` answers (the others 501): from the shards
-//! this instance holds, or 421 when the identifier's component lies partly in a shard held elsewhere.
+//! In scale-out mode only `GET /v1/identifiers/{type}/{value}` answers (the others 501): any instance
+//! answers it, climbing the shards it holds and forwarding the rest of the climb to the owner of the next
+//! shard (`GET /internal/v1/climb/...`, [`crate::scaleout::routing`]); 503 with `Retry-After` while a shard
+//! on the way is being reassigned.
 
 use std::sync::Arc;
 
@@ -25,9 +27,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::codec::update::ProfileRecord;
 use crate::metrics::Metrics;
+use crate::model::Identifier;
 use crate::model::{NodeId, ProfileId};
 use crate::normalize::Normalizer;
 use crate::scaleout::lookup::{lookup, HeldShards, Lookup};
+use crate::scaleout::routing::{self, Owners};
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -36,8 +40,9 @@ pub struct HttpState {
     pub store: Option<Store>,
     pub normalizer: Arc<Normalizer>,
     pub bearer_token: Option<String>,
-    /// In scale-out mode, the shards this instance holds: identifier lookups climb them.
-    pub shards: Option<HeldShards>,
+    /// In scale-out mode, the shards this instance holds (identifier lookups climb them) and where the
+    /// others are (the rest of a climb is forwarded there).
+    pub shards: Option<(HeldShards, Owners)>,
 }
 
 #[derive(Serialize)]
@@ -67,6 +72,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/profiles/:id/explain", get(explain_profile))
         .route("/v1/identifiers/:kind/:value", get(by_identifier))
         .route("/v1/identifiers/:kind/:value/explain", get(explain))
+        .route("/internal/v1/climb/:kind/:value", get(climb))
         .with_state(state)
 }
 
@@ -260,49 +266,142 @@ async fn by_identifier(
     Path(key): Path<(String, String)>,
 ) -> Response {
     match s.shards.clone() {
-        Some(held) => sharded_identifier(s, headers, key, held).await,
+        Some(shards) => sharded_identifier(s, headers, key, shards).await,
         None => for_identifier(s, headers, key, |store, node| load(store, node, None)).await,
     }
 }
 
-/// An identifier lookup in scale-out mode ([`lookup`]).
+/// An identifier lookup in scale-out mode: each candidate identifier ([`Normalizer::lookup_candidates`]) is
+/// climbed through the shards held here ([`lookup`]), and the rest of a climb that reaches a shard held
+/// elsewhere is forwarded to its owner.
 async fn sharded_identifier(
     s: HttpState,
     headers: HeaderMap,
     (kind, value): (String, String),
-    held: HeldShards,
+    (held, owners): (HeldShards, Owners),
 ) -> Response {
     let (store, ids) = match identifier_request(&s, &headers, &kind, &value) {
         Ok(x) => x,
         Err((status, message)) => return error(status, message),
     };
-    let answer = tokio::task::spawn_blocking(move || {
-        let mut answer = Lookup::Unknown;
-        for id in &ids {
-            answer = lookup(&store, &held, id)?;
-            if !matches!(answer, Lookup::Unknown) {
-                break;
-            }
+    for id in ids {
+        let answer = climb_from(&s, store.clone(), held.clone(), &owners, id, 0).await;
+        if answer.status() != StatusCode::NOT_FOUND {
+            return answer;
         }
-        Ok::<_, crate::store::StoreError>(answer)
-    })
-    .await;
-    if let Ok(Ok(Lookup::Elsewhere(shard))) = answer {
-        return error(
-            StatusCode::MISDIRECTED_REQUEST,
-            format!("shard {shard} of this identifier's component is held by another instance"),
-        );
     }
-    respond(answer.map(|found| {
-        found.map(|l| match l {
-            Lookup::Found(p) => Some(LookupAnswer {
-                profile_id: p.id().to_string(),
-                redirected_from: None,
-                profile: (&*p).into(),
-            }),
-            Lookup::Unknown | Lookup::Elsewhere(_) => None,
-        })
-    }))
+    error(StatusCode::NOT_FOUND, "no profile for this id")
+}
+
+/// Most forwards of one lookup: a climb visits at most every shard once.
+const MAX_HOPS: u32 = 16;
+
+#[derive(serde::Deserialize)]
+struct Hops {
+    #[serde(default)]
+    hops: u32,
+}
+
+/// `GET /internal/v1/climb/{type}/{value}?hops=n`: the rest of a climb forwarded by another instance, from
+/// an identifier already normalised (never normalised again: a hash stays a hash).
+async fn climb(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path((kind, value)): Path<(String, String)>,
+    axum::extract::Query(Hops { hops }): axum::extract::Query<Hops>,
+) -> Response {
+    if let Err((status, message)) = authorize(&s, &headers) {
+        return error(status, message);
+    }
+    let (Some((held, owners)), Ok(store)) = (s.shards.clone(), state(&s)) else {
+        return error(StatusCode::NOT_FOUND, "not a scale-out instance");
+    };
+    climb_from(&s, store, held, &owners, Identifier::new(kind, value), hops).await
+}
+
+/// Climbs from `id` through the shards held here; forwards the rest to the owner of the next shard.
+async fn climb_from(
+    s: &HttpState,
+    store: Store,
+    held: HeldShards,
+    owners: &Owners,
+    id: Identifier,
+    hops: u32,
+) -> Response {
+    let answer = tokio::task::spawn_blocking(move || lookup(&store, &held, &id)).await;
+    let (shard, at) = match answer {
+        Ok(Ok(Lookup::Elsewhere { shard, at })) => (shard, at),
+        other => {
+            return respond(other.map(|found| {
+                found.map(|l| match l {
+                    Lookup::Found(p) => Some(LookupAnswer {
+                        profile_id: p.id().to_string(),
+                        redirected_from: None,
+                        profile: (&*p).into(),
+                    }),
+                    Lookup::Unknown | Lookup::Elsewhere { .. } => None,
+                })
+            }))
+        }
+    };
+    let rebalancing = |why: String| {
+        let mut r = error(StatusCode::SERVICE_UNAVAILABLE, why);
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+        r
+    };
+    if hops >= MAX_HOPS {
+        return rebalancing(format!("lookup forwarded {hops} times: shards are moving"));
+    }
+    let who = owners.clone();
+    let Ok(Some(owner)) = tokio::task::spawn_blocking(move || who.owner(shard)).await else {
+        return rebalancing(format!(
+            "shard {shard} is being reassigned between instances; retry"
+        ));
+    };
+    let path = format!(
+        "/internal/v1/climb/{}/{}?hops={}",
+        percent_encode(&at.kind),
+        percent_encode(&at.value),
+        hops + 1
+    );
+    match routing::http_get(
+        &owner,
+        &path,
+        s.bearer_token.as_deref(),
+        std::time::Duration::from_secs(5),
+    )
+    .await
+    {
+        Ok((status, body)) if status == 200 || status == 404 || status == 503 => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut r =
+                (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            }
+            r
+        }
+        Ok((status, _)) => error(
+            StatusCode::BAD_GATEWAY,
+            format!("the owner of shard {shard} answered {status}"),
+        ),
+        Err(e) => rebalancing(format!("the owner of shard {shard} is unreachable: {e}")),
+    }
+}
+
+/// Percent-encodes everything but unreserved characters (RFC 3986), for a path segment.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 async fn explain(

@@ -787,4 +787,18 @@ mod tests {
         );
         assert!(with(&|r| r.timestamp = NOW + 3_600_000).is_ok());
     }
+
+    proptest::proptest! {
+        /// libphonenumber's parser once panicked on crafted RFC 3966 input (RUSTSEC-2023-0082): whatever
+        /// a channel sends as a phone number is refused or normalised, never a panic.
+        #[test]
+        fn phone_parsing_never_panics(
+            s in "(tel:)?[+]?[0-9 ()./-]{0,24}(;ext=[0-9]{0,6})?(;phone-context=[+a-z0-9.-]{0,12})?(;isub=[0-9]{0,4})?",
+            junk in ".{0,40}",
+        ) {
+            let _ = normalize_phone(&s, phonenumber::country::Id::US);
+            let _ = normalize_phone(&junk, phonenumber::country::Id::GB);
+            let _ = normalize_phone(&format!("{s}{junk}"), phonenumber::country::Id::SE);
+        }
+    }
 }

@@ -294,3 +294,88 @@ fn the_pods_environment_starts_the_service() {
     let _ = child.wait();
     assert!(healthy, "stitcher did not answer /healthz within 30 s");
 }
+
+/// Every example event in the README is accepted as it is written: decoded from JSON and normalised.
+#[test]
+fn the_readme_example_events_are_valid() {
+    let readme = read("README.md");
+    let section = readme
+        .split("### Example events")
+        .nth(1)
+        .and_then(|s| s.split("\n### ").next())
+        .expect("an Example events section");
+    let decoder = stitcher::codec::EventDecoder::new(&[1], 1 << 20).expect("decoder");
+    let normalizer =
+        stitcher::normalize::Normalizer::new(&stitcher::config::IdentityConfig::default())
+            .expect("normalizer");
+    let mut kinds = Vec::new();
+    for json in section
+        .split('`')
+        .filter(|s| s.starts_with("{\"event_id\""))
+    {
+        let raw = decoder
+            .decode(stitcher::config::Format::Json, json.as_bytes())
+            .unwrap_or_else(|e| panic!("{json}: {e}"));
+        let ev = normalizer
+            .event(raw, "web", stitcher::model::now_millis(), |r| {
+                panic!("{json}: identifier refused: {}", r.as_str())
+            })
+            .unwrap_or_else(|e| panic!("{json}: {e}"));
+        kinds.push(ev.event_type);
+    }
+    for kind in [
+        "page_view",
+        "login",
+        "add_to_cart",
+        "purchase",
+        "email_open",
+        "email_click",
+        "call",
+        "consent_change",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "no {kind} example: {kinds:?}"
+        );
+    }
+}
+
+/// `generate` with channels the configuration has no input for fails before sending anything, and writes
+/// no ground truth.
+#[test]
+fn generate_refuses_channels_without_an_input() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("stitcher.toml");
+    std::fs::write(
+        &config,
+        "[kafka]\nbrokers = \"127.0.0.1:9\"\n[[inputs]]\ntopic = \"w\"\nchannel = \"web\"\nformat = \"json\"\n",
+    )
+    .expect("config");
+    let truth = dir.path().join("truth.jsonl");
+    for channels in ["web,email", "web,kiosk"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+            .args([
+                "generate",
+                "--persons",
+                "20",
+                "--channels",
+                channels,
+                "--config",
+            ])
+            .arg(&config)
+            .arg("--truth")
+            .arg(&truth)
+            .env_remove("STITCHER_BROKERS")
+            .output()
+            .expect("run generate");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{channels}: {err}");
+        let named = channels.split(',').nth(1).expect("second channel");
+        assert!(
+            err.contains(named),
+            "{channels}: the error names {named}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(!truth.exists(), "{channels}: no ground truth written");
+    }
+}

@@ -185,6 +185,20 @@ fn erasing_a_bridge_splits_the_profile_and_tombstones_its_id() {
     assert_eq!(email["links"][0]["value"], "cookie-a");
     assert_eq!(email["links"][0]["first_event_id"], "e3");
     assert_eq!(email["links"][0]["events"], 1);
+    // `inspect ... | head`: a reader that goes away early ends the command quietly, not with a panic.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+        .args(["inspect", "--state-dir"])
+        .arg(s.dir.join("state"))
+        .args(["--identifier", "email:a@x.io"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run inspect");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().expect("inspect");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(out.status.code(), Some(101), "{err}");
     println!(
         "erasure: {} records before, {} after the erase, split {merged} into {a_id} and {b_id}",
         records_before,
@@ -258,5 +272,69 @@ fn unlink_is_applied_without_a_split_and_every_piece_names_its_origin() {
             "every piece, the keeper included, names the split profile: {u:?}"
         );
     }
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+}
+
+/// With email hashed (HMAC under STITCHER_HASH_KEY), a lookup finds the profile by the clear value and by
+/// the hash consumers see on the output, and `stitcher erase` sends the hash, never the clear value, over
+/// the control topic.
+#[test]
+fn hashed_identifiers_are_looked_up_and_erased_by_hash() {
+    const KEY: &str = "a-test-key-of-at-least-16-bytes";
+    let s = Setup::new("hashed", 1, "");
+    s.edit_config(|c| {
+        c.replacen(
+            "custom_types = [\"social_id\"]",
+            "custom_types = [\"social_id\"]\nhashed_types = [\"email\"]",
+            1,
+        )
+    });
+    send(
+        &s,
+        vec![event(
+            "h1",
+            1,
+            &[("email", "Secret@X.io"), ("anonymous_id", "ck-h")],
+        )],
+    );
+    let mut child = s.start_with_env(&[("STITCHER_HASH_KEY", KEY)]);
+    s.wait_caught_up(&mut child, TIMEOUT);
+    let out = s.output();
+    let profile = live(&out.view)[0].clone();
+    let hashed = values(&profile)
+        .into_iter()
+        .find_map(|v| v.strip_prefix("email:").map(str::to_string))
+        .expect("a hashed email");
+    assert_eq!(hashed.len(), 64);
+    assert!(!hashed.contains("secret"));
+    for path in [
+        "/v1/identifiers/email/secret@x.io".to_string(),
+        format!("/v1/identifiers/email/{hashed}"),
+    ] {
+        let (status, body) = s.http_get(&path);
+        assert_eq!(status, 200, "{path}: {body}");
+        assert!(body.contains(&profile.profile_id), "{path}: {body}");
+    }
+
+    let erase = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+        .args(["erase", "--identifier", "email:Secret@X.io", "--config"])
+        .arg(&s.config_path)
+        .env("STITCHER_HASH_KEY", KEY)
+        .output()
+        .expect("run erase");
+    assert!(
+        erase.status.success(),
+        "{}",
+        String::from_utf8_lossy(&erase.stderr)
+    );
+    s.wait_caught_up(&mut child, TIMEOUT);
+    let commands = read_all(&s.control_topic);
+    assert_eq!(commands.len(), 1);
+    let command =
+        String::from_utf8_lossy(commands[0].payload.as_deref().unwrap_or_default()).into_owned();
+    assert!(command.contains(&hashed), "{command}");
+    assert!(!command.to_lowercase().contains("secret"), "{command}");
+    assert_eq!(s.http_get("/v1/identifiers/email/secret@x.io").0, 404);
+    assert_eq!(s.http_get("/v1/identifiers/anonymous_id/ck-h").0, 200);
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
 }

@@ -43,7 +43,8 @@ pub fn log_client_error(error: &KafkaError, reason: &str) {
     }
 }
 
-/// A client context that only logs client errors; for the admin client and the producers.
+/// A client context that only logs client errors; for the admin client, the producers and the consumer that
+/// only describes the group.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoggingContext;
 
@@ -52,6 +53,8 @@ impl ClientContext for LoggingContext {
         log_client_error(&error, reason);
     }
 }
+
+impl rdkafka::consumer::ConsumerContext for LoggingContext {}
 
 impl ProducerContext for LoggingContext {
     type DeliveryOpaque = ();
@@ -87,6 +90,13 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         // A topic created after start-up is subscribed within this time.
         .set("topic.metadata.refresh.interval.ms", "10000")
         .set("fetch.wait.max.ms", "50");
+    if cfg.scaleout.enabled() {
+        // The group's description tells every instance where the others' lookup API is.
+        c.set(
+            "client.id",
+            crate::scaleout::routing::client_id(&cfg.http.advertised()),
+        );
+    }
     for (k, v) in &cfg.kafka.consumer {
         c.set(k, v);
     }

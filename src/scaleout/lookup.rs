@@ -1,7 +1,8 @@
 //! Lookups in scale-out mode: the profile of an identifier's component, read from the committed local copy
 //! of the shards this instance holds. The path from the identifier to its root crosses the homes of the
-//! identifiers on it; if one of them is held by another instance, the answer says which shard, and the
-//! caller asks another instance (the HTTP API answers 421).
+//! identifiers on it; if one of them is held by another instance, the answer says which shard and where the
+//! climb stopped, and the HTTP API forwards the rest of the climb to the shard's owner
+//! ([`super::routing`]).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -46,8 +47,11 @@ pub enum Lookup {
     Found(Box<Profile>),
     /// No component holds the identifier (as far as the shards held here know).
     Unknown,
-    /// The path to the component's root goes through this shard, held by another instance.
-    Elsewhere(ShardId),
+    /// The path to the component's root goes on at `at`, whose home shard is held by another instance.
+    Elsewhere {
+        shard: ShardId,
+        at: Identifier,
+    },
 }
 
 /// The profile of the component holding `id`. Parents are smaller than their children, so the climb ends.
@@ -56,7 +60,7 @@ pub fn lookup(store: &Store, held: &HeldShards, id: &Identifier) -> Result<Looku
     loop {
         let shard = home(&cur, held.count);
         if !held.holds(shard) {
-            return Ok(Lookup::Elsewhere(shard));
+            return Ok(Lookup::Elsewhere { shard, at: cur });
         }
         match committed_parent(store, shard, &cur)? {
             None => return Ok(Lookup::Unknown),
@@ -147,10 +151,10 @@ mod tests {
         let missing = home(root, SHARDS);
         held.publish(&(0..SHARDS).filter(|s| *s != missing).collect());
         for id in &all {
-            assert_eq!(
+            assert!(matches!(
                 lookup(store, &held, id).expect("lookup"),
-                Lookup::Elsewhere(missing)
-            );
+                Lookup::Elsewhere { shard, .. } if shard == missing
+            ));
         }
     }
 }

@@ -664,6 +664,30 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// Values are postcard behind version byte 2; state of format 1 (bincode) is refused, saying how to
+    /// rebuild.
+    #[test]
+    fn values_round_trip_and_old_formats_are_refused() {
+        let cp = Checkpoint {
+            sequence: 7,
+            positions: vec![Position {
+                topic: "t".into(),
+                partition: 2,
+                next_offset: 99,
+            }],
+            outbox: vec![],
+        };
+        let v = encode_value(&cp, 16).unwrap();
+        assert_eq!(v[0], FORMAT_V2);
+        let back: Checkpoint = decode_value(&v, CF_META, "checkpoint").unwrap();
+        assert_eq!(back.sequence, 7);
+        assert_eq!(back.positions[0].next_offset, 99);
+        let mut old = v.clone();
+        old[0] = FORMAT_V1_BINCODE;
+        let err = decode_value::<Checkpoint>(&old, CF_META, "checkpoint").unwrap_err();
+        assert!(err.to_string().contains("format 1"), "{err}");
+    }
+
     #[test]
     fn compaction_drops_event_ids_older_than_the_retention() {
         let t =

@@ -1,0 +1,214 @@
+//! Which instance holds which shard, so that any instance answers any lookup by forwarding it to the owner
+//! of the next shard on the path (as Kafka Streams routes interactive queries with `application.server`).
+//!
+//! Kafka itself is the registry: every sharded instance joins the consumer group with a `client.id` that
+//! carries its advertised HTTP address ([`client_id`]), and the group's description (DescribeGroups) lists
+//! every member with its client id and its current assignment, whose partitions of the shard topic are the
+//! shards it holds. No topic or service of our own; the answer is as current as the group's generation.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+
+use super::ShardId;
+use crate::config::Config;
+use crate::kafka::LoggingContext;
+
+/// What a sharded instance's `client.id` starts with; its advertised HTTP address follows.
+const CLIENT_ID_PREFIX: &str = "stitcher@";
+
+/// The `client.id` of an instance whose HTTP API is reachable at `advertised` (`host:port`).
+pub fn client_id(advertised: &str) -> String {
+    format!("{CLIENT_ID_PREFIX}{advertised}")
+}
+
+/// The advertised address in a member's client id.
+fn advertised_of(client_id: &str) -> Option<&str> {
+    client_id
+        .strip_prefix(CLIENT_ID_PREFIX)
+        .filter(|a| !a.is_empty())
+}
+
+/// The partitions of `topic` in a member's assignment, as the consumer protocol encodes it: version (int16),
+/// then per topic its name (int16 length + bytes) and partitions (int32 count + int32 each), then user data.
+pub fn assigned_partitions(assignment: &[u8], topic: &str) -> Vec<i32> {
+    fn take<const N: usize>(b: &mut &[u8]) -> Option<[u8; N]> {
+        let (head, rest) = b.split_first_chunk::<N>()?;
+        *b = rest;
+        Some(*head)
+    }
+    fn parse(mut b: &[u8], topic: &str) -> Option<Vec<i32>> {
+        let b = &mut b;
+        take::<2>(b)?;
+        let topics = i32::from_be_bytes(take::<4>(b)?);
+        let mut out = Vec::new();
+        for _ in 0..topics.max(0) {
+            let len = usize::try_from(i16::from_be_bytes(take::<2>(b)?)).ok()?;
+            let name = b.get(..len)?;
+            *b = &b[len..];
+            let count = i32::from_be_bytes(take::<4>(b)?);
+            for _ in 0..count.max(0) {
+                let p = i32::from_be_bytes(take::<4>(b)?);
+                if name == topic.as_bytes() {
+                    out.push(p);
+                }
+            }
+        }
+        Some(out)
+    }
+    parse(assignment, topic).unwrap_or_default()
+}
+
+/// The owners of the shards, from the group's description, refreshed at most every [`FRESH`] and at once
+/// when asked about a shard it does not know.
+#[derive(Clone)]
+pub struct Owners {
+    inner: Arc<OwnersInner>,
+}
+
+struct OwnersInner {
+    client: BaseConsumer<LoggingContext>,
+    group: String,
+    topic: String,
+    /// This instance's advertised address: a shard it holds itself is not forwarded.
+    me: String,
+    map: Mutex<(BTreeMap<ShardId, String>, Option<Instant>)>,
+}
+
+const FRESH: Duration = Duration::from_secs(5);
+/// The least time between two descriptions of the group, even for an unknown shard.
+const MIN_REFRESH: Duration = Duration::from_millis(500);
+
+impl Owners {
+    pub fn new(cfg: &Config) -> Result<Self, rdkafka::error::KafkaError> {
+        let client: BaseConsumer<LoggingContext> = crate::kafka::base_config(cfg)
+            .set("group.id", format!("{}-routing", cfg.kafka.group_id))
+            .create_with_context(LoggingContext)?;
+        Ok(Self {
+            inner: Arc::new(OwnersInner {
+                client,
+                group: cfg.kafka.group_id.clone(),
+                topic: cfg.scaleout.topic.clone(),
+                me: cfg.http.advertised(),
+                map: Mutex::new((BTreeMap::new(), None)),
+            }),
+        })
+    }
+
+    /// The advertised address of the instance holding `shard`, other than this one; `None` while no other
+    /// member holds it (a rebalance under way). Blocking: call off the async threads.
+    pub fn owner(&self, shard: ShardId) -> Option<String> {
+        let i = &self.inner;
+        let (known, at) = {
+            let m = i.map.lock().unwrap_or_else(PoisonError::into_inner);
+            (m.0.get(&shard).cloned(), m.1)
+        };
+        let age = at.map(|t| t.elapsed());
+        let stale = age.is_none_or(|a| a > FRESH);
+        let may_refresh = age.is_none_or(|a| a > MIN_REFRESH);
+        if (stale || known.is_none()) && may_refresh {
+            if let Some(map) = self.describe() {
+                let mut m = i.map.lock().unwrap_or_else(PoisonError::into_inner);
+                *m = (map, Some(Instant::now()));
+                return m.0.get(&shard).cloned().filter(|a| *a != i.me);
+            }
+        }
+        known.filter(|a| *a != i.me)
+    }
+
+    /// Shard → advertised address of its holder, from the group's description.
+    fn describe(&self) -> Option<BTreeMap<ShardId, String>> {
+        let i = &self.inner;
+        let list = i
+            .client
+            .fetch_group_list(Some(&i.group), Duration::from_secs(5))
+            .ok()?;
+        let group = list.groups().iter().find(|g| g.name() == i.group)?;
+        let mut map = BTreeMap::new();
+        for m in group.members() {
+            let (Some(addr), Some(assignment)) = (advertised_of(m.client_id()), m.assignment())
+            else {
+                continue;
+            };
+            for p in assigned_partitions(assignment, &i.topic) {
+                if let Ok(shard) = ShardId::try_from(p) {
+                    map.insert(shard, addr.to_string());
+                }
+            }
+        }
+        Some(map)
+    }
+}
+
+/// GET `path` from `addr` over HTTP/1.0 with an optional bearer token: (status, body). For forwarding
+/// lookups between instances on the internal network; bounded by `timeout`.
+pub async fn http_get(
+    addr: &str,
+    path: &str,
+    token: Option<&str>,
+    timeout: Duration,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").as_bytes())
+            .await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        let split = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .ok_or_else(|| std::io::Error::other("malformed HTTP response"))?;
+        let status = std::str::from_utf8(&response[..split])
+            .ok()
+            .and_then(|head| head.split_whitespace().nth(1)?.parse().ok())
+            .ok_or_else(|| std::io::Error::other("malformed HTTP status line"))?;
+        Ok((status, response[split + 4..].to_vec()))
+    };
+    tokio::time::timeout(timeout, exchange).await.map_err(|_| {
+        std::io::Error::new(std::io::ErrorKind::TimedOut, "forwarded lookup timed out")
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment(topics: &[(&str, &[i32])]) -> Vec<u8> {
+        let mut b = vec![0, 1];
+        b.extend((topics.len() as i32).to_be_bytes());
+        for (t, ps) in topics {
+            b.extend((t.len() as i16).to_be_bytes());
+            b.extend(t.as_bytes());
+            b.extend((ps.len() as i32).to_be_bytes());
+            for p in *ps {
+                b.extend(p.to_be_bytes());
+            }
+        }
+        b.extend((-1i32).to_be_bytes()); // no user data
+        b
+    }
+
+    #[test]
+    fn shards_come_from_the_members_assignment() {
+        let a = assignment(&[("web", &[0, 1]), ("shards", &[3, 7, 11]), ("pos", &[2])]);
+        assert_eq!(assigned_partitions(&a, "shards"), vec![3, 7, 11]);
+        assert_eq!(assigned_partitions(&a, "web"), vec![0, 1]);
+        assert!(assigned_partitions(&a, "none").is_empty());
+        // Truncated or garbage bytes give nothing rather than a panic.
+        assert!(assigned_partitions(&a[..9], "shards").is_empty());
+        assert!(assigned_partitions(&[0xff; 3], "shards").is_empty());
+        assert_eq!(
+            advertised_of(&client_id("10.1.2.3:9464")),
+            Some("10.1.2.3:9464")
+        );
+        assert_eq!(advertised_of("rdkafka"), None);
+    }
+}
