@@ -65,7 +65,7 @@ check)
     GIT_AUTHOR_DATE="$commit_date" GIT_COMMITTER_DATE="$commit_date" \
       git -c user.name=snapshot -c user.email=snapshot@localhost commit -q -m "advisory-db $(cut -d' ' -f1 "$OLDPWD/$snapshot/COMMIT")"
   )
-  STITCHER_ADVISORY_DBS="$(cd "$dbs" && pwd)" cargo deny --offline check advisories
+  STITCHER_ADVISORY_DBS="$(cd "$dbs" && pwd)" cargo deny check --disable-fetch advisories
   ;;
 *)
   sed -n '2,12p' "$0"

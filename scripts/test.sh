@@ -14,6 +14,7 @@ promtool check rules deploy/prometheus/alerts.yml
   deploy/kubernetes/configmap.yaml deploy/kubernetes/statefulset.yaml deploy/kubernetes/service.yaml \
   deploy/kubernetes/pdb.yaml deploy/kubernetes/secret.example.yaml
 cargo clippy --all-targets --features kafka-it -- -D warnings
+scripts/advisories.sh check
 
 deploy/local-kafka/kafka.sh clean >/dev/null 2>&1 || true
 deploy/local-kafka/kafka.sh start

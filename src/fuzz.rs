@@ -53,17 +53,6 @@ fn config() -> Config {
 
 fn good_event(id: &str, ids: &[(&str, &str)]) -> ChannelEvent {
     ChannelEvent {
-        event_id: id.into(),
-        channel: None,
-        event_type: "purchase".into(),
-        timestamp: now_millis() - 60_000,
-        identifiers: ids
-            .iter()
-            .map(|(k, v)| RawIdentifier {
-                kind: k.to_string(),
-                value: v.to_string(),
-            })
-            .collect(),
         order_id: Some("o-1".into()),
         amount: Some(19.99),
         currency: Some("EUR".into()),
@@ -72,12 +61,11 @@ fn good_event(id: &str, ids: &[(&str, &str)]) -> ChannelEvent {
             quantity: 2,
             price: Some(9.99),
         }],
-        campaign_id: None,
         consent: Some(ConsentChange {
             cross_channel: Some(true),
             email_marketing: None,
         }),
-        attributes: Default::default(),
+        ..ChannelEvent::new(id, "purchase", now_millis() - 60_000, ids)
     }
 }
 

@@ -144,6 +144,37 @@ pub struct ChannelEvent {
     pub attributes: BTreeMap<String, String>,
 }
 
+impl ChannelEvent {
+    /// An event with these identifiers (`(type, value)`) and nothing else.
+    pub fn new(
+        event_id: impl Into<String>,
+        event_type: impl Into<String>,
+        timestamp: Millis,
+        identifiers: &[(&str, &str)],
+    ) -> Self {
+        Self {
+            event_id: event_id.into(),
+            channel: None,
+            event_type: event_type.into(),
+            timestamp,
+            identifiers: identifiers
+                .iter()
+                .map(|(k, v)| RawIdentifier {
+                    kind: k.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            order_id: None,
+            amount: None,
+            currency: None,
+            items: vec![],
+            campaign_id: None,
+            consent: None,
+            attributes: BTreeMap::new(),
+        }
+    }
+}
+
 /// A purchase in minor units, so that sums are exact and independent of order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Purchase {

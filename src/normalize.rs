@@ -665,24 +665,10 @@ mod tests {
 
     fn raw(ids: &[(&str, &str)]) -> ChannelEvent {
         ChannelEvent {
-            event_id: "e1".into(),
-            channel: None,
-            event_type: "Purchase".into(),
-            timestamp: 1_700_000_000_000,
-            identifiers: ids
-                .iter()
-                .map(|(k, v)| RawIdentifier {
-                    kind: k.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
             order_id: Some("o1".into()),
             amount: Some(19.99),
             currency: Some("eur".into()),
-            items: vec![],
-            campaign_id: None,
-            consent: None,
-            attributes: Default::default(),
+            ..ChannelEvent::new("e1", "Purchase", 1_700_000_000_000, ids)
         }
     }
 

@@ -12,7 +12,7 @@ use common::*;
 use stitcher::codec::ProfileUpdate;
 use stitcher::generate;
 use stitcher::journeys::{Generated, Journeys};
-use stitcher::model::{ChannelEvent, ProfileId, RawIdentifier};
+use stitcher::model::{ChannelEvent, ProfileId};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -20,26 +20,7 @@ fn event(id: &str, ts: i64, ids: &[(&str, &str)]) -> Generated {
     Generated::Event {
         channel: "web",
         key: id.to_string(),
-        event: ChannelEvent {
-            event_id: id.to_string(),
-            channel: None,
-            event_type: "page_view".into(),
-            timestamp: 1_767_225_600_000 + ts,
-            identifiers: ids
-                .iter()
-                .map(|(k, v)| RawIdentifier {
-                    kind: k.to_string(),
-                    value: v.to_string(),
-                })
-                .collect(),
-            order_id: None,
-            amount: None,
-            currency: None,
-            items: vec![],
-            campaign_id: None,
-            consent: None,
-            attributes: Default::default(),
-        },
+        event: ChannelEvent::new(id, "page_view", 1_767_225_600_000 + ts, ids),
     }
 }
 

@@ -16,7 +16,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 use stitcher::codec::avro::channel_event_schema;
 use stitcher::codec::encode_confluent;
-use stitcher::model::{ChannelEvent, RawIdentifier};
+use stitcher::model::ChannelEvent;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -34,26 +34,7 @@ fn event(id: &str, kind: &str, ids: &[(&str, &str)]) -> serde_json::Value {
 }
 
 fn avro_event(id: &str, ids: &[(&str, &str)], ts: i64) -> Vec<u8> {
-    let ev = ChannelEvent {
-        event_id: id.into(),
-        channel: None,
-        event_type: "store_visit".into(),
-        timestamp: ts,
-        identifiers: ids
-            .iter()
-            .map(|(k, v)| RawIdentifier {
-                kind: k.to_string(),
-                value: v.to_string(),
-            })
-            .collect(),
-        order_id: None,
-        amount: None,
-        currency: None,
-        items: vec![],
-        campaign_id: None,
-        consent: None,
-        attributes: Default::default(),
-    };
+    let ev = ChannelEvent::new(id, "store_visit", ts, ids);
     encode_confluent(&channel_event_schema().expect("schema"), 1, &ev).expect("encode")
 }
 
