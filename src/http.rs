@@ -293,6 +293,9 @@ async fn sharded_identifier(
     error(StatusCode::NOT_FOUND, "no profile for this id")
 }
 
+/// Set on an answer that another instance gave (the lookup was forwarded).
+pub const FORWARDED_HEADER: &str = "stitcher-forwarded";
+
 /// Most forwards of one lookup: a climb visits at most every shard once.
 const MAX_HOPS: u32 = 16;
 
@@ -375,8 +378,16 @@ async fn climb_from(
     {
         Ok((status, body)) if status == 200 || status == 404 || status == 503 => {
             let status = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
-            let mut r =
-                (status, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+            // Says that the answer came from another instance (for clients and benchmarks).
+            let mut r = (
+                status,
+                [
+                    (header::CONTENT_TYPE, "application/json"),
+                    (header::HeaderName::from_static(FORWARDED_HEADER), "true"),
+                ],
+                body,
+            )
+                .into_response();
             if status == StatusCode::SERVICE_UNAVAILABLE {
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::model::now_millis;
 use prometheus::{
@@ -64,6 +64,8 @@ struct HealthState {
     /// Since when (epoch ms) no broker is up; 0 while one is.
     brokers_down_since: AtomicI64,
     missing_topics: Mutex<Vec<String>>,
+    /// Since when the consumer has held no partition (while running), if it holds none.
+    unassigned_since: Mutex<Option<Instant>>,
 }
 
 impl Health {
@@ -110,6 +112,13 @@ impl Health {
         }
     }
 
+    /// Since when the consumer has held no partition; `None` while it holds some.
+    pub fn set_unassigned_since(&self, since: Option<Instant>) {
+        if let Ok(mut u) = self.0.unassigned_since.lock() {
+            *u = since;
+        }
+    }
+
     /// The configured input topics the cluster does not have.
     pub fn set_missing_topics(&self, topics: Vec<String>) {
         if let Ok(mut m) = self.0.missing_topics.lock() {
@@ -144,6 +153,13 @@ impl Health {
             return Err(format!(
                 "no broker reachable for {} s",
                 (now_millis() - down) / 1000
+            ));
+        }
+        let unassigned = s.unassigned_since.lock().ok().and_then(|u| *u);
+        if let Some(since) = unassigned.filter(|t| t.elapsed() > BROKER_GRACE) {
+            return Err(format!(
+                "no input partition assigned for {} s",
+                since.elapsed().as_secs()
             ));
         }
         if !s.running.load(Ordering::Acquire) {

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::kafka::{
-    consumer_config, group_has_others, CommitError, Committer, Deadline, StitchConsumer,
-    StitchContext, TopicWatch,
+    consumer_config, group_has_others, AssignmentWatch, CommitError, Committer, Deadline,
+    StitchConsumer, StitchContext, TopicWatch,
 };
 use crate::metrics::Metrics;
 use crate::model::now_millis;
@@ -65,6 +65,8 @@ pub struct Pipeline {
     others: std::cell::Cell<Option<(bool, Instant)>>,
     /// Whether this instance has paused its partitions because it holds only some of them.
     paused: bool,
+    /// A consumer that never gets its partitions back is replaced.
+    unassigned: AssignmentWatch,
 }
 
 /// Records a committed batch (started at `started`, `records` produced) in the metrics and the totals.
@@ -161,6 +163,7 @@ impl Pipeline {
             topics: std::cell::RefCell::new(topics),
             others: std::cell::Cell::new(None),
             paused: false,
+            unassigned: AssignmentWatch::default(),
         };
         if !checkpoint.outbox.is_empty() && !pipeline.checkpoint_committed(&checkpoint, shutdown)? {
             tracing::warn!(
@@ -240,6 +243,15 @@ impl Pipeline {
         summary: &mut RunSummary,
     ) -> Result<(), PipelineError> {
         if self.hold_partial_assignment()? {
+            return Ok(());
+        }
+        if self.unassigned.stuck(
+            &self.consumer,
+            &self.cfg.kafka.group_id,
+            &self.metrics.health,
+        ) {
+            self.metrics.errors.with_label_values(&["consume"]).inc();
+            self.consumer = subscribed_consumer(&self.cfg, &self.metrics)?;
             return Ok(());
         }
         let started = Instant::now();

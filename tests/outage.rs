@@ -55,6 +55,11 @@ fn broker_restart_mid_run_loses_and_duplicates_nothing() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    // OUTAGE_SECS: keep the broker down at least this long (the report watched a 61 s outage).
+    let hold = Duration::from_secs(env_or("OUTAGE_SECS", 0));
+    if let Some(rest) = hold.checked_sub(t.elapsed()) {
+        std::thread::sleep(rest);
+    }
     kafka("start");
     let outage = t.elapsed();
     let (unready_after, why) = unready.expect("not ready while the broker is down");

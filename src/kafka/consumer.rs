@@ -190,3 +190,61 @@ pub fn group_has_others(consumer: &StitchConsumer, group: &str) -> Option<bool> 
         .map_or(0, |g| g.members().len());
     Some(members > 1)
 }
+
+/// Watches for a consumer that holds no partition although nothing else in its group does: librdkafka can
+/// fail to rejoin a group for good after its session timed out during a broker outage when static
+/// membership is on (librdkafka issue 3437, seen here after a broker stop). Such a consumer polls happily
+/// and never gets a partition; the only cure is a new consumer. (Holding nothing while other members hold
+/// everything is a legitimate standby, not this.)
+#[derive(Default)]
+pub struct AssignmentWatch {
+    /// Since when the consumer has held no partition.
+    since: Option<Instant>,
+    /// Whether it was alone in its group, and when that was asked.
+    alone: Option<(bool, Instant)>,
+}
+
+/// How long a consumer may hold no partition, alone in its group, before it is replaced: three session
+/// timeouts, time for any ordinary rejoin.
+pub const UNASSIGNED_REPLACE_AFTER: Duration = Duration::from_secs(30);
+
+impl AssignmentWatch {
+    /// Whether the consumer must be replaced now. Tells `health` since when it has held nothing while
+    /// alone in its group.
+    pub fn stuck(&mut self, consumer: &StitchConsumer, group: &str, health: &Health) -> bool {
+        let held = consumer
+            .assignment()
+            .map(|a| a.count() > 0)
+            .unwrap_or(false);
+        if held {
+            self.since = None;
+            health.set_unassigned_since(None);
+            return false;
+        }
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if since.elapsed() < Duration::from_secs(10) {
+            return false; // an ordinary rebalance
+        }
+        let alone = match self.alone {
+            Some((alone, at)) if at.elapsed() < Duration::from_secs(5) => alone,
+            _ => {
+                let alone = group_has_others(consumer, group) == Some(false);
+                self.alone = Some((alone, Instant::now()));
+                alone
+            }
+        };
+        health.set_unassigned_since(alone.then_some(since));
+        if !alone || since.elapsed() < UNASSIGNED_REPLACE_AFTER {
+            return false;
+        }
+        tracing::warn!(
+            secs = since.elapsed().as_secs(),
+            "the consumer has held no partition although no other member is in the group (a rejoin \
+             librdkafka never finished); replacing it"
+        );
+        self.since = None;
+        self.alone = None;
+        health.set_unassigned_since(None);
+        true
+    }
+}

@@ -27,7 +27,9 @@ use super::{handle, home, Effects, Msg, ShardId};
 use crate::codec::ProfileUpdate;
 use crate::config::Config;
 use crate::kafka::reader::QuietEof;
-use crate::kafka::{base_config, CommitError, Committer, Deadline, StitchConsumer, TopicWatch};
+use crate::kafka::{
+    base_config, AssignmentWatch, CommitError, Committer, Deadline, StitchConsumer, TopicWatch,
+};
 use crate::metrics::Metrics;
 use crate::model::{now_millis, Identifier, ProfileId};
 use crate::pipeline::{
@@ -77,6 +79,8 @@ pub struct ShardedPipeline {
     carried: Option<OwnedMessage>,
     /// The subscribed topics in the cluster's metadata, for the missing-topic readiness check.
     topics: TopicWatch,
+    /// A consumer that never gets its partitions back is replaced.
+    unassigned: AssignmentWatch,
 }
 
 impl ShardedPipeline {
@@ -119,6 +123,7 @@ impl ShardedPipeline {
         );
         Ok(Self {
             topics,
+            unassigned: AssignmentWatch::default(),
             shards: cfg.scaleout.shards,
             topic: cfg.scaleout.topic.clone(),
             changelog,
@@ -160,6 +165,14 @@ impl ShardedPipeline {
         summary: &mut RunSummary,
     ) -> Result<(), PipelineError> {
         self.topics.partitions(&self.consumer, &self.metrics.health);
+        if self.unassigned.stuck(
+            &self.consumer,
+            &self.cfg.kafka.group_id,
+            &self.metrics.health,
+        ) {
+            self.metrics.errors.with_label_values(&["consume"]).inc();
+            return self.restart_consumer();
+        }
         self.sync_assignment(shutdown)?;
         let generation = self.consumer.context().rebalances();
         let started = Instant::now();

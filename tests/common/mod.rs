@@ -28,6 +28,12 @@ pub fn free_port() -> u16 {
 
 /// GET `path` from a service listening on loopback `port`: (status, body). Plain HTTP/1.0.
 pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    let (status, _, body) = http_get_head(port, path);
+    (status, body)
+}
+
+/// Like [`http_get`], with the response's header lines (lower-cased names) as well.
+pub fn http_get_head(port: u16, path: &str) -> (u16, Vec<(String, String)>, String) {
     use std::io::Read;
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to service");
     stream
@@ -42,7 +48,21 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("status code");
-    (status, body.to_string())
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+/// An environment variable parsed, or `default` (soak knobs of the tests).
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 pub fn brokers() -> String {
