@@ -314,18 +314,14 @@ impl Builder<'_> {
         self.t += self.rng.gen_range(1_000..3_600_000);
         self.seq += 1;
         let event = ChannelEvent {
-            event_id: format!("ev-{}-{}", self.person.tag, self.seq),
             channel: Some(channel.to_string()),
-            event_type: event_type.to_string(),
-            timestamp: self.t,
             identifiers: ids,
-            order_id: None,
-            amount: None,
-            currency: None,
-            items: vec![],
-            campaign_id: None,
-            consent: None,
-            attributes: BTreeMap::new(),
+            ..ChannelEvent::new(
+                format!("ev-{}-{}", self.person.tag, self.seq),
+                event_type,
+                self.t,
+                &[],
+            )
         };
         self.events.push((channel, event));
         &mut self.events.last_mut().expect("just pushed").1
