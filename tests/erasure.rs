@@ -80,14 +80,13 @@ fn erasing_a_bridge_splits_the_profile_and_tombstones_its_id() {
     assert_eq!(profiles.len(), 1, "one glued profile: {profiles:?}");
     assert_eq!(profiles[0].profile_id, merged);
     assert_eq!(values(profiles[0]).len(), 4);
-    let records_before = before.records.len();
 
     let out = s.cli(&["erase", "--identifier", "anonymous_id:bridge"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("erase_identifier sent"));
     s.wait_caught_up(&mut child, TIMEOUT);
 
     let after = s.output();
-    let new_records = &after.records[records_before..];
+    let new_records = after.since(&before);
     let (a_id, b_id) = (
         ProfileId::from_anchor("e1").to_string(),
         ProfileId::from_anchor("e2").to_string(),
@@ -182,7 +181,7 @@ fn erasing_a_bridge_splits_the_profile_and_tombstones_its_id() {
     assert_ne!(out.status.code(), Some(101), "{err}");
     println!(
         "erasure: {} records before, {} after the erase, split {merged} into {a_id} and {b_id}",
-        records_before,
+        before.records.len(),
         after.records.len()
     );
 }
@@ -231,12 +230,13 @@ fn unlink_is_applied_without_a_split_and_every_piece_names_its_origin() {
         "d1 is still linked through c1"
     );
 
-    let records_before = s.output().records.len();
+    let before = s.output();
     s.cli(&["unlink", "--a", "device_id:d1", "--b", "anonymous_id:c1"]);
     s.wait_caught_up(&mut child, TIMEOUT);
     assert_eq!(applied(&s), 2);
     let after = s.output();
-    let pieces: Vec<&ProfileUpdate> = after.records[records_before..]
+    let new_records = after.since(&before);
+    let pieces: Vec<&ProfileUpdate> = new_records
         .iter()
         .filter_map(|(_, v)| v.as_ref())
         .filter(|u| u.redirect_to.is_none())

@@ -341,7 +341,12 @@ topic = "{control_topic}"
                 panic!("service exited early ({status})\n{}", self.log_tail());
             }
             let (committed, total) = self.progress();
-            if committed >= total && total > 0 {
+            // The group's offsets and the output's commit markers are written separately after a commit:
+            // caught up also means no transaction is still open on the output topics.
+            if committed >= total
+                && total > 0
+                && open_transactions(&[&self.output_topic, &self.dlq_topic]) == 0
+            {
                 return;
             }
             assert!(
@@ -409,6 +414,23 @@ pub struct Output {
 }
 
 impl Output {
+    /// The records that are here and were not in `before`. Records are read partition by partition, so
+    /// new records are not a suffix when the topic has more than one partition.
+    pub fn since(&self, before: &Output) -> Vec<(String, Option<ProfileUpdate>)> {
+        let mut old = before.records.clone();
+        self.records
+            .iter()
+            .filter(|r| match old.iter().position(|o| o == *r) {
+                Some(i) => {
+                    old.swap_remove(i);
+                    false
+                }
+                None => true,
+            })
+            .cloned()
+            .collect()
+    }
+
     /// Committed update records that repeat an earlier (profile, triggering event) pair. A replay after a
     /// crash that leaked into committed output would show up here.
     pub fn duplicates(&self) -> usize {
@@ -426,6 +448,40 @@ impl Output {
 }
 
 pub use stitcher::kafka::reader::Record;
+
+/// Partitions of `topics` whose last stable offset is behind their high watermark: a transaction is open
+/// there, or its commit marker is not written yet. Errors count as open.
+pub fn open_transactions(topics: &[&str]) -> usize {
+    let client = |isolation: &str| -> BaseConsumer {
+        ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("isolation.level", isolation)
+            .create()
+            .expect("consumer")
+    };
+    let (committed, uncommitted) = (client("read_committed"), client("read_uncommitted"));
+    let timeout = Duration::from_secs(10);
+    let mut open = 0;
+    for topic in topics {
+        let Ok(md) = uncommitted.fetch_metadata(Some(topic), timeout) else {
+            return 1;
+        };
+        for p in md
+            .topics()
+            .first()
+            .map(|t| t.partitions())
+            .unwrap_or_default()
+        {
+            let stable = committed.fetch_watermarks(topic, p.id(), timeout);
+            let high = uncommitted.fetch_watermarks(topic, p.id(), timeout);
+            match (stable, high) {
+                (Ok((_, stable)), Ok((_, high))) if stable >= high => {}
+                _ => open += 1,
+            }
+        }
+    }
+    open
+}
 
 /// Every committed record of a topic, partition by partition.
 pub fn read_all(topic: &str) -> Vec<Record> {
