@@ -214,6 +214,7 @@ fn passthrough(cfg: &Config, topics: &Topics, stop: &AtomicBool) -> anyhow::Resu
                 .context("consumer has no group metadata")?;
             producer.send_offsets_to_transaction(&tpl, &group, Duration::from_secs(30))?;
         }
+        crate::kafka::await_deliveries(&producer, Duration::from_secs(30))?;
         producer.commit_transaction(Duration::from_secs(30))?;
     }
     Ok(())

@@ -336,6 +336,7 @@ impl Committer {
             self.producer
                 .send_offsets_to_transaction(tpl, &group, TXN_CALL_TIMEOUT)?;
         }
+        super::await_deliveries(&self.producer, TXN_CALL_TIMEOUT)?;
         let committing = Instant::now();
         loop {
             match self.producer.commit_transaction(TXN_CALL_TIMEOUT) {
@@ -363,7 +364,7 @@ impl Committer {
         deadline: &Deadline,
     ) -> Result<(), KafkaError> {
         self.send_all(records, deadline)?;
-        self.producer.flush(TXN_CALL_TIMEOUT)?;
+        super::await_deliveries(&self.producer, TXN_CALL_TIMEOUT)?;
         if tpl.count() > 0 {
             consumer.commit(tpl, CommitMode::Sync)?;
         }
