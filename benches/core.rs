@@ -13,9 +13,8 @@ use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughpu
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 
-use stitcher::codec::avro::channel_event_schema;
 use stitcher::codec::update::ProfileRecord;
-use stitcher::codec::{encode_confluent, EventDecoder, ProfileUpdate, UpdateEncoder};
+use stitcher::codec::{AvroCodec, EventDecoder, ProfileUpdate, UpdateEncoder};
 use stitcher::config::{Format, GuardrailConfig, IdentityConfig};
 use stitcher::journeys::{self, Generated, JourneyConfig};
 use stitcher::model::{Event, Identifier};
@@ -66,11 +65,11 @@ fn normalisation(c: &mut Criterion) {
 }
 
 fn avro(c: &mut Criterion) {
-    let schema = channel_event_schema().expect("schema");
+    let codec = AvroCodec::channel_event().expect("schema");
     let events = sample_events(200);
     let encoded: Vec<Vec<u8>> = events
         .iter()
-        .map(|(_, e)| encode_confluent(&schema, 1, e).expect("encode"))
+        .map(|(_, e)| codec.encode(1, e).expect("encode"))
         .collect();
     let decoder = EventDecoder::new(&[1], 1 << 20).expect("decoder");
     let mut g = c.benchmark_group("avro");

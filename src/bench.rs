@@ -27,8 +27,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
 use crate::cli::BenchArgs;
-use crate::codec::avro::profile_update_schema;
-use crate::codec::{decode_confluent, ProfileUpdate};
+use crate::codec::{AvroCodec, ProfileUpdate};
 use crate::config::{Config, Format, InputConfig};
 use crate::generate::{self, Routes};
 use crate::journeys::{self, Generated, JourneyConfig};
@@ -87,6 +86,9 @@ fn bench_config(args: &BenchArgs, run: &str, topics: &Topics, state: &Path) -> C
     cfg.output.partitions = args.partitions;
     cfg.state.dir = state.to_path_buf();
     cfg.http.listen = ([127, 0, 0, 1], 0).into();
+    if let Some(n) = args.batch_max_events {
+        cfg.processing.batch_max_events = n;
+    }
     cfg
 }
 
@@ -299,7 +301,7 @@ fn measure_latency(
     topics: &Topics,
     persons: usize,
 ) -> anyhow::Result<(Vec<f64>, u64)> {
-    let schema = profile_update_schema()?;
+    let codec = AvroCodec::profile_update()?;
     let reader: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", format!("{}-latency", topics.output))
@@ -328,7 +330,7 @@ fn measure_latency(
         .set("linger.ms", "1")
         .set("enable.idempotence", "true")
         .create()?;
-    let event_schema = crate::codec::avro::channel_event_schema()?;
+    let event_codec = AvroCodec::channel_event()?;
     let mut sent_at: HashMap<String, i64> = HashMap::new();
     let mut latencies = Vec::new();
     let started = Instant::now();
@@ -339,7 +341,7 @@ fn measure_latency(
             let seen = now_millis();
             if let Some(Ok((_, u))) = m
                 .payload()
-                .map(|p| decode_confluent::<ProfileUpdate>(&schema, p))
+                .map(|p| codec.decode_confluent::<ProfileUpdate>(p))
             {
                 if let Some(t) = u.trigger_event_id.as_ref().and_then(|id| sent_at.get(id)) {
                     latencies.push((seen - t) as f64);
@@ -365,7 +367,7 @@ fn measure_latency(
         let mut event = event.clone();
         event.timestamp = now_millis();
         let bytes = match format {
-            Format::Avro => crate::codec::encode_confluent(&event_schema, 1, &event)?,
+            Format::Avro => event_codec.encode(1, &event)?,
             Format::Json => serde_json::to_vec(&event)?,
         };
         sent_at.insert(event.event_id.clone(), event.timestamp);

@@ -186,6 +186,10 @@ pub struct BenchArgs {
     /// Partitions of every input topic.
     #[arg(long, default_value_t = 3)]
     pub partitions: i32,
+    /// Messages per batch (one transaction) for both the passthrough and the pipeline; the service's
+    /// default (`processing.batch_max_events`) if not given.
+    #[arg(long)]
+    pub batch_max_events: Option<usize>,
     /// Share of persons sharing a home phone with another (over-merges the quality report shows).
     #[arg(long, default_value_t = 0.02)]
     pub households: f64,

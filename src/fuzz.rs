@@ -13,9 +13,7 @@
 
 use proptest::prelude::*;
 
-use crate::codec::{
-    avro::profile_update_schema, decode_confluent, encode_confluent, ProfileUpdate,
-};
+use crate::codec::{AvroCodec, ProfileUpdate};
 use crate::config::{Config, Format, InputConfig};
 use crate::kafka::dead_letters;
 use crate::metrics::Metrics;
@@ -74,8 +72,10 @@ fn json(ev: &ChannelEvent) -> Vec<u8> {
 }
 
 fn avro(ev: &ChannelEvent) -> Vec<u8> {
-    let schema = crate::codec::avro::channel_event_schema().expect("schema");
-    encode_confluent(&schema, 1, ev).expect("encode")
+    AvroCodec::channel_event()
+        .expect("schema")
+        .encode(1, ev)
+        .expect("encode")
 }
 
 /// Appends a zig-zag varint, as Avro writes lengths and longs.
@@ -277,7 +277,7 @@ fn run_batch(
     let records = processor
         .finish(&overlay, &mut batch, now_millis())
         .expect("finish");
-    let schema = profile_update_schema().expect("schema");
+    let codec = AvroCodec::profile_update().expect("schema");
     let degenerate = ProfileId::from_anchor("").to_string();
     for r in &records {
         assert!(
@@ -293,7 +293,7 @@ fn run_batch(
         );
         if let (true, Some(payload)) = (r.topic == "profile-updates", &r.payload) {
             let (_, u): (u32, ProfileUpdate) =
-                decode_confluent(&schema, payload).expect("updates decode");
+                codec.decode_confluent(payload).expect("updates decode");
             assert_ne!(u.profile_id, degenerate);
         }
     }

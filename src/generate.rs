@@ -11,8 +11,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
-use crate::codec::avro::channel_event_schema;
-use crate::codec::encode_confluent;
+use crate::codec::AvroCodec;
 use crate::config::Format;
 use crate::journeys::{Generated, Journeys, PersonTruth};
 
@@ -90,7 +89,7 @@ pub fn send(
         .set("queue.buffering.max.messages", "1000000")
         .set("compression.type", "lz4")
         .create()?;
-    let schema = channel_event_schema().map_err(|e| GenerateError::Encode(e.to_string()))?;
+    let codec = AvroCodec::channel_event().map_err(|e| GenerateError::Encode(e.to_string()))?;
     let started = Instant::now();
     let mut sent = 0u64;
     for m in &journeys.messages {
@@ -104,7 +103,8 @@ pub fn send(
                     .get(*channel)
                     .ok_or_else(|| GenerateError::NoTopic(channel.to_string()))?;
                 let bytes = match format {
-                    Format::Avro => encode_confluent(&schema, 1, event)
+                    Format::Avro => codec
+                        .encode(1, event)
                         .map_err(|e| GenerateError::Encode(e.to_string()))?,
                     Format::Json => serde_json::to_vec(event)
                         .map_err(|e| GenerateError::Encode(e.to_string()))?,

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::codec::avro::profile_update_schema;
-use crate::codec::{decode_confluent, ProfileUpdate};
+use crate::codec::{AvroCodec, ProfileUpdate};
 use crate::journeys::PersonTruth;
 use crate::kafka::reader::read_committed;
 use crate::store::{Store, StoreError};
@@ -124,7 +123,7 @@ pub fn mapping_from_topic(
     topic: &str,
     timeout: Duration,
 ) -> anyhow::Result<HashMap<Key, String>> {
-    let schema = profile_update_schema()?;
+    let codec = AvroCodec::profile_update()?;
     let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
     for r in read_committed(brokers, topic, timeout)? {
         if let Some(key) = r.key {
@@ -133,7 +132,7 @@ pub fn mapping_from_topic(
     }
     let mut map = HashMap::new();
     for payload in latest.into_values().flatten() {
-        let (_, u) = decode_confluent::<ProfileUpdate>(&schema, &payload)?;
+        let (_, u) = codec.decode_confluent::<ProfileUpdate>(&payload)?;
         if let Some(p) = u.profile {
             for i in p.identifiers {
                 map.insert((i.kind, i.value), u.profile_id.clone());

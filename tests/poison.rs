@@ -14,8 +14,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use stitcher::codec::avro::channel_event_schema;
-use stitcher::codec::encode_confluent;
+use stitcher::codec::AvroCodec;
 use stitcher::model::ChannelEvent;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
@@ -35,7 +34,10 @@ fn event(id: &str, kind: &str, ids: &[(&str, &str)]) -> serde_json::Value {
 
 fn avro_event(id: &str, ids: &[(&str, &str)], ts: i64) -> Vec<u8> {
     let ev = ChannelEvent::new(id, "store_visit", ts, ids);
-    encode_confluent(&channel_event_schema().expect("schema"), 1, &ev).expect("encode")
+    AvroCodec::channel_event()
+        .expect("schema")
+        .encode(1, &ev)
+        .expect("encode")
 }
 
 /// What a bad message is and what its dead letter's error must say.

@@ -1,6 +1,8 @@
 //! Avro datums with the Confluent wire-format header: magic byte 0, schema id (u32 BE), Avro binary.
 
-use apache_avro::{from_avro_datum, to_avro_datum, Schema};
+use std::sync::Mutex;
+
+use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
 use serde::{de::DeserializeOwned, Serialize};
 
 use super::DecodeError;
@@ -31,44 +33,100 @@ pub fn split_confluent(payload: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
     }
 }
 
-/// Decodes an Avro body written with `schema`.
-pub fn decode_datum<T: DeserializeOwned>(
-    schema: &Schema,
-    mut body: &[u8],
-) -> Result<T, DecodeError> {
-    let value =
-        from_avro_datum(schema, &mut body, None).map_err(|e| DecodeError::Avro(e.to_string()))?;
-    if !body.is_empty() {
-        return Err(DecodeError::Avro(format!(
-            "{} trailing bytes after the record",
-            body.len()
-        )));
+/// One schema, resolved once, to encode and decode datums with.
+///
+/// apache-avro's datum functions (`to_avro_datum`, `from_avro_datum`) resolve the schema's named types on
+/// every call, twice when encoding (validate, then write): a sixth of the pipeline's CPU in `perf` (docs/
+/// BENCHMARKS.md, "Where the CPU went"). Its single-object reader and writer keep the resolution and
+/// differ from a plain datum only by a 10-byte header (`C3 01` and the schema's fingerprint), which this
+/// adds before decoding and strips after encoding.
+pub struct AvroCodec {
+    schema: Schema,
+    header: [u8; 10],
+    reader: GenericSingleObjectReader,
+    /// The writer keeps its buffer between calls; behind a lock so that the codec can be shared.
+    writer: Mutex<GenericSingleObjectWriter>,
+}
+
+impl AvroCodec {
+    pub fn new(schema: Schema) -> Result<Self, SchemaError> {
+        let fingerprint = schema.fingerprint::<apache_avro::rabin::Rabin>();
+        let mut header = [0xC3, 0x01, 0, 0, 0, 0, 0, 0, 0, 0];
+        header[2..].copy_from_slice(&fingerprint.bytes);
+        let writer = Self::writer(&schema)?;
+        let reader = GenericSingleObjectReader::new(schema.clone())
+            .map_err(|e| SchemaError::Parse(e.to_string()))?;
+        Ok(Self {
+            schema,
+            header,
+            reader,
+            writer: Mutex::new(writer),
+        })
     }
-    apache_avro::from_value(&value).map_err(|e| DecodeError::Avro(e.to_string()))
-}
 
-/// Decodes a Confluent-framed message, whatever its schema id, with `schema`.
-pub fn decode_confluent<T: DeserializeOwned>(
-    schema: &Schema,
-    payload: &[u8],
-) -> Result<(u32, T), DecodeError> {
-    let (id, body) = split_confluent(payload)?;
-    Ok((id, decode_datum(schema, body)?))
-}
+    fn writer(schema: &Schema) -> Result<GenericSingleObjectWriter, SchemaError> {
+        GenericSingleObjectWriter::new_with_capacity(schema, 4096)
+            .map_err(|e| SchemaError::Parse(e.to_string()))
+    }
 
-/// Encodes `value` with `schema`, framed with schema id `id`.
-pub fn encode_confluent<T: Serialize>(
-    schema: &Schema,
-    id: u32,
-    value: &T,
-) -> Result<Vec<u8>, SchemaError> {
-    // No `Value::resolve`: serde already produces the shapes our schemas use (records by field name,
-    // options as ["null", T] unions), and `to_avro_datum` validates against the schema before writing.
-    let v = apache_avro::to_value(value).map_err(|e| SchemaError::Encode(e.to_string()))?;
-    let body = to_avro_datum(schema, v).map_err(|e| SchemaError::Encode(e.to_string()))?;
-    let mut out = Vec::with_capacity(body.len() + 5);
-    out.push(0);
-    out.extend_from_slice(&id.to_be_bytes());
-    out.extend_from_slice(&body);
-    Ok(out)
+    /// The service's own input schema (`schemas/channel_event.avsc`).
+    pub fn channel_event() -> Result<Self, SchemaError> {
+        Self::new(channel_event_schema()?)
+    }
+
+    /// The output schema (`schemas/profile_update.avsc`).
+    pub fn profile_update() -> Result<Self, SchemaError> {
+        Self::new(profile_update_schema()?)
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+
+    /// Decodes a Confluent-framed message, whatever its schema id, with this schema.
+    pub fn decode_confluent<T: DeserializeOwned>(
+        &self,
+        payload: &[u8],
+    ) -> Result<(u32, T), DecodeError> {
+        let (id, body) = split_confluent(payload)?;
+        Ok((id, self.decode(body)?))
+    }
+
+    /// Decodes an Avro body written with this schema.
+    pub fn decode<T: DeserializeOwned>(&self, body: &[u8]) -> Result<T, DecodeError> {
+        let mut rest = body;
+        let value = self
+            .reader
+            .read_value(&mut std::io::Read::chain(&self.header[..], &mut rest))
+            .map_err(|e| DecodeError::Avro(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(DecodeError::Avro(format!(
+                "{} trailing bytes after the record",
+                rest.len()
+            )));
+        }
+        apache_avro::from_value(&value).map_err(|e| DecodeError::Avro(e.to_string()))
+    }
+
+    /// Encodes `value`, framed with schema id `id` (Confluent wire format).
+    pub fn encode<T: Serialize>(&self, id: u32, value: &T) -> Result<Vec<u8>, SchemaError> {
+        // No `Value::resolve`: serde already produces the shapes our schemas use (records by field name,
+        // options as ["null", T] unions), and the writer validates against the schema before writing.
+        let v = apache_avro::to_value(value).map_err(|e| SchemaError::Encode(e.to_string()))?;
+        let mut framed = Vec::with_capacity(1024);
+        framed.push(0);
+        framed.extend_from_slice(&id.to_be_bytes());
+        let mut writer = self
+            .writer
+            .lock()
+            .map_err(|_| SchemaError::Encode("avro writer poisoned".into()))?;
+        if let Err(e) = writer.write_value_ref(&v, &mut framed) {
+            // A failed write can leave part of a datum in the writer's buffer: start afresh.
+            *writer = Self::writer(&self.schema)?;
+            return Err(SchemaError::Encode(e.to_string()));
+        }
+        // The writer wrote its 10-byte single-object header where the datum starts: drop it.
+        framed.drain(5..15);
+        Ok(framed)
+    }
 }

@@ -5,12 +5,10 @@ pub mod update;
 
 use std::collections::HashSet;
 
-use apache_avro::Schema;
-
 use crate::config::Format;
 use crate::model::ChannelEvent;
 
-pub use avro::{decode_confluent, encode_confluent, SchemaError};
+pub use avro::{AvroCodec, SchemaError};
 pub use update::{ProfileUpdate, UpdateEncoder};
 
 pub const CHANNEL_EVENT_AVSC: &str = include_str!("../../schemas/channel_event.avsc");
@@ -37,7 +35,7 @@ pub enum DecodeError {
 
 /// Decodes channel events of either format.
 pub struct EventDecoder {
-    schema: Schema,
+    avro: AvroCodec,
     accepted_ids: HashSet<u32>,
     max_bytes: usize,
 }
@@ -49,7 +47,7 @@ impl EventDecoder {
         // the message too short. The setting is process-wide and the first call wins.
         apache_avro::max_allocation_bytes(max_bytes.max(16 << 20));
         Ok(Self {
-            schema: avro::channel_event_schema()?,
+            avro: AvroCodec::channel_event()?,
             accepted_ids: accepted_ids.iter().copied().collect(),
             max_bytes,
         })
@@ -71,7 +69,7 @@ impl EventDecoder {
                 if !self.accepted_ids.contains(&id) {
                     return Err(DecodeError::UnknownSchemaId(id));
                 }
-                avro::decode_datum(&self.schema, body)
+                self.avro.decode(body)
             }
         }
     }
@@ -113,8 +111,10 @@ mod tests {
 
     #[test]
     fn avro_round_trip_in_confluent_format() {
-        let schema = avro::channel_event_schema().unwrap();
-        let bytes = encode_confluent(&schema, 1, &sample()).unwrap();
+        let bytes = AvroCodec::channel_event()
+            .unwrap()
+            .encode(1, &sample())
+            .unwrap();
         assert_eq!(&bytes[..5], &[0, 0, 0, 0, 1]);
         let d = EventDecoder::new(&[1], 1 << 20).unwrap();
         assert_eq!(d.decode(Format::Avro, &bytes).unwrap(), sample());

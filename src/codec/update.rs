@@ -1,9 +1,8 @@
 //! The profile-update record (schemas/profile_update.avsc) and its encoding.
 
-use apache_avro::Schema;
 use serde::{Deserialize, Serialize};
 
-use super::avro::{encode_confluent, profile_update_schema, SchemaError};
+use super::avro::{AvroCodec, SchemaError};
 use crate::model::{Millis, ProfileId};
 use crate::profile::Profile;
 use crate::stitch::Refusal;
@@ -211,24 +210,25 @@ impl ProfileUpdate {
 
 /// Encodes profile updates as Confluent-framed Avro.
 pub struct UpdateEncoder {
-    schema: Schema,
+    avro: AvroCodec,
     schema_id: u32,
 }
 
 impl UpdateEncoder {
     pub fn new(schema_id: u32) -> Result<Self, SchemaError> {
         Ok(Self {
-            schema: profile_update_schema()?,
+            avro: AvroCodec::profile_update()?,
             schema_id,
         })
     }
 
     pub fn encode(&self, update: &ProfileUpdate) -> Result<Vec<u8>, SchemaError> {
-        encode_confluent(&self.schema, self.schema_id, update)
+        self.avro.encode(self.schema_id, update)
     }
 
-    pub fn schema(&self) -> &Schema {
-        &self.schema
+    /// The codec, to read what was encoded.
+    pub fn codec(&self) -> &AvroCodec {
+        &self.avro
     }
 }
 
@@ -268,15 +268,13 @@ mod tests {
         };
         let enc = UpdateEncoder::new(2).unwrap();
         let bytes = enc.encode(&update).unwrap();
-        let (id, back): (u32, ProfileUpdate) =
-            crate::codec::decode_confluent(enc.schema(), &bytes).unwrap();
+        let (id, back): (u32, ProfileUpdate) = enc.codec().decode_confluent(&bytes).unwrap();
         assert_eq!(id, 2);
         assert_eq!(back, update);
         let redirect =
             ProfileUpdate::redirect(&p.id(), &crate::model::ProfileId("p-new".into()), 6);
         let bytes = enc.encode(&redirect).unwrap();
-        let (_, back): (u32, ProfileUpdate) =
-            crate::codec::decode_confluent(enc.schema(), &bytes).unwrap();
+        let (_, back): (u32, ProfileUpdate) = enc.codec().decode_confluent(&bytes).unwrap();
         assert_eq!(back, redirect);
     }
 
@@ -286,7 +284,7 @@ mod tests {
     #[test]
     fn schema_changes_stay_compatible() {
         use apache_avro::schema_compatibility::SchemaCompatibility;
-        let current = profile_update_schema().unwrap();
+        let current = super::super::avro::profile_update_schema().unwrap();
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/history");
         let mut checked = 0;
         for entry in std::fs::read_dir(dir).unwrap() {
@@ -294,7 +292,8 @@ mod tests {
             if !path.to_string_lossy().contains("profile_update") {
                 continue;
             }
-            let old = Schema::parse_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+            let old =
+                apache_avro::Schema::parse_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
             SchemaCompatibility::can_read(&old, &current)
                 .unwrap_or_else(|e| panic!("{path:?}: new schema cannot read old data: {e}"));
             SchemaCompatibility::can_read(&current, &old)

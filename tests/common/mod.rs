@@ -12,8 +12,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
-use stitcher::codec::avro::profile_update_schema;
-use stitcher::codec::{decode_confluent, ProfileUpdate};
+use stitcher::codec::{AvroCodec, ProfileUpdate};
 use stitcher::config::Format;
 use stitcher::generate::Routes;
 use stitcher::journeys::PersonTruth;
@@ -360,12 +359,13 @@ topic = "{control_topic}"
 
     /// Every committed record of the output topic, decoded, and its compacted view.
     pub fn output(&self) -> Output {
-        let schema = profile_update_schema().expect("schema");
+        let codec = AvroCodec::profile_update().expect("schema");
         let mut out = Output::default();
         for r in read_all(&self.output_topic) {
             let key = String::from_utf8(r.key.expect("keyed")).expect("utf8 key");
             let value = r.payload.map(|p| {
-                decode_confluent::<ProfileUpdate>(&schema, &p)
+                codec
+                    .decode_confluent::<ProfileUpdate>(&p)
                     .expect("valid avro")
                     .1
             });
