@@ -5,6 +5,10 @@ use tracing_subscriber::EnvFilter;
 
 use stitcher::cli::{Cli, Command};
 
+/// malloc and free were a fifth of the pipeline's CPU under glibc's allocator (`perf`, docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_tracing() {
     let filter = EnvFilter::try_from_env("STITCHER_LOG")
         .unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn"));
