@@ -102,68 +102,103 @@ impl<'a> Overlay<'a> {
     }
 
     /// Everything the batch changed, as one atomic write batch.
+    ///
+    /// Each column family's keys go in sorted: RocksDB's memtable skiplist reuses the position of the
+    /// previous insert, so keys in order cost a short step each instead of a search from the top, which
+    /// in hash-map order was a tenth of the pipeline's CPU (`RecomputeSpliceLevels`, docs/BENCHMARKS.md).
     pub fn into_write_batch(self) -> Result<WriteBatch, StoreError> {
         let s = self.store;
         let mut b = WriteBatch::default();
-        let (ids_cf, prof_cf, idx_cf, red_cf, ev_cf, meta_cf) = (
-            s.cf(CF_IDENTIFIERS)?,
-            s.cf(CF_PROFILES)?,
-            s.cf(CF_PROFILE_IDS)?,
-            s.cf(CF_REDIRECTS)?,
-            s.cf(CF_EVENTS)?,
-            s.cf(CF_META)?,
-        );
-        let (links_cf, parts_cf) = (s.cf(CF_LINKS)?, s.cf(CF_PARTS)?);
+
+        let mut links = Vec::new();
         for (x, ops) in &self.links {
             for (y, op) in ops {
-                let k = link_key(x, y);
-                match op {
-                    LinkOp::Join(e) => b.merge_cf(links_cf, k, encode_evidence(e)?),
-                    LinkOp::Put(e) => b.put_cf(links_cf, k, encode_evidence(e)?),
-                    LinkOp::Delete => b.delete_cf(links_cf, k),
-                }
+                links.push((
+                    link_key(x, y),
+                    match op {
+                        LinkOp::Join(e) => Write::Merge(encode_evidence(e)?),
+                        LinkOp::Put(e) => Write::Put(encode_evidence(e)?),
+                        LinkOp::Delete => Write::Delete,
+                    },
+                ));
             }
         }
+        add_sorted(&mut b, s.cf(CF_LINKS)?, links);
+
+        let mut parts = Vec::with_capacity(self.parts.len());
         for (id, part) in &self.parts {
-            match part {
-                PartOp::Join(p) => b.merge_cf(parts_cf, identifier_key(id), encode_profile(p)?),
-                PartOp::Set(Some(p)) => b.put_cf(parts_cf, identifier_key(id), encode_profile(p)?),
-                PartOp::Set(None) => b.delete_cf(parts_cf, identifier_key(id)),
-            }
+            parts.push((
+                identifier_key(id),
+                match part {
+                    PartOp::Join(p) => Write::Merge(encode_profile(p)?),
+                    PartOp::Set(Some(p)) => Write::Put(encode_profile(p)?),
+                    PartOp::Set(None) => Write::Delete,
+                },
+            ));
         }
-        for (id, node) in &self.nodes {
-            match node {
-                Some(n) => b.put_cf(ids_cf, identifier_key(id), n.0.to_be_bytes()),
-                None => b.delete_cf(ids_cf, identifier_key(id)),
-            }
-        }
+        add_sorted(&mut b, s.cf(CF_PARTS)?, parts);
+
+        let nodes = self.nodes.iter().map(|(id, node)| {
+            let write = node.map_or(Write::Delete, |n| Write::Put(n.0.to_be_bytes().to_vec()));
+            (identifier_key(id), write)
+        });
+        add_sorted(&mut b, s.cf(CF_IDENTIFIERS)?, nodes.collect());
+
+        let mut profiles = Vec::with_capacity(self.profiles.len());
         for (node, p) in &self.profiles {
-            match p {
-                Some(p) => b.put_cf(prof_cf, node.0.to_be_bytes(), encode_profile(p)?),
-                None => b.delete_cf(prof_cf, node.0.to_be_bytes()),
-            }
+            let write = match p {
+                Some(p) => Write::Put(encode_profile(p)?),
+                None => Write::Delete,
+            };
+            profiles.push((node.0.to_be_bytes().to_vec(), write));
         }
-        for (id, node) in &self.index {
-            match node {
-                Some(n) => b.put_cf(idx_cf, id.as_str(), n.0.to_be_bytes()),
-                None => b.delete_cf(idx_cf, id.as_str()),
-            }
-        }
-        for (from, to) in &self.redirects {
-            match to {
-                Some(to) => b.put_cf(red_cf, from.as_str(), to.as_str()),
-                None => b.delete_cf(red_cf, from.as_str()),
-            }
-        }
+        add_sorted(&mut b, s.cf(CF_PROFILES)?, profiles);
+
+        let index = self.index.iter().map(|(id, node)| {
+            let write = node.map_or(Write::Delete, |n| Write::Put(n.0.to_be_bytes().to_vec()));
+            (id.as_str().as_bytes().to_vec(), write)
+        });
+        add_sorted(&mut b, s.cf(CF_PROFILE_IDS)?, index.collect());
+
+        let redirects = self.redirects.iter().map(|(from, to)| {
+            let write = to.as_ref().map_or(Write::Delete, |to| {
+                Write::Put(to.as_str().as_bytes().to_vec())
+            });
+            (from.as_str().as_bytes().to_vec(), write)
+        });
+        add_sorted(&mut b, s.cf(CF_REDIRECTS)?, redirects.collect());
+
         // The write time, for `processing.dedup_retention`.
         let written = crate::model::now_millis().to_be_bytes();
-        for k in &self.seen {
-            b.put_cf(ev_cf, k, written);
-        }
+        let seen = self
+            .seen
+            .iter()
+            .map(|k| (k.to_vec(), Write::Put(written.to_vec())));
+        add_sorted(&mut b, s.cf(CF_EVENTS)?, seen.collect());
+
         if self.next_node != self.first_node {
-            b.put_cf(meta_cf, META_NEXT_NODE, self.next_node.to_be_bytes());
+            b.put_cf(s.cf(CF_META)?, META_NEXT_NODE, self.next_node.to_be_bytes());
         }
         Ok(b)
+    }
+}
+
+/// One key's change in a write batch.
+enum Write {
+    Put(Vec<u8>),
+    Merge(Vec<u8>),
+    Delete,
+}
+
+/// Adds the changes of one column family in key order (each key at most once).
+fn add_sorted(b: &mut WriteBatch, cf: &rocksdb::ColumnFamily, mut writes: Vec<(Vec<u8>, Write)>) {
+    writes.sort_unstable_by(|x, y| x.0.cmp(&y.0));
+    for (key, write) in writes {
+        match write {
+            Write::Put(v) => b.put_cf(cf, key, v),
+            Write::Merge(v) => b.merge_cf(cf, key, v),
+            Write::Delete => b.delete_cf(cf, key),
+        }
     }
 }
 
