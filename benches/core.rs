@@ -77,7 +77,7 @@ fn avro(c: &mut Criterion) {
     g.bench_function("decode_channel_event", |b| {
         b.iter(|| {
             for bytes in &encoded {
-                black_box(decoder.decode(Format::Avro, bytes).expect("decode"));
+                black_box(decoder.decode(Format::Avro, None, bytes).expect("decode"));
             }
         })
     });

@@ -74,11 +74,7 @@ fn bench_config(args: &BenchArgs, run: &str, topics: &Topics, state: &Path) -> C
     channels.sort_by_key(|(ch, _)| ch.as_str());
     cfg.inputs = channels
         .into_iter()
-        .map(|(ch, (topic, format))| InputConfig {
-            topic: topic.clone(),
-            channel: ch.clone(),
-            format: *format,
-        })
+        .map(|(ch, (topic, format))| InputConfig::new(topic, ch, *format))
         .collect();
     cfg.identity.custom_types = vec!["social_id".into()];
     cfg.output.topic = topics.output.clone();

@@ -10,6 +10,7 @@ use crate::cli::{
     BenchArgs, ConfigArgs, EraseArgs, ExportArgs, GenerateArgs, InspectArgs, QualityArgs, RunArgs,
     UnlinkArgs,
 };
+use crate::codec::mapping::Preset;
 use crate::config::{Config, Overrides};
 use crate::control::{Command as ControlCommand, RawId};
 use crate::generate::{self, Routes};
@@ -52,7 +53,9 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let routes: Routes = cfg
         .inputs
         .iter()
-        .map(|i| (i.channel.clone(), (i.topic.clone(), i.format)))
+        // Generated events are in the service's own schema.
+        .filter(|i| i.preset == Preset::Stitcher && i.fields.is_none())
+        .map(|i| (i.channel.clone(), (i.topic.clone(), i.format())))
         .collect();
     if let Some(unknown) = args
         .channels

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::codec::mapping::{FieldMapping, Mapping, Preset};
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -180,12 +182,59 @@ pub struct InputConfig {
     pub topic: String,
     /// Channel name recorded for events of this topic (web, app, email, pos, callcenter, social, ...).
     pub channel: String,
-    #[serde(default = "default_format")]
-    pub format: Format,
+    /// `avro` or `json`; JSON when a preset other than `stitcher` or `fields` is given, Avro otherwise.
+    #[serde(default)]
+    pub format: Option<Format>,
+    /// The layout of the events: `stitcher` (the service's own schema, the default) or `segment` (the
+    /// Segment/RudderStack spec).
+    #[serde(default)]
+    pub preset: Preset,
+    /// Field paths for events in the team's own shape, instead of a preset (README "Bring your own
+    /// events").
+    #[serde(default)]
+    pub fields: Option<FieldMapping>,
 }
 
-fn default_format() -> Format {
-    Format::Avro
+impl InputConfig {
+    /// An input of the service's own schema.
+    pub fn new(topic: impl Into<String>, channel: impl Into<String>, format: Format) -> Self {
+        Self {
+            topic: topic.into(),
+            channel: channel.into(),
+            format: Some(format),
+            preset: Preset::Stitcher,
+            fields: None,
+        }
+    }
+
+    /// The wire format of the messages.
+    pub fn format(&self) -> Format {
+        match self.format {
+            Some(f) => f,
+            None if self.fields.is_some() || self.preset != Preset::Stitcher => Format::Json,
+            None => Format::Avro,
+        }
+    }
+
+    /// The field mapping of an input not in the service's own schema; an error says what is wrong.
+    pub fn mapping(&self) -> Result<Option<Mapping>, String> {
+        let fields = match (&self.fields, self.preset) {
+            (Some(_), Preset::Segment) => {
+                return Err("give either `preset` or `fields`, not both".into())
+            }
+            (Some(fields), Preset::Stitcher) => fields.clone(),
+            (None, Preset::Segment) => FieldMapping::segment(),
+            (None, Preset::Stitcher) => return Ok(None),
+        };
+        if self.format() == Format::Avro {
+            return Err(
+                "fields and presets read JSON (`format = \"json\"`): Avro in another schema \
+                        needs its writer schema from a Schema Registry, which is not supported yet"
+                    .into(),
+            );
+        }
+        Mapping::compile(&fields).map(Some)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -551,6 +600,9 @@ impl Config {
             if !topics.insert(&input.topic) {
                 return invalid(format!("input topic {:?} is listed twice", input.topic));
             }
+            if let Err(e) = input.mapping() {
+                return invalid(format!("input {:?}: {e}", input.topic));
+            }
         }
         if self.output.topic.is_empty() || self.output.dead_letter_topic.is_empty() {
             return invalid("output.topic and output.dead_letter_topic are required".into());
@@ -683,10 +735,84 @@ mod tests {
         );
     }
 
+    /// Presets and field mappings are chosen per input, read JSON by default, and are checked at
+    /// start-up with errors that name the input and the path.
+    #[test]
+    fn inputs_in_other_layouts_are_checked_at_start_up() {
+        let with_inputs = |inputs: &str| -> Result<Config, String> {
+            let cfg: Config = toml::from_str(inputs).map_err(|e| e.to_string())?;
+            cfg.validate().map_err(|e| e.to_string())?;
+            Ok(cfg)
+        };
+        let cfg = with_inputs(
+            r#"
+            [[inputs]]
+            topic = "site-tracks"
+            channel = "web"
+            preset = "segment"
+
+            [[inputs]]
+            topic = "tickets"
+            channel = "callcenter"
+            [inputs.fields]
+            event_id = "id"
+            timestamp = "opened_at"
+            default_event_type = "call"
+            identifiers = [{ type = "email", path = "customer.email" }]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.inputs[0].format(), Format::Json);
+        assert!(cfg.inputs[0].mapping().unwrap().is_some());
+        assert_eq!(cfg.inputs[1].format(), Format::Json);
+
+        let err = |inputs: &str| with_inputs(inputs).unwrap_err();
+        let e = err(r#"
+            [[inputs]]
+            topic = "tickets"
+            channel = "callcenter"
+            [inputs.fields]
+            event_id = "id"
+            timestamp = "opened_at"
+            default_event_type = "call"
+            identifiers = [{ type = "email", path = "customer..email" }]
+            "#);
+        assert!(
+            e.contains("input \"tickets\": identifiers[0].path \"customer..email\""),
+            "{e}"
+        );
+        let e = err(r#"
+            [[inputs]]
+            topic = "tills"
+            channel = "pos"
+            format = "avro"
+            preset = "segment"
+            "#);
+        assert!(e.contains("Schema Registry"), "{e}");
+        let e = err(r#"
+            [[inputs]]
+            topic = "tills"
+            channel = "pos"
+            preset = "segment"
+            [inputs.fields]
+            event_id = "id"
+            timestamp = "ts"
+            default_event_type = "sale"
+            "#);
+        assert!(e.contains("either `preset` or `fields`"), "{e}");
+        let e = err(r#"
+            [[inputs]]
+            topic = "tills"
+            channel = "pos"
+            preset = "snowplow"
+            "#);
+        assert!(e.contains("snowplow"), "{e}");
+    }
+
     #[test]
     fn file_env_and_flags_apply_in_order() {
         let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
-        assert_eq!(cfg.inputs[1].format, Format::Avro);
+        assert_eq!(cfg.inputs[1].format(), Format::Avro);
         assert_eq!(cfg.processing.batch_linger, Duration::from_millis(250));
         assert_eq!(cfg.guardrails.limits.get("email"), Some(&3));
         cfg.apply_env([

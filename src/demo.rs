@@ -21,15 +21,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.kafka.brokers = brokers.clone();
     cfg.inputs = CHANNELS
         .iter()
-        .map(|ch| InputConfig {
-            topic: format!("{ch}-events"),
-            channel: ch.to_string(),
+        .map(|ch| {
             // Two channels publish JSON, the others Avro: both paths run.
-            format: if matches!(*ch, "web" | "social") {
+            let format = if matches!(*ch, "web" | "social") {
                 Format::Json
             } else {
                 Format::Avro
-            },
+            };
+            InputConfig::new(format!("{ch}-events"), *ch, format)
         })
         .collect();
     cfg.identity.custom_types = vec!["social_id".into()];
@@ -64,7 +63,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let routes: Routes = cfg
         .inputs
         .iter()
-        .map(|i| (i.channel.clone(), (i.topic.clone(), i.format)))
+        .map(|i| (i.channel.clone(), (i.topic.clone(), i.format())))
         .collect();
     let gen_brokers = brokers.clone();
     let (journeys, sent) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {

@@ -30,16 +30,8 @@ const MAX_RECORD_BYTES: usize = 64 * 1024;
 fn config() -> Config {
     let mut cfg = Config {
         inputs: vec![
-            InputConfig {
-                topic: JSON_TOPIC.into(),
-                channel: "web".into(),
-                format: Format::Json,
-            },
-            InputConfig {
-                topic: AVRO_TOPIC.into(),
-                channel: "pos".into(),
-                format: Format::Avro,
-            },
+            InputConfig::new(JSON_TOPIC, "web", Format::Json),
+            InputConfig::new(AVRO_TOPIC, "pos", Format::Avro),
         ],
         ..Config::default()
     };

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::codec::mapping::Mapping;
 use crate::codec::{EventDecoder, ProfileUpdate, SchemaError, UpdateEncoder};
 use crate::config::{Config, ConfigError, Format};
 use crate::control::Command;
@@ -53,12 +54,20 @@ impl Batch {
     }
 }
 
+/// How messages of one input topic are read.
+struct Input {
+    channel: String,
+    format: Format,
+    /// `None`: the service's own schema.
+    mapping: Option<Mapping>,
+}
+
 pub struct Processor {
     decoder: EventDecoder,
     normalizer: Normalizer,
     stitcher: Stitcher,
     encoder: UpdateEncoder,
-    inputs: HashMap<String, (String, Format)>,
+    inputs: HashMap<String, Input>,
     /// Every input channel, for the channel-scoped copies of an erased identifier.
     channels: Vec<String>,
     control_topic: Option<String>,
@@ -82,8 +91,18 @@ impl Processor {
             inputs: cfg
                 .inputs
                 .iter()
-                .map(|i| (i.topic.clone(), (i.channel.clone(), i.format)))
-                .collect(),
+                .map(|i| {
+                    let mapping = i
+                        .mapping()
+                        .map_err(|e| ConfigError::Invalid(format!("input {:?}: {e}", i.topic)))?;
+                    let input = Input {
+                        channel: i.channel.clone(),
+                        format: i.format(),
+                        mapping,
+                    };
+                    Ok((i.topic.clone(), input))
+                })
+                .collect::<Result<_, ProcessError>>()?,
             channels: {
                 let mut c: Vec<String> = cfg.inputs.iter().map(|i| i.channel.clone()).collect();
                 c.sort();
@@ -165,7 +184,7 @@ impl Processor {
     /// Decodes and normalises an input message; a message that cannot be becomes a dead letter.
     pub fn event(&self, batch: &mut Batch, msg: InMessage<'_>) -> Option<Event> {
         let src = source(msg);
-        let Some((channel, format)) = self.inputs.get(msg.topic) else {
+        let Some(input) = self.inputs.get(msg.topic) else {
             self.dead_letter(
                 batch,
                 src,
@@ -177,21 +196,28 @@ impl Processor {
         };
         self.metrics
             .events_consumed
-            .with_label_values(&[channel])
+            .with_label_values(&[&input.channel])
             .inc();
-        let raw = match self
-            .decoder
-            .decode(*format, msg.payload.unwrap_or_default())
-        {
+        let raw = match self.decoder.decode(
+            input.format,
+            input.mapping.as_ref(),
+            msg.payload.unwrap_or_default(),
+        ) {
             Ok(raw) => raw,
             Err(e) => {
                 self.dead_letter(batch, src, msg, "decode", &e.to_string());
                 return None;
             }
         };
+        // A mapped input may name the channel per event (`fields.channel`): one of the configured
+        // channels, or the input's own.
+        let channel = match (&input.mapping, &raw.channel) {
+            (Some(_), Some(c)) if self.channels.contains(c) => c.clone(),
+            _ => input.channel.clone(),
+        };
         match self
             .normalizer
-            .event(raw, channel, crate::model::now_millis(), |r| {
+            .event(raw, &channel, crate::model::now_millis(), |r| {
                 self.metrics
                     .identifiers_rejected
                     .with_label_values(&[r.as_str()])

@@ -1,12 +1,14 @@
 //! Wire formats: Avro in the Confluent wire format (schemas/*.avsc embedded at build time) and JSON.
 
 pub mod avro;
+pub mod mapping;
 pub mod update;
 
 use std::collections::HashSet;
 
 use crate::config::Format;
 use crate::model::ChannelEvent;
+use mapping::Mapping;
 
 pub use avro::{AvroCodec, SchemaError};
 pub use update::{ProfileUpdate, UpdateEncoder};
@@ -31,6 +33,9 @@ pub enum DecodeError {
     Avro(String),
     #[error("invalid json: {0}")]
     Json(String),
+    /// The message is valid JSON but its fields do not make an event (`[inputs.fields]`, presets).
+    #[error("event fields: {0}")]
+    Fields(String),
 }
 
 /// Decodes channel events of either format.
@@ -53,12 +58,24 @@ impl EventDecoder {
         })
     }
 
-    pub fn decode(&self, format: Format, payload: &[u8]) -> Result<ChannelEvent, DecodeError> {
+    /// Decodes a message of an input in the service's own schema (`mapping` is `None`) or in another
+    /// shape read through a field mapping (JSON).
+    pub fn decode(
+        &self,
+        format: Format,
+        mapping: Option<&Mapping>,
+        payload: &[u8],
+    ) -> Result<ChannelEvent, DecodeError> {
         if payload.is_empty() {
             return Err(DecodeError::Empty);
         }
         if payload.len() > self.max_bytes {
             return Err(DecodeError::TooLarge(payload.len(), self.max_bytes));
+        }
+        if let Some(mapping) = mapping {
+            let doc: serde_json::Value =
+                serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+            return mapping.apply(&doc).map_err(DecodeError::Fields);
         }
         match format {
             Format::Json => {
@@ -117,14 +134,14 @@ mod tests {
             .unwrap();
         assert_eq!(&bytes[..5], &[0, 0, 0, 0, 1]);
         let d = EventDecoder::new(&[1], 1 << 20).unwrap();
-        assert_eq!(d.decode(Format::Avro, &bytes).unwrap(), sample());
+        assert_eq!(d.decode(Format::Avro, None, &bytes).unwrap(), sample());
     }
 
     #[test]
     fn json_decodes_same_shape_with_defaults() {
         let d = EventDecoder::new(&[1], 1 << 20).unwrap();
         let json = br#"{"event_id":"e","event_type":"page_view","timestamp":5,"identifiers":[{"type":"anonymous_id","value":"c"}]}"#;
-        let ev = d.decode(Format::Json, json).unwrap();
+        let ev = d.decode(Format::Json, None, json).unwrap();
         assert_eq!(ev.identifiers.len(), 1);
         assert!(ev.items.is_empty());
     }
@@ -132,29 +149,29 @@ mod tests {
     #[test]
     fn bad_input_is_a_clear_error() {
         let d = EventDecoder::new(&[1], 64).unwrap();
-        assert_eq!(d.decode(Format::Avro, b""), Err(DecodeError::Empty));
+        assert_eq!(d.decode(Format::Avro, None, b""), Err(DecodeError::Empty));
         assert_eq!(
-            d.decode(Format::Avro, b"{\"x\":1}"),
+            d.decode(Format::Avro, None, b"{\"x\":1}"),
             Err(DecodeError::BadMagic(b'{'))
         );
         assert_eq!(
-            d.decode(Format::Avro, &[0, 0, 0]),
+            d.decode(Format::Avro, None, &[0, 0, 0]),
             Err(DecodeError::ShortHeader)
         );
         assert_eq!(
-            d.decode(Format::Avro, &[0, 0, 0, 0, 9, 1]),
+            d.decode(Format::Avro, None, &[0, 0, 0, 0, 9, 1]),
             Err(DecodeError::UnknownSchemaId(9))
         );
         assert!(matches!(
-            d.decode(Format::Avro, &[0, 0, 0, 0, 1, 0xff, 0xff]),
+            d.decode(Format::Avro, None, &[0, 0, 0, 0, 1, 0xff, 0xff]),
             Err(DecodeError::Avro(_))
         ));
         assert!(matches!(
-            d.decode(Format::Json, b"not json"),
+            d.decode(Format::Json, None, b"not json"),
             Err(DecodeError::Json(_))
         ));
         assert_eq!(
-            d.decode(Format::Json, &[b' '; 65]),
+            d.decode(Format::Json, None, &[b' '; 65]),
             Err(DecodeError::TooLarge(65, 64))
         );
     }
