@@ -314,7 +314,7 @@ fn the_readme_example_events_are_valid() {
         .filter(|s| s.starts_with("{\"event_id\""))
     {
         let raw = decoder
-            .decode(stitcher::config::Format::Json, json.as_bytes())
+            .decode(stitcher::config::Format::Json, None, json.as_bytes())
             .unwrap_or_else(|e| panic!("{json}: {e}"));
         let ev = normalizer
             .event(raw, "web", stitcher::model::now_millis(), |r| {
@@ -338,6 +338,48 @@ fn the_readme_example_events_are_valid() {
             "no {kind} example: {kinds:?}"
         );
     }
+}
+
+/// The "Bring your own events" example configuration loads, and each example event there becomes a valid
+/// event through the mapping of the input it names.
+#[test]
+fn the_readme_mapping_examples_are_valid() {
+    let readme = read("README.md");
+    let section = readme
+        .split("### Bring your own events")
+        .nth(1)
+        .and_then(|s| s.split("\n### ").next())
+        .expect("a Bring your own events section");
+    let toml = section
+        .split("```toml\n")
+        .nth(1)
+        .and_then(|s| s.split("```").next())
+        .expect("a toml example");
+    let cfg: stitcher::config::Config = toml::from_str(toml).expect("example config");
+    cfg.validate().expect("example config is valid");
+    let decoder = stitcher::codec::EventDecoder::new(&[1], 1 << 20).expect("decoder");
+    let normalizer =
+        stitcher::normalize::Normalizer::new(&stitcher::config::IdentityConfig::default())
+            .expect("normalizer");
+    let mut decoded = 0;
+    for row in section.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = row.split('`').collect();
+        let (topic, json) = (cells[1], cells[3]);
+        let input = cfg
+            .input(topic)
+            .unwrap_or_else(|| panic!("no input {topic}"));
+        let mapping = input.mapping().expect("mapping");
+        let raw = decoder
+            .decode(input.format(), mapping.as_ref(), json.as_bytes())
+            .unwrap_or_else(|e| panic!("{json}: {e}"));
+        normalizer
+            .event(raw, &input.channel, 1_796_030_000_000, |r| {
+                panic!("{json}: identifier refused: {}", r.as_str())
+            })
+            .unwrap_or_else(|e| panic!("{json}: {e}"));
+        decoded += 1;
+    }
+    assert_eq!(decoded, 3);
 }
 
 /// `generate` with channels the configuration has no input for fails before sending anything, and writes

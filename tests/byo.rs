@@ -1,0 +1,178 @@
+//! Bring your own events (issue 14), against the real broker: a web tracker writing the Segment spec, a
+//! call-centre tool writing its own JSON read through `[inputs.fields]`, and a till on the service's own
+//! schema, all for one person, end in one profile that every channel's events reach; a message whose
+//! fields do not make an event is dead-lettered with the path that failed, and nothing else is lost.
+#![cfg(feature = "kafka-it")]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use serde_json::json;
+use stitcher::codec::AvroCodec;
+use stitcher::model::ChannelEvent;
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+fn produce(topic: &str, messages: &[serde_json::Value]) {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("producer");
+    for m in messages {
+        let bytes = serde_json::to_vec(m).expect("json");
+        producer
+            .send(BaseRecord::<(), [u8]>::to(topic).payload(&bytes))
+            .expect("send");
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+}
+
+#[test]
+fn segment_custom_json_and_native_events_stitch_into_one_profile() {
+    let name = unique("byo");
+    let (segment_topic, tickets_topic) = (format!("{name}-segment"), format!("{name}-tickets"));
+    create_topics(&[segment_topic.clone(), tickets_topic.clone()], 1);
+    let extra = format!(
+        r#"
+[[inputs]]
+topic = "{segment_topic}"
+channel = "web"
+preset = "segment"
+
+[[inputs]]
+topic = "{tickets_topic}"
+channel = "callcenter"
+[inputs.fields]
+event_id = "ticket.id"
+timestamp = "ticket.opened_at"
+default_event_type = "call"
+campaign_id = "ticket.reason"
+identifiers = [
+    {{ type = "phone", path = "caller.number" }},
+    {{ path = "caller.ids[]", type_field = "kind", value_field = "id" }},
+]
+"#
+    );
+    let mut s = Setup::new("byo", 1, &extra);
+    s.input_topics.push(segment_topic.clone());
+    s.input_topics.push(tickets_topic.clone());
+
+    let day = 1_767_225_600_000i64; // 2026-01-01
+    produce(
+        &segment_topic,
+        &[
+            json!({"type": "page", "messageId": "seg-1", "anonymousId": "anon-9",
+                   "timestamp": "2026-01-01T00:00:01Z", "properties": {"path": "/shoes"}}),
+            json!({"type": "track", "event": "Product Added", "messageId": "seg-2",
+                   "anonymousId": "anon-9", "timestamp": "2026-01-01T00:00:02.500Z",
+                   "properties": {"sku": "SHOE-42", "quantity": 1, "price": 79.9}}),
+            json!({"type": "identify", "messageId": "seg-3", "anonymousId": "anon-9",
+                   "userId": "cust-77", "timestamp": "2026-01-01T01:00:03+01:00",
+                   "traits": {"email": "Ann.Lee@Example.com", "phone": "+1 212 555 0199"}}),
+            json!({"type": "track", "event": "Order Completed", "messageId": "seg-4",
+                   "userId": "cust-77", "timestamp": day / 1000 + 4,
+                   "properties": {"order_id": "o-1", "total": 79.9, "currency": "USD",
+                                  "products": [{"sku": "SHOE-42", "quantity": 1, "price": 79.9}]}}),
+            // Valid JSON whose fields do not make an event: no message id.
+            json!({"type": "page", "anonymousId": "anon-9", "timestamp": "2026-01-01T00:00:05Z"}),
+        ],
+    );
+    produce(
+        &tickets_topic,
+        &[
+            json!({"ticket": {"id": 5001, "opened_at": day + 6_000, "reason": "late-delivery"},
+                 "caller": {"number": "(212) 555-0199",
+                            "ids": [{"kind": "loyalty_id", "id": "lc-88 01"}]}}),
+        ],
+    );
+    // The till, on the service's own schema: a store purchase with the loyalty card.
+    let (till_topic, till_format) = s.routes["pos"].clone();
+    let mut till = ChannelEvent::new(
+        "till-1",
+        "purchase",
+        day + 7_000,
+        &[("loyalty_id", "LC-8801")],
+    );
+    till.amount = Some(20.0);
+    till.currency = Some("EUR".into());
+    let till = match till_format {
+        stitcher::config::Format::Avro => AvroCodec::channel_event()
+            .expect("schema")
+            .encode(1, &till)
+            .expect("encode"),
+        stitcher::config::Format::Json => serde_json::to_vec(&till).expect("json"),
+    };
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("producer");
+    producer
+        .send(BaseRecord::<(), [u8]>::to(&till_topic).payload(&till))
+        .expect("send");
+    producer.flush(Duration::from_secs(30)).expect("flush");
+
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, TIMEOUT);
+    let out = s.output();
+    let live: Vec<_> = out
+        .view
+        .values()
+        .flatten()
+        .filter(|u| u.redirect_to.is_none())
+        .collect();
+    assert_eq!(live.len(), 1, "one person, one profile: {live:#?}");
+    let p = live[0].profile.as_ref().expect("profile");
+    let ids: Vec<(String, String)> = p
+        .identifiers
+        .iter()
+        .map(|i| (i.kind.clone(), i.value.clone()))
+        .collect();
+    for want in [
+        ("anonymous_id", "anon-9"),
+        ("customer_id", "cust-77"),
+        ("email", "ann.lee@example.com"),
+        ("phone", "+12125550199"),
+        ("loyalty_id", "LC8801"),
+    ] {
+        assert!(
+            ids.contains(&(want.0.to_string(), want.1.to_string())),
+            "{want:?} in {ids:?}"
+        );
+    }
+    assert_eq!(p.events, 6);
+    assert_eq!(p.first_seen, day + 1_000, "ISO-8601 with Z");
+    let types: Vec<&str> = p.event_types.keys().map(String::as_str).collect();
+    assert_eq!(
+        types,
+        ["add_to_cart", "call", "identify", "page_view", "purchase"]
+    );
+    let mut purchases: Vec<_> = p
+        .purchases
+        .iter()
+        .map(|x| {
+            (
+                x.venue.as_str(),
+                x.currency.as_str(),
+                x.orders,
+                x.revenue_minor,
+            )
+        })
+        .collect();
+    purchases.sort();
+    assert_eq!(
+        purchases,
+        [("online", "USD", 1, 7990), ("store", "EUR", 1, 2000)]
+    );
+    let channels: Vec<&str> = p.channels.iter().map(|c| c.channel.as_str()).collect();
+    assert_eq!(channels, ["callcenter", "pos", "web"]);
+
+    let letters = s.dead_letters();
+    assert_eq!(letters.len(), 1, "only the message without an id");
+    let error = &letters[0].headers["dlq.error"];
+    assert!(error.contains("messageId"), "{error}");
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+}
