@@ -72,12 +72,13 @@ fn avro(c: &mut Criterion) {
         .map(|(_, e)| codec.encode(1, e).expect("encode"))
         .collect();
     let decoder = EventDecoder::new(&[1], 1 << 20).expect("decoder");
+    let layout = stitcher::codec::Layout::native(Format::Avro);
     let mut g = c.benchmark_group("avro");
     g.throughput(Throughput::Elements(encoded.len() as u64));
     g.bench_function("decode_channel_event", |b| {
         b.iter(|| {
             for bytes in &encoded {
-                black_box(decoder.decode(Format::Avro, None, bytes).expect("decode"));
+                black_box(decoder.decode(&layout, bytes).expect("decode"));
             }
         })
     });

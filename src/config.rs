@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::mapping::{FieldMapping, Mapping, Preset};
+use crate::codec::Layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -193,6 +194,12 @@ pub struct InputConfig {
     /// events").
     #[serde(default)]
     pub fields: Option<FieldMapping>,
+    /// For Avro in the team's own schema (with `preset` or `fields`): the writer schema (`.avsc`)...
+    #[serde(default)]
+    pub schema_file: Option<PathBuf>,
+    /// ...and the Confluent schema ids written with it; messages with other ids are dead-lettered.
+    #[serde(default)]
+    pub schema_ids: Vec<u32>,
 }
 
 impl InputConfig {
@@ -204,6 +211,8 @@ impl InputConfig {
             format: Some(format),
             preset: Preset::Stitcher,
             fields: None,
+            schema_file: None,
+            schema_ids: Vec::new(),
         }
     }
 
@@ -216,24 +225,59 @@ impl InputConfig {
         }
     }
 
-    /// The field mapping of an input not in the service's own schema; an error says what is wrong.
-    pub fn mapping(&self) -> Result<Option<Mapping>, String> {
+    /// How this input's messages are read: the mapping compiled, the writer schema loaded. The error
+    /// says what is wrong, naming the path or the file.
+    pub fn layout(&self) -> Result<Layout, String> {
         let fields = match (&self.fields, self.preset) {
             (Some(_), Preset::Segment) => {
                 return Err("give either `preset` or `fields`, not both".into())
             }
             (Some(fields), Preset::Stitcher) => fields.clone(),
             (None, Preset::Segment) => FieldMapping::segment(),
-            (None, Preset::Stitcher) => return Ok(None),
+            (None, Preset::Stitcher) => {
+                if self.schema_file.is_some() || !self.schema_ids.is_empty() {
+                    return Err("`schema_file` and `schema_ids` are for Avro read through `preset` \
+                                or `fields`; the service's own schema uses processing.avro_schema_ids"
+                        .into());
+                }
+                return Ok(Layout::native(self.format()));
+            }
         };
-        if self.format() == Format::Avro {
-            return Err(
-                "fields and presets read JSON (`format = \"json\"`): Avro in another schema \
-                        needs its writer schema from a Schema Registry, which is not supported yet"
-                    .into(),
-            );
-        }
-        Mapping::compile(&fields).map(Some)
+        let mapping = Mapping::compile(&fields)?;
+        let writer = match (self.format(), &self.schema_file) {
+            (Format::Json, None) => None,
+            (Format::Json, Some(_)) => {
+                return Err("`schema_file` is for `format = \"avro\"`".into());
+            }
+            (Format::Avro, None) => {
+                return Err(
+                    "Avro in the team's own schema needs `schema_file` (its writer schema) and \
+                            `schema_ids`; reading writer schemas from a Schema Registry is not \
+                            supported yet"
+                        .into(),
+                );
+            }
+            (Format::Avro, Some(path)) => {
+                if self.schema_ids.is_empty() {
+                    return Err(format!(
+                        "`schema_ids`: the schema ids written with {} are required",
+                        path.display()
+                    ));
+                }
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("schema_file {}: {e}", path.display()))?;
+                let schema = apache_avro::Schema::parse_str(&text)
+                    .map_err(|e| format!("schema_file {}: {e}", path.display()))?;
+                let codec = crate::codec::AvroCodec::new(schema)
+                    .map_err(|e| format!("schema_file {}: {e}", path.display()))?;
+                Some((codec, self.schema_ids.iter().copied().collect()))
+            }
+        };
+        Ok(Layout {
+            format: self.format(),
+            mapping: Some(mapping),
+            writer,
+        })
     }
 }
 
@@ -600,7 +644,7 @@ impl Config {
             if !topics.insert(&input.topic) {
                 return invalid(format!("input topic {:?} is listed twice", input.topic));
             }
-            if let Err(e) = input.mapping() {
+            if let Err(e) = input.layout() {
                 return invalid(format!("input {:?}: {e}", input.topic));
             }
         }
@@ -763,7 +807,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.inputs[0].format(), Format::Json);
-        assert!(cfg.inputs[0].mapping().unwrap().is_some());
+        assert!(cfg.inputs[0].layout().unwrap().mapping.is_some());
         assert_eq!(cfg.inputs[1].format(), Format::Json);
 
         let err = |inputs: &str| with_inputs(inputs).unwrap_err();
@@ -788,7 +832,7 @@ mod tests {
             format = "avro"
             preset = "segment"
             "#);
-        assert!(e.contains("Schema Registry"), "{e}");
+        assert!(e.contains("schema_file"), "{e}");
         let e = err(r#"
             [[inputs]]
             topic = "tills"

@@ -24,6 +24,8 @@ use crate::store::{OutRecord, TempStore};
 const JSON_TOPIC: &str = "web-json";
 const AVRO_TOPIC: &str = "pos-avro";
 const CONTROL_TOPIC: &str = "ctl";
+/// Segment/RudderStack JSON, read through the preset's field paths.
+const SEGMENT_TOPIC: &str = "site-segment";
 /// Small, so that the record-size limit is reached by inputs a test can afford.
 const MAX_RECORD_BYTES: usize = 64 * 1024;
 
@@ -32,6 +34,11 @@ fn config() -> Config {
         inputs: vec![
             InputConfig::new(JSON_TOPIC, "web", Format::Json),
             InputConfig::new(AVRO_TOPIC, "pos", Format::Avro),
+            InputConfig {
+                preset: crate::codec::mapping::Preset::Segment,
+                format: None,
+                ..InputConfig::new(SEGMENT_TOPIC, "app", Format::Json)
+            },
         ],
         ..Config::default()
     };
@@ -96,6 +103,8 @@ fn good_seeds() -> Vec<(&'static str, Vec<u8>)> {
     vec![
         (JSON_TOPIC, json(&base)),
         (AVRO_TOPIC, avro(&base)),
+        (SEGMENT_TOPIC, br#"{"type":"identify","messageId":"seg-1","timestamp":"2026-01-01T00:00:00Z","anonymousId":"d-1","userId":"u-1","traits":{"email":"a@x.io"}}"#.to_vec()),
+        (SEGMENT_TOPIC, br#"{"type":"track","event":"Order Completed","messageId":"seg-2","timestamp":1767225600,"userId":"u-1","properties":{"total":"12.5","currency":"EUR","products":[{"sku":"s-1","quantity":2,"price":5}]}}"#.to_vec()),
         (CONTROL_TOPIC, br#"{"op":"erase_identifier","type":"email","value":"a@x.io"}"#.to_vec()),
         (CONTROL_TOPIC, br#"{"op":"erase_profile","profile_id":"p-e3b0c44298fc1c149afb"}"#.to_vec()),
         (CONTROL_TOPIC, br#"{"op":"unlink","a":{"type":"email","value":"a@x.io"},"b":{"type":"device_id","value":"d-1"}}"#.to_vec()),
@@ -195,6 +204,21 @@ fn bad_seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds.push((AVRO_TOPIC, huge_map));
     seeds.push((AVRO_TOPIC, vec![0, 0, 0, 0, 9, 1, 2, 3]));
     seeds.push((AVRO_TOPIC, vec![7; 40]));
+    // Segment events whose fields do not make an event, or whose values are out of range.
+    for bad in [
+        r#"{"type":"page","timestamp":"2026-01-01T00:00:00Z","anonymousId":"d-1"}"#,
+        r#"{"type":"page","messageId":"s","timestamp":"yesterday","anonymousId":"d-1"}"#,
+        r#"{"type":"page","messageId":"s","timestamp":"2026-01-01T00:00:00+99","anonymousId":"d-1"}"#,
+        r#"{"type":"page","messageId":"s","timestamp":9223372036854775807,"anonymousId":"d-1"}"#,
+        r#"{"type":"page","messageId":"s","timestamp":-1e308,"anonymousId":"d-1"}"#,
+        r#"{"type":"track","event":"Order Completed","messageId":"s","timestamp":1767225600,"userId":"u","properties":{"total":"lots"}}"#,
+        r#"{"type":"track","event":"Product Added","messageId":"s","timestamp":1767225600,"userId":"u","properties":{"sku":"x","quantity":1e300}}"#,
+        r#"{"type":"track","event":"Order Completed","messageId":"s","timestamp":1767225600,"userId":"u","properties":{"total":1e300,"currency":"EUR"}}"#,
+        r#"{"type":"identify","messageId":"s","timestamp":1767225600}"#,
+        r#"[1,2,3]"#,
+    ] {
+        seeds.push((SEGMENT_TOPIC, bad.as_bytes().to_vec()));
+    }
     seeds
 }
 
@@ -202,7 +226,12 @@ fn bad_seeds() -> Vec<(&'static str, Vec<u8>)> {
 fn message() -> impl Strategy<Value = (&'static str, Vec<u8>)> {
     let seeds = seed_corpus();
     let n = seeds.len();
-    let topic = prop_oneof![Just(JSON_TOPIC), Just(AVRO_TOPIC), Just(CONTROL_TOPIC)];
+    let topic = prop_oneof![
+        Just(JSON_TOPIC),
+        Just(AVRO_TOPIC),
+        Just(CONTROL_TOPIC),
+        Just(SEGMENT_TOPIC)
+    ];
     prop_oneof![
         3 => (0..n).prop_map(move |i| seeds[i].clone()),
         4 => (0..n, proptest::collection::vec((any::<u16>(), any::<u8>(), 0u8..5), 1..8))

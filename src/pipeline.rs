@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::kafka::{
-    consumer_config, group_has_others, AssignmentWatch, CommitError, Committer, Deadline,
-    StitchConsumer, StitchContext, TopicWatch,
+    consumer_config, AssignmentWatch, CommitError, Committer, Deadline, GroupPeers, StitchConsumer,
+    StitchContext, TopicWatch,
 };
 use crate::metrics::Metrics;
 use crate::model::now_millis;
@@ -61,8 +61,8 @@ pub struct Pipeline {
     sequence: u64,
     /// The subscribed topics in the cluster's metadata: their partitions, and which are missing.
     topics: std::cell::RefCell<TopicWatch>,
-    /// Whether another member is in the consumer group, and when that was asked.
-    others: std::cell::Cell<Option<(bool, Instant)>>,
+    /// Whether another member is in the consumer group.
+    peers: GroupPeers,
     /// Whether this instance has paused its partitions because it holds only some of them.
     paused: bool,
     /// A consumer that never gets its partitions back is replaced.
@@ -161,7 +161,7 @@ impl Pipeline {
             carry: Vec::new(),
             sequence: checkpoint.sequence,
             topics: std::cell::RefCell::new(topics),
-            others: std::cell::Cell::new(None),
+            peers: GroupPeers::default(),
             paused: false,
             unassigned: AssignmentWatch::default(),
         };
@@ -248,6 +248,7 @@ impl Pipeline {
         if self.unassigned.stuck(
             &self.consumer,
             &self.cfg.kafka.group_id,
+            &self.peers,
             &self.metrics.health,
         ) {
             self.metrics.errors.with_label_values(&["consume"]).inc();
@@ -422,20 +423,11 @@ impl Pipeline {
     fn is_partial(&self, assigned: usize) -> bool {
         assigned > 0
             && self.expected_partitions().is_some_and(|e| assigned < e)
-            && self.group_has_others()
-    }
-
-    /// Whether the group has another member, asked at most every five seconds; assumed so when the
-    /// coordinator cannot tell (pausing is the safe side).
-    fn group_has_others(&self) -> bool {
-        if let Some((others, at)) = self.others.get() {
-            if at.elapsed() < Duration::from_secs(5) {
-                return others;
-            }
-        }
-        let others = group_has_others(&self.consumer, &self.cfg.kafka.group_id).unwrap_or(true);
-        self.others.set(Some((others, Instant::now())));
-        others
+            // Assumed so when the coordinator cannot tell: pausing is the safe side.
+            && self
+                .peers
+                .others(&self.consumer, &self.cfg.kafka.group_id)
+                .unwrap_or(true)
     }
 
     /// Seeks every assigned partition to where this instance's state stands (or, for a partition it never

@@ -4,9 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::codec::mapping::Mapping;
-use crate::codec::{EventDecoder, ProfileUpdate, SchemaError, UpdateEncoder};
-use crate::config::{Config, ConfigError, Format};
+use crate::codec::{EventDecoder, Layout, ProfileUpdate, SchemaError, UpdateEncoder};
+use crate::config::{Config, ConfigError};
 use crate::control::Command;
 use crate::kafka::dead_letters::{self, Source};
 use crate::metrics::Metrics;
@@ -57,9 +56,7 @@ impl Batch {
 /// How messages of one input topic are read.
 struct Input {
     channel: String,
-    format: Format,
-    /// `None`: the service's own schema.
-    mapping: Option<Mapping>,
+    layout: Layout,
 }
 
 pub struct Processor {
@@ -92,13 +89,12 @@ impl Processor {
                 .inputs
                 .iter()
                 .map(|i| {
-                    let mapping = i
-                        .mapping()
+                    let layout = i
+                        .layout()
                         .map_err(|e| ConfigError::Invalid(format!("input {:?}: {e}", i.topic)))?;
                     let input = Input {
                         channel: i.channel.clone(),
-                        format: i.format(),
-                        mapping,
+                        layout,
                     };
                     Ok((i.topic.clone(), input))
                 })
@@ -198,11 +194,10 @@ impl Processor {
             .events_consumed
             .with_label_values(&[&input.channel])
             .inc();
-        let raw = match self.decoder.decode(
-            input.format,
-            input.mapping.as_ref(),
-            msg.payload.unwrap_or_default(),
-        ) {
+        let raw = match self
+            .decoder
+            .decode(&input.layout, msg.payload.unwrap_or_default())
+        {
             Ok(raw) => raw,
             Err(e) => {
                 self.dead_letter(batch, src, msg, "decode", &e.to_string());
@@ -211,7 +206,7 @@ impl Processor {
         };
         // A mapped input may name the channel per event (`fields.channel`): one of the configured
         // channels, or the input's own.
-        let channel = match (&input.mapping, &raw.channel) {
+        let channel = match (&input.layout.mapping, &raw.channel) {
             (Some(_), Some(c)) if self.channels.contains(c) => c.clone(),
             _ => input.channel.clone(),
         };

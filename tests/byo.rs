@@ -1,7 +1,8 @@
 //! Bring your own events (issue 14), against the real broker: a web tracker writing the Segment spec, a
-//! call-centre tool writing its own JSON read through `[inputs.fields]`, and a till on the service's own
-//! schema, all for one person, end in one profile that every channel's events reach; a message whose
-//! fields do not make an event is dead-lettered with the path that failed, and nothing else is lost.
+//! call-centre tool writing its own JSON read through `[inputs.fields]`, a till on the service's own
+//! schema and another till writing Avro in its own schema (writer schema from a file), all for one
+//! person, end in one profile that every channel's events reach; a message whose fields do not make an
+//! event is dead-lettered with the path that failed, and nothing else is lost.
 #![cfg(feature = "kafka-it")]
 
 mod common;
@@ -35,7 +36,23 @@ fn produce(topic: &str, messages: &[serde_json::Value]) {
 fn segment_custom_json_and_native_events_stitch_into_one_profile() {
     let name = unique("byo");
     let (segment_topic, tickets_topic) = (format!("{name}-segment"), format!("{name}-tickets"));
-    create_topics(&[segment_topic.clone(), tickets_topic.clone()], 1);
+    let sales_topic = format!("{name}-sales");
+    create_topics(
+        &[
+            segment_topic.clone(),
+            tickets_topic.clone(),
+            sales_topic.clone(),
+        ],
+        1,
+    );
+    let sale_schema = r#"{"type": "record", "name": "Sale", "namespace": "till", "fields": [
+        {"name": "receipt", "type": "string"},
+        {"name": "at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+        {"name": "card", "type": ["null", "string"], "default": null},
+        {"name": "total", "type": "double"},
+        {"name": "currency", "type": "string"}]}"#;
+    let schema_file = std::env::temp_dir().join(format!("{name}-sale.avsc"));
+    std::fs::write(&schema_file, sale_schema).expect("schema file");
     let extra = format!(
         r#"
 [[inputs]]
@@ -55,11 +72,27 @@ identifiers = [
     {{ type = "phone", path = "caller.number" }},
     {{ path = "caller.ids[]", type_field = "kind", value_field = "id" }},
 ]
-"#
+
+[[inputs]]
+topic = "{sales_topic}"
+channel = "pos"
+format = "avro"
+schema_file = "{schema_file}"
+schema_ids = [7]
+[inputs.fields]
+event_id = "receipt"
+timestamp = "at"
+default_event_type = "purchase"
+amount = "total"
+currency = "currency"
+identifiers = [{{ type = "loyalty_id", path = "card" }}]
+"#,
+        schema_file = schema_file.display()
     );
     let mut s = Setup::new("byo", 1, &extra);
     s.input_topics.push(segment_topic.clone());
     s.input_topics.push(tickets_topic.clone());
+    s.input_topics.push(sales_topic.clone());
 
     let day = 1_767_225_600_000i64; // 2026-01-01
     produce(
@@ -113,6 +146,26 @@ identifiers = [
     producer
         .send(BaseRecord::<(), [u8]>::to(&till_topic).payload(&till))
         .expect("send");
+    // The other till: Avro in its own schema, id 7; the same sale again under id 8 is not readable.
+    let schema = apache_avro::Schema::parse_str(sale_schema).expect("schema");
+    use apache_avro::types::Value as A;
+    let sale = A::Record(vec![
+        ("receipt".into(), A::String("r-1".into())),
+        ("at".into(), A::TimestampMicros((day + 8_000) * 1000)),
+        (
+            "card".into(),
+            A::Union(1, Box::new(A::String("lc 8801".into()))),
+        ),
+        ("total".into(), A::Double(12.5)),
+        ("currency".into(), A::String("EUR".into())),
+    ]);
+    let body = apache_avro::to_avro_datum(&schema, sale).expect("avro");
+    for id in [7u8, 8] {
+        let payload = [&[0, 0, 0, 0, id][..], &body].concat();
+        producer
+            .send(BaseRecord::<(), [u8]>::to(&sales_topic).payload(&payload))
+            .expect("send");
+    }
     producer.flush(Duration::from_secs(30)).expect("flush");
 
     let mut child = s.start();
@@ -143,7 +196,7 @@ identifiers = [
             "{want:?} in {ids:?}"
         );
     }
-    assert_eq!(p.events, 6);
+    assert_eq!(p.events, 7);
     assert_eq!(p.first_seen, day + 1_000, "ISO-8601 with Z");
     let types: Vec<&str> = p.event_types.keys().map(String::as_str).collect();
     assert_eq!(
@@ -165,14 +218,19 @@ identifiers = [
     purchases.sort();
     assert_eq!(
         purchases,
-        [("online", "USD", 1, 7990), ("store", "EUR", 1, 2000)]
+        [("online", "USD", 1, 7990), ("store", "EUR", 2, 3250)]
     );
     let channels: Vec<&str> = p.channels.iter().map(|c| c.channel.as_str()).collect();
     assert_eq!(channels, ["callcenter", "pos", "web"]);
 
-    let letters = s.dead_letters();
-    assert_eq!(letters.len(), 1, "only the message without an id");
-    let error = &letters[0].headers["dlq.error"];
-    assert!(error.contains("messageId"), "{error}");
+    let mut errors: Vec<String> = s
+        .dead_letters()
+        .iter()
+        .map(|l| l.headers["dlq.error"].clone())
+        .collect();
+    errors.sort();
+    assert_eq!(errors.len(), 2, "no message id; unknown schema: {errors:?}");
+    assert!(errors[0].contains("messageId"), "{errors:?}");
+    assert!(errors[1].contains("unknown schema id 8"), "{errors:?}");
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
 }

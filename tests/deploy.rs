@@ -314,7 +314,10 @@ fn the_readme_example_events_are_valid() {
         .filter(|s| s.starts_with("{\"event_id\""))
     {
         let raw = decoder
-            .decode(stitcher::config::Format::Json, None, json.as_bytes())
+            .decode(
+                &stitcher::codec::Layout::native(stitcher::config::Format::Json),
+                json.as_bytes(),
+            )
             .unwrap_or_else(|e| panic!("{json}: {e}"));
         let ev = normalizer
             .event(raw, "web", stitcher::model::now_millis(), |r| {
@@ -368,9 +371,9 @@ fn the_readme_mapping_examples_are_valid() {
         let input = cfg
             .input(topic)
             .unwrap_or_else(|| panic!("no input {topic}"));
-        let mapping = input.mapping().expect("mapping");
+        let layout = input.layout().expect("layout");
         let raw = decoder
-            .decode(input.format(), mapping.as_ref(), json.as_bytes())
+            .decode(&layout, json.as_bytes())
             .unwrap_or_else(|e| panic!("{json}: {e}"));
         normalizer
             .event(raw, &input.channel, 1_796_030_000_000, |r| {

@@ -94,6 +94,12 @@ impl AvroCodec {
 
     /// Decodes an Avro body written with this schema.
     pub fn decode<T: DeserializeOwned>(&self, body: &[u8]) -> Result<T, DecodeError> {
+        let value = self.decode_value(body)?;
+        apache_avro::from_value(&value).map_err(|e| DecodeError::Avro(e.to_string()))
+    }
+
+    /// Decodes an Avro body written with this schema into a generic value.
+    pub fn decode_value(&self, body: &[u8]) -> Result<apache_avro::types::Value, DecodeError> {
         let mut rest = body;
         let value = self
             .reader
@@ -105,7 +111,7 @@ impl AvroCodec {
                 rest.len()
             )));
         }
-        apache_avro::from_value(&value).map_err(|e| DecodeError::Avro(e.to_string()))
+        Ok(value)
     }
 
     /// Encodes `value`, framed with schema id `id` (Confluent wire format).

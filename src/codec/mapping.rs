@@ -344,7 +344,7 @@ impl Mapping {
                             q.fract() == 0.0 && *q >= i32::MIN as f64 && *q <= i32::MAX as f64
                         })
                         .map(|q| q as i32)
-                        .ok_or_else(|| format!("quantity of item {sku} is not a whole number"))?,
+                        .ok_or_else(|| format!("quantity of item {sku} is not a whole number in range"))?,
                 };
                 let price = f
                     .price
@@ -384,6 +384,46 @@ impl Mapping {
             consent: (consent != ConsentChange::default()).then_some(consent),
             attributes: BTreeMap::new(),
         })
+    }
+}
+
+/// An Avro datum as JSON, so that a path means the same for both: records and maps are objects, arrays
+/// arrays, a union its branch, an enum its symbol, bytes and fixed their text (lossy UTF-8), a UUID its
+/// text; dates become epoch milliseconds, times and timestamps stay numbers in their unit (which
+/// [`millis`] tells apart by size). A `decimal` is converted only with its own scale (`big-decimal`);
+/// a fixed-scale `decimal` becomes null: send amounts as `double` or `string`.
+pub fn avro_to_json(v: apache_avro::types::Value) -> Value {
+    use apache_avro::types::Value as A;
+    match v {
+        A::Null | A::Decimal(_) | A::Duration(_) => Value::Null,
+        A::Boolean(b) => Value::Bool(b),
+        A::Int(n) | A::TimeMillis(n) => Value::from(n),
+        A::Long(n)
+        | A::TimeMicros(n)
+        | A::TimestampMillis(n)
+        | A::TimestampMicros(n)
+        | A::TimestampNanos(n)
+        | A::LocalTimestampMillis(n)
+        | A::LocalTimestampMicros(n)
+        | A::LocalTimestampNanos(n) => Value::from(n),
+        A::Date(days) => Value::from(i64::from(days) * 86_400_000),
+        A::Float(f) => {
+            serde_json::Number::from_f64(f64::from(f)).map_or(Value::Null, Value::Number)
+        }
+        A::Double(f) => serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number),
+        A::Bytes(b) | A::Fixed(_, b) => Value::String(String::from_utf8_lossy(&b).into_owned()),
+        A::String(s) | A::Enum(_, s) => Value::String(s),
+        A::Uuid(u) => Value::String(u.to_string()),
+        A::BigDecimal(d) => Value::String(d.to_string()),
+        A::Union(_, inner) => avro_to_json(*inner),
+        A::Array(items) => Value::Array(items.into_iter().map(avro_to_json).collect()),
+        A::Map(m) => Value::Object(m.into_iter().map(|(k, v)| (k, avro_to_json(v))).collect()),
+        A::Record(fields) => Value::Object(
+            fields
+                .into_iter()
+                .map(|(k, v)| (k, avro_to_json(v)))
+                .collect(),
+        ),
     }
 }
 

@@ -38,6 +38,26 @@ pub enum DecodeError {
     Fields(String),
 }
 
+/// How one input's messages are read.
+pub struct Layout {
+    pub format: Format,
+    /// `None`: the service's own schema.
+    pub mapping: Option<Mapping>,
+    /// For Avro read through `mapping`: the writer schema, and the schema ids written with it.
+    pub writer: Option<(AvroCodec, HashSet<u32>)>,
+}
+
+impl Layout {
+    /// The service's own schema in `format`.
+    pub fn native(format: Format) -> Self {
+        Self {
+            format,
+            mapping: None,
+            writer: None,
+        }
+    }
+}
+
 /// Decodes channel events of either format.
 pub struct EventDecoder {
     avro: AvroCodec,
@@ -58,26 +78,31 @@ impl EventDecoder {
         })
     }
 
-    /// Decodes a message of an input in the service's own schema (`mapping` is `None`) or in another
-    /// shape read through a field mapping (JSON).
-    pub fn decode(
-        &self,
-        format: Format,
-        mapping: Option<&Mapping>,
-        payload: &[u8],
-    ) -> Result<ChannelEvent, DecodeError> {
+    /// Decodes a message of an input in the service's own schema, or in another shape read through a
+    /// field mapping: JSON, or Avro with the input's writer schema.
+    pub fn decode(&self, layout: &Layout, payload: &[u8]) -> Result<ChannelEvent, DecodeError> {
         if payload.is_empty() {
             return Err(DecodeError::Empty);
         }
         if payload.len() > self.max_bytes {
             return Err(DecodeError::TooLarge(payload.len(), self.max_bytes));
         }
-        if let Some(mapping) = mapping {
-            let doc: serde_json::Value =
-                serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?;
+        if let Some(mapping) = &layout.mapping {
+            let doc = match (layout.format, &layout.writer) {
+                (Format::Avro, Some((writer, ids))) => {
+                    let (id, body) = avro::split_confluent(payload)?;
+                    if !ids.contains(&id) {
+                        return Err(DecodeError::UnknownSchemaId(id));
+                    }
+                    mapping::avro_to_json(writer.decode_value(body)?)
+                }
+                _ => {
+                    serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?
+                }
+            };
             return mapping.apply(&doc).map_err(DecodeError::Fields);
         }
-        match format {
+        match layout.format {
             Format::Json => {
                 serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))
             }
@@ -134,44 +159,120 @@ mod tests {
             .unwrap();
         assert_eq!(&bytes[..5], &[0, 0, 0, 0, 1]);
         let d = EventDecoder::new(&[1], 1 << 20).unwrap();
-        assert_eq!(d.decode(Format::Avro, None, &bytes).unwrap(), sample());
+        assert_eq!(
+            d.decode(&Layout::native(Format::Avro), &bytes).unwrap(),
+            sample()
+        );
     }
 
     #[test]
     fn json_decodes_same_shape_with_defaults() {
         let d = EventDecoder::new(&[1], 1 << 20).unwrap();
         let json = br#"{"event_id":"e","event_type":"page_view","timestamp":5,"identifiers":[{"type":"anonymous_id","value":"c"}]}"#;
-        let ev = d.decode(Format::Json, None, json).unwrap();
+        let ev = d.decode(&Layout::native(Format::Json), json).unwrap();
         assert_eq!(ev.identifiers.len(), 1);
         assert!(ev.items.is_empty());
+    }
+
+    /// Avro in a team's own schema is read with its writer schema and the same paths as JSON; ids not
+    /// written with that schema are refused.
+    #[test]
+    fn avro_in_another_schema_goes_through_the_mapping() {
+        let schema = apache_avro::Schema::parse_str(
+            r#"{"type": "record", "name": "Sale", "namespace": "till", "fields": [
+                {"name": "receipt", "type": "string"},
+                {"name": "at", "type": {"type": "long", "logicalType": "timestamp-micros"}},
+                {"name": "card", "type": ["null", "string"], "default": null},
+                {"name": "total", "type": "double"},
+                {"name": "currency", "type": {"type": "enum", "name": "Currency", "symbols": ["EUR", "USD"]}},
+                {"name": "lines", "type": {"type": "array", "items": {"type": "record", "name": "Line",
+                    "fields": [{"name": "sku", "type": "string"}, {"name": "qty", "type": "int"}]}}}
+            ]}"#,
+        )
+        .unwrap();
+        let writer = AvroCodec::new(schema.clone()).unwrap();
+        use apache_avro::types::Value as A;
+        let sale = A::Record(vec![
+            ("receipt".into(), A::String("r-1".into())),
+            ("at".into(), A::TimestampMicros(1_764_504_000_123_000)),
+            (
+                "card".into(),
+                A::Union(1, Box::new(A::String("LC-1".into()))),
+            ),
+            ("total".into(), A::Double(12.5)),
+            ("currency".into(), A::Enum(0, "EUR".into())),
+            (
+                "lines".into(),
+                A::Array(vec![A::Record(vec![
+                    ("sku".into(), A::String("S-1".into())),
+                    ("qty".into(), A::Int(2)),
+                ])]),
+            ),
+        ]);
+        let mut payload = vec![0, 0, 0, 0, 7];
+        payload.extend(apache_avro::to_avro_datum(&schema, sale).unwrap());
+        let fields: mapping::FieldMapping = toml::from_str(
+            r#"
+            event_id = "receipt"
+            timestamp = "at"
+            default_event_type = "purchase"
+            amount = "total"
+            currency = "currency"
+            identifiers = [{ type = "loyalty_id", path = "card" }]
+            items = [{ path = "lines[]", sku = "sku", quantity = "qty" }]
+            "#,
+        )
+        .unwrap();
+        let layout = Layout {
+            format: Format::Avro,
+            mapping: Some(Mapping::compile(&fields).unwrap()),
+            writer: Some((writer, [7].into_iter().collect())),
+        };
+        let d = EventDecoder::new(&[1], 1 << 20).unwrap();
+        let ev = d.decode(&layout, &payload).unwrap();
+        assert_eq!(ev.event_id, "r-1");
+        assert_eq!(ev.timestamp, 1_764_504_000_123);
+        assert_eq!(ev.amount, Some(12.5));
+        assert_eq!(ev.currency.as_deref(), Some("EUR"));
+        assert_eq!(ev.identifiers[0].value, "LC-1");
+        assert_eq!(ev.items[0].sku, "S-1");
+        assert_eq!(ev.items[0].quantity, 2);
+        payload[4] = 8;
+        assert_eq!(
+            d.decode(&layout, &payload),
+            Err(DecodeError::UnknownSchemaId(8))
+        );
     }
 
     #[test]
     fn bad_input_is_a_clear_error() {
         let d = EventDecoder::new(&[1], 64).unwrap();
-        assert_eq!(d.decode(Format::Avro, None, b""), Err(DecodeError::Empty));
         assert_eq!(
-            d.decode(Format::Avro, None, b"{\"x\":1}"),
+            d.decode(&Layout::native(Format::Avro), b""),
+            Err(DecodeError::Empty)
+        );
+        assert_eq!(
+            d.decode(&Layout::native(Format::Avro), b"{\"x\":1}"),
             Err(DecodeError::BadMagic(b'{'))
         );
         assert_eq!(
-            d.decode(Format::Avro, None, &[0, 0, 0]),
+            d.decode(&Layout::native(Format::Avro), &[0, 0, 0]),
             Err(DecodeError::ShortHeader)
         );
         assert_eq!(
-            d.decode(Format::Avro, None, &[0, 0, 0, 0, 9, 1]),
+            d.decode(&Layout::native(Format::Avro), &[0, 0, 0, 0, 9, 1]),
             Err(DecodeError::UnknownSchemaId(9))
         );
         assert!(matches!(
-            d.decode(Format::Avro, None, &[0, 0, 0, 0, 1, 0xff, 0xff]),
+            d.decode(&Layout::native(Format::Avro), &[0, 0, 0, 0, 1, 0xff, 0xff]),
             Err(DecodeError::Avro(_))
         ));
         assert!(matches!(
-            d.decode(Format::Json, None, b"not json"),
+            d.decode(&Layout::native(Format::Json), b"not json"),
             Err(DecodeError::Json(_))
         ));
         assert_eq!(
-            d.decode(Format::Json, None, &[b' '; 65]),
+            d.decode(&Layout::native(Format::Json), &[b' '; 65]),
             Err(DecodeError::TooLarge(65, 64))
         );
     }

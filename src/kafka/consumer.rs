@@ -178,17 +178,39 @@ impl TopicWatch {
     }
 }
 
-/// Whether the consumer group has other members than this one (`None` if the coordinator cannot tell now).
-pub fn group_has_others(consumer: &StitchConsumer, group: &str) -> Option<bool> {
-    let list = consumer
-        .fetch_group_list(Some(group), Duration::from_secs(5))
-        .ok()?;
-    let members = list
-        .groups()
-        .iter()
-        .find(|g| g.name() == group)
-        .map_or(0, |g| g.members().len());
-    Some(members > 1)
+/// Whether the consumer group has other members than this consumer, asked of the coordinator
+/// (DescribeGroups) at most every five seconds.
+#[derive(Default)]
+pub struct GroupPeers {
+    last: std::cell::Cell<Option<(Option<bool>, Instant)>>,
+}
+
+impl GroupPeers {
+    /// `None` if the coordinator cannot tell now.
+    pub fn others(&self, consumer: &StitchConsumer, group: &str) -> Option<bool> {
+        if let Some((others, at)) = self.last.get() {
+            if at.elapsed() < Duration::from_secs(5) {
+                return others;
+            }
+        }
+        let others = consumer
+            .fetch_group_list(Some(group), Duration::from_secs(5))
+            .ok()
+            .map(|list| {
+                list.groups()
+                    .iter()
+                    .find(|g| g.name() == group)
+                    .map_or(0, |g| g.members().len())
+                    > 1
+            });
+        self.last.set(Some((others, Instant::now())));
+        others
+    }
+
+    /// Asks again next time.
+    pub fn forget(&self) {
+        self.last.set(None);
+    }
 }
 
 /// Watches for a consumer that holds no partition although nothing else in its group does: librdkafka can
@@ -200,8 +222,6 @@ pub fn group_has_others(consumer: &StitchConsumer, group: &str) -> Option<bool> 
 pub struct AssignmentWatch {
     /// Since when the consumer has held no partition.
     since: Option<Instant>,
-    /// Whether it was alone in its group, and when that was asked.
-    alone: Option<(bool, Instant)>,
 }
 
 /// How long a consumer may hold no partition, alone in its group, before it is replaced: three session
@@ -211,7 +231,13 @@ pub const UNASSIGNED_REPLACE_AFTER: Duration = Duration::from_secs(30);
 impl AssignmentWatch {
     /// Whether the consumer must be replaced now. Tells `health` since when it has held nothing while
     /// alone in its group.
-    pub fn stuck(&mut self, consumer: &StitchConsumer, group: &str, health: &Health) -> bool {
+    pub fn stuck(
+        &mut self,
+        consumer: &StitchConsumer,
+        group: &str,
+        peers: &GroupPeers,
+        health: &Health,
+    ) -> bool {
         let held = consumer
             .assignment()
             .map(|a| a.count() > 0)
@@ -225,14 +251,7 @@ impl AssignmentWatch {
         if since.elapsed() < Duration::from_secs(10) {
             return false; // an ordinary rebalance
         }
-        let alone = match self.alone {
-            Some((alone, at)) if at.elapsed() < Duration::from_secs(5) => alone,
-            _ => {
-                let alone = group_has_others(consumer, group) == Some(false);
-                self.alone = Some((alone, Instant::now()));
-                alone
-            }
-        };
+        let alone = peers.others(consumer, group) == Some(false);
         health.set_unassigned_since(alone.then_some(since));
         if !alone || since.elapsed() < UNASSIGNED_REPLACE_AFTER {
             return false;
@@ -243,7 +262,7 @@ impl AssignmentWatch {
              librdkafka never finished); replacing it"
         );
         self.since = None;
-        self.alone = None;
+        peers.forget();
         health.set_unassigned_since(None);
         true
     }

@@ -18,7 +18,7 @@ use rdkafka::ClientContext;
 use crate::config::{Config, Guarantee};
 
 pub use committer::{CommitError, Committer, Deadline};
-pub use consumer::{group_has_others, AssignmentWatch, StitchConsumer, StitchContext, TopicWatch};
+pub use consumer::{AssignmentWatch, GroupPeers, StitchConsumer, StitchContext, TopicWatch};
 
 /// Logs what librdkafka reports as client errors (the default context sends them to the `log` crate, which
 /// this service does not read). Authentication and TLS failures are errors an operator must fix, so they are

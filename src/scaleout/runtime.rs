@@ -28,7 +28,8 @@ use crate::codec::ProfileUpdate;
 use crate::config::Config;
 use crate::kafka::reader::QuietEof;
 use crate::kafka::{
-    base_config, AssignmentWatch, CommitError, Committer, Deadline, StitchConsumer, TopicWatch,
+    base_config, AssignmentWatch, CommitError, Committer, Deadline, GroupPeers, StitchConsumer,
+    TopicWatch,
 };
 use crate::metrics::Metrics;
 use crate::model::{now_millis, Identifier, ProfileId};
@@ -81,6 +82,8 @@ pub struct ShardedPipeline {
     topics: TopicWatch,
     /// A consumer that never gets its partitions back is replaced.
     unassigned: AssignmentWatch,
+    /// Whether another member is in the consumer group.
+    peers: GroupPeers,
 }
 
 impl ShardedPipeline {
@@ -124,6 +127,7 @@ impl ShardedPipeline {
         Ok(Self {
             topics,
             unassigned: AssignmentWatch::default(),
+            peers: GroupPeers::default(),
             shards: cfg.scaleout.shards,
             topic: cfg.scaleout.topic.clone(),
             changelog,
@@ -168,6 +172,7 @@ impl ShardedPipeline {
         if self.unassigned.stuck(
             &self.consumer,
             &self.cfg.kafka.group_id,
+            &self.peers,
             &self.metrics.health,
         ) {
             self.metrics.errors.with_label_values(&["consume"]).inc();
