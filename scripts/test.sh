@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The tests: installs build dependencies, fetches and starts a real single-node Apache Kafka on loopback,
+# The tests: installs build dependencies, fetches and starts a real single-node Apache Kafka and a real
+# Confluent-compatible Schema Registry (Apicurio) on loopback,
 # checks formatting and lints, runs unit, property and integration tests, stops the broker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +19,10 @@ scripts/advisories.sh check
 
 deploy/local-kafka/kafka.sh clean >/dev/null 2>&1 || true
 deploy/local-kafka/kafka.sh start
-trap 'deploy/local-kafka/kafka.sh stop || true' EXIT
+trap 'deploy/local-kafka/kafka.sh stop || true; deploy/local-registry/registry.sh stop || true' EXIT
+deploy/local-registry/registry.sh start
+TEST_REGISTRY_URL="$(deploy/local-registry/registry.sh url)"
+export TEST_REGISTRY_URL
 set +e
 cargo test --features kafka-it -- --nocapture "$@" 2>&1 | tee "${TEST_LOG:-/tmp/stitcher-test.log}"
 status=${PIPESTATUS[0]}

@@ -48,6 +48,9 @@ pub async fn run(
     ));
 
     connect(&cfg, &shutdown).await?;
+    if cfg.registry.enabled() {
+        cfg.output.schema_id = register_output(&cfg, &shutdown).await?;
+    }
     fit_record_limit(&mut cfg).await;
     let instance = cfg.kafka.instance_id.clone();
     let pipeline_stop = shutdown.clone();
@@ -101,6 +104,36 @@ async fn connect(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<(
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+}
+
+/// Registers the output schema under `<output.topic>-value` after the registry's compatibility check and
+/// returns its id. An unreachable registry is asked again with backoff (the instance is not ready
+/// meanwhile); an incompatible schema stops the start with an error that says so.
+async fn register_output(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<u32> {
+    let registry = Arc::new(crate::registry::Registry::new(&cfg.registry));
+    let subject = format!("{}-value", cfg.output.topic);
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let (r, s) = (registry.clone(), subject.clone());
+        let result =
+            tokio::task::spawn_blocking(move || r.register(&s, crate::codec::PROFILE_UPDATE_AVSC))
+                .await?;
+        match result {
+            Ok(id) => {
+                tracing::info!(subject, id, "output schema registered");
+                return Ok(id);
+            }
+            Err(e) if e.is_unreachable() && !shutdown.is_cancelled() => {
+                tracing::warn!(error = %e, "cannot reach the schema registry yet, retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }

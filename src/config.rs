@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::codec::mapping::{FieldMapping, Mapping, Preset};
-use crate::codec::Layout;
+use crate::codec::{Layout, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -46,6 +46,61 @@ pub struct Config {
     pub control: ControlConfig,
     pub scaleout: ScaleoutConfig,
     pub limits: LimitsConfig,
+    pub registry: RegistryConfig,
+}
+
+/// A Confluent-compatible Schema Registry (README "Schema Registry"). With `url` set, the output schema is
+/// registered under `<output.topic>-value` at start-up and its id written in every record (instead of
+/// `output.schema_id`), and Avro inputs read through `preset` or `fields` without a `schema_file` get
+/// their writer schema by the id in each message.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Base URL of the Confluent REST API (`https://registry:8081`; Apicurio: `.../apis/ccompat/v7`).
+    /// Empty: no registry.
+    pub url: String,
+    /// Basic auth (`STITCHER_REGISTRY_USERNAME`); none when empty.
+    pub username: String,
+    /// Basic auth (`STITCHER_REGISTRY_PASSWORD`; better from the environment than in a file).
+    #[serde(skip_serializing)]
+    pub password: String,
+    /// Time for one request.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// How long an unknown schema id is asked for while the registry is unreachable before the batch
+    /// fails (and the service exits to be restarted); known ids never ask.
+    #[serde(with = "humantime_serde")]
+    pub patience: Duration,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            username: String::new(),
+            password: String::new(),
+            timeout: Duration::from_secs(10),
+            patience: Duration::from_secs(30),
+        }
+    }
+}
+
+impl std::fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("url", &self.url)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .field("timeout", &self.timeout)
+            .field("patience", &self.patience)
+            .finish()
+    }
+}
+
+impl RegistryConfig {
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
 }
 
 /// Plausible ranges for the values an event carries. An event with a value outside them goes to the
@@ -227,7 +282,10 @@ impl InputConfig {
 
     /// How this input's messages are read: the mapping compiled, the writer schema loaded. The error
     /// says what is wrong, naming the path or the file.
-    pub fn layout(&self) -> Result<Layout, String> {
+    pub fn layout(
+        &self,
+        registry: Option<std::sync::Arc<crate::registry::Registry>>,
+    ) -> Result<Layout, String> {
         let fields = match (&self.fields, self.preset) {
             (Some(_), Preset::Segment) => {
                 return Err("give either `preset` or `fields`, not both".into())
@@ -249,14 +307,14 @@ impl InputConfig {
             (Format::Json, Some(_)) => {
                 return Err("`schema_file` is for `format = \"avro\"`".into());
             }
-            (Format::Avro, None) => {
-                return Err(
-                    "Avro in the team's own schema needs `schema_file` (its writer schema) and \
-                            `schema_ids`; reading writer schemas from a Schema Registry is not \
-                            supported yet"
-                        .into(),
-                );
-            }
+            (Format::Avro, None) => match registry {
+                Some(registry) => Some(Writer::Registry(registry)),
+                None => {
+                    return Err("Avro in the team's own schema needs its writer schemas: \
+                                [registry] url, or `schema_file` and `schema_ids`"
+                        .into())
+                }
+            },
             (Format::Avro, Some(path)) => {
                 if self.schema_ids.is_empty() {
                     return Err(format!(
@@ -270,7 +328,10 @@ impl InputConfig {
                     .map_err(|e| format!("schema_file {}: {e}", path.display()))?;
                 let codec = crate::codec::AvroCodec::new(schema)
                     .map_err(|e| format!("schema_file {}: {e}", path.display()))?;
-                Some((codec, self.schema_ids.iter().copied().collect()))
+                Some(Writer::File(
+                    Box::new(codec),
+                    self.schema_ids.iter().copied().collect(),
+                ))
             }
         };
         Ok(Layout {
@@ -597,6 +658,9 @@ impl Config {
                 }
                 "LOG" | "LOG_FORMAT" => {}
                 "HASH_KEY" => self.identity.hash_key = Some(HashKey(value.into_bytes())),
+                "REGISTRY_URL" => self.registry.url = value,
+                "REGISTRY_USERNAME" => self.registry.username = value,
+                "REGISTRY_PASSWORD" => self.registry.password = value,
                 _ => {
                     if let Some(setting) = key.strip_prefix("RDKAFKA__") {
                         self.kafka
@@ -637,6 +701,10 @@ impl Config {
             return invalid("at least one [[inputs]] topic is required".into());
         }
         let mut topics = std::collections::HashSet::new();
+        let registry = self
+            .registry
+            .enabled()
+            .then(|| std::sync::Arc::new(crate::registry::Registry::new(&self.registry)));
         for input in &self.inputs {
             if input.topic.is_empty() || input.channel.is_empty() {
                 return invalid("every input needs a topic and a channel".into());
@@ -644,7 +712,7 @@ impl Config {
             if !topics.insert(&input.topic) {
                 return invalid(format!("input topic {:?} is listed twice", input.topic));
             }
-            if let Err(e) = input.layout() {
+            if let Err(e) = input.layout(registry.clone()) {
                 return invalid(format!("input {:?}: {e}", input.topic));
             }
         }
@@ -807,7 +875,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(cfg.inputs[0].format(), Format::Json);
-        assert!(cfg.inputs[0].layout().unwrap().mapping.is_some());
+        assert!(cfg.inputs[0].layout(None).unwrap().mapping.is_some());
         assert_eq!(cfg.inputs[1].format(), Format::Json);
 
         let err = |inputs: &str| with_inputs(inputs).unwrap_err();

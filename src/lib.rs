@@ -48,6 +48,7 @@ pub mod pipeline;
 pub mod processor;
 pub mod profile;
 pub mod quality;
+pub mod registry;
 pub mod scaleout;
 pub mod shutdown;
 pub mod stitch;

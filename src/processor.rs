@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::codec::{EventDecoder, Layout, ProfileUpdate, SchemaError, UpdateEncoder};
+use crate::codec::{DecodeError, EventDecoder, Layout, ProfileUpdate, SchemaError, UpdateEncoder};
 use crate::config::{Config, ConfigError};
 use crate::control::Command;
 use crate::kafka::dead_letters::{self, Source};
@@ -32,6 +32,9 @@ pub enum ProcessError {
     Encode(#[from] SchemaError),
     #[error("configuration: {0}")]
     Config(#[from] ConfigError),
+    /// A writer schema could not be fetched: the batch cannot go on (nothing of it is written).
+    #[error("{0}")]
+    Registry(String),
 }
 
 /// What one batch has gathered so far.
@@ -77,6 +80,10 @@ pub struct Processor {
 
 impl Processor {
     pub fn new(cfg: &Config, metrics: Metrics) -> Result<Self, ProcessError> {
+        let registry = cfg
+            .registry
+            .enabled()
+            .then(|| std::sync::Arc::new(crate::registry::Registry::new(&cfg.registry)));
         Ok(Self {
             decoder: EventDecoder::new(
                 &cfg.processing.avro_schema_ids,
@@ -90,7 +97,7 @@ impl Processor {
                 .iter()
                 .map(|i| {
                     let layout = i
-                        .layout()
+                        .layout(registry.clone())
                         .map_err(|e| ConfigError::Invalid(format!("input {:?}: {e}", i.topic)))?;
                     let input = Input {
                         channel: i.channel.clone(),
@@ -132,7 +139,7 @@ impl Processor {
         if self.control_topic.as_deref() == Some(msg.topic) {
             return self.control(overlay, batch, source(msg), msg);
         }
-        let Some(event) = self.event(batch, msg) else {
+        let Some(event) = self.event(batch, msg)? else {
             return Ok(());
         };
         let channel = &event.channel;
@@ -177,8 +184,13 @@ impl Processor {
             .insert((msg.topic.to_string(), msg.partition), msg.offset + 1);
     }
 
-    /// Decodes and normalises an input message; a message that cannot be becomes a dead letter.
-    pub fn event(&self, batch: &mut Batch, msg: InMessage<'_>) -> Option<Event> {
+    /// Decodes and normalises an input message; a message that cannot be becomes a dead letter. Fails
+    /// only when the message's writer schema cannot be fetched (the registry is unreachable).
+    pub fn event(
+        &self,
+        batch: &mut Batch,
+        msg: InMessage<'_>,
+    ) -> Result<Option<Event>, ProcessError> {
         let src = source(msg);
         let Some(input) = self.inputs.get(msg.topic) else {
             self.dead_letter(
@@ -188,7 +200,7 @@ impl Processor {
                 "route",
                 "message from a topic that is not a configured input",
             );
-            return None;
+            return Ok(None);
         };
         self.metrics
             .events_consumed
@@ -199,9 +211,10 @@ impl Processor {
             .decode(&input.layout, msg.payload.unwrap_or_default())
         {
             Ok(raw) => raw,
+            Err(DecodeError::RegistryUnavailable(e)) => return Err(ProcessError::Registry(e)),
             Err(e) => {
                 self.dead_letter(batch, src, msg, "decode", &e.to_string());
-                return None;
+                return Ok(None);
             }
         };
         // A mapped input may name the channel per event (`fields.channel`): one of the configured
@@ -218,10 +231,10 @@ impl Processor {
                     .with_label_values(&[r.as_str()])
                     .inc();
             }) {
-            Ok(ev) => Some(ev),
+            Ok(ev) => Ok(Some(ev)),
             Err(e) => {
                 self.dead_letter(batch, src, msg, "validate", &e.to_string());
-                None
+                Ok(None)
             }
         }
     }

@@ -371,7 +371,7 @@ fn the_readme_mapping_examples_are_valid() {
         let input = cfg
             .input(topic)
             .unwrap_or_else(|| panic!("no input {topic}"));
-        let layout = input.layout().expect("layout");
+        let layout = input.layout(None).expect("layout");
         let raw = decoder
             .decode(&layout, json.as_bytes())
             .unwrap_or_else(|e| panic!("{json}: {e}"));

@@ -344,7 +344,9 @@ impl Mapping {
                             q.fract() == 0.0 && *q >= i32::MIN as f64 && *q <= i32::MAX as f64
                         })
                         .map(|q| q as i32)
-                        .ok_or_else(|| format!("quantity of item {sku} is not a whole number in range"))?,
+                        .ok_or_else(|| {
+                            format!("quantity of item {sku} is not a whole number in range")
+                        })?,
                 };
                 let price = f
                     .price

@@ -36,6 +36,10 @@ pub enum DecodeError {
     /// The message is valid JSON but its fields do not make an event (`[inputs.fields]`, presets).
     #[error("event fields: {0}")]
     Fields(String),
+    /// Not the message's fault: its writer schema could not be fetched. The batch fails instead of
+    /// dead-lettering the message.
+    #[error("{0}")]
+    RegistryUnavailable(String),
 }
 
 /// How one input's messages are read.
@@ -43,8 +47,16 @@ pub struct Layout {
     pub format: Format,
     /// `None`: the service's own schema.
     pub mapping: Option<Mapping>,
-    /// For Avro read through `mapping`: the writer schema, and the schema ids written with it.
-    pub writer: Option<(AvroCodec, HashSet<u32>)>,
+    /// For Avro read through `mapping`: where the writer schemas come from.
+    pub writer: Option<Writer>,
+}
+
+/// The writer schemas of an Avro input in the team's own schema.
+pub enum Writer {
+    /// One schema from a file, and the schema ids written with it.
+    File(Box<AvroCodec>, HashSet<u32>),
+    /// Each message's id looked up in the registry.
+    Registry(std::sync::Arc<crate::registry::Registry>),
 }
 
 impl Layout {
@@ -89,12 +101,15 @@ impl EventDecoder {
         }
         if let Some(mapping) = &layout.mapping {
             let doc = match (layout.format, &layout.writer) {
-                (Format::Avro, Some((writer, ids))) => {
+                (Format::Avro, Some(Writer::File(writer, ids))) => {
                     let (id, body) = avro::split_confluent(payload)?;
                     if !ids.contains(&id) {
                         return Err(DecodeError::UnknownSchemaId(id));
                     }
                     mapping::avro_to_json(writer.decode_value(body)?)
+                }
+                (Format::Avro, Some(Writer::Registry(registry))) => {
+                    mapping::avro_to_json(registry.decode_value(payload)?)
                 }
                 _ => {
                     serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?
@@ -226,7 +241,7 @@ mod tests {
         let layout = Layout {
             format: Format::Avro,
             mapping: Some(Mapping::compile(&fields).unwrap()),
-            writer: Some((writer, [7].into_iter().collect())),
+            writer: Some(Writer::File(Box::new(writer), [7].into_iter().collect())),
         };
         let d = EventDecoder::new(&[1], 1 << 20).unwrap();
         let ev = d.decode(&layout, &payload).unwrap();

@@ -317,7 +317,7 @@ impl ShardedPipeline {
                     &format!("undecodable shard message: {e}"),
                 ),
             }
-        } else if let Some(ev) = self.processor.event(batch, msg) {
+        } else if let Some(ev) = self.processor.event(batch, msg)? {
             batch.event_times.push(ev.timestamp);
             self.send(overlay, work, Msg::Event(ev))?;
         }

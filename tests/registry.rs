@@ -1,0 +1,183 @@
+//! A real Confluent-compatible Schema Registry (Apicurio, deploy/local-registry; `TEST_REGISTRY_URL`)
+//! with the real broker: a till writes Avro in its own schema and evolves it; the service reads every
+//! message with the writer schema its id names, registers the output schema under `<output>-value` and
+//! writes the id the registry gave in every record; an id the registry does not know is dead-lettered; an
+//! output schema the subject's compatibility level refuses stops the start with an error that says so.
+#![cfg(feature = "kafka-it")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use rdkafka::config::ClientConfig;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use stitcher::config::RegistryConfig;
+use stitcher::registry::Registry;
+
+const TIMEOUT: Duration = Duration::from_secs(180);
+
+fn registry_url() -> String {
+    std::env::var("TEST_REGISTRY_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:18081/apis/ccompat/v7".into())
+}
+
+fn registry() -> Registry {
+    Registry::new(&RegistryConfig {
+        url: registry_url(),
+        ..Default::default()
+    })
+}
+
+fn registry_toml() -> String {
+    format!("\n[registry]\nurl = \"{}\"\n", registry_url())
+}
+
+const SALE_V1: &str = r#"{"type": "record", "name": "Sale", "namespace": "till", "fields": [
+    {"name": "receipt", "type": "string"},
+    {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+    {"name": "card", "type": "string"},
+    {"name": "total", "type": "double"}]}"#;
+
+/// V1 plus an optional currency: a backward-compatible change.
+const SALE_V2: &str = r#"{"type": "record", "name": "Sale", "namespace": "till", "fields": [
+    {"name": "receipt", "type": "string"},
+    {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+    {"name": "card", "type": "string"},
+    {"name": "total", "type": "double"},
+    {"name": "currency", "type": ["null", "string"], "default": null}]}"#;
+
+fn framed(id: u32, schema: &str, value: apache_avro::types::Value) -> Vec<u8> {
+    let schema = apache_avro::Schema::parse_str(schema).expect("schema");
+    let body = apache_avro::to_avro_datum(&schema, value).expect("avro");
+    [&[0u8][..], &id.to_be_bytes(), &body].concat()
+}
+
+#[test]
+fn writer_schemas_come_from_the_registry_and_the_output_schema_is_registered() {
+    let name = unique("registry");
+    let sales = format!("{name}-sales");
+    create_topics(std::slice::from_ref(&sales), 1);
+    let r = registry();
+    let subject = format!("{sales}-value");
+    let v1 = r.register(&subject, SALE_V1).expect("register v1");
+    let v2 = r.register(&subject, SALE_V2).expect("register v2");
+    assert_ne!(v1, v2);
+
+    let extra = format!(
+        r#"{registry}
+[[inputs]]
+topic = "{sales}"
+channel = "pos"
+format = "avro"
+[inputs.fields]
+event_id = "receipt"
+timestamp = "at"
+default_event_type = "purchase"
+amount = "total"
+currency = "currency"
+identifiers = [{{ type = "loyalty_id", path = "card" }}]
+"#,
+        registry = registry_toml()
+    );
+    let mut s = Setup::new("registry", 1, &extra);
+    s.input_topics.push(sales.clone());
+
+    use apache_avro::types::Value as A;
+    let day = 1_767_225_600_000i64;
+    let sale = |receipt: &str, at: i64, total: f64| {
+        vec![
+            ("receipt".to_string(), A::String(receipt.into())),
+            ("at".to_string(), A::TimestampMillis(at)),
+            ("card".to_string(), A::String("LC-5150".into())),
+            ("total".to_string(), A::Double(total)),
+        ]
+    };
+    let old = framed(v1, SALE_V1, A::Record(sale("r-1", day, 10.0)));
+    let mut newer = sale("r-2", day + 1_000, 5.5);
+    newer.push((
+        "currency".into(),
+        A::Union(1, Box::new(A::String("EUR".into()))),
+    ));
+    let newer = framed(v2, SALE_V2, A::Record(newer));
+    let unknown = framed(999_999, SALE_V1, A::Record(sale("r-3", day + 2_000, 1.0)));
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("producer");
+    for payload in [&old, &newer, &unknown] {
+        producer
+            .send(BaseRecord::<(), [u8]>::to(&sales).payload(payload))
+            .expect("send");
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, TIMEOUT);
+
+    let output_subject = format!("{}-value", s.output_topic);
+    let output_id = r
+        .register(&output_subject, stitcher::codec::PROFILE_UPDATE_AVSC)
+        .expect("the output schema is registered (registering it again gives its id)");
+    let records = read_all(&s.output_topic);
+    assert!(!records.is_empty());
+    for rec in &records {
+        let payload = rec.payload.as_ref().expect("no tombstones here");
+        assert_eq!(
+            u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]),
+            output_id,
+            "records carry the id the registry gave the output schema"
+        );
+    }
+    let out = s.output();
+    let live: Vec<_> = out.view.values().flatten().collect();
+    assert_eq!(live.len(), 1, "{live:#?}");
+    let p = live[0].profile.as_ref().expect("profile");
+    assert_eq!(p.events, 2, "both schema versions read");
+    let letters = s.dead_letters();
+    assert_eq!(letters.len(), 1);
+    assert!(
+        letters[0].headers["dlq.error"].contains("unknown schema id 999999"),
+        "{:?}",
+        letters[0].headers
+    );
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+}
+
+#[test]
+fn an_incompatible_output_schema_stops_the_start_with_a_clear_error() {
+    let s = Setup::new("registry-incompatible", 1, &registry_toml());
+    let subject = format!("{}-value", s.output_topic);
+    let r = registry();
+    r.register(
+        &subject,
+        r#"{"type": "record", "name": "Other", "fields": [{"name": "a", "type": "string"}]}"#,
+    )
+    .expect("register another schema");
+    let agent = ureq::agent();
+    agent
+        .put(&format!("{}/config/{subject}", registry_url()))
+        .send_json(serde_json::json!({"compatibility": "BACKWARD"}))
+        .expect("set the subject's compatibility level");
+
+    let mut child = s.start();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(
+            started.elapsed() < TIMEOUT,
+            "still running: {}",
+            s.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(!status.success());
+    let log = s.log();
+    assert!(
+        log.contains("incompatible") && log.contains(&subject),
+        "{}",
+        s.log_tail()
+    );
+}
