@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Interoperability with Confluent's own Python client (confluent-kafka from PyPI), used by tests/interop.rs.
 
-  interop.py produce BROKERS TOPIC PERSONS   channel events written with confluent-kafka's AvroSerializer
-  interop.py consume BROKERS TOPIC           the profile topic read with confluent-kafka's AvroDeserializer,
-                                             one JSON line per record: {"key", "profile_id", "redirect_to",
-                                             "split_from", "identifiers": [[type, value], ...]} or
-                                             {"key", "tombstone": true}
+  interop.py produce BROKERS TOPIC PERSONS [REGISTRY]   channel events written with confluent-kafka's
+                                             AvroSerializer
+  interop.py consume BROKERS TOPIC [REGISTRY]  the profile topic read with confluent-kafka's AvroDeserializer,
+                                             one JSON line per record: {"key", "schema_id", "profile_id",
+                                             "redirect_to", "split_from", "identifiers": [[type, value], ...]}
+                                             or {"key", "tombstone": true}
 
-Both sides use the client's in-process schema registry (url mock://): it hands out ids from 1 in
-registration order, so registering schemas/channel_event.avsc first and schemas/profile_update.avsc second
-gives the ids the service uses by default (processing.avro_schema_ids = [1], output.schema_id = 2), as a
-shared registry would.
+Without REGISTRY both sides use the client's in-process schema registry (url mock://): it hands out ids from
+1 in registration order, so registering schemas/channel_event.avsc first and schemas/profile_update.avsc
+second gives the ids the service uses by default (processing.avro_schema_ids = [1], output.schema_id = 2),
+as a shared registry would. With REGISTRY (a real registry's URL), the producer registers the schema itself
+for the first half of the persons and an evolved v2 (a new optional field) for the second half, and the
+consumer reads every record with the writer schema its id names.
 """
 import json
 import pathlib
@@ -38,11 +41,19 @@ def registry(event_subject, update_subject):
     return client, event_schema, update_schema
 
 
-def produce(brokers, topic, persons):
-    # The serializer registers the schema itself (its default), the first in this registry: id 1.
-    client = SchemaRegistryClient.new_client({"url": "mock://stitcher-interop"})
+def evolved(schema_text):
+    """The channel event schema with a new optional field: a backward-compatible v2."""
+    schema = json.loads(schema_text)
+    schema["fields"].append({"name": "source_app", "type": ["null", "string"], "default": None})
+    return json.dumps(schema)
+
+
+def produce(brokers, topic, persons, registry_url=None):
+    # The serializer registers the schema itself (its default); in the mock registry the first: id 1.
+    client = SchemaRegistryClient.new_client({"url": registry_url or "mock://stitcher-interop"})
     event_schema = (SCHEMAS / "channel_event.avsc").read_text()
     serializer = AvroSerializer(client, event_schema)
+    serializer_v2 = AvroSerializer(client, evolved(event_schema)) if registry_url else serializer
     producer = Producer({"bootstrap.servers": brokers, "enable.idempotence": True})
     failed = []
 
@@ -75,18 +86,27 @@ def produce(brokers, topic, persons):
                 "attributes": {"source": "confluent-kafka-python"},
             }
             ctx = SerializationContext(topic, MessageField.VALUE)
-            producer.produce(topic, key=f"py-{p}", value=serializer(value, ctx), on_delivery=delivered)
+            use = serializer
+            if registry_url and p >= persons // 2:
+                use = serializer_v2
+                value["source_app"] = "interop-v2"
+            producer.produce(topic, key=f"py-{p}", value=use(value, ctx), on_delivery=delivered)
             sent += 1
     if producer.flush(30) > 0 or failed:
         raise SystemExit(f"delivery failed: {failed[:3]}")
     registered = client.get_latest_version(f"{topic}-value")
-    assert registered.schema_id == 1, f"registered as id {registered.schema_id}"
-    print(json.dumps({"sent": sent}))
+    if not registry_url:
+        assert registered.schema_id == 1, f"registered as id {registered.schema_id}"
+    print(json.dumps({"sent": sent, "latest_id": registered.schema_id}))
 
 
-def consume(brokers, topic):
-    client, _, update_schema = registry("channel-events-value", f"{topic}-value")
-    deserializer = AvroDeserializer(client, update_schema)
+def consume(brokers, topic, registry_url=None):
+    if registry_url:
+        # The writer schema by the id in each record.
+        deserializer = AvroDeserializer(SchemaRegistryClient({"url": registry_url}))
+    else:
+        client, _, update_schema = registry("channel-events-value", f"{topic}-value")
+        deserializer = AvroDeserializer(client, update_schema)
     consumer = Consumer({
         "bootstrap.servers": brokers,
         "group.id": f"interop-{time.time_ns()}",
@@ -122,6 +142,7 @@ def consume(brokers, topic):
             profile = u.get("profile")
             print(json.dumps({
                 "key": key,
+                "schema_id": int.from_bytes(msg.value()[1:5], "big"),
                 "profile_id": u["profile_id"],
                 "redirect_to": u.get("redirect_to"),
                 "split_from": u.get("split_from"),
@@ -137,8 +158,8 @@ def consume(brokers, topic):
 if __name__ == "__main__":
     cmd, brokers, topic = sys.argv[1], sys.argv[2], sys.argv[3]
     if cmd == "produce":
-        produce(brokers, topic, int(sys.argv[4]))
+        produce(brokers, topic, int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else None)
     elif cmd == "consume":
-        consume(brokers, topic)
+        consume(brokers, topic, sys.argv[4] if len(sys.argv) > 4 else None)
     else:
         raise SystemExit(__doc__)

@@ -298,7 +298,15 @@ impl InputConfig {
                                 or `fields`; the service's own schema uses processing.avro_schema_ids"
                         .into());
                 }
-                return Ok(Layout::native(self.format()));
+                // With a registry, an Avro input in the service's own schema also reads the other
+                // versions of that schema the registry knows.
+                let writer = registry
+                    .filter(|_| self.format() == Format::Avro)
+                    .map(Writer::Registry);
+                return Ok(Layout {
+                    writer,
+                    ..Layout::native(self.format())
+                });
             }
         };
         let mapping = Mapping::compile(&fields)?;

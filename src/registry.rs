@@ -150,13 +150,20 @@ impl Registry {
     /// cannot be reached is asked again for up to `registry.patience`; an id the registry does not have
     /// is a bad message.
     pub fn decode_value(&self, payload: &[u8]) -> Result<apache_avro::types::Value, DecodeError> {
-        let patience = self.patience;
         let (id, body) = crate::codec::avro::split_confluent(payload)?;
+        self.writer_of_message(id)?.decode_value(body)
+    }
+
+    /// The writer schema of a message's id, as a decode error when there is none: asked again for up to
+    /// `registry.patience` while the registry is unreachable, then [`DecodeError::RegistryUnavailable`];
+    /// an id the registry does not have is [`DecodeError::UnknownSchemaId`].
+    pub fn writer_of_message(&self, id: u32) -> Result<Arc<AvroCodec>, DecodeError> {
+        let patience = self.patience;
         let started = Instant::now();
         let mut backoff = Duration::from_millis(100);
-        let writer = loop {
+        loop {
             match self.writer(id) {
-                Ok(w) => break w,
+                Ok(w) => return Ok(w),
                 Err(e) if e.is_unreachable() && started.elapsed() + backoff < patience => {
                     tracing::warn!(error = %e, id, "schema registry unreachable; retrying");
                     std::thread::sleep(backoff);
@@ -170,8 +177,7 @@ impl Registry {
                 }
                 Err(e) => return Err(DecodeError::Avro(e.to_string())),
             }
-        };
-        writer.decode_value(body)
+        }
     }
 
     /// Registers `schema` under `subject` after checking it against the subject's latest version, and

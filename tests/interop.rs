@@ -1,6 +1,9 @@
 //! Interoperability with Confluent's Python client (confluent-kafka from PyPI, scripts/interop.py): channel
 //! events written by its AvroSerializer are read by the service, and every record the service writes to the
-//! profile topic is read by its AvroDeserializer into the same profiles the service's own decoder sees.
+//! profile topic is read by its AvroDeserializer into the same profiles the service's own decoder sees:
+//! with the client's in-process registry and fixed ids, and with a real Schema Registry (Apicurio,
+//! `TEST_REGISTRY_URL`), where the producer evolves its schema half-way and the service's output carries
+//! the id the registry gave it.
 #![cfg(feature = "kafka-it")]
 
 mod common;
@@ -38,11 +41,33 @@ fn interop(args: &[&str]) -> String {
 
 #[test]
 fn confluent_python_client_reads_and_writes_our_records() {
-    let s = Setup::new("interop", 2, "");
+    round_trip(None);
+}
+
+#[test]
+fn confluent_python_client_with_a_real_schema_registry() {
+    let url = std::env::var("TEST_REGISTRY_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:18081/apis/ccompat/v7".into());
+    round_trip(Some(&url));
+}
+
+fn round_trip(registry: Option<&str>) {
+    let extra = registry.map_or(String::new(), |url| {
+        format!("[registry]\nurl = \"{url}\"\n")
+    });
+    let s = Setup::new("interop", 2, &extra);
     let (topic, format) = &s.routes["web"];
     assert_eq!(*format, stitcher::config::Format::Avro);
     let persons = 40;
-    let sent = interop(&["produce", &brokers(), topic, &persons.to_string()]);
+    let mut args = vec![
+        "produce".to_string(),
+        brokers(),
+        topic.clone(),
+        persons.to_string(),
+    ];
+    args.extend(registry.map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sent = interop(&args);
     assert!(
         sent.contains(&format!("\"sent\": {}", persons * 3)),
         "{sent}"
@@ -74,7 +99,11 @@ fn confluent_python_client_reads_and_writes_our_records() {
         want.insert(key.clone(), ids);
     }
     // Theirs, decoded by confluent-kafka's AvroDeserializer.
-    let lines = interop(&["consume", &brokers(), &s.output_topic]);
+    let mut args = vec!["consume".to_string(), brokers(), s.output_topic.clone()];
+    args.extend(registry.map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let lines = interop(&args);
+    let mut schema_ids = std::collections::BTreeSet::new();
     let mut got: BTreeMap<String, Option<Vec<(String, String)>>> = BTreeMap::new();
     let mut records = 0;
     for line in lines.lines() {
@@ -86,6 +115,7 @@ fn confluent_python_client_reads_and_writes_our_records() {
             continue;
         }
         assert_eq!(v["profile_id"].as_str(), Some(key.as_str()));
+        schema_ids.insert(v["schema_id"].as_u64().expect("schema id"));
         let ids = v["identifiers"].as_array().map(|a| {
             a.iter()
                 .map(|pair| {
@@ -99,6 +129,22 @@ fn confluent_python_client_reads_and_writes_our_records() {
         got.insert(key, ids);
     }
     assert_eq!(records, ours.records.len(), "every record decoded");
+    if let Some(url) = registry {
+        // The id the registry gave the output schema (registering it again returns it).
+        let r = stitcher::registry::Registry::new(&stitcher::config::RegistryConfig {
+            url: url.into(),
+            ..Default::default()
+        });
+        let id = r
+            .register(
+                &format!("{}-value", s.output_topic),
+                stitcher::codec::PROFILE_UPDATE_AVSC,
+            )
+            .expect("output subject");
+        assert_eq!(schema_ids.into_iter().collect::<Vec<_>>(), [u64::from(id)]);
+    } else {
+        assert_eq!(schema_ids.into_iter().collect::<Vec<_>>(), [2]);
+    }
     assert_eq!(got, want);
     let live = want.values().flatten().count();
     assert_eq!(live, persons, "one profile per person");

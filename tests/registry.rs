@@ -110,6 +110,38 @@ identifiers = [{{ type = "loyalty_id", path = "card" }}]
             .send(BaseRecord::<(), [u8]>::to(&sales).payload(payload))
             .expect("send");
     }
+    // A newer version of the service's own schema (a field added, with a default) on one of its Avro
+    // inputs, known only to the registry.
+    let (native_topic, _) = s
+        .routes
+        .values()
+        .find(|(_, f)| *f == stitcher::config::Format::Avro)
+        .expect("an Avro input")
+        .clone();
+    let mut evolved: serde_json::Value =
+        serde_json::from_str(stitcher::codec::CHANNEL_EVENT_AVSC).expect("avsc");
+    evolved["fields"]
+        .as_array_mut()
+        .expect("fields")
+        .push(serde_json::json!({"name": "store_id", "type": "string", "default": ""}));
+    let evolved = evolved.to_string();
+    let evolved_id = r
+        .register(&format!("{native_topic}-value"), &evolved)
+        .expect("register the evolved schema");
+    let ev = stitcher::model::ChannelEvent::new(
+        "native-1",
+        "store_visit",
+        day + 3_000,
+        &[("loyalty_id", "LC-5150")],
+    );
+    let A::Record(mut fields) = apache_avro::to_value(&ev).expect("value") else {
+        panic!("a record")
+    };
+    fields.push(("store_id".into(), A::String("store-7".into())));
+    let native = framed(evolved_id, &evolved, A::Record(fields));
+    producer
+        .send(BaseRecord::<(), [u8]>::to(&native_topic).payload(&native))
+        .expect("send");
     producer.flush(Duration::from_secs(30)).expect("flush");
 
     let mut child = s.start();
@@ -133,7 +165,10 @@ identifiers = [{{ type = "loyalty_id", path = "card" }}]
     let live: Vec<_> = out.view.values().flatten().collect();
     assert_eq!(live.len(), 1, "{live:#?}");
     let p = live[0].profile.as_ref().expect("profile");
-    assert_eq!(p.events, 2, "both schema versions read");
+    assert_eq!(
+        p.events, 3,
+        "both versions of the till's schema, and the evolved own schema"
+    );
     let letters = s.dead_letters();
     assert_eq!(letters.len(), 1);
     assert!(

@@ -8,7 +8,7 @@
 #   deploy/local-registry/registry.sh url      print the base URL for [registry] url
 #
 # Environment:
-#   REGISTRY_PORT   HTTP port on 127.0.0.1 (default 18081)
+#   REGISTRY_PORT   HTTP port on 127.0.0.1 (default 18081; management on the next port)
 #   REGISTRY_HOME   where it is unpacked (default ~/.cache/stitcher/apicurio-<version>)
 #   REGISTRY_DATA   log and pid file (default /tmp/stitcher-registry-<port>)
 set -euo pipefail
@@ -39,7 +39,10 @@ start() {
   fetch
   if is_up; then log "already up at $url"; return; fi
   mkdir -p "$data"
+  # Loopback only (HTTP and management); BACKWARD compatibility for every subject, as Confluent's default.
   nohup java -Xmx384m -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$port" \
+    -Dquarkus.management.host=127.0.0.1 -Dquarkus.management.port=$((port + 1)) \
+    -Dregistry.rules.global.compatibility=BACKWARD \
     -jar "$runner" >"$data/registry.log" 2>&1 &
   echo $! >"$pidfile"
   for _ in $(seq 1 120); do

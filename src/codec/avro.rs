@@ -83,6 +83,11 @@ impl AvroCodec {
         &self.schema
     }
 
+    /// Whether both schemas have the same canonical form (Rabin fingerprint).
+    pub fn same_schema(&self, other: &AvroCodec) -> bool {
+        self.header == other.header
+    }
+
     /// Decodes a Confluent-framed message, whatever its schema id, with this schema.
     pub fn decode_confluent<T: DeserializeOwned>(
         &self,
@@ -95,6 +100,24 @@ impl AvroCodec {
     /// Decodes an Avro body written with this schema.
     pub fn decode<T: DeserializeOwned>(&self, body: &[u8]) -> Result<T, DecodeError> {
         let value = self.decode_value(body)?;
+        apache_avro::from_value(&value).map_err(|e| DecodeError::Avro(e.to_string()))
+    }
+
+    /// Decodes an Avro body written with `writer`, resolved to this schema (Avro schema resolution).
+    pub fn decode_resolved<T: DeserializeOwned>(
+        &self,
+        writer: &Schema,
+        body: &[u8],
+    ) -> Result<T, DecodeError> {
+        let mut rest = body;
+        let value = apache_avro::from_avro_datum(writer, &mut rest, Some(&self.schema))
+            .map_err(|e| DecodeError::Avro(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(DecodeError::Avro(format!(
+                "{} trailing bytes after the record",
+                rest.len()
+            )));
+        }
         apache_avro::from_value(&value).map_err(|e| DecodeError::Avro(e.to_string()))
     }
 

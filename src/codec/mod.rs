@@ -123,10 +123,21 @@ impl EventDecoder {
             }
             Format::Avro => {
                 let (id, body) = avro::split_confluent(payload)?;
-                if !self.accepted_ids.contains(&id) {
-                    return Err(DecodeError::UnknownSchemaId(id));
+                match &layout.writer {
+                    // With a registry, ids mean what the registry says: another version of the service's
+                    // own schema is read with Avro schema resolution (fields the writer added are
+                    // skipped, fields it lacks take their defaults).
+                    Some(Writer::Registry(registry)) => {
+                        let writer = registry.writer_of_message(id)?;
+                        if writer.same_schema(&self.avro) {
+                            self.avro.decode(body)
+                        } else {
+                            self.avro.decode_resolved(writer.schema(), body)
+                        }
+                    }
+                    _ if self.accepted_ids.contains(&id) => self.avro.decode(body),
+                    _ => Err(DecodeError::UnknownSchemaId(id)),
                 }
-                self.avro.decode(body)
             }
         }
     }
