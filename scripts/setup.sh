@@ -35,3 +35,8 @@ if ! "$venv/bin/python" -c "import confluent_kafka.schema_registry.avro, fastavr
   echo "[setup] installing confluent-kafka[avro] from PyPI into $venv"
   "$venv/bin/pip" install --quiet "confluent-kafka[avro]"
 fi
+# Segment's own analytics SDK, whose batch calls tests/byo.rs captures (scripts/segment_sdk.py).
+if ! "$venv/bin/python" -c "import segment.analytics" >/dev/null 2>&1; then
+  echo "[setup] installing segment-analytics-python from PyPI into $venv"
+  "$venv/bin/pip" install --quiet segment-analytics-python
+fi

@@ -18,6 +18,17 @@ use stitcher::model::ChannelEvent;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
+fn python() -> String {
+    std::env::var("STITCHER_VENV")
+        .map(|v| format!("{v}/bin/python"))
+        .unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/stitcher/venv/bin/python",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        })
+}
+
 fn produce(topic: &str, messages: &[serde_json::Value]) {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
@@ -233,4 +244,73 @@ identifiers = [{{ type = "loyalty_id", path = "card" }}]
     assert!(errors[0].contains("messageId"), "{errors:?}");
     assert!(errors[1].contains("unknown schema id 8"), "{errors:?}");
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+}
+
+/// Events as Segment's own Python SDK writes them (captured from its batch calls, scripts/segment_sdk.py):
+/// anonymous browsing followed by identify stitches, alias merges a second device's anonymous id, and the
+/// profiles equal the ground truth of the scenario.
+#[test]
+fn events_from_segments_sdk_stitch_as_the_truth_says() {
+    let name = unique("sdk");
+    let topic = format!("{name}-segment");
+    create_topics(std::slice::from_ref(&topic), 2);
+    let extra =
+        format!("\n[[inputs]]\ntopic = \"{topic}\"\nchannel = \"web\"\npreset = \"segment\"\n");
+    let mut s = Setup::new("sdk", 1, &extra);
+    s.input_topics.push(topic.clone());
+    let persons = 20;
+    let out = std::process::Command::new(python())
+        .arg(repo_root().join("scripts/segment_sdk.py"))
+        .args([&brokers(), &topic, &persons.to_string()])
+        .output()
+        .expect("run scripts/segment_sdk.py (scripts/setup.sh installs its venv)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        summary.contains(&format!("\"captured\": {}", persons * 6)),
+        "{summary}"
+    );
+
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, TIMEOUT);
+    assert!(s.dead_letters().is_empty(), "every SDK message is an event");
+    let out = s.output();
+    let mut got: Vec<(Vec<(String, String)>, i64, i64)> = out
+        .view
+        .values()
+        .flatten()
+        .filter(|u| u.redirect_to.is_none())
+        .map(|u| {
+            let p = u.profile.as_ref().expect("profile");
+            let mut ids: Vec<(String, String)> = p
+                .identifiers
+                .iter()
+                .map(|i| (i.kind.clone(), i.value.clone()))
+                .collect();
+            ids.sort();
+            let revenue = p.purchases.iter().map(|x| x.revenue_minor).sum();
+            (ids, p.events, revenue)
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<(Vec<(String, String)>, i64, i64)> = (0..persons)
+        .map(|p| {
+            let mut ids = vec![
+                ("anonymous_id".to_string(), format!("anon-{p}")),
+                ("anonymous_id".to_string(), format!("anon2-{p}")),
+                ("customer_id".to_string(), format!("user-{p}")),
+                ("email".to_string(), format!("person{p}@example.com")),
+            ];
+            ids.sort();
+            (ids, 6, 950)
+        })
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+    println!("sdk: {summary}");
 }
