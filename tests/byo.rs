@@ -246,6 +246,9 @@ identifiers = [{{ type = "loyalty_id", path = "card" }}]
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
 }
 
+/// A profile as the truth describes it: identifiers, events, revenue in minor units.
+type Person = (Vec<(String, String)>, i64, i64);
+
 /// Events as Segment's own Python SDK writes them (captured from its batch calls, scripts/segment_sdk.py):
 /// anonymous browsing followed by identify stitches, alias merges a second device's anonymous id, and the
 /// profiles equal the ground truth of the scenario.
@@ -279,7 +282,7 @@ fn events_from_segments_sdk_stitch_as_the_truth_says() {
     s.wait_caught_up(&mut child, TIMEOUT);
     assert!(s.dead_letters().is_empty(), "every SDK message is an event");
     let out = s.output();
-    let mut got: Vec<(Vec<(String, String)>, i64, i64)> = out
+    let mut got: Vec<Person> = out
         .view
         .values()
         .flatten()
@@ -297,7 +300,7 @@ fn events_from_segments_sdk_stitch_as_the_truth_says() {
         })
         .collect();
     got.sort();
-    let mut want: Vec<(Vec<(String, String)>, i64, i64)> = (0..persons)
+    let mut want: Vec<Person> = (0..persons)
         .map(|p| {
             let mut ids = vec![
                 ("anonymous_id".to_string(), format!("anon-{p}")),
