@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The tests: installs build dependencies, fetches and starts a real single-node Apache Kafka and a real
 # Confluent-compatible Schema Registry (Apicurio) on loopback,
-# checks formatting and lints, runs unit, property and integration tests, stops the broker.
+# checks formatting and lints, runs unit, property and integration tests (the end-to-end ones against
+# Apache Kafka 3.9 as well), stops the services.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -27,6 +28,18 @@ set +e
 cargo test --features kafka-it -- --nocapture "$@" 2>&1 | tee "${TEST_LOG:-/tmp/stitcher-test.log}"
 status=${PIPESTATUS[0]}
 set -e
+
+# The broker above is Apache Kafka 4.x; the 3.9 line keeps working: the end-to-end tests against it too.
+old_kafka=(env KAFKA_POM=pom-3.9.xml KAFKA_PORT=$((KAFKA_PORT + 100)))
+"${old_kafka[@]}" deploy/local-kafka/kafka.sh clean >/dev/null 2>&1 || true
+"${old_kafka[@]}" deploy/local-kafka/kafka.sh start
+trap 'deploy/local-kafka/kafka.sh stop || true; deploy/local-registry/registry.sh stop || true; "${old_kafka[@]}" deploy/local-kafka/kafka.sh stop || true' EXIT
+set +e
+TEST_KAFKA_BROKERS="127.0.0.1:$((KAFKA_PORT + 100))" cargo test --features kafka-it --test e2e -- --nocapture "$@" \
+  2>&1 | tee -a "${TEST_LOG:-/tmp/stitcher-test.log}"
+status_39=${PIPESTATUS[0]}
+set -e
+[ "$status" -ne 0 ] || status=$status_39
 passed=$(grep -Eo '[0-9]+ passed' "${TEST_LOG:-/tmp/stitcher-test.log}" | awk '{s+=$1} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed' "${TEST_LOG:-/tmp/stitcher-test.log}" | awk '{s+=$1} END {print s+0}')
 echo "summary: $passed passed, $failed failed"

@@ -17,13 +17,15 @@
 #
 # Environment:
 #   KAFKA_PORT      client listener port on 127.0.0.1 (default 19092)
+#   KAFKA_POM       which broker: pom.xml (Apache Kafka 4.x, the default) or pom-3.9.xml (3.9)
 #   KAFKA_HOME      where the jars live (default ~/.cache/stitcher/kafka-<version>)
 #   KAFKA_DATA      log dirs, config and pid file (default /tmp/stitcher-kafka-<port>)
 #   KAFKA_HEAP      JVM heap (default 1g)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$here/pom.xml")"
+pom="$here/${KAFKA_POM:-pom.xml}"
+version="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$pom")"
 port="${KAFKA_PORT:-19092}"
 controller_port=$((port + 1))
 sasl_port=$((port + 2))
@@ -40,12 +42,13 @@ fetch() {
   if [ -f "$home/libs/kafka_2.13-$version.jar" ]; then return; fi
   log "fetching Apache Kafka $version from Maven Central into $home/libs"
   mkdir -p "$home"
-  mvn -q -B -f "$here/pom.xml" dependency:copy-dependencies -DoutputDirectory="$home/libs" -DincludeScope=runtime
+  mvn -q -B -Dstyle.color=never -f "$pom" dependency:copy-dependencies -DoutputDirectory="$home/libs" -DincludeScope=runtime
 }
 
 java_run() {
   java -Xmx"${KAFKA_HEAP:-1g}" -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
-    -Dlog4j.configuration="file:$data/log4j.properties" -cp "$home/libs/*" "$@"
+    -Dlog4j.configuration="file:$data/log4j.properties" -Dlog4j2.configurationFile="$data/log4j2.properties" \
+    -cp "$home/libs/*" "$@"
 }
 
 is_up() {
@@ -94,6 +97,23 @@ log4j.appender.file.File=$data/server.log
 log4j.appender.file.layout=org.apache.log4j.PatternLayout
 log4j.appender.file.layout.ConversionPattern=[%d] %p %m (%c)%n
 PROPS
+  # Kafka 4 logs through log4j2.
+  cat > "$data/log4j2.properties" <<PROPS
+status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = $data/server.log
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = warn
+rootLogger.appenderRef.file.ref = file
+logger.raft.name = kafka.server.KafkaRaftServer
+logger.raft.level = info
+logger.server.name = kafka.server.KafkaServer
+logger.server.level = info
+logger.kafka.name = kafka.Kafka
+logger.kafka.level = info
+PROPS
 }
 
 # A self-signed certificate for the SASL_SSL listener, valid for 127.0.0.1 and localhost.
@@ -109,7 +129,9 @@ make_tls() {
 
 # SCRAM credentials live in the cluster metadata; (re)setting them is idempotent.
 add_scram_user() {
-  java_run kafka.admin.ConfigCommand --bootstrap-server "127.0.0.1:$port" --alter \
+  local command=org.apache.kafka.tools.ConfigCommand
+  case "$version" in 3.*) command=kafka.admin.ConfigCommand ;; esac
+  java_run "$command" --bootstrap-server "127.0.0.1:$port" --alter \
     --add-config "SCRAM-SHA-512=[iterations=4096,password=$scram_password]" \
     --entity-type users --entity-name "$scram_user" >/dev/null
 }
@@ -127,8 +149,8 @@ start() {
   fi
   : > "$data/server.log"
   nohup java -Xmx"${KAFKA_HEAP:-1g}" -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
-    -Dlog4j.configuration="file:$data/log4j.properties" -cp "$home/libs/*" \
-    kafka.Kafka "$data/server.properties" > "$data/kafka.out" 2>&1 &
+    -Dlog4j.configuration="file:$data/log4j.properties" -Dlog4j2.configurationFile="$data/log4j2.properties" \
+    -cp "$home/libs/*" kafka.Kafka "$data/server.properties" > "$data/kafka.out" 2>&1 &
   echo $! > "$pidfile"
   for _ in $(seq 1 120); do
     if is_up; then
