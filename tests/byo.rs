@@ -90,14 +90,8 @@ channel = "pos"
 format = "avro"
 schema_file = "{schema_file}"
 schema_ids = [7]
-[inputs.fields]
-event_id = "receipt"
-timestamp = "at"
-default_event_type = "purchase"
-amount = "total"
-currency = "currency"
-identifiers = [{{ type = "loyalty_id", path = "card" }}]
-"#,
+{fields}"#,
+        fields = TILL_FIELDS,
         schema_file = schema_file.display()
     );
     let mut s = Setup::new("byo", 1, &extra);
@@ -182,12 +176,7 @@ identifiers = [{{ type = "loyalty_id", path = "card" }}]
     let mut child = s.start();
     s.wait_caught_up(&mut child, TIMEOUT);
     let out = s.output();
-    let live: Vec<_> = out
-        .view
-        .values()
-        .flatten()
-        .filter(|u| u.redirect_to.is_none())
-        .collect();
+    let live = out.live();
     assert_eq!(live.len(), 1, "one person, one profile: {live:#?}");
     let p = live[0].profile.as_ref().expect("profile");
     let ids: Vec<(String, String)> = p
@@ -283,10 +272,8 @@ fn events_from_segments_sdk_stitch_as_the_truth_says() {
     assert!(s.dead_letters().is_empty(), "every SDK message is an event");
     let out = s.output();
     let mut got: Vec<Person> = out
-        .view
-        .values()
-        .flatten()
-        .filter(|u| u.redirect_to.is_none())
+        .live()
+        .into_iter()
         .map(|u| {
             let p = u.profile.as_ref().expect("profile");
             let mut ids: Vec<(String, String)> = p

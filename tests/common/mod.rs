@@ -400,6 +400,16 @@ impl Drop for Setup {
     }
 }
 
+/// The `[inputs.fields]` of a till writing Avro `Sale` records (receipt, at, card, total, currency).
+pub const TILL_FIELDS: &str = r#"[inputs.fields]
+event_id = "receipt"
+timestamp = "at"
+default_event_type = "purchase"
+amount = "total"
+currency = "currency"
+identifiers = [{ type = "loyalty_id", path = "card" }]
+"#;
+
 pub fn create_topics(topics: &[String], partitions: i32) {
     stitcher::generate::create_topics(&brokers(), topics, partitions).expect("create topics");
 }
@@ -414,6 +424,15 @@ pub struct Output {
 }
 
 impl Output {
+    /// The live profiles of the compacted view (not redirects, not tombstones).
+    pub fn live(&self) -> Vec<&ProfileUpdate> {
+        self.view
+            .values()
+            .flatten()
+            .filter(|u| u.redirect_to.is_none())
+            .collect()
+    }
+
     /// The records that are here and were not in `before`. Records are read partition by partition, so
     /// new records are not a suffix when the topic has more than one partition.
     pub fn since(&self, before: &Output) -> Vec<(String, Option<ProfileUpdate>)> {
