@@ -112,7 +112,7 @@ async fn connect(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<(
 /// returns its id. An unreachable registry is asked again with backoff (the instance is not ready
 /// meanwhile); an incompatible schema stops the start with an error that says so.
 async fn register_output(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<u32> {
-    let registry = Arc::new(crate::registry::Registry::new(&cfg.registry));
+    let registry = Arc::new(crate::registry::Registry::new(&cfg.registry)?);
     let subject = format!("{}-value", cfg.output.topic);
     let mut backoff = Duration::from_millis(200);
     loop {

@@ -64,6 +64,9 @@ pub struct RegistryConfig {
     /// Basic auth (`STITCHER_REGISTRY_PASSWORD`; better from the environment than in a file).
     #[serde(skip_serializing)]
     pub password: String,
+    /// PEM certificates to trust besides the public roots, for an `https://` registry behind a private
+    /// CA.
+    pub ca_file: Option<PathBuf>,
     /// Time for one request.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
@@ -79,6 +82,7 @@ impl Default for RegistryConfig {
             url: String::new(),
             username: String::new(),
             password: String::new(),
+            ca_file: None,
             timeout: Duration::from_secs(10),
             patience: Duration::from_secs(30),
         }
@@ -91,6 +95,7 @@ impl std::fmt::Debug for RegistryConfig {
             .field("url", &self.url)
             .field("username", &self.username)
             .field("password", &"<redacted>")
+            .field("ca_file", &self.ca_file)
             .field("timeout", &self.timeout)
             .field("patience", &self.patience)
             .finish()
@@ -709,10 +714,13 @@ impl Config {
             return invalid("at least one [[inputs]] topic is required".into());
         }
         let mut topics = std::collections::HashSet::new();
-        let registry = self
-            .registry
-            .enabled()
-            .then(|| std::sync::Arc::new(crate::registry::Registry::new(&self.registry)));
+        let registry = match self.registry.enabled() {
+            true => match crate::registry::Registry::new(&self.registry) {
+                Ok(r) => Some(std::sync::Arc::new(r)),
+                Err(e) => return invalid(e.to_string()),
+            },
+            false => None,
+        };
         for input in &self.inputs {
             if input.topic.is_empty() || input.channel.is_empty() {
                 return invalid("every input needs a topic and a channel".into());

@@ -80,10 +80,13 @@ pub struct Processor {
 
 impl Processor {
     pub fn new(cfg: &Config, metrics: Metrics) -> Result<Self, ProcessError> {
-        let registry = cfg
-            .registry
-            .enabled()
-            .then(|| std::sync::Arc::new(crate::registry::Registry::new(&cfg.registry)));
+        let registry = match cfg.registry.enabled() {
+            true => Some(std::sync::Arc::new(
+                crate::registry::Registry::new(&cfg.registry)
+                    .map_err(|e| ProcessError::Registry(e.to_string()))?,
+            )),
+            false => None,
+        };
         Ok(Self {
             decoder: EventDecoder::new(
                 &cfg.processing.avro_schema_ids,

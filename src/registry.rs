@@ -27,6 +27,8 @@ pub enum RegistryError {
     },
     #[error("schema {what} from the registry is not valid Avro: {reason}")]
     BadSchema { what: String, reason: String },
+    #[error("registry.ca_file {path}: {reason}")]
+    Tls { path: String, reason: String },
     #[error(
         "the output schema is incompatible with the latest version under subject {subject} \
          (compatibility level of the registry): {reason}; evolve schemas/profile_update.avsc compatibly or \
@@ -70,8 +72,13 @@ struct Compatibility {
 }
 
 impl Registry {
-    pub fn new(cfg: &RegistryConfig) -> Self {
-        let agent = ureq::AgentBuilder::new().timeout(cfg.timeout).build();
+    /// Fails only on a `registry.ca_file` that cannot be read.
+    pub fn new(cfg: &RegistryConfig) -> Result<Self, RegistryError> {
+        let mut agent = ureq::AgentBuilder::new().timeout(cfg.timeout);
+        if let Some(path) = &cfg.ca_file {
+            agent = agent.tls_config(tls_trusting(path)?);
+        }
+        let agent = agent.build();
         let authorization = (!cfg.username.is_empty()).then(|| {
             use base64::Engine;
             let pair = format!("{}:{}", cfg.username, cfg.password);
@@ -80,13 +87,13 @@ impl Registry {
                 base64::engine::general_purpose::STANDARD.encode(pair)
             )
         });
-        Self {
+        Ok(Self {
             agent,
             base: cfg.url.trim_end_matches('/').to_string(),
             authorization,
             patience: cfg.patience,
             writers: Mutex::new(HashMap::new()),
-        }
+        })
     }
 
     fn request(&self, method: &str, path: &str) -> (String, ureq::Request) {
@@ -216,5 +223,104 @@ impl Registry {
             }),
             Err(e) => Err(e),
         }
+    }
+}
+
+/// TLS that trusts the public roots and the certificates in `path` (PEM): a registry behind a private CA.
+fn tls_trusting(path: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, RegistryError> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+    let bad = |reason: String| RegistryError::Tls {
+        path: path.display().to_string(),
+        reason,
+    };
+    let mut roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let mut added = 0;
+    for cert in CertificateDer::pem_file_iter(path).map_err(|e| bad(e.to_string()))? {
+        let cert = cert.map_err(|e| bad(e.to_string()))?;
+        roots.add(cert).map_err(|e| bad(e.to_string()))?;
+        added += 1;
+    }
+    if added == 0 {
+        return Err(bad("no PEM certificate in the file".into()));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(
+        rustls::crypto::ring::default_provider().into(),
+    )
+    .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+    .map_err(|e| bad(e.to_string()))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// What the client sends on the wire for basic auth (Apicurio, the registry in the integration tests,
+    /// authenticates only through OIDC): one request read from a loopback socket.
+    #[test]
+    fn basic_auth_goes_in_every_request() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                let n = conn.read(&mut buf).unwrap();
+                request.extend_from_slice(&buf[..n]);
+            }
+            let body = r#"{"schema": "\"string\""}"#;
+            write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            String::from_utf8(request).unwrap()
+        });
+        let registry = Registry::new(&RegistryConfig {
+            url: format!("http://127.0.0.1:{port}/apis/ccompat/v7/"),
+            username: "alice".into(),
+            password: "s3cret".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let codec = registry.writer(42).unwrap();
+        assert_eq!(codec.schema(), &apache_avro::Schema::String);
+        let request = server.join().unwrap();
+        assert!(
+            request.starts_with("GET /apis/ccompat/v7/schemas/ids/42 HTTP/1.1\r\n"),
+            "{request}"
+        );
+        // base64("alice:s3cret")
+        assert!(
+            request
+                .to_ascii_lowercase()
+                .contains("authorization: basic ywxpy2u6cznjcmv0\r\n"),
+            "{request}"
+        );
+        // Cached: no second request (the server is gone).
+        assert!(registry.writer(42).is_ok());
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_a_clear_error() {
+        let path = std::env::temp_dir().join(format!("empty-ca-{}.pem", std::process::id()));
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let err = Registry::new(&RegistryConfig {
+            url: "https://registry.example:8081".into(),
+            ca_file: Some(path.clone()),
+            ..Default::default()
+        })
+        .err()
+        .expect("refused");
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+        std::fs::remove_file(path).ok();
     }
 }

@@ -134,7 +134,8 @@ fn round_trip(registry: Option<&str>) {
         let r = stitcher::registry::Registry::new(&stitcher::config::RegistryConfig {
             url: url.into(),
             ..Default::default()
-        });
+        })
+        .expect("registry client");
         let id = r
             .register(
                 &format!("{}-value", s.output_topic),

@@ -27,6 +27,7 @@ fn registry() -> Registry {
         url: registry_url(),
         ..Default::default()
     })
+    .expect("registry client")
 }
 
 fn registry_toml() -> String {
@@ -210,14 +211,21 @@ fn an_incompatible_output_schema_stops_the_start_with_a_clear_error() {
     );
 }
 
-/// A registry of its own on a free port, stopped when dropped (also when the test panics).
+/// A registry of its own on a free port (HTTPS with a self-signed certificate if `tls`), stopped when
+/// dropped (also when the test panics).
 struct OwnRegistry {
     port: u16,
+    tls: bool,
 }
 
 impl OwnRegistry {
     fn url(&self) -> String {
-        format!("http://127.0.0.1:{}/apis/ccompat/v7", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}/apis/ccompat/v7", self.port)
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("stitcher-registry-test-{}", self.port))
     }
 
     fn run(&self, action: &str) {
@@ -225,14 +233,34 @@ impl OwnRegistry {
             .arg(repo_root().join("deploy/local-registry/registry.sh"))
             .arg(action)
             .env("REGISTRY_PORT", self.port.to_string())
-            .env(
-                "REGISTRY_DATA",
-                std::env::temp_dir().join(format!("stitcher-registry-test-{}", self.port)),
-            )
+            .env("REGISTRY_DATA", self.data())
+            .env("REGISTRY_TLS", if self.tls { "1" } else { "0" })
             .status()
             .expect("deploy/local-registry/registry.sh");
         assert!(status.success(), "registry.sh {action}");
     }
+}
+
+/// A sale of card LC-77 in the till's schema v1.
+fn sale(receipt: &str, at: i64) -> apache_avro::types::Value {
+    use apache_avro::types::Value as A;
+    A::Record(vec![
+        ("receipt".to_string(), A::String(receipt.into())),
+        ("at".to_string(), A::TimestampMillis(at)),
+        ("card".to_string(), A::String("LC-77".into())),
+        ("total".to_string(), A::Double(3.0)),
+    ])
+}
+
+fn send(topic: &str, payload: &[u8]) {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("producer");
+    producer
+        .send(BaseRecord::<(), [u8]>::to(topic).payload(payload))
+        .expect("send");
+    producer.flush(Duration::from_secs(30)).expect("flush");
 }
 
 impl Drop for OwnRegistry {
@@ -246,7 +274,10 @@ impl Drop for OwnRegistry {
 /// whose schema ids are known keep flowing.
 #[test]
 fn a_registry_down_at_start_up_and_later() {
-    let own = OwnRegistry { port: free_port() };
+    let own = OwnRegistry {
+        port: free_port(),
+        tls: false,
+    };
     let name = unique("registry-down");
     let sales = format!("{name}-sales");
     create_topics(std::slice::from_ref(&sales), 1);
@@ -275,37 +306,19 @@ fn a_registry_down_at_start_up_and_later() {
     let r = Registry::new(&RegistryConfig {
         url: own.url(),
         ..Default::default()
-    });
+    })
+    .expect("registry client");
     let id = r
         .register(&format!("{sales}-value"), SALE_V1)
         .expect("register the till's schema");
-    use apache_avro::types::Value as A;
-    let sale = |receipt: &str, at: i64| {
-        A::Record(vec![
-            ("receipt".to_string(), A::String(receipt.into())),
-            ("at".to_string(), A::TimestampMillis(at)),
-            ("card".to_string(), A::String("LC-77".into())),
-            ("total".to_string(), A::Double(3.0)),
-        ])
-    };
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("producer");
-    let send = |payload: Vec<u8>| {
-        producer
-            .send(BaseRecord::<(), [u8]>::to(&sales).payload(&payload))
-            .expect("send");
-        producer.flush(Duration::from_secs(30)).expect("flush");
-    };
     let day = 1_767_225_600_000i64;
-    send(framed(id, SALE_V1, sale("r-1", day)));
+    send(&sales, &framed(id, SALE_V1, sale("r-1", day)));
     s.wait_caught_up(&mut child, TIMEOUT);
     let (status, _) = s.http_get("/readyz");
     assert_eq!(status, 200, "{}", s.log_tail());
 
     own.run("stop");
-    send(framed(id, SALE_V1, sale("r-2", day + 1_000)));
+    send(&sales, &framed(id, SALE_V1, sale("r-2", day + 1_000)));
     s.wait_caught_up(&mut child, TIMEOUT);
     let out = s.output();
     // The order of the two topics may rename the profile once (a redirect).
@@ -317,5 +330,64 @@ fn a_registry_down_at_start_up_and_later() {
         "the known id kept working with the registry down"
     );
     assert!(s.dead_letters().is_empty());
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+}
+
+/// An `https://` registry behind a private CA is trusted with `registry.ca_file`: the output schema is
+/// registered and Avro read through it; without the file the public roots refuse its certificate.
+#[test]
+fn a_registry_behind_a_private_ca() {
+    let own = OwnRegistry {
+        port: free_port(),
+        tls: true,
+    };
+    own.run("start");
+    let ca = own.data().join("tls/ca.pem");
+    let trusting = |ca_file: Option<std::path::PathBuf>| {
+        Registry::new(&RegistryConfig {
+            url: own.url(),
+            ca_file,
+            ..Default::default()
+        })
+        .expect("registry client")
+    };
+    let name = unique("registry-tls");
+    let sales = format!("{name}-sales");
+    create_topics(std::slice::from_ref(&sales), 1);
+    let err = trusting(None)
+        .register(&format!("{sales}-value"), SALE_V1)
+        .expect_err("a self-signed certificate is not trusted by the public roots");
+    assert!(err.to_string().contains("ertificate"), "{err}");
+    let id = trusting(Some(ca.clone()))
+        .register(&format!("{sales}-value"), SALE_V1)
+        .expect("register over TLS");
+
+    let extra = format!(
+        "\n[registry]\nurl = \"{}\"\nca_file = \"{}\"\n{}",
+        own.url(),
+        ca.display(),
+        till_input(&sales)
+    );
+    let mut s = Setup::new("registry-tls", 1, &extra);
+    s.input_topics.push(sales.clone());
+    send(&sales, &framed(id, SALE_V1, sale("r-1", 1_767_225_600_000)));
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, TIMEOUT);
+    let out = s.output();
+    let live = out.live();
+    assert_eq!(live.len(), 1, "{}", s.log_tail());
+    let output_id = trusting(Some(ca))
+        .register(
+            &format!("{}-value", s.output_topic),
+            stitcher::codec::PROFILE_UPDATE_AVSC,
+        )
+        .expect("the output subject");
+    for rec in read_all(&s.output_topic) {
+        let payload = rec.payload.expect("a record");
+        assert_eq!(
+            u32::from_be_bytes([payload[1], payload[2], payload[3], payload[4]]),
+            output_id
+        );
+    }
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
 }

@@ -11,6 +11,8 @@
 #   REGISTRY_PORT   HTTP port on 127.0.0.1 (default 18081; management on the next port)
 #   REGISTRY_HOME   where it is unpacked (default ~/.cache/stitcher/apicurio-<version>)
 #   REGISTRY_DATA   log and pid file (default /tmp/stitcher-registry-<port>)
+#   REGISTRY_TLS    1: HTTPS only, with a certificate for 127.0.0.1 signed by a private CA whose PEM is
+#                   $REGISTRY_DATA/tls/ca.pem (for registry.ca_file)
 set -euo pipefail
 
 version="2.6.13.Final"
@@ -18,7 +20,12 @@ port="${REGISTRY_PORT:-18081}"
 home="${REGISTRY_HOME:-$HOME/.cache/stitcher/apicurio-$version}"
 data="${REGISTRY_DATA:-/tmp/stitcher-registry-$port}"
 pidfile="$data/registry.pid"
-url="http://127.0.0.1:$port/apis/ccompat/v7"
+tls="${REGISTRY_TLS:-0}"
+cert="$data/tls/cert.pem"
+ca="$data/tls/ca.pem"
+scheme=http
+[ "$tls" = 1 ] && scheme=https
+url="$scheme://127.0.0.1:$port/apis/ccompat/v7"
 runner="$home/apicurio-registry-app-$version-runner.jar"
 
 log() { echo "[local-registry] $*" >&2; }
@@ -33,14 +40,36 @@ fetch() {
   rm -f "$home/apicurio-registry-app-$version-all.tar.gz"
 }
 
-is_up() { curl -sf "$url/subjects" >/dev/null 2>&1; }
+is_up() { curl -sf --cacert "$ca" "$url/subjects" >/dev/null 2>&1 || curl -sf "$url/subjects" >/dev/null 2>&1; }
+
+# A private CA and a server certificate it signs (a CA certificate cannot serve as the server's own).
+make_tls() {
+  [ -f "$cert" ] && return
+  mkdir -p "$data/tls"
+  local d="$data/tls"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=stitcher test CA" \
+    -keyout "$d/ca-key.pem" -out "$ca" >/dev/null 2>&1
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" -keyout "$d/key.pem" -out "$d/server.csr" \
+    >/dev/null 2>&1
+  printf '%s\n' "subjectAltName=IP:127.0.0.1,DNS:localhost" "basicConstraints=CA:FALSE" \
+    "keyUsage=digitalSignature,keyEncipherment" "extendedKeyUsage=serverAuth" >"$d/server.ext"
+  openssl x509 -req -in "$d/server.csr" -CA "$ca" -CAkey "$d/ca-key.pem" -CAcreateserial -days 30 \
+    -extfile "$d/server.ext" -out "$cert" >/dev/null 2>&1
+}
 
 start() {
   fetch
   if is_up; then log "already up at $url"; return; fi
   mkdir -p "$data"
+  local listen=(-Dquarkus.http.port="$port")
+  if [ "$tls" = 1 ]; then
+    make_tls
+    listen=(-Dquarkus.http.ssl-port="$port" -Dquarkus.http.port=$((port + 2))
+      -Dquarkus.http.insecure-requests=disabled
+      -Dquarkus.http.ssl.certificate.files="$cert" -Dquarkus.http.ssl.certificate.key-files="$data/tls/key.pem")
+  fi
   # Loopback only (HTTP and management); BACKWARD compatibility for every subject, as Confluent's default.
-  nohup java -Xmx384m -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$port" \
+  nohup java -Xmx384m -Dquarkus.http.host=127.0.0.1 "${listen[@]}" \
     -Dquarkus.management.host=127.0.0.1 -Dquarkus.management.port=$((port + 1)) \
     -Dregistry.rules.global.compatibility=BACKWARD \
     -jar "$runner" >"$data/registry.log" 2>&1 &
