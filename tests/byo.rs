@@ -18,6 +18,31 @@ use stitcher::model::ChannelEvent;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
+/// A web tracker writing the Segment spec.
+fn segment_input(topic: &str) -> String {
+    format!("\n[[inputs]]\ntopic = \"{topic}\"\nchannel = \"web\"\npreset = \"segment\"\n")
+}
+
+/// A call-centre tool's own JSON: tickets with the caller's number and typed ids.
+fn tickets_input(topic: &str) -> String {
+    format!(
+        r#"
+[[inputs]]
+topic = "{topic}"
+channel = "callcenter"
+[inputs.fields]
+event_id = "ticket.id"
+timestamp = "ticket.opened_at"
+default_event_type = "call"
+campaign_id = "ticket.reason"
+identifiers = [
+    {{ type = "phone", path = "caller.number" }},
+    {{ path = "caller.ids[]", type_field = "kind", value_field = "id" }},
+]
+"#
+    )
+}
+
 fn python() -> String {
     std::env::var("STITCHER_VENV")
         .map(|v| format!("{v}/bin/python"))
@@ -65,25 +90,7 @@ fn segment_custom_json_and_native_events_stitch_into_one_profile() {
     let schema_file = std::env::temp_dir().join(format!("{name}-sale.avsc"));
     std::fs::write(&schema_file, sale_schema).expect("schema file");
     let extra = format!(
-        r#"
-[[inputs]]
-topic = "{segment_topic}"
-channel = "web"
-preset = "segment"
-
-[[inputs]]
-topic = "{tickets_topic}"
-channel = "callcenter"
-[inputs.fields]
-event_id = "ticket.id"
-timestamp = "ticket.opened_at"
-default_event_type = "call"
-campaign_id = "ticket.reason"
-identifiers = [
-    {{ type = "phone", path = "caller.number" }},
-    {{ path = "caller.ids[]", type_field = "kind", value_field = "id" }},
-]
-
+        r#"{segment}{tickets}
 [[inputs]]
 topic = "{sales_topic}"
 channel = "pos"
@@ -92,6 +99,8 @@ schema_file = "{schema_file}"
 schema_ids = [7]
 {fields}"#,
         fields = TILL_FIELDS,
+        segment = segment_input(&segment_topic),
+        tickets = tickets_input(&tickets_topic),
         schema_file = schema_file.display()
     );
     let mut s = Setup::new("byo", 1, &extra);
@@ -238,19 +247,30 @@ schema_ids = [7]
 /// A profile as the truth describes it: identifiers, events, revenue in minor units.
 type Person = (Vec<(String, String)>, i64, i64);
 
-/// Events as Segment's own Python SDK writes them (captured from its batch calls, scripts/segment_sdk.py):
-/// anonymous browsing followed by identify stitches, alias merges a second device's anonymous id, and the
-/// profiles equal the ground truth of the scenario.
+/// Segment's own SDK on one topic (captured from its batch calls, scripts/segment_sdk.py), a call-centre
+/// tool's JSON and a till's Avro read through the Schema Registry on two others, together: anonymous
+/// browsing followed by identify stitches, alias merges a second device, a call and a store sale join the
+/// same person, and the profiles equal the ground truth of the scenario.
 #[test]
-fn events_from_segments_sdk_stitch_as_the_truth_says() {
+fn segment_sdk_a_call_centre_and_a_till_stitch_as_the_truth_says() {
     let name = unique("sdk");
     let topic = format!("{name}-segment");
-    create_topics(std::slice::from_ref(&topic), 2);
-    let extra =
-        format!("\n[[inputs]]\ntopic = \"{topic}\"\nchannel = \"web\"\npreset = \"segment\"\n");
+    let (tickets, sales) = (format!("{name}-tickets"), format!("{name}-sales"));
+    create_topics(&[topic.clone(), tickets.clone(), sales.clone()], 2);
+    let sale_id = registry()
+        .register(&format!("{sales}-value"), SALE_V1)
+        .expect("register the till's schema");
+    let extra = format!(
+        "{}{}{}{}",
+        registry_toml(),
+        segment_input(&topic),
+        tickets_input(&tickets),
+        till_input(&sales)
+    );
     let mut s = Setup::new("sdk", 1, &extra);
-    s.input_topics.push(topic.clone());
-    let persons = 20;
+    s.input_topics
+        .extend([topic.clone(), tickets.clone(), sales.clone()]);
+    let persons: i64 = 20;
     let out = std::process::Command::new(python())
         .arg(repo_root().join("scripts/segment_sdk.py"))
         .args([&brokers(), &topic, &persons.to_string()])
@@ -266,6 +286,22 @@ fn events_from_segments_sdk_stitch_as_the_truth_says() {
         summary.contains(&format!("\"captured\": {}", persons * 6)),
         "{summary}"
     );
+    // Each person also calls (number, email and loyalty card on the ticket) and buys in the store with
+    // the card.
+    let day = 1_767_225_600_000i64;
+    let calls: Vec<serde_json::Value> = (0..persons)
+        .map(|p| {
+            json!({"ticket": {"id": format!("t-{p}"), "opened_at": day + p, "reason": "late-delivery"},
+                   "caller": {"number": format!("+1 212 555 01{p:02}"),
+                              "ids": [{"kind": "email", "id": format!("person{p}@example.com")},
+                                      {"kind": "loyalty_id", "id": format!("LC-{p}")}]}})
+        })
+        .collect();
+    produce(&tickets, &calls);
+    for p in 0..persons {
+        let sold = sale(&format!("r-{p}"), day + 10_000 + p, &format!("LC-{p}"));
+        send(&sales, &framed(sale_id, SALE_V1, sold));
+    }
 
     let mut child = s.start();
     s.wait_caught_up(&mut child, TIMEOUT);
@@ -294,9 +330,11 @@ fn events_from_segments_sdk_stitch_as_the_truth_says() {
                 ("anonymous_id".to_string(), format!("anon2-{p}")),
                 ("customer_id".to_string(), format!("user-{p}")),
                 ("email".to_string(), format!("person{p}@example.com")),
+                ("phone".to_string(), format!("+121255501{p:02}")),
+                ("loyalty_id".to_string(), format!("LC{p}")),
             ];
             ids.sort();
-            (ids, 6, 950)
+            (ids, 8, 950 + 300)
         })
         .collect();
     want.sort();

@@ -17,36 +17,6 @@ use stitcher::registry::Registry;
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
-fn registry_url() -> String {
-    std::env::var("TEST_REGISTRY_URL")
-        .unwrap_or_else(|_| "http://127.0.0.1:18081/apis/ccompat/v7".into())
-}
-
-fn registry() -> Registry {
-    Registry::new(&RegistryConfig {
-        url: registry_url(),
-        ..Default::default()
-    })
-    .expect("registry client")
-}
-
-fn registry_toml() -> String {
-    format!("\n[registry]\nurl = \"{}\"\n", registry_url())
-}
-
-/// An Avro input of the till's own schema, read through [`TILL_FIELDS`].
-fn till_input(topic: &str) -> String {
-    format!(
-        "\n[[inputs]]\ntopic = \"{topic}\"\nchannel = \"pos\"\nformat = \"avro\"\n{TILL_FIELDS}"
-    )
-}
-
-const SALE_V1: &str = r#"{"type": "record", "name": "Sale", "namespace": "till", "fields": [
-    {"name": "receipt", "type": "string"},
-    {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
-    {"name": "card", "type": "string"},
-    {"name": "total", "type": "double"}]}"#;
-
 /// V1 plus an optional currency: a backward-compatible change.
 const SALE_V2: &str = r#"{"type": "record", "name": "Sale", "namespace": "till", "fields": [
     {"name": "receipt", "type": "string"},
@@ -54,12 +24,6 @@ const SALE_V2: &str = r#"{"type": "record", "name": "Sale", "namespace": "till",
     {"name": "card", "type": "string"},
     {"name": "total", "type": "double"},
     {"name": "currency", "type": ["null", "string"], "default": null}]}"#;
-
-fn framed(id: u32, schema: &str, value: apache_avro::types::Value) -> Vec<u8> {
-    let schema = apache_avro::Schema::parse_str(schema).expect("schema");
-    let body = apache_avro::to_avro_datum(&schema, value).expect("avro");
-    [&[0u8][..], &id.to_be_bytes(), &body].concat()
-}
 
 #[test]
 fn writer_schemas_come_from_the_registry_and_the_output_schema_is_registered() {
@@ -241,28 +205,6 @@ impl OwnRegistry {
     }
 }
 
-/// A sale of card LC-77 in the till's schema v1.
-fn sale(receipt: &str, at: i64) -> apache_avro::types::Value {
-    use apache_avro::types::Value as A;
-    A::Record(vec![
-        ("receipt".to_string(), A::String(receipt.into())),
-        ("at".to_string(), A::TimestampMillis(at)),
-        ("card".to_string(), A::String("LC-77".into())),
-        ("total".to_string(), A::Double(3.0)),
-    ])
-}
-
-fn send(topic: &str, payload: &[u8]) {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("producer");
-    producer
-        .send(BaseRecord::<(), [u8]>::to(topic).payload(payload))
-        .expect("send");
-    producer.flush(Duration::from_secs(30)).expect("flush");
-}
-
 impl Drop for OwnRegistry {
     fn drop(&mut self) {
         self.run("stop");
@@ -312,13 +254,16 @@ fn a_registry_down_at_start_up_and_later() {
         .register(&format!("{sales}-value"), SALE_V1)
         .expect("register the till's schema");
     let day = 1_767_225_600_000i64;
-    send(&sales, &framed(id, SALE_V1, sale("r-1", day)));
+    send(&sales, &framed(id, SALE_V1, sale("r-1", day, "LC-77")));
     s.wait_caught_up(&mut child, TIMEOUT);
     let (status, _) = s.http_get("/readyz");
     assert_eq!(status, 200, "{}", s.log_tail());
 
     own.run("stop");
-    send(&sales, &framed(id, SALE_V1, sale("r-2", day + 1_000)));
+    send(
+        &sales,
+        &framed(id, SALE_V1, sale("r-2", day + 1_000, "LC-77")),
+    );
     s.wait_caught_up(&mut child, TIMEOUT);
     let out = s.output();
     // The order of the two topics may rename the profile once (a redirect).
@@ -370,7 +315,10 @@ fn a_registry_behind_a_private_ca() {
     );
     let mut s = Setup::new("registry-tls", 1, &extra);
     s.input_topics.push(sales.clone());
-    send(&sales, &framed(id, SALE_V1, sale("r-1", 1_767_225_600_000)));
+    send(
+        &sales,
+        &framed(id, SALE_V1, sale("r-1", 1_767_225_600_000, "LC-77")),
+    );
     let mut child = s.start();
     s.wait_caught_up(&mut child, TIMEOUT);
     let out = s.output();

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
+use stitcher::config::RegistryConfig;
+use stitcher::registry::Registry;
 
 use stitcher::codec::{AvroCodec, ProfileUpdate};
 use stitcher::config::Format;
@@ -616,4 +619,65 @@ pub fn sigterm(child: &mut Child) -> std::process::ExitStatus {
 
 pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+// The till of the registry tests: Avro `Sale` records in its own schema, through a Schema Registry.
+
+pub fn registry_url() -> String {
+    std::env::var("TEST_REGISTRY_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:18081/apis/ccompat/v7".into())
+}
+
+pub fn registry() -> Registry {
+    Registry::new(&RegistryConfig {
+        url: registry_url(),
+        ..Default::default()
+    })
+    .expect("registry client")
+}
+
+pub fn registry_toml() -> String {
+    format!("\n[registry]\nurl = \"{}\"\n", registry_url())
+}
+
+/// An Avro input of the till's own schema, read through [`TILL_FIELDS`].
+pub fn till_input(topic: &str) -> String {
+    format!(
+        "\n[[inputs]]\ntopic = \"{topic}\"\nchannel = \"pos\"\nformat = \"avro\"\n{TILL_FIELDS}"
+    )
+}
+
+pub const SALE_V1: &str = r#"{"type": "record", "name": "Sale", "namespace": "till", "fields": [
+    {"name": "receipt", "type": "string"},
+    {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+    {"name": "card", "type": "string"},
+    {"name": "total", "type": "double"}]}"#;
+
+pub fn framed(id: u32, schema: &str, value: apache_avro::types::Value) -> Vec<u8> {
+    let schema = apache_avro::Schema::parse_str(schema).expect("schema");
+    let body = apache_avro::to_avro_datum(&schema, value).expect("avro");
+    [&[0u8][..], &id.to_be_bytes(), &body].concat()
+}
+
+/// A sale of 3.00 with loyalty card `card` in the till's schema v1.
+pub fn sale(receipt: &str, at: i64, card: &str) -> apache_avro::types::Value {
+    use apache_avro::types::Value as A;
+    A::Record(vec![
+        ("receipt".to_string(), A::String(receipt.into())),
+        ("at".to_string(), A::TimestampMillis(at)),
+        ("card".to_string(), A::String(card.into())),
+        ("total".to_string(), A::Double(3.0)),
+    ])
+}
+
+/// One record to `topic`, flushed.
+pub fn send(topic: &str, payload: &[u8]) {
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("producer");
+    producer
+        .send(BaseRecord::<(), [u8]>::to(topic).payload(payload))
+        .expect("send");
+    producer.flush(Duration::from_secs(30)).expect("flush");
 }
