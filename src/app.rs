@@ -98,14 +98,19 @@ async fn connect(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<(
             Err(e) if shutdown.is_cancelled() => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach kafka or create topics yet, retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                pause(&mut backoff, shutdown).await;
             }
         }
     }
+}
+
+/// Waits `backoff` (or until shutdown), then doubles it up to five seconds: between start-up attempts.
+async fn pause(backoff: &mut Duration, shutdown: &CancellationToken) {
+    tokio::select! {
+        _ = tokio::time::sleep(*backoff) => {}
+        _ = shutdown.cancelled() => {}
+    }
+    *backoff = (*backoff * 2).min(Duration::from_secs(5));
 }
 
 /// Registers the output schema under `<output.topic>-value` after the registry's compatibility check and
@@ -127,11 +132,7 @@ async fn register_output(cfg: &Config, shutdown: &CancellationToken) -> anyhow::
             }
             Err(e) if e.is_unreachable() && !shutdown.is_cancelled() => {
                 tracing::warn!(error = %e, "cannot reach the schema registry yet, retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.cancelled() => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                pause(&mut backoff, shutdown).await;
             }
             Err(e) => return Err(e.into()),
         }

@@ -10,8 +10,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use serde_json::json;
 use stitcher::codec::AvroCodec;
 use stitcher::model::ChannelEvent;
@@ -43,29 +41,13 @@ identifiers = [
     )
 }
 
-fn python() -> String {
-    std::env::var("STITCHER_VENV")
-        .map(|v| format!("{v}/bin/python"))
-        .unwrap_or_else(|_| {
-            format!(
-                "{}/.cache/stitcher/venv/bin/python",
-                std::env::var("HOME").unwrap_or_default()
-            )
-        })
-}
-
 fn produce(topic: &str, messages: &[serde_json::Value]) {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("producer");
-    for m in messages {
-        let bytes = serde_json::to_vec(m).expect("json");
-        producer
-            .send(BaseRecord::<(), [u8]>::to(topic).payload(&bytes))
-            .expect("send");
-    }
-    producer.flush(Duration::from_secs(30)).expect("flush");
+    send_all(
+        topic,
+        messages
+            .iter()
+            .map(|m| serde_json::to_vec(m).expect("json")),
+    );
 }
 
 #[test]
@@ -153,15 +135,8 @@ schema_ids = [7]
             .expect("encode"),
         stitcher::config::Format::Json => serde_json::to_vec(&till).expect("json"),
     };
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("producer");
-    producer
-        .send(BaseRecord::<(), [u8]>::to(&till_topic).payload(&till))
-        .expect("send");
+    send_all(&till_topic, [till]);
     // The other till: Avro in its own schema, id 7; the same sale again under id 8 is not readable.
-    let schema = apache_avro::Schema::parse_str(sale_schema).expect("schema");
     use apache_avro::types::Value as A;
     let sale = A::Record(vec![
         ("receipt".into(), A::String("r-1".into())),
@@ -173,14 +148,10 @@ schema_ids = [7]
         ("total".into(), A::Double(12.5)),
         ("currency".into(), A::String("EUR".into())),
     ]);
-    let body = apache_avro::to_avro_datum(&schema, sale).expect("avro");
-    for id in [7u8, 8] {
-        let payload = [&[0, 0, 0, 0, id][..], &body].concat();
-        producer
-            .send(BaseRecord::<(), [u8]>::to(&sales_topic).payload(&payload))
-            .expect("send");
-    }
-    producer.flush(Duration::from_secs(30)).expect("flush");
+    send_all(
+        &sales_topic,
+        [7, 8].map(|id| framed(id, sale_schema, sale.clone())),
+    );
 
     let mut child = s.start();
     s.wait_caught_up(&mut child, TIMEOUT);
@@ -298,10 +269,13 @@ fn segment_sdk_a_call_centre_and_a_till_stitch_as_the_truth_says() {
         })
         .collect();
     produce(&tickets, &calls);
-    for p in 0..persons {
-        let sold = sale(&format!("r-{p}"), day + 10_000 + p, &format!("LC-{p}"));
-        send(&sales, &framed(sale_id, SALE_V1, sold));
-    }
+    send_all(
+        &sales,
+        (0..persons).map(|p| {
+            let sold = sale(&format!("r-{p}"), day + 10_000 + p, &format!("LC-{p}"));
+            framed(sale_id, SALE_V1, sold)
+        }),
+    );
 
     let mut child = s.start();
     s.wait_caught_up(&mut child, TIMEOUT);

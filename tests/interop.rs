@@ -14,17 +14,6 @@ use std::time::Duration;
 
 use common::*;
 
-fn python() -> String {
-    std::env::var("STITCHER_VENV")
-        .map(|v| format!("{v}/bin/python"))
-        .unwrap_or_else(|_| {
-            format!(
-                "{}/.cache/stitcher/venv/bin/python",
-                std::env::var("HOME").unwrap_or_default()
-            )
-        })
-}
-
 fn interop(args: &[&str]) -> String {
     let out = Command::new(python())
         .arg(repo_root().join("scripts/interop.py"))

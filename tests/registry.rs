@@ -10,8 +10,6 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use rdkafka::config::ClientConfig;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use stitcher::config::RegistryConfig;
 use stitcher::registry::Registry;
 
@@ -58,15 +56,7 @@ fn writer_schemas_come_from_the_registry_and_the_output_schema_is_registered() {
     ));
     let newer = framed(v2, SALE_V2, A::Record(newer));
     let unknown = framed(999_999, SALE_V1, A::Record(sale("r-3", day + 2_000, 1.0)));
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .create()
-        .expect("producer");
-    for payload in [&old, &newer, &unknown] {
-        producer
-            .send(BaseRecord::<(), [u8]>::to(&sales).payload(payload))
-            .expect("send");
-    }
+    send_all(&sales, [&old, &newer, &unknown]);
     // A newer version of the service's own schema (a field added, with a default) on one of its Avro
     // inputs, known only to the registry.
     let (native_topic, _) = s
@@ -96,10 +86,7 @@ fn writer_schemas_come_from_the_registry_and_the_output_schema_is_registered() {
     };
     fields.push(("store_id".into(), A::String("store-7".into())));
     let native = framed(evolved_id, &evolved, A::Record(fields));
-    producer
-        .send(BaseRecord::<(), [u8]>::to(&native_topic).payload(&native))
-        .expect("send");
-    producer.flush(Duration::from_secs(30)).expect("flush");
+    send_all(&native_topic, [native]);
 
     let mut child = s.start();
     s.wait_caught_up(&mut child, TIMEOUT);
@@ -254,15 +241,15 @@ fn a_registry_down_at_start_up_and_later() {
         .register(&format!("{sales}-value"), SALE_V1)
         .expect("register the till's schema");
     let day = 1_767_225_600_000i64;
-    send(&sales, &framed(id, SALE_V1, sale("r-1", day, "LC-77")));
+    send_all(&sales, [framed(id, SALE_V1, sale("r-1", day, "LC-77"))]);
     s.wait_caught_up(&mut child, TIMEOUT);
     let (status, _) = s.http_get("/readyz");
     assert_eq!(status, 200, "{}", s.log_tail());
 
     own.run("stop");
-    send(
+    send_all(
         &sales,
-        &framed(id, SALE_V1, sale("r-2", day + 1_000, "LC-77")),
+        [framed(id, SALE_V1, sale("r-2", day + 1_000, "LC-77"))],
     );
     s.wait_caught_up(&mut child, TIMEOUT);
     let out = s.output();
@@ -315,9 +302,9 @@ fn a_registry_behind_a_private_ca() {
     );
     let mut s = Setup::new("registry-tls", 1, &extra);
     s.input_topics.push(sales.clone());
-    send(
+    send_all(
         &sales,
-        &framed(id, SALE_V1, sale("r-1", 1_767_225_600_000, "LC-77")),
+        [framed(id, SALE_V1, sale("r-1", 1_767_225_600_000, "LC-77"))],
     );
     let mut child = s.start();
     s.wait_caught_up(&mut child, TIMEOUT);

@@ -23,6 +23,21 @@ pub fn profile_update_schema() -> Result<Schema, SchemaError> {
     Schema::parse_str(super::PROFILE_UPDATE_AVSC).map_err(|e| SchemaError::Parse(e.to_string()))
 }
 
+/// A datum read from a body that must hold nothing else: `rest` is what the read left.
+fn whole_datum(
+    value: apache_avro::AvroResult<apache_avro::types::Value>,
+    rest: &[u8],
+) -> Result<apache_avro::types::Value, DecodeError> {
+    let value = value.map_err(|e| DecodeError::Avro(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::Avro(format!(
+            "{} trailing bytes after the record",
+            rest.len()
+        )));
+    }
+    Ok(value)
+}
+
 /// Splits the Confluent header from the Avro body.
 pub fn split_confluent(payload: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
     match payload {
@@ -110,14 +125,8 @@ impl AvroCodec {
         body: &[u8],
     ) -> Result<T, DecodeError> {
         let mut rest = body;
-        let value = apache_avro::from_avro_datum(writer, &mut rest, Some(&self.schema))
-            .map_err(|e| DecodeError::Avro(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(DecodeError::Avro(format!(
-                "{} trailing bytes after the record",
-                rest.len()
-            )));
-        }
+        let value = apache_avro::from_avro_datum(writer, &mut rest, Some(&self.schema));
+        let value = whole_datum(value, rest)?;
         apache_avro::from_value(&value).map_err(|e| DecodeError::Avro(e.to_string()))
     }
 
@@ -126,15 +135,8 @@ impl AvroCodec {
         let mut rest = body;
         let value = self
             .reader
-            .read_value(&mut std::io::Read::chain(&self.header[..], &mut rest))
-            .map_err(|e| DecodeError::Avro(e.to_string()))?;
-        if !rest.is_empty() {
-            return Err(DecodeError::Avro(format!(
-                "{} trailing bytes after the record",
-                rest.len()
-            )));
-        }
-        Ok(value)
+            .read_value(&mut std::io::Read::chain(&self.header[..], &mut rest));
+        whole_datum(value, rest)
     }
 
     /// Encodes `value`, framed with schema id `id` (Confluent wire format).

@@ -670,14 +670,28 @@ pub fn sale(receipt: &str, at: i64, card: &str) -> apache_avro::types::Value {
     ])
 }
 
-/// One record to `topic`, flushed.
-pub fn send(topic: &str, payload: &[u8]) {
+/// Records to `topic`, in order, flushed.
+pub fn send_all<P: AsRef<[u8]>>(topic: &str, payloads: impl IntoIterator<Item = P>) {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
         .expect("producer");
-    producer
-        .send(BaseRecord::<(), [u8]>::to(topic).payload(payload))
-        .expect("send");
+    for payload in payloads {
+        producer
+            .send(BaseRecord::<(), [u8]>::to(topic).payload(payload.as_ref()))
+            .expect("send");
+    }
     producer.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// The Python of the venv scripts/setup.sh makes (`STITCHER_VENV`), for the scripts the tests run.
+pub fn python() -> String {
+    std::env::var("STITCHER_VENV")
+        .map(|v| format!("{v}/bin/python"))
+        .unwrap_or_else(|_| {
+            format!(
+                "{}/.cache/stitcher/venv/bin/python",
+                std::env::var("HOME").unwrap_or_default()
+            )
+        })
 }
