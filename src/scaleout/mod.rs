@@ -21,6 +21,7 @@
 //!   its public id (from the earliest event) is the single-instance id too.
 
 pub mod lookup;
+pub mod owner;
 pub mod routing;
 pub mod runtime;
 pub mod state;
