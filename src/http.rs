@@ -9,10 +9,12 @@
 //! Answers come from local RocksDB state. 404 for unknown ids, 400 for malformed ones. With
 //! `http.bearer_token` set, the lookup routes require `Authorization: Bearer <token>`.
 //!
-//! In scale-out mode only `GET /v1/identifiers/{type}/{value}` answers (the others 501): any instance
-//! answers it, climbing the shards it holds and forwarding the rest of the climb to the owner of the next
-//! shard (`GET /internal/v1/climb/...`, [`crate::scaleout::routing`]); 503 with `Retry-After` while a shard
-//! on the way is being reassigned.
+//! In scale-out mode every route answers on every instance. An identifier lookup reads the identifier's
+//! home shard (which shard owns its component) and the owner (the component), each here if held here,
+//! else forwarded once to the instance holding it (`GET /internal/v1/lookup/...`,
+//! [`crate::scaleout::routing`]). A profile-id lookup reads the shards held here and, if the id is not
+//! there, asks every other instance (`GET /internal/v1/profiles/...`). 503 with `Retry-After` while the
+//! shards are being reassigned.
 
 use std::sync::Arc;
 
@@ -26,12 +28,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::update::ProfileRecord;
+use crate::inspect::{inspection, GraphRead};
 use crate::metrics::Metrics;
 use crate::model::Identifier;
 use crate::model::{NodeId, ProfileId};
 use crate::normalize::Normalizer;
-use crate::scaleout::lookup::{lookup, HeldShards, Lookup};
+use crate::scaleout::lookup::{lookup, profile_here, HeldShards, Lookup, Step};
 use crate::scaleout::routing::{self, Owners};
+use crate::scaleout::state::ShardRead;
 use crate::store::Store;
 
 #[derive(Clone)]
@@ -40,8 +44,8 @@ pub struct HttpState {
     pub store: Option<Store>,
     pub normalizer: Arc<Normalizer>,
     pub bearer_token: Option<String>,
-    /// In scale-out mode, the shards this instance holds (identifier lookups climb them) and where the
-    /// others are (the rest of a climb is forwarded there).
+    /// In scale-out mode, the shards this instance holds and where the others are (a lookup that needs
+    /// a shard held elsewhere is forwarded there).
     pub shards: Option<(HeldShards, Owners)>,
 }
 
@@ -72,7 +76,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/profiles/:id/explain", get(explain_profile))
         .route("/v1/identifiers/:kind/:value", get(by_identifier))
         .route("/v1/identifiers/:kind/:value/explain", get(explain))
-        .route("/internal/v1/climb/:kind/:value", get(climb))
+        .route("/internal/v1/lookup/:kind/:value", get(forwarded_lookup))
+        .route("/internal/v1/profiles/:id", get(forwarded_profile))
         .with_state(state)
 }
 
@@ -138,18 +143,6 @@ fn authorize(s: &HttpState, headers: &HeaderMap) -> Result<(), Refused> {
     }
 }
 
-/// Scale-out mode keeps neither an index of profile ids nor the links an explanation shows.
-fn sharded_refuses(s: &HttpState) -> Result<(), Refused> {
-    match s.shards {
-        Some(_) => Err((
-            StatusCode::NOT_IMPLEMENTED,
-            "scale-out mode answers lookups by identifier only: GET /v1/identifiers/{type}/{value}"
-                .into(),
-        )),
-        None => Ok(()),
-    }
-}
-
 /// What every lookup route checks last: that there is state to read.
 fn state(s: &HttpState) -> Result<Store, Refused> {
     s.store
@@ -164,7 +157,6 @@ fn profile_request(
     id: String,
 ) -> Result<(Store, ProfileId), Refused> {
     authorize(s, headers)?;
-    sharded_refuses(s)?;
     if !id.starts_with("p-") || id.len() != 22 || !id[2..].bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err((
             StatusCode::BAD_REQUEST,
@@ -174,24 +166,70 @@ fn profile_request(
     Ok((state(s)?, ProfileId(id)))
 }
 
-/// Answers with `f` applied to a profile found by any of its ids (redirects followed): `f` gets the id
-/// asked for, the live id and its node. Read off the async threads.
-async fn for_profile<T: Serialize + Send + 'static>(
-    s: HttpState,
-    headers: HeaderMap,
-    id: String,
-    f: fn(&Store, &ProfileId, &ProfileId, NodeId) -> Found<T>,
-) -> Response {
+/// Answers with `what` of a profile found by any of its ids (redirects followed), read off the async
+/// threads; in scale-out mode from the shards held here, or else from the instance that holds it.
+async fn for_profile(s: HttpState, headers: HeaderMap, id: String, what: What) -> Response {
     let (store, asked) = match profile_request(&s, &headers, id) {
         Ok(x) => x,
         Err((status, message)) => return error(status, message),
     };
-    let answer = tokio::task::spawn_blocking(move || match store.resolve_profile_id(&asked)? {
-        Some((live, node)) => f(&store, &asked, &live, node),
+    let Some((held, owners)) = s.shards.clone() else {
+        let answer =
+            tokio::task::spawn_blocking(move || match store.resolve_profile_id(&asked)? {
+                Some((live, node)) => render(&store, node, what, redirected(&asked, &live)),
+                None => Ok(None),
+            })
+            .await;
+        return respond(answer);
+    };
+    let here = {
+        let (store, held, asked) = (store.clone(), held.clone(), asked.clone());
+        tokio::task::spawn_blocking(move || profile_here_rendered(&store, &held, &asked, what))
+            .await
+    };
+    if !matches!(here, Ok(Ok(None))) {
+        return respond(here);
+    }
+    // Not in the shards held here: every other instance looks in its own.
+    let Ok(Some(others)) = tokio::task::spawn_blocking(move || owners.others(held.count())).await
+    else {
+        return rebalancing("shards are being reassigned between instances; retry".into());
+    };
+    let path = format!(
+        "/internal/v1/profiles/{}?what={}",
+        asked.as_str(),
+        what.as_str()
+    );
+    let mut unsure = None;
+    for addr in others {
+        match forward(&s, &addr, &path).await {
+            Ok(r) if r.status() == StatusCode::NOT_FOUND => {}
+            Ok(r) if r.status() == StatusCode::SERVICE_UNAVAILABLE => unsure = Some(r),
+            Ok(r) => return r,
+            Err(e) => unsure = Some(rebalancing(format!("instance {addr} is unreachable: {e}"))),
+        }
+    }
+    unsure.unwrap_or_else(|| error(StatusCode::NOT_FOUND, "no profile for this id"))
+}
+
+/// A profile id in the shards held here, rendered; `None` if it is not here.
+fn profile_here_rendered(
+    store: &Store,
+    held: &HeldShards,
+    asked: &ProfileId,
+    what: What,
+) -> Found<serde_json::Value> {
+    match profile_here(store, held, asked)? {
+        Some((shard, live, node)) => {
+            let read = ShardRead { kv: store, shard };
+            render(&read, node, what, redirected(asked, &live))
+        }
         None => Ok(None),
-    })
-    .await;
-    respond(answer)
+    }
+}
+
+fn redirected(asked: &ProfileId, live: &ProfileId) -> Option<String> {
+    (live != asked).then(|| asked.to_string())
 }
 
 async fn by_profile_id(
@@ -199,11 +237,7 @@ async fn by_profile_id(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    for_profile(s, headers, id, |store, asked, live, node| {
-        let redirected_from = (live != asked).then(|| asked.to_string());
-        load(store, node, redirected_from)
-    })
-    .await
+    for_profile(s, headers, id, What::Profile).await
 }
 
 async fn explain_profile(
@@ -211,10 +245,32 @@ async fn explain_profile(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Response {
-    for_profile(s, headers, id, |store, _, _, node| {
-        crate::inspect::inspection(store, node)
-    })
-    .await
+    for_profile(s, headers, id, What::Explain).await
+}
+
+/// `GET /internal/v1/profiles/{id}?what=...`: a profile-id lookup in the shards held here only, asked by
+/// another instance; 503 while this instance holds no shard (it is restoring).
+async fn forwarded_profile(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    axum::extract::Query(q): axum::extract::Query<Forwarded>,
+) -> Response {
+    let (store, asked) = match profile_request(&s, &headers, id) {
+        Ok(x) => x,
+        Err((status, message)) => return error(status, message),
+    };
+    let Some((held, _)) = s.shards.clone() else {
+        return error(StatusCode::NOT_FOUND, "not a scale-out instance");
+    };
+    if held.is_empty() {
+        return rebalancing("this instance holds no shard yet; retry".into());
+    }
+    let what = q.what;
+    let answer =
+        tokio::task::spawn_blocking(move || profile_here_rendered(&store, &held, &asked, what))
+            .await;
+    respond(answer)
 }
 
 /// The checks both identifier routes start with: the token, the identifier normalised as in stitching
@@ -240,11 +296,9 @@ async fn for_identifier<T: Serialize + Send + 'static>(
     s: HttpState,
     headers: HeaderMap,
     (kind, value): (String, String),
-    f: fn(&Store, NodeId) -> Found<T>,
+    f: fn(&dyn GraphRead, NodeId) -> Found<T>,
 ) -> Response {
-    let (store, ids) = match identifier_request(&s, &headers, &kind, &value)
-        .and_then(|x| sharded_refuses(&s).map(|()| x))
-    {
+    let (store, ids) = match identifier_request(&s, &headers, &kind, &value) {
         Ok(x) => x,
         Err((status, message)) => return error(status, message),
     };
@@ -266,26 +320,76 @@ async fn by_identifier(
     Path(key): Path<(String, String)>,
 ) -> Response {
     match s.shards.clone() {
-        Some(shards) => sharded_identifier(s, headers, key, shards).await,
+        Some(shards) => sharded_identifier(s, headers, key, shards, What::Profile).await,
         None => for_identifier(s, headers, key, |store, node| load(store, node, None)).await,
     }
 }
 
-/// An identifier lookup in scale-out mode: each candidate identifier ([`Normalizer::lookup_candidates`]) is
-/// climbed through the shards held here ([`lookup`]), and the rest of a climb that reaches a shard held
-/// elsewhere is forwarded to its owner.
+async fn explain(
+    State(s): State<HttpState>,
+    headers: HeaderMap,
+    Path(key): Path<(String, String)>,
+) -> Response {
+    match s.shards.clone() {
+        Some(shards) => sharded_identifier(s, headers, key, shards, What::Explain).await,
+        None => for_identifier(s, headers, key, inspection).await,
+    }
+}
+
+/// What a lookup answers with: the profile, or its explanation.
+#[derive(Debug, Clone, Copy, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum What {
+    #[default]
+    Profile,
+    Explain,
+}
+
+impl What {
+    fn as_str(self) -> &'static str {
+        match self {
+            What::Profile => "profile",
+            What::Explain => "explain",
+        }
+    }
+}
+
+fn render(
+    read: &dyn GraphRead,
+    node: NodeId,
+    what: What,
+    redirected_from: Option<String>,
+) -> Found<serde_json::Value> {
+    let value = match what {
+        What::Profile => load(read, node, redirected_from)?.map(serde_json::to_value),
+        What::Explain => inspection(read, node)?.map(serde_json::to_value),
+    };
+    Ok(value.transpose().unwrap_or(None))
+}
+
+/// An identifier lookup in scale-out mode: each candidate identifier ([`Normalizer::lookup_candidates`])
+/// from its home shard on ([`lookup`]); a step held elsewhere is forwarded to its holder.
 async fn sharded_identifier(
     s: HttpState,
     headers: HeaderMap,
     (kind, value): (String, String),
     (held, owners): (HeldShards, Owners),
+    what: What,
 ) -> Response {
     let (store, ids) = match identifier_request(&s, &headers, &kind, &value) {
         Ok(x) => x,
         Err((status, message)) => return error(status, message),
     };
     for id in ids {
-        let answer = climb_from(&s, store.clone(), held.clone(), &owners, id, 0).await;
+        let answer = resolve(
+            &s,
+            (store.clone(), held.clone(), &owners),
+            id,
+            Step::Home,
+            what,
+            0,
+        )
+        .await;
         if answer.status() != StatusCode::NOT_FOUND {
             return answer;
         }
@@ -296,22 +400,28 @@ async fn sharded_identifier(
 /// Set on an answer that another instance gave (the lookup was forwarded).
 pub const FORWARDED_HEADER: &str = "stitcher-forwarded";
 
-/// Most forwards of one lookup: a climb visits at most every shard once.
-const MAX_HOPS: u32 = 16;
+/// Most forwards of one lookup: the home, the owner, and owners the component moved to meanwhile.
+const MAX_HOPS: u32 = 8;
 
+/// The query of a lookup forwarded by another instance.
 #[derive(serde::Deserialize)]
-struct Hops {
+struct Forwarded {
     #[serde(default)]
     hops: u32,
+    /// `home`, or the number of the shard that owns (or owned) the component.
+    #[serde(default)]
+    step: Option<String>,
+    #[serde(default)]
+    what: What,
 }
 
-/// `GET /internal/v1/climb/{type}/{value}?hops=n`: the rest of a climb forwarded by another instance, from
-/// an identifier already normalised (never normalised again: a hash stays a hash).
-async fn climb(
+/// `GET /internal/v1/lookup/{type}/{value}?step=..&what=..&hops=n`: an identifier lookup forwarded by
+/// another instance, from an identifier already normalised (never normalised again: a hash stays a hash).
+async fn forwarded_lookup(
     State(s): State<HttpState>,
     headers: HeaderMap,
     Path((kind, value)): Path<(String, String)>,
-    axum::extract::Query(Hops { hops }): axum::extract::Query<Hops>,
+    axum::extract::Query(q): axum::extract::Query<Forwarded>,
 ) -> Response {
     if let Err((status, message)) = authorize(&s, &headers) {
         return error(status, message);
@@ -319,43 +429,61 @@ async fn climb(
     let (Some((held, owners)), Ok(store)) = (s.shards.clone(), state(&s)) else {
         return error(StatusCode::NOT_FOUND, "not a scale-out instance");
     };
-    climb_from(&s, store, held, &owners, Identifier::new(kind, value), hops).await
+    let step = match q.step.as_deref() {
+        None | Some("home") => Step::Home,
+        Some(n) => match n.parse() {
+            Ok(shard) => Step::Owner(shard),
+            Err(_) => return error(StatusCode::BAD_REQUEST, "step: home or a shard number"),
+        },
+    };
+    let id = Identifier::new(kind, value);
+    resolve(&s, (store, held, &owners), id, step, q.what, q.hops).await
 }
 
-/// Climbs from `id` through the shards held here; forwards the rest to the owner of the next shard.
-async fn climb_from(
+fn rebalancing(why: String) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, why);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+    r
+}
+
+/// Looks `id` up from `step` in the shards held here; forwards the rest to the holder of the next shard.
+async fn resolve(
     s: &HttpState,
-    store: Store,
-    held: HeldShards,
-    owners: &Owners,
+    (store, held, owners): (Store, HeldShards, &Owners),
     id: Identifier,
+    step: Step,
+    what: What,
     hops: u32,
 ) -> Response {
-    let answer = tokio::task::spawn_blocking(move || lookup(&store, &held, &id)).await;
-    let (shard, at) = match answer {
-        Ok(Ok(Lookup::Elsewhere { shard, at })) => (shard, at),
-        other => {
-            return respond(other.map(|found| {
-                found.map(|l| match l {
-                    Lookup::Found(p) => Some(LookupAnswer {
-                        profile_id: p.id().to_string(),
-                        redirected_from: None,
-                        profile: (&*p).into(),
-                    }),
-                    Lookup::Unknown | Lookup::Elsewhere { .. } => None,
-                })
-            }))
-        }
-    };
-    let rebalancing = |why: String| {
-        let mut r = error(StatusCode::SERVICE_UNAVAILABLE, why);
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-        r
+    let key = id.clone();
+    let answer = tokio::task::spawn_blocking(move || {
+        Ok(match lookup(&store, &held, &key, step)? {
+            Lookup::Found { shard, node } => {
+                let read = ShardRead { kv: &store, shard };
+                Err(render(&read, node, what, None))
+            }
+            Lookup::Unknown => Err(Ok(None)),
+            Lookup::Elsewhere(step) => Ok(step),
+        })
+    })
+    .await;
+    let step = match answer {
+        Ok(Ok(Ok(step))) => step,
+        Ok(Ok(Err(found))) => return respond(Ok(found)),
+        Ok(Err(e)) => return respond::<()>(Ok(Err(e))),
+        Err(e) => return respond::<()>(Err(e)),
     };
     if hops >= MAX_HOPS {
         return rebalancing(format!("lookup forwarded {hops} times: shards are moving"));
     }
+    let (shard, step_param) = match step {
+        Step::Home => (
+            crate::scaleout::home(&id, owners_count(s)),
+            "home".to_string(),
+        ),
+        Step::Owner(shard) => (shard, shard.to_string()),
+    };
     let who = owners.clone();
     let Ok(Some(owner)) = tokio::task::spawn_blocking(move || who.owner(shard)).await else {
         return rebalancing(format!(
@@ -363,14 +491,27 @@ async fn climb_from(
         ));
     };
     let path = format!(
-        "/internal/v1/climb/{}/{}?hops={}",
-        percent_encode(&at.kind),
-        percent_encode(&at.value),
+        "/internal/v1/lookup/{}/{}?step={step_param}&what={}&hops={}",
+        percent_encode(&id.kind),
+        percent_encode(&id.value),
+        what.as_str(),
         hops + 1
     );
+    match forward(s, &owner, &path).await {
+        Ok(r) => r,
+        Err(e) => rebalancing(format!("the owner of shard {shard} is unreachable: {e}")),
+    }
+}
+
+fn owners_count(s: &HttpState) -> u32 {
+    s.shards.as_ref().map_or(1, |(held, _)| held.count())
+}
+
+/// Asks another instance; its answer (200, 404 or 503) is passed on, marked as forwarded.
+async fn forward(s: &HttpState, addr: &str, path: &str) -> Result<Response, String> {
     match routing::http_get(
-        &owner,
-        &path,
+        addr,
+        path,
         s.bearer_token.as_deref(),
         std::time::Duration::from_secs(5),
     )
@@ -392,13 +533,13 @@ async fn climb_from(
                 r.headers_mut()
                     .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
             }
-            r
+            Ok(r)
         }
-        Ok((status, _)) => error(
+        Ok((status, _)) => Ok(error(
             StatusCode::BAD_GATEWAY,
-            format!("the owner of shard {shard} answered {status}"),
-        ),
-        Err(e) => rebalancing(format!("the owner of shard {shard} is unreachable: {e}")),
+            format!("instance {addr} answered {status}"),
+        )),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -415,15 +556,11 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-async fn explain(
-    State(s): State<HttpState>,
-    headers: HeaderMap,
-    Path(key): Path<(String, String)>,
-) -> Response {
-    for_identifier(s, headers, key, crate::inspect::inspection).await
-}
-
-fn load(store: &Store, node: NodeId, redirected_from: Option<String>) -> Found<LookupAnswer> {
+fn load(
+    store: &dyn GraphRead,
+    node: NodeId,
+    redirected_from: Option<String>,
+) -> Found<LookupAnswer> {
     Ok(store.profile(node)?.map(|p| LookupAnswer {
         profile_id: p.id().to_string(),
         redirected_from,

@@ -4,13 +4,15 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::codec::update::ProfileRecord;
 use crate::codec::{DecodeError, EventDecoder, Layout, ProfileUpdate, SchemaError, UpdateEncoder};
 use crate::config::{Config, ConfigError};
 use crate::control::Command;
 use crate::kafka::dead_letters::{self, Source};
 use crate::metrics::Metrics;
-use crate::model::{Event, Identifier, Millis, ProfileId};
+use crate::model::{Event, Identifier, Millis, NodeId, ProfileId};
 use crate::normalize::Normalizer;
+use crate::profile::Profile;
 use crate::stitch::{BatchChanges, Reshape, Rules, Stitcher};
 use crate::store::{OutRecord, Overlay, Position, StoreError};
 
@@ -242,19 +244,19 @@ impl Processor {
         }
     }
 
-    /// Applies one control command (see [`crate::control`]).
-    fn control(
+    /// Parses a control message (see [`crate::control`]), its identifiers normalised; a malformed one is
+    /// dead-lettered (`None`).
+    pub fn control_command(
         &self,
-        overlay: &mut Overlay<'_>,
         batch: &mut Batch,
         src: Source<'_>,
         msg: InMessage<'_>,
-    ) -> Result<(), ProcessError> {
+    ) -> Option<Control> {
         let command = match Command::parse(msg.payload.unwrap_or_default()) {
             Ok(c) => c,
             Err(e) => {
                 self.dead_letter(batch, src, msg, "control", &e);
-                return Ok(());
+                return None;
             }
         };
         let normalize = |kind: &str, value: &str| {
@@ -265,46 +267,72 @@ impl Processor {
                 )
             })
         };
-        let mut reshape = Reshape::default();
-        match &command {
+        let control = match command {
             Command::EraseIdentifier { kind, value, hash } => {
                 let id = match (value, hash) {
-                    (Some(value), _) => normalize(kind, value),
-                    (None, Some(hash)) => self.normalizer.hashed_identifier(kind, hash).map_err(|r| {
+                    (Some(value), _) => normalize(&kind, &value),
+                    (None, Some(hash)) => self.normalizer.hashed_identifier(&kind, &hash).map_err(|r| {
                         format!("control command hash for type {kind:?} refused: {} (a hash is 64 hex digits, for a type in identity.hashed_types)", r.as_str())
                     }),
                     (None, None) => Err("erase_identifier takes either value or hash".into()),
                 };
-                let id = match id {
-                    Ok(id) => id,
-                    Err(e) => {
-                        self.dead_letter(batch, src, msg, "control", &e);
-                        return Ok(());
-                    }
-                };
-                let copies = std::iter::once(id.clone())
-                    .chain(self.channels.iter().map(|ch| id.scoped(ch)))
-                    .collect::<Vec<Identifier>>();
-                for x in &copies {
-                    reshape.extend(self.stitcher.erase_identifier(overlay, x)?);
-                }
+                id.map(|id| {
+                    // The identifier and its copies scoped to each channel (consent sealing).
+                    let copies = std::iter::once(id.clone())
+                        .chain(self.channels.iter().map(|ch| id.scoped(ch)))
+                        .collect();
+                    Control::Erase(copies)
+                })
             }
             Command::EraseProfile { profile_id } => {
-                reshape = self
-                    .stitcher
-                    .erase_profile(overlay, &ProfileId(profile_id.clone()))?;
+                Ok(Control::EraseProfile(ProfileId(profile_id)))
             }
             Command::Unlink { a, b } => {
-                let (a, b) = match (normalize(&a.kind, &a.value), normalize(&b.kind, &b.value)) {
-                    (Ok(a), Ok(b)) => (a, b),
-                    (Err(e), _) | (_, Err(e)) => {
-                        self.dead_letter(batch, src, msg, "control", &e);
-                        return Ok(());
-                    }
-                };
-                reshape = self.stitcher.unlink(overlay, &a, &b)?;
+                match (normalize(&a.kind, &a.value), normalize(&b.kind, &b.value)) {
+                    (Ok(a), Ok(b)) => Ok(Control::Unlink(a, b)),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                }
+            }
+        };
+        match control {
+            Ok(c) => Some(c),
+            Err(e) => {
+                self.dead_letter(batch, src, msg, "control", &e);
+                None
             }
         }
+    }
+
+    /// Applies one control command.
+    fn control(
+        &self,
+        overlay: &mut Overlay<'_>,
+        batch: &mut Batch,
+        src: Source<'_>,
+        msg: InMessage<'_>,
+    ) -> Result<(), ProcessError> {
+        let Some(command) = self.control_command(batch, src, msg) else {
+            return Ok(());
+        };
+        let reshape = match &command {
+            Control::Erase(copies) => {
+                let mut reshape = Reshape::default();
+                for x in copies {
+                    reshape.extend(self.stitcher.erase_identifier(overlay, x)?);
+                }
+                reshape
+            }
+            Control::EraseProfile(id) => self.stitcher.erase_profile(overlay, id)?,
+            Control::Unlink(a, b) => self.stitcher.unlink(overlay, a, b)?,
+        };
+        let trigger = format!("control:{}:{}:{}", src.topic, src.partition, src.offset);
+        self.control_applied(command.op(), &trigger, &reshape);
+        batch.changes.record_reshape(&trigger, "control", reshape);
+        Ok(())
+    }
+
+    /// Logs and counts a control command applied (or that found nothing to change).
+    pub fn control_applied(&self, op: &str, trigger: &str, reshape: &Reshape) {
         let result = if reshape.is_empty()
             && reshape.identifiers_erased == 0
             && reshape.links_removed == 0
@@ -314,21 +342,17 @@ impl Processor {
             "applied"
         };
         tracing::info!(
-            op = command.op(),
+            op,
             result,
-            partition = src.partition,
-            offset = src.offset,
+            trigger,
             splits = reshape.splits.len(),
             erased = reshape.erased.len(),
             "control command"
         );
         self.metrics
             .control_commands
-            .with_label_values(&[command.op(), result])
+            .with_label_values(&[op, result])
             .inc();
-        let trigger = format!("control:{}:{}:{}", src.topic, src.partition, src.offset);
-        batch.changes.record_reshape(&trigger, "control", reshape);
-        Ok(())
     }
 
     pub fn dead_letter(
@@ -359,7 +383,7 @@ impl Processor {
         ));
     }
 
-    /// The batch's output: dead letters, then per touched profile its redirects and its update.
+    /// The batch's records: its dead letters, then what [`Processor::changes_records`] makes of its changes.
     pub fn finish(
         &self,
         overlay: &Overlay<'_>,
@@ -367,7 +391,19 @@ impl Processor {
         now: Millis,
     ) -> Result<Vec<OutRecord>, ProcessError> {
         let mut out = std::mem::take(&mut batch.dead_letters);
-        let changes = &batch.changes;
+        self.changes_records(overlay, &batch.changes, now, &mut out)?;
+        Ok(out)
+    }
+
+    /// The records of a batch's changes: a tombstone per id that stopped existing (and is not alive again
+    /// at the end of the batch), then per touched live profile its redirects and its update.
+    pub fn changes_records(
+        &self,
+        profiles: &impl ProfileSource,
+        changes: &BatchChanges,
+        now: Millis,
+        out: &mut Vec<OutRecord>,
+    ) -> Result<(), ProcessError> {
         self.metrics.profiles_created.inc_by(changes.created);
         self.metrics.profile_merges.inc_by(changes.merges);
         self.metrics.profile_splits.inc_by(changes.splits);
@@ -375,10 +411,9 @@ impl Processor {
         self.metrics
             .identifiers_erased
             .inc_by(changes.identifiers_erased);
-        // Ids that stopped existing and are not alive again at the end of the batch: tombstones first,
-        // so that a key that came back within the batch ends on its update.
+        // Tombstones first, so that a key that came back within the batch ends on its update.
         for id in changes.erased() {
-            if overlay.live_node(id)?.is_none() {
+            if profiles.live_node(id)?.is_none() {
                 out.push(self.output(id.as_str(), None));
                 self.metrics
                     .output_records
@@ -386,8 +421,9 @@ impl Processor {
                     .inc();
             }
         }
-        for u in batch.changes.updates() {
-            let Some(record) = overlay.with_profile(u.node, |p| p.map(|p| (p.id(), p.into())))?
+        for u in changes.updates() {
+            let Some(record) =
+                profiles.with_profile(u.node, &mut |p| p.map(|p| (p.id(), p.into())))?
             else {
                 continue;
             };
@@ -417,7 +453,7 @@ impl Processor {
             };
             out.push(self.update(&update)?);
         }
-        Ok(out)
+        Ok(())
     }
 
     /// The record saying that profile `old` now lives in `to`.
@@ -478,4 +514,51 @@ pub fn positions_vec(map: &BTreeMap<(String, i32), i64>) -> Vec<Position> {
             next_offset: *next,
         })
         .collect()
+}
+
+/// A control command with its identifiers normalised.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Control {
+    /// An identifier and its copies scoped to each channel.
+    Erase(Vec<Identifier>),
+    EraseProfile(ProfileId),
+    Unlink(Identifier, Identifier),
+}
+
+impl Control {
+    pub fn op(&self) -> &'static str {
+        match self {
+            Control::Erase(_) => "erase_identifier",
+            Control::EraseProfile(_) => "erase_profile",
+            Control::Unlink(..) => "unlink",
+        }
+    }
+}
+
+/// What reads a profile into its record: its id and its output form.
+pub type ProfileReader<'a> = dyn FnMut(Option<&Profile>) -> Option<(ProfileId, ProfileRecord)> + 'a;
+
+/// Where the records of a batch's changes read the profiles as the batch leaves them.
+pub trait ProfileSource {
+    /// The node of a live public id (no redirects followed).
+    fn live_node(&self, id: &ProfileId) -> Result<Option<NodeId>, StoreError>;
+    /// The profile of a node, handed to `f`.
+    fn with_profile(
+        &self,
+        node: NodeId,
+        f: &mut ProfileReader<'_>,
+    ) -> Result<Option<(ProfileId, ProfileRecord)>, StoreError>;
+}
+
+impl ProfileSource for Overlay<'_> {
+    fn live_node(&self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
+        Overlay::live_node(self, id)
+    }
+    fn with_profile(
+        &self,
+        node: NodeId,
+        f: &mut ProfileReader<'_>,
+    ) -> Result<Option<(ProfileId, ProfileRecord)>, StoreError> {
+        Overlay::with_profile(self, node, f)
+    }
 }

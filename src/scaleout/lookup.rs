@@ -1,17 +1,17 @@
-//! Lookups in scale-out mode: the profile of an identifier's component, read from the committed local copy
-//! of the shards this instance holds. The path from the identifier to its root crosses the homes of the
-//! identifiers on it; if one of them is held by another instance, the answer says which shard and where the
-//! climb stopped, and the HTTP API forwards the rest of the climb to the shard's owner
-//! ([`super::routing`]).
+//! Lookups in scale-out mode, from the committed local copy of the shards this instance holds. An
+//! identifier's home shard knows which shard owns its component (the directory); the owner holds the
+//! component whole: its profile, links and parts. When the home or the owner is held by another instance,
+//! the answer says which shard to ask and whether it is the identifier's home or its owner, and the HTTP
+//! API forwards the lookup there ([`super::routing`]).
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, PoisonError, RwLock};
 
-use super::state::{committed_parent, committed_profile};
+use super::owner::Dir;
+use super::state::ShardRead;
 use super::{home, ShardId};
-use crate::model::Identifier;
-use crate::profile::Profile;
-use crate::store::{Store, StoreError};
+use crate::model::{Identifier, NodeId, ProfileId};
+use crate::store::{follow_redirects, Store, StoreError};
 
 /// The shards this instance holds, published by the sharded pipeline for the lookup API.
 #[derive(Debug, Clone)]
@@ -34,44 +34,106 @@ impl HeldShards {
         held.clone_from(shards);
     }
 
+    pub fn count(&self) -> ShardId {
+        self.count
+    }
+
+    /// Whether this instance holds no shard (none assigned, or restoring).
+    pub fn is_empty(&self) -> bool {
+        self.held
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
     fn holds(&self, shard: ShardId) -> bool {
         self.held
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .contains(&shard)
     }
+
+    fn held(&self) -> BTreeSet<ShardId> {
+        self.held
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// Where a lookup goes on: an identifier's home (its directory entry) or a shard that owns or owned its
+/// component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    Home,
+    Owner(ShardId),
 }
 
 #[derive(Debug, PartialEq)]
 pub enum Lookup {
-    Found(Box<Profile>),
-    /// No component holds the identifier (as far as the shards held here know).
+    /// The component: its owner shard and its node there.
+    Found { shard: ShardId, node: NodeId },
+    /// No component holds the identifier.
     Unknown,
-    /// The path to the component's root goes on at `at`, whose home shard is held by another instance.
-    Elsewhere {
-        shard: ShardId,
-        at: Identifier,
-    },
+    /// The lookup goes on at `step`, held by another instance.
+    Elsewhere(Step),
 }
 
-/// The profile of the component holding `id`. Parents are smaller than their children, so the climb ends.
-pub fn lookup(store: &Store, held: &HeldShards, id: &Identifier) -> Result<Lookup, StoreError> {
-    let mut cur = id.clone();
-    loop {
-        let shard = home(&cur, held.count);
+/// Most shards a lookup visits here: the home, then owners along forwarding pointers.
+const MAX_STEPS: usize = 8;
+
+/// Finds the component of `id`, from `step` (`Step::Home` for a new lookup).
+pub fn lookup(
+    store: &Store,
+    held: &HeldShards,
+    id: &Identifier,
+    mut step: Step,
+) -> Result<Lookup, StoreError> {
+    for _ in 0..MAX_STEPS {
+        let shard = match step {
+            Step::Home => home(id, held.count),
+            Step::Owner(s) => s,
+        };
         if !held.holds(shard) {
-            return Ok(Lookup::Elsewhere { shard, at: cur });
+            return Ok(Lookup::Elsewhere(step));
         }
-        match committed_parent(store, shard, &cur)? {
-            None => return Ok(Lookup::Unknown),
-            Some(parent) if parent == cur => {
-                // A root whose first part is still on its way has no profile yet.
-                return Ok(committed_profile(store, shard, &cur)?
-                    .map_or(Lookup::Unknown, |p| Lookup::Found(Box::new(p))));
+        let read = ShardRead { kv: store, shard };
+        step = match step {
+            Step::Home => match read.dir(id)? {
+                Some(Dir::Owned(s, _)) => Step::Owner(s),
+                _ => return Ok(Lookup::Unknown),
+            },
+            Step::Owner(_) => {
+                if let Some(node) = read.node_of(id)? {
+                    return Ok(Lookup::Found { shard, node });
+                }
+                // Moved on since the directory was written: follow it.
+                match read.moved(id)? {
+                    Some(super::owner::Moved::To(s)) => Step::Owner(s),
+                    _ => return Ok(Lookup::Unknown),
+                }
             }
-            Some(parent) => cur = parent,
+        };
+    }
+    Ok(Lookup::Unknown)
+}
+
+/// A profile by any of its public ids (redirects followed) in the shards held here: the shard, the live
+/// id and the node.
+pub fn profile_here(
+    store: &Store,
+    held: &HeldShards,
+    id: &ProfileId,
+) -> Result<Option<(ShardId, ProfileId, NodeId)>, StoreError> {
+    for shard in held.held() {
+        let read = ShardRead { kv: store, shard };
+        if let Some((live, node)) =
+            follow_redirects(id, |p| read.indexed(p), |p| read.redirect_of(p))?
+        {
+            return Ok(Some((shard, live, node)));
         }
     }
+    Ok(None)
 }
 
 #[cfg(test)]
@@ -82,24 +144,51 @@ mod tests {
 
     use super::*;
     use crate::model::Event;
-    use crate::scaleout::state::ShardOverlay;
-    use crate::scaleout::tests::ev;
-    use crate::scaleout::{handle, Effects, Msg};
-    use crate::stitch::Rules;
+    use crate::scaleout::event_home;
+    use crate::scaleout::owner::{Msg, Out, Shard};
+    use crate::scaleout::state::{ShardOverlay, ShardView};
+    use crate::stitch::{Rules, Stitcher};
     use crate::store::TempStore;
 
     const SHARDS: ShardId = 4;
 
-    /// Handles the events to the end over four shards and commits the state.
+    fn ev(n: u32, ts: i64, ids: &[(&str, &str)]) -> Event {
+        let mut ids: Vec<Identifier> = ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect();
+        ids.sort();
+        Event {
+            event_id: format!("e{n}"),
+            channel: "web".into(),
+            event_type: "page_view".into(),
+            timestamp: ts,
+            identifiers: ids,
+            purchase: None,
+            items: vec![],
+            campaign_id: None,
+            consent: None,
+        }
+    }
+
+    /// Handles the events to the end over four shards kept in RocksDB and commits the state.
     fn stitched(store: &Store, events: &[Event]) {
-        let rules = Rules::unlimited();
+        let stitcher = Stitcher::new(Rules::unlimited());
         let mut overlay = ShardOverlay::new(store);
-        let mut queue: VecDeque<Msg> = events.iter().cloned().map(Msg::Event).collect();
-        while let Some(msg) = queue.pop_front() {
-            let mut fx = Effects::default();
-            let target = msg.target(SHARDS);
-            handle(&mut overlay.shard(target), msg, &rules, &mut fx).expect("handle");
-            queue.extend(fx.msgs);
+        let mut queue: VecDeque<(ShardId, Msg)> = events
+            .iter()
+            .map(|e| (event_home(&e.event_id, SHARDS), Msg::Event(e.clone())))
+            .collect();
+        while let Some((shard, msg)) = queue.pop_front() {
+            let mut out = Out::default();
+            let mut view = ShardView {
+                kv: &mut overlay,
+                shard,
+            };
+            Shard {
+                view: &mut view,
+                shards: SHARDS,
+            }
+            .handle(&stitcher, msg, &mut out)
+            .expect("handle");
+            queue.extend(out.msgs);
         }
         let mut batch = WriteBatch::default();
         store
@@ -109,7 +198,7 @@ mod tests {
     }
 
     #[test]
-    fn every_identifier_finds_its_component_when_the_path_is_held_here() {
+    fn every_identifier_and_profile_id_finds_its_component() {
         let tmp = TempStore::new().expect("store");
         let store = &tmp.store;
         let ids = [
@@ -119,42 +208,55 @@ mod tests {
             ("device_id", "d1"),
             ("phone", "+15550000001"),
         ];
-        stitched(
-            store,
-            &[
-                ev(0, 1000, [ids[0], ids[1]]),
-                ev(1, 1001, [ids[2], ids[3]]),
-                ev(2, 1002, [ids[1], ids[3]]),
-                ev(3, 1003, [ids[4], ids[2]]),
-                ev(4, 1004, [("email", "b@x.io")]),
-            ],
-        );
+        let events = [
+            ev(0, 1000, &[ids[0], ids[1]]),
+            ev(1, 1001, &[ids[2], ids[3]]),
+            ev(2, 1002, &[ids[1], ids[3]]),
+            ev(3, 1003, &[ids[4], ids[2]]),
+            ev(4, 1004, &[("email", "b@x.io")]),
+        ];
+        stitched(store, &events);
         let held = HeldShards::new(SHARDS);
         held.publish(&(0..SHARDS).collect());
         let all: BTreeSet<Identifier> = ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect();
+        let mut owner = None;
         for id in &all {
-            let Lookup::Found(profile) = lookup(store, &held, id).expect("lookup") else {
+            let Lookup::Found { shard, node } =
+                lookup(store, &held, id, Step::Home).expect("lookup")
+            else {
                 panic!("{id:?} not found");
             };
+            let read = ShardRead { kv: store, shard };
+            let profile = read.profile(node).expect("read").expect("profile");
             let found: BTreeSet<Identifier> = profile.identifiers.keys().cloned().collect();
             assert_eq!(found, all);
-            assert_eq!(profile.events, 4);
+            owner = Some((shard, node));
         }
-        let unknown = Identifier::new("email", "nobody@x.io");
+        // The merged profile by its live id and by the retired ids of the profiles merged into it.
+        for first in [&events[0], &events[1]] {
+            let id = crate::profile::Profile::new(first).id();
+            let (shard, live, node) = profile_here(store, &held, &id)
+                .expect("read")
+                .unwrap_or_else(|| panic!("profile id {id} of {} found", first.event_id));
+            assert_eq!(Some((shard, node)), owner);
+            assert_eq!(live, crate::profile::Profile::new(&events[0]).id());
+        }
         assert_eq!(
-            lookup(store, &held, &unknown).expect("lookup"),
+            lookup(
+                store,
+                &held,
+                &Identifier::new("email", "nobody@x.io"),
+                Step::Home
+            )
+            .expect("lookup"),
             Lookup::Unknown
         );
-
-        // Without the root's shard, every identifier of the component is answered elsewhere.
-        let root = all.iter().next().expect("root");
-        let missing = home(root, SHARDS);
-        held.publish(&(0..SHARDS).filter(|s| *s != missing).collect());
-        for id in &all {
-            assert!(matches!(
-                lookup(store, &held, id).expect("lookup"),
-                Lookup::Elsewhere { shard, .. } if shard == missing
-            ));
-        }
+        // Holding none of the shards: the lookup goes on at the identifier's home, elsewhere.
+        held.publish(&BTreeSet::new());
+        let x = Identifier::new("email", "a@x.io");
+        assert_eq!(
+            lookup(store, &held, &x, Step::Home).expect("lookup"),
+            Lookup::Elsewhere(Step::Home)
+        );
     }
 }

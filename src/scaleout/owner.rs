@@ -7,14 +7,18 @@
 //! This module is the per-shard state machine ([`Shard::handle`]), free of IO: the graph of a shard is a
 //! [`GraphStore`], messages in, messages and applied steps out.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
+use super::state::{
+    Kv, ShardGraph, ShardView, MOVED_PROFILE, PARKED, PARKED_BEHIND, PENDING, WAITING,
+};
 use super::{event_home, home, ShardId};
 use crate::model::{Event, Identifier, NodeId, ProfileId};
 use crate::profile::Profile;
-use crate::stitch::{Applied, Evidence, MemStore, Reshape, Stitcher};
+use crate::stitch::{Applied, Evidence, GraphStore, Reshape, Stitcher};
+use crate::store::{identifier_key, StoreError};
 
 /// What `Locate` found for one identifier at its home.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -40,8 +44,9 @@ pub struct Member {
 pub struct Piece {
     pub profile: Profile,
     pub members: Vec<Member>,
-    /// Retired public ids redirecting to this profile's id.
-    pub redirects: Vec<ProfileId>,
+    /// Retired public ids leading to this profile's id (directly or through a chain), with where each
+    /// redirects.
+    pub redirects: Vec<(ProfileId, ProfileId)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -66,8 +71,11 @@ pub enum Msg {
         to: ShardId,
         event: String,
     },
-    /// A component fetched for `event`.
-    Component { event: String, piece: Box<Piece> },
+    /// A fetched component, from a node of another shard.
+    Component {
+        from: (ShardId, NodeId),
+        piece: Box<Piece>,
+    },
     /// Directory update at the home of `x`: its component is at `owner` (`None`: it exists nowhere).
     Own {
         x: Identifier,
@@ -78,6 +86,9 @@ pub enum Msg {
     Gone { x: Identifier, event: String },
     /// Erase an identifier: at its home, then at its owner (`at_owner`).
     Erase { x: Identifier, at_owner: bool },
+    /// Erase a profile by any of its public ids: sent to every shard; the one holding it erases it, one
+    /// that sent it away forwards the command after it.
+    EraseProfile(ProfileId),
     /// Remove the link between two identifiers: at the home of the first, then at its owner.
     Unlink {
         a: Identifier,
@@ -97,6 +108,7 @@ impl Msg {
             Msg::Own { .. } => "own",
             Msg::Gone { .. } => "gone",
             Msg::Erase { .. } => "erase",
+            Msg::EraseProfile(_) => "erase_profile",
             Msg::Unlink { .. } => "unlink",
         }
     }
@@ -108,6 +120,7 @@ impl Msg {
 pub enum Step {
     Event(Event, Option<Applied>),
     Erase(Identifier, Reshape),
+    EraseProfile(ProfileId, Reshape),
     Unlink(Identifier, Identifier, Reshape),
 }
 
@@ -116,12 +129,16 @@ pub enum Step {
 pub struct Out {
     pub msgs: Vec<(ShardId, Msg)>,
     pub steps: Vec<Step>,
+    /// Components that left this shard: their node here and their profile as it left.
+    pub departed: Vec<(NodeId, Profile)>,
+    /// Components that arrived: the shard and node they came from, and their node here.
+    pub arrived: Vec<((ShardId, NodeId), NodeId)>,
     /// Events seen before (dropped at their home).
     pub duplicates: u64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-enum Dir {
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Dir {
     Owned(ShardId, u32),
     /// An event that brings the identifier for the first time holds it; `waiting` resume once it is placed.
     Reserved {
@@ -132,13 +149,13 @@ enum Dir {
     Absent(u32),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Moved {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Moved {
     To(ShardId),
     Erased,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Pending {
     ev: Event,
     found: BTreeMap<Identifier, Found>,
@@ -146,33 +163,24 @@ struct Pending {
     missing: BTreeSet<Identifier>,
 }
 
-/// One shard: the components it owns, the directory of the identifiers homed here, forwarding pointers,
-/// the dedup set of event ids homed here, events waiting for components, and parked messages.
-#[derive(Debug, Clone, Default)]
-pub struct Shard {
-    pub id: ShardId,
+/// One shard's protocol step: its graph and tables in a [`ShardView`], with the total number of shards.
+pub struct Shard<'v, 'k, K: ?Sized> {
+    pub view: &'v mut ShardView<'k, K>,
     pub shards: ShardId,
-    pub graph: MemStore,
-    dir: BTreeMap<Identifier, Dir>,
-    gens: HashMap<Identifier, u32>,
-    moved: HashMap<Identifier, Moved>,
-    seen: HashSet<String>,
-    /// By event id: the smallest id is the highest priority.
-    pending: BTreeMap<String, Pending>,
-    parked: Vec<Msg>,
 }
 
-impl Shard {
-    pub fn new(id: ShardId, shards: ShardId) -> Self {
-        Self {
-            id,
-            shards,
-            ..Self::default()
-        }
+impl<K: Kv + ?Sized> Shard<'_, '_, K> {
+    fn id(&self) -> ShardId {
+        self.view.shard
     }
 
-    /// Handles one message; everything it changes is in `self` and `out`.
-    pub fn handle(&mut self, stitcher: &Stitcher, msg: Msg, out: &mut Out) {
+    /// Handles one message; everything it changes is in the view and `out`.
+    pub fn handle(
+        &mut self,
+        stitcher: &Stitcher,
+        msg: Msg,
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
         match msg {
             Msg::Event(ev) => self.event(ev, out),
             Msg::Locate {
@@ -182,27 +190,13 @@ impl Shard {
                 found,
             } => self.locate(ev, ids, next, found, out),
             Msg::Gather { ev, found } => self.gather(stitcher, ev, found, out),
-            Msg::Fetch { x, to, event } => self.fetch(x, to, event, out),
-            Msg::Component { event, piece } => self.component(stitcher, &event, *piece, out),
+            Msg::Fetch { x, to, event } => self.fetch(stitcher, x, to, event, out),
+            Msg::Component { from, piece } => self.component(stitcher, from, *piece, out),
             Msg::Own { x, owner, gen } => self.own(stitcher, x, owner, gen, out),
             Msg::Gone { event, .. } => self.restart(stitcher, &event, out),
             Msg::Erase { x, at_owner } => self.erase(stitcher, x, at_owner, out),
+            Msg::EraseProfile(id) => self.erase_profile(stitcher, id, out),
             Msg::Unlink { a, b, at_owner } => self.unlink(stitcher, a, b, at_owner, out),
-        }
-    }
-
-    /// Whether nothing waits here: no pending event, parked message or reservation.
-    pub fn is_quiet(&self) -> bool {
-        self.pending.is_empty()
-            && self.parked.is_empty()
-            && !self.dir.values().any(|d| matches!(d, Dir::Reserved { .. }))
-    }
-
-    /// The directory's owner of an identifier homed here.
-    pub fn directory(&self, x: &Identifier) -> Option<ShardId> {
-        match self.dir.get(x) {
-            Some(Dir::Owned(s, _)) => Some(*s),
-            _ => None,
         }
     }
 
@@ -210,12 +204,117 @@ impl Shard {
         out.msgs.push((to, msg));
     }
 
-    fn event(&mut self, ev: Event, out: &mut Out) {
-        if !self.seen.insert(ev.event_id.clone()) {
+    fn node_of(&self, x: &Identifier) -> Result<Option<NodeId>, StoreError> {
+        self.view.read().node_of(x)
+    }
+
+    fn here(&self, x: &Identifier) -> Result<bool, StoreError> {
+        Ok(self.node_of(x)?.is_some())
+    }
+
+    fn dir(&self, x: &Identifier) -> Result<Dir, StoreError> {
+        Ok(self.view.read().dir(x)?.unwrap_or(Dir::Absent(0)))
+    }
+
+    fn moved(&self, x: &Identifier) -> Result<Option<Moved>, StoreError> {
+        self.view.moved(x)
+    }
+
+    fn pending(&self, event: &str) -> Result<Option<Pending>, StoreError> {
+        self.view.get(PENDING, event.as_bytes())
+    }
+
+    fn put_pending(&mut self, event: &str, p: &Pending) -> Result<(), StoreError> {
+        self.view.put(PENDING, event.as_bytes(), Some(p))
+    }
+
+    /// Events pending here that located `x` (they need its component).
+    fn waiting_on(&self, x: &Identifier) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .view
+            .get(WAITING, &identifier_key(x))?
+            .unwrap_or_default())
+    }
+
+    fn edit_waiting(
+        &mut self,
+        x: &Identifier,
+        f: impl FnOnce(&mut Vec<String>),
+    ) -> Result<(), StoreError> {
+        let mut events = self.waiting_on(x)?;
+        f(&mut events);
+        events.sort();
+        events.dedup();
+        let value = (!events.is_empty()).then_some(&events);
+        self.view.put(WAITING, &identifier_key(x), value)
+    }
+
+    /// The events pending here that need any of `ids`, highest priority first.
+    fn waiting_on_any(&self, ids: &[Identifier]) -> Result<BTreeSet<String>, StoreError> {
+        let mut events = BTreeSet::new();
+        for x in ids {
+            events.extend(self.waiting_on(x)?);
+        }
+        Ok(events)
+    }
+
+    /// A pending event is over (applied, or starting again): it no longer waits here.
+    fn forget_pending(&mut self, event: &str, p: &Pending) -> Result<(), StoreError> {
+        self.view.put::<Pending>(PENDING, event.as_bytes(), None)?;
+        for x in p.found.keys() {
+            self.edit_waiting(x, |v| v.retain(|e| e != event))?;
+        }
+        Ok(())
+    }
+
+    /// Parks a message about `x`, whose component is on its way here, until it arrives.
+    fn park(&mut self, x: &Identifier, msg: Msg) -> Result<(), StoreError> {
+        let mut parked: Vec<Msg> = self
+            .view
+            .get(PARKED, &identifier_key(x))?
+            .unwrap_or_default();
+        parked.push(msg);
+        self.view.put(PARKED, &identifier_key(x), Some(&parked))
+    }
+
+    /// Parks a fetch behind the pending event `event` that holds the component, until that event is
+    /// applied, starts again or loses the component.
+    fn park_behind(&mut self, event: &str, msg: Msg) -> Result<(), StoreError> {
+        let mut parked: Vec<Msg> = self
+            .view
+            .get(PARKED_BEHIND, event.as_bytes())?
+            .unwrap_or_default();
+        parked.push(msg);
+        self.view
+            .put(PARKED_BEHIND, event.as_bytes(), Some(&parked))
+    }
+
+    /// Handles again the fetches parked behind `event`.
+    fn retry_behind(
+        &mut self,
+        stitcher: &Stitcher,
+        event: &str,
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
+        let parked: Option<Vec<Msg>> = self.view.get(PARKED_BEHIND, event.as_bytes())?;
+        let Some(parked) = parked else {
+            return Ok(());
+        };
+        self.view
+            .put::<Vec<Msg>>(PARKED_BEHIND, event.as_bytes(), None)?;
+        for msg in parked {
+            self.handle(stitcher, msg, out)?;
+        }
+        Ok(())
+    }
+
+    fn event(&mut self, ev: Event, out: &mut Out) -> Result<(), StoreError> {
+        if !self.view.first_seen(&ev.event_id)? {
             out.duplicates += 1;
-            return;
+            return Ok(());
         }
         self.start(ev, out);
+        Ok(())
     }
 
     /// Starts locating an event's identifiers, at the first home in order.
@@ -233,7 +332,7 @@ impl Shard {
                 self.send(out, to, msg);
             }
             // Nothing to stitch: applied where it is.
-            None => self.send(out, self.id, Msg::Gather { ev, found: vec![] }),
+            None => self.send(out, self.id(), Msg::Gather { ev, found: vec![] }),
         }
     }
 
@@ -244,37 +343,59 @@ impl Shard {
         mut next: usize,
         mut found: Vec<(Identifier, Found)>,
         out: &mut Out,
-    ) {
-        while let Some(x) = ids.get(next).filter(|x| home(x, self.shards) == self.id) {
+    ) -> Result<(), StoreError> {
+        while let Some(x) = ids.get(next).filter(|x| home(x, self.shards) == self.id()) {
             let x = x.clone();
-            let entry = self.dir.entry(x.clone()).or_insert(Dir::Absent(0));
-            match entry {
-                Dir::Owned(s, _) => found.push((x, Found::Owned(*s))),
+            let entry = match self.dir(&x)? {
+                Dir::Owned(s, _) => {
+                    found.push((x, Found::Owned(s)));
+                    next += 1;
+                    continue;
+                }
                 Dir::Absent(gen) => {
-                    let gen = *gen + 1;
-                    *entry = Dir::Reserved {
+                    found.push((x.clone(), Found::New(gen + 1)));
+                    Dir::Reserved {
                         event: ev.event_id.clone(),
-                        gen,
+                        gen: gen + 1,
                         waiting: vec![],
-                    };
-                    found.push((x, Found::New(gen)));
+                    }
                 }
                 // Its own reservation from before a restart, whose release is still on its way: taken
                 // again under the next gen, so that the late release is ignored.
-                Dir::Reserved { event, gen, .. } if *event == ev.event_id => {
-                    *gen += 1;
-                    found.push((x, Found::New(*gen)));
+                Dir::Reserved {
+                    event,
+                    gen,
+                    waiting,
+                } if event == ev.event_id => {
+                    found.push((x.clone(), Found::New(gen + 1)));
+                    Dir::Reserved {
+                        event,
+                        gen: gen + 1,
+                        waiting,
+                    }
                 }
-                Dir::Reserved { waiting, .. } => {
+                Dir::Reserved {
+                    event,
+                    gen,
+                    mut waiting,
+                } => {
                     waiting.push(Msg::Locate {
                         ev,
                         ids,
                         next,
                         found,
                     });
-                    return;
+                    return self.view.set_dir(
+                        &x,
+                        &Dir::Reserved {
+                            event,
+                            gen,
+                            waiting,
+                        },
+                    );
                 }
-            }
+            };
+            self.view.set_dir(&x, &entry)?;
             next += 1;
         }
         if let Some(x) = ids.get(next) {
@@ -286,10 +407,11 @@ impl Shard {
                 found,
             };
             self.send(out, to, msg);
-            return;
+            return Ok(());
         }
         let to = choose_target(&ev, &found, self.shards);
         self.send(out, to, Msg::Gather { ev, found });
+        Ok(())
     }
 
     fn gather(
@@ -298,7 +420,7 @@ impl Shard {
         ev: Event,
         found: Vec<(Identifier, Found)>,
         out: &mut Out,
-    ) {
+    ) -> Result<(), StoreError> {
         let event = ev.event_id.clone();
         let mut missing = Vec::new();
         let mut erased = false;
@@ -306,13 +428,13 @@ impl Shard {
             let Found::Owned(s) = *f else {
                 continue; // new: reserved for this event
             };
-            if self.graph.nodes.contains_key(x) {
+            if self.here(x)? {
                 continue;
             }
             missing.push(x.clone());
-            let to = match (s == self.id, self.moved.get(x)) {
+            let to = match (s == self.id(), self.moved(x)?) {
                 (false, _) => s,
-                (true, Some(Moved::To(u))) => *u,
+                (true, Some(Moved::To(u))) => u,
                 // Erased after it was located.
                 (true, Some(Moved::Erased)) => {
                     erased = true;
@@ -322,224 +444,256 @@ impl Shard {
             };
             let msg = Msg::Fetch {
                 x: x.clone(),
-                to: self.id,
+                to: self.id(),
                 event: event.clone(),
             };
             self.send(out, to, msg);
         }
-        let pending = self
-            .pending
-            .entry(event.clone())
-            .or_insert_with(|| Pending {
-                ev,
-                found: BTreeMap::new(),
-                missing: BTreeSet::new(),
-            });
+        let mut p = self.pending(&event)?.unwrap_or_else(|| Pending {
+            ev,
+            found: BTreeMap::new(),
+            missing: BTreeSet::new(),
+        });
         for (x, f) in found {
-            pending.missing.remove(&x);
-            pending.found.insert(x, f);
+            p.missing.remove(&x);
+            self.edit_waiting(&x, |v| v.push(event.clone()))?;
+            p.found.insert(x, f);
         }
-        pending.missing.extend(missing);
+        p.missing.extend(missing);
+        self.put_pending(&event, &p)?;
         if erased {
             return self.restart(stitcher, &event, out);
         }
-        self.apply_ready(stitcher, out);
+        self.apply_ready(stitcher, BTreeSet::from([event]), out)
     }
 
     /// The highest-priority pending event here that needs the component of node `node`.
-    fn holder(&self, node: NodeId) -> Option<&str> {
-        self.pending
-            .iter()
-            .find(|(_, p)| {
-                p.found
-                    .keys()
-                    .any(|x| self.graph.nodes.get(x) == Some(&node))
-            })
-            .map(|(e, _)| e.as_str())
+    fn holder(&self, node: NodeId) -> Result<Option<String>, StoreError> {
+        let ids: Vec<Identifier> = self
+            .view
+            .read()
+            .profile(node)?
+            .map(|p| p.identifiers.into_keys().collect())
+            .unwrap_or_default();
+        Ok(self.waiting_on_any(&ids)?.into_iter().next())
     }
 
-    fn fetch(&mut self, x: Identifier, to: ShardId, event: String, out: &mut Out) {
-        if let Some(&node) = self.graph.nodes.get(&x) {
-            if to == self.id {
-                return; // fetched by this shard for itself: it is here
+    fn fetch(
+        &mut self,
+        stitcher: &Stitcher,
+        x: Identifier,
+        to: ShardId,
+        event: String,
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
+        if let Some(node) = self.node_of(&x)? {
+            if to == self.id() {
+                return Ok(()); // fetched by this shard for itself: it is here
             }
-            if self.holder(node).is_some_and(|h| h < event.as_str()) {
-                self.parked.push(Msg::Fetch { x, to, event });
-                return;
+            if let Some(h) = self.holder(node)?.filter(|h| h.as_str() < event.as_str()) {
+                return self.park_behind(&h, Msg::Fetch { x, to, event });
             }
-            let Some(piece) = self.take_component(node) else {
-                return;
+            let Some(piece) = self.take_component(node)? else {
+                return Ok(());
             };
             let moved: Vec<Identifier> = piece.members.iter().map(|m| m.id.clone()).collect();
             for id in &moved {
-                self.moved.insert(id.clone(), Moved::To(to));
+                self.view.set_moved(id, Some(&Moved::To(to)))?;
             }
+            let live = piece.profile.id();
+            for pid in std::iter::once(&live).chain(piece.redirects.iter().map(|(from, _)| from)) {
+                self.view.put(MOVED_PROFILE, pid.0.as_bytes(), Some(&to))?;
+            }
+            out.departed.push((node, piece.profile.clone()));
             self.send(
                 out,
                 to,
                 Msg::Component {
-                    event,
+                    from: (self.id(), node),
                     piece: Box::new(piece),
                 },
             );
-            // Pending events here that needed the component lose it: they fetch it again from `to`.
-            let lost: Vec<(String, Identifier)> = self
-                .pending
-                .iter_mut()
-                .flat_map(|(e, p)| {
-                    let lost: Vec<Identifier> = p
-                        .found
-                        .keys()
-                        .filter(|y| moved.contains(y))
-                        .cloned()
-                        .collect();
-                    p.missing.extend(lost.iter().cloned());
-                    lost.into_iter().map(|y| (e.clone(), y)).collect::<Vec<_>>()
-                })
-                .collect();
-            for (e, y) in lost {
-                let msg = Msg::Fetch {
-                    x: y,
-                    to: self.id,
-                    event: e,
+            // Pending events here that needed the component lose it: they fetch it again from `to`, and
+            // the fetches parked behind them follow it.
+            let losers = self.waiting_on_any(&moved)?;
+            for e in &losers {
+                let Some(mut p) = self.pending(&e)? else {
+                    continue;
                 };
-                self.send(out, to, msg);
+                let lost: Vec<Identifier> = moved
+                    .iter()
+                    .filter(|y| p.found.contains_key(*y))
+                    .cloned()
+                    .collect();
+                p.missing.extend(lost.iter().cloned());
+                self.put_pending(&e, &p)?;
+                for y in lost {
+                    let msg = Msg::Fetch {
+                        x: y,
+                        to: self.id(),
+                        event: e.clone(),
+                    };
+                    self.send(out, to, msg);
+                }
             }
-            return;
+            for e in &losers {
+                self.retry_behind(stitcher, e, out)?;
+            }
+            return Ok(());
         }
-        match self.moved.get(&x) {
-            Some(Moved::To(u)) if *u != self.id => {
-                let u = *u;
+        match self.moved(&x)? {
+            Some(Moved::To(u)) if u != self.id() => {
                 self.send(out, u, Msg::Fetch { x, to, event });
+                Ok(())
             }
-            Some(Moved::Erased) => self.send(out, to, Msg::Gone { x, event }),
+            Some(Moved::Erased) => {
+                self.send(out, to, Msg::Gone { x, event });
+                Ok(())
+            }
             // In flight to here: parked until it arrives.
-            _ if to != self.id => self.parked.push(Msg::Fetch { x, to, event }),
-            _ => {}
+            _ if to != self.id() => self.park(&x.clone(), Msg::Fetch { x, to, event }),
+            _ => Ok(()),
         }
     }
 
     /// Removes the whole component of `node` from the graph.
-    fn take_component(&mut self, node: NodeId) -> Option<Piece> {
-        let g = &mut self.graph;
-        let profile = g.profiles.remove(&node)?;
-        let members = profile
-            .identifiers
-            .keys()
-            .map(|id| {
-                g.nodes.remove(id);
-                Member {
-                    id: id.clone(),
-                    links: g
-                        .links
-                        .remove(id)
-                        .map(|m| m.into_iter().collect())
-                        .unwrap_or_default(),
-                    part: g.parts.remove(id),
-                    gen: self.gens.remove(id).unwrap_or_default(),
-                }
-            })
-            .collect();
-        let live = profile.id();
-        g.index.retain(|_, n| *n != node);
-        let redirects: Vec<ProfileId> = g
-            .redirects
-            .iter()
-            .filter(|(_, to)| **to == live)
-            .map(|(from, _)| from.clone())
-            .collect();
-        for r in &redirects {
-            g.redirects.remove(r);
+    fn take_component(&mut self, node: NodeId) -> Result<Option<Piece>, StoreError> {
+        let mut graph = ShardGraph {
+            view: &mut *self.view,
+            error: None,
+        };
+        let Some(profile) = graph.take_profile(node)? else {
+            return Ok(None);
+        };
+        let mut members = Vec::with_capacity(profile.identifiers.len());
+        for id in profile.identifiers.keys() {
+            graph.remove_identifier(id);
+            let part = graph.take_part(id)?;
+            let links = graph.view.take_links(id)?;
+            let gen = graph.view.gen(id)?;
+            graph.view.set_gen(id, None)?;
+            members.push(Member {
+                id: id.clone(),
+                links,
+                part,
+                gen,
+            });
         }
-        Some(Piece {
+        let live = profile.id();
+        graph.unindex(&live);
+        let redirects = graph.view.redirect_tree(&live)?;
+        for (from, _) in &redirects {
+            graph.remove_redirect(from);
+        }
+        graph.finish()?;
+        Ok(Some(Piece {
             profile,
             members,
             redirects,
-        })
+        }))
     }
 
     /// Puts a component into the graph under a new node; its identifiers' homes learn where it is.
-    fn put_component(&mut self, piece: Piece, out: &mut Out) {
-        use crate::stitch::GraphStore;
-        let Ok(node) = self.graph.allocate_node();
+    fn put_component(&mut self, piece: Piece, out: &mut Out) -> Result<NodeId, StoreError> {
+        let id = self.id();
+        let mut graph = ShardGraph {
+            view: &mut *self.view,
+            error: None,
+        };
+        let node = graph.allocate_node()?;
         let live = piece.profile.id();
         for m in piece.members {
-            self.graph.nodes.insert(m.id.clone(), node);
-            if !m.links.is_empty() {
-                self.graph
-                    .links
-                    .insert(m.id.clone(), m.links.into_iter().collect());
-            }
+            graph.set_node(&m.id, node);
+            graph.view.put_links(&m.id, &m.links)?;
             if let Some(part) = m.part {
-                self.graph.parts.insert(m.id.clone(), part);
+                graph.put_part(&m.id, part);
             }
             let gen = m.gen + 1;
-            self.gens.insert(m.id.clone(), gen);
-            self.moved.remove(&m.id);
+            graph.view.set_gen(&m.id, Some(gen))?;
+            graph.view.set_moved::<Moved>(&m.id, None)?;
             let to = home(&m.id, self.shards);
-            let msg = Msg::Own {
-                x: m.id,
-                owner: Some(self.id),
-                gen,
-            };
-            self.send(out, to, msg);
+            out.msgs.push((
+                to,
+                Msg::Own {
+                    x: m.id,
+                    owner: Some(id),
+                    gen,
+                },
+            ));
         }
-        for r in piece.redirects {
-            self.graph.redirects.insert(r, live.clone());
+        for (from, to) in piece.redirects {
+            graph
+                .view
+                .put::<ShardId>(MOVED_PROFILE, from.0.as_bytes(), None)?;
+            graph.view.put_redirect(&from, &to)?;
         }
-        self.graph.index.insert(live, node);
-        self.graph.profiles.insert(node, piece.profile);
+        graph
+            .view
+            .put::<ShardId>(MOVED_PROFILE, live.0.as_bytes(), None)?;
+        graph.index(&live, node);
+        graph.put_profile(node, piece.profile);
+        graph.finish()?;
+        Ok(node)
     }
 
-    fn component(&mut self, stitcher: &Stitcher, _event: &str, piece: Piece, out: &mut Out) {
-        self.put_component(piece, out);
-        let present: Vec<Identifier> = self
-            .pending
-            .values()
-            .flat_map(|p| p.missing.iter())
-            .filter(|x| self.graph.nodes.contains_key(*x))
-            .cloned()
-            .collect();
-        for p in self.pending.values_mut() {
-            for x in &present {
-                p.missing.remove(x);
+    fn component(
+        &mut self,
+        stitcher: &Stitcher,
+        from: (ShardId, NodeId),
+        piece: Piece,
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
+        let members: Vec<Identifier> = piece.members.iter().map(|m| m.id.clone()).collect();
+        let node = self.put_component(piece, out)?;
+        out.arrived.push((from, node));
+        let events = self.waiting_on_any(&members)?;
+        for e in &events {
+            if let Some(mut p) = self.pending(e)? {
+                let before = p.missing.len();
+                p.missing.retain(|x| !members.contains(x));
+                if p.missing.len() != before {
+                    self.put_pending(e, &p)?;
+                }
             }
         }
-        self.apply_ready(stitcher, out);
+        self.apply_ready(stitcher, events, out)?;
         // Fetches and commands parked until the component arrived.
-        self.retry_parked(stitcher, out);
+        self.retry_parked(stitcher, &members, out)
     }
 
-    /// Applies every pending event that has all it needs, highest priority first.
-    fn apply_ready(&mut self, stitcher: &Stitcher, out: &mut Out) {
-        let mut applied = false;
-        loop {
-            let ready = self
-                .pending
-                .iter()
-                .find(|(_, p)| p.missing.is_empty())
-                .map(|(e, _)| e.clone());
-            let Some(p) = ready.and_then(|e| self.pending.remove(&e)) else {
-                break;
+    /// Applies those of `events` that have all they need, highest priority first; then retries what
+    /// was parked on the components they held.
+    fn apply_ready(
+        &mut self,
+        stitcher: &Stitcher,
+        events: BTreeSet<String>,
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
+        for e in events {
+            let Some(p) = self.pending(&e)?.filter(|p| p.missing.is_empty()) else {
+                continue;
             };
-            self.apply(stitcher, p, out);
-            applied = true;
+            self.forget_pending(&e, &p)?;
+            self.apply(stitcher, p, out)?;
+            self.retry_behind(stitcher, &e, out)?;
         }
-        // Fetches parked behind an event applied now can go on.
-        if applied {
-            self.retry_parked(stitcher, out);
-        }
+        Ok(())
     }
 
-    fn apply(&mut self, stitcher: &Stitcher, p: Pending, out: &mut Out) {
-        let Ok(applied) = stitcher.apply(&mut self.graph, &p.ev);
+    fn apply(&mut self, stitcher: &Stitcher, p: Pending, out: &mut Out) -> Result<(), StoreError> {
+        let mut graph = ShardGraph {
+            view: &mut *self.view,
+            error: None,
+        };
+        let applied = stitcher.apply(&mut graph, &p.ev)?;
+        graph.finish()?;
         // Reservations end: the identifiers the stitcher linked are here, the others exist nowhere.
         for (x, f) in &p.found {
             if let Found::New(gen) = f {
-                let owner = if self.graph.nodes.contains_key(x) {
-                    self.gens.insert(x.clone(), *gen);
-                    self.moved.remove(x);
-                    Some(self.id)
+                let owner = if self.here(x)? {
+                    self.view.set_gen(x, Some(*gen))?;
+                    self.view.set_moved::<Moved>(x, None)?;
+                    Some(self.id())
                 } else {
                     None
                 };
@@ -552,14 +706,28 @@ impl Shard {
             }
         }
         out.steps.push(Step::Event(p.ev, applied));
+        Ok(())
     }
 
-    /// Handles parked messages again (a component arrived, or an event was applied).
-    fn retry_parked(&mut self, stitcher: &Stitcher, out: &mut Out) {
-        let parked = std::mem::take(&mut self.parked);
-        for msg in parked {
-            self.handle(stitcher, msg, out);
+    /// Handles again the messages parked on `ids` (their component arrived).
+    fn retry_parked(
+        &mut self,
+        stitcher: &Stitcher,
+        ids: &[Identifier],
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
+        for x in ids {
+            let parked: Option<Vec<Msg>> = self.view.get(PARKED, &identifier_key(x))?;
+            let Some(parked) = parked else {
+                continue;
+            };
+            self.view
+                .put::<Vec<Msg>>(PARKED, &identifier_key(x), None)?;
+            for msg in parked {
+                self.handle(stitcher, msg, out)?;
+            }
         }
+        Ok(())
     }
 
     fn own(
@@ -569,35 +737,42 @@ impl Shard {
         owner: Option<ShardId>,
         gen: u32,
         out: &mut Out,
-    ) {
-        let entry = self.dir.entry(x).or_insert(Dir::Absent(0));
-        let current = match entry {
-            Dir::Owned(_, g) | Dir::Absent(g) => *g,
-            Dir::Reserved { gen, .. } => *gen,
+    ) -> Result<(), StoreError> {
+        let entry = self.dir(&x)?;
+        let (current, reserved) = match &entry {
+            Dir::Owned(_, g) | Dir::Absent(g) => (*g, false),
+            Dir::Reserved { gen, .. } => (*gen, true),
         };
         // A reservation ends with its own gen; any other entry only moves forward.
-        let reserved = matches!(entry, Dir::Reserved { .. });
         if gen < current || (gen == current && !reserved) {
-            return;
+            return Ok(());
         }
         let new = match owner {
             Some(s) => Dir::Owned(s, gen),
             None => Dir::Absent(gen),
         };
-        if let Dir::Reserved { waiting, .. } = std::mem::replace(entry, new) {
+        self.view.set_dir(&x, &new)?;
+        if let Dir::Reserved { waiting, .. } = entry {
             for msg in waiting {
-                self.handle(stitcher, msg, out);
+                self.handle(stitcher, msg, out)?;
             }
         }
+        Ok(())
     }
 
     /// An identifier the event located was erased before the event was applied: the event gives up its
     /// reservations and locates all its identifiers again, from the start and in order (a locate that
     /// resumed out of order could wait in a cycle with another event's reservations).
-    fn restart(&mut self, stitcher: &Stitcher, event: &str, out: &mut Out) {
-        let Some(p) = self.pending.remove(event) else {
-            return;
+    fn restart(
+        &mut self,
+        stitcher: &Stitcher,
+        event: &str,
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
+        let Some(p) = self.pending(event)? else {
+            return Ok(());
         };
+        self.forget_pending(event, &p)?;
         for (x, f) in &p.found {
             if let Found::New(gen) = f {
                 let msg = Msg::Own {
@@ -609,17 +784,15 @@ impl Shard {
             }
         }
         self.start(p.ev, out);
-        // Fetches parked behind this event can go on.
-        self.retry_parked(stitcher, out);
+        self.retry_behind(stitcher, event, out)
     }
 
     /// Sends a command for `x` from its home to its owner. A reserved identifier is being created: the
     /// command waits at the home, as it came, and is routed again once the identifier is placed. An
     /// identifier that does not exist has nothing to change.
-    fn route_command(&mut self, x: &Identifier, msg: Msg, out: &mut Out) {
-        match self.dir.get_mut(x) {
-            Some(Dir::Owned(s, _)) => {
-                let s = *s;
+    fn route_command(&mut self, x: &Identifier, msg: Msg, out: &mut Out) -> Result<(), StoreError> {
+        match self.dir(x)? {
+            Dir::Owned(s, _) => {
                 let msg = match msg {
                     Msg::Erase { x, .. } => Msg::Erase { x, at_owner: true },
                     Msg::Unlink { a, b, .. } => Msg::Unlink {
@@ -631,28 +804,46 @@ impl Shard {
                 };
                 self.send(out, s, msg);
             }
-            Some(Dir::Reserved { waiting, .. }) => waiting.push(msg),
-            _ => {}
+            Dir::Reserved {
+                event,
+                gen,
+                mut waiting,
+            } => {
+                waiting.push(msg);
+                self.view.set_dir(
+                    x,
+                    &Dir::Reserved {
+                        event,
+                        gen,
+                        waiting,
+                    },
+                )?;
+            }
+            Dir::Absent(_) => {}
         }
+        Ok(())
     }
 
     /// At the owner of `x`: true if the command can run here now; otherwise it is forwarded or parked.
-    fn at_owner(&mut self, x: &Identifier, msg: &Msg, out: &mut Out) -> bool {
-        if self.graph.nodes.contains_key(x) {
-            return true;
+    fn at_owner(&mut self, x: &Identifier, msg: &Msg, out: &mut Out) -> Result<bool, StoreError> {
+        if self.here(x)? {
+            return Ok(true);
         }
-        match self.moved.get(x) {
-            Some(Moved::To(u)) => {
-                let u = *u;
-                self.send(out, u, msg.clone());
-            }
+        match self.moved(x)? {
+            Some(Moved::To(u)) => self.send(out, u, msg.clone()),
             Some(Moved::Erased) => {}
-            None => self.parked.push(msg.clone()),
+            None => self.park(x, msg.clone())?,
         }
-        false
+        Ok(false)
     }
 
-    fn erase(&mut self, stitcher: &Stitcher, x: Identifier, at_owner: bool, out: &mut Out) {
+    fn erase(
+        &mut self,
+        stitcher: &Stitcher,
+        x: Identifier,
+        at_owner: bool,
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
         let msg = Msg::Erase {
             x: x.clone(),
             at_owner,
@@ -660,32 +851,74 @@ impl Shard {
         if !at_owner {
             return self.route_command(&x, msg, out);
         }
-        if !self.at_owner(&x, &msg, out) {
-            return;
+        if !self.at_owner(&x, &msg, out)? {
+            return Ok(());
         }
-        let Ok(reshape) = stitcher.erase_identifier(&mut self.graph, &x);
-        let gen = self.gens.remove(&x).unwrap_or_default() + 1;
-        self.moved.insert(x.clone(), Moved::Erased);
-        self.send(
-            out,
-            home(&x, self.shards),
-            Msg::Own {
-                x: x.clone(),
-                owner: None,
-                gen,
-            },
-        );
+        let mut graph = ShardGraph {
+            view: &mut *self.view,
+            error: None,
+        };
+        let reshape = stitcher.erase_identifier(&mut graph, &x)?;
+        graph.finish()?;
         out.steps.push(Step::Erase(x.clone(), reshape));
-        // Pending events here that located it start again.
-        let events: Vec<String> = self
-            .pending
-            .iter()
-            .filter(|(_, p)| p.found.contains_key(&x))
-            .map(|(e, _)| e.clone())
-            .collect();
-        for e in events {
-            self.restart(stitcher, &e, out);
+        self.erased(stitcher, &[x], out)
+    }
+
+    fn erase_profile(
+        &mut self,
+        stitcher: &Stitcher,
+        id: ProfileId,
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
+        let mut graph = ShardGraph {
+            view: &mut *self.view,
+            error: None,
+        };
+        let Some((_, node)) = crate::stitch::graph::resolve_profile_id(&mut graph, &id)? else {
+            if let Some(to) = self.view.get::<ShardId>(MOVED_PROFILE, id.0.as_bytes())? {
+                self.send(out, to, Msg::EraseProfile(id));
+            }
+            return Ok(());
+        };
+        let ids: Vec<Identifier> = graph
+            .view
+            .read()
+            .profile(node)?
+            .map(|p| p.identifiers.into_keys().collect())
+            .unwrap_or_default();
+        let reshape = stitcher.erase_profile(&mut graph, &id)?;
+        graph.finish()?;
+        out.steps.push(Step::EraseProfile(id, reshape));
+        self.erased(stitcher, &ids, out)
+    }
+
+    /// Identifiers erased here: their homes learn it, a fetch that comes for them hears so, and pending
+    /// events here that located them start again.
+    fn erased(
+        &mut self,
+        stitcher: &Stitcher,
+        ids: &[Identifier],
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
+        for x in ids {
+            let gen = self.view.gen(x)? + 1;
+            self.view.set_gen(x, None)?;
+            self.view.set_moved(x, Some(&Moved::Erased))?;
+            self.send(
+                out,
+                home(x, self.shards),
+                Msg::Own {
+                    x: x.clone(),
+                    owner: None,
+                    gen,
+                },
+            );
         }
+        let events = self.waiting_on_any(ids)?;
+        for e in events {
+            self.restart(stitcher, &e, out)?;
+        }
+        Ok(())
     }
 
     fn unlink(
@@ -695,7 +928,7 @@ impl Shard {
         b: Identifier,
         at_owner: bool,
         out: &mut Out,
-    ) {
+    ) -> Result<(), StoreError> {
         let msg = Msg::Unlink {
             a: a.clone(),
             b: b.clone(),
@@ -704,11 +937,17 @@ impl Shard {
         if !at_owner {
             return self.route_command(&a, msg, out);
         }
-        if !self.at_owner(&a, &msg, out) {
-            return;
+        if !self.at_owner(&a, &msg, out)? {
+            return Ok(());
         }
-        let Ok(reshape) = stitcher.unlink(&mut self.graph, &a, &b);
+        let mut graph = ShardGraph {
+            view: &mut *self.view,
+            error: None,
+        };
+        let reshape = stitcher.unlink(&mut graph, &a, &b)?;
+        graph.finish()?;
         out.steps.push(Step::Unlink(a, b, reshape));
+        Ok(())
     }
 }
 

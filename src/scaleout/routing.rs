@@ -6,7 +6,7 @@
 //! every member with its client id and its current assignment, whose partitions of the shard topic are the
 //! shards it holds. No topic or service of our own; the answer is as current as the group's generation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -116,6 +116,26 @@ impl Owners {
             }
         }
         known.filter(|a| *a != i.me)
+    }
+
+    /// The other instances holding shards, if every one of the `count` shards has a holder (otherwise a
+    /// rebalance is under way: `None`). Blocking: call off the async threads.
+    pub fn others(&self, count: ShardId) -> Option<BTreeSet<String>> {
+        let i = &self.inner;
+        let fresh = {
+            let m = i.map.lock().unwrap_or_else(PoisonError::into_inner);
+            m.1.is_some_and(|t| t.elapsed() <= FRESH)
+        };
+        if !fresh {
+            let map = self.describe()?;
+            let mut m = i.map.lock().unwrap_or_else(PoisonError::into_inner);
+            *m = (map, Some(Instant::now()));
+        }
+        let m = i.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if (0..count).any(|s| !m.0.contains_key(&s)) {
+            return None;
+        }
+        Some(m.0.values().filter(|a| **a != i.me).cloned().collect())
     }
 
     /// Shard → advertised address of its holder, from the group's description.

@@ -22,9 +22,10 @@ use rocksdb::WriteBatch;
 use tokio_util::sync::CancellationToken;
 
 use super::lookup::HeldShards;
-use super::state::{shard_of_key, ShardOverlay};
-use super::{handle, home, Effects, Msg, ShardId};
-use crate::codec::ProfileUpdate;
+use super::owner::{Msg, Out, Shard, Step};
+use super::state::{refuse_former_format, shard_of_key, ShardOverlay, ShardRead, ShardView};
+use super::{event_home, home, ShardId};
+use crate::codec::update::ProfileRecord;
 use crate::config::Config;
 use crate::kafka::reader::QuietEof;
 use crate::kafka::{
@@ -32,12 +33,15 @@ use crate::kafka::{
     TopicWatch,
 };
 use crate::metrics::Metrics;
-use crate::model::{now_millis, Identifier, ProfileId};
+use crate::model::{now_millis, NodeId, ProfileId};
 use crate::pipeline::{
     batch_committed, subscribed_consumer, subscribed_topics, PipelineError, RunSummary,
 };
-use crate::processor::{positions_vec, source, Batch, InMessage, Processor};
-use crate::stitch::Rules;
+use crate::processor::{
+    positions_vec, source, Batch, Control, InMessage, Processor, ProfileReader, ProfileSource,
+};
+use crate::profile::Profile;
+use crate::stitch::{Applied, BatchChanges, Reshape};
 use crate::store::{decode_value, encode_value, OutRecord, Store, StoreError};
 
 /// Changelog records applied per RocksDB write while restoring.
@@ -48,10 +52,82 @@ const RESTORE_CHUNK: usize = 10_000;
 struct Work {
     /// Messages for shards held elsewhere.
     remote: Vec<OutRecord>,
-    /// Roots whose profile changed, with the latest event that changed it (id, channel).
-    touched: BTreeMap<Identifier, Option<(String, String)>>,
-    redirects: Vec<(ProfileId, ProfileId)>,
-    merges: u64,
+    /// What the batch changed, over batch-wide node numbers ([`global`]).
+    changes: BatchChanges,
+    /// Components that left a shard held here for one held elsewhere: their profile as they left.
+    departed: BTreeMap<NodeId, Profile>,
+}
+
+/// A node of a shard as a batch-wide node number: the shard in the top 24 bits.
+fn global(shard: ShardId, node: NodeId) -> NodeId {
+    NodeId(u64::from(shard) << 40 | node.0)
+}
+
+fn local(node: NodeId) -> (ShardId, NodeId) {
+    ((node.0 >> 40) as ShardId, NodeId(node.0 & ((1 << 40) - 1)))
+}
+
+/// An outcome of the classic stitcher at `shard`, its nodes made batch-wide.
+fn globalize_reshape(shard: ShardId, mut r: Reshape) -> Reshape {
+    for split in &mut r.splits {
+        for n in &mut split.into {
+            *n = global(shard, *n);
+        }
+    }
+    for n in &mut r.quarantined {
+        *n = global(shard, *n);
+    }
+    for (_, n) in &mut r.retired {
+        *n = global(shard, *n);
+    }
+    r
+}
+
+fn globalize(shard: ShardId, mut a: Applied) -> Applied {
+    a.node = global(shard, a.node);
+    for n in &mut a.absorbed_nodes {
+        *n = global(shard, *n);
+    }
+    a.reshape = globalize_reshape(shard, a.reshape);
+    a
+}
+
+/// The profiles as a batch leaves them, over the shards held here and the components that left.
+struct BatchProfiles<'a, 's> {
+    overlay: &'a ShardOverlay<'s>,
+    owned: &'a BTreeSet<ShardId>,
+    departed: &'a BTreeMap<NodeId, Profile>,
+}
+
+impl ProfileSource for BatchProfiles<'_, '_> {
+    fn live_node(&self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
+        for s in self.owned {
+            let read = ShardRead {
+                kv: self.overlay,
+                shard: *s,
+            };
+            if let Some(n) = read.indexed(id)? {
+                return Ok(Some(global(*s, n)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn with_profile(
+        &self,
+        node: NodeId,
+        f: &mut ProfileReader<'_>,
+    ) -> Result<Option<(ProfileId, ProfileRecord)>, StoreError> {
+        let (shard, n) = local(node);
+        let read = ShardRead {
+            kv: self.overlay,
+            shard,
+        };
+        match read.profile(n)? {
+            Some(p) => Ok(f(Some(&p))),
+            None => Ok(f(self.departed.get(&node))),
+        }
+    }
 }
 
 pub struct ShardedPipeline {
@@ -59,8 +135,6 @@ pub struct ShardedPipeline {
     store: Store,
     metrics: Metrics,
     processor: Processor,
-    /// Shard placement ranks identifiers only; stateful guardrails do not apply in this mode.
-    rules: Rules,
     consumer: StitchConsumer,
     committer: Committer,
     instance: String,
@@ -105,18 +179,10 @@ impl ShardedPipeline {
             &Deadline::new(shutdown.clone(), cfg.processing.drain_timeout),
             Some(&changelog),
         )?;
-        if !cfg.control.topic.is_empty() {
-            tracing::warn!(
-                topic = cfg.control.topic.as_str(),
-                "scale-out mode does not read the control topic: erasure and unlink need one instance \
-                 holding the whole graph (README.md, \"Scale-out\")"
-            );
-        }
         tracing::info!(
             shards = cfg.scaleout.shards,
             topic = cfg.scaleout.topic.as_str(),
-            "scale-out mode: stateful guardrails (type limits, max_profile_identifiers, shared \
-             identifiers, consent sealing) are not applied"
+            "scale-out mode"
         );
         let topics = TopicWatch::new(
             subscribed_topics(&cfg)
@@ -131,7 +197,6 @@ impl ShardedPipeline {
             shards: cfg.scaleout.shards,
             topic: cfg.scaleout.topic.clone(),
             changelog,
-            rules: Rules::new(&cfg.guardrails),
             cfg,
             store,
             metrics,
@@ -275,7 +340,6 @@ impl ShardedPipeline {
         self.store
             .put_shard_changes(&mut wb, overlay.changes(), positions)?;
         self.store.write(wb)?;
-        self.metrics.profile_merges.inc_by(work.merges);
         batch_committed(&self.metrics, &batch, started, records.len(), summary);
         Ok(())
     }
@@ -308,7 +372,7 @@ impl ShardedPipeline {
         if msg.topic == self.topic {
             let shard = ShardId::try_from(msg.partition).unwrap_or_default();
             match decode_value::<Msg>(msg.payload.unwrap_or_default(), "shards", "message") {
-                Ok(x) => self.deliver(overlay, work, shard, x, "topic")?,
+                Ok(x) => self.deliver(overlay, work, vec![(shard, x)], "topic")?,
                 Err(e) => self.processor.dead_letter(
                     batch,
                     source(msg),
@@ -317,84 +381,121 @@ impl ShardedPipeline {
                     &format!("undecodable shard message: {e}"),
                 ),
             }
+        } else if msg.topic == self.cfg.control.topic {
+            let Some(command) = self.processor.control_command(batch, source(msg), msg) else {
+                return Ok(());
+            };
+            let msgs = match command {
+                Control::Erase(copies) => copies
+                    .into_iter()
+                    .map(|x| {
+                        let to = home(&x, self.shards);
+                        (to, Msg::Erase { x, at_owner: false })
+                    })
+                    .collect(),
+                // Every shard looks for the profile id; the one holding it erases it.
+                Control::EraseProfile(id) => (0..self.shards)
+                    .map(|s| (s, Msg::EraseProfile(id.clone())))
+                    .collect(),
+                Control::Unlink(a, b) => vec![(
+                    home(&a, self.shards),
+                    Msg::Unlink {
+                        a,
+                        b,
+                        at_owner: false,
+                    },
+                )],
+            };
+            self.deliver(overlay, work, msgs, "local")?;
         } else if let Some(ev) = self.processor.event(batch, msg)? {
             batch.event_times.push(ev.timestamp);
-            self.send(overlay, work, Msg::Event(ev))?;
+            let to = event_home(&ev.event_id, self.shards);
+            self.deliver(overlay, work, vec![(to, Msg::Event(ev))], "local")?;
         }
         Ok(())
     }
 
-    /// Sends `msg` to its shard: handled here if this instance holds the shard, else produced to the
-    /// internal topic.
-    fn send(
-        &self,
-        overlay: &mut ShardOverlay<'_>,
-        work: &mut Work,
-        msg: Msg,
-    ) -> Result<(), PipelineError> {
-        let target = msg.target(self.shards);
-        if self.owned.contains(&target) {
-            self.deliver(overlay, work, target, msg, "local")
-        } else {
-            work.remote.push(self.shard_record(target, &msg)?);
-            Ok(())
-        }
-    }
-
-    /// Handles `msg` at `shard`, and everything it sends to shards held here, to the end.
+    /// Handles messages at their shards, and everything they send to shards held here, to the end; a
+    /// message for a shard held elsewhere becomes a record of the internal topic.
     fn deliver(
         &self,
         overlay: &mut ShardOverlay<'_>,
         work: &mut Work,
-        shard: ShardId,
-        msg: Msg,
+        msgs: Vec<(ShardId, Msg)>,
         route: &'static str,
     ) -> Result<(), PipelineError> {
-        let mut queue = VecDeque::from([(shard, msg, route)]);
+        let mut queue: VecDeque<(ShardId, Msg, &'static str)> =
+            msgs.into_iter().map(|(s, m)| (s, m, route)).collect();
         while let Some((shard, msg, route)) = queue.pop_front() {
+            if !self.owned.contains(&shard) {
+                work.remote.push(self.shard_record(shard, &msg)?);
+                continue;
+            }
             self.metrics
                 .shard_messages
                 .with_label_values(&[msg.kind(), route])
                 .inc();
-            let trigger = match &msg {
-                Msg::Part(_, part) => Some((
-                    part.anchor.1.clone(),
-                    part.channels.keys().next().cloned().unwrap_or_default(),
-                )),
-                _ => None,
-            };
             let channel = match &msg {
                 Msg::Event(ev) => Some(ev.channel.clone()),
                 _ => None,
             };
-            let mut fx = Effects::default();
-            handle(&mut overlay.shard(shard), msg, &self.rules, &mut fx)?;
-            if let Some(channel) = channel {
-                let counter = if fx.duplicates > 0 {
-                    &self.metrics.events_duplicate
-                } else {
-                    &self.metrics.events_applied
-                };
-                counter.with_label_values(&[&channel]).inc();
+            let mut out = Out::default();
+            let mut view = ShardView { kv: overlay, shard };
+            Shard {
+                view: &mut view,
+                shards: self.shards,
             }
-            for root in fx.touched {
-                let slot = work.touched.entry(root).or_default();
-                if trigger.is_some() {
-                    slot.clone_from(&trigger);
+            .handle(self.processor.stitcher(), msg, &mut out)?;
+            self.record(work, shard, out.steps);
+            if let (Some(channel), true) = (channel, out.duplicates > 0) {
+                self.metrics
+                    .events_duplicate
+                    .with_label_values(&[&channel])
+                    .inc();
+            }
+            for (node, profile) in out.departed {
+                work.departed.insert(global(shard, node), profile);
+            }
+            for ((from_shard, from_node), node) in out.arrived {
+                let from = global(from_shard, from_node);
+                work.departed.remove(&from);
+                work.changes.moved(from, global(shard, node));
+            }
+            queue.extend(out.msgs.into_iter().map(|(s, m)| (s, m, "local")));
+        }
+        Ok(())
+    }
+
+    /// Records what the classic stitcher did at `shard`, for the batch's output and metrics.
+    fn record(&self, work: &mut Work, shard: ShardId, steps: Vec<Step>) {
+        for step in steps {
+            match step {
+                Step::Event(ev, applied) => {
+                    let Some(applied) = applied else { continue };
+                    self.metrics
+                        .events_applied
+                        .with_label_values(&[&ev.channel])
+                        .inc();
+                    work.changes.record(&ev, globalize(shard, applied));
                 }
-            }
-            work.redirects.append(&mut fx.redirects);
-            work.merges += fx.merges;
-            for next in fx.msgs {
-                let target = next.target(self.shards);
-                if self.owned.contains(&target) {
-                    queue.push_back((target, next, "local"));
-                } else {
-                    work.remote.push(self.shard_record(target, &next)?);
+                Step::Erase(x, reshape) => {
+                    self.command("erase_identifier", &x.to_string(), shard, reshape, work)
+                }
+                Step::EraseProfile(id, reshape) => {
+                    self.command("erase_profile", id.as_str(), shard, reshape, work)
+                }
+                Step::Unlink(a, b, reshape) => {
+                    self.command("unlink", &format!("{a} {b}"), shard, reshape, work)
                 }
             }
         }
-        Ok(())
+    }
+
+    fn command(&self, op: &str, target: &str, shard: ShardId, reshape: Reshape, work: &mut Work) {
+        let trigger = format!("control:{op}:{target}");
+        self.processor.control_applied(op, &trigger, &reshape);
+        work.changes
+            .record_reshape(&trigger, "control", globalize_reshape(shard, reshape));
     }
 
     fn shard_record(&self, shard: ShardId, msg: &Msg) -> Result<OutRecord, StoreError> {
@@ -407,8 +508,8 @@ impl ShardedPipeline {
         })
     }
 
-    /// The batch's records: dead letters, messages for other instances' shards, redirects, one update per
-    /// changed root, and the changelog records of every state change.
+    /// The batch's records: dead letters, messages for other instances' shards, tombstones, redirects
+    /// and updates of the profiles changed, and the changelog records of every state change.
     fn output(
         &self,
         overlay: &ShardOverlay<'_>,
@@ -418,33 +519,13 @@ impl ShardedPipeline {
         let now = now_millis();
         let mut out = std::mem::take(&mut batch.dead_letters);
         out.append(&mut work.remote);
-        for (old, to) in &work.redirects {
-            out.push(self.processor.redirect(old, to, now)?);
-        }
-        for (root, trigger) in &work.touched {
-            // A root hooked later in the batch has handed its profile on: no update under it.
-            let Some(profile) = overlay.profile(home(root, self.shards), root)? else {
-                continue;
-            };
-            let id = profile.id();
-            let update = ProfileUpdate {
-                profile_id: id.to_string(),
-                redirect_to: None,
-                merged_from: work
-                    .redirects
-                    .iter()
-                    .filter(|(_, to)| *to == id)
-                    .map(|(old, _)| old.to_string())
-                    .collect(),
-                trigger_event_id: trigger.as_ref().map(|t| t.0.clone()),
-                trigger_channel: trigger.as_ref().map(|t| t.1.clone()),
-                updated_at: now,
-                refused_links: vec![],
-                profile: Some((&profile).into()),
-                split_from: None,
-            };
-            out.push(self.processor.update(&update)?);
-        }
+        let profiles = BatchProfiles {
+            overlay,
+            owned: &self.owned,
+            departed: &work.departed,
+        };
+        self.processor
+            .changes_records(&profiles, &work.changes, now, &mut out)?;
         for (key, value) in overlay.changes() {
             out.push(OutRecord {
                 topic: self.changelog.clone(),
@@ -616,6 +697,7 @@ impl ShardedPipeline {
             }
             match restorer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
+                    refuse_former_format(m.key().unwrap_or_default())?;
                     pending.push((
                         m.key().unwrap_or_default().to_vec(),
                         m.payload().map(<[u8]>::to_vec),

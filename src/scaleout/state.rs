@@ -1,31 +1,66 @@
-//! Sharded state in RocksDB (column family `shards`), written through an overlay whose changes are also
-//! the shard's changelog records.
+//! Sharded state: each shard's part of the identity graph (the components it owns, in the classic
+//! [`GraphStore`] shape) and its protocol tables, as key-value records in RocksDB (column family
+//! `shards`). A batch writes through an overlay whose changes are also the shard's changelog records.
 //!
-//! | key                                          | value                                   |
-//! |----------------------------------------------|-----------------------------------------|
-//! | shard (u32 BE) `p` identifier key            | v2 + postcard(Identifier): the parent  |
-//! | shard (u32 BE) `r` identifier key            | v2 + postcard(Profile): a root's profile |
-//! | shard (u32 BE) `e` SHA-256(event id)[..16]   | empty: the event was applied            |
+//! | key: shard (u32 BE), kind, rest   | value (v2 + postcard)                                        |
+//! |-----------------------------------|--------------------------------------------------------------|
+//! | `n` identifier key                | `NodeId`: the node of an identifier this shard owns           |
+//! | `P` node (u64 BE)                 | `Profile`                                                     |
+//! | `l` identifier key                | links: `[(Identifier, Evidence)]`                             |
+//! | `t` identifier key                | the identifier's part (`Profile`)                             |
+//! | `i` profile id                    | `NodeId`: the live profile with this public id               |
+//! | `R` profile id                    | `ProfileId`: where a retired id redirects                      |
+//! | `F` profile id                    | `[ProfileId]`: the retired ids redirecting to it              |
+//! | `N`                               | the next node number                                          |
+//! | `d` identifier key                | directory entry of an identifier homed here (`Dir`)           |
+//! | `g` identifier key                | how many times an identifier owned here was placed            |
+//! | `m` identifier key                | where an identifier that left this shard went (`Moved`)       |
+//! | `M` profile id                    | where a profile id that left this shard went (shard)          |
+//! | `e` SHA-256(event id)[..16]       | empty: an event homed here was seen                           |
+//! | `w` event id                      | an event applied here once its components arrive (`Pending`) |
+//! | `W` identifier key                | the events pending here that located the identifier          |
+//! | `k` identifier key                | messages about an identifier in flight to here, parked until it arrives |
+//! | `K` event id                      | fetches parked behind a pending event of higher priority     |
 //!
 //! A batch's changes go to partition `shard` of the changelog topic (same key and value; a delete is a
 //! tombstone) inside the batch's transaction. The local copy is written only after that transaction
 //! committed, with the changelog offsets it reached, so it is never ahead of the changelog: a crash in
 //! between leaves it behind, and the restore on start-up catches up (docs/DESIGN.md, "Scale-out").
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::{ShardId, ShardState};
-use crate::model::Identifier;
+use super::ShardId;
+use crate::model::{Identifier, NodeId, ProfileId};
 use crate::profile::Profile;
+use crate::stitch::{Evidence, GraphStore};
 use crate::store::{decode_value, encode_value, identifier_key, Store, StoreError, CF_SHARDS};
 
-const PARENT: u8 = b'p';
-const ROOT_PROFILE: u8 = b'r';
-const EVENT: u8 = b'e';
+pub(crate) const NODE: u8 = b'n';
+pub(crate) const PROFILE: u8 = b'P';
+const LINKS: u8 = b'l';
+const PART: u8 = b't';
+const INDEX: u8 = b'i';
+const REDIRECT: u8 = b'R';
+const REDIRECTED_FROM: u8 = b'F';
+const NEXT_NODE: u8 = b'N';
+pub(crate) const DIR: u8 = b'd';
+const GEN: u8 = b'g';
+const MOVED: u8 = b'm';
+pub(crate) const MOVED_PROFILE: u8 = b'M';
+const SEEN: u8 = b'e';
+pub(crate) const PENDING: u8 = b'w';
+pub(crate) const WAITING: u8 = b'W';
+pub(crate) const PARKED: u8 = b'k';
+pub(crate) const PARKED_BEHIND: u8 = b'K';
 
-fn key(shard: ShardId, kind: u8, rest: &[u8]) -> Vec<u8> {
+/// Kinds of the parent-pointer protocol of stitcher 0.2's scale-out mode, which this version refuses.
+const FORMER_KINDS: [u8; 2] = [b'p', b'r'];
+
+pub(crate) fn key(shard: ShardId, kind: u8, rest: &[u8]) -> Vec<u8> {
     let mut k = Vec::with_capacity(5 + rest.len());
     k.extend_from_slice(&shard.to_be_bytes());
     k.push(kind);
@@ -36,6 +71,56 @@ fn key(shard: ShardId, kind: u8, rest: &[u8]) -> Vec<u8> {
 /// The shard a state key belongs to.
 pub fn shard_of_key(key: &[u8]) -> Option<ShardId> {
     Some(ShardId::from_be_bytes(key.get(..4)?.try_into().ok()?))
+}
+
+/// A changelog record of the former scale-out protocol: the state must be rebuilt, not read.
+pub fn refuse_former_format(key: &[u8]) -> Result<(), StoreError> {
+    match key.get(4) {
+        Some(kind) if FORMER_KINDS.contains(kind) => Err(StoreError::Corrupt {
+            cf: CF_SHARDS,
+            reason: "shard state of the parent-pointer protocol (stitcher 0.2 scale-out mode): this \
+                     version keeps components whole at one shard and cannot read it; give \
+                     [scaleout] a new topic (its changelog is <topic>-changelog), a new consumer \
+                     group and an empty state directory, and let it replay the input topics (README \
+                     \"Scale-out\")"
+                .into(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Reads of sharded state.
+pub trait KvRead {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+}
+
+/// Reads and writes of sharded state.
+pub trait Kv: KvRead {
+    /// Sets (`Some`) or deletes (`None`) a key.
+    fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>);
+}
+
+/// Committed state: what lookups read.
+impl KvRead for Store {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.shard_value(key)
+    }
+}
+
+/// State in memory: the simulation's.
+impl KvRead for BTreeMap<Vec<u8>, Vec<u8>> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(BTreeMap::get(self, key).cloned())
+    }
+}
+
+impl Kv for BTreeMap<Vec<u8>, Vec<u8>> {
+    fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        match value {
+            Some(v) => self.insert(key, v),
+            None => self.remove(&key),
+        };
+    }
 }
 
 /// One batch's view of the sharded state: reads see the batch's own writes.
@@ -52,28 +137,6 @@ impl<'s> ShardOverlay<'s> {
         }
     }
 
-    /// The state of one shard, for [`super::handle`].
-    pub fn shard(&mut self, shard: ShardId) -> ShardView<'_, 's> {
-        ShardView {
-            overlay: self,
-            shard,
-        }
-    }
-
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.dirty.get(key) {
-            Some(v) => Ok(v.clone()),
-            None => self.store.shard_value(key),
-        }
-    }
-
-    /// The profile of root `r` of `shard`, as the batch left it.
-    pub fn profile(&self, shard: ShardId, r: &Identifier) -> Result<Option<Profile>, StoreError> {
-        self.get(&key(shard, ROOT_PROFILE, &identifier_key(r)))?
-            .map(|v| decode_value(&v, CF_SHARDS, "profile"))
-            .transpose()
-    }
-
     /// Every key the batch changed, with its new value (`None`: deleted), in key order.
     pub fn changes(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
         self.dirty.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))
@@ -84,144 +147,404 @@ impl<'s> ShardOverlay<'s> {
     }
 }
 
-/// The parent of `x` as recorded in `store` (committed state only): for lookups.
-pub fn committed_parent(
-    store: &Store,
-    shard: ShardId,
-    x: &Identifier,
-) -> Result<Option<Identifier>, StoreError> {
-    store
-        .shard_value(&key(shard, PARENT, &identifier_key(x)))?
-        .map(|v| decode_value(&v, CF_SHARDS, "parent"))
-        .transpose()
-}
-
-/// The profile of root `r` as recorded in `store`: for lookups.
-pub fn committed_profile(
-    store: &Store,
-    shard: ShardId,
-    r: &Identifier,
-) -> Result<Option<Profile>, StoreError> {
-    ShardOverlay::new(store).profile(shard, r)
-}
-
-/// One shard of a [`ShardOverlay`].
-pub struct ShardView<'o, 's> {
-    overlay: &'o mut ShardOverlay<'s>,
-    shard: ShardId,
-}
-
-impl ShardState for ShardView<'_, '_> {
-    type Error = StoreError;
-
-    fn parent(&mut self, x: &Identifier) -> Result<Option<Identifier>, StoreError> {
-        self.overlay
-            .get(&key(self.shard, PARENT, &identifier_key(x)))?
-            .map(|v| decode_value(&v, CF_SHARDS, "parent"))
-            .transpose()
-    }
-
-    fn set_parent(&mut self, x: &Identifier, parent: &Identifier) -> Result<(), StoreError> {
-        let value = encode_value(parent, 64)?;
-        self.overlay
-            .dirty
-            .insert(key(self.shard, PARENT, &identifier_key(x)), Some(value));
-        Ok(())
-    }
-
-    fn take_profile(&mut self, r: &Identifier) -> Result<Option<Profile>, StoreError> {
-        let k = key(self.shard, ROOT_PROFILE, &identifier_key(r));
-        let found = self.overlay.get(&k)?;
-        if found.is_some() {
-            self.overlay.dirty.insert(k, None);
+impl KvRead for ShardOverlay<'_> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.dirty.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.store.shard_value(key),
         }
-        found
-            .map(|v| decode_value(&v, CF_SHARDS, "profile"))
+    }
+}
+
+impl Kv for ShardOverlay<'_> {
+    fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.dirty.insert(key, value);
+    }
+}
+
+/// Typed reads of one shard's records.
+pub struct ShardRead<'k, K: ?Sized> {
+    pub kv: &'k K,
+    pub shard: ShardId,
+}
+
+impl<K: KvRead + ?Sized> ShardRead<'_, K> {
+    fn read<T: DeserializeOwned>(&self, kind: u8, rest: &[u8]) -> Result<Option<T>, StoreError> {
+        self.kv
+            .get(&key(self.shard, kind, rest))?
+            .map(|v| decode_value(&v, CF_SHARDS, kind_name(kind)))
             .transpose()
     }
 
-    fn put_profile(&mut self, r: &Identifier, profile: Profile) -> Result<(), StoreError> {
-        let value = encode_value(&profile, 512)?;
-        self.overlay.dirty.insert(
-            key(self.shard, ROOT_PROFILE, &identifier_key(r)),
-            Some(value),
-        );
+    pub fn node_of(&self, id: &Identifier) -> Result<Option<NodeId>, StoreError> {
+        self.read(NODE, &identifier_key(id))
+    }
+
+    pub fn profile(&self, node: NodeId) -> Result<Option<Profile>, StoreError> {
+        self.read(PROFILE, &node.0.to_be_bytes())
+    }
+
+    pub fn indexed(&self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
+        self.read(INDEX, id.0.as_bytes())
+    }
+
+    pub fn redirect_of(&self, id: &ProfileId) -> Result<Option<ProfileId>, StoreError> {
+        self.read(REDIRECT, id.0.as_bytes())
+    }
+
+    pub fn links(&self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, StoreError> {
+        Ok(self.read(LINKS, &identifier_key(id))?.unwrap_or_default())
+    }
+
+    pub fn part(&self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
+        self.read(PART, &identifier_key(id))
+    }
+
+    pub fn dir<T: DeserializeOwned>(&self, id: &Identifier) -> Result<Option<T>, StoreError> {
+        self.read(DIR, &identifier_key(id))
+    }
+
+    pub fn moved<T: DeserializeOwned>(&self, id: &Identifier) -> Result<Option<T>, StoreError> {
+        self.read(MOVED, &identifier_key(id))
+    }
+
+    pub fn redirects_to(&self, id: &ProfileId) -> Result<Vec<ProfileId>, StoreError> {
+        Ok(self
+            .read(REDIRECTED_FROM, id.0.as_bytes())?
+            .unwrap_or_default())
+    }
+}
+
+impl<K: KvRead + ?Sized> crate::inspect::GraphRead for ShardRead<'_, K> {
+    fn profile(&self, node: NodeId) -> Result<Option<Profile>, StoreError> {
+        ShardRead::profile(self, node)
+    }
+    fn links(&self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, StoreError> {
+        ShardRead::links(self, id)
+    }
+    fn part(&self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
+        ShardRead::part(self, id)
+    }
+    fn redirects_to(&self, id: &ProfileId) -> Result<Vec<ProfileId>, StoreError> {
+        ShardRead::redirects_to(self, id)
+    }
+}
+
+fn kind_name(kind: u8) -> &'static str {
+    match kind {
+        NODE => "node",
+        PROFILE => "profile",
+        LINKS => "links",
+        PART => "part",
+        INDEX => "profile index",
+        REDIRECT | REDIRECTED_FROM => "redirect",
+        NEXT_NODE => "next node",
+        DIR => "directory entry",
+        GEN => "placement count",
+        MOVED | MOVED_PROFILE => "forwarding pointer",
+        PENDING => "pending event",
+        WAITING => "events waiting on an identifier",
+        PARKED | PARKED_BEHIND => "parked messages",
+        _ => "record",
+    }
+}
+
+/// One shard of a [`Kv`]: the classic graph ([`GraphStore`]) and the protocol's tables.
+pub struct ShardView<'k, K: ?Sized> {
+    pub kv: &'k mut K,
+    pub shard: ShardId,
+}
+
+impl<K: Kv + ?Sized> ShardView<'_, K> {
+    pub fn read(&self) -> ShardRead<'_, K> {
+        ShardRead {
+            kv: &*self.kv,
+            shard: self.shard,
+        }
+    }
+
+    pub(crate) fn get<T: DeserializeOwned>(
+        &self,
+        kind: u8,
+        rest: &[u8],
+    ) -> Result<Option<T>, StoreError> {
+        self.read().read(kind, rest)
+    }
+
+    /// Writes a record, or deletes it when `value` is `None`.
+    pub(crate) fn put<T: Serialize>(
+        &mut self,
+        kind: u8,
+        rest: &[u8],
+        value: Option<&T>,
+    ) -> Result<(), StoreError> {
+        let v = value.map(|v| encode_value(v, 64)).transpose()?;
+        self.kv.set(key(self.shard, kind, rest), v);
         Ok(())
     }
 
-    fn first_sighting(&mut self, event_id: &str) -> Result<bool, StoreError> {
+    pub fn gen(&self, id: &Identifier) -> Result<u32, StoreError> {
+        Ok(self.get(GEN, &identifier_key(id))?.unwrap_or_default())
+    }
+
+    pub fn set_gen(&mut self, id: &Identifier, gen: Option<u32>) -> Result<(), StoreError> {
+        self.put(GEN, &identifier_key(id), gen.as_ref())
+    }
+
+    pub fn moved<T: DeserializeOwned>(&self, id: &Identifier) -> Result<Option<T>, StoreError> {
+        self.read().moved(id)
+    }
+
+    pub fn set_moved<T: Serialize>(
+        &mut self,
+        id: &Identifier,
+        moved: Option<&T>,
+    ) -> Result<(), StoreError> {
+        self.put(MOVED, &identifier_key(id), moved)
+    }
+
+    pub fn set_dir<T: Serialize>(&mut self, id: &Identifier, dir: &T) -> Result<(), StoreError> {
+        self.put(DIR, &identifier_key(id), Some(dir))
+    }
+
+    /// Records an event id homed here; false if it was seen before.
+    pub fn first_seen(&mut self, event_id: &str) -> Result<bool, StoreError> {
         let digest = Sha256::digest(event_id.as_bytes());
-        let k = key(self.shard, EVENT, &digest[..16]);
-        if self.overlay.get(&k)?.is_some() {
+        let k = key(self.shard, SEEN, &digest[..16]);
+        if self.kv.get(&k)?.is_some() {
             return Ok(false);
         }
-        self.overlay.dirty.insert(k, Some(Vec::new()));
+        self.kv.set(k, Some(Vec::new()));
         Ok(true)
+    }
+
+    /// The retired ids that lead to `live`, directly or through a chain, with where each redirects.
+    pub fn redirect_tree(
+        &self,
+        live: &ProfileId,
+    ) -> Result<Vec<(ProfileId, ProfileId)>, StoreError> {
+        let mut out = Vec::new();
+        let mut queue = vec![live.clone()];
+        let mut done = BTreeSet::new();
+        while let Some(to) = queue.pop() {
+            if !done.insert(to.clone()) {
+                continue;
+            }
+            let from: Vec<ProfileId> = self
+                .get(REDIRECTED_FROM, to.0.as_bytes())?
+                .unwrap_or_default();
+            for f in from {
+                out.push((f.clone(), to.clone()));
+                queue.push(f);
+            }
+        }
+        Ok(out)
+    }
+
+    fn edit_redirected_from(
+        &mut self,
+        to: &ProfileId,
+        f: impl FnOnce(&mut Vec<ProfileId>),
+    ) -> Result<(), StoreError> {
+        let mut from: Vec<ProfileId> = self
+            .get(REDIRECTED_FROM, to.0.as_bytes())?
+            .unwrap_or_default();
+        f(&mut from);
+        from.sort();
+        from.dedup();
+        let value = (!from.is_empty()).then_some(&from);
+        self.put(REDIRECTED_FROM, to.0.as_bytes(), value)
+    }
+
+    fn edit_links(
+        &mut self,
+        id: &Identifier,
+        f: impl FnOnce(&mut BTreeMap<Identifier, Evidence>),
+    ) -> Result<(), StoreError> {
+        let mut links: BTreeMap<Identifier, Evidence> =
+            self.read().links(id)?.into_iter().collect();
+        f(&mut links);
+        let links: Vec<(Identifier, Evidence)> = links.into_iter().collect();
+        let value = (!links.is_empty()).then_some(&links);
+        self.put(LINKS, &identifier_key(id), value)
+    }
+
+    /// Sets an identifier's links wholesale (a component arriving).
+    pub fn put_links(
+        &mut self,
+        id: &Identifier,
+        links: &[(Identifier, Evidence)],
+    ) -> Result<(), StoreError> {
+        let value = (!links.is_empty()).then_some(&links);
+        self.put(LINKS, &identifier_key(id), value)
+    }
+
+    /// Removes an identifier's links wholesale (a component leaving) and returns them.
+    pub fn take_links(
+        &mut self,
+        id: &Identifier,
+    ) -> Result<Vec<(Identifier, Evidence)>, StoreError> {
+        let links = self.read().links(id)?;
+        self.put::<()>(LINKS, &identifier_key(id), None)?;
+        Ok(links)
+    }
+
+    pub fn put_redirect(&mut self, from: &ProfileId, to: &ProfileId) -> Result<(), StoreError> {
+        if let Some(old) = self.read().redirect_of(from)? {
+            self.edit_redirected_from(&old, |v| v.retain(|x| x != from))?;
+        }
+        self.put(REDIRECT, from.0.as_bytes(), Some(to))?;
+        self.edit_redirected_from(to, |v| v.push(from.clone()))
+    }
+
+    pub fn delete_redirect(&mut self, id: &ProfileId) -> Result<(), StoreError> {
+        if let Some(to) = self.read().redirect_of(id)? {
+            self.put::<ProfileId>(REDIRECT, id.0.as_bytes(), None)?;
+            self.edit_redirected_from(&to, |v| v.retain(|x| x != id))?;
+        }
+        Ok(())
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use rocksdb::WriteBatch;
+/// The classic stitcher runs on a shard's graph unchanged. Two differences: errors are kept in the
+/// view's first failure (the trait's writes cannot fail; the protocol checks [`ShardGraph::error`]),
+/// and `first_sighting` is always true, because events are deduplicated at their home before they are
+/// located (`e` records), not where they are applied.
+pub struct ShardGraph<'v, 'k, K: ?Sized> {
+    pub view: &'v mut ShardView<'k, K>,
+    pub error: Option<StoreError>,
+}
 
-    use super::*;
-    use crate::scaleout::tests::ev;
-    use crate::scaleout::{handle, Effects, Msg, Shard};
-    use crate::stitch::Rules;
-    use crate::store::TempStore;
+impl<K: Kv + ?Sized> ShardGraph<'_, '_, K> {
+    fn keep(&mut self, r: Result<(), StoreError>) {
+        if let (Err(e), None) = (r, &self.error) {
+            self.error = Some(e);
+        }
+    }
 
-    /// Runs every message to completion on one shard kept in RocksDB and on one kept in memory,
-    /// committing the RocksDB overlay after every message; both must end equal.
-    #[test]
-    fn rocksdb_shard_behaves_like_the_in_memory_shard() {
-        let tmp = TempStore::new().expect("store");
-        let store = &tmp.store;
-        let rules = Rules::unlimited();
-        let mut mem = Shard::default();
-        let events = [
-            ev(0, 1000, [("email", "a@x.io"), ("anonymous_id", "c1")]),
-            ev(1, 1001, [("anonymous_id", "c2"), ("device_id", "d1")]),
-            ev(2, 1002, [("anonymous_id", "c1"), ("device_id", "d1")]),
-            ev(2, 1002, [("anonymous_id", "c1"), ("device_id", "d1")]),
-            ev(3, 1003, [("email", "b@x.io")]),
-        ];
-        let mut queue: std::collections::VecDeque<Msg> =
-            events.iter().cloned().map(Msg::Event).collect();
-        let mut duplicates = 0;
-        while let Some(msg) = queue.pop_front() {
-            let mut fx_mem = Effects::default();
-            let Ok(()) = handle(&mut mem, msg.clone(), &rules, &mut fx_mem);
-            let mut overlay = ShardOverlay::new(store);
-            let mut fx_db = Effects::default();
-            handle(&mut overlay.shard(0), msg, &rules, &mut fx_db).expect("handle");
-            assert_eq!(fx_db.msgs, fx_mem.msgs);
-            duplicates += fx_db.duplicates;
-            let mut batch = WriteBatch::default();
-            store
-                .put_shard_changes(&mut batch, overlay.changes(), [(0, 1)])
-                .expect("changes");
-            store.write(batch).expect("write");
-            queue.extend(fx_db.msgs.drain(..));
+    /// The first write that failed, if any.
+    pub fn finish(self) -> Result<(), StoreError> {
+        self.error.map_or(Ok(()), Err)
+    }
+}
+
+impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
+    type Error = StoreError;
+
+    fn node_of(&mut self, id: &Identifier) -> Result<Option<NodeId>, StoreError> {
+        self.view.read().node_of(id)
+    }
+    fn set_node(&mut self, id: &Identifier, node: NodeId) {
+        let r = self.view.put(NODE, &identifier_key(id), Some(&node));
+        self.keep(r);
+    }
+    fn remove_identifier(&mut self, id: &Identifier) {
+        let r = self.view.put::<NodeId>(NODE, &identifier_key(id), None);
+        self.keep(r);
+    }
+    fn take_profile(&mut self, node: NodeId) -> Result<Option<Profile>, StoreError> {
+        let p = self.view.read().profile(node)?;
+        if p.is_some() {
+            self.view
+                .put::<Profile>(PROFILE, &node.0.to_be_bytes(), None)?;
         }
-        assert_eq!(duplicates, 1);
-        for (x, p) in &mem.parent {
-            assert_eq!(
-                committed_parent(store, 0, x).expect("read").as_ref(),
-                Some(p)
-            );
+        Ok(p)
+    }
+    fn put_profile(&mut self, node: NodeId, profile: Profile) {
+        let r = self
+            .view
+            .put(PROFILE, &node.0.to_be_bytes(), Some(&profile));
+        self.keep(r);
+    }
+    fn delete_profile(&mut self, node: NodeId) {
+        let r = self
+            .view
+            .put::<Profile>(PROFILE, &node.0.to_be_bytes(), None);
+        self.keep(r);
+    }
+    fn allocate_node(&mut self) -> Result<NodeId, StoreError> {
+        let next: u64 = self.view.get(NEXT_NODE, &[])?.unwrap_or(1);
+        self.view.put(NEXT_NODE, &[], Some(&(next + 1)))?;
+        Ok(NodeId(next))
+    }
+    fn first_sighting(&mut self, _event_id: &str) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+    fn redirect(&mut self, from: &ProfileId, to: &ProfileId) {
+        let r = self
+            .view
+            .put_redirect(from, to)
+            .and_then(|()| self.view.delete_redirect(to));
+        self.keep(r);
+    }
+    fn remove_redirect(&mut self, id: &ProfileId) {
+        let r = self.view.delete_redirect(id);
+        self.keep(r);
+    }
+    fn redirect_of(&mut self, id: &ProfileId) -> Result<Option<ProfileId>, StoreError> {
+        self.view.read().redirect_of(id)
+    }
+    fn redirects_to(&mut self, id: &ProfileId) -> Result<Vec<ProfileId>, StoreError> {
+        self.view.read().redirects_to(id)
+    }
+    fn index(&mut self, id: &ProfileId, node: NodeId) {
+        let r = self.view.put(INDEX, id.0.as_bytes(), Some(&node));
+        self.keep(r);
+    }
+    fn unindex(&mut self, id: &ProfileId) {
+        let r = self.view.put::<NodeId>(INDEX, id.0.as_bytes(), None);
+        self.keep(r);
+    }
+    fn indexed(&mut self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
+        self.view.read().indexed(id)
+    }
+    fn links(&mut self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, StoreError> {
+        self.view.read().links(id)
+    }
+    fn add_link(&mut self, a: &Identifier, b: &Identifier, evidence: &Evidence) {
+        for (x, y) in [(a, b), (b, a)] {
+            let r = self.view.edit_links(x, |m| {
+                m.entry(y.clone())
+                    .and_modify(|e| e.join(evidence))
+                    .or_insert_with(|| evidence.clone());
+            });
+            self.keep(r);
         }
-        for (r, p) in &mem.profiles {
-            assert_eq!(
-                committed_profile(store, 0, r).expect("read").as_ref(),
-                Some(p)
-            );
+    }
+    fn remove_link(&mut self, a: &Identifier, b: &Identifier) {
+        for (x, y) in [(a, b), (b, a)] {
+            let r = self.view.edit_links(x, |m| {
+                m.remove(y);
+            });
+            self.keep(r);
         }
-        assert_eq!(mem.profiles.len(), 2);
-        assert_eq!(store.changelog_position(0).expect("position"), Some(1));
-        store.wipe_shard(0).expect("wipe");
-        assert_eq!(store.changelog_position(0).expect("position"), None);
-        for x in mem.parent.keys() {
-            assert_eq!(committed_parent(store, 0, x).expect("read"), None);
+    }
+    fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
+        let p = self.view.read().part(id)?;
+        if p.is_some() {
+            self.view.put::<Profile>(PART, &identifier_key(id), None)?;
         }
+        Ok(p)
+    }
+    fn put_part(&mut self, id: &Identifier, part: Profile) {
+        let r = self.view.put(PART, &identifier_key(id), Some(&part));
+        self.keep(r);
+    }
+    fn join_part(&mut self, id: &Identifier, more: Profile) {
+        let r = self.view.read().part(id).and_then(|p| {
+            let joined = match p {
+                Some(mut p) => {
+                    p.absorb(more);
+                    p
+                }
+                None => more,
+            };
+            self.view.put(PART, &identifier_key(id), Some(&joined))
+        });
+        self.keep(r);
+    }
+    fn delete_part(&mut self, id: &Identifier) {
+        let r = self.view.put::<Profile>(PART, &identifier_key(id), None);
+        self.keep(r);
     }
 }

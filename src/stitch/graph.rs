@@ -770,16 +770,7 @@ impl BatchChanges {
     pub fn record(&mut self, ev: &Event, applied: Applied) {
         self.record_reshape(&ev.event_id, &ev.channel, applied.reshape);
         for gone in &applied.absorbed_nodes {
-            self.forwarded.insert(*gone, applied.node);
-            if let Some(t) = self.touched.remove(gone) {
-                self.touched.entry(applied.node).or_insert(t);
-            }
-            if let Some(r) = self.refused.remove(gone) {
-                self.refused.entry(applied.node).or_default().extend(r);
-            }
-            if let Some(from) = self.split_from.remove(gone) {
-                self.split_from.entry(applied.node).or_insert(from);
-            }
+            self.moved(*gone, applied.node);
         }
         self.merges += applied.absorbed_nodes.len() as u64;
         self.created += u64::from(applied.created);
@@ -795,6 +786,21 @@ impl BatchChanges {
         }
         self.touched
             .insert(applied.node, (ev.event_id.clone(), ev.channel.clone()));
+    }
+
+    /// The profile of node `from` now lives under node `to` (absorbed by it, or moved there whole): what
+    /// the batch recorded for it follows it.
+    pub fn moved(&mut self, from: NodeId, to: NodeId) {
+        self.forwarded.insert(from, to);
+        if let Some(t) = self.touched.remove(&from) {
+            self.touched.entry(to).or_insert(t);
+        }
+        if let Some(r) = self.refused.remove(&from) {
+            self.refused.entry(to).or_default().extend(r);
+        }
+        if let Some(split) = self.split_from.remove(&from) {
+            self.split_from.entry(to).or_insert(split);
+        }
     }
 
     /// Records splits, erasures and shared identifiers, triggered by an event or a control command.

@@ -13,12 +13,28 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::config::GuardrailConfig;
 use crate::model::ConsentChange;
-use crate::stitch::{GraphStore, Rules};
+use crate::scaleout::state::{key, ShardRead, DIR, NODE, PROFILE};
+use crate::stitch::{MemStore, Rules};
+use crate::store::{decode_identifier, decode_value};
+
+/// One shard's state in memory.
+type MemKv = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// The records of one kind of a shard: (rest of the key, value).
+fn records(kv: &MemKv, shard: ShardId, kind: u8) -> Vec<(&[u8], &[u8])> {
+    let prefix = key(shard, kind, &[]);
+    kv.range(prefix.clone()..)
+        .take_while(|(k, _)| k.starts_with(&prefix))
+        .map(|(k, v)| (&k[prefix.len()..], v.as_slice()))
+        .collect()
+}
 
 #[derive(Debug, Clone)]
 enum Input {
     Event(Event),
     Erase(Identifier),
+    /// A profile by the id a profile starting with this event would have (live, retired or never).
+    EraseProfile(ProfileId),
     Unlink(Identifier, Identifier),
 }
 
@@ -69,6 +85,7 @@ fn arb_inputs() -> impl Strategy<Value = Vec<Input>> {
         12 => ev.prop_map(|(ids, ts, c)| (0u8, ids, ts, c)),
         1 => id.clone().prop_map(|x| (1u8, vec![x], 0, 0)),
         1 => (id.clone(), id).prop_map(|(a, b)| (2u8, vec![a, b], 0, 0)),
+        1 => any::<u8>().prop_map(|k| (3u8, vec![], 0, k)),
     ];
     prop::collection::vec(input, 1..60).prop_map(|raw| {
         let mut out = Vec::new();
@@ -76,10 +93,23 @@ fn arb_inputs() -> impl Strategy<Value = Vec<Input>> {
             out.push(match kind {
                 0 => Input::Event(event(n, ts, &ids, c == 0)),
                 1 => Input::Erase(ids[0].clone()),
-                _ => Input::Unlink(ids[0].clone(), ids[1].clone()),
+                2 => Input::Unlink(ids[0].clone(), ids[1].clone()),
+                _ => {
+                    let events: Vec<&Event> = out
+                        .iter()
+                        .filter_map(|i| match i {
+                            Input::Event(e) => Some(e),
+                            _ => None,
+                        })
+                        .collect();
+                    match events.get(usize::from(c) % events.len().max(1)) {
+                        Some(e) => Input::EraseProfile(Profile::new(e).id()),
+                        None => continue,
+                    }
+                }
             });
             // A repeated event: dropped at its home.
-            if c == 1 {
+            if c == 1 && kind == 0 {
                 if let Some(Input::Event(e)) =
                     out.iter().rev().find(|i| matches!(i, Input::Event(_)))
                 {
@@ -92,7 +122,7 @@ fn arb_inputs() -> impl Strategy<Value = Vec<Input>> {
 }
 
 struct Sim {
-    shards: Vec<Shard>,
+    shards: Vec<MemKv>,
     stitcher: Stitcher,
     in_flight: Vec<(ShardId, Msg)>,
     steps: Vec<Step>,
@@ -103,7 +133,7 @@ struct Sim {
 impl Sim {
     fn new(n: ShardId) -> Self {
         Self {
-            shards: (0..n).map(|i| Shard::new(i, n)).collect(),
+            shards: (0..n).map(|_| MemKv::new()).collect(),
             stitcher: Stitcher::new(rules()),
             in_flight: Vec::new(),
             steps: Vec::new(),
@@ -119,6 +149,12 @@ impl Sim {
     fn feed(&mut self, input: Input) {
         let n = self.n();
         let (to, msg) = match input {
+            Input::EraseProfile(id) => {
+                for s in 0..n {
+                    self.in_flight.push((s, Msg::EraseProfile(id.clone())));
+                }
+                return;
+            }
             Input::Event(ev) => (event_home(&ev.event_id, n), Msg::Event(ev)),
             Input::Erase(x) => (home(&x, n), Msg::Erase { x, at_owner: false }),
             Input::Unlink(a, b) => (
@@ -138,21 +174,28 @@ impl Sim {
     fn step(&mut self, rng: &mut impl Rng, loss: f64) {
         let i = rng.gen_range(0..self.in_flight.len());
         let (to, msg) = self.in_flight.swap_remove(i);
-        let shard = &mut self.shards[to as usize];
+        let n = self.n();
+        let kv = &mut self.shards[to as usize];
         let mut out = Out::default();
+        let handle = |kv: &mut MemKv, msg: Msg, out: &mut Out| {
+            let mut view = ShardView { kv, shard: to };
+            Shard {
+                view: &mut view,
+                shards: n,
+            }
+            .handle(&self.stitcher, msg, out)
+            .expect("in-memory state cannot fail");
+        };
         if rng.gen_bool(loss) {
-            let before = shard.clone();
-            shard.handle(&self.stitcher, msg.clone(), &mut out);
-            *shard = before;
+            let before = kv.clone();
+            handle(kv, msg.clone(), &mut out);
+            *kv = before;
             self.in_flight.push((to, msg));
             return;
         }
         self.handled += 1;
-        if std::env::var("SIM_TRACE").is_ok_and(|t| format!("{msg:?}").contains(&t)) {
-            eprintln!("@{to} {msg:?}");
-        }
         *self.by_kind.entry(msg.kind()).or_default() += 1;
-        shard.handle(&self.stitcher, msg, &mut out);
+        handle(kv, msg, &mut out);
         self.in_flight.append(&mut out.msgs);
         self.steps.append(&mut out.steps);
     }
@@ -181,61 +224,78 @@ impl Sim {
     /// Every shard quiet; every identifier in one graph, its home's directory naming that shard.
     fn check_placement(&self) {
         let n = self.n();
-        let waiting: Vec<String> = self
-            .shards
-            .iter()
-            .filter(|s| !s.is_quiet())
-            .map(|s| {
-                format!(
-                    "shard {}: pending {:?}, parked {:?}, reserved {:?}",
-                    s.id,
-                    s.pending
-                        .iter()
-                        .map(|(e, p)| (e, &p.missing, &p.found))
-                        .collect::<Vec<_>>(),
-                    s.parked,
-                    s.dir
-                        .iter()
-                        .filter(|(_, d)| matches!(d, Dir::Reserved { .. }))
-                        .collect::<Vec<_>>()
-                )
-            })
-            .collect();
-        assert!(waiting.is_empty(), "still waiting:\n{}", waiting.join("\n"));
-        let mut placed: BTreeMap<&Identifier, ShardId> = BTreeMap::new();
-        for s in &self.shards {
-            for (x, node) in &s.graph.nodes {
-                assert!(placed.insert(x, s.id).is_none(), "{x} in two shards");
+        let mut placed: BTreeMap<Identifier, ShardId> = BTreeMap::new();
+        let mut stuck = Vec::new();
+        for (s, kv) in self.shards.iter().enumerate() {
+            let s = s as ShardId;
+            let reserved: Vec<Identifier> = records(kv, s, DIR)
+                .into_iter()
+                .filter(|(_, v)| matches!(decode_value(v, "t", "dir"), Ok(Dir::Reserved { .. })))
+                .map(|(k, _)| decode_identifier(k).expect("identifier"))
+                .collect();
+            let waiting: Vec<&str> = [PENDING, WAITING, PARKED, PARKED_BEHIND]
+                .into_iter()
+                .flat_map(|kind| records(kv, s, kind))
+                .filter_map(|(k, _)| std::str::from_utf8(k).ok())
+                .collect();
+            if !(waiting.is_empty() && reserved.is_empty()) {
+                let parked: Vec<Vec<Msg>> = records(kv, s, PARKED)
+                    .into_iter()
+                    .map(|(_, v)| decode_value(v, "t", "parked").expect("parked"))
+                    .collect();
+                stuck.push(format!(
+                    "shard {s}: {waiting:?}, reserved {reserved:?}, parked {parked:?}"
+                ));
+            }
+            let profiles = self.profiles(s);
+            for (k, v) in records(kv, s, NODE) {
+                let x = decode_identifier(k).expect("identifier");
+                let node: NodeId = decode_value(v, "t", "node").expect("node");
                 assert!(
-                    s.graph.profiles[node].identifiers.contains_key(x),
+                    profiles[&node].identifiers.contains_key(&x),
                     "{x} points at a profile without it"
                 );
+                assert!(placed.insert(x.clone(), s).is_none(), "{x} in two shards");
             }
-            for p in s.graph.profiles.values() {
+            for p in profiles.values() {
                 assert_eq!(self.stitcher.rules().violation(p), None);
             }
         }
+        assert!(stuck.is_empty(), "still waiting:\n{}", stuck.join("\n"));
         for (x, s) in &placed {
-            let h = &self.shards[home(x, n) as usize];
-            assert_eq!(h.directory(x), Some(*s), "directory of {x}");
+            let h = home(x, n);
+            let read = ShardRead {
+                kv: &self.shards[h as usize],
+                shard: h,
+            };
+            let dir: Option<Dir> = read.dir(x).expect("read");
+            assert!(
+                matches!(dir, Some(Dir::Owned(o, _)) if o == *s),
+                "directory of {x}: {dir:?}, placed at {s}"
+            );
         }
+    }
+
+    fn profiles(&self, s: ShardId) -> BTreeMap<NodeId, Profile> {
+        records(&self.shards[s as usize], s, PROFILE)
+            .into_iter()
+            .map(|(k, v)| {
+                let node = NodeId(u64::from_be_bytes(k.try_into().expect("node key")));
+                (node, decode_value(v, "t", "profile").expect("profile"))
+            })
+            .collect()
     }
 
     fn merged(&self) -> MemStore {
         let mut all = MemStore::default();
-        for s in &self.shards {
-            for p in s.graph.profiles.values() {
-                let Ok(node) = all.allocate_node();
+        let mut next = 0;
+        for s in 0..self.n() {
+            for p in self.profiles(s).into_values() {
+                next += 1;
                 for x in p.identifiers.keys() {
-                    all.nodes.insert(x.clone(), node);
+                    all.nodes.insert(x.clone(), NodeId(next));
                 }
-                all.profiles.insert(node, p.clone());
-            }
-            for (x, l) in &s.graph.links {
-                all.links.insert(x.clone(), l.clone());
-            }
-            for (x, part) in &s.graph.parts {
-                all.parts.insert(x.clone(), part.clone());
+                all.profiles.insert(NodeId(next), p);
             }
         }
         all
@@ -255,6 +315,10 @@ fn replay(stitcher: &Stitcher, steps: &[Step]) -> (MemStore, Vec<Step>) {
             Step::Erase(x, _) => {
                 let Ok(r) = stitcher.erase_identifier(&mut store, x);
                 Step::Erase(x.clone(), r)
+            }
+            Step::EraseProfile(id, _) => {
+                let Ok(r) = stitcher.erase_profile(&mut store, id);
+                Step::EraseProfile(id.clone(), r)
             }
             Step::Unlink(a, b, _) => {
                 let Ok(r) = stitcher.unlink(&mut store, a, b);
@@ -285,6 +349,7 @@ fn visible(step: &Step) -> String {
                 a.reshape.quarantined.len()
             ))
         ),
+        Step::EraseProfile(id, r) => format!("{id} {:?} {}", r.erased, r.identifiers_erased),
         Step::Erase(x, r) | Step::Unlink(x, _, r) => format!(
             "{x} {:?} {} {} {:?}",
             r.erased,
