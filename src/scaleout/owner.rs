@@ -517,7 +517,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
             // the fetches parked behind them follow it.
             let losers = self.waiting_on_any(&moved)?;
             for e in &losers {
-                let Some(mut p) = self.pending(&e)? else {
+                let Some(mut p) = self.pending(e)? else {
                     continue;
                 };
                 let lost: Vec<Identifier> = moved
@@ -526,7 +526,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
                     .cloned()
                     .collect();
                 p.missing.extend(lost.iter().cloned());
-                self.put_pending(&e, &p)?;
+                self.put_pending(e, &p)?;
                 for y in lost {
                     let msg = Msg::Fetch {
                         x: y,
