@@ -35,6 +35,8 @@ pub enum PipelineError {
     Process(#[from] ProcessError),
     #[error("restoring shards: {0}")]
     Restore(String),
+    #[error("state directory: {0}")]
+    WrongMode(String),
 }
 
 /// Totals of one run, for logs and the demo's summary.
@@ -129,6 +131,14 @@ impl Pipeline {
         instance: &str,
         shutdown: &CancellationToken,
     ) -> Result<Self, PipelineError> {
+        if store.has_shard_state()? {
+            return Err(PipelineError::WrongMode(format!(
+                "{} holds scale-out state ([scaleout] shards > 0); this configuration runs one \
+                 instance with the whole graph. Keep [scaleout], or start with an empty state \
+                 directory, a new consumer group and output topic, and let it replay the input topics",
+                cfg.state.dir.display()
+            )));
+        }
         let processor = Processor::new(&cfg, metrics.clone())?;
         let consumer = subscribed_consumer(&cfg, &metrics)?;
         let committer = Committer::new(

@@ -33,13 +33,13 @@ shared_limits = {}
 "#;
 
 /// A sharded setup: its own internal topic, failover within seconds (short session and transaction
-/// timeouts).
-fn sharded(test: &str) -> (Setup, String) {
+/// timeouts), with these guardrails (`""`: the defaults).
+fn sharded(test: &str, guardrails: &str) -> (Setup, String) {
     let shard_topic = unique(&format!("{test}-shards"));
     let setup = Setup::new(
         test,
         PARTITIONS,
-        &format!("{UNLIMITED}\n[scaleout]\nshards = {PARTITIONS}\ntopic = \"{shard_topic}\"\n"),
+        &format!("{guardrails}\n[scaleout]\nshards = {PARTITIONS}\ntopic = \"{shard_topic}\"\n"),
     );
     setup.edit_config(|c| {
         c.replace(
@@ -234,10 +234,39 @@ fn live_profiles(out: &Output) -> BTreeMap<String, ProfileRecord> {
         .collect()
 }
 
-/// Asks every live instance for the profile of up to 200 persons' emails: each answers with the profile the
-/// one-instance reference gives, forwarding the lookup to the owner of a shard it does not hold (a 503 while
-/// a shard moves is retried, as its Retry-After asks). Returns the latencies of the lookups answered by the
-/// instance asked and of those it forwarded.
+/// An answer without what depends on where and in which order it was computed: the internal node
+/// number (local to a store or a shard) and the ids merged into the profile (which profiles existed
+/// before they merged depends on the order events arrived in, with one instance as with many).
+fn comparable(body: &str) -> serde_json::Value {
+    let mut v: serde_json::Value = serde_json::from_str(body).expect("json");
+    if let Some(o) = v.as_object_mut() {
+        o.remove("node");
+        o.remove("merged_ids");
+    }
+    v
+}
+
+/// Asks an instance, retrying a 503 as its Retry-After asks: the status, whether the answer was forwarded,
+/// the time taken, the answer.
+fn ask(port: u16, path: &str) -> (u16, bool, Duration, String) {
+    let mut tries = 0;
+    loop {
+        let t = std::time::Instant::now();
+        let (status, headers, body) = http_get_head(port, path);
+        if status == 503 && tries < 40 {
+            tries += 1;
+            std::thread::sleep(Duration::from_millis(250));
+            continue;
+        }
+        let forwarded = headers.iter().any(|(k, _)| k == "stitcher-forwarded");
+        return (status, forwarded, t.elapsed(), body);
+    }
+}
+
+/// Asks every live instance about up to 200 persons, by email, by profile id, and for both explanations:
+/// each answers what the one-instance reference answers, forwarding to the instance that holds the answer
+/// when it does not. Returns the latencies of the identifier lookups answered by the instance asked and of
+/// those it forwarded.
 fn lookups_agree(
     truth: &[PersonTruth],
     ports: &[u16],
@@ -252,30 +281,34 @@ fn lookups_agree(
         let path = format!("/v1/identifiers/email/{email}");
         let (status, body) = reference.http_get(&path);
         assert_eq!(status, 200, "reference lookup of {email}: {body}");
-        let want: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let want = comparable(&body);
+        let profile_id = want["profile_id"].as_str().expect("profile id").to_string();
+        let paths = [
+            format!("/v1/identifiers/email/{email}/explain"),
+            format!("/v1/profiles/{profile_id}"),
+            format!("/v1/profiles/{profile_id}/explain"),
+        ];
+        let wants: Vec<serde_json::Value> = paths
+            .iter()
+            .map(|p| {
+                let (status, body) = reference.http_get(p);
+                assert_eq!(status, 200, "reference {p}: {body}");
+                comparable(&body)
+            })
+            .collect();
         for port in ports {
-            let mut tries = 0;
-            loop {
-                let t = std::time::Instant::now();
-                let (status, headers, body) = http_get_head(*port, &path);
-                match status {
-                    200 => {
-                        let took = t.elapsed();
-                        if headers.iter().any(|(k, _)| k == "stitcher-forwarded") {
-                            forwarded.push(took);
-                        } else {
-                            local.push(took);
-                        }
-                        let got: serde_json::Value = serde_json::from_str(&body).expect("json");
-                        assert_eq!(got, want, "lookup of {email} on port {port}");
-                        break;
-                    }
-                    503 if tries < 40 => {
-                        tries += 1;
-                        std::thread::sleep(Duration::from_millis(250));
-                    }
-                    _ => panic!("lookup of {email} on port {port}: {status} {body}"),
-                }
+            let (status, was_forwarded, took, body) = ask(*port, &path);
+            assert_eq!(status, 200, "lookup of {email} on port {port}: {body}");
+            if was_forwarded {
+                forwarded.push(took);
+            } else {
+                local.push(took);
+            }
+            assert_eq!(comparable(&body), want, "lookup of {email} on port {port}");
+            for (p, want) in paths.iter().zip(&wants) {
+                let (status, _, _, body) = ask(*port, p);
+                assert_eq!(status, 200, "{p} on port {port}: {body}");
+                assert_eq!(&comparable(&body), want, "{p} on port {port}");
             }
         }
     }
@@ -285,7 +318,7 @@ fn lookups_agree(
 #[test]
 fn three_instances_one_killed_one_added_one_leaving_equal_one_instance() {
     let persons = env_or("SCALEOUT_PERSONS", 3_000usize);
-    let (setup, shard_topic) = sharded("scaleout");
+    let (setup, shard_topic) = sharded("scaleout", UNLIMITED);
     let reference = setup.sibling("scaleout-ref", UNLIMITED);
     let j = journeys::generate(&JourneyConfig {
         persons,
@@ -454,6 +487,209 @@ fn three_instances_one_killed_one_added_one_leaving_equal_one_instance() {
 /// CPU time and the messages between shards per merge, after one instance in classic mode as the baseline.
 /// `SCALEOUT_BENCH=1 cargo test --release --features kafka-it --test scaleout -- --ignored --nocapture`;
 /// `SCALEOUT_PERSONS` and `SCALEOUT_BATCH` (most messages per batch, 2,000) change the run.
+/// Persons of their own, sent only with the first part of the input, for the commands sent mid-run: the
+/// first five lose their email (erased), the other five the link between their cookie and their device
+/// (unlinked).
+fn commanded_persons() -> Vec<journeys::Generated> {
+    (0..10)
+        .flat_map(|k| {
+            let (email, cookie, device) = (
+                format!("person{k}@erase.test"),
+                format!("erase-cookie-{k}"),
+                format!("erase-device-{k}"),
+            );
+            [
+                stitcher::model::ChannelEvent::new(
+                    format!("cmd-{k}-a"),
+                    "login",
+                    1_700_000_000_000 + k,
+                    &[("email", &email), ("anonymous_id", &cookie)],
+                ),
+                stitcher::model::ChannelEvent::new(
+                    format!("cmd-{k}-b"),
+                    "page_view",
+                    1_700_000_001_000 + k,
+                    &[("anonymous_id", &cookie), ("device_id", &device)],
+                ),
+            ]
+        })
+        .map(|event| journeys::Generated::Event {
+            channel: "web",
+            key: event.event_id.clone(),
+            event,
+        })
+        .collect()
+}
+
+/// Sends the erase and unlink commands for [`commanded_persons`] through a setup's control topic.
+fn send_commands(setup: &Setup) {
+    for k in 0..10 {
+        let out = if k < 5 {
+            setup.cli(&[
+                "erase",
+                "--identifier",
+                &format!("email:person{k}@erase.test"),
+            ])
+        } else {
+            setup.cli(&[
+                "unlink",
+                "--a",
+                &format!("anonymous_id:erase-cookie-{k}"),
+                "--b",
+                &format!("device_id:erase-device-{k}"),
+            ])
+        };
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// The adversarial data (a device shared by most persons, junk identifiers on half the events) under the
+/// default guardrails, over three instances of which one is killed mid-run and one added, with erase and
+/// unlink commands sent between two parts of the input: the people equal the ground truth and the
+/// one-instance run, the shared device lives alone, erased identifiers are in no profile, unlinked
+/// devices are apart, and tombstones are those of the one-instance run.
+#[test]
+fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() {
+    let persons = env_or("SCALEOUT_ADVERSARIAL_PERSONS", 1_500usize);
+    let (setup, shard_topic) = sharded("scaleout-adv", "");
+    let reference = setup.sibling("scaleout-adv-ref", "");
+    let j = journeys::generate(&JourneyConfig {
+        persons,
+        seed: 44,
+        shuffle_window: 200,
+        shared_device_persons: persons * 10 / 12,
+        junk_rate: 0.5,
+        ..Default::default()
+    });
+    let half = j.messages.len() / 2;
+    let part = |messages: Vec<journeys::Generated>| journeys::Journeys {
+        messages,
+        truth: vec![],
+        events: 0,
+        malformed: 0,
+        duplicates: 0,
+    };
+    let mut first: Vec<journeys::Generated> = j.messages[..half].to_vec();
+    first.extend(commanded_persons());
+    generate::send(&brokers(), &setup.routes, &part(first), 0).expect("send");
+    let mut reference_child = reference.start();
+    let mut a = start_instance(&setup, 0);
+    let mut b = start_instance(&setup, 1);
+    let mut c = start_instance(&setup, 2);
+    wait_quiescent(
+        &setup,
+        &shard_topic,
+        &mut [&mut a.child, &mut b.child, &mut c.child],
+        TIMEOUT,
+    );
+    reference.wait_caught_up(&mut reference_child, TIMEOUT);
+    send_commands(&setup);
+    send_commands(&reference);
+    generate::send(
+        &brokers(),
+        &setup.routes,
+        &part(j.messages[half..].to_vec()),
+        0,
+    )
+    .expect("send");
+    std::thread::sleep(Duration::from_millis(1500));
+    kill9(&mut b.child);
+    let mut d = start_instance(&setup, 3);
+    wait_quiescent(
+        &setup,
+        &shard_topic,
+        &mut [&mut a.child, &mut c.child, &mut d.child],
+        TIMEOUT,
+    );
+    reference.wait_caught_up(&mut reference_child, TIMEOUT);
+    let (local, forwarded) = lookups_agree(&j.truth, &[a.port, c.port, d.port], &reference);
+    for child in [
+        &mut a.child,
+        &mut c.child,
+        &mut d.child,
+        &mut reference_child,
+    ] {
+        assert!(sigterm(child).success(), "{}", setup.log_tail());
+    }
+
+    let (out, want) = (setup.output(), reference.output());
+    assert_eq!(out.duplicates(), 0, "committed output records repeated");
+    let (got_profiles, want_profiles) = (live_profiles(&out), live_profiles(&want));
+    let tombstones = |o: &Output| -> Vec<String> {
+        o.view
+            .iter()
+            .filter(|(_, v)| v.is_none())
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+    println!(
+        "scaleout adversarial: {} events over 3 instances (one killed, one added), {} live profiles \
+         (reference {}), {} tombstones (reference {}), {} lookups answered here and {} forwarded",
+        j.events,
+        got_profiles.len(),
+        want_profiles.len(),
+        tombstones(&out).len(),
+        tombstones(&want).len(),
+        local.len(),
+        forwarded.len()
+    );
+    assert_eq!(tombstones(&out), tombstones(&want), "tombstones");
+    assert!(
+        got_profiles == want_profiles,
+        "profiles differ from one instance: {} only here, {} only in the reference",
+        got_profiles
+            .keys()
+            .filter(|k| !want_profiles.contains_key(*k))
+            .count(),
+        want_profiles
+            .keys()
+            .filter(|k| !got_profiles.contains_key(*k))
+            .count()
+    );
+    // The shared device alone, the erased emails nowhere, the unlinked devices apart.
+    let holders = |kind: &str, value: &str| -> Vec<&ProfileRecord> {
+        got_profiles
+            .values()
+            .filter(|p| {
+                p.identifiers
+                    .iter()
+                    .any(|i| i.kind == kind && i.value == value)
+            })
+            .collect()
+    };
+    let shared = holders("device_id", journeys::SHARED_DEVICE);
+    assert_eq!(shared.len(), 1);
+    assert!(shared[0].shared && shared[0].identifiers.len() == 1);
+    for k in 0..10 {
+        if k < 5 {
+            assert!(holders("email", &format!("person{k}@erase.test")).is_empty());
+            assert_eq!(
+                holders("anonymous_id", &format!("erase-cookie-{k}")).len(),
+                1
+            );
+        } else {
+            let device = holders("device_id", &format!("erase-device-{k}"));
+            assert_eq!(device.len(), 1);
+            assert_eq!(device[0].identifiers.len(), 1, "device {k} unlinked");
+        }
+    }
+    let mut people = out.view.clone();
+    people.retain(|k, v| {
+        !v.as_ref().is_some_and(|u| {
+            u.profile.as_ref().is_some_and(|p| {
+                p.shared || p.identifiers.iter().any(|i| i.value.contains("erase"))
+            })
+        }) && !k.is_empty()
+    });
+    let got = live_summaries(&people);
+    let want = truth_summaries(&j.truth);
+    assert!(got == want, "people: {}", diff(&got, &want));
+}
+
 #[test]
 #[ignore]
 fn throughput_with_one_two_three_instances() {
@@ -488,7 +724,7 @@ fn throughput_with_one_two_three_instances() {
         );
     }
     for n in 1..=3usize {
-        let (setup, shard_topic) = sharded(&format!("scaleout-bench{n}"));
+        let (setup, shard_topic) = sharded(&format!("scaleout-bench{n}"), UNLIMITED);
         batching(&setup, batch);
         let sent = generate::send(&brokers(), &setup.routes, &j, 0).expect("send");
         let broker = broker_pid();

@@ -169,6 +169,15 @@ impl ShardedPipeline {
         held: HeldShards,
         shutdown: &CancellationToken,
     ) -> Result<Self, PipelineError> {
+        if store.checkpoint()?.is_some() {
+            return Err(PipelineError::WrongMode(format!(
+                "{} holds the state of one instance (no [scaleout]); scale-out mode keeps its state in \
+                 shards restored from Kafka and cannot take it over. Start each instance with an empty \
+                 state directory under a new consumer group and output topic and let them replay the \
+                 input topics (README \"Scale-out\")",
+                cfg.state.dir.display()
+            )));
+        }
         let processor = Processor::new(&cfg, metrics.clone())?;
         let consumer = subscribed_consumer(&cfg, &metrics)?;
         let changelog = cfg.scaleout.changelog_topic();
@@ -766,4 +775,68 @@ fn restore_config(cfg: &Config) -> ClientConfig {
     .set("isolation.level", "read_committed")
     .set("auto.offset.reset", "earliest");
     c
+}
+
+#[cfg(test)]
+mod tests {
+    use rocksdb::WriteBatch;
+
+    use super::*;
+    use crate::pipeline::Pipeline;
+    use crate::store::{Checkpoint, TempStore};
+
+    fn start_error<T>(r: Result<T, PipelineError>) -> String {
+        match r {
+            Ok(_) => panic!("started on state of the other mode"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// State of one mode is refused by the other, saying what to do, before anything connects.
+    #[test]
+    fn a_state_directory_of_the_other_mode_is_refused() {
+        let shutdown = CancellationToken::new();
+        let cfg = Config::default();
+        let classic = TempStore::new().expect("store");
+        let mut wb = WriteBatch::default();
+        let cp = Checkpoint {
+            sequence: 1,
+            positions: vec![],
+            outbox: vec![],
+        };
+        classic
+            .store
+            .put_checkpoint(&mut wb, &cp)
+            .expect("checkpoint");
+        classic.store.write(wb).expect("write");
+        let metrics = Metrics::new().expect("metrics");
+        let held = HeldShards::new(4);
+        let why = start_error(ShardedPipeline::start(
+            cfg.clone(),
+            classic.store.clone(),
+            metrics.clone(),
+            "i0",
+            held,
+            &shutdown,
+        ));
+        assert!(why.contains("holds the state of one instance"), "{why}");
+        assert!(why.contains("empty"), "{why}");
+
+        let sharded = TempStore::new().expect("store");
+        let mut wb = WriteBatch::default();
+        let changes = [(b"\0\0\0\0n-x".as_slice(), Some(b"v".as_slice()))];
+        sharded
+            .store
+            .put_shard_changes(&mut wb, changes, [(0, 1)])
+            .expect("changes");
+        sharded.store.write(wb).expect("write");
+        let why = start_error(Pipeline::start(
+            cfg,
+            sharded.store.clone(),
+            metrics,
+            "i0",
+            &shutdown,
+        ));
+        assert!(why.contains("holds scale-out state"), "{why}");
+    }
 }

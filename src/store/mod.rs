@@ -345,6 +345,14 @@ impl Store {
         Ok(self.db.get_cf(self.cf(CF_SHARDS)?, key)?)
     }
 
+    /// Whether the state holds scale-out shards.
+    pub fn has_shard_state(&self) -> Result<bool, StoreError> {
+        let mut it = self
+            .db
+            .iterator_cf(self.cf(CF_SHARDS)?, rocksdb::IteratorMode::Start);
+        Ok(it.next().transpose()?.is_some())
+    }
+
     /// Where this instance's copy of a shard stands in the shard's changelog: the next offset to apply.
     pub fn changelog_position(&self, shard: u32) -> Result<Option<i64>, StoreError> {
         Ok(self
