@@ -27,6 +27,11 @@ pub enum Found {
     Owned(ShardId),
     /// The identifier is new; the event holds its reservation, at this gen.
     New(u32),
+    /// A copy scoped to the event's channel that does not exist, located without a reservation: the
+    /// event needs it only if consent sealing puts it in that channel's space, and then starts again
+    /// reserving its scoped copies. (Reserving them for every event would queue every event that carries
+    /// a popular identifier behind one reservation.)
+    Unreserved,
 }
 
 /// One identifier of a component in transit.
@@ -53,12 +58,14 @@ pub struct Piece {
 pub enum Msg {
     /// A new event, at the home of its id.
     Event(Event),
-    /// Find the owners of `ids` (sorted by home, then identifier), from `ids[next]` on, at its home.
+    /// Find the owners of `ids` (sorted by home, then identifier), from `ids[next]` on, at its home;
+    /// reserve the absent scoped copies too if `scoped`.
     Locate {
         ev: Event,
         ids: Vec<Identifier>,
         next: usize,
         found: Vec<(Identifier, Found)>,
+        scoped: bool,
     },
     /// Apply `ev` here once the components of every identifier in `found` are here.
     Gather {
@@ -188,12 +195,13 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
                 ids,
                 next,
                 found,
-            } => self.locate(ev, ids, next, found, out),
+                scoped,
+            } => self.locate(ev, ids, next, found, scoped, out),
             Msg::Gather { ev, found } => self.gather(stitcher, ev, found, out),
             Msg::Fetch { x, to, event } => self.fetch(stitcher, x, to, event, out),
             Msg::Component { from, piece } => self.component(stitcher, from, *piece, out),
             Msg::Own { x, owner, gen } => self.own(stitcher, x, owner, gen, out),
-            Msg::Gone { event, .. } => self.restart(stitcher, &event, out),
+            Msg::Gone { event, .. } => self.restart(stitcher, &event, None, out),
             Msg::Erase { x, at_owner } => self.erase(stitcher, x, at_owner, out),
             Msg::EraseProfile(id) => self.erase_profile(stitcher, id, out),
             Msg::Unlink { a, b, at_owner } => self.unlink(stitcher, a, b, at_owner, out),
@@ -313,12 +321,12 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
             out.duplicates += 1;
             return Ok(());
         }
-        self.start(ev, out);
+        self.start(ev, false, out);
         Ok(())
     }
 
     /// Starts locating an event's identifiers, at the first home in order.
-    fn start(&mut self, ev: Event, out: &mut Out) {
+    fn start(&mut self, ev: Event, scoped: bool, out: &mut Out) {
         let ids = locate_order(&ev, self.shards);
         match ids.first() {
             Some(first) => {
@@ -328,6 +336,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
                     ids,
                     next: 0,
                     found: vec![],
+                    scoped,
                 };
                 self.send(out, to, msg);
             }
@@ -342,13 +351,25 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         ids: Vec<Identifier>,
         mut next: usize,
         mut found: Vec<(Identifier, Found)>,
+        scoped: bool,
         out: &mut Out,
     ) -> Result<(), StoreError> {
         while let Some(x) = ids.get(next).filter(|x| home(x, self.shards) == self.id()) {
             let x = x.clone();
+            let copy = !scoped && x.scope().is_some() && !ev.identifiers.contains(&x);
             let entry = match self.dir(&x)? {
                 Dir::Owned(s, _) => {
                     found.push((x, Found::Owned(s)));
+                    next += 1;
+                    continue;
+                }
+                Dir::Absent(_) if copy => {
+                    found.push((x, Found::Unreserved));
+                    next += 1;
+                    continue;
+                }
+                Dir::Reserved { ref event, .. } if copy && *event != ev.event_id => {
+                    found.push((x, Found::Unreserved));
                     next += 1;
                     continue;
                 }
@@ -384,6 +405,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
                         ids,
                         next,
                         found,
+                        scoped,
                     });
                     return self.view.set_dir(
                         &x,
@@ -405,6 +427,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
                 ids,
                 next,
                 found,
+                scoped,
             };
             self.send(out, to, msg);
             return Ok(());
@@ -426,7 +449,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         let mut erased = false;
         for (x, f) in &found {
             let Found::Owned(s) = *f else {
-                continue; // new: reserved for this event
+                continue; // new (reserved for this event), or a scoped copy not needed yet
             };
             if self.here(x)? {
                 continue;
@@ -462,7 +485,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         p.missing.extend(missing);
         self.put_pending(&event, &p)?;
         if erased {
-            return self.restart(stitcher, &event, out);
+            return self.restart(stitcher, &event, None, out);
         }
         self.apply_ready(stitcher, BTreeSet::from([event]), out)
     }
@@ -488,7 +511,9 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
     ) -> Result<(), StoreError> {
         if let Some(node) = self.node_of(&x)? {
             if to == self.id() {
-                return Ok(()); // fetched by this shard for itself: it is here
+                // Fetched by this shard for itself and here now (created here by another event since it
+                // was located elsewhere): the events waiting for it go on.
+                return self.present(stitcher, &[x], out);
             }
             if let Some(h) = self.holder(node)?.filter(|h| h.as_str() < event.as_str()) {
                 return self.park_behind(&h, Msg::Fetch { x, to, event });
@@ -646,19 +671,30 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         let members: Vec<Identifier> = piece.members.iter().map(|m| m.id.clone()).collect();
         let node = self.put_component(piece, out)?;
         out.arrived.push((from, node));
-        let events = self.waiting_on_any(&members)?;
+        self.present(stitcher, &members, out)?;
+        // Fetches and commands parked until the component arrived.
+        self.retry_parked(stitcher, &members, out)
+    }
+
+    /// `ids` are here now: the pending events waiting for them no longer do, and those that have all
+    /// they need are applied.
+    fn present(
+        &mut self,
+        stitcher: &Stitcher,
+        ids: &[Identifier],
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
+        let events = self.waiting_on_any(ids)?;
         for e in &events {
             if let Some(mut p) = self.pending(e)? {
                 let before = p.missing.len();
-                p.missing.retain(|x| !members.contains(x));
+                p.missing.retain(|x| !ids.contains(x));
                 if p.missing.len() != before {
                     self.put_pending(e, &p)?;
                 }
             }
         }
-        self.apply_ready(stitcher, events, out)?;
-        // Fetches and commands parked until the component arrived.
-        self.retry_parked(stitcher, &members, out)
+        self.apply_ready(stitcher, events, out)
     }
 
     /// Applies those of `events` that have all they need, highest priority first; then retries what
@@ -673,6 +709,11 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
             let Some(p) = self.pending(&e)?.filter(|p| p.missing.is_empty()) else {
                 continue;
             };
+            if p.found.values().any(|f| *f == Found::Unreserved) && self.sealed_elsewhere(&p.ev)? {
+                // Consent sealing puts the event in its channel's space: its scoped copies are needed.
+                self.restart(stitcher, &e, Some(true), out)?;
+                continue;
+            }
             self.forget_pending(&e, &p)?;
             self.apply(stitcher, p, out)?;
             self.retry_behind(stitcher, &e, out)?;
@@ -760,13 +801,32 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         Ok(())
     }
 
-    /// An identifier the event located was erased before the event was applied: the event gives up its
-    /// reservations and locates all its identifiers again, from the start and in order (a locate that
-    /// resumed out of order could wait in a cycle with another event's reservations).
+    /// Whether one of the event's components is sealed to another channel (consent), so that the classic
+    /// stitcher may put the event in its channel's space. A superset of when it does: it looks at every
+    /// component, the stitcher at the most trusted one.
+    fn sealed_elsewhere(&self, ev: &Event) -> Result<bool, StoreError> {
+        for x in &ev.identifiers {
+            if let Some(node) = self.node_of(x)? {
+                let p = self.view.read().profile(node)?;
+                if p.is_some_and(|p| {
+                    p.sealed_to().is_some_and(|home| home != ev.channel) && !p.shared
+                }) {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// The event starts again (an identifier it located was erased before it was applied, or it needs
+    /// its scoped copies reserved): it gives up its reservations and locates all its identifiers again,
+    /// from the start and in order (a locate that resumed out of order could wait in a cycle with another
+    /// event's reservations).
     fn restart(
         &mut self,
         stitcher: &Stitcher,
         event: &str,
+        scoped: Option<bool>,
         out: &mut Out,
     ) -> Result<(), StoreError> {
         let Some(p) = self.pending(event)? else {
@@ -783,7 +843,9 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
                 self.send(out, home(x, self.shards), msg);
             }
         }
-        self.start(p.ev, out);
+        // Scoped copies are reserved again if they were (or if `scoped` says so).
+        let scoped = scoped.unwrap_or_else(|| !p.found.values().any(|f| *f == Found::Unreserved));
+        self.start(p.ev, scoped, out);
         self.retry_behind(stitcher, event, out)
     }
 
@@ -916,7 +978,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         }
         let events = self.waiting_on_any(ids)?;
         for e in events {
-            self.restart(stitcher, &e, out)?;
+            self.restart(stitcher, &e, None, out)?;
         }
         Ok(())
     }

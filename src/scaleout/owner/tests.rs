@@ -4,6 +4,9 @@
 //! shared identifiers, consent refusals. At the end every shard must be quiet, every identifier in exactly
 //! one shard's graph with its home's directory pointing there, and the result equal to one classic
 //! instance replaying the same steps in the order they were applied.
+//!
+//! `SIM_TRACE='e0041|device_id-0"'` prints every message handled whose debug form contains one of the
+//! `|`-separated strings (the first failing case proptest replays comes first in the output).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -194,6 +197,12 @@ impl Sim {
             return;
         }
         self.handled += 1;
+        if let Ok(t) = std::env::var("SIM_TRACE") {
+            let text = format!("{msg:?}");
+            if t.split('|').any(|t| text.contains(t)) {
+                eprintln!("@{to} {text}");
+            }
+        }
         *self.by_kind.entry(msg.kind()).or_default() += 1;
         handle(kv, msg, &mut out);
         self.in_flight.append(&mut out.msgs);
@@ -243,8 +252,18 @@ impl Sim {
                     .into_iter()
                     .map(|(_, v)| decode_value(v, "t", "parked").expect("parked"))
                     .collect();
+                let pending: Vec<String> = records(kv, s, PENDING)
+                    .into_iter()
+                    .map(|(_, v)| {
+                        let p: Pending = decode_value(v, "t", "pending").expect("pending");
+                        format!(
+                            "{}: missing {:?} found {:?}",
+                            p.ev.event_id, p.missing, p.found
+                        )
+                    })
+                    .collect();
                 stuck.push(format!(
-                    "shard {s}: {waiting:?}, reserved {reserved:?}, parked {parked:?}"
+                    "shard {s}: {waiting:?}, reserved {reserved:?}, parked {parked:?}, pending {pending:?}"
                 ));
             }
             let profiles = self.profiles(s);
