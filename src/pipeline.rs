@@ -95,18 +95,18 @@ pub(crate) fn batch_committed(
     summary.records += records as u64;
 }
 
-/// Every topic the pipeline consumes: the inputs and, if configured, the control topic; in scale-out mode
-/// the inputs and the internal shard topic.
+/// Every topic the pipeline consumes: the inputs, the control topic if configured, and in scale-out mode
+/// the internal shard topic.
 pub(crate) fn subscribed_topics(cfg: &Config) -> Vec<&str> {
-    let extra = if cfg.scaleout.enabled() {
-        cfg.scaleout.topic.as_str()
-    } else {
-        cfg.control.topic.as_str()
-    };
+    let shard_topic = cfg
+        .scaleout
+        .enabled()
+        .then_some(cfg.scaleout.topic.as_str());
     cfg.inputs
         .iter()
         .map(|i| i.topic.as_str())
-        .chain(Some(extra).filter(|t| !t.is_empty()))
+        .chain(Some(cfg.control.topic.as_str()).filter(|t| !t.is_empty()))
+        .chain(shard_topic)
         .collect()
 }
 

@@ -109,7 +109,7 @@ pub fn lookup(
                 }
                 // Moved on since the directory was written: follow it.
                 match read.moved(id)? {
-                    Some(super::owner::Moved::To(s)) => Step::Owner(s),
+                    Some(super::owner::Moved::To(s, _)) => Step::Owner(s),
                     _ => return Ok(Lookup::Unknown),
                 }
             }

@@ -72,11 +72,13 @@ pub enum Msg {
         ev: Event,
         found: Vec<(Identifier, Found)>,
     },
-    /// Send the component of `x` to shard `to`, for event `event`.
+    /// Send the component of `x` to shard `to`, for event `event`. `after`: the gen at which the
+    /// forwarding pointer followed last says `x` was placed where this is sent (0 from a directory).
     Fetch {
         x: Identifier,
         to: ShardId,
         event: String,
+        after: u32,
     },
     /// A fetched component, from a node of another shard.
     Component {
@@ -91,8 +93,12 @@ pub enum Msg {
     },
     /// `x`, located for `event`, was erased meanwhile: the event starts again.
     Gone { x: Identifier, event: String },
-    /// Erase an identifier: at its home, then at its owner (`at_owner`).
-    Erase { x: Identifier, at_owner: bool },
+    /// Erase an identifier: at its home (`at_owner` `None`), then at its owner (`Some(after)`, as for
+    /// `Fetch`).
+    Erase {
+        x: Identifier,
+        at_owner: Option<u32>,
+    },
     /// Erase a profile by any of its public ids: sent to every shard; the one holding it erases it, one
     /// that sent it away forwards the command after it.
     EraseProfile(ProfileId),
@@ -100,7 +106,7 @@ pub enum Msg {
     Unlink {
         a: Identifier,
         b: Identifier,
-        at_owner: bool,
+        at_owner: Option<u32>,
     },
 }
 
@@ -158,8 +164,10 @@ pub(crate) enum Dir {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Moved {
-    To(ShardId),
-    Erased,
+    /// Sent to this shard; it had been placed here for the given gen's time.
+    To(ShardId, u32),
+    /// Erased here, at the given gen.
+    Erased(u32),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -168,6 +176,15 @@ struct Pending {
     found: BTreeMap<Identifier, Found>,
     /// Identifiers whose component is not here yet.
     missing: BTreeSet<Identifier>,
+}
+
+/// Where a message about an identifier that is not here goes.
+enum Follow {
+    /// On to this shard, where it was placed at this gen or later.
+    Forward(ShardId, u32),
+    Gone,
+    /// On its way here.
+    InFlight,
 }
 
 /// One shard's protocol step: its graph and tables in a [`ShardView`], with the total number of shards.
@@ -198,7 +215,12 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
                 scoped,
             } => self.locate(ev, ids, next, found, scoped, out),
             Msg::Gather { ev, found } => self.gather(stitcher, ev, found, out),
-            Msg::Fetch { x, to, event } => self.fetch(stitcher, x, to, event, out),
+            Msg::Fetch {
+                x,
+                to,
+                event,
+                after,
+            } => self.fetch(stitcher, x, to, event, after, out),
             Msg::Component { from, piece } => self.component(stitcher, from, *piece, out),
             Msg::Own { x, owner, gen } => self.own(stitcher, x, owner, gen, out),
             Msg::Gone { event, .. } => self.restart(stitcher, &event, None, out),
@@ -455,20 +477,24 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
                 continue;
             }
             missing.push(x.clone());
-            let to = match (s == self.id(), self.moved(x)?) {
-                (false, _) => s,
-                (true, Some(Moved::To(u))) => u,
-                // Erased after it was located.
-                (true, Some(Moved::Erased)) => {
-                    erased = true;
-                    continue;
+            let (to, after) = if s == self.id() {
+                match self.follow(x, 0)? {
+                    Follow::Forward(u, after) => (u, after),
+                    // Erased after it was located.
+                    Follow::Gone => {
+                        erased = true;
+                        continue;
+                    }
+                    Follow::InFlight => continue,
                 }
-                (true, None) => continue, // in flight to here
+            } else {
+                (s, 0)
             };
             let msg = Msg::Fetch {
                 x: x.clone(),
                 to: self.id(),
                 event: event.clone(),
+                after,
             };
             self.send(out, to, msg);
         }
@@ -507,6 +533,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         x: Identifier,
         to: ShardId,
         event: String,
+        after: u32,
         out: &mut Out,
     ) -> Result<(), StoreError> {
         if let Some(node) = self.node_of(&x)? {
@@ -516,14 +543,20 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
                 return self.present(stitcher, &[x], out);
             }
             if let Some(h) = self.holder(node)?.filter(|h| h.as_str() < event.as_str()) {
-                return self.park_behind(&h, Msg::Fetch { x, to, event });
+                let msg = Msg::Fetch {
+                    x,
+                    to,
+                    event,
+                    after,
+                };
+                return self.park_behind(&h, msg);
             }
             let Some(piece) = self.take_component(node)? else {
                 return Ok(());
             };
             let moved: Vec<Identifier> = piece.members.iter().map(|m| m.id.clone()).collect();
-            for id in &moved {
-                self.view.set_moved(id, Some(&Moved::To(to)))?;
+            for m in &piece.members {
+                self.view.set_moved(&m.id, Some(&Moved::To(to, m.gen)))?;
             }
             let live = piece.profile.id();
             for pid in std::iter::once(&live).chain(piece.redirects.iter().map(|(from, _)| from)) {
@@ -557,6 +590,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
                         x: y,
                         to: self.id(),
                         event: e.clone(),
+                        after: 0,
                     };
                     self.send(out, to, msg);
                 }
@@ -566,19 +600,47 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
             }
             return Ok(());
         }
-        match self.moved(&x)? {
-            Some(Moved::To(u)) if u != self.id() => {
-                self.send(out, u, Msg::Fetch { x, to, event });
+        match self.follow(&x, after)? {
+            Follow::Forward(u, after) => {
+                let msg = Msg::Fetch {
+                    x,
+                    to,
+                    event,
+                    after,
+                };
+                self.send(out, u, msg);
                 Ok(())
             }
-            Some(Moved::Erased) => {
+            Follow::Gone => {
                 self.send(out, to, Msg::Gone { x, event });
                 Ok(())
             }
-            // In flight to here: parked until it arrives.
-            _ if to != self.id() => self.park(&x.clone(), Msg::Fetch { x, to, event }),
-            _ => Ok(()),
+            // On its way here: parked until it arrives (the arrival releases its requester if that is
+            // this shard).
+            Follow::InFlight if to != self.id() => {
+                let msg = Msg::Fetch {
+                    x: x.clone(),
+                    to,
+                    event,
+                    after,
+                };
+                self.park(&x, msg)
+            }
+            Follow::InFlight => Ok(()),
         }
+    }
+
+    /// Where to look for `x`, which is not here, having come here by a pointer saying it was placed here
+    /// at gen `after` or later: a forwarding pointer at least as recent leads on; an older one (or none)
+    /// means it is on its way here; an erasure at least as recent means it is gone.
+    fn follow(&self, x: &Identifier, after: u32) -> Result<Follow, StoreError> {
+        Ok(match self.moved(x)? {
+            Some(Moved::To(u, gen)) if gen >= after && u != self.id() => {
+                Follow::Forward(u, gen + 1)
+            }
+            Some(Moved::Erased(gen)) if gen >= after => Follow::Gone,
+            _ => Follow::InFlight,
+        })
     }
 
     /// Removes the whole component of `node` from the graph.
@@ -856,11 +918,14 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         match self.dir(x)? {
             Dir::Owned(s, _) => {
                 let msg = match msg {
-                    Msg::Erase { x, .. } => Msg::Erase { x, at_owner: true },
+                    Msg::Erase { x, .. } => Msg::Erase {
+                        x,
+                        at_owner: Some(0),
+                    },
                     Msg::Unlink { a, b, .. } => Msg::Unlink {
                         a,
                         b,
-                        at_owner: true,
+                        at_owner: Some(0),
                     },
                     other => other,
                 };
@@ -887,14 +952,20 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
     }
 
     /// At the owner of `x`: true if the command can run here now; otherwise it is forwarded or parked.
-    fn at_owner(&mut self, x: &Identifier, msg: &Msg, out: &mut Out) -> Result<bool, StoreError> {
+    fn at_owner(
+        &mut self,
+        x: &Identifier,
+        after: u32,
+        msg: impl Fn(u32) -> Msg,
+        out: &mut Out,
+    ) -> Result<bool, StoreError> {
         if self.here(x)? {
             return Ok(true);
         }
-        match self.moved(x)? {
-            Some(Moved::To(u)) => self.send(out, u, msg.clone()),
-            Some(Moved::Erased) => {}
-            None => self.park(x, msg.clone())?,
+        match self.follow(x, after)? {
+            Follow::Forward(u, after) => self.send(out, u, msg(after)),
+            Follow::Gone => {}
+            Follow::InFlight => self.park(x, msg(after))?,
         }
         Ok(false)
     }
@@ -903,17 +974,21 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         &mut self,
         stitcher: &Stitcher,
         x: Identifier,
-        at_owner: bool,
+        at_owner: Option<u32>,
         out: &mut Out,
     ) -> Result<(), StoreError> {
-        let msg = Msg::Erase {
-            x: x.clone(),
-            at_owner,
-        };
-        if !at_owner {
+        let Some(after) = at_owner else {
+            let msg = Msg::Erase {
+                x: x.clone(),
+                at_owner,
+            };
             return self.route_command(&x, msg, out);
-        }
-        if !self.at_owner(&x, &msg, out)? {
+        };
+        let again = |after| Msg::Erase {
+            x: x.clone(),
+            at_owner: Some(after),
+        };
+        if !self.at_owner(&x, after, again, out)? {
             return Ok(());
         }
         let mut graph = ShardGraph {
@@ -965,7 +1040,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         for x in ids {
             let gen = self.view.gen(x)? + 1;
             self.view.set_gen(x, None)?;
-            self.view.set_moved(x, Some(&Moved::Erased))?;
+            self.view.set_moved(x, Some(&Moved::Erased(gen - 1)))?;
             self.send(
                 out,
                 home(x, self.shards),
@@ -988,18 +1063,23 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         stitcher: &Stitcher,
         a: Identifier,
         b: Identifier,
-        at_owner: bool,
+        at_owner: Option<u32>,
         out: &mut Out,
     ) -> Result<(), StoreError> {
-        let msg = Msg::Unlink {
+        let Some(after) = at_owner else {
+            let msg = Msg::Unlink {
+                a: a.clone(),
+                b,
+                at_owner,
+            };
+            return self.route_command(&a, msg, out);
+        };
+        let again = |after| Msg::Unlink {
             a: a.clone(),
             b: b.clone(),
-            at_owner,
+            at_owner: Some(after),
         };
-        if !at_owner {
-            return self.route_command(&a, msg, out);
-        }
-        if !self.at_owner(&a, &msg, out)? {
+        if !self.at_owner(&a, after, again, out)? {
             return Ok(());
         }
         let mut graph = ShardGraph {

@@ -399,7 +399,7 @@ impl ShardedPipeline {
                     .into_iter()
                     .map(|x| {
                         let to = home(&x, self.shards);
-                        (to, Msg::Erase { x, at_owner: false })
+                        (to, Msg::Erase { x, at_owner: None })
                     })
                     .collect(),
                 // Every shard looks for the profile id; the one holding it erases it.
@@ -411,7 +411,7 @@ impl ShardedPipeline {
                     Msg::Unlink {
                         a,
                         b,
-                        at_owner: false,
+                        at_owner: None,
                     },
                 )],
             };

@@ -159,13 +159,13 @@ impl Sim {
                 return;
             }
             Input::Event(ev) => (event_home(&ev.event_id, n), Msg::Event(ev)),
-            Input::Erase(x) => (home(&x, n), Msg::Erase { x, at_owner: false }),
+            Input::Erase(x) => (home(&x, n), Msg::Erase { x, at_owner: None }),
             Input::Unlink(a, b) => (
                 home(&a, n),
                 Msg::Unlink {
                     a,
                     b,
-                    at_owner: false,
+                    at_owner: None,
                 },
             ),
         };
