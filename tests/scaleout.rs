@@ -483,10 +483,6 @@ fn three_instances_one_killed_one_added_one_leaving_equal_one_instance() {
     );
 }
 
-/// Throughput with 1, 2 and 3 instances on this machine, each over the same input, with each instance's
-/// CPU time and the messages between shards per merge, after one instance in classic mode as the baseline.
-/// `SCALEOUT_BENCH=1 cargo test --release --features kafka-it --test scaleout -- --ignored --nocapture`;
-/// `SCALEOUT_PERSONS` and `SCALEOUT_BATCH` (most messages per batch, 2,000) change the run.
 /// Persons of their own, sent only with the first part of the input, for the commands sent mid-run: the
 /// first five lose their email (erased), the other five the link between their cookie and their device
 /// (unlinked).
@@ -638,17 +634,35 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
         forwarded.len()
     );
     assert_eq!(tombstones(&out), tombstones(&want), "tombstones");
+    // A shared identifier's own profile keeps the times it was seen until it was set apart, which depends
+    // on the order events arrived in (with one instance as with many): compared without them.
+    let comparable =
+        |profiles: &BTreeMap<String, ProfileRecord>| -> BTreeMap<String, ProfileRecord> {
+            profiles
+                .iter()
+                .map(|(k, p)| {
+                    let mut p = p.clone();
+                    if p.shared {
+                        for i in &mut p.identifiers {
+                            (i.first_seen, i.last_seen) = (0, 0);
+                        }
+                        (p.first_seen, p.last_seen) = (0, 0);
+                    }
+                    (k.clone(), p)
+                })
+                .collect()
+        };
+    let (got_cmp, want_cmp) = (comparable(&got_profiles), comparable(&want_profiles));
+    let differing: Vec<(&String, &ProfileRecord, Option<&ProfileRecord>)> = got_cmp
+        .iter()
+        .filter(|(k, v)| want_cmp.get(*k) != Some(*v))
+        .map(|(k, v)| (k, v, want_cmp.get(k)))
+        .collect();
     assert!(
-        got_profiles == want_profiles,
-        "profiles differ from one instance: {} only here, {} only in the reference",
-        got_profiles
-            .keys()
-            .filter(|k| !want_profiles.contains_key(*k))
-            .count(),
-        want_profiles
-            .keys()
-            .filter(|k| !got_profiles.contains_key(*k))
-            .count()
+        got_cmp == want_cmp,
+        "profiles differ from one instance: {} differ; first: {:#?}",
+        differing.len(),
+        differing.first()
     );
     // The shared device alone, the erased emails nowhere, the unlinked devices apart.
     let holders = |kind: &str, value: &str| -> Vec<&ProfileRecord> {
@@ -690,6 +704,11 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
     assert!(got == want, "people: {}", diff(&got, &want));
 }
 
+/// Throughput with 1, 2 and 3 instances on this machine, each over the same input, with each instance's
+/// CPU time and the messages between shards per event and per merge (fetches and components moved),
+/// after one instance in classic mode as the baseline.
+/// `SCALEOUT_BENCH=1 cargo test --release --features kafka-it --test scaleout -- --ignored --nocapture`;
+/// `SCALEOUT_PERSONS` and `SCALEOUT_BATCH` (most messages per batch, 2,000) change the run.
 #[test]
 #[ignore]
 fn throughput_with_one_two_three_instances() {
@@ -761,7 +780,7 @@ fn throughput_with_one_two_three_instances() {
         };
         let events = count(&|k| k.contains("kind=\"event\""));
         let linking = count(&|k| {
-            ["union", "meet", "hook", "absorb"]
+            ["fetch", "component"]
                 .iter()
                 .any(|kind| k.contains(&format!("kind=\"{kind}\"")))
         });
@@ -770,7 +789,7 @@ fn throughput_with_one_two_three_instances() {
         println!(
             "scaleout-bench: {n} instance(s): {sent} messages in {secs:.1}s = {:.0} msg/s; CPU seconds per \
              instance [{}], broker {broker_cpu:.1}; {batches} batches of {batch_mean:.0} messages, \
-             {batch_ms:.0} ms each, {commit_ms:.0} ms of it committing; {:.1} shard messages per event, {:.1} union/meet/hook/absorb per merge \
+             {batch_ms:.0} ms each, {commit_ms:.0} ms of it committing; {:.1} shard messages per event, {:.1} fetch/component per merge \
              ({merges} merges), {:.0}% through the internal topic",
             sent as f64 / secs,
             cpu.join(", "),
