@@ -263,7 +263,8 @@ fn ask(port: u16, path: &str) -> (u16, bool, Duration, String) {
     }
 }
 
-/// Asks every live instance about up to 200 persons, by email, by profile id, and for both explanations:
+/// Asks every live instance about up to 200 persons (`SCALEOUT_LOOKUPS`), by email, by profile id, and for
+/// both explanations:
 /// each answers what the one-instance reference answers, forwarding to the instance that holds the answer
 /// when it does not. Returns the latencies of the identifier lookups answered by the instance asked and of
 /// those it forwarded.
@@ -276,7 +277,7 @@ fn lookups_agree(
     let emails = truth
         .iter()
         .filter_map(|p| p.identifiers.iter().find(|(k, _)| k == "email"))
-        .take(200);
+        .take(env_or("SCALEOUT_LOOKUPS", 200usize));
     for (_, email) in emails {
         let path = format!("/v1/identifiers/email/{email}");
         let (status, body) = reference.http_get(&path);

@@ -193,7 +193,7 @@ pub struct Shard<'v, 'k, K: ?Sized> {
     pub shards: ShardId,
 }
 
-impl<K: Kv + ?Sized> Shard<'_, '_, K> {
+impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
     fn id(&self) -> ShardId {
         self.view.shard
     }
@@ -232,6 +232,14 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
 
     fn send(&self, out: &mut Out, to: ShardId, msg: Msg) {
         out.msgs.push((to, msg));
+    }
+
+    /// The shard's graph, for the classic stitcher.
+    fn graph(&mut self) -> ShardGraph<'_, 'k, K> {
+        ShardGraph {
+            view: &mut *self.view,
+            error: None,
+        }
     }
 
     fn node_of(&self, x: &Identifier) -> Result<Option<NodeId>, StoreError> {
@@ -645,10 +653,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
 
     /// Removes the whole component of `node` from the graph.
     fn take_component(&mut self, node: NodeId) -> Result<Option<Piece>, StoreError> {
-        let mut graph = ShardGraph {
-            view: &mut *self.view,
-            error: None,
-        };
+        let mut graph = self.graph();
         let Some(profile) = graph.take_profile(node)? else {
             return Ok(None);
         };
@@ -682,11 +687,8 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
 
     /// Puts a component into the graph under a new node; its identifiers' homes learn where it is.
     fn put_component(&mut self, piece: Piece, out: &mut Out) -> Result<NodeId, StoreError> {
-        let id = self.id();
-        let mut graph = ShardGraph {
-            view: &mut *self.view,
-            error: None,
-        };
+        let (id, shards) = (self.id(), self.shards);
+        let mut graph = self.graph();
         let node = graph.allocate_node()?;
         let live = piece.profile.id();
         for m in piece.members {
@@ -698,7 +700,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
             let gen = m.gen + 1;
             graph.view.set_gen(&m.id, Some(gen))?;
             graph.view.set_moved::<Moved>(&m.id, None)?;
-            let to = home(&m.id, self.shards);
+            let to = home(&m.id, shards);
             out.msgs.push((
                 to,
                 Msg::Own {
@@ -784,10 +786,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
     }
 
     fn apply(&mut self, stitcher: &Stitcher, p: Pending, out: &mut Out) -> Result<(), StoreError> {
-        let mut graph = ShardGraph {
-            view: &mut *self.view,
-            error: None,
-        };
+        let mut graph = self.graph();
         let applied = stitcher.apply(&mut graph, &p.ev)?;
         graph.finish()?;
         // Reservations end: the identifiers the stitcher linked are here, the others exist nowhere.
@@ -911,32 +910,24 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         self.retry_behind(stitcher, event, out)
     }
 
-    /// Sends a command for `x` from its home to its owner. A reserved identifier is being created: the
-    /// command waits at the home, as it came, and is routed again once the identifier is placed. An
-    /// identifier that does not exist has nothing to change.
-    fn route_command(&mut self, x: &Identifier, msg: Msg, out: &mut Out) -> Result<(), StoreError> {
+    /// Sends a command for `x` from its home to its owner (`to_owner`). A reserved identifier is being
+    /// created: the command waits at the home as it came (`as_came`) and is routed again once the
+    /// identifier is placed. An identifier that does not exist has nothing to change.
+    fn route_command(
+        &mut self,
+        x: &Identifier,
+        as_came: Msg,
+        to_owner: Msg,
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
         match self.dir(x)? {
-            Dir::Owned(s, _) => {
-                let msg = match msg {
-                    Msg::Erase { x, .. } => Msg::Erase {
-                        x,
-                        at_owner: Some(0),
-                    },
-                    Msg::Unlink { a, b, .. } => Msg::Unlink {
-                        a,
-                        b,
-                        at_owner: Some(0),
-                    },
-                    other => other,
-                };
-                self.send(out, s, msg);
-            }
+            Dir::Owned(s, _) => self.send(out, s, to_owner),
             Dir::Reserved {
                 event,
                 gen,
                 mut waiting,
             } => {
-                waiting.push(msg);
+                waiting.push(as_came);
                 self.view.set_dir(
                     x,
                     &Dir::Reserved {
@@ -951,21 +942,27 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         Ok(())
     }
 
-    /// At the owner of `x`: true if the command can run here now; otherwise it is forwarded or parked.
-    fn at_owner(
+    /// Whether a command about `x` runs here now. At the home (`at_owner` `None`) it is sent on to the
+    /// owner (or waits for a reservation to end); at a shard that no longer holds `x` it follows the
+    /// forwarding pointer, or waits for `x` on its way here. `msg` rebuilds the command for where it goes.
+    fn command_here(
         &mut self,
         x: &Identifier,
-        after: u32,
-        msg: impl Fn(u32) -> Msg,
+        at_owner: Option<u32>,
+        msg: impl Fn(Option<u32>) -> Msg,
         out: &mut Out,
     ) -> Result<bool, StoreError> {
+        let Some(after) = at_owner else {
+            self.route_command(x, msg(None), msg(Some(0)), out)?;
+            return Ok(false);
+        };
         if self.here(x)? {
             return Ok(true);
         }
         match self.follow(x, after)? {
-            Follow::Forward(u, after) => self.send(out, u, msg(after)),
+            Follow::Forward(u, after) => self.send(out, u, msg(Some(after))),
             Follow::Gone => {}
-            Follow::InFlight => self.park(x, msg(after))?,
+            Follow::InFlight => self.park(x, msg(Some(after)))?,
         }
         Ok(false)
     }
@@ -977,24 +974,14 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         at_owner: Option<u32>,
         out: &mut Out,
     ) -> Result<(), StoreError> {
-        let Some(after) = at_owner else {
-            let msg = Msg::Erase {
-                x: x.clone(),
-                at_owner,
-            };
-            return self.route_command(&x, msg, out);
-        };
-        let again = |after| Msg::Erase {
+        let msg = |at_owner| Msg::Erase {
             x: x.clone(),
-            at_owner: Some(after),
+            at_owner,
         };
-        if !self.at_owner(&x, after, again, out)? {
+        if !self.command_here(&x, at_owner, msg, out)? {
             return Ok(());
         }
-        let mut graph = ShardGraph {
-            view: &mut *self.view,
-            error: None,
-        };
+        let mut graph = self.graph();
         let reshape = stitcher.erase_identifier(&mut graph, &x)?;
         graph.finish()?;
         out.steps.push(Step::Erase(x.clone(), reshape));
@@ -1007,10 +994,7 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         id: ProfileId,
         out: &mut Out,
     ) -> Result<(), StoreError> {
-        let mut graph = ShardGraph {
-            view: &mut *self.view,
-            error: None,
-        };
+        let mut graph = self.graph();
         let Some((_, node)) = crate::stitch::graph::resolve_profile_id(&mut graph, &id)? else {
             if let Some(to) = self.view.get::<ShardId>(MOVED_PROFILE, id.0.as_bytes())? {
                 self.send(out, to, Msg::EraseProfile(id));
@@ -1066,26 +1050,15 @@ impl<K: Kv + ?Sized> Shard<'_, '_, K> {
         at_owner: Option<u32>,
         out: &mut Out,
     ) -> Result<(), StoreError> {
-        let Some(after) = at_owner else {
-            let msg = Msg::Unlink {
-                a: a.clone(),
-                b,
-                at_owner,
-            };
-            return self.route_command(&a, msg, out);
-        };
-        let again = |after| Msg::Unlink {
+        let msg = |at_owner| Msg::Unlink {
             a: a.clone(),
             b: b.clone(),
-            at_owner: Some(after),
+            at_owner,
         };
-        if !self.at_owner(&a, after, again, out)? {
+        if !self.command_here(&a, at_owner, msg, out)? {
             return Ok(());
         }
-        let mut graph = ShardGraph {
-            view: &mut *self.view,
-            error: None,
-        };
+        let mut graph = self.graph();
         let reshape = stitcher.unlink(&mut graph, &a, &b)?;
         graph.finish()?;
         out.steps.push(Step::Unlink(a, b, reshape));
