@@ -526,12 +526,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
 
     /// The highest-priority pending event here that needs the component of node `node`.
     fn holder(&self, node: NodeId) -> Result<Option<String>, StoreError> {
-        let ids: Vec<Identifier> = self
-            .view
-            .read()
-            .profile(node)?
-            .map(|p| p.identifiers.into_keys().collect())
-            .unwrap_or_default();
+        let ids = self.view.read().identifiers(node)?;
         Ok(self.waiting_on_any(&ids)?.into_iter().next())
     }
 
@@ -1001,12 +996,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             }
             return Ok(());
         };
-        let ids: Vec<Identifier> = graph
-            .view
-            .read()
-            .profile(node)?
-            .map(|p| p.identifiers.into_keys().collect())
-            .unwrap_or_default();
+        let ids = graph.view.read().identifiers(node)?;
         let reshape = stitcher.erase_profile(&mut graph, &id)?;
         graph.finish()?;
         out.steps.push(Step::EraseProfile(id, reshape));

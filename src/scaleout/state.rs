@@ -184,6 +184,14 @@ impl<K: KvRead + ?Sized> ShardRead<'_, K> {
         self.read(PROFILE, &node.0.to_be_bytes())
     }
 
+    /// The identifiers of the profile under `node` (none if there is none).
+    pub fn identifiers(&self, node: NodeId) -> Result<Vec<Identifier>, StoreError> {
+        Ok(self
+            .profile(node)?
+            .map(|p| p.identifiers.into_keys().collect())
+            .unwrap_or_default())
+    }
+
     pub fn indexed(&self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
         self.read(INDEX, id.0.as_bytes())
     }
