@@ -279,12 +279,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         x: &Identifier,
         f: impl FnOnce(&mut Vec<String>),
     ) -> Result<(), StoreError> {
-        let mut events = self.waiting_on(x)?;
-        f(&mut events);
-        events.sort();
-        events.dedup();
-        let value = (!events.is_empty()).then_some(&events);
-        self.view.put(WAITING, &identifier_key(x), value)
+        self.view.edit_set(WAITING, &identifier_key(x), f)
     }
 
     /// The events pending here that need any of `ids`, highest priority first.
@@ -307,24 +302,39 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
 
     /// Parks a message about `x`, whose component is on its way here, until it arrives.
     fn park(&mut self, x: &Identifier, msg: Msg) -> Result<(), StoreError> {
-        let mut parked: Vec<Msg> = self
-            .view
-            .get(PARKED, &identifier_key(x))?
-            .unwrap_or_default();
-        parked.push(msg);
-        self.view.put(PARKED, &identifier_key(x), Some(&parked))
+        self.park_under(PARKED, &identifier_key(x), msg)
     }
 
     /// Parks a fetch behind the pending event `event` that holds the component, until that event is
     /// applied, starts again or loses the component.
     fn park_behind(&mut self, event: &str, msg: Msg) -> Result<(), StoreError> {
-        let mut parked: Vec<Msg> = self
-            .view
-            .get(PARKED_BEHIND, event.as_bytes())?
-            .unwrap_or_default();
+        self.park_under(PARKED_BEHIND, event.as_bytes(), msg)
+    }
+
+    /// Adds a message to the list parked under a key of `kind`.
+    fn park_under(&mut self, kind: u8, key: &[u8], msg: Msg) -> Result<(), StoreError> {
+        let mut parked: Vec<Msg> = self.view.get(kind, key)?.unwrap_or_default();
         parked.push(msg);
-        self.view
-            .put(PARKED_BEHIND, event.as_bytes(), Some(&parked))
+        self.view.put(kind, key, Some(&parked))
+    }
+
+    /// Takes the messages parked under a key of `kind` and handles them again.
+    fn unpark(
+        &mut self,
+        stitcher: &Stitcher,
+        kind: u8,
+        key: &[u8],
+        out: &mut Out,
+    ) -> Result<(), StoreError> {
+        let parked: Option<Vec<Msg>> = self.view.get(kind, key)?;
+        let Some(parked) = parked else {
+            return Ok(());
+        };
+        self.view.put::<Vec<Msg>>(kind, key, None)?;
+        for msg in parked {
+            self.handle(stitcher, msg, out)?;
+        }
+        Ok(())
     }
 
     /// Handles again the fetches parked behind `event`.
@@ -334,16 +344,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         event: &str,
         out: &mut Out,
     ) -> Result<(), StoreError> {
-        let parked: Option<Vec<Msg>> = self.view.get(PARKED_BEHIND, event.as_bytes())?;
-        let Some(parked) = parked else {
-            return Ok(());
-        };
-        self.view
-            .put::<Vec<Msg>>(PARKED_BEHIND, event.as_bytes(), None)?;
-        for msg in parked {
-            self.handle(stitcher, msg, out)?;
-        }
-        Ok(())
+        self.unpark(stitcher, PARKED_BEHIND, event.as_bytes(), out)
     }
 
     fn event(&mut self, ev: Event, out: &mut Out) -> Result<(), StoreError> {
@@ -814,15 +815,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         out: &mut Out,
     ) -> Result<(), StoreError> {
         for x in ids {
-            let parked: Option<Vec<Msg>> = self.view.get(PARKED, &identifier_key(x))?;
-            let Some(parked) = parked else {
-                continue;
-            };
-            self.view
-                .put::<Vec<Msg>>(PARKED, &identifier_key(x), None)?;
-            for msg in parked {
-                self.handle(stitcher, msg, out)?;
-            }
+            self.unpark(stitcher, PARKED, &identifier_key(x), out)?;
         }
         Ok(())
     }

@@ -354,14 +354,22 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         to: &ProfileId,
         f: impl FnOnce(&mut Vec<ProfileId>),
     ) -> Result<(), StoreError> {
-        let mut from: Vec<ProfileId> = self
-            .get(REDIRECTED_FROM, to.0.as_bytes())?
-            .unwrap_or_default();
-        f(&mut from);
-        from.sort();
-        from.dedup();
-        let value = (!from.is_empty()).then_some(&from);
-        self.put(REDIRECTED_FROM, to.0.as_bytes(), value)
+        self.edit_set(REDIRECTED_FROM, to.0.as_bytes(), f)
+    }
+
+    /// Edits a record that holds a sorted set as a list; an empty set deletes the record.
+    pub(crate) fn edit_set<T: Ord + Serialize + DeserializeOwned>(
+        &mut self,
+        kind: u8,
+        rest: &[u8],
+        f: impl FnOnce(&mut Vec<T>),
+    ) -> Result<(), StoreError> {
+        let mut set: Vec<T> = self.get(kind, rest)?.unwrap_or_default();
+        f(&mut set);
+        set.sort();
+        set.dedup();
+        let value = (!set.is_empty()).then_some(&set);
+        self.put(kind, rest, value)
     }
 
     fn edit_links(
