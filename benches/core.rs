@@ -19,6 +19,8 @@ use stitcher::config::{Format, GuardrailConfig, IdentityConfig};
 use stitcher::journeys::{self, Generated, JourneyConfig};
 use stitcher::model::{Event, Identifier};
 use stitcher::normalize::Normalizer;
+use stitcher::scaleout::owner::{Msg, Out, Shard};
+use stitcher::scaleout::state::{ShardOverlay, ShardView};
 use stitcher::stitch::{MemStore, Rules, Stitcher};
 use stitcher::store::{Store, TempStore};
 
@@ -214,15 +216,32 @@ fn dir_size_mib(path: &std::path::Path) -> f64 {
         / (1024.0 * 1024.0)
 }
 
-/// Applies events in batches the way the pipeline does: an overlay per batch, one synced write.
+/// Applies events in batches the way one instance does: every event through the owner protocol of a
+/// single shard (dedup at its home, locate, apply at the owner), an overlay per batch, one synced write.
 fn apply_batch(store: &Store, stitcher: &Stitcher, events: &[Event]) {
-    let mut overlay = store.overlay().expect("overlay");
+    let mut overlay = ShardOverlay::new(store);
     for ev in events {
-        stitcher.apply(&mut overlay, ev).expect("apply");
+        let mut queue = vec![Msg::Event(ev.clone())];
+        while let Some(msg) = queue.pop() {
+            let mut out = Out::default();
+            let mut view = ShardView {
+                kv: &mut overlay,
+                shard: 0,
+            };
+            Shard {
+                view: &mut view,
+                shards: 1,
+            }
+            .handle(stitcher, msg, &mut out)
+            .expect("handle");
+            queue.extend(out.msgs.into_iter().map(|(_, m)| m));
+        }
     }
+    let mut wb = rocksdb::WriteBatch::default();
     store
-        .write(overlay.into_write_batch().expect("write batch"))
-        .expect("write");
+        .put_shard_changes(&mut wb, overlay.changes(), [])
+        .expect("changes");
+    store.write(wb).expect("write");
 }
 
 fn preload(store: &Store, stitcher: &Stitcher, persons: u64) {

@@ -12,7 +12,7 @@ use crate::metrics::Metrics;
 use crate::normalize::Normalizer;
 use crate::pipeline::{Pipeline, RunSummary};
 use crate::scaleout::lookup::HeldShards;
-use crate::scaleout::runtime::ShardedPipeline;
+use crate::scaleout::routing::Owners;
 use crate::store::Store;
 
 /// Runs the service until `shutdown` is cancelled, or the pipeline fails.
@@ -23,21 +23,15 @@ pub async fn run(
 ) -> anyhow::Result<RunSummary> {
     let store = open_store(&cfg).await?;
     let listener = TcpListener::bind(cfg.http.listen).await?;
-    let held = cfg
-        .scaleout
-        .enabled()
-        .then(|| HeldShards::new(cfg.scaleout.shards));
-    let owners = match held {
-        Some(_) => Some(crate::scaleout::routing::Owners::new(&cfg)?),
-        None => None,
-    };
+    let held = HeldShards::new(cfg.scaleout.shards);
     tracing::info!(addr = %listener.local_addr()?, "http listening");
     let http_state = HttpState {
         metrics: metrics.clone(),
         store: Some(store.clone()),
         normalizer: Arc::new(Normalizer::new(&cfg.identity)?),
         bearer_token: cfg.http.bearer_token.clone(),
-        shards: held.clone().zip(owners),
+        held: held.clone(),
+        owners: Owners::new(&cfg),
     };
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));
@@ -55,14 +49,8 @@ pub async fn run(
     let instance = cfg.kafka.instance_id.clone();
     let pipeline_stop = shutdown.clone();
     let result = tokio::task::spawn_blocking(move || {
-        if let Some(held) = held {
-            let pipeline =
-                ShardedPipeline::start(cfg, store, metrics, &instance, held, &pipeline_stop)?;
-            pipeline.run(pipeline_stop)
-        } else {
-            let pipeline = Pipeline::start(cfg, store, metrics, &instance, &pipeline_stop)?;
-            pipeline.run(pipeline_stop)
-        }
+        let pipeline = Pipeline::start(cfg, store, metrics, &instance, held, &pipeline_stop)?;
+        pipeline.run(pipeline_stop)
     })
     .await;
     http_stop.cancel();

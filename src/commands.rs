@@ -18,6 +18,7 @@ use crate::journeys::{self, JourneyConfig};
 use crate::metrics::Metrics;
 use crate::model::{Identifier, ProfileId};
 use crate::normalize::Normalizer;
+use crate::scaleout::state::{for_each_profile, ShardRead};
 use crate::store::Store;
 
 fn load_config(args: &ConfigArgs) -> anyhow::Result<Config> {
@@ -131,24 +132,33 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 }
 
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
+    use crate::scaleout::lookup::{self, Lookup, Step};
     let store = Store::open(&args.state_dir, 64)
         .context("opening state (is the service still running?)")?;
-    let node = match (&args.profile, &args.identifier) {
-        (Some(p), _) => store
-            .resolve_profile_id(&ProfileId(p.clone()))?
-            .map(|(_, n)| n),
+    let held = lookup::held_locally(&store)?;
+    let found = match (&args.profile, &args.identifier) {
+        (Some(p), _) => lookup::profile_here(&store, &held, &ProfileId(p.clone()))?
+            .map(|(shard, _, node)| (shard, node)),
         (None, Some(spec)) => {
             let cfg = match &args.config {
                 Some(path) => Config::from_toml_file(path)?,
                 None => Config::default(),
             };
             let id = parse_identifier(&Normalizer::new(&cfg.identity)?, spec)?;
-            store.node_of(&id)?
+            match lookup::lookup(&store, &held, &id, Step::Home)? {
+                Lookup::Found { shard, node } => Some((shard, node)),
+                Lookup::Unknown => None,
+                Lookup::Elsewhere(step) => anyhow::bail!(
+                    "this state directory does not hold the shard that knows this identifier \
+                     ({step:?}); ask a running instance: GET /v1/identifiers/{{type}}/{{value}}/explain"
+                ),
+            }
         }
         (None, None) => anyhow::bail!("give --profile or --identifier"),
     };
-    let node = node.context("no profile for this id")?;
-    let inspection = crate::inspect::inspection(&store, node)?
+    let (shard, node) = found.context("no profile for this id")?;
+    let read = ShardRead { kv: &store, shard };
+    let inspection = crate::inspect::inspection(&read, node)?
         .context("identifier points at a missing profile")?;
     println!("{}", serde_json::to_string_pretty(&inspection)?);
     Ok(())
@@ -222,8 +232,9 @@ pub fn export(args: ExportArgs) -> anyhow::Result<()> {
         .context("opening state (is the service still running?)")?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
+    let held = crate::scaleout::lookup::held_locally(&store)?;
     let mut result = Ok(());
-    store.for_each_profile(|_, p| {
+    for_each_profile(&store, &held.held(), |_, _, p| {
         let id = p.id();
         for ident in p.identifiers.keys() {
             if result.is_ok() {

@@ -147,8 +147,8 @@ impl LimitsConfig {
     }
 }
 
-/// Scale-out across instances of one consumer group (docs/DESIGN.md, "Scale-out"). Off while `shards` is 0:
-/// then one instance holds the whole graph.
+/// The graph's shards, shared by the instances of one consumer group (docs/DESIGN.md, "Scale-out"); one
+/// instance holds them all when it is alone.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ScaleoutConfig {
@@ -162,8 +162,8 @@ pub struct ScaleoutConfig {
 impl Default for ScaleoutConfig {
     fn default() -> Self {
         Self {
-            shards: 0,
-            topic: "stitcher-shards".into(),
+            shards: 1,
+            topic: String::new(),
         }
     }
 }
@@ -171,10 +171,6 @@ impl Default for ScaleoutConfig {
 impl ScaleoutConfig {
     pub fn enabled(&self) -> bool {
         self.shards > 0
-    }
-
-    pub fn changelog_topic(&self) -> String {
-        format!("{}-changelog", self.topic)
     }
 }
 
@@ -708,6 +704,20 @@ impl Config {
         }
     }
 
+    /// The internal topic of the messages between shards: `scaleout.topic`, or `<group_id>-shards`.
+    pub fn shard_topic(&self) -> String {
+        if self.scaleout.topic.is_empty() {
+            format!("{}-shards", self.kafka.group_id)
+        } else {
+            self.scaleout.topic.clone()
+        }
+    }
+
+    /// The compacted changelog of the shards' state: `<shard topic>-changelog`.
+    pub fn changelog_topic(&self) -> String {
+        format!("{}-changelog", self.shard_topic())
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.inputs.is_empty() {
@@ -756,12 +766,14 @@ impl Config {
         if topics.contains(&self.control.topic) || self.control.topic == self.output.topic {
             return invalid("control.topic must not also be an input or the output".into());
         }
-        if self.scaleout.enabled() {
-            if self.scaleout.topic.is_empty() {
-                return invalid("scaleout.topic is required when scaleout.shards is set".into());
-            }
-            let changelog = self.scaleout.changelog_topic();
-            let internal = [self.scaleout.topic.as_str(), changelog.as_str()];
+        if !self.scaleout.enabled() {
+            return invalid(
+                "scaleout.shards must be at least 1 (one instance holds every shard when alone)".into(),
+            );
+        }
+        {
+            let (topic, changelog) = (self.shard_topic(), self.changelog_topic());
+            let internal = [topic.as_str(), changelog.as_str()];
             if internal.iter().any(|t| {
                 topics.contains(&t.to_string())
                     || *t == self.output.topic
@@ -775,8 +787,8 @@ impl Config {
             }
             if self.processing.guarantee != Guarantee::ExactlyOnce {
                 return invalid(
-                    "scale-out needs processing.guarantee = \"exactly_once\": shard state and shard \
-                     messages commit together"
+                    "processing.guarantee must be \"exactly_once\": shard state, shard messages and \
+                     output commit together"
                         .into(),
                 );
             }

@@ -127,8 +127,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let summary = service.await??;
 
     let store = Store::open(&state_dir, 64)?;
+    let held = crate::scaleout::lookup::held_locally(&store)?;
     let mut profiles: Vec<Profile> = Vec::new();
-    store.for_each_profile(|_, p| profiles.push(p))?;
+    crate::scaleout::state::for_each_profile(&store, &held.held(), |_, _, p| profiles.push(p))?;
     let applied: u64 = CHANNELS
         .iter()
         .map(|c| metrics.events_applied.with_label_values(&[c]).get())
@@ -184,9 +185,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         metrics.profile_splits.get()
     );
     if let Some(email) = &erased {
-        let gone = store
-            .node_of(&crate::model::Identifier::new("email", email.as_str()))?
-            .is_none();
+        let id = crate::model::Identifier::new("email", email.as_str());
+        let gone = crate::scaleout::lookup::lookup(
+            &store,
+            &held,
+            &id,
+            crate::scaleout::lookup::Step::Home,
+        )? == crate::scaleout::lookup::Lookup::Unknown;
         println!(
             "  erasure             email {email}: {}, {} tombstone(s)",
             if gone {

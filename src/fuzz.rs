@@ -15,11 +15,21 @@ use proptest::prelude::*;
 
 use crate::codec::{AvroCodec, ProfileUpdate};
 use crate::config::{Config, Format, InputConfig};
+use crate::engine::{Engine, Work};
 use crate::kafka::dead_letters;
 use crate::metrics::Metrics;
 use crate::model::{now_millis, ChannelEvent, ConsentChange, Item, ProfileId, RawIdentifier};
-use crate::processor::{Batch, InMessage, Processor};
+use crate::processor::{Batch, InMessage};
+use crate::scaleout::state::ShardOverlay;
 use crate::store::{OutRecord, TempStore};
+
+/// An engine holding every shard, as one instance alone does.
+fn engine() -> Engine {
+    let cfg = config();
+    let mut engine = Engine::new(&cfg, Metrics::new().expect("metrics")).expect("engine");
+    engine.owned = (0..cfg.scaleout.shards).collect();
+    engine
+}
 
 const JSON_TOPIC: &str = "web-json";
 const AVRO_TOPIC: &str = "pos-avro";
@@ -267,19 +277,17 @@ fn cases() -> u32 {
 }
 
 /// Runs one batch of messages through the processor; checks the invariants; returns the dead letters.
-fn run_batch(
-    processor: &Processor,
-    store: &TempStore,
-    messages: &[(&str, Vec<u8>)],
-) -> Vec<OutRecord> {
-    let mut overlay = store.store.overlay().expect("overlay");
+fn run_batch(engine: &Engine, store: &TempStore, messages: &[(&str, Vec<u8>)]) -> Vec<OutRecord> {
+    let mut overlay = ShardOverlay::new(&store.store);
     let mut batch = Batch::default();
+    let mut work = Work::default();
     for (offset, (topic, bytes)) in messages.iter().enumerate() {
         let before = (batch.messages, batch.dead_letters.len());
-        processor
-            .process(
+        engine
+            .take(
                 &mut overlay,
                 &mut batch,
+                &mut work,
                 InMessage {
                     topic,
                     partition: 0,
@@ -295,9 +303,9 @@ fn run_batch(
             "dead-lettered at most once"
         );
     }
-    let records = processor
-        .finish(&overlay, &mut batch, now_millis())
-        .expect("finish");
+    let records = engine
+        .output(&overlay, &mut batch, &mut work)
+        .expect("output");
     let codec = AvroCodec::profile_update().expect("schema");
     let degenerate = ProfileId::from_anchor("").to_string();
     for r in &records {
@@ -318,7 +326,11 @@ fn run_batch(
             assert_ne!(u.profile_id, degenerate);
         }
     }
-    let wb = overlay.into_write_batch().expect("write batch");
+    let mut wb = rocksdb::WriteBatch::default();
+    store
+        .store
+        .put_shard_changes(&mut wb, overlay.changes(), [])
+        .expect("changes");
     store.store.write(wb).expect("write");
     records
         .into_iter()
@@ -336,20 +348,20 @@ proptest! {
     fn every_message_is_applied_or_dead_lettered(
         messages in proptest::collection::vec(message(), 1..24)
     ) {
-        let processor = Processor::new(&config(), Metrics::new().expect("metrics")).expect("processor");
+        let engine = engine();
         let store = TempStore::new().expect("store");
-        run_batch(&processor, &store, &messages);
+        run_batch(&engine, &store, &messages);
     }
 }
 
 /// Every seed, one batch each: the good ones applied, every bad one dead-lettered once, with what it gets.
 #[test]
 fn every_seed_is_handled() {
-    let processor = Processor::new(&config(), Metrics::new().expect("metrics")).expect("processor");
+    let engine = engine();
     let store = TempStore::new().expect("store");
     let good = good_seeds().len();
     for (i, seed) in seed_corpus().into_iter().enumerate() {
-        let letters = run_batch(&processor, &store, std::slice::from_ref(&seed));
+        let letters = run_batch(&engine, &store, std::slice::from_ref(&seed));
         let outcome = letters
             .first()
             .and_then(|d| {
@@ -375,7 +387,7 @@ fn every_seed_is_handled() {
 /// (cart lines, event types, purchase totals) keep it small whatever arrives.
 #[test]
 fn a_profile_stays_within_its_bounds() {
-    let processor = Processor::new(&config(), Metrics::new().expect("metrics")).expect("processor");
+    let engine = engine();
     let store = TempStore::new().expect("store");
     let event = |n: usize, f: &dyn Fn(&mut ChannelEvent)| {
         let mut e = good_event(&format!("bounds-{n}"), &[("email", "cart@x.io")]);
@@ -410,19 +422,23 @@ fn a_profile_stays_within_its_bounds() {
         }));
     }
     for e in &events {
-        let letters = run_batch(&processor, &store, std::slice::from_ref(e));
+        let letters = run_batch(&engine, &store, std::slice::from_ref(e));
         assert!(letters.is_empty(), "{:?}", letters[0].headers);
     }
-    let node = store
-        .store
-        .node_of(&crate::model::Identifier::new("email", "cart@x.io"))
-        .expect("state")
-        .expect("a profile");
-    let p = store
-        .store
-        .profile(node)
-        .expect("state")
-        .expect("a profile");
+    use crate::scaleout::lookup::{lookup, HeldShards, Lookup, Step};
+    let held = HeldShards::new(config().scaleout.shards);
+    held.publish(&engine.owned);
+    let id = crate::model::Identifier::new("email", "cart@x.io");
+    let Lookup::Found { shard, node } =
+        lookup(&store.store, &held, &id, Step::Home).expect("state")
+    else {
+        panic!("no profile for the cart's email");
+    };
+    let read = crate::scaleout::state::ShardRead {
+        kv: &store.store,
+        shard,
+    };
+    let p = read.profile(node).expect("state").expect("a profile");
     use crate::profile::bounds;
     assert_eq!(p.cart.lines.len(), bounds::CART_LINES);
     assert_eq!(p.event_types.len(), bounds::EVENT_TYPES + 1);

@@ -6,10 +6,10 @@
 //!   with every identifier's links and their evidence, the events each anchors and the ids merged into it
 //!   ([`crate::inspect`]).
 //!
-//! Answers come from local RocksDB state. 404 for unknown ids, 400 for malformed ones. With
-//! `http.bearer_token` set, the lookup routes require `Authorization: Bearer <token>`.
+//! Answers come from the committed local copy of the shards. 404 for unknown ids, 400 for malformed ones.
+//! With `http.bearer_token` set, the lookup routes require `Authorization: Bearer <token>`.
 //!
-//! In scale-out mode every route answers on every instance. An identifier lookup reads the identifier's
+//! Every route answers on every instance. An identifier lookup reads the identifier's
 //! home shard (which shard owns its component) and the owner (the component), each here if held here,
 //! else forwarded once to the instance holding it (`GET /internal/v1/lookup/...`,
 //! [`crate::scaleout::routing`]). A profile-id lookup reads the shards held here and, if the id is not
@@ -44,9 +44,10 @@ pub struct HttpState {
     pub store: Option<Store>,
     pub normalizer: Arc<Normalizer>,
     pub bearer_token: Option<String>,
-    /// In scale-out mode, the shards this instance holds and where the others are (a lookup that needs
-    /// a shard held elsewhere is forwarded there).
-    pub shards: Option<(HeldShards, Owners)>,
+    /// The shards this instance holds and where the others are (a lookup that needs a shard held
+    /// elsewhere is forwarded there).
+    pub held: HeldShards,
+    pub owners: Owners,
 }
 
 #[derive(Serialize)]
@@ -167,21 +168,13 @@ fn profile_request(
 }
 
 /// Answers with `what` of a profile found by any of its ids (redirects followed), read off the async
-/// threads; in scale-out mode from the shards held here, or else from the instance that holds it.
+/// threads: from the shards held here, or else from the instance that holds it.
 async fn for_profile(s: HttpState, headers: HeaderMap, id: String, what: What) -> Response {
     let (store, asked) = match profile_request(&s, &headers, id) {
         Ok(x) => x,
         Err((status, message)) => return error(status, message),
     };
-    let Some((held, owners)) = s.shards.clone() else {
-        let answer =
-            tokio::task::spawn_blocking(move || match store.resolve_profile_id(&asked)? {
-                Some((live, node)) => render(&store, node, what, redirected(&asked, &live)),
-                None => Ok(None),
-            })
-            .await;
-        return respond(answer);
-    };
+    let (held, owners) = (s.held.clone(), s.owners.clone());
     let here = {
         let (store, held, asked) = (store.clone(), held.clone(), asked.clone());
         tokio::task::spawn_blocking(move || profile_here_rendered(&store, &held, &asked, what))
@@ -260,9 +253,7 @@ async fn forwarded_profile(
         Ok(x) => x,
         Err((status, message)) => return error(status, message),
     };
-    let Some((held, _)) = s.shards.clone() else {
-        return error(StatusCode::NOT_FOUND, "not a scale-out instance");
-    };
+    let held = s.held.clone();
     if held.is_empty() {
         return rebalancing("this instance holds no shard yet; retry".into());
     }
@@ -291,38 +282,12 @@ fn identifier_request(
     Ok((state(s)?, ids))
 }
 
-/// Answers with `f` applied to the profile holding an identifier, read off the async threads.
-async fn for_identifier<T: Serialize + Send + 'static>(
-    s: HttpState,
-    headers: HeaderMap,
-    (kind, value): (String, String),
-    f: fn(&dyn GraphRead, NodeId) -> Found<T>,
-) -> Response {
-    let (store, ids) = match identifier_request(&s, &headers, &kind, &value) {
-        Ok(x) => x,
-        Err((status, message)) => return error(status, message),
-    };
-    let answer = tokio::task::spawn_blocking(move || {
-        for id in &ids {
-            if let Some(node) = store.node_of(id)? {
-                return f(&store, node);
-            }
-        }
-        Ok(None)
-    })
-    .await;
-    respond(answer)
-}
-
 async fn by_identifier(
     State(s): State<HttpState>,
     headers: HeaderMap,
     Path(key): Path<(String, String)>,
 ) -> Response {
-    match s.shards.clone() {
-        Some(shards) => sharded_identifier(s, headers, key, shards, What::Profile).await,
-        None => for_identifier(s, headers, key, |store, node| load(store, node, None)).await,
-    }
+    identifier(s, headers, key, What::Profile).await
 }
 
 async fn explain(
@@ -330,10 +295,7 @@ async fn explain(
     headers: HeaderMap,
     Path(key): Path<(String, String)>,
 ) -> Response {
-    match s.shards.clone() {
-        Some(shards) => sharded_identifier(s, headers, key, shards, What::Explain).await,
-        None => for_identifier(s, headers, key, inspection).await,
-    }
+    identifier(s, headers, key, What::Explain).await
 }
 
 /// What a lookup answers with: the profile, or its explanation.
@@ -367,15 +329,15 @@ fn render(
     Ok(value.transpose().unwrap_or(None))
 }
 
-/// An identifier lookup in scale-out mode: each candidate identifier ([`Normalizer::lookup_candidates`])
-/// from its home shard on ([`lookup`]); a step held elsewhere is forwarded to its holder.
-async fn sharded_identifier(
+/// An identifier lookup: each candidate identifier ([`Normalizer::lookup_candidates`]) from its home
+/// shard on ([`lookup`]); a step held elsewhere is forwarded to its holder.
+async fn identifier(
     s: HttpState,
     headers: HeaderMap,
     (kind, value): (String, String),
-    (held, owners): (HeldShards, Owners),
     what: What,
 ) -> Response {
+    let (held, owners) = (s.held.clone(), s.owners.clone());
     let (store, ids) = match identifier_request(&s, &headers, &kind, &value) {
         Ok(x) => x,
         Err((status, message)) => return error(status, message),
@@ -426,9 +388,11 @@ async fn forwarded_lookup(
     if let Err((status, message)) = authorize(&s, &headers) {
         return error(status, message);
     }
-    let (Some((held, owners)), Ok(store)) = (s.shards.clone(), state(&s)) else {
-        return error(StatusCode::NOT_FOUND, "not a scale-out instance");
+    let store = match state(&s) {
+        Ok(store) => store,
+        Err((status, message)) => return error(status, message),
     };
+    let (held, owners) = (s.held.clone(), s.owners.clone());
     let step = match q.step.as_deref() {
         None | Some("home") => Step::Home,
         Some(n) => match n.parse() {
@@ -479,7 +443,7 @@ async fn resolve(
     }
     let (shard, step_param) = match step {
         Step::Home => (
-            crate::scaleout::home(&id, owners_count(s)),
+            crate::scaleout::home(&id, s.held.count()),
             "home".to_string(),
         ),
         Step::Owner(shard) => (shard, shard.to_string()),
@@ -501,10 +465,6 @@ async fn resolve(
         Ok(r) => r,
         Err(e) => rebalancing(format!("the owner of shard {shard} is unreachable: {e}")),
     }
-}
-
-fn owners_count(s: &HttpState) -> u32 {
-    s.shards.as_ref().map_or(1, |(held, _)| held.count())
 }
 
 /// Asks another instance; its answer (200, 404 or 503) is passed on, marked as forwarded.

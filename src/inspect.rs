@@ -8,31 +8,15 @@ use crate::codec::update::ProfileRecord;
 use crate::model::{Identifier, NodeId, ProfileId};
 use crate::profile::Profile;
 use crate::stitch::Evidence;
-use crate::store::{Store, StoreError};
+use crate::store::StoreError;
 
-/// Committed graph state, read for lookups and explanations: the classic store, or one shard of the
-/// sharded state.
+/// Committed graph state, read for lookups and explanations: one shard of the local copy.
 pub trait GraphRead {
     fn profile(&self, node: NodeId) -> Result<Option<Profile>, StoreError>;
     fn links(&self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, StoreError>;
     fn part(&self, id: &Identifier) -> Result<Option<Profile>, StoreError>;
     /// Retired ids redirecting to `id`.
     fn redirects_to(&self, id: &ProfileId) -> Result<Vec<ProfileId>, StoreError>;
-}
-
-impl GraphRead for Store {
-    fn profile(&self, node: NodeId) -> Result<Option<Profile>, StoreError> {
-        Store::profile(self, node)
-    }
-    fn links(&self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, StoreError> {
-        Store::links(self, id)
-    }
-    fn part(&self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
-        Store::part(self, id)
-    }
-    fn redirects_to(&self, id: &ProfileId) -> Result<Vec<ProfileId>, StoreError> {
-        Store::redirects_to(self, id)
-    }
 }
 
 /// Everything known about one profile, and why: what `inspect` prints.

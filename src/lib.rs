@@ -13,16 +13,18 @@
 //! - [`codec`]: Avro in the Confluent wire format, and JSON.
 //! - [`stitch`]: the merge logic (pure, property-tested) and the guardrails.
 //! - [`profile`]: enrichment; every field an order-independent join.
-//! - [`store`]: RocksDB column families, key encoding, the batch overlay and the checkpoint.
-//! - [`processor`]: messages to state changes and output records, without Kafka.
-//! - [`kafka`], [`pipeline`]: the consume-process-commit loop with Kafka transactions.
+//! - [`store`]: RocksDB: the local copy of the shards and where each stands in its changelog.
+//! - [`processor`]: decoding, normalising, dead letters, control commands, output records.
+//! - [`engine`]: one batch's messages to shard state changes and records, without Kafka.
+//! - [`kafka`], [`pipeline`]: the consume-process-commit loop with Kafka transactions, shard assignment
+//!   and restore.
 //! - [`control`]: erase and unlink commands from the control topic.
 //! - [`inspect`]: a profile with its links and their evidence (`stitcher inspect`, `/explain`).
 //! - [`metrics`], [`http`]: Prometheus metrics, probes, profile lookup.
 //! - [`journeys`], [`generate`], [`demo`]: synthetic journeys with ground truth, and the demo.
 //! - [`quality`], [`bench`]: stitching quality against ground truth; the end-to-end benchmark.
-//! - [`scaleout`]: scale-out across instances: the cross-partition stitching protocol, its simulation, its
-//!   RocksDB state with a changelog, and the sharded pipeline.
+//! - [`scaleout`]: the graph in shards shared by any number of instances: the owner protocol, its
+//!   simulation, the per-shard state with its changelog, lookups from any instance.
 //!
 //! docs/DESIGN.md describes the state and the commit protocol.
 
@@ -34,6 +36,7 @@ pub mod commands;
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod engine;
 #[cfg(test)]
 mod fuzz;
 pub mod generate;

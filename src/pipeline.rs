@@ -1,27 +1,41 @@
-//! The consume-process-commit loop, on a dedicated thread (librdkafka polling and RocksDB are blocking).
+//! The run loop, on a dedicated thread (librdkafka polling and RocksDB are blocking). Instances of one
+//! consumer group share the input partitions and the shards (the partitions of the internal topic), as
+//! Kafka assigns them; one instance is the case where it holds them all. Per batch, in one Kafka transaction: the
+//! consumed offsets (inputs and internal topic), the messages for shards held elsewhere, the shard state
+//! changes (changelog records), profile updates, redirects and dead letters. The local RocksDB copy of the
+//! shards is written after the commit, with the changelog offsets it reached.
 //!
-//! Per batch: poll up to `batch_max_events` messages or `batch_linger`; apply them to a RocksDB overlay;
-//! write state + checkpoint (positions and the batch's output) in one synced RocksDB write; then commit the
-//! output and the offsets in one Kafka transaction. docs/DESIGN.md explains why this order is crash-safe.
+//! A message for a shard this instance holds is handled at once, in the batch that produced it: with one
+//! instance the internal topic carries nothing. A batch built across a rebalance is dropped (nothing of it
+//! is in Kafka or in local state); the new assignment starts from the committed offsets. A shard this
+//! instance did not hold before is restored from its changelog before anything is handled. docs/DESIGN.md,
+//! "Scale-out", explains why this is exactly-once.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::Consumer;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
+use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
+use rocksdb::WriteBatch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::engine::{Engine, Work};
+use crate::kafka::reader::QuietEof;
 use crate::kafka::{
-    consumer_config, AssignmentWatch, CommitError, Committer, Deadline, GroupPeers, StitchConsumer,
-    StitchContext, TopicWatch,
+    base_config, consumer_config, AssignmentWatch, CommitError, Committer, Deadline, GroupPeers,
+    StitchConsumer, StitchContext, TopicWatch,
 };
 use crate::metrics::Metrics;
 use crate::model::now_millis;
-use crate::processor::{positions_vec, Batch, InMessage, ProcessError, Processor};
-use crate::store::{Checkpoint, OutRecord, Store, StoreError};
+use crate::processor::{positions_vec, Batch, InMessage, ProcessError};
+use crate::scaleout::lookup::HeldShards;
+use crate::scaleout::state::{refuse_former_format, ShardOverlay};
+use crate::scaleout::ShardId;
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -48,29 +62,6 @@ pub struct RunSummary {
     pub recovered_records: u64,
 }
 
-pub struct Pipeline {
-    cfg: Config,
-    store: Store,
-    metrics: Metrics,
-    processor: Processor,
-    consumer: StitchConsumer,
-    committer: Committer,
-    /// This instance's name in the transactional id, to create a new producer.
-    instance: String,
-    positions: BTreeMap<(String, i32), i64>,
-    /// Output of the last checkpoint whose transaction is not known to have committed.
-    carry: Vec<OutRecord>,
-    sequence: u64,
-    /// The subscribed topics in the cluster's metadata: their partitions, and which are missing.
-    topics: std::cell::RefCell<TopicWatch>,
-    /// Whether another member is in the consumer group.
-    peers: GroupPeers,
-    /// Whether this instance has paused its partitions because it holds only some of them.
-    paused: bool,
-    /// A consumer that never gets its partitions back is replaced.
-    unassigned: AssignmentWatch,
-}
-
 /// Records a committed batch (started at `started`, `records` produced) in the metrics and the totals.
 pub(crate) fn batch_committed(
     metrics: &Metrics,
@@ -95,17 +86,14 @@ pub(crate) fn batch_committed(
     summary.records += records as u64;
 }
 
-/// Every topic the pipeline consumes: the inputs, the control topic if configured, and in scale-out mode
-/// the internal shard topic.
-pub(crate) fn subscribed_topics(cfg: &Config) -> Vec<&str> {
-    let shard_topic = cfg
-        .scaleout
-        .enabled()
-        .then_some(cfg.scaleout.topic.as_str());
+/// Every topic the pipeline consumes: the inputs, the control topic if configured, and the internal shard
+/// topic.
+pub(crate) fn subscribed_topics(cfg: &Config) -> Vec<String> {
+    let shard_topic = Some(cfg.shard_topic());
     cfg.inputs
         .iter()
-        .map(|i| i.topic.as_str())
-        .chain(Some(cfg.control.topic.as_str()).filter(|t| !t.is_empty()))
+        .map(|i| i.topic.clone())
+        .chain(Some(cfg.control.topic.clone()).filter(|t| !t.is_empty()))
         .chain(shard_topic)
         .collect()
 }
@@ -117,126 +105,111 @@ pub(crate) fn subscribed_consumer(
 ) -> Result<StitchConsumer, KafkaError> {
     let consumer: StitchConsumer =
         consumer_config(cfg).create_with_context(StitchContext::new(metrics.clone()))?;
-    consumer.subscribe(&subscribed_topics(cfg))?;
+    let topics = subscribed_topics(cfg);
+    consumer.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
     Ok(consumer)
 }
 
+/// Changelog records applied per RocksDB write while restoring.
+const RESTORE_CHUNK: usize = 10_000;
+
+pub struct Pipeline {
+    cfg: Config,
+    store: Store,
+    metrics: Metrics,
+    engine: Engine,
+    consumer: StitchConsumer,
+    committer: Committer,
+    instance: String,
+    /// The engine's shards, as the lookup API sees them.
+    held: HeldShards,
+    /// The consumer's rebalance count when `owned` was last brought in line with the assignment.
+    synced_at: Option<u64>,
+    /// Per assigned partition, the committed offset: a message before it (fetched before a rebalance) is
+    /// not taken again.
+    expected: BTreeMap<(String, i32), i64>,
+    /// The message whose poll revealed a rebalance: the first of the next batch.
+    carried: Option<OwnedMessage>,
+    /// The subscribed topics in the cluster's metadata, for the missing-topic readiness check.
+    topics: TopicWatch,
+    /// A consumer that never gets its partitions back is replaced.
+    unassigned: AssignmentWatch,
+    /// Whether another member is in the consumer group.
+    peers: GroupPeers,
+}
+
 impl Pipeline {
-    /// Connects, fences older instances, and recovers the last checkpoint's transaction if it never
-    /// committed.
     pub fn start(
         cfg: Config,
         store: Store,
         metrics: Metrics,
         instance: &str,
+        held: HeldShards,
         shutdown: &CancellationToken,
     ) -> Result<Self, PipelineError> {
-        if store.has_shard_state()? {
+        if store.has_former_state()? {
             return Err(PipelineError::WrongMode(format!(
-                "{} holds scale-out state ([scaleout] shards > 0); this configuration runs one \
-                 instance with the whole graph. Keep [scaleout], or start with an empty state \
-                 directory, a new consumer group and output topic, and let it replay the input topics",
+                "{} holds the state of stitcher 0.3's one-instance mode, which this version does not \
+                 read: its state is kept in shards restored from Kafka. Start with an empty state \
+                 directory under a new consumer group and output topic and let it replay the input \
+                 topics (README \"Upgrading\")",
                 cfg.state.dir.display()
             )));
         }
-        let processor = Processor::new(&cfg, metrics.clone())?;
+        match store.shard_count()? {
+            Some(n) if n != cfg.scaleout.shards => {
+                return Err(PipelineError::WrongMode(format!(
+                    "{} was made with {n} shards and the configuration says {}: identifiers are placed \
+                     by hash modulo the shard count, so it is fixed for the life of the state. To change \
+                     it, replay the input topics into a new deployment (README \"Changing the number of \
+                     shards\"), or set scaleout.shards = {n}",
+                    cfg.state.dir.display(),
+                    cfg.scaleout.shards
+                )));
+            }
+            Some(_) => {}
+            None => store.put_shard_count(cfg.scaleout.shards)?,
+        }
+        let engine = Engine::new(&cfg, metrics.clone())?;
         let consumer = subscribed_consumer(&cfg, &metrics)?;
-        let committer = Committer::new(
+        let changelog = cfg.changelog_topic();
+        let committer = Committer::watching(
             &cfg,
             instance,
             metrics.clone(),
             &Deadline::new(shutdown.clone(), cfg.processing.drain_timeout),
+            Some(&changelog),
         )?;
-        let checkpoint = store.checkpoint()?.unwrap_or_default();
-        let topics = TopicWatch::new(
-            subscribed_topics(&cfg)
-                .into_iter()
-                .map(str::to_string)
-                .collect(),
+        tracing::info!(
+            shards = cfg.scaleout.shards,
+            topic = cfg.shard_topic().as_str(),
+            "scale-out mode"
         );
-        let positions: BTreeMap<(String, i32), i64> = checkpoint
-            .positions
-            .iter()
-            .map(|p| ((p.topic.clone(), p.partition), p.next_offset))
-            .collect();
-        let mut pipeline = Pipeline {
+        let topics = TopicWatch::new(subscribed_topics(&cfg));
+        Ok(Self {
+            topics,
+            unassigned: AssignmentWatch::default(),
+            peers: GroupPeers::default(),
             cfg,
             store,
             metrics,
-            processor,
+            engine,
             consumer,
             committer,
             instance: instance.to_string(),
-            positions,
-            carry: Vec::new(),
-            sequence: checkpoint.sequence,
-            topics: std::cell::RefCell::new(topics),
-            peers: GroupPeers::default(),
-            paused: false,
-            unassigned: AssignmentWatch::default(),
-        };
-        if !checkpoint.outbox.is_empty() && !pipeline.checkpoint_committed(&checkpoint, shutdown)? {
-            tracing::warn!(
-                records = checkpoint.outbox.len(),
-                sequence = checkpoint.sequence,
-                "last batch was written to state but its transaction did not commit; producing it again"
-            );
-            pipeline
-                .metrics
-                .transactions
-                .with_label_values(&["recovered"])
-                .inc();
-            pipeline.carry = checkpoint.outbox;
-        }
-        Ok(pipeline)
+            held,
+            synced_at: None,
+            expected: BTreeMap::new(),
+            carried: None,
+        })
     }
 
-    /// Did Kafka commit the checkpoint's offsets? Once `init_transactions` has fenced any older producer,
-    /// the group's committed offsets are final: equal to the checkpoint's positions if its transaction
-    /// committed, behind them if not.
-    fn checkpoint_committed(
-        &self,
-        cp: &Checkpoint,
-        shutdown: &CancellationToken,
-    ) -> Result<bool, PipelineError> {
-        let mut tpl = TopicPartitionList::new();
-        for p in &cp.positions {
-            tpl.add_partition(&p.topic, p.partition);
-        }
-        let mut backoff = Duration::from_millis(200);
-        let committed = loop {
-            match self
-                .consumer
-                .committed_offsets(tpl.clone(), Duration::from_secs(10))
-            {
-                Ok(c) => break c,
-                Err(e) if shutdown.is_cancelled() => return Err(e.into()),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read committed offsets, retrying");
-                    std::thread::sleep(backoff);
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-            }
-        };
-        Ok(cp.positions.iter().all(|p| {
-            matches!(committed.find_partition(&p.topic, p.partition).map(|e| e.offset()),
-                Some(Offset::Offset(o)) if o >= p.next_offset)
-        }))
-    }
-
-    /// Runs until `shutdown`; then finishes and commits the current batch within the drain timeout.
+    /// Runs until `shutdown`; the batch under way is finished and committed within the drain timeout.
     pub fn run(mut self, shutdown: CancellationToken) -> Result<RunSummary, PipelineError> {
-        let mut summary = RunSummary {
-            recovered_records: self.carry.len() as u64,
-            ..RunSummary::default()
-        };
-        self.metrics.health.set_running(true);
-        tracing::info!(inputs = self.cfg.inputs.len(), "pipeline running");
+        let mut summary = RunSummary::default();
+        tracing::info!(inputs = self.cfg.inputs.len(), "sharded pipeline running");
         while !shutdown.is_cancelled() {
-            if let Err(e) = self.run_batch(&shutdown, &mut summary) {
-                self.metrics.health.set_running(false);
-                return Err(e);
-            }
+            self.run_batch(&shutdown, &mut summary)?;
         }
         self.metrics.health.set_running(false);
         tracing::info!(
@@ -252,9 +225,7 @@ impl Pipeline {
         shutdown: &CancellationToken,
         summary: &mut RunSummary,
     ) -> Result<(), PipelineError> {
-        if self.hold_partial_assignment()? {
-            return Ok(());
-        }
+        self.topics.partitions(&self.consumer, &self.metrics.health);
         if self.unassigned.stuck(
             &self.consumer,
             &self.cfg.kafka.group_id,
@@ -262,219 +233,409 @@ impl Pipeline {
             &self.metrics.health,
         ) {
             self.metrics.errors.with_label_values(&["consume"]).inc();
-            self.consumer = subscribed_consumer(&self.cfg, &self.metrics)?;
-            return Ok(());
+            return self.restart_consumer();
         }
+        self.sync_assignment(shutdown)?;
+        let generation = self.consumer.context().rebalances();
         let started = Instant::now();
         let linger_until = started + self.cfg.processing.batch_linger;
         let store = self.store.clone();
-        let mut overlay = store.overlay()?;
+        let mut overlay = ShardOverlay::new(&store);
         let mut batch = Batch::default();
+        let mut work = Work::default();
+        let mut rebalanced = false;
+        if let Some(m) = self.carried.take() {
+            self.take(&mut overlay, &mut batch, &mut work, &m)?;
+        }
         while batch.messages < self.cfg.processing.batch_max_events && !shutdown.is_cancelled() {
             let now = Instant::now();
             if now >= linger_until {
                 break;
             }
-            match self.consumer.poll(linger_until - now) {
+            let polled = self.consumer.poll(linger_until - now);
+            // Rebalance callbacks run inside `poll`: whatever it returned comes from the new assignment.
+            if self.consumer.context().rebalances() != generation {
+                if let Some(Ok(m)) = &polled {
+                    self.carried = Some(m.detach());
+                }
+                rebalanced = true;
+                break;
+            }
+            match polled {
                 None => {}
                 Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
-                    // librdkafka gave this consumer up (for example a static member fenced after the
-                    // coordinator restarted). Nothing of this batch is in state yet: drop it, start a
-                    // new consumer, and read again from the committed offsets; what is already in state
-                    // is skipped by the positions.
                     self.metrics.errors.with_label_values(&["consume"]).inc();
                     tracing::warn!(?code, "consumer failed fatally; replacing it");
                     drop(overlay);
-                    self.consumer = subscribed_consumer(&self.cfg, &self.metrics)?;
-                    return Ok(());
+                    return self.restart_consumer();
                 }
                 Some(Err(e)) => {
                     self.metrics.errors.with_label_values(&["consume"]).inc();
                     tracing::warn!(error = %e, "consume error");
                 }
                 Some(Ok(m)) => {
-                    if self.consumer.context().take_assigned() && self.partial_assignment()? {
-                        // A rebalance left this instance with part of the partitions: nothing of this
-                        // batch is in state or sent; drop it, the next round pauses.
-                        return Ok(());
-                    }
-                    let (topic, partition, offset) = (m.topic(), m.partition(), m.offset());
-                    let next = self
-                        .positions
-                        .get(&(topic.to_string(), partition))
-                        .copied()
-                        .unwrap_or(0);
-                    if offset < next {
-                        continue; // already in state: re-read after a crash before the commit
-                    }
-                    let msg = InMessage {
-                        topic,
-                        partition,
-                        offset,
-                        key: m.key(),
-                        payload: m.payload(),
-                    };
-                    self.processor.process(&mut overlay, &mut batch, msg)?;
+                    self.take(&mut overlay, &mut batch, &mut work, &m)?;
                 }
             }
         }
-        if batch.is_empty() && (self.carry.is_empty() || !self.assigned()) {
+        if rebalanced {
+            // Partitions moved while this batch was built: it may hold messages of partitions that are no
+            // longer ours. Nothing of it is in Kafka or in local state; the new assignment starts from the
+            // committed offsets.
+            if !batch.is_empty() {
+                tracing::info!(
+                    messages = batch.messages,
+                    "rebalance during the batch; dropping it"
+                );
+            }
             return Ok(());
         }
-        let now_ms = now_millis();
-        let mut records = std::mem::take(&mut self.carry);
-        records.extend(self.processor.finish(&overlay, &mut batch, now_ms)?);
-        for (tp, next) in &batch.positions {
-            self.positions.insert(tp.clone(), *next);
+        if batch.is_empty() {
+            return Ok(());
         }
-        let positions = positions_vec(&self.positions);
-        self.sequence += 1;
-        let checkpoint = Checkpoint {
-            sequence: self.sequence,
-            positions,
-            outbox: records,
-        };
-        let mut wb = overlay.into_write_batch()?;
-        self.store.put_checkpoint(&mut wb, &checkpoint)?;
-        self.store.write(wb)?;
+        let records = self.engine.output(&overlay, &mut batch, &mut work)?;
+        let positions = positions_vec(&batch.positions);
         let deadline = Deadline::new(shutdown.clone(), self.cfg.processing.drain_timeout);
-        match self.committer.commit(
-            &checkpoint.outbox,
-            &checkpoint.positions,
-            &self.consumer,
-            &deadline,
-        ) {
+        match self
+            .committer
+            .commit(&records, &positions, &self.consumer, &deadline)
+        {
             Ok(()) => {}
-            Err(CommitError::Rejoin(e)) => {
-                // Only polling rejoins the group. The batch is in state; its records go out with the next
-                // transaction, together with these positions.
-                tracing::warn!(error = %e, "consumer group membership lost; rejoining, batch carried over");
-                self.carry = checkpoint.outbox;
-                summary.messages += batch.messages as u64;
-                return Ok(());
-            }
-            Err(CommitError::Stuck(e)) => {
-                // A new producer with the same transactional id fences the stuck one; once it is
-                // initialised, the fate of the batch's transaction is final and the committed offsets tell
-                // it, exactly as on a restart.
-                tracing::warn!(error = %e, "transactional producer stuck; replacing it");
-                self.committer =
-                    Committer::new(&self.cfg, &self.instance, self.metrics.clone(), &deadline)?;
-                if self.checkpoint_committed(&checkpoint, shutdown)? {
-                    self.metrics.health.commit_settled();
-                } else {
-                    self.carry = checkpoint.outbox;
-                }
-                summary.messages += batch.messages as u64;
-                return Ok(());
+            Err(e @ CommitError::Fatal(_)) | Err(e @ CommitError::Deadline(_)) => {
+                return Err(e.into())
             }
             Err(e) => {
-                // The checkpoint is in state: a restart produces this batch again.
-                self.carry = checkpoint.outbox;
-                return Err(e.into());
+                // Not committed, so not in local state either: read the batch again from the committed
+                // offsets, with a new producer if the old one is stuck.
+                tracing::warn!(error = %e, "batch not committed; reading it again");
+                if matches!(e, CommitError::Stuck(_)) {
+                    self.committer = Committer::watching(
+                        &self.cfg,
+                        &self.instance,
+                        self.metrics.clone(),
+                        &deadline,
+                        Some(self.engine.changelog()),
+                    )?;
+                }
+                drop(overlay);
+                // Nothing is pending: the batch is read again from the committed offsets.
+                self.metrics.health.commit_settled();
+                return self.restart_consumer();
             }
         }
-        batch_committed(
-            &self.metrics,
-            &batch,
-            started,
-            checkpoint.outbox.len(),
-            summary,
+        for (tp, next) in &batch.positions {
+            self.expected.insert(tp.clone(), *next);
+        }
+        let mut wb = WriteBatch::default();
+        let reached = self.committer.take_delivered();
+        let positions = reached.iter().map(|(p, next)| (*p as ShardId, *next));
+        self.store
+            .put_shard_changes(&mut wb, overlay.changes(), positions)?;
+        self.store.write(wb)?;
+        batch_committed(&self.metrics, &batch, started, records.len(), summary);
+        Ok(())
+    }
+
+    /// Adds one consumed message to the batch, unless it was committed already.
+    fn take(
+        &self,
+        overlay: &mut ShardOverlay<'_>,
+        batch: &mut Batch,
+        work: &mut Work,
+        m: &impl Message,
+    ) -> Result<(), PipelineError> {
+        let tp = (m.topic().to_string(), m.partition());
+        if batch
+            .positions
+            .get(&tp)
+            .or(self.expected.get(&tp))
+            .is_some_and(|next| m.offset() < *next)
+        {
+            return Ok(()); // committed already
+        }
+        let msg = InMessage {
+            topic: m.topic(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key(),
+            payload: m.payload(),
+        };
+        self.engine.take(overlay, batch, work, msg)
+    }
+
+    /// A new consumer, which reads from the committed offsets; shards are restored again when assigned
+    /// (from where the local copy stands: usually nothing to read).
+    fn restart_consumer(&mut self) -> Result<(), PipelineError> {
+        let _ = self.committer.take_delivered();
+        self.expected.clear();
+        self.carried = None;
+        self.consumer = subscribed_consumer(&self.cfg, &self.metrics)?;
+        self.engine.owned.clear();
+        self.held.publish(&self.engine.owned);
+        self.synced_at = None;
+        self.metrics.shards_owned.set(0);
+        Ok(())
+    }
+
+    /// Brings the shards handled here in line with the consumer's assignment after a rebalance.
+    fn sync_assignment(&mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+        let generation = self.consumer.context().rebalances();
+        if self.synced_at == Some(generation) {
+            return Ok(());
+        }
+        // Every shard is caught up again, also those assigned before: between two looks at the assignment
+        // a shard may have been handled elsewhere and come back. A restore reads only what this instance's
+        // copy lacks, usually nothing.
+        self.engine.owned.clear();
+        self.held.publish(&self.engine.owned);
+        let assignment = self.consumer.assignment()?;
+        let assigned: Vec<ShardId> = assignment
+            .elements_for_topic(self.engine.shard_topic())
+            .iter()
+            .filter_map(|e| ShardId::try_from(e.partition()).ok())
+            .collect();
+        self.expected.clear();
+        if assignment.count() == 0 {
+            self.synced(generation);
+            return Ok(());
+        }
+        if !assigned.is_empty() {
+            self.metrics.health.set_running(false);
+        }
+        let started = Instant::now();
+        // Stable committed offsets (KIP-447): this returns once a transaction of a previous owner of these
+        // partitions is over, so the changelog records of the shards' previous owners are final.
+        let committed = self.consumer.committed_offsets(
+            assignment.clone(),
+            self.cfg.processing.transaction_timeout * 2,
+        )?;
+        if !assigned.is_empty() {
+            self.restore(&assigned, started, shutdown)?;
+            self.engine.owned.extend(assigned);
+        }
+        for e in committed.elements() {
+            // A partition never committed starts at its beginning.
+            let next = match e.offset() {
+                Offset::Offset(o) => o,
+                _ => {
+                    self.consumer
+                        .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))?
+                        .0
+                }
+            };
+            self.expected
+                .insert((e.topic().to_string(), e.partition()), next);
+        }
+        self.synced(generation);
+        Ok(())
+    }
+
+    /// The shards in `owned` are ready: publishes them and reports ready.
+    fn synced(&mut self, generation: u64) {
+        self.metrics
+            .shards_owned
+            .set(self.engine.owned.len() as i64);
+        self.held.publish(&self.engine.owned);
+        self.metrics.health.set_running(true);
+        self.synced_at = Some(generation);
+    }
+
+    /// Restores shards from their changelog partitions, from where the local copy stands to the end, once
+    /// their previous owners' transactions are over (see [`Self::sync_assignment`]). The time reported runs
+    /// from `started`, the start of that wait.
+    fn restore(
+        &self,
+        shards: &[ShardId],
+        started: Instant,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PipelineError> {
+        let restorer: BaseConsumer<QuietEof> =
+            restore_config(&self.cfg).create_with_context(QuietEof)?;
+        let mut start = TopicPartitionList::new();
+        let mut high = BTreeMap::new();
+        for s in shards {
+            let p = *s as i32;
+            let (low, hw) =
+                restorer.fetch_watermarks(self.engine.changelog(), p, Duration::from_secs(30))?;
+            let from = match self.store.changelog_position(*s)? {
+                Some(at) if at >= low && at <= hw => at,
+                local => {
+                    if local.is_some() {
+                        tracing::warn!(
+                            shard = s,
+                            "local copy of the shard is outside its changelog; restoring from the start"
+                        );
+                    }
+                    self.store.wipe_shard(*s)?;
+                    low
+                }
+            };
+            if from < hw {
+                start.add_partition_offset(self.engine.changelog(), p, Offset::Offset(from))?;
+                high.insert(p, hw);
+            }
+        }
+        let mut applied = 0u64;
+        if start.count() > 0 {
+            restorer.assign(&start)?;
+            applied = self.read_changelog(&restorer, &mut high, shutdown)?;
+        }
+        let elapsed = started.elapsed();
+        self.metrics.restored_records.inc_by(applied);
+        for _ in shards {
+            self.metrics
+                .restore_duration
+                .observe(elapsed.as_secs_f64() / shards.len() as f64);
+        }
+        tracing::info!(
+            shards = shards.len(),
+            records = applied,
+            elapsed_ms = elapsed.as_millis() as u64,
+            records_per_second = (applied as f64 / elapsed.as_secs_f64().max(1e-3)) as u64,
+            "shards restored"
         );
         Ok(())
     }
 
-    /// One instance must hold every input partition: the identity graph is not partitioned (yet), so an
-    /// instance holding some partitions would stitch their identifiers apart from the others'. When a second
-    /// instance joins the group, both hold a part: each pauses its partitions, reports not ready and keeps
-    /// its group membership, until one is stopped and the other gets everything back; it then rewinds to
-    /// its own positions (nothing read while paused is lost) and carries on. True while paused.
-    fn hold_partial_assignment(&mut self) -> Result<bool, PipelineError> {
-        self.expected_partitions();
-        let assignment = self.consumer.assignment()?;
-        let assigned = assignment.count();
-        if self.is_partial(assigned) {
-            if !self.paused {
-                self.consumer.pause(&assignment)?;
-                self.paused = true;
-                self.metrics.health.set_running(false);
-                tracing::error!(
-                    assigned,
-                    expected = self.expected_partitions().unwrap_or_default(),
-                    group = self.cfg.kafka.group_id.as_str(),
-                    "this instance was assigned only part of the input partitions: another instance runs \
-                     in the same consumer group. One instance must hold them all (the identity graph is not \
-                     partitioned across instances); pausing until it does"
-                );
+    /// Applies changelog records until every partition in `high` reached its high watermark. A partition
+    /// that stops short has an open transaction (its previous owner's, about to be aborted or committed):
+    /// it is waited for, up to twice the transaction timeout.
+    fn read_changelog(
+        &self,
+        restorer: &BaseConsumer<QuietEof>,
+        high: &mut BTreeMap<i32, i64>,
+        shutdown: &CancellationToken,
+    ) -> Result<u64, PipelineError> {
+        let deadline = Instant::now() + self.cfg.processing.transaction_timeout * 2;
+        let mut pending: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut reached: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut applied = 0u64;
+        while !high.is_empty() {
+            if shutdown.is_cancelled() {
+                return Err(PipelineError::Restore("shutdown during restore".into()));
             }
-            // Polling keeps the group membership; paused partitions deliver nothing.
-            let _ = self.consumer.poll(Duration::from_millis(500));
-            return Ok(true);
+            if Instant::now() > deadline {
+                return Err(PipelineError::Restore(format!(
+                    "changelog partitions {:?} of {} did not reach their end: an open transaction \
+                     that never ends?",
+                    high.keys().collect::<Vec<_>>(),
+                    self.engine.changelog()
+                )));
+            }
+            match restorer.poll(Duration::from_millis(200)) {
+                Some(Ok(m)) => {
+                    refuse_former_format(m.key().unwrap_or_default())?;
+                    pending.push((
+                        m.key().unwrap_or_default().to_vec(),
+                        m.payload().map(<[u8]>::to_vec),
+                    ));
+                    reached.insert(m.partition(), m.offset() + 1);
+                    if m.offset() + 1 >= high.get(&m.partition()).copied().unwrap_or(0) {
+                        high.remove(&m.partition());
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    let at = restorer
+                        .position()?
+                        .find_partition(self.engine.changelog(), p)
+                        .and_then(|e| e.offset().to_raw());
+                    if let (Some(at), Some(hw)) = (at, high.get(&p).copied()) {
+                        if at >= hw {
+                            reached.insert(p, at);
+                            high.remove(&p);
+                        }
+                    }
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    // Past the last record, a partition may end on transaction markers: done once the
+                    // fetch position reached the watermark.
+                    let positions = restorer.position()?;
+                    high.retain(|p, hw| {
+                        let at = positions
+                            .find_partition(self.engine.changelog(), *p)
+                            .and_then(|e| e.offset().to_raw());
+                        match at {
+                            Some(at) if at >= *hw => {
+                                reached.insert(*p, at);
+                                false
+                            }
+                            _ => true,
+                        }
+                    });
+                }
+            }
+            if pending.len() >= RESTORE_CHUNK || high.is_empty() {
+                applied += pending.len() as u64;
+                let mut wb = WriteBatch::default();
+                self.store.put_shard_changes(
+                    &mut wb,
+                    pending.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
+                    reached.iter().map(|(p, at)| (*p as ShardId, *at)),
+                )?;
+                self.store.write(wb)?;
+                pending.clear();
+            }
         }
-        if self.paused && assigned > 0 {
-            self.rewind(&assignment)?;
-            self.consumer.resume(&assignment)?;
-            self.paused = false;
-            self.metrics.health.set_running(true);
-            tracing::info!(assigned, "all input partitions assigned again; resuming");
+        Ok(applied)
+    }
+}
+
+/// A consumer outside the group, reading changelog partitions as committed.
+fn restore_config(cfg: &Config) -> ClientConfig {
+    let mut c = base_config(cfg);
+    c.set(
+        "group.id",
+        format!("{}-restore-{}", cfg.kafka.group_id, cfg.kafka.instance_id),
+    )
+    .set("enable.auto.commit", "false")
+    .set("enable.partition.eof", "true")
+    .set("isolation.level", "read_committed")
+    .set("auto.offset.reset", "earliest");
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::TempStore;
+
+    fn start_error(cfg: &Config, store: &Store) -> String {
+        let shutdown = CancellationToken::new();
+        let metrics = Metrics::new().expect("metrics");
+        let held = HeldShards::new(cfg.scaleout.shards);
+        match Pipeline::start(cfg.clone(), store.clone(), metrics, "i0", held, &shutdown) {
+            Ok(_) => panic!("started on state it cannot take"),
+            Err(e) => e.to_string(),
         }
-        Ok(false)
     }
 
-    /// Whether the current assignment holds only some of the partitions.
-    fn partial_assignment(&self) -> Result<bool, PipelineError> {
-        let assigned = self.consumer.assignment()?.count();
-        Ok(self.is_partial(assigned))
-    }
-
-    /// Whether `assigned` partitions are some, but not all, of the subscribed topics' partitions because
-    /// another instance holds the rest. Fewer partitions with no other member in the group is a topic
-    /// created after start-up that the subscription has not seen yet: not a reason to pause.
-    fn is_partial(&self, assigned: usize) -> bool {
-        assigned > 0
-            && self.expected_partitions().is_some_and(|e| assigned < e)
-            // Assumed so when the coordinator cannot tell: pausing is the safe side.
-            && self
-                .peers
-                .others(&self.consumer, &self.cfg.kafka.group_id)
-                .unwrap_or(true)
-    }
-
-    /// Seeks every assigned partition to where this instance's state stands (or, for a partition it never
-    /// read, to the group's committed offset), so that whatever a paused fetch dropped is read again.
-    fn rewind(&self, assignment: &TopicPartitionList) -> Result<(), PipelineError> {
-        let committed = self
-            .consumer
-            .committed_offsets(assignment.clone(), Duration::from_secs(10))?;
-        for e in assignment.elements() {
-            let (topic, partition) = (e.topic(), e.partition());
-            let offset = match self.positions.get(&(topic.to_string(), partition)) {
-                Some(next) => Offset::Offset(*next),
-                None => match committed
-                    .find_partition(topic, partition)
-                    .map(|c| c.offset())
-                {
-                    Some(Offset::Offset(o)) => Offset::Offset(o),
-                    _ => Offset::Beginning,
-                },
-            };
-            self.consumer
-                .seek(topic, partition, offset, Duration::from_secs(10))?;
+    /// A state directory of the former one-instance mode, or one made with another shard count, is
+    /// refused before anything connects, saying what to do.
+    #[test]
+    fn state_of_another_mode_or_shard_count_is_refused() {
+        let cfg = Config::default();
+        let former = TempStore::new().expect("store");
+        let path = former.path().to_path_buf();
+        drop(former.store);
+        {
+            let mut opts = rocksdb::Options::default();
+            opts.create_missing_column_families(true);
+            let db = rocksdb::DB::open_cf(&opts, &path, ["meta", "shards", "identifiers"])
+                .expect("former state");
+            drop(db);
         }
-        Ok(())
-    }
+        let store = Store::open(&path, 8).expect("open");
+        let why = start_error(&cfg, &store);
+        assert!(why.contains("one-instance mode"), "{why}");
+        assert!(why.contains("empty state directory"), "{why}");
 
-    /// Partitions of every subscribed topic that exists, from recent metadata.
-    fn expected_partitions(&self) -> Option<usize> {
-        self.topics
-            .borrow_mut()
-            .partitions(&self.consumer, &self.metrics.health)
-    }
-
-    fn assigned(&self) -> bool {
-        self.consumer
-            .assignment()
-            .map(|a| a.count() > 0)
-            .unwrap_or(false)
+        let other = TempStore::new().expect("store");
+        other.store.put_shard_count(4).expect("count");
+        let mut twelve = cfg.clone();
+        twelve.scaleout.shards = 12;
+        let why = start_error(&twelve, &other.store);
+        assert!(why.contains("made with 4 shards"), "{why}");
+        assert!(why.contains("Changing the number of shards"), "{why}");
     }
 }

@@ -14,7 +14,7 @@ use crate::model::{Event, Identifier, Millis, NodeId, ProfileId};
 use crate::normalize::Normalizer;
 use crate::profile::Profile;
 use crate::stitch::{BatchChanges, Reshape, Rules, Stitcher};
-use crate::store::{OutRecord, Overlay, Position, StoreError};
+use crate::store::{OutRecord, Position, StoreError};
 
 /// One input message, borrowed from wherever it came from.
 #[derive(Debug, Clone, Copy)]
@@ -72,7 +72,6 @@ pub struct Processor {
     inputs: HashMap<String, Input>,
     /// Every input channel, for the channel-scoped copies of an erased identifier.
     channels: Vec<String>,
-    control_topic: Option<String>,
     output_topic: String,
     dlq_topic: String,
     /// Largest record produced (`output.max_record_bytes`).
@@ -117,7 +116,6 @@ impl Processor {
                 c.dedup();
                 c
             },
-            control_topic: (!cfg.control.topic.is_empty()).then(|| cfg.control.topic.clone()),
             output_topic: cfg.output.topic.clone(),
             dlq_topic: cfg.output.dead_letter_topic.clone(),
             max_record_bytes: cfg.output.max_record_bytes,
@@ -131,54 +129,6 @@ impl Processor {
 
     pub fn stitcher(&self) -> &Stitcher {
         &self.stitcher
-    }
-
-    /// Applies one message to the batch. Only a state error is an error: bad input becomes a dead letter.
-    pub fn process(
-        &self,
-        overlay: &mut Overlay<'_>,
-        batch: &mut Batch,
-        msg: InMessage<'_>,
-    ) -> Result<(), ProcessError> {
-        self.track(batch, msg);
-        if self.control_topic.as_deref() == Some(msg.topic) {
-            return self.control(overlay, batch, source(msg), msg);
-        }
-        let Some(event) = self.event(batch, msg)? else {
-            return Ok(());
-        };
-        let channel = &event.channel;
-        match self.stitcher.apply(overlay, &event)? {
-            None => {
-                batch.duplicates += 1;
-                self.metrics
-                    .events_duplicate
-                    .with_label_values(&[channel])
-                    .inc();
-            }
-            Some(applied) => {
-                self.metrics
-                    .events_applied
-                    .with_label_values(&[channel])
-                    .inc();
-                for r in &applied.refused {
-                    self.metrics
-                        .merge_refusals
-                        .with_label_values(&[r.rule.name()])
-                        .inc();
-                }
-                if !applied.reshape.quarantined.is_empty() {
-                    tracing::info!(
-                        channel = channel.as_str(),
-                        splits = applied.reshape.splits.len(),
-                        "shared identifier set apart"
-                    );
-                }
-                batch.event_times.push(event.timestamp);
-                batch.changes.record(&event, applied);
-            }
-        }
-        Ok(())
     }
 
     /// Counts a message into the batch and advances its partition's position.
@@ -303,34 +253,6 @@ impl Processor {
         }
     }
 
-    /// Applies one control command.
-    fn control(
-        &self,
-        overlay: &mut Overlay<'_>,
-        batch: &mut Batch,
-        src: Source<'_>,
-        msg: InMessage<'_>,
-    ) -> Result<(), ProcessError> {
-        let Some(command) = self.control_command(batch, src, msg) else {
-            return Ok(());
-        };
-        let reshape = match &command {
-            Control::Erase(copies) => {
-                let mut reshape = Reshape::default();
-                for x in copies {
-                    reshape.extend(self.stitcher.erase_identifier(overlay, x)?);
-                }
-                reshape
-            }
-            Control::EraseProfile(id) => self.stitcher.erase_profile(overlay, id)?,
-            Control::Unlink(a, b) => self.stitcher.unlink(overlay, a, b)?,
-        };
-        let trigger = format!("control:{}:{}:{}", src.topic, src.partition, src.offset);
-        self.control_applied(command.op(), &trigger, &reshape);
-        batch.changes.record_reshape(&trigger, "control", reshape);
-        Ok(())
-    }
-
     /// Logs and counts a control command applied (or that found nothing to change).
     pub fn control_applied(&self, op: &str, trigger: &str, reshape: &Reshape) {
         let result = if reshape.is_empty()
@@ -381,18 +303,6 @@ impl Processor {
             error,
             self.max_record_bytes,
         ));
-    }
-
-    /// The batch's records: its dead letters, then what [`Processor::changes_records`] makes of its changes.
-    pub fn finish(
-        &self,
-        overlay: &Overlay<'_>,
-        batch: &mut Batch,
-        now: Millis,
-    ) -> Result<Vec<OutRecord>, ProcessError> {
-        let mut out = std::mem::take(&mut batch.dead_letters);
-        self.changes_records(overlay, &batch.changes, now, &mut out)?;
-        Ok(out)
     }
 
     /// The records of a batch's changes: a tombstone per id that stopped existing (and is not alive again
@@ -548,17 +458,4 @@ pub trait ProfileSource {
         node: NodeId,
         f: &mut ProfileReader<'_>,
     ) -> Result<Option<(ProfileId, ProfileRecord)>, StoreError>;
-}
-
-impl ProfileSource for Overlay<'_> {
-    fn live_node(&self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
-        Overlay::live_node(self, id)
-    }
-    fn with_profile(
-        &self,
-        node: NodeId,
-        f: &mut ProfileReader<'_>,
-    ) -> Result<Option<(ProfileId, ProfileRecord)>, StoreError> {
-        Overlay::with_profile(self, node, f)
-    }
 }

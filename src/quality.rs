@@ -108,7 +108,8 @@ pub fn evaluate(truth: &[PersonTruth], mapping: &HashMap<Key, String>) -> Qualit
 /// identifier → profile id from a state directory.
 pub fn mapping_from_state(store: &Store) -> Result<HashMap<Key, String>, StoreError> {
     let mut map = HashMap::new();
-    store.for_each_profile(|_, p| {
+    let held = crate::scaleout::lookup::held_locally(store)?;
+    crate::scaleout::state::for_each_profile(store, &held.held(), |_, _, p| {
         let id = p.id().to_string();
         for ident in p.identifiers.keys() {
             map.insert((ident.kind.clone(), ident.value.clone()), id.clone());

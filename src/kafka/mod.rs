@@ -189,11 +189,11 @@ pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaErro
             TopicReplication::Fixed(1),
         ));
     }
-    let changelog = cfg.scaleout.changelog_topic();
+    let (shard_topic, changelog) = (cfg.shard_topic(), cfg.changelog_topic());
     if cfg.scaleout.enabled() {
         let shards = i32::try_from(cfg.scaleout.shards).unwrap_or(i32::MAX);
         topics.push(NewTopic::new(
-            &cfg.scaleout.topic,
+            &shard_topic,
             shards,
             TopicReplication::Fixed(1),
         ));

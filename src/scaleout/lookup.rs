@@ -53,12 +53,24 @@ impl HeldShards {
             .contains(&shard)
     }
 
-    fn held(&self) -> BTreeSet<ShardId> {
+    pub fn held(&self) -> BTreeSet<ShardId> {
         self.held
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
     }
+}
+
+/// The shards a stopped instance's state directory holds, for the offline commands (`inspect`, `export`,
+/// `quality`): what it held when it stopped, as far as it had read their changelogs.
+pub fn held_locally(store: &Store) -> Result<HeldShards, StoreError> {
+    let count = store.shard_count()?.ok_or_else(|| StoreError::Corrupt {
+        cf: crate::store::CF_META,
+        reason: "the state directory holds no shards: was the service ever started on it?".into(),
+    })?;
+    let held = HeldShards::new(count);
+    held.publish(&store.local_shards()?);
+    Ok(held)
 }
 
 /// Where a lookup goes on: an identifier's home (its directory entry) or a shard that owns or owned its

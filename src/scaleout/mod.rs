@@ -1,14 +1,14 @@
-//! Scale-out: the identity graph split in shards shared by the instances of one consumer group, as Kafka
-//! assigns the partitions of an internal topic (one partition per shard). Every component is kept whole
-//! at one shard, its owner, where the classic stitcher decides everything about it; [`owner`] is the
-//! protocol that moves components between shards, [`runtime`] runs it on Kafka with state in RocksDB
-//! backed by a changelog topic ([`state`]), [`lookup`] and [`routing`] answer lookups from any instance.
+//! Shards: the identity graph split in shards shared by the instances of one consumer group, as Kafka
+//! assigns the partitions of an internal topic (one partition per shard); one instance holding every shard
+//! is the smallest deployment. Every component is kept whole at one shard, its owner, where the stitcher
+//! decides everything about it; [`owner`] is the protocol that moves components between shards,
+//! [`crate::pipeline`] runs it on Kafka with state in RocksDB backed by a changelog topic ([`state`]),
+//! [`lookup`] and [`routing`] answer lookups from any instance.
 //! docs/DESIGN.md, "Scale-out" and "One engine for N instances", has the diagram and the argument.
 
 pub mod lookup;
 pub mod owner;
 pub mod routing;
-pub mod runtime;
 pub mod state;
 
 use sha2::{Digest, Sha256};

@@ -69,7 +69,10 @@ pub struct Owners {
 }
 
 struct OwnersInner {
-    client: BaseConsumer<LoggingContext>,
+    /// Made at the first description, so that a start-up without reachable brokers or credentials yet
+    /// (a secret mounted late) still serves the probes; tried again at the next one if it failed.
+    client: Mutex<Option<BaseConsumer<LoggingContext>>>,
+    cfg: Config,
     group: String,
     topic: String,
     /// This instance's advertised address: a shard it holds itself is not forwarded.
@@ -82,19 +85,17 @@ const FRESH: Duration = Duration::from_secs(5);
 const MIN_REFRESH: Duration = Duration::from_millis(500);
 
 impl Owners {
-    pub fn new(cfg: &Config) -> Result<Self, rdkafka::error::KafkaError> {
-        let client: BaseConsumer<LoggingContext> = crate::kafka::base_config(cfg)
-            .set("group.id", format!("{}-routing", cfg.kafka.group_id))
-            .create_with_context(LoggingContext)?;
-        Ok(Self {
+    pub fn new(cfg: &Config) -> Self {
+        Self {
             inner: Arc::new(OwnersInner {
-                client,
+                client: Mutex::new(None),
+                cfg: cfg.clone(),
                 group: cfg.kafka.group_id.clone(),
-                topic: cfg.scaleout.topic.clone(),
+                topic: cfg.shard_topic(),
                 me: cfg.http.advertised(),
                 map: Mutex::new((BTreeMap::new(), None)),
             }),
-        })
+        }
     }
 
     /// The advertised address of the instance holding `shard`, other than this one; `None` while no other
@@ -141,10 +142,24 @@ impl Owners {
     /// Shard → advertised address of its holder, from the group's description.
     fn describe(&self) -> Option<BTreeMap<ShardId, String>> {
         let i = &self.inner;
-        let list = i
-            .client
+        let mut client = i.client.lock().unwrap_or_else(PoisonError::into_inner);
+        if client.is_none() {
+            match crate::kafka::base_config(&i.cfg)
+                .set("group.id", format!("{}-routing", i.group))
+                .create_with_context(LoggingContext)
+            {
+                Ok(c) => *client = Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot create the client that finds shard owners");
+                    return None;
+                }
+            }
+        }
+        let list = client
+            .as_ref()?
             .fetch_group_list(Some(&i.group), Duration::from_secs(5))
             .ok()?;
+        drop(client);
         let group = list.groups().iter().find(|g| g.name() == i.group)?;
         let mut map = BTreeMap::new();
         for m in group.members() {

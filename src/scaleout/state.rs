@@ -16,7 +16,7 @@
 //! | `g` identifier key                | how many times an identifier owned here was placed            |
 //! | `m` identifier key                | where an identifier that left this shard went (`Moved`)       |
 //! | `M` profile id                    | where a profile id that left this shard went (shard)          |
-//! | `e` SHA-256(event id)[..16]       | empty: an event homed here was seen                           |
+//! | `e` SHA-256(event id)[..16]       | when an event homed here was seen (ms, i64 BE)               |
 //! | `w` event id                      | an event applied here once its components arrive (`Pending`) |
 //! | `W` identifier key                | the events pending here that located the identifier          |
 //! | `k` identifier key                | messages about an identifier in flight to here, parked until it arrives |
@@ -160,6 +160,29 @@ impl Kv for ShardOverlay<'_> {
     fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
         self.dirty.insert(key, value);
     }
+}
+
+/// Every live profile in `shards` of the local copy, with its shard and node, from one snapshot per shard.
+pub fn for_each_profile(
+    store: &Store,
+    shards: &BTreeSet<ShardId>,
+    mut f: impl FnMut(ShardId, NodeId, Profile),
+) -> Result<(), StoreError> {
+    for shard in shards {
+        store.scan_shards(&key(*shard, PROFILE, &[]), |k, v| {
+            let node = k
+                .get(5..)
+                .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                .map(|b| NodeId(u64::from_be_bytes(b)))
+                .ok_or_else(|| StoreError::Corrupt {
+                    cf: CF_SHARDS,
+                    reason: "a profile key without a node number".into(),
+                })?;
+            f(*shard, node, decode_value(v, CF_SHARDS, "profile")?);
+            Ok(())
+        })?;
+    }
+    Ok(())
 }
 
 /// Typed reads of one shard's records.
@@ -322,7 +345,9 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         if self.kv.get(&k)?.is_some() {
             return Ok(false);
         }
-        self.kv.set(k, Some(Vec::new()));
+        // When it was seen: `processing.dedup_retention` expires the record (crate::store).
+        self.kv
+            .set(k, Some(crate::model::now_millis().to_be_bytes().to_vec()));
         Ok(true)
     }
 

@@ -1,0 +1,330 @@
+//! The engine: what one batch does with the messages it consumed, with no Kafka client involved. An input
+//! message becomes an `Event` for its event-home shard, a control command becomes messages for the shards
+//! that hold its identifiers, a shard message is handled at its shard; each is handled to the end at the
+//! shards held here ([`crate::scaleout::owner`]), and a message for a shard held elsewhere becomes a record
+//! of the internal topic. The batch's records are its dead letters, those shard messages, the profile
+//! updates, redirects and tombstones of what changed, and the changelog record of every state change.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use crate::codec::update::ProfileRecord;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::model::{now_millis, NodeId, ProfileId};
+use crate::pipeline::PipelineError;
+use crate::processor::{
+    source, Batch, Control, InMessage, ProcessError, Processor, ProfileReader, ProfileSource,
+};
+use crate::profile::Profile;
+use crate::scaleout::owner::{Msg, Out, Shard, Step};
+use crate::scaleout::state::{shard_of_key, ShardOverlay, ShardRead, ShardView};
+use crate::scaleout::{event_home, home, ShardId};
+use crate::stitch::{Applied, BatchChanges, Reshape};
+use crate::store::{decode_value, encode_value, OutRecord, StoreError};
+
+/// What a batch produced besides state changes.
+#[derive(Default)]
+pub struct Work {
+    /// Messages for shards held elsewhere.
+    remote: Vec<OutRecord>,
+    /// What the batch changed, over batch-wide node numbers ([`global`]).
+    changes: BatchChanges,
+    /// Components that left a shard held here for one held elsewhere: their profile as they left.
+    departed: BTreeMap<NodeId, Profile>,
+}
+
+/// A node of a shard as a batch-wide node number: the shard in the top 24 bits.
+fn global(shard: ShardId, node: NodeId) -> NodeId {
+    NodeId(u64::from(shard) << 40 | node.0)
+}
+
+fn local(node: NodeId) -> (ShardId, NodeId) {
+    ((node.0 >> 40) as ShardId, NodeId(node.0 & ((1 << 40) - 1)))
+}
+
+/// An outcome of the classic stitcher at `shard`, its nodes made batch-wide.
+fn globalize_reshape(shard: ShardId, mut r: Reshape) -> Reshape {
+    for split in &mut r.splits {
+        for n in &mut split.into {
+            *n = global(shard, *n);
+        }
+    }
+    for n in &mut r.quarantined {
+        *n = global(shard, *n);
+    }
+    for (_, n) in &mut r.retired {
+        *n = global(shard, *n);
+    }
+    r
+}
+
+fn globalize(shard: ShardId, mut a: Applied) -> Applied {
+    a.node = global(shard, a.node);
+    for n in &mut a.absorbed_nodes {
+        *n = global(shard, *n);
+    }
+    a.reshape = globalize_reshape(shard, a.reshape);
+    a
+}
+
+/// The profiles as a batch leaves them, over the shards held here and the components that left.
+struct BatchProfiles<'a, 's> {
+    overlay: &'a ShardOverlay<'s>,
+    owned: &'a BTreeSet<ShardId>,
+    departed: &'a BTreeMap<NodeId, Profile>,
+}
+
+impl ProfileSource for BatchProfiles<'_, '_> {
+    fn live_node(&self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
+        for s in self.owned {
+            let read = ShardRead {
+                kv: self.overlay,
+                shard: *s,
+            };
+            if let Some(n) = read.indexed(id)? {
+                return Ok(Some(global(*s, n)));
+            }
+        }
+        Ok(None)
+    }
+
+    fn with_profile(
+        &self,
+        node: NodeId,
+        f: &mut ProfileReader<'_>,
+    ) -> Result<Option<(ProfileId, ProfileRecord)>, StoreError> {
+        let (shard, n) = local(node);
+        let read = ShardRead {
+            kv: self.overlay,
+            shard,
+        };
+        match read.profile(n)? {
+            Some(p) => Ok(f(Some(&p))),
+            None => Ok(f(self.departed.get(&node))),
+        }
+    }
+}
+
+/// The Kafka-free core of a batch: turns consumed messages into shard state changes (in the batch's
+/// overlay) and the batch's records. The run loop ([`crate::pipeline`]) feeds it what it polls; the fuzz
+/// target feeds it bytes.
+pub struct Engine {
+    processor: Processor,
+    metrics: Metrics,
+    shards: ShardId,
+    /// The internal topic of shard messages, and the changelog of the shards' state.
+    topic: String,
+    changelog: String,
+    control_topic: String,
+    /// Shards restored and handled here, under the current assignment.
+    pub(crate) owned: BTreeSet<ShardId>,
+}
+
+impl Engine {
+    pub fn new(cfg: &Config, metrics: Metrics) -> Result<Self, ProcessError> {
+        Ok(Self {
+            processor: Processor::new(cfg, metrics.clone())?,
+            metrics,
+            shards: cfg.scaleout.shards,
+            topic: cfg.shard_topic(),
+            changelog: cfg.changelog_topic(),
+            control_topic: cfg.control.topic.clone(),
+            owned: BTreeSet::new(),
+        })
+    }
+
+    /// The internal topic of shard messages.
+    pub fn shard_topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// The changelog topic of the shards' state.
+    pub fn changelog(&self) -> &str {
+        &self.changelog
+    }
+
+    /// Adds one message to the batch: an input event, a control command or a shard message, handled to
+    /// the end at the shards held here.
+    pub fn take(
+        &self,
+        overlay: &mut ShardOverlay<'_>,
+        batch: &mut Batch,
+        work: &mut Work,
+        msg: InMessage<'_>,
+    ) -> Result<(), PipelineError> {
+        self.processor.track(batch, msg);
+        if msg.topic == self.topic {
+            let shard = ShardId::try_from(msg.partition).unwrap_or_default();
+            match decode_value::<Msg>(msg.payload.unwrap_or_default(), "shards", "message") {
+                Ok(x) => self.deliver(overlay, work, vec![(shard, x)], "topic")?,
+                Err(e) => self.processor.dead_letter(
+                    batch,
+                    source(msg),
+                    msg,
+                    "shard",
+                    &format!("undecodable shard message: {e}"),
+                ),
+            }
+        } else if msg.topic == self.control_topic {
+            let Some(command) = self.processor.control_command(batch, source(msg), msg) else {
+                return Ok(());
+            };
+            let msgs = match command {
+                Control::Erase(copies) => copies
+                    .into_iter()
+                    .map(|x| {
+                        let to = home(&x, self.shards);
+                        (to, Msg::Erase { x, at_owner: None })
+                    })
+                    .collect(),
+                // Every shard looks for the profile id; the one holding it erases it.
+                Control::EraseProfile(id) => (0..self.shards)
+                    .map(|s| (s, Msg::EraseProfile(id.clone())))
+                    .collect(),
+                Control::Unlink(a, b) => vec![(
+                    home(&a, self.shards),
+                    Msg::Unlink {
+                        a,
+                        b,
+                        at_owner: None,
+                    },
+                )],
+            };
+            self.deliver(overlay, work, msgs, "local")?;
+        } else if let Some(ev) = self.processor.event(batch, msg)? {
+            batch.event_times.push(ev.timestamp);
+            let to = event_home(&ev.event_id, self.shards);
+            self.deliver(overlay, work, vec![(to, Msg::Event(ev))], "local")?;
+        }
+        Ok(())
+    }
+
+    /// Handles messages at their shards, and everything they send to shards held here, to the end; a
+    /// message for a shard held elsewhere becomes a record of the internal topic.
+    fn deliver(
+        &self,
+        overlay: &mut ShardOverlay<'_>,
+        work: &mut Work,
+        msgs: Vec<(ShardId, Msg)>,
+        route: &'static str,
+    ) -> Result<(), PipelineError> {
+        let mut queue: VecDeque<(ShardId, Msg, &'static str)> =
+            msgs.into_iter().map(|(s, m)| (s, m, route)).collect();
+        while let Some((shard, msg, route)) = queue.pop_front() {
+            if !self.owned.contains(&shard) {
+                work.remote.push(self.shard_record(shard, &msg)?);
+                continue;
+            }
+            self.metrics
+                .shard_messages
+                .with_label_values(&[msg.kind(), route])
+                .inc();
+            let channel = match &msg {
+                Msg::Event(ev) => Some(ev.channel.clone()),
+                _ => None,
+            };
+            let mut out = Out::default();
+            let mut view = ShardView { kv: overlay, shard };
+            Shard {
+                view: &mut view,
+                shards: self.shards,
+            }
+            .handle(self.processor.stitcher(), msg, &mut out)?;
+            self.record(work, shard, out.steps);
+            if let (Some(channel), true) = (channel, out.duplicates > 0) {
+                self.metrics
+                    .events_duplicate
+                    .with_label_values(&[&channel])
+                    .inc();
+            }
+            for (node, profile) in out.departed {
+                work.departed.insert(global(shard, node), profile);
+            }
+            for ((from_shard, from_node), node) in out.arrived {
+                let from = global(from_shard, from_node);
+                work.departed.remove(&from);
+                work.changes.moved(from, global(shard, node));
+            }
+            queue.extend(out.msgs.into_iter().map(|(s, m)| (s, m, "local")));
+        }
+        Ok(())
+    }
+
+    /// Records what the classic stitcher did at `shard`, for the batch's output and metrics.
+    fn record(&self, work: &mut Work, shard: ShardId, steps: Vec<Step>) {
+        for step in steps {
+            match step {
+                Step::Event(ev, applied) => {
+                    let Some(applied) = applied else { continue };
+                    self.metrics
+                        .events_applied
+                        .with_label_values(&[&ev.channel])
+                        .inc();
+                    for r in &applied.refused {
+                        self.metrics
+                            .merge_refusals
+                            .with_label_values(&[r.rule.name()])
+                            .inc();
+                    }
+                    work.changes.record(&ev, globalize(shard, applied));
+                }
+                Step::Erase(x, reshape) => {
+                    self.command("erase_identifier", &x.to_string(), shard, reshape, work)
+                }
+                Step::EraseProfile(id, reshape) => {
+                    self.command("erase_profile", id.as_str(), shard, reshape, work)
+                }
+                Step::Unlink(a, b, reshape) => {
+                    self.command("unlink", &format!("{a} {b}"), shard, reshape, work)
+                }
+            }
+        }
+    }
+
+    fn command(&self, op: &str, target: &str, shard: ShardId, reshape: Reshape, work: &mut Work) {
+        let trigger = format!("control:{op}:{target}");
+        self.processor.control_applied(op, &trigger, &reshape);
+        work.changes
+            .record_reshape(&trigger, "control", globalize_reshape(shard, reshape));
+    }
+
+    fn shard_record(&self, shard: ShardId, msg: &Msg) -> Result<OutRecord, StoreError> {
+        Ok(OutRecord {
+            topic: self.topic.clone(),
+            partition: Some(shard as i32),
+            key: None,
+            payload: Some(encode_value(msg, 256)?),
+            headers: vec![],
+        })
+    }
+
+    /// The batch's records: dead letters, messages for other instances' shards, tombstones, redirects
+    /// and updates of the profiles changed, and the changelog records of every state change.
+    pub fn output(
+        &self,
+        overlay: &ShardOverlay<'_>,
+        batch: &mut Batch,
+        work: &mut Work,
+    ) -> Result<Vec<OutRecord>, PipelineError> {
+        let now = now_millis();
+        let mut out = std::mem::take(&mut batch.dead_letters);
+        out.append(&mut work.remote);
+        let profiles = BatchProfiles {
+            overlay,
+            owned: &self.owned,
+            departed: &work.departed,
+        };
+        self.processor
+            .changes_records(&profiles, &work.changes, now, &mut out)?;
+        for (key, value) in overlay.changes() {
+            out.push(OutRecord {
+                topic: self.changelog.clone(),
+                partition: shard_of_key(key).map(|s| s as i32),
+                key: Some(key.to_vec()),
+                payload: value.map(<[u8]>::to_vec),
+                headers: vec![],
+            });
+        }
+        Ok(out)
+    }
+}
