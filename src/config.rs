@@ -768,30 +768,29 @@ impl Config {
         }
         if !self.scaleout.enabled() {
             return invalid(
-                "scaleout.shards must be at least 1 (one instance holds every shard when alone)".into(),
+                "scaleout.shards must be at least 1 (one instance holds every shard when alone)"
+                    .into(),
             );
         }
-        {
-            let (topic, changelog) = (self.shard_topic(), self.changelog_topic());
-            let internal = [topic.as_str(), changelog.as_str()];
-            if internal.iter().any(|t| {
-                topics.contains(&t.to_string())
-                    || *t == self.output.topic
-                    || *t == self.control.topic
-                    || *t == self.output.dead_letter_topic
-            }) {
-                return invalid(
-                    "scaleout.topic and its changelog must not be an input, output or control topic"
-                        .into(),
-                );
-            }
-            if self.processing.guarantee != Guarantee::ExactlyOnce {
-                return invalid(
-                    "processing.guarantee must be \"exactly_once\": shard state, shard messages and \
-                     output commit together"
-                        .into(),
-                );
-            }
+        let (topic, changelog) = (self.shard_topic(), self.changelog_topic());
+        let internal = [topic.as_str(), changelog.as_str()];
+        if internal.iter().any(|t| {
+            topics.contains(&t.to_string())
+                || *t == self.output.topic
+                || *t == self.control.topic
+                || *t == self.output.dead_letter_topic
+        }) {
+            return invalid(
+                "scaleout.topic and its changelog must not be an input, output or control topic"
+                    .into(),
+            );
+        }
+        if self.processing.guarantee != Guarantee::ExactlyOnce {
+            return invalid(
+                "processing.guarantee must be \"exactly_once\": shard state, shard messages and \
+                 output commit together"
+                    .into(),
+            );
         }
         if let Some(t) = self
             .identity

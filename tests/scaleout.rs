@@ -1,6 +1,6 @@
 //! Scale-out against the real broker: three instances of one consumer group over 12-partition topics and 12
 //! shards; one is killed with SIGKILL during the run, a fourth joins later, and one leaves with SIGTERM.
-//! The final profiles must be exactly those of one instance (classic mode, guardrails off) over the same
+//! The final profiles must be exactly those of one instance (one shard, guardrails off) over the same
 //! input, with no output record committed twice. `SCALEOUT_BENCH=1` with `--ignored` measures throughput
 //! with 1, 2 and 3 instances.
 #![cfg(feature = "kafka-it")]
@@ -799,4 +799,58 @@ fn throughput_with_one_two_three_instances() {
             (100.0 * crossing / all.max(1.0)).abs(),
         );
     }
+}
+
+/// README "Changing the number of shards", run once: a deployment on the default single shard, then a new
+/// deployment with four shards (new group, transactional id, output topic, empty state) replaying the same
+/// input topics ends with the same profiles. The old state directory started with the new count is
+/// refused, saying what to do.
+#[test]
+fn changing_the_shard_count_by_replay_gives_the_same_profiles() {
+    let old = Setup::new("reshard-1", 4, "");
+    let j = journeys::generate(&JourneyConfig {
+        persons: 800,
+        seed: 45,
+        shuffle_window: 100,
+        ..Default::default()
+    });
+    generate::send(&brokers(), &old.routes, &j, 0).expect("send");
+    let mut child = old.start();
+    old.wait_caught_up(&mut child, TIMEOUT);
+    assert!(sigterm(&mut child).success(), "{}", old.log_tail());
+
+    old.edit_config(|c| format!("{c}\n[scaleout]\nshards = 4\n"));
+    let mut refused = old.start();
+    let status = refused.wait().expect("wait");
+    assert!(
+        !status.success(),
+        "started on a state made with another shard count"
+    );
+    assert!(
+        old.log()
+            .contains("was made with 1 shards and the configuration says 4"),
+        "{}",
+        old.log_tail()
+    );
+
+    let new = old.sibling("reshard-4", "[scaleout]\nshards = 4\n");
+    let mut child = new.start();
+    new.wait_caught_up(&mut child, TIMEOUT);
+    assert!(sigterm(&mut child).success(), "{}", new.log_tail());
+    let (before, after) = (live_profiles(&old.output()), live_profiles(&new.output()));
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>(),
+        "the same profile ids after the replay"
+    );
+    assert!(before == after, "the same profiles after the replay");
+    assert_eq!(
+        live_summaries(&new.output().view),
+        truth_summaries(&j.truth)
+    );
+    println!(
+        "reshard: {} profiles on 1 shard, the same {} after a replay into 4 shards",
+        before.len(),
+        after.len()
+    );
 }
