@@ -63,9 +63,7 @@ async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     let dir = cfg.state.dir.clone();
     let cache = cfg.state.block_cache_mb;
     std::fs::create_dir_all(&dir)?;
-    let retention = Some(cfg.processing.dedup_retention).filter(|d| !d.is_zero());
-    let store =
-        tokio::task::spawn_blocking(move || Store::open_with(&dir, cache, retention)).await??;
+    let store = tokio::task::spawn_blocking(move || Store::open(&dir, cache)).await??;
     Ok(store)
 }
 

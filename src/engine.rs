@@ -10,14 +10,14 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use crate::codec::update::ProfileRecord;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::model::{now_millis, NodeId, ProfileId};
+use crate::model::{now_millis, Millis, NodeId, ProfileId};
 use crate::pipeline::PipelineError;
 use crate::processor::{
     source, Batch, Control, InMessage, ProcessError, Processor, ProfileReader, ProfileSource,
 };
 use crate::profile::Profile;
 use crate::scaleout::owner::{Msg, Out, Shard, Step};
-use crate::scaleout::state::{shard_of_key, ShardOverlay, ShardRead, ShardView};
+use crate::scaleout::state::{shard_of_key, sweep_seen, ShardOverlay, ShardRead, ShardView};
 use crate::scaleout::{event_home, home, ShardId};
 use crate::stitch::{Applied, BatchChanges, Reshape};
 use crate::store::{decode_value, encode_value, OutRecord, StoreError};
@@ -118,7 +118,14 @@ pub struct Engine {
     control_topic: String,
     /// Shards restored and handled here, under the current assignment.
     pub(crate) owned: BTreeSet<ShardId>,
+    /// `processing.dedup_retention` in ms (`None`: event ids are kept forever).
+    retention_ms: Option<i64>,
+    /// The shard whose event-id records are being swept, and where the sweep goes on.
+    sweeping: (ShardId, Option<Vec<u8>>),
 }
+
+/// Event-id records looked at per batch by the sweep of expired ones.
+const SWEEP_PER_BATCH: usize = 1_000;
 
 impl Engine {
     pub fn new(cfg: &Config, metrics: Metrics) -> Result<Self, ProcessError> {
@@ -130,7 +137,39 @@ impl Engine {
             changelog: cfg.changelog_topic(),
             control_topic: cfg.control.topic.clone(),
             owned: BTreeSet::new(),
+            retention_ms: Some(cfg.processing.dedup_retention)
+                .filter(|d| !d.is_zero())
+                .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            sweeping: (0, None),
         })
+    }
+
+    /// Deletes event-id records older than `processing.dedup_retention` from the shards held here, at
+    /// most [`SWEEP_PER_BATCH`] looked at per batch, one shard after the other: the deletions go out with
+    /// the batch (changelog tombstones), so the changelog stays bounded too. A duplicate arriving after
+    /// its record was swept is applied again.
+    pub fn sweep(&mut self, overlay: &mut ShardOverlay<'_>, now: Millis) -> Result<(), StoreError> {
+        let Some(retention) = self.retention_ms else {
+            return Ok(());
+        };
+        let (at, cursor) = std::mem::take(&mut self.sweeping);
+        let Some(shard) = self
+            .owned
+            .range(at..)
+            .next()
+            .or(self.owned.first())
+            .copied()
+        else {
+            return Ok(());
+        };
+        let from = cursor.filter(|_| shard == at);
+        let before = now.saturating_sub(retention);
+        self.sweeping = match sweep_seen(overlay, shard, from.as_deref(), SWEEP_PER_BATCH, before)?
+        {
+            Some(next) => (shard, Some(next)),
+            None => (shard.saturating_add(1), None),
+        };
+        Ok(())
     }
 
     /// The internal topic of shard messages.
@@ -169,17 +208,31 @@ impl Engine {
             let Some(command) = self.processor.control_command(batch, source(msg), msg) else {
                 return Ok(());
             };
+            // Where the command came from: never the identifier itself, which the output and the logs
+            // must not carry after an erasure.
+            let trigger = format!("control:{}:{}:{}", msg.topic, msg.partition, msg.offset);
             let msgs = match command {
                 Control::Erase(copies) => copies
                     .into_iter()
                     .map(|x| {
                         let to = home(&x, self.shards);
-                        (to, Msg::Erase { x, at_owner: None })
+                        let trigger = trigger.clone();
+                        (
+                            to,
+                            Msg::Erase {
+                                x,
+                                at_owner: None,
+                                trigger,
+                            },
+                        )
                     })
                     .collect(),
                 // Every shard looks for the profile id; the one holding it erases it.
                 Control::EraseProfile(id) => (0..self.shards)
-                    .map(|s| (s, Msg::EraseProfile(id.clone())))
+                    .map(|s| {
+                        let (id, trigger) = (id.clone(), trigger.clone());
+                        (s, Msg::EraseProfile { id, trigger })
+                    })
                     .collect(),
                 Control::Unlink(a, b) => vec![(
                     home(&a, self.shards),
@@ -187,6 +240,7 @@ impl Engine {
                         a,
                         b,
                         at_owner: None,
+                        trigger,
                     },
                 )],
             };
@@ -268,24 +322,23 @@ impl Engine {
                     }
                     work.changes.record(&ev, globalize(shard, applied));
                 }
-                Step::Erase(x, reshape) => {
-                    self.command("erase_identifier", &x.to_string(), shard, reshape, work)
+                Step::Erase(_, trigger, reshape) => {
+                    self.command("erase_identifier", &trigger, shard, reshape, work)
                 }
-                Step::EraseProfile(id, reshape) => {
-                    self.command("erase_profile", id.as_str(), shard, reshape, work)
+                Step::EraseProfile(_, trigger, reshape) => {
+                    self.command("erase_profile", &trigger, shard, reshape, work)
                 }
-                Step::Unlink(a, b, reshape) => {
-                    self.command("unlink", &format!("{a} {b}"), shard, reshape, work)
+                Step::Unlink(_, _, trigger, reshape) => {
+                    self.command("unlink", &trigger, shard, reshape, work)
                 }
             }
         }
     }
 
-    fn command(&self, op: &str, target: &str, shard: ShardId, reshape: Reshape, work: &mut Work) {
-        let trigger = format!("control:{op}:{target}");
-        self.processor.control_applied(op, &trigger, &reshape);
+    fn command(&self, op: &str, trigger: &str, shard: ShardId, reshape: Reshape, work: &mut Work) {
+        self.processor.control_applied(op, trigger, &reshape);
         work.changes
-            .record_reshape(&trigger, "control", globalize_reshape(shard, reshape));
+            .record_reshape(trigger, "control", globalize_reshape(shard, reshape));
     }
 
     fn shard_record(&self, shard: ShardId, msg: &Msg) -> Result<OutRecord, StoreError> {
@@ -326,5 +379,69 @@ impl Engine {
             });
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::TempStore;
+
+    /// The sweep deletes event-id records older than the retention, in the batch's overlay (so in the
+    /// changelog), a bounded number per batch, and comes round to every shard held.
+    #[test]
+    fn expired_event_ids_are_swept_in_bounded_steps() {
+        let tmp = TempStore::new().expect("store");
+        let mut cfg = Config::default();
+        cfg.scaleout.shards = 2;
+        cfg.processing.dedup_retention = std::time::Duration::from_secs(3600);
+        let mut engine = Engine::new(&cfg, Metrics::new().expect("metrics")).expect("engine");
+        engine.owned = [0, 1].into();
+        let now = now_millis();
+        let seen = |shard: u32, n: usize, at: i64| {
+            let mut key = shard.to_be_bytes().to_vec();
+            key.push(b'e');
+            key.extend(format!("{n:016}").as_bytes());
+            (key, at.to_be_bytes().to_vec())
+        };
+        let mut records = Vec::new();
+        for shard in [0, 1] {
+            for n in 0..1_500 {
+                // Every third record is fresh.
+                let at = if n % 3 == 0 {
+                    now - 60_000
+                } else {
+                    now - 7_200_000
+                };
+                records.push(seen(shard, n, at));
+            }
+        }
+        let mut wb = rocksdb::WriteBatch::default();
+        tmp.store
+            .put_shard_changes(
+                &mut wb,
+                records
+                    .iter()
+                    .map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
+                [],
+            )
+            .expect("changes");
+        tmp.store.write(wb).expect("write");
+        let mut deleted = BTreeSet::new();
+        for _ in 0..4 {
+            let mut overlay = ShardOverlay::new(&tmp.store);
+            engine.sweep(&mut overlay, now).expect("sweep");
+            let changes: Vec<_> = overlay.changes().collect();
+            assert!(changes.len() <= SWEEP_PER_BATCH);
+            assert!(changes.iter().all(|(_, v)| v.is_none()));
+            deleted.extend(changes.iter().map(|(k, _)| k.to_vec()));
+        }
+        let expired: BTreeSet<Vec<u8>> = records
+            .iter()
+            .filter(|(_, v)| v.as_slice() < (now - 3_600_000).to_be_bytes().as_slice())
+            .map(|(k, _)| k.clone())
+            .collect();
+        assert_eq!(expired.len(), 2_000);
+        assert_eq!(deleted, expired);
     }
 }

@@ -293,6 +293,7 @@ impl Pipeline {
         if batch.is_empty() {
             return Ok(());
         }
+        self.engine.sweep(&mut overlay, now_millis())?;
         let records = self.engine.output(&overlay, &mut batch, &mut work)?;
         let positions = positions_vec(&batch.positions);
         let deadline = Deadline::new(shutdown.clone(), self.cfg.processing.drain_timeout);

@@ -106,6 +106,10 @@ fn erasing_a_bridge_splits_the_profile_and_tombstones_its_id() {
             .unwrap_or_else(|| panic!("an update for {id}: {new_records:?}"));
         assert_eq!(u.split_from.as_deref(), Some(merged.as_str()));
         assert_eq!(values(u), want);
+        // The trigger names where the command came from, never the erased identifier.
+        let trigger = u.trigger_event_id.as_deref().unwrap_or_default();
+        assert!(trigger.starts_with("control:"), "{trigger}");
+        assert!(!trigger.contains("bridge"), "{trigger}");
     }
     let profiles = live(&after.view);
     assert_eq!(profiles.len(), 2);

@@ -518,6 +518,65 @@ fn commanded_persons() -> Vec<journeys::Generated> {
         .collect()
 }
 
+/// Persons who refuse cross-channel identification: the refusal (on the web, with their email) is sent with
+/// the first part of the input, so that it is applied before anything else of theirs in every run; their
+/// web login and app login (the same email, a cookie, a device) come with the second part. The web login
+/// lands in the sealed profile; the app login is stitched in the app's own identity space, apart.
+fn refusing_persons(count: usize) -> (Vec<journeys::Generated>, Vec<journeys::Generated>) {
+    let mut refusals = Vec::new();
+    let mut later = Vec::new();
+    for k in 0..count {
+        let email = format!("person{k}@consent.test");
+        let ts = 1_700_000_000_000 + k as i64;
+        let mut refusal = stitcher::model::ChannelEvent::new(
+            format!("consent-{k}-refuse"),
+            "consent_change",
+            ts,
+            &[("email", &email)],
+        );
+        refusal.consent = Some(stitcher::model::ConsentChange {
+            cross_channel: Some(false),
+            email_marketing: None,
+        });
+        refusals.push(("web", refusal));
+        later.push((
+            "web",
+            stitcher::model::ChannelEvent::new(
+                format!("consent-{k}-web"),
+                "login",
+                ts + 1_000,
+                &[
+                    ("email", &email),
+                    ("anonymous_id", &format!("consent-cookie-{k:04}")),
+                ],
+            ),
+        ));
+        later.push((
+            "app",
+            stitcher::model::ChannelEvent::new(
+                format!("consent-{k}-app"),
+                "login",
+                ts + 2_000,
+                &[
+                    ("email", &email),
+                    ("device_id", &format!("consent-device-{k:04}")),
+                ],
+            ),
+        ));
+    }
+    let generated = |events: Vec<(&'static str, stitcher::model::ChannelEvent)>| {
+        events
+            .into_iter()
+            .map(|(channel, event)| journeys::Generated::Event {
+                channel,
+                key: event.event_id.clone(),
+                event,
+            })
+            .collect()
+    };
+    (generated(refusals), generated(later))
+}
+
 /// Sends the erase and unlink commands for [`commanded_persons`] through a setup's control topic.
 fn send_commands(setup: &Setup) {
     for k in 0..10 {
@@ -544,11 +603,12 @@ fn send_commands(setup: &Setup) {
     }
 }
 
-/// The adversarial data (a device shared by most persons, junk identifiers on half the events) under the
-/// default guardrails, over three instances of which one is killed mid-run and one added, with erase and
-/// unlink commands sent between two parts of the input: the people equal the ground truth and the
-/// one-instance run, the shared device lives alone, erased identifiers are in no profile, unlinked
-/// devices are apart, and tombstones are those of the one-instance run.
+/// The adversarial data (a device shared by most persons, junk identifiers on half the events, 5% more
+/// persons refusing cross-channel identification) under the default guardrails, over three instances of
+/// which one is killed mid-run and one added, with erase and unlink commands sent between two parts of the
+/// input: the people equal the ground truth and the one-instance run, the shared device lives alone,
+/// erased identifiers are in no profile, unlinked devices are apart, refusing persons' channels are apart,
+/// and tombstones are those of the one-instance run.
 #[test]
 fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() {
     let persons = env_or("SCALEOUT_ADVERSARIAL_PERSONS", 1_500usize);
@@ -570,8 +630,10 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
         malformed: 0,
         duplicates: 0,
     };
+    let (refusals, refusing_later) = refusing_persons(persons / 20);
     let mut first: Vec<journeys::Generated> = j.messages[..half].to_vec();
     first.extend(commanded_persons());
+    first.extend(refusals);
     generate::send(&brokers(), &setup.routes, &part(first), 0).expect("send");
     let mut reference_child = reference.start();
     let mut a = start_instance(&setup, 0);
@@ -586,13 +648,9 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
     reference.wait_caught_up(&mut reference_child, TIMEOUT);
     send_commands(&setup);
     send_commands(&reference);
-    generate::send(
-        &brokers(),
-        &setup.routes,
-        &part(j.messages[half..].to_vec()),
-        0,
-    )
-    .expect("send");
+    let mut second = j.messages[half..].to_vec();
+    second.extend(refusing_later);
+    generate::send(&brokers(), &setup.routes, &part(second), 0).expect("send");
     std::thread::sleep(Duration::from_millis(1500));
     kill9(&mut b.child);
     let mut d = start_instance(&setup, 3);
@@ -692,11 +750,37 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
             assert_eq!(device[0].identifiers.len(), 1, "device {k} unlinked");
         }
     }
+    // A refusing person's web profile holds the email and the cookie; the app login is apart.
+    let holding = |needle: &str| -> Vec<&ProfileRecord> {
+        got_profiles
+            .values()
+            .filter(|p| p.identifiers.iter().any(|i| i.value.contains(needle)))
+            .collect()
+    };
+    for k in 0..persons / 20 {
+        let (cookie, device) = (
+            format!("consent-cookie-{k:04}"),
+            format!("consent-device-{k:04}"),
+        );
+        let device_profiles = holding(&device);
+        assert_eq!(device_profiles.len(), 1, "refusing person {k}");
+        assert!(
+            !device_profiles[0]
+                .identifiers
+                .iter()
+                .any(|i| i.value.contains(&cookie)),
+            "refusing person {k}: app and web joined"
+        );
+        assert_eq!(holding(&cookie).len(), 1, "refusing person {k}");
+    }
     let mut people = out.view.clone();
     people.retain(|k, v| {
         !v.as_ref().is_some_and(|u| {
             u.profile.as_ref().is_some_and(|p| {
-                p.shared || p.identifiers.iter().any(|i| i.value.contains("erase"))
+                p.shared
+                    || p.identifiers
+                        .iter()
+                        .any(|i| i.value.contains("erase") || i.value.contains("consent"))
             })
         }) && !k.is_empty()
     });

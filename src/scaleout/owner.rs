@@ -98,15 +98,18 @@ pub enum Msg {
     Erase {
         x: Identifier,
         at_owner: Option<u32>,
+        /// Where the command came from (`control:<topic>:<partition>:<offset>`), for the output.
+        trigger: String,
     },
     /// Erase a profile by any of its public ids: sent to every shard; the one holding it erases it, one
     /// that sent it away forwards the command after it.
-    EraseProfile(ProfileId),
+    EraseProfile { id: ProfileId, trigger: String },
     /// Remove the link between two identifiers: at the home of the first, then at its owner.
     Unlink {
         a: Identifier,
         b: Identifier,
         at_owner: Option<u32>,
+        trigger: String,
     },
 }
 
@@ -121,7 +124,7 @@ impl Msg {
             Msg::Own { .. } => "own",
             Msg::Gone { .. } => "gone",
             Msg::Erase { .. } => "erase",
-            Msg::EraseProfile(_) => "erase_profile",
+            Msg::EraseProfile { .. } => "erase_profile",
             Msg::Unlink { .. } => "unlink",
         }
     }
@@ -132,9 +135,10 @@ impl Msg {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Step {
     Event(Event, Option<Applied>),
-    Erase(Identifier, Reshape),
-    EraseProfile(ProfileId, Reshape),
-    Unlink(Identifier, Identifier, Reshape),
+    /// The identifier erased, the command's trigger, the outcome.
+    Erase(Identifier, String, Reshape),
+    EraseProfile(ProfileId, String, Reshape),
+    Unlink(Identifier, Identifier, String, Reshape),
 }
 
 /// What handling one message produced.
@@ -224,9 +228,18 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             Msg::Component { from, piece } => self.component(stitcher, from, *piece, out),
             Msg::Own { x, owner, gen } => self.own(stitcher, x, owner, gen, out),
             Msg::Gone { event, .. } => self.restart(stitcher, &event, None, out),
-            Msg::Erase { x, at_owner } => self.erase(stitcher, x, at_owner, out),
-            Msg::EraseProfile(id) => self.erase_profile(stitcher, id, out),
-            Msg::Unlink { a, b, at_owner } => self.unlink(stitcher, a, b, at_owner, out),
+            Msg::Erase {
+                x,
+                at_owner,
+                trigger,
+            } => self.erase(stitcher, x, at_owner, trigger, out),
+            Msg::EraseProfile { id, trigger } => self.erase_profile(stitcher, id, trigger, out),
+            Msg::Unlink {
+                a,
+                b,
+                at_owner,
+                trigger,
+            } => self.unlink(stitcher, (a, b), at_owner, trigger, out),
         }
     }
 
@@ -960,11 +973,13 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         stitcher: &Stitcher,
         x: Identifier,
         at_owner: Option<u32>,
+        trigger: String,
         out: &mut Out,
     ) -> Result<(), StoreError> {
         let msg = |at_owner| Msg::Erase {
             x: x.clone(),
             at_owner,
+            trigger: trigger.clone(),
         };
         if !self.command_here(&x, at_owner, msg, out)? {
             return Ok(());
@@ -972,7 +987,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         let mut graph = self.graph();
         let reshape = stitcher.erase_identifier(&mut graph, &x)?;
         graph.finish()?;
-        out.steps.push(Step::Erase(x.clone(), reshape));
+        out.steps.push(Step::Erase(x.clone(), trigger, reshape));
         self.erased(stitcher, &[x], out)
     }
 
@@ -980,19 +995,20 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         &mut self,
         stitcher: &Stitcher,
         id: ProfileId,
+        trigger: String,
         out: &mut Out,
     ) -> Result<(), StoreError> {
         let mut graph = self.graph();
         let Some((_, node)) = crate::stitch::graph::resolve_profile_id(&mut graph, &id)? else {
             if let Some(to) = self.view.get::<ShardId>(MOVED_PROFILE, id.0.as_bytes())? {
-                self.send(out, to, Msg::EraseProfile(id));
+                self.send(out, to, Msg::EraseProfile { id, trigger });
             }
             return Ok(());
         };
         let ids = graph.view.read().identifiers(node)?;
         let reshape = stitcher.erase_profile(&mut graph, &id)?;
         graph.finish()?;
-        out.steps.push(Step::EraseProfile(id, reshape));
+        out.steps.push(Step::EraseProfile(id, trigger, reshape));
         self.erased(stitcher, &ids, out)
     }
 
@@ -1028,15 +1044,16 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
     fn unlink(
         &mut self,
         stitcher: &Stitcher,
-        a: Identifier,
-        b: Identifier,
+        (a, b): (Identifier, Identifier),
         at_owner: Option<u32>,
+        trigger: String,
         out: &mut Out,
     ) -> Result<(), StoreError> {
         let msg = |at_owner| Msg::Unlink {
             a: a.clone(),
             b: b.clone(),
             at_owner,
+            trigger: trigger.clone(),
         };
         if !self.command_here(&a, at_owner, msg, out)? {
             return Ok(());
@@ -1044,7 +1061,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         let mut graph = self.graph();
         let reshape = stitcher.unlink(&mut graph, &a, &b)?;
         graph.finish()?;
-        out.steps.push(Step::Unlink(a, b, reshape));
+        out.steps.push(Step::Unlink(a, b, trigger, reshape));
         Ok(())
     }
 }

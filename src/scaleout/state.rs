@@ -137,6 +137,11 @@ impl<'s> ShardOverlay<'s> {
         }
     }
 
+    /// The committed state under the overlay.
+    pub fn store(&self) -> &'s Store {
+        self.store
+    }
+
     /// Every key the batch changed, with its new value (`None`: deleted), in key order.
     pub fn changes(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
         self.dirty.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))
@@ -162,6 +167,40 @@ impl Kv for ShardOverlay<'_> {
     }
 }
 
+/// Deletes (in `overlay`, so in the changelog too) the event-id records of `shard` seen before `before`
+/// (ms), scanning at most `limit` of them from `from`. Returns where to go on next time: `None` when the
+/// scan reached the end of the shard's records.
+pub fn sweep_seen(
+    overlay: &mut ShardOverlay<'_>,
+    shard: ShardId,
+    from: Option<&[u8]>,
+    limit: usize,
+    before: i64,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let prefix = key(shard, SEEN, &[]);
+    let mut expired = Vec::new();
+    let mut last = None;
+    let mut scanned = 0;
+    overlay
+        .store()
+        .scan_shards(&prefix, from.unwrap_or(&prefix), limit, |k, v| {
+            scanned += 1;
+            let seen = <[u8; 8]>::try_from(v).map(i64::from_be_bytes);
+            if seen.is_ok_and(|t| t < before) {
+                expired.push(k.to_vec());
+            }
+            last = Some(k.to_vec());
+            Ok(())
+        })?;
+    for k in expired {
+        overlay.set(k, None);
+    }
+    Ok(last.filter(|_| scanned == limit).map(|mut k| {
+        k.push(0); // the next key after it
+        k
+    }))
+}
+
 /// Every live profile in `shards` of the local copy, with its shard and node, from one snapshot per shard.
 pub fn for_each_profile(
     store: &Store,
@@ -169,7 +208,8 @@ pub fn for_each_profile(
     mut f: impl FnMut(ShardId, NodeId, Profile),
 ) -> Result<(), StoreError> {
     for shard in shards {
-        store.scan_shards(&key(*shard, PROFILE, &[]), |k, v| {
+        let prefix = key(*shard, PROFILE, &[]);
+        store.scan_shards(&prefix, &prefix, usize::MAX, |k, v| {
             let node = k
                 .get(5..)
                 .and_then(|b| <[u8; 8]>::try_from(b).ok())
@@ -345,7 +385,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         if self.kv.get(&k)?.is_some() {
             return Ok(false);
         }
-        // When it was seen: `processing.dedup_retention` expires the record (crate::store).
+        // When it was seen: past `processing.dedup_retention` the record is swept ([`sweep_seen`]).
         self.kv
             .set(k, Some(crate::model::now_millis().to_be_bytes().to_vec()));
         Ok(true)

@@ -46,8 +46,6 @@ const FORMER_CFS: &[&str] = &[
 
 const META_CHECKPOINT: &[u8] = b"checkpoint";
 const META_SHARDS: &[u8] = b"shards";
-/// The kind byte of a shard's event-id records (src/scaleout/state.rs): expired by `dedup_retention`.
-const SEEN_KIND: u8 = b'e';
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -88,18 +86,8 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (or creates) the state with event ids kept forever: for tools and tests.
+    /// Opens (or creates) the state.
     pub fn open(path: &Path, block_cache_mb: usize) -> Result<Self, StoreError> {
-        Self::open_with(path, block_cache_mb, None)
-    }
-
-    /// Opens the state; with `dedup_retention`, compactions drop event-id records written longer ago than
-    /// that (a duplicate arriving later is applied again), which bounds them by the event rate.
-    pub fn open_with(
-        path: &Path,
-        block_cache_mb: usize,
-        dedup_retention: Option<std::time::Duration>,
-    ) -> Result<Self, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -126,18 +114,6 @@ impl Store {
             let mut cf = Options::default();
             cf.set_block_based_table_factory(&block);
             cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            if let (CF_SHARDS, Some(retention)) = (name.as_str(), dedup_retention) {
-                let retention_ms = i64::try_from(retention.as_millis()).unwrap_or(i64::MAX);
-                cf.set_compaction_filter("dedup_retention", move |_level, key, value| {
-                    if key.get(4) == Some(&SEEN_KIND)
-                        && dedup_expired(value, crate::model::now_millis(), retention_ms)
-                    {
-                        rocksdb::CompactionDecision::Remove
-                    } else {
-                        rocksdb::CompactionDecision::Keep
-                    }
-                });
-            }
             ColumnFamilyDescriptor::new(name, cf)
         });
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
@@ -186,11 +162,6 @@ impl Store {
             .collect()
     }
 
-    #[cfg(test)]
-    pub(crate) fn db(&self) -> &DB {
-        &self.db
-    }
-
     /// A value of the sharded state (scale-out mode).
     pub(crate) fn shard_value(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(CF_SHARDS)?, key)?)
@@ -204,18 +175,24 @@ impl Store {
         Ok(it.next().transpose()?.is_some())
     }
 
-    /// Calls `f` with every record of the sharded state whose key starts with `prefix`, from a consistent
-    /// snapshot, in key order.
+    /// Calls `f` with at most `limit` records of the sharded state whose key starts with `prefix`, from
+    /// the first key at or after `from`, in key order, from a consistent snapshot.
     pub(crate) fn scan_shards(
         &self,
         prefix: &[u8],
+        from: &[u8],
+        limit: usize,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let snapshot = self.db.snapshot();
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_snapshot(&snapshot);
-        let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
-        for item in self.db.iterator_cf_opt(self.cf(CF_SHARDS)?, ro, mode) {
+        let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
+        for item in self
+            .db
+            .iterator_cf_opt(self.cf(CF_SHARDS)?, ro, mode)
+            .take(limit)
+        {
             let (k, v) = item?;
             if !k.starts_with(prefix) {
                 break;
@@ -389,15 +366,6 @@ pub(crate) fn decode_value<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Whether a dedup entry written at the time in `value` is older than the retention. Entries without a
-/// time are kept.
-fn dedup_expired(value: &[u8], now_ms: i64, retention_ms: i64) -> bool {
-    match <[u8; 8]>::try_from(value) {
-        Ok(bytes) => now_ms.saturating_sub(i64::from_be_bytes(bytes)) > retention_ms,
-        Err(_) => false,
-    }
-}
-
 /// A RocksDB store in a temporary directory, removed on drop. For tests and benches.
 pub struct TempStore {
     pub store: Store,
@@ -416,19 +384,12 @@ mod tempfile_dir {
 
 impl TempStore {
     pub fn new() -> Result<Self, StoreError> {
-        Self::with_dedup_retention(None)
-    }
-
-    /// A temporary store whose compactions drop event ids older than `retention`.
-    pub fn with_dedup_retention(
-        retention: Option<std::time::Duration>,
-    ) -> Result<Self, StoreError> {
         let path = std::env::temp_dir().join(format!(
             "stitcher-{}-{}",
             std::process::id(),
             rand::random::<u64>()
         ));
-        let store = Store::open_with(&path, 64, retention)?;
+        let store = Store::open(&path, 64)?;
         Ok(Self {
             store,
             _dir: tempfile_dir::TempDir(path),
@@ -461,34 +422,6 @@ mod tests {
         old[0] = FORMAT_V1_BINCODE;
         let err = decode_value::<Position>(&old, CF_META, "position").unwrap_err();
         assert!(err.to_string().contains("format 1"), "{err}");
-    }
-
-    /// Compactions drop a shard's event-id records older than the retention, and nothing else.
-    #[test]
-    fn compaction_drops_event_ids_older_than_the_retention() {
-        let t =
-            TempStore::with_dedup_retention(Some(std::time::Duration::from_secs(3600))).unwrap();
-        let db = t.store.db();
-        let cf = t.store.cf(CF_SHARDS).unwrap();
-        let now = crate::model::now_millis();
-        let key =
-            |kind: u8, rest: &str| [&7u32.to_be_bytes()[..], &[kind], rest.as_bytes()].concat();
-        let old = (now - 2 * 3_600_000).to_be_bytes();
-        db.put_cf(cf, key(SEEN_KIND, "old"), old).unwrap();
-        db.put_cf(cf, key(SEEN_KIND, "fresh"), (now - 60_000).to_be_bytes())
-            .unwrap();
-        db.put_cf(cf, key(SEEN_KIND, "timeless"), []).unwrap();
-        // Another kind with a value that looks like an old time.
-        db.put_cf(cf, key(b'N', "x"), old).unwrap();
-        db.flush_cf(cf).unwrap();
-        db.compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
-        let has = |k: Vec<u8>| t.store.shard_value(&k).unwrap().is_some();
-        assert!(!has(key(SEEN_KIND, "old")));
-        assert!(has(key(SEEN_KIND, "fresh")));
-        assert!(has(key(SEEN_KIND, "timeless")));
-        assert!(has(key(b'N', "x")));
-        assert!(dedup_expired(&0i64.to_be_bytes(), 10, 5));
-        assert!(!dedup_expired(&8i64.to_be_bytes(), 10, 5));
     }
 
     /// A state directory of the former one-instance mode is recognised (to be refused at start).

@@ -154,18 +154,32 @@ impl Sim {
         let (to, msg) = match input {
             Input::EraseProfile(id) => {
                 for s in 0..n {
-                    self.in_flight.push((s, Msg::EraseProfile(id.clone())));
+                    self.in_flight.push((
+                        s,
+                        Msg::EraseProfile {
+                            id: id.clone(),
+                            trigger: "t".into(),
+                        },
+                    ));
                 }
                 return;
             }
             Input::Event(ev) => (event_home(&ev.event_id, n), Msg::Event(ev)),
-            Input::Erase(x) => (home(&x, n), Msg::Erase { x, at_owner: None }),
+            Input::Erase(x) => (
+                home(&x, n),
+                Msg::Erase {
+                    x,
+                    at_owner: None,
+                    trigger: "t".into(),
+                },
+            ),
             Input::Unlink(a, b) => (
                 home(&a, n),
                 Msg::Unlink {
                     a,
                     b,
                     at_owner: None,
+                    trigger: "t".into(),
                 },
             ),
         };
@@ -331,17 +345,17 @@ fn replay(stitcher: &Stitcher, steps: &[Step]) -> (MemStore, Vec<Step>) {
                 let Ok(a) = stitcher.apply(&mut store, ev);
                 Step::Event(ev.clone(), a)
             }
-            Step::Erase(x, _) => {
+            Step::Erase(x, t, _) => {
                 let Ok(r) = stitcher.erase_identifier(&mut store, x);
-                Step::Erase(x.clone(), r)
+                Step::Erase(x.clone(), t.clone(), r)
             }
-            Step::EraseProfile(id, _) => {
+            Step::EraseProfile(id, t, _) => {
                 let Ok(r) = stitcher.erase_profile(&mut store, id);
-                Step::EraseProfile(id.clone(), r)
+                Step::EraseProfile(id.clone(), t.clone(), r)
             }
-            Step::Unlink(a, b, _) => {
+            Step::Unlink(a, b, t, _) => {
                 let Ok(r) = stitcher.unlink(&mut store, a, b);
-                Step::Unlink(a.clone(), b.clone(), r)
+                Step::Unlink(a.clone(), b.clone(), t.clone(), r)
             }
         });
     }
@@ -368,8 +382,8 @@ fn visible(step: &Step) -> String {
                 a.reshape.quarantined.len()
             ))
         ),
-        Step::EraseProfile(id, r) => format!("{id} {:?} {}", r.erased, r.identifiers_erased),
-        Step::Erase(x, r) | Step::Unlink(x, _, r) => format!(
+        Step::EraseProfile(id, _, r) => format!("{id} {:?} {}", r.erased, r.identifiers_erased),
+        Step::Erase(x, _, r) | Step::Unlink(x, _, _, r) => format!(
             "{x} {:?} {} {} {:?}",
             r.erased,
             r.identifiers_erased,
