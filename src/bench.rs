@@ -85,10 +85,7 @@ fn bench_config(args: &BenchArgs, run: &str, topics: &Topics, state: &Path) -> C
     if let Some(n) = args.batch_max_events {
         cfg.processing.batch_max_events = n;
     }
-    if args.shards > 0 {
-        cfg.scaleout.shards = args.shards;
-        cfg.scaleout.topic = format!("{run}-shards");
-    }
+    cfg.scaleout.shards = args.shards;
     cfg
 }
 

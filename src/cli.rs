@@ -190,9 +190,8 @@ pub struct BenchArgs {
     /// default (`processing.batch_max_events`) if not given.
     #[arg(long)]
     pub batch_max_events: Option<usize>,
-    /// Run the pipeline in scale-out mode with this many shards (one instance); 0 runs it with the whole
-    /// graph in one store.
-    #[arg(long, default_value_t = 0)]
+    /// Shards of the pipeline's graph (one instance holds them all).
+    #[arg(long, default_value_t = 1)]
     pub shards: u32,
     /// Share of persons sharing a home phone with another (over-merges the quality report shows).
     #[arg(long, default_value_t = 0.02)]

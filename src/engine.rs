@@ -124,8 +124,9 @@ pub struct Engine {
     sweeping: (ShardId, Option<Vec<u8>>),
 }
 
-/// Event-id records looked at per batch by the sweep of expired ones.
-const SWEEP_PER_BATCH: usize = 1_000;
+/// Event-id records looked at by the sweep of expired ones, per message of the batch: an event adds at most
+/// one record, so the sweep keeps up with twice that.
+const SWEEP_PER_MESSAGE: usize = 2;
 
 impl Engine {
     pub fn new(cfg: &Config, metrics: Metrics) -> Result<Self, ProcessError> {
@@ -144,11 +145,16 @@ impl Engine {
         })
     }
 
-    /// Deletes event-id records older than `processing.dedup_retention` from the shards held here, at
-    /// most [`SWEEP_PER_BATCH`] looked at per batch, one shard after the other: the deletions go out with
-    /// the batch (changelog tombstones), so the changelog stays bounded too. A duplicate arriving after
-    /// its record was swept is applied again.
-    pub fn sweep(&mut self, overlay: &mut ShardOverlay<'_>, now: Millis) -> Result<(), StoreError> {
+    /// Deletes event-id records older than `processing.dedup_retention` from the shards held here, looking
+    /// at [`SWEEP_PER_MESSAGE`] records per message of the batch (`messages`), one shard after the other:
+    /// the deletions go out with the batch (changelog tombstones), so the changelog stays bounded too. A
+    /// duplicate arriving after its record was swept is applied again.
+    pub fn sweep(
+        &mut self,
+        overlay: &mut ShardOverlay<'_>,
+        messages: usize,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         let Some(retention) = self.retention_ms else {
             return Ok(());
         };
@@ -164,8 +170,8 @@ impl Engine {
         };
         let from = cursor.filter(|_| shard == at);
         let before = now.saturating_sub(retention);
-        self.sweeping = match sweep_seen(overlay, shard, from.as_deref(), SWEEP_PER_BATCH, before)?
-        {
+        let limit = messages.max(1) * SWEEP_PER_MESSAGE;
+        self.sweeping = match sweep_seen(overlay, shard, from.as_deref(), limit, before)? {
             Some(next) => (shard, Some(next)),
             None => (shard.saturating_add(1), None),
         };
@@ -430,9 +436,9 @@ mod tests {
         let mut deleted = BTreeSet::new();
         for _ in 0..4 {
             let mut overlay = ShardOverlay::new(&tmp.store);
-            engine.sweep(&mut overlay, now).expect("sweep");
+            engine.sweep(&mut overlay, 500, now).expect("sweep");
             let changes: Vec<_> = overlay.changes().collect();
-            assert!(changes.len() <= SWEEP_PER_BATCH);
+            assert!(changes.len() <= 500 * SWEEP_PER_MESSAGE);
             assert!(changes.iter().all(|(_, v)| v.is_none()));
             deleted.extend(changes.iter().map(|(k, _)| k.to_vec()));
         }

@@ -293,7 +293,8 @@ impl Pipeline {
         if batch.is_empty() {
             return Ok(());
         }
-        self.engine.sweep(&mut overlay, now_millis())?;
+        self.engine
+            .sweep(&mut overlay, batch.messages, now_millis())?;
         let records = self.engine.output(&overlay, &mut batch, &mut work)?;
         let positions = positions_vec(&batch.positions);
         let deadline = Deadline::new(shutdown.clone(), self.cfg.processing.drain_timeout);
