@@ -514,10 +514,10 @@ impl Default for StateConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Guarantee {
-    /// Kafka transactions: output records, dead letters and input offsets commit atomically.
+    /// Kafka transactions: output records, dead letters, shard messages, state changes and input offsets
+    /// commit atomically. The only guarantee: the shards' state is their changelog, so it cannot be
+    /// written apart from the offsets.
     ExactlyOnce,
-    /// Output flushed, then offsets committed; a crash may repeat the last batch's output.
-    AtLeastOnce,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -782,13 +782,6 @@ impl Config {
         }) {
             return invalid(
                 "scaleout.topic and its changelog must not be an input, output or control topic"
-                    .into(),
-            );
-        }
-        if self.processing.guarantee != Guarantee::ExactlyOnce {
-            return invalid(
-                "processing.guarantee must be \"exactly_once\": shard state, shard messages and \
-                 output commit together"
                     .into(),
             );
         }

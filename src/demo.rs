@@ -42,6 +42,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     ]) {
         cluster.create_topic(&t, 3, 1)?;
     }
+    // The graph's shards: their message topic and changelog, one partition per shard.
+    let shards = i32::try_from(cfg.scaleout.shards)?;
+    for t in [cfg.shard_topic(), cfg.changelog_topic()] {
+        cluster.create_topic(&t, shards, 1)?;
+    }
     cfg.validate()?;
 
     println!(

@@ -183,7 +183,7 @@ impl Pipeline {
         tracing::info!(
             shards = cfg.scaleout.shards,
             topic = cfg.shard_topic().as_str(),
-            "scale-out mode"
+            "shards of the graph"
         );
         let topics = TopicWatch::new(subscribed_topics(&cfg));
         Ok(Self {
@@ -207,7 +207,7 @@ impl Pipeline {
     /// Runs until `shutdown`; the batch under way is finished and committed within the drain timeout.
     pub fn run(mut self, shutdown: CancellationToken) -> Result<RunSummary, PipelineError> {
         let mut summary = RunSummary::default();
-        tracing::info!(inputs = self.cfg.inputs.len(), "sharded pipeline running");
+        tracing::info!(inputs = self.cfg.inputs.len(), "pipeline running");
         while !shutdown.is_cancelled() {
             self.run_batch(&shutdown, &mut summary)?;
         }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -19,7 +19,7 @@ use rdkafka::producer::ProducerContext;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use super::{dead_letters, StitchConsumer};
-use crate::config::{Config, Guarantee};
+use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::store::{OutRecord, Position};
 
@@ -108,7 +108,6 @@ impl ProducerContext for CommitContext {
 
 pub struct Committer {
     producer: ThreadedProducer<CommitContext>,
-    guarantee: Guarantee,
     metrics: Metrics,
     /// A failed transaction must be aborted before the next one begins.
     needs_abort: bool,
@@ -190,27 +189,21 @@ impl Committer {
         };
         let producer: ThreadedProducer<CommitContext> =
             super::producer_config(cfg, instance).create_with_context(context)?;
-        let guarantee = cfg.processing.guarantee;
-        if guarantee == Guarantee::ExactlyOnce {
-            let mut backoff = Duration::from_millis(200);
-            loop {
-                match producer.init_transactions(TXN_CALL_TIMEOUT) {
-                    Ok(()) => break,
-                    Err(e) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
-                    Err(e) if deadline.passed_after(backoff) => {
-                        return Err(CommitError::Deadline(e))
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "init_transactions failed, retrying");
-                        std::thread::sleep(backoff);
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            match producer.init_transactions(TXN_CALL_TIMEOUT) {
+                Ok(()) => break,
+                Err(e) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
+                Err(e) if deadline.passed_after(backoff) => return Err(CommitError::Deadline(e)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "init_transactions failed, retrying");
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }
         Ok(Self {
             producer,
-            guarantee,
             metrics,
             needs_abort: false,
             stuck_after: cfg.processing.transaction_timeout,
@@ -236,10 +229,7 @@ impl Committer {
         let started = Instant::now();
         self.metrics.health.commit_started();
         loop {
-            let attempt = match self.guarantee {
-                Guarantee::ExactlyOnce => self.transaction(records, &tpl, consumer, deadline),
-                Guarantee::AtLeastOnce => self.flush_then_commit(records, &tpl, consumer, deadline),
-            };
+            let attempt = self.transaction(records, &tpl, consumer, deadline);
             match attempt {
                 Ok(()) => {
                     self.metrics.health.commit_settled();
@@ -353,21 +343,6 @@ impl Committer {
             }
         }
         self.needs_abort = false;
-        Ok(())
-    }
-
-    fn flush_then_commit(
-        &mut self,
-        records: &[OutRecord],
-        tpl: &TopicPartitionList,
-        consumer: &StitchConsumer,
-        deadline: &Deadline,
-    ) -> Result<(), KafkaError> {
-        self.send_all(records, deadline)?;
-        super::await_deliveries(&self.producer, TXN_CALL_TIMEOUT)?;
-        if tpl.count() > 0 {
-            consumer.commit(tpl, CommitMode::Sync)?;
-        }
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use rdkafka::producer::{Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 
-use crate::config::{Config, Guarantee};
+use crate::config::Config;
 
 pub use committer::{CommitError, Committer, Deadline};
 pub use consumer::{AssignmentWatch, GroupPeers, StitchConsumer, StitchContext, TopicWatch};
@@ -139,16 +139,14 @@ pub fn producer_config(cfg: &Config, instance: &str) -> ClientConfig {
             "message.max.bytes",
             (cfg.output.max_record_bytes.max(1_000_000) + 64 * 1024).to_string(),
         );
-    if cfg.processing.guarantee == Guarantee::ExactlyOnce {
-        c.set(
-            "transactional.id",
-            format!("{}-{}", cfg.kafka.transactional_id, instance),
-        )
-        .set(
-            "transaction.timeout.ms",
-            cfg.processing.transaction_timeout.as_millis().to_string(),
-        );
-    }
+    c.set(
+        "transactional.id",
+        format!("{}-{}", cfg.kafka.transactional_id, instance),
+    )
+    .set(
+        "transaction.timeout.ms",
+        cfg.processing.transaction_timeout.as_millis().to_string(),
+    );
     for (k, v) in &cfg.kafka.producer {
         c.set(k, v);
     }
