@@ -6,11 +6,12 @@
 //! every member with its client id and its current assignment, whose partitions of the shard topic are the
 //! shards it holds. No topic or service of our own; the answer is as current as the group's generation.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use tokio::net::TcpStream;
 
 use super::ShardId;
 use crate::config::Config;
@@ -177,39 +178,153 @@ impl Owners {
     }
 }
 
-/// GET `path` from `addr` over HTTP/1.0 with an optional bearer token: (status, body). For forwarding
-/// lookups between instances on the internal network; bounded by `timeout`.
+/// Idle connections to other instances, by address: a forwarded lookup reuses one (HTTP/1.1 keep-alive)
+/// rather than paying a TCP handshake per hop.
+static IDLE: std::sync::OnceLock<Mutex<HashMap<String, Vec<TcpStream>>>> =
+    std::sync::OnceLock::new();
+/// Most idle connections kept per other instance.
+const IDLE_PER_PEER: usize = 8;
+/// Largest response head read from another instance.
+const MAX_HEAD: usize = 16 * 1024;
+
+fn idle() -> &'static Mutex<HashMap<String, Vec<TcpStream>>> {
+    IDLE.get_or_init(Default::default)
+}
+
+/// GET `path` from `addr` over HTTP/1.1 with an optional bearer token: (status, body). For forwarding
+/// lookups between instances on the internal network; bounded by `timeout`. An idle connection to `addr`
+/// is reused if there is one (one the peer closed meanwhile fails at once and a new one is made), and the
+/// connection is kept for the next lookup unless the peer closes it.
 pub async fn http_get(
     addr: &str,
     path: &str,
     token: Option<&str>,
     timeout: Duration,
 ) -> std::io::Result<(u16, Vec<u8>)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(addr).await?;
-        stream.set_nodelay(true)?;
-        let auth = token
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{}\r\n",
+        token
             .map(|t| format!("Authorization: Bearer {t}\r\n"))
-            .unwrap_or_default();
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").as_bytes())
-            .await?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await?;
-        let split = response
-            .windows(4)
-            .position(|w| w == b"\r\n\r\n")
-            .ok_or_else(|| std::io::Error::other("malformed HTTP response"))?;
-        let status = std::str::from_utf8(&response[..split])
-            .ok()
-            .and_then(|head| head.split_whitespace().nth(1)?.parse().ok())
-            .ok_or_else(|| std::io::Error::other("malformed HTTP status line"))?;
-        Ok((status, response[split + 4..].to_vec()))
+            .unwrap_or_default()
+    );
+    let attempt = async {
+        let pooled = idle()
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(addr)
+            .and_then(Vec::pop);
+        if let Some(stream) = pooled {
+            if let Ok(answer) = exchange(stream, addr, &request).await {
+                return Ok(answer);
+            }
+        }
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        exchange(stream, addr, &request).await
     };
-    tokio::time::timeout(timeout, exchange).await.map_err(|_| {
+    tokio::time::timeout(timeout, attempt).await.map_err(|_| {
         std::io::Error::new(std::io::ErrorKind::TimedOut, "forwarded lookup timed out")
     })?
+}
+
+/// Reads from `stream` until `buf` holds at least `want` bytes.
+async fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, want: usize) -> std::io::Result<()> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    while buf.len() < want {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::Error::other(
+                "malformed HTTP response: closed before it ended",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Ok(())
+}
+
+/// One request and its response on `stream`, which goes back to the idle connections if the response
+/// says how long it is and the peer keeps the connection open.
+async fn exchange(
+    mut stream: TcpStream,
+    addr: &str,
+    request: &str,
+) -> std::io::Result<(u16, Vec<u8>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let malformed = |what: &str| std::io::Error::other(format!("malformed HTTP response: {what}"));
+    stream.write_all(request.as_bytes()).await?;
+    let mut response = Vec::with_capacity(4096);
+    let split = loop {
+        if let Some(at) = response.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        if response.len() > MAX_HEAD {
+            return Err(malformed("head too long"));
+        }
+        let want = response.len() + 1;
+        fill(&mut stream, &mut response, want).await?;
+    };
+    let head = String::from_utf8(response[..split].to_vec()).map_err(|_| malformed("head"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| malformed("status line"))?;
+    let header = |name: &str| {
+        head.lines().skip(1).find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim()
+                .eq_ignore_ascii_case(name)
+                .then(|| v.trim().to_string())
+        })
+    };
+    let mut body = response.split_off(split + 4);
+    let length: Option<usize> = header("content-length").and_then(|v| v.parse().ok());
+    let chunked = header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+    // Only a body whose end is known without the peer closing leaves the connection reusable; a chunked
+    // one is read to its last chunk, and the connection then closed (its trailers are not read).
+    let keep =
+        length.is_some() && !header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+    if let Some(len) = length {
+        fill(&mut stream, &mut body, len).await?;
+        body.truncate(len);
+    } else if chunked {
+        let (mut raw, mut decoded, mut at) = (body, Vec::new(), 0);
+        loop {
+            let line_end = loop {
+                if let Some(p) = raw[at..].windows(2).position(|w| w == b"\r\n") {
+                    break at + p;
+                }
+                if raw.len() - at > MAX_HEAD {
+                    return Err(malformed("chunk size line too long"));
+                }
+                let want = raw.len() + 1;
+                fill(&mut stream, &mut raw, want).await?;
+            };
+            let size = std::str::from_utf8(&raw[at..line_end])
+                .ok()
+                .and_then(|l| usize::from_str_radix(l.split(';').next()?.trim(), 16).ok())
+                .ok_or_else(|| malformed("chunk size"))?;
+            if size == 0 {
+                break;
+            }
+            let data = line_end + 2;
+            fill(&mut stream, &mut raw, data + size + 2).await?;
+            decoded.extend_from_slice(&raw[data..data + size]);
+            at = data + size + 2;
+        }
+        body = decoded;
+    } else {
+        stream.read_to_end(&mut body).await?;
+    }
+    if keep {
+        let mut idle = idle().lock().unwrap_or_else(PoisonError::into_inner);
+        let peer = idle.entry(addr.to_string()).or_default();
+        if peer.len() < IDLE_PER_PEER {
+            peer.push(stream);
+        }
+    }
+    Ok((status, body))
 }
 
 #[cfg(test)]
@@ -245,5 +360,62 @@ mod tests {
             Some("10.1.2.3:9464")
         );
         assert_eq!(advertised_of("rdkafka"), None);
+    }
+
+    /// A peer serving three lookups on one connection (two with a length, one chunked last): the client
+    /// reuses the connection for the second and reads every body whole.
+    #[tokio::test]
+    async fn forwarded_lookups_reuse_the_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let server = tokio::spawn(async move {
+            let mut accepted = 0;
+            let responses = [
+                "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfirst".to_string(),
+                "HTTP/1.1 404 Not Found\r\nContent-Length: 6\r\n\r\nsecond".to_string(),
+                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nthi\r\n2;x=y\r\nrd\r\n0\r\n\r\n"
+                    .to_string(),
+            ];
+            let mut served = 0;
+            while served < responses.len() {
+                let (mut conn, _) = listener.accept().await.expect("accept");
+                accepted += 1;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while served < responses.len() {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let n = conn.read(&mut chunk).await.expect("read");
+                        if n == 0 {
+                            break;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    if buf.is_empty() {
+                        break;
+                    }
+                    buf.clear();
+                    conn.write_all(responses[served].as_bytes())
+                        .await
+                        .expect("write");
+                    served += 1;
+                }
+            }
+            accepted
+        });
+        let t = Duration::from_secs(5);
+        let first = http_get(&addr, "/a", Some("tok"), t).await.expect("first");
+        assert_eq!(first, (200, b"first".to_vec()));
+        let second = http_get(&addr, "/b", None, t).await.expect("second");
+        assert_eq!(second, (404, b"second".to_vec()));
+        let third = http_get(&addr, "/c", None, t).await.expect("third");
+        assert_eq!(third, (200, b"third".to_vec()));
+        assert_eq!(
+            server.await.expect("server"),
+            1,
+            "one connection for all three"
+        );
     }
 }
