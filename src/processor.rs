@@ -42,14 +42,12 @@ pub enum ProcessError {
 /// What one batch has gathered so far.
 #[derive(Debug, Default)]
 pub struct Batch {
-    pub changes: BatchChanges,
     pub dead_letters: Vec<OutRecord>,
     /// Next offset per (topic, partition) after this batch.
     pub positions: BTreeMap<(String, i32), i64>,
     pub messages: usize,
     /// Timestamps of applied events, for the latency histogram.
     pub event_times: Vec<Millis>,
-    pub duplicates: u64,
 }
 
 impl Batch {
