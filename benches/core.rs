@@ -24,6 +24,10 @@ use stitcher::scaleout::state::{ShardOverlay, ShardView};
 use stitcher::stitch::{MemStore, Rules, Stitcher};
 use stitcher::store::{Store, TempStore};
 
+/// The allocator the service runs with (src/main.rs).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn sample_events(persons: usize) -> Vec<(String, stitcher::model::ChannelEvent)> {
     journeys::generate(&JourneyConfig {
         persons,

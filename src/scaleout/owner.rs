@@ -520,7 +520,22 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             };
             self.send(out, to, msg);
         }
-        let mut p = self.pending(&event)?.unwrap_or_else(|| Pending {
+        let earlier = self.pending(&event)?;
+        if earlier.is_none()
+            && missing.is_empty()
+            && !erased
+            && !self.needs_copies(&ev, found.iter().map(|(x, f)| (x, f)))?
+        {
+            // Everything is here and no earlier attempt waits: applied at once, never pending, so
+            // nothing waits on it or is parked behind it.
+            let p = Pending {
+                ev,
+                found: found.into_iter().collect(),
+                missing: BTreeSet::new(),
+            };
+            return self.apply(stitcher, p, out);
+        }
+        let mut p = earlier.unwrap_or_else(|| Pending {
             ev,
             found: BTreeMap::new(),
             missing: BTreeSet::new(),
@@ -708,7 +723,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             }
             let gen = m.gen + 1;
             graph.view.set_gen(&m.id, Some(gen))?;
-            graph.view.set_moved::<Moved>(&m.id, None)?;
+            graph.view.clear_moved::<Moved>(&m.id)?;
             let to = home(&m.id, shards);
             out.msgs.push((
                 to,
@@ -782,7 +797,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             let Some(p) = self.pending(&e)?.filter(|p| p.missing.is_empty()) else {
                 continue;
             };
-            if p.found.values().any(|f| *f == Found::Unreserved) && self.sealed_elsewhere(&p.ev)? {
+            if self.needs_copies(&p.ev, &p.found)? {
                 // Consent sealing puts the event in its channel's space: its scoped copies are needed.
                 self.restart(stitcher, &e, Some(true), out)?;
                 continue;
@@ -803,7 +818,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             if let Found::New(gen) = f {
                 let owner = if self.here(x)? {
                     self.view.set_gen(x, Some(*gen))?;
-                    self.view.set_moved::<Moved>(x, None)?;
+                    self.view.clear_moved::<Moved>(x)?;
                     Some(self.id())
                 } else {
                     None
@@ -861,6 +876,15 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             }
         }
         Ok(())
+    }
+
+    /// Whether the event, located without reserving its scoped copies, needs them after all.
+    fn needs_copies<'a>(
+        &self,
+        ev: &Event,
+        found: impl IntoIterator<Item = (&'a Identifier, &'a Found)>,
+    ) -> Result<bool, StoreError> {
+        Ok(found.into_iter().any(|(_, f)| *f == Found::Unreserved) && self.sealed_elsewhere(ev)?)
     }
 
     /// Whether one of the event's components is sealed to another channel (consent), so that the classic

@@ -27,7 +27,8 @@
 //! committed, with the changelog offsets it reached, so it is never ahead of the changelog: a crash in
 //! between leaves it behind, and the restore on start-up catches up (docs/DESIGN.md, "Scale-out").
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -36,6 +37,7 @@ use sha2::{Digest, Sha256};
 use super::ShardId;
 use crate::model::{Identifier, NodeId, ProfileId};
 use crate::profile::Profile;
+use crate::stitch::graph::add_evidence;
 use crate::stitch::{Evidence, GraphStore};
 use crate::store::{decode_value, encode_value, identifier_key, Store, StoreError, CF_SHARDS};
 
@@ -123,10 +125,14 @@ impl Kv for BTreeMap<Vec<u8>, Vec<u8>> {
     }
 }
 
-/// One batch's view of the sharded state: reads see the batch's own writes.
+/// One batch's view of the sharded state: reads see the batch's own writes. What a read found in the
+/// store is kept for the batch (a protocol step reads the same records several times: an identifier's
+/// node, its directory entry), and so is what it did not find: a record the batch created and deleted
+/// again (a pending event, a reservation) leaves no tombstone in the changelog or the store.
 pub struct ShardOverlay<'s> {
     store: &'s Store,
     dirty: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    read: RefCell<HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>>,
 }
 
 impl<'s> ShardOverlay<'s> {
@@ -134,7 +140,13 @@ impl<'s> ShardOverlay<'s> {
         Self {
             store,
             dirty: BTreeMap::new(),
+            read: RefCell::new(HashMap::default()),
         }
+    }
+
+    /// Whether the store is known to hold no record under `key`.
+    fn absent_below(&self, key: &[u8]) -> bool {
+        matches!(self.read.borrow().get(key), Some(None))
     }
 
     /// The committed state under the overlay.
@@ -142,22 +154,31 @@ impl<'s> ShardOverlay<'s> {
         self.store
     }
 
-    /// Every key the batch changed, with its new value (`None`: deleted), in key order.
+    /// Every key the batch changed, with its new value (`None`: deleted), in key order; a deletion of
+    /// a record the store does not hold is left out.
     pub fn changes(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
-        self.dirty.iter().map(|(k, v)| (k.as_slice(), v.as_deref()))
+        self.dirty
+            .iter()
+            .filter(|(k, v)| v.is_some() || !self.absent_below(k))
+            .map(|(k, v)| (k.as_slice(), v.as_deref()))
     }
 
     pub fn is_empty(&self) -> bool {
-        self.dirty.is_empty()
+        self.changes().next().is_none()
     }
 }
 
 impl KvRead for ShardOverlay<'_> {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.dirty.get(key) {
-            Some(v) => Ok(v.clone()),
-            None => self.store.shard_value(key),
+        if let Some(v) = self.dirty.get(key) {
+            return Ok(v.clone());
         }
+        if let Some(v) = self.read.borrow().get(key) {
+            return Ok(v.clone());
+        }
+        let v = self.store.shard_value(key)?;
+        self.read.borrow_mut().insert(key.to_vec(), v.clone());
+        Ok(v)
     }
 }
 
@@ -374,6 +395,18 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         self.put(MOVED, &identifier_key(id), moved)
     }
 
+    /// Removes the forwarding pointer of `id` if there is one (a blind delete would add a changelog
+    /// tombstone for every identifier placed).
+    pub fn clear_moved<T: Serialize + DeserializeOwned>(
+        &mut self,
+        id: &Identifier,
+    ) -> Result<(), StoreError> {
+        if self.moved::<T>(id)?.is_some() {
+            self.set_moved::<T>(id, None)?;
+        }
+        Ok(())
+    }
+
     pub fn set_dir<T: Serialize>(&mut self, id: &Identifier, dir: &T) -> Result<(), StoreError> {
         self.put(DIR, &identifier_key(id), Some(dir))
     }
@@ -582,13 +615,14 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
     fn links(&mut self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, StoreError> {
         self.view.read().links(id)
     }
-    fn add_link(&mut self, a: &Identifier, b: &Identifier, evidence: &Evidence) {
-        for (x, y) in [(a, b), (b, a)] {
-            let r = self.view.edit_links(x, |m| {
-                m.entry(y.clone())
-                    .and_modify(|e| e.join(evidence))
-                    .or_insert_with(|| evidence.clone());
-            });
+    fn link_all(&mut self, ids: &[Identifier], evidence: &Evidence) {
+        if ids.len() < 2 {
+            return;
+        }
+        for x in ids {
+            let r = self
+                .view
+                .edit_links(x, |m| add_evidence(m, x, ids, evidence));
             self.keep(r);
         }
     }
@@ -627,5 +661,62 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
     fn delete_part(&mut self, id: &Identifier) {
         let r = self.view.put::<Profile>(PART, &identifier_key(id), None);
         self.keep(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::TempStore;
+
+    fn committed(store: &Store, changes: &[(&[u8], Option<&[u8]>)]) {
+        let mut wb = rocksdb::WriteBatch::default();
+        store
+            .put_shard_changes(&mut wb, changes.iter().copied(), [])
+            .unwrap();
+        store.write(wb).unwrap();
+    }
+
+    #[test]
+    fn a_batch_changes_only_what_differs_from_the_store() {
+        let t = TempStore::new().unwrap();
+        let (kept, gone, brief) = (
+            key(0, NODE, b"a"),
+            key(0, NODE, b"b"),
+            key(0, PENDING, b"e"),
+        );
+        committed(&t.store, &[(&kept, Some(b"1")), (&gone, Some(b"2"))]);
+
+        let mut overlay = ShardOverlay::new(&t.store);
+        assert_eq!(overlay.get(&kept).unwrap(), Some(b"1".to_vec()));
+        assert_eq!(overlay.get(&brief).unwrap(), None);
+        // A record created and deleted within the batch (read first, so known absent below).
+        overlay.set(brief.clone(), Some(b"x".to_vec()));
+        assert_eq!(overlay.get(&brief).unwrap(), Some(b"x".to_vec()));
+        overlay.set(brief.clone(), None);
+        // A record the store holds, deleted without being read: its tombstone stays.
+        overlay.set(gone.clone(), None);
+        // The committed value read earlier is not served after a write.
+        overlay.set(kept.clone(), Some(b"3".to_vec()));
+        assert_eq!(overlay.get(&kept).unwrap(), Some(b"3".to_vec()));
+        assert_eq!(overlay.get(&gone).unwrap(), None);
+
+        let changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = overlay
+            .changes()
+            .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+            .collect();
+        assert_eq!(
+            changes,
+            vec![(kept.clone(), Some(b"3".to_vec())), (gone.clone(), None)]
+        );
+        assert!(!overlay.is_empty());
+
+        let mut idle = ShardOverlay::new(&t.store);
+        assert_eq!(idle.get(&brief).unwrap(), None);
+        idle.set(brief.clone(), None);
+        assert!(
+            idle.is_empty(),
+            "deleting what the store does not hold changes nothing"
+        );
     }
 }

@@ -46,8 +46,8 @@ pub trait GraphStore {
     fn indexed(&mut self, id: &ProfileId) -> Result<Option<NodeId>, Self::Error>;
     /// The identifiers linked to `id`, with the evidence of each link.
     fn links(&mut self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, Self::Error>;
-    /// Adds evidence to the link between `a` and `b` (both directions).
-    fn add_link(&mut self, a: &Identifier, b: &Identifier, evidence: &Evidence);
+    /// Adds evidence to the link between every two of `ids` (both directions).
+    fn link_all(&mut self, ids: &[Identifier], evidence: &Evidence);
     fn remove_link(&mut self, a: &Identifier, b: &Identifier);
     /// Takes the part of an identifier out; give it back with `put_part`.
     fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, Self::Error>;
@@ -55,6 +55,21 @@ pub trait GraphStore {
     /// Joins more into the part of an identifier (a blind write: parts join like profiles).
     fn join_part(&mut self, id: &Identifier, more: Profile);
     fn delete_part(&mut self, id: &Identifier);
+}
+
+/// Adds evidence to the links of `x` to every other of `ids`.
+pub(crate) fn add_evidence(
+    links: &mut BTreeMap<Identifier, Evidence>,
+    x: &Identifier,
+    ids: &[Identifier],
+    evidence: &Evidence,
+) {
+    for y in ids.iter().filter(|y| *y != x) {
+        links
+            .entry(y.clone())
+            .and_modify(|e| e.join(evidence))
+            .or_insert_with(|| evidence.clone());
+    }
 }
 
 /// A link that guardrails refused.
@@ -304,11 +319,7 @@ impl Stitcher {
             profile.apply(ev, &linked);
         }
         let evidence = Evidence::of(ev);
-        for (i, a) in linked.iter().enumerate() {
-            for b in &linked[i + 1..] {
-                store.add_link(a, b, &evidence);
-            }
-        }
+        store.link_all(&linked, &evidence);
         self.record_part(store, &linked, ev)?;
 
         let id_after = profile.id();
@@ -964,14 +975,13 @@ impl GraphStore for MemStore {
             .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
             .unwrap_or_default())
     }
-    fn add_link(&mut self, a: &Identifier, b: &Identifier, evidence: &Evidence) {
-        for (x, y) in [(a, b), (b, a)] {
-            self.links
-                .entry(x.clone())
-                .or_default()
-                .entry(y.clone())
-                .and_modify(|e| e.join(evidence))
-                .or_insert_with(|| evidence.clone());
+    fn link_all(&mut self, ids: &[Identifier], evidence: &Evidence) {
+        if ids.len() < 2 {
+            return;
+        }
+        for x in ids {
+            let links = self.links.entry(x.clone()).or_default();
+            add_evidence(links, x, ids, evidence);
         }
     }
     fn remove_link(&mut self, a: &Identifier, b: &Identifier) {

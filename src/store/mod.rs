@@ -108,7 +108,14 @@ impl Store {
             let mut block = BlockBasedOptions::default();
             block.set_block_cache(&cache);
             block.set_bloom_filter(10.0, false);
+            // Index and filter blocks in the cache, partitioned: a full filter of one large file is bigger
+            // than a shard of the block cache, so it was never kept and every point read (most of them for
+            // absent keys) read it again from the file and checksummed it.
+            block.set_index_type(rocksdb::BlockBasedIndexType::TwoLevelIndexSearch);
+            block.set_partition_filters(true);
+            block.set_metadata_block_size(4096);
             block.set_cache_index_and_filter_blocks(true);
+            block.set_pin_top_level_index_and_filter(true);
             // Fresh L0 files are read by every lookup: keep their index and filter blocks in the cache.
             block.set_pin_l0_filter_and_index_blocks_in_cache(true);
             let mut cf = Options::default();
