@@ -118,8 +118,15 @@ impl Store {
             block.set_pin_top_level_index_and_filter(true);
             // Fresh L0 files are read by every lookup: keep their index and filter blocks in the cache.
             block.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            // Point reads within a data block by hash rather than binary search.
+            block.set_data_block_index_type(rocksdb::DataBlockIndexType::BinaryAndHash);
+            block.set_data_block_hash_ratio(0.75);
             let mut cf = Options::default();
             cf.set_block_based_table_factory(&block);
+            // About half of the point reads are for absent keys (new identifiers' directory entries,
+            // event ids): a bloom filter over the memtable's keys answers them without its skip list.
+            cf.set_memtable_whole_key_filtering(true);
+            cf.set_memtable_prefix_bloom_ratio(0.1);
             cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
             ColumnFamilyDescriptor::new(name, cf)
         });
