@@ -52,9 +52,21 @@ pub struct BenchReport {
     pub latency_max_ms: f64,
     pub service_peak_rss_mib: f64,
     pub service_cpu_secs: f64,
+    /// The Kafka Streams baseline on the same input, when asked for.
+    pub kstreams: Option<Baseline>,
     pub total_secs: f64,
     /// Stitching quality of the throughput run against its ground truth.
     pub quality: QualityReport,
+}
+
+/// A baseline application's figures, measured like the pipeline's.
+#[derive(Debug, Serialize)]
+pub struct Baseline {
+    pub msgs_per_sec: f64,
+    /// Pipeline rate over this rate.
+    pub pipeline_multiple: f64,
+    pub cpu_secs: f64,
+    pub peak_rss_mib: f64,
 }
 
 struct Topics {
@@ -249,37 +261,45 @@ struct Service {
 }
 
 impl Service {
+    /// This binary's `run` with `config`.
     fn start(config: &Path, log: &Path) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let log = std::fs::File::create(log)?;
-        let child = Command::new(exe)
-            .args(["run", "--config"])
+        let mut cmd = Command::new(std::env::current_exe()?);
+        cmd.args(["run", "--config"])
             .arg(config)
-            .env("STITCHER_LOG", "warn")
+            .env("STITCHER_LOG", "warn");
+        Self::spawn(cmd, log)
+    }
+
+    fn spawn(mut cmd: Command, log: &Path) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(log)?;
+        let child = cmd
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .context("starting the service")?;
+            .with_context(|| format!("starting {cmd:?}"))?;
         Ok(Self { child })
     }
 
     fn check(&mut self) -> anyhow::Result<()> {
         if let Some(status) = self.child.try_wait()? {
-            bail!("the service exited ({status}); see its log");
+            bail!("{} exited ({status}); see its log", self.child.id());
         }
         Ok(())
     }
 
-    fn stop(&mut self) -> anyhow::Result<()> {
+    /// SIGTERM, then its exit status.
+    fn stop(&mut self) -> anyhow::Result<std::process::ExitStatus> {
         // SAFETY: kill(2) on our own child.
         unsafe {
             libc::kill(self.child.id() as i32, libc::SIGTERM);
         }
-        let status = self.child.wait()?;
-        if !status.success() {
-            bail!("the service exited with {status}");
-        }
-        Ok(())
+        Ok(self.child.wait()?)
+    }
+
+    /// Peak RSS (MiB) and CPU seconds so far.
+    fn usage(&self) -> (f64, f64) {
+        let pid = self.child.id();
+        (proc_status(pid, "VmHWM:") / 1024.0, cpu_secs(pid))
     }
 }
 
@@ -395,6 +415,63 @@ fn measure_latency(
     Ok((latencies, sent))
 }
 
+/// (d) The Kafka Streams stitching of `benches/kstreams` (built in `build`) over the same input, exactly-once
+/// v2, its rate measured from its group's committed offsets like the pipeline's.
+fn kstreams(
+    args: &BenchArgs,
+    build: &Path,
+    run: &str,
+    topics: &Topics,
+    (messages, pipeline_rate): (u64, f64),
+    dir: &Path,
+) -> anyhow::Result<Baseline> {
+    let classes = build.join("target/classes");
+    if !classes.is_dir() {
+        bail!(
+            "{} is not built: mvn -q -f {} package",
+            build.display(),
+            build.join("pom.xml").display()
+        );
+    }
+    if args.partitions != 1 {
+        eprintln!(
+            "bench: Kafka Streams stitches within a partition; its components are per partition"
+        );
+    }
+    let app = format!("{run}-kstreams");
+    generate::create_topics(&args.brokers, std::slice::from_ref(&app), args.partitions)?;
+    let schema = dir.join("channel_event.avsc");
+    std::fs::write(&schema, crate::codec::CHANNEL_EVENT_AVSC)?;
+    let mut cmd = Command::new("java");
+    cmd.arg("-cp")
+        .arg(format!(
+            "{}:{}/*",
+            classes.display(),
+            build.join("target/libs").display()
+        ))
+        .arg(format!("-Djava.io.tmpdir={}", dir.display()))
+        .arg("dev.stitcher.bench.KStitch")
+        .args([&args.brokers, &app, &app])
+        .arg(&schema)
+        .args(&topics.inputs);
+    let mut streams = Service::spawn(cmd, &dir.join("kstreams.log"))?;
+    let progress = Progress::new(&args.brokers, &app, &topics.inputs, args.partitions)?;
+    let rate = progress.measure(
+        messages as i64,
+        Duration::from_secs(args.timeout_secs),
+        || streams.check(),
+    )?;
+    let (peak_rss_mib, cpu_secs) = streams.usage();
+    streams.stop()?;
+    eprintln!("bench: Kafka Streams {rate:.0} msg/s");
+    Ok(Baseline {
+        msgs_per_sec: rate,
+        pipeline_multiple: pipeline_rate / rate,
+        cpu_secs,
+        peak_rss_mib,
+    })
+}
+
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
@@ -498,10 +575,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let live_persons = (args.latency_rate * args.latency_secs / 15).max(10) as usize;
     let (mut latencies, live_sent) = measure_latency(args, &topics, live_persons)?;
     service.check()?;
-    let pid = service.child.id();
-    let rss = proc_status(pid, "VmHWM:") / 1024.0;
-    let cpu = cpu_secs(pid);
-    service.stop()?;
+    let (rss, cpu) = service.usage();
+    let status = service.stop()?;
+    if !status.success() {
+        bail!("the service exited with {status}");
+    }
     latencies.sort_by(f64::total_cmp);
     if latencies.is_empty() {
         bail!("no profile update seen for {live_sent} live events");
@@ -520,6 +598,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         latency_max_ms: percentile(&latencies, 1.0),
         service_peak_rss_mib: rss,
         service_cpu_secs: cpu,
+        kstreams: match &args.kstreams {
+            Some(build) => Some(kstreams(
+                args,
+                build,
+                &run,
+                &topics,
+                (messages, pipe_rate),
+                &dir,
+            )?),
+            None => None,
+        },
         total_secs: started.elapsed().as_secs_f64(),
         quality,
     };
@@ -559,6 +648,13 @@ impl std::fmt::Display for BenchReport {
             "  service peak RSS {:.0} MiB, CPU {:.1} s; whole run {:.0} s",
             self.service_peak_rss_mib, self.service_cpu_secs, self.total_secs
         )?;
+        if let Some(k) = &self.kstreams {
+            writeln!(
+                f,
+                "  Kafka Streams baseline (exactly_once_v2, same input):          {:>9.0} msg/s; pipeline = {:.2}x; its CPU {:.1} s, peak RSS {:.0} MiB",
+                k.msgs_per_sec, k.pipeline_multiple, k.cpu_secs, k.peak_rss_mib
+            )?;
+        }
         writeln!(f, "quality of the throughput run against its ground truth:")?;
         for line in self.quality.to_string().lines() {
             writeln!(f, "  {line}")?;

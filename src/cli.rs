@@ -139,7 +139,7 @@ pub struct InspectArgs {
     /// Identifier as type:value (email:alice@example.com).
     #[arg(long)]
     pub identifier: Option<String>,
-    /// Configuration, for the normalisation rules of --identifier.
+    /// Configuration: the normalisation rules of --identifier, and `[enrichment]`.
     #[arg(long)]
     pub config: Option<PathBuf>,
 }
@@ -208,6 +208,11 @@ pub struct BenchArgs {
     /// Also write the figures here as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also run the Kafka Streams baseline built in this directory (`benches/kstreams`, built with
+    /// `mvn -f benches/kstreams/pom.xml package`) on the same input, after the pipeline. It stitches per
+    /// partition: compare with `--partitions 1`.
+    #[arg(long)]
+    pub kstreams: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
