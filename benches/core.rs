@@ -102,7 +102,7 @@ fn avro(c: &mut Criterion) {
         .by_public_id()
         .into_values()
         .max_by_key(|p| p.events)
-        .map(ProfileRecord::from)
+        .map(|p| ProfileRecord::new(p, stitcher.enrichment()))
         .expect("a profile");
     let update = ProfileUpdate {
         profile_id: "p-0123456789abcdef0123".into(),
@@ -161,6 +161,7 @@ fn event(id: u64, identifiers: Vec<Identifier>) -> Event {
         items: vec![],
         campaign_id: None,
         consent: None,
+        attributes: Default::default(),
     }
 }
 

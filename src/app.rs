@@ -32,6 +32,7 @@ pub async fn run(
         bearer_token: cfg.http.bearer_token.clone(),
         held: held.clone(),
         owners: Owners::new(&cfg),
+        enrichment: Arc::new(cfg.enrichment.clone()),
     };
     let http_stop = CancellationToken::new();
     let http = tokio::spawn(http::serve(listener, http_state, http_stop.clone()));

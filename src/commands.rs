@@ -136,14 +136,14 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     let store = Store::open(&args.state_dir, 64)
         .context("opening state (is the service still running?)")?;
     let held = lookup::held_locally(&store)?;
+    let cfg = match &args.config {
+        Some(path) => Config::from_toml_file(path)?,
+        None => Config::default(),
+    };
     let found = match (&args.profile, &args.identifier) {
         (Some(p), _) => lookup::profile_here(&store, &held, &ProfileId(p.clone()))?
             .map(|(shard, _, node)| (shard, node)),
         (None, Some(spec)) => {
-            let cfg = match &args.config {
-                Some(path) => Config::from_toml_file(path)?,
-                None => Config::default(),
-            };
             let id = parse_identifier(&Normalizer::new(&cfg.identity)?, spec)?;
             match lookup::lookup(&store, &held, &id, Step::Home)? {
                 Lookup::Found { shard, node } => Some((shard, node)),
@@ -158,7 +158,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     };
     let (shard, node) = found.context("no profile for this id")?;
     let read = ShardRead { kv: &store, shard };
-    let inspection = crate::inspect::inspection(&read, node)?
+    let inspection = crate::inspect::inspection(&read, node, &cfg.enrichment)?
         .context("identifier points at a missing profile")?;
     println!("{}", serde_json::to_string_pretty(&inspection)?);
     Ok(())

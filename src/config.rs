@@ -47,6 +47,8 @@ pub struct Config {
     pub scaleout: ScaleoutConfig,
     pub limits: LimitsConfig,
     pub registry: RegistryConfig,
+    /// What profiles tell every channel beyond the fixed fields: bounds and computed traits.
+    pub enrichment: crate::profile::Enrichment,
 }
 
 /// A Confluent-compatible Schema Registry (README "Schema Registry"). With `url` set, the output schema is
@@ -750,6 +752,9 @@ impl Config {
         }
         if self.output.max_record_bytes < 16 * 1024 {
             return invalid("output.max_record_bytes must be at least 16384".into());
+        }
+        if let Err(e) = self.enrichment.validate(self.output.max_record_bytes) {
+            return invalid(e);
         }
         if self.processing.batch_max_events == 0 {
             return invalid("processing.batch_max_events must be at least 1".into());

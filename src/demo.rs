@@ -6,6 +6,7 @@ use rdkafka::mocking::MockCluster;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::DemoArgs;
+use crate::codec::update::ProfileRecord;
 use crate::config::{Config, Format, InputConfig};
 use crate::generate::{self, Routes};
 use crate::journeys::{self, JourneyConfig, CHANNELS};
@@ -32,6 +33,23 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         })
         .collect();
     cfg.identity.custom_types = vec!["social_id".into()];
+    // Two computed traits, as a team would declare them.
+    cfg.enrichment.traits = toml::from_str::<DemoTraits>(
+        r#"
+        [[traits]]
+        name = "web_views_7d"
+        kind = "count"
+        event_types = ["page_view"]
+        channels = ["web"]
+        window = "7d"
+
+        [[traits]]
+        name = "spend"
+        kind = "sum"
+        field = "amount"
+        "#,
+    )?
+    .traits;
     cfg.state.dir = state_dir.clone();
     cfg.http.listen = args.http_listen;
     cfg.output.create_topics = false;
@@ -218,6 +236,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for p in profiles.iter().take(3) {
         print_profile(p);
     }
+    if let Some(p) = profiles.iter().find(|p| p.story.errand.is_some()) {
+        println!();
+        println!("what the next channel sees of one of them:");
+        print_story(&ProfileRecord::new(p, &cfg.enrichment));
+    }
     drop(store);
     let _ = std::fs::remove_dir_all(&state_dir);
     Ok(())
@@ -288,6 +311,57 @@ fn print_profile(p: &Profile) {
             "    email:       {} opens, {} clicks",
             p.email.opens, p.email.clicks
         );
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct DemoTraits {
+    traits: Vec<crate::profile::story::TraitDef>,
+}
+
+fn print_story(r: &ProfileRecord) {
+    println!("    timeline (newest first):");
+    for i in r.timeline.iter().take(6) {
+        println!(
+            "      {}  {:<10} {:<14} {}",
+            fmt_ts(i.at),
+            i.channel,
+            i.event_type,
+            i.summary
+        );
+    }
+    let switches: Vec<String> = r
+        .switch_counts
+        .iter()
+        .map(|c| format!("{}->{} {}", c.from, c.to, c.count))
+        .collect();
+    println!("    switches:    {}", switches.join(", "));
+    if let Some(e) = &r.errand {
+        println!(
+            "    errand:      {} via {} at {} ({})",
+            e.reason.as_deref().unwrap_or("(no reason)"),
+            e.channel,
+            fmt_ts(e.at),
+            if e.open { "open" } else { "closed" }
+        );
+    }
+    let top: Vec<String> = r
+        .top_categories
+        .iter()
+        .map(|c| format!("{} {}", c.value, c.count))
+        .collect();
+    println!("    interests:   {}", top.join(", "));
+    for (k, v) in &r.preferences {
+        println!("    prefers:     {k} = {v}");
+    }
+    for t in &r.traits {
+        let value = t
+            .count
+            .map(|n| n.to_string())
+            .or(t.number.map(|n| format!("{n:.2}")))
+            .or(t.text.clone())
+            .unwrap_or_default();
+        println!("    trait:       {} = {value}", t.name);
     }
 }
 

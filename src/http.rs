@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::model::Identifier;
 use crate::model::{NodeId, ProfileId};
 use crate::normalize::Normalizer;
+use crate::profile::Enrichment;
 use crate::scaleout::lookup::{lookup, profile_here, HeldShards, Lookup, Step};
 use crate::scaleout::routing::{self, Owners};
 use crate::scaleout::state::ShardRead;
@@ -48,6 +49,8 @@ pub struct HttpState {
     /// elsewhere is forwarded there).
     pub held: HeldShards,
     pub owners: Owners,
+    /// How much of the story a profile shows (`[enrichment]`).
+    pub enrichment: Arc<Enrichment>,
 }
 
 #[derive(Serialize)]
@@ -176,9 +179,16 @@ async fn for_profile(s: HttpState, headers: HeaderMap, id: String, what: What) -
     };
     let (held, owners) = (s.held.clone(), s.owners.clone());
     let here = {
-        let (store, held, asked) = (store.clone(), held.clone(), asked.clone());
-        tokio::task::spawn_blocking(move || profile_here_rendered(&store, &held, &asked, what))
-            .await
+        let (store, held, asked, cfg) = (
+            store.clone(),
+            held.clone(),
+            asked.clone(),
+            s.enrichment.clone(),
+        );
+        tokio::task::spawn_blocking(move || {
+            profile_here_rendered(&store, &held, &asked, (what, &cfg))
+        })
+        .await
     };
     if !matches!(here, Ok(Ok(None))) {
         return respond(here);
@@ -210,7 +220,7 @@ fn profile_here_rendered(
     store: &Store,
     held: &HeldShards,
     asked: &ProfileId,
-    what: What,
+    what: (What, &Enrichment),
 ) -> Found<serde_json::Value> {
     match profile_here(store, held, asked)? {
         Some((shard, live, node)) => {
@@ -229,8 +239,65 @@ async fn by_profile_id(
     State(s): State<HttpState>,
     headers: HeaderMap,
     Path(id): Path<String>,
+    axum::extract::Query(select): axum::extract::Query<Select>,
 ) -> Response {
-    for_profile(s, headers, id, What::Profile).await
+    select
+        .apply(for_profile(s, headers, id, What::Profile).await)
+        .await
+}
+
+/// `?fields=timeline,errand,traits`: the parts of the profile a lookup answers with (all without it), so
+/// that a call-centre screen stays light.
+#[derive(Debug, Default, serde::Deserialize)]
+struct Select {
+    fields: Option<String>,
+}
+
+/// Largest lookup answer read back to select from (a profile update is bounded by
+/// `output.max_record_bytes`; its JSON is larger).
+const MAX_ANSWER_BYTES: usize = 16 << 20;
+
+impl Select {
+    async fn apply(self, answer: Response) -> Response {
+        let Some(fields) = self.fields else {
+            return answer;
+        };
+        if answer.status() != StatusCode::OK {
+            return answer;
+        }
+        let forwarded = answer.headers().get(FORWARDED_HEADER).cloned();
+        let body = match axum::body::to_bytes(answer.into_body(), MAX_ANSWER_BYTES).await {
+            Ok(b) => b,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("answer: {e}")),
+        };
+        let mut value: serde_json::Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("answer: {e}")),
+        };
+        if let Some(profile) = value.get_mut("profile").and_then(|p| p.as_object_mut()) {
+            let wanted: Vec<&str> = fields
+                .split(',')
+                .map(str::trim)
+                .filter(|f| !f.is_empty())
+                .collect();
+            if let Some(unknown) = wanted.iter().find(|f| !profile.contains_key(**f)) {
+                let known: Vec<&str> = profile.keys().map(String::as_str).collect();
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "fields: no {unknown:?} in a profile; one of {}",
+                        known.join(", ")
+                    ),
+                );
+            }
+            profile.retain(|k, _| wanted.contains(&k.as_str()));
+        }
+        let mut r = Json(value).into_response();
+        if let Some(h) = forwarded {
+            r.headers_mut().insert(FORWARDED_HEADER, h);
+        }
+        r
+    }
 }
 
 async fn explain_profile(
@@ -257,10 +324,11 @@ async fn forwarded_profile(
     if held.is_empty() {
         return rebalancing("this instance holds no shard yet; retry".into());
     }
-    let what = q.what;
-    let answer =
-        tokio::task::spawn_blocking(move || profile_here_rendered(&store, &held, &asked, what))
-            .await;
+    let (what, cfg) = (q.what, s.enrichment.clone());
+    let answer = tokio::task::spawn_blocking(move || {
+        profile_here_rendered(&store, &held, &asked, (what, &cfg))
+    })
+    .await;
     respond(answer)
 }
 
@@ -286,8 +354,11 @@ async fn by_identifier(
     State(s): State<HttpState>,
     headers: HeaderMap,
     Path(key): Path<(String, String)>,
+    axum::extract::Query(select): axum::extract::Query<Select>,
 ) -> Response {
-    identifier(s, headers, key, What::Profile).await
+    select
+        .apply(identifier(s, headers, key, What::Profile).await)
+        .await
 }
 
 async fn explain(
@@ -319,12 +390,12 @@ impl What {
 fn render(
     read: &dyn GraphRead,
     node: NodeId,
-    what: What,
+    (what, cfg): (What, &Enrichment),
     redirected_from: Option<String>,
 ) -> Found<serde_json::Value> {
     let value = match what {
-        What::Profile => load(read, node, redirected_from)?.map(serde_json::to_value),
-        What::Explain => inspection(read, node)?.map(serde_json::to_value),
+        What::Profile => load(read, node, redirected_from, cfg)?.map(serde_json::to_value),
+        What::Explain => inspection(read, node, cfg)?.map(serde_json::to_value),
     };
     Ok(value.transpose().unwrap_or(None))
 }
@@ -420,12 +491,12 @@ async fn resolve(
     what: What,
     hops: u32,
 ) -> Response {
-    let key = id.clone();
+    let (key, cfg) = (id.clone(), s.enrichment.clone());
     let answer = tokio::task::spawn_blocking(move || {
         Ok(match lookup(&store, &held, &key, step)? {
             Lookup::Found { shard, node } => {
                 let read = ShardRead { kv: &store, shard };
-                Err(render(&read, node, what, None))
+                Err(render(&read, node, (what, &cfg), None))
             }
             Lookup::Unknown => Err(Ok(None)),
             Lookup::Elsewhere(step) => Ok(step),
@@ -520,11 +591,12 @@ fn load(
     store: &dyn GraphRead,
     node: NodeId,
     redirected_from: Option<String>,
+    cfg: &Enrichment,
 ) -> Found<LookupAnswer> {
     Ok(store.profile(node)?.map(|p| LookupAnswer {
         profile_id: p.id().to_string(),
         redirected_from,
-        profile: (&p).into(),
+        profile: ProfileRecord::new(&p, cfg),
     }))
 }
 

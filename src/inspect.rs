@@ -6,7 +6,7 @@ use serde::Serialize;
 
 use crate::codec::update::ProfileRecord;
 use crate::model::{Identifier, NodeId, ProfileId};
-use crate::profile::Profile;
+use crate::profile::{Enrichment, Profile};
 use crate::stitch::Evidence;
 use crate::store::StoreError;
 
@@ -62,7 +62,11 @@ pub struct InspectedLink {
 }
 
 /// Builds the inspection of the profile under `node`; `None` if there is none.
-pub fn inspection(store: &dyn GraphRead, node: NodeId) -> Result<Option<Inspection>, StoreError> {
+pub fn inspection(
+    store: &dyn GraphRead,
+    node: NodeId,
+    cfg: &Enrichment,
+) -> Result<Option<Inspection>, StoreError> {
     let Some(profile) = store.profile(node)? else {
         return Ok(None);
     };
@@ -102,6 +106,6 @@ pub fn inspection(store: &dyn GraphRead, node: NodeId) -> Result<Option<Inspecti
             .map(|p| p.to_string())
             .collect(),
         identifiers,
-        profile: (&profile).into(),
+        profile: ProfileRecord::new(&profile, cfg),
     }))
 }

@@ -88,7 +88,90 @@ pub struct PersonTruth {
     /// "venue/currency" -> (orders, revenue in minor units).
     pub purchases: BTreeMap<String, (u64, i64)>,
     pub channels: BTreeMap<String, u64>,
+    /// The story under the default `[enrichment]` bounds (src/profile/story.rs), computed here directly
+    /// from the person's events.
+    #[serde(default)]
+    pub story: StoryTruth,
 }
+
+/// What a person's profile must tell every channel, for the default enrichment bounds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct StoryTruth {
+    /// Event ids of the newest interactions, newest first.
+    pub timeline: Vec<String>,
+    /// `from>to` -> channel switches among the newest journey steps.
+    pub switch_counts: BTreeMap<String, u64>,
+    /// The latest contact: (channel, reason, open).
+    pub errand: Option<(String, Option<String>, bool)>,
+    /// The categories seen most, with their counts: most first, then by name.
+    pub top_categories: Vec<(String, u64)>,
+    /// Stated preferences.
+    pub preferences: BTreeMap<String, String>,
+}
+
+impl StoryTruth {
+    /// The story of `events`, by the rules the README gives, without the profile code.
+    fn of(events: &[(&str, ChannelEvent)]) -> Self {
+        let defaults = crate::profile::Enrichment::default();
+        let mut sorted: Vec<&ChannelEvent> = events.iter().map(|(_, e)| e).collect();
+        sorted.sort_by(|a, b| (b.timestamp, &b.event_id).cmp(&(a.timestamp, &a.event_id)));
+        let mut t = StoryTruth {
+            timeline: sorted
+                .iter()
+                .take(defaults.timeline)
+                .map(|e| e.event_id.clone())
+                .collect(),
+            ..Default::default()
+        };
+        let steps: Vec<&str> = sorted
+            .iter()
+            .take(defaults.journey)
+            .rev()
+            .filter_map(|e| e.channel.as_deref())
+            .collect();
+        for w in steps.windows(2).filter(|w| w[0] != w[1]) {
+            *t.switch_counts
+                .entry(format!("{}>{}", w[0], w[1]))
+                .or_insert(0) += 1;
+        }
+        t.errand = sorted
+            .iter()
+            .find(|e| defaults.errand_event_types.contains(&e.event_type))
+            .map(|e| {
+                (
+                    e.channel.clone().unwrap_or_default(),
+                    e.attributes.get("reason").cloned(),
+                    e.attributes.get("status").map(String::as_str) != Some("resolved"),
+                )
+            });
+        let mut categories: BTreeMap<&str, u64> = BTreeMap::new();
+        for e in &sorted {
+            if let Some(c) = e.attributes.get("category") {
+                *categories.entry(c).or_insert(0) += 1;
+            }
+        }
+        let mut top: Vec<(String, u64)> = categories
+            .into_iter()
+            .map(|(c, n)| (c.to_string(), n))
+            .collect();
+        top.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        top.truncate(defaults.interests_top);
+        t.top_categories = top;
+        for e in sorted.iter().rev() {
+            for (k, v) in &e.attributes {
+                if let Some(key) = k.strip_prefix("preference.") {
+                    t.preferences.insert(key.to_string(), v.clone());
+                }
+            }
+        }
+        t
+    }
+}
+
+/// Categories of what generated persons view and cart.
+const CATEGORIES: &[&str] = &["shoes", "running", "outdoor", "kitchen", "kids", "beauty"];
+/// Reasons generated persons contact customer service for.
+const REASONS: &[&str] = &["delivery", "return", "billing", "product_question"];
 
 /// One message to send: the channel (topic chosen by the caller), a key, and either an event or garbage.
 // Garbage is rare (≈1%), so boxing every event to shrink the enum would cost more than it saves.
@@ -327,6 +410,38 @@ impl Builder<'_> {
         &mut self.events.last_mut().expect("just pushed").1
     }
 
+    /// A contact with customer service `after_ms` after the previous event (no random draw, so the rest
+    /// of a seed's stream stays as it was).
+    fn contact(
+        &mut self,
+        channel: &'static str,
+        ids: Vec<RawIdentifier>,
+        (reason, status, after_ms): (&str, &str, i64),
+    ) {
+        self.t += after_ms;
+        self.seq += 1;
+        let mut event = ChannelEvent {
+            channel: Some(channel.to_string()),
+            identifiers: ids,
+            ..ChannelEvent::new(
+                format!("ev-{}-{}", self.person.tag, self.seq),
+                "contact",
+                self.t,
+                &[],
+            )
+        };
+        event.attributes = [("reason", reason), ("status", status)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.events.push((channel, event));
+    }
+
+    /// The category of the `seq`th thing the person looks at.
+    fn category(&self) -> String {
+        CATEGORIES[(self.person.idx * 7 + self.seq) % CATEGORIES.len()].to_string()
+    }
+
     fn purchase(&mut self, channel: &'static str, ids: Vec<RawIdentifier>) {
         let cents: i64 = self.rng.gen_range(500..50_000);
         let order = format!("o-{}-{}", self.person.idx, self.seq + 1);
@@ -348,9 +463,15 @@ fn journey(p: &Person, rng: &mut SmallRng, start: i64) -> Vec<(&'static str, Cha
     for (i, cookie) in p.cookies.iter().enumerate() {
         for _ in 0..b.rng.gen_range(1..=4) {
             b.push("web", "page_view", vec![raw("anonymous_id", cookie)]);
+            let category = b.category();
+            if let Some((_, e)) = b.events.last_mut() {
+                e.attributes.insert("category".into(), category);
+            }
         }
         if b.rng.gen_bool(0.5) {
+            let category = b.category();
             let e = b.push("web", "add_to_cart", vec![raw("anonymous_id", cookie)]);
+            e.attributes.insert("category".into(), category);
             e.items = vec![Item {
                 sku: format!("sku-{}", i + 1),
                 quantity: 1,
@@ -362,11 +483,14 @@ fn journey(p: &Person, rng: &mut SmallRng, start: i64) -> Vec<(&'static str, Cha
         }
     }
     if let (Some(c), Some((e, _))) = (&p.customer_id, &p.email) {
+        let stated = ["email", "sms", "phone"][p.idx % 3];
         b.push(
             "web",
             "profile_update",
             vec![raw("customer_id", c), raw("email", e)],
-        );
+        )
+        .attributes
+        .insert("preference.contact_channel".into(), stated.into());
     }
     for device in &p.devices {
         b.push("app", "app_open", vec![raw("device_id", device)]);
@@ -401,7 +525,14 @@ fn journey(p: &Person, rng: &mut SmallRng, start: i64) -> Vec<(&'static str, Cha
     if let Some((phone, _)) = &p.phone {
         let mut ids = vec![raw("phone", phone)];
         ids.extend(p.login_id());
-        b.push("callcenter", "call", ids);
+        let e = b.push("callcenter", "call", ids);
+        e.attributes = [
+            ("reason", REASONS[p.idx % REASONS.len()]),
+            ("status", "open"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
     }
     if let Some(social) = &p.social {
         let mut ids = vec![raw("social_id", social)];
@@ -419,6 +550,21 @@ fn journey(p: &Person, rng: &mut SmallRng, start: i64) -> Vec<(&'static str, Cha
                 email_marketing: Some(false),
             });
         }
+    }
+    // Every third person with a social account and an email asks on social media, is sent to email
+    // support and does not explain again: the errand is closed there.
+    if let (Some(social), Some((email, _)), true) = (&p.social, &p.email, p.idx % 3 == 0) {
+        let reason = REASONS[(p.idx / 3) % REASONS.len()];
+        b.contact(
+            "social",
+            vec![raw("social_id", social)],
+            (reason, "open", 600_000),
+        );
+        b.contact(
+            "email",
+            vec![raw("email", email)],
+            (reason, "resolved", 1_800_000),
+        );
     }
     connect(p, &mut b);
     b.events
@@ -505,6 +651,7 @@ pub fn generate(cfg: &JourneyConfig) -> Journeys {
                 e.items.clear();
                 e.campaign_id = None;
                 e.consent = None;
+                e.attributes.clear();
                 events.push(("app", e));
             }
         }
@@ -523,6 +670,7 @@ pub fn generate(cfg: &JourneyConfig) -> Journeys {
             events: events.len() as u64,
             purchases: BTreeMap::new(),
             channels: BTreeMap::new(),
+            story: StoryTruth::of(&events),
         };
         for (channel, e) in &events {
             *t.channels.entry(channel.to_string()).or_insert(0) += 1;

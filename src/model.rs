@@ -212,6 +212,9 @@ pub struct Event {
     pub items: Vec<Item>,
     pub campaign_id: Option<String>,
     pub consent: Option<ConsentChange>,
+    /// The event's attributes (at most `profile::story::MAX_ATTRIBUTES`): the contact reason, the
+    /// category, stated preferences, whatever computed traits read.
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// Wall-clock time in milliseconds since the epoch (0 if the clock is before 1970).

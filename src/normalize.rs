@@ -112,7 +112,7 @@ pub struct Normalizer {
 }
 
 /// Longest accepted event id, channel, event type or campaign id.
-const MAX_FIELD_LEN: usize = 256;
+const MAX_FIELD_LEN: usize = crate::profile::story::MAX_TEXT;
 /// Most accepted cart/order lines in one event.
 const MAX_ITEMS: usize = 500;
 
@@ -349,6 +349,17 @@ impl Normalizer {
                 self.max_identifiers,
             ));
         }
+        if raw.attributes.len() > crate::profile::story::MAX_ATTRIBUTES {
+            return Err(EventError::Oversize(
+                "attributes",
+                raw.attributes.len(),
+                crate::profile::story::MAX_ATTRIBUTES,
+            ));
+        }
+        for (k, v) in &raw.attributes {
+            check_len_named(|| format!("attributes key {k:?}"), k)?;
+            check_len("attributes", v)?;
+        }
         if raw.items.len() > MAX_ITEMS {
             return Err(EventError::Oversize("items", raw.items.len(), MAX_ITEMS));
         }
@@ -414,6 +425,7 @@ impl Normalizer {
             items: raw.items,
             campaign_id: raw.campaign_id,
             consent: raw.consent,
+            attributes: raw.attributes,
         })
     }
 }

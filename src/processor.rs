@@ -92,7 +92,8 @@ impl Processor {
                 cfg.processing.max_message_bytes,
             )?,
             normalizer: Normalizer::new(&cfg.identity)?.with_limits(&cfg.limits),
-            stitcher: Stitcher::new(Rules::new(&cfg.guardrails)),
+            stitcher: Stitcher::new(Rules::new(&cfg.guardrails))
+                .with_enrichment(std::sync::Arc::new(cfg.enrichment.clone())),
             encoder: UpdateEncoder::new(cfg.output.schema_id)?,
             inputs: cfg
                 .inputs
@@ -330,8 +331,9 @@ impl Processor {
             }
         }
         for u in changes.updates() {
-            let Some(record) =
-                profiles.with_profile(u.node, &mut |p| p.map(|p| (p.id(), p.into())))?
+            let Some(record) = profiles.with_profile(u.node, &mut |p| {
+                p.map(|p| (p.id(), ProfileRecord::new(p, self.stitcher.enrichment())))
+            })?
             else {
                 continue;
             };

@@ -177,6 +177,7 @@ mod tests {
             events: 1,
             purchases: BTreeMap::new(),
             channels: BTreeMap::new(),
+            story: Default::default(),
         }
     }
 

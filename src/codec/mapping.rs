@@ -67,6 +67,10 @@ pub struct FieldMapping {
     /// Whether the person accepts marketing email (a boolean).
     #[serde(default)]
     pub consent_email_marketing: Option<String>,
+    /// Attributes by name, each from a path (`reason = "ticket.reason"`, `category =
+    /// "properties.category"`): what the enrichment reads (README "Enrichment").
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
 }
 
 /// Identifiers of one type at a path (`type` and `path`), or typed identifiers in an array of objects
@@ -152,6 +156,19 @@ impl FieldMapping {
                 "properties.campaign_id|context.campaign.name|properties.campaign_name".into(),
             ),
             items: vec![product("properties.products[]"), product("properties")],
+            // Segment's spec names a product's category `category`; a support errand's reason and
+            // status are not in the spec: `reason` and `status` properties by convention.
+            attributes: [
+                (
+                    "category",
+                    "properties.category|properties.products[0].category",
+                ),
+                ("reason", "properties.reason"),
+                ("status", "properties.status"),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
             ..Default::default()
         }
     }
@@ -175,6 +192,7 @@ pub struct Mapping {
     items: Vec<CompiledItems>,
     consent_cross_channel: Option<Path>,
     consent_email_marketing: Option<Path>,
+    attributes: Vec<(String, Path)>,
 }
 
 #[derive(Debug, Clone)]
@@ -264,6 +282,11 @@ impl Mapping {
             items,
             consent_cross_channel: opt("consent_cross_channel", &m.consent_cross_channel)?,
             consent_email_marketing: opt("consent_email_marketing", &m.consent_email_marketing)?,
+            attributes: m
+                .attributes
+                .iter()
+                .map(|(name, p)| Ok((name.clone(), path(&format!("attributes.{name}"), p)?)))
+                .collect::<Result<_, String>>()?,
         })
     }
 
@@ -384,7 +407,11 @@ impl Mapping {
             items,
             campaign_id: field(&self.campaign_id),
             consent: (consent != ConsentChange::default()).then_some(consent),
-            attributes: BTreeMap::new(),
+            attributes: self
+                .attributes
+                .iter()
+                .filter_map(|(name, p)| Some((name.clone(), p.first(doc).and_then(text)?)))
+                .collect(),
         })
     }
 }

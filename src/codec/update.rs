@@ -4,7 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use super::avro::{AvroCodec, SchemaError};
 use crate::model::{Millis, ProfileId};
-use crate::profile::Profile;
+use crate::profile::story::{Acc, Counts, TraitState};
+use crate::profile::{Enrichment, Profile};
 use crate::stitch::Refusal;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +41,75 @@ pub struct ProfileRecord {
     pub cart: Vec<CartRecord>,
     pub consent: ConsentRecord,
     pub shared: bool,
+    #[serde(default)]
+    pub timeline: Vec<InteractionRecord>,
+    #[serde(default)]
+    pub switch_counts: Vec<SwitchCountRecord>,
+    #[serde(default)]
+    pub switchpoints: Vec<SwitchpointRecord>,
+    #[serde(default)]
+    pub errand: Option<ErrandRecord>,
+    #[serde(default)]
+    pub top_categories: Vec<Counted>,
+    #[serde(default)]
+    pub top_products: Vec<Counted>,
+    #[serde(default)]
+    pub preferences: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub traits: Vec<TraitRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InteractionRecord {
+    pub at: Millis,
+    pub channel: String,
+    pub event_type: String,
+    pub summary: String,
+    pub event_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SwitchCountRecord {
+    pub from: String,
+    pub to: String,
+    pub count: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwitchpointRecord {
+    pub from: String,
+    pub to: String,
+    pub at: Millis,
+    pub before_event_type: String,
+    pub before_at: Millis,
+    pub before_event_id: String,
+    pub after_event_type: String,
+    pub after_event_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ErrandRecord {
+    pub channel: String,
+    pub reason: Option<String>,
+    pub at: Millis,
+    pub open: bool,
+    pub event_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counted {
+    pub value: String,
+    pub count: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TraitRecord {
+    pub name: String,
+    pub kind: String,
+    pub count: Option<i64>,
+    pub number: Option<f64>,
+    pub text: Option<String>,
+    pub values: Vec<Counted>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -96,8 +166,48 @@ fn count(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
 
-impl From<&Profile> for ProfileRecord {
-    fn from(p: &Profile) -> Self {
+fn counted(top: Vec<(String, u64)>) -> Vec<Counted> {
+    top.into_iter()
+        .map(|(value, n)| Counted {
+            value,
+            count: count(n),
+        })
+        .collect()
+}
+
+/// A trait's value over its window, ending at the person's newest event.
+fn trait_record(name: &str, state: &TraitState, newest: Millis) -> Option<TraitRecord> {
+    let mut r = TraitRecord {
+        name: name.to_string(),
+        kind: String::new(),
+        count: None,
+        number: None,
+        text: None,
+        values: Vec::new(),
+    };
+    let number = |milli: i64| Some(milli as f64 / 1000.0);
+    let shown = |c: &Counts, k: u32| counted(c.top(k as usize));
+    match state.value(newest)? {
+        Acc::Count(n) => (r.kind, r.count) = ("count".into(), Some(count(n))),
+        Acc::Sum(m) => (r.kind, r.number) = ("sum".into(), number(m)),
+        Acc::Min(m) => (r.kind, r.number) = ("min".into(), number(m)),
+        Acc::Max(m) => (r.kind, r.number) = ("max".into(), number(m)),
+        Acc::First(l) => (r.kind, r.text) = ("first".into(), Some(l.value)),
+        Acc::Last(l) => (r.kind, r.text) = ("last".into(), Some(l.value)),
+        // `top` keeps four times the values it shows.
+        Acc::Top(c) => (r.kind, r.values) = ("top".into(), shown(&c, c.cap / 4)),
+        Acc::Distinct(c) => {
+            r.kind = "distinct".into();
+            r.count = Some(count(c.counts.len() as u64));
+            r.values = shown(&c, c.cap);
+        }
+    }
+    Some(r)
+}
+
+impl ProfileRecord {
+    /// The record of `p`; `cfg` says how much of the story to show.
+    pub fn new(p: &Profile, cfg: &Enrichment) -> Self {
         let consent_at = [
             p.consent.cross_channel.as_ref().map(|l| l.at),
             p.consent.email_marketing.as_ref().map(|l| l.at),
@@ -114,6 +224,7 @@ impl From<&Profile> for ProfileRecord {
                 acc
             })
         };
+        let switches = p.story.switchpoints();
         ProfileRecord {
             identifiers: p
                 .identifiers
@@ -177,6 +288,67 @@ impl From<&Profile> for ProfileRecord {
                 updated_at: consent_at,
             },
             shared: p.shared,
+            timeline: p
+                .story
+                .timeline
+                .items
+                .iter()
+                .map(|i| InteractionRecord {
+                    at: i.at,
+                    channel: i.channel.clone(),
+                    event_type: i.event_type.clone(),
+                    summary: i.summary.clone(),
+                    event_id: i.event_id.clone(),
+                })
+                .collect(),
+            switch_counts: {
+                let mut pairs = std::collections::BTreeMap::new();
+                for (a, b) in &switches {
+                    *pairs
+                        .entry((a.channel.clone(), b.channel.clone()))
+                        .or_insert(0) += 1;
+                }
+                pairs
+                    .into_iter()
+                    .map(|((from, to), n)| SwitchCountRecord { from, to, count: n })
+                    .collect()
+            },
+            switchpoints: switches
+                .iter()
+                .rev()
+                .take(cfg.switchpoints)
+                .map(|(a, b)| SwitchpointRecord {
+                    from: a.channel.clone(),
+                    to: b.channel.clone(),
+                    at: b.at,
+                    before_event_type: a.event_type.clone(),
+                    before_at: a.at,
+                    before_event_id: a.event_id.clone(),
+                    after_event_type: b.event_type.clone(),
+                    after_event_id: b.event_id.clone(),
+                })
+                .collect(),
+            errand: p.story.errand.as_ref().map(|e| ErrandRecord {
+                channel: e.value.channel.clone(),
+                reason: e.value.reason.clone(),
+                at: e.at,
+                open: e.value.open,
+                event_id: e.event_id.clone(),
+            }),
+            top_categories: counted(p.story.categories.top(cfg.interests_top)),
+            top_products: counted(p.story.products.top(cfg.interests_top)),
+            preferences: p
+                .story
+                .preferences
+                .iter()
+                .map(|(k, l)| (k.clone(), l.value.clone()))
+                .collect(),
+            traits: p
+                .story
+                .traits
+                .iter()
+                .filter_map(|(name, t)| trait_record(name, t, seen.last))
+                .collect(),
         }
     }
 }
@@ -253,8 +425,10 @@ mod tests {
             items: vec![],
             campaign_id: None,
             consent: None,
+            attributes: Default::default(),
         };
-        let p = Profile::new(&ev);
+        let cfg = Enrichment::default();
+        let p = Profile::new(&ev, &cfg);
         let update = ProfileUpdate {
             profile_id: p.id().to_string(),
             redirect_to: None,
@@ -263,7 +437,7 @@ mod tests {
             trigger_channel: Some("pos".into()),
             updated_at: 5,
             refused_links: vec![],
-            profile: Some((&p).into()),
+            profile: Some(ProfileRecord::new(&p, &cfg)),
             split_from: Some("p-before".into()),
         };
         let enc = UpdateEncoder::new(2).unwrap();

@@ -5,11 +5,14 @@
 //! profile. That is what lets a crashed and restarted run, or a different interleaving of partitions,
 //! produce exactly the same output.
 
+pub mod story;
+
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::{Event, Identifier, Millis, ProfileId, Venue};
+pub use story::{Enrichment, Story};
 
 /// First and last time something was seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,21 +253,23 @@ pub struct Profile {
     /// The profile of one shared identifier (see `guardrails.shared_limits`): it holds only that
     /// identifier and never merges.
     pub shared: bool,
+    /// The timeline, switchpoints, errand, interests, preferences and computed traits.
+    pub story: Story,
 }
 
 impl Profile {
     /// A profile made from its first event.
-    pub fn new(event: &Event) -> Self {
+    pub fn new(event: &Event, cfg: &Enrichment) -> Self {
         let mut p = Self::empty();
-        p.apply(event, &event.identifiers);
+        p.apply(event, &event.identifiers, cfg);
         p
     }
 
     /// What one event contributes, without identifiers: the unit that splits carry (see `parts` in
     /// src/store/mod.rs).
-    pub fn part_of(event: &Event) -> Self {
+    pub fn part_of(event: &Event, cfg: &Enrichment) -> Self {
         let mut p = Self::empty();
-        p.apply(event, &[]);
+        p.apply(event, &[], cfg);
         p
     }
 
@@ -289,6 +294,7 @@ impl Profile {
                 email_marketing: None,
             },
             shared: false,
+            story: Story::default(),
         }
     }
 
@@ -329,7 +335,7 @@ impl Profile {
 
     /// Applies one event; `linked` are the event's identifiers that now belong to this profile (guardrails
     /// may have kept some out).
-    pub fn apply(&mut self, ev: &Event, linked: &[Identifier]) {
+    pub fn apply(&mut self, ev: &Event, linked: &[Identifier], cfg: &Enrichment) {
         let ts = ev.timestamp;
         if self.anchor.1.is_empty() || (ts, &ev.event_id) < (self.anchor.0, &self.anchor.1) {
             self.anchor = (ts, ev.event_id.clone());
@@ -413,6 +419,7 @@ impl Profile {
                 Latest::join(&mut self.consent.email_marketing, latest(v));
             }
         }
+        self.story.apply(cfg, ev);
     }
 
     /// Records that `ids` were seen at `ts`.
@@ -470,6 +477,7 @@ impl Profile {
         if let Some(c) = other.consent.email_marketing {
             Latest::join(&mut self.consent.email_marketing, c);
         }
+        self.story.join(other.story);
     }
 }
 
@@ -477,6 +485,10 @@ impl Profile {
 mod tests {
     use super::*;
     use crate::model::{Item, Purchase};
+
+    fn cfg() -> Enrichment {
+        Enrichment::default()
+    }
 
     fn ev(id: &str, ts: Millis, kind: &str, ids: &[(&str, &str)]) -> Event {
         Event {
@@ -505,6 +517,7 @@ mod tests {
             },
             campaign_id: None,
             consent: None,
+            attributes: BTreeMap::new(),
         }
     }
 
@@ -513,12 +526,12 @@ mod tests {
         let a = ev("a", 10, "add_to_cart", &[("email", "x@y.io")]);
         let b = ev("b", 20, "purchase", &[("email", "x@y.io")]);
         let c = ev("c", 30, "add_to_cart", &[("email", "x@y.io")]);
-        let mut in_order = Profile::new(&a);
-        in_order.apply(&b, &b.identifiers);
-        in_order.apply(&c, &c.identifiers);
-        let mut reversed = Profile::new(&c);
-        reversed.apply(&b, &b.identifiers);
-        reversed.apply(&a, &a.identifiers);
+        let mut in_order = Profile::new(&a, &cfg());
+        in_order.apply(&b, &b.identifiers, &cfg());
+        in_order.apply(&c, &c.identifiers, &cfg());
+        let mut reversed = Profile::new(&c, &cfg());
+        reversed.apply(&b, &b.identifiers, &cfg());
+        reversed.apply(&a, &a.identifiers, &cfg());
         assert_eq!(in_order, reversed);
         assert_eq!(in_order.cart.lines.len(), 1);
         assert_eq!(in_order.cart.lines[0].sku, "sku-c");
@@ -531,12 +544,12 @@ mod tests {
             ev("a", 10, "page_view", &[("anonymous_id", "c1")]),
             ev("b", 5, "purchase", &[("email", "x@y.io")]),
         ];
-        let mut one = Profile::new(&events[0]);
-        one.apply(&events[1], &events[1].identifiers);
-        let mut left = Profile::new(&events[0]);
-        left.absorb(Profile::new(&events[1]));
-        let mut right = Profile::new(&events[1]);
-        right.absorb(Profile::new(&events[0]));
+        let mut one = Profile::new(&events[0], &cfg());
+        one.apply(&events[1], &events[1].identifiers, &cfg());
+        let mut left = Profile::new(&events[0], &cfg());
+        left.absorb(Profile::new(&events[1], &cfg()));
+        let mut right = Profile::new(&events[1], &cfg());
+        right.absorb(Profile::new(&events[0], &cfg()));
         assert_eq!(one, left);
         assert_eq!(left, right);
         assert_eq!(one.anchor, (5, "b".into()));

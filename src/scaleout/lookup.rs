@@ -177,6 +177,7 @@ mod tests {
             items: vec![],
             campaign_id: None,
             consent: None,
+            attributes: Default::default(),
         }
     }
 
@@ -246,12 +247,15 @@ mod tests {
         }
         // The merged profile by its live id and by the retired ids of the profiles merged into it.
         for first in [&events[0], &events[1]] {
-            let id = crate::profile::Profile::new(first).id();
+            let id = crate::profile::Profile::new(first, &Default::default()).id();
             let (shard, live, node) = profile_here(store, &held, &id)
                 .expect("read")
                 .unwrap_or_else(|| panic!("profile id {id} of {} found", first.event_id));
             assert_eq!(Some((shard, node)), owner);
-            assert_eq!(live, crate::profile::Profile::new(&events[0]).id());
+            assert_eq!(
+                live,
+                crate::profile::Profile::new(&events[0], &Default::default()).id()
+            );
         }
         assert_eq!(
             lookup(

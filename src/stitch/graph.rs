@@ -15,9 +15,10 @@
 //! the profile's remaining links and rebuilds one profile per component from the parts.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 
 use crate::model::{Event, Identifier, NodeId, ProfileId};
-use crate::profile::{Profile, Seen};
+use crate::profile::{Enrichment, Profile, Seen};
 
 use super::evidence::Evidence;
 use super::rules::{Rule, Rules};
@@ -143,11 +144,26 @@ pub struct Applied {
 #[derive(Debug, Clone)]
 pub struct Stitcher {
     rules: Rules,
+    enrichment: Arc<Enrichment>,
 }
 
 impl Stitcher {
+    /// A stitcher with the default enrichment.
     pub fn new(rules: Rules) -> Self {
-        Self { rules }
+        Self {
+            rules,
+            enrichment: Arc::default(),
+        }
+    }
+
+    /// With `[enrichment]` from the configuration.
+    pub fn with_enrichment(mut self, enrichment: Arc<Enrichment>) -> Self {
+        self.enrichment = enrichment;
+        self
+    }
+
+    pub fn enrichment(&self) -> &Enrichment {
+        &self.enrichment
     }
 
     pub fn rules(&self) -> &Rules {
@@ -187,7 +203,7 @@ impl Stitcher {
                 .filter(|i| profile.identifiers.contains_key(*i))
                 .cloned()
                 .collect();
-            profile.apply(ev, &linked);
+            profile.apply(ev, &linked, &self.enrichment);
             self.record_part(store, &linked, ev)?;
             store.put_profile(node, profile);
             return Ok(Some(Applied {
@@ -224,7 +240,7 @@ impl Stitcher {
         let (mut node, mut profile, created) = match rest.next() {
             Some((n, p)) => (n, p, false),
             None => {
-                let mut p = Profile::new(ev);
+                let mut p = Profile::new(ev, &self.enrichment);
                 // Identifiers are linked below, within the limits.
                 p.identifiers.clear();
                 (store.allocate_node()?, p, true)
@@ -316,7 +332,7 @@ impl Stitcher {
         if created {
             profile.observe_identifiers(&linked, ev.timestamp);
         } else {
-            profile.apply(ev, &linked);
+            profile.apply(ev, &linked, &self.enrichment);
         }
         let evidence = Evidence::of(ev);
         store.link_all(&linked, &evidence);
@@ -377,7 +393,7 @@ impl Stitcher {
         ev: &Event,
     ) -> Result<(), S::Error> {
         if let Some(anchor) = linked.first() {
-            store.join_part(anchor, Profile::part_of(ev));
+            store.join_part(anchor, Profile::part_of(ev, &self.enrichment));
         }
         Ok(())
     }
@@ -1053,6 +1069,7 @@ mod tests {
             items: vec![],
             campaign_id: None,
             consent: None,
+            attributes: Default::default(),
         }
     }
 

@@ -22,8 +22,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Identifier, NodeId, ProfileId};
 
-/// The version byte in front of every encoded value: 2 is postcard. Version 1 (bincode, unmaintained per
-/// RUSTSEC-2025-0141) is recognised only to be refused with what to do.
+/// The version byte in front of every encoded value: 3 is postcard with profiles that hold a story
+/// (src/profile/story.rs) and events with attributes. Version 2 (postcard without them) and version 1
+/// (bincode, unmaintained per RUSTSEC-2025-0141) are recognised only to be refused with what to do.
+const FORMAT_V3: u8 = 3;
 const FORMAT_V2: u8 = 2;
 const FORMAT_V1_BINCODE: u8 = 1;
 /// Most redirects followed from a retired profile id.
@@ -355,7 +357,7 @@ pub(crate) fn encode_value<T: Serialize>(
     capacity: usize,
 ) -> Result<Vec<u8>, StoreError> {
     let mut v = Vec::with_capacity(capacity);
-    v.push(FORMAT_V2);
+    v.push(FORMAT_V3);
     Ok(postcard::to_extend(value, v)?)
 }
 
@@ -365,12 +367,12 @@ pub(crate) fn decode_value<T: serde::de::DeserializeOwned>(
     what: &str,
 ) -> Result<T, StoreError> {
     match v.split_first() {
-        Some((&FORMAT_V2, rest)) => Ok(postcard::from_bytes(rest)?),
-        Some((&FORMAT_V1_BINCODE, _)) => Err(StoreError::Corrupt {
+        Some((&FORMAT_V3, rest)) => Ok(postcard::from_bytes(rest)?),
+        Some((&old @ (FORMAT_V1_BINCODE | FORMAT_V2), _)) => Err(StoreError::Corrupt {
             cf,
             reason: format!(
-                "{what} written by stitcher 0.1 (format 1, bincode); this version reads format 2: start \
-                 with an empty state directory and let it replay the input topics (README \"Upgrading\")"
+                "{what} written in state format {old} by an earlier stitcher; this version reads format 3: \
+                 start with an empty state directory and let it replay the input topics (README \"Upgrading\")"
             ),
         }),
         _ => Err(StoreError::Corrupt {
@@ -419,8 +421,8 @@ impl TempStore {
 mod tests {
     use super::*;
 
-    /// Values are postcard behind version byte 2; state of format 1 (bincode) is refused, saying how to
-    /// rebuild.
+    /// Values are postcard behind version byte 3; state of formats 1 (bincode) and 2 is refused, saying
+    /// how to rebuild.
     #[test]
     fn values_round_trip_and_old_formats_are_refused() {
         let p = Position {
@@ -429,13 +431,18 @@ mod tests {
             next_offset: 99,
         };
         let v = encode_value(&p, 16).unwrap();
-        assert_eq!(v[0], FORMAT_V2);
+        assert_eq!(v[0], FORMAT_V3);
         let back: Position = decode_value(&v, CF_META, "position").unwrap();
         assert_eq!(back, p);
-        let mut old = v.clone();
-        old[0] = FORMAT_V1_BINCODE;
-        let err = decode_value::<Position>(&old, CF_META, "position").unwrap_err();
-        assert!(err.to_string().contains("format 1"), "{err}");
+        for version in [FORMAT_V1_BINCODE, FORMAT_V2] {
+            let mut old = v.clone();
+            old[0] = version;
+            let err = decode_value::<Position>(&old, CF_META, "position").unwrap_err();
+            assert!(
+                err.to_string().contains(&format!("format {version}")),
+                "{err}"
+            );
+        }
     }
 
     /// A state directory of the former one-instance mode is recognised (to be refused at start).

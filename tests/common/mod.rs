@@ -15,10 +15,11 @@ use rdkafka::{Offset, TopicPartitionList};
 use stitcher::config::RegistryConfig;
 use stitcher::registry::Registry;
 
+use stitcher::codec::update::ProfileRecord;
 use stitcher::codec::{AvroCodec, ProfileUpdate};
 use stitcher::config::Format;
 use stitcher::generate::Routes;
-use stitcher::journeys::PersonTruth;
+use stitcher::journeys::{PersonTruth, StoryTruth};
 
 /// A free loopback port: bind to 0, read it, release it for a service.
 pub fn free_port() -> u16 {
@@ -518,6 +519,8 @@ pub struct Summary {
     pub events: u64,
     pub purchases: BTreeMap<String, (u64, i64)>,
     pub channels: BTreeMap<String, u64>,
+    /// The timeline, switchpoints, errand, top categories and preferences.
+    pub story: StoryTruth,
 }
 
 pub fn truth_summaries(truth: &[PersonTruth]) -> Vec<Summary> {
@@ -528,10 +531,33 @@ pub fn truth_summaries(truth: &[PersonTruth]) -> Vec<Summary> {
             events: t.events,
             purchases: t.purchases.clone(),
             channels: t.channels.clone(),
+            story: t.story.clone(),
         })
         .collect();
     v.sort();
     v
+}
+
+/// What the ground truth can say of a profile's story.
+fn story_of(p: &ProfileRecord) -> StoryTruth {
+    StoryTruth {
+        timeline: p.timeline.iter().map(|i| i.event_id.clone()).collect(),
+        switch_counts: p
+            .switch_counts
+            .iter()
+            .map(|c| (format!("{}>{}", c.from, c.to), c.count as u64))
+            .collect(),
+        errand: p
+            .errand
+            .as_ref()
+            .map(|e| (e.channel.clone(), e.reason.clone(), e.open)),
+        top_categories: p
+            .top_categories
+            .iter()
+            .map(|c| (c.value.clone(), c.count as u64))
+            .collect(),
+        preferences: p.preferences.clone(),
+    }
 }
 
 /// The live profiles of a compacted view; checks that every redirect leads to a live profile.
@@ -563,6 +589,7 @@ pub fn live_summaries(view: &BTreeMap<String, Option<ProfileUpdate>>) -> Vec<Sum
                     .iter()
                     .map(|c| (c.channel.clone(), c.events as u64))
                     .collect(),
+                story: story_of(p),
             }),
             (None, Some(_)) => {
                 let mut target = key.clone();

@@ -76,6 +76,7 @@ fn event(n: usize, ts: i64, ids: &[Identifier], refuses: bool) -> Event {
             cross_channel: Some(false),
             email_marketing: None,
         }),
+        attributes: Default::default(),
     }
 }
 
@@ -106,7 +107,7 @@ fn arb_inputs() -> impl Strategy<Value = Vec<Input>> {
                         })
                         .collect();
                     match events.get(usize::from(c) % events.len().max(1)) {
-                        Some(e) => Input::EraseProfile(Profile::new(e).id()),
+                        Some(e) => Input::EraseProfile(Profile::new(e, &Default::default()).id()),
                         None => continue,
                     }
                 }
