@@ -55,6 +55,11 @@ fn config() -> Config {
     cfg.control.topic = CONTROL_TOPIC.into();
     cfg.output.max_record_bytes = MAX_RECORD_BYTES;
     cfg.processing.max_message_bytes = 4 * MAX_RECORD_BYTES;
+    // A story that fits half of the small records (`Enrichment::validate`).
+    cfg.enrichment.timeline = 5;
+    cfg.enrichment.journey = 8;
+    cfg.enrichment.interests_kept = 8;
+    cfg.enrichment.preferences = 4;
     cfg
 }
 

@@ -194,6 +194,21 @@ fn check_http(s: &Setup, truth: &[journeys::PersonTruth]) {
     assert_eq!(ids.len(), person.identifiers.len(), "{body}");
     let profile_id = answer["profile_id"].as_str().expect("profile_id");
     assert_eq!(s.http_get(&format!("/v1/profiles/{profile_id}")).0, 200);
+    // A call-centre screen asks for just the story: the timeline and the errand.
+    let (status, body) = s.http_get(&format!("/v1/profiles/{profile_id}?fields=timeline,errand"));
+    assert_eq!(status, 200, "{body}");
+    let light: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let keys: Vec<&str> = light["profile"]
+        .as_object()
+        .expect("profile")
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["errand", "timeline"], "{body}");
+    assert_eq!(light["profile"]["timeline"], answer["profile"]["timeline"]);
+    let (status, body) = s.http_get(&format!("/v1/profiles/{profile_id}?fields=timelines"));
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("timeline"), "names the known fields: {body}");
     assert_eq!(
         s.http_get("/v1/identifiers/email/nobody@example.org").0,
         404

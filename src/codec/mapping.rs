@@ -68,7 +68,7 @@ pub struct FieldMapping {
     #[serde(default)]
     pub consent_email_marketing: Option<String>,
     /// Attributes by name, each from a path (`reason = "ticket.reason"`, `category =
-    /// "properties.category"`): what the enrichment reads (README "Enrichment").
+    /// "properties.category"`): what the enrichment reads (README "What every channel sees").
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
 }
@@ -894,6 +894,7 @@ mod tests {
                 { type = "email", path = "customer.emails[]" },
                 { path = "customer.ids[]", type_field = "kind", value_field = "id" },
             ]
+            attributes = { reason = "ticket.reason", status = "ticket.state|ticket.status", tier = "customer.tier" }
         "#;
         let fields: FieldMapping = toml::from_str(toml).unwrap();
         let m = Mapping::compile(&fields).unwrap();
@@ -909,6 +910,11 @@ mod tests {
         assert_eq!(ev.event_type, "call");
         assert_eq!(ev.channel.as_deref(), Some("callcenter"));
         assert_eq!(ev.campaign_id.as_deref(), Some("refund"));
+        // Attributes by name; one whose path has no value is absent.
+        assert_eq!(
+            ev.attributes,
+            BTreeMap::from([("reason".to_string(), "refund".to_string())])
+        );
         assert_eq!(
             ids(&ev),
             vec![

@@ -61,9 +61,9 @@ impl Default for Enrichment {
     fn default() -> Self {
         Self {
             timeline: 20,
-            journey: 64,
+            journey: 32,
             switchpoints: 5,
-            interests_kept: 64,
+            interests_kept: 32,
             interests_top: 5,
             preferences: 16,
             errand_event_types: [
@@ -240,8 +240,8 @@ fn milli(text: &str) -> Option<i64> {
 }
 
 impl Enrichment {
-    /// Refuses a configuration that cannot hold: names, fields, bounds, and a worst-case update larger
-    /// than `max_record_bytes` (`output.max_record_bytes`).
+    /// Refuses a configuration that cannot hold: names, fields, bounds, and a story whose worst case takes
+    /// more than half of `max_record_bytes` (`output.max_record_bytes`).
     pub fn validate(&self, max_record_bytes: usize) -> Result<(), String> {
         if self.traits.len() > self.max_traits {
             return Err(format!(
@@ -304,37 +304,34 @@ impl Enrichment {
             }
         }
         let worst = self.worst_case_bytes();
-        if worst > max_record_bytes {
+        if worst > max_record_bytes / 2 {
             return Err(format!(
-                "enrichment: a profile update could reach {worst} bytes with these bounds, over \
-                 output.max_record_bytes = {max_record_bytes}; lower timeline, journey, switchpoints, \
-                 interests_top, preferences or the traits' k"
+                "enrichment: the story of one profile update could reach {worst} bytes with these bounds, \
+                 more than half of output.max_record_bytes = {max_record_bytes} (the other half is for \
+                 identifiers, counters and the cart); lower timeline, journey, switchpoints, interests_top, \
+                 preferences or the traits' k"
             ));
         }
         Ok(())
     }
 
-    /// An upper bound of the bytes the story adds to one update (Avro: strings of at most
-    /// [`MAX_TEXT`] bytes plus their length, longs of at most 10 bytes), plus the fixed profile's own
-    /// bound (`BASE_UPDATE_BYTES`).
+    /// An upper bound of the bytes the story adds to one profile update (Avro: strings of at most
+    /// [`MAX_TEXT`] bytes plus their length, longs of at most 10 bytes).
     pub fn worst_case_bytes(&self) -> usize {
         let text = MAX_TEXT + 2;
         let long = 10;
-        let interaction = long + 4 * text + SUMMARY_LEN + 2;
-        let switch = 2 * (text + text + long) + long;
         let counted = text + long;
         let traits: usize = self
             .traits
             .iter()
-            .map(|t| 64 + 2 + 3 * long + text + t.k * counted)
+            .map(|t| 66 + 10 + 3 * long + text + t.k * counted)
             .sum();
-        BASE_UPDATE_BYTES
-            + self.timeline * interaction
-            + self.journey.min(self.switchpoints.max(1) * 4) * switch
-            + (self.journey * self.journey.saturating_sub(1)).min(64 * 64) * (2 * text + long)
+        self.timeline * (long + 3 * text + SUMMARY_LEN + 2)
+            + self.journey.saturating_sub(1) * (2 * text + long)
+            + self.switchpoints * (6 * text + 2 * long)
+            + (3 * text + 2 * long)
             + 2 * self.interests_top * counted
             + self.preferences * 2 * text
-            + 4 * text
             + traits
     }
 
@@ -345,10 +342,6 @@ impl Enrichment {
         s
     }
 }
-
-/// The bytes of a profile update without its story, at the fixed bounds of src/profile/mod.rs
-/// (identifiers, channels, event types, purchases, cart): generous.
-pub const BASE_UPDATE_BYTES: usize = 400_000;
 
 /// One interaction on the timeline.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -579,14 +572,15 @@ impl TraitState {
 
     /// The fold over the window ending at `newest` (all buckets without a window).
     pub fn value(&self, newest: Millis) -> Option<Acc> {
-        let from = if self.width == 0 {
-            Millis::MIN
+        let (from, last) = if self.width == 0 {
+            (Millis::MIN, Millis::MAX)
         } else {
             let last = newest.div_euclid(self.width) * self.width;
-            last.saturating_sub(self.width.saturating_mul(Millis::from(self.keep) - 1))
+            let span = self.width.saturating_mul(Millis::from(self.keep) - 1);
+            (last.saturating_sub(span), last)
         };
         let mut out: Option<Acc> = None;
-        for (_, acc) in self.buckets.range(from..) {
+        for (_, acc) in self.buckets.range(from..=last) {
             match &mut out {
                 Some(o) => o.join(acc.clone()),
                 None => out = Some(acc.clone()),
