@@ -123,6 +123,96 @@ fn avro(c: &mut Criterion) {
     g.finish();
 }
 
+/// What the story costs (issue 15): applying generated events to profiles with the default enrichment and
+/// the ground truth's computed traits, against the same with every story bound at zero and no traits; and
+/// the bytes of the largest profile's update (Avro) and stored value (postcard) with and without its story.
+fn enrichment(c: &mut Criterion) {
+    use stitcher::config::Config;
+    use stitcher::profile::{Enrichment, Profile, Story};
+    let norm = Normalizer::new(&IdentityConfig::default()).expect("normalizer");
+    let events: Vec<Event> = sample_events(200)
+        .into_iter()
+        .filter_map(|(channel, e)| {
+            norm.event(e, &channel, stitcher::model::now_millis(), |_| {})
+                .ok()
+        })
+        .collect();
+    let with: Enrichment = toml::from_str::<Config>(journeys::TRUTH_TRAITS)
+        .expect("traits")
+        .enrichment;
+    let without = Enrichment {
+        timeline: 0,
+        journey: 0,
+        switchpoints: 0,
+        interests_kept: 0,
+        interests_top: 0,
+        preferences: 0,
+        errand_event_types: vec![],
+        traits: vec![],
+        ..Enrichment::default()
+    };
+    let mut g = c.benchmark_group("enrichment");
+    g.throughput(Throughput::Elements(events.len() as u64));
+    for (label, cfg) in [
+        ("profile_apply/with_story", &with),
+        ("profile_apply/without_story", &without),
+    ] {
+        g.bench_function(label, |b| {
+            b.iter(|| {
+                // One profile per first identifier: profiles grow as a person's would.
+                let mut profiles: HashMap<&Identifier, Profile> = HashMap::new();
+                for ev in &events {
+                    profiles
+                        .entry(&ev.identifiers[0])
+                        .or_insert_with(Profile::empty)
+                        .apply(ev, &ev.identifiers, cfg);
+                }
+                black_box(profiles.len())
+            })
+        });
+    }
+    g.finish();
+
+    let stitcher = Stitcher::new(Rules::new(&GuardrailConfig::default()))
+        .with_enrichment(std::sync::Arc::new(with.clone()));
+    let mut mem = MemStore::default();
+    for ev in &events {
+        stitcher.apply(&mut mem, ev).expect("apply");
+    }
+    let largest = mem
+        .by_public_id()
+        .into_values()
+        .max_by_key(|p| p.events)
+        .expect("a profile")
+        .clone();
+    let encoder = UpdateEncoder::new(2).expect("encoder");
+    let sizes = |p: &Profile| {
+        let update = ProfileUpdate {
+            profile_id: p.id().to_string(),
+            redirect_to: None,
+            merged_from: vec![],
+            trigger_event_id: Some("evt-1".into()),
+            trigger_channel: Some("web".into()),
+            updated_at: 1_767_225_600_000,
+            refused_links: vec![],
+            profile: Some(ProfileRecord::new(p, &with)),
+            split_from: None,
+        };
+        let avro = encoder.encode(&update).expect("encode").len();
+        let stored = postcard::to_allocvec(p).expect("postcard").len();
+        (avro, stored)
+    };
+    let (avro, stored) = sizes(&largest);
+    let mut bare = largest.clone();
+    bare.story = Story::default();
+    let (avro_bare, stored_bare) = sizes(&bare);
+    eprintln!(
+        "enrichment: largest profile ({} events): update {avro} bytes with its story, {avro_bare} without; \
+         stored {stored} bytes with, {stored_bare} without",
+        largest.events
+    );
+}
+
 /// The measured stream over a store preloaded with `persons` persons of ten identifiers each: most events
 /// come back for a known person with a fresh cookie (lookup hit, profile read-modify-write), some are new
 /// anonymous visitors, some log a recent visitor in (a merge into a known profile).
@@ -403,5 +493,5 @@ fn stitch(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, normalisation, avro, stitch);
+criterion_group!(benches, normalisation, avro, enrichment, stitch);
 criterion_main!(benches);

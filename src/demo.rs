@@ -33,23 +33,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         })
         .collect();
     cfg.identity.custom_types = vec!["social_id".into()];
-    // Two computed traits, as a team would declare them.
-    cfg.enrichment.traits = toml::from_str::<DemoTraits>(
-        r#"
-        [[traits]]
-        name = "web_views_7d"
-        kind = "count"
-        event_types = ["page_view"]
-        channels = ["web"]
-        window = "7d"
-
-        [[traits]]
-        name = "spend"
-        kind = "sum"
-        field = "amount"
-        "#,
-    )?
-    .traits;
+    // Computed traits, as a team would declare them.
+    cfg.enrichment = toml::from_str::<Config>(journeys::TRUTH_TRAITS)?.enrichment;
     cfg.state.dir = state_dir.clone();
     cfg.http.listen = args.http_listen;
     cfg.output.create_topics = false;
@@ -312,11 +297,6 @@ fn print_profile(p: &Profile) {
             p.email.opens, p.email.clicks
         );
     }
-}
-
-#[derive(serde::Deserialize)]
-struct DemoTraits {
-    traits: Vec<crate::profile::story::TraitDef>,
 }
 
 fn print_story(r: &ProfileRecord) {

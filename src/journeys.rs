@@ -107,6 +107,65 @@ pub struct StoryTruth {
     pub top_categories: Vec<(String, u64)>,
     /// Stated preferences.
     pub preferences: BTreeMap<String, String>,
+    /// The traits of [`TRUTH_TRAITS`], rendered by [`render_trait`].
+    pub traits: BTreeMap<String, String>,
+}
+
+/// Computed traits whose values the ground truth knows (`[enrichment]` TOML): the end-to-end tests and the
+/// demo declare them.
+pub const TRUTH_TRAITS: &str = r#"
+[[enrichment.traits]]
+name = "contacts"
+kind = "count"
+event_types = ["call", "contact"]
+
+[[enrichment.traits]]
+name = "contacts_7d"
+kind = "count"
+event_types = ["call", "contact"]
+window = "7d"
+
+[[enrichment.traits]]
+name = "spend"
+kind = "sum"
+field = "amount"
+
+[[enrichment.traits]]
+name = "favourite_categories"
+kind = "top"
+field = "attributes.category"
+k = 2
+
+[[enrichment.traits]]
+name = "channels_used"
+kind = "distinct"
+field = "channel"
+k = 8
+
+[[enrichment.traits]]
+name = "first_channel"
+kind = "first"
+field = "channel"
+"#;
+
+/// One trait value as text, the same for the truth and for a profile update: a count, a number to
+/// thousandths, a text, or `value:count` pairs (in the order given: top most first, distinct by value).
+pub fn render_trait(
+    count: Option<i64>,
+    number: Option<f64>,
+    text: Option<&str>,
+    values: &[(String, i64)],
+) -> String {
+    match (count, number, text) {
+        (Some(n), _, _) if values.is_empty() => n.to_string(),
+        (_, Some(x), _) => format!("{x:.3}"),
+        (_, _, Some(t)) => t.to_string(),
+        _ => values
+            .iter()
+            .map(|(v, n)| format!("{v}:{n}"))
+            .collect::<Vec<_>>()
+            .join(","),
+    }
 }
 
 impl StoryTruth {
@@ -164,7 +223,70 @@ impl StoryTruth {
                 }
             }
         }
+        t.traits = Self::traits_of(&sorted, &t.top_categories);
         t
+    }
+
+    /// The values of [`TRUTH_TRAITS`] for events sorted newest first.
+    fn traits_of(
+        newest_first: &[&ChannelEvent],
+        top_categories: &[(String, u64)],
+    ) -> BTreeMap<String, String> {
+        const DAY: i64 = 24 * 3_600_000;
+        let mut out = BTreeMap::new();
+        let contacts: Vec<i64> = newest_first
+            .iter()
+            .filter(|e| matches!(e.event_type.as_str(), "call" | "contact"))
+            .map(|e| e.timestamp)
+            .collect();
+        if let (false, Some(newest)) = (contacts.is_empty(), newest_first.first()) {
+            out.insert("contacts".to_string(), contacts.len().to_string());
+            // Whole days: the newest event's day and the seven before it.
+            let from = newest.timestamp.div_euclid(DAY) - 7;
+            let recent = contacts
+                .iter()
+                .filter(|t| t.div_euclid(DAY) >= from)
+                .count();
+            if recent > 0 {
+                out.insert("contacts_7d".to_string(), recent.to_string());
+            }
+        }
+        let purchases: Vec<i64> = newest_first
+            .iter()
+            .filter(|e| e.event_type == "purchase")
+            .filter_map(|e| e.amount.map(crate::model::to_minor_units))
+            .collect();
+        if !purchases.is_empty() {
+            let cents: i64 = purchases.iter().sum();
+            let spend = render_trait(None, Some(cents as f64 / 100.0), None, &[]);
+            out.insert("spend".to_string(), spend);
+        }
+        if !top_categories.is_empty() {
+            let top: Vec<(String, i64)> = top_categories
+                .iter()
+                .take(2)
+                .map(|(c, n)| (c.clone(), *n as i64))
+                .collect();
+            out.insert(
+                "favourite_categories".to_string(),
+                render_trait(None, None, None, &top),
+            );
+        }
+        let mut channels: BTreeMap<String, i64> = BTreeMap::new();
+        for e in newest_first {
+            if let Some(c) = &e.channel {
+                *channels.entry(c.clone()).or_insert(0) += 1;
+            }
+        }
+        let distinct: Vec<(String, i64)> = channels.into_iter().collect();
+        out.insert(
+            "channels_used".to_string(),
+            render_trait(Some(distinct.len() as i64), None, None, &distinct),
+        );
+        if let Some(first) = newest_first.last().and_then(|e| e.channel.clone()) {
+            out.insert("first_channel".to_string(), first);
+        }
+        out
     }
 }
 

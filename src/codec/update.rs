@@ -291,7 +291,7 @@ impl ProfileRecord {
             timeline: p
                 .story
                 .timeline
-                .items
+                .summarised()
                 .iter()
                 .map(|i| InteractionRecord {
                     at: i.at,

@@ -30,9 +30,9 @@ const DAY: Millis = 24 * HOUR;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Enrichment {
-    /// Interactions kept in the timeline, newest first.
+    /// Interactions shown on the timeline with their summary, newest first.
     pub timeline: usize,
-    /// Channel steps kept to find switchpoints in (the newest).
+    /// Interactions kept to find switchpoints in (the newest; at least `timeline`).
     pub journey: usize,
     /// Recent switchpoints shown.
     pub switchpoints: usize,
@@ -117,10 +117,6 @@ impl TraitKind {
 
     fn needs_field(self) -> bool {
         self != TraitKind::Count
-    }
-
-    fn numeric(self) -> bool {
-        matches!(self, TraitKind::Sum | TraitKind::Min | TraitKind::Max)
     }
 }
 
@@ -354,47 +350,67 @@ pub struct Interaction {
     pub summary: String,
 }
 
-/// One step of the journey: where and when, for switchpoints.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Step {
-    pub at: Millis,
-    pub event_id: String,
-    pub channel: String,
-    pub event_type: String,
-}
-
-/// The newest `cap` items by their order, newest first.
+/// The newest interactions, newest first: the newest `cap` (the journey, for switchpoints), of which the
+/// newest `summarised` keep their summary (the timeline). An interaction is among the newest N of a union
+/// only if it is among the newest N of its part, so cutting commutes with joining for both bounds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Newest<T> {
+pub struct Timeline {
     pub cap: u32,
-    pub items: Vec<T>,
+    pub summarised: u32,
+    pub items: Vec<Interaction>,
 }
 
-impl<T> Default for Newest<T> {
+impl Default for Timeline {
     fn default() -> Self {
         Self {
             cap: u32::MAX,
+            summarised: u32::MAX,
             items: Vec::new(),
         }
     }
 }
 
-impl<T: Ord> Newest<T> {
+impl Timeline {
     fn cut(&mut self) {
+        // Newest first; one entry per event (the one with its summary, should both be there).
         self.items.sort_unstable_by(|a, b| b.cmp(a));
-        self.items.dedup();
+        self.items
+            .dedup_by(|later, kept| (later.at, &later.event_id) == (kept.at, &kept.event_id));
         self.items.truncate(self.cap as usize);
+        for old in self.items.iter_mut().skip(self.summarised as usize) {
+            old.summary.clear();
+        }
     }
 
-    fn push(&mut self, item: T) {
-        self.items.push(item);
-        self.cut();
+    /// Adds one interaction to a cut timeline: where it belongs, unless its event is there already or it
+    /// is older than everything a full timeline keeps.
+    fn push(&mut self, item: Interaction) {
+        // Newest first: the position after every interaction newer than `item`.
+        let key = (item.at, &item.event_id);
+        if let Err(at) = self
+            .items
+            .binary_search_by(|x| key.cmp(&(x.at, &x.event_id)))
+        {
+            if at < self.cap as usize {
+                self.items.insert(at, item);
+                self.items.truncate(self.cap as usize);
+                if let Some(old) = self.items.get_mut(self.summarised as usize) {
+                    old.summary.clear();
+                }
+            }
+        }
     }
 
-    fn join(&mut self, other: Newest<T>) {
+    fn join(&mut self, other: Timeline) {
         self.cap = self.cap.min(other.cap);
+        self.summarised = self.summarised.min(other.summarised);
         self.items.extend(other.items);
         self.cut();
+    }
+
+    /// The interactions that keep their summary.
+    pub fn summarised(&self) -> &[Interaction] {
+        &self.items[..self.items.len().min(self.summarised as usize)]
     }
 }
 
@@ -604,8 +620,7 @@ fn later(map: &mut BTreeMap<String, Latest<String>>, key: String, value: Latest<
 /// Everything of the story that a profile keeps.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Story {
-    pub timeline: Newest<Interaction>,
-    pub journey: Newest<Step>,
+    pub timeline: Timeline,
     pub errand: Option<Latest<Errand>>,
     pub categories: Counts,
     pub products: Counts,
@@ -618,8 +633,7 @@ pub struct Story {
 impl Default for Story {
     fn default() -> Self {
         Self {
-            timeline: Newest::default(),
-            journey: Newest::default(),
+            timeline: Timeline::default(),
             errand: None,
             categories: Counts::default(),
             products: Counts::default(),
@@ -673,8 +687,14 @@ impl Story {
     /// Lowers the bounds to the configured ones (a join of bounds: the smaller wins).
     fn bound(&mut self, cfg: &Enrichment) {
         let cap = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
-        self.timeline.cap = self.timeline.cap.min(cap(cfg.timeline));
-        self.journey.cap = self.journey.cap.min(cap(cfg.journey));
+        let bounds = (
+            self.timeline.cap.min(cap(cfg.timeline.max(cfg.journey))),
+            self.timeline.summarised.min(cap(cfg.timeline)),
+        );
+        if bounds != (self.timeline.cap, self.timeline.summarised) {
+            (self.timeline.cap, self.timeline.summarised) = bounds;
+            self.timeline.cut();
+        }
         self.categories.cap = self.categories.cap.min(cap(cfg.interests_kept));
         self.products.cap = self.products.cap.min(cap(cfg.interests_kept));
         self.preferences_cap = self.preferences_cap.min(cap(cfg.preferences));
@@ -690,12 +710,6 @@ impl Story {
             channel: ev.channel.clone(),
             event_type: ev.event_type.clone(),
             summary: summary(cfg, ev),
-        });
-        self.journey.push(Step {
-            at,
-            event_id: ev.event_id.clone(),
-            channel: ev.channel.clone(),
-            event_type: ev.event_type.clone(),
         });
         let latest = |value| Latest {
             at,
@@ -786,9 +800,6 @@ impl Story {
                 }
             };
             let Some(acc) = acc else { continue };
-            debug_assert!(
-                !t.kind.numeric() || matches!(acc, Acc::Sum(_) | Acc::Min(_) | Acc::Max(_))
-            );
             let (width, keep) = t.buckets();
             let bucket = if width == 0 {
                 0
@@ -819,7 +830,6 @@ impl Story {
     /// Joins another story in (a merge). Commutative and associative.
     pub fn join(&mut self, other: Story) {
         self.timeline.join(other.timeline);
-        self.journey.join(other.journey);
         if let Some(e) = other.errand {
             Latest::join(&mut self.errand, e);
         }
@@ -841,8 +851,8 @@ impl Story {
     }
 
     /// The channel switches of the kept journey, oldest first: (from, to).
-    pub fn switchpoints(&self) -> Vec<(&Step, &Step)> {
-        let steps: Vec<&Step> = self.journey.items.iter().rev().collect();
+    pub fn switchpoints(&self) -> Vec<(&Interaction, &Interaction)> {
+        let steps: Vec<&Interaction> = self.timeline.items.iter().rev().collect();
         steps
             .windows(2)
             .filter(|w| w[0].channel != w[1].channel)
@@ -1022,8 +1032,8 @@ mod tests {
         fn bounds_hold(events in arb_events()) {
             let cfg = cfg();
             let s = applied(&cfg, &events);
-            prop_assert!(s.timeline.items.len() <= cfg.timeline);
-            prop_assert!(s.journey.items.len() <= cfg.journey);
+            prop_assert!(s.timeline.items.len() <= cfg.timeline.max(cfg.journey));
+            prop_assert!(s.timeline.items.iter().skip(cfg.timeline).all(|i| i.summary.is_empty()));
             prop_assert!(s.categories.counts.len() <= cfg.interests_kept);
             prop_assert!(s.products.counts.len() <= cfg.interests_kept);
             prop_assert!(s.preferences.len() <= cfg.preferences);

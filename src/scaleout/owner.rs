@@ -891,8 +891,14 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
     /// stitcher may put the event in its channel's space. A superset of when it does: it looks at every
     /// component, the stitcher at the most trusted one.
     fn sealed_elsewhere(&self, ev: &Event) -> Result<bool, StoreError> {
+        let mut seen = Vec::with_capacity(ev.identifiers.len());
         for x in &ev.identifiers {
             if let Some(node) = self.node_of(x)? {
+                // Identifiers of one component share its profile: read it once.
+                if seen.contains(&node) {
+                    continue;
+                }
+                seen.push(node);
                 let p = self.view.read().profile(node)?;
                 if p.is_some_and(|p| {
                     p.sealed_to().is_some_and(|home| home != ev.channel) && !p.shared

@@ -1220,6 +1220,14 @@ mod tests {
         )
     }
 
+    /// A stitcher that also computes the ground truth's traits (`journeys::TRUTH_TRAITS`), so that the
+    /// property tests' profile comparisons cover the story and computed traits too.
+    fn enriched(rules: Rules) -> Stitcher {
+        let cfg: crate::config::Config =
+            toml::from_str(crate::journeys::TRUTH_TRAITS).expect("traits");
+        Stitcher::new(rules).with_enrichment(Arc::new(cfg.enrichment))
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(cases()))]
 
@@ -1232,7 +1240,7 @@ mod tests {
             repeats in prop::collection::vec(any::<prop::sample::Index>(), 0..20),
         ) {
             use rand::{seq::SliceRandom, SeedableRng};
-            let s = Stitcher::new(Rules::unlimited());
+            let s = enriched(Rules::unlimited());
             let base = canonical(&run(&s, &events));
             let mut shuffled = events.clone();
             for r in &repeats {
@@ -1632,7 +1640,7 @@ mod tests {
             events in arb_events(),
             pick in any::<prop::sample::Index>(),
         ) {
-            let s = Stitcher::new(Rules::unlimited());
+            let s = enriched(Rules::unlimited());
             let all: Vec<&Identifier> = events.iter().flat_map(|e| &e.identifiers).collect();
             let x: Identifier = (*pick.get(&all)).clone();
             let mut store = run(&s, &events);
@@ -1666,7 +1674,7 @@ mod tests {
                 BTreeMap::from([("device_id".to_string(), 2), ("anonymous_id".to_string(), 3)]),
                 vec!["email".into(), "customer_id".into()],
             );
-            let s = Stitcher::new(rules.clone());
+            let s = enriched(rules.clone());
             let mut shuffled = events.clone();
             for r in &repeats {
                 shuffled.push(r.get(&events).clone());

@@ -19,7 +19,7 @@ use stitcher::codec::update::ProfileRecord;
 use stitcher::codec::{AvroCodec, ProfileUpdate};
 use stitcher::config::Format;
 use stitcher::generate::Routes;
-use stitcher::journeys::{PersonTruth, StoryTruth};
+use stitcher::journeys::{self, PersonTruth, StoryTruth};
 
 /// A free loopback port: bind to 0, read it, release it for a service.
 pub fn free_port() -> u16 {
@@ -178,7 +178,7 @@ drain_timeout = "20s"
 
 [http]
 listen = "127.0.0.1:{http_port}"
-
+{traits}
 [control]
 topic = "{control_topic}"
 {extra_toml}
@@ -186,6 +186,7 @@ topic = "{control_topic}"
             brokers = service_brokers,
             state = dir.join("state").display(),
             http_port = http_port,
+            traits = journeys::TRUTH_TRAITS,
         );
         let config_path = dir.join("stitcher.toml");
         std::fs::File::create(&config_path)
@@ -557,6 +558,22 @@ fn story_of(p: &ProfileRecord) -> StoryTruth {
             .map(|c| (c.value.clone(), c.count as u64))
             .collect(),
         preferences: p.preferences.clone(),
+        traits: p
+            .traits
+            .iter()
+            .map(|t| {
+                let mut values: Vec<(String, i64)> = t
+                    .values
+                    .iter()
+                    .map(|c| (c.value.clone(), c.count))
+                    .collect();
+                if t.kind == "distinct" {
+                    values.sort();
+                }
+                let value = journeys::render_trait(t.count, t.number, t.text.as_deref(), &values);
+                (t.name.clone(), value)
+            })
+            .collect(),
     }
 }
 

@@ -138,7 +138,12 @@ impl Sim {
     fn new(n: ShardId) -> Self {
         Self {
             shards: (0..n).map(|_| MemKv::new()).collect(),
-            stitcher: Stitcher::new(rules()),
+            // With the ground truth's traits: the comparison covers the story and computed traits.
+            stitcher: Stitcher::new(rules()).with_enrichment(std::sync::Arc::new(
+                toml::from_str::<crate::config::Config>(crate::journeys::TRUTH_TRAITS)
+                    .expect("traits")
+                    .enrichment,
+            )),
             in_flight: Vec::new(),
             steps: Vec::new(),
             handled: 0,
