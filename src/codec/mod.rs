@@ -1,6 +1,7 @@
 //! Wire formats: Avro in the Confluent wire format (schemas/*.avsc embedded at build time) and JSON.
 
 pub mod avro;
+pub mod binary;
 pub mod mapping;
 pub mod update;
 
