@@ -252,6 +252,7 @@ fn event(id: u64, identifiers: Vec<Identifier>) -> Event {
         campaign_id: None,
         consent: None,
         attributes: Default::default(),
+        origin: None,
     }
 }
 
@@ -326,6 +327,7 @@ fn apply_batch(store: &Store, stitcher: &Stitcher, events: &[Event]) {
             Shard {
                 view: &mut view,
                 shards: 1,
+                suppression: None,
             }
             .handle(stitcher, msg, &mut out)
             .expect("handle");

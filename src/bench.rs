@@ -91,6 +91,7 @@ fn bench_config(args: &BenchArgs, run: &str, topics: &Topics, state: &Path) -> C
     cfg.identity.custom_types = vec!["social_id".into()];
     cfg.output.topic = topics.output.clone();
     cfg.output.dead_letter_topic = topics.dead_letters.clone();
+    cfg.output.identity_topic = format!("{}-identity", topics.output);
     cfg.output.partitions = args.partitions;
     cfg.state.dir = state.to_path_buf();
     cfg.http.listen = ([127, 0, 0, 1], 0).into();
@@ -568,7 +569,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     eprintln!("bench: pipeline {pipe_rate:.0} msg/s");
     let quality = quality::evaluate(
         &j.truth,
-        &quality::mapping_from_topic(&args.brokers, &topics.output, timeout)?,
+        &quality::mapping_from_topic(crate::kafka::base_config(&cfg), &topics.output, timeout)?,
     );
 
     // (c) latency at a fixed live rate

@@ -34,10 +34,16 @@ pub enum Command {
     /// Remove the link between two identifiers of one profile; the profile splits if nothing else holds
     /// it together. Sent to the control topic like `erase`.
     Unlink(UnlinkArgs),
+    /// Lift the suppression of an identifier erased with --suppress (the person consents again): later
+    /// events carrying it link it as before.
+    Unsuppress(UnsuppressArgs),
     /// End-to-end benchmark against a real broker: passthrough rate vs pipeline rate, latency, memory.
     Bench(BenchArgs),
     /// Stitching quality against a ground-truth file: pairwise precision, recall, F1, over/under-merges.
     Quality(QualityArgs),
+    /// Replay the retained input topics under candidate rules into a temporary state (the live group,
+    /// state and topics are only read) and report how the profiles would differ from the live ones.
+    Backtest(BacktestArgs),
 }
 
 #[derive(Debug, Args)]
@@ -154,6 +160,19 @@ pub struct EraseArgs {
     /// Profile id (p-...), current or merged away.
     #[arg(long)]
     pub profile: Option<String>,
+    /// With --identifier: also keep a salted hash of it (`STITCHER_SUPPRESSION_SALT` on the service) so
+    /// that later events carrying it are stripped of it, until `stitcher unsuppress`.
+    #[arg(long, requires = "identifier")]
+    pub suppress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UnsuppressArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Identifier as type:value, as it was erased with --suppress.
+    #[arg(long)]
+    pub identifier: String,
 }
 
 #[derive(Debug, Args)]
@@ -213,6 +232,24 @@ pub struct BenchArgs {
     /// partition: compare with `--partitions 1`.
     #[arg(long)]
     pub kstreams: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BacktestArgs {
+    /// The candidate configuration: the live one (same brokers, inputs, control and output topics) with
+    /// the rules to try. `output.topic` is read as the live profiles.
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Replay from the first record at or after this time (ms since the epoch, Kafka timestamps) instead
+    /// of from the beginning of the retained topics.
+    #[arg(long)]
+    pub from_ms: Option<i64>,
+    /// Examples kept per kind of difference.
+    #[arg(long, default_value_t = 10)]
+    pub sample: usize,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub timeout_secs: u64,
 }
 
 #[derive(Debug, Args)]

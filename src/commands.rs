@@ -7,8 +7,8 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{
-    BenchArgs, ConfigArgs, EraseArgs, ExportArgs, GenerateArgs, InspectArgs, QualityArgs, RunArgs,
-    UnlinkArgs,
+    BacktestArgs, BenchArgs, ConfigArgs, EraseArgs, ExportArgs, GenerateArgs, InspectArgs,
+    QualityArgs, RunArgs, UnlinkArgs, UnsuppressArgs,
 };
 use crate::codec::mapping::Preset;
 use crate::config::{Config, Overrides};
@@ -196,12 +196,25 @@ pub async fn erase(args: EraseArgs) -> anyhow::Result<()> {
                 kind: raw.kind,
                 value: (!hashed).then_some(raw.value),
                 hash: hashed.then_some(id.value),
+                suppress: args.suppress,
             }
         }
         (None, Some(p)) => ControlCommand::EraseProfile {
             profile_id: p.clone(),
         },
         (None, None) => anyhow::bail!("give --identifier or --profile"),
+    };
+    send_control(&cfg, &command).await
+}
+
+pub async fn unsuppress(args: UnsuppressArgs) -> anyhow::Result<()> {
+    let cfg = load_config(&args.config)?;
+    let (raw, id) = raw_identifier(&Normalizer::new(&cfg.identity)?, &args.identifier)?;
+    let hashed = cfg.identity.hashed_types.contains(&id.kind);
+    let command = ControlCommand::Unsuppress {
+        kind: raw.kind,
+        value: (!hashed).then_some(raw.value),
+        hash: hashed.then_some(id.value),
     };
     send_control(&cfg, &command).await
 }
@@ -262,6 +275,40 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `stitcher backtest`: prints the report as JSON on stdout, a summary on stderr.
+pub fn backtest(args: BacktestArgs) -> anyhow::Result<()> {
+    let cfg = load_config(&args.config)?;
+    let dir = std::env::temp_dir().join(format!(
+        "stitcher-backtest-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let result = crate::backtest::run(
+        cfg,
+        &dir,
+        args.from_ms,
+        args.sample,
+        std::time::Duration::from_secs(args.timeout_secs),
+    );
+    // The temporary state goes whatever happened.
+    let _ = std::fs::remove_dir_all(&dir);
+    let report = result?;
+    eprintln!(
+        "backtest: {} messages in {:.1} s ({:.0} msg/s): {} live profiles, {} under the candidate rules; \
+         {} would split, {} would merge, {} would change id",
+        report.messages,
+        report.seconds,
+        report.messages_per_second,
+        report.live_profiles,
+        report.candidate_profiles,
+        report.splits,
+        report.merges,
+        report.renamed
+    );
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    Ok(())
+}
+
 pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
     let truth = generate::read_truth(&args.truth)
         .with_context(|| format!("reading {}", args.truth.display()))?;
@@ -272,7 +319,9 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
             crate::quality::mapping_from_state(&store)?
         }
         (None, Some(topic), Some(brokers)) => {
-            crate::quality::mapping_from_topic(brokers, topic, std::time::Duration::from_secs(300))?
+            let mut base = rdkafka::ClientConfig::new();
+            base.set("bootstrap.servers", brokers);
+            crate::quality::mapping_from_topic(base, topic, std::time::Duration::from_secs(300))?
         }
         _ => anyhow::bail!("give --state-dir, or --topic and --brokers"),
     };

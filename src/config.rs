@@ -360,6 +360,9 @@ pub struct OutputConfig {
     pub topic: String,
     /// Messages that could not be processed, with headers naming source and error.
     pub dead_letter_topic: String,
+    /// The identity change stream (JSON, keyed by profile id, compacted; README "Identity change
+    /// stream"); empty: none.
+    pub identity_topic: String,
     /// Schema id written in the Confluent wire-format header of profile updates.
     pub schema_id: u32,
     /// Create missing output and dead-letter topics at start-up.
@@ -378,6 +381,7 @@ impl Default for OutputConfig {
         Self {
             topic: "profile-updates".into(),
             dead_letter_topic: "stitcher-dead-letters".into(),
+            identity_topic: "identity-changes".into(),
             schema_id: 2,
             create_topics: true,
             partitions: 1,
@@ -408,6 +412,10 @@ pub struct IdentityConfig {
     /// The secret key of `hashed_types` (HMAC-SHA-256), from `STITCHER_HASH_KEY`; never in a file.
     #[serde(skip)]
     pub hash_key: Option<HashKey>,
+    /// The secret salt of the suppression list (erasures with `suppress`), from
+    /// `STITCHER_SUPPRESSION_SALT`; never in a file.
+    #[serde(skip)]
+    pub suppression_salt: Option<HashKey>,
 }
 
 /// The HMAC key of hashed identifier types. Its `Debug` does not show it.
@@ -432,6 +440,7 @@ impl Default for IdentityConfig {
             max_identifiers_per_event: 32,
             max_value_len: 256,
             hash_key: None,
+            suppression_salt: None,
         }
     }
 }
@@ -641,7 +650,7 @@ impl Config {
     }
 
     /// `STITCHER_BROKERS`, `STITCHER_GROUP_ID`, `STITCHER_TRANSACTIONAL_ID`, `STITCHER_INSTANCE_ID`, `STITCHER_STATE_DIR`,
-    /// `STITCHER_HTTP_LISTEN`, `STITCHER_OUTPUT_TOPIC`, `STITCHER_HTTP_BEARER_TOKEN`, and
+    /// `STITCHER_HTTP_LISTEN`, `STITCHER_OUTPUT_TOPIC`, `STITCHER_IDENTITY_TOPIC`, `STITCHER_HTTP_BEARER_TOKEN`, and
     /// `STITCHER_RDKAFKA__<NAME>` for any librdkafka setting (`STITCHER_RDKAFKA__SASL_PASSWORD` sets
     /// `sasl.password`).
     pub fn apply_env(
@@ -659,6 +668,7 @@ impl Config {
                 "INSTANCE_ID" => self.kafka.instance_id = value,
                 "STATE_DIR" => self.state.dir = PathBuf::from(value),
                 "OUTPUT_TOPIC" => self.output.topic = value,
+                "IDENTITY_TOPIC" => self.output.identity_topic = value,
                 "HTTP_BEARER_TOKEN" => self.http.bearer_token = Some(value),
                 "HTTP_ADVERTISED_ADDRESS" => self.http.advertised_address = Some(value),
                 "HTTP_LISTEN" => {
@@ -669,6 +679,9 @@ impl Config {
                 }
                 "LOG" | "LOG_FORMAT" => {}
                 "HASH_KEY" => self.identity.hash_key = Some(HashKey(value.into_bytes())),
+                "SUPPRESSION_SALT" => {
+                    self.identity.suppression_salt = Some(HashKey(value.into_bytes()))
+                }
                 "REGISTRY_URL" => self.registry.url = value,
                 "REGISTRY_USERNAME" => self.registry.username = value,
                 "REGISTRY_PASSWORD" => self.registry.password = value,
@@ -771,6 +784,21 @@ impl Config {
         if topics.contains(&self.control.topic) || self.control.topic == self.output.topic {
             return invalid("control.topic must not also be an input or the output".into());
         }
+        let identity = &self.output.identity_topic;
+        if !identity.is_empty()
+            && (topics.contains(identity)
+                || [
+                    &self.output.topic,
+                    &self.output.dead_letter_topic,
+                    &self.control.topic,
+                ]
+                .contains(&identity))
+        {
+            return invalid(
+                "output.identity_topic must not be an input, the output, dead-letter or control topic"
+                    .into(),
+            );
+        }
         if !self.scaleout.enabled() {
             return invalid(
                 "scaleout.shards must be at least 1 (one instance holds every shard when alone)"
@@ -784,6 +812,7 @@ impl Config {
                 || *t == self.output.topic
                 || *t == self.control.topic
                 || *t == self.output.dead_letter_topic
+                || *t == self.output.identity_topic
         }) {
             return invalid(
                 "scaleout.topic and its changelog must not be an input, output or control topic"
@@ -818,6 +847,14 @@ impl Config {
         }
         if self.limits.max_quantity < 1 {
             return invalid("limits.max_quantity must be at least 1".into());
+        }
+        if self
+            .identity
+            .suppression_salt
+            .as_ref()
+            .is_some_and(|s| s.0.len() < 16)
+        {
+            return invalid("STITCHER_SUPPRESSION_SALT must be at least 16 bytes".into());
         }
         crate::normalize::Normalizer::new(&self.identity)?;
         Ok(())

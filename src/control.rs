@@ -7,6 +7,8 @@
 //! ```json
 //! {"op": "erase_identifier", "type": "email", "value": "Alice@Example.com"}
 //! {"op": "erase_identifier", "type": "email", "hash": "<64 hex digits: the identifier as hashed on the output>"}
+//! {"op": "erase_identifier", "type": "email", "value": "alice@example.com", "suppress": true}
+//! {"op": "unsuppress", "type": "email", "value": "alice@example.com"}
 //! {"op": "erase_profile", "profile_id": "p-3f2a..."}
 //! {"op": "unlink", "a": {"type": "email", "value": "a@x.io"}, "b": {"type": "device_id", "value": "tablet-1"}}
 //! ```
@@ -38,6 +40,18 @@ pub enum Command {
         value: Option<String>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hash: Option<String>,
+        /// Also keep a salted hash of it, so that later events carrying it are stripped of it.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        suppress: bool,
+    },
+    /// Lift a suppression: later events carrying the identifier link it again.
+    Unsuppress {
+        #[serde(rename = "type")]
+        kind: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        value: Option<String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        hash: Option<String>,
     },
     /// Remove a whole profile (any of its ids, current or merged away) with all its identifiers.
     EraseProfile { profile_id: String },
@@ -49,6 +63,7 @@ impl Command {
     pub fn op(&self) -> &'static str {
         match self {
             Command::EraseIdentifier { .. } => "erase_identifier",
+            Command::Unsuppress { .. } => "unsuppress",
             Command::EraseProfile { .. } => "erase_profile",
             Command::Unlink { .. } => "unlink",
         }
@@ -57,11 +72,14 @@ impl Command {
     pub fn parse(payload: &[u8]) -> Result<Self, String> {
         let command: Command =
             serde_json::from_slice(payload).map_err(|e| format!("invalid control command: {e}"))?;
-        if let Command::EraseIdentifier { value, hash, .. } = &command {
+        if let Command::EraseIdentifier { value, hash, .. }
+        | Command::Unsuppress { value, hash, .. } = &command
+        {
             if value.is_some() == hash.is_some() {
-                return Err(
-                    "invalid control command: erase_identifier takes either value or hash".into(),
-                );
+                return Err(format!(
+                    "invalid control command: {} takes either value or hash",
+                    command.op()
+                ));
             }
         }
         Ok(command)
@@ -102,15 +120,21 @@ mod tests {
                 kind: "email".into(),
                 value: Some("A@x.io".into()),
                 hash: None,
+                suppress: false,
             }
         );
         let hashed = Command::EraseIdentifier {
             kind: "email".into(),
             value: None,
             hash: Some("ab".repeat(32)),
+            suppress: true,
         };
         let json = serde_json::to_string(&hashed).unwrap();
         assert!(!json.contains("value"), "{json}");
+        assert!(json.contains(r#""suppress":true"#), "{json}");
+        let c = Command::parse(br#"{"op":"unsuppress","type":"email","value":"a@x.io"}"#).unwrap();
+        assert_eq!(c.op(), "unsuppress");
+        assert!(Command::parse(br#"{"op":"unsuppress","type":"email"}"#).is_err());
         assert_eq!(Command::parse(json.as_bytes()).unwrap(), hashed);
         assert!(Command::parse(br#"{"op":"erase_identifier","type":"email"}"#).is_err());
         let c = Command::parse(

@@ -242,6 +242,7 @@ async fn erase_email(
         kind: "email".into(),
         value: Some(email.to_string()),
         hash: None,
+        suppress: false,
     };
     let committed = || metrics.transactions.with_label_values(&["committed"]).get();
     let before = committed();

@@ -8,18 +8,20 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::codec::update::ProfileRecord;
-use crate::config::Config;
+use crate::config::{Config, HashKey};
 use crate::metrics::Metrics;
-use crate::model::{now_millis, Millis, NodeId, ProfileId};
+use crate::model::{now_millis, Identifier, Millis, NodeId, ProfileId};
 use crate::pipeline::PipelineError;
 use crate::processor::{
     source, Batch, Control, InMessage, ProcessError, Processor, ProfileReader, ProfileSource,
 };
 use crate::profile::Profile;
 use crate::scaleout::owner::{Msg, Out, Shard, Step};
-use crate::scaleout::state::{shard_of_key, sweep_seen, ShardOverlay, ShardRead, ShardView};
+use crate::scaleout::state::{
+    shard_of_key, suppression_hash, sweep_seen, ShardOverlay, ShardRead, ShardView,
+};
 use crate::scaleout::{event_home, home, ShardId};
-use crate::stitch::{Applied, BatchChanges, Reshape};
+use crate::stitch::{Applied, BatchChanges, Reshape, Trigger};
 use crate::store::{decode_value, encode_value, OutRecord, StoreError};
 
 /// What a batch produced besides state changes.
@@ -92,7 +94,7 @@ impl ProfileSource for BatchProfiles<'_, '_> {
         &self,
         node: NodeId,
         f: &mut ProfileReader<'_>,
-    ) -> Result<Option<(ProfileId, ProfileRecord)>, StoreError> {
+    ) -> Result<Option<(ProfileId, ProfileRecord, u64)>, StoreError> {
         let (shard, n) = local(node);
         let read = ShardRead {
             kv: self.overlay,
@@ -118,6 +120,8 @@ pub struct Engine {
     control_topic: String,
     /// Shards restored and handled here, under the current assignment.
     pub(crate) owned: BTreeSet<ShardId>,
+    /// `STITCHER_SUPPRESSION_SALT`, if set: erasures may suppress, events are checked.
+    suppression: Option<HashKey>,
     /// `processing.dedup_retention` in ms (`None`: event ids are kept forever).
     retention_ms: Option<i64>,
     /// The shard whose event-id records are being swept, and where the sweep goes on.
@@ -138,6 +142,7 @@ impl Engine {
             changelog: cfg.changelog_topic(),
             control_topic: cfg.control.topic.clone(),
             owned: BTreeSet::new(),
+            suppression: cfg.identity.suppression_salt.clone(),
             retention_ms: Some(cfg.processing.dedup_retention)
                 .filter(|d| !d.is_zero())
                 .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
@@ -217,20 +222,40 @@ impl Engine {
             // Where the command came from: never the identifier itself, which the output and the logs
             // must not carry after an erasure.
             let trigger = format!("control:{}:{}:{}", msg.topic, msg.partition, msg.offset);
+            let hash = |x: &Identifier| {
+                self.suppression
+                    .as_ref()
+                    .map(|salt| suppression_hash(salt, x))
+            };
             let msgs = match command {
-                Control::Erase(copies) => copies
+                Control::Erase { copies, suppress } => copies
                     .into_iter()
                     .map(|x| {
                         let to = home(&x, self.shards);
                         let trigger = trigger.clone();
+                        let suppress = hash(&x).filter(|_| suppress);
                         (
                             to,
                             Msg::Erase {
                                 x,
                                 at_owner: None,
                                 trigger,
+                                suppress,
                             },
                         )
+                    })
+                    .collect(),
+                // Checked for a salt when parsed.
+                Control::Unsuppress(copies) => copies
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, x)| {
+                        let msg = Msg::Unsuppress {
+                            hash: hash(x)?,
+                            trigger: trigger.clone(),
+                            primary: i == 0,
+                        };
+                        Some((home(x, self.shards), msg))
                     })
                     .collect(),
                 // Every shard looks for the profile id; the one holding it erases it.
@@ -288,9 +313,23 @@ impl Engine {
             Shard {
                 view: &mut view,
                 shards: self.shards,
+                suppression: self.suppression.as_ref(),
             }
             .handle(self.processor.stitcher(), msg, &mut out)?;
             self.record(work, shard, out.steps);
+            let (identifiers, events) = out.suppressed;
+            if identifiers > 0 {
+                self.metrics
+                    .suppressed
+                    .with_label_values(&["identifier"])
+                    .inc_by(identifiers);
+            }
+            if events > 0 {
+                self.metrics
+                    .suppressed
+                    .with_label_values(&["event"])
+                    .inc_by(events);
+            }
             if let (Some(channel), true) = (channel, out.duplicates > 0) {
                 self.metrics
                     .events_duplicate
@@ -329,22 +368,38 @@ impl Engine {
                     work.changes.record(&ev, globalize(shard, applied));
                 }
                 Step::Erase(_, trigger, reshape) => {
-                    self.command("erase_identifier", &trigger, shard, reshape, work)
+                    self.command("erase_identifier", "erase", &trigger, shard, reshape, work)
                 }
                 Step::EraseProfile(_, trigger, reshape) => {
-                    self.command("erase_profile", &trigger, shard, reshape, work)
+                    self.command("erase_profile", "erase", &trigger, shard, reshape, work)
                 }
                 Step::Unlink(_, _, trigger, reshape) => {
-                    self.command("unlink", &trigger, shard, reshape, work)
+                    self.command("unlink", "unlink", &trigger, shard, reshape, work)
+                }
+                Step::Unsuppress(trigger, listed) => {
+                    self.processor
+                        .control_result("unsuppress", &trigger, listed)
                 }
             }
         }
     }
 
-    fn command(&self, op: &str, trigger: &str, shard: ShardId, reshape: Reshape, work: &mut Work) {
+    /// Records a control command's outcome; `kind` names it on the identity change stream.
+    fn command(
+        &self,
+        op: &str,
+        kind: &'static str,
+        trigger: &str,
+        shard: ShardId,
+        reshape: Reshape,
+        work: &mut Work,
+    ) {
         self.processor.control_applied(op, trigger, &reshape);
-        work.changes
-            .record_reshape(trigger, "control", globalize_reshape(shard, reshape));
+        work.changes.record_reshape(
+            &Trigger::command(trigger),
+            kind,
+            globalize_reshape(shard, reshape),
+        );
     }
 
     fn shard_record(&self, shard: ShardId, msg: &Msg) -> Result<OutRecord, StoreError> {
@@ -449,5 +504,133 @@ mod tests {
             .collect();
         assert_eq!(expired.len(), 2_000);
         assert_eq!(deleted, expired);
+    }
+
+    /// Over three shards held here: an erasure with `suppress` strips the identifier from later events
+    /// (an event with nothing else is dropped), an unsuppress lifts it; the identity change stream of the
+    /// batches rebuilds the mapping of the state, and names each trigger's input record.
+    #[test]
+    fn suppression_and_the_identity_change_stream() {
+        use crate::codec::identity::{IdentityChange, Mapping};
+        use crate::config::{Format, InputConfig};
+        let tmp = TempStore::new().expect("store");
+        let mut cfg = Config::default();
+        cfg.scaleout.shards = 3;
+        cfg.inputs = vec![InputConfig::new("web-events", "web", Format::Json)];
+        cfg.control.topic = "ctl".into();
+        cfg.output.identity_topic = "ids".into();
+        cfg.identity.suppression_salt = Some(HashKey(b"sixteen bytes or more".to_vec()));
+        let metrics = Metrics::new().expect("metrics");
+        let mut engine = Engine::new(&cfg, metrics.clone()).expect("engine");
+        engine.owned = [0, 1, 2].into();
+        let mut mapping = Mapping::default();
+        let mut offset = 0;
+        let mut batch_of = |topic: &str, payload: String, mapping: &mut Mapping| {
+            let mut overlay = ShardOverlay::new(&tmp.store);
+            let (mut batch, mut work) = (Batch::default(), Work::default());
+            offset += 1;
+            let msg = InMessage {
+                topic,
+                partition: 0,
+                offset,
+                key: None,
+                payload: Some(payload.as_bytes()),
+            };
+            engine
+                .take(&mut overlay, &mut batch, &mut work, msg)
+                .expect("take");
+            let out = engine
+                .output(&overlay, &mut batch, &mut work)
+                .expect("output");
+            assert!(batch.dead_letters.is_empty());
+            for r in out.iter().filter(|r| r.topic == "ids") {
+                let c =
+                    IdentityChange::decode(r.payload.as_deref().expect("payload")).expect("json");
+                assert_eq!(c.trigger.topic.as_deref(), Some(topic), "{c:?}");
+                assert_eq!(c.trigger.offset, Some(offset), "{c:?}");
+                mapping.apply(c).expect("versions increase");
+            }
+            let mut wb = rocksdb::WriteBatch::default();
+            tmp.store
+                .put_shard_changes(&mut wb, overlay.changes(), [])
+                .expect("changes");
+            tmp.store.write(wb).expect("write");
+        };
+        let event = |id: &str, ids: &[(&str, &str)]| {
+            let ids: Vec<serde_json::Value> = ids
+                .iter()
+                .map(|(t, v)| serde_json::json!({"type": t, "value": v}))
+                .collect();
+            serde_json::json!({"event_id": id, "event_type": "page_view",
+                "timestamp": now_millis(), "identifiers": ids})
+            .to_string()
+        };
+        let names = |m: &Mapping| -> Vec<String> {
+            m.identifiers()
+                .keys()
+                .map(|i| format!("{}:{}", i.kind, i.value))
+                .collect()
+        };
+        batch_of(
+            "web-events",
+            event("e1", &[("email", "a@x.io"), ("anonymous_id", "c1")]),
+            &mut mapping,
+        );
+        batch_of(
+            "web-events",
+            event("e2", &[("email", "b@x.io"), ("anonymous_id", "c1")]),
+            &mut mapping,
+        );
+        assert_eq!(
+            names(&mapping),
+            ["anonymous_id:c1", "email:a@x.io", "email:b@x.io"]
+        );
+        batch_of(
+            "ctl",
+            r#"{"op":"erase_identifier","type":"email","value":"a@x.io","suppress":true}"#.into(),
+            &mut mapping,
+        );
+        assert_eq!(names(&mapping), ["anonymous_id:c1", "email:b@x.io"]);
+        batch_of(
+            "web-events",
+            event("e3", &[("email", "a@x.io"), ("anonymous_id", "c2")]),
+            &mut mapping,
+        );
+        batch_of(
+            "web-events",
+            event("e4", &[("email", "A@x.io")]),
+            &mut mapping,
+        );
+        assert_eq!(
+            names(&mapping),
+            ["anonymous_id:c1", "anonymous_id:c2", "email:b@x.io"]
+        );
+        let suppressed = |what: &str| metrics.suppressed.with_label_values(&[what]).get();
+        assert_eq!((suppressed("identifier"), suppressed("event")), (2, 1));
+        batch_of(
+            "ctl",
+            r#"{"op":"unsuppress","type":"email","value":"a@x.io"}"#.into(),
+            &mut mapping,
+        );
+        batch_of(
+            "web-events",
+            event("e5", &[("email", "a@x.io"), ("anonymous_id", "c2")]),
+            &mut mapping,
+        );
+        assert_eq!(
+            names(&mapping),
+            [
+                "anonymous_id:c1",
+                "anonymous_id:c2",
+                "email:a@x.io",
+                "email:b@x.io"
+            ]
+        );
+        let c2 = &mapping.identifiers()[&crate::codec::identity::IdentityRef {
+            kind: "email".into(),
+            value: "a@x.io".into(),
+        }];
+        let last = mapping.get(c2).expect("a record");
+        assert!(last.changes.contains(&"link".to_string()), "{last:?}");
     }
 }

@@ -15,6 +15,11 @@
 //! [`crate::scaleout::routing`]). A profile-id lookup reads the shards held here and, if the id is not
 //! there, asks every other instance (`GET /internal/v1/profiles/...`). 503 with `Retry-After` while the
 //! shards are being reassigned.
+//!
+//! Read-your-writes: every profile answer says what it reflects (`reflects`: the profile's identity version
+//! and, per input partition, the largest offset of an event in it). `?after=topic:partition:offset` (comma
+//! separated for several) and `?min_version=n` make the lookup wait, up to `?wait_ms=` (default 5,000, at
+//! most 30,000), until the answer reflects at least that; then 504 saying what it does reflect.
 
 use std::sync::Arc;
 
@@ -60,6 +65,16 @@ struct LookupAnswer {
     #[serde(skip_serializing_if = "Option::is_none")]
     redirected_from: Option<String>,
     profile: ProfileRecord,
+    reflects: Reflects,
+}
+
+/// What state a profile answer reflects.
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+struct Reflects {
+    /// The profile's identity version (the identity change stream's `version`).
+    version: u64,
+    /// `topic:partition` -> the largest offset of an event in the profile.
+    offsets: std::collections::BTreeMap<String, i64>,
 }
 
 #[derive(Serialize)]
@@ -240,10 +255,126 @@ async fn by_profile_id(
     headers: HeaderMap,
     Path(id): Path<String>,
     axum::extract::Query(select): axum::extract::Query<Select>,
+    axum::extract::Query(fresh): axum::extract::Query<Fresh>,
 ) -> Response {
-    select
-        .apply(for_profile(s, headers, id, What::Profile).await)
-        .await
+    let answer = fresh
+        .wait(|| for_profile(s.clone(), headers.clone(), id.clone(), What::Profile))
+        .await;
+    select.apply(answer).await
+}
+
+/// `?after=topic:partition:offset,...&min_version=n&wait_ms=m`: a lookup that must reflect at least those
+/// input offsets (per partition, the largest offset of an event in the profile) or that identity version.
+#[derive(Debug, Default, serde::Deserialize)]
+struct Fresh {
+    after: Option<String>,
+    min_version: Option<u64>,
+    wait_ms: Option<u64>,
+}
+
+/// How long a read-your-writes lookup waits by default, and at most.
+const FRESH_WAIT_MS: (u64, u64) = (5_000, 30_000);
+/// How often it looks again.
+const FRESH_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+impl Fresh {
+    /// The offsets asked for, parsed.
+    fn offsets(&self) -> Result<Vec<(String, i64)>, String> {
+        let Some(after) = &self.after else {
+            return Ok(vec![]);
+        };
+        after
+            .split(',')
+            .filter(|a| !a.is_empty())
+            .map(|a| {
+                let mut parts = a.rsplitn(3, ':');
+                let offset = parts.next().and_then(|o| o.parse::<i64>().ok());
+                let partition = parts.next().and_then(|p| p.parse::<i32>().ok());
+                match (parts.next(), partition, offset) {
+                    (Some(topic), Some(partition), Some(offset)) if !topic.is_empty() => {
+                        Ok((format!("{topic}:{partition}"), offset))
+                    }
+                    _ => Err(format!(
+                        "after: {a:?} is not topic:partition:offset (comma separated for several)"
+                    )),
+                }
+            })
+            .collect()
+    }
+
+    /// What an answer lacks of what was asked for (`None`: it reflects all of it).
+    fn lacking(&self, offsets: &[(String, i64)], r: &Reflects) -> Option<String> {
+        let mut lacking: Vec<String> = offsets
+            .iter()
+            .filter(|(at, o)| r.offsets.get(at).is_none_or(|have| have < o))
+            .map(|(at, o)| {
+                let have = r
+                    .offsets
+                    .get(at)
+                    .map_or("none".to_string(), |h| h.to_string());
+                format!("offset {o} of {at} (it has {have})")
+            })
+            .collect();
+        if let Some(v) = self.min_version.filter(|v| *v > r.version) {
+            lacking.push(format!("version {v} (it has {})", r.version));
+        }
+        (!lacking.is_empty()).then(|| lacking.join(", "))
+    }
+
+    /// Runs `lookup` until its answer reflects what was asked for, or the wait is over: then 504 saying
+    /// what the state lacks. A profile not found yet (the event that creates it is on its way) and an
+    /// assignment moving (503) are waited for too; other answers are final.
+    async fn wait<F, Fut>(self, lookup: F) -> Response
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Response>,
+    {
+        if self.after.is_none() && self.min_version.is_none() {
+            return lookup().await;
+        }
+        let offsets = match self.offsets() {
+            Ok(o) => o,
+            Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        };
+        let wait = self.wait_ms.unwrap_or(FRESH_WAIT_MS.0).min(FRESH_WAIT_MS.1);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_millis(wait);
+        loop {
+            let answer = lookup().await;
+            let status = answer.status();
+            let why = match status {
+                StatusCode::OK => {
+                    let (parts, body) = answer.into_parts();
+                    let body = match axum::body::to_bytes(body, MAX_ANSWER_BYTES).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            return error(StatusCode::INTERNAL_SERVER_ERROR, format!("answer: {e}"))
+                        }
+                    };
+                    let reflects = serde_json::from_slice::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| {
+                            serde_json::from_value::<Reflects>(v["reflects"].clone()).ok()
+                        })
+                        .unwrap_or_default();
+                    match self.lacking(&offsets, &reflects) {
+                        None => return Response::from_parts(parts, axum::body::Body::from(body)),
+                        Some(lacking) => format!("the profile does not reflect {lacking} yet"),
+                    }
+                }
+                StatusCode::NOT_FOUND | StatusCode::SERVICE_UNAVAILABLE => {
+                    format!("no answer reflecting it yet (last: {status})")
+                }
+                _ => return answer,
+            };
+            if tokio::time::Instant::now() + FRESH_POLL > deadline {
+                return error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!("waited {wait} ms: {why}; the pipeline may be behind (see stitcher_consumer_lag_messages)"),
+                );
+            }
+            tokio::time::sleep(FRESH_POLL).await;
+        }
+    }
 }
 
 /// `?fields=timeline,errand,traits`: the parts of the profile a lookup answers with (all without it), so
@@ -355,10 +486,12 @@ async fn by_identifier(
     headers: HeaderMap,
     Path(key): Path<(String, String)>,
     axum::extract::Query(select): axum::extract::Query<Select>,
+    axum::extract::Query(fresh): axum::extract::Query<Fresh>,
 ) -> Response {
-    select
-        .apply(identifier(s, headers, key, What::Profile).await)
-        .await
+    let answer = fresh
+        .wait(|| identifier(s.clone(), headers.clone(), key.clone(), What::Profile))
+        .await;
+    select.apply(answer).await
 }
 
 async fn explain(
@@ -597,6 +730,14 @@ fn load(
         profile_id: p.id().to_string(),
         redirected_from,
         profile: ProfileRecord::new(&p, cfg),
+        reflects: Reflects {
+            version: p.version,
+            offsets: p
+                .positions
+                .iter()
+                .map(|((topic, partition), offset)| (format!("{topic}:{partition}"), *offset))
+                .collect(),
+        },
     }))
 }
 

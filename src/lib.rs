@@ -23,12 +23,14 @@
 //! - [`metrics`], [`http`]: Prometheus metrics, probes, profile lookup.
 //! - [`journeys`], [`generate`], [`demo`]: synthetic journeys with ground truth, and the demo.
 //! - [`quality`], [`bench`]: stitching quality against ground truth; the end-to-end benchmark.
+//! - [`backtest`]: candidate rules replayed over the retained input topics, compared with the live profiles.
 //! - [`scaleout`]: the graph in shards shared by any number of instances: the owner protocol, its
 //!   simulation, the per-shard state with its changelog, lookups from any instance.
 //!
 //! docs/DESIGN.md describes the state and the commit protocol.
 
 pub mod app;
+pub mod backtest;
 pub mod bench;
 pub mod cli;
 pub mod codec;

@@ -54,8 +54,10 @@ fn main() -> std::process::ExitCode {
             Command::Export(args) => stitcher::commands::export(args),
             Command::Erase(args) => stitcher::commands::erase(args).await,
             Command::Unlink(args) => stitcher::commands::unlink(args).await,
+            Command::Unsuppress(args) => stitcher::commands::unsuppress(args).await,
             Command::Bench(args) => stitcher::commands::bench(args).await,
             Command::Quality(args) => stitcher::commands::quality(args),
+            Command::Backtest(args) => stitcher::commands::backtest(args),
         }
     });
     match result {

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub profile_splits: IntCounter,
     pub shared_identifiers: IntCounter,
     pub identifiers_erased: IntCounter,
+    pub suppressed: IntCounterVec,
     pub control_commands: IntCounterVec,
     pub output_records: IntCounterVec,
     pub dead_letters: IntCounterVec,
@@ -228,8 +229,9 @@ impl Metrics {
             profile_splits: counter(&r, "stitcher_profile_splits_total", "Profiles split in several (erasure, unlink, a shared identifier taken out).")?,
             shared_identifiers: counter(&r, "stitcher_shared_identifiers_total", "Identifiers found to be shared by more people than guardrails.shared_limits allows and set apart.")?,
             identifiers_erased: counter(&r, "stitcher_identifiers_erased_total", "Identifiers removed from state by erasure commands.")?,
+            suppressed: counter_vec(&r, "stitcher_suppressed_total", "Identifiers stripped from events for being on the suppression list (what=identifier), and events left with none (what=event).", &["what"])?,
             control_commands: counter_vec(&r, "stitcher_control_commands_total", "Commands read from the control topic, by op (erase_identifier, erase_profile, unlink) and result (applied, not_found).", &["op", "result"])?,
-            output_records: counter_vec(&r, "stitcher_output_records_total", "Records produced to the profile topic, by kind (update, redirect, tombstone).", &["kind"])?,
+            output_records: counter_vec(&r, "stitcher_output_records_total", "Records produced, by kind: update, redirect, tombstone (profile topic), identity (identity change stream).", &["kind"])?,
             dead_letters: counter_vec(&r, "stitcher_dead_letters_total", "Input messages sent to the dead-letter topic, by stage (decode, validate, control).", &["stage"])?,
             errors: counter_vec(&r, "stitcher_errors_total", "Errors by stage (consume, produce, commit, state); retried unless fatal.", &["stage"])?,
             transactions: counter_vec(&r, "stitcher_transactions_total", "Batches committed, by result (committed, aborted, recovered).", &["result"])?,
@@ -249,6 +251,11 @@ impl Metrics {
             health: Health::default(),
         };
         Ok(m)
+    }
+
+    /// The metrics' current values (what `render` shows), for a command that reports them itself.
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.registry.gather()
     }
 
     /// The Prometheus text exposition of every metric.

@@ -215,6 +215,16 @@ pub struct Event {
     /// The event's attributes (at most `profile::story::MAX_ATTRIBUTES`): the contact reason, the
     /// category, stated preferences, whatever computed traits read.
     pub attributes: BTreeMap<String, String>,
+    /// The input record it came from (the identity change stream names it).
+    pub origin: Option<Origin>,
+}
+
+/// Where a message was read: an input topic, its partition and offset.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Origin {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
 }
 
 /// Wall-clock time in milliseconds since the epoch (0 if the clock is before 1970).

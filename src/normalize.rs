@@ -426,6 +426,7 @@ impl Normalizer {
             campaign_id: raw.campaign_id,
             consent: raw.consent,
             attributes: raw.attributes,
+            origin: None,
         })
     }
 }

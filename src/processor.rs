@@ -4,13 +4,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use crate::codec::identity::{IdentityChange, IdentityRef, TriggerRecord};
 use crate::codec::update::ProfileRecord;
 use crate::codec::{DecodeError, EventDecoder, Layout, ProfileUpdate, SchemaError, UpdateEncoder};
 use crate::config::{Config, ConfigError};
 use crate::control::Command;
 use crate::kafka::dead_letters::{self, Source};
 use crate::metrics::Metrics;
-use crate::model::{Event, Identifier, Millis, NodeId, ProfileId};
+use crate::model::{Event, Identifier, Millis, NodeId, Origin, ProfileId};
 use crate::normalize::Normalizer;
 use crate::profile::Profile;
 use crate::stitch::{BatchChanges, Reshape, Rules, Stitcher};
@@ -71,6 +72,10 @@ pub struct Processor {
     /// Every input channel, for the channel-scoped copies of an erased identifier.
     channels: Vec<String>,
     output_topic: String,
+    /// Whether `STITCHER_SUPPRESSION_SALT` is set (erasures can suppress).
+    suppression_salt: bool,
+    /// `output.identity_topic`, if set.
+    identity_topic: Option<String>,
     dlq_topic: String,
     /// Largest record produced (`output.max_record_bytes`).
     max_record_bytes: usize,
@@ -116,6 +121,8 @@ impl Processor {
                 c
             },
             output_topic: cfg.output.topic.clone(),
+            suppression_salt: cfg.identity.suppression_salt.is_some(),
+            identity_topic: Some(cfg.output.identity_topic.clone()).filter(|t| !t.is_empty()),
             dlq_topic: cfg.output.dead_letter_topic.clone(),
             max_record_bytes: cfg.output.max_record_bytes,
             metrics,
@@ -185,7 +192,14 @@ impl Processor {
                     .with_label_values(&[r.as_str()])
                     .inc();
             }) {
-            Ok(ev) => Ok(Some(ev)),
+            Ok(ev) => Ok(Some(Event {
+                origin: Some(Origin {
+                    topic: msg.topic.to_string(),
+                    partition: msg.partition,
+                    offset: msg.offset,
+                }),
+                ..ev
+            })),
             Err(e) => {
                 self.dead_letter(batch, src, msg, "validate", &e.to_string());
                 Ok(None)
@@ -216,23 +230,46 @@ impl Processor {
                 )
             })
         };
-        let control = match command {
-            Command::EraseIdentifier { kind, value, hash } => {
-                let id = match (value, hash) {
-                    (Some(value), _) => normalize(&kind, &value),
-                    (None, Some(hash)) => self.normalizer.hashed_identifier(&kind, &hash).map_err(|r| {
-                        format!("control command hash for type {kind:?} refused: {} (a hash is 64 hex digits, for a type in identity.hashed_types)", r.as_str())
-                    }),
-                    (None, None) => Err("erase_identifier takes either value or hash".into()),
-                };
-                id.map(|id| {
-                    // The identifier and its copies scoped to each channel (consent sealing).
-                    let copies = std::iter::once(id.clone())
-                        .chain(self.channels.iter().map(|ch| id.scoped(ch)))
-                        .collect();
-                    Control::Erase(copies)
-                })
+        let given = |kind: &str, value: Option<String>, hash: Option<String>| {
+            let id = match (value, hash) {
+                (Some(value), _) => normalize(kind, &value),
+                (None, Some(hash)) => self.normalizer.hashed_identifier(kind, &hash).map_err(|r| {
+                    format!("control command hash for type {kind:?} refused: {} (a hash is 64 hex digits, for a type in identity.hashed_types)", r.as_str())
+                }),
+                (None, None) => Err("the command takes either value or hash".into()),
+            };
+            // The identifier and its copies scoped to each channel (consent sealing).
+            id.map(|id| -> Vec<Identifier> {
+                std::iter::once(id.clone())
+                    .chain(self.channels.iter().map(|ch| id.scoped(ch)))
+                    .collect()
+            })
+        };
+        let salt = |op: &str| {
+            if self.suppression_salt {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{op} needs STITCHER_SUPPRESSION_SALT in the service's environment (README \"Erasure and unmerge\")"
+                ))
             }
+        };
+        let control = match command {
+            Command::EraseIdentifier {
+                kind,
+                value,
+                hash,
+                suppress,
+            } => (if suppress {
+                salt("erase_identifier with suppress")
+            } else {
+                Ok(())
+            })
+            .and_then(|()| given(&kind, value, hash))
+            .map(|copies| Control::Erase { copies, suppress }),
+            Command::Unsuppress { kind, value, hash } => salt("unsuppress")
+                .and_then(|()| given(&kind, value, hash))
+                .map(Control::Unsuppress),
             Command::EraseProfile { profile_id } => {
                 Ok(Control::EraseProfile(ProfileId(profile_id)))
             }
@@ -254,14 +291,9 @@ impl Processor {
 
     /// Logs and counts a control command applied (or that found nothing to change).
     pub fn control_applied(&self, op: &str, trigger: &str, reshape: &Reshape) {
-        let result = if reshape.is_empty()
-            && reshape.identifiers_erased == 0
-            && reshape.links_removed == 0
-        {
-            "not_found"
-        } else {
-            "applied"
-        };
+        let found =
+            !reshape.is_empty() || reshape.identifiers_erased > 0 || reshape.links_removed > 0;
+        let result = if found { "applied" } else { "not_found" };
         tracing::info!(
             op,
             result,
@@ -270,6 +302,18 @@ impl Processor {
             erased = reshape.erased.len(),
             "control command"
         );
+        self.count_control(op, result);
+    }
+
+    /// Logs and counts a control command without a graph outcome: `found` whether it had something to
+    /// change.
+    pub fn control_result(&self, op: &str, trigger: &str, found: bool) {
+        let result = if found { "applied" } else { "not_found" };
+        tracing::info!(op, result, trigger, "control command");
+        self.count_control(op, result);
+    }
+
+    fn count_control(&self, op: &str, result: &str) {
         self.metrics
             .control_commands
             .with_label_values(&[op, result])
@@ -321,37 +365,103 @@ impl Processor {
             .identifiers_erased
             .inc_by(changes.identifiers_erased);
         // Tombstones first, so that a key that came back within the batch ends on its update.
-        for id in changes.erased() {
+        for (id, version, kind, trigger) in changes.erased() {
             if profiles.live_node(id)?.is_none() {
                 out.push(self.output(id.as_str(), None));
                 self.metrics
                     .output_records
                     .with_label_values(&["tombstone"])
                     .inc();
+                self.identity_change(
+                    out,
+                    IdentityChange {
+                        profile_id: id.to_string(),
+                        version,
+                        changes: vec![kind.to_string()],
+                        identifiers: vec![],
+                        merged_into: None,
+                        merged_from: vec![],
+                        split_from: None,
+                        refused: vec![],
+                        trigger: TriggerRecord::from(trigger),
+                        at: now,
+                    },
+                );
             }
         }
         for u in changes.updates() {
             let Some(record) = profiles.with_profile(u.node, &mut |p| {
-                p.map(|p| (p.id(), ProfileRecord::new(p, self.stitcher.enrichment())))
+                p.map(|p| {
+                    (
+                        p.id(),
+                        ProfileRecord::new(p, self.stitcher.enrichment()),
+                        p.version,
+                    )
+                })
             })?
             else {
                 continue;
             };
-            let (id, profile) = record;
+            let (id, profile, version) = record;
+            // An id retired earlier in the batch may live again at its end (set apart as a shared
+            // identifier's profile, say): it neither redirects nor ends.
+            let mut merged_from: Vec<&ProfileId> = Vec::with_capacity(u.merged_from.len());
             for old in u.merged_from.iter().filter(|old| **old != id) {
+                if profiles.live_node(old)?.is_none() {
+                    merged_from.push(old);
+                }
+            }
+            for old in &merged_from {
                 out.push(self.redirect(old, &id, now)?);
+            }
+            if !u.identity.is_empty() {
+                let trigger = TriggerRecord::from(&u.trigger);
+                for old in &merged_from {
+                    self.identity_change(
+                        out,
+                        IdentityChange {
+                            profile_id: old.to_string(),
+                            version,
+                            changes: vec!["merged_into".into()],
+                            identifiers: vec![],
+                            merged_into: Some(id.to_string()),
+                            merged_from: vec![],
+                            split_from: None,
+                            refused: vec![],
+                            trigger: trigger.clone(),
+                            at: now,
+                        },
+                    );
+                }
+                self.identity_change(
+                    out,
+                    IdentityChange {
+                        profile_id: id.to_string(),
+                        version,
+                        changes: u.identity.iter().map(|k| k.to_string()).collect(),
+                        identifiers: profile
+                            .identifiers
+                            .iter()
+                            .map(|i| IdentityRef {
+                                kind: i.kind.clone(),
+                                value: i.value.clone(),
+                            })
+                            .collect(),
+                        merged_into: None,
+                        merged_from: merged_from.iter().map(|p| p.to_string()).collect(),
+                        split_from: u.split_from.as_ref().map(|p| p.to_string()),
+                        refused: u.refused.iter().map(Into::into).collect(),
+                        trigger,
+                        at: now,
+                    },
+                );
             }
             let update = ProfileUpdate {
                 profile_id: id.to_string(),
                 redirect_to: None,
-                merged_from: u
-                    .merged_from
-                    .iter()
-                    .filter(|old| **old != id)
-                    .map(|p| p.to_string())
-                    .collect(),
-                trigger_event_id: Some(u.trigger_event_id.clone()),
-                trigger_channel: Some(u.trigger_channel.clone()),
+                merged_from: merged_from.iter().map(|p| p.to_string()).collect(),
+                trigger_event_id: Some(u.trigger.id.clone()),
+                trigger_channel: Some(u.trigger.channel.clone()),
                 updated_at: now,
                 refused_links: u.refused.iter().map(Into::into).collect(),
                 profile: Some(profile),
@@ -364,6 +474,24 @@ impl Processor {
             out.push(self.update(&update)?);
         }
         Ok(())
+    }
+
+    /// A record of the identity change stream, if there is one.
+    fn identity_change(&self, out: &mut Vec<OutRecord>, change: IdentityChange) {
+        let Some(topic) = &self.identity_topic else {
+            return;
+        };
+        self.metrics
+            .output_records
+            .with_label_values(&["identity"])
+            .inc();
+        out.push(OutRecord {
+            topic: topic.clone(),
+            partition: None,
+            key: Some(change.profile_id.as_bytes().to_vec()),
+            payload: Some(change.encode()),
+            headers: vec![],
+        });
     }
 
     /// The record saying that profile `old` now lives in `to`.
@@ -430,7 +558,13 @@ pub fn positions_vec(map: &BTreeMap<(String, i32), i64>) -> Vec<Position> {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Control {
     /// An identifier and its copies scoped to each channel.
-    Erase(Vec<Identifier>),
+    /// An identifier and its channel-scoped copies; with `suppress`, later events are stripped of them.
+    Erase {
+        copies: Vec<Identifier>,
+        suppress: bool,
+    },
+    /// Lift the suppression of an identifier and its copies.
+    Unsuppress(Vec<Identifier>),
     EraseProfile(ProfileId),
     Unlink(Identifier, Identifier),
 }
@@ -438,7 +572,8 @@ pub enum Control {
 impl Control {
     pub fn op(&self) -> &'static str {
         match self {
-            Control::Erase(_) => "erase_identifier",
+            Control::Erase { .. } => "erase_identifier",
+            Control::Unsuppress(_) => "unsuppress",
             Control::EraseProfile(_) => "erase_profile",
             Control::Unlink(..) => "unlink",
         }
@@ -446,7 +581,8 @@ impl Control {
 }
 
 /// What reads a profile into its record: its id and its output form.
-pub type ProfileReader<'a> = dyn FnMut(Option<&Profile>) -> Option<(ProfileId, ProfileRecord)> + 'a;
+pub type ProfileReader<'a> =
+    dyn FnMut(Option<&Profile>) -> Option<(ProfileId, ProfileRecord, u64)> + 'a;
 
 /// Where the records of a batch's changes read the profiles as the batch leaves them.
 pub trait ProfileSource {
@@ -457,5 +593,5 @@ pub trait ProfileSource {
         &self,
         node: NodeId,
         f: &mut ProfileReader<'_>,
-    ) -> Result<Option<(ProfileId, ProfileRecord)>, StoreError>;
+    ) -> Result<Option<(ProfileId, ProfileRecord, u64)>, StoreError>;
 }

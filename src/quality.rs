@@ -13,7 +13,7 @@ use serde::Serialize;
 
 use crate::codec::{AvroCodec, ProfileUpdate};
 use crate::journeys::PersonTruth;
-use crate::kafka::reader::read_committed;
+use crate::kafka::reader::read_committed_with;
 use crate::store::{Store, StoreError};
 
 /// (type, normalised value).
@@ -120,13 +120,13 @@ pub fn mapping_from_state(store: &Store) -> Result<HashMap<Key, String>, StoreEr
 
 /// identifier → profile id from the compacted, read_committed view of a profile topic.
 pub fn mapping_from_topic(
-    brokers: &str,
+    base: rdkafka::ClientConfig,
     topic: &str,
     timeout: Duration,
 ) -> anyhow::Result<HashMap<Key, String>> {
     let codec = AvroCodec::profile_update()?;
     let mut latest: HashMap<Vec<u8>, Option<Vec<u8>>> = HashMap::new();
-    for r in read_committed(brokers, topic, timeout)? {
+    for r in read_committed_with(base, topic, timeout)? {
         if let Some(key) = r.key {
             latest.insert(key, r.payload);
         }

@@ -34,6 +34,7 @@ fn profiles_match_ground_truth() {
     );
 
     let out = s.output();
+    assert_identity_stream_matches(&s, &out);
     let (view, records) = (out.view, out.records.len());
     let got = live_summaries(&view);
     let want = truth_summaries(&j.truth);
@@ -77,10 +78,134 @@ fn restart_half_way_loses_nothing() {
     s.wait_caught_up(&mut child, TIMEOUT);
     assert!(sigterm(&mut child).success());
 
-    let view = s.output().view;
-    let got = live_summaries(&view);
+    let out = s.output();
+    assert_identity_stream_matches(&s, &out);
+    let got = live_summaries(&out.view);
     let want = truth_summaries(&j.truth);
     assert!(got == want, "{}", diff(&got, &want));
+}
+
+/// A lookup that asks for the offset of the event just sent never answers with a state without it: the
+/// new identifier is there, linked to the person, from the identifier sent and from the person's email.
+/// A version the profile does not reach is a clear timeout; a malformed `after` is refused.
+#[test]
+fn read_your_writes_lookups_reflect_the_event_just_sent() {
+    let s = Setup::new("ryw", 2, "");
+    let j = journeys::generate(&JourneyConfig {
+        persons: 60,
+        seed: 17,
+        ..Default::default()
+    });
+    generate::send(&brokers(), &s.routes, &j, 0).expect("send");
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, TIMEOUT);
+    let (topic, _) = s
+        .routes
+        .values()
+        .find(|(_, f)| *f == stitcher::config::Format::Json)
+        .expect("a JSON channel")
+        .clone();
+    let emails: Vec<String> = j
+        .truth
+        .iter()
+        .filter_map(|t| t.identifiers.iter().find(|(k, _)| k == "email"))
+        .map(|(_, e)| e.clone())
+        .take(15)
+        .collect();
+    let mut waited = Vec::new();
+    for (i, email) in emails.iter().enumerate() {
+        let cookie = format!("ryw-cookie-{i}");
+        let event = serde_json::json!({
+            "event_id": format!("ryw-{i}"),
+            "event_type": "page_view",
+            "timestamp": stitcher::model::now_millis(),
+            "identifiers": [{"type": "email", "value": email}, {"type": "anonymous_id", "value": cookie}],
+        });
+        let (partition, offset) = send_one(&topic, event.to_string().as_bytes());
+        let after = format!("after={topic}:{partition}:{offset}&wait_ms=20000");
+        for path in [
+            format!("/v1/identifiers/anonymous_id/{cookie}?{after}"),
+            format!("/v1/identifiers/email/{email}?{after}"),
+        ] {
+            let started = std::time::Instant::now();
+            let (status, body) = s.http_get(&path);
+            waited.push(started.elapsed());
+            assert_eq!(status, 200, "{path}: {body}");
+            let answer: serde_json::Value = serde_json::from_str(&body).expect("json");
+            let reflected = answer["reflects"]["offsets"][format!("{topic}:{partition}")]
+                .as_i64()
+                .unwrap_or(-1);
+            assert!(reflected >= offset, "{path}: reflects {reflected}: {body}");
+            let values: Vec<&str> = answer["profile"]["identifiers"]
+                .as_array()
+                .expect("identifiers")
+                .iter()
+                .filter_map(|i| i["value"].as_str())
+                .collect();
+            assert!(
+                values.contains(&cookie.as_str()) && values.contains(&email.as_str()),
+                "{path}: the event just sent is in the answer: {body}"
+            );
+        }
+    }
+    let email = &emails[0];
+    let (status, body) = s.http_get(&format!(
+        "/v1/identifiers/email/{email}?min_version=1000000&wait_ms=300"
+    ));
+    assert_eq!(status, 504, "{body}");
+    assert!(
+        body.contains("version 1000000"),
+        "says what is lacking: {body}"
+    );
+    let (status, body) = s.http_get(&format!("/v1/identifiers/email/{email}?after=web"));
+    assert_eq!(status, 400, "{body}");
+    assert!(sigterm(&mut child).success());
+    waited.sort();
+    println!(
+        "read-your-writes: {} lookups, waited p50 {:?}, max {:?}",
+        waited.len(),
+        waited[waited.len() / 2],
+        waited.last().expect("lookups")
+    );
+}
+
+/// The identity change stream alone rebuilds the identifier-to-profile mapping of the live profiles; every
+/// record names its trigger (an input record, or a control command's record).
+fn assert_identity_stream_matches(s: &Setup, out: &Output) {
+    let rebuilt = s.identity_mapping();
+    let live = out.identity_mapping();
+    assert!(!live.is_empty());
+    let differ: Vec<_> = live
+        .iter()
+        .filter(|(i, p)| rebuilt.get(*i) != Some(*p))
+        .chain(rebuilt.iter().filter(|(i, _)| !live.contains_key(*i)))
+        .take(5)
+        .collect();
+    assert!(
+        rebuilt == live,
+        "identity stream mapping differs from the live profiles (first 5): {differ:?}"
+    );
+    let records = read_all(&s.identity_topic);
+    let mut merges = 0;
+    for r in &records {
+        let c = stitcher::codec::identity::IdentityChange::decode(r.payload.as_deref().unwrap())
+            .unwrap();
+        let t = &c.trigger;
+        assert!(
+            t.topic
+                .as_ref()
+                .is_some_and(|topic| s.input_topics.contains(topic) || *topic == s.control_topic)
+                && t.offset.is_some_and(|o| o >= 0),
+            "trigger without its input record: {c:?}"
+        );
+        merges += usize::from(c.changes.iter().any(|k| k == "merge"));
+    }
+    println!(
+        "identity stream: {} records for {} identifiers in {} profiles, {merges} merge records",
+        records.len(),
+        live.len(),
+        out.live().len()
+    );
 }
 
 #[test]

@@ -323,3 +323,138 @@ fn hashed_identifiers_are_looked_up_and_erased_by_hash() {
     assert_eq!(s.http_get("/v1/identifiers/anonymous_id/ck-h").0, 200);
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
 }
+
+/// An erasure with `--suppress` stays erased: later events carrying the identifier are stripped of it
+/// (counted, never linked; an event with nothing else is dropped), across a restart and a restore of the
+/// state from the changelog (the local state deleted), until `stitcher unsuppress`. The erasure's receipt
+/// is on the identity change stream, which never carries the identifier while it is suppressed.
+#[test]
+fn suppressed_identifiers_stay_erased_across_restart_and_restore() {
+    let s = Setup::new("suppress", 1, "");
+    let salt = [("STITCHER_SUPPRESSION_SALT", "a-secret-of-at-least-16-bytes")];
+    send(
+        &s,
+        vec![
+            event("s1", 1, &[("email", "gone@x.io"), ("anonymous_id", "c1")]),
+            event("s2", 2, &[("email", "gone@x.io"), ("anonymous_id", "c2")]),
+        ],
+    );
+    let mut child = s.start_with_env(&salt);
+    s.wait_caught_up(&mut child, TIMEOUT);
+    assert_eq!(s.http_get("/v1/identifiers/email/gone@x.io").0, 200);
+
+    let out = s.cli(&["erase", "--identifier", "email:gone@x.io", "--suppress"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.wait_caught_up(&mut child, TIMEOUT);
+    let receipt = identity_records(&s)
+        .into_iter()
+        .find(|c| c.changes.iter().any(|k| k == "erase"))
+        .expect("an erase record on the identity change stream");
+    assert!(receipt
+        .trigger
+        .command
+        .as_deref()
+        .is_some_and(|c| c.starts_with("control:")));
+
+    let stripped = |s: &Setup, child: &mut std::process::Child, n: &str| {
+        send(
+            s,
+            vec![
+                event(
+                    &format!("{n}-a"),
+                    10,
+                    &[("email", "Gone@x.io"), ("anonymous_id", n)],
+                ),
+                event(&format!("{n}-b"), 11, &[("email", "gone@x.io")]),
+            ],
+        );
+        s.wait_caught_up(child, TIMEOUT);
+        assert_eq!(
+            s.http_get("/v1/identifiers/email/gone@x.io").0,
+            404,
+            "{n}: the suppressed email is in no profile"
+        );
+        let (status, body) = s.http_get(&format!("/v1/identifiers/anonymous_id/{n}"));
+        assert_eq!(status, 200, "{n}: the rest of the event is applied: {body}");
+        assert!(!body.contains("gone@x.io"), "{body}");
+    };
+    stripped(&s, &mut child, "c3");
+    let (_, metrics) = s.http_get("/metrics");
+    assert!(
+        metrics.contains(r#"stitcher_suppressed_total{what="identifier"} 2"#)
+            && metrics.contains(r#"stitcher_suppressed_total{what="event"} 1"#),
+        "{metrics}"
+    );
+    // A restart, then a restore of the whole state from the changelog.
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+    let mut child = s.start_with_env(&salt);
+    stripped(&s, &mut child, "c4");
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+    std::fs::remove_dir_all(s.dir.join("state")).expect("delete the local state");
+    let mut child = s.start_with_env(&salt);
+    stripped(&s, &mut child, "c5");
+    for c in identity_records(&s) {
+        assert!(
+            !c.identifiers.iter().any(|i| i.value == "gone@x.io"),
+            "a suppressed identifier on the identity change stream: {c:?}"
+        );
+    }
+
+    // The person consents again.
+    let out = s.cli(&["unsuppress", "--identifier", "email:gone@x.io"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.wait_caught_up(&mut child, TIMEOUT);
+    send(
+        &s,
+        vec![event(
+            "s9",
+            20,
+            &[("email", "gone@x.io"), ("anonymous_id", "c9")],
+        )],
+    );
+    s.wait_caught_up(&mut child, TIMEOUT);
+    let (status, body) = s.http_get("/v1/identifiers/email/gone@x.io");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("c9"), "{body}");
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+    assert!(s.dead_letters().is_empty());
+    assert!(s.identity_mapping() == s.output().identity_mapping());
+}
+
+/// An erasure with `--suppress` on a service without a salt is a dead letter that says what is missing.
+#[test]
+fn suppressing_without_a_salt_is_refused_clearly() {
+    let s = Setup::new("nosalt", 1, "");
+    send(&s, vec![event("n1", 1, &[("email", "x@x.io")])]);
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, TIMEOUT);
+    s.cli(&["erase", "--identifier", "email:x@x.io", "--suppress"]);
+    s.wait_caught_up(&mut child, TIMEOUT);
+    assert!(sigterm(&mut child).success());
+    let dead = s.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0].headers["dlq.error"].contains("STITCHER_SUPPRESSION_SALT"),
+        "{:?}",
+        dead[0].headers
+    );
+    assert_eq!(dead[0].headers["dlq.stage"], "control");
+}
+
+fn identity_records(s: &Setup) -> Vec<stitcher::codec::identity::IdentityChange> {
+    read_all(&s.identity_topic)
+        .into_iter()
+        .map(|r| {
+            stitcher::codec::identity::IdentityChange::decode(&r.payload.expect("payload"))
+                .expect("identity change")
+        })
+        .collect()
+}

@@ -2,6 +2,7 @@
 
 pub mod avro;
 pub mod binary;
+pub mod identity;
 pub mod mapping;
 pub mod update;
 

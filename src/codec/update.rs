@@ -21,7 +21,7 @@ pub struct ProfileUpdate {
     pub split_from: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RefusedLink {
     pub rule: String,
     pub id_type: String,
@@ -512,6 +512,7 @@ mod tests {
             campaign_id: None,
             consent: None,
             attributes: Default::default(),
+            origin: None,
         };
         let cfg = Enrichment::default();
         let p = Profile::new(&ev, &cfg);

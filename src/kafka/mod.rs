@@ -179,6 +179,18 @@ pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaErro
         .set("min.compaction.lag.ms", "60000");
     let dlq = NewTopic::new(&cfg.output.dead_letter_topic, 1, TopicReplication::Fixed(1));
     let mut topics = vec![output, dlq];
+    if !cfg.output.identity_topic.is_empty() {
+        // Compacted: the last record of every profile id is what rebuilding the mapping needs.
+        topics.push(
+            NewTopic::new(
+                &cfg.output.identity_topic,
+                partitions,
+                TopicReplication::Fixed(1),
+            )
+            .set("cleanup.policy", "compact")
+            .set("min.compaction.lag.ms", "60000"),
+        );
+    }
     if !cfg.control.topic.is_empty() {
         // One partition: commands apply in the order they were sent.
         topics.push(NewTopic::new(

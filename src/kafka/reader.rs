@@ -54,8 +54,18 @@ pub fn read_committed(
     topic: &str,
     timeout: Duration,
 ) -> Result<Vec<Record>, ReadError> {
-    let consumer: BaseConsumer<QuietEof> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let mut base = ClientConfig::new();
+    base.set("bootstrap.servers", brokers);
+    read_committed_with(base, topic, timeout)
+}
+
+/// [`read_committed`] with the client settings of `base` (brokers and security).
+pub fn read_committed_with(
+    mut base: ClientConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<Record>, ReadError> {
+    let consumer: BaseConsumer<QuietEof> = base
         .set(
             "group.id",
             format!(

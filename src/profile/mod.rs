@@ -255,6 +255,12 @@ pub struct Profile {
     pub shared: bool,
     /// The timeline, switchpoints, errand, interests, preferences and computed traits.
     pub story: Story,
+    /// Identity changes so far (docs/DESIGN.md, "The identity change stream"): only increases for one
+    /// profile id, across merges, splits and moves. Not a function of the set of events.
+    pub version: u64,
+    /// Per input partition (topic, partition), the largest offset of an event in this profile: what a
+    /// read-your-writes lookup waits for (README "HTTP").
+    pub positions: BTreeMap<(String, i32), i64>,
 }
 
 impl Profile {
@@ -295,6 +301,8 @@ impl Profile {
             },
             shared: false,
             story: Story::default(),
+            version: 0,
+            positions: BTreeMap::new(),
         }
     }
 
@@ -420,6 +428,13 @@ impl Profile {
             }
         }
         self.story.apply(cfg, ev);
+        if let Some(o) = &ev.origin {
+            let at = self
+                .positions
+                .entry((o.topic.clone(), o.partition))
+                .or_insert(o.offset);
+            *at = (*at).max(o.offset);
+        }
     }
 
     /// Records that `ids` were seen at `ts`.
@@ -478,6 +493,11 @@ impl Profile {
             Latest::join(&mut self.consent.email_marketing, c);
         }
         self.story.join(other.story);
+        self.version = self.version.max(other.version);
+        for (at, offset) in other.positions {
+            let mine = self.positions.entry(at).or_insert(offset);
+            *mine = (*mine).max(offset);
+        }
     }
 }
 
@@ -518,6 +538,7 @@ mod tests {
             campaign_id: None,
             consent: None,
             attributes: BTreeMap::new(),
+            origin: None,
         }
     }
 

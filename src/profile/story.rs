@@ -963,6 +963,7 @@ mod tests {
                     campaign_id: None,
                     consent: None,
                     attributes,
+                    origin: None,
                 }
             })
     }
@@ -1058,6 +1059,7 @@ mod tests {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            origin: None,
         }
     }
 

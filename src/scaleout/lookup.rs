@@ -178,6 +178,7 @@ mod tests {
             campaign_id: None,
             consent: None,
             attributes: Default::default(),
+            origin: None,
         }
     }
 
@@ -198,6 +199,7 @@ mod tests {
             Shard {
                 view: &mut view,
                 shards: SHARDS,
+                suppression: None,
             }
             .handle(&stitcher, msg, &mut out)
             .expect("handle");

@@ -12,9 +12,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::state::{
-    Kv, ShardGraph, ShardView, MOVED_PROFILE, PARKED, PARKED_BEHIND, PENDING, WAITING,
+    suppression_hash, Kv, ShardGraph, ShardView, MOVED_PROFILE, PARKED, PARKED_BEHIND, PENDING,
+    WAITING,
 };
 use super::{event_home, home, ShardId};
+use crate::config::HashKey;
 use crate::model::{Event, Identifier, NodeId, ProfileId};
 use crate::profile::Profile;
 use crate::stitch::{Applied, Evidence, GraphStore, Reshape, Stitcher};
@@ -100,6 +102,15 @@ pub enum Msg {
         at_owner: Option<u32>,
         /// Where the command came from (`control:<topic>:<partition>:<offset>`), for the output.
         trigger: String,
+        /// Its suppression hash, to put on the home's suppression list.
+        suppress: Option<[u8; 32]>,
+    },
+    /// Take an identifier off its home's suppression list (by its suppression hash); `primary` for the
+    /// identifier itself rather than one of its channel-scoped copies.
+    Unsuppress {
+        hash: [u8; 32],
+        trigger: String,
+        primary: bool,
     },
     /// Erase a profile by any of its public ids: sent to every shard; the one holding it erases it, one
     /// that sent it away forwards the command after it.
@@ -124,6 +135,7 @@ impl Msg {
             Msg::Own { .. } => "own",
             Msg::Gone { .. } => "gone",
             Msg::Erase { .. } => "erase",
+            Msg::Unsuppress { .. } => "unsuppress",
             Msg::EraseProfile { .. } => "erase_profile",
             Msg::Unlink { .. } => "unlink",
         }
@@ -133,12 +145,15 @@ impl Msg {
 /// A change to the graph, applied at the shard that owns the components it touches, with the classic
 /// stitcher's outcome: what the output and the simulation's one-instance replay are built from.
 #[derive(Debug, Clone, PartialEq)]
+#[allow(clippy::large_enum_variant)] // made and consumed once per step, never stored
 pub enum Step {
     Event(Event, Option<Applied>),
     /// The identifier erased, the command's trigger, the outcome.
     Erase(Identifier, String, Reshape),
     EraseProfile(ProfileId, String, Reshape),
     Unlink(Identifier, Identifier, String, Reshape),
+    /// A suppression lifted (the trigger; whether the identifier was on the list).
+    Unsuppress(String, bool),
 }
 
 /// What handling one message produced.
@@ -152,6 +167,8 @@ pub struct Out {
     pub arrived: Vec<((ShardId, NodeId), NodeId)>,
     /// Events seen before (dropped at their home).
     pub duplicates: u64,
+    /// Identifiers stripped from events for being on the suppression list, and events left with none.
+    pub suppressed: (u64, u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -195,6 +212,8 @@ enum Follow {
 pub struct Shard<'v, 'k, K: ?Sized> {
     pub view: &'v mut ShardView<'k, K>,
     pub shards: ShardId,
+    /// `STITCHER_SUPPRESSION_SALT`: events are checked against the suppression list when set.
+    pub suppression: Option<&'v HashKey>,
 }
 
 impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
@@ -232,7 +251,22 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                 x,
                 at_owner,
                 trigger,
-            } => self.erase(stitcher, x, at_owner, trigger, out),
+                suppress,
+            } => self.erase(stitcher, x, at_owner, (trigger, suppress), out),
+            Msg::Unsuppress {
+                hash,
+                trigger,
+                primary,
+            } => {
+                let listed = self.view.suppressed(&hash)?;
+                if listed {
+                    self.view.set_suppressed(&hash, None)?;
+                }
+                if primary {
+                    out.steps.push(Step::Unsuppress(trigger, listed));
+                }
+                Ok(())
+            }
             Msg::EraseProfile { id, trigger } => self.erase_profile(stitcher, id, trigger, out),
             Msg::Unlink {
                 a,
@@ -391,8 +425,8 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
 
     fn locate(
         &mut self,
-        ev: Event,
-        ids: Vec<Identifier>,
+        mut ev: Event,
+        mut ids: Vec<Identifier>,
         mut next: usize,
         mut found: Vec<(Identifier, Found)>,
         scoped: bool,
@@ -400,6 +434,17 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
     ) -> Result<(), StoreError> {
         while let Some(x) = ids.get(next).filter(|x| home(x, self.shards) == self.id()) {
             let x = x.clone();
+            if let Some(salt) = self.suppression {
+                if self.view.suppressed(&suppression_hash(salt, &x))? {
+                    // Erased and suppressed: the event goes on without it, and nothing of it is kept.
+                    ids.remove(next);
+                    if ev.identifiers.contains(&x) {
+                        ev.identifiers.retain(|i| *i != x);
+                        out.suppressed.0 += 1;
+                    }
+                    continue;
+                }
+            }
             let copy = !scoped && x.scope().is_some() && !ev.identifiers.contains(&x);
             let entry = match self.dir(&x)? {
                 Dir::Owned(s, _) => {
@@ -474,6 +519,12 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                 scoped,
             };
             self.send(out, to, msg);
+            return Ok(());
+        }
+        if ev.identifiers.is_empty() {
+            // Every identifier suppressed: nobody to apply it to. Nothing was reserved for it (only its
+            // own identifiers reserve, and those are gone).
+            out.suppressed.1 += 1;
             return Ok(());
         }
         let to = choose_target(&ev, &found, self.shards);
@@ -1003,13 +1054,21 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         stitcher: &Stitcher,
         x: Identifier,
         at_owner: Option<u32>,
-        trigger: String,
+        (trigger, suppress): (String, Option<[u8; 32]>),
         out: &mut Out,
     ) -> Result<(), StoreError> {
+        if let (None, Some(hash)) = (at_owner, &suppress) {
+            // At the home, where every event carrying x is located: from now on they are stripped of it.
+            if !self.view.suppressed(hash)? {
+                self.view
+                    .set_suppressed(hash, Some(crate::model::now_millis()))?;
+            }
+        }
         let msg = |at_owner| Msg::Erase {
             x: x.clone(),
             at_owner,
             trigger: trigger.clone(),
+            suppress,
         };
         if !self.command_here(&x, at_owner, msg, out)? {
             return Ok(());

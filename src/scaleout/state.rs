@@ -21,6 +21,7 @@
 //! | `W` identifier key                | the events pending here that located the identifier          |
 //! | `k` identifier key                | messages about an identifier in flight to here, parked until it arrives |
 //! | `K` event id                      | fetches parked behind a pending event of higher priority     |
+//! | `s` HMAC(salt, identifier key)    | a suppressed identifier homed here: when (ms, i64)           |
 //!
 //! A batch's changes go to partition `shard` of the changelog topic (same key and value; a delete is a
 //! tombstone) inside the batch's transaction. The local copy is written only after that transaction
@@ -58,6 +59,18 @@ pub(crate) const PENDING: u8 = b'w';
 pub(crate) const WAITING: u8 = b'W';
 pub(crate) const PARKED: u8 = b'k';
 pub(crate) const PARKED_BEHIND: u8 = b'K';
+const SUPPRESSED: u8 = b's';
+
+/// The key of an identifier on the suppression list: HMAC-SHA-256 of its state key under the salt
+/// (`STITCHER_SUPPRESSION_SALT`), so the list never holds the identifier.
+pub fn suppression_hash(salt: &crate::config::HashKey, id: &Identifier) -> [u8; 32] {
+    use hmac::{Mac, SimpleHmac};
+    // HMAC takes keys of any length.
+    let mut mac = SimpleHmac::<Sha256>::new_from_slice(&salt.0)
+        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
+    mac.update(&identifier_key(id));
+    mac.finalize().into_bytes().into()
+}
 
 /// Kinds of the parent-pointer protocol of stitcher 0.2's scale-out mode, which this version refuses.
 const FORMER_KINDS: [u8; 2] = [b'p', b'r'];
@@ -337,6 +350,7 @@ fn kind_name(kind: u8) -> &'static str {
         PENDING => "pending event",
         WAITING => "events waiting on an identifier",
         PARKED | PARKED_BEHIND => "parked messages",
+        SUPPRESSED => "suppression",
         _ => "record",
     }
 }
@@ -409,6 +423,16 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
 
     pub fn set_dir<T: Serialize>(&mut self, id: &Identifier, dir: &T) -> Result<(), StoreError> {
         self.put(DIR, &identifier_key(id), Some(dir))
+    }
+
+    /// Whether the identifier with this suppression hash is on this shard's suppression list.
+    pub fn suppressed(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
+        Ok(self.kv.get(&key(self.shard, SUPPRESSED, hash))?.is_some())
+    }
+
+    /// Puts an identifier on the suppression list (at `at`, ms) or, with `None`, takes it off.
+    pub fn set_suppressed(&mut self, hash: &[u8; 32], at: Option<i64>) -> Result<(), StoreError> {
+        self.put(SUPPRESSED, hash, at.as_ref())
     }
 
     /// Records an event id homed here; false if it was seen before.

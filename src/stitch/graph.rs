@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::model::{Event, Identifier, NodeId, ProfileId};
+use crate::model::{Event, Identifier, NodeId, Origin, ProfileId};
 use crate::profile::{Enrichment, Profile, Seen};
 
 use super::evidence::Evidence;
@@ -97,8 +97,8 @@ pub struct Split {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Reshape {
     pub splits: Vec<Split>,
-    /// Public ids that no longer exist; each gets a tombstone.
-    pub erased: Vec<ProfileId>,
+    /// Public ids that no longer exist, with the version their end has; each gets a tombstone.
+    pub erased: Vec<(ProfileId, u64)>,
     /// Nodes of profiles made for identifiers found to be shared.
     pub quarantined: Vec<NodeId>,
     /// Ids that stopped existing in a split that was not an erasure, each now redirecting to the
@@ -136,8 +136,31 @@ pub struct Applied {
     /// Nodes whose profiles were absorbed into `node`.
     pub absorbed_nodes: Vec<NodeId>,
     pub refused: Vec<Refusal>,
+    /// Whether the event linked an identifier the profile did not hold.
+    pub linked_new: bool,
     /// Splits caused by an identifier of the event found to be shared.
     pub reshape: Reshape,
+}
+
+impl Applied {
+    /// What the step did to the identity of its profile, for the identity change stream.
+    pub fn identity_changes(&self) -> Vec<&'static str> {
+        let mut kinds = Vec::new();
+        if self.created {
+            kinds.push("create");
+        } else if self.linked_new {
+            kinds.push("link");
+        }
+        if !self.absorbed_nodes.is_empty() {
+            kinds.push("merge");
+        } else if !self.retired.is_empty() {
+            kinds.push("rename");
+        }
+        if !self.refused.is_empty() {
+            kinds.push("refused");
+        }
+        kinds
+    }
 }
 
 /// Applies events to the graph under the guardrails.
@@ -212,6 +235,7 @@ impl Stitcher {
                 retired: vec![],
                 absorbed_nodes: vec![],
                 refused: vec![],
+                linked_new: false,
                 reshape,
             }));
         }
@@ -309,6 +333,7 @@ impl Stitcher {
             .collect();
         let mut total = profile.identifiers.len();
         let mut linked: Vec<Identifier> = Vec::with_capacity(ids.len());
+        let mut linked_new = false;
         for (id, own) in ids.iter().zip(&owner) {
             match own {
                 Some(n) if merged_into_primary.contains(n) => linked.push(id.clone()),
@@ -320,6 +345,7 @@ impl Stitcher {
                         total += 1;
                         store.set_node(id, node);
                         linked.push(id.clone());
+                        linked_new = true;
                     }
                     Err(rule) => refused.push(Refusal {
                         rule,
@@ -346,16 +372,22 @@ impl Stitcher {
                 retired.push(old);
             }
         }
-        store.index(&id_after, node);
-        store.put_profile(node, profile);
-        Ok(Some(Applied {
+        let applied = Applied {
             node,
             created,
             retired,
             absorbed_nodes,
             refused,
+            linked_new,
             reshape,
-        }))
+        };
+        if !applied.identity_changes().is_empty() {
+            // Absorbing took the largest version of the profiles joined.
+            profile.version += 1;
+        }
+        store.index(&id_after, node);
+        store.put_profile(node, profile);
+        Ok(Some(applied))
     }
 
     /// The event's identifiers in decreasing trust (the most trusted match decides the primary profile),
@@ -451,11 +483,13 @@ impl Stitcher {
         reshape: &mut Reshape,
     ) -> Result<(), S::Error> {
         let mut seen = Seen::at(ev.timestamp);
+        let mut version = 1;
         if let Some(n) = node {
             if let Some(profile) = store.take_profile(n)? {
                 if let Some(s) = profile.identifiers.get(x) {
                     seen = *s;
                 }
+                version = profile.version + 1;
                 for (y, _) in store.links(x)? {
                     store.remove_link(x, &y);
                 }
@@ -471,6 +505,7 @@ impl Stitcher {
         own.identifiers.insert(x.clone(), seen);
         fill_anchor(&mut own);
         own.shared = true;
+        own.version = version;
         store.set_node(x, q);
         let id = own.id();
         store.remove_redirect(&id);
@@ -494,6 +529,7 @@ impl Stitcher {
         reshape: &mut Reshape,
     ) -> Result<(), S::Error> {
         let old_id = profile.id();
+        let version = profile.version + 1;
         let remaining: BTreeSet<&Identifier> = profile
             .identifiers
             .keys()
@@ -519,6 +555,7 @@ impl Stitcher {
                 }
             }
             piece.shared = profile.shared;
+            piece.version = version;
             fill_anchor(&mut piece);
             pieces.push(piece);
         }
@@ -550,10 +587,10 @@ impl Stitcher {
         match keeper {
             None => {
                 store.delete_profile(node);
-                self.retire_erased(store, &old_id, purge, reshape)?;
+                self.retire_erased(store, &old_id, version, purge, reshape)?;
             }
             Some(_) if kept_id => {}
-            Some(_) if purge => self.retire_erased(store, &old_id, purge, reshape)?,
+            Some(_) if purge => self.retire_erased(store, &old_id, version, purge, reshape)?,
             Some(_) => {
                 // Not an erasure: the old id continues as the largest piece.
                 if let Some(to) = &keeper_id {
@@ -566,11 +603,12 @@ impl Stitcher {
         Ok(())
     }
 
-    /// An id that stops existing: a tombstone, and with `purge` the redirects to it go too.
+    /// An id that stops existing at `version`: a tombstone, and with `purge` the redirects to it go too.
     fn retire_erased<S: GraphStore>(
         &self,
         store: &mut S,
         id: &ProfileId,
+        version: u64,
         purge: bool,
         reshape: &mut Reshape,
     ) -> Result<(), S::Error> {
@@ -578,10 +616,10 @@ impl Stitcher {
         if purge {
             for from in store.redirects_to(id)? {
                 store.remove_redirect(&from);
-                reshape.erased.push(from);
+                reshape.erased.push((from, version));
             }
         }
-        reshape.erased.push(id.clone());
+        reshape.erased.push((id.clone(), version));
         Ok(())
     }
 
@@ -626,7 +664,9 @@ impl Stitcher {
         let Some((live, node)) = resolve_profile_id(store, id)? else {
             return Ok(reshape);
         };
+        let mut version = 1;
         if let Some(profile) = store.take_profile(node)? {
+            version = profile.version + 1;
             for x in profile.identifiers.keys() {
                 for (y, _) in store.links(x)? {
                     store.remove_link(x, &y);
@@ -637,7 +677,7 @@ impl Stitcher {
             }
         }
         store.delete_profile(node);
-        self.retire_erased(store, &live, true, &mut reshape)?;
+        self.retire_erased(store, &live, version, true, &mut reshape)?;
         Ok(reshape)
     }
 
@@ -773,8 +813,10 @@ fn fill_anchor(p: &mut Profile) {
 /// tombstone per erased id.
 #[derive(Debug, Default)]
 pub struct BatchChanges {
-    /// Touched nodes with the last event (or command) that touched them: (trigger id, channel).
-    touched: BTreeMap<NodeId, (String, String)>,
+    /// Touched nodes with the last event (or command) that touched them.
+    touched: BTreeMap<NodeId, Trigger>,
+    /// Touched nodes whose identity changed, and how (the identity change stream).
+    identity: BTreeMap<NodeId, BTreeSet<&'static str>>,
     /// Node absorbed -> node it went into, within this batch.
     forwarded: HashMap<NodeId, NodeId>,
     /// Retired public ids and the node they went into.
@@ -784,8 +826,8 @@ pub struct BatchChanges {
     /// Nodes that came out of a split, with the id of the profile they came from and whether it split
     /// into several pieces (rather than losing identifiers and staying one).
     split_from: BTreeMap<NodeId, (ProfileId, bool)>,
-    /// Ids erased (or split away) in this batch.
-    erased: BTreeSet<ProfileId>,
+    /// Ids erased (or split away) in this batch, with the version, kind and trigger of their end.
+    erased: BTreeMap<ProfileId, (u64, &'static str, Trigger)>,
     pub created: u64,
     pub merges: u64,
     pub splits: u64,
@@ -793,9 +835,52 @@ pub struct BatchChanges {
     pub identifiers_erased: u64,
 }
 
+/// The event (or command) that last touched a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Trigger {
+    /// The event id, or `control:<topic>:<partition>:<offset>` for a command.
+    pub id: String,
+    pub channel: String,
+    /// The input record it came from.
+    pub origin: Option<Origin>,
+}
+
+impl Trigger {
+    pub fn of(ev: &Event) -> Self {
+        Self {
+            id: ev.event_id.clone(),
+            channel: ev.channel.clone(),
+            origin: ev.origin.clone(),
+        }
+    }
+
+    /// A control command, named `control:<topic>:<partition>:<offset>` (topic names hold no colon).
+    pub fn command(trigger: &str) -> Self {
+        let mut parts = trigger.rsplitn(3, ':');
+        let offset = parts.next().and_then(|o| o.parse().ok());
+        let partition = parts.next().and_then(|p| p.parse().ok());
+        let topic = parts.next().and_then(|t| t.strip_prefix("control:"));
+        let origin = match (topic, partition, offset) {
+            (Some(topic), Some(partition), Some(offset)) => Some(Origin {
+                topic: topic.to_string(),
+                partition,
+                offset,
+            }),
+            _ => None,
+        };
+        Self {
+            id: trigger.to_string(),
+            channel: "control".to_string(),
+            origin,
+        }
+    }
+}
+
 impl BatchChanges {
     pub fn record(&mut self, ev: &Event, applied: Applied) {
-        self.record_reshape(&ev.event_id, &ev.channel, applied.reshape);
+        let trigger = Trigger::of(ev);
+        let kinds = applied.identity_changes();
+        self.record_reshape(&trigger, "split", applied.reshape);
         for gone in &applied.absorbed_nodes {
             self.moved(*gone, applied.node);
         }
@@ -811,8 +896,10 @@ impl BatchChanges {
                 .or_default()
                 .extend(applied.refused);
         }
-        self.touched
-            .insert(applied.node, (ev.event_id.clone(), ev.channel.clone()));
+        if !kinds.is_empty() {
+            self.identity.entry(applied.node).or_default().extend(kinds);
+        }
+        self.touched.insert(applied.node, trigger);
     }
 
     /// The profile of node `from` now lives under node `to` (absorbed by it, or moved there whole): what
@@ -828,10 +915,14 @@ impl BatchChanges {
         if let Some(split) = self.split_from.remove(&from) {
             self.split_from.entry(to).or_insert(split);
         }
+        if let Some(kinds) = self.identity.remove(&from) {
+            self.identity.entry(to).or_default().extend(kinds);
+        }
     }
 
-    /// Records splits, erasures and shared identifiers, triggered by an event or a control command.
-    pub fn record_reshape(&mut self, trigger: &str, channel: &str, reshape: Reshape) {
+    /// Records splits, erasures and shared identifiers, triggered by an event or a control command; `kind`
+    /// is what the identity change stream calls its splits and ends (`split`, `erase`, `unlink`).
+    pub fn record_reshape(&mut self, trigger: &Trigger, kind: &'static str, reshape: Reshape) {
         self.splits += reshape.splits.len() as u64;
         self.shared_found += reshape.quarantined.len() as u64;
         self.identifiers_erased += reshape.identifiers_erased;
@@ -839,17 +930,17 @@ impl BatchChanges {
             let several = split.into.len() > 1;
             for n in split.into {
                 self.split_from.insert(n, (split.from.clone(), several));
-                self.touched
-                    .insert(n, (trigger.to_string(), channel.to_string()));
+                self.touched.insert(n, trigger.clone());
+                self.identity.entry(n).or_default().insert(kind);
             }
         }
         for n in reshape.quarantined {
-            self.touched
-                .insert(n, (trigger.to_string(), channel.to_string()));
+            self.touched.insert(n, trigger.clone());
+            self.identity.entry(n).or_default().insert("shared");
         }
-        for id in reshape.erased {
+        for (id, version) in reshape.erased {
             self.retired.remove(&id);
-            self.erased.insert(id);
+            self.erased.insert(id, (version, kind, trigger.clone()));
         }
         for (id, node) in reshape.retired {
             self.erased.remove(&id);
@@ -861,9 +952,12 @@ impl BatchChanges {
         self.touched.is_empty() && self.erased.is_empty()
     }
 
-    /// Ids to tombstone: erased in this batch and not alive again at its end (`live` tells).
-    pub fn erased(&self) -> impl Iterator<Item = &ProfileId> {
-        self.erased.iter()
+    /// Ids to tombstone: erased in this batch and not alive again at its end (`live` tells), with the
+    /// version, kind and trigger of their end.
+    pub fn erased(&self) -> impl Iterator<Item = (&ProfileId, u64, &'static str, &Trigger)> {
+        self.erased
+            .iter()
+            .map(|(id, (v, kind, trigger))| (id, *v, *kind, trigger))
     }
 
     /// The node a node ended up in at the end of the batch.
@@ -885,10 +979,14 @@ impl BatchChanges {
         }
         self.touched
             .iter()
-            .map(|(node, (event_id, channel))| NodeUpdate {
+            .map(|(node, trigger)| NodeUpdate {
                 node: *node,
-                trigger_event_id: event_id.clone(),
-                trigger_channel: channel.clone(),
+                trigger: trigger.clone(),
+                identity: self
+                    .identity
+                    .get(node)
+                    .map(|k| k.iter().copied().collect())
+                    .unwrap_or_default(),
                 merged_from: merged_from.remove(node).unwrap_or_default(),
                 refused: self.refused.get(node).cloned().unwrap_or_default(),
                 split_from: self.split_from.get(node).map(|(from, _)| from.clone()),
@@ -902,8 +1000,9 @@ impl BatchChanges {
 #[derive(Debug, Clone)]
 pub struct NodeUpdate {
     pub node: NodeId,
-    pub trigger_event_id: String,
-    pub trigger_channel: String,
+    pub trigger: Trigger,
+    /// How its identity changed in the batch (empty: it did not).
+    pub identity: Vec<&'static str>,
     /// Public ids now living in this profile; each also gets a redirect record.
     pub merged_from: Vec<ProfileId>,
     pub refused: Vec<Refusal>,
@@ -1070,6 +1169,7 @@ mod tests {
             campaign_id: None,
             consent: None,
             attributes: Default::default(),
+            origin: None,
         }
     }
 
@@ -1081,12 +1181,17 @@ mod tests {
         store
     }
 
-    /// The graph as a canonical value: each profile's identifier set, with the profile itself.
+    /// The graph as a canonical value: each profile's identifier set, with the profile itself, without its
+    /// version (which counts identity changes, so depends on the order).
     fn canonical(store: &MemStore) -> BTreeMap<ProfileId, Profile> {
         store
             .by_public_id()
             .into_iter()
-            .map(|(k, v)| (k, v.clone()))
+            .map(|(k, v)| {
+                let mut v = v.clone();
+                v.version = 0;
+                (k, v)
+            })
             .collect()
     }
 
@@ -1193,7 +1298,8 @@ mod tests {
         let mut want = vec![ProfileId::from_anchor("e1"), ProfileId::from_anchor("e2")];
         want.sort();
         assert_eq!(from, want);
-        assert_eq!(updates[0].trigger_event_id, "e5");
+        assert_eq!(updates[0].trigger.id, "e5");
+        assert_eq!(updates[0].identity, ["create", "merge"]);
     }
 
     /// Cases per property: 300 in CI; `PROPTEST_CASES=20000` for a soak run.
@@ -1274,6 +1380,57 @@ mod tests {
                 prop_assert!(store.profiles[node].identifiers.contains_key(id));
             }
         }
+
+        /// The version of a profile id never decreases, and increases whenever the id's identifiers
+        /// change or the id stops and starts existing, under guardrails that merge, refuse, set shared
+        /// identifiers apart and split.
+        #[test]
+        fn versions_increase_with_every_identity_change(
+            events in arb_events(),
+            seed in any::<u64>(),
+        ) {
+            use rand::{seq::SliceRandom, SeedableRng};
+            let mut cfg = GuardrailConfig::default();
+            cfg.limits.insert("email".into(), 2);
+            cfg.max_profile_identifiers = 6;
+            cfg.shared_limits.insert("device_id".into(), 2);
+            let s = Stitcher::new(Rules::new(&cfg));
+            let mut shuffled = events.clone();
+            shuffled.shuffle(&mut rand::rngs::SmallRng::seed_from_u64(seed));
+            let mut store = MemStore::default();
+            // Per id: its version and identifiers when last live (None once it stopped existing).
+            let mut last: BTreeMap<ProfileId, (u64, Option<BTreeSet<Identifier>>)> = BTreeMap::new();
+            for (i, e) in shuffled.iter().enumerate() {
+                let _ = s.apply(&mut store, e);
+                if i % 7 == 3 {
+                    if let Some(x) = e.identifiers.first() {
+                        let _ = s.erase_identifier(&mut store, x);
+                    }
+                }
+                let now: BTreeMap<ProfileId, (u64, BTreeSet<Identifier>)> = store
+                    .by_public_id()
+                    .into_iter()
+                    .map(|(id, p)| (id, (p.version, p.identifiers.keys().cloned().collect())))
+                    .collect();
+                for (id, (v, ids)) in &now {
+                    if let Some((before, before_ids)) = last.get(id) {
+                        prop_assert!(v >= before, "{} went from {} to {}", id, before, v);
+                        if before_ids.as_ref() != Some(ids) {
+                            prop_assert!(v > before, "{} changed at version {}", id, v);
+                        }
+                    }
+                }
+                for (id, (v, ids)) in now {
+                    last.insert(id, (v, Some(ids)));
+                }
+                let live: BTreeSet<ProfileId> = store.by_public_id().into_keys().collect();
+                for (id, entry) in last.iter_mut() {
+                    if !live.contains(id) {
+                        entry.1 = None;
+                    }
+                }
+            }
+        }
     }
 
     fn ids(pairs: &[(&str, &str)]) -> Vec<(&'static str, String)> {
@@ -1310,6 +1467,7 @@ mod tests {
             }
             joined.identifiers = p.identifiers.clone();
             joined.shared = p.shared;
+            joined.version = p.version;
             if p.anchor.1.starts_with("identifier:") {
                 // Rebuilt from parts that had no event: anchored on its earliest identifier for good.
                 joined.anchor = p.anchor.clone();
@@ -1439,7 +1597,7 @@ mod tests {
         assert_eq!(r.splits[0].from, before);
         assert_eq!(r.splits[0].into.len(), 2);
         assert_eq!(
-            r.erased,
+            r.erased.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
             vec![before.clone()],
             "the anchor event was the bridge's: its id goes"
         );
@@ -1479,7 +1637,7 @@ mod tests {
             .erase_profile(&mut store, &ProfileId::from_anchor("e1"))
             .unwrap();
         assert_eq!(r.identifiers_erased, 2);
-        let mut erased = r.erased.clone();
+        let mut erased: Vec<ProfileId> = r.erased.iter().map(|(id, _)| id.clone()).collect();
         erased.sort();
         let mut want = vec![ProfileId::from_anchor("e1"), ProfileId::from_anchor("e2")];
         want.sort();

@@ -8,5 +8,7 @@ pub mod graph;
 pub mod rules;
 
 pub use evidence::Evidence;
-pub use graph::{Applied, BatchChanges, GraphStore, MemStore, Refusal, Reshape, Split, Stitcher};
+pub use graph::{
+    Applied, BatchChanges, GraphStore, MemStore, Refusal, Reshape, Split, Stitcher, Trigger,
+};
 pub use rules::{Rule, Rules};

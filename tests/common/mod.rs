@@ -86,6 +86,8 @@ pub struct Setup {
     pub routes: Routes,
     pub input_topics: Vec<String>,
     pub output_topic: String,
+    /// The identity change stream.
+    pub identity_topic: String,
     pub dlq_topic: String,
     /// Erase / unlink commands (its own per setup).
     pub control_topic: String,
@@ -150,6 +152,7 @@ impl Setup {
         let http_port = free_port();
         let output_topic = format!("{name}-profiles");
         let dlq_topic = format!("{name}-dlq");
+        let identity_topic = format!("{name}-identity");
         let control_topic = format!("{name}-control");
         create_topics(std::slice::from_ref(&control_topic), 1);
         let group = format!("{name}-group");
@@ -163,6 +166,7 @@ transactional_id = "{name}"
 [output]
 topic = "{output_topic}"
 dead_letter_topic = "{dlq_topic}"
+identity_topic = "{identity_topic}"
 partitions = 3
 
 [identity]
@@ -197,6 +201,7 @@ topic = "{control_topic}"
             routes,
             input_topics,
             output_topic,
+            identity_topic,
             dlq_topic,
             control_topic,
             group,
@@ -349,7 +354,8 @@ topic = "{control_topic}"
             // caught up also means no transaction is still open on the output topics.
             if committed >= total
                 && total > 0
-                && open_transactions(&[&self.output_topic, &self.dlq_topic]) == 0
+                && open_transactions(&[&self.output_topic, &self.dlq_topic, &self.identity_topic])
+                    == 0
             {
                 return;
             }
@@ -382,6 +388,40 @@ topic = "{control_topic}"
 
     pub fn dead_letters(&self) -> Vec<Record> {
         read_all(&self.dlq_topic)
+    }
+
+    /// The identifier-to-profile mapping rebuilt from the identity change stream alone (partition by
+    /// partition; a profile id's records are in one partition), checking that versions increase.
+    pub fn identity_mapping(&self) -> BTreeMap<(String, String), String> {
+        let mut mapping = stitcher::codec::identity::Mapping::default();
+        for r in read_all(&self.identity_topic) {
+            let change = stitcher::codec::identity::IdentityChange::decode(
+                &r.payload.expect("identity records are never tombstones"),
+            )
+            .expect("valid identity change");
+            assert_eq!(r.key.as_deref(), Some(change.profile_id.as_bytes()));
+            mapping.apply(change).unwrap_or_else(|e| panic!("{e}"));
+        }
+        mapping
+            .identifiers()
+            .into_iter()
+            .map(|(i, p)| ((i.kind, i.value), p))
+            .collect()
+    }
+}
+
+impl Output {
+    /// The identifier-to-profile mapping of the live profiles.
+    pub fn identity_mapping(&self) -> BTreeMap<(String, String), String> {
+        self.live()
+            .into_iter()
+            .flat_map(|u| {
+                u.profile
+                    .iter()
+                    .flat_map(|p| p.identifiers.iter())
+                    .map(|i| ((i.kind.clone(), i.value.clone()), u.profile_id.clone()))
+            })
+            .collect()
     }
 }
 
@@ -712,6 +752,29 @@ pub fn sale(receipt: &str, at: i64, card: &str) -> apache_avro::types::Value {
         ("card".to_string(), A::String(card.into())),
         ("total".to_string(), A::Double(3.0)),
     ])
+}
+
+/// One record to `topic`, delivered: its partition and offset.
+pub fn send_one(topic: &str, payload: &[u8]) -> (i32, i64) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let producer: FutureProducer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .create()
+            .expect("producer");
+        producer
+            .send(
+                FutureRecord::<(), [u8]>::to(topic).payload(payload),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .expect("delivered")
+    })
 }
 
 /// Records to `topic`, in order, flushed.

@@ -77,6 +77,7 @@ fn event(n: usize, ts: i64, ids: &[Identifier], refuses: bool) -> Event {
             email_marketing: None,
         }),
         attributes: Default::default(),
+        origin: None,
     }
 }
 
@@ -177,6 +178,7 @@ impl Sim {
                     x,
                     at_owner: None,
                     trigger: "t".into(),
+                    suppress: None,
                 },
             ),
             Input::Unlink(a, b) => (
@@ -205,6 +207,7 @@ impl Sim {
             Shard {
                 view: &mut view,
                 shards: n,
+                suppression: None,
             }
             .handle(&self.stitcher, msg, out)
             .expect("in-memory state cannot fail");
@@ -363,6 +366,7 @@ fn replay(stitcher: &Stitcher, steps: &[Step]) -> (MemStore, Vec<Step>) {
                 let Ok(r) = stitcher.unlink(&mut store, a, b);
                 Step::Unlink(a.clone(), b.clone(), t.clone(), r)
             }
+            Step::Unsuppress(t, listed) => Step::Unsuppress(t.clone(), *listed),
         });
     }
     (store, outcomes)
@@ -389,6 +393,7 @@ fn visible(step: &Step) -> String {
             ))
         ),
         Step::EraseProfile(id, _, r) => format!("{id} {:?} {}", r.erased, r.identifiers_erased),
+        Step::Unsuppress(t, listed) => format!("unsuppress {t} {listed}"),
         Step::Erase(x, _, r) | Step::Unlink(x, _, _, r) => format!(
             "{x} {:?} {} {} {:?}",
             r.erased,
