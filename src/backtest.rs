@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::engine::{Engine, Work};
-use crate::kafka::reader::QuietEof;
+use crate::kafka::reader::outside_consumer;
 use crate::metrics::Metrics;
 use crate::processor::{Batch, InMessage};
 use crate::quality::{mapping_from_state, mapping_from_topic, Key};
@@ -107,19 +107,7 @@ fn replay(
     from_ms: Option<i64>,
     timeout: Duration,
 ) -> anyhow::Result<u64> {
-    let consumer: BaseConsumer<QuietEof> = crate::kafka::base_config(cfg)
-        .set(
-            "group.id",
-            format!(
-                "stitcher-backtest-{}-{:08x}",
-                std::process::id(),
-                rand::random::<u32>()
-            ),
-        )
-        .set("isolation.level", "read_committed")
-        .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false")
-        .create_with_context(QuietEof)?;
+    let consumer = outside_consumer(&mut crate::kafka::base_config(cfg), "backtest")?;
     let mut topics: Vec<&str> = cfg.inputs.iter().map(|i| i.topic.as_str()).collect();
     if !cfg.control.topic.is_empty() {
         topics.push(&cfg.control.topic);
@@ -181,15 +169,8 @@ fn replay(
                 ends.remove(&at);
                 continue;
             }
-            let msg = InMessage {
-                topic: m.topic(),
-                partition: m.partition(),
-                offset: m.offset(),
-                key: m.key(),
-                payload: m.payload(),
-            };
             engine
-                .take(&mut overlay, &mut batch, &mut work, msg)
+                .take(&mut overlay, &mut batch, &mut work, InMessage::of(&m))
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             taken += 1;
             if m.offset() + 1 >= end {

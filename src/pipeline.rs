@@ -355,14 +355,7 @@ impl Pipeline {
         {
             return Ok(()); // committed already
         }
-        let msg = InMessage {
-            topic: m.topic(),
-            partition: m.partition(),
-            offset: m.offset(),
-            key: m.key(),
-            payload: m.payload(),
-        };
-        self.engine.take(overlay, batch, work, msg)
+        self.engine.take(overlay, batch, work, InMessage::of(m))
     }
 
     /// A new consumer, which reads from the committed offsets; shards are restored again when assigned

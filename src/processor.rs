@@ -27,6 +27,19 @@ pub struct InMessage<'a> {
     pub payload: Option<&'a [u8]>,
 }
 
+impl<'a> InMessage<'a> {
+    /// A message as a Kafka consumer returned it.
+    pub fn of(m: &'a impl rdkafka::Message) -> Self {
+        Self {
+            topic: m.topic(),
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key(),
+            payload: m.payload(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("state: {0}")]

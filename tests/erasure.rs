@@ -400,7 +400,12 @@ fn suppressed_identifiers_stay_erased_across_restart_and_restore() {
     // The records of the events handled while it was suppressed (c3-a, c3-b, c4-a, ...).
     let during: Vec<_> = identity_records(&s)
         .into_iter()
-        .filter(|c| c.trigger.event_id.as_deref().is_some_and(|e| e.starts_with('c')))
+        .filter(|c| {
+            c.trigger
+                .event_id
+                .as_deref()
+                .is_some_and(|e| e.starts_with('c'))
+        })
         .collect();
     assert!(!during.is_empty());
     for c in during {

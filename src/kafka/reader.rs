@@ -59,25 +59,32 @@ pub fn read_committed(
     read_committed_with(base, topic, timeout)
 }
 
+/// A `read_committed` consumer outside any group that matters (a random group id; it commits nothing), with
+/// the client settings of `base`, for partitions it assigns itself.
+pub(crate) fn outside_consumer(
+    base: &mut ClientConfig,
+    purpose: &str,
+) -> Result<BaseConsumer<QuietEof>, KafkaError> {
+    base.set(
+        "group.id",
+        format!(
+            "stitcher-{purpose}-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ),
+    )
+    .set("isolation.level", "read_committed")
+    .set("enable.auto.commit", "false")
+    .create_with_context(QuietEof)
+}
+
 /// [`read_committed`] with the client settings of `base` (brokers and security).
 pub fn read_committed_with(
     mut base: ClientConfig,
     topic: &str,
     timeout: Duration,
 ) -> Result<Vec<Record>, ReadError> {
-    let consumer: BaseConsumer<QuietEof> = base
-        .set(
-            "group.id",
-            format!(
-                "stitcher-reader-{}-{:08x}",
-                std::process::id(),
-                rand::random::<u32>()
-            ),
-        )
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .set("enable.auto.commit", "false")
-        .create_with_context(QuietEof)?;
+    let consumer = outside_consumer(base.set("enable.partition.eof", "true"), "reader")?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = md
         .topics()

@@ -1597,7 +1597,10 @@ mod tests {
         assert_eq!(r.splits[0].from, before);
         assert_eq!(r.splits[0].into.len(), 2);
         assert_eq!(
-            r.erased.iter().map(|(id, _)| id.clone()).collect::<Vec<_>>(),
+            r.erased
+                .iter()
+                .map(|(id, _)| id.clone())
+                .collect::<Vec<_>>(),
             vec![before.clone()],
             "the anchor event was the bridge's: its id goes"
         );
