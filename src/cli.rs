@@ -34,6 +34,9 @@ pub enum Command {
     /// Remove the link between two identifiers of one profile; the profile splits if nothing else holds
     /// it together. Sent to the control topic like `erase`.
     Unlink(UnlinkArgs),
+    /// Close the merge-storm breaker on every instance, then produce the events it held back to their input
+    /// topics again (--replay) or drop them (--discard).
+    Release(ReleaseArgs),
     /// Lift the suppression of an identifier erased with --suppress (the person consents again): later
     /// events carrying it link it as before.
     Unsuppress(UnsuppressArgs),
@@ -164,6 +167,21 @@ pub struct EraseArgs {
     /// that later events carrying it are stripped of it, until `stitcher unsuppress`.
     #[arg(long, requires = "identifier")]
     pub suppress: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Produce the quarantined events to their input topics again, once the cause is fixed...
+    #[arg(long, conflicts_with = "discard", required_unless_present = "discard")]
+    pub replay: bool,
+    /// ...or drop them.
+    #[arg(long)]
+    pub discard: bool,
+    /// How long to wait for the service to take the release command before replaying.
+    #[arg(long, default_value_t = 120)]
+    pub wait_secs: u64,
 }
 
 #[derive(Debug, Args)]

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::cli::{
     BacktestArgs, BenchArgs, ConfigArgs, EraseArgs, ExportArgs, GenerateArgs, InspectArgs,
-    QualityArgs, RunArgs, UnlinkArgs, UnsuppressArgs,
+    QualityArgs, ReleaseArgs, RunArgs, UnlinkArgs, UnsuppressArgs,
 };
 use crate::codec::mapping::Preset;
 use crate::config::{Config, Overrides};
@@ -217,6 +217,135 @@ pub async fn unsuppress(args: UnsuppressArgs) -> anyhow::Result<()> {
         hash: hashed.then_some(id.value),
     };
     send_control(&cfg, &command).await
+}
+
+/// `stitcher release`: the release command to every instance (through the control topic and every
+/// shard); once the group has taken it, the quarantine topic from where the last release left it to its
+/// end is produced to the input topics again (`--replay`) or skipped (`--discard`), and that position is
+/// committed under the group `<kafka.group_id>-quarantine`.
+pub async fn release(args: ReleaseArgs) -> anyhow::Result<()> {
+    use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::{Message, Offset, TopicPartitionList};
+    let cfg = load_config(&args.config)?;
+    anyhow::ensure!(
+        cfg.breaker.enabled(),
+        "the merge-storm breaker is off in this configuration (breaker.multiple = 0)"
+    );
+    let (partition, offset) = crate::control::send(&cfg, &ControlCommand::Release {}).await?;
+    println!(
+        "release sent to {} (partition {partition}, offset {offset})",
+        cfg.control.topic
+    );
+    let wait = std::time::Duration::from_secs(10);
+    // The service's group has taken the command once its committed offset passes it (read without joining).
+    let group: BaseConsumer = crate::kafka::base_config(&cfg)
+        .set("group.id", &cfg.kafka.group_id)
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut at = TopicPartitionList::new();
+    at.add_partition(&cfg.control.topic, partition);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(args.wait_secs);
+    loop {
+        let committed = group.committed_offsets(at.clone(), wait)?;
+        let next = committed
+            .find_partition(&cfg.control.topic, partition)
+            .and_then(|p| p.offset().to_raw());
+        if next.is_some_and(|n| n > offset) {
+            break;
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the service did not take the release command within {} s; is it running?",
+            args.wait_secs
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let topic = &cfg.breaker.quarantine_topic;
+    let reader: BaseConsumer = crate::kafka::base_config(&cfg)
+        .set("group.id", format!("{}-quarantine", cfg.kafka.group_id))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed")
+        .create()?;
+    let md = reader.fetch_metadata(Some(topic), wait)?;
+    let partitions: Vec<i32> = md
+        .topics()
+        .first()
+        .map(|t| t.partitions().iter().map(|p| p.id()).collect())
+        .unwrap_or_default();
+    let mut ends = std::collections::BTreeMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        let (_, high) = reader.fetch_watermarks(topic, p, wait)?;
+        ends.insert(p, high);
+        tpl.add_partition_offset(topic, p, Offset::Stored)?;
+    }
+    reader.assign(&tpl)?;
+    let producer: FutureProducer = crate::kafka::base_config(&cfg)
+        .set("enable.idempotence", "true")
+        .create()?;
+    let mut done = TopicPartitionList::new();
+    let (mut replayed, mut dropped) = (0u64, 0u64);
+    while !ends.is_empty() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline + std::time::Duration::from_secs(3600),
+            "reading {topic} did not reach its end"
+        );
+        // The position is known only once a partition is fetched; an empty rest ends it.
+        for (p, high) in ends.clone() {
+            if reader
+                .position()?
+                .find_partition(topic, p)
+                .and_then(|e| e.offset().to_raw())
+                >= Some(high)
+            {
+                ends.remove(&p);
+            }
+        }
+        let Some(m) = reader.poll(std::time::Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m?;
+        if !ends.contains_key(&m.partition()) {
+            continue;
+        }
+        if args.replay {
+            let source = m
+                .headers()
+                .and_then(|h| {
+                    use rdkafka::message::Headers;
+                    h.iter()
+                        .find(|x| x.key == "quarantine.source.topic")
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                })
+                .context("a quarantined record without quarantine.source.topic")?;
+            let mut record = FutureRecord::<[u8], [u8]>::to(&source);
+            if let Some(k) = m.key() {
+                record = record.key(k);
+            }
+            if let Some(v) = m.payload() {
+                record = record.payload(v);
+            }
+            producer
+                .send(record, std::time::Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)?;
+            replayed += 1;
+        } else {
+            dropped += 1;
+        }
+        done.add_partition_offset(topic, m.partition(), Offset::Offset(m.offset() + 1))?;
+        if m.offset() + 1 >= ends[&m.partition()] {
+            ends.remove(&m.partition());
+        }
+    }
+    if done.count() > 0 {
+        reader.commit(&done, CommitMode::Sync)?;
+    }
+    println!("quarantine {topic}: {replayed} events produced to their input topics again, {dropped} dropped");
+    Ok(())
 }
 
 pub async fn unlink(args: UnlinkArgs) -> anyhow::Result<()> {

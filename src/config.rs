@@ -44,6 +44,8 @@ pub struct Config {
     pub processing: ProcessingConfig,
     pub http: HttpConfig,
     pub control: ControlConfig,
+    /// The merge-storm breaker (README "Merge storms"); off by default.
+    pub breaker: crate::breaker::BreakerConfig,
     pub scaleout: ScaleoutConfig,
     pub limits: LimitsConfig,
     pub registry: RegistryConfig,
@@ -783,6 +785,25 @@ impl Config {
         }
         if topics.contains(&self.control.topic) || self.control.topic == self.output.topic {
             return invalid("control.topic must not also be an input or the output".into());
+        }
+        if let Err(e) = self.breaker.validate() {
+            return invalid(e);
+        }
+        let quarantine = &self.breaker.quarantine_topic;
+        if self.breaker.enabled()
+            && (topics.contains(quarantine)
+                || [
+                    &self.output.topic,
+                    &self.output.dead_letter_topic,
+                    &self.output.identity_topic,
+                    &self.control.topic,
+                ]
+                .contains(&quarantine))
+        {
+            return invalid(
+                "breaker.quarantine_topic must not be an input, output, identity, dead-letter or control topic"
+                    .into(),
+            );
         }
         let identity = &self.output.identity_topic;
         if !identity.is_empty()

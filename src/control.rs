@@ -9,6 +9,7 @@
 //! {"op": "erase_identifier", "type": "email", "hash": "<64 hex digits: the identifier as hashed on the output>"}
 //! {"op": "erase_identifier", "type": "email", "value": "alice@example.com", "suppress": true}
 //! {"op": "unsuppress", "type": "email", "value": "alice@example.com"}
+//! {"op": "release"}
 //! {"op": "erase_profile", "profile_id": "p-3f2a..."}
 //! {"op": "unlink", "a": {"type": "email", "value": "a@x.io"}, "b": {"type": "device_id", "value": "tablet-1"}}
 //! ```
@@ -53,6 +54,8 @@ pub enum Command {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         hash: Option<String>,
     },
+    /// Close the merge-storm breaker on every instance (`stitcher release`).
+    Release {},
     /// Remove a whole profile (any of its ids, current or merged away) with all its identifiers.
     EraseProfile { profile_id: String },
     /// Remove the link between two identifiers of one profile; split it if nothing else holds it.
@@ -64,6 +67,7 @@ impl Command {
         match self {
             Command::EraseIdentifier { .. } => "erase_identifier",
             Command::Unsuppress { .. } => "unsuppress",
+            Command::Release {} => "release",
             Command::EraseProfile { .. } => "erase_profile",
             Command::Unlink { .. } => "unlink",
         }

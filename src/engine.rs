@@ -7,10 +7,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
+use crate::breaker::{topic_key, type_key, Breaker};
 use crate::codec::update::ProfileRecord;
 use crate::config::{Config, HashKey};
 use crate::metrics::Metrics;
-use crate::model::{now_millis, Identifier, Millis, NodeId, ProfileId};
+use crate::model::{now_millis, Event, Identifier, Millis, NodeId, ProfileId};
 use crate::pipeline::PipelineError;
 use crate::processor::{
     source, Batch, Control, InMessage, ProcessError, Processor, ProfileReader, ProfileSource,
@@ -33,6 +34,8 @@ pub struct Work {
     changes: BatchChanges,
     /// Components that left a shard held here for one held elsewhere: their profile as they left.
     departed: BTreeMap<NodeId, Profile>,
+    /// Input messages the merge-storm breaker holds back, for the quarantine topic.
+    quarantined: Vec<OutRecord>,
 }
 
 /// A node of a shard as a batch-wide node number: the shard in the top 24 bits.
@@ -120,6 +123,8 @@ pub struct Engine {
     control_topic: String,
     /// Shards restored and handled here, under the current assignment.
     pub(crate) owned: BTreeSet<ShardId>,
+    /// The merge-storm breaker (counts merges, holds back events while tripped).
+    breaker: Breaker,
     /// `STITCHER_SUPPRESSION_SALT`, if set: erasures may suppress, events are checked.
     suppression: Option<HashKey>,
     /// `processing.dedup_retention` in ms (`None`: event ids are kept forever).
@@ -143,6 +148,7 @@ impl Engine {
             control_topic: cfg.control.topic.clone(),
             owned: BTreeSet::new(),
             suppression: cfg.identity.suppression_salt.clone(),
+            breaker: Breaker::new(&cfg.breaker),
             retention_ms: Some(cfg.processing.dedup_retention)
                 .filter(|d| !d.is_zero())
                 .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
@@ -259,6 +265,12 @@ impl Engine {
                     })
                     .collect(),
                 // Every shard looks for the profile id; the one holding it erases it.
+                Control::Release => (0..self.shards)
+                    .map(|s| {
+                        let trigger = trigger.clone();
+                        (s, Msg::Release { trigger })
+                    })
+                    .collect(),
                 Control::EraseProfile(id) => (0..self.shards)
                     .map(|s| {
                         let (id, trigger) = (id.clone(), trigger.clone());
@@ -277,6 +289,10 @@ impl Engine {
             };
             self.deliver(overlay, work, msgs, "local")?;
         } else if let Some(ev) = self.processor.event(batch, msg)? {
+            if let Some(key) = self.breaker.holds(&ev) {
+                work.quarantined.push(self.quarantine(msg, &key));
+                return Ok(());
+            }
             batch.event_times.push(ev.timestamp);
             let to = event_home(&ev.event_id, self.shards);
             self.deliver(overlay, work, vec![(to, Msg::Event(ev))], "local")?;
@@ -317,6 +333,9 @@ impl Engine {
             }
             .handle(self.processor.stitcher(), msg, &mut out)?;
             self.record(work, shard, out.steps);
+            if let Some(trigger) = out.release.take() {
+                self.release(&trigger);
+            }
             let (identifiers, events) = out.suppressed;
             if identifiers > 0 {
                 self.metrics
@@ -365,6 +384,7 @@ impl Engine {
                             .with_label_values(&[r.rule.name()])
                             .inc();
                     }
+                    self.count_merges(&ev, &applied);
                     work.changes.record(&ev, globalize(shard, applied));
                 }
                 Step::Erase(_, trigger, reshape) => {
@@ -402,6 +422,84 @@ impl Engine {
         );
     }
 
+    /// Counts an event's merges in the breaker, by the types that matched and by its input topic.
+    fn count_merges(&self, ev: &Event, applied: &Applied) {
+        let mut trips = Vec::new();
+        for kind in &applied.merged_kinds {
+            trips.extend(
+                self.breaker
+                    .observe(&type_key(kind), ev.timestamp, 1)
+                    .map(|t| (type_key(kind), t)),
+            );
+        }
+        if let Some(o) = &ev.origin {
+            let merges = applied.absorbed_nodes.len() as u64;
+            let key = topic_key(&o.topic);
+            trips.extend(
+                self.breaker
+                    .observe(&key, ev.timestamp, merges)
+                    .map(|t| (key, t)),
+            );
+        }
+        for (key, trip) in trips {
+            tracing::warn!(
+                key = key.as_str(),
+                merges = trip.merges,
+                per_minute_before = trip.baseline,
+                minute = trip.minute,
+                quarantine = self.breaker.quarantine_topic(),
+                "merge storm: the breaker holds back events of this key until `stitcher release`"
+            );
+            self.metrics
+                .breaker_tripped
+                .with_label_values(&[&key])
+                .set(1);
+        }
+    }
+
+    /// Closes the breaker (a `release` command reached a shard held here).
+    fn release(&self, trigger: &str) {
+        let keys = self.breaker.release();
+        if keys.is_empty() {
+            // Nothing tripped here (or another shard held here closed it already).
+            return;
+        }
+        for key in &keys {
+            self.metrics
+                .breaker_tripped
+                .with_label_values(&[key])
+                .set(0);
+        }
+        tracing::info!(trigger, released = ?keys, "merge-storm breaker released");
+        self.processor.control_result("release", trigger, true);
+    }
+
+    /// The record that keeps an input message the breaker holds back: as read, with where it came from.
+    fn quarantine(&self, msg: InMessage<'_>, key: &str) -> OutRecord {
+        self.metrics.quarantined.with_label_values(&[key]).inc();
+        OutRecord {
+            topic: self.breaker.quarantine_topic().to_string(),
+            partition: None,
+            key: msg.key.map(<[u8]>::to_vec),
+            payload: msg.payload.map(<[u8]>::to_vec),
+            headers: vec![
+                (
+                    "quarantine.source.topic".into(),
+                    msg.topic.as_bytes().to_vec(),
+                ),
+                (
+                    "quarantine.source.partition".into(),
+                    msg.partition.to_string().into_bytes(),
+                ),
+                (
+                    "quarantine.source.offset".into(),
+                    msg.offset.to_string().into_bytes(),
+                ),
+                ("quarantine.key".into(), key.as_bytes().to_vec()),
+            ],
+        }
+    }
+
     fn shard_record(&self, shard: ShardId, msg: &Msg) -> Result<OutRecord, StoreError> {
         Ok(OutRecord {
             topic: self.topic.clone(),
@@ -423,6 +521,7 @@ impl Engine {
         let now = now_millis();
         let mut out = std::mem::take(&mut batch.dead_letters);
         out.append(&mut work.remote);
+        out.append(&mut work.quarantined);
         let profiles = BatchProfiles {
             overlay,
             owned: &self.owned,

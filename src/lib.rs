@@ -32,6 +32,7 @@
 pub mod app;
 pub mod backtest;
 pub mod bench;
+pub mod breaker;
 pub mod cli;
 pub mod codec;
 pub mod commands;

@@ -55,6 +55,7 @@ fn main() -> std::process::ExitCode {
             Command::Erase(args) => stitcher::commands::erase(args).await,
             Command::Unlink(args) => stitcher::commands::unlink(args).await,
             Command::Unsuppress(args) => stitcher::commands::unsuppress(args).await,
+            Command::Release(args) => stitcher::commands::release(args).await,
             Command::Bench(args) => stitcher::commands::bench(args).await,
             Command::Quality(args) => stitcher::commands::quality(args),
             Command::Backtest(args) => stitcher::commands::backtest(args),

@@ -283,6 +283,7 @@ impl Processor {
             Command::Unsuppress { kind, value, hash } => salt("unsuppress")
                 .and_then(|()| given(&kind, value, hash))
                 .map(Control::Unsuppress),
+            Command::Release {} => Ok(Control::Release),
             Command::EraseProfile { profile_id } => {
                 Ok(Control::EraseProfile(ProfileId(profile_id)))
             }
@@ -578,6 +579,8 @@ pub enum Control {
     },
     /// Lift the suppression of an identifier and its copies.
     Unsuppress(Vec<Identifier>),
+    /// Close the merge-storm breaker everywhere.
+    Release,
     EraseProfile(ProfileId),
     Unlink(Identifier, Identifier),
 }
@@ -587,6 +590,7 @@ impl Control {
         match self {
             Control::Erase { .. } => "erase_identifier",
             Control::Unsuppress(_) => "unsuppress",
+            Control::Release => "release",
             Control::EraseProfile(_) => "erase_profile",
             Control::Unlink(..) => "unlink",
         }

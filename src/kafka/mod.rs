@@ -179,6 +179,13 @@ pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaErro
         .set("min.compaction.lag.ms", "60000");
     let dlq = NewTopic::new(&cfg.output.dead_letter_topic, 1, TopicReplication::Fixed(1));
     let mut topics = vec![output, dlq];
+    if cfg.breaker.enabled() {
+        topics.push(NewTopic::new(
+            &cfg.breaker.quarantine_topic,
+            partitions,
+            TopicReplication::Fixed(1),
+        ));
+    }
     if !cfg.output.identity_topic.is_empty() {
         // Compacted: the last record of every profile id is what rebuilding the mapping needs.
         topics.push(

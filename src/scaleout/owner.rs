@@ -105,6 +105,8 @@ pub enum Msg {
         /// Its suppression hash, to put on the home's suppression list.
         suppress: Option<[u8; 32]>,
     },
+    /// Close the merge-storm breaker of the instance that holds this shard (sent to every shard).
+    Release { trigger: String },
     /// Take an identifier off its home's suppression list (by its suppression hash); `primary` for the
     /// identifier itself rather than one of its channel-scoped copies.
     Unsuppress {
@@ -136,6 +138,7 @@ impl Msg {
             Msg::Gone { .. } => "gone",
             Msg::Erase { .. } => "erase",
             Msg::Unsuppress { .. } => "unsuppress",
+            Msg::Release { .. } => "release",
             Msg::EraseProfile { .. } => "erase_profile",
             Msg::Unlink { .. } => "unlink",
         }
@@ -169,6 +172,8 @@ pub struct Out {
     pub duplicates: u64,
     /// Identifiers stripped from events for being on the suppression list, and events left with none.
     pub suppressed: (u64, u64),
+    /// A release of the merge-storm breaker reached this shard (its trigger).
+    pub release: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -253,6 +258,10 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                 trigger,
                 suppress,
             } => self.erase(stitcher, x, at_owner, (trigger, suppress), out),
+            Msg::Release { trigger } => {
+                out.release = Some(trigger);
+                Ok(())
+            }
             Msg::Unsuppress {
                 hash,
                 trigger,

@@ -138,6 +138,9 @@ pub struct Applied {
     pub refused: Vec<Refusal>,
     /// Whether the event linked an identifier the profile did not hold.
     pub linked_new: bool,
+    /// For each merge, the types of the event's identifiers that matched the two sides (one entry when
+    /// they are of one type): the merge-storm breaker counts merges by type.
+    pub merged_kinds: Vec<String>,
     /// Splits caused by an identifier of the event found to be shared.
     pub reshape: Reshape,
 }
@@ -236,6 +239,7 @@ impl Stitcher {
                 absorbed_nodes: vec![],
                 refused: vec![],
                 linked_new: false,
+                merged_kinds: vec![],
                 reshape,
             }));
         }
@@ -260,6 +264,7 @@ impl Stitcher {
 
         let mut retired = Vec::new();
         let mut absorbed_nodes = Vec::new();
+        let mut merged_kinds = Vec::new();
         let mut rest = candidates.into_iter();
         let (mut node, mut profile, created) = match rest.next() {
             Some((n, p)) => (n, p, false),
@@ -293,6 +298,11 @@ impl Stitcher {
             };
             match verdict {
                 Ok(()) => {
+                    let (mine, theirs) = (kind_of(node), kind_of(other));
+                    if mine != theirs {
+                        merged_kinds.push(mine);
+                    }
+                    merged_kinds.push(theirs);
                     ids_before.insert(other_profile.id());
                     // Union by size: the larger side keeps its node, the smaller side is relabelled.
                     let (keep, gone, mut big, small) = if other_profile.identifiers.len()
@@ -379,6 +389,7 @@ impl Stitcher {
             absorbed_nodes,
             refused,
             linked_new,
+            merged_kinds,
             reshape,
         };
         if !applied.identity_changes().is_empty() {
