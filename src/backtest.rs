@@ -63,12 +63,13 @@ pub struct Sample {
 }
 
 /// Replays the inputs of `cfg` (its rules being the candidate's) into a temporary state in `dir`, and
-/// compares with the live profiles of `cfg.output.topic`. `from_ms`: replay from the first record at or
-/// after that time (Kafka timestamp) instead of from the beginning; `sample`: examples kept per kind.
+/// compares with the live profiles of `cfg.output.topic`. `range`: replay from the first record at or
+/// after that time (Kafka timestamps) instead of from the beginning, and up to the last one at or before
+/// that time instead of the end; `sample`: examples kept per kind.
 pub fn run(
     mut cfg: Config,
     dir: &std::path::Path,
-    from_ms: Option<i64>,
+    range: (Option<i64>, Option<i64>),
     sample: usize,
     timeout: Duration,
 ) -> anyhow::Result<Report> {
@@ -81,7 +82,7 @@ pub fn run(
     engine.owned = shards.iter().copied().collect();
 
     let started = Instant::now();
-    let messages = replay(&cfg, &store, &engine, &shards, from_ms, timeout)?;
+    let messages = replay(&cfg, &store, &engine, &shards, range, timeout)?;
     let seconds = started.elapsed().as_secs_f64();
 
     let candidate = mapping_from_state(&store)?;
@@ -97,14 +98,15 @@ pub fn run(
     Ok(report)
 }
 
-/// Reads every input partition (and the control topic's) from the start (or `from_ms`) to its end as of
-/// the start, through the engine, one overlay per [`BATCH`] messages written to `store`.
+/// Reads every input partition (and the control topic's) from the start (or the range's start) to its end
+/// as of the start (or its first record after the range's end), through the engine, one overlay per
+/// [`BATCH`] messages written to `store`.
 fn replay(
     cfg: &Config,
     store: &Store,
     engine: &Engine,
     shards: &[ShardId],
-    from_ms: Option<i64>,
+    (from_ms, until_ms): (Option<i64>, Option<i64>),
     timeout: Duration,
 ) -> anyhow::Result<u64> {
     let consumer = outside_consumer(&mut crate::kafka::base_config(cfg), "backtest")?;
@@ -165,7 +167,9 @@ fn replay(
             let Some(end) = ends.get(&at).copied() else {
                 continue;
             };
-            if m.offset() >= end {
+            let after_range =
+                until_ms.is_some_and(|until| m.timestamp().to_millis().is_some_and(|t| t > until));
+            if m.offset() >= end || after_range {
                 ends.remove(&at);
                 continue;
             }

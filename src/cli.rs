@@ -262,6 +262,9 @@ pub struct BacktestArgs {
     /// of from the beginning of the retained topics.
     #[arg(long)]
     pub from_ms: Option<i64>,
+    /// Stop each partition at its first record after this time (ms since the epoch, Kafka timestamps).
+    #[arg(long)]
+    pub until_ms: Option<i64>,
     /// Examples kept per kind of difference.
     #[arg(long, default_value_t = 10)]
     pub sample: usize,

@@ -415,7 +415,7 @@ pub fn backtest(args: BacktestArgs) -> anyhow::Result<()> {
     let result = crate::backtest::run(
         cfg,
         &dir,
-        args.from_ms,
+        (args.from_ms, args.until_ms),
         args.sample,
         std::time::Duration::from_secs(args.timeout_secs),
     );

@@ -49,13 +49,6 @@ fn run(test: &str, j: &Journeys) -> Run {
     }
 }
 
-fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(line_start))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn shared_device_and_junk_do_not_glue_people() {
     let base = JourneyConfig {

@@ -57,6 +57,15 @@ fn backtesting_stricter_rules_reports_the_splits_a_fresh_run_makes() {
         serde_json::from_value(report["sample"][kind].clone()).expect("sample")
     };
 
+    // A time range before every record replays nothing: every live identifier is then only live.
+    let out = live.cli(&["backtest", "--until-ms", "1"]);
+    let empty: serde_json::Value = serde_json::from_slice(&out.stdout).expect("report json");
+    assert_eq!(empty["messages"], 0, "{empty:#}");
+    assert_eq!(
+        empty["only_live"].as_u64(),
+        Some(live_out.identity_mapping().len() as u64)
+    );
+
     // Nothing live was touched: same committed offsets, same output records.
     assert_eq!(live.progress(), committed_before);
     assert_eq!(live.output().records.len(), live_out.records.len());

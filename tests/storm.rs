@@ -18,13 +18,6 @@ const TIMEOUT: Duration = Duration::from_secs(300);
 const STORM: usize = 150;
 const MIN_MERGES: u64 = 30;
 
-fn metric(text: &str, line_start: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(line_start))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 #[test]
 fn a_storm_trips_the_breaker_and_release_restores_the_no_storm_result() {
     let quarantine = unique("storm-quarantine");

@@ -754,6 +754,15 @@ pub fn sale(receipt: &str, at: i64, card: &str) -> apache_avro::types::Value {
     ])
 }
 
+/// The sum of the Prometheus samples of `text` whose line starts with `line_start` (a metric name, with
+/// labels if given).
+pub fn metric(text: &str, line_start: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(line_start))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// One record to `topic`, delivered: its partition and offset.
 pub fn send_one(topic: &str, payload: &[u8]) -> (i32, i64) {
     use rdkafka::producer::{FutureProducer, FutureRecord};
