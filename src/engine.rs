@@ -225,9 +225,7 @@ impl Engine {
             let Some(command) = self.processor.control_command(batch, source(msg), msg) else {
                 return Ok(());
             };
-            // Where the command came from: never the identifier itself, which the output and the logs
-            // must not carry after an erasure.
-            let trigger = format!("control:{}:{}:{}", msg.topic, msg.partition, msg.offset);
+            let trigger = Trigger::command_name(&msg.origin());
             let hash = |x: &Identifier| {
                 self.suppression
                     .as_ref()

@@ -286,18 +286,11 @@ impl Fresh {
         after
             .split(',')
             .filter(|a| !a.is_empty())
-            .map(|a| {
-                let mut parts = a.rsplitn(3, ':');
-                let offset = parts.next().and_then(|o| o.parse::<i64>().ok());
-                let partition = parts.next().and_then(|p| p.parse::<i32>().ok());
-                match (parts.next(), partition, offset) {
-                    (Some(topic), Some(partition), Some(offset)) if !topic.is_empty() => {
-                        Ok((format!("{topic}:{partition}"), offset))
-                    }
-                    _ => Err(format!(
-                        "after: {a:?} is not topic:partition:offset (comma separated for several)"
-                    )),
-                }
+            .map(|a| match crate::model::Origin::parse(a) {
+                Some(o) => Ok((format!("{}:{}", o.topic, o.partition), o.offset)),
+                None => Err(format!(
+                    "after: {a:?} is not topic:partition:offset (comma separated for several)"
+                )),
             })
             .collect()
     }

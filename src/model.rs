@@ -219,12 +219,34 @@ pub struct Event {
     pub origin: Option<Origin>,
 }
 
-/// Where a message was read: an input topic, its partition and offset.
+/// Where a message was read: an input topic, its partition and offset. Written `topic:partition:offset`
+/// (Kafka topic names hold no colon).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Origin {
     pub topic: String,
     pub partition: i32,
     pub offset: i64,
+}
+
+impl Origin {
+    /// `topic:partition:offset`, as [`Display`](std::fmt::Display) writes it.
+    pub fn parse(s: &str) -> Option<Self> {
+        let mut parts = s.rsplitn(3, ':');
+        let offset = parts.next()?.parse().ok()?;
+        let partition = parts.next()?.parse().ok()?;
+        let topic = parts.next().filter(|t| !t.is_empty())?;
+        Some(Self {
+            topic: topic.to_string(),
+            partition,
+            offset,
+        })
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}:{}", self.topic, self.partition, self.offset)
+    }
 }
 
 /// Wall-clock time in milliseconds since the epoch (0 if the clock is before 1970).
@@ -243,6 +265,20 @@ pub fn to_minor_units(amount: f64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn origins_are_written_and_read_back() {
+        let o = Origin {
+            topic: "web-events".into(),
+            partition: 2,
+            offset: 18231,
+        };
+        assert_eq!(o.to_string(), "web-events:2:18231");
+        assert_eq!(Origin::parse(&o.to_string()), Some(o));
+        for bad in ["web", "web:2", ":2:3", "web:x:3", "web:2:"] {
+            assert_eq!(Origin::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn profile_id_is_deterministic_and_short() {

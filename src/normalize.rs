@@ -447,12 +447,17 @@ const MIN_HASH_KEY_LEN: usize = 16;
 /// Hex HMAC-SHA-256 of `value` under `key`: without the key, a hashed phone number cannot be recovered
 /// by hashing every possible number.
 pub fn keyed_hash(key: &[u8], value: &str) -> String {
+    hex::encode(hmac_sha256(key, value.as_bytes()))
+}
+
+/// HMAC-SHA-256 of `data` under `key`.
+pub fn hmac_sha256(key: &[u8], data: &[u8]) -> [u8; 32] {
     use hmac::{Mac, SimpleHmac};
     // HMAC takes keys of any length.
     let mut mac = SimpleHmac::<Sha256>::new_from_slice(key)
         .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-    mac.update(value.as_bytes());
-    hex::encode(mac.finalize().into_bytes())
+    mac.update(data);
+    mac.finalize().into_bytes().into()
 }
 
 fn check_len(field: &'static str, value: &str) -> Result<(), EventError> {

@@ -38,6 +38,15 @@ impl<'a> InMessage<'a> {
             payload: m.payload(),
         }
     }
+
+    /// Where it was read.
+    pub fn origin(&self) -> Origin {
+        Origin {
+            topic: self.topic.to_string(),
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -206,11 +215,7 @@ impl Processor {
                     .inc();
             }) {
             Ok(ev) => Ok(Some(Event {
-                origin: Some(Origin {
-                    topic: msg.topic.to_string(),
-                    partition: msg.partition,
-                    offset: msg.offset,
-                }),
+                origin: Some(msg.origin()),
                 ..ev
             })),
             Err(e) => {
@@ -386,21 +391,15 @@ impl Processor {
                     .output_records
                     .with_label_values(&["tombstone"])
                     .inc();
-                self.identity_change(
-                    out,
-                    IdentityChange {
-                        profile_id: id.to_string(),
-                        version,
-                        changes: vec![kind.to_string()],
-                        identifiers: vec![],
-                        merged_into: None,
-                        merged_from: vec![],
-                        split_from: None,
-                        refused: vec![],
-                        trigger: TriggerRecord::from(trigger),
-                        at: now,
-                    },
+                let ended = IdentityChange::ended(
+                    id.to_string(),
+                    version,
+                    kind,
+                    None,
+                    TriggerRecord::from(trigger),
+                    now,
                 );
+                self.identity_change(out, ended);
             }
         }
         for u in changes.updates() {
@@ -431,21 +430,15 @@ impl Processor {
             if !u.identity.is_empty() {
                 let trigger = TriggerRecord::from(&u.trigger);
                 for old in &merged_from {
-                    self.identity_change(
-                        out,
-                        IdentityChange {
-                            profile_id: old.to_string(),
-                            version,
-                            changes: vec!["merged_into".into()],
-                            identifiers: vec![],
-                            merged_into: Some(id.to_string()),
-                            merged_from: vec![],
-                            split_from: None,
-                            refused: vec![],
-                            trigger: trigger.clone(),
-                            at: now,
-                        },
+                    let ended = IdentityChange::ended(
+                        old.to_string(),
+                        version,
+                        "merged_into",
+                        Some(id.to_string()),
+                        trigger.clone(),
+                        now,
                     );
+                    self.identity_change(out, ended);
                 }
                 self.identity_change(
                     out,
@@ -571,7 +564,6 @@ pub fn positions_vec(map: &BTreeMap<(String, i32), i64>) -> Vec<Position> {
 /// A control command with its identifiers normalised.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Control {
-    /// An identifier and its copies scoped to each channel.
     /// An identifier and its channel-scoped copies; with `suppress`, later events are stripped of them.
     Erase {
         copies: Vec<Identifier>,

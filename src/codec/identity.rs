@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::update::RefusedLink;
-use crate::model::{Millis, Origin};
+use crate::model::Millis;
 use crate::stitch::Trigger;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -63,29 +63,43 @@ pub struct TriggerRecord {
 
 impl From<&Trigger> for TriggerRecord {
     fn from(t: &Trigger) -> Self {
-        let command = t.channel == "control";
-        let Origin {
-            topic,
-            partition,
-            offset,
-        } = t.origin.clone().unwrap_or(Origin {
-            topic: String::new(),
-            partition: -1,
-            offset: -1,
-        });
-        let known = !topic.is_empty();
+        let origin = t.origin.as_ref();
         Self {
-            event_id: (!command).then(|| t.id.clone()),
-            command: command.then(|| t.id.clone()),
+            event_id: (!t.command).then(|| t.id.clone()),
+            command: t.command.then(|| t.id.clone()),
             channel: t.channel.clone(),
-            topic: known.then_some(topic),
-            partition: known.then_some(partition),
-            offset: known.then_some(offset),
+            topic: origin.map(|o| o.topic.clone()),
+            partition: origin.map(|o| o.partition),
+            offset: origin.map(|o| o.offset),
         }
     }
 }
 
 impl IdentityChange {
+    /// The record of a profile id that stopped existing: `change` says how; `merged_into`, where it lives
+    /// on.
+    pub fn ended(
+        profile_id: String,
+        version: u64,
+        change: &str,
+        merged_into: Option<String>,
+        trigger: TriggerRecord,
+        at: Millis,
+    ) -> Self {
+        Self {
+            profile_id,
+            version,
+            changes: vec![change.to_string()],
+            identifiers: vec![],
+            merged_into,
+            merged_from: vec![],
+            split_from: None,
+            refused: vec![],
+            trigger,
+            at,
+        }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         // A struct of strings, numbers and vectors always serialises.
         serde_json::to_vec(self).unwrap_or_default()

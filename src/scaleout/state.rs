@@ -64,12 +64,7 @@ const SUPPRESSED: u8 = b's';
 /// The key of an identifier on the suppression list: HMAC-SHA-256 of its state key under the salt
 /// (`STITCHER_SUPPRESSION_SALT`), so the list never holds the identifier.
 pub fn suppression_hash(salt: &crate::config::HashKey, id: &Identifier) -> [u8; 32] {
-    use hmac::{Mac, SimpleHmac};
-    // HMAC takes keys of any length.
-    let mut mac = SimpleHmac::<Sha256>::new_from_slice(&salt.0)
-        .unwrap_or_else(|_| unreachable!("HMAC accepts keys of any length"));
-    mac.update(&identifier_key(id));
-    mac.finalize().into_bytes().into()
+    crate::normalize::hmac_sha256(&salt.0, &identifier_key(id))
 }
 
 /// Kinds of the parent-pointer protocol of stitcher 0.2's scale-out mode, which this version refuses.

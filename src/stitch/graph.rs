@@ -854,6 +854,8 @@ pub struct Trigger {
     pub channel: String,
     /// The input record it came from.
     pub origin: Option<Origin>,
+    /// A control command, not an event.
+    pub command: bool,
 }
 
 impl Trigger {
@@ -862,27 +864,23 @@ impl Trigger {
             id: ev.event_id.clone(),
             channel: ev.channel.clone(),
             origin: ev.origin.clone(),
+            command: false,
         }
     }
 
-    /// A control command, named `control:<topic>:<partition>:<offset>` (topic names hold no colon).
+    /// How a control command read at `origin` is named: never by the identifier it is about, which the
+    /// output and the logs must not carry after an erasure.
+    pub fn command_name(origin: &Origin) -> String {
+        format!("control:{origin}")
+    }
+
+    /// A control command, by its [`Trigger::command_name`].
     pub fn command(trigger: &str) -> Self {
-        let mut parts = trigger.rsplitn(3, ':');
-        let offset = parts.next().and_then(|o| o.parse().ok());
-        let partition = parts.next().and_then(|p| p.parse().ok());
-        let topic = parts.next().and_then(|t| t.strip_prefix("control:"));
-        let origin = match (topic, partition, offset) {
-            (Some(topic), Some(partition), Some(offset)) => Some(Origin {
-                topic: topic.to_string(),
-                partition,
-                offset,
-            }),
-            _ => None,
-        };
         Self {
             id: trigger.to_string(),
             channel: "control".to_string(),
-            origin,
+            origin: trigger.strip_prefix("control:").and_then(Origin::parse),
+            command: true,
         }
     }
 }
