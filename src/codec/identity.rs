@@ -118,11 +118,11 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    /// Takes the next record of one key, in the topic's order. A version that does not increase for its
-    /// key is an error.
+    /// Takes the next record of one key, in the topic's order. A version that does not increase while
+    /// the id lives is an error; an id that ended (a record without identifiers) may start again lower.
     pub fn apply(&mut self, change: IdentityChange) -> Result<(), String> {
         if let Some(prev) = self.last.get(&change.profile_id) {
-            if change.version <= prev.version {
+            if !prev.identifiers.is_empty() && change.version <= prev.version {
                 return Err(format!(
                     "profile {}: version {} after {}",
                     change.profile_id, change.version, prev.version
@@ -193,6 +193,9 @@ mod tests {
         m.apply(change("a", 1, &["x"])).unwrap();
         m.apply(change("b", 1, &["y"])).unwrap();
         m.apply(change("a", 3, &["x", "y"])).unwrap();
+        m.apply(change("b", 2, &[])).unwrap();
+        // b ended; made again later, it may start lower.
+        m.apply(change("b", 1, &["z"])).unwrap();
         m.apply(change("b", 2, &[])).unwrap();
         let got: Vec<(String, String)> = m
             .identifiers()

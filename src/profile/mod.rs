@@ -255,8 +255,8 @@ pub struct Profile {
     pub shared: bool,
     /// The timeline, switchpoints, errand, interests, preferences and computed traits.
     pub story: Story,
-    /// Identity changes so far (docs/DESIGN.md, "The identity change stream"): only increases for one
-    /// profile id, across merges, splits and moves. Not a function of the set of events.
+    /// Identity changes so far (docs/DESIGN.md, "The identity change stream"): only increases while one
+    /// profile id lives, across merges, splits and moves. Not a function of the set of events.
     pub version: u64,
     /// Per input partition (topic, partition), the largest offset of an event in this profile: what a
     /// read-your-writes lookup waits for (README "HTTP").
