@@ -334,11 +334,9 @@ fn apply_batch(store: &Store, stitcher: &Stitcher, events: &[Event]) {
             queue.extend(out.msgs.into_iter().map(|(_, m)| m));
         }
     }
-    let mut wb = rocksdb::WriteBatch::default();
     store
-        .put_shard_changes(&mut wb, overlay.changes(), [])
-        .expect("changes");
-    store.write(wb).expect("write");
+        .write_shard_changes(overlay.into_changes(), [])
+        .expect("write");
 }
 
 fn preload(store: &Store, stitcher: &Stitcher, persons: u64) {

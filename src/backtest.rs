@@ -185,9 +185,7 @@ fn replay(
         engine
             .output(&overlay, &mut batch, &mut work)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let mut wb = rocksdb::WriteBatch::default();
-        store.put_shard_changes(&mut wb, overlay.changes(), std::mem::take(&mut positions))?;
-        store.write(wb)?;
+        store.write_shard_changes(overlay.into_changes(), std::mem::take(&mut positions))?;
         messages += taken as u64;
     }
     Ok(messages)

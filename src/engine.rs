@@ -574,17 +574,9 @@ mod tests {
                 records.push(seen(shard, n, at));
             }
         }
-        let mut wb = rocksdb::WriteBatch::default();
         tmp.store
-            .put_shard_changes(
-                &mut wb,
-                records
-                    .iter()
-                    .map(|(k, v)| (k.as_slice(), Some(v.as_slice()))),
-                [],
-            )
-            .expect("changes");
-        tmp.store.write(wb).expect("write");
+            .write_shard_changes(records.iter().map(|(k, v)| (k, Some(v))), [])
+            .expect("write");
         let mut deleted = BTreeSet::new();
         for _ in 0..4 {
             let mut overlay = ShardOverlay::new(&tmp.store);
@@ -647,11 +639,9 @@ mod tests {
                 assert_eq!(c.trigger.offset, Some(offset), "{c:?}");
                 mapping.apply(c).expect("versions increase");
             }
-            let mut wb = rocksdb::WriteBatch::default();
             tmp.store
-                .put_shard_changes(&mut wb, overlay.changes(), [])
-                .expect("changes");
-            tmp.store.write(wb).expect("write");
+                .write_shard_changes(overlay.into_changes(), [])
+                .expect("write");
         };
         let event = |id: &str, ids: &[(&str, &str)]| {
             let ids: Vec<serde_json::Value> = ids

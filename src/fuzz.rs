@@ -331,12 +331,10 @@ fn run_batch(engine: &Engine, store: &TempStore, messages: &[(&str, Vec<u8>)]) -
             assert_ne!(u.profile_id, degenerate);
         }
     }
-    let mut wb = rocksdb::WriteBatch::default();
     store
         .store
-        .put_shard_changes(&mut wb, overlay.changes(), [])
-        .expect("changes");
-    store.store.write(wb).expect("write");
+        .write_shard_changes(overlay.into_changes(), [])
+        .expect("write");
     records
         .into_iter()
         .filter(|r| r.topic == "stitcher-dead-letters")

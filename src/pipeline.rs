@@ -19,7 +19,6 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
-use rocksdb::WriteBatch;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -328,12 +327,10 @@ impl Pipeline {
         for (tp, next) in &batch.positions {
             self.expected.insert(tp.clone(), *next);
         }
-        let mut wb = WriteBatch::default();
         let reached = self.committer.take_delivered();
         let positions = reached.iter().map(|(p, next)| (*p as ShardId, *next));
         self.store
-            .put_shard_changes(&mut wb, overlay.changes(), positions)?;
-        self.store.write(wb)?;
+            .write_shard_changes(overlay.into_changes(), positions)?;
         batch_committed(&self.metrics, &batch, started, records.len(), summary);
         Ok(())
     }
@@ -562,14 +559,10 @@ impl Pipeline {
             }
             if pending.len() >= RESTORE_CHUNK || high.is_empty() {
                 applied += pending.len() as u64;
-                let mut wb = WriteBatch::default();
-                self.store.put_shard_changes(
-                    &mut wb,
-                    pending.iter().map(|(k, v)| (k.as_slice(), v.as_deref())),
+                self.store.write_shard_changes(
+                    std::mem::take(&mut pending),
                     reached.iter().map(|(p, at)| (*p as ShardId, *at)),
                 )?;
-                self.store.write(wb)?;
-                pending.clear();
             }
         }
         Ok(applied)

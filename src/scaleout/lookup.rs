@@ -152,8 +152,6 @@ pub fn profile_here(
 mod tests {
     use std::collections::VecDeque;
 
-    use rocksdb::WriteBatch;
-
     use super::*;
     use crate::model::Event;
     use crate::scaleout::event_home;
@@ -205,11 +203,9 @@ mod tests {
             .expect("handle");
             queue.extend(out.msgs);
         }
-        let mut batch = WriteBatch::default();
         store
-            .put_shard_changes(&mut batch, overlay.changes(), std::iter::empty())
-            .expect("changes");
-        store.write(batch).expect("write");
+            .write_shard_changes(overlay.into_changes(), [])
+            .expect("write");
     }
 
     #[test]

@@ -133,13 +133,16 @@ impl Kv for BTreeMap<Vec<u8>, Vec<u8>> {
     }
 }
 
+/// A batch's state changes, in key order (`None`: deleted).
+pub type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+
 /// One batch's view of the sharded state: reads see the batch's own writes. What a read found in the
 /// store is kept for the batch (a protocol step reads the same records several times: an identifier's
 /// node, its directory entry), and so is what it did not find: a record the batch created and deleted
 /// again (a pending event, a reservation) leaves no tombstone in the changelog or the store.
 pub struct ShardOverlay<'s> {
     store: &'s Store,
-    dirty: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    dirty: Changes,
     read: RefCell<HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>>,
 }
 
@@ -152,9 +155,9 @@ impl<'s> ShardOverlay<'s> {
         }
     }
 
-    /// Whether the store is known to hold no record under `key`.
-    fn absent_below(&self, key: &[u8]) -> bool {
-        matches!(self.read.borrow().get(key), Some(None))
+    /// Whether a change is one: a deletion of a record the store is known not to hold is not.
+    fn changes_something(&self, key: &[u8], value: &Option<Vec<u8>>) -> bool {
+        value.is_some() || !absent(&self.read.borrow(), key)
     }
 
     /// The committed state under the overlay.
@@ -162,13 +165,20 @@ impl<'s> ShardOverlay<'s> {
         self.store
     }
 
-    /// Every key the batch changed, with its new value (`None`: deleted), in key order; a deletion of
-    /// a record the store does not hold is left out.
+    /// Every key the batch changed, with its new value (`None`: deleted), in key order.
     pub fn changes(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
         self.dirty
             .iter()
-            .filter(|(k, v)| v.is_some() || !self.absent_below(k))
+            .filter(|(k, v)| self.changes_something(k, v))
             .map(|(k, v)| (k.as_slice(), v.as_deref()))
+    }
+
+    /// The changes, to write once the batch committed.
+    pub fn into_changes(self) -> Changes {
+        let read = self.read.into_inner();
+        let mut dirty = self.dirty;
+        dirty.retain(|k, v| v.is_some() || !absent(&read, k));
+        dirty
     }
 
     pub fn is_empty(&self) -> bool {
@@ -188,6 +198,14 @@ impl KvRead for ShardOverlay<'_> {
         self.read.borrow_mut().insert(key.to_vec(), v.clone());
         Ok(v)
     }
+}
+
+/// Whether the store was read not to hold `key`.
+fn absent<S: std::hash::BuildHasher>(
+    read: &HashMap<Vec<u8>, Option<Vec<u8>>, S>,
+    key: &[u8],
+) -> bool {
+    matches!(read.get(key), Some(None))
 }
 
 impl Kv for ShardOverlay<'_> {
@@ -583,6 +601,13 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
         }
         Ok(p)
     }
+    fn peek_profile<T>(
+        &mut self,
+        node: NodeId,
+        f: impl FnOnce(&Profile) -> T,
+    ) -> Result<Option<T>, StoreError> {
+        Ok(self.view.read().profile(node)?.as_ref().map(f))
+    }
     fn put_profile(&mut self, node: NodeId, profile: Profile) {
         let r = self
             .view
@@ -689,11 +714,9 @@ mod tests {
     use crate::store::TempStore;
 
     fn committed(store: &Store, changes: &[(&[u8], Option<&[u8]>)]) {
-        let mut wb = rocksdb::WriteBatch::default();
         store
-            .put_shard_changes(&mut wb, changes.iter().copied(), [])
+            .write_shard_changes(changes.iter().copied(), [])
             .unwrap();
-        store.write(wb).unwrap();
     }
 
     #[test]
@@ -729,6 +752,10 @@ mod tests {
             vec![(kept.clone(), Some(b"3".to_vec())), (gone.clone(), None)]
         );
         assert!(!overlay.is_empty());
+        assert_eq!(
+            overlay.into_changes().into_iter().collect::<Vec<_>>(),
+            changes
+        );
 
         let mut idle = ShardOverlay::new(&t.store);
         assert_eq!(idle.get(&brief).unwrap(), None);

@@ -32,6 +32,12 @@ pub trait GraphStore {
     /// Takes the profile out; it must be given back with `put_profile` or removed with `delete_profile`.
     fn take_profile(&mut self, node: NodeId) -> Result<Option<Profile>, Self::Error>;
     fn put_profile(&mut self, node: NodeId, profile: Profile);
+    /// Reads something of a profile, leaving it where it is.
+    fn peek_profile<T>(
+        &mut self,
+        node: NodeId,
+        f: impl FnOnce(&Profile) -> T,
+    ) -> Result<Option<T>, Self::Error>;
     fn delete_profile(&mut self, node: NodeId);
     fn allocate_node(&mut self) -> Result<NodeId, Self::Error>;
     /// Marks the event as seen; false if it had been seen already.
@@ -276,8 +282,11 @@ impl Stitcher {
             }
         };
         let mut ids_before: BTreeSet<ProfileId> = BTreeSet::new();
+        // Where the profiles joined are indexed: the index is written again only if that changes.
+        let mut indexed_before: Vec<(ProfileId, NodeId)> = Vec::new();
         if !created {
             ids_before.insert(profile.id());
+            indexed_before.push((profile.id(), node));
         }
         let mut merged_into_primary: BTreeSet<NodeId> = BTreeSet::from([node]);
         let event_refuses = ev
@@ -304,6 +313,7 @@ impl Stitcher {
                     }
                     merged_kinds.push(theirs);
                     ids_before.insert(other_profile.id());
+                    indexed_before.push((other_profile.id(), other));
                     // Union by size: the larger side keeps its node, the smaller side is relabelled.
                     let (keep, gone, mut big, small) = if other_profile.identifiers.len()
                         > profile.identifiers.len()
@@ -396,7 +406,9 @@ impl Stitcher {
             // Absorbing took the largest version of the profiles joined.
             profile.version += 1;
         }
-        store.index(&id_after, node);
+        if !indexed_before.contains(&(id_after.clone(), node)) {
+            store.index(&id_after, node);
+        }
         store.put_profile(node, profile);
         Ok(Some(applied))
     }
@@ -416,7 +428,7 @@ impl Stitcher {
         let Some(first) = owner.iter().flatten().next().copied() else {
             return Ok((ids, owner));
         };
-        let sealed = peek(store, first, |p| {
+        let sealed = store.peek_profile(first, |p| {
             p.sealed_to().is_some_and(|home| home != ev.channel) && !p.shared
         })?;
         if sealed != Some(true) || ids.iter().any(|id| id.scope().is_some()) {
@@ -464,7 +476,7 @@ impl Stitcher {
             let node = store.node_of(x)?;
             let mut seen: BTreeSet<Identifier> = owners.iter().map(|o| (*o).clone()).collect();
             if let Some(n) = node {
-                if peek(store, n, |p| p.shared)? == Some(true) {
+                if store.peek_profile(n, |p| p.shared)? == Some(true) {
                     continue;
                 }
                 seen.extend(
@@ -748,20 +760,6 @@ fn take_matched<S: GraphStore>(
         }
     }
     Ok((candidates, shared))
-}
-
-/// Reads something of a profile without keeping it out.
-fn peek<S: GraphStore, T>(
-    store: &mut S,
-    node: NodeId,
-    f: impl FnOnce(&Profile) -> T,
-) -> Result<Option<T>, S::Error> {
-    let Some(p) = store.take_profile(node)? else {
-        return Ok(None);
-    };
-    let out = f(&p);
-    store.put_profile(node, p);
-    Ok(Some(out))
 }
 
 /// A public id to its live id and node, following redirects.
@@ -1052,6 +1050,13 @@ impl GraphStore for MemStore {
     }
     fn put_profile(&mut self, node: NodeId, profile: Profile) {
         self.profiles.insert(node, profile);
+    }
+    fn peek_profile<T>(
+        &mut self,
+        node: NodeId,
+        f: impl FnOnce(&Profile) -> T,
+    ) -> Result<Option<T>, Self::Error> {
+        Ok(self.profiles.get(&node).map(f))
     }
     fn delete_profile(&mut self, node: NodeId) {
         self.profiles.remove(&node);

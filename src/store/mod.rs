@@ -149,9 +149,8 @@ impl Store {
                 .is_some())
     }
 
-    /// Writes a batch atomically and durably (WAL synced): the state must be on disk before the Kafka
-    /// transaction that depends on it commits.
-    pub fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
+    /// Writes a batch atomically and durably (WAL synced).
+    fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
         self.db.write_opt(batch, &opts)?;
@@ -178,7 +177,7 @@ impl Store {
             .collect()
     }
 
-    /// A value of the sharded state (scale-out mode).
+    /// A value of the sharded state.
     pub(crate) fn shard_value(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         Ok(self.db.get_cf(self.cf(CF_SHARDS)?, key)?)
     }
@@ -260,13 +259,14 @@ impl Store {
             .map(i64::from_be_bytes))
     }
 
-    /// Adds sharded-state changes (`None` deletes) and changelog positions to a batch.
-    pub fn put_shard_changes<'a>(
+    /// Writes sharded-state changes (`None` deletes) and the changelog positions they reach, in one
+    /// atomic write.
+    pub fn write_shard_changes<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         &self,
-        batch: &mut WriteBatch,
-        changes: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+        changes: impl IntoIterator<Item = (K, Option<V>)>,
         positions: impl IntoIterator<Item = (u32, i64)>,
     ) -> Result<(), StoreError> {
+        let mut batch = WriteBatch::default();
         let cf = self.cf(CF_SHARDS)?;
         for (k, v) in changes {
             match v {
@@ -278,7 +278,7 @@ impl Store {
         for (shard, next) in positions {
             batch.put_cf(meta, changelog_meta_key(shard), next.to_be_bytes());
         }
-        Ok(())
+        self.write(batch)
     }
 
     /// Forgets this instance's copy of a shard (before restoring it from the start of its changelog).
