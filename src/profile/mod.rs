@@ -224,6 +224,20 @@ pub struct Consent {
 }
 
 impl Consent {
+    /// Whether the person refused cross-channel identification.
+    pub fn cross_channel_refused(&self) -> bool {
+        matches!(&self.cross_channel, Some(Latest { value: false, .. }))
+    }
+
+    /// The channel a refusing person is sealed to.
+    pub fn sealed_to(&self) -> Option<&str> {
+        if self.cross_channel_refused() {
+            self.cross_channel_on.as_deref()
+        } else {
+            None
+        }
+    }
+
     fn join_cross_channel(&mut self, candidate: Latest<bool>, channel: Option<String>) {
         let newer = match &self.cross_channel {
             Some(current) => candidate.newer_than(current),
@@ -233,6 +247,57 @@ impl Consent {
             self.cross_channel = Some(candidate);
             self.cross_channel_on = channel;
         }
+    }
+}
+
+/// A profile's consent seal and whether it is a shared identifier's: what every event looks at before it
+/// is applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seal {
+    /// The channel a person who refused cross-channel identification is sealed to.
+    pub sealed_to: Option<String>,
+    pub shared: bool,
+}
+
+impl Seal {
+    fn of(consent: &Consent, shared: bool) -> Self {
+        Self {
+            sealed_to: consent.sealed_to().map(str::to_string),
+            shared,
+        }
+    }
+
+    /// Whether an event of `channel` must live in that channel's own identity space: sealed to another
+    /// channel, and not a shared identifier's profile.
+    pub fn seals_out(&self, channel: &str) -> bool {
+        self.sealed_to
+            .as_deref()
+            .is_some_and(|home| home != channel)
+            && !self.shared
+    }
+}
+
+/// The leading fields of a stored [`Profile`], in its order, up to `shared`: decoded from a stored
+/// profile's bytes without the story and what follows it (postcard reads fields in order and leaves the
+/// rest), for the looks at consent and sharing that every event takes.
+#[derive(Debug, Deserialize)]
+pub struct ProfileHead {
+    _anchor: (Millis, String),
+    _identifiers: BTreeMap<Identifier, Seen>,
+    _seen: Seen,
+    _events: u64,
+    _channels: BTreeMap<String, ChannelActivity>,
+    _event_types: BTreeMap<String, u64>,
+    _purchases: BTreeMap<(Venue, String), Totals>,
+    _email: EmailEngagement,
+    _cart: Cart,
+    consent: Consent,
+    shared: bool,
+}
+
+impl ProfileHead {
+    pub fn seal(&self) -> Seal {
+        Seal::of(&self.consent, self.shared)
     }
 }
 
@@ -313,11 +378,11 @@ impl Profile {
 
     /// The channel a profile is sealed to: set while the person refuses cross-channel identification.
     pub fn sealed_to(&self) -> Option<&str> {
-        if self.cross_channel_refused() {
-            self.consent.cross_channel_on.as_deref()
-        } else {
-            None
-        }
+        self.consent.sealed_to()
+    }
+
+    pub fn seal(&self) -> Seal {
+        Seal::of(&self.consent, self.shared)
     }
 
     pub fn id(&self) -> ProfileId {
@@ -335,10 +400,7 @@ impl Profile {
 
     /// Whether the person said no to being recognised across channels (latest consent event wins).
     pub fn cross_channel_refused(&self) -> bool {
-        matches!(
-            &self.consent.cross_channel,
-            Some(Latest { value: false, .. })
-        )
+        self.consent.cross_channel_refused()
     }
 
     /// Applies one event; `linked` are the event's identifiers that now belong to this profile (guardrails
@@ -539,6 +601,42 @@ mod tests {
             consent: None,
             attributes: BTreeMap::new(),
             origin: None,
+        }
+    }
+
+    /// The head of a stored profile is read from the leading fields of its record: whatever the story and
+    /// the fields after it hold, the seal is the whole profile's.
+    #[test]
+    fn the_seal_read_from_a_stored_head_is_the_profiles() {
+        use crate::model::ConsentChange;
+        use crate::store::{decode_value, encode_value};
+        let mut refusing = ev("r", 10, "add_to_cart", &[("email", "x@y.io")]);
+        refusing.consent = Some(ConsentChange {
+            cross_channel: Some(false),
+            email_marketing: Some(true),
+        });
+        refusing
+            .attributes
+            .insert("preference.size".into(), "M".into());
+        let events = [
+            refusing,
+            ev("a", 20, "purchase", &[("email", "x@y.io")]),
+            ev("b", 30, "page_view", &[("anonymous_id", "c1")]),
+        ];
+        let mut p = Profile::new(&events[0], &cfg());
+        for e in &events[1..] {
+            p.apply(e, &e.identifiers, &cfg());
+        }
+        p.positions.insert(("web".into(), 0), 41);
+        p.version = 7;
+        assert_eq!(p.seal().sealed_to.as_deref(), Some("web"));
+        for shared in [false, true] {
+            p.shared = shared;
+            let stored = encode_value(&p, 256).expect("encode");
+            let head: ProfileHead = decode_value(&stored, "shards", "profile").expect("head");
+            assert_eq!(head.seal(), p.seal());
+            assert_eq!(head.seal().seals_out("pos"), !shared);
+            assert!(!head.seal().seals_out("web"));
         }
     }
 

@@ -959,10 +959,12 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                     continue;
                 }
                 seen.push(node);
-                let p = self.view.read().profile(node)?;
-                if p.is_some_and(|p| {
-                    p.sealed_to().is_some_and(|home| home != ev.channel) && !p.shared
-                }) {
+                if self
+                    .view
+                    .read()
+                    .seal(node)?
+                    .is_some_and(|s| s.seals_out(&ev.channel))
+                {
                     return Ok(true);
                 }
             }

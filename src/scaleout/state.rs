@@ -37,7 +37,7 @@ use sha2::{Digest, Sha256};
 
 use super::ShardId;
 use crate::model::{Identifier, NodeId, ProfileId};
-use crate::profile::Profile;
+use crate::profile::{Profile, ProfileHead, Seal};
 use crate::stitch::graph::add_evidence;
 use crate::stitch::{Evidence, GraphStore};
 use crate::store::{decode_value, encode_value, identifier_key, Store, StoreError, CF_SHARDS};
@@ -292,6 +292,12 @@ impl<K: KvRead + ?Sized> ShardRead<'_, K> {
 
     pub fn profile(&self, node: NodeId) -> Result<Option<Profile>, StoreError> {
         self.read(PROFILE, &node.0.to_be_bytes())
+    }
+
+    /// The seal of the profile under `node`, decoded from the head of the record only.
+    pub fn seal(&self, node: NodeId) -> Result<Option<Seal>, StoreError> {
+        let head: Option<ProfileHead> = self.read(PROFILE, &node.0.to_be_bytes())?;
+        Ok(head.as_ref().map(ProfileHead::seal))
     }
 
     /// The identifiers of the profile under `node` (none if there is none).
@@ -601,12 +607,8 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
         }
         Ok(p)
     }
-    fn peek_profile<T>(
-        &mut self,
-        node: NodeId,
-        f: impl FnOnce(&Profile) -> T,
-    ) -> Result<Option<T>, StoreError> {
-        Ok(self.view.read().profile(node)?.as_ref().map(f))
+    fn seal(&mut self, node: NodeId) -> Result<Option<Seal>, StoreError> {
+        self.view.read().seal(node)
     }
     fn put_profile(&mut self, node: NodeId, profile: Profile) {
         let r = self

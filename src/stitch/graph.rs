@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::model::{Event, Identifier, NodeId, Origin, ProfileId};
-use crate::profile::{Enrichment, Profile, Seen};
+use crate::profile::{Enrichment, Profile, Seal, Seen};
 
 use super::evidence::Evidence;
 use super::rules::{Rule, Rules};
@@ -32,12 +32,8 @@ pub trait GraphStore {
     /// Takes the profile out; it must be given back with `put_profile` or removed with `delete_profile`.
     fn take_profile(&mut self, node: NodeId) -> Result<Option<Profile>, Self::Error>;
     fn put_profile(&mut self, node: NodeId, profile: Profile);
-    /// Reads something of a profile, leaving it where it is.
-    fn peek_profile<T>(
-        &mut self,
-        node: NodeId,
-        f: impl FnOnce(&Profile) -> T,
-    ) -> Result<Option<T>, Self::Error>;
+    /// A profile's seal, read without taking the profile out.
+    fn seal(&mut self, node: NodeId) -> Result<Option<Seal>, Self::Error>;
     fn delete_profile(&mut self, node: NodeId);
     fn allocate_node(&mut self) -> Result<NodeId, Self::Error>;
     /// Marks the event as seen; false if it had been seen already.
@@ -428,10 +424,8 @@ impl Stitcher {
         let Some(first) = owner.iter().flatten().next().copied() else {
             return Ok((ids, owner));
         };
-        let sealed = store.peek_profile(first, |p| {
-            p.sealed_to().is_some_and(|home| home != ev.channel) && !p.shared
-        })?;
-        if sealed != Some(true) || ids.iter().any(|id| id.scope().is_some()) {
+        let sealed = store.seal(first)?.is_some_and(|s| s.seals_out(&ev.channel));
+        if !sealed || ids.iter().any(|id| id.scope().is_some()) {
             return Ok((ids, owner));
         }
         let mut scoped: Vec<Identifier> = ids.iter().map(|id| id.scoped(&ev.channel)).collect();
@@ -476,7 +470,7 @@ impl Stitcher {
             let node = store.node_of(x)?;
             let mut seen: BTreeSet<Identifier> = owners.iter().map(|o| (*o).clone()).collect();
             if let Some(n) = node {
-                if store.peek_profile(n, |p| p.shared)? == Some(true) {
+                if store.seal(n)?.is_some_and(|s| s.shared) {
                     continue;
                 }
                 seen.extend(
@@ -1051,12 +1045,8 @@ impl GraphStore for MemStore {
     fn put_profile(&mut self, node: NodeId, profile: Profile) {
         self.profiles.insert(node, profile);
     }
-    fn peek_profile<T>(
-        &mut self,
-        node: NodeId,
-        f: impl FnOnce(&Profile) -> T,
-    ) -> Result<Option<T>, Self::Error> {
-        Ok(self.profiles.get(&node).map(f))
+    fn seal(&mut self, node: NodeId) -> Result<Option<Seal>, Self::Error> {
+        Ok(self.profiles.get(&node).map(Profile::seal))
     }
     fn delete_profile(&mut self, node: NodeId) {
         self.profiles.remove(&node);
