@@ -98,6 +98,9 @@ fn bench_config(args: &BenchArgs, run: &str, topics: &Topics, state: &Path) -> C
     if let Some(n) = args.batch_max_events {
         cfg.processing.batch_max_events = n;
     }
+    if let Some(ms) = args.batch_linger_ms {
+        cfg.processing.batch_linger = std::time::Duration::from_millis(ms);
+    }
     cfg.scaleout.shards = args.shards;
     cfg
 }

@@ -227,6 +227,10 @@ pub struct BenchArgs {
     /// default (`processing.batch_max_events`) if not given.
     #[arg(long)]
     pub batch_max_events: Option<usize>,
+    /// Longest wait for a batch to fill (ms), for both the passthrough and the pipeline; the service's
+    /// default (`processing.batch_linger`) if not given.
+    #[arg(long)]
+    pub batch_linger_ms: Option<u64>,
     /// Shards of the pipeline's graph (one instance holds them all).
     #[arg(long, default_value_t = 1)]
     pub shards: u32,
