@@ -155,11 +155,6 @@ impl<'s> ShardOverlay<'s> {
         }
     }
 
-    /// Whether a change is one: a deletion of a record the store is known not to hold is not.
-    fn changes_something(&self, key: &[u8], value: &Option<Vec<u8>>) -> bool {
-        value.is_some() || !absent(&self.read.borrow(), key)
-    }
-
     /// The committed state under the overlay.
     pub fn store(&self) -> &'s Store {
         self.store
@@ -169,7 +164,7 @@ impl<'s> ShardOverlay<'s> {
     pub fn changes(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
         self.dirty
             .iter()
-            .filter(|(k, v)| self.changes_something(k, v))
+            .filter(|(k, v)| is_change(&self.read.borrow(), k, v))
             .map(|(k, v)| (k.as_slice(), v.as_deref()))
     }
 
@@ -177,7 +172,7 @@ impl<'s> ShardOverlay<'s> {
     pub fn into_changes(self) -> Changes {
         let read = self.read.into_inner();
         let mut dirty = self.dirty;
-        dirty.retain(|k, v| v.is_some() || !absent(&read, k));
+        dirty.retain(|k, v| is_change(&read, k, v));
         dirty
     }
 
@@ -200,12 +195,14 @@ impl KvRead for ShardOverlay<'_> {
     }
 }
 
-/// Whether the store was read not to hold `key`.
-fn absent<S: std::hash::BuildHasher>(
+/// Whether setting `key` to `value` changes the store: a deletion of a record the batch read to be absent
+/// does not.
+fn is_change<S: std::hash::BuildHasher>(
     read: &HashMap<Vec<u8>, Option<Vec<u8>>, S>,
     key: &[u8],
+    value: &Option<Vec<u8>>,
 ) -> bool {
-    matches!(read.get(key), Some(None))
+    value.is_some() || !matches!(read.get(key), Some(None))
 }
 
 impl Kv for ShardOverlay<'_> {

@@ -277,12 +277,11 @@ impl Stitcher {
                 (store.allocate_node()?, p, true)
             }
         };
-        let mut ids_before: BTreeSet<ProfileId> = BTreeSet::new();
-        // Where the profiles joined are indexed: the index is written again only if that changes.
-        let mut indexed_before: Vec<(ProfileId, NodeId)> = Vec::new();
+        // The ids of the profiles joined and where each is indexed: ids other than the one after are
+        // retired, and the index is written again only if the id after is not already indexed at its node.
+        let mut joined: Vec<(ProfileId, NodeId)> = Vec::new();
         if !created {
-            ids_before.insert(profile.id());
-            indexed_before.push((profile.id(), node));
+            joined.push((profile.id(), node));
         }
         let mut merged_into_primary: BTreeSet<NodeId> = BTreeSet::from([node]);
         let event_refuses = ev
@@ -308,8 +307,7 @@ impl Stitcher {
                         merged_kinds.push(mine);
                     }
                     merged_kinds.push(theirs);
-                    ids_before.insert(other_profile.id());
-                    indexed_before.push((other_profile.id(), other));
+                    joined.push((other_profile.id(), other));
                     // Union by size: the larger side keeps its node, the smaller side is relabelled.
                     let (keep, gone, mut big, small) = if other_profile.identifiers.len()
                         > profile.identifiers.len()
@@ -381,11 +379,12 @@ impl Stitcher {
         self.record_part(store, &linked, ev)?;
 
         let id_after = profile.id();
+        let ids_before: BTreeSet<&ProfileId> = joined.iter().map(|(id, _)| id).collect();
         for old in ids_before {
-            if old != id_after {
-                store.redirect(&old, &id_after);
-                store.unindex(&old);
-                retired.push(old);
+            if *old != id_after {
+                store.redirect(old, &id_after);
+                store.unindex(old);
+                retired.push(old.clone());
             }
         }
         let applied = Applied {
@@ -402,7 +401,7 @@ impl Stitcher {
             // Absorbing took the largest version of the profiles joined.
             profile.version += 1;
         }
-        if !indexed_before.contains(&(id_after.clone(), node)) {
+        if !joined.contains(&(id_after.clone(), node)) {
             store.index(&id_after, node);
         }
         store.put_profile(node, profile);
