@@ -249,8 +249,18 @@ impl std::fmt::Display for Origin {
     }
 }
 
+#[cfg(test)]
+thread_local! {
+    /// A test's stopped clock: [`now_millis`] on this thread returns it while set.
+    pub(crate) static STOPPED_CLOCK: std::cell::Cell<Option<Millis>> = const { std::cell::Cell::new(None) };
+}
+
 /// Wall-clock time in milliseconds since the epoch (0 if the clock is before 1970).
 pub fn now_millis() -> Millis {
+    #[cfg(test)]
+    if let Some(stopped) = STOPPED_CLOCK.with(std::cell::Cell::get) {
+        return stopped;
+    }
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as Millis)

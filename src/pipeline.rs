@@ -3,7 +3,9 @@
 //! Kafka assigns them; one instance is the case where it holds them all. Per batch, in one Kafka transaction: the
 //! consumed offsets (inputs and internal topic), the messages for shards held elsewhere, the shard state
 //! changes (changelog records), profile updates, redirects and dead letters. The local RocksDB copy of the
-//! shards is written after the commit, with the changelog offsets it reached.
+//! shards is written after the commit, with the changelog offsets it reached. The commit and the local
+//! write of one batch run on a commit thread while the next batch is handled over its changes
+//! (docs/DESIGN.md, "Overlapped commits").
 //!
 //! A message for a shard this instance holds is handled at once, in the batch that produced it: with one
 //! instance the internal topic carries nothing. A batch built across a rebalance is dropped (nothing of it
@@ -12,6 +14,8 @@
 //! "Scale-out", explains why this is exactly-once.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -32,8 +36,9 @@ use crate::metrics::Metrics;
 use crate::model::now_millis;
 use crate::processor::{positions_vec, Batch, InMessage, ProcessError};
 use crate::scaleout::lookup::HeldShards;
-use crate::scaleout::state::{refuse_former_format, ShardOverlay};
+use crate::scaleout::state::{refuse_former_format, Changes, ShardOverlay};
 use crate::scaleout::ShardId;
+use crate::store::OutRecord;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +55,8 @@ pub enum PipelineError {
     Restore(String),
     #[error("state directory: {0}")]
     WrongMode(String),
+    #[error("commit thread: {0}")]
+    CommitThread(String),
 }
 
 /// Totals of one run, for logs and the demo's summary.
@@ -61,28 +68,40 @@ pub struct RunSummary {
     pub recovered_records: u64,
 }
 
-/// Records a committed batch (started at `started`, `records` produced) in the metrics and the totals.
-pub(crate) fn batch_committed(
-    metrics: &Metrics,
-    batch: &Batch,
+/// A closed batch whose transaction and local write run on the commit thread while the next batch is
+/// handled.
+struct InFlight {
+    /// The batch's state changes: the next batch reads them before the store.
+    changes: Arc<Changes>,
+    closed: Closed,
+    /// When the transaction committed (ms), or why it did not.
+    job: JoinHandle<Result<i64, PipelineError>>,
+}
+
+/// What the metrics and totals want of a closed batch.
+struct Closed {
+    batch: Batch,
     started: Instant,
     records: usize,
-    summary: &mut RunSummary,
-) {
-    let committed_ms = now_millis();
-    for ts in &batch.event_times {
+}
+
+impl Closed {
+    /// Records the committed batch in the metrics and the totals.
+    fn committed(&self, committed_ms: i64, metrics: &Metrics, summary: &mut RunSummary) {
+        for ts in &self.batch.event_times {
+            metrics
+                .event_latency
+                .observe(((committed_ms - ts).max(0)) as f64 / 1000.0);
+        }
         metrics
-            .event_latency
-            .observe(((committed_ms - ts).max(0)) as f64 / 1000.0);
+            .batch_duration
+            .observe(self.started.elapsed().as_secs_f64());
+        metrics.batch_size.observe(self.batch.messages as f64);
+        metrics.last_commit.set(committed_ms / 1000);
+        summary.batches += 1;
+        summary.messages += self.batch.messages as u64;
+        summary.records += self.records as u64;
     }
-    metrics
-        .batch_duration
-        .observe(started.elapsed().as_secs_f64());
-    metrics.batch_size.observe(batch.messages as f64);
-    metrics.last_commit.set(committed_ms / 1000);
-    summary.batches += 1;
-    summary.messages += batch.messages as u64;
-    summary.records += records as u64;
 }
 
 /// Every topic the pipeline consumes: the inputs, the control topic if configured, and the internal shard
@@ -118,7 +137,13 @@ pub struct Pipeline {
     metrics: Metrics,
     engine: Engine,
     consumer: StitchConsumer,
-    committer: Committer,
+    /// Used by one batch's commit at a time, on the commit thread.
+    committer: Arc<Mutex<Committer>>,
+    /// The batch being committed, if any.
+    in_flight: Option<InFlight>,
+    summary: RunSummary,
+    /// Bounds the retries of a replacement producer's start after shutdown was requested.
+    shutdown: CancellationToken,
     instance: String,
     /// The engine's shards, as the lookup API sees them.
     held: HeldShards,
@@ -194,7 +219,10 @@ impl Pipeline {
             metrics,
             engine,
             consumer,
-            committer,
+            committer: Arc::new(Mutex::new(committer)),
+            in_flight: None,
+            summary: RunSummary::default(),
+            shutdown: shutdown.clone(),
             instance: instance.to_string(),
             held,
             synced_at: None,
@@ -205,25 +233,26 @@ impl Pipeline {
 
     /// Runs until `shutdown`; the batch under way is finished and committed within the drain timeout.
     pub fn run(mut self, shutdown: CancellationToken) -> Result<RunSummary, PipelineError> {
-        let mut summary = RunSummary::default();
         tracing::info!(inputs = self.cfg.inputs.len(), "pipeline running");
         while !shutdown.is_cancelled() {
-            self.run_batch(&shutdown, &mut summary)?;
+            if let Err(e) = self.run_batch(&shutdown) {
+                if let Err(also) = self.settle() {
+                    tracing::warn!(error = %also, "the batch in flight did not commit either");
+                }
+                return Err(e);
+            }
         }
+        self.settle()?;
         self.metrics.health.set_running(false);
         tracing::info!(
-            batches = summary.batches,
-            messages = summary.messages,
+            batches = self.summary.batches,
+            messages = self.summary.messages,
             "pipeline drained"
         );
-        Ok(summary)
+        Ok(self.summary)
     }
 
-    fn run_batch(
-        &mut self,
-        shutdown: &CancellationToken,
-        summary: &mut RunSummary,
-    ) -> Result<(), PipelineError> {
+    fn run_batch(&mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
         self.topics.partitions(&self.consumer, &self.metrics.health);
         if self.unassigned.stuck(
             &self.consumer,
@@ -232,6 +261,7 @@ impl Pipeline {
             &self.metrics.health,
         ) {
             self.metrics.errors.with_label_values(&["consume"]).inc();
+            self.settle()?;
             return self.restart_consumer();
         }
         self.sync_assignment(shutdown)?;
@@ -239,7 +269,8 @@ impl Pipeline {
         let started = Instant::now();
         let linger_until = started + self.cfg.processing.batch_linger;
         let store = self.store.clone();
-        let mut overlay = ShardOverlay::new(&store);
+        let pending = self.in_flight.as_ref().map(|f| Arc::clone(&f.changes));
+        let mut overlay = ShardOverlay::over(&store, pending);
         let mut batch = Batch::default();
         let mut work = Work::default();
         let mut rebalanced = false;
@@ -266,6 +297,7 @@ impl Pipeline {
                     self.metrics.errors.with_label_values(&["consume"]).inc();
                     tracing::warn!(?code, "consumer failed fatally; replacing it");
                     drop(overlay);
+                    self.settle()?;
                     return self.restart_consumer();
                 }
                 Some(Err(e)) => {
@@ -290,49 +322,117 @@ impl Pipeline {
             return Ok(());
         }
         if batch.is_empty() {
+            // Idle: the batch in flight is finished rather than left half done.
+            drop(overlay);
+            self.settle()?;
             return Ok(());
         }
         self.engine
             .sweep(&mut overlay, batch.messages, now_millis())?;
         let records = self.engine.output(&overlay, &mut batch, &mut work)?;
+        let changes = overlay.into_changes();
+        if !self.settle()? {
+            // Built on a batch that did not commit: read again with it.
+            return Ok(());
+        }
+        for (tp, next) in &batch.positions {
+            self.expected.insert(tp.clone(), *next);
+        }
+        self.commit_behind(batch, records, changes, started, shutdown)
+    }
+
+    /// Starts the commit of a closed batch, then its local write, on the commit thread.
+    fn commit_behind(
+        &mut self,
+        batch: Batch,
+        records: Vec<OutRecord>,
+        changes: Changes,
+        started: Instant,
+        shutdown: &CancellationToken,
+    ) -> Result<(), PipelineError> {
+        let changes = Arc::new(changes);
         let positions = positions_vec(&batch.positions);
-        let deadline = Deadline::new(shutdown.clone(), self.cfg.processing.drain_timeout);
-        match self
-            .committer
-            .commit(&records, &positions, &self.consumer, &deadline)
-        {
-            Ok(()) => {}
-            Err(e @ CommitError::Fatal(_)) | Err(e @ CommitError::Deadline(_)) => {
-                return Err(e.into())
+        // Taken now: a rebalance from here on makes the coordinator refuse these offsets.
+        let group = self.consumer.group_metadata();
+        let committer = Arc::clone(&self.committer);
+        let store = self.store.clone();
+        let written = Arc::clone(&changes);
+        let shutdown = shutdown.clone();
+        let drain = self.cfg.processing.drain_timeout;
+        let count = records.len();
+        let job = std::thread::Builder::new()
+            .name("stitcher-commit".into())
+            .spawn(move || {
+                let deadline = Deadline::new(shutdown, drain);
+                let mut committer = committer.lock().unwrap_or_else(PoisonError::into_inner);
+                committer.commit(&records, &positions, group.as_ref(), &deadline)?;
+                let committed_ms = now_millis();
+                let reached = committer.take_delivered();
+                drop(committer);
+                store.write_shard_changes(
+                    written.iter().map(|(k, v)| (k, v.as_ref())),
+                    reached.iter().map(|(p, next)| (*p as ShardId, *next)),
+                )?;
+                Ok(committed_ms)
+            })
+            .map_err(|e| PipelineError::CommitThread(e.to_string()))?;
+        self.in_flight = Some(InFlight {
+            changes,
+            closed: Closed {
+                batch,
+                started,
+                records: count,
+            },
+            job,
+        });
+        Ok(())
+    }
+
+    /// Waits for the batch in flight, if any. True if it committed (or nothing was in flight); false if it
+    /// did not and the consumer was replaced, so that it and whatever was built on it are read again from
+    /// the committed offsets.
+    fn settle(&mut self) -> Result<bool, PipelineError> {
+        let Some(InFlight { closed, job, .. }) = self.in_flight.take() else {
+            return Ok(true);
+        };
+        let outcome = job
+            .join()
+            .map_err(|_| PipelineError::CommitThread("panicked".into()))?;
+        let e = match outcome {
+            Ok(committed_ms) => {
+                closed.committed(committed_ms, &self.metrics, &mut self.summary);
+                return Ok(true);
             }
-            Err(e) => {
+            Err(PipelineError::Commit(e)) => e,
+            Err(other) => return Err(other),
+        };
+        match e {
+            CommitError::Fatal(_) | CommitError::Deadline(_) => Err(e.into()),
+            e => {
                 // Not committed, so not in local state either: read the batch again from the committed
                 // offsets, with a new producer if the old one is stuck.
                 tracing::warn!(error = %e, "batch not committed; reading it again");
                 if matches!(e, CommitError::Stuck(_)) {
-                    self.committer = Committer::watching(
+                    let deadline =
+                        Deadline::new(self.shutdown.clone(), self.cfg.processing.drain_timeout);
+                    let fresh = Committer::watching(
                         &self.cfg,
                         &self.instance,
                         self.metrics.clone(),
                         &deadline,
                         Some(self.engine.changelog()),
                     )?;
+                    *self
+                        .committer
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner) = fresh;
                 }
-                drop(overlay);
                 // Nothing is pending: the batch is read again from the committed offsets.
                 self.metrics.health.commit_settled();
-                return self.restart_consumer();
+                self.restart_consumer()?;
+                Ok(false)
             }
         }
-        for (tp, next) in &batch.positions {
-            self.expected.insert(tp.clone(), *next);
-        }
-        let reached = self.committer.take_delivered();
-        let positions = reached.iter().map(|(p, next)| (*p as ShardId, *next));
-        self.store
-            .write_shard_changes(overlay.into_changes(), positions)?;
-        batch_committed(&self.metrics, &batch, started, records.len(), summary);
-        Ok(())
     }
 
     /// Adds one consumed message to the batch, unless it was committed already.
@@ -358,7 +458,11 @@ impl Pipeline {
     /// A new consumer, which reads from the committed offsets; shards are restored again when assigned
     /// (from where the local copy stands: usually nothing to read).
     fn restart_consumer(&mut self) -> Result<(), PipelineError> {
-        let _ = self.committer.take_delivered();
+        let _ = self
+            .committer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take_delivered();
         self.expected.clear();
         self.carried = None;
         self.consumer = subscribed_consumer(&self.cfg, &self.metrics)?;
@@ -371,10 +475,12 @@ impl Pipeline {
 
     /// Brings the shards handled here in line with the consumer's assignment after a rebalance.
     fn sync_assignment(&mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
-        let generation = self.consumer.context().rebalances();
-        if self.synced_at == Some(generation) {
+        if self.synced_at == Some(self.consumer.context().rebalances()) {
             return Ok(());
         }
+        // The restore starts from the local copy's position: the commit in flight decides it.
+        self.settle()?;
+        let generation = self.consumer.context().rebalances();
         // Every shard is caught up again, also those assigned before: between two looks at the assignment
         // a shard may have been handled elsewhere and come back. A restore reads only what this instance's
         // copy lacks, usually nothing.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use rdkafka::consumer::Consumer;
+use rdkafka::consumer::ConsumerGroupMetadata;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -18,7 +18,7 @@ use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::ProducerContext;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::{dead_letters, StitchConsumer};
+use super::dead_letters;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::store::{OutRecord, Position};
@@ -213,12 +213,13 @@ impl Committer {
     }
 
     /// Commits `records` and `positions` as one unit, retrying transient failures (a broker outage) until
-    /// `deadline`.
+    /// `deadline`. The offsets are committed with `group`, the consumer's group metadata when the batch
+    /// closed: if the group rebalanced since, the coordinator refuses them.
     pub fn commit(
         &mut self,
         records: &[OutRecord],
         positions: &[Position],
-        consumer: &StitchConsumer,
+        group: Option<&ConsumerGroupMetadata>,
         deadline: &Deadline,
     ) -> Result<(), CommitError> {
         let mut tpl = TopicPartitionList::new();
@@ -229,7 +230,7 @@ impl Committer {
         let started = Instant::now();
         self.metrics.health.commit_started();
         loop {
-            let attempt = self.transaction(records, &tpl, consumer, deadline);
+            let attempt = self.transaction(records, &tpl, group, deadline);
             match attempt {
                 Ok(()) => {
                     self.metrics.health.commit_settled();
@@ -309,7 +310,7 @@ impl Committer {
         &mut self,
         records: &[OutRecord],
         tpl: &TopicPartitionList,
-        consumer: &StitchConsumer,
+        group: Option<&ConsumerGroupMetadata>,
         deadline: &Deadline,
     ) -> Result<(), KafkaError> {
         if self.needs_abort {
@@ -320,11 +321,9 @@ impl Committer {
         self.needs_abort = true;
         self.send_all(records, deadline)?;
         if tpl.count() > 0 {
-            let group = consumer
-                .group_metadata()
-                .ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownGroup))?;
+            let group = group.ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownGroup))?;
             self.producer
-                .send_offsets_to_transaction(tpl, &group, TXN_CALL_TIMEOUT)?;
+                .send_offsets_to_transaction(tpl, group, TXN_CALL_TIMEOUT)?;
         }
         super::await_deliveries(&self.producer, TXN_CALL_TIMEOUT)?;
         let committing = Instant::now();

@@ -30,6 +30,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -140,16 +141,26 @@ pub type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 /// store is kept for the batch (a protocol step reads the same records several times: an identifier's
 /// node, its directory entry), and so is what it did not find: a record the batch created and deleted
 /// again (a pending event, a reservation) leaves no tombstone in the changelog or the store.
+///
+/// Under it, before the store, may lie the changes of the batch before, committing while this one is
+/// handled and not yet written to the store (docs/DESIGN.md, "Overlapped commits").
 pub struct ShardOverlay<'s> {
     store: &'s Store,
+    pending: Option<Arc<Changes>>,
     dirty: Changes,
     read: RefCell<HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>>,
 }
 
 impl<'s> ShardOverlay<'s> {
     pub fn new(store: &'s Store) -> Self {
+        Self::over(store, None)
+    }
+
+    /// An overlay over `pending`, the changes of a batch not yet written to `store`.
+    pub fn over(store: &'s Store, pending: Option<Arc<Changes>>) -> Self {
         Self {
             store,
+            pending,
             dirty: BTreeMap::new(),
             read: RefCell::new(HashMap::default()),
         }
@@ -179,6 +190,12 @@ impl<'s> ShardOverlay<'s> {
     pub fn is_empty(&self) -> bool {
         self.changes().next().is_none()
     }
+
+    /// Whether a layer above the store (this batch's writes, the pending batch's changes) holds `key`:
+    /// then what the store holds for it is not current.
+    fn shadows(&self, key: &[u8]) -> bool {
+        self.dirty.contains_key(key) || self.pending.as_ref().is_some_and(|p| p.contains_key(key))
+    }
 }
 
 impl KvRead for ShardOverlay<'_> {
@@ -189,7 +206,10 @@ impl KvRead for ShardOverlay<'_> {
         if let Some(v) = self.read.borrow().get(key) {
             return Ok(v.clone());
         }
-        let v = self.store.shard_value(key)?;
+        let v = match self.pending.as_ref().and_then(|p| p.get(key)) {
+            Some(v) => v.clone(),
+            None => self.store.shard_value(key)?,
+        };
         self.read.borrow_mut().insert(key.to_vec(), v.clone());
         Ok(v)
     }
@@ -230,7 +250,8 @@ pub fn sweep_seen(
         .scan_shards(&prefix, from.unwrap_or(&prefix), limit, |k, v| {
             scanned += 1;
             let seen = <[u8; 8]>::try_from(v).map(i64::from_be_bytes);
-            if seen.is_ok_and(|t| t < before) {
+            // A record written or deleted above the store since is not this one.
+            if seen.is_ok_and(|t| t < before) && !overlay.shadows(k) {
                 expired.push(k.to_vec());
             }
             last = Some(k.to_vec());
