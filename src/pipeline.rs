@@ -14,8 +14,8 @@
 //! "Scale-out", explains why this is exactly-once.
 
 use std::collections::BTreeMap;
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -74,8 +74,49 @@ struct InFlight {
     /// The batch's state changes: the next batch reads them before the store.
     changes: Arc<Changes>,
     closed: Closed,
-    /// When the transaction committed (ms), or why it did not.
-    job: JoinHandle<Result<i64, PipelineError>>,
+}
+
+/// A batch's commit and local write: when the transaction committed (ms), or why it did not.
+type Job = Box<dyn FnOnce() -> Result<i64, PipelineError> + Send>;
+
+/// The commit thread: runs jobs one at a time, in order, for the life of the pipeline (one long-lived
+/// thread: the records and changes a job frees were allocated on the poll thread, and a thread per batch
+/// grew the allocator's arenas).
+struct CommitThread {
+    jobs: mpsc::Sender<Job>,
+    done: mpsc::Receiver<Result<i64, PipelineError>>,
+}
+
+impl CommitThread {
+    fn start() -> Result<Self, PipelineError> {
+        let (jobs, todo) = mpsc::channel::<Job>();
+        let (report, done) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("stitcher-commit".into())
+            .spawn(move || {
+                // Ends when the pipeline drops its sender.
+                for job in todo {
+                    if report.send(job()).is_err() {
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| PipelineError::CommitThread(e.to_string()))?;
+        Ok(Self { jobs, done })
+    }
+
+    fn run(&self, job: Job) -> Result<(), PipelineError> {
+        self.jobs
+            .send(job)
+            .map_err(|_| PipelineError::CommitThread("ended".into()))
+    }
+
+    /// The outcome of the oldest job not yet waited for.
+    fn wait(&self) -> Result<i64, PipelineError> {
+        self.done
+            .recv()
+            .map_err(|_| PipelineError::CommitThread("ended without an outcome".into()))?
+    }
 }
 
 /// What the metrics and totals want of a closed batch.
@@ -139,8 +180,9 @@ pub struct Pipeline {
     consumer: StitchConsumer,
     /// Used by one batch's commit at a time, on the commit thread.
     committer: Arc<Mutex<Committer>>,
-    /// The batch being committed, if any.
+    /// The batch being committed, if any, and the thread committing it.
     in_flight: Option<InFlight>,
+    commits: CommitThread,
     summary: RunSummary,
     /// Bounds the retries of a replacement producer's start after shutdown was requested.
     shutdown: CancellationToken,
@@ -221,6 +263,7 @@ impl Pipeline {
             consumer,
             committer: Arc::new(Mutex::new(committer)),
             in_flight: None,
+            commits: CommitThread::start()?,
             summary: RunSummary::default(),
             shutdown: shutdown.clone(),
             instance: instance.to_string(),
@@ -360,22 +403,19 @@ impl Pipeline {
         let shutdown = shutdown.clone();
         let drain = self.cfg.processing.drain_timeout;
         let count = records.len();
-        let job = std::thread::Builder::new()
-            .name("stitcher-commit".into())
-            .spawn(move || {
-                let deadline = Deadline::new(shutdown, drain);
-                let mut committer = committer.lock().unwrap_or_else(PoisonError::into_inner);
-                committer.commit(&records, &positions, group.as_ref(), &deadline)?;
-                let committed_ms = now_millis();
-                let reached = committer.take_delivered();
-                drop(committer);
-                store.write_shard_changes(
-                    written.iter().map(|(k, v)| (k, v.as_ref())),
-                    reached.iter().map(|(p, next)| (*p as ShardId, *next)),
-                )?;
-                Ok(committed_ms)
-            })
-            .map_err(|e| PipelineError::CommitThread(e.to_string()))?;
+        self.commits.run(Box::new(move || {
+            let deadline = Deadline::new(shutdown, drain);
+            let mut committer = committer.lock().unwrap_or_else(PoisonError::into_inner);
+            committer.commit(&records, &positions, group.as_ref(), &deadline)?;
+            let committed_ms = now_millis();
+            let reached = committer.take_delivered();
+            drop(committer);
+            store.write_shard_changes(
+                written.iter().map(|(k, v)| (k, v.as_ref())),
+                reached.iter().map(|(p, next)| (*p as ShardId, *next)),
+            )?;
+            Ok(committed_ms)
+        }))?;
         self.in_flight = Some(InFlight {
             changes,
             closed: Closed {
@@ -383,7 +423,6 @@ impl Pipeline {
                 started,
                 records: count,
             },
-            job,
         });
         Ok(())
     }
@@ -392,13 +431,10 @@ impl Pipeline {
     /// did not and the consumer was replaced, so that it and whatever was built on it are read again from
     /// the committed offsets.
     fn settle(&mut self) -> Result<bool, PipelineError> {
-        let Some(InFlight { closed, job, .. }) = self.in_flight.take() else {
+        let Some(InFlight { closed, .. }) = self.in_flight.take() else {
             return Ok(true);
         };
-        let outcome = job
-            .join()
-            .map_err(|_| PipelineError::CommitThread("panicked".into()))?;
-        let e = match outcome {
+        let e = match self.commits.wait() {
             Ok(committed_ms) => {
                 closed.committed(committed_ms, &self.metrics, &mut self.summary);
                 return Ok(true);
