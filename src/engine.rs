@@ -596,6 +596,35 @@ mod tests {
         assert_eq!(deleted, expired);
     }
 
+    /// Takes `payloads` of `topic` (at the offsets after `offset`, which is moved on) into one batch over
+    /// `overlay`, and builds the batch's output.
+    fn take_batch(
+        engine: &mut Engine,
+        overlay: &mut ShardOverlay<'_>,
+        topic: &str,
+        payloads: &[String],
+        offset: &mut i64,
+    ) -> (Batch, Vec<OutRecord>) {
+        let (mut batch, mut work) = (Batch::default(), Work::default());
+        for payload in payloads {
+            *offset += 1;
+            let msg = InMessage {
+                topic,
+                partition: 0,
+                offset: *offset,
+                key: None,
+                payload: Some(payload.as_bytes()),
+            };
+            engine
+                .take(overlay, &mut batch, &mut work, msg)
+                .expect("take");
+        }
+        let out = engine
+            .output(overlay, &mut batch, &mut work)
+            .expect("output");
+        (batch, out)
+    }
+
     /// A record, in a form whose differences are legible.
     fn readable(r: &OutRecord) -> String {
         let text = |b: &Option<Vec<u8>>| {
@@ -631,23 +660,13 @@ mod tests {
         let mut offset = 0;
         for payloads in batches {
             let mut overlay = ShardOverlay::over(&tmp.store, pending.clone());
-            let (mut batch, mut work) = (Batch::default(), Work::default());
-            for payload in payloads {
-                offset += 1;
-                let msg = InMessage {
-                    topic: "web-events",
-                    partition: 0,
-                    offset,
-                    key: None,
-                    payload: Some(payload.as_bytes()),
-                };
-                engine
-                    .take(&mut overlay, &mut batch, &mut work, msg)
-                    .expect("take");
-            }
-            let records = engine
-                .output(&overlay, &mut batch, &mut work)
-                .expect("output");
+            let (_, records) = take_batch(
+                &mut engine,
+                &mut overlay,
+                "web-events",
+                payloads,
+                &mut offset,
+            );
             outputs.push(records.iter().map(readable).collect());
             let changes = overlay.into_changes();
             let write = |c: &Changes| {
@@ -776,21 +795,8 @@ mod tests {
         let mut offset = 0;
         let mut batch_of = |topic: &str, payload: String, mapping: &mut Mapping| {
             let mut overlay = ShardOverlay::new(&tmp.store);
-            let (mut batch, mut work) = (Batch::default(), Work::default());
-            offset += 1;
-            let msg = InMessage {
-                topic,
-                partition: 0,
-                offset,
-                key: None,
-                payload: Some(payload.as_bytes()),
-            };
-            engine
-                .take(&mut overlay, &mut batch, &mut work, msg)
-                .expect("take");
-            let out = engine
-                .output(&overlay, &mut batch, &mut work)
-                .expect("output");
+            let (batch, out) =
+                take_batch(&mut engine, &mut overlay, topic, &[payload], &mut offset);
             assert!(batch.dead_letters.is_empty());
             for r in out.iter().filter(|r| r.topic == "ids") {
                 let c =
