@@ -147,7 +147,9 @@ fn is_fatal(e: &KafkaError) -> bool {
     }
 }
 
-/// Offsets rejected because the consumer's group membership is stale.
+/// Offsets rejected because the group metadata they carry is stale: the batch's consumer has rejoined
+/// since (a new member id, a new generation; with static membership the coordinator answers that the
+/// instance is fenced by its own newer member). Retrying with the same metadata cannot succeed.
 fn needs_rejoin(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
@@ -155,6 +157,7 @@ fn needs_rejoin(e: &KafkaError) -> bool {
             RDKafkaErrorCode::UnknownMemberId
                 | RDKafkaErrorCode::IllegalGeneration
                 | RDKafkaErrorCode::RebalanceInProgress
+                | RDKafkaErrorCode::FencedInstanceId
         )
     )
 }
