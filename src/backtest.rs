@@ -124,7 +124,7 @@ fn replay(
             continue;
         };
         for p in t.partitions() {
-            let (low, high) = consumer.fetch_watermarks(topic, p.id(), wait)?;
+            let (low, high) = crate::kafka::watermarks(&consumer, topic, p.id(), wait)?;
             if high > low {
                 ends.insert((topic.to_string(), p.id()), high);
                 let start = match from_ms {

@@ -277,7 +277,7 @@ pub async fn release(args: ReleaseArgs) -> anyhow::Result<()> {
     let mut ends = std::collections::BTreeMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
-        let (_, high) = reader.fetch_watermarks(topic, p, wait)?;
+        let (_, high) = crate::kafka::watermarks(&reader, topic, p, wait)?;
         ends.insert(p, high);
         tpl.add_partition_offset(topic, p, Offset::Stored)?;
     }

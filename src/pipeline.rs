@@ -28,12 +28,13 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::engine::{Engine, Work};
 use crate::kafka::reader::QuietEof;
+use crate::kafka::watermarks;
 use crate::kafka::{
     base_config, consumer_config, AssignmentWatch, CommitError, Committer, Deadline, GroupPeers,
     StitchConsumer, StitchContext, TopicWatch,
 };
 use crate::metrics::Metrics;
-use crate::model::now_millis;
+use crate::model::{now_millis, Millis};
 use crate::processor::{positions_vec, Batch, InMessage, ProcessError};
 use crate::scaleout::lookup::HeldShards;
 use crate::scaleout::state::{refuse_former_format, Changes, ShardOverlay};
@@ -76,15 +77,22 @@ struct InFlight {
     closed: Closed,
 }
 
-/// A batch's commit and local write: when the transaction committed (ms), or why it did not.
-type Job = Box<dyn FnOnce() -> Result<i64, PipelineError> + Send>;
+/// A batch's commit and local write: when its transaction committed, or why it did not.
+type Job = Box<dyn FnOnce() -> Result<Committed, PipelineError> + Send>;
+
+/// When a batch's transaction committed (ms since the epoch), and how long the batch took from its first
+/// message to that commit.
+struct Committed {
+    at_ms: i64,
+    took: Duration,
+}
 
 /// The commit thread: runs jobs one at a time, in order, for the life of the pipeline (one long-lived
 /// thread: the records and changes a job frees were allocated on the poll thread, and a thread per batch
 /// grew the allocator's arenas).
 struct CommitThread {
     jobs: mpsc::Sender<Job>,
-    done: mpsc::Receiver<Result<i64, PipelineError>>,
+    done: mpsc::Receiver<Result<Committed, PipelineError>>,
 }
 
 impl CommitThread {
@@ -112,7 +120,7 @@ impl CommitThread {
     }
 
     /// The outcome of the oldest job not yet waited for.
-    fn wait(&self) -> Result<i64, PipelineError> {
+    fn wait(&self) -> Result<Committed, PipelineError> {
         self.done
             .recv()
             .map_err(|_| PipelineError::CommitThread("ended without an outcome".into()))?
@@ -121,26 +129,24 @@ impl CommitThread {
 
 /// What the metrics and totals want of a closed batch.
 struct Closed {
-    batch: Batch,
-    started: Instant,
+    event_times: Vec<Millis>,
+    messages: usize,
     records: usize,
 }
 
 impl Closed {
     /// Records the committed batch in the metrics and the totals.
-    fn committed(&self, committed_ms: i64, metrics: &Metrics, summary: &mut RunSummary) {
-        for ts in &self.batch.event_times {
+    fn committed(&self, committed: Committed, metrics: &Metrics, summary: &mut RunSummary) {
+        for ts in &self.event_times {
             metrics
                 .event_latency
-                .observe(((committed_ms - ts).max(0)) as f64 / 1000.0);
+                .observe(((committed.at_ms - ts).max(0)) as f64 / 1000.0);
         }
-        metrics
-            .batch_duration
-            .observe(self.started.elapsed().as_secs_f64());
-        metrics.batch_size.observe(self.batch.messages as f64);
-        metrics.last_commit.set(committed_ms / 1000);
+        metrics.batch_duration.observe(committed.took.as_secs_f64());
+        metrics.batch_size.observe(self.messages as f64);
+        metrics.last_commit.set(committed.at_ms / 1000);
         summary.batches += 1;
-        summary.messages += self.batch.messages as u64;
+        summary.messages += self.messages as u64;
         summary.records += self.records as u64;
     }
 }
@@ -407,20 +413,23 @@ impl Pipeline {
             let deadline = Deadline::new(shutdown, drain);
             let mut committer = committer.lock().unwrap_or_else(PoisonError::into_inner);
             committer.commit(&records, &positions, group.as_ref(), &deadline)?;
-            let committed_ms = now_millis();
+            let committed = Committed {
+                at_ms: now_millis(),
+                took: started.elapsed(),
+            };
             let reached = committer.take_delivered();
             drop(committer);
             store.write_shard_changes(
                 written.iter().map(|(k, v)| (k, v.as_ref())),
                 reached.iter().map(|(p, next)| (*p as ShardId, *next)),
             )?;
-            Ok(committed_ms)
+            Ok(committed)
         }))?;
         self.in_flight = Some(InFlight {
             changes,
             closed: Closed {
-                batch,
-                started,
+                event_times: batch.event_times,
+                messages: batch.messages,
                 records: count,
             },
         });
@@ -435,8 +444,8 @@ impl Pipeline {
             return Ok(true);
         };
         let e = match self.commits.wait() {
-            Ok(committed_ms) => {
-                closed.committed(committed_ms, &self.metrics, &mut self.summary);
+            Ok(committed) => {
+                closed.committed(committed, &self.metrics, &mut self.summary);
                 return Ok(true);
             }
             Err(PipelineError::Commit(e)) => e,
@@ -552,9 +561,13 @@ impl Pipeline {
             let next = match e.offset() {
                 Offset::Offset(o) => o,
                 _ => {
-                    self.consumer
-                        .fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(10))?
-                        .0
+                    watermarks(
+                        &self.consumer,
+                        e.topic(),
+                        e.partition(),
+                        Duration::from_secs(10),
+                    )?
+                    .0
                 }
             };
             self.expected
@@ -589,8 +602,12 @@ impl Pipeline {
         let mut high = BTreeMap::new();
         for s in shards {
             let p = *s as i32;
-            let (low, hw) =
-                restorer.fetch_watermarks(self.engine.changelog(), p, Duration::from_secs(30))?;
+            let (low, hw) = watermarks(
+                &restorer,
+                self.engine.changelog(),
+                p,
+                Duration::from_secs(30),
+            )?;
             let from = match self.store.changelog_position(*s)? {
                 Some(at) if at >= low && at <= hw => at,
                 local => {

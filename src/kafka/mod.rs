@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -122,6 +123,38 @@ pub fn await_deliveries<C: ProducerContext + 'static>(
         std::thread::sleep(Duration::from_micros(250));
     }
     Ok(())
+}
+
+/// The low and high watermarks of a partition. A partition whose leader is moving or not yet elected (a topic
+/// just created, a broker restarting) answers NOT_LEADER_FOR_PARTITION or LEADER_NOT_AVAILABLE for a
+/// moment: asked again every 100 ms until `timeout`, not passed up as a failure of the service.
+pub fn watermarks<X: ConsumerContext, C: Consumer<X>>(
+    consumer: &C,
+    topic: &str,
+    partition: i32,
+    timeout: Duration,
+) -> Result<(i64, i64), KafkaError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match consumer.fetch_watermarks(topic, partition, left.max(Duration::from_millis(100))) {
+            Err(e)
+                if leader_moving(&e) && Instant::now() + Duration::from_millis(100) < deadline =>
+            {
+                tracing::debug!(topic, partition, error = %e, "partition leader moving; asking again");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            result => return result,
+        }
+    }
+}
+
+/// Whether a request failed only because the partition's leadership is changing (asking again will do).
+fn leader_moving(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::NotLeaderForPartition | RDKafkaErrorCode::LeaderNotAvailable)
+    )
 }
 
 /// Producer settings: idempotent always, transactional under exactly-once.
