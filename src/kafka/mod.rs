@@ -294,3 +294,32 @@ pub async fn topic_record_limit(cfg: &Config) -> Result<Option<usize>, KafkaErro
         .min();
     Ok(limit)
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::consumer::BaseConsumer;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    use super::*;
+
+    const NOT_LEADER: RDKafkaRespErr = RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION;
+
+    #[test]
+    fn watermarks_are_asked_again_while_the_leader_moves_and_not_for_ever() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        cluster.create_topic("moving", 1, 1).expect("topic");
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .create()
+            .expect("consumer");
+        cluster.request_errors(RDKafkaApiKey::ListOffsets, &[NOT_LEADER; 3]);
+        let got = watermarks(&consumer, "moving", 0, Duration::from_secs(10));
+        assert_eq!(got.expect("answered once the leader settled"), (0, 0));
+
+        cluster.request_errors(RDKafkaApiKey::ListOffsets, &[NOT_LEADER; 500]);
+        let e = watermarks(&consumer, "moving", 0, Duration::from_millis(600))
+            .expect_err("a leader that never settles is an error at the timeout");
+        assert!(leader_moving(&e), "{e}");
+    }
+}
