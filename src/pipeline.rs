@@ -15,11 +15,11 @@
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
@@ -39,8 +39,7 @@ use crate::processor::{positions_vec, Batch, InMessage, ProcessError};
 use crate::scaleout::lookup::HeldShards;
 use crate::scaleout::state::{refuse_former_format, Changes, ShardOverlay};
 use crate::scaleout::ShardId;
-use crate::store::OutRecord;
-use crate::store::{Store, StoreError};
+use crate::store::{OutRecord, Position, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -77,8 +76,15 @@ struct InFlight {
     closed: Closed,
 }
 
-/// A batch's commit and local write: when its transaction committed, or why it did not.
-type Job = Box<dyn FnOnce() -> Result<Committed, PipelineError> + Send>;
+/// A closed batch for the commit thread: its transaction, then its local write.
+struct Job {
+    records: Vec<OutRecord>,
+    positions: Vec<Position>,
+    /// The consumer group metadata when the batch closed: a rebalance since makes the offsets refused.
+    group: Option<ConsumerGroupMetadata>,
+    changes: Arc<Changes>,
+    started: Instant,
+}
 
 /// When a batch's transaction committed (ms since the epoch), and how long the batch took from its first
 /// message to that commit.
@@ -87,36 +93,98 @@ struct Committed {
     took: Duration,
 }
 
-/// The commit thread: runs jobs one at a time, in order, for the life of the pipeline (one long-lived
-/// thread: the records and changes a job frees were allocated on the poll thread, and a thread per batch
-/// grew the allocator's arenas).
+/// What the commit thread owns: the transactional producer, and the store committed batches are written
+/// to.
+struct Committing {
+    committer: Committer,
+    store: Store,
+    /// For a new producer in place of a stuck one.
+    cfg: Config,
+    instance: String,
+    metrics: Metrics,
+    /// Bounds the retries of a commit, and of a new producer's start, once shutdown was requested.
+    shutdown: CancellationToken,
+}
+
+impl Committing {
+    /// Commits a batch's transaction, then writes its changes with the changelog offsets they reached.
+    fn commit(&mut self, job: Job) -> Result<Committed, PipelineError> {
+        let deadline = Deadline::new(self.shutdown.clone(), self.cfg.processing.drain_timeout);
+        let result =
+            self.committer
+                .commit(&job.records, &job.positions, job.group.as_ref(), &deadline);
+        if let Err(e) = result {
+            // The deliveries of an aborted transaction say nothing of where the changelog stands.
+            let _ = self.committer.take_delivered();
+            if matches!(e, CommitError::Stuck(_)) {
+                // A new producer with the same transactional.id fences the old and settles its transaction.
+                self.committer = Committer::watching(
+                    &self.cfg,
+                    &self.instance,
+                    self.metrics.clone(),
+                    &deadline,
+                    Some(&self.cfg.changelog_topic()),
+                )
+                .map_err(|e| {
+                    PipelineError::CommitThread(format!("no new producer for a stuck one: {e}"))
+                })?;
+            }
+            return Err(e.into());
+        }
+        let committed = Committed {
+            at_ms: now_millis(),
+            took: job.started.elapsed(),
+        };
+        let reached = self.committer.take_delivered();
+        self.store.write_shard_changes(
+            job.changes.iter().map(|(k, v)| (k, v.as_ref())),
+            reached.iter().map(|(p, next)| (*p as ShardId, *next)),
+        )?;
+        Ok(committed)
+    }
+}
+
+/// The commit thread: commits batches one at a time, in order, for the life of the pipeline (one
+/// long-lived thread: the records and changes a job frees were allocated on the poll thread, and a thread
+/// per batch grew the allocator's arenas).
+///
+/// Dropping it ends the thread and waits for it: the producer and the store it owns are closed before the
+/// pipeline returns, not raced by the process's exit (a RocksDB closed on a thread while the process
+/// exits aborts in its mutexes; the crash test's SIGTERM caught it).
 struct CommitThread {
-    jobs: mpsc::Sender<Job>,
+    /// `None` once dropped: the thread's loop ends.
+    jobs: Option<mpsc::Sender<Job>>,
     done: mpsc::Receiver<Result<Committed, PipelineError>>,
+    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CommitThread {
-    fn start() -> Result<Self, PipelineError> {
+    fn start(mut committing: Committing) -> Result<Self, PipelineError> {
         let (jobs, todo) = mpsc::channel::<Job>();
         let (report, done) = mpsc::channel();
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("stitcher-commit".into())
             .spawn(move || {
                 // Ends when the pipeline drops its sender.
                 for job in todo {
-                    if report.send(job()).is_err() {
+                    if report.send(committing.commit(job)).is_err() {
                         break;
                     }
                 }
             })
             .map_err(|e| PipelineError::CommitThread(e.to_string()))?;
-        Ok(Self { jobs, done })
+        Ok(Self {
+            jobs: Some(jobs),
+            done,
+            thread: Some(thread),
+        })
     }
 
     fn run(&self, job: Job) -> Result<(), PipelineError> {
         self.jobs
-            .send(job)
-            .map_err(|_| PipelineError::CommitThread("ended".into()))
+            .as_ref()
+            .and_then(|jobs| jobs.send(job).ok())
+            .ok_or_else(|| PipelineError::CommitThread("ended".into()))
     }
 
     /// The outcome of the oldest job not yet waited for.
@@ -124,6 +192,18 @@ impl CommitThread {
         self.done
             .recv()
             .map_err(|_| PipelineError::CommitThread("ended without an outcome".into()))?
+    }
+}
+
+impl Drop for CommitThread {
+    fn drop(&mut self) {
+        self.jobs = None;
+        // After a panic on the poll thread a commit may still be retrying: not waited for.
+        if let Some(thread) = self.thread.take().filter(|_| !std::thread::panicking()) {
+            if thread.join().is_err() {
+                tracing::error!("the commit thread panicked");
+            }
+        }
     }
 }
 
@@ -184,15 +264,11 @@ pub struct Pipeline {
     metrics: Metrics,
     engine: Engine,
     consumer: StitchConsumer,
-    /// Used by one batch's commit at a time, on the commit thread.
-    committer: Arc<Mutex<Committer>>,
-    /// The batch being committed, if any, and the thread committing it.
+    /// The batch being committed, if any.
     in_flight: Option<InFlight>,
+    /// The thread that commits batches; it owns the transactional producer.
     commits: CommitThread,
     summary: RunSummary,
-    /// Bounds the retries of a replacement producer's start after shutdown was requested.
-    shutdown: CancellationToken,
-    instance: String,
     /// The engine's shards, as the lookup API sees them.
     held: HeldShards,
     /// The consumer's rebalance count when `owned` was last brought in line with the assignment.
@@ -258,6 +334,14 @@ impl Pipeline {
             "shards of the graph"
         );
         let topics = TopicWatch::new(subscribed_topics(&cfg));
+        let committing = Committing {
+            committer,
+            store: store.clone(),
+            cfg: cfg.clone(),
+            instance: instance.to_string(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        };
         Ok(Self {
             topics,
             unassigned: AssignmentWatch::default(),
@@ -267,12 +351,9 @@ impl Pipeline {
             metrics,
             engine,
             consumer,
-            committer: Arc::new(Mutex::new(committer)),
             in_flight: None,
-            commits: CommitThread::start()?,
+            commits: CommitThread::start(committing)?,
             summary: RunSummary::default(),
-            shutdown: shutdown.clone(),
-            instance: instance.to_string(),
             held,
             synced_at: None,
             expected: BTreeMap::new(),
@@ -387,7 +468,7 @@ impl Pipeline {
         for (tp, next) in &batch.positions {
             self.expected.insert(tp.clone(), *next);
         }
-        self.commit_behind(batch, records, changes, started, shutdown)
+        self.commit_behind(batch, records, changes, started)
     }
 
     /// Starts the commit of a closed batch, then its local write, on the commit thread.
@@ -397,34 +478,19 @@ impl Pipeline {
         records: Vec<OutRecord>,
         changes: Changes,
         started: Instant,
-        shutdown: &CancellationToken,
     ) -> Result<(), PipelineError> {
         let changes = Arc::new(changes);
         let positions = positions_vec(&batch.positions);
         // Taken now: a rebalance from here on makes the coordinator refuse these offsets.
         let group = self.consumer.group_metadata();
-        let committer = Arc::clone(&self.committer);
-        let store = self.store.clone();
-        let written = Arc::clone(&changes);
-        let shutdown = shutdown.clone();
-        let drain = self.cfg.processing.drain_timeout;
         let count = records.len();
-        self.commits.run(Box::new(move || {
-            let deadline = Deadline::new(shutdown, drain);
-            let mut committer = committer.lock().unwrap_or_else(PoisonError::into_inner);
-            committer.commit(&records, &positions, group.as_ref(), &deadline)?;
-            let committed = Committed {
-                at_ms: now_millis(),
-                took: started.elapsed(),
-            };
-            let reached = committer.take_delivered();
-            drop(committer);
-            store.write_shard_changes(
-                written.iter().map(|(k, v)| (k, v.as_ref())),
-                reached.iter().map(|(p, next)| (*p as ShardId, *next)),
-            )?;
-            Ok(committed)
-        }))?;
+        self.commits.run(Job {
+            records,
+            positions,
+            group,
+            changes: Arc::clone(&changes),
+            started,
+        })?;
         self.in_flight = Some(InFlight {
             changes,
             closed: Closed {
@@ -455,24 +521,8 @@ impl Pipeline {
             CommitError::Fatal(_) | CommitError::Deadline(_) => Err(e.into()),
             e => {
                 // Not committed, so not in local state either: read the batch again from the committed
-                // offsets, with a new producer if the old one is stuck.
+                // offsets (a stuck producer was replaced on the commit thread).
                 tracing::warn!(error = %e, "batch not committed; reading it again");
-                if matches!(e, CommitError::Stuck(_)) {
-                    let deadline =
-                        Deadline::new(self.shutdown.clone(), self.cfg.processing.drain_timeout);
-                    let fresh = Committer::watching(
-                        &self.cfg,
-                        &self.instance,
-                        self.metrics.clone(),
-                        &deadline,
-                        Some(self.engine.changelog()),
-                    )?;
-                    *self
-                        .committer
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner) = fresh;
-                }
-                // Nothing is pending: the batch is read again from the committed offsets.
                 self.metrics.health.commit_settled();
                 self.restart_consumer()?;
                 Ok(false)
@@ -503,11 +553,6 @@ impl Pipeline {
     /// A new consumer, which reads from the committed offsets; shards are restored again when assigned
     /// (from where the local copy stands: usually nothing to read).
     fn restart_consumer(&mut self) -> Result<(), PipelineError> {
-        let _ = self
-            .committer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take_delivered();
         self.expected.clear();
         self.carried = None;
         self.consumer = subscribed_consumer(&self.cfg, &self.metrics)?;
