@@ -28,10 +28,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::engine::{Engine, Work};
 use crate::kafka::reader::QuietEof;
-use crate::kafka::watermarks;
 use crate::kafka::{
-    base_config, consumer_config, AssignmentWatch, CommitError, Committer, Deadline, GroupPeers,
-    StitchConsumer, StitchContext, TopicWatch,
+    base_config, consumer_config, watermarks, AssignmentWatch, CommitError, Committer, Deadline,
+    GroupPeers, StitchConsumer, StitchContext, TopicWatch,
 };
 use crate::metrics::Metrics;
 use crate::model::{now_millis, Millis};
@@ -89,7 +88,7 @@ struct Job {
 /// When a batch's transaction committed (ms since the epoch), and how long the batch took from its first
 /// message to that commit.
 struct Committed {
-    at_ms: i64,
+    at_ms: Millis,
     took: Duration,
 }
 
@@ -107,6 +106,23 @@ struct Committing {
 }
 
 impl Committing {
+    fn start(
+        cfg: &Config,
+        store: &Store,
+        instance: &str,
+        metrics: &Metrics,
+        shutdown: &CancellationToken,
+    ) -> Result<Self, CommitError> {
+        Ok(Self {
+            committer: producer(cfg, instance, metrics, shutdown)?,
+            store: store.clone(),
+            cfg: cfg.clone(),
+            instance: instance.to_string(),
+            metrics: metrics.clone(),
+            shutdown: shutdown.clone(),
+        })
+    }
+
     /// Commits a batch's transaction, then writes its changes with the changelog offsets they reached.
     fn commit(&mut self, job: Job) -> Result<Committed, PipelineError> {
         let deadline = Deadline::new(self.shutdown.clone(), self.cfg.processing.drain_timeout);
@@ -118,16 +134,10 @@ impl Committing {
             let _ = self.committer.take_delivered();
             if matches!(e, CommitError::Stuck(_)) {
                 // A new producer with the same transactional.id fences the old and settles its transaction.
-                self.committer = Committer::watching(
-                    &self.cfg,
-                    &self.instance,
-                    self.metrics.clone(),
-                    &deadline,
-                    Some(&self.cfg.changelog_topic()),
-                )
-                .map_err(|e| {
-                    PipelineError::CommitThread(format!("no new producer for a stuck one: {e}"))
-                })?;
+                self.committer = producer(&self.cfg, &self.instance, &self.metrics, &self.shutdown)
+                    .map_err(|e| {
+                        PipelineError::CommitThread(format!("no new producer for a stuck one: {e}"))
+                    })?;
             }
             return Err(e.into());
         }
@@ -142,6 +152,23 @@ impl Committing {
         )?;
         Ok(committed)
     }
+}
+
+/// The transactional producer, transactions initialised (which fences an older one with the same
+/// `transactional.id` and settles its open transaction), remembering where it wrote to the changelog.
+fn producer(
+    cfg: &Config,
+    instance: &str,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Committer, CommitError> {
+    Committer::watching(
+        cfg,
+        instance,
+        metrics.clone(),
+        &Deadline::new(shutdown.clone(), cfg.processing.drain_timeout),
+        Some(&cfg.changelog_topic()),
+    )
 }
 
 /// The commit thread: commits batches one at a time, in order, for the life of the pipeline (one
@@ -320,28 +347,13 @@ impl Pipeline {
         }
         let engine = Engine::new(&cfg, metrics.clone())?;
         let consumer = subscribed_consumer(&cfg, &metrics)?;
-        let changelog = cfg.changelog_topic();
-        let committer = Committer::watching(
-            &cfg,
-            instance,
-            metrics.clone(),
-            &Deadline::new(shutdown.clone(), cfg.processing.drain_timeout),
-            Some(&changelog),
-        )?;
+        let committing = Committing::start(&cfg, &store, instance, &metrics, shutdown)?;
         tracing::info!(
             shards = cfg.scaleout.shards,
             topic = cfg.shard_topic().as_str(),
             "shards of the graph"
         );
         let topics = TopicWatch::new(subscribed_topics(&cfg));
-        let committing = Committing {
-            committer,
-            store: store.clone(),
-            cfg: cfg.clone(),
-            instance: instance.to_string(),
-            metrics: metrics.clone(),
-            shutdown: shutdown.clone(),
-        };
         Ok(Self {
             topics,
             unassigned: AssignmentWatch::default(),
