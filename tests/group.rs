@@ -68,3 +68,92 @@ fn a_second_instance_in_the_group_shares_the_work_without_splitting_the_graph() 
         total = s.progress().1,
     );
 }
+
+/// A transaction whose offsets the group coordinator refuses (the group rebalanced after they were taken)
+/// is aborted before the refusal is reported. Left open, its records held the last stable offset of every
+/// partition it wrote to, and a restore reading the changelog `read_committed` right after the rejoin
+/// waited for the transaction timeout (60 s by default): the flake of the test above.
+#[test]
+fn a_commit_refused_for_a_rebalance_leaves_no_transaction_open() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use stitcher::config::Config;
+    use stitcher::kafka::committer::{CommitError, Committer, Deadline};
+    use stitcher::metrics::Metrics;
+    use stitcher::store::{OutRecord, Position};
+    use tokio_util::sync::CancellationToken;
+
+    let input = unique("refused-in");
+    let out = unique("refused-out");
+    create_topics(&[input.clone(), out.clone()], 2);
+    let group = unique("refused-group");
+    let member = |name: &str| -> BaseConsumer {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", &group)
+            .set("client.id", name)
+            .set("enable.auto.commit", "false")
+            .set("session.timeout.ms", "6000")
+            .create()
+            .expect("consumer");
+        c.subscribe(&[&input]).expect("subscribe");
+        c
+    };
+    let holds = |c: &BaseConsumer| c.assignment().map(|a| a.count()).unwrap_or(0);
+    let first = member("first");
+    wait_for(
+        "the first member's partitions",
+        Duration::from_secs(30),
+        || {
+            first.poll(Duration::from_millis(100));
+            holds(&first) == 2
+        },
+    );
+    let stale = first.group_metadata().expect("group metadata");
+    // A second member joins: the group's generation moves on, and `stale` with it.
+    let second = member("second");
+    wait_for(
+        "the group to share the partitions",
+        Duration::from_secs(30),
+        || {
+            first.poll(Duration::from_millis(100));
+            second.poll(Duration::from_millis(100));
+            holds(&first) == 1 && holds(&second) == 1
+        },
+    );
+
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = brokers();
+    cfg.kafka.transactional_id = unique("refused-txn");
+    let deadline = Deadline::new(CancellationToken::new(), Duration::from_secs(20));
+    let mut committer = Committer::new(&cfg, "first", Metrics::new().expect("metrics"), &deadline)
+        .expect("producer");
+    // Enough records that some are written while the offsets are refused (a handful would still be queued
+    // then, and purged unwritten).
+    cfg.kafka.producer.insert("linger.ms".into(), "0".into());
+    let records: Vec<OutRecord> = (0..3000)
+        .map(|i| OutRecord {
+            topic: out.clone(),
+            partition: Some(i % 2),
+            key: Some(format!("k{i}").into_bytes()),
+            payload: Some(vec![b'v'; 1000]),
+            headers: Vec::new(),
+        })
+        .collect();
+    let position = Position {
+        topic: input.clone(),
+        partition: 0,
+        next_offset: 1,
+    };
+    let refused = committer.commit(&records, &[position], Some(&stale), &deadline);
+    assert!(
+        matches!(refused, Err(CommitError::Rejoin(_))),
+        "offsets of a former generation were not refused: {refused:?}"
+    );
+    // The abort's markers are written within moments; an open transaction would stay for a minute.
+    wait_for(
+        "the refused transaction to be over",
+        Duration::from_secs(10),
+        || open_transactions(&[&out]) == 0,
+    );
+}

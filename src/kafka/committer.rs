@@ -252,7 +252,15 @@ impl Committer {
                 }
                 Err(e) if needs_rejoin(&e) => {
                     self.metrics.health.commit_failed();
-                    // The open transaction is aborted before the next one begins (`needs_abort`).
+                    // Aborted now, not when the next transaction begins: its records hold the changelog's
+                    // last stable offset, and the restore after the rejoin reads up to it (left open, the
+                    // restore waited for the transaction timeout; the group test caught it).
+                    match self.producer.abort_transaction(TXN_CALL_TIMEOUT) {
+                        Ok(()) => self.needs_abort = false,
+                        Err(abort) => {
+                            tracing::warn!(error = %abort, "abort after a refused commit failed; aborting before the next one")
+                        }
+                    }
                     self.metrics.errors.with_label_values(&["commit"]).inc();
                     self.metrics
                         .transactions
