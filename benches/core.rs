@@ -15,7 +15,7 @@ use rand::{Rng, SeedableRng};
 
 use stitcher::codec::update::ProfileRecord;
 use stitcher::codec::{AvroCodec, EventDecoder, ProfileUpdate, UpdateEncoder};
-use stitcher::config::{Format, GuardrailConfig, IdentityConfig};
+use stitcher::config::{Format, GuardrailConfig, IdentityConfig, StateConfig};
 use stitcher::journeys::{self, Generated, JourneyConfig};
 use stitcher::model::{Event, Identifier};
 use stitcher::normalize::Normalizer;
@@ -438,7 +438,9 @@ fn stitch(c: &mut Criterion) {
         let persons = identifiers / 10;
         let label = format!("{}M_identifiers", identifiers / 1_000_000);
 
-        let temp = TempStore::new().expect("temp store");
+        // The service's block cache (`state.block_cache_mb`), so that reads miss it as they do there.
+        let temp =
+            TempStore::with_block_cache(StateConfig::default().block_cache_mb).expect("temp store");
         let rss_before = rss_mib();
         let t = Instant::now();
         preload(&temp.store, &stitcher, persons);

@@ -552,6 +552,10 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         let mut missing = Vec::new();
         let mut erased = false;
         for (x, f) in &found {
+            if *f == Found::New(1) {
+                // Never placed before (its home had no directory entry): nothing of it exists anywhere.
+                self.view.first_placement(x);
+            }
             let Found::Owned(s) = *f else {
                 continue; // new (reserved for this event), or a scoped copy not needed yet
             };

@@ -109,6 +109,11 @@ pub trait KvRead {
 pub trait Kv: KvRead {
     /// Sets (`Some`) or deletes (`None`) a key.
     fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>);
+
+    /// Tells the view that `key` holds nothing, which the protocol knows without reading it: a later read
+    /// is answered without asking the store (most point reads are for absent keys, each a bloom filter
+    /// probe per level of RocksDB).
+    fn known_absent(&mut self, key: Vec<u8>);
 }
 
 /// Committed state: what lookups read.
@@ -132,6 +137,15 @@ impl Kv for BTreeMap<Vec<u8>, Vec<u8>> {
             None => self.remove(&key),
         };
     }
+
+    /// The simulation checks the protocol's claim.
+    fn known_absent(&mut self, key: Vec<u8>) {
+        debug_assert!(
+            !self.contains_key(&key),
+            "a record claimed absent is there: {}",
+            String::from_utf8_lossy(&key)
+        );
+    }
 }
 
 /// A batch's state changes, in key order (`None`: deleted).
@@ -147,7 +161,9 @@ pub type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
 pub struct ShardOverlay<'s> {
     store: &'s Store,
     pending: Option<Arc<Changes>>,
-    dirty: Changes,
+    /// The batch's writes: hashed, for they are looked up at every read (a tree of a batch's keys cost a
+    /// dozen key comparisons per lookup), and put in key order once, when the batch ends.
+    dirty: HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>,
     read: RefCell<HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>>,
 }
 
@@ -161,7 +177,7 @@ impl<'s> ShardOverlay<'s> {
         Self {
             store,
             pending,
-            dirty: BTreeMap::new(),
+            dirty: HashMap::default(),
             read: RefCell::new(HashMap::default()),
         }
     }
@@ -173,22 +189,29 @@ impl<'s> ShardOverlay<'s> {
 
     /// Every key the batch changed, with its new value (`None`: deleted), in key order.
     pub fn changes(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
-        self.dirty
+        let read = self.read.borrow();
+        let mut changes: Vec<(&[u8], Option<&[u8]>)> = self
+            .dirty
             .iter()
-            .filter(|(k, v)| is_change(&self.read.borrow(), k, v))
+            .filter(|(k, v)| is_change(&read, k, v))
             .map(|(k, v)| (k.as_slice(), v.as_deref()))
+            .collect();
+        changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        changes.into_iter()
     }
 
     /// The changes, to write once the batch committed.
     pub fn into_changes(self) -> Changes {
         let read = self.read.into_inner();
-        let mut dirty = self.dirty;
-        dirty.retain(|k, v| is_change(&read, k, v));
-        dirty
+        self.dirty
+            .into_iter()
+            .filter(|(k, v)| is_change(&read, k, v))
+            .collect()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.changes().next().is_none()
+        let read = self.read.borrow();
+        !self.dirty.iter().any(|(k, v)| is_change(&read, k, v))
     }
 
     /// Whether a layer above the store (this batch's writes, the pending batch's changes) holds `key`:
@@ -228,6 +251,12 @@ fn is_change<S: std::hash::BuildHasher>(
 impl Kv for ShardOverlay<'_> {
     fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
         self.dirty.insert(key, value);
+    }
+
+    fn known_absent(&mut self, key: Vec<u8>) {
+        if !self.shadows(&key) {
+            self.read.get_mut().entry(key).or_insert(None);
+        }
     }
 }
 
@@ -424,6 +453,16 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         let v = value.map(|v| encode_value(v, 64)).transpose()?;
         self.kv.set(key(self.shard, kind, rest), v);
         Ok(())
+    }
+
+    /// An identifier about to be placed for the first time anywhere (located new at gen 1): no shard
+    /// holds a record of it yet, so its node, links, part and forwarding pointer are not read from the
+    /// store.
+    pub fn first_placement(&mut self, id: &Identifier) {
+        let rest = identifier_key(id);
+        for kind in [NODE, LINKS, PART, MOVED] {
+            self.kv.known_absent(key(self.shard, kind, &rest));
+        }
     }
 
     pub fn gen(&self, id: &Identifier) -> Result<u32, StoreError> {

@@ -411,12 +411,17 @@ mod tempfile_dir {
 
 impl TempStore {
     pub fn new() -> Result<Self, StoreError> {
+        Self::with_block_cache(64)
+    }
+
+    /// With a block cache of `block_cache_mb` MiB (`state.block_cache_mb`).
+    pub fn with_block_cache(block_cache_mb: usize) -> Result<Self, StoreError> {
         let path = std::env::temp_dir().join(format!(
             "stitcher-{}-{}",
             std::process::id(),
             rand::random::<u64>()
         ));
-        let store = Store::open(&path, 64)?;
+        let store = Store::open(&path, block_cache_mb)?;
         Ok(Self {
             store,
             _dir: tempfile_dir::TempDir(path),
