@@ -519,8 +519,8 @@ impl Pipeline {
     }
 
     /// Waits for the batch in flight, if any. True if it committed (or nothing was in flight); false if it
-    /// did not and the consumer was replaced, so that it and whatever was built on it are read again from
-    /// the committed offsets.
+    /// did not, so that it and whatever was built on it are read again from the committed offsets (by a
+    /// new consumer, or by this one if it rejoined since the batch closed).
     fn settle(&mut self) -> Result<bool, PipelineError> {
         let Some(InFlight {
             closed, generation, ..
@@ -536,32 +536,26 @@ impl Pipeline {
             Err(PipelineError::Commit(e)) => e,
             Err(other) => return Err(other),
         };
-        match e {
-            CommitError::Fatal(_) | CommitError::Deadline(_) => Err(e.into()),
-            CommitError::Rejoin(e)
-                if self.consumer.context().rebalances() != generation
-                    && matches!(self.consumer.rebalance_protocol(), RebalanceProtocol::Eager) =>
-            {
-                // Refused for the rebalance this consumer went through since the batch closed. An eager
-                // rebalance revoked every partition and assigned them again from the committed
-                // offsets, which this batch did not move: the consumer reads it again as it is. Replacing
-                // it would be one more rejoin, and a new static member taking over mid-rebalance left the
-                // group waiting for the old one (the group test's flake). The shards and the offsets
-                // expected are synced again.
-                tracing::warn!(error = %e, "batch refused after a rebalance; reading it again");
-                self.metrics.health.commit_settled();
-                self.synced_at = None;
-                Ok(false)
-            }
-            e => {
-                // Not committed, so not in local state either: read the batch again from the committed
-                // offsets (a stuck producer was replaced on the commit thread).
-                tracing::warn!(error = %e, "batch not committed; reading it again");
-                self.metrics.health.commit_settled();
-                self.restart_consumer()?;
-                Ok(false)
-            }
+        if matches!(e, CommitError::Fatal(_) | CommitError::Deadline(_)) {
+            return Err(e.into());
         }
+        // Not committed, so not in local state either (a stuck producer was replaced on the commit thread).
+        self.metrics.health.commit_settled();
+        // Refused for a rebalance this consumer went through since the batch closed: an eager rebalance
+        // revoked every partition and assigned them again from the committed offsets, which this batch did
+        // not move, so the consumer reads it again as it is and only the shards and expected offsets are
+        // synced again. Replacing it would be one more rejoin, and a new static member taking over
+        // mid-rebalance left the group waiting for the old one (the group test's flake).
+        let rejoined = matches!(e, CommitError::Rejoin(_))
+            && self.consumer.context().rebalances() != generation
+            && matches!(self.consumer.rebalance_protocol(), RebalanceProtocol::Eager);
+        tracing::warn!(error = %e, rejoined, "batch not committed; reading it again");
+        if rejoined {
+            self.synced_at = None;
+        } else {
+            self.restart_consumer()?;
+        }
+        Ok(false)
     }
 
     /// Adds one consumed message to the batch, unless it was committed already.
