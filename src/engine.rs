@@ -19,7 +19,7 @@ use crate::processor::{
 use crate::profile::Profile;
 use crate::scaleout::owner::{Msg, Out, Shard, Step};
 use crate::scaleout::state::{
-    shard_of_key, suppression_hash, sweep_seen, ShardOverlay, ShardRead, ShardView,
+    shard_of_key, suppression_hash, sweep_seen, Changes, ShardOverlay, ShardRead, ShardView,
 };
 use crate::scaleout::{event_home, home, ShardId};
 use crate::stitch::{Applied, BatchChanges, Reshape, Trigger};
@@ -103,10 +103,7 @@ impl ProfileSource for BatchProfiles<'_, '_> {
             kv: self.overlay,
             shard,
         };
-        match read.profile(n)? {
-            Some(p) => Ok(f(Some(&p))),
-            None => Ok(f(self.departed.get(&node))),
-        }
+        read.with_profile(n, |p| f(p.or_else(|| self.departed.get(&node))))
     }
 }
 
@@ -509,7 +506,8 @@ impl Engine {
     }
 
     /// The batch's records: dead letters, messages for other instances' shards, tombstones, redirects
-    /// and updates of the profiles changed, and the changelog records of every state change.
+    /// and updates of the profiles changed. The changelog records follow from the batch's changes
+    /// ([`changelog_records`]).
     pub fn output(
         &self,
         overlay: &ShardOverlay<'_>,
@@ -527,23 +525,30 @@ impl Engine {
         };
         self.processor
             .changes_records(&profiles, &work.changes, now, &mut out)?;
-        for (key, value) in overlay.changes() {
-            out.push(OutRecord {
-                topic: self.changelog.clone(),
-                partition: shard_of_key(key).map(|s| s as i32),
-                key: Some(key.to_vec()),
-                payload: value.map(<[u8]>::to_vec),
-                headers: vec![],
-            });
-        }
         Ok(out)
     }
+}
+
+/// The changelog records of a batch's state changes, in key order: each to its shard's partition, with
+/// the same key and value (a deletion is a tombstone). Made on the commit thread, from the changes the
+/// batch hands over, after the batch's other records.
+pub fn changelog_records<'a>(
+    topic: &'a str,
+    changes: &'a Changes,
+) -> impl Iterator<Item = OutRecord> + 'a {
+    changes.iter().map(move |(key, value)| OutRecord {
+        topic: topic.to_string(),
+        partition: shard_of_key(key).map(|s| s as i32),
+        key: Some(key.clone()),
+        payload: value.clone(),
+        headers: vec![],
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scaleout::state::{Changes, Kv, KvRead};
+    use crate::scaleout::state::{Kv, KvRead};
     use crate::store::TempStore;
 
     /// The sweep deletes event-id records older than the retention, in the batch's overlay (so in the
@@ -582,10 +587,10 @@ mod tests {
         for _ in 0..4 {
             let mut overlay = ShardOverlay::new(&tmp.store);
             engine.sweep(&mut overlay, 500, now).expect("sweep");
-            let changes: Vec<_> = overlay.changes().collect();
+            let changes = overlay.into_changes();
             assert!(changes.len() <= 500 * SWEEP_PER_MESSAGE);
-            assert!(changes.iter().all(|(_, v)| v.is_none()));
-            deleted.extend(changes.iter().map(|(k, _)| k.to_vec()));
+            assert!(changes.values().all(Option::is_none));
+            deleted.extend(changes.into_keys());
         }
         let expired: BTreeSet<Vec<u8>> = records
             .iter()
@@ -667,8 +672,15 @@ mod tests {
                 payloads,
                 &mut offset,
             );
-            outputs.push(records.iter().map(readable).collect());
             let changes = overlay.into_changes();
+            let changelog = changelog_records(engine.changelog(), &changes);
+            outputs.push(
+                records
+                    .iter()
+                    .chain(&changelog.collect::<Vec<_>>())
+                    .map(readable)
+                    .collect(),
+            );
             let write = |c: &Changes| {
                 tmp.store
                     .write_shard_changes(c.iter().map(|(k, v)| (k, v.as_ref())), [])

@@ -26,7 +26,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::engine::{Engine, Work};
+use crate::engine::{changelog_records, Engine, Work};
 use crate::kafka::reader::QuietEof;
 use crate::kafka::{
     base_config, consumer_config, watermarks, AssignmentWatch, CommitError, Committer, Deadline,
@@ -99,6 +99,8 @@ struct Committed {
 struct Committing {
     committer: Committer,
     store: Store,
+    /// Where the batches' state changes go, besides the store.
+    changelog: String,
     /// For a new producer in place of a stuck one.
     cfg: Config,
     instance: String,
@@ -118,6 +120,7 @@ impl Committing {
         Ok(Self {
             committer: producer(cfg, instance, metrics, shutdown)?,
             store: store.clone(),
+            changelog: cfg.changelog_topic(),
             cfg: cfg.clone(),
             instance: instance.to_string(),
             metrics: metrics.clone(),
@@ -128,9 +131,11 @@ impl Committing {
     /// Commits a batch's transaction, then writes its changes with the changelog offsets they reached.
     fn commit(&mut self, job: Job) -> Result<Committed, PipelineError> {
         let deadline = Deadline::new(self.shutdown.clone(), self.cfg.processing.drain_timeout);
-        let result =
-            self.committer
-                .commit(&job.records, &job.positions, job.group.as_ref(), &deadline);
+        let mut records = job.records;
+        records.extend(changelog_records(&self.changelog, &job.changes));
+        let result = self
+            .committer
+            .commit(&records, &job.positions, job.group.as_ref(), &deadline);
         if let Err(e) = result {
             // The deliveries of an aborted transaction say nothing of where the changelog stands.
             let _ = self.committer.take_delivered();
@@ -498,7 +503,8 @@ impl Pipeline {
         let positions = positions_vec(&batch.positions);
         // Taken now: a rebalance from here on makes the coordinator refuse these offsets.
         let group = self.consumer.group_metadata();
-        let count = records.len();
+        // With the changelog records the commit thread adds.
+        let count = records.len() + changes.len();
         self.commits.run(Job {
             records,
             positions,

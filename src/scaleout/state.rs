@@ -102,7 +102,47 @@ pub fn refuse_former_format(key: &[u8]) -> Result<(), StoreError> {
 
 /// Reads of sharded state.
 pub trait KvRead {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Calls `f` with the value of `key` where it lies, without copying it (a read decodes the value; most
+    /// reads are of the batch's own writes or of what it read before).
+    fn read_with<R>(&self, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R)
+        -> Result<R, StoreError>;
+
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.read_with(key, |v| v.map(<[u8]>::to_vec))
+    }
+
+    fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
+        self.read_with(key, |v| v.is_some())
+    }
+
+    /// Calls `f` with the profile (a `PROFILE` or `PART` record) under `key`, decoded.
+    fn with_profile<R>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(Option<&Profile>) -> R,
+    ) -> Result<R, StoreError> {
+        Ok(f(decode_profile(self, key)?.as_ref()))
+    }
+
+    /// The profile under `key`, for the caller to keep.
+    fn profile(&self, key: &[u8]) -> Result<Option<Profile>, StoreError> {
+        decode_profile(self, key)
+    }
+
+    /// The seal of the profile under `key`, decoded from the head of the record only.
+    fn seal(&self, key: &[u8]) -> Result<Option<Seal>, StoreError> {
+        let head: Option<ProfileHead> = self.read_with(key, |v| {
+            v.map(|v| decode_value(v, CF_SHARDS, "profile")).transpose()
+        })??;
+        Ok(head.as_ref().map(ProfileHead::seal))
+    }
+}
+
+fn decode_profile<K: KvRead + ?Sized>(kv: &K, key: &[u8]) -> Result<Option<Profile>, StoreError> {
+    let kind = key.get(4).copied().map_or("profile", kind_name);
+    kv.read_with(key, |v| {
+        v.map(|v| decode_value(v, CF_SHARDS, kind)).transpose()
+    })?
 }
 
 /// Reads and writes of sharded state.
@@ -114,19 +154,39 @@ pub trait Kv: KvRead {
     /// is answered without asking the store (most point reads are for absent keys, each a bloom filter
     /// probe per level of RocksDB).
     fn known_absent(&mut self, key: Vec<u8>);
+
+    /// The profile under `key`, which the caller changes and puts back (or deletes).
+    fn take_profile(&mut self, key: &[u8]) -> Result<Option<Profile>, StoreError> {
+        decode_profile(self, key)
+    }
+
+    /// Sets (`Some`) or deletes (`None`) a profile (a `PROFILE` or `PART` record).
+    fn set_profile(&mut self, key: Vec<u8>, profile: Option<Profile>) -> Result<(), StoreError> {
+        let v = profile.map(|p| encode_value(&p, 512)).transpose()?;
+        self.set(key, v);
+        Ok(())
+    }
 }
 
 /// Committed state: what lookups read.
 impl KvRead for Store {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        self.shard_value(key)
+    fn read_with<R>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(Option<&[u8]>) -> R,
+    ) -> Result<R, StoreError> {
+        Ok(f(self.shard_value(key)?.as_deref()))
     }
 }
 
 /// State in memory: the simulation's.
 impl KvRead for BTreeMap<Vec<u8>, Vec<u8>> {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(BTreeMap::get(self, key).cloned())
+    fn read_with<R>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(Option<&[u8]>) -> R,
+    ) -> Result<R, StoreError> {
+        Ok(f(BTreeMap::get(self, key).map(Vec::as_slice)))
     }
 }
 
@@ -165,6 +225,11 @@ pub struct ShardOverlay<'s> {
     /// dozen key comparisons per lookup), and put in key order once, when the batch ends.
     dirty: HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>,
     read: RefCell<HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>>,
+    /// Profiles and parts as the batch last put or read them, decoded: an event reads its profile several
+    /// times (the seal at each step, the whole of it to change it, again for the output) and its part once
+    /// to join into it. Always the decoding of the key's current value: a write of the key's bytes drops
+    /// the entry.
+    profiles: RefCell<HashMap<Vec<u8>, Profile, foldhash::fast::RandomState>>,
 }
 
 impl<'s> ShardOverlay<'s> {
@@ -179,6 +244,7 @@ impl<'s> ShardOverlay<'s> {
             pending,
             dirty: HashMap::default(),
             read: RefCell::new(HashMap::default()),
+            profiles: RefCell::new(HashMap::default()),
         }
     }
 
@@ -187,20 +253,8 @@ impl<'s> ShardOverlay<'s> {
         self.store
     }
 
-    /// Every key the batch changed, with its new value (`None`: deleted), in key order.
-    pub fn changes(&self) -> impl Iterator<Item = (&[u8], Option<&[u8]>)> {
-        let read = self.read.borrow();
-        let mut changes: Vec<(&[u8], Option<&[u8]>)> = self
-            .dirty
-            .iter()
-            .filter(|(k, v)| is_change(&read, k, v))
-            .map(|(k, v)| (k.as_slice(), v.as_deref()))
-            .collect();
-        changes.sort_unstable_by(|a, b| a.0.cmp(b.0));
-        changes.into_iter()
-    }
-
-    /// The changes, to write once the batch committed.
+    /// The changes, in key order: the batch's changelog records, and what is written to the store once
+    /// the batch committed.
     pub fn into_changes(self) -> Changes {
         let read = self.read.into_inner();
         self.dirty
@@ -222,19 +276,68 @@ impl<'s> ShardOverlay<'s> {
 }
 
 impl KvRead for ShardOverlay<'_> {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+    fn read_with<R>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(Option<&[u8]>) -> R,
+    ) -> Result<R, StoreError> {
         if let Some(v) = self.dirty.get(key) {
-            return Ok(v.clone());
+            return Ok(f(v.as_deref()));
         }
         if let Some(v) = self.read.borrow().get(key) {
-            return Ok(v.clone());
+            return Ok(f(v.as_deref()));
         }
         let v = match self.pending.as_ref().and_then(|p| p.get(key)) {
             Some(v) => v.clone(),
             None => self.store.shard_value(key)?,
         };
-        self.read.borrow_mut().insert(key.to_vec(), v.clone());
-        Ok(v)
+        let r = f(v.as_deref());
+        self.read.borrow_mut().insert(key.to_vec(), v);
+        Ok(r)
+    }
+
+    fn with_profile<R>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(Option<&Profile>) -> R,
+    ) -> Result<R, StoreError> {
+        if let Some(p) = self.profiles.borrow().get(key) {
+            self.check_cached(key, p);
+            return Ok(f(Some(p)));
+        }
+        let p = decode_profile(self, key)?;
+        let r = f(p.as_ref());
+        if let Some(p) = p {
+            self.profiles.borrow_mut().insert(key.to_vec(), p);
+        }
+        Ok(r)
+    }
+
+    fn profile(&self, key: &[u8]) -> Result<Option<Profile>, StoreError> {
+        if let Some(p) = self.profiles.borrow().get(key) {
+            self.check_cached(key, p);
+            return Ok(Some(p.clone()));
+        }
+        decode_profile(self, key)
+    }
+
+    /// From the whole profile, decoded once for the batch: the next look at it is free.
+    fn seal(&self, key: &[u8]) -> Result<Option<Seal>, StoreError> {
+        self.with_profile(key, |p| p.map(Profile::seal))
+    }
+}
+
+impl ShardOverlay<'_> {
+    /// Debug builds check that a cached profile is the decoding of the key's current value.
+    fn check_cached(&self, key: &[u8], cached: &Profile) {
+        if cfg!(debug_assertions) {
+            let current = decode_profile(self, key);
+            debug_assert!(
+                matches!(&current, Ok(Some(p)) if p == cached),
+                "the cached profile of {} is not its current value",
+                String::from_utf8_lossy(key)
+            );
+        }
     }
 }
 
@@ -250,7 +353,25 @@ fn is_change<S: std::hash::BuildHasher>(
 
 impl Kv for ShardOverlay<'_> {
     fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        self.profiles.get_mut().remove(&key);
         self.dirty.insert(key, value);
+    }
+
+    fn take_profile(&mut self, key: &[u8]) -> Result<Option<Profile>, StoreError> {
+        if let Some(p) = self.profiles.get_mut().remove(key) {
+            self.check_cached(key, &p);
+            return Ok(Some(p));
+        }
+        decode_profile(self, key)
+    }
+
+    fn set_profile(&mut self, key: Vec<u8>, profile: Option<Profile>) -> Result<(), StoreError> {
+        let v = profile.as_ref().map(|p| encode_value(p, 512)).transpose()?;
+        self.set(key.clone(), v);
+        if let Some(p) = profile {
+            self.profiles.get_mut().insert(key, p);
+        }
+        Ok(())
     }
 
     fn known_absent(&mut self, key: Vec<u8>) {
@@ -327,10 +448,10 @@ pub struct ShardRead<'k, K: ?Sized> {
 
 impl<K: KvRead + ?Sized> ShardRead<'_, K> {
     fn read<T: DeserializeOwned>(&self, kind: u8, rest: &[u8]) -> Result<Option<T>, StoreError> {
-        self.kv
-            .get(&key(self.shard, kind, rest))?
-            .map(|v| decode_value(&v, CF_SHARDS, kind_name(kind)))
-            .transpose()
+        self.kv.read_with(&key(self.shard, kind, rest), |v| {
+            v.map(|v| decode_value(v, CF_SHARDS, kind_name(kind)))
+                .transpose()
+        })?
     }
 
     pub fn node_of(&self, id: &Identifier) -> Result<Option<NodeId>, StoreError> {
@@ -338,21 +459,30 @@ impl<K: KvRead + ?Sized> ShardRead<'_, K> {
     }
 
     pub fn profile(&self, node: NodeId) -> Result<Option<Profile>, StoreError> {
-        self.read(PROFILE, &node.0.to_be_bytes())
+        self.kv
+            .profile(&key(self.shard, PROFILE, &node.0.to_be_bytes()))
     }
 
-    /// The seal of the profile under `node`, decoded from the head of the record only.
+    pub fn with_profile<R>(
+        &self,
+        node: NodeId,
+        f: impl FnOnce(Option<&Profile>) -> R,
+    ) -> Result<R, StoreError> {
+        self.kv
+            .with_profile(&key(self.shard, PROFILE, &node.0.to_be_bytes()), f)
+    }
+
     pub fn seal(&self, node: NodeId) -> Result<Option<Seal>, StoreError> {
-        let head: Option<ProfileHead> = self.read(PROFILE, &node.0.to_be_bytes())?;
-        Ok(head.as_ref().map(ProfileHead::seal))
+        self.kv
+            .seal(&key(self.shard, PROFILE, &node.0.to_be_bytes()))
     }
 
     /// The identifiers of the profile under `node` (none if there is none).
     pub fn identifiers(&self, node: NodeId) -> Result<Vec<Identifier>, StoreError> {
-        Ok(self
-            .profile(node)?
-            .map(|p| p.identifiers.into_keys().collect())
-            .unwrap_or_default())
+        self.with_profile(node, |p| {
+            p.map(|p| p.identifiers.keys().cloned().collect())
+                .unwrap_or_default()
+        })
     }
 
     pub fn indexed(&self, id: &ProfileId) -> Result<Option<NodeId>, StoreError> {
@@ -368,7 +498,7 @@ impl<K: KvRead + ?Sized> ShardRead<'_, K> {
     }
 
     pub fn part(&self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
-        self.read(PART, &identifier_key(id))
+        self.kv.profile(&key(self.shard, PART, &identifier_key(id)))
     }
 
     pub fn dir<T: DeserializeOwned>(&self, id: &Identifier) -> Result<Option<T>, StoreError> {
@@ -455,6 +585,25 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         Ok(())
     }
 
+    /// Takes a profile or part out of the state: it is deleted unless put back.
+    fn take_profile(&mut self, kind: u8, rest: &[u8]) -> Result<Option<Profile>, StoreError> {
+        let k = key(self.shard, kind, rest);
+        let p = self.kv.take_profile(&k)?;
+        if p.is_some() {
+            self.kv.set(k, None);
+        }
+        Ok(p)
+    }
+
+    fn set_profile(
+        &mut self,
+        kind: u8,
+        rest: &[u8],
+        profile: Option<Profile>,
+    ) -> Result<(), StoreError> {
+        self.kv.set_profile(key(self.shard, kind, rest), profile)
+    }
+
     /// An identifier about to be placed for the first time anywhere (located new at gen 1): no shard
     /// holds a record of it yet, so its node, links, part and forwarding pointer are not read from the
     /// store.
@@ -503,7 +652,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
 
     /// Whether the identifier with this suppression hash is on this shard's suppression list.
     pub fn suppressed(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
-        Ok(self.kv.get(&key(self.shard, SUPPRESSED, hash))?.is_some())
+        self.kv.contains(&key(self.shard, SUPPRESSED, hash))
     }
 
     /// Puts an identifier on the suppression list (at `at`, ms) or, with `None`, takes it off.
@@ -515,7 +664,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
     pub fn first_seen(&mut self, event_id: &str) -> Result<bool, StoreError> {
         let digest = Sha256::digest(event_id.as_bytes());
         let k = key(self.shard, SEEN, &digest[..16]);
-        if self.kv.get(&k)?.is_some() {
+        if self.kv.contains(&k)? {
             return Ok(false);
         }
         // When it was seen: past `processing.dedup_retention` the record is swept ([`sweep_seen`]).
@@ -657,12 +806,7 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
         self.keep(r);
     }
     fn take_profile(&mut self, node: NodeId) -> Result<Option<Profile>, StoreError> {
-        let p = self.view.read().profile(node)?;
-        if p.is_some() {
-            self.view
-                .put::<Profile>(PROFILE, &node.0.to_be_bytes(), None)?;
-        }
-        Ok(p)
+        self.view.take_profile(PROFILE, &node.0.to_be_bytes())
     }
     fn seal(&mut self, node: NodeId) -> Result<Option<Seal>, StoreError> {
         self.view.read().seal(node)
@@ -670,7 +814,7 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
     fn put_profile(&mut self, node: NodeId, profile: Profile) {
         let r = self
             .view
-            .put(PROFILE, &node.0.to_be_bytes(), Some(&profile));
+            .set_profile(PROFILE, &node.0.to_be_bytes(), Some(profile));
         self.keep(r);
     }
     fn delete_profile(&mut self, node: NodeId) {
@@ -738,18 +882,15 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
         }
     }
     fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
-        let p = self.view.read().part(id)?;
-        if p.is_some() {
-            self.view.put::<Profile>(PART, &identifier_key(id), None)?;
-        }
-        Ok(p)
+        self.view.take_profile(PART, &identifier_key(id))
     }
     fn put_part(&mut self, id: &Identifier, part: Profile) {
-        let r = self.view.put(PART, &identifier_key(id), Some(&part));
+        let r = self.view.set_profile(PART, &identifier_key(id), Some(part));
         self.keep(r);
     }
     fn join_part(&mut self, id: &Identifier, more: Profile) {
-        let r = self.view.read().part(id).and_then(|p| {
+        let rest = identifier_key(id);
+        let r = self.view.take_profile(PART, &rest).and_then(|p| {
             let joined = match p {
                 Some(mut p) => {
                     p.absorb(more);
@@ -757,7 +898,7 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
                 }
                 None => more,
             };
-            self.view.put(PART, &identifier_key(id), Some(&joined))
+            self.view.set_profile(PART, &rest, Some(joined))
         });
         self.keep(r);
     }
@@ -802,18 +943,10 @@ mod tests {
         assert_eq!(overlay.get(&kept).unwrap(), Some(b"3".to_vec()));
         assert_eq!(overlay.get(&gone).unwrap(), None);
 
-        let changes: Vec<(Vec<u8>, Option<Vec<u8>>)> = overlay
-            .changes()
-            .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
-            .collect();
-        assert_eq!(
-            changes,
-            vec![(kept.clone(), Some(b"3".to_vec())), (gone.clone(), None)]
-        );
         assert!(!overlay.is_empty());
         assert_eq!(
             overlay.into_changes().into_iter().collect::<Vec<_>>(),
-            changes
+            vec![(kept.clone(), Some(b"3".to_vec())), (gone.clone(), None)]
         );
 
         let mut idle = ShardOverlay::new(&t.store);
@@ -823,5 +956,105 @@ mod tests {
             idle.is_empty(),
             "deleting what the store does not hold changes nothing"
         );
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        /// Write the key's bytes (as a step that is not a profile write does, deleting it for one).
+        Set(usize, Option<u8>),
+        SetProfile(usize, Option<u8>),
+        /// Take the profile out, then delete it or put it back changed (as a join into a part does).
+        Take(usize, Option<u8>),
+        Read(usize),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let k = 0..3usize;
+        let v = proptest::option::of(0..4u8);
+        prop_oneof![
+            (k.clone(), v.clone()).prop_map(|(k, v)| Op::Set(k, v)),
+            (k.clone(), v.clone()).prop_map(|(k, v)| Op::SetProfile(k, v)),
+            (k.clone(), v).prop_map(|(k, v)| Op::Take(k, v)),
+            k.prop_map(Op::Read),
+        ]
+    }
+
+    fn a_profile(n: u8) -> Profile {
+        let mut p = Profile::empty();
+        p.events = u64::from(n);
+        p.shared = n % 2 == 1;
+        p
+    }
+
+    /// Everything a batch can read of a record, by every path.
+    type Reads = (
+        Option<Vec<u8>>,
+        Option<Profile>,
+        Option<Profile>,
+        Option<Seal>,
+    );
+
+    fn reads<K: KvRead>(kv: &K, k: &[u8]) -> Reads {
+        (
+            kv.get(k).unwrap(),
+            kv.profile(k).unwrap(),
+            kv.with_profile(k, |p| p.cloned()).unwrap(),
+            kv.seal(k).unwrap(),
+        )
+    }
+
+    proptest::proptest! {
+        /// The overlay's decoded profiles never differ from its bytes: any sequence of writes, takes
+        /// and reads reads the same through the overlay (over committed records) as through the plain
+        /// map the simulation uses, and leaves the same changes.
+        #[test]
+        fn decoded_profiles_read_as_their_bytes(ops in proptest::collection::vec(op(), 1..40)) {
+            let t = TempStore::new().unwrap();
+            let keys = [key(0, PROFILE, &1u64.to_be_bytes()), key(0, PROFILE, &2u64.to_be_bytes()), key(0, PART, b"x")];
+            let bytes = |n: u8| encode_value(&a_profile(n), 0).unwrap();
+            let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+            for (k, n) in [(&keys[0], 0), (&keys[2], 1)] {
+                committed(&t.store, &[(k.as_slice(), Some(bytes(n).as_slice()))]);
+                model.insert(k.clone(), bytes(n));
+            }
+            let mut overlay = ShardOverlay::new(&t.store);
+            for op in ops {
+                match op {
+                    Op::Set(k, v) => {
+                        overlay.set(keys[k].clone(), v.map(bytes));
+                        model.set(keys[k].clone(), v.map(bytes));
+                    }
+                    Op::SetProfile(k, v) => {
+                        overlay.set_profile(keys[k].clone(), v.map(a_profile)).unwrap();
+                        model.set_profile(keys[k].clone(), v.map(a_profile)).unwrap();
+                    }
+                    Op::Take(k, v) => {
+                        let (a, b) = (overlay.take_profile(&keys[k]).unwrap(), model.take_profile(&keys[k]).unwrap());
+                        proptest::prop_assert_eq!(&a, &b);
+                        let back = a.map(|mut p| { p.events += u64::from(v.unwrap_or(0)); p }).filter(|_| v.is_some());
+                        overlay.set_profile(keys[k].clone(), back.clone()).unwrap();
+                        model.set_profile(keys[k].clone(), back).unwrap();
+                    }
+                    Op::Read(k) => proptest::prop_assert_eq!(reads(&overlay, &keys[k]), reads(&model, &keys[k])),
+                }
+            }
+            for k in &keys {
+                proptest::prop_assert_eq!(reads(&overlay, k), reads(&model, k));
+            }
+            let mut after = BTreeMap::new();
+            for k in &keys {
+                if let Some(v) = t.store.shard_value(k).unwrap() {
+                    after.insert(k.clone(), v);
+                }
+            }
+            for (k, v) in overlay.into_changes() {
+                match v {
+                    Some(v) => after.insert(k, v),
+                    None => after.remove(&k),
+                };
+            }
+            proptest::prop_assert_eq!(after, model);
+        }
     }
 }
