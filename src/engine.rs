@@ -529,14 +529,16 @@ impl Engine {
     }
 }
 
-/// The changelog records of a batch's state changes, in key order: each to its shard's partition, with
-/// the same key and value (a deletion is a tombstone). Made on the commit thread, from the changes the
-/// batch hands over, after the batch's other records.
+/// The changelog records of a batch's state changes, in key order (the same input gives the same
+/// records): each to its shard's partition, with the same key and value (a deletion is a tombstone). Made
+/// on the commit thread, from the changes the batch hands over, after the batch's other records.
 pub fn changelog_records<'a>(
     topic: &'a str,
     changes: &'a Changes,
 ) -> impl Iterator<Item = OutRecord> + 'a {
-    changes.iter().map(move |(key, value)| OutRecord {
+    let mut sorted: Vec<_> = changes.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    sorted.into_iter().map(move |(key, value)| OutRecord {
         topic: topic.to_string(),
         partition: shard_of_key(key).map(|s| s as i32),
         key: Some(key.clone()),

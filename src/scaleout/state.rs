@@ -208,8 +208,9 @@ impl Kv for BTreeMap<Vec<u8>, Vec<u8>> {
     }
 }
 
-/// A batch's state changes, in key order (`None`: deleted).
-pub type Changes = BTreeMap<Vec<u8>, Option<Vec<u8>>>;
+/// A batch's state changes (`None`: deleted), hashed: the batch after it reads them at every read that
+/// its own writes do not answer (docs/DESIGN.md, "Overlapped commits").
+pub type Changes = HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>;
 
 /// One batch's view of the sharded state: reads see the batch's own writes. What a read found in the
 /// store is kept for the batch (a protocol step reads the same records several times: an identifier's
@@ -222,8 +223,8 @@ pub struct ShardOverlay<'s> {
     store: &'s Store,
     pending: Option<Arc<Changes>>,
     /// The batch's writes: hashed, for they are looked up at every read (a tree of a batch's keys cost a
-    /// dozen key comparisons per lookup), and put in key order once, when the batch ends.
-    dirty: HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>,
+    /// dozen key comparisons per lookup); what changes the store becomes the batch's [`Changes`].
+    dirty: Changes,
     read: RefCell<HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>>,
     /// Profiles and parts as the batch last put or read them, decoded: an event reads its profile several
     /// times (the seal at each step, the whole of it to change it, again for the output) and its part once
@@ -253,14 +254,13 @@ impl<'s> ShardOverlay<'s> {
         self.store
     }
 
-    /// The changes, in key order: the batch's changelog records, and what is written to the store once
-    /// the batch committed.
+    /// The changes: the batch's changelog records, and what is written to the store once the batch
+    /// committed.
     pub fn into_changes(self) -> Changes {
         let read = self.read.into_inner();
-        self.dirty
-            .into_iter()
-            .filter(|(k, v)| is_change(&read, k, v))
-            .collect()
+        let mut changes = self.dirty;
+        changes.retain(|k, v| is_change(&read, k, v));
+        changes
     }
 
     pub fn is_empty(&self) -> bool {
@@ -944,8 +944,10 @@ mod tests {
         assert_eq!(overlay.get(&gone).unwrap(), None);
 
         assert!(!overlay.is_empty());
+        let mut changes: Vec<_> = overlay.into_changes().into_iter().collect();
+        changes.sort();
         assert_eq!(
-            overlay.into_changes().into_iter().collect::<Vec<_>>(),
+            changes,
             vec![(kept.clone(), Some(b"3".to_vec())), (gone.clone(), None)]
         );
 
