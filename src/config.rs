@@ -539,7 +539,8 @@ pub struct ProcessingConfig {
     pub guarantee: Guarantee,
     /// Most input messages in one batch (one transaction).
     pub batch_max_events: usize,
-    /// Longest wait to fill a batch before committing what there is.
+    /// Longest wait to fill a batch before committing what there is (a batch ends sooner once the batch
+    /// before it committed and no message is waiting).
     #[serde(with = "humantime_serde")]
     pub batch_linger: Duration,
     /// On SIGTERM/SIGINT: how long the current batch may take to finish and commit.

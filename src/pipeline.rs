@@ -189,6 +189,8 @@ struct CommitThread {
     /// `None` once dropped: the thread's loop ends.
     jobs: Option<mpsc::Sender<Job>>,
     done: mpsc::Receiver<Result<Committed, PipelineError>>,
+    /// An outcome received by [`CommitThread::finished`], not yet waited for.
+    early: Option<Result<Committed, PipelineError>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -210,6 +212,7 @@ impl CommitThread {
         Ok(Self {
             jobs: Some(jobs),
             done,
+            early: None,
             thread: Some(thread),
         })
     }
@@ -222,10 +225,23 @@ impl CommitThread {
     }
 
     /// The outcome of the oldest job not yet waited for.
-    fn wait(&self) -> Result<Committed, PipelineError> {
-        self.done
-            .recv()
-            .map_err(|_| PipelineError::CommitThread("ended without an outcome".into()))?
+    fn wait(&mut self) -> Result<Committed, PipelineError> {
+        match self.early.take() {
+            Some(outcome) => outcome,
+            None => self
+                .done
+                .recv()
+                .map_err(|_| PipelineError::CommitThread("ended without an outcome".into()))?,
+        }
+    }
+
+    /// Whether the job handed over last has an outcome (kept for [`CommitThread::wait`]); without
+    /// waiting.
+    fn finished(&mut self) -> bool {
+        if self.early.is_none() {
+            self.early = self.done.try_recv().ok();
+        }
+        self.early.is_some()
     }
 }
 
@@ -431,7 +447,14 @@ impl Pipeline {
             if now >= linger_until {
                 break;
             }
-            let polled = self.consumer.poll(linger_until - now);
+            // Nothing would come of waiting once the batch before has committed: the batch closes as
+            // soon as no message is ready (docs/DESIGN.md, "Overlapped commits").
+            let ready = !batch.is_empty() && self.commit_idle();
+            let polled = self.consumer.poll(if ready {
+                Duration::ZERO
+            } else {
+                linger_until - now
+            });
             // Rebalance callbacks run inside `poll`: whatever it returned comes from the new assignment.
             if self.consumer.context().rebalances() != generation {
                 if let Some(Ok(m)) = &polled {
@@ -441,6 +464,7 @@ impl Pipeline {
                 break;
             }
             match polled {
+                None if ready => break,
                 None => {}
                 Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
                     self.metrics.errors.with_label_values(&["consume"]).inc();
@@ -522,6 +546,11 @@ impl Pipeline {
             generation,
         });
         Ok(())
+    }
+
+    /// Whether no commit is in flight: none was handed over, or its outcome is in.
+    fn commit_idle(&mut self) -> bool {
+        self.in_flight.is_none() || self.commits.finished()
     }
 
     /// Waits for the batch in flight, if any. True if it committed (or nothing was in flight); false if it

@@ -169,6 +169,50 @@ fn read_your_writes_lookups_reflect_the_event_just_sent() {
     );
 }
 
+/// A batch ends as soon as the batch before it committed and no message is waiting, not at the linger:
+/// with a linger of 20 s, a lone event is visible to a lookup that waits for it within a few seconds.
+#[test]
+fn a_lone_event_is_committed_without_waiting_out_the_linger() {
+    let s = Setup::new(
+        "lone",
+        1,
+        "[processing]\nbatch_linger = \"20s\"\ndrain_timeout = \"30s\"\n",
+    );
+    let (topic, _) = s
+        .routes
+        .values()
+        .find(|(_, f)| *f == stitcher::config::Format::Json)
+        .expect("a JSON channel")
+        .clone();
+    let event = |i: usize, cookie: &str| {
+        serde_json::json!({
+            "event_id": format!("lone-{i}"),
+            "event_type": "page_view",
+            "timestamp": stitcher::model::now_millis(),
+            "identifiers": [{"type": "anonymous_id", "value": cookie}],
+        })
+        .to_string()
+    };
+    // Started, assigned and caught up with one event first.
+    send_one(&topic, event(0, "lone-cookie-0").as_bytes());
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, TIMEOUT);
+    for i in 1..4 {
+        let cookie = format!("lone-cookie-{i}");
+        let (partition, offset) = send_one(&topic, event(i, &cookie).as_bytes());
+        let started = std::time::Instant::now();
+        let (status, body) = s.http_get(&format!(
+            "/v1/identifiers/anonymous_id/{cookie}?after={topic}:{partition}:{offset}&wait_ms=8000"
+        ));
+        assert_eq!(
+            status, 200,
+            "event {i} not visible within 8 s (its batch waits out the 20 s linger?): {body}"
+        );
+        println!("lone event {i} visible after {:?}", started.elapsed());
+    }
+    assert!(sigterm(&mut child).success());
+}
+
 /// The identity change stream alone rebuilds the identifier-to-profile mapping of the live profiles; every
 /// record names its trigger (an input record, or a control command's record).
 fn assert_identity_stream_matches(s: &Setup, out: &Output) {

@@ -162,6 +162,9 @@ pub fn producer_config(cfg: &Config, instance: &str) -> ClientConfig {
     let mut c = base_config(cfg);
     c.set("enable.idempotence", "true")
         .set("linger.ms", "5")
+        // A transaction begun right after the one before is often told CONCURRENT_TRANSACTIONS while the
+        // coordinator writes the markers, and retried after this (docs/DESIGN.md, "Overlapped commits").
+        .set("retry.backoff.ms", "10")
         .set("compression.type", "lz4")
         .set(
             "message.timeout.ms",

@@ -176,10 +176,7 @@ custom_types = ["social_id"]
 dir = "{state}"
 block_cache_mb = 32
 
-[processing]
-batch_linger = "50ms"
-drain_timeout = "20s"
-
+{processing}
 [http]
 listen = "127.0.0.1:{http_port}"
 {traits}
@@ -191,6 +188,12 @@ topic = "{control_topic}"
             state = dir.join("state").display(),
             http_port = http_port,
             traits = journeys::TRUTH_TRAITS,
+            // A test may set its own.
+            processing = if extra_toml.contains("[processing]") {
+                ""
+            } else {
+                "[processing]\nbatch_linger = \"50ms\"\ndrain_timeout = \"20s\"\n"
+            },
         );
         let config_path = dir.join("stitcher.toml");
         std::fs::File::create(&config_path)
