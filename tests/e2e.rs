@@ -99,12 +99,7 @@ fn read_your_writes_lookups_reflect_the_event_just_sent() {
     generate::send(&brokers(), &s.routes, &j, 0).expect("send");
     let mut child = s.start();
     s.wait_caught_up(&mut child, TIMEOUT);
-    let (topic, _) = s
-        .routes
-        .values()
-        .find(|(_, f)| *f == stitcher::config::Format::Json)
-        .expect("a JSON channel")
-        .clone();
+    let topic = s.json_topic();
     let emails: Vec<String> = j
         .truth
         .iter()
@@ -178,12 +173,7 @@ fn a_lone_event_is_committed_without_waiting_out_the_linger() {
         1,
         "[processing]\nbatch_linger = \"20s\"\ndrain_timeout = \"30s\"\n",
     );
-    let (topic, _) = s
-        .routes
-        .values()
-        .find(|(_, f)| *f == stitcher::config::Format::Json)
-        .expect("a JSON channel")
-        .clone();
+    let topic = s.json_topic();
     let event = |i: usize, cookie: &str| {
         serde_json::json!({
             "event_id": format!("lone-{i}"),

@@ -215,6 +215,16 @@ topic = "{control_topic}"
         }
     }
 
+    /// An input topic that takes JSON events.
+    pub fn json_topic(&self) -> String {
+        self.routes
+            .values()
+            .find(|(_, f)| *f == stitcher::config::Format::Json)
+            .expect("a JSON channel")
+            .0
+            .clone()
+    }
+
     /// GET `path` from the service: (status, body). Plain HTTP/1.0 over loopback.
     pub fn http_get(&self, path: &str) -> (u16, String) {
         http_get(self.http_port, path)
