@@ -107,6 +107,8 @@ pub trait KvRead {
     fn read_with<R>(&self, key: &[u8], f: impl FnOnce(Option<&[u8]>) -> R)
         -> Result<R, StoreError>;
 
+    /// A copy of the value (the service reads through [`KvRead::read_with`]).
+    #[cfg(test)]
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.read_with(key, |v| v.map(<[u8]>::to_vec))
     }
