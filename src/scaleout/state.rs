@@ -133,18 +133,24 @@ pub trait KvRead {
 
     /// The seal of the profile under `key`, decoded from the head of the record only.
     fn seal(&self, key: &[u8]) -> Result<Option<Seal>, StoreError> {
-        let head: Option<ProfileHead> = self.read_with(key, |v| {
-            v.map(|v| decode_value(v, CF_SHARDS, "profile")).transpose()
-        })??;
+        let head: Option<ProfileHead> = decode_record(self, key)?;
         Ok(head.as_ref().map(ProfileHead::seal))
     }
 }
 
-fn decode_profile<K: KvRead + ?Sized>(kv: &K, key: &[u8]) -> Result<Option<Profile>, StoreError> {
-    let kind = key.get(4).copied().map_or("profile", kind_name);
+/// The record under `key`, decoded where it lies (its kind, named in errors, from the key).
+fn decode_record<T: DeserializeOwned, K: KvRead + ?Sized>(
+    kv: &K,
+    key: &[u8],
+) -> Result<Option<T>, StoreError> {
+    let kind = key.get(4).copied().map_or("record", kind_name);
     kv.read_with(key, |v| {
         v.map(|v| decode_value(v, CF_SHARDS, kind)).transpose()
     })?
+}
+
+fn decode_profile<K: KvRead + ?Sized>(kv: &K, key: &[u8]) -> Result<Option<Profile>, StoreError> {
+    decode_record(kv, key)
 }
 
 /// Reads and writes of sharded state.
@@ -450,10 +456,7 @@ pub struct ShardRead<'k, K: ?Sized> {
 
 impl<K: KvRead + ?Sized> ShardRead<'_, K> {
     fn read<T: DeserializeOwned>(&self, kind: u8, rest: &[u8]) -> Result<Option<T>, StoreError> {
-        self.kv.read_with(&key(self.shard, kind, rest), |v| {
-            v.map(|v| decode_value(v, CF_SHARDS, kind_name(kind)))
-                .transpose()
-        })?
+        decode_record(self.kv, &key(self.shard, kind, rest))
     }
 
     pub fn node_of(&self, id: &Identifier) -> Result<Option<NodeId>, StoreError> {
