@@ -6,6 +6,7 @@
 //! updates, redirects and tombstones of what changed, and the changelog record of every state change.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
 
 use crate::breaker::{topic_key, type_key, Breaker};
 use crate::codec::update::ProfileRecord;
@@ -14,7 +15,8 @@ use crate::metrics::Metrics;
 use crate::model::{now_millis, Event, Identifier, Millis, NodeId, ProfileId};
 use crate::pipeline::PipelineError;
 use crate::processor::{
-    source, Batch, Control, InMessage, ProcessError, Processor, ProfileReader, ProfileSource,
+    source, Batch, Control, Decoded, InMessage, ProcessError, Processor, ProfileReader,
+    ProfileSource,
 };
 use crate::profile::Profile;
 use crate::scaleout::owner::{Msg, Out, Shard, Step};
@@ -111,7 +113,7 @@ impl ProfileSource for BatchProfiles<'_, '_> {
 /// overlay) and the batch's records. The run loop ([`crate::pipeline`]) feeds it what it polls; the fuzz
 /// target feeds it bytes.
 pub struct Engine {
-    processor: Processor,
+    processor: Arc<Processor>,
     metrics: Metrics,
     shards: ShardId,
     /// The internal topic of shard messages, and the changelog of the shards' state.
@@ -130,6 +132,24 @@ pub struct Engine {
     sweeping: (ShardId, Option<Vec<u8>>),
 }
 
+/// Decodes and normalises input messages, the part of a message's handling that needs no state, so that
+/// it can run ahead of the batch on a thread of its own (docs/DESIGN.md, "Decoding ahead"). Messages of the
+/// internal and control topics are left to the batch.
+#[derive(Clone)]
+pub struct Decoder {
+    processor: Arc<Processor>,
+    topic: String,
+    control_topic: String,
+}
+
+impl Decoder {
+    /// `None` for a message that is not an input's.
+    pub fn decode(&self, msg: InMessage<'_>) -> Option<Result<Decoded, ProcessError>> {
+        (msg.topic != self.topic && msg.topic != self.control_topic)
+            .then(|| self.processor.decode(msg))
+    }
+}
+
 /// Event-id records looked at by the sweep of expired ones, per message of the batch: an event adds at most
 /// one record, so the sweep keeps up with twice that.
 const SWEEP_PER_MESSAGE: usize = 2;
@@ -137,7 +157,7 @@ const SWEEP_PER_MESSAGE: usize = 2;
 impl Engine {
     pub fn new(cfg: &Config, metrics: Metrics) -> Result<Self, ProcessError> {
         Ok(Self {
-            processor: Processor::new(cfg, metrics.clone())?,
+            processor: Arc::new(Processor::new(cfg, metrics.clone())?),
             metrics,
             shards: cfg.scaleout.shards,
             topic: cfg.shard_topic(),
@@ -196,6 +216,15 @@ impl Engine {
         &self.changelog
     }
 
+    /// What decodes input messages ahead of the batch, on another thread.
+    pub fn decoder(&self) -> Decoder {
+        Decoder {
+            processor: Arc::clone(&self.processor),
+            topic: self.topic.clone(),
+            control_topic: self.control_topic.clone(),
+        }
+    }
+
     /// Adds one message to the batch: an input event, a control command or a shard message, handled to
     /// the end at the shards held here.
     pub fn take(
@@ -204,6 +233,18 @@ impl Engine {
         batch: &mut Batch,
         work: &mut Work,
         msg: InMessage<'_>,
+    ) -> Result<(), PipelineError> {
+        self.take_decoded(overlay, batch, work, msg, None)
+    }
+
+    /// [`Engine::take`] with what [`Decoder::decode`] made of the message ahead of the batch, if it did.
+    pub fn take_decoded(
+        &self,
+        overlay: &mut ShardOverlay<'_>,
+        batch: &mut Batch,
+        work: &mut Work,
+        msg: InMessage<'_>,
+        ahead: Option<Result<Decoded, ProcessError>>,
     ) -> Result<(), PipelineError> {
         self.processor.track(batch, msg);
         if msg.topic == self.topic {
@@ -283,7 +324,10 @@ impl Engine {
                 )],
             };
             self.deliver(overlay, work, msgs, "local")?;
-        } else if let Some(ev) = self.processor.event(batch, msg)? {
+        } else if let Some(ev) = {
+            let decoded = ahead.unwrap_or_else(|| self.processor.decode(msg))?;
+            self.processor.admit(batch, msg, decoded)
+        } {
             if let Some(key) = self.breaker.holds(&ev) {
                 work.quarantined.push(self.quarantine(msg, &key));
                 return Ok(());

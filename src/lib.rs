@@ -17,7 +17,7 @@
 //! - [`processor`]: decoding, normalising, dead letters, control commands, output records.
 //! - [`engine`]: one batch's messages to shard state changes and records, without Kafka.
 //! - [`kafka`], [`pipeline`]: the consume-process-commit loop with Kafka transactions, shard assignment
-//!   and restore.
+//!   and restore; [`ahead`]: input decoded on a thread of its own, ahead of the batch.
 //! - [`control`]: erase and unlink commands from the control topic.
 //! - [`inspect`]: a profile with its links and their evidence (`stitcher inspect`, `/explain`).
 //! - [`metrics`], [`http`]: Prometheus metrics, probes, profile lookup.
@@ -29,6 +29,7 @@
 //!
 //! docs/DESIGN.md describes the state and the commit protocol.
 
+pub mod ahead;
 pub mod app;
 pub mod backtest;
 pub mod bench;

@@ -25,6 +25,7 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
+use crate::ahead::{DecodeAhead, DecodedChunk, AHEAD, CHUNK};
 use crate::config::Config;
 use crate::engine::{changelog_records, Engine, Work};
 use crate::kafka::reader::QuietEof;
@@ -56,6 +57,8 @@ pub enum PipelineError {
     WrongMode(String),
     #[error("commit thread: {0}")]
     CommitThread(String),
+    #[error("decode thread: {0}")]
+    DecodeThread(String),
 }
 
 /// Totals of one run, for logs and the demo's summary.
@@ -75,6 +78,32 @@ struct InFlight {
     closed: Closed,
     /// The consumer's rebalance count when the batch closed.
     generation: u64,
+}
+
+/// The messages polled for the batch being built.
+#[derive(Default)]
+struct Polled {
+    /// Messages polled, not yet handed to the decode thread.
+    chunk: Vec<OwnedMessage>,
+    /// Messages polled in all.
+    count: usize,
+    /// Next offset per partition after the messages polled.
+    next: BTreeMap<(String, i32), i64>,
+}
+
+impl Polled {
+    /// Adds a polled message, unless it was committed already (fetched before a rebalance, or polled
+    /// again by a consumer that rejoined).
+    fn push(&mut self, pipeline: &Pipeline, m: OwnedMessage) {
+        let tp = (m.topic().to_string(), m.partition());
+        let next = self.next.get(&tp).or(pipeline.expected.get(&tp));
+        if next.is_some_and(|next| m.offset() < *next) {
+            return;
+        }
+        self.next.insert(tp, m.offset() + 1);
+        self.chunk.push(m);
+        self.count += 1;
+    }
 }
 
 /// A closed batch for the commit thread: its transaction, then its local write.
@@ -318,6 +347,8 @@ pub struct Pipeline {
     in_flight: Option<InFlight>,
     /// The thread that commits batches; it owns the transactional producer.
     commits: CommitThread,
+    /// The thread that decodes input messages ahead of the batch.
+    ahead: DecodeAhead,
     summary: RunSummary,
     /// The engine's shards, as the lookup API sees them.
     held: HeldShards,
@@ -369,6 +400,7 @@ impl Pipeline {
             None => store.put_shard_count(cfg.scaleout.shards)?,
         }
         let engine = Engine::new(&cfg, metrics.clone())?;
+        let ahead = DecodeAhead::start(engine.decoder())?;
         let consumer = subscribed_consumer(&cfg, &metrics)?;
         let committing = Committing::start(&cfg, &store, instance, &metrics, shutdown)?;
         tracing::info!(
@@ -388,6 +420,7 @@ impl Pipeline {
             consumer,
             in_flight: None,
             commits: CommitThread::start(committing)?,
+            ahead,
             summary: RunSummary::default(),
             held,
             synced_at: None,
@@ -439,31 +472,56 @@ impl Pipeline {
         let mut batch = Batch::default();
         let mut work = Work::default();
         let mut rebalanced = false;
+        // Polled messages go to the decode thread in chunks and come back decoded, in the order polled, to
+        // be handled here (docs/DESIGN.md, "Decoding ahead").
+        self.ahead.discard()?;
+        let mut polled = Polled::default();
         if let Some(m) = self.carried.take() {
-            self.take(&mut overlay, &mut batch, &mut work, &m)?;
+            polled.push(self, m);
         }
-        while batch.messages < self.cfg.processing.batch_max_events && !shutdown.is_cancelled() {
+        while polled.count < self.cfg.processing.batch_max_events && !shutdown.is_cancelled() {
             let now = Instant::now();
             if now >= linger_until {
                 break;
             }
+            while let Some(chunk) = self.ahead.ready()? {
+                self.take_all(&mut overlay, &mut batch, &mut work, chunk)?;
+            }
+            if polled.chunk.len() >= CHUNK {
+                self.ahead.send(std::mem::take(&mut polled.chunk))?;
+            }
+            if self.ahead.in_flight() >= AHEAD {
+                if let Some(chunk) = self.ahead.wait()? {
+                    self.take_all(&mut overlay, &mut batch, &mut work, chunk)?;
+                }
+            }
             // Nothing would come of waiting once the batch before has committed: the batch closes as
-            // soon as no message is ready (docs/DESIGN.md, "Overlapped commits").
-            let ready = !batch.is_empty() && self.commit_idle();
-            let polled = self.consumer.poll(if ready {
+            // soon as no message is ready (docs/DESIGN.md, "Overlapped commits"). Nor while messages
+            // polled are still to be handled.
+            let ready = polled.count > 0 && self.commit_idle();
+            let busy = !polled.chunk.is_empty() || self.ahead.in_flight() > 0;
+            let next = self.consumer.poll(if ready || busy {
                 Duration::ZERO
             } else {
                 linger_until - now
             });
             // Rebalance callbacks run inside `poll`: whatever it returned comes from the new assignment.
             if self.consumer.context().rebalances() != generation {
-                if let Some(Ok(m)) = &polled {
+                if let Some(Ok(m)) = &next {
                     self.carried = Some(m.detach());
                 }
                 rebalanced = true;
                 break;
             }
-            match polled {
+            match next {
+                None if !polled.chunk.is_empty() => {
+                    self.ahead.send(std::mem::take(&mut polled.chunk))?;
+                }
+                None if self.ahead.in_flight() > 0 => {
+                    if let Some(chunk) = self.ahead.wait()? {
+                        self.take_all(&mut overlay, &mut batch, &mut work, chunk)?;
+                    }
+                }
                 None if ready => break,
                 None => {}
                 Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
@@ -477,9 +535,14 @@ impl Pipeline {
                     self.metrics.errors.with_label_values(&["consume"]).inc();
                     tracing::warn!(error = %e, "consume error");
                 }
-                Some(Ok(m)) => {
-                    self.take(&mut overlay, &mut batch, &mut work, &m)?;
-                }
+                Some(Ok(m)) => polled.push(self, m.detach()),
+            }
+        }
+        if !rebalanced {
+            // The batch closes with every message polled for it handled.
+            self.ahead.send(std::mem::take(&mut polled.chunk))?;
+            while let Some(chunk) = self.ahead.wait()? {
+                self.take_all(&mut overlay, &mut batch, &mut work, chunk)?;
             }
         }
         if rebalanced {
@@ -593,24 +656,19 @@ impl Pipeline {
         Ok(false)
     }
 
-    /// Adds one consumed message to the batch, unless it was committed already.
-    fn take(
+    /// Adds decoded messages to the batch, in the order they were polled.
+    fn take_all(
         &self,
         overlay: &mut ShardOverlay<'_>,
         batch: &mut Batch,
         work: &mut Work,
-        m: &impl Message,
+        chunk: DecodedChunk,
     ) -> Result<(), PipelineError> {
-        let tp = (m.topic().to_string(), m.partition());
-        if batch
-            .positions
-            .get(&tp)
-            .or(self.expected.get(&tp))
-            .is_some_and(|next| m.offset() < *next)
-        {
-            return Ok(()); // committed already
+        for (m, decoded) in chunk {
+            self.engine
+                .take_decoded(overlay, batch, work, InMessage::of(&m), decoded)?;
         }
-        self.engine.take(overlay, batch, work, InMessage::of(m))
+        Ok(())
     }
 
     /// A new consumer, which reads from the committed offsets; shards are restored again when assigned

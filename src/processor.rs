@@ -79,6 +79,29 @@ impl Batch {
     }
 }
 
+/// An input message decoded and normalised, before it meets the state.
+// Nearly every message is an event: boxing it would add an allocation per message to save space in the
+// rare refusal.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Decoded {
+    Event(Event),
+    /// For the dead-letter topic: the stage that refused the message, and why.
+    Refused {
+        stage: &'static str,
+        error: String,
+    },
+}
+
+impl Decoded {
+    fn refused(stage: &'static str, error: impl ToString) -> Self {
+        Self::Refused {
+            stage,
+            error: error.to_string(),
+        }
+    }
+}
+
 /// How messages of one input topic are read.
 struct Input {
     channel: String,
@@ -167,23 +190,15 @@ impl Processor {
             .insert((msg.topic.to_string(), msg.partition), msg.offset + 1);
     }
 
-    /// Decodes and normalises an input message; a message that cannot be becomes a dead letter. Fails
-    /// only when the message's writer schema cannot be fetched (the registry is unreachable).
-    pub fn event(
-        &self,
-        batch: &mut Batch,
-        msg: InMessage<'_>,
-    ) -> Result<Option<Event>, ProcessError> {
-        let src = source(msg);
+    /// Decodes and normalises an input message. Fails only when the message's writer schema cannot be
+    /// fetched (the registry is unreachable). Needs nothing of the batch: the decode thread calls it ahead
+    /// of the batch ([`crate::pipeline`]).
+    pub fn decode(&self, msg: InMessage<'_>) -> Result<Decoded, ProcessError> {
         let Some(input) = self.inputs.get(msg.topic) else {
-            self.dead_letter(
-                batch,
-                src,
-                msg,
+            return Ok(Decoded::refused(
                 "route",
                 "message from a topic that is not a configured input",
-            );
-            return Ok(None);
+            ));
         };
         self.metrics
             .events_consumed
@@ -195,10 +210,7 @@ impl Processor {
         {
             Ok(raw) => raw,
             Err(DecodeError::RegistryUnavailable(e)) => return Err(ProcessError::Registry(e)),
-            Err(e) => {
-                self.dead_letter(batch, src, msg, "decode", &e.to_string());
-                return Ok(None);
-            }
+            Err(e) => return Ok(Decoded::refused("decode", e)),
         };
         // A mapped input may name the channel per event (`fields.channel`): one of the configured
         // channels, or the input's own.
@@ -214,13 +226,21 @@ impl Processor {
                     .with_label_values(&[r.as_str()])
                     .inc();
             }) {
-            Ok(ev) => Ok(Some(Event {
+            Ok(ev) => Ok(Decoded::Event(Event {
                 origin: Some(msg.origin()),
                 ..ev
             })),
-            Err(e) => {
-                self.dead_letter(batch, src, msg, "validate", &e.to_string());
-                Ok(None)
+            Err(e) => Ok(Decoded::refused("validate", e)),
+        }
+    }
+
+    /// The event of a decoded input message; one that was refused becomes a dead letter.
+    pub fn admit(&self, batch: &mut Batch, msg: InMessage<'_>, decoded: Decoded) -> Option<Event> {
+        match decoded {
+            Decoded::Event(ev) => Some(ev),
+            Decoded::Refused { stage, error } => {
+                self.dead_letter(batch, source(msg), msg, stage, &error);
+                None
             }
         }
     }
