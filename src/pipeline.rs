@@ -496,8 +496,8 @@ impl Pipeline {
                 }
             }
             // Nothing would come of waiting once the batch before has committed: the batch closes as
-            // soon as no message is ready (docs/DESIGN.md, "Overlapped commits"). Nor while messages
-            // polled are still to be handled.
+            // soon as no message is ready (docs/DESIGN.md, "Overlapped commits"). Nor while polled
+            // messages are at the decode thread: they are taken back instead.
             let ready = polled.count > 0 && self.commit_idle();
             let busy = !polled.chunk.is_empty() || self.ahead.in_flight() > 0;
             let next = self.consumer.poll(if ready || busy {
