@@ -3,14 +3,12 @@
 //! state, so where it runs changes nothing but the time: the poll thread hands over messages in chunks, in
 //! the order it polled them, and takes the chunks back in that order.
 
-use std::sync::mpsc;
-use std::thread::JoinHandle;
-
 use rdkafka::message::OwnedMessage;
 
 use crate::engine::Decoder;
 use crate::pipeline::PipelineError;
 use crate::processor::{Decoded, InMessage, ProcessError};
+use crate::worker::{Ended, Worker};
 
 /// Messages handed over at once: enough that a hand-over (two channel operations, perhaps a wake-up) is
 /// small against decoding them, few enough that the first of them is not kept waiting.
@@ -23,40 +21,26 @@ pub const AHEAD: usize = 2;
 pub type DecodedChunk = Vec<(OwnedMessage, Option<Result<Decoded, ProcessError>>)>;
 
 pub struct DecodeAhead {
-    jobs: Option<mpsc::Sender<Vec<OwnedMessage>>>,
-    done: mpsc::Receiver<DecodedChunk>,
+    worker: Worker<Vec<OwnedMessage>, DecodedChunk>,
     /// Chunks handed over, not yet taken back.
     in_flight: usize,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl DecodeAhead {
     pub fn start(decoder: Decoder) -> Result<Self, PipelineError> {
-        let (jobs, todo) = mpsc::channel::<Vec<OwnedMessage>>();
-        let (report, done) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("stitcher-decode".into())
-            .spawn(move || {
-                // Ends when the pipeline drops its sender.
-                for chunk in todo {
-                    let decoded: DecodedChunk = chunk
-                        .into_iter()
-                        .map(|m| {
-                            let d = decoder.decode(InMessage::of(&m));
-                            (m, d)
-                        })
-                        .collect();
-                    if report.send(decoded).is_err() {
-                        break;
-                    }
-                }
-            })
-            .map_err(|e| PipelineError::DecodeThread(e.to_string()))?;
+        let worker = Worker::start("stitcher-decode", move |chunk: Vec<OwnedMessage>| {
+            chunk
+                .into_iter()
+                .map(|m| {
+                    let d = decoder.decode(InMessage::of(&m));
+                    (m, d)
+                })
+                .collect()
+        })
+        .map_err(|e| PipelineError::DecodeThread(e.to_string()))?;
         Ok(Self {
-            jobs: Some(jobs),
-            done,
+            worker,
             in_flight: 0,
-            thread: Some(thread),
         })
     }
 
@@ -65,11 +49,7 @@ impl DecodeAhead {
         if chunk.is_empty() {
             return Ok(());
         }
-        self.jobs
-            .as_ref()
-            .ok_or_else(stopped)?
-            .send(chunk)
-            .map_err(|_| stopped())?;
+        self.worker.send(chunk).map_err(stopped)?;
         self.in_flight += 1;
         Ok(())
     }
@@ -84,14 +64,11 @@ impl DecodeAhead {
         if self.in_flight == 0 {
             return Ok(None);
         }
-        match self.done.try_recv() {
-            Ok(chunk) => {
-                self.in_flight -= 1;
-                Ok(Some(chunk))
-            }
-            Err(mpsc::TryRecvError::Empty) => Ok(None),
-            Err(mpsc::TryRecvError::Disconnected) => Err(stopped()),
+        let chunk = self.worker.try_recv().map_err(stopped)?;
+        if chunk.is_some() {
+            self.in_flight -= 1;
         }
+        Ok(chunk)
     }
 
     /// The oldest chunk handed over, once it is decoded; `None` if none is.
@@ -99,7 +76,7 @@ impl DecodeAhead {
         if self.in_flight == 0 {
             return Ok(None);
         }
-        let chunk = self.done.recv().map_err(|_| stopped())?;
+        let chunk = self.worker.recv().map_err(stopped)?;
         self.in_flight -= 1;
         Ok(Some(chunk))
     }
@@ -111,19 +88,8 @@ impl DecodeAhead {
     }
 }
 
-fn stopped() -> PipelineError {
+fn stopped(_: Ended) -> PipelineError {
     PipelineError::DecodeThread("the decode thread stopped".into())
-}
-
-impl Drop for DecodeAhead {
-    fn drop(&mut self) {
-        drop(self.jobs.take());
-        if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                tracing::error!("the decode thread panicked");
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,8 @@
 //! - [`processor`]: decoding, normalising, dead letters, control commands, output records.
 //! - [`engine`]: one batch's messages to shard state changes and records, without Kafka.
 //! - [`kafka`], [`pipeline`]: the consume-process-commit loop with Kafka transactions, shard assignment
-//!   and restore; [`ahead`]: input decoded on a thread of its own, ahead of the batch.
+//!   and restore; [`ahead`]: input decoded on a thread of its own, ahead of the batch; [`worker`]: the
+//!   threads they hand work to.
 //! - [`control`]: erase and unlink commands from the control topic.
 //! - [`inspect`]: a profile with its links and their evidence (`stitcher inspect`, `/explain`).
 //! - [`metrics`], [`http`]: Prometheus metrics, probes, profile lookup.
@@ -60,3 +61,4 @@ pub mod scaleout;
 pub mod shutdown;
 pub mod stitch;
 pub mod store;
+pub mod worker;

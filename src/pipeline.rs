@@ -14,7 +14,6 @@
 //! "Scale-out", explains why this is exactly-once.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +39,7 @@ use crate::scaleout::lookup::HeldShards;
 use crate::scaleout::state::{refuse_former_format, Changes, ShardOverlay};
 use crate::scaleout::ShardId;
 use crate::store::{OutRecord, Position, Store, StoreError};
+use crate::worker::{Ended, Worker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
@@ -215,42 +215,25 @@ fn producer(
 /// pipeline returns, not raced by the process's exit (a RocksDB closed on a thread while the process
 /// exits aborts in its mutexes; the crash test's SIGTERM caught it).
 struct CommitThread {
-    /// `None` once dropped: the thread's loop ends.
-    jobs: Option<mpsc::Sender<Job>>,
-    done: mpsc::Receiver<Result<Committed, PipelineError>>,
+    worker: Worker<Job, Result<Committed, PipelineError>>,
     /// An outcome received by [`CommitThread::finished`], not yet waited for.
     early: Option<Result<Committed, PipelineError>>,
-    thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl CommitThread {
     fn start(mut committing: Committing) -> Result<Self, PipelineError> {
-        let (jobs, todo) = mpsc::channel::<Job>();
-        let (report, done) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name("stitcher-commit".into())
-            .spawn(move || {
-                // Ends when the pipeline drops its sender.
-                for job in todo {
-                    if report.send(committing.commit(job)).is_err() {
-                        break;
-                    }
-                }
-            })
+        let worker = Worker::start("stitcher-commit", move |job| committing.commit(job))
             .map_err(|e| PipelineError::CommitThread(e.to_string()))?;
         Ok(Self {
-            jobs: Some(jobs),
-            done,
+            worker,
             early: None,
-            thread: Some(thread),
         })
     }
 
     fn run(&self, job: Job) -> Result<(), PipelineError> {
-        self.jobs
-            .as_ref()
-            .and_then(|jobs| jobs.send(job).ok())
-            .ok_or_else(|| PipelineError::CommitThread("ended".into()))
+        self.worker
+            .send(job)
+            .map_err(|Ended| PipelineError::CommitThread("ended".into()))
     }
 
     /// The outcome of the oldest job not yet waited for.
@@ -258,9 +241,9 @@ impl CommitThread {
         match self.early.take() {
             Some(outcome) => outcome,
             None => self
-                .done
+                .worker
                 .recv()
-                .map_err(|_| PipelineError::CommitThread("ended without an outcome".into()))?,
+                .map_err(|Ended| PipelineError::CommitThread("ended without an outcome".into()))?,
         }
     }
 
@@ -268,21 +251,9 @@ impl CommitThread {
     /// waiting.
     fn finished(&mut self) -> bool {
         if self.early.is_none() {
-            self.early = self.done.try_recv().ok();
+            self.early = self.worker.try_recv().ok().flatten();
         }
         self.early.is_some()
-    }
-}
-
-impl Drop for CommitThread {
-    fn drop(&mut self) {
-        self.jobs = None;
-        // After a panic on the poll thread a commit may still be retrying: not waited for.
-        if let Some(thread) = self.thread.take().filter(|_| !std::thread::panicking()) {
-            if thread.join().is_err() {
-                tracing::error!("the commit thread panicked");
-            }
-        }
     }
 }
 
