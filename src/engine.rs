@@ -246,7 +246,7 @@ impl Engine {
         msg: InMessage<'_>,
         ahead: Option<Result<Decoded, ProcessError>>,
     ) -> Result<(), PipelineError> {
-        self.processor.track(batch, msg);
+        batch.messages += 1;
         if msg.topic == self.topic {
             let shard = ShardId::try_from(msg.partition).unwrap_or_default();
             match decode_value::<Msg>(msg.payload.unwrap_or_default(), "shards", "message") {

@@ -87,7 +87,7 @@ struct Polled {
     chunk: Vec<OwnedMessage>,
     /// Messages polled in all.
     count: usize,
-    /// Next offset per partition after the messages polled.
+    /// Next offset per partition after the messages polled: the batch's positions once it closes.
     next: BTreeMap<(String, i32), i64>,
 }
 
@@ -515,6 +515,7 @@ impl Pipeline {
             while let Some(chunk) = self.ahead.wait()? {
                 self.take_all(&mut overlay, &mut batch, &mut work, chunk)?;
             }
+            batch.positions = polled.next;
         }
         if rebalanced {
             // Partitions moved while this batch was built: it may hold messages of partitions that are no

@@ -66,7 +66,7 @@ pub enum ProcessError {
 #[derive(Debug, Default)]
 pub struct Batch {
     pub dead_letters: Vec<OutRecord>,
-    /// Next offset per (topic, partition) after this batch.
+    /// Next offset per (topic, partition) after this batch: what the pipeline polled for it.
     pub positions: BTreeMap<(String, i32), i64>,
     pub messages: usize,
     /// Timestamps of applied events, for the latency histogram.
@@ -180,14 +180,6 @@ impl Processor {
 
     pub fn stitcher(&self) -> &Stitcher {
         &self.stitcher
-    }
-
-    /// Counts a message into the batch and advances its partition's position.
-    pub fn track(&self, batch: &mut Batch, msg: InMessage<'_>) {
-        batch.messages += 1;
-        batch
-            .positions
-            .insert((msg.topic.to_string(), msg.partition), msg.offset + 1);
     }
 
     /// Decodes and normalises an input message. Fails only when the message's writer schema cannot be
