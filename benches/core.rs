@@ -469,6 +469,13 @@ fn stitch(c: &mut Criterion) {
             "stitch/{label}: live data per column family: {}",
             sizes.join(", ")
         );
+        let memory: Vec<String> = temp
+            .store
+            .memory_usage()
+            .into_iter()
+            .map(|(part, bytes)| format!("{part} {:.0} MiB", bytes as f64 / 1048576.0))
+            .collect();
+        eprintln!("stitch/{label}: RocksDB memory: {}", memory.join(", "));
         let mut stream = Stream::new(persons);
         g.bench_function(format!("rocksdb/{label}"), |b| {
             b.iter_custom(|iters| {

@@ -150,11 +150,18 @@ async fn fit_record_limit(cfg: &mut Config) {
 async fn report_state_size(store: Store, metrics: Metrics, stop: CancellationToken) {
     loop {
         let s = store.clone();
-        if let Ok(sizes) = tokio::task::spawn_blocking(move || s.approximate_sizes()).await {
+        let read = move || (s.approximate_sizes(), s.memory_usage());
+        if let Ok((sizes, memory)) = tokio::task::spawn_blocking(read).await {
             for (cf, bytes) in sizes {
                 metrics
                     .state_size
                     .with_label_values(&[cf])
+                    .set(bytes as i64);
+            }
+            for (part, bytes) in memory {
+                metrics
+                    .state_memory
+                    .with_label_values(&[part])
                     .set(bytes as i64);
             }
         }
