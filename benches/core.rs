@@ -215,7 +215,8 @@ fn enrichment(c: &mut Criterion) {
 
 /// The measured stream over a store preloaded with `persons` persons of ten identifiers each: most events
 /// come back for a known person with a fresh cookie (lookup hit, profile read-modify-write), some are new
-/// anonymous visitors, some log a recent visitor in (a merge into a known profile).
+/// anonymous visitors, some log a recent visitor in (a merge into a known profile). Its events are dated
+/// after the preload's.
 struct Stream {
     rng: SmallRng,
     persons: u64,
@@ -292,7 +293,10 @@ impl Stream {
                 Identifier::new("customer_id", format!("C{p}")),
             ]
         };
-        event(n, ids)
+        // Dated after every preloaded event, as live traffic is: an event dated before a profile's first
+        // event re-anchors the profile (a new public id, the old one redirected), which a backfill does but
+        // live traffic seldom does.
+        event(self.persons + n, ids)
     }
 }
 
@@ -484,6 +488,10 @@ fn stitch(c: &mut Criterion) {
                 })
             })
         });
+        eprintln!(
+            "stitch/{label}: after the measured stream: RSS {:.0} MiB",
+            rss_mib()
+        );
         drop(temp);
 
         let mut uf = UnionFind::default();

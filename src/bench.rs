@@ -126,23 +126,26 @@ impl Progress {
         Ok(Self { consumer, tpl })
     }
 
-    fn committed(&self) -> i64 {
-        self.consumer
-            .committed_offsets(self.tpl.clone(), Duration::from_secs(10))
-            .map(|c| {
-                c.elements()
-                    .iter()
-                    .filter_map(|e| match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    })
-                    .sum()
+    /// The sum of the group's committed offsets; an error (the group coordinator still loading, say) is
+    /// no observation, not zero.
+    fn committed(&self) -> anyhow::Result<i64> {
+        let offsets = self
+            .consumer
+            .committed_offsets(self.tpl.clone(), Duration::from_secs(10))?;
+        Ok(offsets
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
             })
-            .unwrap_or(0)
+            .sum())
     }
 
     /// Waits until `total` is committed; returns the steady rate (messages per second between the first
-    /// commit and the last). `alive` is checked so that a dead service fails the run instead of hanging it.
+    /// commit seen and the last). `alive` is checked so that a dead service fails the run instead of
+    /// hanging it. A run whose first readable progress is already its end has no measurable rate: an
+    /// error, not a rate of zero or infinity.
     fn measure(
         &self,
         total: i64,
@@ -151,20 +154,31 @@ impl Progress {
     ) -> anyhow::Result<f64> {
         let started = Instant::now();
         let mut first: Option<(Instant, i64)> = None;
+        let mut unreadable = None;
+        let mut last = 0;
         loop {
             alive()?;
-            let c = self.committed();
             let now = Instant::now();
-            if c > 0 && first.is_none() {
-                first = Some((now, c));
-            }
-            if c >= total {
-                let (t0, c0) = first.unwrap_or((started, 0));
-                let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
-                return Ok((c - c0) as f64 / secs);
+            match self.committed() {
+                Ok(c) if c > 0 => {
+                    last = c;
+                    let (t0, c0) = *first.get_or_insert((now, c));
+                    if c >= total {
+                        if c0 >= total {
+                            bail!(
+                                "no progress seen before the end, so no rate (committed offsets \
+                                 unreadable until then: {unreadable:?})"
+                            );
+                        }
+                        let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
+                        return Ok((c - c0) as f64 / secs);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => unreadable = Some(e.to_string()),
             }
             if started.elapsed() > timeout {
-                bail!("not done after {timeout:?}: {c}/{total} committed");
+                bail!("not done after {timeout:?}: {last}/{total} committed");
             }
             std::thread::sleep(Duration::from_millis(100));
         }
