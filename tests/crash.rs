@@ -1,5 +1,5 @@
-//! Crash safety against the real broker: the service is killed with SIGKILL at random moments while it
-//! works through 200k+ events and restarted each time. A second service over the same input runs without
+//! Crash safety against the real broker: the service is killed with SIGKILL at random moments spread over
+//! its progress while it works through 200k+ events and restarted each time. A second service over the same input runs without
 //! crashes; at the end both compacted output topics must hold the same profiles, which must match the
 //! ground truth (story and computed traits included), with no committed record duplicated and no event
 //! missing.
@@ -72,20 +72,34 @@ fn kill9_at_random_moments_loses_and_duplicates_nothing() {
     let mut reference_child = reference.start();
     let mut child = crashed.start();
     let mut rng = SmallRng::seed_from_u64(seed);
+    // Kill points spread over the whole input, whatever its speed: each kill waits until the committed
+    // offsets pass a random share of the input, then a random moment more (points close together kill
+    // a service that is still starting or recovering).
+    let mut shares: Vec<f64> = (0..wanted_kills)
+        .map(|_| rng.gen_range(0.0..0.95))
+        .collect();
+    shares.sort_by(f64::total_cmp);
     let mut kills = 0;
     let mut kill_points = Vec::new();
-    while kills < wanted_kills {
-        std::thread::sleep(Duration::from_millis(rng.gen_range(500..4000)));
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "service exited by itself ({status})\n{}",
-                crashed.log_tail()
-            );
+    'kills: for share in shares {
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "service exited by itself ({status})\n{}",
+                    crashed.log_tail()
+                );
+            }
+            let (committed, total) = crashed.progress();
+            if committed >= total {
+                break 'kills;
+            }
+            if committed as f64 >= share * total as f64 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
+        std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
         let (committed, total) = crashed.progress();
-        if committed >= total {
-            break;
-        }
         kill9(&mut child);
         kills += 1;
         kill_points.push(format!("{committed}/{total}"));
