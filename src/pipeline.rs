@@ -308,29 +308,6 @@ pub(crate) fn subscribed_consumer(
 /// Changelog records applied per RocksDB write while restoring.
 const RESTORE_CHUNK: usize = 10_000;
 
-/// Closes the consumer, which leaves the group so that the others take its partitions at once, waiting at
-/// most `deadline`: librdkafka can hang closing a consumer whose group rebalances meanwhile (a rebalance
-/// callback during the close asks for the rebalance protocol and is never answered: librdkafka#4041,
-/// rust-rdkafka#509; seen in tests/scaleout.rs, an instance leaving while another joined). Everything is
-/// committed by then, so leaving without the goodbye costs the group a session timeout, not data.
-fn close_consumer(consumer: StitchConsumer, deadline: Duration) {
-    let (closed, wait) = std::sync::mpsc::channel();
-    let closing = std::thread::Builder::new()
-        .name("stitcher-close".into())
-        .spawn(move || {
-            drop(consumer);
-            let _ = closed.send(());
-        });
-    match closing {
-        Ok(_) if wait.recv_timeout(deadline).is_err() => tracing::warn!(
-            ?deadline,
-            "the consumer did not close in time (librdkafka#4041); exiting without leaving the group"
-        ),
-        Ok(_) => {}
-        Err(e) => tracing::warn!(error = %e, "no thread to close the consumer on"),
-    }
-}
-
 pub struct Pipeline {
     cfg: Config,
     store: Store,
@@ -441,7 +418,6 @@ impl Pipeline {
             messages = self.summary.messages,
             "pipeline drained"
         );
-        close_consumer(self.consumer, self.cfg.processing.drain_timeout);
         Ok(self.summary)
     }
 
