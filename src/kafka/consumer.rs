@@ -1,7 +1,9 @@
 //! The consumer and its context: rebalance logging and consumer lag from librdkafka statistics.
 
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, RebalanceProtocol};
 use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 
 use std::time::{Duration, Instant};
@@ -18,6 +20,9 @@ pub struct StitchContext {
     assigned: std::sync::atomic::AtomicBool,
     /// Assignments and revocations so far: a batch built across a change is not committed in scale-out mode.
     rebalances: std::sync::atomic::AtomicU64,
+    /// Whether the group's rebalance protocol is cooperative, asked once of a live group (see
+    /// [`StitchContext::rebalance`]).
+    cooperative: std::sync::OnceLock<bool>,
 }
 
 impl StitchContext {
@@ -26,6 +31,7 @@ impl StitchContext {
             metrics,
             assigned: std::sync::atomic::AtomicBool::new(false),
             rebalances: std::sync::atomic::AtomicU64::new(0),
+            cooperative: std::sync::OnceLock::new(),
         }
     }
 
@@ -89,6 +95,46 @@ fn partition_lag(p: &rdkafka::statistics::Partition) -> i64 {
 }
 
 impl ConsumerContext for StitchContext {
+    /// rust-rdkafka's own handler, but for two calls that can hang the consumer's close for good
+    /// (librdkafka#4041, seen here when an instance left while another joined): a rebalance event still
+    /// queued when the group handle has terminated was answered by asking the group for its protocol and
+    /// then (un)assigning, two requests a terminated group drops without reply, so the caller waits forever
+    /// inside `BaseConsumer::drop`. Here the protocol is asked once, of a live group, and an event that
+    /// arrives after the group terminated changes nothing: nothing waits for it any more.
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        let rebalance = match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => Rebalance::Assign(tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => Rebalance::Revoke(tpl),
+            _ => Rebalance::Error(rdkafka::error::KafkaError::Rebalance(err.into())),
+        };
+        self.pre_rebalance(consumer, &rebalance);
+        if consumer.closed() {
+            tracing::info!("rebalance event after the consumer closed: nothing to (un)assign");
+            return;
+        }
+        let cooperative = *self.cooperative.get_or_init(|| {
+            matches!(
+                consumer.rebalance_protocol(),
+                RebalanceProtocol::Cooperative
+            )
+        });
+        let done = match (&rebalance, cooperative) {
+            (Rebalance::Assign(tpl), true) => consumer.incremental_assign(tpl),
+            (Rebalance::Assign(tpl), false) => consumer.assign(tpl),
+            (_, true) => consumer.incremental_unassign(tpl),
+            (_, false) => consumer.unassign(),
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "applying a rebalance failed");
+        }
+        self.post_rebalance(consumer, &rebalance);
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(_) = rebalance {
             self.assigned
