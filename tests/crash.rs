@@ -1,8 +1,8 @@
 //! Crash safety against the real broker: the service is killed with SIGKILL at random moments spread over
-//! its progress while it works through 200k+ events and restarted each time. A second service over the same input runs without
-//! crashes; at the end both compacted output topics must hold the same profiles, which must match the
-//! ground truth (story and computed traits included), with no committed record duplicated and no event
-//! missing.
+//! its progress while it works through 200k+ events and restarted each time. A second service over the
+//! same input runs without crashes; at the end both compacted output topics must hold the same profiles,
+//! which must match the ground truth (story and computed traits included), with no committed record
+//! duplicated and no event missing.
 //!
 //! The soak form (issue 13), run by hand: `CRASH_PERSONS=65000 CRASH_KILLS=20 cargo test --release
 //! --features kafka-it --test crash -- --nocapture` (about 1M events, 20 kills).
@@ -81,22 +81,11 @@ fn kill9_at_random_moments_loses_and_duplicates_nothing() {
     shares.sort_by(f64::total_cmp);
     let mut kills = 0;
     let mut kill_points = Vec::new();
-    'kills: for share in shares {
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "service exited by itself ({status})\n{}",
-                    crashed.log_tail()
-                );
-            }
-            let (committed, total) = crashed.progress();
-            if committed >= total {
-                break 'kills;
-            }
-            if committed as f64 >= share * total as f64 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
+    let topics = crashed.progress_topics();
+    for share in shares {
+        let (committed, total) = crashed.wait_for_share(&topics, share, &mut [&mut child], TIMEOUT);
+        if committed >= total {
+            break;
         }
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..1500)));
         let (committed, total) = crashed.progress();

@@ -356,18 +356,9 @@ fn three_instances_one_killed_one_added_one_leaving_equal_one_instance() {
     let mut b = start_instance(&setup, 1);
     let mut c = start_instance(&setup, 2);
     let inputs: Vec<&str> = setup.input_topics.iter().map(String::as_str).collect();
-    let wait_for = |share: f64, children: &mut [&mut Child]| loop {
-        for child in children.iter_mut() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("an instance exited ({status})\n{}", setup.log_tail());
-            }
-        }
-        let (committed, total) = setup.progress_of(&inputs);
-        if committed as f64 >= share * total as f64 {
-            return (committed, total);
-        }
-        assert!(started.elapsed() < TIMEOUT, "{}", setup.log_tail());
-        std::thread::sleep(Duration::from_millis(100));
+    let wait_for = |share: f64, children: &mut [&mut Child]| {
+        let left = TIMEOUT.saturating_sub(started.elapsed());
+        setup.wait_for_share(&inputs, share, children, left)
     };
     wait_for(0.5, &mut [&mut a.child, &mut b.child, &mut c.child]);
     sent += send(1);

@@ -296,13 +296,7 @@ topic = "{control_topic}"
     /// Messages the group has committed, summed over the input and control topics, and the total in them.
     /// Retries through transient broker errors (leaders moving after a broker restart) for up to a minute.
     pub fn progress(&self) -> (i64, i64) {
-        let topics: Vec<&str> = self
-            .input_topics
-            .iter()
-            .chain([&self.control_topic])
-            .map(String::as_str)
-            .collect();
-        self.progress_of(&topics)
+        self.progress_of(&self.progress_topics())
     }
 
     /// Messages the group has committed on `topics`, and the total in them (summed high watermarks, read
@@ -319,6 +313,45 @@ topic = "{control_topic}"
                 Err(e) => panic!("cannot read progress: {e}"),
             }
         }
+    }
+
+    /// Waits until the group has committed at least `share` of the messages on `topics` (so also when
+    /// everything is committed) and returns that reading; panics with the log's tail if one of `children`
+    /// exits meanwhile or `timeout` passes.
+    pub fn wait_for_share(
+        &self,
+        topics: &[&str],
+        share: f64,
+        children: &mut [&mut Child],
+        timeout: Duration,
+    ) -> (i64, i64) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for child in children.iter_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("a service exited by itself ({status})\n{}", self.log_tail());
+                }
+            }
+            let (committed, total) = self.progress_of(topics);
+            if committed as f64 >= share * total as f64 {
+                return (committed, total);
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{share} of the input not committed within {timeout:?}\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The input and control topics, whose committed offsets are the group's progress.
+    pub fn progress_topics(&self) -> Vec<&str> {
+        self.input_topics
+            .iter()
+            .chain([&self.control_topic])
+            .map(String::as_str)
+            .collect()
     }
 
     fn try_progress(&self, topics: &[&str]) -> Result<(i64, i64), rdkafka::error::KafkaError> {
