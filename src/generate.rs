@@ -18,16 +18,21 @@ use crate::journeys::{Generated, Journeys, PersonTruth};
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
     #[error("kafka: {0}")]
-    Kafka(#[from] KafkaError),
+    Kafka(KafkaError),
     #[error("encoding: {0}")]
     Encode(String),
     #[error("writing truth file: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     #[error("no topic configured for channel {0}")]
     NoTopic(String),
     #[error("cannot create topic {0}: {1}")]
     CreateTopic(String, RDKafkaErrorCode),
 }
+
+error_from!(GenerateError {
+    KafkaError => Kafka,
+    std::io::Error => Io,
+});
 
 /// Where each channel's events go, and in which format.
 pub type Routes = HashMap<String, (String, Format)>;

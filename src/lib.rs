@@ -30,6 +30,19 @@
 //!
 //! docs/DESIGN.md describes the state and the commit protocol.
 
+/// `From` conversions into an error enum whose variants wrap a cause and print it in their message
+/// (`#[error("kafka: {0}")]`). thiserror's `#[from]` would also make the cause the error's source, and
+/// then every report of the chain (`{:#}`, anyhow's) printed the cause twice.
+macro_rules! error_from {
+    ($error:ty { $($cause:ty => $variant:ident),* $(,)? }) => {
+        $(impl From<$cause> for $error {
+            fn from(e: $cause) -> Self {
+                Self::$variant(e)
+            }
+        })*
+    };
+}
+
 pub mod ahead;
 pub mod app;
 pub mod backtest;

@@ -44,13 +44,13 @@ use crate::worker::{Ended, Worker};
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
     #[error("kafka: {0}")]
-    Kafka(#[from] KafkaError),
+    Kafka(KafkaError),
     #[error("commit: {0}")]
-    Commit(#[from] CommitError),
+    Commit(CommitError),
     #[error("state: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("processing: {0}")]
-    Process(#[from] ProcessError),
+    Process(ProcessError),
     #[error("restoring shards: {0}")]
     Restore(String),
     #[error("state directory: {0}")]
@@ -60,6 +60,13 @@ pub enum PipelineError {
     #[error("decode thread: {0}")]
     DecodeThread(String),
 }
+
+error_from!(PipelineError {
+    KafkaError => Kafka,
+    CommitError => Commit,
+    StoreError => Store,
+    ProcessError => Process,
+});
 
 /// Totals of one run, for logs and the demo's summary.
 #[derive(Debug, Default, Clone)]
@@ -884,6 +891,21 @@ fn restore_config(cfg: &Config) -> ClientConfig {
 mod tests {
     use super::*;
     use crate::store::TempStore;
+
+    /// A report of the error chain (what `main` prints) names each cause once.
+    #[test]
+    fn an_error_report_names_its_cause_once() {
+        let cause = postcard::Error::SerializeBufferFull.to_string();
+        let e = PipelineError::from(ProcessError::from(StoreError::from(
+            postcard::Error::SerializeBufferFull,
+        )));
+        let report = format!("{:#}", anyhow::Error::from(e));
+        assert_eq!(report.matches(&cause).count(), 1, "{report}");
+        assert!(
+            report.starts_with("processing: state: cannot encode state: "),
+            "{report}"
+        );
+    }
 
     fn start_error(cfg: &Config, store: &Store) -> String {
         let shutdown = CancellationToken::new();

@@ -52,15 +52,21 @@ impl<'a> InMessage<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("state: {0}")]
-    Store(#[from] StoreError),
+    Store(StoreError),
     #[error("encoding output: {0}")]
-    Encode(#[from] SchemaError),
+    Encode(SchemaError),
     #[error("configuration: {0}")]
-    Config(#[from] ConfigError),
+    Config(ConfigError),
     /// A writer schema could not be fetched: the batch cannot go on (nothing of it is written).
     #[error("{0}")]
     Registry(String),
 }
+
+error_from!(ProcessError {
+    StoreError => Store,
+    SchemaError => Encode,
+    ConfigError => Config,
+});
 
 /// What one batch has gathered so far.
 #[derive(Debug, Default)]

@@ -39,8 +39,12 @@ pub enum CommitError {
     #[error("could not commit before the deadline: {0}")]
     Deadline(KafkaError),
     #[error("kafka client: {0}")]
-    Client(#[from] KafkaError),
+    Client(KafkaError),
 }
+
+error_from!(CommitError {
+    KafkaError => Client,
+});
 
 /// Per-call timeout of the transactional API; a call that times out is retried.
 const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -13,12 +13,16 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("kafka: {0}")]
-    Kafka(#[from] KafkaError),
+    Kafka(KafkaError),
     #[error("topic {0} not found")]
     NoTopic(String),
     #[error("reading {0} did not reach the end in {1:?}")]
     Timeout(String, Duration),
 }
+
+error_from!(ReadError {
+    KafkaError => Kafka,
+});
 
 /// One committed record.
 #[derive(Debug, Clone)]

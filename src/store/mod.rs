@@ -52,14 +52,19 @@ const META_SHARDS: &[u8] = b"shards";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("rocksdb: {0}")]
-    Rocks(#[from] rocksdb::Error),
+    Rocks(rocksdb::Error),
     #[error("corrupt value in {cf}: {reason}")]
     Corrupt { cf: &'static str, reason: String },
     #[error("cannot encode state: {0}")]
-    Encode(#[from] postcard::Error),
+    Encode(postcard::Error),
     #[error("missing column family {0}")]
     MissingCf(&'static str),
 }
+
+error_from!(StoreError {
+    rocksdb::Error => Rocks,
+    postcard::Error => Encode,
+});
 
 /// One record to produce in a batch's transaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
