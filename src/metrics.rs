@@ -53,6 +53,12 @@ pub struct Metrics {
 /// How long the brokers may be unreachable before the instance reports not ready.
 pub const BROKER_GRACE: Duration = Duration::from_secs(15);
 
+/// How long the running pipeline's loop may go without starting a batch before the instance reports not
+/// ready: a batch closes within `processing.batch_linger` of its first message, and an idle loop turns at
+/// least that often, so a loop this late is stuck (in a call that never returns, say), whatever else looks
+/// healthy.
+pub const STALL_GRACE: Duration = Duration::from_secs(30);
+
 /// Readiness means progress: the pipeline is running (recovered, holding its partitions, not draining), its
 /// last commit did not fail, the brokers answered within [`BROKER_GRACE`], and every input topic exists.
 #[derive(Clone, Default)]
@@ -70,12 +76,23 @@ struct HealthState {
     missing_topics: Mutex<Vec<String>>,
     /// Since when the consumer has held no partition (while running), if it holds none.
     unassigned_since: Mutex<Option<Instant>>,
+    /// When (epoch ms) the pipeline's loop last started a batch, or started running.
+    turned_at: AtomicI64,
 }
 
 impl Health {
     /// The pipeline consumes (true) or not: recovering, paused, draining (false).
     pub fn set_running(&self, running: bool) {
+        if running {
+            self.turned();
+        }
         self.0.running.store(running, Ordering::Release);
+    }
+
+    /// The pipeline's loop starts a batch; one that does not for [`STALL_GRACE`] while running makes the
+    /// instance not ready.
+    pub fn turned(&self) {
+        self.0.turned_at.store(now_millis(), Ordering::Release);
     }
 
     /// A commit begins; one that takes longer than [`BROKER_GRACE`] (a transactional call blocked on an
@@ -168,6 +185,13 @@ impl Health {
         }
         if !s.running.load(Ordering::Acquire) {
             return Err("pipeline not consuming (starting, recovering, paused or draining)".into());
+        }
+        let turned = s.turned_at.load(Ordering::Acquire);
+        if now_millis() - turned > STALL_GRACE.as_millis() as i64 {
+            return Err(format!(
+                "the pipeline has started no batch for {} s (stuck)",
+                (now_millis() - turned) / 1000
+            ));
         }
         Ok(())
     }
@@ -270,5 +294,26 @@ impl Metrics {
         TextEncoder::new()
             .encode_to_string(&self.registry.gather())
             .unwrap_or_else(|e| format!("# error: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ready means progress: a running pipeline whose loop stopped turning is not ready, whatever else
+    /// looks healthy; it is ready again once the loop turns.
+    #[test]
+    fn a_running_pipeline_that_stopped_turning_is_not_ready() {
+        let h = Health::default();
+        assert!(h.check().is_err(), "not running yet");
+        h.set_running(true);
+        assert_eq!(h.check(), Ok(()));
+        let late = now_millis() - STALL_GRACE.as_millis() as i64 - 1_000;
+        h.0.turned_at.store(late, Ordering::Release);
+        let why = h.check().expect_err("stuck");
+        assert!(why.contains("started no batch"), "{why}");
+        h.turned();
+        assert_eq!(h.check(), Ok(()));
     }
 }

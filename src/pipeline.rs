@@ -429,6 +429,7 @@ impl Pipeline {
     }
 
     fn run_batch(&mut self, shutdown: &CancellationToken) -> Result<(), PipelineError> {
+        self.metrics.health.turned();
         self.topics.partitions(&self.consumer, &self.metrics.health);
         if self.unassigned.stuck(
             &self.consumer,
