@@ -113,15 +113,7 @@ struct Progress {
 
 impl Progress {
     fn new(brokers: &str, group: &str, inputs: &[String], partitions: i32) -> anyhow::Result<Self> {
-        // The offsets of committed transactions as they stand. A read_committed client (librdkafka's
-        // default) asks for stable offsets, and the broker answers that only once no transaction of the
-        // group is open: never while back-to-back transactions run, so a fast run's progress was first
-        // seen at its end.
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
-            .set("group.id", group)
-            .set("isolation.level", "read_uncommitted")
-            .create()?;
+        let consumer = crate::kafka::progress_reader(brokers, group)?;
         let mut tpl = TopicPartitionList::new();
         for t in inputs {
             for p in 0..partitions {
@@ -134,17 +126,11 @@ impl Progress {
     /// The sum of the group's committed offsets; an error (the group coordinator still loading, say) is
     /// no observation, not zero.
     fn committed(&self) -> anyhow::Result<i64> {
-        let offsets = self
-            .consumer
-            .committed_offsets(self.tpl.clone(), Duration::from_secs(10))?;
-        Ok(offsets
-            .elements()
-            .iter()
-            .filter_map(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            })
-            .sum())
+        Ok(crate::kafka::committed_sum(
+            &self.consumer,
+            self.tpl.clone(),
+            Duration::from_secs(10),
+        )?)
     }
 
     /// Waits until `total` is committed; returns the steady rate (messages per second between the first

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::producer::{Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
+use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::Config;
 
@@ -102,6 +103,37 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         c.set(k, v);
     }
     c
+}
+
+/// A client that reads a consumer group's committed offsets (its progress) without joining the group and
+/// without waiting for stable offsets. A read_committed client (librdkafka's default) asks for stable
+/// offsets (KIP-447), which the broker gives only while none of the group's transactions is open: a reading
+/// then waits for a gap between the service's transactions, and back-to-back transactions have none (a
+/// fast run's progress was first seen at its end). The offsets read are still only those of committed
+/// transactions.
+pub fn progress_reader(brokers: &str, group: &str) -> Result<BaseConsumer, KafkaError> {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("isolation.level", "read_uncommitted")
+        .create()
+}
+
+/// The sum of the committed offsets of the partitions in `tpl` (a partition never committed counts 0).
+pub fn committed_sum(
+    reader: &BaseConsumer,
+    tpl: TopicPartitionList,
+    timeout: Duration,
+) -> Result<i64, KafkaError> {
+    Ok(reader
+        .committed_offsets(tpl, timeout)?
+        .elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        })
+        .sum())
 }
 
 /// Waits until every record produced so far is acknowledged or has failed.

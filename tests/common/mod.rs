@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use stitcher::config::RegistryConfig;
 use stitcher::registry::Registry;
 
@@ -355,16 +355,10 @@ topic = "{control_topic}"
     }
 
     fn try_progress(&self, topics: &[&str]) -> Result<(i64, i64), rdkafka::error::KafkaError> {
-        // The committed transactions' offsets as they stand: a read_committed client (librdkafka's
-        // default) asks for stable offsets, which the broker gives only while none of the group's
-        // transactions is open, so a reading waited for a gap between the service's transactions (and
-        // the crash test's kills, timed after a reading, fell near such gaps).
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("group.id", &self.group)
-            .set("isolation.level", "read_uncommitted")
-            .create()?;
-        let (mut committed, mut total) = (0, 0);
+        // Without waiting for a gap between the service's transactions (the crash test's kills, timed
+        // after a reading, fell near such gaps).
+        let consumer = stitcher::kafka::progress_reader(&brokers(), &self.group)?;
+        let mut total = 0;
         let mut tpl = TopicPartitionList::new();
         for topic in topics {
             let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
@@ -375,14 +369,7 @@ topic = "{control_topic}"
                 total += high;
             }
         }
-        for e in consumer
-            .committed_offsets(tpl, Duration::from_secs(10))?
-            .elements()
-        {
-            if let Offset::Offset(o) = e.offset() {
-                committed += o;
-            }
-        }
+        let committed = stitcher::kafka::committed_sum(&consumer, tpl, Duration::from_secs(10))?;
         Ok((committed, total))
     }
 
