@@ -1,7 +1,8 @@
 //! The run loop, on a dedicated thread (librdkafka polling and RocksDB are blocking). Instances of one
 //! consumer group share the input partitions and the shards (the partitions of the internal topic), as
 //! Kafka assigns them; one instance is the case where it holds them all. Per batch, in one Kafka transaction: the
-//! consumed offsets (inputs and internal topic), the messages for shards held elsewhere, the shard state
+//! consumed offsets (inputs and internal topic, and the internal topic's partition of every shard changed,
+//! so that its next owner waits for the transaction), the messages for shards held elsewhere, the shard state
 //! changes (changelog records), profile updates, redirects and dead letters. The local RocksDB copy of the
 //! shards is written after the commit, with the changelog offsets it reached. The commit and the local
 //! write of one batch run on a commit thread while the next batch is handled over its changes
@@ -36,7 +37,7 @@ use crate::metrics::Metrics;
 use crate::model::{now_millis, Millis};
 use crate::processor::{positions_vec, Batch, InMessage, ProcessError};
 use crate::scaleout::lookup::HeldShards;
-use crate::scaleout::state::{refuse_former_format, Changes, ShardOverlay};
+use crate::scaleout::state::{refuse_former_format, shard_of_key, Changes, ShardOverlay};
 use crate::scaleout::ShardId;
 use crate::store::{OutRecord, Position, Store, StoreError};
 use crate::worker::{Ended, Worker};
@@ -547,6 +548,12 @@ impl Pipeline {
             .sweep(&mut overlay, batch.messages, now_millis())?;
         let records = self.engine.output(&overlay, &mut batch, &mut work)?;
         let changes = overlay.into_changes();
+        fence_changed_shards(
+            &mut batch.positions,
+            &changes,
+            self.engine.shard_topic(),
+            &self.expected,
+        );
         if !self.settle()? {
             // Built on a batch that did not commit: read again with it.
             return Ok(());
@@ -794,9 +801,10 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Applies changelog records until every partition in `high` reached its high watermark. A partition
-    /// that stops short has an open transaction (its previous owner's, about to be aborted or committed):
-    /// it is waited for, up to twice the transaction timeout.
+    /// Applies changelog records until every partition in `high` reached the end the restorer was told:
+    /// the last stable offset, as for any `read_committed` client, so an open transaction's records are past
+    /// it (no previous owner's transaction is open by now: [`fence_changed_shards`]). Gives up after twice
+    /// the transaction timeout.
     fn read_changelog(
         &self,
         restorer: &BaseConsumer<QuietEof>,
@@ -875,6 +883,34 @@ impl Pipeline {
 }
 
 /// A consumer outside the group, reading changelog partitions as committed.
+/// Adds to a batch's positions the shard topic's partition of every shard whose state the batch changed,
+/// at the offset expected there when the batch consumed none of it. The transaction then holds a pending
+/// offset on the partition of every shard whose changelog records it writes, and a new owner's stable
+/// offset fetch waits for it before the restore (DESIGN, "Restore"); without it the rebalance did not wait
+/// for the commit in flight and the restore could end before its records.
+fn fence_changed_shards(
+    positions: &mut BTreeMap<(String, i32), i64>,
+    changes: &Changes,
+    shard_topic: &str,
+    expected: &BTreeMap<(String, i32), i64>,
+) {
+    let mut shards: Vec<ShardId> = changes.keys().filter_map(|k| shard_of_key(k)).collect();
+    shards.sort_unstable();
+    shards.dedup();
+    for shard in shards {
+        let tp = (shard_topic.to_string(), shard as i32);
+        if positions.contains_key(&tp) {
+            continue;
+        }
+        match expected.get(&tp) {
+            Some(next) => {
+                positions.insert(tp, *next);
+            }
+            None => tracing::warn!(shard, "a changed shard has no expected offset to commit"),
+        }
+    }
+}
+
 fn restore_config(cfg: &Config) -> ClientConfig {
     let mut c = base_config(cfg);
     c.set(
@@ -906,6 +942,35 @@ mod tests {
             report.starts_with("processing: state: cannot encode state: "),
             "{report}"
         );
+    }
+
+    /// Every shard a batch changed is in its positions: at the batch's own offset when it consumed messages
+    /// of the shard, else at the one expected (committed again, unchanged); shards it did not change are
+    /// not.
+    #[test]
+    fn a_batch_commits_an_offset_of_every_shard_it_changed() {
+        let tp = |t: &str, p: i32| (t.to_string(), p);
+        let key = |shard: ShardId, rest: &[u8]| [&shard.to_be_bytes()[..], rest].concat();
+        let expected: BTreeMap<_, _> = [
+            (tp("shards", 0), 10),
+            (tp("shards", 1), 20),
+            (tp("shards", 2), 30),
+            (tp("web", 0), 5),
+        ]
+        .into();
+        let mut positions: BTreeMap<_, _> = [(tp("web", 0), 7), (tp("shards", 1), 25)].into();
+        let mut changes = Changes::default();
+        changes.insert(key(0, b"\x01a"), Some(vec![1]));
+        changes.insert(key(0, b"\x02b"), None);
+        changes.insert(key(1, b"\x01c"), Some(vec![2]));
+        fence_changed_shards(&mut positions, &changes, "shards", &expected);
+        let want: BTreeMap<_, _> = [
+            (tp("web", 0), 7),
+            (tp("shards", 0), 10),
+            (tp("shards", 1), 25),
+        ]
+        .into();
+        assert_eq!(positions, want);
     }
 
     fn start_error(cfg: &Config, store: &Store) -> String {

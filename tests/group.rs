@@ -157,3 +157,126 @@ fn a_commit_refused_for_a_rebalance_leaves_no_transaction_open() {
         || open_transactions(&[&out]) == 0,
     );
 }
+
+/// What a shard's new owner relies on (DESIGN, "Restore"): the changelog end a `read_committed` client is
+/// told stops before an open transaction's records, so a restore that does not wait for that transaction
+/// misses them; a transaction that also commits an offset of the shard topic's partition, even the offset
+/// already committed, holds the new owner's stable offset fetch until it is over.
+#[test]
+fn a_pending_offset_commit_holds_a_stable_fetch_until_its_transaction_ends() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let shards = unique("pending-shards");
+    let changelog = unique("pending-changelog");
+    create_topics(&[shards.clone(), changelog.clone()], 1);
+    let group = unique("pending-group");
+    let consumer = |extra: &[(&str, &str)]| -> BaseConsumer {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", brokers())
+            .set("group.id", &group)
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed");
+        for (k, v) in extra {
+            c.set(*k, *v);
+        }
+        c.create().expect("consumer")
+    };
+    let owner = consumer(&[("session.timeout.ms", "6000")]);
+    owner.subscribe(&[&shards]).expect("subscribe");
+    wait_for("the owner's partition", Duration::from_secs(30), || {
+        owner.poll(Duration::from_millis(100));
+        owner.assignment().map(|a| a.count()).unwrap_or(0) == 1
+    });
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("transactional.id", unique("pending-txn"))
+        .create()
+        .expect("producer");
+    let timeout = Duration::from_secs(20);
+    producer.init_transactions(timeout).expect("init");
+    let mut unchanged = TopicPartitionList::new();
+    unchanged
+        .add_partition_offset(&shards, 0, Offset::Offset(0))
+        .expect("tpl");
+    let metadata = owner.group_metadata().expect("group metadata");
+    // The offset is committed once, so that the pending one below changes nothing.
+    producer.begin_transaction().expect("begin");
+    producer
+        .send_offsets_to_transaction(&unchanged, &metadata, timeout)
+        .expect("offsets");
+    producer.commit_transaction(timeout).expect("commit");
+
+    let newcomer = consumer(&[]);
+    let ask = || {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&shards, 0);
+        newcomer.committed_offsets(tpl, Duration::from_secs(30))
+    };
+    let open_with_record = || {
+        producer.begin_transaction().expect("begin");
+        producer
+            .send(
+                BaseRecord::to(&changelog)
+                    .partition(0)
+                    .key("k")
+                    .payload("v"),
+            )
+            .map_err(|(e, _)| e)
+            .expect("send");
+        producer.flush(timeout).expect("flush");
+    };
+
+    // A transaction that writes the changelog and commits no offset of the shard: the fetch does not wait,
+    // and the end a read_committed restore reads to is before its record.
+    open_with_record();
+    let t = Instant::now();
+    ask().expect("committed offsets");
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "waited {:?}",
+        t.elapsed()
+    );
+    let (_, end) = newcomer
+        .fetch_watermarks(&changelog, 0, timeout)
+        .expect("watermarks");
+    assert_eq!(
+        end, 0,
+        "a read_committed client is told the end before the open transaction"
+    );
+    producer.commit_transaction(timeout).expect("commit");
+
+    // The same with the shard's offset, unchanged, in the transaction: the fetch waits until it commits.
+    open_with_record();
+    producer
+        .send_offsets_to_transaction(&unchanged, &metadata, timeout)
+        .expect("offsets");
+    let held = Duration::from_secs(3);
+    let (asked, answered) = std::thread::scope(|scope| {
+        let fetch = scope.spawn(|| {
+            let t = Instant::now();
+            let got = ask().expect("committed offsets");
+            (t, got, Instant::now())
+        });
+        std::thread::sleep(held);
+        producer.commit_transaction(timeout).expect("commit");
+        let (t, got, done) = fetch.join().expect("fetch");
+        let offset = got.find_partition(&shards, 0).map(|e| e.offset());
+        assert_eq!(offset, Some(Offset::Offset(0)));
+        (t, done)
+    });
+    assert!(
+        answered.duration_since(asked) >= held - Duration::from_millis(500),
+        "the stable fetch returned after {:?}, while the transaction was open",
+        answered.duration_since(asked)
+    );
+    let (_, end) = newcomer
+        .fetch_watermarks(&changelog, 0, timeout)
+        .expect("watermarks");
+    assert!(
+        end >= 4,
+        "both transactions' records and markers are below the end: {end}"
+    );
+}
