@@ -751,16 +751,17 @@ impl Pipeline {
     ) -> Result<(), PipelineError> {
         let restorer: BaseConsumer<QuietEof> =
             restore_config(&self.cfg).create_with_context(QuietEof)?;
+        // The end to read to is the log's, not the last stable offset the restorer would be told: records
+        // committed after a transaction that is still open (a killed owner's, aborted at its timeout) are
+        // past that offset, and the shard's next owner wrote them.
+        let ends: BaseConsumer<QuietEof> = restore_config(&self.cfg)
+            .set("isolation.level", "read_uncommitted")
+            .create_with_context(QuietEof)?;
         let mut start = TopicPartitionList::new();
         let mut high = BTreeMap::new();
         for s in shards {
             let p = *s as i32;
-            let (low, hw) = watermarks(
-                &restorer,
-                self.engine.changelog(),
-                p,
-                Duration::from_secs(30),
-            )?;
+            let (low, hw) = watermarks(&ends, self.engine.changelog(), p, Duration::from_secs(30))?;
             let from = match self.store.changelog_position(*s)? {
                 Some(at) if at >= low && at <= hw => at,
                 local => {
@@ -801,17 +802,19 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Applies changelog records until every partition in `high` reached the end the restorer was told:
-    /// the last stable offset, as for any `read_committed` client, so an open transaction's records are past
-    /// it (no previous owner's transaction is open by now: [`fence_changed_shards`]). Gives up after twice
-    /// the transaction timeout.
+    /// Applies changelog records until every partition in `high` reached its high watermark. The restorer
+    /// reads committed records only, so a partition with an open transaction below its watermark (a killed
+    /// owner's that had not committed offsets yet: a live owner's in flight was waited for by the stable
+    /// offset fetch, [`fence_changed_shards`]) is waited for until the coordinator aborts it, at most the
+    /// transaction timeout plus its sweep for timed-out transactions; gives up after twice the timeout
+    /// plus [`ABORT_SWEEP`].
     fn read_changelog(
         &self,
         restorer: &BaseConsumer<QuietEof>,
         high: &mut BTreeMap<i32, i64>,
         shutdown: &CancellationToken,
     ) -> Result<u64, PipelineError> {
-        let deadline = Instant::now() + self.cfg.processing.transaction_timeout * 2;
+        let deadline = Instant::now() + self.cfg.processing.transaction_timeout * 2 + ABORT_SWEEP;
         let mut pending: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut reached: BTreeMap<i32, i64> = BTreeMap::new();
         let mut applied = 0u64;
@@ -910,6 +913,10 @@ fn fence_changed_shards(
         }
     }
 }
+
+/// How late past its timeout the transaction coordinator may abort a transaction: it looks for timed-out
+/// ones every `transaction.abort.timed.out.transaction.cleanup.interval.ms` (10 s by default), twice that.
+const ABORT_SWEEP: Duration = Duration::from_secs(20);
 
 fn restore_config(cfg: &Config) -> ClientConfig {
     let mut c = base_config(cfg);

@@ -159,9 +159,9 @@ fn a_commit_refused_for_a_rebalance_leaves_no_transaction_open() {
 }
 
 /// What a shard's new owner relies on (DESIGN, "Restore"): the changelog end a `read_committed` client is
-/// told stops before an open transaction's records, so a restore that does not wait for that transaction
-/// misses them; a transaction that also commits an offset of the shard topic's partition, even the offset
-/// already committed, holds the new owner's stable offset fetch until it is over.
+/// told stops before an open transaction's records (so the restore reads to the high watermark, which a
+/// `read_uncommitted` client is told); a transaction that also commits an offset of the shard topic's
+/// partition, even the offset already committed, holds the new owner's stable offset fetch until it is over.
 #[test]
 fn a_pending_offset_commit_holds_a_stable_fetch_until_its_transaction_ends() {
     use rdkafka::config::ClientConfig;
@@ -246,6 +246,20 @@ fn a_pending_offset_commit_holds_a_stable_fetch_until_its_transaction_ends() {
         end, 0,
         "a read_committed client is told the end before the open transaction"
     );
+    let log_end = {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("isolation.level", "read_uncommitted")
+            .create()
+            .expect("consumer");
+        c.fetch_watermarks(&changelog, 0, timeout)
+            .expect("watermarks")
+            .1
+    };
+    assert_eq!(
+        log_end, 1,
+        "a read_uncommitted client is told the log's end"
+    );
     producer.commit_transaction(timeout).expect("commit");
 
     // The same with the shard's offset, unchanged, in the transaction: the fetch waits until it commits.
@@ -279,4 +293,122 @@ fn a_pending_offset_commit_holds_a_stable_fetch_until_its_transaction_ends() {
         end >= 4,
         "both transactions' records and markers are below the end: {end}"
     );
+}
+
+/// A killed owner's open transaction does not hide what was committed after it (DESIGN, "Restore"): the
+/// shard's owner commits past a transaction that a killed process left open on the changelog, and a fresh
+/// instance that takes the shard over (the same static member, an empty state directory) restores it to the
+/// log's end once that transaction is aborted, not to the last stable offset it held back. It then answers
+/// every lookup as the owner did.
+#[test]
+fn a_restore_reads_past_a_killed_owners_open_transaction() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+    let s = Setup::new("zombie", 2, "");
+    let j = journeys::generate(&JourneyConfig {
+        persons: 300,
+        seed: 43,
+        ..Default::default()
+    });
+    let half = j.messages.len() / 2;
+    let part = |skip: usize, take: usize| journeys::Journeys {
+        messages: j.messages.iter().skip(skip).take(take).cloned().collect(),
+        truth: vec![],
+        events: 0,
+        malformed: 0,
+        duplicates: 0,
+    };
+    let timeout = Duration::from_secs(120);
+    generate::send(&brokers(), &s.routes, &part(0, half), 0).expect("send");
+    let mut owner = s.start();
+    s.wait_caught_up(&mut owner, timeout);
+
+    // A process that wrote to the changelog in a transaction and died: nothing ends the transaction until
+    // the coordinator's timeout (here, the test's abort below).
+    let changelog = format!("{}-shards-changelog", s.group);
+    let zombie: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("transactional.id", unique("zombie-txn"))
+        .create()
+        .expect("producer");
+    let call = Duration::from_secs(20);
+    zombie.init_transactions(call).expect("init");
+    zombie.begin_transaction().expect("begin");
+    zombie
+        .send(
+            BaseRecord::to(&changelog)
+                .partition(0)
+                .key(&b"never applied"[..])
+                .payload(&b"aborted"[..]),
+        )
+        .map_err(|(e, _)| e)
+        .expect("send");
+    zombie.flush(call).expect("flush");
+
+    // The owner goes on and commits after the open transaction's record.
+    generate::send(&brokers(), &s.routes, &part(half, usize::MAX), 0).expect("send");
+    s.wait_caught_up(&mut owner, timeout);
+    let emails: Vec<String> = j
+        .truth
+        .iter()
+        .filter_map(|p| p.identifiers.iter().find(|(k, _)| k == "email"))
+        .map(|(_, v)| v.clone())
+        .collect();
+    let answers = |what: &str| -> Vec<(String, u16, serde_json::Value)> {
+        emails
+            .iter()
+            .map(|e| {
+                let (status, body) = s.http_get(&format!("/v1/identifiers/email/{e}"));
+                let v = serde_json::from_str(&body).unwrap_or_else(|_| body.clone().into());
+                assert_ne!(status, 503, "{what}: lookup of {e} while restoring");
+                (e.clone(), status, v)
+            })
+            .collect()
+    };
+    let want = answers("the owner");
+    assert!(sigterm(&mut owner).success(), "{}", s.log_tail());
+
+    // The same static member on an empty state directory: it restores the shard from the changelog.
+    let state = s.dir.join("fresh-state");
+    let restores = || s.log().matches("shards restored").count();
+    let before = restores();
+    let mut fresh = s.start_with_env(&[("STITCHER_STATE_DIR", &state.to_string_lossy())]);
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        restores(),
+        before,
+        "the restore ended while a transaction below the changelog's end was open\n{}",
+        s.log_tail()
+    );
+    zombie.abort_transaction(call).expect("abort");
+    let aborted = Instant::now();
+    wait_for("the shard restored", timeout, || {
+        if let Ok(Some(status)) = fresh.try_wait() {
+            panic!("exited ({status})\n{}", s.log_tail());
+        }
+        restores() > before
+    });
+    let restored_after = aborted.elapsed();
+    s.wait_caught_up(&mut fresh, timeout);
+    let got = answers("the fresh instance");
+    let differing: Vec<_> = got
+        .iter()
+        .zip(&want)
+        .filter(|(g, w)| g != w)
+        .map(|(g, _)| &g.0)
+        .collect();
+    assert!(
+        differing.is_empty(),
+        "{} of {} lookups differ after the restore, e.g. {:?}",
+        differing.len(),
+        want.len(),
+        differing.first()
+    );
+    println!(
+        "zombie: {} lookups equal after a restore past an open transaction (restored {restored_after:?} \
+         after the abort)",
+        want.len(),
+    );
+    assert!(sigterm(&mut fresh).success(), "{}", s.log_tail());
 }
