@@ -349,6 +349,19 @@ pub struct Journeys {
     pub duplicates: usize,
 }
 
+impl Journeys {
+    /// Messages to send, without a truth or counts: a part of a generated run, or hand-made ones.
+    pub fn of_messages(messages: Vec<Generated>) -> Self {
+        Self {
+            messages,
+            truth: Vec::new(),
+            events: 0,
+            malformed: 0,
+            duplicates: 0,
+        }
+    }
+}
+
 struct Person {
     idx: usize,
     /// Unique per person and seed: prefixes its identifiers and event ids.

@@ -312,12 +312,8 @@ fn a_restore_reads_past_a_killed_owners_open_transaction() {
         ..Default::default()
     });
     let half = j.messages.len() / 2;
-    let part = |skip: usize, take: usize| journeys::Journeys {
-        messages: j.messages.iter().skip(skip).take(take).cloned().collect(),
-        truth: vec![],
-        events: 0,
-        malformed: 0,
-        duplicates: 0,
+    let part = |skip: usize, take: usize| {
+        journeys::Journeys::of_messages(j.messages.iter().skip(skip).take(take).cloned().collect())
     };
     let timeout = Duration::from_secs(120);
     generate::send(&brokers(), &s.routes, &part(0, half), 0).expect("send");

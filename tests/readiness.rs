@@ -75,17 +75,11 @@ fn a_missing_input_topic_is_named_and_picked_up_once_created() {
     generate::send(
         &brokers(),
         &routes,
-        &journeys::Journeys {
-            messages: vec![journeys::Generated::Malformed {
-                channel: "kiosk",
-                key: "k".into(),
-                bytes: serde_json::to_vec(&event).expect("json"),
-            }],
-            truth: vec![],
-            events: 1,
-            malformed: 0,
-            duplicates: 0,
-        },
+        &journeys::Journeys::of_messages(vec![journeys::Generated::Malformed {
+            channel: "kiosk",
+            key: "k".into(),
+            bytes: serde_json::to_vec(&event).expect("json"),
+        }]),
         0,
     )
     .expect("send");

@@ -334,18 +334,15 @@ fn three_instances_one_killed_one_added_one_leaving_equal_one_instance() {
     });
     // The input arrives in three parts, so that the kill and the new instance land amid work.
     let third = j.messages.len().div_ceil(3);
-    let part = |n: usize| journeys::Journeys {
-        messages: j
-            .messages
-            .iter()
-            .skip(n * third)
-            .take(third)
-            .cloned()
-            .collect(),
-        truth: vec![],
-        events: 0,
-        malformed: 0,
-        duplicates: 0,
+    let part = |n: usize| {
+        journeys::Journeys::of_messages(
+            j.messages
+                .iter()
+                .skip(n * third)
+                .take(third)
+                .cloned()
+                .collect(),
+        )
     };
     let send = |n: usize| generate::send(&brokers(), &setup.routes, &part(n), 0).expect("send");
     let mut sent = send(0);
@@ -623,13 +620,7 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
         ..Default::default()
     });
     let half = j.messages.len() / 2;
-    let part = |messages: Vec<journeys::Generated>| journeys::Journeys {
-        messages,
-        truth: vec![],
-        events: 0,
-        malformed: 0,
-        duplicates: 0,
-    };
+    let part = journeys::Journeys::of_messages;
     let (refusals, refusing_later) = refusing_persons(persons / 20);
     let mut first: Vec<journeys::Generated> = j.messages[..half].to_vec();
     first.extend(commanded_persons());
