@@ -14,7 +14,7 @@
 //! instance did not hold before is restored from its changelog before anything is handled. docs/DESIGN.md,
 //! "Scale-out", explains why this is exactly-once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -885,7 +885,6 @@ impl Pipeline {
     }
 }
 
-/// A consumer outside the group, reading changelog partitions as committed.
 /// Adds to a batch's positions the shard topic's partition of every shard whose state the batch changed,
 /// at the offset expected there when the batch consumed none of it. The transaction then holds a pending
 /// offset on the partition of every shard whose changelog records it writes, and a new owner's stable
@@ -897,9 +896,7 @@ fn fence_changed_shards(
     shard_topic: &str,
     expected: &BTreeMap<(String, i32), i64>,
 ) {
-    let mut shards: Vec<ShardId> = changes.keys().filter_map(|k| shard_of_key(k)).collect();
-    shards.sort_unstable();
-    shards.dedup();
+    let shards: BTreeSet<ShardId> = changes.keys().filter_map(|k| shard_of_key(k)).collect();
     for shard in shards {
         let tp = (shard_topic.to_string(), shard as i32);
         if positions.contains_key(&tp) {
@@ -918,6 +915,7 @@ fn fence_changed_shards(
 /// ones every `transaction.abort.timed.out.transaction.cleanup.interval.ms` (10 s by default), twice that.
 const ABORT_SWEEP: Duration = Duration::from_secs(20);
 
+/// A consumer outside the group, reading changelog partitions as committed.
 fn restore_config(cfg: &Config) -> ClientConfig {
     let mut c = base_config(cfg);
     c.set(

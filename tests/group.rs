@@ -246,16 +246,11 @@ fn a_pending_offset_commit_holds_a_stable_fetch_until_its_transaction_ends() {
         end, 0,
         "a read_committed client is told the end before the open transaction"
     );
-    let log_end = {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .set("isolation.level", "read_uncommitted")
-            .create()
-            .expect("consumer");
-        c.fetch_watermarks(&changelog, 0, timeout)
-            .expect("watermarks")
-            .1
-    };
+    let log_end = stitcher::kafka::progress_reader(&brokers(), &group)
+        .expect("read_uncommitted client")
+        .fetch_watermarks(&changelog, 0, timeout)
+        .expect("watermarks")
+        .1;
     assert_eq!(
         log_end, 1,
         "a read_uncommitted client is told the log's end"
@@ -322,7 +317,9 @@ fn a_restore_reads_past_a_killed_owners_open_transaction() {
 
     // A process that wrote to the changelog in a transaction and died: nothing ends the transaction until
     // the coordinator's timeout (here, the test's abort below).
-    let changelog = format!("{}-shards-changelog", s.group);
+    let changelog = stitcher::config::Config::from_toml_file(&s.config_path)
+        .expect("config")
+        .changelog_topic();
     let zombie: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .set("transactional.id", unique("zombie-txn"))
