@@ -4,6 +4,8 @@
 //!
 //! `cargo bench --bench core` runs everything; `STITCH_SIZES=1000000 cargo bench --bench core -- stitch`
 //! only the stitch step at 1M. Each store size prints its preload time, resident memory and disk size.
+//! `STITCH_IN_MEMORY=1` adds the same stitch step over a hash map in memory instead of RocksDB (about 1.4
+//! GiB at 1M identifiers: not for 10M on a small machine).
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -20,9 +22,9 @@ use stitcher::journeys::{self, Generated, JourneyConfig};
 use stitcher::model::{Event, Identifier};
 use stitcher::normalize::Normalizer;
 use stitcher::scaleout::owner::{Msg, Out, Shard};
-use stitcher::scaleout::state::{ShardOverlay, ShardView};
+use stitcher::scaleout::state::{Kv, KvRead, ShardOverlay, ShardView};
 use stitcher::stitch::{MemStore, Rules, Stitcher};
-use stitcher::store::{Store, TempStore};
+use stitcher::store::{Store, StoreError, TempStore};
 
 /// The allocator the service runs with (src/main.rs).
 #[global_allocator]
@@ -320,12 +322,20 @@ fn dir_size_mib(path: &std::path::Path) -> f64 {
 /// single shard (dedup at its home, locate, apply at the owner), an overlay per batch, one synced write.
 fn apply_batch(store: &Store, stitcher: &Stitcher, events: &[Event]) {
     let mut overlay = ShardOverlay::new(store);
+    apply_events(&mut overlay, stitcher, events);
+    store
+        .write_shard_changes(overlay.into_changes(), [])
+        .expect("write");
+}
+
+/// Every event through the owner protocol of a single shard held in `kv`.
+fn apply_events<K: Kv + ?Sized>(kv: &mut K, stitcher: &Stitcher, events: &[Event]) {
     for ev in events {
         let mut queue = vec![Msg::Event(ev.clone())];
         while let Some(msg) = queue.pop() {
             let mut out = Out::default();
             let mut view = ShardView {
-                kv: &mut overlay,
+                kv: &mut *kv,
                 shard: 0,
             };
             Shard {
@@ -338,23 +348,47 @@ fn apply_batch(store: &Store, stitcher: &Stitcher, events: &[Event]) {
             queue.extend(out.msgs.into_iter().map(|(_, m)| m));
         }
     }
-    store
-        .write_shard_changes(overlay.into_changes(), [])
-        .expect("write");
 }
 
-fn preload(store: &Store, stitcher: &Stitcher, persons: u64) {
+/// The same records in a hash map in memory: the stitch step without RocksDB (no reads, no writes, no
+/// changelog), bounding what any change to the store alone can win.
+#[derive(Default)]
+struct MemKv(HashMap<Vec<u8>, Vec<u8>, foldhash::fast::RandomState>);
+
+impl KvRead for MemKv {
+    fn read_with<R>(
+        &self,
+        key: &[u8],
+        f: impl FnOnce(Option<&[u8]>) -> R,
+    ) -> Result<R, StoreError> {
+        Ok(f(self.0.get(key).map(Vec::as_slice)))
+    }
+}
+
+impl Kv for MemKv {
+    fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        match value {
+            Some(v) => self.0.insert(key, v),
+            None => self.0.remove(&key),
+        };
+    }
+
+    fn known_absent(&mut self, _key: Vec<u8>) {}
+}
+
+/// The preload: `persons` persons of ten identifiers each, in batches of 10,000 events.
+fn preload(persons: u64, mut apply: impl FnMut(&[Event])) {
     let mut batch = Vec::with_capacity(10_000);
     for p in 0..persons {
         let mut e = event(p, person_identifiers(p));
         e.event_id = format!("pre-{p}");
         batch.push(e);
         if batch.len() == 10_000 {
-            apply_batch(store, stitcher, &batch);
+            apply(&batch);
             batch.clear();
         }
     }
-    apply_batch(store, stitcher, &batch);
+    apply(&batch);
 }
 
 /// In-memory union-find over identifier strings: union by size, path halving.
@@ -447,7 +481,7 @@ fn stitch(c: &mut Criterion) {
             TempStore::with_block_cache(StateConfig::default().block_cache_mb).expect("temp store");
         let rss_before = rss_mib();
         let t = Instant::now();
-        preload(&temp.store, &stitcher, persons);
+        preload(persons, |evs| apply_batch(&temp.store, &stitcher, evs));
         eprintln!(
             "stitch/{label}: preloaded {persons} persons ({identifiers} identifiers) in {:.1?}; \
              RSS {:.0} MiB (+{:.0}), state on disk {:.0} MiB",
@@ -493,6 +527,26 @@ fn stitch(c: &mut Criterion) {
             rss_mib()
         );
         drop(temp);
+
+        if std::env::var_os("STITCH_IN_MEMORY").is_some() {
+            let mut kv = MemKv::default();
+            let t = Instant::now();
+            preload(persons, |evs| apply_events(&mut kv, &stitcher, evs));
+            eprintln!(
+                "stitch/{label}: in memory: preloaded in {:.1?}, {} records, RSS {:.0} MiB",
+                t.elapsed(),
+                kv.0.len(),
+                rss_mib()
+            );
+            let mut stream = Stream::new(persons);
+            g.bench_function(format!("in_memory/{label}"), |b| {
+                b.iter_custom(|iters| {
+                    time_batches(iters, &mut stream, |evs| {
+                        apply_events(&mut kv, &stitcher, evs)
+                    })
+                })
+            });
+        }
 
         let mut uf = UnionFind::default();
         for p in 0..persons {

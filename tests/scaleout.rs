@@ -813,14 +813,16 @@ fn throughput_with_one_two_three_instances() {
         let sent = generate::send(&brokers(), &classic.routes, &j, 0).expect("send");
         let mut child = classic.start();
         let first = wait_first_commit(&classic, TIMEOUT);
+        let cpu_at_first = cpu_seconds(child.id());
         classic.wait_caught_up(&mut child, TIMEOUT);
         let secs = first.elapsed().as_secs_f64();
         let cpu = cpu_seconds(child.id());
+        let in_run = cpu - cpu_at_first;
         let (batch_ms, commit_ms) = batch_and_commit_ms(&[classic.http_port]);
         sigterm(&mut child);
         println!(
             "scaleout-bench: classic mode, 1 instance: {sent} messages in {secs:.1}s = {:.0} msg/s; CPU \
-             seconds {cpu:.1}; batches of {batch_ms:.0} ms, {commit_ms:.0} ms of it committing",
+             seconds {cpu:.1} ({in_run:.1} in the run); batches of {batch_ms:.0} ms, {commit_ms:.0} ms of it committing",
             sent as f64 / secs
         );
     }
@@ -832,15 +834,26 @@ fn throughput_with_one_two_three_instances() {
         let broker_before = broker.map(cpu_seconds).unwrap_or_default();
         let mut instances: Vec<Instance> = (0..n).map(|i| start_instance(&setup, i)).collect();
         let first = wait_first_commit(&setup, TIMEOUT);
+        let cpu_at_first: Vec<f64> = instances
+            .iter()
+            .map(|i| cpu_seconds(i.child.id()))
+            .collect();
         let done = {
             let mut children: Vec<&mut Child> =
                 instances.iter_mut().map(|i| &mut i.child).collect();
             wait_quiescent(&setup, &shard_topic, &mut children, TIMEOUT)
         };
         let secs = (done - first).as_secs_f64();
+        // Over each instance's life (start-up, joining and restoring included), and over the run alone
+        // (from the group's first input commit until drained): the start-up is paid once per instance,
+        // not per event.
         let cpu: Vec<String> = instances
             .iter()
-            .map(|i| format!("{:.1}", cpu_seconds(i.child.id())))
+            .zip(&cpu_at_first)
+            .map(|(i, at_first)| {
+                let now = cpu_seconds(i.child.id());
+                format!("{now:.1} ({:.1} in the run)", now - at_first)
+            })
             .collect();
         let broker_cpu = broker.map(cpu_seconds).unwrap_or_default() - broker_before;
         let ports: Vec<u16> = instances.iter().map(|i| i.port).collect();
