@@ -319,7 +319,8 @@ fn dir_size_mib(path: &std::path::Path) -> f64 {
 }
 
 /// Applies events in batches the way one instance does: every event through the owner protocol of a
-/// single shard (dedup at its home, locate, apply at the owner), an overlay per batch, one synced write.
+/// single shard (dedup at its home, locate, apply at the owner), an overlay per batch, one write (unsynced,
+/// as the service's local write is).
 fn apply_batch(store: &Store, stitcher: &Stitcher, events: &[Event]) {
     let mut overlay = ShardOverlay::new(store);
     apply_events(&mut overlay, stitcher, events);

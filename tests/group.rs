@@ -158,6 +158,22 @@ fn a_commit_refused_for_a_rebalance_leaves_no_transaction_open() {
     );
 }
 
+/// A producer with a transactional id of its own (`name`, made unique), its transactions initialised.
+fn transactional_producer(
+    name: &str,
+) -> rdkafka::producer::ThreadedProducer<rdkafka::producer::DefaultProducerContext> {
+    use rdkafka::producer::{Producer, ThreadedProducer};
+    let producer: ThreadedProducer<_> = rdkafka::config::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("transactional.id", unique(name))
+        .create()
+        .expect("producer");
+    producer
+        .init_transactions(Duration::from_secs(20))
+        .expect("init");
+    producer
+}
+
 /// What a shard's new owner relies on (DESIGN, "Restore"): the changelog end a `read_committed` client is
 /// told stops before an open transaction's records (so the restore reads to the high watermark, which a
 /// `read_uncommitted` client is told); a transaction that also commits an offset of the shard topic's
@@ -166,7 +182,7 @@ fn a_commit_refused_for_a_rebalance_leaves_no_transaction_open() {
 fn a_pending_offset_commit_holds_a_stable_fetch_until_its_transaction_ends() {
     use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::producer::{BaseRecord, Producer};
     use rdkafka::{Offset, TopicPartitionList};
 
     let shards = unique("pending-shards");
@@ -190,13 +206,8 @@ fn a_pending_offset_commit_holds_a_stable_fetch_until_its_transaction_ends() {
         owner.poll(Duration::from_millis(100));
         owner.assignment().map(|a| a.count()).unwrap_or(0) == 1
     });
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("transactional.id", unique("pending-txn"))
-        .create()
-        .expect("producer");
+    let producer = transactional_producer("pending-txn");
     let timeout = Duration::from_secs(20);
-    producer.init_transactions(timeout).expect("init");
     let mut unchanged = TopicPartitionList::new();
     unchanged
         .add_partition_offset(&shards, 0, Offset::Offset(0))
@@ -297,8 +308,7 @@ fn a_pending_offset_commit_holds_a_stable_fetch_until_its_transaction_ends() {
 /// every lookup as the owner did.
 #[test]
 fn a_restore_reads_past_a_killed_owners_open_transaction() {
-    use rdkafka::config::ClientConfig;
-    use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+    use rdkafka::producer::{BaseRecord, Producer};
 
     let s = Setup::new("zombie", 2, "");
     let j = journeys::generate(&JourneyConfig {
@@ -320,13 +330,8 @@ fn a_restore_reads_past_a_killed_owners_open_transaction() {
     let changelog = stitcher::config::Config::from_toml_file(&s.config_path)
         .expect("config")
         .changelog_topic();
-    let zombie: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("transactional.id", unique("zombie-txn"))
-        .create()
-        .expect("producer");
+    let zombie = transactional_producer("zombie-txn");
     let call = Duration::from_secs(20);
-    zombie.init_transactions(call).expect("init");
     zombie.begin_transaction().expect("begin");
     zombie
         .send(
