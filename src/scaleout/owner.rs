@@ -29,10 +29,11 @@ pub enum Found {
     Owned(ShardId),
     /// The identifier is new; the event holds its reservation, at this gen.
     New(u32),
-    /// A copy scoped to the event's channel that does not exist, located without a reservation: the
-    /// event needs it only if consent sealing puts it in that channel's space, and then starts again
-    /// reserving its scoped copies. (Reserving them for every event would queue every event that carries
-    /// a popular identifier behind one reservation.)
+    /// A copy scoped to the event's channel, not located: the event needs it only if consent sealing
+    /// puts it in that channel's space, and then starts again locating and reserving its scoped copies.
+    /// (Locating them for every event would cost every event a directory read and up to one hop per
+    /// identifier for what few events need; reserving them would queue every event that carries a
+    /// popular identifier behind one reservation.)
     Unreserved,
 }
 
@@ -61,7 +62,7 @@ pub enum Msg {
     /// A new event, at the home of its id.
     Event(Event),
     /// Find the owners of `ids` (sorted by home, then identifier), from `ids[next]` on, at its home;
-    /// reserve the absent scoped copies too if `scoped`.
+    /// `scoped`: `ids` holds the event's scoped copies too (else they count as [`Found::Unreserved`]).
     Locate {
         ev: Event,
         ids: Vec<Identifier>,
@@ -202,6 +203,19 @@ struct Pending {
     found: BTreeMap<Identifier, Found>,
     /// Identifiers whose component is not here yet.
     missing: BTreeSet<Identifier>,
+}
+
+impl Pending {
+    /// Whether the event needs the component of `x` here: every identifier it located, not the scoped
+    /// copies it did not.
+    fn waits_on(&self, x: &Identifier) -> bool {
+        self.found.get(x).is_some_and(|f| *f != Found::Unreserved)
+    }
+
+    /// The identifiers whose components the event needs here.
+    fn waited_on(&self) -> impl Iterator<Item = &Identifier> + '_ {
+        self.found.keys().filter(|x| self.waits_on(x))
+    }
 }
 
 /// Where a message about an identifier that is not here goes.
@@ -350,7 +364,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
     /// A pending event is over (applied, or starting again): it no longer waits here.
     fn forget_pending(&mut self, event: &str, p: &Pending) -> Result<(), StoreError> {
         self.view.put::<Pending>(PENDING, event.as_bytes(), None)?;
-        for x in p.found.keys() {
+        for x in p.waited_on() {
             self.edit_waiting(x, |v| v.retain(|e| e != event))?;
         }
         Ok(())
@@ -414,7 +428,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
 
     /// Starts locating an event's identifiers, at the first home in order.
     fn start(&mut self, ev: Event, scoped: bool, out: &mut Out) {
-        let ids = locate_order(&ev, self.shards);
+        let ids = locate_order(&ev, self.shards, scoped);
         match ids.first() {
             Some(first) => {
                 let to = home(first, self.shards);
@@ -454,20 +468,9 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                     continue;
                 }
             }
-            let copy = !scoped && x.scope().is_some() && !ev.identifiers.contains(&x);
             let entry = match self.dir(&x)? {
                 Dir::Owned(s, _) => {
                     found.push((x, Found::Owned(s)));
-                    next += 1;
-                    continue;
-                }
-                Dir::Absent(_) if copy => {
-                    found.push((x, Found::Unreserved));
-                    next += 1;
-                    continue;
-                }
-                Dir::Reserved { ref event, .. } if copy && *event != ev.event_id => {
-                    found.push((x, Found::Unreserved));
                     next += 1;
                     continue;
                 }
@@ -536,6 +539,9 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             out.suppressed.1 += 1;
             return Ok(());
         }
+        if !scoped {
+            found.extend(scoped_copies(&ev).map(|x| (x, Found::Unreserved)));
+        }
         let to = choose_target(&ev, &found, self.shards);
         self.send(out, to, Msg::Gather { ev, found });
         Ok(())
@@ -584,14 +590,15 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             };
             self.send(out, to, msg);
         }
-        let earlier = self.pending(&event)?;
-        if earlier.is_none()
-            && missing.is_empty()
+        // An attempt sends one `Gather`, and an attempt that starts again first forgets its pending
+        // record: none of this event is here (claimed, so not read; the simulation's state checks it).
+        self.view.known_absent(PENDING, event.as_bytes());
+        if missing.is_empty()
             && !erased
             && !self.needs_copies(&ev, found.iter().map(|(x, f)| (x, f)))?
         {
-            // Everything is here and no earlier attempt waits: applied at once, never pending, so
-            // nothing waits on it or is parked behind it.
+            // Everything is here: applied at once, never pending, so nothing waits on it or is parked
+            // behind it.
             let p = Pending {
                 ev,
                 found: found.into_iter().collect(),
@@ -599,17 +606,14 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             };
             return self.apply(stitcher, p, out);
         }
-        let mut p = earlier.unwrap_or_else(|| Pending {
+        let p = Pending {
             ev,
-            found: BTreeMap::new(),
-            missing: BTreeSet::new(),
-        });
-        for (x, f) in found {
-            p.missing.remove(&x);
-            self.edit_waiting(&x, |v| v.push(event.clone()))?;
-            p.found.insert(x, f);
+            found: found.into_iter().collect(),
+            missing: missing.into_iter().collect(),
+        };
+        for x in p.waited_on() {
+            self.edit_waiting(x, |v| v.push(event.clone()))?;
         }
-        p.missing.extend(missing);
         self.put_pending(&event, &p)?;
         if erased {
             return self.restart(stitcher, &event, None, out);
@@ -674,11 +678,8 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                 let Some(mut p) = self.pending(e)? else {
                     continue;
                 };
-                let lost: Vec<Identifier> = moved
-                    .iter()
-                    .filter(|y| p.found.contains_key(*y))
-                    .cloned()
-                    .collect();
+                let lost: Vec<Identifier> =
+                    moved.iter().filter(|y| p.waits_on(y)).cloned().collect();
                 p.missing.extend(lost.iter().cloned());
                 self.put_pending(e, &p)?;
                 for y in lost {
@@ -1170,18 +1171,26 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
     }
 }
 
-/// The identifiers an event must have whole before it is applied: its own and, unless already scoped,
-/// their copies scoped to its channel (consent sealing may put the event there); by home, then identifier.
-pub fn locate_order(ev: &Event, shards: ShardId) -> Vec<Identifier> {
+/// The identifiers an event must have whole before it is applied: its own and, if `scoped`, the
+/// [`scoped_copies`] of them (consent sealing puts the event in its channel's space); by home, then
+/// identifier.
+pub fn locate_order(ev: &Event, shards: ShardId, scoped: bool) -> Vec<Identifier> {
     let mut ids: BTreeSet<Identifier> = ev.identifiers.iter().cloned().collect();
-    for x in &ev.identifiers {
-        if x.scope().is_none() {
-            ids.insert(x.scoped(&ev.channel));
-        }
+    if scoped {
+        ids.extend(scoped_copies(ev));
     }
     let mut ids: Vec<Identifier> = ids.into_iter().collect();
     ids.sort_by_cached_key(|x| (home(x, shards), x.clone()));
     ids
+}
+
+/// The copies of an event's unscoped identifiers scoped to its channel that it does not carry itself.
+fn scoped_copies(ev: &Event) -> impl Iterator<Item = Identifier> + '_ {
+    ev.identifiers
+        .iter()
+        .filter(|x| x.scope().is_none())
+        .map(|x| x.scoped(&ev.channel))
+        .filter(|c| !ev.identifiers.contains(c))
 }
 
 /// The shard an event is applied at: the one that owns most of its identifiers (the fewest moves);

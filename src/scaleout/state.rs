@@ -615,8 +615,13 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
     pub fn first_placement(&mut self, id: &Identifier) {
         let rest = identifier_key(id);
         for kind in [NODE, LINKS, PART, MOVED] {
-            self.kv.known_absent(key(self.shard, kind, &rest));
+            self.known_absent(kind, &rest);
         }
+    }
+
+    /// A record the protocol knows is absent: not read from the store ([`Kv::known_absent`]).
+    pub fn known_absent(&mut self, kind: u8, rest: &[u8]) {
+        self.kv.known_absent(key(self.shard, kind, rest));
     }
 
     pub fn gen(&self, id: &Identifier) -> Result<u32, StoreError> {
