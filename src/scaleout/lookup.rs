@@ -180,28 +180,29 @@ mod tests {
         }
     }
 
-    /// Handles the events to the end over four shards kept in RocksDB and commits the state.
+    /// Handles the events over four shards kept in RocksDB, each to the end before the next (so they are
+    /// applied in their order), and commits the state.
     fn stitched(store: &Store, events: &[Event]) {
         let stitcher = Stitcher::new(Rules::unlimited());
         let mut overlay = ShardOverlay::new(store);
-        let mut queue: VecDeque<(ShardId, Msg)> = events
-            .iter()
-            .map(|e| (event_home(&e.event_id, SHARDS), Msg::Event(e.clone())))
-            .collect();
-        while let Some((shard, msg)) = queue.pop_front() {
-            let mut out = Out::default();
-            let mut view = ShardView {
-                kv: &mut overlay,
-                shard,
-            };
-            Shard {
-                view: &mut view,
-                shards: SHARDS,
-                suppression: None,
+        for e in events {
+            let mut queue =
+                VecDeque::from([(event_home(&e.event_id, SHARDS), Msg::Event(e.clone()))]);
+            while let Some((shard, msg)) = queue.pop_front() {
+                let mut out = Out::default();
+                let mut view = ShardView {
+                    kv: &mut overlay,
+                    shard,
+                };
+                Shard {
+                    view: &mut view,
+                    shards: SHARDS,
+                    suppression: None,
+                }
+                .handle(&stitcher, msg, &mut out)
+                .expect("handle");
+                queue.extend(out.msgs);
             }
-            .handle(&stitcher, msg, &mut out)
-            .expect("handle");
-            queue.extend(out.msgs);
         }
         store
             .write_shard_changes(overlay.into_changes(), [])

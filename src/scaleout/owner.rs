@@ -540,7 +540,11 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             return Ok(());
         }
         if !scoped {
-            found.extend(scoped_copies(&ev).map(|x| (x, Found::Unreserved)));
+            // Not located, unless a `Locate` of an earlier version, which took every copy along, did.
+            let copies: Vec<Identifier> = scoped_copies(&ev)
+                .filter(|c| !found.iter().any(|(x, _)| x == c))
+                .collect();
+            found.extend(copies.into_iter().map(|x| (x, Found::Unreserved)));
         }
         let to = choose_target(&ev, &found, self.shards);
         self.send(out, to, Msg::Gather { ev, found });

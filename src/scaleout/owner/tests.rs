@@ -503,3 +503,26 @@ fn fixed_seed_run_and_its_cost() {
         sim.by_kind
     );
 }
+
+/// A `Locate` sent by the version before this one took the event's scoped copies along without
+/// `scoped` (it reserved the absent ones): the copies it reserved are released, and the event is applied.
+#[test]
+fn a_locate_that_took_the_scoped_copies_along_leaves_no_reservation() {
+    for n in [1, 3] {
+        let mut sim = Sim::new(n);
+        let ev = event(1, 1, &[identifier(1, 1), identifier(2, 2)], false);
+        let ids = locate_order(&ev, n, true);
+        assert_eq!(ids.len(), 2 * ev.identifiers.len());
+        let msg = Msg::Locate {
+            ev,
+            ids: ids.clone(),
+            next: 0,
+            found: vec![],
+            scoped: false,
+        };
+        sim.in_flight.push((home(&ids[0], n), msg));
+        sim.run(vec![], 7, 0.0);
+        sim.check_placement();
+        assert_eq!(sim.steps.len(), 1, "applied once");
+    }
+}
