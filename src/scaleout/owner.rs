@@ -364,7 +364,9 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
     /// A pending event is over (applied, or starting again): it no longer waits here.
     fn forget_pending(&mut self, event: &str, p: &Pending) -> Result<(), StoreError> {
         self.view.put::<Pending>(PENDING, event.as_bytes(), None)?;
-        for x in p.waited_on() {
+        // Every identifier it found, not only those it waits on: a pending record of an earlier version
+        // waited on its unreserved copies too, and a stale entry would name a holder that is gone.
+        for x in p.found.keys() {
             self.edit_waiting(x, |v| v.retain(|e| e != event))?;
         }
         Ok(())
