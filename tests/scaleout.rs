@@ -863,6 +863,13 @@ fn throughput_with_one_two_three_instances() {
         let batches = sum_of("stitcher_batch_size_messages_count");
         let batch_mean = sum_of("stitcher_batch_size_messages_sum") / batches.max(1.0);
         let (batch_ms, commit_ms) = batch_and_commit_ms(&ports);
+        let restored = sum_of("stitcher_restored_records_total");
+        let memtables_mib = counters(&ports, "stitcher_state_memory_bytes")
+            .iter()
+            .filter(|(k, _)| k.contains("memtables"))
+            .map(|(_, v)| v)
+            .sum::<f64>()
+            / f64::from(1 << 20);
         for instance in instances.iter_mut() {
             sigterm(&mut instance.child);
         }
@@ -885,7 +892,8 @@ fn throughput_with_one_two_three_instances() {
             "scaleout-bench: {n} instance(s): {sent} messages in {secs:.1}s = {:.0} msg/s; CPU seconds per \
              instance [{}], broker {broker_cpu:.1}; {batches} batches of {batch_mean:.0} messages, \
              {batch_ms:.0} ms each, {commit_ms:.0} ms of it committing; {:.1} shard messages per event, {:.1} fetch/component per merge \
-             ({merges} merges), {:.0}% through the internal topic",
+             ({merges} merges), {:.0}% through the internal topic; {restored} changelog records restored, \
+             {memtables_mib:.0} MiB in memtables",
             sent as f64 / secs,
             cpu.join(", "),
             all / events.max(1.0),

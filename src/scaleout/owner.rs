@@ -560,6 +560,12 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         found: Vec<(Identifier, Found)>,
         out: &mut Out,
     ) -> Result<(), StoreError> {
+        if let Some(found) = self.moved_on(&found)? {
+            // Applied where its components went, rather than fetching them back.
+            let to = choose_target(&ev, &found, self.shards);
+            self.send(out, to, Msg::Gather { ev, found });
+            return Ok(());
+        }
         let event = ev.event_id.clone();
         let mut missing = Vec::new();
         let mut erased = false;
@@ -625,6 +631,35 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             return self.restart(stitcher, &event, None, out);
         }
         self.apply_ready(stitcher, BTreeSet::from([event]), out)
+    }
+
+    /// `found` with the owners that are stale here brought up to date, when the event was sent here for
+    /// components that have all moved on since they were located: none of its identifiers is here, and
+    /// each located here left for another shard (none erased, none on its way here). Applying the event
+    /// here would fetch those components back; it goes where they are instead (docs/DESIGN.md, "Messages").
+    fn moved_on(
+        &self,
+        found: &[(Identifier, Found)],
+    ) -> Result<Option<Vec<(Identifier, Found)>>, StoreError> {
+        let mut moved = false;
+        let mut now = Vec::with_capacity(found.len());
+        for (x, f) in found {
+            let mut f = *f;
+            if let Found::Owned(s) = f {
+                if self.here(x)? {
+                    return Ok(None);
+                }
+                if s == self.id() {
+                    let Follow::Forward(u, _) = self.follow(x, 0)? else {
+                        return Ok(None);
+                    };
+                    f = Found::Owned(u);
+                    moved = true;
+                }
+            }
+            now.push((x.clone(), f));
+        }
+        Ok(moved.then_some(now))
     }
 
     /// The highest-priority pending event here that needs the component of node `node`.

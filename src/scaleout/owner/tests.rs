@@ -526,3 +526,70 @@ fn a_locate_that_took_the_scoped_copies_along_leaves_no_reservation() {
         assert_eq!(sim.steps.len(), 1, "applied once");
     }
 }
+
+/// A `Gather` sent to a shard whose component left after the `Locate` read the directory follows the
+/// component (one more `Gather`, to where it went) instead of fetching it back: it moves once, and the
+/// event is applied where it is.
+#[test]
+fn a_gather_for_a_component_that_moved_on_follows_it() {
+    let n = 3;
+    let mut sim = Sim::new(n);
+    let a = identifier(1, 1);
+    sim.run(
+        vec![Input::Event(event(1, 1, std::slice::from_ref(&a), false))],
+        1,
+        0.0,
+    );
+    let holder = |sim: &mut Sim| -> ShardId {
+        let holders: Vec<ShardId> = (0..n)
+            .filter(|s| {
+                let view = ShardView {
+                    kv: &mut sim.shards[*s as usize],
+                    shard: *s,
+                };
+                view.read().node_of(&a).expect("read").is_some()
+            })
+            .collect();
+        assert_eq!(holders.len(), 1, "{a} in one shard");
+        holders[0]
+    };
+    let from = holder(&mut sim);
+    let to = (from + 1) % n;
+    // Another event's target takes the component away.
+    sim.in_flight.push((
+        from,
+        Msg::Fetch {
+            x: a.clone(),
+            to,
+            event: "e-other".into(),
+            after: 0,
+        },
+    ));
+    sim.run(vec![], 2, 0.0);
+    assert_eq!(holder(&mut sim), to);
+    let moves = sim.by_kind.get("component").copied().unwrap_or(0);
+
+    // An event located `a` at its old owner before it moved.
+    let ev = event(2, 2, std::slice::from_ref(&a), false);
+    let msg = Msg::Gather {
+        ev,
+        found: vec![(a.clone(), Found::Owned(from))],
+    };
+    sim.in_flight.push((from, msg));
+    sim.step(&mut rand::rngs::SmallRng::seed_from_u64(3), 0.0);
+    assert!(
+        matches!(sim.in_flight.as_slice(), [(s, Msg::Gather { found, .. })]
+            if *s == to && found == &vec![(a.clone(), Found::Owned(to))]),
+        "followed the component: {:?}",
+        sim.in_flight
+    );
+    sim.run(vec![], 4, 0.0);
+    sim.check_placement();
+    assert_eq!(holder(&mut sim), to, "applied where the component is");
+    assert_eq!(
+        sim.by_kind.get("component").copied().unwrap_or(0),
+        moves,
+        "not moved back"
+    );
+    assert_eq!(sim.steps.len(), 2, "both events applied once");
+}
