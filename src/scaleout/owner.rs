@@ -560,15 +560,14 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         found: Vec<(Identifier, Found)>,
         out: &mut Out,
     ) -> Result<(), StoreError> {
-        if let Some(found) = self.moved_on(&found)? {
-            // Applied where its components went, rather than fetching them back.
-            let to = choose_target(&ev, &found, self.shards);
-            self.send(out, to, Msg::Gather { ev, found });
-            return Ok(());
-        }
         let event = ev.event_id.clone();
         let mut missing = Vec::new();
+        let mut fetches = Vec::new();
         let mut erased = false;
+        // Whether a component of the event is here or on its way here, and where those located here
+        // went since.
+        let mut stays = false;
+        let mut went: BTreeMap<Identifier, ShardId> = BTreeMap::new();
         for (x, f) in &found {
             if *f == Found::New(1) {
                 // Never placed before (its home had no directory entry): nothing of it exists anywhere.
@@ -578,24 +577,49 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                 continue; // new (reserved for this event), or a scoped copy not needed yet
             };
             if self.here(x)? {
+                stays = true;
                 continue;
             }
             missing.push(x.clone());
             let (to, after) = if s == self.id() {
                 match self.follow(x, 0)? {
-                    Follow::Forward(u, after) => (u, after),
+                    Follow::Forward(u, after) => {
+                        went.insert(x.clone(), u);
+                        (u, after)
+                    }
                     // Erased after it was located.
                     Follow::Gone => {
                         erased = true;
                         continue;
                     }
-                    Follow::InFlight => continue,
+                    Follow::InFlight => {
+                        stays = true;
+                        continue;
+                    }
                 }
             } else {
                 (s, 0)
             };
+            fetches.push((to, x.clone(), after));
+        }
+        if !stays && !erased && !went.is_empty() {
+            // Every component located here left after its `Locate` read the directory and none of the
+            // event's is here or on its way: fetching them back would move them twice (docs/DESIGN.md,
+            // "Messages"). The event goes where they are, with those owners brought up to date.
+            let found: Vec<(Identifier, Found)> = found
+                .into_iter()
+                .map(|(x, f)| match went.get(&x) {
+                    Some(u) => (x, Found::Owned(*u)),
+                    None => (x, f),
+                })
+                .collect();
+            let to = choose_target(&ev, &found, self.shards);
+            self.send(out, to, Msg::Gather { ev, found });
+            return Ok(());
+        }
+        for (to, x, after) in fetches {
             let msg = Msg::Fetch {
-                x: x.clone(),
+                x,
                 to: self.id(),
                 event: event.clone(),
                 after,
@@ -631,35 +655,6 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             return self.restart(stitcher, &event, None, out);
         }
         self.apply_ready(stitcher, BTreeSet::from([event]), out)
-    }
-
-    /// `found` with the owners that are stale here brought up to date, when the event was sent here for
-    /// components that have all moved on since they were located: none of its identifiers is here, and
-    /// each located here left for another shard (none erased, none on its way here). Applying the event
-    /// here would fetch those components back; it goes where they are instead (docs/DESIGN.md, "Messages").
-    fn moved_on(
-        &self,
-        found: &[(Identifier, Found)],
-    ) -> Result<Option<Vec<(Identifier, Found)>>, StoreError> {
-        let mut moved = false;
-        let mut now = Vec::with_capacity(found.len());
-        for (x, f) in found {
-            let mut f = *f;
-            if let Found::Owned(s) = f {
-                if self.here(x)? {
-                    return Ok(None);
-                }
-                if s == self.id() {
-                    let Follow::Forward(u, _) = self.follow(x, 0)? else {
-                        return Ok(None);
-                    };
-                    f = Found::Owned(u);
-                    moved = true;
-                }
-            }
-            now.push((x.clone(), f));
-        }
-        Ok(moved.then_some(now))
     }
 
     /// The highest-priority pending event here that needs the component of node `node`.
