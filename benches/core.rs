@@ -325,7 +325,7 @@ fn apply_batch(store: &Store, stitcher: &Stitcher, events: &[Event]) {
     let mut overlay = ShardOverlay::new(store);
     apply_events(&mut overlay, stitcher, events);
     store
-        .write_shard_changes(overlay.into_changes(), [])
+        .write_shard_changes(overlay.into_changes().expect("encode"), [])
         .expect("write");
 }
 

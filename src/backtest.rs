@@ -185,7 +185,7 @@ fn replay(
         engine
             .output(&overlay, &mut batch, &mut work)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        store.write_shard_changes(overlay.into_changes(), std::mem::take(&mut positions))?;
+        store.write_shard_changes(overlay.into_changes()?, std::mem::take(&mut positions))?;
         messages += taken as u64;
     }
     Ok(messages)

@@ -633,7 +633,7 @@ mod tests {
         for _ in 0..4 {
             let mut overlay = ShardOverlay::new(&tmp.store);
             engine.sweep(&mut overlay, 500, now).expect("sweep");
-            let changes = overlay.into_changes();
+            let changes = overlay.into_changes().expect("encode");
             assert!(changes.len() <= 500 * SWEEP_PER_MESSAGE);
             assert!(changes.values().all(Option::is_none));
             deleted.extend(changes.into_keys());
@@ -718,7 +718,7 @@ mod tests {
                 payloads,
                 &mut offset,
             );
-            let changes = overlay.into_changes();
+            let changes = overlay.into_changes().expect("encode");
             let changelog = changelog_records(engine.changelog(), &changes);
             outputs.push(
                 records
@@ -821,7 +821,7 @@ mod tests {
             .expect("write");
         let mut first = ShardOverlay::new(&tmp.store);
         engine.sweep(&mut first, 1, now).expect("sweep");
-        let swept = std::sync::Arc::new(first.into_changes());
+        let swept = std::sync::Arc::new(first.into_changes().expect("encode"));
         assert_eq!(swept.get(&key), Some(&None));
         let mut next = ShardOverlay::over(&tmp.store, Some(swept));
         next.set(key.clone(), Some(now.to_be_bytes().to_vec()));
@@ -864,7 +864,7 @@ mod tests {
                 mapping.apply(c).expect("versions increase");
             }
             tmp.store
-                .write_shard_changes(overlay.into_changes(), [])
+                .write_shard_changes(overlay.into_changes().expect("encode"), [])
                 .expect("write");
         };
         let event = |id: &str, ids: &[(&str, &str)]| {

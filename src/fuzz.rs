@@ -333,7 +333,7 @@ fn run_batch(engine: &Engine, store: &TempStore, messages: &[(&str, Vec<u8>)]) -
     }
     store
         .store
-        .write_shard_changes(overlay.into_changes(), [])
+        .write_shard_changes(overlay.into_changes().expect("encode"), [])
         .expect("write");
     records
         .into_iter()

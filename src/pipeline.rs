@@ -547,7 +547,7 @@ impl Pipeline {
         self.engine
             .sweep(&mut overlay, batch.messages, now_millis())?;
         let records = self.engine.output(&overlay, &mut batch, &mut work)?;
-        let changes = overlay.into_changes();
+        let changes = overlay.into_changes()?;
         fence_changed_shards(
             &mut batch.positions,
             &changes,

@@ -381,11 +381,12 @@ fn a_restore_reads_past_a_killed_owners_open_transaction() {
     );
     zombie.abort_transaction(call).expect("abort");
     let aborted = Instant::now();
-    wait_for("the shard restored", timeout, || {
+    // Restored is logged before the shard is published to lookups and the instance reports ready.
+    wait_for("the shard restored and served", timeout, || {
         if let Ok(Some(status)) = fresh.try_wait() {
             panic!("exited ({status})\n{}", s.log_tail());
         }
-        restores() > before
+        restores() > before && s.http_get("/readyz").0 == 200
     });
     let restored_after = aborted.elapsed();
     s.wait_caught_up(&mut fresh, timeout);

@@ -205,7 +205,7 @@ mod tests {
             }
         }
         store
-            .write_shard_changes(overlay.into_changes(), [])
+            .write_shard_changes(overlay.into_changes().expect("encode"), [])
             .expect("write");
     }
 

@@ -29,7 +29,7 @@
 //! between leaves it behind, and the restore on start-up catches up (docs/DESIGN.md, "Scale-out").
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -170,7 +170,7 @@ pub trait Kv: KvRead {
 
     /// Sets (`Some`) or deletes (`None`) a profile (a `PROFILE` or `PART` record).
     fn set_profile(&mut self, key: Vec<u8>, profile: Option<Profile>) -> Result<(), StoreError> {
-        let v = profile.map(|p| encode_value(&p, 512)).transpose()?;
+        let v = profile.as_ref().map(encode_profile).transpose()?;
         self.set(key, v);
         Ok(())
     }
@@ -239,6 +239,10 @@ pub struct ShardOverlay<'s> {
     /// to join into it. Always the decoding of the key's current value: a write of the key's bytes drops
     /// the entry.
     profiles: RefCell<HashMap<Vec<u8>, Profile, foldhash::fast::RandomState>>,
+    /// Keys whose value is the profile in `profiles`, not encoded yet (their entry in `dirty` holds no
+    /// bytes): a profile put several times in a batch (four in ten are, by the events of one visit) is
+    /// encoded once, when the batch's changes are taken.
+    unencoded: HashSet<Vec<u8>, foldhash::fast::RandomState>,
 }
 
 impl<'s> ShardOverlay<'s> {
@@ -254,6 +258,7 @@ impl<'s> ShardOverlay<'s> {
             dirty: HashMap::default(),
             read: RefCell::new(HashMap::default()),
             profiles: RefCell::new(HashMap::default()),
+            unencoded: HashSet::default(),
         }
     }
 
@@ -263,12 +268,17 @@ impl<'s> ShardOverlay<'s> {
     }
 
     /// The changes: the batch's changelog records, and what is written to the store once the batch
-    /// committed.
-    pub fn into_changes(self) -> Changes {
+    /// committed. The profiles put last are encoded here.
+    pub fn into_changes(self) -> Result<Changes, StoreError> {
         let read = self.read.into_inner();
+        let mut profiles = self.profiles.into_inner();
         let mut changes = self.dirty;
+        for key in self.unencoded {
+            let p = profiles.remove(&key).ok_or_else(|| unencoded_lost(&key))?;
+            changes.insert(key, Some(encode_profile(&p)?));
+        }
         changes.retain(|k, v| is_change(&read, k, v));
-        changes
+        Ok(changes)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -289,6 +299,11 @@ impl KvRead for ShardOverlay<'_> {
         key: &[u8],
         f: impl FnOnce(Option<&[u8]>) -> R,
     ) -> Result<R, StoreError> {
+        if self.unencoded.contains(key) {
+            let profiles = self.profiles.borrow();
+            let p = profiles.get(key).ok_or_else(|| unencoded_lost(key))?;
+            return Ok(f(Some(&encode_profile(p)?)));
+        }
         if let Some(v) = self.dirty.get(key) {
             return Ok(f(v.as_deref()));
         }
@@ -302,6 +317,13 @@ impl KvRead for ShardOverlay<'_> {
         let r = f(v.as_deref());
         self.read.borrow_mut().insert(key.to_vec(), v);
         Ok(r)
+    }
+
+    fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
+        if self.unencoded.contains(key) {
+            return Ok(true);
+        }
+        self.read_with(key, |v| v.is_some())
     }
 
     fn with_profile<R>(
@@ -336,9 +358,10 @@ impl KvRead for ShardOverlay<'_> {
 }
 
 impl ShardOverlay<'_> {
-    /// Debug builds check that a cached profile is the decoding of the key's current value.
+    /// Debug builds check that a cached profile is the decoding of the key's current value (which it is
+    /// by definition while it is not encoded).
     fn check_cached(&self, key: &[u8], cached: &Profile) {
-        if cfg!(debug_assertions) {
+        if cfg!(debug_assertions) && !self.unencoded.contains(key) {
             let current = decode_profile(self, key);
             debug_assert!(
                 matches!(&current, Ok(Some(p)) if p == cached),
@@ -346,6 +369,21 @@ impl ShardOverlay<'_> {
                 String::from_utf8_lossy(key)
             );
         }
+    }
+}
+
+fn encode_profile(p: &Profile) -> Result<Vec<u8>, StoreError> {
+    encode_value(p, 512)
+}
+
+/// A key marked unencoded without its profile: a defect of the overlay, not of the data.
+fn unencoded_lost(key: &[u8]) -> StoreError {
+    StoreError::Corrupt {
+        cf: CF_SHARDS,
+        reason: format!(
+            "the batch's profile under {} was lost before it was encoded",
+            String::from_utf8_lossy(key)
+        ),
     }
 }
 
@@ -362,22 +400,32 @@ fn is_change<S: std::hash::BuildHasher>(
 impl Kv for ShardOverlay<'_> {
     fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
         self.profiles.get_mut().remove(&key);
+        self.unencoded.remove(&key);
         self.dirty.insert(key, value);
     }
 
+    /// The profile leaves the overlay: a profile not encoded yet is deleted until it is put back.
     fn take_profile(&mut self, key: &[u8]) -> Result<Option<Profile>, StoreError> {
         if let Some(p) = self.profiles.get_mut().remove(key) {
             self.check_cached(key, &p);
+            if self.unencoded.remove(key) {
+                self.dirty.insert(key.to_vec(), None);
+            }
             return Ok(Some(p));
         }
         decode_profile(self, key)
     }
 
+    /// Encoded when the batch's changes are taken ([`ShardOverlay::into_changes`]), unless its bytes are
+    /// read before.
     fn set_profile(&mut self, key: Vec<u8>, profile: Option<Profile>) -> Result<(), StoreError> {
-        let v = profile.as_ref().map(|p| encode_value(p, 512)).transpose()?;
-        self.set(key.clone(), v);
-        if let Some(p) = profile {
-            self.profiles.get_mut().insert(key, p);
+        match profile {
+            Some(p) => {
+                self.dirty.insert(key.clone(), Some(Vec::new()));
+                self.unencoded.insert(key.clone());
+                self.profiles.get_mut().insert(key, p);
+            }
+            None => self.set(key, None),
         }
         Ok(())
     }
@@ -954,7 +1002,7 @@ mod tests {
         assert_eq!(overlay.get(&gone).unwrap(), None);
 
         assert!(!overlay.is_empty());
-        let mut changes: Vec<_> = overlay.into_changes().into_iter().collect();
+        let mut changes: Vec<_> = overlay.into_changes().unwrap().into_iter().collect();
         changes.sort();
         assert_eq!(
             changes,
@@ -1001,6 +1049,7 @@ mod tests {
 
     /// Everything a batch can read of a record, by every path.
     type Reads = (
+        bool,
         Option<Vec<u8>>,
         Option<Profile>,
         Option<Profile>,
@@ -1009,6 +1058,7 @@ mod tests {
 
     fn reads<K: KvRead>(kv: &K, k: &[u8]) -> Reads {
         (
+            kv.contains(k).unwrap(),
             kv.get(k).unwrap(),
             kv.profile(k).unwrap(),
             kv.with_profile(k, |p| p.cloned()).unwrap(),
@@ -1060,7 +1110,7 @@ mod tests {
                     after.insert(k.clone(), v);
                 }
             }
-            for (k, v) in overlay.into_changes() {
+            for (k, v) in overlay.into_changes().unwrap() {
                 match v {
                     Some(v) => after.insert(k, v),
                     None => after.remove(&k),
