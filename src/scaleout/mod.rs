@@ -20,22 +20,20 @@ pub type ShardId = u32;
 
 /// The shard that keeps an identifier's directory entry (which shard owns its component).
 pub fn home(id: &Identifier, shards: ShardId) -> ShardId {
-    if shards <= 1 {
-        return 0;
-    }
-    hash_mod(&crate::store::identifier_key(id), shards)
+    hash_mod(shards, || crate::store::identifier_key(id))
 }
 
 /// The shard that deduplicates an event id.
 pub fn event_home(event_id: &str, shards: ShardId) -> ShardId {
-    hash_mod(event_id.as_bytes(), shards)
+    hash_mod(shards, || event_id.as_bytes())
 }
 
-/// One shard (the smallest deployment) homes everything at 0 without hashing.
-fn hash_mod(bytes: &[u8], shards: ShardId) -> ShardId {
+/// The shard of a key, by its hash; one shard (the smallest deployment) homes everything at 0 without
+/// making or hashing the key.
+fn hash_mod<B: AsRef<[u8]>>(shards: ShardId, key: impl FnOnce() -> B) -> ShardId {
     if shards <= 1 {
         return 0;
     }
-    let d = Sha256::digest(bytes);
-    u32::from_be_bytes([d[0], d[1], d[2], d[3]]) % shards.max(1)
+    let d = Sha256::digest(key().as_ref());
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]]) % shards
 }

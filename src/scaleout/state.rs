@@ -163,9 +163,13 @@ pub trait Kv: KvRead {
     /// probe per level of RocksDB).
     fn known_absent(&mut self, key: Vec<u8>);
 
-    /// The profile under `key`, which the caller changes and puts back (or deletes).
+    /// Takes the profile under `key` out of the state: it is deleted unless the caller puts it back.
     fn take_profile(&mut self, key: &[u8]) -> Result<Option<Profile>, StoreError> {
-        decode_profile(self, key)
+        let p = decode_profile(self, key)?;
+        if p.is_some() {
+            self.set(key.to_vec(), None);
+        }
+        Ok(p)
     }
 
     /// Sets (`Some`) or deletes (`None`) a profile (a `PROFILE` or `PART` record).
@@ -404,16 +408,19 @@ impl Kv for ShardOverlay<'_> {
         self.dirty.insert(key, value);
     }
 
-    /// The profile leaves the overlay: a profile not encoded yet is deleted until it is put back.
+    /// The kept profile moves out, or the record is decoded; either way it is deleted until put back.
     fn take_profile(&mut self, key: &[u8]) -> Result<Option<Profile>, StoreError> {
-        if let Some(p) = self.profiles.get_mut().remove(key) {
-            self.check_cached(key, &p);
-            if self.unencoded.remove(key) {
-                self.dirty.insert(key.to_vec(), None);
+        let p = match self.profiles.get_mut().remove(key) {
+            Some(p) => {
+                self.check_cached(key, &p);
+                Some(p)
             }
-            return Ok(Some(p));
+            None => decode_profile(self, key)?,
+        };
+        if p.is_some() {
+            self.set(key.to_vec(), None);
         }
-        decode_profile(self, key)
+        Ok(p)
     }
 
     /// Encoded when the batch's changes are taken ([`ShardOverlay::into_changes`]), unless its bytes are
@@ -640,12 +647,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
 
     /// Takes a profile or part out of the state: it is deleted unless put back.
     fn take_profile(&mut self, kind: u8, rest: &[u8]) -> Result<Option<Profile>, StoreError> {
-        let k = key(self.shard, kind, rest);
-        let p = self.kv.take_profile(&k)?;
-        if p.is_some() {
-            self.kv.set(k, None);
-        }
-        Ok(p)
+        self.kv.take_profile(&key(self.shard, kind, rest))
     }
 
     fn set_profile(
