@@ -25,7 +25,7 @@ use crate::scaleout::state::{
 };
 use crate::scaleout::{event_home, home, ShardId};
 use crate::stitch::{Applied, BatchChanges, Reshape, Trigger};
-use crate::store::{decode_value, encode_value, OutRecord, StoreError};
+use crate::store::{decode_value, encode_value, OutRecord, RecordRef, StoreError};
 
 /// What a batch produced besides state changes.
 #[derive(Default)]
@@ -579,15 +579,15 @@ impl Engine {
 pub fn changelog_records<'a>(
     topic: &'a str,
     changes: &'a Changes,
-) -> impl Iterator<Item = OutRecord> + 'a {
+) -> impl Iterator<Item = RecordRef<'a>> + 'a {
     let mut sorted: Vec<_> = changes.iter().collect();
     sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    sorted.into_iter().map(move |(key, value)| OutRecord {
-        topic: topic.to_string(),
+    sorted.into_iter().map(move |(key, value)| RecordRef {
+        topic,
         partition: shard_of_key(key).map(|s| s as i32),
-        key: Some(key.clone()),
-        payload: value.clone(),
-        headers: vec![],
+        key: Some(key),
+        payload: value.as_deref(),
+        headers: &[],
     })
 }
 
@@ -677,16 +677,14 @@ mod tests {
     }
 
     /// A record, in a form whose differences are legible.
-    fn readable(r: &OutRecord) -> String {
-        let text = |b: &Option<Vec<u8>>| {
-            String::from_utf8_lossy(b.as_deref().unwrap_or_default()).into_owned()
-        };
+    fn readable(r: RecordRef<'_>) -> String {
+        let text = |b: Option<&[u8]>| String::from_utf8_lossy(b.unwrap_or_default()).into_owned();
         format!(
             "{} {:?} {} {}",
             r.topic,
             r.partition,
-            text(&r.key),
-            text(&r.payload)
+            text(r.key),
+            text(r.payload)
         )
     }
 
@@ -723,7 +721,8 @@ mod tests {
             outputs.push(
                 records
                     .iter()
-                    .chain(&changelog.collect::<Vec<_>>())
+                    .map(OutRecord::borrowed)
+                    .chain(changelog)
                     .map(readable)
                     .collect(),
             );

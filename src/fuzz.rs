@@ -315,9 +315,9 @@ fn run_batch(engine: &Engine, store: &TempStore, messages: &[(&str, Vec<u8>)]) -
     let degenerate = ProfileId::from_anchor("").to_string();
     for r in &records {
         assert!(
-            dead_letters::fits(r, MAX_RECORD_BYTES),
+            dead_letters::fits(r.borrowed(), MAX_RECORD_BYTES),
             "record of {} bytes for {}",
-            dead_letters::record_bytes(r),
+            dead_letters::record_bytes(r.borrowed()),
             r.topic
         );
         assert_ne!(

@@ -39,7 +39,7 @@ use crate::processor::{positions_vec, Batch, InMessage, ProcessError};
 use crate::scaleout::lookup::HeldShards;
 use crate::scaleout::state::{refuse_former_format, shard_of_key, Changes, ShardOverlay};
 use crate::scaleout::ShardId;
-use crate::store::{OutRecord, Position, Store, StoreError};
+use crate::store::{OutRecord, Position, RecordRef, Store, StoreError};
 use crate::worker::{Ended, Worker};
 
 #[derive(Debug, thiserror::Error)]
@@ -168,8 +168,12 @@ impl Committing {
     /// Commits a batch's transaction, then writes its changes with the changelog offsets they reached.
     fn commit(&mut self, job: Job) -> Result<Committed, PipelineError> {
         let deadline = Deadline::new(self.shutdown.clone(), self.cfg.processing.drain_timeout);
-        let mut records = job.records;
-        records.extend(changelog_records(&self.changelog, &job.changes));
+        let records: Vec<RecordRef<'_>> = job
+            .records
+            .iter()
+            .map(OutRecord::borrowed)
+            .chain(changelog_records(&self.changelog, &job.changes))
+            .collect();
         let result = self
             .committer
             .commit(&records, &job.positions, job.group.as_ref(), &deadline);

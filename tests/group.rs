@@ -145,6 +145,7 @@ fn a_commit_refused_for_a_rebalance_leaves_no_transaction_open() {
         partition: 0,
         next_offset: 1,
     };
+    let records: Vec<_> = records.iter().map(OutRecord::borrowed).collect();
     let refused = committer.commit(&records, &[position], Some(&stale), &deadline);
     assert!(
         matches!(refused, Err(CommitError::Rejoin(_))),

@@ -21,7 +21,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use super::dead_letters;
 use crate::config::Config;
 use crate::metrics::Metrics;
-use crate::store::{OutRecord, Position};
+use crate::store::{Position, RecordRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
@@ -224,7 +224,7 @@ impl Committer {
     /// closed: if the group rebalanced since, the coordinator refuses them.
     pub fn commit(
         &mut self,
-        records: &[OutRecord],
+        records: &[RecordRef<'_>],
         positions: &[Position],
         group: Option<&ConsumerGroupMetadata>,
         deadline: &Deadline,
@@ -289,7 +289,11 @@ impl Committer {
                         // The broker refused a record for its size (a topic limit lowered since start-up):
                         // from now on the largest record of this batch is too large, and the next attempt
                         // sends a dead letter in its place.
-                        let largest = records.iter().map(dead_letters::record_bytes).max();
+                        let largest = records
+                            .iter()
+                            .copied()
+                            .map(dead_letters::record_bytes)
+                            .max();
                         self.max_record_bytes = largest
                             .map_or(self.max_record_bytes, |l| l.saturating_sub(1))
                             .clamp(16 * 1024, self.max_record_bytes);
@@ -323,7 +327,7 @@ impl Committer {
 
     fn transaction(
         &mut self,
-        records: &[OutRecord],
+        records: &[RecordRef<'_>],
         tpl: &TopicPartitionList,
         group: Option<&ConsumerGroupMetadata>,
         deadline: &Deadline,
@@ -360,8 +364,8 @@ impl Committer {
         Ok(())
     }
 
-    fn send_all(&self, records: &[OutRecord], deadline: &Deadline) -> Result<(), KafkaError> {
-        for r in records {
+    fn send_all(&self, records: &[RecordRef<'_>], deadline: &Deadline) -> Result<(), KafkaError> {
+        for &r in records {
             if !dead_letters::fits(r, self.max_record_bytes) {
                 let error = format!(
                     "record of {} bytes for {} exceeds the record limit of {} bytes",
@@ -387,12 +391,12 @@ impl Committer {
     /// Sends the dead letter standing in for `r`, which cannot be produced.
     fn send_unproducible(
         &self,
-        r: &OutRecord,
+        r: RecordRef<'_>,
         error: &str,
         deadline: &Deadline,
     ) -> Result<(), KafkaError> {
         tracing::error!(
-            topic = r.topic.as_str(),
+            topic = r.topic,
             error,
             "record cannot be produced; sending a dead letter in its place"
         );
@@ -401,26 +405,30 @@ impl Committer {
             .with_label_values(&["output"])
             .inc();
         let letter = dead_letters::unproducible(&self.dlq_topic, r, error, self.max_record_bytes);
-        self.send(&letter, deadline)
+        self.send(letter.borrowed(), deadline)
     }
 
-    fn send(&self, r: &OutRecord, deadline: &Deadline) -> Result<(), KafkaError> {
-        let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
-        for (k, v) in &r.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
+    fn send(&self, r: RecordRef<'_>, deadline: &Deadline) -> Result<(), KafkaError> {
+        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(r.topic);
+        // Most records have none: librdkafka's header list is made only for those that do.
+        if !r.headers.is_empty() {
+            let mut headers = OwnedHeaders::new_with_capacity(r.headers.len());
+            for (k, v) in r.headers {
+                headers = headers.insert(Header {
+                    key: k,
+                    value: Some(v),
+                });
+            }
+            record = record.headers(headers);
         }
-        let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&r.topic).headers(headers);
         if let Some(p) = r.partition {
             record = record.partition(p);
         }
-        if let Some(k) = &r.key {
-            record = record.key(k.as_slice());
+        if let Some(k) = r.key {
+            record = record.key(k);
         }
-        if let Some(p) = &r.payload {
-            record = record.payload(p.as_slice());
+        if let Some(p) = r.payload {
+            record = record.payload(p);
         }
         let mut pending = record;
         loop {

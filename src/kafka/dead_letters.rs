@@ -8,7 +8,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::store::OutRecord;
+use crate::store::{OutRecord, RecordRef};
 
 pub const HEADER_TOPIC: &str = "dlq.source.topic";
 pub const HEADER_PARTITION: &str = "dlq.source.partition";
@@ -68,10 +68,10 @@ pub fn record(
 }
 
 /// The size a record takes on the wire, near enough to compare with `message.max.bytes`.
-pub fn record_bytes(r: &OutRecord) -> usize {
+pub fn record_bytes(r: RecordRef<'_>) -> usize {
     RECORD_OVERHEAD
-        + r.key.as_ref().map_or(0, Vec::len)
-        + r.payload.as_ref().map_or(0, Vec::len)
+        + r.key.map_or(0, <[u8]>::len)
+        + r.payload.map_or(0, <[u8]>::len)
         + r.headers
             .iter()
             .map(|(k, v)| k.len() + v.len() + 8)
@@ -79,14 +79,14 @@ pub fn record_bytes(r: &OutRecord) -> usize {
 }
 
 /// Whether `r` fits in a record of at most `limit` bytes, with the margin kept free.
-pub fn fits(r: &OutRecord, limit: usize) -> bool {
+pub fn fits(r: RecordRef<'_>, limit: usize) -> bool {
     record_bytes(r) + MARGIN <= limit
 }
 
 /// `r` if it fits; otherwise `r` with its payload cut to what fits (none if even the key and headers
 /// leave no room) and headers giving the original size and SHA-256.
 pub fn fit(mut r: OutRecord, limit: usize) -> OutRecord {
-    if fits(&r, limit) {
+    if fits(r.borrowed(), limit) {
         return r;
     }
     let payload = r.payload.take().unwrap_or_default();
@@ -101,7 +101,7 @@ pub fn fit(mut r: OutRecord, limit: usize) -> OutRecord {
             hex::encode(Sha256::digest(&payload)).into_bytes(),
         ),
     ]);
-    if !fits(&r, limit) {
+    if !fits(r.borrowed(), limit) {
         // Not even the key fits: keep its hash only.
         let key = r.key.take().unwrap_or_default();
         r.headers.push((
@@ -109,14 +109,14 @@ pub fn fit(mut r: OutRecord, limit: usize) -> OutRecord {
             hex::encode(Sha256::digest(&key)).into_bytes(),
         ));
     }
-    let room = limit.saturating_sub(record_bytes(&r) + MARGIN);
+    let room = limit.saturating_sub(record_bytes(r.borrowed()) + MARGIN);
     r.payload = Some(payload[..room.min(payload.len())].to_vec());
     r
 }
 
 /// The dead letter standing in for an output record that cannot be produced (larger than `limit`, or
 /// refused by the broker for its size): where it was going, its key, and as much of its payload as fits.
-pub fn unproducible(dlq_topic: &str, r: &OutRecord, error: &str, limit: usize) -> OutRecord {
+pub fn unproducible(dlq_topic: &str, r: RecordRef<'_>, error: &str, limit: usize) -> OutRecord {
     let mut headers = vec![
         (HEADER_OUTPUT_TOPIC.to_string(), r.topic.as_bytes().to_vec()),
         (HEADER_STAGE.to_string(), b"output".to_vec()),
@@ -130,8 +130,8 @@ pub fn unproducible(dlq_topic: &str, r: &OutRecord, error: &str, limit: usize) -
         OutRecord {
             topic: dlq_topic.to_string(),
             partition: None,
-            key: r.key.clone(),
-            payload: r.payload.clone(),
+            key: r.key.map(<[u8]>::to_vec),
+            payload: r.payload.map(<[u8]>::to_vec),
             headers,
         },
         limit,
@@ -194,7 +194,7 @@ mod tests {
             "bad json",
             limit,
         );
-        assert!(record_bytes(&r) <= limit - MARGIN);
+        assert!(record_bytes(r.borrowed()) <= limit - MARGIN);
         assert!(r.payload.as_ref().unwrap().len() > limit / 2);
         assert_eq!(header(&r, HEADER_TRUNCATED), Some(&b"true"[..]));
         assert_eq!(header(&r, HEADER_SIZE), Some(&b"1040019"[..]));
@@ -214,7 +214,7 @@ mod tests {
             "e",
             4096,
         );
-        assert!(record_bytes(&r) <= 4096);
+        assert!(record_bytes(r.borrowed()) <= 4096);
         assert_eq!(r.key, None);
         assert!(header(&r, "dlq.key.sha256").is_some());
     }
@@ -228,9 +228,9 @@ mod tests {
             payload: Some(vec![0; 3_000_000]),
             headers: vec![],
         };
-        let r = unproducible("dlq", &update, "too large", 1_000_000);
+        let r = unproducible("dlq", update.borrowed(), "too large", 1_000_000);
         assert_eq!(r.topic, "dlq");
-        assert!(fits(&r, 1_000_000));
+        assert!(fits(r.borrowed(), 1_000_000));
         assert_eq!(
             header(&r, HEADER_OUTPUT_TOPIC),
             Some(&b"profile-updates"[..])

@@ -787,8 +787,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             graph.remove_identifier(id);
             let part = graph.take_part(id)?;
             let links = graph.view.take_links(id)?;
-            let gen = graph.view.gen(id)?;
-            graph.view.set_gen(id, None)?;
+            let gen = graph.view.take_gen(id)?;
             members.push(Member {
                 id: id.clone(),
                 links,
@@ -823,7 +822,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                 graph.put_part(&m.id, part);
             }
             let gen = m.gen + 1;
-            graph.view.set_gen(&m.id, Some(gen))?;
+            graph.view.set_gen(&m.id, gen)?;
             graph.view.clear_moved::<Moved>(&m.id)?;
             let to = home(&m.id, shards);
             out.msgs.push((
@@ -918,7 +917,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         for (x, f) in &p.found {
             if let Found::New(gen) = f {
                 let owner = if self.here(x)? {
-                    self.view.set_gen(x, Some(*gen))?;
+                    self.view.set_gen(x, *gen)?;
                     self.view.clear_moved::<Moved>(x)?;
                     Some(self.id())
                 } else {
@@ -1162,8 +1161,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         out: &mut Out,
     ) -> Result<(), StoreError> {
         for x in ids {
-            let gen = self.view.gen(x)? + 1;
-            self.view.set_gen(x, None)?;
+            let gen = self.view.take_gen(x)? + 1;
             self.view.set_moved(x, Some(&Moved::Erased(gen - 1)))?;
             self.send(
                 out,

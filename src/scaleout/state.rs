@@ -674,12 +674,25 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         self.kv.known_absent(key(self.shard, kind, rest));
     }
 
-    pub fn gen(&self, id: &Identifier) -> Result<u32, StoreError> {
-        Ok(self.get(GEN, &identifier_key(id))?.unwrap_or_default())
+    /// Records how many times `id`, now in this shard's graph, was placed. The first placement (most of
+    /// them: every new identifier) writes no record: an identifier in the graph without one was placed once.
+    pub fn set_gen(&mut self, id: &Identifier, gen: u32) -> Result<(), StoreError> {
+        if gen == 1 {
+            return Ok(());
+        }
+        self.put(GEN, &identifier_key(id), Some(&gen))
     }
 
-    pub fn set_gen(&mut self, id: &Identifier, gen: Option<u32>) -> Result<(), StoreError> {
-        self.put(GEN, &identifier_key(id), gen.as_ref())
+    /// How many times `id`, leaving this shard's graph, was placed; its record goes with it.
+    pub fn take_gen(&mut self, id: &Identifier) -> Result<u32, StoreError> {
+        let rest = identifier_key(id);
+        match self.get::<u32>(GEN, &rest)? {
+            Some(gen) => {
+                self.put::<u32>(GEN, &rest, None)?;
+                Ok(gen)
+            }
+            None => Ok(1),
+        }
     }
 
     pub fn moved<T: DeserializeOwned>(&self, id: &Identifier) -> Result<Option<T>, StoreError> {

@@ -277,11 +277,12 @@ impl Stitcher {
                 (store.allocate_node()?, p, true)
             }
         };
-        // The ids of the profiles joined and where each is indexed: ids other than the one after are
-        // retired, and the index is written again only if the id after is not already indexed at its node.
-        let mut joined: Vec<(ProfileId, NodeId)> = Vec::new();
+        // The profiles joined, by the event id of their anchor (a profile's id is a hash of it, made only
+        // where an id changes), and where each is indexed: ids other than the one after are retired, and
+        // the index is written again only if the id after is not already indexed at its node.
+        let mut joined: Vec<(String, NodeId)> = Vec::new();
         if !created {
-            joined.push((profile.id(), node));
+            joined.push((profile.anchor.1.clone(), node));
         }
         let mut merged_into_primary: BTreeSet<NodeId> = BTreeSet::from([node]);
         let event_refuses = ev
@@ -307,7 +308,7 @@ impl Stitcher {
                         merged_kinds.push(mine);
                     }
                     merged_kinds.push(theirs);
-                    joined.push((other_profile.id(), other));
+                    joined.push((other_profile.anchor.1.clone(), other));
                     // Union by size: the larger side keeps its node, the smaller side is relabelled.
                     let (keep, gone, mut big, small) = if other_profile.identifiers.len()
                         > profile.identifiers.len()
@@ -378,13 +379,17 @@ impl Stitcher {
         store.link_all(&linked, &evidence);
         self.record_part(store, &linked, ev)?;
 
-        let id_after = profile.id();
-        let ids_before: BTreeSet<&ProfileId> = joined.iter().map(|(id, _)| id).collect();
-        for old in ids_before {
-            if *old != id_after {
-                store.redirect(old, &id_after);
-                store.unindex(old);
-                retired.push(old.clone());
+        let ids_before: BTreeSet<ProfileId> = joined
+            .iter()
+            .filter(|(anchor, _)| *anchor != profile.anchor.1)
+            .map(|(anchor, _)| ProfileId::from_anchor(anchor))
+            .collect();
+        if !ids_before.is_empty() {
+            let id_after = profile.id();
+            for old in ids_before {
+                store.redirect(&old, &id_after);
+                store.unindex(&old);
+                retired.push(old);
             }
         }
         let applied = Applied {
@@ -401,8 +406,11 @@ impl Stitcher {
             // Absorbing took the largest version of the profiles joined.
             profile.version += 1;
         }
-        if !joined.contains(&(id_after.clone(), node)) {
-            store.index(&id_after, node);
+        if !joined
+            .iter()
+            .any(|(anchor, n)| *n == node && *anchor == profile.anchor.1)
+        {
+            store.index(&profile.id(), node);
         }
         store.put_profile(node, profile);
         Ok(Some(applied))

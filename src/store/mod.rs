@@ -78,6 +78,31 @@ pub struct OutRecord {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+/// A record to produce, borrowed from where it was made: a batch's changelog is sent from its changes
+/// without copying every key and value into an [`OutRecord`] first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordRef<'a> {
+    pub topic: &'a str,
+    /// A fixed partition (the internal topics); otherwise the key decides.
+    pub partition: Option<i32>,
+    pub key: Option<&'a [u8]>,
+    /// `None` is a tombstone.
+    pub payload: Option<&'a [u8]>,
+    pub headers: &'a [(String, Vec<u8>)],
+}
+
+impl OutRecord {
+    pub fn borrowed(&self) -> RecordRef<'_> {
+        RecordRef {
+            topic: &self.topic,
+            partition: self.partition,
+            key: self.key.as_deref(),
+            payload: self.payload.as_deref(),
+            headers: &self.headers,
+        }
+    }
+}
+
 /// Input position of one partition: the offset of the next message to read.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Position {
