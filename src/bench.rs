@@ -330,6 +330,7 @@ impl Drop for Service {
 /// Latency samples: send time of each live event, matched with the time its profile update became visible.
 fn measure_latency(
     args: &BenchArgs,
+    rate: u64,
     topics: &Topics,
     persons: usize,
 ) -> anyhow::Result<(Vec<f64>, u64)> {
@@ -408,7 +409,7 @@ fn measure_latency(
             .map_err(|(e, _)| e)?;
         sent += 1;
         // Pace to the rate, reading the output while waiting.
-        let due = started + Duration::from_secs_f64(sent as f64 / args.latency_rate as f64);
+        let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
         loop {
             let now = Instant::now();
             if now >= due {
@@ -586,9 +587,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         &quality::mapping_from_topic(crate::kafka::base_config(&cfg), &topics.output, timeout)?,
     );
 
-    // (c) latency at a fixed live rate
-    let live_persons = (args.latency_rate * args.latency_secs / 15).max(10) as usize;
-    let (mut latencies, live_sent) = measure_latency(args, &topics, live_persons)?;
+    // (c) latency at a fixed live rate: half of the pipeline's unless one is given
+    let live_rate = args
+        .latency_rate
+        .unwrap_or((pipe_rate / 2.0).round() as u64)
+        .max(1);
+    let live_persons = (live_rate * args.latency_secs / 15).max(10) as usize;
+    let (mut latencies, live_sent) = measure_latency(args, live_rate, &topics, live_persons)?;
     service.check()?;
     let (rss, cpu) = service.usage();
     let status = service.stop()?;
@@ -606,7 +611,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         passthrough_msgs_per_sec: pass_rate,
         pipeline_msgs_per_sec: pipe_rate,
         ratio: pipe_rate / pass_rate,
-        latency_rate_msgs_per_sec: args.latency_rate,
+        latency_rate_msgs_per_sec: live_rate,
         latency_samples: latencies.len(),
         latency_p50_ms: percentile(&latencies, 0.50),
         latency_p99_ms: percentile(&latencies, 0.99),

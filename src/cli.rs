@@ -237,9 +237,10 @@ pub struct BenchArgs {
     /// Share of persons sharing a home phone with another (over-merges the quality report shows).
     #[arg(long, default_value_t = 0.02)]
     pub households: f64,
-    /// Messages per second produced during the latency phase.
-    #[arg(long, default_value_t = 1000)]
-    pub latency_rate: u64,
+    /// Messages per second produced during the latency phase; by default half of the pipeline's rate
+    /// measured in the same run (where the latency target is set).
+    #[arg(long)]
+    pub latency_rate: Option<u64>,
     /// Length of the latency phase.
     #[arg(long, default_value_t = 20)]
     pub latency_secs: u64,
