@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::config::GuardrailConfig;
 use crate::model::ConsentChange;
-use crate::scaleout::state::{key, ShardRead, DIR, NODE, PROFILE};
+use crate::scaleout::state::{key, ShardRead, DIR, GEN, NODE, PROFILE};
 use crate::stitch::{MemStore, Rules};
 use crate::store::{decode_identifier, decode_value};
 
@@ -253,10 +253,11 @@ impl Sim {
         }
     }
 
-    /// Every shard quiet; every identifier in one graph, its home's directory naming that shard.
+    /// Every shard quiet; every identifier in one graph, its home's directory naming that shard with the
+    /// count of placements the shard holds for it (no record: placed once).
     fn check_placement(&self) {
         let n = self.n();
-        let mut placed: BTreeMap<Identifier, ShardId> = BTreeMap::new();
+        let mut placed: BTreeMap<Identifier, (ShardId, u32)> = BTreeMap::new();
         let mut stuck = Vec::new();
         for (s, kv) in self.shards.iter().enumerate() {
             let s = s as ShardId;
@@ -290,6 +291,13 @@ impl Sim {
                 ));
             }
             let profiles = self.profiles(s);
+            let gens: BTreeMap<Identifier, u32> = records(kv, s, GEN)
+                .into_iter()
+                .map(|(k, v)| {
+                    let x = decode_identifier(k).expect("identifier");
+                    (x, decode_value(v, "t", "gen").expect("gen"))
+                })
+                .collect();
             for (k, v) in records(kv, s, NODE) {
                 let x = decode_identifier(k).expect("identifier");
                 let node: NodeId = decode_value(v, "t", "node").expect("node");
@@ -297,14 +305,18 @@ impl Sim {
                     profiles[&node].identifiers.contains_key(&x),
                     "{x} points at a profile without it"
                 );
-                assert!(placed.insert(x.clone(), s).is_none(), "{x} in two shards");
+                let gen = gens.get(&x).copied().unwrap_or(1);
+                assert!(
+                    placed.insert(x.clone(), (s, gen)).is_none(),
+                    "{x} in two shards"
+                );
             }
             for p in profiles.values() {
                 assert_eq!(self.stitcher.rules().violation(p), None);
             }
         }
         assert!(stuck.is_empty(), "still waiting:\n{}", stuck.join("\n"));
-        for (x, s) in &placed {
+        for (x, (s, gen)) in &placed {
             let h = home(x, n);
             let read = ShardRead {
                 kv: &self.shards[h as usize],
@@ -312,8 +324,8 @@ impl Sim {
             };
             let dir: Option<Dir> = read.dir(x).expect("read");
             assert!(
-                matches!(dir, Some(Dir::Owned(o, _)) if o == *s),
-                "directory of {x}: {dir:?}, placed at {s}"
+                matches!(dir, Some(Dir::Owned(o, g)) if o == *s && g == *gen),
+                "directory of {x}: {dir:?}, placed at {s} for the {gen}th time"
             );
         }
     }
