@@ -379,14 +379,15 @@ impl Stitcher {
         store.link_all(&linked, &evidence);
         self.record_part(store, &linked, ev)?;
 
-        let ids_before: BTreeSet<ProfileId> = joined
+        // The ids joined that are not the id after, in id order.
+        let changed: BTreeSet<ProfileId> = joined
             .iter()
             .filter(|(anchor, _)| *anchor != profile.anchor.1)
             .map(|(anchor, _)| ProfileId::from_anchor(anchor))
             .collect();
-        if !ids_before.is_empty() {
+        if !changed.is_empty() {
             let id_after = profile.id();
-            for old in ids_before {
+            for old in changed {
                 store.redirect(&old, &id_after);
                 store.unindex(&old);
                 retired.push(old);
