@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use super::state::{
-    suppression_hash, Kv, ShardGraph, ShardView, MOVED_PROFILE, PARKED, PARKED_BEHIND, PENDING,
-    WAITING,
+    suppression_hash, Kv, ShardGraph, ShardView, FIRST_PLACEMENT, MOVED_PROFILE, PARKED,
+    PARKED_BEHIND, PENDING, WAITING,
 };
 use super::{event_home, home, ShardId};
 use crate::config::HashKey;
@@ -569,7 +569,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         let mut stays = false;
         let mut went: BTreeMap<Identifier, ShardId> = BTreeMap::new();
         for (x, f) in &found {
-            if *f == Found::New(1) {
+            if *f == Found::New(FIRST_PLACEMENT) {
                 // Never placed before (its home had no directory entry): nothing of it exists anywhere.
                 self.view.first_placement(x);
             }

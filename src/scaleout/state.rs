@@ -62,6 +62,10 @@ pub(crate) const PARKED: u8 = b'k';
 pub(crate) const PARKED_BEHIND: u8 = b'K';
 const SUPPRESSED: u8 = b's';
 
+/// The placement count of an identifier's first placement anywhere (its home had no directory entry,
+/// `Absent(0)`): the count that an identifier in a graph without a `GEN` record has.
+pub(crate) const FIRST_PLACEMENT: u32 = 1;
+
 /// The key of an identifier on the suppression list: HMAC-SHA-256 of its state key under the salt
 /// (`STITCHER_SUPPRESSION_SALT`), so the list never holds the identifier.
 pub fn suppression_hash(salt: &crate::config::HashKey, id: &Identifier) -> [u8; 32] {
@@ -677,7 +681,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
     /// Records how many times `id`, now in this shard's graph, was placed. The first placement (most of
     /// them: every new identifier) writes no record: an identifier in the graph without one was placed once.
     pub fn set_gen(&mut self, id: &Identifier, gen: u32) -> Result<(), StoreError> {
-        if gen == 1 {
+        if gen == FIRST_PLACEMENT {
             return Ok(());
         }
         self.put(GEN, &identifier_key(id), Some(&gen))
@@ -691,7 +695,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
                 self.put::<u32>(GEN, &rest, None)?;
                 Ok(gen)
             }
-            None => Ok(1),
+            None => Ok(FIRST_PLACEMENT),
         }
     }
 

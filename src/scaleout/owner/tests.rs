@@ -16,7 +16,7 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::config::GuardrailConfig;
 use crate::model::ConsentChange;
-use crate::scaleout::state::{key, ShardRead, DIR, GEN, NODE, PROFILE};
+use crate::scaleout::state::{key, ShardRead, DIR, FIRST_PLACEMENT, GEN, NODE, PROFILE};
 use crate::stitch::{MemStore, Rules};
 use crate::store::{decode_identifier, decode_value};
 
@@ -305,7 +305,7 @@ impl Sim {
                     profiles[&node].identifiers.contains_key(&x),
                     "{x} points at a profile without it"
                 );
-                let gen = gens.get(&x).copied().unwrap_or(1);
+                let gen = gens.get(&x).copied().unwrap_or(FIRST_PLACEMENT);
                 assert!(
                     placed.insert(x.clone(), (s, gen)).is_none(),
                     "{x} in two shards"
