@@ -23,7 +23,7 @@ use crate::scaleout::owner::{Msg, Out, Shard, Step};
 use crate::scaleout::state::{
     shard_of_key, suppression_hash, sweep_seen, Changes, ShardOverlay, ShardRead, ShardView,
 };
-use crate::scaleout::{event_home, home, ShardId};
+use crate::scaleout::{entry_shard, home, ShardId};
 use crate::stitch::{Applied, BatchChanges, Reshape, Trigger};
 use crate::store::{decode_value, encode_value, OutRecord, RecordRef, StoreError};
 
@@ -333,7 +333,7 @@ impl Engine {
                 return Ok(());
             }
             batch.event_times.push(ev.timestamp);
-            let to = event_home(&ev.event_id, self.shards);
+            let to = entry_shard(&ev, self.shards);
             self.deliver(overlay, work, vec![(to, Msg::Event(ev))], "local")?;
         }
         Ok(())

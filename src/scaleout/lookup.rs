@@ -154,7 +154,7 @@ mod tests {
 
     use super::*;
     use crate::model::Event;
-    use crate::scaleout::event_home;
+    use crate::scaleout::entry_shard;
     use crate::scaleout::owner::{Msg, Out, Shard};
     use crate::scaleout::state::{ShardOverlay, ShardView};
     use crate::stitch::{Rules, Stitcher};
@@ -186,8 +186,7 @@ mod tests {
         let stitcher = Stitcher::new(Rules::unlimited());
         let mut overlay = ShardOverlay::new(store);
         for e in events {
-            let mut queue =
-                VecDeque::from([(event_home(&e.event_id, SHARDS), Msg::Event(e.clone()))]);
+            let mut queue = VecDeque::from([(entry_shard(e, SHARDS), Msg::Event(e.clone()))]);
             while let Some((shard, msg)) = queue.pop_front() {
                 let mut out = Out::default();
                 let mut view = ShardView {

@@ -13,7 +13,7 @@ pub mod state;
 
 use sha2::{Digest, Sha256};
 
-use crate::model::Identifier;
+use crate::model::{Event, Identifier};
 
 /// A shard number: a partition of the internal topic and of the changelog.
 pub type ShardId = u32;
@@ -23,9 +23,15 @@ pub fn home(id: &Identifier, shards: ShardId) -> ShardId {
     hash_mod(shards, || crate::store::identifier_key(id))
 }
 
-/// The shard that deduplicates an event id.
-pub fn event_home(event_id: &str, shards: ShardId) -> ShardId {
-    hash_mod(shards, || event_id.as_bytes())
+/// The shard an event enters at, where it is deduplicated: the first home of its identifiers (where its
+/// first `Locate` goes, so entering costs no hop of its own); the hash of its id if it has none. Every copy
+/// of an event enters at the same shard: it depends on nothing but the event's identifiers.
+pub fn entry_shard(ev: &Event, shards: ShardId) -> ShardId {
+    ev.identifiers
+        .iter()
+        .map(|x| home(x, shards))
+        .min()
+        .unwrap_or_else(|| hash_mod(shards, || ev.event_id.as_bytes()))
 }
 
 /// The shard of a key, by its hash; one shard (the smallest deployment) homes everything at 0 without

@@ -15,7 +15,7 @@ use super::state::{
     suppression_hash, Kv, ShardGraph, ShardView, FIRST_PLACEMENT, MOVED_PROFILE, PARKED,
     PARKED_BEHIND, PENDING, WAITING,
 };
-use super::{event_home, home, ShardId};
+use super::{entry_shard, home, ShardId};
 use crate::config::HashKey;
 use crate::model::{Event, Identifier, NodeId, ProfileId};
 use crate::profile::Profile;
@@ -1242,7 +1242,7 @@ fn choose_target(ev: &Event, found: &[(Identifier, Found)], shards: ShardId) -> 
         .map(|(s, _)| *s);
     best.unwrap_or_else(|| match ev.identifiers.iter().min() {
         Some(x) => home(x, shards),
-        None => event_home(&ev.event_id, shards),
+        None => entry_shard(ev, shards),
     })
 }
 
