@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
@@ -888,17 +888,35 @@ fn throughput_with_one_two_three_instances() {
         });
         let all = count(&|_| true);
         let crossing = count(&|k| k.contains("route=\"topic\""));
+        let kinds: BTreeSet<&str> = by_series
+            .keys()
+            .filter_map(|k| k.split("kind=\"").nth(1)?.split('"').next())
+            .collect();
+        let per_kind: Vec<String> = kinds
+            .iter()
+            .map(|kind| {
+                let of_kind = |k: &str| k.contains(&format!("kind=\"{kind}\""));
+                let through = count(&|k| of_kind(k) && k.contains("route=\"topic\""));
+                // `abs`: a sum of no values is -0.
+                format!(
+                    "{kind} {:.2} ({:.2})",
+                    count(&of_kind) / events.max(1.0),
+                    (through / events.max(1.0)).abs()
+                )
+            })
+            .collect();
         println!(
             "scaleout-bench: {n} instance(s): {sent} messages in {secs:.1}s = {:.0} msg/s; CPU seconds per \
              instance [{}], broker {broker_cpu:.1}; {batches} batches of {batch_mean:.0} messages, \
              {batch_ms:.0} ms each, {commit_ms:.0} ms of it committing; {:.1} shard messages per event, {:.1} fetch/component per merge \
              ({merges} merges), {:.0}% through the internal topic; {restored} changelog records restored, \
-             {memtables_mib:.0} MiB in memtables",
+             {memtables_mib:.0} MiB in memtables; per event by kind (through the topic): {}",
             sent as f64 / secs,
             cpu.join(", "),
             all / events.max(1.0),
             linking / merges.max(1.0),
             (100.0 * crossing / all.max(1.0)).abs(),
+            per_kind.join(", "),
         );
     }
 }
