@@ -59,7 +59,7 @@ pub struct Piece {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Msg {
-    /// A new event, at the home of its id.
+    /// A new event, at its entry shard (`entry_shard`), where it is deduplicated.
     Event(Event),
     /// Find the owners of `ids` (sorted by home, then identifier), from `ids[next]` on, at its home;
     /// `scoped`: `ids` holds the event's scoped copies too (else they count as [`Found::Unreserved`]).

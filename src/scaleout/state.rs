@@ -737,7 +737,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         self.put(SUPPRESSED, hash, at.as_ref())
     }
 
-    /// Records an event id homed here; false if it was seen before.
+    /// Records the id of an event that entered here; false if it was seen before.
     pub fn first_seen(&mut self, event_id: &str) -> Result<bool, StoreError> {
         let digest = Sha256::digest(event_id.as_bytes());
         let k = key(self.shard, SEEN, &digest[..16]);

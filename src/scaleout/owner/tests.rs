@@ -113,7 +113,7 @@ fn arb_inputs() -> impl Strategy<Value = Vec<Input>> {
                     }
                 }
             });
-            // A repeated event: dropped at its home.
+            // A repeated event: dropped at its entry shard.
             if c == 1 && kind == 0 {
                 if let Some(Input::Event(e)) =
                     out.iter().rev().find(|i| matches!(i, Input::Event(_)))
