@@ -23,7 +23,7 @@ use crate::profile::{Enrichment, Profile, Seal, Seen};
 use super::evidence::Evidence;
 use super::rules::{Rule, Rules};
 
-/// What stitching needs from state. Implemented by the RocksDB batch overlay and by [`MemStore`].
+/// What stitching needs from state. Implemented by the RocksDB batch overlay and by [`MemStore`](super::MemStore).
 pub trait GraphStore {
     type Error;
     fn node_of(&mut self, id: &Identifier) -> Result<Option<NodeId>, Self::Error>;
