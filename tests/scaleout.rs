@@ -189,6 +189,36 @@ fn wait_quiescent(
     done_since.unwrap_or_else(Instant::now)
 }
 
+/// Waits until every instance holds shards, all of them together every shard, the same for a second.
+fn wait_shards_shared(setup: &Setup, instances: &[Instance]) {
+    let started = Instant::now();
+    let held = || -> Vec<f64> {
+        instances
+            .iter()
+            .map(|i| {
+                // Not listening yet: holds nothing yet.
+                if std::net::TcpStream::connect(("127.0.0.1", i.port)).is_err() {
+                    return 0.0;
+                }
+                counters(&[i.port], "stitcher_shards_owned").values().sum()
+            })
+            .collect()
+    };
+    let shared =
+        |h: &[f64]| h.iter().all(|n| *n > 0.0) && h.iter().sum::<f64>() == f64::from(PARTITIONS);
+    loop {
+        assert!(started.elapsed() < TIMEOUT, "{}", setup.log_tail());
+        let before = held();
+        if shared(&before) {
+            std::thread::sleep(Duration::from_secs(1));
+            if held() == before {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Waits for the group's first commit on the inputs.
 fn wait_first_commit(setup: &Setup, timeout: Duration) -> Instant {
     let started = Instant::now();
@@ -788,7 +818,8 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
 
 /// Throughput with 1, 2 and 3 instances on this machine, each over the same input, with each instance's
 /// CPU time and the messages between shards per event and per merge (fetches and components moved),
-/// after one instance in classic mode as the baseline.
+/// after one instance with one shard (no `[scaleout]`) as the baseline. The instances share the shards
+/// before the input is sent.
 /// `SCALEOUT_BENCH=1 cargo test --release --features kafka-it --test scaleout -- --ignored --nocapture`;
 /// `SCALEOUT_PERSONS` and `SCALEOUT_BATCH` (most messages per batch, 2,000) change the run.
 #[test]
@@ -807,21 +838,21 @@ fn throughput_with_one_two_three_instances() {
         ..Default::default()
     });
     {
-        // Baseline: classic mode, one instance, same input and guardrails.
-        let classic = Setup::new("scaleout-bench-classic", PARTITIONS, UNLIMITED);
-        batching(&classic, batch);
-        let sent = generate::send(&brokers(), &classic.routes, &j, 0).expect("send");
-        let mut child = classic.start();
-        let first = wait_first_commit(&classic, TIMEOUT);
+        // Baseline: one shard (no `[scaleout]`), one instance, same input and guardrails.
+        let one_shard = Setup::new("scaleout-bench-one-shard", PARTITIONS, UNLIMITED);
+        batching(&one_shard, batch);
+        let sent = generate::send(&brokers(), &one_shard.routes, &j, 0).expect("send");
+        let mut child = one_shard.start();
+        let first = wait_first_commit(&one_shard, TIMEOUT);
         let cpu_at_first = cpu_seconds(child.id());
-        classic.wait_caught_up(&mut child, TIMEOUT);
+        one_shard.wait_caught_up(&mut child, TIMEOUT);
         let secs = first.elapsed().as_secs_f64();
         let cpu = cpu_seconds(child.id());
         let in_run = cpu - cpu_at_first;
-        let (batch_ms, commit_ms) = batch_and_commit_ms(&[classic.http_port]);
+        let (batch_ms, commit_ms) = batch_and_commit_ms(&[one_shard.http_port]);
         sigterm(&mut child);
         println!(
-            "scaleout-bench: classic mode, 1 instance: {sent} messages in {secs:.1}s = {:.0} msg/s; CPU \
+            "scaleout-bench: one shard, 1 instance: {sent} messages in {secs:.1}s = {:.0} msg/s; CPU \
              seconds {cpu:.1} ({in_run:.1} in the run); batches of {batch_ms:.0} ms, {commit_ms:.0} ms of it committing",
             sent as f64 / secs
         );
@@ -829,10 +860,14 @@ fn throughput_with_one_two_three_instances() {
     for n in 1..=3usize {
         let (setup, shard_topic) = sharded(&format!("scaleout-bench{n}"), UNLIMITED);
         batching(&setup, batch);
+        // The instances join and share the shards before the input comes: what is measured is the
+        // steady state, not the rebalances of instances joining one after another (restores paid once
+        // per change of membership, not per event).
+        let mut instances: Vec<Instance> = (0..n).map(|i| start_instance(&setup, i)).collect();
+        wait_shards_shared(&setup, &instances);
         let sent = generate::send(&brokers(), &setup.routes, &j, 0).expect("send");
         let broker = broker_pid();
         let broker_before = broker.map(cpu_seconds).unwrap_or_default();
-        let mut instances: Vec<Instance> = (0..n).map(|i| start_instance(&setup, i)).collect();
         let first = wait_first_commit(&setup, TIMEOUT);
         let cpu_at_first: Vec<f64> = instances
             .iter()
