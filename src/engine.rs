@@ -757,7 +757,7 @@ mod tests {
 
     proptest::proptest! {
         #![proptest_config(proptest::prelude::ProptestConfig::with_cases(
-            std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(32)
+            crate::env_or("PROPTEST_CASES", 32)
         ))]
 
         /// A batch handled over the changes of the batch before it, not yet in the store, produces what it

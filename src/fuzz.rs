@@ -275,10 +275,7 @@ fn message() -> impl Strategy<Value = (&'static str, Vec<u8>)> {
 }
 
 fn cases() -> u32 {
-    std::env::var("FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(64)
+    crate::env_or("FUZZ_CASES", 64)
 }
 
 /// Runs one batch of messages through the processor; checks the invariants; returns the dead letters.

@@ -43,6 +43,16 @@ macro_rules! error_from {
     };
 }
 
+/// An environment variable parsed, or `default`: the unit tests' knobs (`PROPTEST_CASES`, `FUZZ_CASES`,
+/// `SIM_SEED`).
+#[cfg(test)]
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub mod ahead;
 pub mod app;
 pub mod backtest;

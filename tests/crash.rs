@@ -23,13 +23,6 @@ use stitcher::journeys::{self, JourneyConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(600);
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 /// Live profiles by id: what must be identical between a crashed and an uncrashed run.
 fn live_profiles(out: &Output) -> BTreeMap<String, ProfileRecord> {
     out.view

@@ -467,7 +467,7 @@ fn check(inputs: Vec<Input>, n: ShardId, seed: u64, loss: f64) -> Sim {
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(
-        std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(200)
+        crate::env_or("PROPTEST_CASES", 200)
     ))]
 
     /// An event enters at the shard of its first `Locate`: entering costs no hop of its own.
@@ -527,10 +527,7 @@ fn fixed_seed_run_and_its_cost() {
         .iter()
         .filter(|i| matches!(i, Input::Event(_)))
         .count();
-    let seed = std::env::var("SIM_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(7);
+    let seed = crate::env_or("SIM_SEED", 7);
     let sim = check(inputs, 12, seed, 0.1);
     println!(
         "seed {seed}: {events} inputs over 12 shards: {} messages, {:.1} per event, {:.1} of them between shards; {:?}",

@@ -160,10 +160,7 @@ fn batch_changes_coalesce_chains() {
 
 /// Cases per property: 300 in CI; `PROPTEST_CASES=20000` for a soak run.
 fn cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(300)
+    crate::env_or("PROPTEST_CASES", 300)
 }
 
 /// Events over a small universe of identifiers so that merges are frequent.
