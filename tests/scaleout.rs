@@ -107,6 +107,57 @@ fn counters(ports: &[u16], name: &str) -> BTreeMap<String, f64> {
     sums
 }
 
+/// The shard topic's partitions each instance holds (by its HTTP port), from the group's description.
+fn shards_held(group: &str, shard_topic: &str, ports: &[u16]) -> Vec<Vec<i32>> {
+    let admin: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let list = admin
+        .fetch_group_list(Some(group), Duration::from_secs(10))
+        .expect("describe the group");
+    let members = list
+        .groups()
+        .iter()
+        .find(|g| g.name() == group)
+        .map(|g| g.members())
+        .unwrap_or_default();
+    ports
+        .iter()
+        .map(|port| {
+            let me = format!("127.0.0.1:{port}");
+            let mut held: Vec<i32> = members
+                .iter()
+                .filter(|m| m.client_id().ends_with(&me))
+                .flat_map(|m| {
+                    stitcher::scaleout::routing::assigned_partitions(
+                        m.assignment().unwrap_or_default(),
+                        shard_topic,
+                    )
+                })
+                .collect();
+            held.sort_unstable();
+            held
+        })
+        .collect()
+}
+
+/// Records written to each partition of `topic` (high watermark less low), by partition.
+fn records_per_partition(topic: &str) -> Vec<i64> {
+    let admin: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    (0..PARTITIONS)
+        .map(|p| {
+            let (low, high) = admin
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks");
+            high - low
+        })
+        .collect()
+}
+
 /// Records of `topic` past the group's committed offsets, as a read_committed consumer sees them.
 fn backlog(group: &str, topic: &str) -> Result<usize, KafkaError> {
     let admin: BaseConsumer = ClientConfig::new()
@@ -682,6 +733,12 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
         TIMEOUT,
     );
     reference.wait_caught_up(&mut reference_child, TIMEOUT);
+    let held = shards_held(&setup.group, &shard_topic, &[a.port, c.port, d.port]);
+    assert!(
+        held.iter()
+            .all(|s| s.len() == 4 && s.windows(2).all(|w| w[1] - w[0] == 3)),
+        "the shards are dealt in turn, not in ranges (docs/DESIGN.md, \"Where the work lands\"): {held:?}"
+    );
     let (local, forwarded) = lookups_agree(&j.truth, &[a.port, c.port, d.port], &reference);
     for child in [
         &mut a.child,
@@ -860,6 +917,17 @@ fn throughput_with_one_two_three_instances() {
     for n in 1..=3usize {
         let (setup, shard_topic) = sharded(&format!("scaleout-bench{n}"), UNLIMITED);
         batching(&setup, batch);
+        if let Ok(assignor) = std::env::var("SCALEOUT_ASSIGNOR") {
+            // For a comparison: the group's partition assignment strategy instead of the service's.
+            setup.edit_config(|c| {
+                c.replace(
+                    "[output]\n",
+                    &format!(
+                        "[kafka.consumer]\n\"partition.assignment.strategy\" = \"{assignor}\"\n\n[output]\n"
+                    ),
+                )
+            });
+        }
         // The instances join and share the shards before the input comes: what is measured is the
         // steady state, not the rebalances of instances joining one after another (restores paid once
         // per change of membership, not per event).
@@ -899,6 +967,9 @@ fn throughput_with_one_two_three_instances() {
         let batch_mean = sum_of("stitcher_batch_size_messages_sum") / batches.max(1.0);
         let (batch_ms, commit_ms) = batch_and_commit_ms(&ports);
         let restored = sum_of("stitcher_restored_records_total");
+        let held = shards_held(&setup.group, &shard_topic, &ports);
+        let changelog = records_per_partition(&format!("{shard_topic}-changelog"));
+        let shard_messages = records_per_partition(&shard_topic);
         let memtables_mib = counters(&ports, "stitcher_state_memory_bytes")
             .iter()
             .filter(|(k, _)| k.contains("memtables"))
@@ -953,6 +1024,31 @@ fn throughput_with_one_two_three_instances() {
             (100.0 * crossing / all.max(1.0)).abs(),
             per_kind.join(", "),
         );
+        // Where the work is: a shard's changelog records are its state changes, its topic records the
+        // messages other instances sent it.
+        let thousands = |v: &[i64]| -> String {
+            let k: Vec<String> = v
+                .iter()
+                .map(|n| format!("{:.0}k", *n as f64 / 1e3))
+                .collect();
+            k.join(" ")
+        };
+        println!(
+            "scaleout-bench: {n} instance(s): changelog records per shard [{}], shard topic records per \
+             shard [{}]",
+            thousands(&changelog),
+            thousands(&shard_messages)
+        );
+        for (i, shards) in held.iter().enumerate() {
+            let of = |v: &[i64]| -> i64 { shards.iter().map(|s| v[*s as usize]).sum() };
+            println!(
+                "scaleout-bench: {n} instance(s): instance {i} holds shards {shards:?}: changelog \
+                 records {:.0}k, shard topic records {:.0}k, CPU seconds {}",
+                of(&changelog) as f64 / 1e3,
+                of(&shard_messages) as f64 / 1e3,
+                cpu[i]
+            );
+        }
     }
 }
 

@@ -97,7 +97,11 @@ pub fn consumer_config(cfg: &Config) -> ClientConfig {
         c.set(
             "client.id",
             crate::scaleout::routing::client_id(&cfg.http.advertised()),
-        );
+        )
+        // Shards deal out in turn, not in ranges: a tied merge goes to the lower shard (docs/DESIGN.md,
+        // "Where the work lands"), so low shards change more, and a range would give the first instance
+        // all of them.
+        .set("partition.assignment.strategy", "roundrobin");
     }
     for (k, v) in &cfg.kafka.consumer {
         c.set(k, v);
