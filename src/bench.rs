@@ -334,7 +334,6 @@ fn measure_latency(
     topics: &Topics,
     persons: usize,
 ) -> anyhow::Result<(Vec<f64>, u64)> {
-    let codec = AvroCodec::profile_update()?;
     let reader: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", format!("{}-latency", topics.output))
@@ -352,7 +351,54 @@ fn measure_latency(
     while Instant::now() < settle {
         reader.poll(Duration::from_millis(100));
     }
+    // The output is read on a thread of its own that does nothing else, so an update is timed when a
+    // read_committed consumer can first see it, not when the pacing loop below has time to look.
+    let stop = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let stop = Arc::clone(&stop);
+        let codec = AvroCodec::profile_update()?;
+        std::thread::spawn(move || {
+            let mut seen: Vec<(String, i64)> = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let Some(Ok(m)) = reader.poll(Duration::from_millis(20)) else {
+                    continue;
+                };
+                let at = now_millis();
+                if let Some(Ok((_, u))) = m
+                    .payload()
+                    .map(|p| codec.decode_confluent::<ProfileUpdate>(p))
+                {
+                    if let Some(id) = u.trigger_event_id {
+                        seen.push((id, at));
+                    }
+                }
+            }
+            seen
+        })
+    };
+    let sent = pace_events(args, rate, topics, persons);
+    // Drain what is still in flight, whether or not sending failed.
+    std::thread::sleep(Duration::from_secs(5));
+    stop.store(true, Ordering::Relaxed);
+    let seen = watcher
+        .join()
+        .map_err(|_| anyhow::anyhow!("the latency reader panicked"))?;
+    let (sent_at, sent) = sent?;
+    let latencies = seen
+        .iter()
+        .filter_map(|(id, at)| sent_at.get(id).map(|t| (at - t) as f64))
+        .collect();
+    Ok((latencies, sent))
+}
 
+/// Sends `persons`' journeys at `rate` messages per second for at most `args.latency_secs`, each event
+/// stamped with the time it is sent; the send time of each event id, and how many were sent.
+fn pace_events(
+    args: &BenchArgs,
+    rate: u64,
+    topics: &Topics,
+    persons: usize,
+) -> anyhow::Result<(HashMap<String, i64>, u64)> {
     let j = journeys::generate(&JourneyConfig {
         persons,
         seed: args.seed.wrapping_add(1),
@@ -365,23 +411,9 @@ fn measure_latency(
         .create()?;
     let event_codec = AvroCodec::channel_event()?;
     let mut sent_at: HashMap<String, i64> = HashMap::new();
-    let mut latencies = Vec::new();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.latency_secs);
     let mut sent = 0u64;
-    let read = |sent_at: &HashMap<String, i64>, latencies: &mut Vec<f64>, wait: Duration| {
-        if let Some(Ok(m)) = reader.poll(wait) {
-            let seen = now_millis();
-            if let Some(Ok((_, u))) = m
-                .payload()
-                .map(|p| codec.decode_confluent::<ProfileUpdate>(p))
-            {
-                if let Some(t) = u.trigger_event_id.as_ref().and_then(|id| sent_at.get(id)) {
-                    latencies.push((seen - t) as f64);
-                }
-            }
-        }
-    };
     for m in &j.messages {
         if Instant::now() >= deadline {
             break;
@@ -408,27 +440,14 @@ fn measure_latency(
             .send(BaseRecord::to(topic).key(key.as_bytes()).payload(&bytes))
             .map_err(|(e, _)| e)?;
         sent += 1;
-        // Pace to the rate, reading the output while waiting.
+        // Pace to the rate.
         let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
-        loop {
-            let now = Instant::now();
-            if now >= due {
-                break;
-            }
-            read(
-                &sent_at,
-                &mut latencies,
-                (due - now).min(Duration::from_millis(5)),
-            );
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
         }
     }
     producer.flush(Duration::from_secs(30))?;
-    // Drain what is still in flight.
-    let drain = Instant::now() + Duration::from_secs(5);
-    while Instant::now() < drain {
-        read(&sent_at, &mut latencies, Duration::from_millis(50));
-    }
-    Ok((latencies, sent))
+    Ok((sent_at, sent))
 }
 
 /// (d) The Kafka Streams stitching of `benches/kstreams` (built in `build`) over the same input, exactly-once
