@@ -797,7 +797,8 @@ impl Pipeline {
                 .observe(elapsed.as_secs_f64() / shards.len() as f64);
         }
         tracing::info!(
-            shards = shards.len(),
+            instance = %self.cfg.kafka.instance_id,
+            shards = ?shards,
             records = applied,
             elapsed_ms = elapsed.as_millis() as u64,
             records_per_second = (applied as f64 / elapsed.as_secs_f64().max(1e-3)) as u64,

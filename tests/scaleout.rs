@@ -13,8 +13,6 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::{Offset, TopicPartitionList};
 
 use common::*;
 use stitcher::codec::update::ProfileRecord;
@@ -156,88 +154,6 @@ fn records_per_partition(topic: &str) -> Vec<i64> {
             high - low
         })
         .collect()
-}
-
-/// Records of `topic` past the group's committed offsets, as a read_committed consumer sees them.
-fn backlog(group: &str, topic: &str) -> Result<usize, KafkaError> {
-    let admin: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", group)
-        .create()?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    let committed = admin.committed_offsets(tpl, Duration::from_secs(10))?;
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
-        .set("group.id", unique("backlog"))
-        .set("isolation.level", "read_committed")
-        .set("enable.partition.eof", "true")
-        .set("enable.auto.commit", "false")
-        .create()?;
-    let mut from = TopicPartitionList::new();
-    for e in committed.elements() {
-        let offset = match e.offset() {
-            Offset::Offset(o) => Offset::Offset(o),
-            _ => Offset::Beginning,
-        };
-        from.add_partition_offset(topic, e.partition(), offset)?;
-    }
-    reader.assign(&from)?;
-    let (mut eof, mut records) = (std::collections::BTreeSet::new(), 0);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while eof.len() < PARTITIONS as usize && Instant::now() < deadline {
-        match reader.poll(Duration::from_millis(200)) {
-            Some(Ok(_)) => records += 1,
-            Some(Err(KafkaError::PartitionEOF(p))) => {
-                eof.insert(p);
-            }
-            _ => {}
-        }
-    }
-    Ok(if eof.len() < PARTITIONS as usize {
-        records.max(1)
-    } else {
-        records
-    })
-}
-
-/// Waits until the group has committed every input message and nothing waits on the internal topic (twice
-/// in a row, a second apart); returns when that was first seen.
-fn wait_quiescent(
-    setup: &Setup,
-    shard_topic: &str,
-    alive: &mut [&mut Child],
-    timeout: Duration,
-) -> Instant {
-    let started = Instant::now();
-    let inputs: Vec<&str> = setup.input_topics.iter().map(String::as_str).collect();
-    let mut done_since: Option<Instant> = None;
-    let mut calm = 0;
-    while calm < 2 {
-        for child in alive.iter_mut() {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("an instance exited ({status})\n{}", setup.log_tail());
-            }
-        }
-        assert!(
-            started.elapsed() < timeout,
-            "not done after {timeout:?}\n{}",
-            setup.log_tail()
-        );
-        let (committed, total) = setup.progress_of(&inputs);
-        let done = committed >= total && backlog(&setup.group, shard_topic).unwrap_or(1) == 0;
-        if done {
-            calm += 1;
-            done_since.get_or_insert_with(Instant::now);
-        } else {
-            calm = 0;
-            done_since = None;
-        }
-        std::thread::sleep(Duration::from_millis(if done { 1000 } else { 100 }));
-    }
-    done_since.unwrap_or_else(Instant::now)
 }
 
 /// Waits until every instance holds shards, all of them together every shard, the same for a second.
@@ -445,7 +361,7 @@ fn three_instances_one_killed_one_added_one_leaving_equal_one_instance() {
     sent += send(2);
     std::thread::sleep(Duration::from_millis(300));
     kill9(&mut b.child);
-    let in_flight = backlog(&setup.group, &shard_topic).unwrap_or_default();
+    let in_flight = setup.backlog(&shard_topic).unwrap_or_default();
     println!(
         "scaleout: killed instance 1 at {}/{} input messages committed (then {sent} sent), {in_flight} \
          shard messages waiting",
@@ -459,12 +375,7 @@ fn three_instances_one_killed_one_added_one_leaving_equal_one_instance() {
     let at_leave = wait_for(0.9, &mut [&mut a.child, &mut c.child, &mut d.child]);
     assert!(sigterm(&mut a.child).success(), "{}", setup.log_tail());
     println!("scaleout: instance 0 left at {}/{}", at_leave.0, at_leave.1);
-    wait_quiescent(
-        &setup,
-        &shard_topic,
-        &mut [&mut c.child, &mut d.child],
-        TIMEOUT,
-    );
+    setup.wait_quiescent(&shard_topic, &mut [&mut c.child, &mut d.child], TIMEOUT);
     let took = started.elapsed();
     reference.wait_caught_up(&mut reference_child, TIMEOUT);
     let (mut local, mut forwarded) = lookups_agree(&j.truth, &[c.port, d.port], &reference);
@@ -711,8 +622,7 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
     let mut a = start_instance(&setup, 0);
     let mut b = start_instance(&setup, 1);
     let mut c = start_instance(&setup, 2);
-    wait_quiescent(
-        &setup,
+    setup.wait_quiescent(
         &shard_topic,
         &mut [&mut a.child, &mut b.child, &mut c.child],
         TIMEOUT,
@@ -726,8 +636,7 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
     std::thread::sleep(Duration::from_millis(1500));
     kill9(&mut b.child);
     let mut d = start_instance(&setup, 3);
-    wait_quiescent(
-        &setup,
+    setup.wait_quiescent(
         &shard_topic,
         &mut [&mut a.child, &mut c.child, &mut d.child],
         TIMEOUT,
@@ -944,7 +853,7 @@ fn throughput_with_one_two_three_instances() {
         let done = {
             let mut children: Vec<&mut Child> =
                 instances.iter_mut().map(|i| &mut i.child).collect();
-            wait_quiescent(&setup, &shard_topic, &mut children, TIMEOUT)
+            setup.wait_quiescent(&shard_topic, &mut children, TIMEOUT)
         };
         let secs = (done - first).as_secs_f64();
         // Over each instance's life (start-up, joining and restoring included), and over the run alone

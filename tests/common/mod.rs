@@ -379,6 +379,95 @@ topic = "{control_topic}"
         std::fs::write(&self.config_path, edit(text)).expect("config");
     }
 
+    /// Records of `topic` past the group's committed offsets, as a read_committed consumer sees them (at
+    /// least 1 if that could not be read to the end of every partition).
+    pub fn backlog(&self, topic: &str) -> Result<usize, rdkafka::error::KafkaError> {
+        use rdkafka::error::KafkaError;
+        use rdkafka::Offset;
+        let admin: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", &self.group)
+            .create()?;
+        let md = admin.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+        let mut tpl = TopicPartitionList::new();
+        for p in md.topics()[0].partitions() {
+            tpl.add_partition(topic, p.id());
+        }
+        let partitions = tpl.count();
+        let committed = admin.committed_offsets(tpl, Duration::from_secs(10))?;
+        let reader: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", unique("backlog"))
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("enable.auto.commit", "false")
+            .create()?;
+        let mut from = TopicPartitionList::new();
+        for e in committed.elements() {
+            let offset = match e.offset() {
+                Offset::Offset(o) => Offset::Offset(o),
+                _ => Offset::Beginning,
+            };
+            from.add_partition_offset(topic, e.partition(), offset)?;
+        }
+        reader.assign(&from)?;
+        let (mut eof, mut records) = (BTreeSet::new(), 0);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while eof.len() < partitions && Instant::now() < deadline {
+            match reader.poll(Duration::from_millis(200)) {
+                Some(Ok(_)) => records += 1,
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    eof.insert(p);
+                }
+                _ => {}
+            }
+        }
+        Ok(if eof.len() < partitions {
+            records.max(1)
+        } else {
+            records
+        })
+    }
+
+    /// Waits until the group has committed every input message and nothing waits on the internal shard
+    /// topic (twice in a row, a second apart); returns when that was first seen. With more than one instance
+    /// the inputs can all be committed while events still wait on the shard topic for the instance that
+    /// holds their shard.
+    pub fn wait_quiescent(
+        &self,
+        shard_topic: &str,
+        alive: &mut [&mut Child],
+        timeout: Duration,
+    ) -> Instant {
+        let started = Instant::now();
+        let inputs: Vec<&str> = self.input_topics.iter().map(String::as_str).collect();
+        let mut done_since: Option<Instant> = None;
+        let mut calm = 0;
+        while calm < 2 {
+            for child in alive.iter_mut() {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!("an instance exited ({status})\n{}", self.log_tail());
+                }
+            }
+            assert!(
+                started.elapsed() < timeout,
+                "not done after {timeout:?}\n{}",
+                self.log_tail()
+            );
+            let (committed, total) = self.progress_of(&inputs);
+            let done = committed >= total && self.backlog(shard_topic).unwrap_or(1) == 0;
+            if done {
+                calm += 1;
+                done_since.get_or_insert_with(Instant::now);
+            } else {
+                calm = 0;
+                done_since = None;
+            }
+            std::thread::sleep(Duration::from_millis(if done { 1000 } else { 100 }));
+        }
+        done_since.unwrap_or_else(Instant::now)
+    }
+
     /// Waits until every input message is committed by the group.
     /// Fails at once if the service exits.
     pub fn wait_caught_up(&self, child: &mut Child, timeout: Duration) {
