@@ -344,6 +344,24 @@ mod tests {
 
     const NOT_LEADER: RDKafkaRespErr = RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION;
 
+    /// Shards are dealt in turn by default (docs/DESIGN.md, "Where the work lands"); a `[kafka.consumer]`
+    /// setting, like every consumer setting there, has the last word.
+    #[test]
+    fn the_group_deals_partitions_in_turn_unless_the_operator_says_otherwise() {
+        let strategy = |cfg: &Config| {
+            consumer_config(cfg)
+                .get("partition.assignment.strategy")
+                .map(str::to_string)
+        };
+        let mut cfg = Config::default();
+        assert_eq!(strategy(&cfg).as_deref(), Some("roundrobin"));
+        cfg.kafka.consumer.insert(
+            "partition.assignment.strategy".into(),
+            "cooperative-sticky".into(),
+        );
+        assert_eq!(strategy(&cfg).as_deref(), Some("cooperative-sticky"));
+    }
+
     #[test]
     fn watermarks_are_asked_again_while_the_leader_moves_and_not_for_ever() {
         let cluster = MockCluster::new(1).expect("mock cluster");
