@@ -123,10 +123,10 @@ fn shards_held(group: &str, shard_topic: &str, ports: &[u16]) -> Vec<Vec<i32>> {
     ports
         .iter()
         .map(|port| {
-            let me = format!("127.0.0.1:{port}");
+            let me = stitcher::scaleout::routing::client_id(&format!("127.0.0.1:{port}"));
             let mut held: Vec<i32> = members
                 .iter()
-                .filter(|m| m.client_id().ends_with(&me))
+                .filter(|m| m.client_id() == me)
                 .flat_map(|m| {
                     stitcher::scaleout::routing::assigned_partitions(
                         m.assignment().unwrap_or_default(),
