@@ -262,7 +262,7 @@ impl Metrics {
             control_commands: counter_vec(&r, "stitcher_control_commands_total", "Commands read from the control topic, by op (erase_identifier, erase_profile, unlink) and result (applied, not_found).", &["op", "result"])?,
             output_records: counter_vec(&r, "stitcher_output_records_total", "Records produced, by kind: update, redirect, tombstone (profile topic), identity (identity change stream).", &["kind"])?,
             dead_letters: counter_vec(&r, "stitcher_dead_letters_total", "Input messages sent to the dead-letter topic, by stage (decode, validate, control).", &["stage"])?,
-            errors: counter_vec(&r, "stitcher_errors_total", "Errors by stage (consume, produce, commit, state); retried unless fatal.", &["stage"])?,
+            errors: counter_vec(&r, "stitcher_errors_total", "Errors by stage (consume, produce, commit, state; shard: a delivery that would not end, sent on through the internal topic); retried unless fatal.", &["stage"])?,
             transactions: counter_vec(&r, "stitcher_transactions_total", "Batches committed, by result (committed, aborted, recovered).", &["result"])?,
             batch_duration: histogram(&r, "stitcher_batch_duration_seconds", "Time to process and commit one batch.", exponential_buckets(0.001, 2.0, 15)?)?,
             commit_duration: histogram(&r, "stitcher_commit_duration_seconds", "Time to commit one batch to Kafka (transaction, or flush and offset commit), retries included.", exponential_buckets(0.001, 2.0, 15)?)?,

@@ -37,6 +37,22 @@ pub enum Found {
     /// identifier for what few events need; reserving them would queue every event that carries a
     /// popular identifier behind one reservation.)
     Unreserved,
+    /// The identifier's component was placed at this shard at this gen or later: a `Gather` that
+    /// followed it from where it was located says so, so that the shard does not mistake an older
+    /// erasure of it there for its end. (Appended: messages of the version before still decode.)
+    Followed(ShardId, u32),
+}
+
+impl Found {
+    /// The shard the identifier's component is at, and the gen since which it has been (0: as a
+    /// directory said, with no gen to compare).
+    fn owner(&self) -> Option<(ShardId, u32)> {
+        match *self {
+            Found::Owned(s) => Some((s, 0)),
+            Found::Followed(s, gen) => Some((s, gen)),
+            Found::New(_) | Found::Unreserved => None,
+        }
+    }
 }
 
 /// One identifier of a component in transit.
@@ -224,7 +240,8 @@ impl Pending {
 enum Follow {
     /// On to this shard, where it was placed at this gen or later.
     Forward(ShardId, u32),
-    Gone,
+    /// Erased here, at this gen.
+    Gone(u32),
     /// On its way here.
     InFlight,
 }
@@ -304,6 +321,17 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
 
     fn send(&self, out: &mut Out, to: ShardId, msg: Msg) {
         out.msgs.push((to, msg));
+    }
+
+    /// Tells the home of `x`, erased here at `gen`, that it exists nowhere (again, if it asked before:
+    /// the home ignores what it knows already).
+    fn tell_home_erased(&self, out: &mut Out, x: &Identifier, gen: u32) {
+        let msg = Msg::Own {
+            x: x.clone(),
+            owner: None,
+            gen: gen + 1,
+        };
+        self.send(out, home(x, self.shards), msg);
     }
 
     /// The shard's graph, for the classic stitcher.
@@ -569,13 +597,13 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         // Whether a component of the event is here or on its way here, and where those located here
         // went since.
         let mut stays = false;
-        let mut went: BTreeMap<Identifier, ShardId> = BTreeMap::new();
+        let mut went: BTreeMap<Identifier, (ShardId, u32)> = BTreeMap::new();
         for (x, f) in &found {
             if *f == Found::New(FIRST_PLACEMENT) {
                 // Never placed before (its home had no directory entry): nothing of it exists anywhere.
                 self.view.first_placement(x);
             }
-            let Found::Owned(s) = *f else {
+            let Some((s, after)) = f.owner() else {
                 continue; // new (reserved for this event), or a scoped copy not needed yet
             };
             if self.here(x)? {
@@ -584,13 +612,16 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             }
             missing.push(x.clone());
             let (to, after) = if s == self.id() {
-                match self.follow(x, 0)? {
+                match self.follow(x, after)? {
                     Follow::Forward(u, after) => {
-                        went.insert(x.clone(), u);
+                        went.insert(x.clone(), (u, after));
                         (u, after)
                     }
-                    // Erased after it was located.
-                    Follow::Gone => {
+                    // Erased after it was located. Its home may not have heard yet (the news can
+                    // wait on the internal topic behind this very event): told again, ahead of the
+                    // event's new `Locate`, or the event would be located here again, for ever.
+                    Follow::Gone(gen) => {
+                        self.tell_home_erased(out, x, gen);
                         erased = true;
                         continue;
                     }
@@ -600,7 +631,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                     }
                 }
             } else {
-                (s, 0)
+                (s, after)
             };
             fetches.push((to, x.clone(), after));
         }
@@ -611,7 +642,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             let found: Vec<(Identifier, Found)> = found
                 .into_iter()
                 .map(|(x, f)| match went.get(&x) {
-                    Some(u) => (x, Found::Owned(*u)),
+                    Some((u, after)) => (x, Found::Followed(*u, *after)),
                     None => (x, f),
                 })
                 .collect();
@@ -866,8 +897,8 @@ fn scoped_copies(ev: &Event) -> impl Iterator<Item = Identifier> + '_ {
 fn choose_target(ev: &Event, found: &[(Identifier, Found)], shards: ShardId) -> ShardId {
     let mut count: BTreeMap<ShardId, usize> = BTreeMap::new();
     for (_, f) in found {
-        if let Found::Owned(s) = f {
-            *count.entry(*s).or_default() += 1;
+        if let Some((s, _)) = f.owner() {
+            *count.entry(s).or_default() += 1;
         }
     }
     let best = count

@@ -55,7 +55,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         }
         match self.follow(x, after)? {
             Follow::Forward(u, after) => self.send(out, u, msg(Some(after))),
-            Follow::Gone => {}
+            Follow::Gone(_) => {}
             Follow::InFlight => self.park(x, msg(Some(after)))?,
         }
         Ok(false)
@@ -122,17 +122,9 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         out: &mut Out,
     ) -> Result<(), StoreError> {
         for x in ids {
-            let gen = self.view.take_gen(x)? + 1;
-            self.view.set_moved(x, Some(&Moved::Erased(gen - 1)))?;
-            self.send(
-                out,
-                home(x, self.shards),
-                Msg::Own {
-                    x: x.clone(),
-                    owner: None,
-                    gen,
-                },
-            );
+            let gen = self.view.take_gen(x)?;
+            self.view.set_moved(x, Some(&Moved::Erased(gen)))?;
+            self.tell_home_erased(out, x, gen);
         }
         let events = self.waiting_on_any(ids)?;
         for e in events {

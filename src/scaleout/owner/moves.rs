@@ -92,7 +92,9 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                 self.send(out, u, msg);
                 Ok(())
             }
-            Follow::Gone => {
+            // The home is told again first, as in `gather`: the requester's next `Locate` finds it told.
+            Follow::Gone(gen) => {
+                self.tell_home_erased(out, &x, gen);
                 self.send(out, to, Msg::Gone { x, event });
                 Ok(())
             }
@@ -119,7 +121,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             Some(Moved::To(u, gen)) if gen >= after && u != self.id() => {
                 Follow::Forward(u, gen + 1)
             }
-            Some(Moved::Erased(gen)) if gen >= after => Follow::Gone,
+            Some(Moved::Erased(gen)) if gen >= after => Follow::Gone(gen),
             _ => Follow::InFlight,
         })
     }
