@@ -41,6 +41,7 @@ pub async fn run(
         metrics.clone(),
         http_stop.clone(),
     ));
+    let readiness = tokio::spawn(log_readiness(metrics.clone(), http_stop.clone()));
 
     connect(&cfg, &shutdown).await?;
     if cfg.registry.enabled() {
@@ -57,6 +58,7 @@ pub async fn run(
     http_stop.cancel();
     let _ = http.await;
     let _ = sizes.await;
+    let _ = readiness.await;
     Ok(result??)
 }
 
@@ -146,6 +148,31 @@ async fn fit_record_limit(cfg: &mut Config) {
         ),
     }
 }
+
+/// Logs each time the instance becomes ready or stops being ready (as `/readyz` answers, looked at every
+/// [`READINESS_EVERY`]), with the reason: a stall is in the log, not only in the probe's answers.
+async fn log_readiness(metrics: Metrics, stop: CancellationToken) {
+    let mut was_ready = false;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(READINESS_EVERY) => {}
+            _ = stop.cancelled() => return,
+        }
+        match (was_ready, metrics.health.check()) {
+            (false, Ok(())) => {
+                tracing::info!("ready");
+                was_ready = true;
+            }
+            (true, Err(why)) => {
+                tracing::warn!(why, "not ready");
+                was_ready = false;
+            }
+            _ => {}
+        }
+    }
+}
+
+const READINESS_EVERY: Duration = Duration::from_secs(5);
 
 async fn report_state_size(store: Store, metrics: Metrics, stop: CancellationToken) {
     loop {

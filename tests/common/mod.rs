@@ -265,6 +265,30 @@ topic = "{control_topic}"
         std::fs::read_to_string(self.dir.join("service.log")).unwrap_or_default()
     }
 
+    /// What a timed-out wait reports: the log's tail, then each live instance's threads where they stand
+    /// (by gdb, if the machine has it), to tell a stuck loop from a slow one.
+    pub fn stuck_report(&self, children: &[&mut Child]) -> String {
+        let mut report = self.log_tail();
+        for child in children {
+            let pid = child.id().to_string();
+            let stacks = Command::new("gdb")
+                .args(["-p", &pid, "-batch", "-ex", "thread apply all bt 30"])
+                .output();
+            if let Ok(out) = stacks {
+                let text = String::from_utf8_lossy(&out.stdout);
+                let frames: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.starts_with("Thread ") || l.starts_with('#'))
+                    .collect();
+                report.push_str(&format!(
+                    "\n--- threads of pid {pid}:\n{}",
+                    frames.join("\n")
+                ));
+            }
+        }
+        report
+    }
+
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.dir.join("service.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -339,7 +363,7 @@ topic = "{control_topic}"
             assert!(
                 Instant::now() < deadline,
                 "{share} of the input not committed within {timeout:?}\n{}",
-                self.log_tail()
+                self.stuck_report(children)
             );
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -452,7 +476,7 @@ topic = "{control_topic}"
             assert!(
                 started.elapsed() < timeout,
                 "not done after {timeout:?}\n{}",
-                self.log_tail()
+                self.stuck_report(alive)
             );
             let (committed, total) = self.progress_of(&inputs);
             let done = committed >= total && self.backlog(shard_topic).unwrap_or(1) == 0;
@@ -489,7 +513,7 @@ topic = "{control_topic}"
             assert!(
                 start.elapsed() < timeout,
                 "not caught up after {timeout:?}: {committed}/{total}\n{}",
-                self.log_tail()
+                self.stuck_report(&[child])
             );
             std::thread::sleep(Duration::from_millis(250));
         }

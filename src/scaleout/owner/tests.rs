@@ -646,7 +646,13 @@ fn fixed_seed_run_and_its_cost() {
         .filter(|i| matches!(i, Input::Event(_)))
         .count();
     let seed = crate::env_or("SIM_SEED", 7);
-    let sim = check(inputs, 12, seed, 0.1);
+    let sim = if std::env::var("SIM_INSTANCES").is_ok() {
+        check_with(inputs, 12, |sim, inputs| {
+            sim.run_as_instances(inputs, seed, 0.1)
+        })
+    } else {
+        check(inputs, 12, seed, 0.1)
+    };
     println!(
         "seed {seed}: {events} inputs over 12 shards: {} messages, {:.1} per event, {:.1} of them between shards; {:?}",
         sim.handled,
