@@ -54,11 +54,8 @@ fn a_second_instance_in_the_group_shares_the_work_without_splitting_the_graph() 
     let shared = s.progress().0;
     kill9(&mut second);
     // The events the first sent to the shard while the second held it wait on the shard topic until the
-    // first takes the shard back: caught up means that topic is drained too.
-    let shard_topic = stitcher::config::Config::from_toml_file(&s.config_path)
-        .expect("config")
-        .shard_topic();
-    s.wait_quiescent(&shard_topic, &mut [&mut first], Duration::from_secs(180));
+    // first takes the shard back: done means that topic is drained too.
+    s.wait_caught_up(&mut first, Duration::from_secs(180));
     assert!(sigterm(&mut first).success(), "{}", s.log_tail());
 
     let out = s.output();

@@ -375,7 +375,7 @@ fn three_instances_one_killed_one_added_one_leaving_equal_one_instance() {
     let at_leave = wait_for(0.9, &mut [&mut a.child, &mut c.child, &mut d.child]);
     assert!(sigterm(&mut a.child).success(), "{}", setup.log_tail());
     println!("scaleout: instance 0 left at {}/{}", at_leave.0, at_leave.1);
-    setup.wait_quiescent(&shard_topic, &mut [&mut c.child, &mut d.child], TIMEOUT);
+    setup.wait_done(&mut [&mut c.child, &mut d.child], TIMEOUT);
     let took = started.elapsed();
     reference.wait_caught_up(&mut reference_child, TIMEOUT);
     let (mut local, mut forwarded) = lookups_agree(&j.truth, &[c.port, d.port], &reference);
@@ -622,11 +622,7 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
     let mut a = start_instance(&setup, 0);
     let mut b = start_instance(&setup, 1);
     let mut c = start_instance(&setup, 2);
-    setup.wait_quiescent(
-        &shard_topic,
-        &mut [&mut a.child, &mut b.child, &mut c.child],
-        TIMEOUT,
-    );
+    setup.wait_done(&mut [&mut a.child, &mut b.child, &mut c.child], TIMEOUT);
     reference.wait_caught_up(&mut reference_child, TIMEOUT);
     send_commands(&setup);
     send_commands(&reference);
@@ -636,11 +632,7 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
     std::thread::sleep(Duration::from_millis(1500));
     kill9(&mut b.child);
     let mut d = start_instance(&setup, 3);
-    setup.wait_quiescent(
-        &shard_topic,
-        &mut [&mut a.child, &mut c.child, &mut d.child],
-        TIMEOUT,
-    );
+    setup.wait_done(&mut [&mut a.child, &mut c.child, &mut d.child], TIMEOUT);
     reference.wait_caught_up(&mut reference_child, TIMEOUT);
     let held = shards_held(&setup.group, &shard_topic, &[a.port, c.port, d.port]);
     assert!(
@@ -853,7 +845,7 @@ fn throughput_with_one_two_three_instances() {
         let done = {
             let mut children: Vec<&mut Child> =
                 instances.iter_mut().map(|i| &mut i.child).collect();
-            setup.wait_quiescent(&shard_topic, &mut children, TIMEOUT)
+            setup.wait_done(&mut children, TIMEOUT)
         };
         let secs = (done - first).as_secs_f64();
         // Over each instance's life (start-up, joining and restoring included), and over the run alone

@@ -453,33 +453,38 @@ topic = "{control_topic}"
         })
     }
 
-    /// Waits until the group has committed every input message and nothing waits on the internal shard
-    /// topic (twice in a row, a second apart); returns when that was first seen. With more than one instance
-    /// the inputs can all be committed while events still wait on the shard topic for the instance that
-    /// holds their shard.
-    pub fn wait_quiescent(
-        &self,
-        shard_topic: &str,
-        alive: &mut [&mut Child],
-        timeout: Duration,
-    ) -> Instant {
+    /// Waits until the group is done with everything sent to it: every input and control message
+    /// committed, nothing waiting on the internal shard topic (with more than one instance the inputs can
+    /// all be committed while events still wait there for the instance that holds their shard), and no
+    /// transaction open on the output topics (the group's offsets and the outputs' commit markers are
+    /// written separately). With several instances that must hold twice, a second apart (a rebalance can
+    /// hand work back between two looks). Returns when it was first seen; fails at once if an instance
+    /// exits.
+    pub fn wait_done(&self, alive: &mut [&mut Child], timeout: Duration) -> Instant {
         let started = Instant::now();
-        let inputs: Vec<&str> = self.input_topics.iter().map(String::as_str).collect();
+        let shard_topic = stitcher::config::Config::from_toml_file(&self.config_path)
+            .expect("config")
+            .shard_topic();
+        let outputs = [&self.output_topic, &self.dlq_topic, &self.identity_topic];
+        let looks = if alive.len() > 1 { 2 } else { 1 };
         let mut done_since: Option<Instant> = None;
         let mut calm = 0;
-        while calm < 2 {
+        while calm < looks {
             for child in alive.iter_mut() {
                 if let Ok(Some(status)) = child.try_wait() {
                     panic!("an instance exited ({status})\n{}", self.log_tail());
                 }
             }
+            let (committed, total) = self.progress();
             assert!(
                 started.elapsed() < timeout,
-                "not done after {timeout:?}\n{}",
+                "not done after {timeout:?}: {committed}/{total} committed\n{}",
                 self.stuck_report(alive)
             );
-            let (committed, total) = self.progress_of(&inputs);
-            let done = committed >= total && self.backlog(shard_topic).unwrap_or(1) == 0;
+            let done = committed >= total
+                && total > 0
+                && open_transactions(&outputs.map(String::as_str)) == 0
+                && self.backlog(&shard_topic).unwrap_or(1) == 0;
             if done {
                 calm += 1;
                 done_since.get_or_insert_with(Instant::now);
@@ -487,36 +492,16 @@ topic = "{control_topic}"
                 calm = 0;
                 done_since = None;
             }
-            std::thread::sleep(Duration::from_millis(if done { 1000 } else { 100 }));
+            if calm < looks {
+                std::thread::sleep(Duration::from_millis(if done { 1000 } else { 250 }));
+            }
         }
         done_since.unwrap_or_else(Instant::now)
     }
 
-    /// Waits until every input message is committed by the group.
-    /// Fails at once if the service exits.
+    /// [`Setup::wait_done`] for one instance.
     pub fn wait_caught_up(&self, child: &mut Child, timeout: Duration) {
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!("service exited early ({status})\n{}", self.log_tail());
-            }
-            let (committed, total) = self.progress();
-            // The group's offsets and the output's commit markers are written separately after a commit:
-            // caught up also means no transaction is still open on the output topics.
-            if committed >= total
-                && total > 0
-                && open_transactions(&[&self.output_topic, &self.dlq_topic, &self.identity_topic])
-                    == 0
-            {
-                return;
-            }
-            assert!(
-                start.elapsed() < timeout,
-                "not caught up after {timeout:?}: {committed}/{total}\n{}",
-                self.stuck_report(&[child])
-            );
-            std::thread::sleep(Duration::from_millis(250));
-        }
+        self.wait_done(&mut [child], timeout);
     }
 
     /// Every committed record of the output topic, decoded, and its compacted view.
