@@ -427,6 +427,9 @@ impl Engine {
                 work.changes.moved(from, global(shard, node));
             }
             queue.extend(out.msgs.into_iter().map(|(s, m)| (s, m, "local")));
+            for (shard, msg) in out.deferred {
+                work.remote.push(self.shard_record(shard, &msg)?);
+            }
         }
         Ok(())
     }

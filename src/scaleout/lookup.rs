@@ -201,6 +201,7 @@ mod tests {
                 .handle(&stitcher, msg, &mut out)
                 .expect("handle");
                 queue.extend(out.msgs);
+                queue.extend(out.deferred);
             }
         }
         store

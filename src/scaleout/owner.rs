@@ -182,6 +182,11 @@ pub enum Step {
 #[derive(Debug, Default)]
 pub struct Out {
     pub msgs: Vec<(ShardId, Msg)>,
+    /// Messages that go through the internal topic even to a shard held by the same instance, behind what
+    /// waits there: an `EraseProfile` that follows its component by forwarding pointers without gens
+    /// (two shards can point at each other while the component is in flight to one of them, and only the
+    /// `Component` waiting on the topic ends that).
+    pub deferred: Vec<(ShardId, Msg)>,
     pub steps: Vec<Step>,
     /// Components that left this shard: their node here and their profile as it left.
     pub departed: Vec<(NodeId, Profile)>,

@@ -102,7 +102,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         let mut graph = self.graph();
         let Some((_, node)) = crate::stitch::graph::resolve_profile_id(&mut graph, &id)? else {
             if let Some(to) = self.view.get::<ShardId>(MOVED_PROFILE, id.0.as_bytes())? {
-                self.send(out, to, Msg::EraseProfile { id, trigger });
+                out.deferred.push((to, Msg::EraseProfile { id, trigger }));
             }
             return Ok(());
         };

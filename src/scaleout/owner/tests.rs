@@ -136,6 +136,16 @@ fn trace(to: ShardId, msg: &Msg) {
     }
 }
 
+/// Which message is delivered next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Schedule {
+    /// Any message in flight ([`Sim::step`]).
+    AnyNext,
+    /// Shards held by one to three instances, dealt again at random now and then (a rebalance); an
+    /// instance handles what it sends its own shards to the end ([`Sim::step_instance`]).
+    Instances,
+}
+
 struct Sim {
     shards: Vec<MemKv>,
     stitcher: Stitcher,
@@ -207,35 +217,41 @@ impl Sim {
         self.in_flight.push((to, msg));
     }
 
+    /// Handles `msg` at shard `to`.
+    fn handle(&mut self, to: ShardId, msg: Msg) -> Out {
+        let mut out = Out::default();
+        let shards = self.n();
+        let mut view = ShardView {
+            kv: &mut self.shards[to as usize],
+            shard: to,
+        };
+        Shard {
+            view: &mut view,
+            shards,
+            suppression: None,
+        }
+        .handle(&self.stitcher, msg, &mut out)
+        .expect("in-memory state cannot fail");
+        out
+    }
+
     /// Delivers one message in flight, chosen at random; with probability `loss` the step is lost before
     /// its commit (state and effects discarded) and the message stays in flight.
     fn step(&mut self, rng: &mut impl Rng, loss: f64) {
         let i = rng.gen_range(0..self.in_flight.len());
         let (to, msg) = self.in_flight.swap_remove(i);
-        let n = self.n();
-        let kv = &mut self.shards[to as usize];
-        let mut out = Out::default();
-        let handle = |kv: &mut MemKv, msg: Msg, out: &mut Out| {
-            let mut view = ShardView { kv, shard: to };
-            Shard {
-                view: &mut view,
-                shards: n,
-                suppression: None,
-            }
-            .handle(&self.stitcher, msg, out)
-            .expect("in-memory state cannot fail");
-        };
         if rng.gen_bool(loss) {
-            let before = kv.clone();
-            handle(kv, msg.clone(), &mut out);
-            *kv = before;
+            let before = self.shards[to as usize].clone();
+            self.handle(to, msg.clone());
+            self.shards[to as usize] = before;
             self.in_flight.push((to, msg));
             return;
         }
         self.handled += 1;
         trace(to, &msg);
         *self.by_kind.entry(msg.kind()).or_default() += 1;
-        handle(kv, msg, &mut out);
+        let mut out = self.handle(to, msg);
+        out.msgs.append(&mut out.deferred);
         self.between += out.msgs.iter().filter(|(s, _)| *s != to).count() as u64;
         self.in_flight.append(&mut out.msgs);
         self.steps.append(&mut out.steps);
@@ -263,7 +279,6 @@ impl Sim {
         } else {
             Vec::new()
         };
-        let n = self.n();
         let (mut sent, mut steps, mut handled) = (Vec::new(), Vec::new(), 0u64);
         let mut queue = std::collections::VecDeque::from([first.clone()]);
         while let Some((to, msg)) = queue.pop_front() {
@@ -274,19 +289,8 @@ impl Sim {
                 "an instance never finishes one message: {} handled, last {msg:?} at {to}",
                 handled
             );
-            let mut out = Out::default();
-            let mut view = ShardView {
-                kv: &mut self.shards[to as usize],
-                shard: to,
-            };
-            Shard {
-                view: &mut view,
-                shards: n,
-                suppression: None,
-            }
-            .handle(&self.stitcher, msg.clone(), &mut out)
-            .expect("in-memory state cannot fail");
             *self.by_kind.entry(msg.kind()).or_default() += u64::from(!lost);
+            let mut out = self.handle(to, msg);
             steps.append(&mut out.steps);
             for (s, m) in out.msgs {
                 if mine(s) {
@@ -295,6 +299,7 @@ impl Sim {
                     sent.push((s, m));
                 }
             }
+            sent.append(&mut out.deferred);
         }
         if lost {
             for (s, kv) in before {
@@ -309,9 +314,8 @@ impl Sim {
         self.steps.append(&mut steps);
     }
 
-    /// Like [`Sim::run`], but shards are held by instances, dealt again at random now and then (a
-    /// rebalance), and each instance handles what it sends itself to the end (see [`Sim::step_instance`]).
-    fn run_as_instances(&mut self, inputs: Vec<Input>, seed: u64, loss: f64) {
+    /// Feeds `inputs` in while delivering messages, until nothing is in flight.
+    fn run(&mut self, inputs: Vec<Input>, schedule: Schedule, seed: u64, loss: f64) {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
         let mut inputs = inputs.into_iter().peekable();
         let n = self.shards.len();
@@ -324,7 +328,7 @@ impl Sim {
                 "no progress: {} in flight",
                 self.in_flight.len()
             );
-            if rng.gen_bool(0.05) {
+            if schedule == Schedule::Instances && rng.gen_bool(0.05) {
                 let instances = rng.gen_range(1..=3);
                 holder = (0..n).map(|_| rng.gen_range(0..instances)).collect();
             }
@@ -334,28 +338,10 @@ impl Sim {
                 }
                 continue;
             }
-            self.step_instance(&mut rng, &holder, loss);
-        }
-    }
-
-    fn run(&mut self, inputs: Vec<Input>, seed: u64, loss: f64) {
-        let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-        let mut inputs = inputs.into_iter().peekable();
-        let mut budget = 1_000_000u32;
-        while inputs.peek().is_some() || !self.in_flight.is_empty() {
-            budget -= 1;
-            assert!(
-                budget > 0,
-                "no progress: {} in flight",
-                self.in_flight.len()
-            );
-            if self.in_flight.is_empty() || (inputs.peek().is_some() && rng.gen_bool(0.3)) {
-                if let Some(input) = inputs.next() {
-                    self.feed(input);
-                }
-                continue;
+            match schedule {
+                Schedule::AnyNext => self.step(&mut rng, loss),
+                Schedule::Instances => self.step_instance(&mut rng, &holder, loss),
             }
-            self.step(&mut rng, loss);
         }
     }
 
@@ -533,11 +519,7 @@ fn canonical(store: &MemStore) -> BTreeMap<ProfileId, Profile> {
         .collect()
 }
 
-fn check(inputs: Vec<Input>, n: ShardId, seed: u64, loss: f64) -> Sim {
-    check_with(inputs, n, |sim, inputs| sim.run(inputs, seed, loss))
-}
-
-fn check_with(inputs: Vec<Input>, n: ShardId, run: impl FnOnce(&mut Sim, Vec<Input>)) -> Sim {
+fn check(inputs: Vec<Input>, n: ShardId, schedule: Schedule, seed: u64, loss: f64) -> Sim {
     let mut sim = Sim::new(n);
     let events = inputs
         .iter()
@@ -546,7 +528,7 @@ fn check_with(inputs: Vec<Input>, n: ShardId, run: impl FnOnce(&mut Sim, Vec<Inp
             _ => None,
         })
         .collect::<BTreeSet<_>>();
-    run(&mut sim, inputs);
+    sim.run(inputs, schedule, seed, loss);
     sim.check_placement();
     // Counted, not collected: a repeat entering at another shard than its first copy would be applied
     // twice.
@@ -596,7 +578,7 @@ proptest! {
         seed in any::<u64>(),
         loss in 0.0f64..0.3,
     ) {
-        check(inputs, n, seed, loss);
+        check(inputs, n, Schedule::AnyNext, seed, loss);
     }
 
     /// The same with shards held by instances that are dealt shards again now and then, each handling
@@ -608,7 +590,7 @@ proptest! {
         seed in any::<u64>(),
         loss in 0.0f64..0.3,
     ) {
-        check_with(inputs, n, |sim, inputs| sim.run_as_instances(inputs, seed, loss));
+        check(inputs, n, Schedule::Instances, seed, loss);
     }
 }
 
@@ -646,13 +628,12 @@ fn fixed_seed_run_and_its_cost() {
         .filter(|i| matches!(i, Input::Event(_)))
         .count();
     let seed = crate::env_or("SIM_SEED", 7);
-    let sim = if std::env::var("SIM_INSTANCES").is_ok() {
-        check_with(inputs, 12, |sim, inputs| {
-            sim.run_as_instances(inputs, seed, 0.1)
-        })
+    let schedule = if std::env::var("SIM_INSTANCES").is_ok() {
+        Schedule::Instances
     } else {
-        check(inputs, 12, seed, 0.1)
+        Schedule::AnyNext
     };
+    let sim = check(inputs, 12, schedule, seed, 0.1);
     println!(
         "seed {seed}: {events} inputs over 12 shards: {} messages, {:.1} per event, {:.1} of them between shards; {:?}",
         sim.handled,
@@ -679,7 +660,7 @@ fn a_locate_that_took_the_scoped_copies_along_leaves_no_reservation() {
             scoped: false,
         };
         sim.in_flight.push((home(&ids[0], n), msg));
-        sim.run(vec![], 7, 0.0);
+        sim.run(vec![], Schedule::AnyNext, 7, 0.0);
         sim.check_placement();
         assert_eq!(sim.steps.len(), 1, "applied once");
     }
@@ -695,6 +676,7 @@ fn a_gather_for_a_component_that_moved_on_follows_it() {
     let a = identifier(1, 1);
     sim.run(
         vec![Input::Event(event(1, 1, std::slice::from_ref(&a), false))],
+        Schedule::AnyNext,
         1,
         0.0,
     );
@@ -723,7 +705,7 @@ fn a_gather_for_a_component_that_moved_on_follows_it() {
             after: 0,
         },
     ));
-    sim.run(vec![], 2, 0.0);
+    sim.run(vec![], Schedule::AnyNext, 2, 0.0);
     assert_eq!(holder(&mut sim), to);
     let moves = sim.by_kind.get("component").copied().unwrap_or(0);
 
@@ -741,7 +723,7 @@ fn a_gather_for_a_component_that_moved_on_follows_it() {
         "followed the component: {:?}",
         sim.in_flight
     );
-    sim.run(vec![], 4, 0.0);
+    sim.run(vec![], Schedule::AnyNext, 4, 0.0);
     sim.check_placement();
     assert_eq!(holder(&mut sim), to, "applied where the component is");
     assert_eq!(
