@@ -49,6 +49,8 @@ error_from!(CommitError {
 /// Per-call timeout of the transactional API; a call that times out is retried.
 const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long a record waits for room in the producer's queue before the wait is logged.
+const QUEUE_FULL_WARN_AFTER: Duration = Duration::from_secs(10);
 
 /// When to stop retrying: never while running (a broker outage is waited out), `drain` after shutdown
 /// was requested.
@@ -431,12 +433,25 @@ impl Committer {
             record = record.payload(p);
         }
         let mut pending = record;
+        let mut full_since: Option<Instant> = None;
+        let mut warned = false;
         loop {
             match self.producer.send(pending) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     if deadline.passed_after(Duration::ZERO) {
                         return Err(KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull));
+                    }
+                    let since = *full_since.get_or_insert_with(Instant::now);
+                    if !warned && since.elapsed() > QUEUE_FULL_WARN_AFTER {
+                        // Waited out while running, as a broker outage is; said once, so that a stall
+                        // here is in the log.
+                        tracing::warn!(
+                            topic = r.topic,
+                            secs = since.elapsed().as_secs(),
+                            "the producer's queue has stayed full; still waiting for deliveries"
+                        );
+                        warned = true;
                     }
                     pending = back;
                     std::thread::sleep(Duration::from_millis(5));
