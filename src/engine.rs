@@ -157,7 +157,7 @@ const SWEEP_PER_MESSAGE: usize = 2;
 /// Messages one delivery handles at shards held here before the rest go through the internal topic. An
 /// event takes about six; the largest cascades (an erasure sent to every shard, the events parked behind
 /// a popular identifier's reservation) take thousands.
-const LOCAL_STEPS_MAX: usize = 100_000;
+pub(crate) const LOCAL_STEPS_MAX: usize = 100_000;
 
 impl Engine {
     pub fn new(cfg: &Config, metrics: Metrics) -> Result<Self, ProcessError> {
@@ -358,14 +358,14 @@ impl Engine {
             msgs.into_iter().map(|(s, m)| (s, m, route)).collect();
         let mut handled = 0usize;
         while let Some((shard, msg, route)) = queue.pop_front() {
-            if !self.owned.contains(&shard) {
-                work.remote.push(self.shard_record(shard, &msg)?);
-                continue;
+            let here = self.owned.contains(&shard);
+            if here {
+                handled += 1;
             }
-            if handled == LOCAL_STEPS_MAX {
+            if here && handled == LOCAL_STEPS_MAX + 1 {
                 // A defect of the protocol, not of the input: the simulation finds none. Handled
-                // further through the internal topic, the messages meet the ones waiting there
-                // rather than keeping the poll loop from reading them.
+                // further through the internal topic, the messages meet the ones waiting there rather
+                // than keeping the poll loop from reading them. Said once per delivery.
                 tracing::warn!(
                     kind = msg.kind(),
                     shard,
@@ -374,11 +374,10 @@ impl Engine {
                 );
                 self.metrics.errors.with_label_values(&["shard"]).inc();
             }
-            if handled >= LOCAL_STEPS_MAX {
+            if !here || handled > LOCAL_STEPS_MAX {
                 work.remote.push(self.shard_record(shard, &msg)?);
                 continue;
             }
-            handled += 1;
             self.metrics
                 .shard_messages
                 .with_label_values(&[msg.kind(), route])

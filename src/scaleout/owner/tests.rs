@@ -284,8 +284,9 @@ impl Sim {
         while let Some((to, msg)) = queue.pop_front() {
             handled += 1;
             trace(to, &msg);
+            // Where `Engine::deliver` would give up handling them here.
             assert!(
-                handled < 100_000,
+                handled < crate::engine::LOCAL_STEPS_MAX as u64,
                 "an instance never finishes one message: {} handled, last {msg:?} at {to}",
                 handled
             );
