@@ -231,13 +231,19 @@ impl Stitcher {
                 .filter(|i| profile.identifiers.contains_key(*i))
                 .cloned()
                 .collect();
+            let joined = [(profile.anchor.1.clone(), node)];
             profile.apply(ev, &linked, &self.enrichment);
             self.record_part(store, &linked, ev)?;
+            // An event older than the profile's anchor renames it, as below.
+            let retired = reindex(store, &joined, &profile, node);
+            if !retired.is_empty() {
+                profile.version += 1;
+            }
             store.put_profile(node, profile);
             return Ok(Some(Applied {
                 node,
                 created: false,
-                retired: vec![],
+                retired,
                 absorbed_nodes: vec![],
                 refused: vec![],
                 linked_new: false,
@@ -379,20 +385,7 @@ impl Stitcher {
         store.link_all(&linked, &evidence);
         self.record_part(store, &linked, ev)?;
 
-        // The ids joined that are not the id after, in id order.
-        let changed: BTreeSet<ProfileId> = joined
-            .iter()
-            .filter(|(anchor, _)| *anchor != profile.anchor.1)
-            .map(|(anchor, _)| ProfileId::from_anchor(anchor))
-            .collect();
-        if !changed.is_empty() {
-            let id_after = profile.id();
-            for old in changed {
-                store.redirect(&old, &id_after);
-                store.unindex(&old);
-                retired.push(old);
-            }
-        }
+        retired.extend(reindex(store, &joined, &profile, node));
         let applied = Applied {
             node,
             created,
@@ -406,12 +399,6 @@ impl Stitcher {
         if !applied.identity_changes().is_empty() {
             // Absorbing took the largest version of the profiles joined.
             profile.version += 1;
-        }
-        if !joined
-            .iter()
-            .any(|(anchor, n)| *n == node && *anchor == profile.anchor.1)
-        {
-            store.index(&profile.id(), node);
         }
         store.put_profile(node, profile);
         Ok(Some(applied))
@@ -502,6 +489,39 @@ pub fn resolve_profile_id<S: GraphStore>(
         |p| store.borrow_mut().indexed(p),
         |p| store.borrow_mut().redirect_of(p),
     )
+}
+
+/// The index after an event: the profiles `joined` (by the event id of their anchor, and where each was
+/// indexed) whose id is not the id of `profile` after the event are retired (unindexed, redirected to
+/// it; returned in id order), and the id after is indexed at `node` unless it already was. A profile's
+/// id is a hash of its anchor, made only where an id changes.
+fn reindex<S: GraphStore>(
+    store: &mut S,
+    joined: &[(String, NodeId)],
+    profile: &Profile,
+    node: NodeId,
+) -> Vec<ProfileId> {
+    let changed: BTreeSet<ProfileId> = joined
+        .iter()
+        .filter(|(anchor, _)| *anchor != profile.anchor.1)
+        .map(|(anchor, _)| ProfileId::from_anchor(anchor))
+        .collect();
+    let mut retired = Vec::with_capacity(changed.len());
+    if !changed.is_empty() {
+        let id_after = profile.id();
+        for old in changed {
+            store.redirect(&old, &id_after);
+            store.unindex(&old);
+            retired.push(old);
+        }
+    }
+    if !joined
+        .iter()
+        .any(|(anchor, n)| *n == node && *anchor == profile.anchor.1)
+    {
+        store.index(&profile.id(), node);
+    }
+    retired
 }
 
 mod split;

@@ -411,6 +411,22 @@ fn shared_device_is_set_apart_and_the_people_it_glued_split() {
         .unwrap();
     assert_eq!(alone.node, till);
     assert_parts_add_up(&store);
+    // An event older than the till's profile renames it: the new id finds it, the old one redirects.
+    let old_id = store.profiles[&till].id();
+    let older = s
+        .apply(&mut store, &ev(43, 0, &ids(&[("device_id", "till")])))
+        .unwrap()
+        .unwrap();
+    let new_id = store.profiles[&till].id();
+    assert_ne!(new_id, old_id);
+    assert_eq!(older.retired, vec![old_id.clone()]);
+    assert_eq!(older.identity_changes(), vec!["rename"]);
+    for id in [&new_id, &old_id] {
+        assert_eq!(
+            resolve_profile_id(&mut store, id).unwrap(),
+            Some((new_id.clone(), till))
+        );
+    }
 }
 
 #[test]
