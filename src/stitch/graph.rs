@@ -235,21 +235,21 @@ impl Stitcher {
             profile.apply(ev, &linked, &self.enrichment);
             self.record_part(store, &linked, ev)?;
             // An event older than the profile's anchor renames it, as below.
-            let retired = reindex(store, &joined, &profile, node);
-            if !retired.is_empty() {
-                profile.version += 1;
-            }
-            store.put_profile(node, profile);
-            return Ok(Some(Applied {
+            let applied = Applied {
                 node,
                 created: false,
-                retired,
+                retired: reindex(store, &joined, &profile, node),
                 absorbed_nodes: vec![],
                 refused: vec![],
                 linked_new: false,
                 merged_kinds: vec![],
                 reshape,
-            }));
+            };
+            if !applied.identity_changes().is_empty() {
+                profile.version += 1;
+            }
+            store.put_profile(node, profile);
+            return Ok(Some(applied));
         }
         // The type of the event's identifier that matched a node.
         let kind_of = |node: NodeId| {
@@ -270,7 +270,6 @@ impl Stitcher {
             store.put_profile(n, p);
         }
 
-        let mut retired = Vec::new();
         let mut absorbed_nodes = Vec::new();
         let mut merged_kinds = Vec::new();
         let mut rest = candidates.into_iter();
@@ -385,11 +384,10 @@ impl Stitcher {
         store.link_all(&linked, &evidence);
         self.record_part(store, &linked, ev)?;
 
-        retired.extend(reindex(store, &joined, &profile, node));
         let applied = Applied {
             node,
             created,
-            retired,
+            retired: reindex(store, &joined, &profile, node),
             absorbed_nodes,
             refused,
             linked_new,
@@ -508,6 +506,7 @@ fn reindex<S: GraphStore>(
         .collect();
     let mut retired = Vec::with_capacity(changed.len());
     if !changed.is_empty() {
+        // Hashed once, and only when an id changes.
         let id_after = profile.id();
         for old in changed {
             store.redirect(&old, &id_after);
