@@ -750,29 +750,6 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         Ok(true)
     }
 
-    /// The retired ids that lead to `live`, directly or through a chain, with where each redirects.
-    pub fn redirect_tree(
-        &self,
-        live: &ProfileId,
-    ) -> Result<Vec<(ProfileId, ProfileId)>, StoreError> {
-        let mut out = Vec::new();
-        let mut queue = vec![live.clone()];
-        let mut done = BTreeSet::new();
-        while let Some(to) = queue.pop() {
-            if !done.insert(to.clone()) {
-                continue;
-            }
-            let from: Vec<ProfileId> = self
-                .get(REDIRECTED_FROM, to.0.as_bytes())?
-                .unwrap_or_default();
-            for f in from {
-                out.push((f.clone(), to.clone()));
-                queue.push(f);
-            }
-        }
-        Ok(out)
-    }
-
     fn edit_redirected_from(
         &mut self,
         to: &ProfileId,

@@ -42,7 +42,7 @@ pub trait GraphStore {
     fn redirect(&mut self, from: &ProfileId, to: &ProfileId);
     fn remove_redirect(&mut self, id: &ProfileId);
     fn redirect_of(&mut self, id: &ProfileId) -> Result<Option<ProfileId>, Self::Error>;
-    /// Retired ids that redirect to `id`. May scan every redirect: erasure only.
+    /// Retired ids that redirect to `id` (splits and erasures; the in-memory store scans every redirect).
     fn redirects_to(&mut self, id: &ProfileId) -> Result<Vec<ProfileId>, Self::Error>;
     fn index(&mut self, id: &ProfileId, node: NodeId);
     fn unindex(&mut self, id: &ProfileId);
@@ -524,6 +524,8 @@ fn reindex<S: GraphStore>(
 }
 
 mod split;
+
+pub use split::redirect_tree;
 
 #[cfg(test)]
 mod tests;

@@ -147,7 +147,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         }
         let live = profile.id();
         graph.unindex(&live);
-        let redirects = graph.view.redirect_tree(&live)?;
+        let redirects = crate::stitch::graph::redirect_tree(&mut graph, &live)?;
         for (from, _) in &redirects {
             graph.remove_redirect(from);
         }

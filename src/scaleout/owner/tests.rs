@@ -7,8 +7,7 @@
 //!
 //! `SIM_TRACE='e0041|device_id-0"'` prints every message handled whose debug form contains one of the
 //! `|`-separated strings (the first failing case proptest replays comes first in the output).
-//! `SIM_CHECK_REDIRECTS=1` also checks after every message that no profile id is live at one shard while
-//! any shard keeps a redirect from it (a known defect fails it; docs/DESIGN.md).
+//! After every message, no profile id is live at one shard while any shard keeps a redirect from it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -236,9 +235,7 @@ impl Sim {
         }
         .handle(&self.stitcher, msg, &mut out)
         .expect("in-memory state cannot fail");
-        if std::env::var("SIM_CHECK_REDIRECTS").is_ok() {
-            self.check_redirects();
-        }
+        self.check_redirects();
         out
     }
 
@@ -431,9 +428,8 @@ impl Sim {
     }
 
     /// As in one store, a live profile id redirects nowhere: a redirect from it kept at any shard would send
-    /// the ids retired into it elsewhere (docs/DESIGN.md, the known exception under "What can depend on
-    /// arrival order"). Checked after every message with `SIM_CHECK_REDIRECTS=1` (a later erasure can hide
-    /// it at the end); not by default, since that known defect still fails it now and then.
+    /// the ids retired into it elsewhere (docs/DESIGN.md, *Splits*: a retired id comes back where its
+    /// redirect is). Checked after every message, since a later erasure can hide it at the end.
     fn check_redirects(&self) {
         let n = self.n();
         let live: BTreeMap<&[u8], usize> = (0..n as usize)

@@ -2,7 +2,7 @@
 //! a profile whose links no longer connect it is split into one profile per connected component, each
 //! rebuilt from the parts of its identifiers.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::*;
 
@@ -119,11 +119,19 @@ impl Stitcher {
             return Ok(());
         }
         store.unindex(&old_id);
+        let tree = redirect_tree(store, &old_id)?;
+        // The ids that could come back, each with the piece holding its return identifier; wanted only
+        // when retired ids lead here.
+        let mut returns: HashMap<ProfileId, usize> = HashMap::new();
         let mut pieces: Vec<Profile> = Vec::with_capacity(components.len());
         for component in &components {
             let mut piece = Profile::empty();
             for id in component {
-                if let Some(part) = store.take_part(id)? {
+                let part = store.take_part(id)?;
+                if !tree.is_empty() {
+                    returns.insert(return_id(id, part.as_ref()), pieces.len());
+                }
+                if let Some(part) = part {
                     piece.absorb(part.clone());
                     store.put_part(id, part);
                 }
@@ -136,12 +144,24 @@ impl Stitcher {
             fill_anchor(&mut piece);
             pieces.push(piece);
         }
+        // An identifier set apart (not erased) gets a profile of its own, where its return id comes back.
+        let apart = pieces.len();
+        if !tree.is_empty() && !purge {
+            for id in removed {
+                let part = store.take_part(id)?;
+                returns.insert(return_id(id, part.as_ref()), apart);
+                if let Some(part) = part {
+                    store.put_part(id, part);
+                }
+            }
+        }
         // The piece that keeps the node: the one that kept the public id, else the largest.
-        let kept_id = pieces.iter().any(|p| p.id() == old_id);
-        let keeper = pieces.iter().position(|p| p.id() == old_id).or_else(|| {
+        let piece_ids: Vec<ProfileId> = pieces.iter().map(Profile::id).collect();
+        let kept_id = piece_ids.contains(&old_id);
+        let keeper = piece_ids.iter().position(|p| *p == old_id).or_else(|| {
             (0..pieces.len()).max_by_key(|i| (pieces[*i].identifiers.len(), usize::MAX - i))
         });
-        let keeper_id = keeper.map(|k| pieces[k].id());
+        let keeper_id = keeper.map(|k| piece_ids[k].clone());
         let mut into = Vec::with_capacity(pieces.len());
         for (i, piece) in pieces.into_iter().enumerate() {
             let n = if Some(i) == keeper {
@@ -154,12 +174,26 @@ impl Stitcher {
                     store.set_node(id, n);
                 }
             }
-            let id = piece.id();
+            let id = &piece_ids[i];
             // An id that comes back (it was retired by a merge) no longer redirects anywhere.
-            store.remove_redirect(&id);
-            store.index(&id, n);
+            store.remove_redirect(id);
+            store.index(id, n);
             store.put_profile(n, piece);
             into.push(n);
+        }
+        // Where the old id leads after the split: where it comes back, else the largest piece unless
+        // it is erased.
+        let leads = match returns.get(&old_id) {
+            Some(piece) => Some(*piece),
+            None if purge => None,
+            None => keeper,
+        };
+        for (from, piece) in send_home(&tree, &returns, &old_id, leads) {
+            // One that comes back set apart is made live by the caller.
+            if piece != apart && from != piece_ids[piece] {
+                store.redirect(&from, &piece_ids[piece]);
+                reshape.retired.push((from, into[piece]));
+            }
         }
         match keeper {
             None => {
@@ -180,7 +214,8 @@ impl Stitcher {
         Ok(())
     }
 
-    /// An id that stops existing at `version`: a tombstone, and with `purge` the redirects to it go too.
+    /// An id that stops existing at `version`: a tombstone, and with `purge` the ids leading to it
+    /// (through chains too) get one each and no longer redirect.
     fn retire_erased<S: GraphStore>(
         &self,
         store: &mut S,
@@ -191,7 +226,7 @@ impl Stitcher {
     ) -> Result<(), S::Error> {
         store.unindex(id);
         if purge {
-            for from in store.redirects_to(id)? {
+            for (from, _) in redirect_tree(store, id)? {
                 store.remove_redirect(&from);
                 reshape.erased.push((from, version));
             }
@@ -282,6 +317,49 @@ impl Stitcher {
     }
 }
 
+/// The retired ids of a split profile's redirect `tree` (each with where it redirects, parents first)
+/// whose return identifier is in another piece than the one they lead to (the old id leads to piece
+/// `leads`): each with the piece it goes to (`returns`: an id that can come back, to its piece).
+fn send_home(
+    tree: &[(ProfileId, ProfileId)],
+    returns: &HashMap<ProfileId, usize>,
+    old_id: &ProfileId,
+    leads: Option<usize>,
+) -> Vec<(ProfileId, usize)> {
+    let mut lead: HashMap<&ProfileId, Option<usize>> = HashMap::from([(old_id, leads)]);
+    let mut moved = Vec::new();
+    for (from, to) in tree {
+        let parent = lead.get(to).copied().flatten();
+        let own = returns.get(from).copied();
+        if let Some(piece) = own.filter(|p| Some(*p) != parent) {
+            moved.push((from.clone(), piece));
+        }
+        lead.insert(from, own.or(parent));
+    }
+    moved
+}
+
+/// The retired ids that lead to `live`, directly or through a chain, each with where it redirects;
+/// parents before children.
+pub fn redirect_tree<S: GraphStore>(
+    store: &mut S,
+    live: &ProfileId,
+) -> Result<Vec<(ProfileId, ProfileId)>, S::Error> {
+    let mut out = Vec::new();
+    let mut queue = vec![live.clone()];
+    let mut done = HashSet::new();
+    while let Some(to) = queue.pop() {
+        if !done.insert(to.clone()) {
+            continue;
+        }
+        for from in store.redirects_to(&to)? {
+            out.push((from.clone(), to.clone()));
+            queue.push(from);
+        }
+    }
+    Ok(out)
+}
+
 /// Connected components of `ids` over their links (links to identifiers outside `ids` are ignored), in a
 /// deterministic order.
 fn components<S: GraphStore>(
@@ -320,6 +398,21 @@ fn fill_anchor(p: &mut Profile) {
         return;
     }
     if let Some((id, seen)) = p.identifiers.iter().min_by_key(|(id, s)| (s.first, *id)) {
-        p.anchor = (seen.first, format!("identifier:{id}"));
+        p.anchor = (seen.first, identifier_anchor(id));
+    }
+}
+
+/// The anchor of a profile without events whose earliest sighting is `id`'s.
+fn identifier_anchor(id: &Identifier) -> String {
+    format!("identifier:{id}")
+}
+
+/// The retired id that could come back in a profile holding `id` (with its `part`): the id of the part's
+/// anchor, or of `id`'s sighting for a part without events. A profile's anchor is the smallest of its
+/// identifiers' part anchors, so an id can be live only where its return identifier is.
+fn return_id(id: &Identifier, part: Option<&Profile>) -> ProfileId {
+    match part {
+        Some(p) if p.has_events() => p.id(),
+        _ => ProfileId::from_anchor(&identifier_anchor(id)),
     }
 }

@@ -523,6 +523,65 @@ fn erase_profile_removes_everything_and_names_every_id() {
 }
 
 #[test]
+fn erasing_a_profile_ends_every_id_that_led_to_it() {
+    let s = Stitcher::new(Rules::unlimited());
+    let mut store = MemStore::default();
+    s.apply(&mut store, &ev(1, 10, &ids(&[("email", "a@x.io")])))
+        .unwrap();
+    s.apply(&mut store, &ev(2, 20, &ids(&[("anonymous_id", "b")])))
+        .unwrap();
+    let ab = ids(&[("email", "a@x.io"), ("anonymous_id", "b")]);
+    s.apply(&mut store, &ev(3, 30, &ab)).unwrap();
+    s.apply(&mut store, &ev(0, 5, &ids(&[("anonymous_id", "c")])))
+        .unwrap();
+    let ac = ids(&[("email", "a@x.io"), ("anonymous_id", "c")]);
+    s.apply(&mut store, &ev(4, 40, &ac)).unwrap();
+    // The chain e2 -> e1 -> e0: erasing e0's profile ends all three, the grandchild included.
+    let r = s
+        .erase_profile(&mut store, &ProfileId::from_anchor("e0"))
+        .unwrap();
+    let erased: BTreeSet<ProfileId> = r.erased.iter().map(|(id, _)| id.clone()).collect();
+    let want: BTreeSet<ProfileId> = ["e0", "e1", "e2"].map(ProfileId::from_anchor).into();
+    assert_eq!(erased, want);
+    assert!(store.redirects.is_empty(), "{:?}", store.redirects);
+}
+
+/// A retired id can be live again only where its anchor event is (in the part of its return
+/// identifier); a split sends it there, so the shard that brings it back is the one holding its redirect.
+#[test]
+fn a_split_sends_a_retired_id_to_the_piece_where_it_can_come_back() {
+    let s = Stitcher::new(Rules::unlimited());
+    let mut store = MemStore::default();
+    let (a, b, d) = (
+        Identifier::new("email", "a@x.io"),
+        Identifier::new("anonymous_id", "b"),
+        Identifier::new("anonymous_id", "d"),
+    );
+    let id = ProfileId::from_anchor;
+    s.apply(&mut store, &ev(1, 10, &ids(&[("email", "a@x.io")])))
+        .unwrap();
+    s.apply(&mut store, &ev(2, 20, &ids(&[("anonymous_id", "b")])))
+        .unwrap();
+    let ab = ids(&[("email", "a@x.io"), ("anonymous_id", "b")]);
+    s.apply(&mut store, &ev(3, 30, &ab)).unwrap();
+    s.apply(&mut store, &ev(5, 1, &ids(&[("anonymous_id", "d")])))
+        .unwrap();
+    let bd = ids(&[("anonymous_id", "b"), ("anonymous_id", "d")]);
+    s.apply(&mut store, &ev(6, 50, &bd)).unwrap();
+    // e2 -> e1 -> e5. Unlinking a and b brings e1 back with a; e2's event is in b's part, so e2 now
+    // leads to b's profile (e5, kept by d's older event) and gets a redirect record there.
+    let r = s.unlink(&mut store, &a, &b).unwrap();
+    assert_eq!(store.index[&id("e1")], store.nodes[&a]);
+    assert_eq!(store.redirects.get(&id("e2")), Some(&id("e5")));
+    assert_eq!(r.retired, vec![(id("e2"), store.nodes[&b])]);
+    // Erasing d leaves b alone with its own oldest event: e2 is live again, with nothing redirecting it.
+    s.erase_identifier(&mut store, &d).unwrap();
+    assert_eq!(store.index[&id("e2")], store.nodes[&b]);
+    assert!(!store.redirects.contains_key(&id("e2")));
+    assert_parts_add_up(&store);
+}
+
+#[test]
 fn unlink_splits_only_when_nothing_else_holds() {
     let s = Stitcher::new(Rules::unlimited());
     let mut store = MemStore::default();
