@@ -522,20 +522,26 @@ fn erase_profile_removes_everything_and_names_every_id() {
         .is_empty());
 }
 
+const A: (&str, &str) = ("email", "a@x.io");
+const B: (&str, &str) = ("anonymous_id", "b");
+
+/// An event as (number, time, identifiers).
+type Given<'a> = (u32, i64, &'a [(&'a str, &'a str)]);
+
+/// Events applied in turn after e1 {a} at 10, e2 {b} at 20 and e3 {a, b} at 30, which retires e2 into e1.
+fn apply_all(s: &Stitcher, store: &mut MemStore, events: &[Given]) {
+    let ab: [Given; 3] = [(1, 10, &[A]), (2, 20, &[B]), (3, 30, &[A, B])];
+    for (n, ts, pairs) in ab.iter().chain(events) {
+        s.apply(store, &ev(*n, *ts, &ids(pairs))).unwrap();
+    }
+}
+
 #[test]
 fn erasing_a_profile_ends_every_id_that_led_to_it() {
     let s = Stitcher::new(Rules::unlimited());
     let mut store = MemStore::default();
-    s.apply(&mut store, &ev(1, 10, &ids(&[("email", "a@x.io")])))
-        .unwrap();
-    s.apply(&mut store, &ev(2, 20, &ids(&[("anonymous_id", "b")])))
-        .unwrap();
-    let ab = ids(&[("email", "a@x.io"), ("anonymous_id", "b")]);
-    s.apply(&mut store, &ev(3, 30, &ab)).unwrap();
-    s.apply(&mut store, &ev(0, 5, &ids(&[("anonymous_id", "c")])))
-        .unwrap();
-    let ac = ids(&[("email", "a@x.io"), ("anonymous_id", "c")]);
-    s.apply(&mut store, &ev(4, 40, &ac)).unwrap();
+    let c = ("anonymous_id", "c");
+    apply_all(&s, &mut store, &[(0, 5, &[c]), (4, 40, &[A, c])]);
     // The chain e2 -> e1 -> e0: erasing e0's profile ends all three, the grandchild included.
     let r = s
         .erase_profile(&mut store, &ProfileId::from_anchor("e0"))
@@ -552,22 +558,10 @@ fn erasing_a_profile_ends_every_id_that_led_to_it() {
 fn a_split_sends_a_retired_id_to_the_piece_where_it_can_come_back() {
     let s = Stitcher::new(Rules::unlimited());
     let mut store = MemStore::default();
-    let (a, b, d) = (
-        Identifier::new("email", "a@x.io"),
-        Identifier::new("anonymous_id", "b"),
-        Identifier::new("anonymous_id", "d"),
-    );
+    let d = ("anonymous_id", "d");
+    apply_all(&s, &mut store, &[(5, 1, &[d]), (6, 50, &[B, d])]);
+    let [a, b, d] = [A, B, d].map(|(k, v)| Identifier::new(k, v));
     let id = ProfileId::from_anchor;
-    s.apply(&mut store, &ev(1, 10, &ids(&[("email", "a@x.io")])))
-        .unwrap();
-    s.apply(&mut store, &ev(2, 20, &ids(&[("anonymous_id", "b")])))
-        .unwrap();
-    let ab = ids(&[("email", "a@x.io"), ("anonymous_id", "b")]);
-    s.apply(&mut store, &ev(3, 30, &ab)).unwrap();
-    s.apply(&mut store, &ev(5, 1, &ids(&[("anonymous_id", "d")])))
-        .unwrap();
-    let bd = ids(&[("anonymous_id", "b"), ("anonymous_id", "d")]);
-    s.apply(&mut store, &ev(6, 50, &bd)).unwrap();
     // e2 -> e1 -> e5. Unlinking a and b brings e1 back with a; e2's event is in b's part, so e2 now
     // leads to b's profile (e5, kept by d's older event) and gets a redirect record there.
     let r = s.unlink(&mut store, &a, &b).unwrap();
