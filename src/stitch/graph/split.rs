@@ -144,12 +144,14 @@ impl Stitcher {
             fill_anchor(&mut piece);
             pieces.push(piece);
         }
-        // An identifier set apart (not erased) gets a profile of its own, where its return id comes back.
-        let apart = pieces.len();
-        if !tree.is_empty() && !purge {
+        // The removed identifiers count as one more piece: one set apart gets a profile of its own, where
+        // its return id comes back; an erased one takes the ids that would come back with it (its
+        // part is gone: they are the ids of its sighting) and those leading to them.
+        let gone = pieces.len();
+        if !tree.is_empty() {
             for id in removed {
                 let part = store.take_part(id)?;
-                returns.insert(return_id(id, part.as_ref()), apart);
+                returns.insert(return_id(id, part.as_ref()), gone);
                 if let Some(part) = part {
                     store.put_part(id, part);
                 }
@@ -188,11 +190,18 @@ impl Stitcher {
             None if purge => None,
             None => keeper,
         };
-        for (from, piece) in send_home(&tree, &returns, &old_id, leads) {
-            // One that comes back set apart is made live by the caller.
-            if piece != apart && from != piece_ids[piece] {
-                store.redirect(&from, &piece_ids[piece]);
-                reshape.retired.push((from, into[piece]));
+        for (from, lead, moved) in send_home(&tree, &returns, &old_id, leads) {
+            match lead {
+                Some(p) if p == gone && purge => {
+                    store.remove_redirect(&from);
+                    reshape.erased.push((from, version));
+                }
+                // One that comes back set apart is made live by the caller.
+                Some(p) if p != gone && moved && from != piece_ids[p] => {
+                    store.redirect(&from, &piece_ids[p]);
+                    reshape.retired.push((from, into[p]));
+                }
+                _ => {}
             }
         }
         match keeper {
@@ -317,26 +326,26 @@ impl Stitcher {
     }
 }
 
-/// The retired ids of a split profile's redirect `tree` (each with where it redirects, parents first)
-/// whose return identifier is in another piece than the one they lead to (the old id leads to piece
-/// `leads`): each with the piece it goes to (`returns`: an id that can come back, to its piece).
+/// Where each retired id of a split profile's redirect `tree` (each with where it redirects, parents
+/// first) leads after the split, and whether it must move there: an id that can come back (`returns`)
+/// goes to the piece holding its return identifier, the others follow the id they redirect to (the old
+/// id leads to piece `leads`).
 fn send_home(
     tree: &[(ProfileId, ProfileId)],
     returns: &HashMap<ProfileId, usize>,
     old_id: &ProfileId,
     leads: Option<usize>,
-) -> Vec<(ProfileId, usize)> {
+) -> Vec<(ProfileId, Option<usize>, bool)> {
     let mut lead: HashMap<&ProfileId, Option<usize>> = HashMap::from([(old_id, leads)]);
-    let mut moved = Vec::new();
+    let mut out = Vec::with_capacity(tree.len());
     for (from, to) in tree {
         let parent = lead.get(to).copied().flatten();
         let own = returns.get(from).copied();
-        if let Some(piece) = own.filter(|p| Some(*p) != parent) {
-            moved.push((from.clone(), piece));
-        }
-        lead.insert(from, own.or(parent));
+        let here = own.or(parent);
+        lead.insert(from, here);
+        out.push((from.clone(), here, here != parent));
     }
-    moved
+    out
 }
 
 /// The retired ids that lead to `live`, directly or through a chain, each with where it redirects;

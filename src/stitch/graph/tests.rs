@@ -552,6 +552,37 @@ fn erasing_a_profile_ends_every_id_that_led_to_it() {
     assert!(store.redirects.is_empty(), "{:?}", store.redirects);
 }
 
+/// An erased identifier takes with it the id of its own sighting (a profile of it alone, without events,
+/// was named after it): that id could otherwise come back wherever the identifier is seen again.
+#[test]
+fn erasing_an_identifier_ends_the_id_named_after_it() {
+    let s = Stitcher::new(Rules::unlimited());
+    let mut store = MemStore::default();
+    let (c, d, x) = (
+        ("customer_id", "c"),
+        ("customer_id", "d"),
+        ("device_id", "x"),
+    );
+    s.apply(&mut store, &ev(3, 362, &ids(&[c, x]))).unwrap();
+    let [c, d_id, x_id] = [c, d, x].map(|(k, v)| Identifier::new(k, v));
+    // The event was kept in c's part: erasing c leaves x alone, named after its sighting.
+    s.erase_identifier(&mut store, &c).unwrap();
+    let sighting = ProfileId::from_anchor(&format!("identifier:{x_id}"));
+    assert_eq!(store.index.get(&sighting), Some(&store.nodes[&x_id]));
+    s.apply(&mut store, &ev(9, 0, &ids(&[d, x]))).unwrap();
+    assert_eq!(
+        store.redirects.get(&sighting),
+        Some(&ProfileId::from_anchor("e9"))
+    );
+    let r = s.erase_identifier(&mut store, &x_id).unwrap();
+    assert!(r.erased.iter().any(|(id, _)| *id == sighting), "{r:?}");
+    assert!(store.redirects.is_empty(), "{:?}", store.redirects);
+    assert_eq!(
+        store.index.get(&ProfileId::from_anchor("e9")),
+        Some(&store.nodes[&d_id])
+    );
+}
+
 /// A retired id can be live again only where its anchor event is (in the part of its return
 /// identifier); a split sends it there, so the shard that brings it back is the one holding its redirect.
 #[test]
