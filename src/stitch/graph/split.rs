@@ -94,8 +94,8 @@ impl Stitcher {
 
     /// Recomputes a profile whose identifiers `removed` are gone (or one of whose links is): one profile per
     /// connected component of the remaining links, each the join of its identifiers' parts. The component
-    /// that keeps the old public id (or else the largest) keeps the node. `purge` (erasure) also removes
-    /// the redirects to an id that stops existing.
+    /// that keeps the old public id (or else the largest) keeps the node. Retired ids go to the piece where
+    /// they can come back; with `purge` (erasure) those leading to no piece left are ended.
     fn split<S: GraphStore>(
         &self,
         store: &mut S,
@@ -192,9 +192,10 @@ impl Stitcher {
         };
         for (from, lead, moved) in send_home(&tree, &returns, &old_id, leads) {
             match lead {
-                Some(p) if p == gone && purge => {
-                    store.remove_redirect(&from);
-                    reshape.erased.push((from, version));
+                // An erasure ends the ids that lead to no piece left: to the erased old id, or to an
+                // erased identifier.
+                _ if purge && lead.is_none_or(|p| p == gone) => {
+                    end_id(store, from, version, reshape)
                 }
                 // One that comes back set apart is made live by the caller.
                 Some(p) if p != gone && moved && from != piece_ids[p] => {
@@ -207,10 +208,10 @@ impl Stitcher {
         match keeper {
             None => {
                 store.delete_profile(node);
-                self.retire_erased(store, &old_id, version, purge, reshape)?;
+                retire_erased(store, &old_id, version, reshape);
             }
             Some(_) if kept_id => {}
-            Some(_) if purge => self.retire_erased(store, &old_id, version, purge, reshape)?,
+            Some(_) if purge => retire_erased(store, &old_id, version, reshape),
             Some(_) => {
                 // Not an erasure: the old id continues as the largest piece.
                 if let Some(to) = &keeper_id {
@@ -220,27 +221,6 @@ impl Stitcher {
             }
         }
         reshape.splits.push(Split { from: old_id, into });
-        Ok(())
-    }
-
-    /// An id that stops existing at `version`: a tombstone, and with `purge` the ids leading to it
-    /// (through chains too) get one each and no longer redirect.
-    fn retire_erased<S: GraphStore>(
-        &self,
-        store: &mut S,
-        id: &ProfileId,
-        version: u64,
-        purge: bool,
-        reshape: &mut Reshape,
-    ) -> Result<(), S::Error> {
-        store.unindex(id);
-        if purge {
-            for (from, _) in redirect_tree(store, id)? {
-                store.remove_redirect(&from);
-                reshape.erased.push((from, version));
-            }
-        }
-        reshape.erased.push((id.clone(), version));
         Ok(())
     }
 
@@ -275,7 +255,7 @@ impl Stitcher {
     }
 
     /// Erases a whole profile, found by its public id (redirects followed): every identifier, link and
-    /// part, the profile, and the ids redirecting to it.
+    /// part, the profile, and the ids leading to it (through chains too).
     pub fn erase_profile<S: GraphStore>(
         &self,
         store: &mut S,
@@ -298,7 +278,10 @@ impl Stitcher {
             }
         }
         store.delete_profile(node);
-        self.retire_erased(store, &live, version, true, &mut reshape)?;
+        for (from, _) in redirect_tree(store, &live)? {
+            end_id(store, from, version, &mut reshape);
+        }
+        retire_erased(store, &live, version, &mut reshape);
         Ok(reshape)
     }
 
@@ -324,6 +307,24 @@ impl Stitcher {
         }
         Ok(reshape)
     }
+}
+
+/// A live id that stops existing at `version`: a tombstone.
+fn retire_erased<S: GraphStore>(
+    store: &mut S,
+    id: &ProfileId,
+    version: u64,
+    reshape: &mut Reshape,
+) {
+    store.unindex(id);
+    reshape.erased.push((id.clone(), version));
+}
+
+/// A retired id that stops existing at `version` (it led to an erased profile or identifier): a
+/// tombstone, and it no longer redirects.
+fn end_id<S: GraphStore>(store: &mut S, id: ProfileId, version: u64, reshape: &mut Reshape) {
+    store.remove_redirect(&id);
+    reshape.erased.push((id, version));
 }
 
 /// Where each retired id of a split profile's redirect `tree` (each with where it redirects, parents
