@@ -197,7 +197,10 @@ fn leader_moving(e: &KafkaError) -> bool {
 pub fn producer_config(cfg: &Config, instance: &str) -> ClientConfig {
     let mut c = base_config(cfg);
     c.set("enable.idempotence", "true")
-        .set("linger.ms", "5")
+        // A batch's records are produced in one burst when it commits, and the commit then waits for
+        // every one of them: lingering would only hold back the last of them (docs/BENCHMARKS.md, "A
+        // commit's records sent at once").
+        .set("linger.ms", "0")
         // A transaction begun right after the one before is often told CONCURRENT_TRANSACTIONS while the
         // coordinator writes the markers, and retried after this (docs/DESIGN.md, "Overlapped commits").
         .set("retry.backoff.ms", "10")
