@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use crate::model::now_millis;
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The service's metrics. Cheap to clone (handles are reference counted).
@@ -35,6 +35,7 @@ pub struct Metrics {
     pub transactions: IntCounterVec,
     pub batch_duration: Histogram,
     pub commit_duration: Histogram,
+    pub commit_steps: HistogramVec,
     pub batch_size: Histogram,
     pub event_latency: Histogram,
     pub consumer_lag: IntGaugeVec,
@@ -225,6 +226,18 @@ fn histogram(
     Ok(h)
 }
 
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: Vec<f64>,
+) -> prometheus::Result<HistogramVec> {
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
 fn gauge_vec(
     r: &Registry,
     name: &str,
@@ -266,6 +279,7 @@ impl Metrics {
             transactions: counter_vec(&r, "stitcher_transactions_total", "Batches committed, by result (committed, aborted, recovered).", &["result"])?,
             batch_duration: histogram(&r, "stitcher_batch_duration_seconds", "Time to process and commit one batch.", exponential_buckets(0.001, 2.0, 15)?)?,
             commit_duration: histogram(&r, "stitcher_commit_duration_seconds", "Time to commit one batch to Kafka (transaction, or flush and offset commit), retries included.", exponential_buckets(0.001, 2.0, 15)?)?,
+            commit_steps: histogram_vec(&r, "stitcher_commit_step_seconds", "Time of each step of a batch's transaction: produce (handing its records to the producer), offsets (send_offsets_to_transaction), deliveries (waiting for the records still in flight after it), end (commit_transaction).", &["step"], exponential_buckets(0.0001, 2.0, 15)?)?,
             batch_size: histogram(&r, "stitcher_batch_size_messages", "Input messages per committed batch.", exponential_buckets(1.0, 2.0, 15)?)?,
             event_latency: histogram(&r, "stitcher_event_latency_seconds", "From the event's timestamp to the commit of its profile update.", exponential_buckets(0.001, 2.0, 20)?)?,
             consumer_lag: gauge_vec(&r, "stitcher_consumer_lag_messages", "Messages behind the end of each input topic (sum over its partitions).", &["topic"])?,

@@ -307,6 +307,28 @@ fn check_http(s: &Setup, truth: &[journeys::PersonTruth]) {
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
+    // Every committed transaction timed each of its steps: `end` once per commit (one more may be
+    // under way), the others at least that often (an attempt that failed later timed its first steps).
+    let committed = metric(
+        &metrics,
+        "stitcher_transactions_total{result=\"committed\"}",
+    );
+    assert!(committed > 0.0, "no committed transaction in /metrics");
+    for step in ["produce", "offsets", "deliveries", "end"] {
+        let timed = metric(
+            &metrics,
+            &format!("stitcher_commit_step_seconds_count{{step=\"{step}\"}}"),
+        );
+        let most = if step == "end" {
+            committed + 1.0
+        } else {
+            f64::MAX
+        };
+        assert!(
+            (committed..=most).contains(&timed),
+            "{timed} transactions timed their {step} step, {committed} committed"
+        );
+    }
     if let Ok(mut promtool) = std::process::Command::new("promtool")
         .args(["check", "metrics"])
         .stdin(std::process::Stdio::piped())

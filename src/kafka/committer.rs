@@ -125,6 +125,31 @@ pub struct Committer {
     max_record_bytes: usize,
 }
 
+/// Times the steps of one transaction (`stitcher_commit_step_seconds`): each step from the end of the one
+/// before.
+struct StepTimer<'m> {
+    metrics: &'m Metrics,
+    since: Cell<Instant>,
+}
+
+impl<'m> StepTimer<'m> {
+    fn new(metrics: &'m Metrics) -> Self {
+        Self {
+            metrics,
+            since: Cell::new(Instant::now()),
+        }
+    }
+
+    fn done(&self, step: &str) {
+        let now = Instant::now();
+        self.metrics
+            .commit_steps
+            .with_label_values(&[step])
+            .observe(now.duration_since(self.since.get()).as_secs_f64());
+        self.since.set(now);
+    }
+}
+
 /// An error about a record rather than about the infrastructure: retrying the same record cannot help.
 fn is_record_error(e: &KafkaError) -> bool {
     matches!(
@@ -338,15 +363,19 @@ impl Committer {
             self.producer.abort_transaction(TXN_CALL_TIMEOUT)?;
             self.needs_abort = false;
         }
+        let step = StepTimer::new(&self.metrics);
         self.producer.begin_transaction()?;
         self.needs_abort = true;
         self.send_all(records, deadline)?;
+        step.done("produce");
         if tpl.count() > 0 {
             let group = group.ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownGroup))?;
             self.producer
                 .send_offsets_to_transaction(tpl, group, TXN_CALL_TIMEOUT)?;
         }
+        step.done("offsets");
         super::await_deliveries(&self.producer, TXN_CALL_TIMEOUT)?;
+        step.done("deliveries");
         let committing = Instant::now();
         loop {
             match self.producer.commit_transaction(TXN_CALL_TIMEOUT) {
@@ -363,6 +392,7 @@ impl Committer {
             }
         }
         self.needs_abort = false;
+        step.done("end");
         Ok(())
     }
 
