@@ -89,7 +89,7 @@ fn error(status: StatusCode, msg: impl Into<String>) -> Response {
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/profiles/:id", get(by_profile_id))
         .route("/v1/profiles/:id/explain", get(explain_profile))
@@ -119,6 +119,13 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 /// 200 while the instance makes progress, else 503 with the reason ([`crate::metrics::Health`]).
+async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
+    match s.metrics.health.live() {
+        Ok(()) => (StatusCode::OK, "ok\n".to_string()),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("hung: {why}\n")),
+    }
+}
+
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     match s.metrics.health.check() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),

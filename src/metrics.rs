@@ -60,6 +60,13 @@ pub const BROKER_GRACE: Duration = Duration::from_secs(15);
 /// healthy.
 pub const STALL_GRACE: Duration = Duration::from_secs(30);
 
+/// How long one transactional call of librdkafka may be under way before the process counts as hung and
+/// `/healthz` fails: twice the timeout every such call is given. A call that outlives its own timeout will
+/// not return: `send_offsets_to_transaction` can wait for ever for a group coordinator that went away
+/// (confluentinc/librdkafka#5456, #5511; seen once in CI after the broker restarted), and nothing inside
+/// the process can take the blocked thread back. A restart recovers like any crash.
+pub const HUNG_CALL: Duration = Duration::from_secs(60);
+
 /// Readiness means progress: the pipeline is running (recovered, holding its partitions, not draining), its
 /// last commit did not fail, the brokers answered within [`BROKER_GRACE`], and every input topic exists.
 #[derive(Clone, Default)]
@@ -79,6 +86,8 @@ struct HealthState {
     unassigned_since: Mutex<Option<Instant>>,
     /// When (epoch ms) the pipeline's loop last started a batch, or started running.
     turned_at: AtomicI64,
+    /// Since when (epoch ms) a transactional call of the producer has been under way; 0 when none is.
+    call_since: AtomicI64,
 }
 
 impl Health {
@@ -118,6 +127,27 @@ impl Health {
     pub fn commit_settled(&self) {
         self.0.commit_failing_since.store(0, Ordering::Release);
         self.0.committing_since.store(0, Ordering::Release);
+    }
+
+    /// A transactional call of the producer begins (`true`) or returned (`false`).
+    pub fn in_call(&self, calling: bool) {
+        let since = if calling { now_millis() } else { 0 };
+        self.0.call_since.store(since, Ordering::Release);
+    }
+
+    /// `Ok` while the process can still make progress by itself (`/healthz`); otherwise why not: a
+    /// transactional call under way for longer than [`HUNG_CALL`].
+    pub fn live(&self) -> Result<(), String> {
+        let since = self.0.call_since.load(Ordering::Acquire);
+        let for_ms = now_millis() - since;
+        if since != 0 && for_ms > HUNG_CALL.as_millis() as i64 {
+            return Err(format!(
+                "a transactional call of the producer has not returned for {} s, past its own timeout \
+                 (librdkafka#5456): restart the process",
+                for_ms / 1000
+            ));
+        }
+        Ok(())
     }
 
     /// From librdkafka's statistics: whether any broker connection is up.
@@ -329,5 +359,21 @@ mod tests {
         assert!(why.contains("started no batch"), "{why}");
         h.turned();
         assert_eq!(h.check(), Ok(()));
+    }
+
+    /// A transactional call that outlived twice its timeout makes the process not live; one that
+    /// returned, or one still within its time, does not.
+    #[test]
+    fn a_transactional_call_that_never_returns_fails_liveness() {
+        let h = Health::default();
+        assert_eq!(h.live(), Ok(()));
+        h.in_call(true);
+        assert_eq!(h.live(), Ok(()), "a call just begun");
+        let long_ago = now_millis() - HUNG_CALL.as_millis() as i64 - 1_000;
+        h.0.call_since.store(long_ago, Ordering::Release);
+        let why = h.live().expect_err("hung");
+        assert!(why.contains("has not returned"), "{why}");
+        h.in_call(false);
+        assert_eq!(h.live(), Ok(()));
     }
 }

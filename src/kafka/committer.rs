@@ -286,7 +286,7 @@ impl Committer {
                     // Aborted now, not when the next transaction begins: its records hold the changelog's
                     // last stable offset, and the restore after the rejoin reads up to it (left open, the
                     // restore waited for the transaction timeout; the group test caught it).
-                    match self.producer.abort_transaction(TXN_CALL_TIMEOUT) {
+                    match self.call(|p| p.abort_transaction(TXN_CALL_TIMEOUT)) {
                         Ok(()) => self.needs_abort = false,
                         Err(abort) => {
                             tracing::warn!(error = %abort, "abort after a refused commit failed; aborting before the next one")
@@ -360,7 +360,7 @@ impl Committer {
         deadline: &Deadline,
     ) -> Result<(), KafkaError> {
         if self.needs_abort {
-            self.producer.abort_transaction(TXN_CALL_TIMEOUT)?;
+            self.call(|p| p.abort_transaction(TXN_CALL_TIMEOUT))?;
             self.needs_abort = false;
         }
         let step = StepTimer::new(&self.metrics);
@@ -370,15 +370,14 @@ impl Committer {
         step.done("produce");
         if tpl.count() > 0 {
             let group = group.ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownGroup))?;
-            self.producer
-                .send_offsets_to_transaction(tpl, group, TXN_CALL_TIMEOUT)?;
+            self.call(|p| p.send_offsets_to_transaction(tpl, group, TXN_CALL_TIMEOUT))?;
         }
         step.done("offsets");
         super::await_deliveries(&self.producer, TXN_CALL_TIMEOUT)?;
         step.done("deliveries");
         let committing = Instant::now();
         loop {
-            match self.producer.commit_transaction(TXN_CALL_TIMEOUT) {
+            match self.call(|p| p.commit_transaction(TXN_CALL_TIMEOUT)) {
                 Ok(()) => break,
                 // A commit that timed out may be retried as it is, up to the transaction timeout.
                 Err(e)
@@ -394,6 +393,15 @@ impl Committer {
         self.needs_abort = false;
         step.done("end");
         Ok(())
+    }
+
+    /// A blocking transactional call, watched by `/healthz` (`Health::live`): librdkafka does not
+    /// always return from one within its timeout.
+    fn call<T>(&self, f: impl FnOnce(&ThreadedProducer<CommitContext>) -> T) -> T {
+        self.metrics.health.in_call(true);
+        let r = f(&self.producer);
+        self.metrics.health.in_call(false);
+        r
     }
 
     fn send_all(&self, records: &[RecordRef<'_>], deadline: &Deadline) -> Result<(), KafkaError> {
