@@ -118,7 +118,8 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
     )
 }
 
-/// 200 while the instance makes progress, else 503 with the reason ([`crate::metrics::Health`]).
+/// 200 while the process can make progress by itself, else 503 with the reason
+/// ([`crate::metrics::Health::live`]).
 async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
     match s.metrics.health.live() {
         Ok(()) => (StatusCode::OK, "ok\n".to_string()),
@@ -126,6 +127,7 @@ async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
     }
 }
 
+/// 200 while the instance makes progress, else 503 with the reason ([`crate::metrics::Health`]).
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
     match s.metrics.health.check() {
         Ok(()) => (StatusCode::OK, "ready\n".to_string()),

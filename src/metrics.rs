@@ -65,7 +65,8 @@ pub const STALL_GRACE: Duration = Duration::from_secs(30);
 /// not return: `send_offsets_to_transaction` can wait for ever for a group coordinator that went away
 /// (confluentinc/librdkafka#5456, #5511; seen once in CI after the broker restarted), and nothing inside
 /// the process can take the blocked thread back. A restart recovers like any crash.
-pub const HUNG_CALL: Duration = Duration::from_secs(60);
+pub const HUNG_CALL: Duration =
+    Duration::from_secs(2 * crate::kafka::committer::TXN_CALL_TIMEOUT.as_secs());
 
 /// Readiness means progress: the pipeline is running (recovered, holding its partitions, not draining), its
 /// last commit did not fail, the brokers answered within [`BROKER_GRACE`], and every input topic exists.

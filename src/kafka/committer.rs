@@ -47,7 +47,7 @@ error_from!(CommitError {
 });
 
 /// Per-call timeout of the transactional API; a call that times out is retried.
-const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a record waits for room in the producer's queue before the wait is logged.
 const QUEUE_FULL_WARN_AFTER: Duration = Duration::from_secs(10);
@@ -129,24 +129,24 @@ pub struct Committer {
 /// before.
 struct StepTimer<'m> {
     metrics: &'m Metrics,
-    since: Cell<Instant>,
+    since: Instant,
 }
 
 impl<'m> StepTimer<'m> {
     fn new(metrics: &'m Metrics) -> Self {
         Self {
             metrics,
-            since: Cell::new(Instant::now()),
+            since: Instant::now(),
         }
     }
 
-    fn done(&self, step: &str) {
+    fn done(&mut self, step: &str) {
         let now = Instant::now();
         self.metrics
             .commit_steps
             .with_label_values(&[step])
-            .observe(now.duration_since(self.since.get()).as_secs_f64());
-        self.since.set(now);
+            .observe(now.duration_since(self.since).as_secs_f64());
+        self.since = now;
     }
 }
 
@@ -363,7 +363,7 @@ impl Committer {
             self.call(|p| p.abort_transaction(TXN_CALL_TIMEOUT))?;
             self.needs_abort = false;
         }
-        let step = StepTimer::new(&self.metrics);
+        let mut step = StepTimer::new(&self.metrics);
         self.producer.begin_transaction()?;
         self.needs_abort = true;
         self.send_all(records, deadline)?;
