@@ -197,6 +197,16 @@ fn is_retriable(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Transaction(rd) if rd.is_retriable())
 }
 
+/// Runs a blocking transactional call of librdkafka, watched by `/healthz` (`Health::live`): librdkafka
+/// does not always return from one within its timeout, `init_transactions` included (it waits for a
+/// transaction coordinator as the other calls do).
+fn watched<T>(metrics: &Metrics, f: impl FnOnce() -> T) -> T {
+    metrics.health.in_call(true);
+    let r = f();
+    metrics.health.in_call(false);
+    r
+}
+
 impl Committer {
     /// Creates the producer; under exactly-once, initialises transactions, which fences any older instance
     /// with the same transactional id and aborts its open transaction.
@@ -225,7 +235,7 @@ impl Committer {
             super::producer_config(cfg, instance).create_with_context(context)?;
         let mut backoff = Duration::from_millis(200);
         loop {
-            match producer.init_transactions(TXN_CALL_TIMEOUT) {
+            match watched(&metrics, || producer.init_transactions(TXN_CALL_TIMEOUT)) {
                 Ok(()) => break,
                 Err(e) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
                 Err(e) if deadline.passed_after(backoff) => return Err(CommitError::Deadline(e)),
@@ -395,13 +405,9 @@ impl Committer {
         Ok(())
     }
 
-    /// A blocking transactional call, watched by `/healthz` (`Health::live`): librdkafka does not
-    /// always return from one within its timeout.
+    /// A blocking transactional call of the producer, watched by `/healthz` (see [`watched`]).
     fn call<T>(&self, f: impl FnOnce(&ThreadedProducer<CommitContext>) -> T) -> T {
-        self.metrics.health.in_call(true);
-        let r = f(&self.producer);
-        self.metrics.health.in_call(false);
-        r
+        watched(&self.metrics, || f(&self.producer))
     }
 
     fn send_all(&self, records: &[RecordRef<'_>], deadline: &Deadline) -> Result<(), KafkaError> {
