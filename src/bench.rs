@@ -7,6 +7,9 @@
 //! 3. **Pipeline**: the service (this binary, `run`) processes the same input with exactly-once on.
 //! 4. **Latency**: with the service caught up, new journeys are produced live at a fixed rate with event time
 //!    = send time; a read_committed consumer of the profile topic measures event time → update visible.
+//! 5. **Passthrough again**, with the service stopped: the ratio is taken against the mean of both
+//!    passthroughs, so that neither the first phase's place (right after the input was written) nor the
+//!    machine's drift over the run lands on one side of it alone.
 //!
 //! Both rates are measured the same way, from the group's committed offsets: messages committed between
 //! the first commit and the last, over that time, so start-up (group join, RocksDB open) counts for neither.
@@ -42,8 +45,12 @@ pub struct BenchReport {
     pub messages: u64,
     pub events: usize,
     pub partitions: i32,
+    /// The mean of `passthrough_runs`.
     pub passthrough_msgs_per_sec: f64,
+    /// Before the pipeline and after it.
+    pub passthrough_runs: [f64; 2],
     pub pipeline_msgs_per_sec: f64,
+    /// The pipeline's rate over the passthroughs' mean.
     pub ratio: f64,
     pub latency_rate_msgs_per_sec: u64,
     pub latency_samples: usize,
@@ -65,6 +72,8 @@ pub struct Baseline {
     pub msgs_per_sec: f64,
     /// Pipeline rate over this rate.
     pub pipeline_multiple: f64,
+    /// This rate over the passthroughs' mean: what the baseline itself reaches of the broker's rate.
+    pub passthrough_ratio: f64,
     pub cpu_secs: f64,
     pub peak_rss_mib: f64,
 }
@@ -182,18 +191,59 @@ impl Progress {
     }
 }
 
-/// Reads every input message and writes the same key and bytes to `topics.passthrough`, in transactions of
-/// `batch_max_events` with offsets, with the service's client settings. Returns when `stop` is set.
-fn passthrough(cfg: &Config, topics: &Topics, stop: &AtomicBool) -> anyhow::Result<()> {
+/// One passthrough phase (`round` names its group, so each reads every input message): its steady rate,
+/// measured as the pipeline's is.
+fn measure_passthrough(
+    cfg: &Config,
+    topics: &Topics,
+    (messages, timeout): (u64, Duration),
+    round: u32,
+) -> anyhow::Result<f64> {
     let mut cfg = cfg.clone();
-    cfg.kafka.group_id = format!("{}-passthrough", cfg.kafka.group_id);
+    cfg.kafka.group_id = format!("{}-passthrough-{round}", cfg.kafka.group_id);
+    let progress = Progress::new(
+        &cfg.kafka.brokers,
+        &cfg.kafka.group_id,
+        &topics.inputs,
+        cfg.output.partitions,
+    )?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let worker = {
+        let stop = stop.clone();
+        let (inputs, output) = (topics.inputs.clone(), topics.passthrough.clone());
+        std::thread::spawn(move || passthrough(&cfg, &inputs, &output, &stop))
+    };
+    let rate = progress.measure(messages as i64, timeout, || {
+        if worker.is_finished() {
+            bail!("passthrough stopped early");
+        }
+        Ok(())
+    });
+    stop.store(true, Ordering::Relaxed);
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("passthrough panicked"))??;
+    let rate = rate?;
+    eprintln!("bench: passthrough {round} {rate:.0} msg/s");
+    Ok(rate)
+}
+
+/// Reads every input message and writes the same key and bytes to `output`, in transactions of
+/// `batch_max_events` with offsets, with the service's client settings (`cfg`, whose group it joins).
+/// Returns when `stop` is set.
+fn passthrough(
+    cfg: &Config,
+    inputs: &[String],
+    output: &str,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
     // The service's consumer context too (statistics parsed for lag), so the clients differ in nothing.
     let consumer: BaseConsumer<StitchContext> =
-        consumer_config(&cfg).create_with_context(StitchContext::new(Metrics::new()?))?;
+        consumer_config(cfg).create_with_context(StitchContext::new(Metrics::new()?))?;
     let producer: ThreadedProducer<DefaultProducerContext> =
-        producer_config(&cfg, "passthrough").create()?;
+        producer_config(cfg, "passthrough").create()?;
     producer.init_transactions(Duration::from_secs(30))?;
-    let inputs: Vec<&str> = topics.inputs.iter().map(String::as_str).collect();
+    let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&inputs)?;
     let linger = cfg.processing.batch_linger;
     while !stop.load(Ordering::Relaxed) {
@@ -210,7 +260,7 @@ fn passthrough(cfg: &Config, topics: &Topics, stop: &AtomicBool) -> anyhow::Resu
                 continue;
             };
             let m = m?;
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&topics.passthrough);
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(output);
             if let Some(k) = m.key() {
                 record = record.key(k);
             }
@@ -457,7 +507,7 @@ fn kstreams(
     build: &Path,
     run: &str,
     topics: &Topics,
-    (messages, pipeline_rate): (u64, f64),
+    (messages, pipeline_rate, passthrough_rate): (u64, f64, f64),
     dir: &Path,
 ) -> anyhow::Result<Baseline> {
     let classes = build.join("target/classes");
@@ -502,6 +552,7 @@ fn kstreams(
     Ok(Baseline {
         msgs_per_sec: rate,
         pipeline_multiple: pipeline_rate / rate,
+        passthrough_ratio: rate / passthrough_rate,
         cpu_secs,
         peak_rss_mib,
     })
@@ -558,36 +609,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let timeout = Duration::from_secs(args.timeout_secs);
 
     // (a) passthrough
-    let progress = Progress::new(
-        &args.brokers,
-        &format!("{}-passthrough", cfg.kafka.group_id),
-        &topics.inputs,
-        args.partitions,
-    )?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let worker = {
-        let (cfg, stop) = (cfg.clone(), stop.clone());
-        let topics = Topics {
-            routes: topics.routes.clone(),
-            inputs: topics.inputs.clone(),
-            passthrough: topics.passthrough.clone(),
-            output: topics.output.clone(),
-            dead_letters: topics.dead_letters.clone(),
-        };
-        std::thread::spawn(move || passthrough(&cfg, &topics, &stop))
-    };
-    let pass_rate = progress.measure(messages as i64, timeout, || {
-        if worker.is_finished() {
-            bail!("passthrough stopped early");
-        }
-        Ok(())
-    });
-    stop.store(true, Ordering::Relaxed);
-    worker
-        .join()
-        .map_err(|_| anyhow::anyhow!("passthrough panicked"))??;
-    let pass_rate = pass_rate?;
-    eprintln!("bench: passthrough {pass_rate:.0} msg/s");
+    let pass_before = measure_passthrough(&cfg, &topics, (messages, timeout), 1)?;
 
     // (b) pipeline
     let config_path = dir.join("stitcher.toml");
@@ -619,6 +641,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     if !status.success() {
         bail!("the service exited with {status}");
     }
+    // (d) passthrough again, the machine as the pipeline left it
+    let pass_after = measure_passthrough(&cfg, &topics, (messages, timeout), 2)?;
+    let pass_rate = (pass_before + pass_after) / 2.0;
     latencies.sort_by(f64::total_cmp);
     if latencies.is_empty() {
         bail!("no profile update seen for {live_sent} live events");
@@ -628,6 +653,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         events: j.events,
         partitions: args.partitions,
         passthrough_msgs_per_sec: pass_rate,
+        passthrough_runs: [pass_before, pass_after],
         pipeline_msgs_per_sec: pipe_rate,
         ratio: pipe_rate / pass_rate,
         latency_rate_msgs_per_sec: live_rate,
@@ -643,7 +669,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 build,
                 &run,
                 &topics,
-                (messages, pipe_rate),
+                (messages, pipe_rate, pass_rate),
                 &dir,
             )?),
             None => None,
@@ -662,9 +688,10 @@ impl std::fmt::Display for BenchReport {
             "end-to-end, {} messages ({} events) over {} partitions, exactly-once",
             self.messages, self.events, self.partitions
         )?;
+        let [before, after] = self.passthrough_runs;
         writeln!(
             f,
-            "  passthrough (same bytes, same client settings, transactions): {:>9.0} msg/s",
+            "  passthrough (same bytes, same client settings, transactions): {:>9.0} msg/s (before the pipeline {before:.0}, after it {after:.0})",
             self.passthrough_msgs_per_sec
         )?;
         writeln!(
@@ -672,7 +699,13 @@ impl std::fmt::Display for BenchReport {
             "  pipeline:                                                     {:>9.0} msg/s",
             self.pipeline_msgs_per_sec
         )?;
-        writeln!(f, "  pipeline / passthrough: {:.2}", self.ratio)?;
+        writeln!(
+            f,
+            "  pipeline / passthrough: {:.2} ({:.2} and {:.2} against each)",
+            self.ratio,
+            self.pipeline_msgs_per_sec / before,
+            self.pipeline_msgs_per_sec / after
+        )?;
         writeln!(
             f,
             "  latency event time -> update visible, live at {} msg/s ({} samples): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
@@ -690,8 +723,8 @@ impl std::fmt::Display for BenchReport {
         if let Some(k) = &self.kstreams {
             writeln!(
                 f,
-                "  Kafka Streams baseline (exactly_once_v2, same input):          {:>9.0} msg/s; pipeline = {:.2}x; its CPU {:.1} s, peak RSS {:.0} MiB",
-                k.msgs_per_sec, k.pipeline_multiple, k.cpu_secs, k.peak_rss_mib
+                "  Kafka Streams baseline (exactly_once_v2, same input):          {:>9.0} msg/s; pipeline = {:.2}x; it / passthrough {:.2}; its CPU {:.1} s, peak RSS {:.0} MiB",
+                k.msgs_per_sec, k.pipeline_multiple, k.passthrough_ratio, k.cpu_secs, k.peak_rss_mib
             )?;
         }
         writeln!(f, "quality of the throughput run against its ground truth:")?;
