@@ -59,6 +59,9 @@ pub struct BenchReport {
     pub latency_max_ms: f64,
     pub service_peak_rss_mib: f64,
     pub service_cpu_secs: f64,
+    /// Offsets of the state's changelog (its records and the transactions' commit markers) per input
+    /// message, after the throughput phase.
+    pub changelog_offsets_per_message: f64,
     /// The Kafka Streams baseline on the same input, when asked for.
     pub kstreams: Option<Baseline>,
     pub total_secs: f64,
@@ -623,6 +626,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     )?;
     let pipe_rate = progress.measure(messages as i64, timeout, || service.check())?;
     eprintln!("bench: pipeline {pipe_rate:.0} msg/s");
+    let changelog = (0..cfg.scaleout.shards as i32)
+        .map(|p| {
+            crate::kafka::watermarks(&progress.consumer, &cfg.changelog_topic(), p, timeout)
+                .map(|(_, high)| high)
+        })
+        .sum::<Result<i64, _>>()?;
     let quality = quality::evaluate(
         &j.truth,
         &quality::mapping_from_topic(crate::kafka::base_config(&cfg), &topics.output, timeout)?,
@@ -663,6 +672,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         latency_max_ms: percentile(&latencies, 1.0),
         service_peak_rss_mib: rss,
         service_cpu_secs: cpu,
+        changelog_offsets_per_message: changelog as f64 / messages as f64,
         kstreams: match &args.kstreams {
             Some(build) => Some(kstreams(
                 args,
@@ -719,6 +729,11 @@ impl std::fmt::Display for BenchReport {
             f,
             "  service peak RSS {:.0} MiB, CPU {:.1} s; whole run {:.0} s",
             self.service_peak_rss_mib, self.service_cpu_secs, self.total_secs
+        )?;
+        writeln!(
+            f,
+            "  state changelog after the throughput phase: {:.2} offsets (records and commit markers) per input message",
+            self.changelog_offsets_per_message
         )?;
         if let Some(k) = &self.kstreams {
             writeln!(

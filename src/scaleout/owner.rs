@@ -355,7 +355,13 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         Ok(self.node_of(x)?.is_some())
     }
 
+    /// The directory entry of `x`, homed here. With one shard the graph is the directory: an identifier in
+    /// it is owned here, whatever entry is stored (docs/DESIGN.md, "One shard: the graph is the
+    /// directory").
     fn dir(&self, x: &Identifier) -> Result<Dir, StoreError> {
+        if self.shards == 1 && self.here(x)? {
+            return Ok(Dir::Owned(self.id(), 0));
+        }
         Ok(self.view.read().dir(x)?.unwrap_or(Dir::Absent(0)))
     }
 
@@ -547,15 +553,15 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                     });
                     return self.view.set_dir(
                         &x,
-                        &Dir::Reserved {
+                        Some(&Dir::Reserved {
                             event,
                             gen,
                             waiting,
-                        },
+                        }),
                     );
                 }
             };
-            self.view.set_dir(&x, &entry)?;
+            self.view.set_dir(&x, Some(&entry))?;
             next += 1;
         }
         if let Some(x) = ids.get(next) {
@@ -787,7 +793,14 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         gen: u32,
         out: &mut Out,
     ) -> Result<(), StoreError> {
-        let entry = self.dir(&x)?;
+        // The stored entry: a reservation's waiting messages are there even when the graph has `x`.
+        let stored: Option<Dir> = self.view.read().dir(&x)?;
+        if self.shards == 1 && stored.is_none() && self.here(&x)? {
+            // One shard: in the graph with no entry, its placement's `Own` came before (an erasure
+            // writes its entry itself): this one is stale.
+            return Ok(());
+        }
+        let entry = stored.unwrap_or(Dir::Absent(0));
         let (current, reserved) = match &entry {
             Dir::Owned(_, g) | Dir::Absent(g) => (*g, false),
             Dir::Reserved { gen, .. } => (*gen, true),
@@ -797,10 +810,12 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             return Ok(());
         }
         let new = match owner {
-            Some(s) => Dir::Owned(s, gen),
-            None => Dir::Absent(gen),
+            // One shard: the graph says it.
+            Some(_) if self.shards == 1 => None,
+            Some(s) => Some(Dir::Owned(s, gen)),
+            None => Some(Dir::Absent(gen)),
         };
-        self.view.set_dir(&x, &new)?;
+        self.view.set_dir(&x, new.as_ref())?;
         if let Dir::Reserved { waiting, .. } = entry {
             for msg in waiting {
                 self.handle(stitcher, msg, out)?;

@@ -723,8 +723,13 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         Ok(())
     }
 
-    pub fn set_dir<T: Serialize>(&mut self, id: &Identifier, dir: &T) -> Result<(), StoreError> {
-        self.put(DIR, &identifier_key(id), Some(dir))
+    /// Sets (`Some`) or deletes (`None`) the directory entry of `id`.
+    pub fn set_dir<T: Serialize>(
+        &mut self,
+        id: &Identifier,
+        dir: Option<&T>,
+    ) -> Result<(), StoreError> {
+        self.put(DIR, &identifier_key(id), dir)
     }
 
     /// Whether the identifier with this suppression hash is on this shard's suppression list.

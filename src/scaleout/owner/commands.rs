@@ -24,11 +24,11 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                 waiting.push(as_came);
                 self.view.set_dir(
                     x,
-                    &Dir::Reserved {
+                    Some(&Dir::Reserved {
                         event,
                         gen,
                         waiting,
-                    },
+                    }),
                 )?;
             }
             Dir::Absent(_) => {}
@@ -124,7 +124,13 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         for x in ids {
             let gen = self.view.take_gen(x)?;
             self.view.set_moved(x, Some(&Moved::Erased(gen)))?;
-            self.tell_home_erased(out, x, gen);
+            if self.shards == 1 {
+                // Its home is here, and with one shard the entry is written in the step that takes `x`
+                // out of the graph (docs/DESIGN.md, "One shard: the graph is the directory").
+                self.own(stitcher, x.clone(), None, gen + 1, out)?;
+            } else {
+                self.tell_home_erased(out, x, gen);
+            }
         }
         let events = self.waiting_on_any(ids)?;
         for e in events {
