@@ -114,6 +114,8 @@ fn bench_config(args: &BenchArgs, run: &str, topics: &Topics, state: &Path) -> C
         cfg.processing.batch_linger = std::time::Duration::from_millis(ms);
     }
     cfg.scaleout.shards = args.shards;
+    cfg.kafka.producer.extend(args.producer.iter().cloned());
+    cfg.kafka.consumer.extend(args.consumer.iter().cloned());
     cfg
 }
 

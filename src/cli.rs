@@ -234,6 +234,13 @@ pub struct BenchArgs {
     /// Shards of the pipeline's graph (one instance holds them all).
     #[arg(long, default_value_t = 1)]
     pub shards: u32,
+    /// A librdkafka producer setting (`key=value`, repeatable) for both the passthrough and the pipeline,
+    /// as `[kafka.producer]` sets it for the service.
+    #[arg(long = "producer", value_name = "KEY=VALUE", value_parser = key_value)]
+    pub producer: Vec<(String, String)>,
+    /// A librdkafka consumer setting (`key=value`, repeatable) for both, as `[kafka.consumer]`.
+    #[arg(long = "consumer", value_name = "KEY=VALUE", value_parser = key_value)]
+    pub consumer: Vec<(String, String)>,
     /// Share of persons sharing a home phone with another (over-merges the quality report shows).
     #[arg(long, default_value_t = 0.02)]
     pub households: f64,
@@ -291,4 +298,45 @@ pub struct QualityArgs {
     pub topic: Option<String>,
     #[arg(long)]
     pub brokers: Option<String>,
+}
+
+/// A `key=value` argument.
+fn key_value(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.trim().to_string())),
+        _ => Err(format!("expected KEY=VALUE, got {arg:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bench_takes_client_settings_as_key_value() {
+        let cli = Cli::try_parse_from([
+            "stitcher",
+            "bench",
+            "--producer",
+            "compression.type=zstd",
+            "--producer",
+            "linger.ms = 5",
+            "--consumer",
+            "fetch.min.bytes=1",
+        ])
+        .expect("parses");
+        let Command::Bench(args) = cli.command else {
+            panic!("not bench: {:?}", cli.command);
+        };
+        assert_eq!(
+            args.producer,
+            [
+                ("compression.type".to_string(), "zstd".to_string()),
+                ("linger.ms".to_string(), "5".to_string())
+            ]
+        );
+        assert_eq!(args.consumer, [("fetch.min.bytes".into(), "1".into())]);
+        assert!(Cli::try_parse_from(["stitcher", "bench", "--producer", "linger.ms"]).is_err());
+        assert!(Cli::try_parse_from(["stitcher", "bench", "--producer", "=5"]).is_err());
+    }
 }
