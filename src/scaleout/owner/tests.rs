@@ -319,6 +319,31 @@ impl Sim {
         self.steps.append(&mut steps);
     }
 
+    /// Writes `Owned(0, gen)` for every identifier in shard 0's graph, as the version before stored it with
+    /// one shard; returns those identifiers.
+    fn write_owned_entries(&mut self) -> BTreeSet<Identifier> {
+        let gens: BTreeMap<&[u8], u32> = records(&self.shards[0], 0, GEN)
+            .into_iter()
+            .map(|(k, v)| (k, decode_value(v, "t", "gen").expect("gen")))
+            .collect();
+        let placed: Vec<(Identifier, u32)> = records(&self.shards[0], 0, NODE)
+            .into_iter()
+            .map(|(k, _)| {
+                let gen = gens.get(k).copied().unwrap_or(FIRST_PLACEMENT);
+                (decode_identifier(k).expect("identifier"), gen)
+            })
+            .collect();
+        let mut view = ShardView {
+            kv: &mut self.shards[0],
+            shard: 0,
+        };
+        for (x, gen) in &placed {
+            view.set_dir(x, Some(&Dir::Owned(0, *gen)))
+                .expect("in-memory state cannot fail");
+        }
+        placed.into_iter().map(|(x, _)| x).collect()
+    }
+
     /// Feeds `inputs` in while delivering messages, until nothing is in flight.
     fn run(&mut self, inputs: Vec<Input>, schedule: Schedule, seed: u64, loss: f64) {
         let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
@@ -351,8 +376,13 @@ impl Sim {
     }
 
     /// Every shard quiet; every identifier in one graph, its home's directory naming that shard with the
-    /// count of placements the shard holds for it (no record: placed once).
+    /// count of placements the shard holds for it (no record: placed once). With one shard the graph is
+    /// the directory: no entry, unless `legacy` has the identifier (an `Owned` entry written before).
     fn check_placement(&self) {
+        self.check_placement_over(&BTreeSet::new());
+    }
+
+    fn check_placement_over(&self, legacy: &BTreeSet<Identifier>) {
         let n = self.n();
         let mut placed: BTreeMap<Identifier, (ShardId, u32)> = BTreeMap::new();
         let mut stuck = Vec::new();
@@ -424,6 +454,7 @@ impl Sim {
             assert!(
                 if n == 1 {
                     dir.is_none()
+                        || legacy.contains(x) && matches!(dir, Some(Dir::Owned(0, g)) if g == *gen)
                 } else {
                     matches!(dir, Some(Dir::Owned(o, g)) if o == *s && g == *gen)
                 },
@@ -555,15 +586,25 @@ fn canonical(store: &MemStore) -> BTreeMap<ProfileId, Profile> {
 
 fn check(inputs: Vec<Input>, n: ShardId, schedule: Schedule, seed: u64, loss: f64) -> Sim {
     let mut sim = Sim::new(n);
-    let events = inputs
+    let events = event_ids(&inputs);
+    sim.run(inputs, schedule, seed, loss);
+    sim.check_placement();
+    equals_one_instance(&sim, events);
+    sim
+}
+
+fn event_ids(inputs: &[Input]) -> BTreeSet<String> {
+    inputs
         .iter()
         .filter_map(|i| match i {
             Input::Event(e) => Some(e.event_id.clone()),
             _ => None,
         })
-        .collect::<BTreeSet<_>>();
-    sim.run(inputs, schedule, seed, loss);
-    sim.check_placement();
+        .collect()
+}
+
+/// Every event applied once, and the shards' result equal to one instance replaying their steps.
+fn equals_one_instance(sim: &Sim, events: BTreeSet<String>) {
     // Counted, not collected: a repeat entering at another shard than its first copy would be applied
     // twice.
     let mut applied: BTreeMap<String, usize> = BTreeMap::new();
@@ -584,7 +625,6 @@ fn check(inputs: Vec<Input>, n: ShardId, schedule: Schedule, seed: u64, loss: f6
     let merged = sim.merged();
     assert_eq!(merged.partition(), one.partition());
     assert_eq!(canonical(&merged), canonical(&one));
-    sim
 }
 
 proptest! {
@@ -613,6 +653,27 @@ proptest! {
         loss in 0.0f64..0.3,
     ) {
         check(inputs, n, Schedule::AnyNext, seed, loss);
+    }
+
+    /// One shard over a state the version before wrote (every placed identifier with `Owned(0, gen)`),
+    /// run on in any order: the same result as one instance, and each old entry still `Owned(0, gen)` or
+    /// gone (docs/DESIGN.md, "One shard: the graph is the directory").
+    #[test]
+    fn one_shard_runs_on_over_a_state_with_owned_entries(
+        inputs in arb_inputs(),
+        split in 0usize..64,
+        seed in any::<u64>(),
+        loss in 0.0f64..0.3,
+    ) {
+        let events = event_ids(&inputs);
+        let mut rest = inputs;
+        let first: Vec<Input> = rest.drain(..split.min(rest.len())).collect();
+        let mut sim = Sim::new(1);
+        sim.run(first, Schedule::AnyNext, seed, loss);
+        let legacy = sim.write_owned_entries();
+        sim.run(rest, Schedule::AnyNext, seed.wrapping_add(1), loss);
+        sim.check_placement_over(&legacy);
+        equals_one_instance(&sim, events);
     }
 
     /// The same with shards held by instances that are dealt shards again now and then, each handling
