@@ -201,7 +201,7 @@ impl Progress {
 fn measure_passthrough(
     cfg: &Config,
     topics: &Topics,
-    (messages, timeout): (u64, Duration),
+    (messages, partitions, timeout): (u64, i32, Duration),
     round: u32,
 ) -> anyhow::Result<f64> {
     let mut cfg = cfg.clone();
@@ -210,7 +210,7 @@ fn measure_passthrough(
         &cfg.kafka.brokers,
         &cfg.kafka.group_id,
         &topics.inputs,
-        cfg.output.partitions,
+        partitions,
     )?;
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
@@ -614,7 +614,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let timeout = Duration::from_secs(args.timeout_secs);
 
     // (a) passthrough
-    let pass_before = measure_passthrough(&cfg, &topics, (messages, timeout), 1)?;
+    let pass_before = measure_passthrough(&cfg, &topics, (messages, args.partitions, timeout), 1)?;
 
     // (b) pipeline
     let config_path = dir.join("stitcher.toml");
@@ -653,7 +653,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         bail!("the service exited with {status}");
     }
     // (d) passthrough again, the machine as the pipeline left it
-    let pass_after = measure_passthrough(&cfg, &topics, (messages, timeout), 2)?;
+    let pass_after = measure_passthrough(&cfg, &topics, (messages, args.partitions, timeout), 2)?;
     let pass_rate = (pass_before + pass_after) / 2.0;
     latencies.sort_by(f64::total_cmp);
     if latencies.is_empty() {
