@@ -628,9 +628,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     )?;
     let pipe_rate = progress.measure(messages as i64, timeout, || service.check())?;
     eprintln!("bench: pipeline {pipe_rate:.0} msg/s");
+    let changelog_topic = cfg.changelog_topic();
     let changelog = (0..cfg.scaleout.shards as i32)
         .map(|p| {
-            crate::kafka::watermarks(&progress.consumer, &cfg.changelog_topic(), p, timeout)
+            crate::kafka::watermarks(&progress.consumer, &changelog_topic, p, timeout)
                 .map(|(_, high)| high)
         })
         .sum::<Result<i64, _>>()?;
@@ -652,13 +653,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     if !status.success() {
         bail!("the service exited with {status}");
     }
-    // (d) passthrough again, the machine as the pipeline left it
-    let pass_after = measure_passthrough(&cfg, &topics, (messages, args.partitions, timeout), 2)?;
-    let pass_rate = (pass_before + pass_after) / 2.0;
     latencies.sort_by(f64::total_cmp);
     if latencies.is_empty() {
         bail!("no profile update seen for {live_sent} live events");
     }
+    // (d) passthrough again, the machine as the pipeline left it
+    let pass_after = measure_passthrough(&cfg, &topics, (messages, args.partitions, timeout), 2)?;
+    let pass_rate = (pass_before + pass_after) / 2.0;
     let report = BenchReport {
         messages,
         events: j.events,

@@ -35,6 +35,17 @@ fn records(kv: &MemKv, shard: ShardId, kind: u8) -> Vec<(&[u8], &[u8])> {
         .collect()
 }
 
+/// The placement counts a shard holds (identifiers placed more than once).
+fn gens(kv: &MemKv, shard: ShardId) -> BTreeMap<Identifier, u32> {
+    records(kv, shard, GEN)
+        .into_iter()
+        .map(|(k, v)| {
+            let x = decode_identifier(k).expect("identifier");
+            (x, decode_value(v, "t", "gen").expect("gen"))
+        })
+        .collect()
+}
+
 #[derive(Debug, Clone)]
 enum Input {
     Event(Event),
@@ -322,15 +333,13 @@ impl Sim {
     /// Writes `Owned(0, gen)` for every identifier in shard 0's graph, as the version before stored it with
     /// one shard; returns those identifiers.
     fn write_owned_entries(&mut self) -> BTreeSet<Identifier> {
-        let gens: BTreeMap<&[u8], u32> = records(&self.shards[0], 0, GEN)
-            .into_iter()
-            .map(|(k, v)| (k, decode_value(v, "t", "gen").expect("gen")))
-            .collect();
+        let gens = gens(&self.shards[0], 0);
         let placed: Vec<(Identifier, u32)> = records(&self.shards[0], 0, NODE)
             .into_iter()
             .map(|(k, _)| {
-                let gen = gens.get(k).copied().unwrap_or(FIRST_PLACEMENT);
-                (decode_identifier(k).expect("identifier"), gen)
+                let x = decode_identifier(k).expect("identifier");
+                let gen = gens.get(&x).copied().unwrap_or(FIRST_PLACEMENT);
+                (x, gen)
             })
             .collect();
         let mut view = ShardView {
@@ -418,13 +427,7 @@ impl Sim {
                 ));
             }
             let profiles = self.profiles(s);
-            let gens: BTreeMap<Identifier, u32> = records(kv, s, GEN)
-                .into_iter()
-                .map(|(k, v)| {
-                    let x = decode_identifier(k).expect("identifier");
-                    (x, decode_value(v, "t", "gen").expect("gen"))
-                })
-                .collect();
+            let gens = gens(kv, s);
             for (k, v) in records(kv, s, NODE) {
                 let x = decode_identifier(k).expect("identifier");
                 let node: NodeId = decode_value(v, "t", "node").expect("node");
