@@ -1,7 +1,7 @@
 //! Every metric, defined once, in the service's own registry. Naming: `stitcher_<name>_<unit>[_total]`,
 //! base units (seconds, bytes). Labels never carry an identifier, email or profile id.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -60,13 +60,10 @@ pub const BROKER_GRACE: Duration = Duration::from_secs(15);
 /// healthy.
 pub const STALL_GRACE: Duration = Duration::from_secs(30);
 
-/// How long one transactional call of librdkafka may be under way before the process counts as hung and
-/// `/healthz` fails: twice the timeout every such call is given. A call that outlives its own timeout will
-/// not return: `send_offsets_to_transaction` can wait for ever for a group coordinator that went away
-/// (confluentinc/librdkafka#5456, #5511; seen once in CI after the broker restarted), and nothing inside
-/// the process can take the blocked thread back. A restart recovers like any crash.
-pub const HUNG_CALL: Duration =
-    Duration::from_secs(2 * crate::kafka::committer::TXN_CALL_TIMEOUT.as_secs());
+/// How many producers left behind by a transactional call that did not return (see
+/// [`crate::kafka::call_thread`]) fail `/healthz`: each keeps its threads and buffers until its call returns,
+/// and a process that keeps leaking them is better restarted.
+pub const LEFT_BEHIND_LIMIT: usize = 3;
 
 /// Readiness means progress: the pipeline is running (recovered, holding its partitions, not draining), its
 /// last commit did not fail, the brokers answered within [`BROKER_GRACE`], and every input topic exists.
@@ -87,8 +84,8 @@ struct HealthState {
     unassigned_since: Mutex<Option<Instant>>,
     /// When (epoch ms) the pipeline's loop last started a batch, or started running.
     turned_at: AtomicI64,
-    /// Since when (epoch ms) a transactional call of the producer has been under way; 0 when none is.
-    call_since: AtomicI64,
+    /// Producers left behind by a transactional call that has not returned.
+    left_behind: AtomicUsize,
 }
 
 impl Health {
@@ -130,22 +127,29 @@ impl Health {
         self.0.committing_since.store(0, Ordering::Release);
     }
 
-    /// A transactional call of the producer begins (`true`) or returned (`false`).
-    pub fn in_call(&self, calling: bool) {
-        let since = if calling { now_millis() } else { 0 };
-        self.0.call_since.store(since, Ordering::Release);
+    /// A transactional call was left behind with its producer (it had not returned in time).
+    pub fn call_left_behind(&self) {
+        self.0.left_behind.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// `Ok` while the process can still make progress by itself (`/healthz`); otherwise why not: a
-    /// transactional call under way for longer than [`HUNG_CALL`].
+    /// A call left behind returned at last, and its producer is closed.
+    pub fn left_call_returned(&self) {
+        self.0.left_behind.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Producers left behind whose call has not returned.
+    pub fn left_behind(&self) -> usize {
+        self.0.left_behind.load(Ordering::Acquire)
+    }
+
+    /// `Ok` while the process can still make progress by itself (`/healthz`); otherwise why not: as many
+    /// producers left behind by calls that never returned as [`LEFT_BEHIND_LIMIT`].
     pub fn live(&self) -> Result<(), String> {
-        let since = self.0.call_since.load(Ordering::Acquire);
-        let for_ms = now_millis() - since;
-        if since != 0 && for_ms > HUNG_CALL.as_millis() as i64 {
+        let left = self.left_behind();
+        if left >= LEFT_BEHIND_LIMIT {
             return Err(format!(
-                "a transactional call of the producer has not returned for {} s, past its own timeout \
-                 (librdkafka#5456): restart the process",
-                for_ms / 1000
+                "{left} producers were left behind by transactional calls that have not returned \
+                 (librdkafka#5456): restart the process to reclaim them"
             ));
         }
         Ok(())
@@ -360,21 +364,5 @@ mod tests {
         assert!(why.contains("started no batch"), "{why}");
         h.turned();
         assert_eq!(h.check(), Ok(()));
-    }
-
-    /// A transactional call that outlived twice its timeout makes the process not live; one that
-    /// returned, or one still within its time, does not.
-    #[test]
-    fn a_transactional_call_that_never_returns_fails_liveness() {
-        let h = Health::default();
-        assert_eq!(h.live(), Ok(()));
-        h.in_call(true);
-        assert_eq!(h.live(), Ok(()), "a call just begun");
-        let long_ago = now_millis() - HUNG_CALL.as_millis() as i64 - 1_000;
-        h.0.call_since.store(long_ago, Ordering::Release);
-        let why = h.live().expect_err("hung");
-        assert!(why.contains("has not returned"), "{why}");
-        h.in_call(false);
-        assert_eq!(h.live(), Ok(()));
     }
 }

@@ -119,7 +119,7 @@ struct Job {
     records: Vec<OutRecord>,
     positions: Vec<Position>,
     /// The consumer group metadata when the batch closed: a rebalance since makes the offsets refused.
-    group: Option<ConsumerGroupMetadata>,
+    group: Option<Arc<ConsumerGroupMetadata>>,
     changes: Arc<Changes>,
     started: Instant,
 }
@@ -180,7 +180,7 @@ impl Committing {
         if let Err(e) = result {
             // The deliveries of an aborted transaction say nothing of where the changelog stands.
             let _ = self.committer.take_delivered();
-            if matches!(e, CommitError::Stuck(_)) {
+            if matches!(e, CommitError::Stuck(_) | CommitError::Hung(_)) {
                 // A new producer with the same transactional.id fences the old and settles its transaction.
                 self.committer = producer(&self.cfg, &self.instance, &self.metrics, &self.shutdown)
                     .map_err(|e| {
@@ -580,7 +580,7 @@ impl Pipeline {
         let changes = Arc::new(changes);
         let positions = positions_vec(&batch.positions);
         // Taken now: a rebalance from here on makes the coordinator refuse these offsets.
-        let group = self.consumer.group_metadata();
+        let group = self.consumer.group_metadata().map(Arc::new);
         // With the changelog records the commit thread adds.
         let count = records.len() + changes.len();
         self.commits.run(Job {

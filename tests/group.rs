@@ -111,7 +111,7 @@ fn a_commit_refused_for_a_rebalance_leaves_no_transaction_open() {
             holds(&first) == 2
         },
     );
-    let stale = first.group_metadata().expect("group metadata");
+    let stale = std::sync::Arc::new(first.group_metadata().expect("group metadata"));
     // A second member joins: the group's generation moves on, and `stale` with it.
     let second = member("second");
     wait_for(

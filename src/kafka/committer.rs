@@ -5,6 +5,7 @@
 //! At-least-once: the records are flushed, then the offsets committed.
 
 use std::cell::Cell;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
@@ -18,6 +19,7 @@ use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::ProducerContext;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
+use super::call_thread::{CallThread, Hung};
 use super::dead_letters;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -36,6 +38,10 @@ pub enum CommitError {
     /// coordinator restart). Only a new producer helps.
     #[error("transactional producer stuck: {0}")]
     Stuck(KafkaError),
+    /// A transactional call did not return at all (librdkafka#5456): it was left behind with its
+    /// producer, and only a new producer helps.
+    #[error("transactional producer hung: {0}")]
+    Hung(Hung),
     #[error("could not commit before the deadline: {0}")]
     Deadline(KafkaError),
     #[error("kafka client: {0}")]
@@ -48,6 +54,8 @@ error_from!(CommitError {
 
 /// Per-call timeout of the transactional API; a call that times out is retried.
 pub(crate) const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a transactional call is waited for before it is left behind: its own timeout and then some.
+const CALL_BOUND: Duration = Duration::from_secs(TXN_CALL_TIMEOUT.as_secs() + 10);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a record waits for room in the producer's queue before the wait is logged.
 const QUEUE_FULL_WARN_AFTER: Duration = Duration::from_secs(10);
@@ -112,8 +120,22 @@ impl ProducerContext for CommitContext {
     }
 }
 
+type TxnProducer = ThreadedProducer<CommitContext>;
+
+/// What a transaction's steps fail with: the client's error, or a call that did not return.
+#[derive(Debug, thiserror::Error)]
+enum TxnError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaError),
+    #[error(transparent)]
+    Hung(Hung),
+}
+
 pub struct Committer {
-    producer: ThreadedProducer<CommitContext>,
+    /// The producer; its blocking transactional calls run on its own thread (see [`CallThread`]).
+    producer: CallThread<TxnProducer>,
+    /// The timeout each transactional call is given.
+    call_timeout: Duration,
     metrics: Metrics,
     /// A failed transaction must be aborted before the next one begins.
     needs_abort: bool,
@@ -127,23 +149,22 @@ pub struct Committer {
 
 /// Times the steps of one transaction (`stitcher_commit_step_seconds`): each step from the end of the one
 /// before.
-struct StepTimer<'m> {
-    metrics: &'m Metrics,
+struct StepTimer {
+    steps: prometheus::HistogramVec,
     since: Instant,
 }
 
-impl<'m> StepTimer<'m> {
-    fn new(metrics: &'m Metrics) -> Self {
+impl StepTimer {
+    fn new(metrics: &Metrics) -> Self {
         Self {
-            metrics,
+            steps: metrics.commit_steps.clone(),
             since: Instant::now(),
         }
     }
 
     fn done(&mut self, step: &str) {
         let now = Instant::now();
-        self.metrics
-            .commit_steps
+        self.steps
             .with_label_values(&[step])
             .observe(now.duration_since(self.since).as_secs_f64());
         self.since = now;
@@ -197,16 +218,6 @@ fn is_retriable(e: &KafkaError) -> bool {
     matches!(e, KafkaError::Transaction(rd) if rd.is_retriable())
 }
 
-/// Runs a blocking transactional call of librdkafka, watched by `/healthz` (`Health::live`): librdkafka
-/// does not always return from one within its timeout, `init_transactions` included (it waits for a
-/// transaction coordinator as the other calls do).
-fn watched<T>(metrics: &Metrics, f: impl FnOnce() -> T) -> T {
-    metrics.health.in_call(true);
-    let r = f();
-    metrics.health.in_call(false);
-    r
-}
-
 impl Committer {
     /// Creates the producer; under exactly-once, initialises transactions, which fences any older instance
     /// with the same transactional id and aborts its open transaction.
@@ -227,27 +238,49 @@ impl Committer {
         deadline: &Deadline,
         watch: Option<&str>,
     ) -> Result<Self, CommitError> {
-        let context = CommitContext {
-            watch: watch.map(str::to_string),
-            delivered: Default::default(),
+        let start = || -> Result<CallThread<TxnProducer>, CommitError> {
+            let context = CommitContext {
+                watch: watch.map(str::to_string),
+                delivered: Default::default(),
+            };
+            let producer: TxnProducer =
+                super::producer_config(cfg, instance).create_with_context(context)?;
+            CallThread::start("stitcher-txn", producer, CALL_BOUND, &metrics.health).map_err(|e| {
+                CommitError::Client(KafkaError::ClientCreation(format!(
+                    "no thread for the producer's calls: {e}"
+                )))
+            })
         };
-        let producer: ThreadedProducer<CommitContext> =
-            super::producer_config(cfg, instance).create_with_context(context)?;
+        let mut producer = start()?;
         let mut backoff = Duration::from_millis(200);
         loop {
-            match watched(&metrics, || producer.init_transactions(TXN_CALL_TIMEOUT)) {
-                Ok(()) => break,
-                Err(e) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
-                Err(e) if deadline.passed_after(backoff) => return Err(CommitError::Deadline(e)),
-                Err(e) => {
+            let init = producer.call("init_transactions", |p| {
+                p.init_transactions(TXN_CALL_TIMEOUT)
+            });
+            match init {
+                Ok(Ok(())) => break,
+                Ok(Err(e)) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
+                Ok(Err(e)) if deadline.passed_after(backoff) => {
+                    return Err(CommitError::Deadline(e))
+                }
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "init_transactions failed, retrying");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                Err(hung) => {
+                    metrics.errors.with_label_values(&["hung"]).inc();
+                    if deadline.passed_after(Duration::ZERO) {
+                        return Err(CommitError::Hung(hung));
+                    }
+                    tracing::error!(error = %hung, "starting another producer");
+                    producer = start()?;
                 }
             }
         }
         Ok(Self {
             producer,
+            call_timeout: TXN_CALL_TIMEOUT,
             metrics,
             needs_abort: false,
             stuck_after: cfg.processing.transaction_timeout,
@@ -263,7 +296,7 @@ impl Committer {
         &mut self,
         records: &[RecordRef<'_>],
         positions: &[Position],
-        group: Option<&ConsumerGroupMetadata>,
+        group: Option<&Arc<ConsumerGroupMetadata>>,
         deadline: &Deadline,
     ) -> Result<(), CommitError> {
         let mut tpl = TopicPartitionList::new();
@@ -275,7 +308,7 @@ impl Committer {
         self.metrics.health.commit_started();
         loop {
             let attempt = self.transaction(records, &tpl, group, deadline);
-            match attempt {
+            let e = match attempt {
                 Ok(()) => {
                     self.metrics.health.commit_settled();
                     self.metrics
@@ -287,16 +320,27 @@ impl Committer {
                         .observe(started.elapsed().as_secs_f64());
                     return Ok(());
                 }
-                Err(e) if is_fatal(&e) => {
+                Err(TxnError::Hung(hung)) => {
+                    // Its transaction is settled by the producer that takes over (docs/DESIGN.md).
+                    tracing::error!(error = %hung, "a transactional call never returned; a new producer is needed");
+                    self.metrics.health.commit_failed();
+                    self.metrics.errors.with_label_values(&["hung"]).inc();
+                    return Err(CommitError::Hung(hung));
+                }
+                Err(TxnError::Kafka(e)) => e,
+            };
+            match e {
+                e if is_fatal(&e) => {
                     self.metrics.health.commit_failed();
                     return Err(CommitError::Fatal(e));
                 }
-                Err(e) if needs_rejoin(&e) => {
+                e if needs_rejoin(&e) => {
                     self.metrics.health.commit_failed();
                     // Aborted now, not when the next transaction begins: its records hold the changelog's
                     // last stable offset, and the restore after the rejoin reads up to it (left open, the
                     // restore waited for the transaction timeout; the group test caught it).
-                    match self.call(|p| p.abort_transaction(TXN_CALL_TIMEOUT)) {
+                    let timeout = self.call_timeout;
+                    match self.call("abort_transaction", move |p| p.abort_transaction(timeout)) {
                         Ok(()) => self.needs_abort = false,
                         Err(abort) => {
                             tracing::warn!(error = %abort, "abort after a refused commit failed; aborting before the next one")
@@ -310,12 +354,12 @@ impl Committer {
                     return Err(CommitError::Rejoin(e));
                 }
                 // The transactional calls already waited their own timeout; retrying in place did not help.
-                Err(e) if is_retriable(&e) => {
+                e if is_retriable(&e) => {
                     self.metrics.health.commit_failed();
                     self.metrics.errors.with_label_values(&["commit"]).inc();
                     return Err(CommitError::Stuck(e));
                 }
-                Err(e) => {
+                e => {
                     self.metrics.health.commit_failed();
                     self.metrics.errors.with_label_values(&["commit"]).inc();
                     self.metrics
@@ -352,6 +396,7 @@ impl Committer {
     /// After a committed transaction, that is where the partition stands with this producer's records in.
     pub fn take_delivered(&self) -> std::collections::BTreeMap<i32, i64> {
         self.producer
+            .client()
             .context()
             .delivered
             .lock()
@@ -366,31 +411,37 @@ impl Committer {
         &mut self,
         records: &[RecordRef<'_>],
         tpl: &TopicPartitionList,
-        group: Option<&ConsumerGroupMetadata>,
+        group: Option<&Arc<ConsumerGroupMetadata>>,
         deadline: &Deadline,
-    ) -> Result<(), KafkaError> {
+    ) -> Result<(), TxnError> {
+        let timeout = self.call_timeout;
         if self.needs_abort {
-            self.call(|p| p.abort_transaction(TXN_CALL_TIMEOUT))?;
+            self.call("abort_transaction", move |p| p.abort_transaction(timeout))?;
             self.needs_abort = false;
         }
         let mut step = StepTimer::new(&self.metrics);
-        self.producer.begin_transaction()?;
+        self.producer.client().begin_transaction()?;
         self.needs_abort = true;
         self.send_all(records, deadline)?;
         step.done("produce");
         if tpl.count() > 0 {
-            let group = group.ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownGroup))?;
-            self.call(|p| p.send_offsets_to_transaction(tpl, group, TXN_CALL_TIMEOUT))?;
+            let group = Arc::clone(
+                group.ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownGroup))?,
+            );
+            let tpl = tpl.clone();
+            self.call("send_offsets_to_transaction", move |p| {
+                p.send_offsets_to_transaction(&tpl, &group, timeout)
+            })?;
         }
         step.done("offsets");
-        super::await_deliveries(&self.producer, TXN_CALL_TIMEOUT)?;
+        super::await_deliveries(self.producer.client(), timeout)?;
         step.done("deliveries");
         let committing = Instant::now();
         loop {
-            match self.call(|p| p.commit_transaction(TXN_CALL_TIMEOUT)) {
+            match self.call("commit_transaction", move |p| p.commit_transaction(timeout)) {
                 Ok(()) => break,
                 // A commit that timed out may be retried as it is, up to the transaction timeout.
-                Err(e)
+                Err(TxnError::Kafka(e))
                     if is_retriable(&e)
                         && !deadline.passed_after(Duration::ZERO)
                         && committing.elapsed() < self.stuck_after =>
@@ -405,9 +456,16 @@ impl Committer {
         Ok(())
     }
 
-    /// A blocking transactional call of the producer, watched by `/healthz` (see [`watched`]).
-    fn call<T>(&self, f: impl FnOnce(&ThreadedProducer<CommitContext>) -> T) -> T {
-        watched(&self.metrics, || f(&self.producer))
+    /// A blocking transactional call of the producer, on the producer's thread (see [`CallThread`]).
+    fn call<T: Send + 'static>(
+        &mut self,
+        call: &'static str,
+        f: impl FnOnce(&TxnProducer) -> Result<T, KafkaError> + Send + 'static,
+    ) -> Result<T, TxnError> {
+        match self.producer.call(call, f) {
+            Ok(result) => Ok(result?),
+            Err(hung) => Err(TxnError::Hung(hung)),
+        }
     }
 
     fn send_all(&self, records: &[RecordRef<'_>], deadline: &Deadline) -> Result<(), KafkaError> {
@@ -480,7 +538,7 @@ impl Committer {
         let mut full_since: Option<Instant> = None;
         let mut warned = false;
         loop {
-            match self.producer.send(pending) {
+            match self.producer.client().send(pending) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     if deadline.passed_after(Duration::ZERO) {
@@ -504,5 +562,96 @@ impl Committer {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::mocking::{MockCluster, MockCoordinator};
+
+    use super::*;
+
+    /// librdkafka#5456: with the group coordinator down, `send_offsets_to_transaction` does not return,
+    /// whatever its timeout. The commit comes back hung at the bound instead of blocking its thread for
+    /// ever; a new producer with the same `transactional.id` then commits once the coordinator is back, and
+    /// the producer left behind is closed when its call returns at last.
+    #[test]
+    fn a_commit_whose_offsets_call_never_returns_comes_back_hung_at_its_bound() {
+        let cluster = MockCluster::new(3).expect("mock cluster");
+        cluster.create_topic("in", 1, 1).expect("topic");
+        cluster.create_topic("out", 1, 1).expect("topic");
+        let mut cfg = Config::default();
+        cfg.kafka.brokers = cluster.bootstrap_servers();
+        cfg.kafka.transactional_id = "hung".into();
+        cfg.kafka.group_id = "hung-group".into();
+        cluster
+            .coordinator(MockCoordinator::Transaction("hung-0".into()), 1)
+            .expect("transaction coordinator");
+        cluster
+            .coordinator(MockCoordinator::Group("hung-group".into()), 2)
+            .expect("group coordinator");
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "hung-group")
+            .create()
+            .expect("consumer");
+        let group = Arc::new(consumer.group_metadata().expect("group metadata"));
+        let metrics = Metrics::new().expect("metrics");
+        let deadline = Deadline::new(CancellationToken::new(), Duration::from_secs(20));
+        let position = Position {
+            topic: "in".into(),
+            partition: 0,
+            next_offset: 1,
+        };
+        let record = crate::store::OutRecord {
+            topic: "out".into(),
+            partition: Some(0),
+            key: Some(b"k".to_vec()),
+            payload: Some(b"v".to_vec()),
+            headers: Vec::new(),
+        };
+        let records = [record.borrowed()];
+
+        let mut first =
+            Committer::new(&cfg, "0", metrics.clone(), &deadline).expect("first producer");
+        first.call_timeout = Duration::from_secs(1);
+        first.producer.bound = Duration::from_secs(3);
+        cluster.broker_down(2).expect("group coordinator down");
+        let started = Instant::now();
+        let hung = first.commit(
+            &records,
+            std::slice::from_ref(&position),
+            Some(&group),
+            &deadline,
+        );
+        let took = started.elapsed();
+        match &hung {
+            Err(CommitError::Hung(h)) => assert_eq!(h.call, "send_offsets_to_transaction"),
+            other => panic!("not hung: {other:?}"),
+        }
+        assert!(
+            took >= Duration::from_secs(3) && took < Duration::from_secs(8),
+            "{took:?}"
+        );
+        assert_eq!(metrics.health.left_behind(), 1);
+        assert_eq!(metrics.health.live(), Ok(()));
+
+        cluster.broker_up(2).expect("group coordinator up");
+        let mut second =
+            Committer::new(&cfg, "0", metrics.clone(), &deadline).expect("second producer");
+        second
+            .commit(&records, &[position], Some(&group), &deadline)
+            .expect("the producer that took over commits");
+        drop(first);
+        let until = Instant::now() + Duration::from_secs(30);
+        while metrics.health.left_behind() > 0 {
+            assert!(
+                Instant::now() < until,
+                "the call left behind never returned"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }

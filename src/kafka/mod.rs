@@ -1,6 +1,7 @@
 //! Kafka plumbing: client settings, the consumer context (lag, rebalances), the transactional committer,
 //! dead letters and topic creation.
 
+pub mod call_thread;
 pub mod committer;
 pub mod consumer;
 pub mod dead_letters;
