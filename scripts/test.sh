@@ -40,7 +40,9 @@ TEST_KAFKA_BROKERS="127.0.0.1:$((KAFKA_PORT + 100))" cargo test --features kafka
 status_39=${PIPESTATUS[0]}
 set -e
 [ "$status" -ne 0 ] || status=$status_39
-passed=$(grep -Eo '[0-9]+ passed' "${TEST_LOG:-/tmp/stitcher-test.log}" | awk '{s+=$1} END {print s+0}')
-failed=$(grep -Eo '[0-9]+ failed' "${TEST_LOG:-/tmp/stitcher-test.log}" | awk '{s+=$1} END {print s+0}')
+# Counted from libtest's result lines only: a log line such as "Connect to 127.0.0.1:19092 failed" is not a test.
+count() { grep -E '^test result: ' "${TEST_LOG:-/tmp/stitcher-test.log}" | grep -Eo "[0-9]+ $1" | awk '{s+=$1} END {print s+0}'; }
+passed=$(count passed)
+failed=$(count failed)
 echo "summary: $passed passed, $failed failed"
 exit "$status"

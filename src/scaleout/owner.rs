@@ -793,12 +793,26 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         gen: u32,
         out: &mut Out,
     ) -> Result<(), StoreError> {
+        for msg in self.own_entry(&x, owner, gen)? {
+            self.handle(stitcher, msg, out)?;
+        }
+        Ok(())
+    }
+
+    /// Moves the directory entry of `x` to `owner` at `gen` (or leaves it, if the news is stale). Returns
+    /// the messages that waited on a reservation it ends, for the caller to handle.
+    fn own_entry(
+        &mut self,
+        x: &Identifier,
+        owner: Option<ShardId>,
+        gen: u32,
+    ) -> Result<Vec<Msg>, StoreError> {
         // The stored entry: a reservation's waiting messages are there even when the graph has `x`.
-        let stored: Option<Dir> = self.view.read().dir(&x)?;
-        if self.shards == 1 && stored.is_none() && self.here(&x)? {
+        let stored: Option<Dir> = self.view.read().dir(x)?;
+        if self.shards == 1 && stored.is_none() && self.here(x)? {
             // One shard: in the graph with no entry, its placement's `Own` came before (an erasure
             // writes its entry itself): this one is stale.
-            return Ok(());
+            return Ok(Vec::new());
         }
         let entry = stored.unwrap_or(Dir::Absent(0));
         let (current, reserved) = match &entry {
@@ -807,7 +821,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         };
         // A reservation ends with its own gen; any other entry only moves forward.
         if gen < current || (gen == current && !reserved) {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let new = match owner {
             // One shard: the graph says it.
@@ -815,13 +829,11 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             Some(s) => Some(Dir::Owned(s, gen)),
             None => Some(Dir::Absent(gen)),
         };
-        self.view.set_dir(&x, new.as_ref())?;
-        if let Dir::Reserved { waiting, .. } = entry {
-            for msg in waiting {
-                self.handle(stitcher, msg, out)?;
-            }
-        }
-        Ok(())
+        self.view.set_dir(x, new.as_ref())?;
+        Ok(match entry {
+            Dir::Reserved { waiting, .. } => waiting,
+            _ => Vec::new(),
+        })
     }
 
     /// Whether the event, located without reserving its scoped copies, needs them after all.

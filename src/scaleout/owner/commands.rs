@@ -121,16 +121,23 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         ids: &[Identifier],
         out: &mut Out,
     ) -> Result<(), StoreError> {
+        // With one shard, what waited on a reservation of one of them is handled once every entry is
+        // written: a `Locate` let go by the first would otherwise find the next out of the graph with no
+        // entry yet, and take it for never placed.
+        let mut released = Vec::new();
         for x in ids {
             let gen = self.view.take_gen(x)?;
             self.view.set_moved(x, Some(&Moved::Erased(gen)))?;
             if self.shards == 1 {
                 // Its home is here, and with one shard the entry is written in the step that takes `x`
                 // out of the graph (docs/DESIGN.md, "One shard: the graph is the directory").
-                self.own(stitcher, x.clone(), None, gen + 1, out)?;
+                released.extend(self.own_entry(x, None, gen + 1)?);
             } else {
                 self.tell_home_erased(out, x, gen);
             }
+        }
+        for msg in released {
+            self.handle(stitcher, msg, out)?;
         }
         let events = self.waiting_on_any(ids)?;
         for e in events {
