@@ -352,9 +352,13 @@ fn apply_events<K: Kv + ?Sized>(kv: &mut K, stitcher: &Stitcher, events: &[Event
 }
 
 /// The same records in a hash map in memory: the stitch step without RocksDB (no reads, no writes, no
-/// changelog), bounding what any change to the store alone can win.
+/// changelog), bounding what any change to the store alone can win. Counts its keys per shard and kind,
+/// which answers `has_prefix` for the prefixes the state asks about.
 #[derive(Default)]
-struct MemKv(HashMap<Vec<u8>, Vec<u8>, foldhash::fast::RandomState>);
+struct MemKv {
+    records: HashMap<Vec<u8>, Vec<u8>, foldhash::fast::RandomState>,
+    per_kind: HashMap<Vec<u8>, usize, foldhash::fast::RandomState>,
+}
 
 impl KvRead for MemKv {
     fn read_with<R>(
@@ -362,19 +366,37 @@ impl KvRead for MemKv {
         key: &[u8],
         f: impl FnOnce(Option<&[u8]>) -> R,
     ) -> Result<R, StoreError> {
-        Ok(f(self.0.get(key).map(Vec::as_slice)))
+        Ok(f(self.records.get(key).map(Vec::as_slice)))
     }
 }
 
 impl Kv for MemKv {
     fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
+        let kind = key[..key.len().min(5)].to_vec();
+        let count = self.per_kind.entry(kind).or_default();
         match value {
-            Some(v) => self.0.insert(key, v),
-            None => self.0.remove(&key),
+            Some(v) => {
+                if self.records.insert(key, v).is_none() {
+                    *count += 1;
+                }
+            }
+            None => {
+                if self.records.remove(&key).is_some() {
+                    *count -= 1;
+                }
+            }
         };
     }
 
     fn known_absent(&mut self, _key: Vec<u8>) {}
+
+    fn has_prefix(&self, prefix: &[u8]) -> Result<bool, StoreError> {
+        Ok(match self.per_kind.get(prefix) {
+            Some(count) => *count > 0,
+            None if prefix.len() == 5 => false,
+            None => self.records.keys().any(|k| k.starts_with(prefix)),
+        })
+    }
 }
 
 /// The preload: `persons` persons of ten identifiers each, in batches of 10,000 events.
@@ -536,7 +558,7 @@ fn stitch(c: &mut Criterion) {
             eprintln!(
                 "stitch/{label}: in memory: preloaded in {:.1?}, {} records, RSS {:.0} MiB",
                 t.elapsed(),
-                kv.0.len(),
+                kv.records.len(),
                 rss_mib()
             );
             let mut stream = Stream::new(persons);

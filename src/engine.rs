@@ -21,7 +21,8 @@ use crate::processor::{
 use crate::profile::Profile;
 use crate::scaleout::owner::{Msg, Out, Shard, Step};
 use crate::scaleout::state::{
-    shard_of_key, suppression_hash, sweep_seen, Changes, ShardOverlay, ShardRead, ShardView,
+    local_only, shard_of_key, suppression_hash, sweep_seen, Changes, ShardOverlay, ShardRead,
+    ShardView,
 };
 use crate::scaleout::{entry_shard, home, ShardId};
 use crate::stitch::{Applied, BatchChanges, Reshape, Trigger};
@@ -600,13 +601,14 @@ impl Engine {
 }
 
 /// The changelog records of a batch's state changes, in key order (the same input gives the same
-/// records): each to its shard's partition, with the same key and value (a deletion is a tombstone). Made
-/// on the commit thread, from the changes the batch hands over, after the batch's other records.
+/// records): each to its shard's partition, with the same key and value (a deletion is a tombstone), but
+/// for the changes kept in the local copy only (the event ids, which their `E` record carries). Made on
+/// the commit thread, from the changes the batch hands over, after the batch's other records.
 pub fn changelog_records<'a>(
     topic: &'a str,
     changes: &'a Changes,
 ) -> impl Iterator<Item = RecordRef<'a>> + 'a {
-    let mut sorted: Vec<_> = changes.iter().collect();
+    let mut sorted: Vec<_> = changes.iter().filter(|(k, _)| !local_only(k)).collect();
     sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
     sorted.into_iter().map(move |(key, value)| RecordRef {
         topic,

@@ -37,7 +37,9 @@ use crate::metrics::Metrics;
 use crate::model::{now_millis, Millis};
 use crate::processor::{positions_vec, Batch, InMessage, ProcessError};
 use crate::scaleout::lookup::HeldShards;
-use crate::scaleout::state::{refuse_former_format, shard_of_key, Changes, ShardOverlay};
+use crate::scaleout::state::{
+    local_only, refuse_former_format, restored, shard_of_key, Changes, ShardOverlay,
+};
 use crate::scaleout::ShardId;
 use crate::store::{OutRecord, Position, RecordRef, Store, StoreError};
 use crate::worker::{Ended, Worker};
@@ -788,6 +790,8 @@ impl Pipeline {
         if start.count() > 0 {
             restorer.assign(&start)?;
             applied = self.read_changelog(&restorer, &mut high, shutdown)?;
+            // It may have brought in event ids as a version before wrote them.
+            self.store.forget_prefixes();
         }
         let elapsed = started.elapsed();
         self.metrics.restored_records.inc_by(applied);
@@ -838,10 +842,12 @@ impl Pipeline {
             match restorer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
                     refuse_former_format(m.key().unwrap_or_default())?;
-                    pending.push((
+                    restored(
+                        &self.store,
+                        &mut pending,
                         m.key().unwrap_or_default().to_vec(),
                         m.payload().map(<[u8]>::to_vec),
-                    ));
+                    )?;
                     reached.insert(m.partition(), m.offset() + 1);
                     if m.offset() + 1 >= high.get(&m.partition()).copied().unwrap_or(0) {
                         high.remove(&m.partition());
@@ -879,7 +885,7 @@ impl Pipeline {
                 }
             }
             if pending.len() >= RESTORE_CHUNK || high.is_empty() {
-                applied += pending.len() as u64;
+                applied += pending.iter().filter(|(k, _)| !local_only(k)).count() as u64;
                 self.store.write_shard_changes(
                     std::mem::take(&mut pending),
                     reached.iter().map(|(p, at)| (*p as ShardId, *at)),

@@ -461,7 +461,10 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
     }
 
     fn event(&mut self, ev: Event, out: &mut Out) -> Result<(), StoreError> {
-        if !self.view.first_seen(&ev.event_id)? {
+        if !self
+            .view
+            .first_seen(&ev.event_id, crate::model::now_millis())?
+        {
             out.duplicates += 1;
             return Ok(());
         }

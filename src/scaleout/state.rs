@@ -16,7 +16,9 @@
 //! | `g` identifier key                | how many times an identifier owned here was placed            |
 //! | `m` identifier key                | where an identifier that left this shard went (`Moved`)       |
 //! | `M` profile id                    | where a profile id that left this shard went (shard)          |
-//! | `e` SHA-256(event id)[..16]       | when an event homed here was seen (ms, i64 BE)               |
+//! | `f` SHA-256(event id)[..16]       | when an event homed here was seen (ms, i64 BE); local only    |
+//! | `E` when (i64 BE), first id       | the ids of a batch's `f` records (16 bytes each): their changelog record |
+//! | `e` SHA-256(event id)[..16]       | when an event was seen, as versions before kept it (swept, not written) |
 //! | `w` event id                      | an event applied here once its components arrive (`Pending`) |
 //! | `W` identifier key                | the events pending here that located the identifier          |
 //! | `k` identifier key                | messages about an identifier in flight to here, parked until it arrives |
@@ -24,7 +26,8 @@
 //! | `s` HMAC(salt, identifier key)    | a suppressed identifier homed here: when (ms, i64)           |
 //!
 //! A batch's changes go to partition `shard` of the changelog topic (same key and value; a delete is a
-//! tombstone) inside the batch's transaction. The local copy is written only after that transaction
+//! tombstone; `f` records travel packed in their `E` record, see [`restored`]) inside the batch's
+//! transaction. The local copy is written only after that transaction
 //! committed, with the changelog offsets it reached, so it is never ahead of the changelog: a crash in
 //! between leaves it behind, and the restore on start-up catches up (docs/DESIGN.md, "Scale-out").
 
@@ -55,7 +58,13 @@ pub(crate) const DIR: u8 = b'd';
 pub(crate) const GEN: u8 = b'g';
 const MOVED: u8 = b'm';
 pub(crate) const MOVED_PROFILE: u8 = b'M';
-const SEEN: u8 = b'e';
+/// Event ids as versions before kept them, one changelog record each.
+const SEEN_LEGACY: u8 = b'e';
+const SEEN: u8 = b'f';
+const SEEN_BATCH: u8 = b'E';
+/// Ids per `E` record: 64 KiB of them.
+const IDS_PER_RECORD: usize = 4096;
+const ID_LEN: usize = 16;
 pub(crate) const PENDING: u8 = b'w';
 pub(crate) const WAITING: u8 = b'W';
 pub(crate) const PARKED: u8 = b'k';
@@ -167,6 +176,9 @@ pub trait Kv: KvRead {
     /// probe per level of RocksDB).
     fn known_absent(&mut self, key: Vec<u8>);
 
+    /// Whether any key starts with `prefix` (the event ids a version before wrote, while any are left).
+    fn has_prefix(&self, prefix: &[u8]) -> Result<bool, StoreError>;
+
     /// Takes the profile under `key` out of the state: it is deleted unless the caller puts it back.
     fn take_profile(&mut self, key: &[u8]) -> Result<Option<Profile>, StoreError> {
         let p = decode_profile(self, key)?;
@@ -221,6 +233,13 @@ impl Kv for BTreeMap<Vec<u8>, Vec<u8>> {
             "a record claimed absent is there: {}",
             String::from_utf8_lossy(&key)
         );
+    }
+
+    fn has_prefix(&self, prefix: &[u8]) -> Result<bool, StoreError> {
+        Ok(self
+            .range(prefix.to_vec()..)
+            .next()
+            .is_some_and(|(k, _)| k.starts_with(prefix)))
     }
 }
 
@@ -286,6 +305,7 @@ impl<'s> ShardOverlay<'s> {
             changes.insert(key, Some(encode_profile(&p)?));
         }
         changes.retain(|k, v| is_change(&read, k, v));
+        pack_seen(&mut changes);
         Ok(changes)
     }
 
@@ -406,6 +426,10 @@ fn is_change<S: std::hash::BuildHasher>(
 }
 
 impl Kv for ShardOverlay<'_> {
+    fn has_prefix(&self, prefix: &[u8]) -> Result<bool, StoreError> {
+        self.store.has_prefix(prefix)
+    }
+
     fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
         self.profiles.get_mut().remove(&key);
         self.unencoded.remove(&key);
@@ -448,9 +472,11 @@ impl Kv for ShardOverlay<'_> {
     }
 }
 
-/// Deletes (in `overlay`, so in the changelog too) the event-id records of `shard` seen before `before`
-/// (ms), scanning at most `limit` of them from `from`. Returns where to go on next time: `None` when the
-/// scan reached the end of the shard's records.
+/// Deletes the event ids of `shard` seen before `before` (ms): the `E` records older than that, oldest
+/// first, with their `f` records, until about `limit` ids are gone (at least one record); then, while a
+/// version before left `e` records, at most `limit` of those from the cursor `from`. The deletions are the
+/// batch's (`overlay`): an `E` record's tombstone goes to the changelog, its `f` records are local. Returns
+/// where the `e` cursor goes on next time: `None` when it reached their end (or there are none).
 pub fn sweep_seen(
     overlay: &mut ShardOverlay<'_>,
     shard: ShardId,
@@ -458,10 +484,46 @@ pub fn sweep_seen(
     limit: usize,
     before: i64,
 ) -> Result<Option<Vec<u8>>, StoreError> {
-    let prefix = key(shard, SEEN, &[]);
+    let batches = key(shard, SEEN_BATCH, &[]);
+    let mut expired: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut ids = 0;
+    overlay
+        .store()
+        .scan_shards(&batches, &batches, limit.max(1), |k, v| {
+            // In time order: past the first one not expired, none is.
+            let done = ids >= limit || batch_time(k).is_none_or(|t| t >= before);
+            // A record written or deleted above the store since is not this one.
+            if !done && !overlay.shadows(k) {
+                ids += v.len() / ID_LEN;
+                expired.push((k.to_vec(), v.to_vec()));
+            }
+            Ok(())
+        })?;
+    for (k, v) in expired {
+        for id in v.chunks_exact(ID_LEN) {
+            overlay.set(key(shard, SEEN, id), None);
+        }
+        overlay.set(k, None);
+    }
+    sweep_legacy(overlay, shard, from, limit, before)
+}
+
+/// The sweep of the `e` records a version before wrote, one changelog tombstone each.
+fn sweep_legacy(
+    overlay: &mut ShardOverlay<'_>,
+    shard: ShardId,
+    from: Option<&[u8]>,
+    limit: usize,
+    before: i64,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let prefix = key(shard, SEEN_LEGACY, &[]);
+    if !overlay.store().has_prefix(&prefix)? {
+        return Ok(None);
+    }
     let mut expired = Vec::new();
     let mut last = None;
     let mut scanned = 0;
+    let mut left = 0;
     overlay
         .store()
         .scan_shards(&prefix, from.unwrap_or(&prefix), limit, |k, v| {
@@ -470,10 +532,16 @@ pub fn sweep_seen(
             // A record written or deleted above the store since is not this one.
             if seen.is_ok_and(|t| t < before) && !overlay.shadows(k) {
                 expired.push(k.to_vec());
+            } else {
+                left += 1;
             }
             last = Some(k.to_vec());
             Ok(())
         })?;
+    if from.is_none() && scanned < limit && left == 0 {
+        // A whole pass, and every record it found goes with this batch: nothing writes one any more.
+        overlay.store().prefix_emptied(&prefix);
+    }
     for k in expired {
         overlay.set(k, None);
     }
@@ -481,6 +549,71 @@ pub fn sweep_seen(
         k.push(0); // the next key after it
         k
     }))
+}
+
+/// The time in an `E` record's key.
+fn batch_time(k: &[u8]) -> Option<i64> {
+    Some(i64::from_be_bytes(k.get(5..13)?.try_into().ok()?))
+}
+
+/// Packs the batch's new `f` records into `E` records, per shard, at most [`IDS_PER_RECORD`] ids each,
+/// keyed by the latest time among them and their first id: what the changelog carries of them. Each `f`
+/// record is then valued with its `E` record's time, as a restore writes it.
+fn pack_seen(changes: &mut Changes) {
+    let mut seen: BTreeMap<ShardId, Vec<(Vec<u8>, i64)>> = BTreeMap::new();
+    for (k, v) in changes.iter() {
+        if let (Some(SEEN), Some(shard), Some(v)) = (k.get(4).copied(), shard_of_key(k), v) {
+            let at = <[u8; 8]>::try_from(v.as_slice()).map_or(0, i64::from_be_bytes);
+            seen.entry(shard).or_default().push((k.clone(), at));
+        }
+    }
+    for (shard, mut ids) in seen {
+        ids.sort_unstable();
+        for chunk in ids.chunks(IDS_PER_RECORD) {
+            let at = chunk.iter().map(|(_, at)| *at).max().unwrap_or(0);
+            let mut rest = at.to_be_bytes().to_vec();
+            rest.extend_from_slice(&chunk[0].0[5..]);
+            let mut value = Vec::with_capacity(chunk.len() * ID_LEN);
+            for (f, _) in chunk {
+                value.extend_from_slice(&f[5..]);
+                changes.insert(f.clone(), Some(at.to_be_bytes().to_vec()));
+            }
+            changes.insert(key(shard, SEEN_BATCH, &rest), Some(value));
+        }
+    }
+}
+
+/// Whether a change stays in the local copy only: an `f` record, which the changelog carries in its `E`
+/// record.
+pub fn local_only(key: &[u8]) -> bool {
+    key.get(4) == Some(&SEEN)
+}
+
+/// A changelog record as the restore writes it to the local copy, onto `chunk` (the records read and not
+/// written yet): itself, and for an `E` record the `f` records it packs (for its tombstone, the deletion
+/// of those its last value listed, found in `chunk`, else in `store`).
+pub fn restored(
+    store: &Store,
+    chunk: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    key: Vec<u8>,
+    value: Option<Vec<u8>>,
+) -> Result<(), StoreError> {
+    if let (Some(SEEN_BATCH), Some(shard)) = (key.get(4).copied(), shard_of_key(&key)) {
+        let at = batch_time(&key).unwrap_or(0).to_be_bytes().to_vec();
+        let ids = match &value {
+            Some(ids) => Some(ids.clone()),
+            None => match chunk.iter().rev().find(|(k, _)| *k == key) {
+                Some((_, last)) => last.clone(),
+                None => store.shard_value(&key)?,
+            },
+        };
+        for id in ids.iter().flat_map(|ids| ids.chunks_exact(ID_LEN)) {
+            let f = self::key(shard, SEEN, id);
+            chunk.push((f, value.as_ref().map(|_| at.clone())));
+        }
+    }
+    chunk.push((key, value));
+    Ok(())
 }
 
 /// Every live profile in `shards` of the local copy, with its shard and node, from one snapshot per shard.
@@ -742,16 +875,21 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         self.put(SUPPRESSED, hash, at.as_ref())
     }
 
-    /// Records the id of an event that entered here; false if it was seen before.
-    pub fn first_seen(&mut self, event_id: &str) -> Result<bool, StoreError> {
+    /// Records the id of an event that entered here at `at` (ms); false if it was seen before.
+    pub fn first_seen(&mut self, event_id: &str, at: i64) -> Result<bool, StoreError> {
         let digest = Sha256::digest(event_id.as_bytes());
-        let k = key(self.shard, SEEN, &digest[..16]);
+        let id = &digest[..ID_LEN];
+        let k = key(self.shard, SEEN, id);
         if self.kv.contains(&k)? {
             return Ok(false);
         }
+        // Ids seen before the upgrade, until the sweep has taken the last of them.
+        let legacy = key(self.shard, SEEN_LEGACY, &[]);
+        if self.kv.has_prefix(&legacy)? && self.kv.contains(&key(self.shard, SEEN_LEGACY, id))? {
+            return Ok(false);
+        }
         // When it was seen: past `processing.dedup_retention` the record is swept ([`sweep_seen`]).
-        self.kv
-            .set(k, Some(crate::model::now_millis().to_be_bytes().to_vec()));
+        self.kv.set(k, Some(at.to_be_bytes().to_vec()));
         Ok(true)
     }
 
@@ -1118,6 +1256,134 @@ mod tests {
                 };
             }
             proptest::prop_assert_eq!(after, model);
+        }
+    }
+
+    /// The whole sharded state of a store, key by key.
+    fn dump(store: &Store) -> BTreeMap<Vec<u8>, Vec<u8>> {
+        let mut all = BTreeMap::new();
+        store
+            .scan_shards(&[], &[], usize::MAX, |k, v| {
+                all.insert(k.to_vec(), v.to_vec());
+                Ok(())
+            })
+            .unwrap();
+        all
+    }
+
+    /// A store restored from `log` in chunks of `chunk` records, as the pipeline's restore writes them.
+    fn restore(log: &[(Vec<u8>, Option<Vec<u8>>)], chunk: usize) -> TempStore {
+        let t = TempStore::new().unwrap();
+        let mut pending = Vec::new();
+        for (i, (k, v)) in log.iter().enumerate() {
+            restored(&t.store, &mut pending, k.clone(), v.clone()).unwrap();
+            if (i + 1) % chunk == 0 || i + 1 == log.len() {
+                t.store
+                    .write_shard_changes(std::mem::take(&mut pending), [])
+                    .unwrap();
+            }
+        }
+        t
+    }
+
+    /// What log compaction leaves of `log`: each key's last record, in the order of those, without
+    /// tombstones (their delete retention passed).
+    fn compacted(log: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let last: HashMap<&Vec<u8>, usize> =
+            log.iter().enumerate().map(|(i, (k, _))| (k, i)).collect();
+        log.iter()
+            .enumerate()
+            .filter(|(i, (k, v))| last[k] == *i && v.is_some())
+            .map(|(_, r)| r.clone())
+            .collect()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::env_or("PROPTEST_CASES", 64)))]
+
+        /// Event ids written live over batches with sweeps (over ids a version before left as `e`
+        /// records) equal those a restore rebuilds from the changelog, whole and compacted: the local copy's
+        /// `f` records are exactly the ids of its `E` records. And an id seen again within the retention is
+        /// a duplicate, wherever it was first recorded.
+        #[test]
+        fn event_ids_restored_equal_event_ids_written(
+            batches in proptest::collection::vec(
+                (proptest::collection::vec(0u16..400, 0..60), 0i64..4_000, 1usize..40),
+                1..25,
+            ),
+            legacy in proptest::collection::vec(0u16..400, 0..40),
+            shards in 1u32..4,
+            retention in 1_000i64..10_000,
+            chunk in 1usize..50,
+        ) {
+            let live = TempStore::new().unwrap();
+            let mut log: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+            let id = |n: u16| format!("event-{n}");
+            let mut t = 1_000_000i64;
+            // What a version before left: `e` records, in the store and the changelog alike.
+            let mut first_seen_at: HashMap<u16, i64> = HashMap::new();
+            for &n in &legacy {
+                let digest = Sha256::digest(id(n).as_bytes());
+                let k = key(u32::from(n) % shards, SEEN_LEGACY, &digest[..ID_LEN]);
+                let v = (t - 500).to_be_bytes().to_vec();
+                first_seen_at.entry(n).or_insert(t - 500);
+                log.push((k.clone(), Some(v.clone())));
+                live.store.write_shard_changes([(k, Some(v))], []).unwrap();
+            }
+            live.store.forget_prefixes();
+            for (events, step, budget) in &batches {
+                t += step;
+                let mut overlay = ShardOverlay::new(&live.store);
+                // Each event a millisecond after the one before, as they come.
+                for (i, &n) in events.iter().enumerate() {
+                    let t = t + i as i64;
+                    let shard = u32::from(n) % shards;
+                    let first = ShardView { kv: &mut overlay, shard }.first_seen(&id(n), t).unwrap();
+                    match first_seen_at.get(&n) {
+                        Some(&at) if t - at <= retention => {
+                            proptest::prop_assert!(!first, "event {} first seen at {} again at {}", n, at, t)
+                        }
+                        _ if first => {
+                            first_seen_at.insert(n, t);
+                        }
+                        _ => {}
+                    }
+                }
+                for shard in 0..shards {
+                    let mut from = None;
+                    loop {
+                        from = sweep_seen(&mut overlay, shard, from.as_deref(), *budget, t - retention).unwrap();
+                        if from.is_none() {
+                            break;
+                        }
+                    }
+                }
+                let changes = overlay.into_changes().unwrap();
+                let mut records: Vec<_> = changes
+                    .iter()
+                    .filter(|(k, _)| !local_only(k))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                records.sort();
+                proptest::prop_assert!(records.iter().all(|(k, _)| k.get(4) != Some(&SEEN)));
+                log.extend(records);
+                live.store.write_shard_changes(changes, []).unwrap();
+            }
+            let written = dump(&live.store);
+            for (k, v) in &written {
+                if k.get(4) == Some(&SEEN_BATCH) {
+                    proptest::prop_assert_eq!(v.len() % ID_LEN, 0);
+                }
+            }
+            let packed: BTreeSet<Vec<u8>> = written
+                .iter()
+                .filter(|(k, _)| k.get(4) == Some(&SEEN_BATCH))
+                .flat_map(|(k, v)| v.chunks_exact(ID_LEN).map(|id| key(shard_of_key(k).unwrap(), SEEN, id)))
+                .collect();
+            let ids: BTreeSet<Vec<u8>> = written.keys().filter(|k| k.get(4) == Some(&SEEN)).cloned().collect();
+            proptest::prop_assert_eq!(&ids, &packed);
+            proptest::prop_assert_eq!(&dump(&restore(&log, chunk).store), &written);
+            proptest::prop_assert_eq!(&dump(&restore(&compacted(&log), chunk).store), &written);
         }
     }
 }

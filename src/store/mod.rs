@@ -115,6 +115,8 @@ pub struct Position {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<DB>,
+    /// Per shard, whether a key with a given prefix exists, as last looked up ([`Store::has_prefix`]).
+    prefixes: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, bool>>>,
 }
 
 /// What a data block takes in the block cache, about (RocksDB's default block size of 4 KiB and its
@@ -166,7 +168,10 @@ impl Store {
             ColumnFamilyDescriptor::new(name, cf)
         });
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            prefixes: Default::default(),
+        })
     }
 
     pub(crate) fn cf(&self, name: &'static str) -> Result<&rocksdb::ColumnFamily, StoreError> {
@@ -255,6 +260,43 @@ impl Store {
             .db
             .iterator_cf(self.cf(CF_SHARDS)?, rocksdb::IteratorMode::Start);
         Ok(it.next().transpose()?.is_some())
+    }
+
+    /// Whether a key of the sharded state starts with `prefix`: looked up once, then remembered until
+    /// [`Store::forget_prefixes`] (a restore) or [`Store::prefix_emptied`] (a sweep that found none left).
+    pub(crate) fn has_prefix(&self, prefix: &[u8]) -> Result<bool, StoreError> {
+        if let Some(&known) = self
+            .prefixes
+            .lock()
+            .ok()
+            .as_ref()
+            .and_then(|p| p.get(prefix))
+        {
+            return Ok(known);
+        }
+        let mut any = false;
+        self.scan_shards(prefix, prefix, 1, |_, _| {
+            any = true;
+            Ok(())
+        })?;
+        if let Ok(mut p) = self.prefixes.lock() {
+            p.insert(prefix.to_vec(), any);
+        }
+        Ok(any)
+    }
+
+    /// A sweep found no key left under `prefix`, and nothing writes one any more.
+    pub(crate) fn prefix_emptied(&self, prefix: &[u8]) {
+        if let Ok(mut p) = self.prefixes.lock() {
+            p.insert(prefix.to_vec(), false);
+        }
+    }
+
+    /// A restore may have written any key: every prefix is looked up again.
+    pub(crate) fn forget_prefixes(&self) {
+        if let Ok(mut p) = self.prefixes.lock() {
+            p.clear();
+        }
     }
 
     /// Calls `f` with at most `limit` records of the sharded state whose key starts with `prefix`, from
@@ -362,6 +404,7 @@ impl Store {
     /// and files that hold a range tombstone pays for it (measured: half the CPU of a sharded instance
     /// that had wiped its empty shards at start-up).
     pub fn wipe_shard(&self, shard: u32) -> Result<(), StoreError> {
+        self.forget_prefixes();
         let mut batch = WriteBatch::default();
         let from = shard.to_be_bytes().to_vec();
         let to = match shard.checked_add(1) {
