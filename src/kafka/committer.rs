@@ -56,6 +56,50 @@ error_from!(CommitError {
 pub(crate) const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a transactional call is waited for before it is left behind: its own timeout and then some.
 const CALL_BOUND: Duration = Duration::from_secs(TXN_CALL_TIMEOUT.as_secs() + 10);
+
+/// A hang on demand, in test builds only (feature `kafka-it`): librdkafka's own (#5456) cannot be caused
+/// against a real broker. `STITCHER_TEST_HANG=<call>:<n>` makes the n-th call of that name in the process
+/// (counted from 1) block for ever once librdkafka returned from it, so that its outcome is unknown to the
+/// caller (a `commit_transaction` that committed, an offsets call whose offsets are in the transaction);
+/// `STITCHER_TEST_CALL_BOUND_MS` sets how long a call is waited for.
+#[cfg(feature = "kafka-it")]
+mod hang_on_demand {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    static CALLS: AtomicUsize = AtomicUsize::new(0);
+
+    pub fn bound(default: Duration) -> Duration {
+        std::env::var("STITCHER_TEST_CALL_BOUND_MS")
+            .ok()
+            .and_then(|ms| ms.parse().ok())
+            .map_or(default, Duration::from_millis)
+    }
+
+    /// Whether this call of `call` is the one to hang after.
+    pub fn due(call: &str) -> bool {
+        let Ok(spec) = std::env::var("STITCHER_TEST_HANG") else {
+            return false;
+        };
+        let Some((name, n)) = spec.split_once(':') else {
+            return false;
+        };
+        name == call && n.parse::<usize>().ok() == Some(CALLS.fetch_add(1, Ordering::AcqRel) + 1)
+    }
+
+    pub fn forever() -> ! {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
+fn call_bound() -> Duration {
+    #[cfg(feature = "kafka-it")]
+    return hang_on_demand::bound(CALL_BOUND);
+    #[cfg(not(feature = "kafka-it"))]
+    CALL_BOUND
+}
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long a record waits for room in the producer's queue before the wait is logged.
 const QUEUE_FULL_WARN_AFTER: Duration = Duration::from_secs(10);
@@ -245,11 +289,13 @@ impl Committer {
             };
             let producer: TxnProducer =
                 super::producer_config(cfg, instance).create_with_context(context)?;
-            CallThread::start("stitcher-txn", producer, CALL_BOUND, &metrics.health).map_err(|e| {
-                CommitError::Client(KafkaError::ClientCreation(format!(
-                    "no thread for the producer's calls: {e}"
-                )))
-            })
+            CallThread::start("stitcher-txn", producer, call_bound(), &metrics.health).map_err(
+                |e| {
+                    CommitError::Client(KafkaError::ClientCreation(format!(
+                        "no thread for the producer's calls: {e}"
+                    )))
+                },
+            )
         };
         let mut producer = start()?;
         let mut backoff = Duration::from_millis(200);
@@ -462,6 +508,15 @@ impl Committer {
         call: &'static str,
         f: impl FnOnce(&TxnProducer) -> Result<T, KafkaError> + Send + 'static,
     ) -> Result<T, TxnError> {
+        #[cfg(feature = "kafka-it")]
+        let f = move |p: &TxnProducer| {
+            let due = hang_on_demand::due(call);
+            let r = f(p);
+            if due {
+                hang_on_demand::forever();
+            }
+            r
+        };
         match self.producer.call(call, f) {
             Ok(result) => Ok(result?),
             Err(hung) => Err(TxnError::Hung(hung)),
