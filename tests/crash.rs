@@ -103,11 +103,12 @@ fn kill9_at_random_moments_loses_and_duplicates_nothing() {
 
     let out = crashed.output();
     let reference_out = reference.output();
-    let duplicates = out.duplicates();
-    let got = live_summaries(&out.view);
-    let want = truth_summaries(&j.truth);
-    let applied: u64 = got.iter().map(|s| s.events).sum();
-    let lost = j.events as i64 - applied as i64;
+    let Verdict {
+        duplicates,
+        got,
+        want,
+        lost,
+    } = verdict(&out, &j);
     let same_as_reference = live_profiles(&out) == live_profiles(&reference_out);
     // Kills that landed between the RocksDB checkpoint and the Kafka commit: the batch was produced again
     // from the checkpoint's outbox.

@@ -46,11 +46,12 @@ fn hang_after(name: &str, call: &str, n: usize, seed: u64) {
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
 
     let out = s.output();
-    let duplicates = out.duplicates();
-    let got = live_summaries(&out.view);
-    let want = truth_summaries(&j.truth);
-    let applied: u64 = got.iter().map(|s| s.events).sum();
-    let lost = j.events as i64 - applied as i64;
+    let Verdict {
+        duplicates,
+        got,
+        want,
+        lost,
+    } = verdict(&out, &j);
     let log = s.log();
     println!(
         "hung {call} #{n}: {hung}; /healthz {live}; {} events, {duplicates} duplicate output records, {lost} \

@@ -85,11 +85,12 @@ fn broker_restart_mid_run_loses_and_duplicates_nothing() {
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
 
     let out = s.output();
-    let duplicates = out.duplicates();
-    let got = live_summaries(&out.view);
-    let want = truth_summaries(&j.truth);
-    let applied: u64 = got.iter().map(|s| s.events).sum();
-    let lost = j.events as i64 - applied as i64;
+    let Verdict {
+        duplicates,
+        got,
+        want,
+        lost,
+    } = verdict(&out, &j);
     // What the service noticed: client warnings while the broker was gone (librdkafka retries inside the
     // transactional calls, so the pipeline itself usually only waits).
     let warnings = s.log().matches("WARN").count();

@@ -53,7 +53,7 @@ error_from!(CommitError {
 });
 
 /// Per-call timeout of the transactional API; a call that times out is retried.
-pub(crate) const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+const TXN_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a transactional call is waited for before it is left behind: its own timeout and then some.
 const CALL_BOUND: Duration = Duration::from_secs(TXN_CALL_TIMEOUT.as_secs() + 10);
 

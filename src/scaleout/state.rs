@@ -528,9 +528,8 @@ fn sweep_legacy(
         .store()
         .scan_shards(&prefix, from.unwrap_or(&prefix), limit, |k, v| {
             scanned += 1;
-            let seen = <[u8; 8]>::try_from(v).map(i64::from_be_bytes);
             // A record written or deleted above the store since is not this one.
-            if seen.is_ok_and(|t| t < before) && !overlay.shadows(k) {
+            if millis(v).is_some_and(|t| t < before) && !overlay.shadows(k) {
                 expired.push(k.to_vec());
             } else {
                 left += 1;
@@ -553,7 +552,12 @@ fn sweep_legacy(
 
 /// The time in an `E` record's key.
 fn batch_time(k: &[u8]) -> Option<i64> {
-    Some(i64::from_be_bytes(k.get(5..13)?.try_into().ok()?))
+    k.get(5..13).and_then(millis)
+}
+
+/// A time in ms, as event-id records hold it (i64 BE).
+fn millis(bytes: &[u8]) -> Option<i64> {
+    <[u8; 8]>::try_from(bytes).ok().map(i64::from_be_bytes)
 }
 
 /// Packs the batch's new `f` records into `E` records, per shard, at most [`IDS_PER_RECORD`] ids each,
@@ -563,7 +567,7 @@ fn pack_seen(changes: &mut Changes) {
     let mut seen: BTreeMap<ShardId, Vec<(Vec<u8>, i64)>> = BTreeMap::new();
     for (k, v) in changes.iter() {
         if let (Some(SEEN), Some(shard), Some(v)) = (k.get(4).copied(), shard_of_key(k), v) {
-            let at = <[u8; 8]>::try_from(v.as_slice()).map_or(0, i64::from_be_bytes);
+            let at = millis(v).unwrap_or(0);
             seen.entry(shard).or_default().push((k.clone(), at));
         }
     }

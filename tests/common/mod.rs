@@ -753,6 +753,28 @@ fn story_of(p: &ProfileRecord) -> StoryTruth {
     }
 }
 
+/// A run's output against the truth of the journeys it was given.
+pub struct Verdict {
+    /// Committed update records that repeat an earlier (profile, triggering event) pair.
+    pub duplicates: usize,
+    /// The live profiles, and the persons they should be.
+    pub got: Vec<Summary>,
+    pub want: Vec<Summary>,
+    /// Events of the input missing from the profiles (negative: counted twice).
+    pub lost: i64,
+}
+
+pub fn verdict(out: &Output, j: &stitcher::journeys::Journeys) -> Verdict {
+    let got = live_summaries(&out.view);
+    let applied: u64 = got.iter().map(|s| s.events).sum();
+    Verdict {
+        duplicates: out.duplicates(),
+        lost: j.events as i64 - applied as i64,
+        want: truth_summaries(&j.truth),
+        got,
+    }
+}
+
 /// The live profiles of a compacted view; checks that every redirect leads to a live profile.
 pub fn live_summaries(view: &BTreeMap<String, Option<ProfileUpdate>>) -> Vec<Summary> {
     let mut out = Vec::new();
