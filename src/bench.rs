@@ -49,7 +49,11 @@ pub struct BenchReport {
     pub passthrough_msgs_per_sec: f64,
     /// Before the pipeline and after it.
     pub passthrough_runs: [f64; 2],
+    /// What each passthrough run's client (this process) and the broker spent per message.
+    pub passthrough_cpu: [PhaseCpu; 2],
     pub pipeline_msgs_per_sec: f64,
+    /// What the service and the broker spent per message in the throughput phase.
+    pub pipeline_cpu: PhaseCpu,
     /// The pipeline's rate over the passthroughs' mean.
     pub ratio: f64,
     pub latency_rate_msgs_per_sec: u64,
@@ -79,6 +83,73 @@ pub struct Baseline {
     pub passthrough_ratio: f64,
     pub cpu_secs: f64,
     pub peak_rss_mib: f64,
+    /// What it and the broker spent per message over its steady window.
+    pub cpu: PhaseCpu,
+}
+
+/// CPU one process spent over a phase's steady window (the one its rate is measured over).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CpuUse {
+    /// User and system CPU per message committed in the window, in microseconds.
+    pub us_per_message: f64,
+    /// The same as a share of one core: near 1.0, the process was bound by its CPU.
+    pub cores: f64,
+}
+
+/// A phase's CPU: the process doing the phase's work (the passthrough's client, the service, the
+/// baseline) and, when its pid is given, the broker.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct PhaseCpu {
+    pub process: CpuUse,
+    pub broker: Option<CpuUse>,
+}
+
+impl std::fmt::Display for PhaseCpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let CpuUse {
+            us_per_message,
+            cores,
+        } = self.process;
+        write!(f, "{us_per_message:.1} µs ({cores:.2} of a core)")?;
+        if let Some(b) = self.broker {
+            write!(
+                f,
+                "; broker {:.1} µs ({:.2} of a core)",
+                b.us_per_message, b.cores
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// The processes whose CPU a phase reports: the one doing its work and the broker.
+#[derive(Clone, Copy)]
+struct Watched {
+    process: u32,
+    broker: Option<u32>,
+}
+
+impl Watched {
+    fn cpu(&self) -> (f64, Option<f64>) {
+        (cpu_secs(self.process), self.broker.map(cpu_secs))
+    }
+
+    /// The CPU spent between two readings of [`Watched::cpu`], over `messages` in `secs`.
+    fn spent(
+        before: (f64, Option<f64>),
+        after: (f64, Option<f64>),
+        messages: i64,
+        secs: f64,
+    ) -> PhaseCpu {
+        let used = |b: f64, a: f64| CpuUse {
+            us_per_message: (a - b) * 1e6 / messages.max(1) as f64,
+            cores: (a - b) / secs,
+        };
+        PhaseCpu {
+            process: used(before.0, after.0),
+            broker: before.1.zip(after.1).map(|(b, a)| used(b, a)),
+        }
+    }
 }
 
 struct Topics {
@@ -158,10 +229,11 @@ impl Progress {
         &self,
         total: i64,
         timeout: Duration,
+        watched: Watched,
         mut alive: impl FnMut() -> anyhow::Result<()>,
-    ) -> anyhow::Result<f64> {
+    ) -> anyhow::Result<(f64, PhaseCpu)> {
         let started = Instant::now();
-        let mut first: Option<(Instant, i64)> = None;
+        let mut first: Option<(Instant, i64, (f64, Option<f64>))> = None;
         let mut unreadable = None;
         let mut last = 0;
         loop {
@@ -169,10 +241,11 @@ impl Progress {
             let asked = Instant::now();
             let committed = self.committed();
             let now = asked + asked.elapsed() / 2;
+            let cpu = watched.cpu();
             match committed {
                 Ok(c) if c > 0 => {
                     last = c;
-                    let (t0, c0) = *first.get_or_insert((now, c));
+                    let (t0, c0, cpu0) = *first.get_or_insert((now, c, cpu));
                     if c >= total {
                         if c0 > total / 2 {
                             bail!(
@@ -182,7 +255,8 @@ impl Progress {
                             );
                         }
                         let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
-                        return Ok((c - c0) as f64 / secs);
+                        let spent = Watched::spent(cpu0, cpu, c - c0, secs);
+                        return Ok(((c - c0) as f64 / secs, spent));
                     }
                 }
                 Ok(_) => {}
@@ -197,13 +271,13 @@ impl Progress {
 }
 
 /// One passthrough phase (`round` names its group, so each reads every input message): its steady rate,
-/// measured as the pipeline's is.
+/// measured as the pipeline's is, and the CPU its client (this process) and the broker spent.
 fn measure_passthrough(
     cfg: &Config,
     topics: &Topics,
     (messages, partitions, timeout): (u64, i32, Duration),
-    round: u32,
-) -> anyhow::Result<f64> {
+    (round, broker): (u32, Option<u32>),
+) -> anyhow::Result<(f64, PhaseCpu)> {
     let mut cfg = cfg.clone();
     cfg.kafka.group_id = format!("{}-passthrough-{round}", cfg.kafka.group_id);
     let progress = Progress::new(
@@ -218,7 +292,11 @@ fn measure_passthrough(
         let (inputs, output) = (topics.inputs.clone(), topics.passthrough.clone());
         std::thread::spawn(move || passthrough(&cfg, &inputs, &output, &stop))
     };
-    let rate = progress.measure(messages as i64, timeout, || {
+    let watched = Watched {
+        process: std::process::id(),
+        broker,
+    };
+    let rate = progress.measure(messages as i64, timeout, watched, || {
         if worker.is_finished() {
             bail!("passthrough stopped early");
         }
@@ -228,9 +306,9 @@ fn measure_passthrough(
     worker
         .join()
         .map_err(|_| anyhow::anyhow!("passthrough panicked"))??;
-    let rate = rate?;
-    eprintln!("bench: passthrough {round} {rate:.0} msg/s");
-    Ok(rate)
+    let (rate, cpu) = rate?;
+    eprintln!("bench: passthrough {round} {rate:.0} msg/s; CPU per message: client {cpu}");
+    Ok((rate, cpu))
 }
 
 /// Reads every input message and writes the same key and bytes to `output`, in transactions of
@@ -546,20 +624,26 @@ fn kstreams(
         .args(&topics.inputs);
     let mut streams = Service::spawn(cmd, &dir.join("kstreams.log"))?;
     let progress = Progress::new(&args.brokers, &app, &topics.inputs, args.partitions)?;
-    let rate = progress.measure(
+    let watched = Watched {
+        process: streams.child.id(),
+        broker: args.broker_pid,
+    };
+    let (rate, cpu) = progress.measure(
         messages as i64,
         Duration::from_secs(args.timeout_secs),
+        watched,
         || streams.check(),
     )?;
     let (peak_rss_mib, cpu_secs) = streams.usage();
     streams.stop()?;
-    eprintln!("bench: Kafka Streams {rate:.0} msg/s");
+    eprintln!("bench: Kafka Streams {rate:.0} msg/s; CPU per message: {cpu}");
     Ok(Baseline {
         msgs_per_sec: rate,
         pipeline_multiple: pipeline_rate / rate,
         passthrough_ratio: rate / passthrough_rate,
         cpu_secs,
         peak_rss_mib,
+        cpu,
     })
 }
 
@@ -614,7 +698,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let timeout = Duration::from_secs(args.timeout_secs);
 
     // (a) passthrough
-    let pass_before = measure_passthrough(&cfg, &topics, (messages, args.partitions, timeout), 1)?;
+    let phase = (messages, args.partitions, timeout);
+    let (pass_before, pass_before_cpu) =
+        measure_passthrough(&cfg, &topics, phase, (1, args.broker_pid))?;
 
     // (b) pipeline
     let config_path = dir.join("stitcher.toml");
@@ -626,8 +712,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         &topics.inputs,
         args.partitions,
     )?;
-    let pipe_rate = progress.measure(messages as i64, timeout, || service.check())?;
-    eprintln!("bench: pipeline {pipe_rate:.0} msg/s");
+    let watched = Watched {
+        process: service.child.id(),
+        broker: args.broker_pid,
+    };
+    let (pipe_rate, pipe_cpu) =
+        progress.measure(messages as i64, timeout, watched, || service.check())?;
+    eprintln!("bench: pipeline {pipe_rate:.0} msg/s; CPU per message: service {pipe_cpu}");
     let changelog_topic = cfg.changelog_topic();
     let changelog = (0..cfg.scaleout.shards as i32)
         .map(|p| {
@@ -658,7 +749,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         bail!("no profile update seen for {live_sent} live events");
     }
     // (d) passthrough again, the machine as the pipeline left it
-    let pass_after = measure_passthrough(&cfg, &topics, (messages, args.partitions, timeout), 2)?;
+    let (pass_after, pass_after_cpu) =
+        measure_passthrough(&cfg, &topics, phase, (2, args.broker_pid))?;
     let pass_rate = (pass_before + pass_after) / 2.0;
     let report = BenchReport {
         messages,
@@ -666,7 +758,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         partitions: args.partitions,
         passthrough_msgs_per_sec: pass_rate,
         passthrough_runs: [pass_before, pass_after],
+        passthrough_cpu: [pass_before_cpu, pass_after_cpu],
         pipeline_msgs_per_sec: pipe_rate,
+        pipeline_cpu: pipe_cpu,
         ratio: pipe_rate / pass_rate,
         latency_rate_msgs_per_sec: live_rate,
         latency_samples: latencies.len(),
@@ -707,11 +801,15 @@ impl std::fmt::Display for BenchReport {
             "  passthrough (same bytes, same client settings, transactions): {:>9.0} msg/s (before the pipeline {before:.0}, after it {after:.0})",
             self.passthrough_msgs_per_sec
         )?;
+        for (when, cpu) in ["before", "after"].iter().zip(&self.passthrough_cpu) {
+            writeln!(f, "    CPU per message, {when}: client {cpu}")?;
+        }
         writeln!(
             f,
             "  pipeline:                                                     {:>9.0} msg/s",
             self.pipeline_msgs_per_sec
         )?;
+        writeln!(f, "    CPU per message: service {}", self.pipeline_cpu)?;
         writeln!(
             f,
             "  pipeline / passthrough: {:.2} ({:.2} and {:.2} against each)",
@@ -744,11 +842,51 @@ impl std::fmt::Display for BenchReport {
                 "  Kafka Streams baseline (exactly_once_v2, same input):          {:>9.0} msg/s; pipeline = {:.2}x; it / passthrough {:.2}; its CPU {:.1} s, peak RSS {:.0} MiB",
                 k.msgs_per_sec, k.pipeline_multiple, k.passthrough_ratio, k.cpu_secs, k.peak_rss_mib
             )?;
+            writeln!(f, "    CPU per message: Kafka Streams {}", k.cpu)?;
         }
         writeln!(f, "quality of the throughput run against its ground truth:")?;
         for line in self.quality.to_string().lines() {
             writeln!(f, "  {line}")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_is_per_message_committed_and_per_second_of_the_window() {
+        // 1.5 s of the process and 0.25 s of the broker for 50,000 messages over 2 s.
+        let spent = Watched::spent((10.0, Some(4.0)), (11.5, Some(4.25)), 50_000, 2.0);
+        assert!((spent.process.us_per_message - 30.0).abs() < 1e-9);
+        assert!((spent.process.cores - 0.75).abs() < 1e-9);
+        let broker = spent.broker.expect("the broker was watched");
+        assert!((broker.us_per_message - 5.0).abs() < 1e-9);
+        assert!((broker.cores - 0.125).abs() < 1e-9);
+        assert_eq!(
+            spent.to_string(),
+            "30.0 µs (0.75 of a core); broker 5.0 µs (0.12 of a core)"
+        );
+        let alone = Watched::spent((1.0, None), (1.5, None), 10_000, 1.0);
+        assert!(alone.broker.is_none());
+        assert_eq!(alone.to_string(), "50.0 µs (0.50 of a core)");
+    }
+
+    #[test]
+    fn this_process_cpu_is_read_from_proc() {
+        // Spins until the kernel's count moves by 50 ms (a busy machine may give this thread little).
+        let before = cpu_secs(std::process::id());
+        let t = Instant::now();
+        let mut x = 0u64;
+        while cpu_secs(std::process::id()) - before < 0.05 && t.elapsed() < Duration::from_secs(20)
+        {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+            }
+        }
+        let after = cpu_secs(std::process::id());
+        assert!(after - before >= 0.05, "{before} -> {after}");
     }
 }

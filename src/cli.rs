@@ -262,6 +262,11 @@ pub struct BenchArgs {
     /// partition: compare with `--partitions 1`.
     #[arg(long)]
     pub kstreams: Option<PathBuf>,
+    /// The process id of the broker, when it runs on this machine (deploy/local-kafka's: `pgrep -f
+    /// kafka.Kafka`): its CPU per message is reported for every phase too, which says whether a phase was
+    /// bound by the broker, by its client or by neither (waiting on commits).
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
 }
 
 #[derive(Debug, Args)]
