@@ -98,10 +98,13 @@ pub struct CpuUse {
 
 /// A phase's CPU: the process doing the phase's work (the passthrough's client, the service, the
 /// baseline) and, when its pid is given, the broker.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct PhaseCpu {
     pub process: CpuUse,
     pub broker: Option<CpuUse>,
+    /// The process's share of a core by kind of thread, largest first: which thread bounds it (a thread
+    /// that ended within the window is not counted).
+    pub threads: Vec<(String, f64)>,
 }
 
 impl std::fmt::Display for PhaseCpu {
@@ -111,6 +114,16 @@ impl std::fmt::Display for PhaseCpu {
             cores,
         } = self.process;
         write!(f, "{us_per_message:.1} µs ({cores:.2} of a core)")?;
+        let busiest: Vec<String> = self
+            .threads
+            .iter()
+            .filter(|(_, c)| *c >= 0.01)
+            .take(5)
+            .map(|(k, c)| format!("{k} {c:.2}"))
+            .collect();
+        if !busiest.is_empty() {
+            write!(f, " [{}]", busiest.join(", "))?;
+        }
         if let Some(b) = self.broker {
             write!(
                 f,
@@ -129,27 +142,77 @@ struct Watched {
     broker: Option<u32>,
 }
 
+/// CPU seconds so far: of the process, of each of its threads (by thread id: its kind and seconds),
+/// and of the broker.
+#[derive(Clone, Default)]
+struct Reading {
+    process: f64,
+    threads: HashMap<u32, (String, f64)>,
+    broker: Option<f64>,
+}
+
 impl Watched {
-    fn cpu(&self) -> (f64, Option<f64>) {
-        (cpu_secs(self.process), self.broker.map(cpu_secs))
+    fn cpu(&self) -> Reading {
+        Reading {
+            process: cpu_secs(self.process),
+            threads: thread_cpu(self.process),
+            broker: self.broker.map(cpu_secs),
+        }
     }
 
     /// The CPU spent between two readings of [`Watched::cpu`], over `messages` in `secs`.
-    fn spent(
-        before: (f64, Option<f64>),
-        after: (f64, Option<f64>),
-        messages: i64,
-        secs: f64,
-    ) -> PhaseCpu {
+    fn spent(before: &Reading, after: &Reading, messages: i64, secs: f64) -> PhaseCpu {
         let used = |b: f64, a: f64| CpuUse {
             us_per_message: (a - b) * 1e6 / messages.max(1) as f64,
             cores: (a - b) / secs,
         };
+        let mut kinds: HashMap<&str, f64> = HashMap::new();
+        for (tid, (kind, a)) in &after.threads {
+            let b = before.threads.get(tid).map_or(0.0, |(_, b)| *b);
+            *kinds.entry(kind.as_str()).or_default() += (a - b) / secs;
+        }
+        let mut threads: Vec<(String, f64)> =
+            kinds.into_iter().map(|(k, c)| (k.to_string(), c)).collect();
+        threads.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         PhaseCpu {
-            process: used(before.0, after.0),
-            broker: before.1.zip(after.1).map(|(b, a)| used(b, a)),
+            process: used(before.process, after.process),
+            broker: before.broker.zip(after.broker).map(|(b, a)| used(b, a)),
+            threads,
         }
     }
+}
+
+/// The kind of a thread, from its name: the service's own threads by role, librdkafka's and RocksDB's
+/// together, any other by its name (a JVM's, say).
+fn thread_kind(name: &str) -> String {
+    match name {
+        "tokio-rt-worker" | "tokio-runtime-w" => "worker",
+        "stitcher-commit" => "commit",
+        "stitcher-decode" => "decode",
+        "stitcher-txn" => "transactional calls",
+        n if n.starts_with("rdk:") || n == "producer_pollin" || n == "admin_client_po" => {
+            "librdkafka"
+        }
+        n if n.starts_with("rocksdb:") => "rocksdb",
+        n => n,
+    }
+    .to_string()
+}
+
+/// CPU seconds of each thread of a process, with its kind; empty if unreadable.
+fn thread_cpu(pid: u32) -> HashMap<u32, (String, f64)> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return HashMap::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| {
+            let tid: u32 = t.file_name().to_str()?.parse().ok()?;
+            let name = std::fs::read_to_string(t.path().join("comm")).ok()?;
+            let secs = stat_cpu_secs(&std::fs::read_to_string(t.path().join("stat")).ok()?)?;
+            Some((tid, (thread_kind(name.trim_end()), secs)))
+        })
+        .collect()
 }
 
 struct Topics {
@@ -233,7 +296,7 @@ impl Progress {
         mut alive: impl FnMut() -> anyhow::Result<()>,
     ) -> anyhow::Result<(f64, PhaseCpu)> {
         let started = Instant::now();
-        let mut first: Option<(Instant, i64, (f64, Option<f64>))> = None;
+        let mut first: Option<(Instant, i64, Reading)> = None;
         let mut unreadable = None;
         let mut last = 0;
         loop {
@@ -245,7 +308,8 @@ impl Progress {
             match committed {
                 Ok(c) if c > 0 => {
                     last = c;
-                    let (t0, c0, cpu0) = *first.get_or_insert((now, c, cpu));
+                    let (t0, c0, cpu0) = first.get_or_insert((now, c, cpu.clone()));
+                    let (t0, c0) = (*t0, *c0);
                     if c >= total {
                         if c0 > total / 2 {
                             bail!(
@@ -255,7 +319,7 @@ impl Progress {
                             );
                         }
                         let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
-                        let spent = Watched::spent(cpu0, cpu, c - c0, secs);
+                        let spent = Watched::spent(cpu0, &cpu, c - c0, secs);
                         return Ok(((c - c0) as f64 / secs, spent));
                     }
                 }
@@ -393,15 +457,18 @@ pub fn proc_status(pid: u32, field: &str) -> f64 {
 
 /// User + system CPU seconds of a process.
 fn cpu_secs(pid: u32) -> f64 {
-    let ticks = 100.0; // USER_HZ on Linux
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| {
-            let after = s.rsplit_once(')')?.1;
-            let f: Vec<&str> = after.split_whitespace().collect();
-            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
-        })
+        .and_then(|s| stat_cpu_secs(&s))
         .unwrap_or(0.0)
+}
+
+/// User + system CPU seconds from a `/proc/.../stat` line.
+fn stat_cpu_secs(stat: &str) -> Option<f64> {
+    let ticks = 100.0; // USER_HZ on Linux
+    let after = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
 }
 
 struct Service {
@@ -859,7 +926,21 @@ mod tests {
     #[test]
     fn cpu_is_per_message_committed_and_per_second_of_the_window() {
         // 1.5 s of the process and 0.25 s of the broker for 50,000 messages over 2 s.
-        let spent = Watched::spent((10.0, Some(4.0)), (11.5, Some(4.25)), 50_000, 2.0);
+        let reading = |process, commit, worker: Option<f64>, broker| Reading {
+            process,
+            threads: [(7, ("commit".to_string(), commit))]
+                .into_iter()
+                .chain(worker.map(|w| (8, ("worker".to_string(), w))))
+                .collect(),
+            broker,
+        };
+        // A worker thread born within the window counts from zero.
+        let spent = Watched::spent(
+            &reading(10.0, 3.0, None, Some(4.0)),
+            &reading(11.5, 3.2, Some(1.2), Some(4.25)),
+            50_000,
+            2.0,
+        );
         assert!((spent.process.us_per_message - 30.0).abs() < 1e-9);
         assert!((spent.process.cores - 0.75).abs() < 1e-9);
         let broker = spent.broker.expect("the broker was watched");
@@ -867,9 +948,14 @@ mod tests {
         assert!((broker.cores - 0.125).abs() < 1e-9);
         assert_eq!(
             spent.to_string(),
-            "30.0 µs (0.75 of a core); broker 5.0 µs (0.12 of a core)"
+            "30.0 µs (0.75 of a core) [worker 0.60, commit 0.10]; broker 5.0 µs (0.12 of a core)"
         );
-        let alone = Watched::spent((1.0, None), (1.5, None), 10_000, 1.0);
+        let alone = Watched::spent(
+            &reading(1.0, 0.0, None, None),
+            &reading(1.5, 0.0, None, None),
+            10_000,
+            1.0,
+        );
         assert!(alone.broker.is_none());
         assert_eq!(alone.to_string(), "50.0 µs (0.50 of a core)");
     }
@@ -888,5 +974,16 @@ mod tests {
         }
         let after = cpu_secs(std::process::id());
         assert!(after - before >= 0.05, "{before} -> {after}");
+        // This test's own thread is among the process's threads, and spent some of it.
+        let threads = thread_cpu(std::process::id());
+        assert!(threads.values().any(|(_, secs)| *secs > 0.0), "{threads:?}");
+    }
+
+    #[test]
+    fn threads_are_grouped_by_role() {
+        assert_eq!(thread_kind("stitcher-commit"), "commit");
+        assert_eq!(thread_kind("rdk:broker1"), "librdkafka");
+        assert_eq!(thread_kind("rocksdb:high"), "rocksdb");
+        assert_eq!(thread_kind("C2 CompilerThre"), "C2 CompilerThre");
     }
 }

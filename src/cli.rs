@@ -259,7 +259,8 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
     /// Also run the Kafka Streams baseline built in this directory (`benches/kstreams`, built with
     /// `mvn -f benches/kstreams/pom.xml package`) on the same input, after the pipeline. It stitches per
-    /// partition: compare with `--partitions 1`.
+    /// partition: compare with `--partitions 1`. Its JVM compiles for its first seconds (the report shows
+    /// the compiler threads' share): compare on `--persons 48000` or more.
     #[arg(long)]
     pub kstreams: Option<PathBuf>,
     /// The process id of the broker, when it runs on this machine (deploy/local-kafka's: `pgrep -f
