@@ -144,7 +144,6 @@ struct Watched {
 
 /// CPU seconds so far: of the process, of each of its threads (by thread id: its kind and seconds),
 /// and of the broker.
-#[derive(Clone, Default)]
 struct Reading {
     process: f64,
     threads: HashMap<u32, (String, f64)>,
@@ -304,11 +303,12 @@ impl Progress {
             let asked = Instant::now();
             let committed = self.committed();
             let now = asked + asked.elapsed() / 2;
-            let cpu = watched.cpu();
             match committed {
                 Ok(c) if c > 0 => {
                     last = c;
-                    let (t0, c0, cpu0) = first.get_or_insert((now, c, cpu.clone()));
+                    // CPU is read at the window's two ends only: the passthrough's client is this
+                    // process, whose reads of `/proc` would count in its figure.
+                    let (t0, c0, cpu0) = first.get_or_insert_with(|| (now, c, watched.cpu()));
                     let (t0, c0) = (*t0, *c0);
                     if c >= total {
                         if c0 > total / 2 {
@@ -319,7 +319,7 @@ impl Progress {
                             );
                         }
                         let secs = now.duration_since(t0).as_secs_f64().max(1e-3);
-                        let spent = Watched::spent(cpu0, &cpu, c - c0, secs);
+                        let spent = Watched::spent(cpu0, &watched.cpu(), c - c0, secs);
                         return Ok(((c - c0) as f64 / secs, spent));
                     }
                 }

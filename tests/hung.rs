@@ -46,12 +46,13 @@ fn hang_after(name: &str, call: &str, n: usize, seed: u64) {
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
 
     let out = s.output();
+    let verdict = verdict(&out, &j);
     let Verdict {
         duplicates,
-        got,
-        want,
+        ref got,
+        ref want,
         lost,
-    } = verdict(&out, &j);
+    } = verdict;
     let log = s.log();
     println!(
         "hung {call} #{n}: {hung}; /healthz {live}; {} events, {duplicates} duplicate output records, {lost} \
@@ -71,9 +72,7 @@ fn hang_after(name: &str, call: &str, n: usize, seed: u64) {
         live, 200,
         "one producer left behind is no reason to restart"
     );
-    assert_eq!(duplicates, 0);
-    assert_eq!(lost, 0);
-    assert!(got == want, "{}", diff(&got, &want));
+    verdict.assert_exactly_once();
 }
 
 /// The transaction committed, but the caller never heard: its batch must not be applied twice, and its

@@ -764,6 +764,16 @@ pub struct Verdict {
     pub lost: i64,
 }
 
+impl Verdict {
+    /// Exactly once: no committed update repeated, no input event missing or counted twice, and the live
+    /// profiles are the persons.
+    pub fn assert_exactly_once(&self) {
+        assert_eq!(self.duplicates, 0, "committed output records repeated");
+        assert_eq!(self.lost, 0, "events missing from the profiles");
+        assert!(self.got == self.want, "{}", diff(&self.got, &self.want));
+    }
+}
+
 pub fn verdict(out: &Output, j: &stitcher::journeys::Journeys) -> Verdict {
     let got = live_summaries(&out.view);
     let applied: u64 = got.iter().map(|s| s.events).sum();
