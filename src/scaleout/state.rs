@@ -40,8 +40,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::ShardId;
-use crate::model::{Identifier, NodeId, ProfileId};
-use crate::profile::{Profile, ProfileHead, Seal};
+use crate::model::{Event, Identifier, NodeId, ProfileId};
+use crate::profile::{Enrichment, Profile, ProfileHead, Seal};
 use crate::stitch::graph::add_evidence;
 use crate::stitch::{Evidence, GraphStore};
 use crate::store::{decode_value, encode_value, identifier_key, Store, StoreError, CF_SHARDS};
@@ -1089,17 +1089,17 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
         let r = self.view.set_profile(PART, &identifier_key(id), Some(part));
         self.keep(r);
     }
-    fn join_part(&mut self, id: &Identifier, more: Profile) {
+    fn add_to_part(&mut self, id: &Identifier, ev: &Event, cfg: &Enrichment) {
         let rest = identifier_key(id);
         let r = self.view.take_profile(PART, &rest).and_then(|p| {
-            let joined = match p {
+            let part = match p {
                 Some(mut p) => {
-                    p.absorb(more);
+                    p.apply(ev, &[], cfg);
                     p
                 }
-                None => more,
+                None => Profile::part_of(ev, cfg),
             };
-            self.view.set_profile(PART, &rest, Some(joined))
+            self.view.set_profile(PART, &rest, Some(part))
         });
         self.keep(r);
     }

@@ -55,8 +55,9 @@ pub trait GraphStore {
     /// Takes the part of an identifier out; give it back with `put_part`.
     fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, Self::Error>;
     fn put_part(&mut self, id: &Identifier, part: Profile);
-    /// Joins more into the part of an identifier (a blind write: parts join like profiles).
-    fn join_part(&mut self, id: &Identifier, more: Profile);
+    /// Adds one event to the part of an identifier: applied to it in place, which is joining the event's
+    /// own part into it (`Profile::part_of`; parts join like profiles).
+    fn add_to_part(&mut self, id: &Identifier, ev: &Event, cfg: &Enrichment);
     fn delete_part(&mut self, id: &Identifier);
 }
 
@@ -435,7 +436,7 @@ impl Stitcher {
         ev: &Event,
     ) -> Result<(), S::Error> {
         if let Some(anchor) = linked.first() {
-            store.join_part(anchor, Profile::part_of(ev, &self.enrichment));
+            store.add_to_part(anchor, ev, &self.enrichment);
         }
         Ok(())
     }

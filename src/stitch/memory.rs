@@ -3,8 +3,8 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::model::{Identifier, NodeId, ProfileId};
-use crate::profile::{Profile, Seal};
+use crate::model::{Event, Identifier, NodeId, ProfileId};
+use crate::profile::{Enrichment, Profile, Seal};
 
 use super::evidence::Evidence;
 use super::graph::{add_evidence, GraphStore};
@@ -114,11 +114,11 @@ impl GraphStore for MemStore {
     fn put_part(&mut self, id: &Identifier, part: Profile) {
         self.parts.insert(id.clone(), part);
     }
-    fn join_part(&mut self, id: &Identifier, more: Profile) {
+    fn add_to_part(&mut self, id: &Identifier, ev: &Event, cfg: &Enrichment) {
         match self.parts.get_mut(id) {
-            Some(p) => p.absorb(more),
+            Some(p) => p.apply(ev, &[], cfg),
             None => {
-                self.parts.insert(id.clone(), more);
+                self.parts.insert(id.clone(), Profile::part_of(ev, cfg));
             }
         }
     }
