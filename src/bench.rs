@@ -14,7 +14,7 @@
 //! Both rates are measured the same way, from the group's committed offsets: messages committed between
 //! the first commit and the last, over that time, so start-up (group join, RocksDB open) counts for neither.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -34,10 +34,12 @@ use crate::codec::{AvroCodec, ProfileUpdate};
 use crate::config::{Config, Format, InputConfig};
 use crate::generate::{self, Routes};
 use crate::journeys::{self, Generated, JourneyConfig};
+use crate::kafka::reader::for_each_committed;
 use crate::kafka::{consumer_config, producer_config, StitchContext};
 use crate::metrics::Metrics;
 use crate::model::now_millis;
 use crate::quality::{self, QualityReport};
+use crate::scaleout::state::record_kind;
 
 /// What one run measured; printed and optionally written as JSON.
 #[derive(Debug, Serialize)]
@@ -66,11 +68,64 @@ pub struct BenchReport {
     /// Offsets of the state's changelog (its records and the transactions' commit markers) per input
     /// message, after the throughput phase.
     pub changelog_offsets_per_message: f64,
+    /// The changelog's records after the throughput phase by kind, most value bytes first: which state
+    /// records an input message costs.
+    pub changelog_kinds: Vec<RecordKind>,
     /// The Kafka Streams baseline on the same input, when asked for.
     pub kstreams: Option<Baseline>,
     pub total_secs: f64,
     /// Stitching quality of the throughput run against its ground truth.
     pub quality: QualityReport,
+}
+
+/// One kind of the state changelog's records (by their keys' kind byte), counted from its beginning.
+#[derive(Debug, Default, Clone, PartialEq, Serialize)]
+pub struct RecordKind {
+    pub kind: &'static str,
+    pub records: u64,
+    /// Tombstones among `records`.
+    pub deletions: u64,
+    /// The values' bytes, as produced (before compression).
+    pub value_bytes: u64,
+}
+
+/// Changelog records counted by kind as they are read.
+#[derive(Default)]
+struct KindTally(BTreeMap<&'static str, RecordKind>);
+
+impl KindTally {
+    /// Counts a record: its key, and its value's length (`None` for a tombstone).
+    fn add(&mut self, key: &[u8], value_len: Option<usize>) {
+        let kind = record_kind(key);
+        let k = self.0.entry(kind).or_insert_with(|| RecordKind {
+            kind,
+            ..Default::default()
+        });
+        k.records += 1;
+        match value_len {
+            Some(n) => k.value_bytes += n as u64,
+            None => k.deletions += 1,
+        }
+    }
+
+    /// The kinds, most value bytes first.
+    fn into_kinds(self) -> Vec<RecordKind> {
+        let mut kinds: Vec<RecordKind> = self.0.into_values().collect();
+        kinds.sort_by_key(|k| std::cmp::Reverse((k.value_bytes, k.records)));
+        kinds
+    }
+}
+
+/// The state changelog's records by kind, read committed from the beginning of every shard's partition.
+fn changelog_kinds(cfg: &Config, timeout: Duration) -> anyhow::Result<Vec<RecordKind>> {
+    let mut tally = KindTally::default();
+    for_each_committed(
+        crate::kafka::base_config(cfg),
+        &cfg.changelog_topic(),
+        timeout,
+        |m| tally.add(m.key().unwrap_or_default(), m.payload().map(<[u8]>::len)),
+    )?;
+    Ok(tally.into_kinds())
 }
 
 /// A baseline application's figures, measured like the pipeline's.
@@ -793,6 +848,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 .map(|(_, high)| high)
         })
         .sum::<Result<i64, _>>()?;
+    let changelog_kinds = changelog_kinds(&cfg, timeout)?;
     let quality = quality::evaluate(
         &j.truth,
         &quality::mapping_from_topic(crate::kafka::base_config(&cfg), &topics.output, timeout)?,
@@ -837,6 +893,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         service_peak_rss_mib: rss,
         service_cpu_secs: cpu,
         changelog_offsets_per_message: changelog as f64 / messages as f64,
+        changelog_kinds,
         kstreams: match &args.kstreams {
             Some(build) => Some(kstreams(
                 args,
@@ -903,6 +960,25 @@ impl std::fmt::Display for BenchReport {
             "  state changelog after the throughput phase: {:.2} offsets (records and commit markers) per input message",
             self.changelog_offsets_per_message
         )?;
+        let per_message = |n: u64| n as f64 / self.messages as f64;
+        let kinds: Vec<String> = self
+            .changelog_kinds
+            .iter()
+            .map(|k| {
+                format!(
+                    "{} {:.2} ({:.2}; {:.0} B)",
+                    k.kind,
+                    per_message(k.records),
+                    per_message(k.deletions),
+                    k.value_bytes as f64 / (k.records - k.deletions).max(1) as f64
+                )
+            })
+            .collect();
+        writeln!(
+            f,
+            "    its records per input message by kind, most bytes first (deletions among them; mean value): {}",
+            kinds.join(", ")
+        )?;
         if let Some(k) = &self.kstreams {
             writeln!(
                 f,
@@ -922,6 +998,34 @@ impl std::fmt::Display for BenchReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn changelog_records_are_tallied_by_the_kind_byte_of_their_keys() {
+        let key = |kind: u8, rest: &[u8]| [&7u32.to_be_bytes()[..], &[kind], rest].concat();
+        let mut tally = KindTally::default();
+        tally.add(&key(b'P', &1u64.to_be_bytes()), Some(400));
+        tally.add(&key(b'P', &2u64.to_be_bytes()), None);
+        tally.add(&key(b't', b"email\0a@b.io"), Some(300));
+        tally.add(&key(b't', b"email\0c@d.io"), Some(200));
+        tally.add(&key(b'l', b"email\0a@b.io"), Some(90));
+        tally.add(b"", Some(3));
+        let kinds = tally.into_kinds();
+        let row = |kind, records, deletions, value_bytes| RecordKind {
+            kind,
+            records,
+            deletions,
+            value_bytes,
+        };
+        assert_eq!(
+            kinds,
+            vec![
+                row("part", 2, 0, 500),
+                row("profile", 2, 1, 400),
+                row("links", 1, 0, 90),
+                row("record", 1, 0, 3),
+            ]
+        );
+    }
 
     #[test]
     fn cpu_is_per_message_committed_and_per_second_of_the_window() {

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 #[derive(Debug, thiserror::Error)]
@@ -84,10 +84,42 @@ pub(crate) fn outside_consumer(
 
 /// [`read_committed`] with the client settings of `base` (brokers and security).
 pub fn read_committed_with(
-    mut base: ClientConfig,
+    base: ClientConfig,
     topic: &str,
     timeout: Duration,
 ) -> Result<Vec<Record>, ReadError> {
+    let mut out = Vec::new();
+    for_each_committed(base, topic, timeout, |m| {
+        let headers = m
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|x| {
+                        let value = String::from_utf8_lossy(x.value.unwrap_or_default());
+                        (x.key.to_string(), value.into_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        out.push(Record {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers,
+        });
+    })?;
+    Ok(out)
+}
+
+/// Calls `f` with every committed record of `topic` as the consumer holds it (nothing copied), in order
+/// within each partition, from the beginning to the end offsets of the moment.
+pub fn for_each_committed(
+    mut base: ClientConfig,
+    topic: &str,
+    timeout: Duration,
+    mut f: impl FnMut(&BorrowedMessage<'_>),
+) -> Result<(), ReadError> {
     let consumer = outside_consumer(base.set("enable.partition.eof", "true"), "reader")?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let partitions: Vec<i32> = md
@@ -104,7 +136,6 @@ pub fn read_committed_with(
     }
     consumer.assign(&tpl)?;
     let mut at_eof = BTreeSet::new();
-    let mut out = Vec::new();
     let deadline = Instant::now() + timeout;
     while at_eof.len() < partitions.len() {
         if Instant::now() >= deadline {
@@ -118,26 +149,9 @@ pub fn read_committed_with(
             Some(Err(e)) => return Err(e.into()),
             Some(Ok(m)) => {
                 at_eof.remove(&m.partition());
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|x| {
-                                let value = String::from_utf8_lossy(x.value.unwrap_or_default());
-                                (x.key.to_string(), value.into_owned())
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push(Record {
-                    partition: m.partition(),
-                    offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().map(<[u8]>::to_vec),
-                    headers,
-                });
+                f(&m);
             }
         }
     }
-    Ok(out)
+    Ok(())
 }

@@ -156,7 +156,7 @@ fn decode_record<T: DeserializeOwned, K: KvRead + ?Sized>(
     kv: &K,
     key: &[u8],
 ) -> Result<Option<T>, StoreError> {
-    let kind = key.get(4).copied().map_or("record", kind_name);
+    let kind = record_kind(key);
     kv.read_with(key, |v| {
         v.map(|v| decode_value(v, CF_SHARDS, kind)).transpose()
     })?
@@ -732,6 +732,14 @@ impl<K: KvRead + ?Sized> crate::inspect::GraphRead for ShardRead<'_, K> {
     }
 }
 
+/// What a state record is, by its key: named in errors, and in the bench's tally of the changelog.
+pub fn record_kind(key: &[u8]) -> &'static str {
+    match key.get(4).copied() {
+        Some(kind) => kind_name(kind),
+        None => "record",
+    }
+}
+
 fn kind_name(kind: u8) -> &'static str {
     match kind {
         NODE => "node",
@@ -739,7 +747,8 @@ fn kind_name(kind: u8) -> &'static str {
         LINKS => "links",
         PART => "part",
         INDEX => "profile index",
-        REDIRECT | REDIRECTED_FROM => "redirect",
+        REDIRECT => "redirect",
+        REDIRECTED_FROM => "ids redirecting here",
         NEXT_NODE => "next node",
         DIR => "directory entry",
         GEN => "placement count",
@@ -748,6 +757,8 @@ fn kind_name(kind: u8) -> &'static str {
         WAITING => "events waiting on an identifier",
         PARKED | PARKED_BEHIND => "parked messages",
         SUPPRESSED => "suppression",
+        SEEN | SEEN_LEGACY => "event id",
+        SEEN_BATCH => "event ids of a batch",
         _ => "record",
     }
 }
