@@ -336,10 +336,11 @@ impl Profile {
         p
     }
 
-    /// What one event contributes, without identifiers: the unit that splits carry (see `parts` in
-    /// src/store/mod.rs).
-    pub fn part_of(event: &Event, cfg: &Enrichment) -> Self {
-        let mut p = Self::empty();
+    /// An identifier's part (a profile without identifiers: the unit that splits carry, docs/DESIGN.md
+    /// "Evidence and parts") with one more event: `part`, or a new one, with the event applied in place,
+    /// which is joining the event's own part into it (parts join like profiles).
+    pub fn part_with(part: Option<Self>, event: &Event, cfg: &Enrichment) -> Self {
+        let mut p = part.unwrap_or_else(Self::empty);
         p.apply(event, &[], cfg);
         p
     }

@@ -1103,13 +1103,7 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
     fn add_to_part(&mut self, id: &Identifier, ev: &Event, cfg: &Enrichment) {
         let rest = identifier_key(id);
         let r = self.view.take_profile(PART, &rest).and_then(|p| {
-            let part = match p {
-                Some(mut p) => {
-                    p.apply(ev, &[], cfg);
-                    p
-                }
-                None => Profile::part_of(ev, cfg),
-            };
+            let part = Profile::part_with(p, ev, cfg);
             self.view.set_profile(PART, &rest, Some(part))
         });
         self.keep(r);

@@ -55,8 +55,7 @@ pub trait GraphStore {
     /// Takes the part of an identifier out; give it back with `put_part`.
     fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, Self::Error>;
     fn put_part(&mut self, id: &Identifier, part: Profile);
-    /// Adds one event to the part of an identifier: applied to it in place, which is joining the event's
-    /// own part into it (`Profile::part_of`; parts join like profiles).
+    /// Adds one event to the part of an identifier (`Profile::part_with`).
     fn add_to_part(&mut self, id: &Identifier, ev: &Event, cfg: &Enrichment);
     fn delete_part(&mut self, id: &Identifier);
 }

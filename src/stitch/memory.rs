@@ -115,12 +115,8 @@ impl GraphStore for MemStore {
         self.parts.insert(id.clone(), part);
     }
     fn add_to_part(&mut self, id: &Identifier, ev: &Event, cfg: &Enrichment) {
-        match self.parts.get_mut(id) {
-            Some(p) => p.apply(ev, &[], cfg),
-            None => {
-                self.parts.insert(id.clone(), Profile::part_of(ev, cfg));
-            }
-        }
+        let part = Profile::part_with(self.parts.remove(id), ev, cfg);
+        self.parts.insert(id.clone(), part);
     }
     fn delete_part(&mut self, id: &Identifier) {
         self.parts.remove(id);
