@@ -63,6 +63,9 @@ pub struct BenchReport {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
+    /// What the service, the broker, this bench (its sender and reader) and the whole machine spent
+    /// while the latency phase sent: whether the latencies were the service's or a full machine's.
+    pub latency_cpu: LatencyCpu,
     pub service_peak_rss_mib: f64,
     pub service_cpu_secs: f64,
     /// Offsets of the state's changelog (its records and the transactions' commit markers) per input
@@ -188,6 +191,48 @@ impl std::fmt::Display for PhaseCpu {
         }
         Ok(())
     }
+}
+
+/// The latency phase's CPU, over the messages it sent while it sent them.
+#[derive(Debug, Clone, Serialize)]
+pub struct LatencyCpu {
+    pub service: PhaseCpu,
+    /// This process, the phase's sender and reader, as a share of a core.
+    pub bench_cores: f64,
+    /// Cores idle on the machine, of `cores` (unknown where `/proc/stat` is not readable).
+    pub idle_cores: Option<f64>,
+    pub cores: usize,
+}
+
+impl std::fmt::Display for LatencyCpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "service {}; the bench's sender and reader {:.2} of a core",
+            self.service, self.bench_cores
+        )?;
+        if let Some(idle) = self.idle_cores {
+            write!(f, "; {idle:.2} of the machine's {} cores idle", self.cores)?;
+        }
+        Ok(())
+    }
+}
+
+/// Idle CPU seconds of the whole machine so far (idle and waiting on I/O, of every core), and how many
+/// cores it has; `None` where `/proc/stat` is not readable.
+fn machine_idle() -> Option<(f64, usize)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let total = stat.lines().next()?.strip_prefix("cpu ")?;
+    let f: Vec<f64> = total
+        .split_whitespace()
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let idle = (f.get(3)? + f.get(4)?) / 100.0; // USER_HZ
+    let cores = stat
+        .lines()
+        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
+        .count();
+    Some((idle, cores))
 }
 
 /// The processes whose CPU a phase reports: the one doing its work and the broker.
@@ -588,7 +633,8 @@ fn measure_latency(
     rate: u64,
     topics: &Topics,
     persons: usize,
-) -> anyhow::Result<(Vec<f64>, u64)> {
+    service: Watched,
+) -> anyhow::Result<(Vec<f64>, u64, LatencyCpu)> {
     let reader: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", format!("{}-latency", topics.output))
@@ -631,7 +677,25 @@ fn measure_latency(
             seen
         })
     };
+    let (before, bench, idle, started) = (
+        service.cpu(),
+        cpu_secs(std::process::id()),
+        machine_idle(),
+        Instant::now(),
+    );
     let sent = pace_events(args, rate, topics, persons);
+    let secs = started.elapsed().as_secs_f64().max(1e-3);
+    let messages = sent.as_ref().map_or(0, |(_, n)| *n as i64);
+    let (idle_cores, cores) = match (idle, machine_idle()) {
+        (Some((b, cores)), Some((a, _))) => (Some((a - b) / secs), cores),
+        _ => (None, 0),
+    };
+    let cpu = LatencyCpu {
+        service: Watched::spent(&before, &service.cpu(), messages, secs),
+        bench_cores: (cpu_secs(std::process::id()) - bench) / secs,
+        idle_cores,
+        cores,
+    };
     // Drain what is still in flight, whether or not sending failed.
     std::thread::sleep(Duration::from_secs(5));
     stop.store(true, Ordering::Relaxed);
@@ -643,7 +707,7 @@ fn measure_latency(
         .iter()
         .filter_map(|(id, at)| sent_at.get(id).map(|t| (at - t) as f64))
         .collect();
-    Ok((latencies, sent))
+    Ok((latencies, sent, cpu))
 }
 
 /// How far ahead of its schedule the latency phase's sender gets before it sleeps: it sends in bursts of
@@ -870,7 +934,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         .unwrap_or((pipe_rate / 2.0).round() as u64)
         .max(1);
     let live_persons = (live_rate * args.latency_secs / 15).max(10) as usize;
-    let (mut latencies, live_sent) = measure_latency(args, live_rate, &topics, live_persons)?;
+    let (mut latencies, live_sent, latency_cpu) =
+        measure_latency(args, live_rate, &topics, live_persons, watched)?;
     service.check()?;
     let (rss, cpu) = service.usage();
     let status = service.stop()?;
@@ -900,6 +965,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         latency_p50_ms: percentile(&latencies, 0.50),
         latency_p99_ms: percentile(&latencies, 0.99),
         latency_max_ms: percentile(&latencies, 1.0),
+        latency_cpu,
         service_peak_rss_mib: rss,
         service_cpu_secs: cpu,
         changelog_offsets_per_message: changelog as f64 / messages as f64,
@@ -960,6 +1026,7 @@ impl std::fmt::Display for BenchReport {
             self.latency_p99_ms,
             self.latency_max_ms
         )?;
+        writeln!(f, "    CPU per message while sending: {}", self.latency_cpu)?;
         writeln!(
             f,
             "  service peak RSS {:.0} MiB, CPU {:.1} s; whole run {:.0} s",
