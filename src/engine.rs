@@ -776,7 +776,7 @@ mod tests {
         tmp.store
             .scan_shards(&[], &[], usize::MAX, |k, v| {
                 state.push((k.to_vec(), v.to_vec()));
-                Ok(())
+                Ok(std::ops::ControlFlow::Continue(()))
             })
             .expect("scan");
         crate::model::STOPPED_CLOCK.with(|c| c.set(None));

@@ -33,6 +33,7 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
@@ -490,14 +491,18 @@ pub fn sweep_seen(
     overlay
         .store()
         .scan_shards(&batches, &batches, limit.max(1), |k, v| {
-            // In time order: past the first one not expired, none is.
-            let done = ids >= limit || batch_time(k).is_none_or(|t| t >= before);
+            // In time order: past the first one not expired, none is. Read no further: every record
+            // is kept for the retention (30 days by default), so a scan that went on to `limit` read
+            // thousands of whole batches' ids per batch once the service had run a while.
+            if ids >= limit || batch_time(k).is_none_or(|t| t >= before) {
+                return Ok(ControlFlow::Break(()));
+            }
             // A record written or deleted above the store since is not this one.
-            if !done && !overlay.shadows(k) {
+            if !overlay.shadows(k) {
                 ids += v.len() / ID_LEN;
                 expired.push((k.to_vec(), v.to_vec()));
             }
-            Ok(())
+            Ok(ControlFlow::Continue(()))
         })?;
     for (k, v) in expired {
         for id in v.chunks_exact(ID_LEN) {
@@ -535,7 +540,7 @@ fn sweep_legacy(
                 left += 1;
             }
             last = Some(k.to_vec());
-            Ok(())
+            Ok(ControlFlow::Continue(()))
         })?;
     if from.is_none() && scanned < limit && left == 0 {
         // A whole pass, and every record it found goes with this batch: nothing writes one any more.
@@ -638,7 +643,7 @@ pub fn for_each_profile(
                     reason: "a profile key without a node number".into(),
                 })?;
             f(*shard, node, decode_value(v, CF_SHARDS, "profile")?);
-            Ok(())
+            Ok(ControlFlow::Continue(()))
         })?;
     }
     Ok(())
@@ -1274,7 +1279,7 @@ mod tests {
         store
             .scan_shards(&[], &[], usize::MAX, |k, v| {
                 all.insert(k.to_vec(), v.to_vec());
-                Ok(())
+                Ok(ControlFlow::Continue(()))
             })
             .unwrap();
         all

@@ -12,6 +12,7 @@
 //! (`identifiers`, `profiles`, ...) and a `checkpoint` in `meta`: it is opened only to be recognised and
 //! refused ([`Store::has_former_state`]).
 
+use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -277,7 +278,7 @@ impl Store {
         let mut any = false;
         self.scan_shards(prefix, prefix, 1, |_, _| {
             any = true;
-            Ok(())
+            Ok(ControlFlow::Break(()))
         })?;
         if let Ok(mut p) = self.prefixes.lock() {
             p.insert(prefix.to_vec(), any);
@@ -300,29 +301,28 @@ impl Store {
     }
 
     /// Calls `f` with at most `limit` records of the sharded state whose key starts with `prefix`, from
-    /// the first key at or after `from`, in key order, from a consistent snapshot.
+    /// the first key at or after `from`, in key order, from a consistent snapshot, until `f` breaks. The
+    /// records are lent where the iterator holds them, not copied.
     pub(crate) fn scan_shards(
         &self,
         prefix: &[u8],
         from: &[u8],
         limit: usize,
-        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), StoreError>,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<ControlFlow<()>, StoreError>,
     ) -> Result<(), StoreError> {
         let snapshot = self.db.snapshot();
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_snapshot(&snapshot);
-        let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
-        for item in self
-            .db
-            .iterator_cf_opt(self.cf(CF_SHARDS)?, ro, mode)
-            .take(limit)
-        {
-            let (k, v) = item?;
-            if !k.starts_with(prefix) {
+        let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_SHARDS)?, ro);
+        it.seek(from);
+        for _ in 0..limit {
+            let Some((k, v)) = it.item() else { break };
+            if !k.starts_with(prefix) || f(k, v)?.is_break() {
                 break;
             }
-            f(&k, &v)?;
+            it.next();
         }
+        it.status()?;
         Ok(())
     }
 
@@ -585,6 +585,41 @@ mod tests {
         }
         let store = Store::open(&path, 8).unwrap();
         assert!(store.has_former_state().unwrap());
+    }
+
+    /// A scan reads from `from`, within `prefix`, at most `limit` records, and no further than the record
+    /// at which its caller breaks (the dedup sweep stops at the first batch of ids not expired).
+    #[test]
+    fn a_scan_stops_at_its_prefix_its_limit_or_where_its_caller_breaks() {
+        let t = TempStore::new().unwrap();
+        let keys: Vec<Vec<u8>> = (0u8..6)
+            .map(|i| vec![b'a', i])
+            .chain([b"b0".to_vec()])
+            .collect();
+        t.store
+            .write_shard_changes(keys.iter().map(|k| (k, Some(&b"v"[..]))), [])
+            .unwrap();
+        let scan = |from: &[u8], limit: usize, stop_at: Option<u8>| {
+            let mut seen = Vec::new();
+            t.store
+                .scan_shards(b"a", from, limit, |k, v| {
+                    assert_eq!(v, b"v");
+                    seen.push(k[1]);
+                    Ok(if Some(k[1]) == stop_at {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    })
+                })
+                .unwrap();
+            seen
+        };
+        assert_eq!(scan(b"a", usize::MAX, None), [0, 1, 2, 3, 4, 5]);
+        assert_eq!(scan(&[b'a', 2], usize::MAX, None), [2, 3, 4, 5]);
+        assert_eq!(scan(b"a", 3, None), [0, 1, 2]);
+        assert_eq!(scan(b"a", usize::MAX, Some(1)), [0, 1]);
+        assert!(t.store.has_prefix(b"b").unwrap());
+        assert!(!t.store.has_prefix(b"c").unwrap());
     }
 
     #[test]
