@@ -218,6 +218,9 @@ impl std::fmt::Display for LatencyCpu {
     }
 }
 
+/// Clock ticks per second in `/proc`'s CPU times (`USER_HZ`, 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
 /// Idle CPU seconds of the whole machine so far (idle and waiting on I/O, of every core), and how many
 /// cores it has; `None` where `/proc/stat` is not readable.
 fn machine_idle() -> Option<(f64, usize)> {
@@ -227,7 +230,7 @@ fn machine_idle() -> Option<(f64, usize)> {
         .split_whitespace()
         .filter_map(|x| x.parse().ok())
         .collect();
-    let idle = (f.get(3)? + f.get(4)?) / 100.0; // USER_HZ
+    let idle = (f.get(3)? + f.get(4)?) / USER_HZ;
     let cores = stat
         .lines()
         .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
@@ -565,10 +568,9 @@ fn cpu_secs(pid: u32) -> f64 {
 
 /// User + system CPU seconds from a `/proc/.../stat` line.
 fn stat_cpu_secs(stat: &str) -> Option<f64> {
-    let ticks = 100.0; // USER_HZ on Linux
     let after = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = after.split_whitespace().collect();
-    Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / ticks)
+    Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / USER_HZ)
 }
 
 struct Service {
