@@ -780,6 +780,9 @@ fn guardrails_shared_split_and_commands_on_three_instances_equal_one_instance() 
 /// before the input is sent.
 /// `SCALEOUT_BENCH=1 cargo test --release --features kafka-it --test scaleout -- --ignored --nocapture`;
 /// `SCALEOUT_PERSONS` and `SCALEOUT_BATCH` (most messages per batch, 2,000) change the run.
+/// `SCALEOUT_ROUNDS=N` runs the sharded phases N times, in turn forwards and backwards (1, 2, 3, then
+/// 3, 2, 1, ...), and prints the CPU of three instances against one for each round: this machine's speed
+/// drifts within minutes, so a ratio is only worth what its two sides measured next to each other.
 #[test]
 #[ignore]
 fn throughput_with_one_two_three_instances() {
@@ -815,7 +818,18 @@ fn throughput_with_one_two_three_instances() {
             sent as f64 / secs
         );
     }
-    for n in 1..=3usize {
+    let rounds = env_or("SCALEOUT_ROUNDS", 1usize).max(1);
+    // CPU seconds in the run, summed over the instances, per round and instance count.
+    let mut in_run_cpu: Vec<BTreeMap<usize, f64>> = vec![BTreeMap::new(); rounds];
+    let phases = (0..rounds).flat_map(|round| {
+        let counts: Vec<usize> = if round % 2 == 0 {
+            vec![1, 2, 3]
+        } else {
+            vec![3, 2, 1]
+        };
+        counts.into_iter().map(move |n| (round, n))
+    });
+    for (round, n) in phases {
         let (setup, shard_topic) = sharded(&format!("scaleout-bench{n}"), UNLIMITED);
         batching(&setup, batch);
         if let Ok(assignor) = std::env::var("SCALEOUT_ASSIGNOR") {
@@ -856,6 +870,7 @@ fn throughput_with_one_two_three_instances() {
             .zip(&cpu_at_first)
             .map(|(i, at_first)| {
                 let now = cpu_seconds(i.child.id());
+                *in_run_cpu[round].entry(n).or_default() += now - at_first;
                 format!("{now:.1} ({:.1} in the run)", now - at_first)
             })
             .collect();
@@ -950,6 +965,26 @@ fn throughput_with_one_two_three_instances() {
                 cpu[i]
             );
         }
+    }
+    let mut ratios: Vec<f64> = Vec::new();
+    for (round, cpu) in in_run_cpu.iter().enumerate() {
+        if let (Some(one), Some(three)) = (cpu.get(&1), cpu.get(&3)) {
+            let ratio = three / one.max(f64::MIN_POSITIVE);
+            ratios.push(ratio);
+            println!(
+                "scaleout-bench: round {round}: CPU seconds in the run, 1 instance {one:.1}, 3 instances \
+                 {three:.1}: {ratio:.2}x"
+            );
+        }
+    }
+    ratios.sort_by(f64::total_cmp);
+    if let Some(median) = ratios.get(ratios.len() / 2) {
+        println!(
+            "scaleout-bench: 3 instances against 1, CPU in the run: {median:.2}x the median of {} \
+             rounds (each {:?})",
+            ratios.len(),
+            ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>()
+        );
     }
 }
 
