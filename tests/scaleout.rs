@@ -870,8 +870,9 @@ fn throughput_with_one_two_three_instances() {
             .zip(&cpu_at_first)
             .map(|(i, at_first)| {
                 let now = cpu_seconds(i.child.id());
-                *in_run_cpu[round].entry(n).or_default() += now - at_first;
-                format!("{now:.1} ({:.1} in the run)", now - at_first)
+                let in_run = now - at_first;
+                *in_run_cpu[round].entry(n).or_default() += in_run;
+                format!("{now:.1} ({in_run:.1} in the run)")
             })
             .collect();
         let broker_cpu = broker.map(cpu_seconds).unwrap_or_default() - broker_before;
@@ -978,12 +979,19 @@ fn throughput_with_one_two_three_instances() {
         }
     }
     ratios.sort_by(f64::total_cmp);
-    if let Some(median) = ratios.get(ratios.len() / 2) {
+    let middle = ratios.len() / 2;
+    let median = match ratios.len() {
+        0 => None,
+        n if n % 2 == 1 => Some(ratios[middle]),
+        _ => Some((ratios[middle - 1] + ratios[middle]) / 2.0),
+    };
+    if let Some(median) = median {
+        let each: Vec<String> = ratios.iter().map(|r| format!("{r:.2}x")).collect();
         println!(
             "scaleout-bench: 3 instances against 1, CPU in the run: {median:.2}x the median of {} \
-             rounds (each {:?})",
+             rounds ({})",
             ratios.len(),
-            ratios.iter().map(|r| format!("{r:.2}")).collect::<Vec<_>>()
+            each.join(", ")
         );
     }
 }
