@@ -10,6 +10,10 @@
 //! 5. **Passthrough again**, with the service stopped: the ratio is taken against the mean of both
 //!    passthroughs, so that neither the first phase's place (right after the input was written) nor the
 //!    machine's drift over the run lands on one side of it alone.
+//! 6. **The pipeline's traffic** (`--traffic`): the passthrough's loop writing, for each input message, what
+//!    the pipeline wrote for it (its output, identity and changelog records at the rates and mean sizes
+//!    counted in phase 3, to topics configured like the pipeline's) and nothing else: no decoding, no state.
+//!    What this broker and client allow a pipeline that writes that much, the ceiling of the pipeline's rate.
 //!
 //! Both rates are measured the same way, from the group's committed offsets: messages committed between
 //! the first commit and the last, over that time, so start-up (group join, RocksDB open) counts for neither.
@@ -24,8 +28,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
@@ -74,6 +80,8 @@ pub struct BenchReport {
     /// The changelog's records after the throughput phase by kind, most value bytes first: which state
     /// records an input message costs.
     pub changelog_kinds: Vec<RecordKind>,
+    /// The pipeline's own Kafka traffic alone, when asked for.
+    pub traffic: Option<Traffic>,
     /// The Kafka Streams baseline on the same input, when asked for.
     pub kstreams: Option<Baseline>,
     pub total_secs: f64,
@@ -97,9 +105,8 @@ pub struct RecordKind {
 struct KindTally(BTreeMap<&'static str, RecordKind>);
 
 impl KindTally {
-    /// Counts a record: its key, and its value's length (`None` for a tombstone).
-    fn add(&mut self, key: &[u8], value_len: Option<usize>) {
-        let kind = record_kind(key);
+    /// Counts a record of `kind`, and its value's length (`None` for a tombstone).
+    fn add(&mut self, kind: &'static str, value_len: Option<usize>) {
         let k = self.0.entry(kind).or_insert_with(|| RecordKind {
             kind,
             ..Default::default()
@@ -119,16 +126,36 @@ impl KindTally {
     }
 }
 
-/// The state changelog's records by kind, read committed from the beginning of every shard's partition.
-fn changelog_kinds(cfg: &Config, timeout: Duration) -> anyhow::Result<Vec<RecordKind>> {
+/// A topic's records by kind (`kind_of` its key), read committed from the beginning of every partition.
+fn topic_kinds(
+    cfg: &Config,
+    topic: &str,
+    kind_of: fn(&[u8]) -> &'static str,
+    timeout: Duration,
+) -> anyhow::Result<Vec<RecordKind>> {
     let mut tally = KindTally::default();
-    for_each_committed(
-        crate::kafka::base_config(cfg),
-        &cfg.changelog_topic(),
-        timeout,
-        |m| tally.add(m.key().unwrap_or_default(), m.payload().map(<[u8]>::len)),
-    )?;
+    for_each_committed(crate::kafka::base_config(cfg), topic, timeout, |m| {
+        tally.add(
+            kind_of(m.key().unwrap_or_default()),
+            m.payload().map(<[u8]>::len),
+        )
+    })?;
     Ok(tally.into_kinds())
+}
+
+/// What phase 6 measured: the pipeline's output, identity and changelog records written for each input
+/// message by a transactional passthrough, with no work between reading and writing.
+#[derive(Debug, Serialize)]
+pub struct Traffic {
+    /// Records written per input message, and their mean value (bytes; deletions have none).
+    pub records_per_message: f64,
+    pub value_bytes_per_message: f64,
+    pub msgs_per_sec: f64,
+    /// This rate over the passthroughs' mean.
+    pub passthrough_ratio: f64,
+    /// The pipeline's rate over this rate: how much of its traffic's ceiling the pipeline reaches.
+    pub pipeline_share: f64,
+    pub cpu: PhaseCpu,
 }
 
 /// A baseline application's figures, measured like the pipeline's.
@@ -437,16 +464,66 @@ impl Progress {
     }
 }
 
-/// One passthrough phase (`round` names its group, so each reads every input message): its steady rate,
+/// What a passthrough writes for each input message.
+enum Writes {
+    /// The message's key and bytes, to one topic.
+    Copy(String),
+    /// Records at the rates and sizes a run of the pipeline wrote (phase 6).
+    Like(Vec<Stream>),
+}
+
+/// Records of one kind that the pipeline wrote, as the traffic phase writes them: `records` values and
+/// `deletions` tombstones per input message, values of `value_bytes` taken from the input message's own
+/// bytes (so that they compress as real data does), each under a key of its own.
+#[derive(Debug, Clone, PartialEq)]
+struct Stream {
+    topic: String,
+    records: f64,
+    deletions: f64,
+    value_bytes: usize,
+}
+
+impl Stream {
+    /// The stream of each kind in `kinds`, counted over `messages` input messages, to `topic`.
+    fn from_kinds(topic: &str, kinds: &[RecordKind], messages: u64) -> Vec<Stream> {
+        let messages = messages.max(1) as f64;
+        kinds
+            .iter()
+            .map(|k| {
+                let values = k.records - k.deletions;
+                Stream {
+                    topic: topic.to_string(),
+                    records: values as f64 / messages,
+                    deletions: k.deletions as f64 / messages,
+                    value_bytes: (k.value_bytes / values.max(1)) as usize,
+                }
+            })
+            .collect()
+    }
+
+    /// How many values and tombstones are due after one more input message: the fractions left over are
+    /// carried in `carry` from message to message, so that over a run the stream writes its rates.
+    fn due(&self, carry: &mut (f64, f64)) -> (usize, usize) {
+        carry.0 += self.records;
+        carry.1 += self.deletions;
+        let now = (carry.0.floor(), carry.1.floor());
+        carry.0 -= now.0;
+        carry.1 -= now.1;
+        (now.0 as usize, now.1 as usize)
+    }
+}
+
+/// One passthrough phase (`name` names its group, so each reads every input message): its steady rate,
 /// measured as the pipeline's is, and the CPU its client (this process) and the broker spent.
 fn measure_passthrough(
     cfg: &Config,
     topics: &Topics,
+    writes: Writes,
     (messages, partitions, timeout): (u64, i32, Duration),
-    (round, broker): (u32, Option<u32>),
+    (name, broker): (&str, Option<u32>),
 ) -> anyhow::Result<(f64, PhaseCpu)> {
     let mut cfg = cfg.clone();
-    cfg.kafka.group_id = format!("{}-passthrough-{round}", cfg.kafka.group_id);
+    cfg.kafka.group_id = format!("{}-passthrough-{name}", cfg.kafka.group_id);
     let progress = Progress::new(
         &cfg.kafka.brokers,
         &cfg.kafka.group_id,
@@ -456,8 +533,8 @@ fn measure_passthrough(
     let stop = Arc::new(AtomicBool::new(false));
     let worker = {
         let stop = stop.clone();
-        let (inputs, output) = (topics.inputs.clone(), topics.passthrough.clone());
-        std::thread::spawn(move || passthrough(&cfg, &inputs, &output, &stop))
+        let inputs = topics.inputs.clone();
+        std::thread::spawn(move || passthrough(&cfg, &inputs, &writes, &stop))
     };
     let watched = Watched {
         process: std::process::id(),
@@ -474,17 +551,17 @@ fn measure_passthrough(
         .join()
         .map_err(|_| anyhow::anyhow!("passthrough panicked"))??;
     let (rate, cpu) = rate?;
-    eprintln!("bench: passthrough {round} {rate:.0} msg/s; CPU per message: client {cpu}");
+    eprintln!("bench: passthrough {name} {rate:.0} msg/s; CPU per message: client {cpu}");
     Ok((rate, cpu))
 }
 
-/// Reads every input message and writes the same key and bytes to `output`, in transactions of
-/// `batch_max_events` with offsets, with the service's client settings (`cfg`, whose group it joins).
-/// Returns when `stop` is set.
+/// Reads every input message and writes what `writes` says for it, in transactions of `batch_max_events`
+/// with offsets, with the service's client settings (`cfg`, whose group it joins). Returns when `stop` is
+/// set.
 fn passthrough(
     cfg: &Config,
     inputs: &[String],
-    output: &str,
+    writes: &Writes,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     // The service's consumer context too (statistics parsed for lag), so the clients differ in nothing.
@@ -496,6 +573,12 @@ fn passthrough(
     let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&inputs)?;
     let linger = cfg.processing.batch_linger;
+    let mut due = match writes {
+        Writes::Copy(_) => Vec::new(),
+        Writes::Like(streams) => vec![(0.0, 0.0); streams.len()],
+    };
+    let (mut key, mut value) = (String::new(), Vec::new());
+    let mut written = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let until = Instant::now() + linger;
         let mut next: HashMap<(String, i32), i64> = HashMap::new();
@@ -510,20 +593,39 @@ fn passthrough(
                 continue;
             };
             let m = m?;
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(output);
-            if let Some(k) = m.key() {
-                record = record.key(k);
-            }
-            if let Some(p) = m.payload() {
-                record = record.payload(p);
-            }
-            let mut pending = record;
-            loop {
-                match producer.send(pending) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        pending = back;
-                        std::thread::sleep(Duration::from_millis(2));
+            match writes {
+                Writes::Copy(output) => {
+                    let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(output);
+                    if let Some(k) = m.key() {
+                        record = record.key(k);
+                    }
+                    if let Some(p) = m.payload() {
+                        record = record.payload(p);
+                    }
+                    send(&producer, record)?;
+                }
+                Writes::Like(streams) => {
+                    let bytes = m.payload().filter(|p| !p.is_empty()).unwrap_or(b"-");
+                    for (i, (s, carry)) in streams.iter().zip(&mut due).enumerate() {
+                        let (values, tombstones) = s.due(carry);
+                        for v in 0..values + tombstones {
+                            written += 1;
+                            key.clear();
+                            // Distinct keys of a changelog key's length: no record shadows another.
+                            std::fmt::Write::write_fmt(
+                                &mut key,
+                                format_args!("{i:02}-{written:020}"),
+                            )?;
+                            let record =
+                                BaseRecord::<'_, [u8], [u8]>::to(&s.topic).key(key.as_bytes());
+                            if v < values {
+                                value.clear();
+                                value.extend(bytes.iter().cycle().take(s.value_bytes));
+                                send(&producer, record.payload(&value))?;
+                            } else {
+                                send(&producer, record)?;
+                            }
+                        }
                     }
                 }
             }
@@ -544,6 +646,24 @@ fn passthrough(
         producer.commit_transaction(Duration::from_secs(30))?;
     }
     Ok(())
+}
+
+/// Sends `record`, waiting while the producer's queue is full.
+fn send(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    record: BaseRecord<'_, [u8], [u8]>,
+) -> anyhow::Result<()> {
+    let mut pending = record;
+    loop {
+        match producer.send(pending) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                pending = back;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err((e, _)) => return Err(e.into()),
+        }
+    }
 }
 
 /// A numeric field of `/proc/<pid>/status` (`VmHWM:`, `VmRSS:`, in KiB); 0 if unreadable.
@@ -783,6 +903,37 @@ fn pace_events(
 
 /// (d) The Kafka Streams stitching of `benches/kstreams` (built in `build`) over the same input, exactly-once
 /// v2, its rate measured from its group's committed offsets like the pipeline's.
+/// Phase 6: a passthrough writing `streams` for each input message, measured as the others are.
+fn measure_traffic(
+    cfg: &Config,
+    topics: &Topics,
+    streams: Vec<Stream>,
+    phase: (u64, i32, Duration),
+    broker: Option<u32>,
+    (pipeline_rate, passthrough_rate): (f64, f64),
+) -> anyhow::Result<Traffic> {
+    let records_per_message = streams.iter().map(|s| s.records + s.deletions).sum();
+    let value_bytes_per_message = streams
+        .iter()
+        .map(|s| s.records * s.value_bytes as f64)
+        .sum();
+    let (rate, cpu) = measure_passthrough(
+        cfg,
+        topics,
+        Writes::Like(streams),
+        phase,
+        ("traffic", broker),
+    )?;
+    Ok(Traffic {
+        records_per_message,
+        value_bytes_per_message,
+        msgs_per_sec: rate,
+        passthrough_ratio: rate / passthrough_rate,
+        pipeline_share: pipeline_rate / rate,
+        cpu,
+    })
+}
+
 fn kstreams(
     args: &BenchArgs,
     build: &Path,
@@ -897,8 +1048,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
 
     // (a) passthrough
     let phase = (messages, args.partitions, timeout);
+    let copy = || Writes::Copy(topics.passthrough.clone());
     let (pass_before, pass_before_cpu) =
-        measure_passthrough(&cfg, &topics, phase, (1, args.broker_pid))?;
+        measure_passthrough(&cfg, &topics, copy(), phase, ("1", args.broker_pid))?;
 
     // (b) pipeline
     let config_path = dir.join("stitcher.toml");
@@ -924,7 +1076,36 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
                 .map(|(_, high)| high)
         })
         .sum::<Result<i64, _>>()?;
-    let changelog_kinds = changelog_kinds(&cfg, timeout)?;
+    let changelog_kinds = topic_kinds(&cfg, &changelog_topic, record_kind, timeout)?;
+    // What the pipeline wrote per input message, read before the latency phase adds to its topics.
+    let pipeline_writes = if args.traffic {
+        // Configured as the pipeline's topics are (`kafka::ensure_topics`): the cleaner's work too.
+        let topic = |what: &str| format!("{run}-traffic-{what}");
+        let (output, identity, changelog) =
+            (topic("output"), topic("identity"), topic("changelog"));
+        let profiles = [
+            ("cleanup.policy", "compact"),
+            ("min.compaction.lag.ms", "60000"),
+        ];
+        let created = [output.clone(), identity.clone()];
+        generate::create_topics_with(&args.brokers, &created, cfg.output.partitions, &profiles)?;
+        let shards = i32::try_from(cfg.scaleout.shards).unwrap_or(i32::MAX);
+        let compacted = [("cleanup.policy", "compact")];
+        generate::create_topics_with(
+            &args.brokers,
+            std::slice::from_ref(&changelog),
+            shards,
+            &compacted,
+        )?;
+        let written = topic_kinds(&cfg, &topics.output, |_| "output", timeout)?;
+        let mut all = Stream::from_kinds(&output, &written, messages);
+        let written = topic_kinds(&cfg, &cfg.output.identity_topic, |_| "identity", timeout)?;
+        all.extend(Stream::from_kinds(&identity, &written, messages));
+        all.extend(Stream::from_kinds(&changelog, &changelog_kinds, messages));
+        Some(all)
+    } else {
+        None
+    };
     let quality = quality::evaluate(
         &j.truth,
         &quality::mapping_from_topic(crate::kafka::base_config(&cfg), &topics.output, timeout)?,
@@ -950,8 +1131,20 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     }
     // (d) passthrough again, the machine as the pipeline left it
     let (pass_after, pass_after_cpu) =
-        measure_passthrough(&cfg, &topics, phase, (2, args.broker_pid))?;
+        measure_passthrough(&cfg, &topics, copy(), phase, ("2", args.broker_pid))?;
     let pass_rate = (pass_before + pass_after) / 2.0;
+    // (e) the pipeline's traffic alone
+    let traffic = match pipeline_writes {
+        Some(streams) => Some(measure_traffic(
+            &cfg,
+            &topics,
+            streams,
+            phase,
+            args.broker_pid,
+            (pipe_rate, pass_rate),
+        )?),
+        None => None,
+    };
     let report = BenchReport {
         messages,
         events: j.events,
@@ -972,6 +1165,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         service_cpu_secs: cpu,
         changelog_offsets_per_message: changelog as f64 / messages as f64,
         changelog_kinds,
+        traffic,
         kstreams: match &args.kstreams {
             Some(build) => Some(kstreams(
                 args,
@@ -1058,6 +1252,18 @@ impl std::fmt::Display for BenchReport {
             "    its records per input message by kind, most bytes first (deletions among them; mean value): {}",
             kinds.join(", ")
         )?;
+        if let Some(t) = &self.traffic {
+            writeln!(
+                f,
+                "  the pipeline's traffic alone ({:.2} records, {:.0} B per message; no work): {:>9.0} msg/s; it / passthrough {:.2}; the pipeline reaches {:.2} of it",
+                t.records_per_message,
+                t.value_bytes_per_message,
+                t.msgs_per_sec,
+                t.passthrough_ratio,
+                t.pipeline_share
+            )?;
+            writeln!(f, "    CPU per message: client {}", t.cpu)?;
+        }
         if let Some(k) = &self.kstreams {
             writeln!(
                 f,
@@ -1082,12 +1288,12 @@ mod tests {
     fn changelog_records_are_tallied_by_the_kind_byte_of_their_keys() {
         let key = |kind: u8, rest: &[u8]| [&7u32.to_be_bytes()[..], &[kind], rest].concat();
         let mut tally = KindTally::default();
-        tally.add(&key(b'P', &1u64.to_be_bytes()), Some(400));
-        tally.add(&key(b'P', &2u64.to_be_bytes()), None);
-        tally.add(&key(b't', b"email\0a@b.io"), Some(300));
-        tally.add(&key(b't', b"email\0c@d.io"), Some(200));
-        tally.add(&key(b'l', b"email\0a@b.io"), Some(90));
-        tally.add(b"", Some(3));
+        tally.add(record_kind(&key(b'P', &1u64.to_be_bytes())), Some(400));
+        tally.add(record_kind(&key(b'P', &2u64.to_be_bytes())), None);
+        tally.add(record_kind(&key(b't', b"email\0a@b.io")), Some(300));
+        tally.add(record_kind(&key(b't', b"email\0c@d.io")), Some(200));
+        tally.add(record_kind(&key(b'l', b"email\0a@b.io")), Some(90));
+        tally.add(record_kind(b""), Some(3));
         let kinds = tally.into_kinds();
         let row = |kind, records, deletions, value_bytes| RecordKind {
             kind,
@@ -1104,6 +1310,41 @@ mod tests {
                 row("record", 1, 0, 3),
             ]
         );
+    }
+
+    #[test]
+    fn the_traffic_phase_writes_each_kind_at_its_rate_and_mean_size() {
+        let kind = |kind, records, deletions, value_bytes| RecordKind {
+            kind,
+            records,
+            deletions,
+            value_bytes,
+        };
+        let kinds = [kind("profile", 7, 3, 4_000), kind("part", 2, 0, 600)];
+        let streams = Stream::from_kinds("t", &kinds, 4);
+        let stream = |records, deletions, value_bytes| Stream {
+            topic: "t".into(),
+            records,
+            deletions,
+            value_bytes,
+        };
+        assert_eq!(
+            streams,
+            vec![stream(1.0, 0.75, 1_000), stream(0.5, 0.0, 300)]
+        );
+        let mut due = vec![(0.0, 0.0); streams.len()];
+        let mut written = [(0, 0); 2];
+        let mut most = 0;
+        for _ in 0..400 {
+            for ((w, s), carry) in written.iter_mut().zip(&streams).zip(&mut due) {
+                let (values, tombstones) = s.due(carry);
+                (w.0, w.1) = (w.0 + values, w.1 + tombstones);
+                most = most.max(values + tombstones);
+            }
+        }
+        assert_eq!(written, [(400, 300), (200, 0)]);
+        // Spread over the messages, not bunched: at most one value and one tombstone of a kind each.
+        assert_eq!(most, 2);
     }
 
     #[test]

@@ -263,6 +263,12 @@ pub struct BenchArgs {
     /// the compiler threads' share): compare on `--persons 48000` or more.
     #[arg(long)]
     pub kstreams: Option<PathBuf>,
+    /// Also measure the pipeline's own Kafka traffic without its work, after the second passthrough: the
+    /// passthrough's loop writing, for each input message, the output, identity and changelog records the
+    /// pipeline wrote (their rates and mean sizes, counted after the pipeline's phase), to topics set up
+    /// as the pipeline's are. The rate a pipeline writing that much could reach on this broker.
+    #[arg(long)]
+    pub traffic: bool,
     /// The process id of the broker, when it runs on this machine (deploy/local-kafka's: `pgrep -f
     /// kafka.Kafka`): its CPU per message is reported for every phase too, which says whether a phase was
     /// bound by the broker, by its client or by neither (waiting on commits).

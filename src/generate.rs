@@ -62,12 +62,27 @@ pub fn create_topics(
     names: &[String],
     partitions: i32,
 ) -> Result<(), GenerateError> {
+    create_topics_with(brokers, names, partitions, &[])
+}
+
+/// [`create_topics`] with topic settings (`cleanup.policy`, say).
+pub fn create_topics_with(
+    brokers: &str,
+    names: &[String],
+    partitions: i32,
+    settings: &[(&str, &str)],
+) -> Result<(), GenerateError> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .create()?;
     let new: Vec<NewTopic> = names
         .iter()
-        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .map(|t| {
+            settings.iter().fold(
+                NewTopic::new(t, partitions, TopicReplication::Fixed(1)),
+                |topic, (k, v)| topic.set(k, v),
+            )
+        })
         .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
