@@ -620,7 +620,10 @@ fn passthrough(
                                 BaseRecord::<'_, [u8], [u8]>::to(&s.topic).key(key.as_bytes());
                             if v < values {
                                 value.clear();
-                                value.extend(bytes.iter().cycle().take(s.value_bytes));
+                                while value.len() < s.value_bytes {
+                                    let more = bytes.len().min(s.value_bytes - value.len());
+                                    value.extend_from_slice(&bytes[..more]);
+                                }
                                 send(&producer, record.payload(&value))?;
                             } else {
                                 send(&producer, record)?;
