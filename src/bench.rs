@@ -19,6 +19,7 @@
 //! the first commit and the last, over that time, so start-up (group join, RocksDB open) counts for neither.
 
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -41,7 +42,10 @@ use crate::config::{Config, Format, InputConfig};
 use crate::generate::{self, Routes};
 use crate::journeys::{self, Generated, JourneyConfig};
 use crate::kafka::reader::for_each_committed;
-use crate::kafka::{consumer_config, producer_config, StitchContext};
+use crate::kafka::{
+    consumer_config, producer_config, StitchContext, CHANGELOG_TOPIC_SETTINGS,
+    PROFILE_TOPIC_SETTINGS,
+};
 use crate::metrics::Metrics;
 use crate::model::now_millis;
 use crate::quality::{self, QualityReport};
@@ -469,7 +473,61 @@ enum Writes {
     /// The message's key and bytes, to one topic.
     Copy(String),
     /// Records at the rates and sizes a run of the pipeline wrote (phase 6).
-    Like(Vec<Stream>),
+    Like(Likeness),
+}
+
+/// The streams of phase 6 and what writing them carries from message to message.
+struct Likeness {
+    streams: Vec<Stream>,
+    /// Per stream, the fractions of a value and of a tombstone not yet written.
+    carry: Vec<(f64, f64)>,
+    /// Records written so far: each one's key.
+    written: u64,
+    key: String,
+    value: Vec<u8>,
+}
+
+impl Likeness {
+    fn new(streams: Vec<Stream>) -> Self {
+        Self {
+            carry: vec![(0.0, 0.0); streams.len()],
+            streams,
+            written: 0,
+            key: String::new(),
+            value: Vec::new(),
+        }
+    }
+
+    /// Sends what the streams have due after one more input message, whose bytes (`payload`) the values
+    /// are cut from.
+    fn send_due(
+        &mut self,
+        producer: &ThreadedProducer<DefaultProducerContext>,
+        payload: &[u8],
+    ) -> anyhow::Result<()> {
+        let bytes = if payload.is_empty() { b"-" } else { payload };
+        for (i, (s, carry)) in self.streams.iter().zip(&mut self.carry).enumerate() {
+            let (values, tombstones) = s.due(carry);
+            for v in 0..values + tombstones {
+                self.written += 1;
+                self.key.clear();
+                // Distinct keys of a changelog key's length: no record shadows another.
+                write!(self.key, "{i:02}-{:020}", self.written)?;
+                let record = BaseRecord::<'_, [u8], [u8]>::to(&s.topic).key(self.key.as_bytes());
+                if v >= values {
+                    send(producer, record)?;
+                    continue;
+                }
+                self.value.clear();
+                while self.value.len() < s.value_bytes {
+                    let more = bytes.len().min(s.value_bytes - self.value.len());
+                    self.value.extend_from_slice(&bytes[..more]);
+                }
+                send(producer, record.payload(&self.value))?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Records of one kind that the pipeline wrote, as the traffic phase writes them: `records` values and
@@ -534,7 +592,7 @@ fn measure_passthrough(
     let worker = {
         let stop = stop.clone();
         let inputs = topics.inputs.clone();
-        std::thread::spawn(move || passthrough(&cfg, &inputs, &writes, &stop))
+        std::thread::spawn(move || passthrough(&cfg, &inputs, writes, &stop))
     };
     let watched = Watched {
         process: std::process::id(),
@@ -561,7 +619,7 @@ fn measure_passthrough(
 fn passthrough(
     cfg: &Config,
     inputs: &[String],
-    writes: &Writes,
+    mut writes: Writes,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     // The service's consumer context too (statistics parsed for lag), so the clients differ in nothing.
@@ -573,12 +631,6 @@ fn passthrough(
     let inputs: Vec<&str> = inputs.iter().map(String::as_str).collect();
     consumer.subscribe(&inputs)?;
     let linger = cfg.processing.batch_linger;
-    let mut due = match writes {
-        Writes::Copy(_) => Vec::new(),
-        Writes::Like(streams) => vec![(0.0, 0.0); streams.len()],
-    };
-    let (mut key, mut value) = (String::new(), Vec::new());
-    let mut written = 0u64;
     while !stop.load(Ordering::Relaxed) {
         let until = Instant::now() + linger;
         let mut next: HashMap<(String, i32), i64> = HashMap::new();
@@ -593,7 +645,7 @@ fn passthrough(
                 continue;
             };
             let m = m?;
-            match writes {
+            match &mut writes {
                 Writes::Copy(output) => {
                     let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(output);
                     if let Some(k) = m.key() {
@@ -604,32 +656,8 @@ fn passthrough(
                     }
                     send(&producer, record)?;
                 }
-                Writes::Like(streams) => {
-                    let bytes = m.payload().filter(|p| !p.is_empty()).unwrap_or(b"-");
-                    for (i, (s, carry)) in streams.iter().zip(&mut due).enumerate() {
-                        let (values, tombstones) = s.due(carry);
-                        for v in 0..values + tombstones {
-                            written += 1;
-                            key.clear();
-                            // Distinct keys of a changelog key's length: no record shadows another.
-                            std::fmt::Write::write_fmt(
-                                &mut key,
-                                format_args!("{i:02}-{written:020}"),
-                            )?;
-                            let record =
-                                BaseRecord::<'_, [u8], [u8]>::to(&s.topic).key(key.as_bytes());
-                            if v < values {
-                                value.clear();
-                                while value.len() < s.value_bytes {
-                                    let more = bytes.len().min(s.value_bytes - value.len());
-                                    value.extend_from_slice(&bytes[..more]);
-                                }
-                                send(&producer, record.payload(&value))?;
-                            } else {
-                                send(&producer, record)?;
-                            }
-                        }
-                    }
+                Writes::Like(likeness) => {
+                    likeness.send_due(&producer, m.payload().unwrap_or_default())?
                 }
             }
             next.insert((m.topic().to_string(), m.partition()), m.offset() + 1);
@@ -923,7 +951,7 @@ fn measure_traffic(
     let (rate, cpu) = measure_passthrough(
         cfg,
         topics,
-        Writes::Like(streams),
+        Writes::Like(Likeness::new(streams)),
         phase,
         ("traffic", broker),
     )?;
@@ -1082,23 +1110,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     let changelog_kinds = topic_kinds(&cfg, &changelog_topic, record_kind, timeout)?;
     // What the pipeline wrote per input message, read before the latency phase adds to its topics.
     let pipeline_writes = if args.traffic {
-        // Configured as the pipeline's topics are (`kafka::ensure_topics`): the cleaner's work too.
+        // Set up as the pipeline's topics are (`kafka::ensure_topics`): the cleaner's work too.
         let topic = |what: &str| format!("{run}-traffic-{what}");
         let (output, identity, changelog) =
             (topic("output"), topic("identity"), topic("changelog"));
-        let profiles = [
-            ("cleanup.policy", "compact"),
-            ("min.compaction.lag.ms", "60000"),
-        ];
-        let created = [output.clone(), identity.clone()];
-        generate::create_topics_with(&args.brokers, &created, cfg.output.partitions, &profiles)?;
-        let shards = i32::try_from(cfg.scaleout.shards).unwrap_or(i32::MAX);
-        let compacted = [("cleanup.policy", "compact")];
+        generate::create_topics_with(
+            &args.brokers,
+            &[output.clone(), identity.clone()],
+            cfg.output.partitions,
+            &PROFILE_TOPIC_SETTINGS,
+        )?;
         generate::create_topics_with(
             &args.brokers,
             std::slice::from_ref(&changelog),
-            shards,
-            &compacted,
+            i32::try_from(cfg.scaleout.shards).unwrap_or(i32::MAX),
+            &CHANGELOG_TOPIC_SETTINGS,
         )?;
         let written = topic_kinds(&cfg, &topics.output, |_| "output", timeout)?;
         let mut all = Stream::from_kinds(&output, &written, messages);

@@ -78,9 +78,9 @@ pub fn create_topics_with(
     let new: Vec<NewTopic> = names
         .iter()
         .map(|t| {
-            settings.iter().fold(
+            crate::kafka::with_settings(
                 NewTopic::new(t, partitions, TopicReplication::Fixed(1)),
-                |topic, (k, v)| topic.set(k, v),
+                settings,
             )
         })
         .collect();

@@ -244,15 +244,32 @@ pub fn check_connection(cfg: &Config) -> Result<(), KafkaError> {
     result
 }
 
+/// The settings of the profile and identity topics: compacted, the last record of every key kept, and a
+/// record kept at least a minute before the cleaner may drop it.
+pub const PROFILE_TOPIC_SETTINGS: [(&str, &str); 2] = [
+    ("cleanup.policy", "compact"),
+    ("min.compaction.lag.ms", "60000"),
+];
+
+/// The settings of the state changelog: compacted, the latest value of every state key is all a restore
+/// needs.
+pub const CHANGELOG_TOPIC_SETTINGS: [(&str, &str); 1] = [("cleanup.policy", "compact")];
+
+/// `topic` with `settings`.
+pub fn with_settings<'a>(topic: NewTopic<'a>, settings: &[(&'a str, &'a str)]) -> NewTopic<'a> {
+    settings.iter().fold(topic, |topic, (k, v)| topic.set(k, v))
+}
+
 /// Creates the output, dead-letter and control topics if missing (compacted output topic), and in scale-out
 /// mode the internal topic and its compacted changelog, one partition per shard.
 pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaError> {
     let admin: AdminClient<LoggingContext> =
         base_config(cfg).create_with_context(LoggingContext)?;
     let partitions = cfg.output.partitions.max(1);
-    let output = NewTopic::new(&cfg.output.topic, partitions, TopicReplication::Fixed(1))
-        .set("cleanup.policy", "compact")
-        .set("min.compaction.lag.ms", "60000");
+    let output = with_settings(
+        NewTopic::new(&cfg.output.topic, partitions, TopicReplication::Fixed(1)),
+        &PROFILE_TOPIC_SETTINGS,
+    );
     let dlq = NewTopic::new(&cfg.output.dead_letter_topic, 1, TopicReplication::Fixed(1));
     let mut topics = vec![output, dlq];
     if cfg.breaker.enabled() {
@@ -264,15 +281,14 @@ pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaErro
     }
     if !cfg.output.identity_topic.is_empty() {
         // Compacted: the last record of every profile id is what rebuilding the mapping needs.
-        topics.push(
+        topics.push(with_settings(
             NewTopic::new(
                 &cfg.output.identity_topic,
                 partitions,
                 TopicReplication::Fixed(1),
-            )
-            .set("cleanup.policy", "compact")
-            .set("min.compaction.lag.ms", "60000"),
-        );
+            ),
+            &PROFILE_TOPIC_SETTINGS,
+        ));
     }
     if !cfg.control.topic.is_empty() {
         // One partition: commands apply in the order they were sent.
@@ -290,11 +306,10 @@ pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaErro
             shards,
             TopicReplication::Fixed(1),
         ));
-        // Compacted: the latest value of every state key is all a restore needs.
-        topics.push(
-            NewTopic::new(&changelog, shards, TopicReplication::Fixed(1))
-                .set("cleanup.policy", "compact"),
-        );
+        topics.push(with_settings(
+            NewTopic::new(&changelog, shards, TopicReplication::Fixed(1)),
+            &CHANGELOG_TOPIC_SETTINGS,
+        ));
     }
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for result in admin.create_topics(&topics, &opts).await? {
