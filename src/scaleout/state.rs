@@ -43,7 +43,7 @@ use sha2::{Digest, Sha256};
 use super::ShardId;
 use crate::model::{Event, Identifier, NodeId, ProfileId};
 use crate::profile::{Enrichment, Profile, ProfileHead, Seal};
-use crate::stitch::graph::add_evidence;
+use crate::stitch::graph::{add_evidence, remove_evidence};
 use crate::stitch::{Evidence, GraphStore};
 use crate::store::{decode_value, encode_value, identifier_key, Store, StoreError, CF_SHARDS};
 
@@ -939,12 +939,10 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
     fn edit_links(
         &mut self,
         id: &Identifier,
-        f: impl FnOnce(&mut BTreeMap<Identifier, Evidence>),
+        f: impl FnOnce(&mut Vec<(Identifier, Evidence)>),
     ) -> Result<(), StoreError> {
-        let mut links: BTreeMap<Identifier, Evidence> =
-            self.read().links(id)?.into_iter().collect();
+        let mut links = self.read().links(id)?;
         f(&mut links);
-        let links: Vec<(Identifier, Evidence)> = links.into_iter().collect();
         let value = (!links.is_empty()).then_some(&links);
         self.put(LINKS, &identifier_key(id), value)
     }
@@ -1092,9 +1090,7 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
     }
     fn remove_link(&mut self, a: &Identifier, b: &Identifier) {
         for (x, y) in [(a, b), (b, a)] {
-            let r = self.view.edit_links(x, |m| {
-                m.remove(y);
-            });
+            let r = self.view.edit_links(x, |m| remove_evidence(m, y));
             self.keep(r);
         }
     }

@@ -60,18 +60,31 @@ pub trait GraphStore {
     fn delete_part(&mut self, id: &Identifier);
 }
 
-/// Adds evidence to the links of `x` to every other of `ids`.
+/// Adds evidence to the links of `x` to every other of `ids`. `links` is sorted by identifier, as the
+/// state keeps it, and stays so: the event's few identifiers are found by binary search and inserted in
+/// place, without building a map of the list (most events add one link to a list of about ten).
 pub(crate) fn add_evidence(
-    links: &mut BTreeMap<Identifier, Evidence>,
+    links: &mut Vec<(Identifier, Evidence)>,
     x: &Identifier,
     ids: &[Identifier],
     evidence: &Evidence,
 ) {
+    debug_assert!(
+        links.windows(2).all(|w| w[0].0 < w[1].0),
+        "links not sorted"
+    );
     for y in ids.iter().filter(|y| *y != x) {
-        links
-            .entry(y.clone())
-            .and_modify(|e| e.join(evidence))
-            .or_insert_with(|| evidence.clone());
+        match links.binary_search_by(|(i, _)| i.cmp(y)) {
+            Ok(at) => links[at].1.join(evidence),
+            Err(at) => links.insert(at, (y.clone(), evidence.clone())),
+        }
+    }
+}
+
+/// Removes the link to `y` from `links` (sorted by identifier).
+pub(crate) fn remove_evidence(links: &mut Vec<(Identifier, Evidence)>, y: &Identifier) {
+    if let Ok(at) = links.binary_search_by(|(i, _)| i.cmp(y)) {
+        links.remove(at);
     }
 }
 

@@ -7,7 +7,7 @@ use crate::model::{Event, Identifier, NodeId, ProfileId};
 use crate::profile::{Enrichment, Profile, Seal};
 
 use super::evidence::Evidence;
-use super::graph::{add_evidence, GraphStore};
+use super::graph::{add_evidence, remove_evidence, GraphStore};
 
 /// An in-memory [`GraphStore`]: for tests, benches and the oracle check.
 #[derive(Debug, Default, Clone)]
@@ -17,7 +17,8 @@ pub struct MemStore {
     pub seen: std::collections::HashSet<String>,
     pub redirects: HashMap<ProfileId, ProfileId>,
     pub index: HashMap<ProfileId, NodeId>,
-    pub links: HashMap<Identifier, BTreeMap<Identifier, Evidence>>,
+    /// Each identifier's links, sorted by identifier as the sharded state keeps them.
+    pub links: HashMap<Identifier, Vec<(Identifier, Evidence)>>,
     pub parts: HashMap<Identifier, Profile>,
     next: u64,
 }
@@ -83,11 +84,7 @@ impl GraphStore for MemStore {
         Ok(self.index.get(id).copied())
     }
     fn links(&mut self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, Self::Error> {
-        Ok(self
-            .links
-            .get(id)
-            .map(|m| m.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
-            .unwrap_or_default())
+        Ok(self.links.get(id).cloned().unwrap_or_default())
     }
     fn link_all(&mut self, ids: &[Identifier], evidence: &Evidence) {
         if ids.len() < 2 {
@@ -101,7 +98,7 @@ impl GraphStore for MemStore {
     fn remove_link(&mut self, a: &Identifier, b: &Identifier) {
         for (x, y) in [(a, b), (b, a)] {
             if let Some(m) = self.links.get_mut(x) {
-                m.remove(y);
+                remove_evidence(m, y);
                 if m.is_empty() {
                     self.links.remove(x);
                 }

@@ -136,6 +136,10 @@ impl Store {
         // After a machine crash the copy is a consistent prefix of its writes (the shard changes are not
         // synced; the restore replays the changelog from the position that prefix reached).
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+        // The shard changes are written without the WAL (`write_shard_changes`): what a crash takes from the
+        // memtables is what the column families held since their last flush, and they are flushed together,
+        // so the state and the changelog positions in `meta` are lost together, never one without the other.
+        opts.set_atomic_flush(true);
         // A clock cache: a lookup is a few atomic operations on an open-addressed table, where the LRU
         // cache took a shard's mutex and moved the entry in its list (every point read looks up a block).
         let cache = Cache::new_hyper_clock_cache(block_cache_mb.max(8) << 20, BLOCK_CHARGE);
@@ -190,12 +194,8 @@ impl Store {
 
     /// Writes a batch atomically and durably (WAL synced).
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
-        self.write_opt(batch, true)
-    }
-
-    fn write_opt(&self, batch: WriteBatch, sync: bool) -> Result<(), StoreError> {
         let mut opts = WriteOptions::default();
-        opts.set_sync(sync);
+        opts.set_sync(true);
         self.db.write_opt(batch, &opts)?;
         Ok(())
     }
@@ -369,11 +369,12 @@ impl Store {
     }
 
     /// Writes sharded-state changes (`None` deletes) and the changelog positions they reach, in one
-    /// atomic write, not synced: the changelog holds every change before it is written here, so a write
-    /// lost with the machine (the WAL's unsynced tail; a killed process loses nothing, the WAL is in the
-    /// page cache) leaves the copy behind with the position it reached, and the restore replays the
-    /// changelog from there (docs/DESIGN.md, crash table). A replay from an older position over records
-    /// already written ends in the same state: each key ends at its last changelog record.
+    /// atomic write without the WAL, as Kafka Streams writes its stores: the changelog holds every change
+    /// before it is written here, so a crash of the process or the machine takes what the memtables held
+    /// since their last (atomic) flush, positions included, and leaves the copy behind at the position the
+    /// flushed state reached; the restore replays the changelog from there (docs/DESIGN.md, crash table). A
+    /// replay from an older position over records already written ends in the same state: each key ends at
+    /// its last changelog record.
     pub fn write_shard_changes<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         &self,
         changes: impl IntoIterator<Item = (K, Option<V>)>,
@@ -396,7 +397,10 @@ impl Store {
         for (shard, next) in positions {
             batch.put_cf(meta, changelog_meta_key(shard), next.to_be_bytes());
         }
-        self.write_opt(batch, false)
+        let mut opts = WriteOptions::default();
+        opts.disable_wal(true);
+        self.db.write_opt(batch, &opts)?;
+        Ok(())
     }
 
     /// Forgets this instance's copy of a shard (before restoring it from the start of its changelog).
@@ -649,5 +653,52 @@ mod tests {
             ["block_cache", "memtables", "table_readers"]
         );
         assert!(memory["memtables"] > 0, "{memory:?}");
+    }
+
+    /// Shard changes go without the WAL: a process that dies loses what it wrote since the last flush,
+    /// changelog positions and state together (the column families flush atomically), and keeps what was
+    /// flushed; a store closed cleanly flushes first. The writer is this test run again as a child process
+    /// that aborts without closing the store.
+    #[test]
+    fn a_crash_loses_unflushed_shard_changes_with_their_positions_and_a_close_keeps_them() {
+        const CHILD: &str = "STITCHER_TEST_STORE_CRASH";
+        let write = |store: &Store, key: &[u8], position: i64| {
+            store
+                .write_shard_changes([(key, Some(b"v".as_slice()))], [(0, position)])
+                .unwrap()
+        };
+        if let Some(path) = std::env::var_os(CHILD) {
+            let store = Store::open(Path::new(&path), 8).unwrap();
+            write(&store, b"0001", 1);
+            let cfs = [store.cf(CF_META).unwrap(), store.cf(CF_SHARDS).unwrap()];
+            store
+                .db
+                .flush_cfs_opt(&cfs, &rocksdb::FlushOptions::default())
+                .unwrap();
+            write(&store, b"0002", 2);
+            std::process::abort();
+        }
+        let dir = TempStore::new().unwrap();
+        let path = dir.path().join("crashed");
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "store::tests::a_crash_loses_unflushed_shard_changes_with_their_positions_and_a_close_keeps_them",
+                "--nocapture",
+            ])
+            .env(CHILD, &path)
+            .status()
+            .unwrap();
+        assert!(!status.success(), "the child aborts");
+        let store = Store::open(&path, 8).unwrap();
+        assert_eq!(store.changelog_position(0).unwrap(), Some(1));
+        assert!(store.shard_value(b"0001").unwrap().is_some());
+        assert_eq!(store.shard_value(b"0002").unwrap(), None);
+
+        write(&store, b"0002", 2);
+        drop(store);
+        let store = Store::open(&path, 8).unwrap();
+        assert_eq!(store.changelog_position(0).unwrap(), Some(2));
+        assert!(store.shard_value(b"0002").unwrap().is_some());
     }
 }
