@@ -219,6 +219,34 @@ pub struct Event {
     pub origin: Option<Origin>,
 }
 
+impl Event {
+    /// An event with these identifiers (sorted and deduplicated here) and nothing else: no purchase,
+    /// items, campaign, consent change, attributes or origin.
+    pub fn new(
+        event_id: impl Into<String>,
+        channel: impl Into<String>,
+        event_type: impl Into<String>,
+        timestamp: Millis,
+        mut identifiers: Vec<Identifier>,
+    ) -> Self {
+        identifiers.sort();
+        identifiers.dedup();
+        Self {
+            event_id: event_id.into(),
+            channel: channel.into(),
+            event_type: event_type.into(),
+            timestamp,
+            identifiers,
+            purchase: None,
+            items: vec![],
+            campaign_id: None,
+            consent: None,
+            attributes: Default::default(),
+            origin: None,
+        }
+    }
+}
+
 /// Where a message was read: an input topic, its partition and offset. Written `topic:partition:offset`
 /// (Kafka topic names hold no colon).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -40,22 +40,13 @@ pub fn person_identifiers(p: u64) -> Vec<Identifier> {
 }
 
 pub fn event(id: u64, identifiers: Vec<Identifier>) -> Event {
-    let mut identifiers = identifiers;
-    identifiers.sort();
-    identifiers.dedup();
-    Event {
-        event_id: format!("b-{id}"),
-        channel: "web".into(),
-        event_type: "page_view".into(),
-        timestamp: 1_767_225_600_000 + id as i64,
+    Event::new(
+        format!("b-{id}"),
+        "web",
+        "page_view",
+        1_767_225_600_000 + id as i64,
         identifiers,
-        purchase: None,
-        items: vec![],
-        campaign_id: None,
-        consent: None,
-        attributes: Default::default(),
-        origin: None,
-    }
+    )
 }
 
 impl Stream {

@@ -498,21 +498,18 @@ mod tests {
     #[test]
     fn update_round_trips_through_avro() {
         let ev = Event {
-            event_id: "e1".into(),
-            channel: "pos".into(),
-            event_type: "purchase".into(),
-            timestamp: 1000,
-            identifiers: vec![Identifier::new("loyalty_id", "L1")],
             purchase: Some(Purchase {
                 amount_minor: 999,
                 currency: "EUR".into(),
                 venue: Venue::Store,
             }),
-            items: vec![],
-            campaign_id: None,
-            consent: None,
-            attributes: Default::default(),
-            origin: None,
+            ..Event::new(
+                "e1",
+                "pos",
+                "purchase",
+                1000,
+                vec![Identifier::new("loyalty_id", "L1")],
+            )
         };
         let cfg = Enrichment::default();
         let p = Profile::new(&ev, &cfg);

@@ -574,16 +574,9 @@ mod tests {
     }
 
     fn ev(id: &str, ts: Millis, kind: &str, ids: &[(&str, &str)]) -> Event {
+        let channel = if kind == "purchase" { "pos" } else { "web" };
+        let ids = ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect();
         Event {
-            event_id: id.into(),
-            channel: if kind == "purchase" {
-                "pos".into()
-            } else {
-                "web".into()
-            },
-            event_type: kind.into(),
-            timestamp: ts,
-            identifiers: ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect(),
             purchase: (kind == "purchase").then(|| Purchase {
                 amount_minor: 1000,
                 currency: "EUR".into(),
@@ -598,10 +591,7 @@ mod tests {
             } else {
                 vec![]
             },
-            campaign_id: None,
-            consent: None,
-            attributes: BTreeMap::new(),
-            origin: None,
+            ..Event::new(id, channel, kind, ts, ids)
         }
     }
 

@@ -941,12 +941,8 @@ mod tests {
                 if let Some(s) = score {
                     attributes.insert("score".into(), format!("{}.5", s));
                 }
+                let channel = ["web", "app", "callcenter"][ch];
                 Event {
-                    event_id: format!("e{n}"),
-                    channel: ["web", "app", "callcenter"][ch].into(),
-                    event_type: kind.into(),
-                    timestamp: hour * HOUR + i64::from(n),
-                    identifiers: vec![],
                     purchase: (kind == "purchase").then(|| Purchase {
                         amount_minor: i64::from(n) * 101,
                         currency: "EUR".into(),
@@ -960,10 +956,14 @@ mod tests {
                             price: None,
                         })
                         .collect(),
-                    campaign_id: None,
-                    consent: None,
                     attributes,
-                    origin: None,
+                    ..Event::new(
+                        format!("e{n}"),
+                        channel,
+                        kind,
+                        hour * HOUR + i64::from(n),
+                        vec![],
+                    )
                 }
             })
     }
@@ -1046,20 +1046,11 @@ mod tests {
 
     fn event(n: u32, at: Millis, channel: &str, kind: &str, attrs: &[(&str, &str)]) -> Event {
         Event {
-            event_id: format!("e{n:02}"),
-            channel: channel.into(),
-            event_type: kind.into(),
-            timestamp: at,
-            identifiers: vec![],
-            purchase: None,
-            items: vec![],
-            campaign_id: None,
-            consent: None,
             attributes: attrs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
-            origin: None,
+            ..Event::new(format!("e{n:02}"), channel, kind, at, vec![])
         }
     }
 

@@ -166,21 +166,8 @@ mod tests {
     const SHARDS: ShardId = 4;
 
     fn ev(n: u32, ts: i64, ids: &[(&str, &str)]) -> Event {
-        let mut ids: Vec<Identifier> = ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect();
-        ids.sort();
-        Event {
-            event_id: format!("e{n}"),
-            channel: "web".into(),
-            event_type: "page_view".into(),
-            timestamp: ts,
-            identifiers: ids,
-            purchase: None,
-            items: vec![],
-            campaign_id: None,
-            consent: None,
-            attributes: Default::default(),
-            origin: None,
-        }
+        let ids = ids.iter().map(|(k, v)| Identifier::new(*k, *v)).collect();
+        Event::new(format!("e{n}"), "web", "page_view", ts, ids)
     }
 
     /// Handles the events over four shards kept in RocksDB, each to the end before the next (so they are

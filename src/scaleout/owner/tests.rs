@@ -74,24 +74,13 @@ fn identifier(k: usize, v: u8) -> Identifier {
 }
 
 fn event(n: usize, ts: i64, ids: &[Identifier], refuses: bool) -> Event {
-    let mut ids = ids.to_vec();
-    ids.sort();
-    ids.dedup();
+    let channel = ["web", "app", "pos", "email"][n % 4];
     Event {
-        event_id: format!("e{n:04}"),
-        channel: ["web", "app", "pos", "email"][n % 4].into(),
-        event_type: "page_view".into(),
-        timestamp: ts,
-        identifiers: ids,
-        purchase: None,
-        items: vec![],
-        campaign_id: None,
         consent: refuses.then_some(ConsentChange {
             cross_channel: Some(false),
             email_marketing: None,
         }),
-        attributes: Default::default(),
-        origin: None,
+        ..Event::new(format!("e{n:04}"), channel, "page_view", ts, ids.to_vec())
     }
 }
 

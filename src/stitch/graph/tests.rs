@@ -6,27 +6,12 @@ use crate::stitch::{BatchChanges, MemStore};
 use proptest::prelude::*;
 
 fn ev(n: u32, ts: i64, ids: &[(&str, String)]) -> Event {
-    Event {
-        event_id: format!("e{n}"),
-        channel: ["web", "app", "pos", "email"][n as usize % 4].into(),
-        event_type: "page_view".into(),
-        timestamp: ts,
-        identifiers: {
-            let mut v: Vec<Identifier> = ids
-                .iter()
-                .map(|(k, v)| Identifier::new(*k, v.clone()))
-                .collect();
-            v.sort();
-            v.dedup();
-            v
-        },
-        purchase: None,
-        items: vec![],
-        campaign_id: None,
-        consent: None,
-        attributes: Default::default(),
-        origin: None,
-    }
+    let channel = ["web", "app", "pos", "email"][n as usize % 4];
+    let ids = ids
+        .iter()
+        .map(|(k, v)| Identifier::new(*k, v.clone()))
+        .collect();
+    Event::new(format!("e{n}"), channel, "page_view", ts, ids)
 }
 
 fn run(stitcher: &Stitcher, events: &[Event]) -> MemStore {
