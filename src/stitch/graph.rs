@@ -14,7 +14,7 @@
 //! A split (an identifier erased or found shared, a link removed) recomputes the connected components of
 //! the profile's remaining links and rebuilds one profile per component from the parts.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::model::{Event, Identifier, NodeId, ProfileId};
@@ -359,11 +359,7 @@ impl Stitcher {
         }
 
         // Link the event's identifiers that belong to no profile yet, within the limits.
-        let mut counts: BTreeMap<String, usize> = profile
-            .type_counts()
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v))
-            .collect();
+        let mut counts = profile.type_counts();
         let mut total = profile.identifiers.len();
         let mut linked: Vec<Identifier> = Vec::with_capacity(ids.len());
         let mut linked_new = false;
@@ -374,7 +370,7 @@ impl Stitcher {
                 None if profile.identifiers.contains_key(id) => linked.push(id.clone()),
                 None => match self.rules.check_add(&counts, total, id) {
                     Ok(()) => {
-                        *counts.entry(id.base_kind().to_string()).or_insert(0) += 1;
+                        *counts.entry(id.base_kind()).or_insert(0) += 1;
                         total += 1;
                         store.set_node(id, node);
                         linked.push(id.clone());

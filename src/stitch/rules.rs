@@ -133,7 +133,7 @@ impl Rules {
     /// Can `id` be added to a profile whose identifiers of each type are counted in `counts`, `total` in all?
     pub fn check_add(
         &self,
-        counts: &BTreeMap<String, usize>,
+        counts: &BTreeMap<&str, usize>,
         total: usize,
         id: &Identifier,
     ) -> Result<(), Rule> {
