@@ -133,8 +133,8 @@ impl Store {
         opts.increase_parallelism(2);
         opts.set_max_background_jobs(2);
         opts.set_bytes_per_sync(1 << 20);
-        // After a machine crash the copy is a consistent prefix of its writes (the shard changes are not
-        // synced; the restore replays the changelog from the position that prefix reached).
+        // The WAL holds only the synced writes (the shard count, a shard wiped): after a crash it is
+        // recovered up to its first damaged record, a consistent prefix.
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         // The shard changes are written without the WAL (`write_shard_changes`): what a crash takes from the
         // memtables is what the column families held since their last flush, and they are flushed together,
