@@ -10,14 +10,16 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::{Event, Millis};
 
+/// `S` is the type of its texts: owned, or borrowed from an encoded record (`state::Raw`) where a links
+/// record is edited without decoding the links the event does not touch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Evidence {
+pub struct Evidence<S = String> {
     /// Events that carried both identifiers.
     pub events: u64,
     /// The earliest of them (time, event id) and its channel.
     pub first_at: Millis,
-    pub first_event: String,
-    pub first_channel: String,
+    pub first_event: S,
+    pub first_channel: S,
     pub last_at: Millis,
 }
 
@@ -32,9 +34,22 @@ impl Evidence {
         }
     }
 
+    /// The same evidence with its texts borrowed (or converted) by `f`.
+    pub fn map<'a, T>(&'a self, f: impl Fn(&'a str) -> T) -> Evidence<T> {
+        Evidence {
+            events: self.events,
+            first_at: self.first_at,
+            first_event: f(&self.first_event),
+            first_channel: f(&self.first_channel),
+            last_at: self.last_at,
+        }
+    }
+}
+
+impl<S: Ord + Clone> Evidence<S> {
     /// Joins two records of the same link. Commutative and associative, so it can run as a RocksDB merge
     /// operator on operands in any grouping.
-    pub fn join(&mut self, other: &Evidence) {
+    pub fn join(&mut self, other: &Evidence<S>) {
         self.events = self.events.saturating_add(other.events);
         if (other.first_at, &other.first_event) < (self.first_at, &self.first_event) {
             self.first_at = other.first_at;

@@ -62,12 +62,14 @@ pub trait GraphStore {
 
 /// Adds evidence to the links of `x` to every other of `ids`. `links` is sorted by identifier, as the
 /// state keeps it, and stays so: the event's few identifiers are found by binary search and inserted in
-/// place, without building a map of the list (most events add one link to a list of about ten).
-pub(crate) fn add_evidence(
-    links: &mut Vec<(Identifier, Evidence)>,
-    x: &Identifier,
-    ids: &[Identifier],
-    evidence: &Evidence,
+/// place, without building a map of the list (most events add one link to a list of about ten). Generic
+/// so that the state can edit a record's links borrowed from its encoding (`I` and `S` then borrow, and
+/// order as `Identifier` and `String` do).
+pub(crate) fn add_evidence<I: Ord + Clone, S: Ord + Clone>(
+    links: &mut Vec<(I, Evidence<S>)>,
+    x: &I,
+    ids: &[I],
+    evidence: &Evidence<S>,
 ) {
     debug_assert!(
         links.windows(2).all(|w| w[0].0 < w[1].0),

@@ -484,8 +484,8 @@ pub(crate) fn encode_value<T: Serialize>(
     Ok(postcard::to_extend(value, v)?)
 }
 
-pub(crate) fn decode_value<T: serde::de::DeserializeOwned>(
-    v: &[u8],
+pub(crate) fn decode_value<'a, T: serde::Deserialize<'a>>(
+    v: &'a [u8],
     cf: &'static str,
     what: &str,
 ) -> Result<T, StoreError> {
