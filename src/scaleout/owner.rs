@@ -909,12 +909,17 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
 /// [`scoped_copies`] of them (consent sealing puts the event in its channel's space); by home, then
 /// identifier.
 pub fn locate_order(ev: &Event, shards: ShardId, scoped: bool) -> Vec<Identifier> {
-    let mut ids: BTreeSet<Identifier> = ev.identifiers.iter().cloned().collect();
+    let mut ids = ev.identifiers.clone();
     if scoped {
         ids.extend(scoped_copies(ev));
     }
-    let mut ids: Vec<Identifier> = ids.into_iter().collect();
-    ids.sort_by_cached_key(|x| (home(x, shards), x.clone()));
+    // Already in order and distinct as `Event::new` made them, mostly: then the sort only checks.
+    ids.sort();
+    ids.dedup();
+    if shards > 1 {
+        // Stable: by identifier within a home.
+        ids.sort_by_cached_key(|x| home(x, shards));
+    }
     ids
 }
 

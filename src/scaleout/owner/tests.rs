@@ -820,3 +820,25 @@ fn a_gather_for_a_component_that_moved_on_follows_it() {
     );
     assert_eq!(sim.steps.len(), 2, "both events applied once");
 }
+
+proptest! {
+    /// The locate order is the event's identifiers (and, scoped, their scoped copies) once each, by home
+    /// and then identifier, whatever order and repetition the event carries them in.
+    #[test]
+    fn the_locate_order_is_by_home_then_identifier(
+        ids in prop::collection::vec((0usize..4, 0u8..10), 0..6),
+        shards in 1u32..5,
+        scoped in any::<bool>(),
+    ) {
+        let ids: Vec<Identifier> = ids.into_iter().map(|(k, v)| identifier(k, v)).collect();
+        // As carried, not as `Event::new` orders them.
+        let ev = Event { identifiers: ids, ..event(1, 1, &[], false) };
+        let mut want: BTreeSet<Identifier> = ev.identifiers.iter().cloned().collect();
+        if scoped {
+            want.extend(ev.identifiers.iter().map(|x| x.scoped(&ev.channel)));
+        }
+        let mut want: Vec<Identifier> = want.into_iter().collect();
+        want.sort_by_key(|x| home(x, shards));
+        prop_assert_eq!(locate_order(&ev, shards, scoped), want);
+    }
+}
