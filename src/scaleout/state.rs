@@ -972,30 +972,27 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         self.put(LINKS, &identifier_key(id), value)
     }
 
-    /// Adds `evidence` to the links of `x` to the others of `ids`, as `edit_links` with [`add_evidence`]
-    /// would, with the record's links borrowed from its encoding: most events touch one link of about
-    /// ten, and decoding the others into owned strings and encoding them again was most of the edit.
-    /// The record comes out byte for byte as the owned edit writes it (a test checks).
-    fn add_links(
-        &mut self,
-        x: &Identifier,
-        ids: &[Identifier],
-        evidence: &Evidence,
-    ) -> Result<(), StoreError> {
-        let key = key(self.shard, LINKS, &identifier_key(x));
-        let ids: Vec<RawIdentifier> = ids.iter().map(raw_identifier).collect();
+    /// Adds `evidence` to the links between every two of `ids`, as `edit_links` with [`add_evidence`]
+    /// would for each, with each record's links borrowed from its encoding: most events touch one link of
+    /// about ten, and decoding the others into owned strings and encoding them again was most of the edit.
+    /// Each record comes out byte for byte as the owned edit writes it (a test checks).
+    fn add_links(&mut self, ids: &[Identifier], evidence: &Evidence) -> Result<(), StoreError> {
+        let raw: Vec<RawIdentifier> = ids.iter().map(raw_identifier).collect();
         let evidence = evidence.map(|s| Raw(s.as_bytes()));
-        let value = self.kv.read_with(&key, |v| {
-            let mut links: Vec<(RawIdentifier, Evidence<Raw>)> = match v {
-                Some(v) => decode_value(v, CF_SHARDS, kind_name(LINKS))?,
-                None => Vec::new(),
-            };
-            add_evidence(&mut links, &raw_identifier(x), &ids, &evidence);
-            (!links.is_empty())
-                .then(|| encode_value(&links, v.map_or(64, |v| v.len() + 64)))
-                .transpose()
-        })??;
-        self.kv.set(key, value);
+        for (id, x) in ids.iter().zip(&raw) {
+            let key = key(self.shard, LINKS, &identifier_key(id));
+            let value = self.kv.read_with(&key, |v| {
+                let mut links: Vec<(RawIdentifier, Evidence<Raw>)> = match v {
+                    Some(v) => decode_value(v, CF_SHARDS, kind_name(LINKS))?,
+                    None => Vec::new(),
+                };
+                add_evidence(&mut links, x, &raw, &evidence);
+                (!links.is_empty())
+                    .then(|| encode_value(&links, v.map_or(64, |v| v.len() + 64)))
+                    .transpose()
+            })??;
+            self.kv.set(key, value);
+        }
         Ok(())
     }
 
@@ -1133,10 +1130,8 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
         if ids.len() < 2 {
             return;
         }
-        for x in ids {
-            let r = self.view.add_links(x, ids, evidence);
-            self.keep(r);
-        }
+        let r = self.view.add_links(ids, evidence);
+        self.keep(r);
     }
     fn remove_link(&mut self, a: &Identifier, b: &Identifier) {
         for (x, y) in [(a, b), (b, a)] {
@@ -1475,8 +1470,8 @@ mod tests {
                     first_channel: format!("ch{e}"),
                     last_at: first + last,
                 };
+                ShardView { kv: &mut borrowed, shard: 0 }.add_links(&ids, &evidence).unwrap();
                 for x in &ids {
-                    ShardView { kv: &mut borrowed, shard: 0 }.add_links(x, &ids, &evidence).unwrap();
                     ShardView { kv: &mut owned, shard: 0 }
                         .edit_links(x, |m| add_evidence(m, x, &ids, &evidence))
                         .unwrap();
