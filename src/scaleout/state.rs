@@ -32,7 +32,7 @@
 //! between leaves it behind, and the restore on start-up catches up (docs/DESIGN.md, "Scale-out").
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
@@ -283,19 +283,81 @@ pub type Changes = HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState
 pub struct ShardOverlay<'s> {
     store: &'s Store,
     pending: Option<Arc<Changes>>,
-    /// The batch's writes: hashed, for they are looked up at every read (a tree of a batch's keys cost a
-    /// dozen key comparisons per lookup); what changes the store becomes the batch's [`Changes`].
-    dirty: Changes,
-    read: RefCell<HashMap<Vec<u8>, Option<Vec<u8>>, foldhash::fast::RandomState>>,
-    /// Profiles and parts as the batch last put or read them, decoded: an event reads its profile several
-    /// times (the seal at each step, the whole of it to change it, again for the output) and its part once
-    /// to join into it. Always the decoding of the key's current value: a write of the key's bytes drops
-    /// the entry.
-    profiles: RefCell<HashMap<Vec<u8>, Profile, foldhash::fast::RandomState>>,
-    /// Keys whose value is the profile in `profiles`, not encoded yet (their entry in `dirty` holds no
-    /// bytes): a profile put several times in a batch (four in ten are, by the events of one visit) is
-    /// encoded once, when the batch's changes are taken.
-    unencoded: HashSet<Vec<u8>, foldhash::fast::RandomState>,
+    /// What the batch knows of each key it touched: its writes, what its reads found below, and the
+    /// profiles decoded. One map, hashed (a tree of a batch's keys cost a dozen key comparisons per
+    /// lookup), so that a read looks a key up once; what changes the store becomes the batch's
+    /// [`Changes`].
+    slots: RefCell<HashMap<Vec<u8>, Slot, foldhash::fast::RandomState>>,
+}
+
+/// One key as the batch knows it.
+#[derive(Default)]
+struct Slot {
+    /// The key's current value (`None`: absent), unless `unencoded`.
+    bytes: Option<Vec<u8>>,
+    /// The batch wrote the key; else `bytes` is what a read found below (the pending batch, the store).
+    written: bool,
+    /// The batch's first look found nothing below: deleting the key then changes nothing.
+    absent_below: bool,
+    /// The current value decoded, for a profile or part the batch read whole or put: an event reads its
+    /// profile several times (the seal at each step, the whole of it to change it, again for the output)
+    /// and its part once to join into it. A write of the key's bytes drops it.
+    profile: Option<Box<Profile>>,
+    /// The value is `profile`, not encoded yet: a profile put several times in a batch (four in ten are,
+    /// by the events of one visit) is encoded once, when the batch's changes are taken.
+    unencoded: bool,
+}
+
+impl Slot {
+    /// What the batch's first look at a key found below it.
+    fn below(bytes: Option<Vec<u8>>) -> Self {
+        Slot {
+            absent_below: bytes.is_none(),
+            bytes,
+            ..Slot::default()
+        }
+    }
+
+    /// Whether the batch wrote a value that changes the store: a deletion of a record its first look
+    /// found absent does not.
+    fn is_change(&self) -> bool {
+        self.written && (self.unencoded || self.bytes.is_some() || !self.absent_below)
+    }
+
+    /// The value as the changes carry it, if it is one.
+    fn into_change(self, key: &[u8]) -> Result<Option<Option<Vec<u8>>>, StoreError> {
+        if !self.is_change() {
+            return Ok(None);
+        }
+        if self.unencoded {
+            let p = self.profile.as_deref().ok_or_else(|| unencoded_lost(key))?;
+            return Ok(Some(Some(encode_profile(p)?)));
+        }
+        Ok(Some(self.bytes))
+    }
+
+    fn set(&mut self, value: Option<Vec<u8>>) {
+        self.bytes = value;
+        self.written = true;
+        self.profile = None;
+        self.unencoded = false;
+    }
+
+    /// Debug builds check that a kept profile is the decoding of the key's current value (which it is by
+    /// definition while it is not encoded).
+    fn check_kept(&self, key: &[u8], kept: &Profile) {
+        if cfg!(debug_assertions) && !self.unencoded {
+            let current: Option<Result<Profile, _>> = self
+                .bytes
+                .as_deref()
+                .map(|v| decode_value(v, CF_SHARDS, record_kind(key)));
+            debug_assert!(
+                matches!(&current, Some(Ok(p)) if p == kept),
+                "the kept profile of {} is not its current value",
+                String::from_utf8_lossy(key)
+            );
+        }
+    }
 }
 
 impl<'s> ShardOverlay<'s> {
@@ -308,10 +370,7 @@ impl<'s> ShardOverlay<'s> {
         Self {
             store,
             pending,
-            dirty: HashMap::default(),
-            read: RefCell::new(HashMap::default()),
-            profiles: RefCell::new(HashMap::default()),
-            unencoded: HashSet::default(),
+            slots: RefCell::new(HashMap::default()),
         }
     }
 
@@ -323,28 +382,43 @@ impl<'s> ShardOverlay<'s> {
     /// The changes: the batch's changelog records, and what is written to the store once the batch
     /// committed. The profiles put last are encoded here.
     pub fn into_changes(self) -> Result<Changes, StoreError> {
-        let read = self.read.into_inner();
-        let mut profiles = self.profiles.into_inner();
-        let mut changes = self.dirty;
-        for key in self.unencoded {
-            let p = profiles.remove(&key).ok_or_else(|| unencoded_lost(&key))?;
-            changes.insert(key, Some(encode_profile(&p)?));
+        let slots = self.slots.into_inner();
+        let mut changes = Changes::with_capacity_and_hasher(slots.len(), Default::default());
+        for (key, slot) in slots {
+            if let Some(value) = slot.into_change(&key)? {
+                changes.insert(key, value);
+            }
         }
-        changes.retain(|k, v| is_change(&read, k, v));
         pack_seen(&mut changes);
         Ok(changes)
     }
 
     pub fn is_empty(&self) -> bool {
-        let read = self.read.borrow();
-        !self.dirty.iter().any(|(k, v)| is_change(&read, k, v))
+        !self.slots.borrow().values().any(Slot::is_change)
     }
 
     /// Whether a layer above the store (this batch's writes, the pending batch's changes) holds `key`:
     /// then what the store holds for it is not current.
     fn shadows(&self, key: &[u8]) -> bool {
-        self.dirty.contains_key(key) || self.pending.as_ref().is_some_and(|p| p.contains_key(key))
+        self.slots.borrow().get(key).is_some_and(|s| s.written)
+            || self.pending.as_ref().is_some_and(|p| p.contains_key(key))
     }
+
+    /// The value under the batch: the pending batch's change, or the store's.
+    fn below(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.pending.as_ref().and_then(|p| p.get(key)) {
+            Some(v) => Ok(v.clone()),
+            None => self.store.shard_value(key),
+        }
+    }
+}
+
+/// The profile a slot's bytes encode.
+fn decode_slot(key: &[u8], slot: &Slot) -> Result<Option<Profile>, StoreError> {
+    slot.bytes
+        .as_deref()
+        .map(|v| decode_value(v, CF_SHARDS, record_kind(key)))
+        .transpose()
 }
 
 impl KvRead for ShardOverlay<'_> {
@@ -353,54 +427,69 @@ impl KvRead for ShardOverlay<'_> {
         key: &[u8],
         f: impl FnOnce(Option<&[u8]>) -> R,
     ) -> Result<R, StoreError> {
-        if self.unencoded.contains(key) {
-            let profiles = self.profiles.borrow();
-            let p = profiles.get(key).ok_or_else(|| unencoded_lost(key))?;
-            return Ok(f(Some(&encode_profile(p)?)));
+        if let Some(slot) = self.slots.borrow().get(key) {
+            if slot.unencoded {
+                let p = slot.profile.as_deref().ok_or_else(|| unencoded_lost(key))?;
+                return Ok(f(Some(&encode_profile(p)?)));
+            }
+            return Ok(f(slot.bytes.as_deref()));
         }
-        if let Some(v) = self.dirty.get(key) {
-            return Ok(f(v.as_deref()));
-        }
-        if let Some(v) = self.read.borrow().get(key) {
-            return Ok(f(v.as_deref()));
-        }
-        let v = match self.pending.as_ref().and_then(|p| p.get(key)) {
-            Some(v) => v.clone(),
-            None => self.store.shard_value(key)?,
-        };
-        let r = f(v.as_deref());
-        self.read.borrow_mut().insert(key.to_vec(), v);
+        let slot = Slot::below(self.below(key)?);
+        let r = f(slot.bytes.as_deref());
+        self.slots.borrow_mut().insert(key.to_vec(), slot);
         Ok(r)
     }
 
     fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
-        if self.unencoded.contains(key) {
-            return Ok(true);
+        if let Some(slot) = self.slots.borrow().get(key) {
+            return Ok(slot.unencoded || slot.bytes.is_some());
         }
         self.read_with(key, |v| v.is_some())
     }
 
+    /// Decoded once for the batch: the next look at the profile is free.
     fn with_profile<R>(
         &self,
         key: &[u8],
         f: impl FnOnce(Option<&Profile>) -> R,
     ) -> Result<R, StoreError> {
-        if let Some(p) = self.profiles.borrow().get(key) {
-            self.check_cached(key, p);
-            return Ok(f(Some(p)));
+        let slots = self.slots.borrow();
+        let found = slots.get(key);
+        if let Some(slot) = found {
+            if let Some(p) = slot.profile.as_deref() {
+                slot.check_kept(key, p);
+                return Ok(f(Some(p)));
+            }
         }
-        let p = decode_profile(self, key)?;
+        let mut slot = match found {
+            // Read before as bytes: decoded now, and kept.
+            Some(slot) => {
+                let p = decode_slot(key, slot)?;
+                let r = f(p.as_ref());
+                drop(slots);
+                if let (Some(p), Some(slot)) = (p, self.slots.borrow_mut().get_mut(key)) {
+                    slot.profile = Some(Box::new(p));
+                }
+                return Ok(r);
+            }
+            None => {
+                drop(slots);
+                Slot::below(self.below(key)?)
+            }
+        };
+        let p = decode_slot(key, &slot)?;
         let r = f(p.as_ref());
-        if let Some(p) = p {
-            self.profiles.borrow_mut().insert(key.to_vec(), p);
-        }
+        slot.profile = p.map(Box::new);
+        self.slots.borrow_mut().insert(key.to_vec(), slot);
         Ok(r)
     }
 
     fn profile(&self, key: &[u8]) -> Result<Option<Profile>, StoreError> {
-        if let Some(p) = self.profiles.borrow().get(key) {
-            self.check_cached(key, p);
-            return Ok(Some(p.clone()));
+        if let Some(slot) = self.slots.borrow().get(key) {
+            if let Some(p) = slot.profile.as_deref() {
+                slot.check_kept(key, p);
+                return Ok(Some(p.clone()));
+            }
         }
         decode_profile(self, key)
     }
@@ -408,21 +497,6 @@ impl KvRead for ShardOverlay<'_> {
     /// From the whole profile, decoded once for the batch: the next look at it is free.
     fn seal(&self, key: &[u8]) -> Result<Option<Seal>, StoreError> {
         self.with_profile(key, |p| p.map(Profile::seal))
-    }
-}
-
-impl ShardOverlay<'_> {
-    /// Debug builds check that a cached profile is the decoding of the key's current value (which it is
-    /// by definition while it is not encoded).
-    fn check_cached(&self, key: &[u8], cached: &Profile) {
-        if cfg!(debug_assertions) && !self.unencoded.contains(key) {
-            let current = decode_profile(self, key);
-            debug_assert!(
-                matches!(&current, Ok(Some(p)) if p == cached),
-                "the cached profile of {} is not its current value",
-                String::from_utf8_lossy(key)
-            );
-        }
     }
 }
 
@@ -441,40 +515,36 @@ fn unencoded_lost(key: &[u8]) -> StoreError {
     }
 }
 
-/// Whether setting `key` to `value` changes the store: a deletion of a record the batch read to be absent
-/// does not.
-fn is_change<S: std::hash::BuildHasher>(
-    read: &HashMap<Vec<u8>, Option<Vec<u8>>, S>,
-    key: &[u8],
-    value: &Option<Vec<u8>>,
-) -> bool {
-    value.is_some() || !matches!(read.get(key), Some(None))
-}
-
 impl Kv for ShardOverlay<'_> {
     fn has_prefix(&self, prefix: &[u8]) -> Result<bool, StoreError> {
         self.store.has_prefix(prefix)
     }
 
     fn set(&mut self, key: Vec<u8>, value: Option<Vec<u8>>) {
-        self.profiles.get_mut().remove(&key);
-        self.unencoded.remove(&key);
-        self.dirty.insert(key, value);
+        self.slots.get_mut().entry(key).or_default().set(value);
     }
 
     /// The kept profile moves out, or the record is decoded; either way it is deleted until put back.
     fn take_profile(&mut self, key: &[u8]) -> Result<Option<Profile>, StoreError> {
-        let p = match self.profiles.get_mut().remove(key) {
-            Some(p) => {
-                self.check_cached(key, &p);
-                Some(p)
+        let kept = match self.slots.get_mut().get_mut(key) {
+            Some(slot) => match slot.profile.take() {
+                Some(p) => {
+                    slot.check_kept(key, &p);
+                    Some(*p)
+                }
+                None => decode_slot(key, slot)?,
+            },
+            None => {
+                let slot = Slot::below(self.below(key)?);
+                let p = decode_slot(key, &slot)?;
+                self.slots.get_mut().insert(key.to_vec(), slot);
+                p
             }
-            None => decode_profile(self, key)?,
         };
-        if p.is_some() {
+        if kept.is_some() {
             self.set(key.to_vec(), None);
         }
-        Ok(p)
+        Ok(kept)
     }
 
     /// Encoded when the batch's changes are taken ([`ShardOverlay::into_changes`]), unless its bytes are
@@ -482,9 +552,11 @@ impl Kv for ShardOverlay<'_> {
     fn set_profile(&mut self, key: Vec<u8>, profile: Option<Profile>) -> Result<(), StoreError> {
         match profile {
             Some(p) => {
-                self.dirty.insert(key.clone(), Some(Vec::new()));
-                self.unencoded.insert(key.clone());
-                self.profiles.get_mut().insert(key, p);
+                let slot = self.slots.get_mut().entry(key).or_default();
+                slot.bytes = None;
+                slot.written = true;
+                slot.profile = Some(Box::new(p));
+                slot.unencoded = true;
             }
             None => self.set(key, None),
         }
@@ -492,9 +564,13 @@ impl Kv for ShardOverlay<'_> {
     }
 
     fn known_absent(&mut self, key: Vec<u8>) {
-        if !self.shadows(&key) {
-            self.read.get_mut().entry(key).or_insert(None);
+        if self.pending.as_ref().is_some_and(|p| p.contains_key(&key)) {
+            return;
         }
+        self.slots
+            .get_mut()
+            .entry(key)
+            .or_insert_with(|| Slot::below(None));
     }
 }
 
@@ -1220,17 +1296,20 @@ mod tests {
         /// Take the profile out, then delete it or put it back changed (as a join into a part does).
         Take(usize, Option<u8>),
         Read(usize),
+        /// Tell the overlay the key holds nothing, where the model says so (as the protocol does).
+        KnownAbsent(usize),
     }
 
     fn op() -> impl proptest::strategy::Strategy<Value = Op> {
         use proptest::prelude::*;
-        let k = 0..3usize;
+        let k = 0..4usize;
         let v = proptest::option::of(0..4u8);
         prop_oneof![
             (k.clone(), v.clone()).prop_map(|(k, v)| Op::Set(k, v)),
             (k.clone(), v.clone()).prop_map(|(k, v)| Op::SetProfile(k, v)),
             (k.clone(), v).prop_map(|(k, v)| Op::Take(k, v)),
-            k.prop_map(Op::Read),
+            k.clone().prop_map(Op::Read),
+            k.prop_map(Op::KnownAbsent),
         ]
     }
 
@@ -1261,20 +1340,27 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// The overlay's decoded profiles never differ from its bytes: any sequence of writes, takes
-        /// and reads reads the same through the overlay (over committed records) as through the plain
-        /// map the simulation uses, and leaves the same changes.
+        /// The overlay's decoded profiles never differ from its bytes: any sequence of writes, takes,
+        /// reads and claims of absence reads the same through the overlay (over committed records and
+        /// a pending batch's changes) as through the plain map the simulation uses, and leaves the same
+        /// changes.
         #[test]
         fn decoded_profiles_read_as_their_bytes(ops in proptest::collection::vec(op(), 1..40)) {
             let t = TempStore::new().unwrap();
-            let keys = [key(0, PROFILE, &1u64.to_be_bytes()), key(0, PROFILE, &2u64.to_be_bytes()), key(0, PART, b"x")];
+            let keys = [key(0, PROFILE, &1u64.to_be_bytes()), key(0, PROFILE, &2u64.to_be_bytes()), key(0, PART, b"x"), key(0, PART, b"y")];
             let bytes = |n: u8| encode_value(&a_profile(n), 0).unwrap();
             let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
-            for (k, n) in [(&keys[0], 0), (&keys[2], 1)] {
+            for (k, n) in [(&keys[0], 0), (&keys[2], 1), (&keys[3], 2)] {
                 committed(&t.store, &[(k.as_slice(), Some(bytes(n).as_slice()))]);
                 model.insert(k.clone(), bytes(n));
             }
-            let mut overlay = ShardOverlay::new(&t.store);
+            // The batch before, committing while this one runs: it rewrote one record the store
+            // holds, deleted another, and created one.
+            let pending: Changes = [(keys[2].clone(), Some(bytes(3))), (keys[3].clone(), None), (keys[1].clone(), Some(bytes(2)))].into_iter().collect();
+            for (k, v) in &pending {
+                model.set(k.clone(), v.clone());
+            }
+            let mut overlay = ShardOverlay::over(&t.store, Some(Arc::new(pending.clone())));
             for op in ops {
                 match op {
                     Op::Set(k, v) => {
@@ -1293,6 +1379,11 @@ mod tests {
                         model.set_profile(keys[k].clone(), back).unwrap();
                     }
                     Op::Read(k) => proptest::prop_assert_eq!(reads(&overlay, &keys[k]), reads(&model, &keys[k])),
+                    Op::KnownAbsent(k) => {
+                        if !model.contains_key(&keys[k]) {
+                            overlay.known_absent(keys[k].clone());
+                        }
+                    }
                 }
             }
             for k in &keys {
@@ -1304,7 +1395,7 @@ mod tests {
                     after.insert(k.clone(), v);
                 }
             }
-            for (k, v) in overlay.into_changes().unwrap() {
+            for (k, v) in pending.into_iter().chain(overlay.into_changes().unwrap()) {
                 match v {
                     Some(v) => after.insert(k, v),
                     None => after.remove(&k),
