@@ -41,7 +41,7 @@ impl Identifier {
 
     /// The channel a scoped identifier is confined to.
     pub fn scope(&self) -> Option<&str> {
-        self.kind.split_once(SCOPE_SEPARATOR).map(|(_, ch)| ch)
+        scope_at(&self.kind).map(|at| &self.kind[at + 1..])
     }
 }
 
@@ -50,7 +50,17 @@ pub const SCOPE_SEPARATOR: char = '@';
 
 /// The type without a channel scope.
 pub fn base_kind(kind: &str) -> &str {
-    kind.split_once(SCOPE_SEPARATOR).map_or(kind, |(k, _)| k)
+    scope_at(kind).map_or(kind, |at| &kind[..at])
+}
+
+/// Where the scope separator is in a type. A byte scan: types are a few bytes long, where a `char`
+/// pattern's search costs more to set up than the scan (a step of every identifier's guardrail check).
+fn scope_at(kind: &str) -> Option<usize> {
+    const SEPARATOR: u8 = {
+        assert!(SCOPE_SEPARATOR.is_ascii());
+        SCOPE_SEPARATOR as u8
+    };
+    kind.bytes().position(|b| b == SEPARATOR)
 }
 
 impl fmt::Display for Identifier {
@@ -303,6 +313,22 @@ pub fn to_minor_units(amount: f64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scoped_type_splits_at_its_first_separator() {
+        let email = Identifier::new("email", "a@example.org");
+        assert_eq!((email.base_kind(), email.scope()), ("email", None));
+        let scoped = email.scoped("café");
+        assert_eq!(scoped.kind, "email@café");
+        assert_eq!(
+            (scoped.base_kind(), scoped.scope()),
+            ("email", Some("café"))
+        );
+        assert_eq!(scoped.scoped("web").kind, "email@web");
+        let odd = Identifier::new("é@x@y", "v");
+        assert_eq!((odd.base_kind(), odd.scope()), ("é", Some("x@y")));
+        assert_eq!(base_kind(""), "");
+    }
 
     #[test]
     fn origins_are_written_and_read_back() {
