@@ -447,7 +447,8 @@ impl KvRead for ShardOverlay<'_> {
         self.read_with(key, |v| v.is_some())
     }
 
-    /// Decoded once for the batch: the next look at the profile is free.
+    /// Decoded once for the batch: the next look at the profile is free. `f` runs inside the borrow of
+    /// the batch's map, so it must not read the overlay.
     fn with_profile<R>(
         &self,
         key: &[u8],
