@@ -343,6 +343,14 @@ impl Slot {
         self.unencoded = false;
     }
 
+    /// Writes the profile as the key's value, to be encoded when the batch's changes are taken.
+    fn put_profile(&mut self, p: Profile) {
+        self.bytes = None;
+        self.written = true;
+        self.profile = Some(Box::new(p));
+        self.unencoded = true;
+    }
+
     /// Debug builds check that a kept profile is the decoding of the key's current value (which it is by
     /// definition while it is not encoded).
     fn check_kept(&self, key: &[u8], kept: &Profile) {
@@ -455,33 +463,34 @@ impl KvRead for ShardOverlay<'_> {
         f: impl FnOnce(Option<&Profile>) -> R,
     ) -> Result<R, StoreError> {
         let slots = self.slots.borrow();
-        let found = slots.get(key);
-        if let Some(slot) = found {
-            if let Some(p) = slot.profile.as_deref() {
-                slot.check_kept(key, p);
-                return Ok(f(Some(p)));
-            }
-        }
-        let mut slot = match found {
-            // Read before as bytes: decoded now, and kept.
-            Some(slot) => {
-                let p = decode_slot(key, slot)?;
-                let r = f(p.as_ref());
-                drop(slots);
-                if let (Some(p), Some(slot)) = (p, self.slots.borrow_mut().get_mut(key)) {
-                    slot.profile = Some(Box::new(p));
+        // Decoded from the bytes the batch holds, or from what lies below (a slot to keep, `Some`).
+        let (p, below) = match slots.get(key) {
+            Some(slot) => match slot.profile.as_deref() {
+                Some(p) => {
+                    slot.check_kept(key, p);
+                    return Ok(f(Some(p)));
                 }
-                return Ok(r);
-            }
+                None => (decode_slot(key, slot)?, None),
+            },
             None => {
-                drop(slots);
-                Slot::below(self.below(key)?)
+                let slot = Slot::below(self.below(key)?);
+                (decode_slot(key, &slot)?, Some(slot))
             }
         };
-        let p = decode_slot(key, &slot)?;
+        drop(slots);
         let r = f(p.as_ref());
-        slot.profile = p.map(Box::new);
-        self.slots.borrow_mut().insert(key.to_vec(), slot);
+        let mut slots = self.slots.borrow_mut();
+        match below {
+            Some(mut slot) => {
+                slot.profile = p.map(Box::new);
+                slots.insert(key.to_vec(), slot);
+            }
+            None => {
+                if let (Some(p), Some(slot)) = (p, slots.get_mut(key)) {
+                    slot.profile = Some(Box::new(p));
+                }
+            }
+        }
         Ok(r)
     }
 
@@ -552,13 +561,7 @@ impl Kv for ShardOverlay<'_> {
     /// read before.
     fn set_profile(&mut self, key: Vec<u8>, profile: Option<Profile>) -> Result<(), StoreError> {
         match profile {
-            Some(p) => {
-                let slot = self.slots.get_mut().entry(key).or_default();
-                slot.bytes = None;
-                slot.written = true;
-                slot.profile = Some(Box::new(p));
-                slot.unencoded = true;
-            }
+            Some(p) => self.slots.get_mut().entry(key).or_default().put_profile(p),
             None => self.set(key, None),
         }
         Ok(())
