@@ -765,19 +765,40 @@ impl Pipeline {
             .create_with_context(QuietEof)?;
         let mut start = TopicPartitionList::new();
         let mut high = BTreeMap::new();
+        let mut bounds = BTreeMap::new();
         for s in shards {
             let p = *s as i32;
             let (low, hw) = watermarks(&ends, self.engine.changelog(), p, Duration::from_secs(30))?;
-            let from = match self.store.changelog_position(*s)? {
-                Some(at) if at >= low && at <= hw => at,
+            bounds.insert(*s, (self.store.changelog_position(*s)?, low, hw));
+        }
+        let below: BTreeMap<i32, i64> = bounds
+            .iter()
+            .filter_map(|(s, (local, low, hw))| match local {
+                Some(at) if at > low && at <= hw => Some((*s as i32, at - 1)),
+                _ => None,
+            })
+            .collect();
+        let aborted = self.aborted_below(&ends, &restorer, &below, shutdown)?;
+        for (s, (local, low, hw)) in bounds {
+            let p = s as i32;
+            let from = match local {
+                Some(at) if at >= low && at <= hw && !aborted.contains(&p) => at,
                 local => {
-                    if local.is_some() {
+                    if aborted.contains(&p) {
+                        tracing::error!(
+                            shard = s,
+                            record = below.get(&p).copied().unwrap_or_default(),
+                            "the local copy of the shard holds changes of an aborted transaction \
+                             (its commit was reported done); restoring the shard from the start"
+                        );
+                        self.metrics.state_rewound.inc();
+                    } else if local.is_some() {
                         tracing::warn!(
                             shard = s,
                             "local copy of the shard is outside its changelog; restoring from the start"
                         );
                     }
-                    self.store.wipe_shard(*s)?;
+                    self.store.wipe_shard(s)?;
                     low
                 }
             };
@@ -809,6 +830,40 @@ impl Pipeline {
             "shards restored"
         );
         Ok(())
+    }
+
+    /// The changelog partitions among `below` (partition, offset of the last record the local copy holds)
+    /// where that record is in the log but a committed read skips it: its transaction was aborted after
+    /// this instance's commit of it was reported done (docs/DESIGN.md, "Restore"). A record not found
+    /// uncommitted (a marker, or compacted away) cannot be checked and counts as committed. The committed
+    /// read waits for a transaction still open there, as the restore does.
+    fn aborted_below(
+        &self,
+        uncommitted: &BaseConsumer<QuietEof>,
+        committed: &BaseConsumer<QuietEof>,
+        below: &BTreeMap<i32, i64>,
+        shutdown: &CancellationToken,
+    ) -> Result<BTreeSet<i32>, PipelineError> {
+        if below.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let topic = self.engine.changelog();
+        let deadline = Instant::now() + self.cfg.processing.transaction_timeout * 2 + ABORT_SWEEP;
+        let in_log = first_offsets(uncommitted, topic, below, deadline, shutdown)?;
+        let present: BTreeMap<i32, i64> = below
+            .iter()
+            .filter(|(p, at)| in_log.get(p) == Some(&Some(**at)))
+            .map(|(p, at)| (*p, *at))
+            .collect();
+        if present.is_empty() {
+            return Ok(BTreeSet::new());
+        }
+        let read = first_offsets(committed, topic, &present, deadline, shutdown)?;
+        Ok(present
+            .iter()
+            .filter(|(p, at)| read.get(p) != Some(&Some(**at)))
+            .map(|(p, _)| *p)
+            .collect())
     }
 
     /// Applies changelog records until every partition in `high` reached its high watermark. The restorer
@@ -894,6 +949,57 @@ impl Pipeline {
         }
         Ok(applied)
     }
+}
+
+/// Per partition of `topic` in `from`, the offset of the first record `consumer` returns from there (`None`:
+/// none before the end of the partition, which for a committed read is the last stable offset: a record in
+/// a transaction still open is waited for). Leaves the consumer unassigned.
+fn first_offsets(
+    consumer: &BaseConsumer<QuietEof>,
+    topic: &str,
+    from: &BTreeMap<i32, i64>,
+    deadline: Instant,
+    shutdown: &CancellationToken,
+) -> Result<BTreeMap<i32, Option<i64>>, PipelineError> {
+    let mut tpl = TopicPartitionList::new();
+    for (p, at) in from {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*at))?;
+    }
+    consumer.assign(&tpl)?;
+    let mut first = BTreeMap::new();
+    while first.len() < from.len() {
+        if shutdown.is_cancelled() {
+            return Err(PipelineError::Restore("shutdown during restore".into()));
+        }
+        if Instant::now() > deadline {
+            return Err(PipelineError::Restore(format!(
+                "changelog partitions of {topic} did not answer from {from:?}: an open transaction \
+                 that never ends?"
+            )));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                first.entry(m.partition()).or_insert(Some(m.offset()));
+            }
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                // A committed read stops at the last stable offset: it reached the end only once its
+                // position went past the offset asked for (what lies there was skipped as aborted).
+                let past = consumer
+                    .position()?
+                    .find_partition(topic, p)
+                    .and_then(|e| e.offset().to_raw())
+                    .zip(from.get(&p))
+                    .is_some_and(|(at, asked)| at > *asked);
+                if past {
+                    first.entry(p).or_insert(None);
+                }
+            }
+            Some(Err(e)) => return Err(e.into()),
+            None => {}
+        }
+    }
+    consumer.unassign()?;
+    Ok(first)
 }
 
 /// Adds to a batch's positions the shard topic's partition of every shard whose state the batch changed,

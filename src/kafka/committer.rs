@@ -61,13 +61,28 @@ const CALL_BOUND: Duration = Duration::from_secs(TXN_CALL_TIMEOUT.as_secs() + 10
 /// against a real broker. `STITCHER_TEST_HANG=<call>:<n>` makes the n-th call of that name in the process
 /// (counted from 1) block for ever once librdkafka returned from it, so that its outcome is unknown to the
 /// caller (a `commit_transaction` that committed, an offsets call whose offsets are in the transaction);
-/// `STITCHER_TEST_CALL_BOUND_MS` sets how long a call is waited for.
+/// `STITCHER_TEST_CALL_BOUND_MS` sets how long a call is waited for. `STITCHER_TEST_ABORT_AS_COMMIT=<n>`
+/// makes the n-th commit abort its transaction and report it committed: what the pipeline sees when the
+/// coordinator completed a commit without its markers and a later abort took the records (docs/DESIGN.md,
+/// "Restore").
 #[cfg(feature = "kafka-it")]
 mod hang_on_demand {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     static CALLS: AtomicUsize = AtomicUsize::new(0);
+    static COMMITS: AtomicUsize = AtomicUsize::new(0);
+
+    /// Whether this commit is the one to abort while reporting it committed.
+    pub fn abort_as_commit() -> bool {
+        let Some(n) = std::env::var("STITCHER_TEST_ABORT_AS_COMMIT")
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+        else {
+            return false;
+        };
+        COMMITS.fetch_add(1, Ordering::AcqRel) + 1 == n
+    }
 
     pub fn bound(default: Duration) -> Duration {
         std::env::var("STITCHER_TEST_CALL_BOUND_MS")
@@ -484,6 +499,11 @@ impl Committer {
         step.done("deliveries");
         let committing = Instant::now();
         loop {
+            #[cfg(feature = "kafka-it")]
+            if hang_on_demand::abort_as_commit() {
+                self.call("abort_transaction", move |p| p.abort_transaction(timeout))?;
+                break;
+            }
             match self.call("commit_transaction", move |p| p.commit_transaction(timeout)) {
                 Ok(()) => break,
                 // A commit that timed out may be retried as it is, up to the transaction timeout.
