@@ -22,7 +22,7 @@ use crate::config::HashKey;
 use crate::model::{Event, Identifier, NodeId, ProfileId};
 use crate::profile::Profile;
 use crate::stitch::{Applied, Evidence, GraphStore, Reshape, Stitcher};
-use crate::store::{identifier_key, StoreError};
+use crate::store::{KeyRest, StoreError};
 
 /// What `Locate` found for one identifier at its home.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -379,10 +379,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
 
     /// Events pending here that located `x` (they need its component).
     fn waiting_on(&self, x: &Identifier) -> Result<Vec<String>, StoreError> {
-        Ok(self
-            .view
-            .get(WAITING, &identifier_key(x))?
-            .unwrap_or_default())
+        Ok(self.view.get(WAITING, x)?.unwrap_or_default())
     }
 
     fn edit_waiting(
@@ -390,7 +387,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         x: &Identifier,
         f: impl FnOnce(&mut Vec<String>),
     ) -> Result<(), StoreError> {
-        self.view.edit_set(WAITING, &identifier_key(x), f)
+        self.view.edit_set(WAITING, x, f)
     }
 
     /// The events pending here that need any of `ids`, highest priority first.
@@ -415,7 +412,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
 
     /// Parks a message about `x`, whose component is on its way here, until it arrives.
     fn park(&mut self, x: &Identifier, msg: Msg) -> Result<(), StoreError> {
-        self.park_under(PARKED, &identifier_key(x), msg)
+        self.park_under(PARKED, x, msg)
     }
 
     /// Parks a fetch behind the pending event `event` that holds the component, until that event is
@@ -425,7 +422,12 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
     }
 
     /// Adds a message to the list parked under a key of `kind`.
-    fn park_under(&mut self, kind: u8, key: &[u8], msg: Msg) -> Result<(), StoreError> {
+    fn park_under(
+        &mut self,
+        kind: u8,
+        key: &(impl KeyRest + ?Sized),
+        msg: Msg,
+    ) -> Result<(), StoreError> {
         let mut parked: Vec<Msg> = self.view.get(kind, key)?.unwrap_or_default();
         parked.push(msg);
         self.view.put(kind, key, Some(&parked))
@@ -436,7 +438,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         &mut self,
         stitcher: &Stitcher,
         kind: u8,
-        key: &[u8],
+        key: &(impl KeyRest + ?Sized),
         out: &mut Out,
     ) -> Result<(), StoreError> {
         let parked: Option<Vec<Msg>> = self.view.get(kind, key)?;
@@ -783,7 +785,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         out: &mut Out,
     ) -> Result<(), StoreError> {
         for x in ids {
-            self.unpark(stitcher, PARKED, &identifier_key(x), out)?;
+            self.unpark(stitcher, PARKED, x, out)?;
         }
         Ok(())
     }

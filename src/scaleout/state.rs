@@ -45,7 +45,9 @@ use crate::model::{Event, Identifier, NodeId, ProfileId};
 use crate::profile::{Enrichment, Profile, ProfileHead, Seal};
 use crate::stitch::graph::{add_evidence, remove_evidence};
 use crate::stitch::{Evidence, GraphStore};
-use crate::store::{decode_value, encode_value, identifier_key, Store, StoreError, CF_SHARDS};
+use crate::store::{
+    decode_value, encode_value, identifier_key, KeyRest, Store, StoreError, CF_SHARDS,
+};
 
 pub(crate) const NODE: u8 = b'n';
 pub(crate) const PROFILE: u8 = b'P';
@@ -85,11 +87,11 @@ pub fn suppression_hash(salt: &crate::config::HashKey, id: &Identifier) -> [u8; 
 /// Kinds of the parent-pointer protocol of stitcher 0.2's scale-out mode, which this version refuses.
 const FORMER_KINDS: [u8; 2] = [b'p', b'r'];
 
-pub(crate) fn key(shard: ShardId, kind: u8, rest: &[u8]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(5 + rest.len());
+pub(crate) fn key(shard: ShardId, kind: u8, rest: &(impl KeyRest + ?Sized)) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + rest.key_len());
     k.extend_from_slice(&shard.to_be_bytes());
     k.push(kind);
-    k.extend_from_slice(rest);
+    rest.put_into(&mut k);
     k
 }
 
@@ -692,7 +694,7 @@ fn pack_seen(changes: &mut Changes) {
                 value.extend_from_slice(&f[5..]);
                 changes.insert(f.clone(), Some(at.to_be_bytes().to_vec()));
             }
-            changes.insert(key(shard, SEEN_BATCH, &rest), Some(value));
+            changes.insert(key(shard, SEEN_BATCH, rest.as_slice()), Some(value));
         }
     }
 }
@@ -761,12 +763,16 @@ pub struct ShardRead<'k, K: ?Sized> {
 }
 
 impl<K: KvRead + ?Sized> ShardRead<'_, K> {
-    fn read<T: DeserializeOwned>(&self, kind: u8, rest: &[u8]) -> Result<Option<T>, StoreError> {
+    fn read<T: DeserializeOwned>(
+        &self,
+        kind: u8,
+        rest: &(impl KeyRest + ?Sized),
+    ) -> Result<Option<T>, StoreError> {
         decode_record(self.kv, &key(self.shard, kind, rest))
     }
 
     pub fn node_of(&self, id: &Identifier) -> Result<Option<NodeId>, StoreError> {
-        self.read(NODE, &identifier_key(id))
+        self.read(NODE, id)
     }
 
     pub fn profile(&self, node: NodeId) -> Result<Option<Profile>, StoreError> {
@@ -805,19 +811,19 @@ impl<K: KvRead + ?Sized> ShardRead<'_, K> {
     }
 
     pub fn links(&self, id: &Identifier) -> Result<Vec<(Identifier, Evidence)>, StoreError> {
-        Ok(self.read(LINKS, &identifier_key(id))?.unwrap_or_default())
+        Ok(self.read(LINKS, id)?.unwrap_or_default())
     }
 
     pub fn part(&self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
-        self.kv.profile(&key(self.shard, PART, &identifier_key(id)))
+        self.kv.profile(&key(self.shard, PART, id))
     }
 
     pub fn dir<T: DeserializeOwned>(&self, id: &Identifier) -> Result<Option<T>, StoreError> {
-        self.read(DIR, &identifier_key(id))
+        self.read(DIR, id)
     }
 
     pub fn moved<T: DeserializeOwned>(&self, id: &Identifier) -> Result<Option<T>, StoreError> {
-        self.read(MOVED, &identifier_key(id))
+        self.read(MOVED, id)
     }
 
     pub fn redirects_to(&self, id: &ProfileId) -> Result<Vec<ProfileId>, StoreError> {
@@ -890,7 +896,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
     pub(crate) fn get<T: DeserializeOwned>(
         &self,
         kind: u8,
-        rest: &[u8],
+        rest: &(impl KeyRest + ?Sized),
     ) -> Result<Option<T>, StoreError> {
         self.read().read(kind, rest)
     }
@@ -899,7 +905,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
     pub(crate) fn put<T: Serialize>(
         &mut self,
         kind: u8,
-        rest: &[u8],
+        rest: &(impl KeyRest + ?Sized),
         value: Option<&T>,
     ) -> Result<(), StoreError> {
         let v = value.map(|v| encode_value(v, 64)).transpose()?;
@@ -908,14 +914,18 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
     }
 
     /// Takes a profile or part out of the state: it is deleted unless put back.
-    fn take_profile(&mut self, kind: u8, rest: &[u8]) -> Result<Option<Profile>, StoreError> {
+    fn take_profile(
+        &mut self,
+        kind: u8,
+        rest: &(impl KeyRest + ?Sized),
+    ) -> Result<Option<Profile>, StoreError> {
         self.kv.take_profile(&key(self.shard, kind, rest))
     }
 
     fn set_profile(
         &mut self,
         kind: u8,
-        rest: &[u8],
+        rest: &(impl KeyRest + ?Sized),
         profile: Option<Profile>,
     ) -> Result<(), StoreError> {
         self.kv.set_profile(key(self.shard, kind, rest), profile)
@@ -925,14 +935,13 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
     /// holds a record of it yet, so its node, links, part and forwarding pointer are not read from the
     /// store.
     pub fn first_placement(&mut self, id: &Identifier) {
-        let rest = identifier_key(id);
         for kind in [NODE, LINKS, PART, MOVED] {
-            self.known_absent(kind, &rest);
+            self.known_absent(kind, id);
         }
     }
 
     /// A record the protocol knows is absent: not read from the store ([`Kv::known_absent`]).
-    pub fn known_absent(&mut self, kind: u8, rest: &[u8]) {
+    pub(crate) fn known_absent(&mut self, kind: u8, rest: &(impl KeyRest + ?Sized)) {
         self.kv.known_absent(key(self.shard, kind, rest));
     }
 
@@ -942,15 +951,14 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         if gen == FIRST_PLACEMENT {
             return Ok(());
         }
-        self.put(GEN, &identifier_key(id), Some(&gen))
+        self.put(GEN, id, Some(&gen))
     }
 
     /// How many times `id`, leaving this shard's graph, was placed; its record goes with it.
     pub fn take_gen(&mut self, id: &Identifier) -> Result<u32, StoreError> {
-        let rest = identifier_key(id);
-        match self.get::<u32>(GEN, &rest)? {
+        match self.get::<u32>(GEN, id)? {
             Some(gen) => {
-                self.put::<u32>(GEN, &rest, None)?;
+                self.put::<u32>(GEN, id, None)?;
                 Ok(gen)
             }
             None => Ok(FIRST_PLACEMENT),
@@ -966,7 +974,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         id: &Identifier,
         moved: Option<&T>,
     ) -> Result<(), StoreError> {
-        self.put(MOVED, &identifier_key(id), moved)
+        self.put(MOVED, id, moved)
     }
 
     /// Removes the forwarding pointer of `id` if there is one (a blind delete would add a changelog
@@ -987,7 +995,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         id: &Identifier,
         dir: Option<&T>,
     ) -> Result<(), StoreError> {
-        self.put(DIR, &identifier_key(id), dir)
+        self.put(DIR, id, dir)
     }
 
     /// Whether the identifier with this suppression hash is on this shard's suppression list.
@@ -1030,7 +1038,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
     pub(crate) fn edit_set<T: Ord + Serialize + DeserializeOwned>(
         &mut self,
         kind: u8,
-        rest: &[u8],
+        rest: &(impl KeyRest + ?Sized),
         f: impl FnOnce(&mut Vec<T>),
     ) -> Result<(), StoreError> {
         let mut set: Vec<T> = self.get(kind, rest)?.unwrap_or_default();
@@ -1049,7 +1057,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         let mut links = self.read().links(id)?;
         f(&mut links);
         let value = (!links.is_empty()).then_some(&links);
-        self.put(LINKS, &identifier_key(id), value)
+        self.put(LINKS, id, value)
     }
 
     /// Adds `evidence` to the links between every two of `ids`, as `edit_links` with [`add_evidence`]
@@ -1060,7 +1068,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         let raw: Vec<RawIdentifier> = ids.iter().map(raw_identifier).collect();
         let evidence = evidence.map(|s| Raw(s.as_bytes()));
         for (id, x) in ids.iter().zip(&raw) {
-            let key = key(self.shard, LINKS, &identifier_key(id));
+            let key = key(self.shard, LINKS, id);
             let value = self.kv.read_with(&key, |v| {
                 let mut links: Vec<(RawIdentifier, Evidence<Raw>)> = match v {
                     Some(v) => decode_value(v, CF_SHARDS, kind_name(LINKS))?,
@@ -1083,7 +1091,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         links: &[(Identifier, Evidence)],
     ) -> Result<(), StoreError> {
         let value = (!links.is_empty()).then_some(&links);
-        self.put(LINKS, &identifier_key(id), value)
+        self.put(LINKS, id, value)
     }
 
     /// Removes an identifier's links wholesale (a component leaving) and returns them.
@@ -1092,7 +1100,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         id: &Identifier,
     ) -> Result<Vec<(Identifier, Evidence)>, StoreError> {
         let links = self.read().links(id)?;
-        self.put::<()>(LINKS, &identifier_key(id), None)?;
+        self.put::<()>(LINKS, id, None)?;
         Ok(links)
     }
 
@@ -1142,11 +1150,11 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
         self.view.read().node_of(id)
     }
     fn set_node(&mut self, id: &Identifier, node: NodeId) {
-        let r = self.view.put(NODE, &identifier_key(id), Some(&node));
+        let r = self.view.put(NODE, id, Some(&node));
         self.keep(r);
     }
     fn remove_identifier(&mut self, id: &Identifier) {
-        let r = self.view.put::<NodeId>(NODE, &identifier_key(id), None);
+        let r = self.view.put::<NodeId>(NODE, id, None);
         self.keep(r);
     }
     fn take_profile(&mut self, node: NodeId) -> Result<Option<Profile>, StoreError> {
@@ -1220,22 +1228,21 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
         }
     }
     fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
-        self.view.take_profile(PART, &identifier_key(id))
+        self.view.take_profile(PART, id)
     }
     fn put_part(&mut self, id: &Identifier, part: Profile) {
-        let r = self.view.set_profile(PART, &identifier_key(id), Some(part));
+        let r = self.view.set_profile(PART, id, Some(part));
         self.keep(r);
     }
     fn add_to_part(&mut self, id: &Identifier, ev: &Event, cfg: &Enrichment) {
-        let rest = identifier_key(id);
-        let r = self.view.take_profile(PART, &rest).and_then(|p| {
+        let r = self.view.take_profile(PART, id).and_then(|p| {
             let part = Profile::part_with(p, ev, cfg);
-            self.view.set_profile(PART, &rest, Some(part))
+            self.view.set_profile(PART, id, Some(part))
         });
         self.keep(r);
     }
     fn delete_part(&mut self, id: &Identifier) {
-        let r = self.view.put::<Profile>(PART, &identifier_key(id), None);
+        let r = self.view.put::<Profile>(PART, id, None);
         self.keep(r);
     }
 }

@@ -454,11 +454,46 @@ pub fn follow_redirects<E>(
 }
 
 pub(crate) fn identifier_key(id: &Identifier) -> Vec<u8> {
-    let mut k = Vec::with_capacity(id.kind.len() + id.value.len() + 1);
-    k.extend_from_slice(id.kind.as_bytes());
-    k.push(0);
-    k.extend_from_slice(id.value.as_bytes());
+    let mut k = Vec::with_capacity(id.key_len());
+    id.put_into(&mut k);
     k
+}
+
+/// What follows a shard state key's shard and kind: bytes, or an identifier (its state key), written into
+/// the key in place, so that a record's key is one allocation.
+pub(crate) trait KeyRest {
+    fn key_len(&self) -> usize;
+    fn put_into(&self, key: &mut Vec<u8>);
+}
+
+impl KeyRest for [u8] {
+    fn key_len(&self) -> usize {
+        self.len()
+    }
+    fn put_into(&self, key: &mut Vec<u8>) {
+        key.extend_from_slice(self);
+    }
+}
+
+impl<const N: usize> KeyRest for [u8; N] {
+    fn key_len(&self) -> usize {
+        N
+    }
+    fn put_into(&self, key: &mut Vec<u8>) {
+        key.extend_from_slice(self);
+    }
+}
+
+/// Type, NUL, value.
+impl KeyRest for Identifier {
+    fn key_len(&self) -> usize {
+        self.kind.len() + 1 + self.value.len()
+    }
+    fn put_into(&self, key: &mut Vec<u8>) {
+        key.extend_from_slice(self.kind.as_bytes());
+        key.push(0);
+        key.extend_from_slice(self.value.as_bytes());
+    }
 }
 
 #[cfg(test)]
