@@ -92,6 +92,7 @@ log4j.rootLogger=WARN, file
 log4j.logger.kafka.server.KafkaServer=INFO
 log4j.logger.kafka.server.KafkaRaftServer=INFO
 log4j.logger.kafka.Kafka=INFO
+log4j.logger.kafka.coordinator.transaction=INFO
 log4j.appender.file=org.apache.log4j.FileAppender
 log4j.appender.file.File=$data/server.log
 log4j.appender.file.layout=org.apache.log4j.PatternLayout
@@ -113,6 +114,12 @@ logger.server.name = kafka.server.KafkaServer
 logger.server.level = info
 logger.kafka.name = kafka.Kafka
 logger.kafka.level = info
+# The transaction coordinator says at info when it gives up on a partition's marker (CI once saw a commit
+# completed without markers while the broker shut down; docs/DESIGN.md, "Restore").
+logger.txn.name = kafka.coordinator.transaction
+logger.txn.level = info
+logger.txn2.name = org.apache.kafka.coordinator.transaction
+logger.txn2.level = info
 PROPS
 }
 
@@ -147,6 +154,10 @@ start() {
     java_run kafka.tools.StorageTool format -t "$(java_run kafka.tools.StorageTool random-uuid)" \
       -c "$data/server.properties" --ignore-formatted >/dev/null
   fi
+  # A restart keeps the log of the run before (the outage test's restart: what the broker did while it
+  # shut down), one generation back.
+  if [ -s "$data/server.log" ]; then mv "$data/server.log" "$data/server.log.1"; fi
+  if [ -s "$data/kafka.out" ]; then mv "$data/kafka.out" "$data/kafka.out.1"; fi
   : > "$data/server.log"
   nohup java -Xmx"${KAFKA_HEAP:-1g}" -Xms256m -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j.configuration="file:$data/log4j.properties" -Dlog4j2.configurationFile="$data/log4j2.properties" \
