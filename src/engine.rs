@@ -600,23 +600,34 @@ impl Engine {
     }
 }
 
-/// The changelog records of a batch's state changes, in key order (the same input gives the same
-/// records): each to its shard's partition, with the same key and value (a deletion is a tombstone), but
-/// for the changes kept in the local copy only (the event ids, which their `E` record carries). Made on
-/// the commit thread, from the changes the batch hands over, after the batch's other records.
+/// A batch's state changes in key order: sorted once on the commit thread, for its changelog records and
+/// for the local write ([`Store::write_shard_changes`](crate::store::Store::write_shard_changes) does not
+/// sort what is in order already).
+pub fn sorted_changes(changes: &Changes) -> Vec<(&Vec<u8>, &Option<Vec<u8>>)> {
+    let mut sorted: Vec<_> = changes.iter().collect();
+    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    sorted
+}
+
+/// The changelog records of a batch's state changes ([`sorted_changes`]), in key order (the same input
+/// gives the same records): each to its shard's partition, with the same key and value (a deletion is a
+/// tombstone), but for the changes kept in the local copy only (the event ids, which their `E` record
+/// carries). Made on the commit thread, from the changes the batch hands over, after the batch's other
+/// records.
 pub fn changelog_records<'a>(
     topic: &'a str,
-    changes: &'a Changes,
+    sorted: &'a [(&'a Vec<u8>, &'a Option<Vec<u8>>)],
 ) -> impl Iterator<Item = RecordRef<'a>> + 'a {
-    let mut sorted: Vec<_> = changes.iter().filter(|(k, _)| !local_only(k)).collect();
-    sorted.sort_unstable_by(|a, b| a.0.cmp(b.0));
-    sorted.into_iter().map(move |(key, value)| RecordRef {
-        topic,
-        partition: shard_of_key(key).map(|s| s as i32),
-        key: Some(key),
-        payload: value.as_deref(),
-        headers: &[],
-    })
+    sorted
+        .iter()
+        .filter(|(k, _)| !local_only(k))
+        .map(move |&(key, value)| RecordRef {
+            topic,
+            partition: shard_of_key(key).map(|s| s as i32),
+            key: Some(key),
+            payload: value.as_deref(),
+            headers: &[],
+        })
 }
 
 #[cfg(test)]
@@ -745,7 +756,8 @@ mod tests {
                 &mut offset,
             );
             let changes = overlay.into_changes().expect("encode");
-            let changelog = changelog_records(engine.changelog(), &changes);
+            let sorted = sorted_changes(&changes);
+            let changelog = changelog_records(engine.changelog(), &sorted);
             outputs.push(
                 records
                     .iter()

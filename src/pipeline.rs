@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ahead::{DecodeAhead, DecodedChunk, AHEAD, CHUNK};
 use crate::config::Config;
-use crate::engine::{changelog_records, Engine, Work};
+use crate::engine::{changelog_records, sorted_changes, Engine, Work};
 use crate::kafka::reader::QuietEof;
 use crate::kafka::{
     base_config, consumer_config, watermarks, AssignmentWatch, CommitError, Committer, Deadline,
@@ -170,11 +170,12 @@ impl Committing {
     /// Commits a batch's transaction, then writes its changes with the changelog offsets they reached.
     fn commit(&mut self, job: Job) -> Result<Committed, PipelineError> {
         let deadline = Deadline::new(self.shutdown.clone(), self.cfg.processing.drain_timeout);
+        let sorted = sorted_changes(&job.changes);
         let records: Vec<RecordRef<'_>> = job
             .records
             .iter()
             .map(OutRecord::borrowed)
-            .chain(changelog_records(&self.changelog, &job.changes))
+            .chain(changelog_records(&self.changelog, &sorted))
             .collect();
         let result = self
             .committer
@@ -197,7 +198,7 @@ impl Committing {
         };
         let reached = self.committer.take_delivered();
         self.store.write_shard_changes(
-            job.changes.iter().map(|(k, v)| (k, v.as_ref())),
+            sorted.iter().map(|(k, v)| (k, v.as_ref())),
             reached.iter().map(|(p, next)| (*p as ShardId, *next)),
         )?;
         Ok(committed)
