@@ -833,6 +833,13 @@ impl Pipeline {
         Ok(())
     }
 
+    /// How long a restore read waits for a transaction still open on a changelog partition: a killed
+    /// owner's is aborted by the coordinator after the transaction timeout plus its sweep for timed-out
+    /// transactions, twice that at most.
+    fn restore_deadline(&self) -> Instant {
+        Instant::now() + self.cfg.processing.transaction_timeout * 2 + ABORT_SWEEP
+    }
+
     /// The changelog partitions among `below` (partition, offset of the last record the local copy holds)
     /// where that record is in the log but a committed read skips it: its transaction was aborted after
     /// this instance's commit of it was reported done (docs/DESIGN.md, "Restore"). A record not found
@@ -849,7 +856,7 @@ impl Pipeline {
             return Ok(BTreeSet::new());
         }
         let topic = self.engine.changelog();
-        let deadline = Instant::now() + self.cfg.processing.transaction_timeout * 2 + ABORT_SWEEP;
+        let deadline = self.restore_deadline();
         let in_log = first_offsets(uncommitted, topic, below, deadline, shutdown)?;
         let present: BTreeMap<i32, i64> = below
             .iter()
@@ -879,7 +886,7 @@ impl Pipeline {
         high: &mut BTreeMap<i32, i64>,
         shutdown: &CancellationToken,
     ) -> Result<u64, PipelineError> {
-        let deadline = Instant::now() + self.cfg.processing.transaction_timeout * 2 + ABORT_SWEEP;
+        let deadline = self.restore_deadline();
         let mut pending: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
         let mut reached: BTreeMap<i32, i64> = BTreeMap::new();
         let mut applied = 0u64;
@@ -910,10 +917,7 @@ impl Pipeline {
                     }
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) => {
-                    let at = restorer
-                        .position()?
-                        .find_partition(self.engine.changelog(), p)
-                        .and_then(|e| e.offset().to_raw());
+                    let at = position(restorer, self.engine.changelog(), p)?;
                     if let (Some(at), Some(hw)) = (at, high.get(&p).copied()) {
                         if at >= hw {
                             reached.insert(p, at);
@@ -952,6 +956,18 @@ impl Pipeline {
     }
 }
 
+/// Where `consumer` fetches partition `p` of `topic` next (`None`: no position yet).
+fn position(
+    consumer: &BaseConsumer<QuietEof>,
+    topic: &str,
+    p: i32,
+) -> Result<Option<i64>, KafkaError> {
+    Ok(consumer
+        .position()?
+        .find_partition(topic, p)
+        .and_then(|e| e.offset().to_raw()))
+}
+
 /// Per partition of `topic` in `from`, the offset of the first record `consumer` returns from there (`None`:
 /// none before the end of the partition, which for a committed read is the last stable offset: a record in
 /// a transaction still open is waited for). Leaves the consumer unassigned.
@@ -985,10 +1001,7 @@ fn first_offsets(
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 // A committed read stops at the last stable offset: it reached the end only once its
                 // position went past the offset asked for (what lies there was skipped as aborted).
-                let past = consumer
-                    .position()?
-                    .find_partition(topic, p)
-                    .and_then(|e| e.offset().to_raw())
+                let past = position(consumer, topic, p)?
                     .zip(from.get(&p))
                     .is_some_and(|(at, asked)| at > *asked);
                 if past {

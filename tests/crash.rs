@@ -113,10 +113,7 @@ fn kill9_at_random_moments_loses_and_duplicates_nothing() {
     let same_as_reference = live_profiles(&out) == live_profiles(&reference_out);
     // Restores that found aborted changes in the local copy (docs/DESIGN.md, "Restore"): a kill aborts
     // only what was never reported committed, so any such find is a false alarm of the check.
-    let rewound = crashed
-        .log()
-        .matches("holds changes of an aborted transaction")
-        .count();
+    let rewound = crashed.rewound();
     println!(
         "crash: {} events ({sent} messages, {} duplicates in input), {kills} kills, {duplicates} duplicate \
          output records found, {lost} events lost, {rewound} shards rewound, {} profiles for {} persons, {} output records, \

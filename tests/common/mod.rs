@@ -289,6 +289,15 @@ topic = "{control_topic}"
         report
     }
 
+    /// Restores of this setup's instances that found aborted changes in their local copy and rebuilt the
+    /// shard (docs/DESIGN.md, "Restore"), as they logged them: the count survives a killed process, which
+    /// `stitcher_state_rewound_total` does not.
+    pub fn rewound(&self) -> usize {
+        self.log()
+            .matches("holds changes of an aborted transaction")
+            .count()
+    }
+
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(self.dir.join("service.log")).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
