@@ -28,8 +28,14 @@ impl Identifier {
     /// The same identifier confined to one channel (`email@web`): how identifiers of a person who refused
     /// cross-channel identification are kept apart per channel (see docs/DESIGN.md, "Consent").
     pub fn scoped(&self, channel: &str) -> Self {
+        let base = self.base_kind();
+        let mut kind =
+            String::with_capacity(base.len() + SCOPE_SEPARATOR.len_utf8() + channel.len());
+        kind.push_str(base);
+        kind.push(SCOPE_SEPARATOR);
+        kind.push_str(channel);
         Self {
-            kind: format!("{}{SCOPE_SEPARATOR}{channel}", self.base_kind()),
+            kind,
             value: self.value.clone(),
         }
     }

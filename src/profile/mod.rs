@@ -61,9 +61,14 @@ impl Totals {
     }
 }
 
-fn add_count(counts: &mut BTreeMap<String, u64>, key: String, n: u64) {
-    let slot = counts.entry(key).or_insert(0);
-    *slot = slot.saturating_add(n);
+/// Adds `n` under `key`, which becomes a `String` only when it is new (most events repeat a key).
+fn add_count<K: AsRef<str> + Into<String>>(counts: &mut BTreeMap<String, u64>, key: K, n: u64) {
+    match counts.get_mut(key.as_ref()) {
+        Some(slot) => *slot = slot.saturating_add(n),
+        None => {
+            counts.insert(key.into(), n);
+        }
+    }
 }
 
 /// Keeps the [`bounds::EVENT_TYPES`] smallest event types and adds the counts of the others up under
@@ -425,17 +430,20 @@ impl Profile {
         self.observe_identifiers(linked, ts);
         self.seen.observe(ts);
         self.events = self.events.saturating_add(1);
-        self.channels
-            .entry(ev.channel.clone())
-            .and_modify(|c| {
+        match self.channels.get_mut(&ev.channel) {
+            Some(c) => {
                 c.seen.observe(ts);
                 c.events = c.events.saturating_add(1);
-            })
-            .or_insert(ChannelActivity {
-                seen: Seen::at(ts),
-                events: 1,
-            });
-        add_count(&mut self.event_types, ev.event_type.clone(), 1);
+            }
+            None => {
+                let c = ChannelActivity {
+                    seen: Seen::at(ts),
+                    events: 1,
+                };
+                self.channels.insert(ev.channel.clone(), c);
+            }
+        }
+        add_count(&mut self.event_types, &ev.event_type, 1);
         bound_event_types(&mut self.event_types);
         if let Some(p) = &ev.purchase {
             self.purchases
@@ -503,21 +511,31 @@ impl Profile {
         }
         self.story.apply(cfg, ev);
         if let Some(o) = &ev.origin {
-            let at = self
+            // A profile's input partitions are few: found by a scan, so that the topic is copied only
+            // for a partition new to the profile.
+            let mine = self
                 .positions
-                .entry((o.topic.clone(), o.partition))
-                .or_insert(o.offset);
-            *at = (*at).max(o.offset);
+                .iter_mut()
+                .find(|((topic, p), _)| *p == o.partition && *topic == o.topic);
+            match mine {
+                Some((_, at)) => *at = (*at).max(o.offset),
+                None => {
+                    self.positions
+                        .insert((o.topic.clone(), o.partition), o.offset);
+                }
+            }
         }
     }
 
     /// Records that `ids` were seen at `ts`.
     pub fn observe_identifiers(&mut self, ids: &[Identifier], ts: Millis) {
         for id in ids {
-            self.identifiers
-                .entry(id.clone())
-                .or_insert_with(|| Seen::at(ts))
-                .observe(ts);
+            match self.identifiers.get_mut(id) {
+                Some(seen) => seen.observe(ts),
+                None => {
+                    self.identifiers.insert(id.clone(), Seen::at(ts));
+                }
+            }
         }
     }
 

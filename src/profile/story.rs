@@ -462,8 +462,12 @@ impl Counts {
     }
 
     fn add(&mut self, key: &str, n: u64) {
-        let slot = self.counts.entry(key.to_string()).or_insert(0);
-        *slot = slot.saturating_add(n);
+        match self.counts.get_mut(key) {
+            Some(slot) => *slot = slot.saturating_add(n),
+            None => {
+                self.counts.insert(key.to_owned(), n);
+            }
+        }
         self.cut();
     }
 

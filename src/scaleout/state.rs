@@ -95,6 +95,46 @@ pub(crate) fn key(shard: ShardId, kind: u8, rest: &(impl KeyRest + ?Sized)) -> V
     k
 }
 
+/// A state key for a read: on the stack when it fits, as nearly every key does (a shard, a kind and an
+/// identifier of a few dozen bytes), so that a read the batch answers copies nothing to the heap. The
+/// overlay copies it on a miss, to keep what it found.
+pub(crate) enum ReadKey {
+    Inline(u8, [u8; READ_KEY_INLINE]),
+    Heap(Vec<u8>),
+}
+
+const READ_KEY_INLINE: usize = 95;
+
+impl ReadKey {
+    pub(crate) fn new(shard: ShardId, kind: u8, rest: &(impl KeyRest + ?Sized)) -> Self {
+        let len = 5 + rest.key_len();
+        if len > READ_KEY_INLINE {
+            return ReadKey::Heap(key(shard, kind, rest));
+        }
+        let mut buf = [0; READ_KEY_INLINE];
+        buf[..4].copy_from_slice(&shard.to_be_bytes());
+        buf[4] = kind;
+        let mut at = 5;
+        for piece in rest.pieces() {
+            buf[at..at + piece.len()].copy_from_slice(piece);
+            at += piece.len();
+        }
+        // `len` is at most READ_KEY_INLINE, under 256.
+        ReadKey::Inline(len as u8, buf)
+    }
+}
+
+impl std::ops::Deref for ReadKey {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            ReadKey::Inline(len, buf) => &buf[..usize::from(*len)],
+            ReadKey::Heap(k) => k,
+        }
+    }
+}
+
 /// The shard a state key belongs to.
 pub fn shard_of_key(key: &[u8]) -> Option<ShardId> {
     Some(ShardId::from_be_bytes(key.get(..4)?.try_into().ok()?))
@@ -768,7 +808,7 @@ impl<K: KvRead + ?Sized> ShardRead<'_, K> {
         kind: u8,
         rest: &(impl KeyRest + ?Sized),
     ) -> Result<Option<T>, StoreError> {
-        decode_record(self.kv, &key(self.shard, kind, rest))
+        decode_record(self.kv, &ReadKey::new(self.shard, kind, rest))
     }
 
     pub fn node_of(&self, id: &Identifier) -> Result<Option<NodeId>, StoreError> {
@@ -777,7 +817,7 @@ impl<K: KvRead + ?Sized> ShardRead<'_, K> {
 
     pub fn profile(&self, node: NodeId) -> Result<Option<Profile>, StoreError> {
         self.kv
-            .profile(&key(self.shard, PROFILE, &node.0.to_be_bytes()))
+            .profile(&ReadKey::new(self.shard, PROFILE, &node.0.to_be_bytes()))
     }
 
     pub fn with_profile<R>(
@@ -786,12 +826,12 @@ impl<K: KvRead + ?Sized> ShardRead<'_, K> {
         f: impl FnOnce(Option<&Profile>) -> R,
     ) -> Result<R, StoreError> {
         self.kv
-            .with_profile(&key(self.shard, PROFILE, &node.0.to_be_bytes()), f)
+            .with_profile(&ReadKey::new(self.shard, PROFILE, &node.0.to_be_bytes()), f)
     }
 
     pub fn seal(&self, node: NodeId) -> Result<Option<Seal>, StoreError> {
         self.kv
-            .seal(&key(self.shard, PROFILE, &node.0.to_be_bytes()))
+            .seal(&ReadKey::new(self.shard, PROFILE, &node.0.to_be_bytes()))
     }
 
     /// The identifiers of the profile under `node` (none if there is none).
@@ -815,7 +855,7 @@ impl<K: KvRead + ?Sized> ShardRead<'_, K> {
     }
 
     pub fn part(&self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
-        self.kv.profile(&key(self.shard, PART, id))
+        self.kv.profile(&ReadKey::new(self.shard, PART, id))
     }
 
     pub fn dir<T: DeserializeOwned>(&self, id: &Identifier) -> Result<Option<T>, StoreError> {
@@ -919,7 +959,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         kind: u8,
         rest: &(impl KeyRest + ?Sized),
     ) -> Result<Option<Profile>, StoreError> {
-        self.kv.take_profile(&key(self.shard, kind, rest))
+        self.kv.take_profile(&ReadKey::new(self.shard, kind, rest))
     }
 
     fn set_profile(
@@ -1000,7 +1040,8 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
 
     /// Whether the identifier with this suppression hash is on this shard's suppression list.
     pub fn suppressed(&self, hash: &[u8; 32]) -> Result<bool, StoreError> {
-        self.kv.contains(&key(self.shard, SUPPRESSED, hash))
+        self.kv
+            .contains(&ReadKey::new(self.shard, SUPPRESSED, hash))
     }
 
     /// Puts an identifier on the suppression list (at `at`, ms) or, with `None`, takes it off.
@@ -1018,7 +1059,11 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         }
         // Ids seen before the upgrade, until the sweep has taken the last of them.
         let legacy = key(self.shard, SEEN_LEGACY, &[]);
-        if self.kv.has_prefix(&legacy)? && self.kv.contains(&key(self.shard, SEEN_LEGACY, id))? {
+        if self.kv.has_prefix(&legacy)?
+            && self
+                .kv
+                .contains(&ReadKey::new(self.shard, SEEN_LEGACY, id))?
+        {
             return Ok(false);
         }
         // When it was seen: past `processing.dedup_retention` the record is swept ([`sweep_seen`]).
@@ -1256,6 +1301,33 @@ mod tests {
         store
             .write_shard_changes(changes.iter().copied(), [])
             .unwrap();
+    }
+
+    #[test]
+    fn a_read_key_is_the_key_on_the_stack_or_off_it() {
+        let short = Identifier::new("email", "a@example.com");
+        let long = Identifier::new("cookie", "c".repeat(200));
+        for id in [&short, &long] {
+            assert_eq!(&*ReadKey::new(7, LINKS, id), key(7, LINKS, id).as_slice());
+        }
+        assert!(matches!(
+            ReadKey::new(7, LINKS, &short),
+            ReadKey::Inline(..)
+        ));
+        assert!(matches!(ReadKey::new(7, LINKS, &long), ReadKey::Heap(_)));
+        let node = 42u64.to_be_bytes();
+        assert_eq!(
+            &*ReadKey::new(0, PROFILE, &node),
+            key(0, PROFILE, &node).as_slice()
+        );
+        // The longest rest that fits, and one byte more.
+        for n in [READ_KEY_INLINE - 5, READ_KEY_INLINE - 4] {
+            let rest = vec![b'x'; n];
+            assert_eq!(
+                &*ReadKey::new(1, PART, rest.as_slice()),
+                key(1, PART, rest.as_slice()).as_slice()
+            );
+        }
     }
 
     #[test]

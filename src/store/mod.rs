@@ -463,39 +463,38 @@ pub(crate) fn identifier_key(id: &Identifier) -> Vec<u8> {
 }
 
 /// What follows a shard state key's shard and kind: bytes, or an identifier (its state key), written into
-/// the key in place, so that a record's key is one allocation.
+/// the key in place, so that a record's key is one allocation, or none (`scaleout::state::ReadKey`).
 pub(crate) trait KeyRest {
-    fn key_len(&self) -> usize;
-    fn put_into(&self, key: &mut Vec<u8>);
+    /// The bytes, as up to three pieces one after another.
+    fn pieces(&self) -> [&[u8]; 3];
+
+    fn key_len(&self) -> usize {
+        self.pieces().iter().map(|p| p.len()).sum()
+    }
+
+    fn put_into(&self, key: &mut Vec<u8>) {
+        for piece in self.pieces() {
+            key.extend_from_slice(piece);
+        }
+    }
 }
 
 impl KeyRest for [u8] {
-    fn key_len(&self) -> usize {
-        self.len()
-    }
-    fn put_into(&self, key: &mut Vec<u8>) {
-        key.extend_from_slice(self);
+    fn pieces(&self) -> [&[u8]; 3] {
+        [self, &[], &[]]
     }
 }
 
 impl<const N: usize> KeyRest for [u8; N] {
-    fn key_len(&self) -> usize {
-        N
-    }
-    fn put_into(&self, key: &mut Vec<u8>) {
-        key.extend_from_slice(self);
+    fn pieces(&self) -> [&[u8]; 3] {
+        [self, &[], &[]]
     }
 }
 
 /// Type, NUL, value.
 impl KeyRest for Identifier {
-    fn key_len(&self) -> usize {
-        self.kind.len() + 1 + self.value.len()
-    }
-    fn put_into(&self, key: &mut Vec<u8>) {
-        key.extend_from_slice(self.kind.as_bytes());
-        key.push(0);
-        key.extend_from_slice(self.value.as_bytes());
+    fn pieces(&self) -> [&[u8]; 3] {
+        [self.kind.as_bytes(), &[0], self.value.as_bytes()]
     }
 }
 
