@@ -897,7 +897,8 @@ impl Pipeline {
             if Instant::now() > deadline {
                 return Err(PipelineError::Restore(format!(
                     "changelog partitions {:?} of {} did not reach their end: an open transaction \
-                     that never ends?",
+                     that never ends? `kafka-transactions.sh find-hanging` finds a hanging one \
+                     (README, \"Delivery guarantees\")",
                     high.keys().collect::<Vec<_>>(),
                     self.engine.changelog()
                 )));
@@ -991,7 +992,8 @@ fn first_offsets(
         if Instant::now() > deadline {
             return Err(PipelineError::Restore(format!(
                 "changelog partitions of {topic} did not answer from {from:?}: an open transaction \
-                 that never ends?"
+                 that never ends? `kafka-transactions.sh find-hanging` finds a hanging one (README, \
+                 \"Delivery guarantees\")"
             )));
         }
         match consumer.poll(Duration::from_millis(200)) {
