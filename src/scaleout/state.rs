@@ -87,10 +87,15 @@ pub fn suppression_hash(salt: &crate::config::HashKey, id: &Identifier) -> [u8; 
 /// Kinds of the parent-pointer protocol of stitcher 0.2's scale-out mode, which this version refuses.
 const FORMER_KINDS: [u8; 2] = [b'p', b'r'];
 
+/// What every state key starts with: its shard (u32 BE) and its kind.
+fn key_head(shard: ShardId, kind: u8) -> [u8; 5] {
+    let [a, b, c, d] = shard.to_be_bytes();
+    [a, b, c, d, kind]
+}
+
 pub(crate) fn key(shard: ShardId, kind: u8, rest: &(impl KeyRest + ?Sized)) -> Vec<u8> {
     let mut k = Vec::with_capacity(5 + rest.key_len());
-    k.extend_from_slice(&shard.to_be_bytes());
-    k.push(kind);
+    k.extend_from_slice(&key_head(shard, kind));
     rest.put_into(&mut k);
     k
 }
@@ -112,8 +117,7 @@ impl ReadKey {
             return ReadKey::Heap(key(shard, kind, rest));
         }
         let mut buf = [0; READ_KEY_INLINE];
-        buf[..4].copy_from_slice(&shard.to_be_bytes());
-        buf[4] = kind;
+        buf[..5].copy_from_slice(&key_head(shard, kind));
         let mut at = 5;
         for piece in rest.pieces() {
             buf[at..at + piece.len()].copy_from_slice(piece);
