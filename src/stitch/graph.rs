@@ -64,9 +64,9 @@ pub trait GraphStore {
 /// state keeps it, and stays so: the event's few identifiers are found by binary search and inserted in
 /// place, without building a map of the list (most events add one link to a list of about ten). Generic
 /// so that the state can edit a record's links borrowed from its encoding (`I` and `S` then borrow, and
-/// order as `Identifier` and `String` do).
-pub(crate) fn add_evidence<I: Ord + Clone, S: Ord + Clone>(
-    links: &mut Vec<(I, Evidence<S>)>,
+/// order as `Identifier` and `String` do; `L` is then evidence that knows its bytes, see [`LinkValue`]).
+pub(crate) fn add_evidence<I: Ord + Clone, S, L: LinkValue<S>>(
+    links: &mut Vec<(I, L)>,
     x: &I,
     ids: &[I],
     evidence: &Evidence<S>,
@@ -78,8 +78,27 @@ pub(crate) fn add_evidence<I: Ord + Clone, S: Ord + Clone>(
     for y in ids.iter().filter(|y| *y != x) {
         match links.binary_search_by(|(i, _)| i.cmp(y)) {
             Ok(at) => links[at].1.join(evidence),
-            Err(at) => links.insert(at, (y.clone(), evidence.clone())),
+            Err(at) => links.insert(at, (y.clone(), L::of(evidence))),
         }
+    }
+}
+
+/// The value of a link in a list that [`add_evidence`] edits: its evidence, or (in the state) its
+/// evidence together with the bytes it was read from, kept until an event changes it.
+pub(crate) trait LinkValue<S> {
+    /// A new link with this evidence.
+    fn of(evidence: &Evidence<S>) -> Self;
+    /// More evidence for this link.
+    fn join(&mut self, evidence: &Evidence<S>);
+}
+
+impl<S: Ord + Clone> LinkValue<S> for Evidence<S> {
+    fn of(evidence: &Evidence<S>) -> Self {
+        evidence.clone()
+    }
+
+    fn join(&mut self, evidence: &Evidence<S>) {
+        Evidence::join(self, evidence);
     }
 }
 

@@ -526,8 +526,17 @@ pub(crate) fn decode_value<'a, T: serde::Deserialize<'a>>(
     cf: &'static str,
     what: &str,
 ) -> Result<T, StoreError> {
+    Ok(postcard::from_bytes(value_body(v, cf, what)?)?)
+}
+
+/// A value's encoding without its format version byte, if this version reads that format.
+pub(crate) fn value_body<'a>(
+    v: &'a [u8],
+    cf: &'static str,
+    what: &str,
+) -> Result<&'a [u8], StoreError> {
     match v.split_first() {
-        Some((&FORMAT_V3, rest)) => Ok(postcard::from_bytes(rest)?),
+        Some((&FORMAT_V3, rest)) => Ok(rest),
         Some((&old @ (FORMAT_V1_BINCODE | FORMAT_V2), _)) => Err(StoreError::Corrupt {
             cf,
             reason: format!(
