@@ -14,6 +14,45 @@ use serde::{Deserialize, Serialize};
 use crate::model::{Event, Identifier, Millis, ProfileId, Venue};
 pub use story::{Enrichment, Story};
 
+/// Reads a map as a `BTreeMap` writes it, keys in order (every stored profile and part): built in one
+/// pass from its entries (`FromIterator` finds them sorted and builds the tree bottom up) rather than by
+/// inserting each one with a search from the root. A profile's identifiers, a few hundred for a customer
+/// seen on many devices, made that search a tenth of reading such a profile. Entries out of order or
+/// repeated give the map inserting them in turn gives: they are sorted stably, and the last of equal keys
+/// is kept. For `#[serde(deserialize_with)]` on the profile's maps; the encoding does not change.
+pub(crate) fn sorted_map<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    K: Deserialize<'de> + Ord,
+    V: Deserialize<'de>,
+{
+    struct Entries<K, V>(std::marker::PhantomData<(K, V)>);
+
+    impl<'de, K: Deserialize<'de> + Ord, V: Deserialize<'de>> serde::de::Visitor<'de>
+        for Entries<K, V>
+    {
+        type Value = BTreeMap<K, V>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            // A corrupt count cannot reserve more than this; the vector grows past it if it must.
+            let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0).min(1024));
+            while let Some(entry) = map.next_entry()? {
+                entries.push(entry);
+            }
+            Ok(entries.into_iter().collect())
+        }
+    }
+
+    d.deserialize_map(Entries(std::marker::PhantomData))
+}
+
 /// First and last time something was seen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seen {
@@ -170,6 +209,7 @@ pub struct Cart {
     pub lines: Vec<CartLine>,
     pub cleared_at: Option<Millis>,
     /// Per sku, the latest removal.
+    #[serde(deserialize_with = "sorted_map")]
     pub removed: BTreeMap<String, Millis>,
 }
 
@@ -288,11 +328,15 @@ impl Seal {
 #[derive(Debug, Deserialize)]
 pub struct ProfileHead {
     _anchor: (Millis, String),
+    #[serde(deserialize_with = "sorted_map")]
     _identifiers: BTreeMap<Identifier, Seen>,
     _seen: Seen,
     _events: u64,
+    #[serde(deserialize_with = "sorted_map")]
     _channels: BTreeMap<String, ChannelActivity>,
+    #[serde(deserialize_with = "sorted_map")]
     _event_types: BTreeMap<String, u64>,
+    #[serde(deserialize_with = "sorted_map")]
     _purchases: BTreeMap<(Venue, String), Totals>,
     _email: EmailEngagement,
     _cart: Cart,
@@ -311,11 +355,15 @@ impl ProfileHead {
 pub struct Profile {
     /// The earliest event (time, id); the public profile id derives from it.
     pub anchor: (Millis, String),
+    #[serde(deserialize_with = "sorted_map")]
     pub identifiers: BTreeMap<Identifier, Seen>,
     pub seen: Seen,
     pub events: u64,
+    #[serde(deserialize_with = "sorted_map")]
     pub channels: BTreeMap<String, ChannelActivity>,
+    #[serde(deserialize_with = "sorted_map")]
     pub event_types: BTreeMap<String, u64>,
+    #[serde(deserialize_with = "sorted_map")]
     pub purchases: BTreeMap<(Venue, String), Totals>,
     pub email: EmailEngagement,
     pub cart: Cart,
@@ -330,6 +378,7 @@ pub struct Profile {
     pub version: u64,
     /// Per input partition (topic, partition), the largest offset of an event in this profile: what a
     /// read-your-writes lookup waits for (README "HTTP").
+    #[serde(deserialize_with = "sorted_map")]
     pub positions: BTreeMap<(String, i32), i64>,
 }
 
@@ -597,6 +646,29 @@ impl Profile {
 mod tests {
     use super::*;
     use crate::model::{Item, Purchase};
+
+    #[derive(Deserialize)]
+    struct Sorted(#[serde(deserialize_with = "sorted_map")] BTreeMap<(u8, String), u8>);
+
+    proptest::proptest! {
+        /// A map read in one pass is the map read by inserting its entries in turn, in or out of order,
+        /// with repeated keys too (a map's encoding in postcard is its entries' count and then the entries,
+        /// as a list of pairs is).
+        #[test]
+        fn a_map_read_sorted_is_the_map_read_entry_by_entry(
+            entries in proptest::collection::vec(((0u8..4, "[ab]{0,2}"), proptest::num::u8::ANY), 0..40),
+            sort in proptest::bool::ANY,
+        ) {
+            let mut entries = entries;
+            if sort {
+                entries.sort();
+            }
+            let bytes = postcard::to_allocvec(&entries).unwrap();
+            let one_by_one: BTreeMap<(u8, String), u8> = postcard::from_bytes(&bytes).unwrap();
+            let Sorted(sorted) = postcard::from_bytes(&bytes).unwrap();
+            proptest::prop_assert_eq!(sorted, one_by_one);
+        }
+    }
 
     #[test]
     fn type_counts_count_scoped_identifiers_with_their_type() {

@@ -419,6 +419,7 @@ impl Timeline {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counts {
     pub cap: u32,
+    #[serde(deserialize_with = "super::sorted_map")]
     pub counts: BTreeMap<String, u64>,
 }
 
@@ -561,6 +562,7 @@ pub struct TraitState {
     /// Bucket width in ms (0: no window).
     pub width: Millis,
     pub keep: u32,
+    #[serde(deserialize_with = "super::sorted_map")]
     pub buckets: BTreeMap<Millis, Acc>,
 }
 
@@ -629,8 +631,10 @@ pub struct Story {
     pub categories: Counts,
     pub products: Counts,
     /// Stated preferences, the latest per key; the first `preferences_cap` keys.
+    #[serde(deserialize_with = "super::sorted_map")]
     pub preferences: BTreeMap<String, Latest<String>>,
     pub preferences_cap: u32,
+    #[serde(deserialize_with = "super::sorted_map")]
     pub traits: BTreeMap<String, TraitState>,
 }
 
