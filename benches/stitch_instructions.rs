@@ -9,6 +9,8 @@
 //! so that the store holds the stream's own records too), then `STITCH_BATCHES` batches counted (default 5;
 //! batches of 2,000 events, made before they are counted).
 
+#[path = "common/clock.rs"]
+mod clock;
 mod common;
 
 use common::{apply_batch, preload, Stream, BATCH};
@@ -53,9 +55,9 @@ fn main() {
         apply_batch(&temp.store, &stitcher, &batch(&mut stream));
     }
     let batches: Vec<Vec<Event>> = (0..counted).map(|_| batch(&mut stream)).collect();
-    let cpu = thread_cpu();
+    let cpu = clock::thread_cpu();
     measured(&temp.store, &stitcher, &batches);
-    let cpu = thread_cpu() - cpu;
+    let cpu = clock::thread_cpu() - cpu;
     let events = counted * BATCH as u64;
     println!(
         "stitch_instructions: {persons} persons preloaded, {warm} batches warm, {events} events counted"
@@ -67,16 +69,4 @@ fn main() {
         cpu.as_secs_f64() * 1e3,
         cpu.as_secs_f64() * 1e6 / events as f64
     );
-}
-
-/// The CPU time this thread has used.
-fn thread_cpu() -> std::time::Duration {
-    let mut t = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `t` is a valid timespec for the call to write; the clock id is a constant libc defines.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
-    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }

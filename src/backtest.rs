@@ -79,7 +79,7 @@ pub fn run(
     store.put_shard_count(cfg.scaleout.shards)?;
     let metrics = Metrics::new()?;
     let mut engine = Engine::new(&cfg, metrics.clone())?;
-    engine.owned = shards.iter().copied().collect();
+    engine.hold_every_shard();
 
     let started = Instant::now();
     let messages = replay(&cfg, &store, &engine, &shards, range, timeout)?;

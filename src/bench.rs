@@ -356,18 +356,24 @@ struct Topics {
     dead_letters: String,
 }
 
-fn bench_config(args: &BenchArgs, run: &str, topics: &Topics, state: &Path) -> Config {
-    let mut cfg = Config::default();
-    cfg.kafka.brokers = args.brokers.clone();
-    cfg.kafka.group_id = format!("{run}-pipeline");
-    cfg.kafka.transactional_id = format!("{run}-pipeline");
-    let mut channels: Vec<_> = topics.routes.iter().collect();
+/// Sets `cfg` to read the generated channels' topics (`routes`), one input per channel in channel order, and
+/// the generator's custom identifier type.
+pub fn read_generated(cfg: &mut Config, routes: &Routes) {
+    let mut channels: Vec<_> = routes.iter().collect();
     channels.sort_by_key(|(ch, _)| ch.as_str());
     cfg.inputs = channels
         .into_iter()
         .map(|(ch, (topic, format))| InputConfig::new(topic, ch, *format))
         .collect();
     cfg.identity.custom_types = vec!["social_id".into()];
+}
+
+fn bench_config(args: &BenchArgs, run: &str, topics: &Topics, state: &Path) -> Config {
+    let mut cfg = Config::default();
+    cfg.kafka.brokers = args.brokers.clone();
+    cfg.kafka.group_id = format!("{run}-pipeline");
+    cfg.kafka.transactional_id = format!("{run}-pipeline");
+    read_generated(&mut cfg, &topics.routes);
     cfg.output.topic = topics.output.clone();
     cfg.output.dead_letter_topic = topics.dead_letters.clone();
     cfg.output.identity_topic = format!("{}-identity", topics.output);

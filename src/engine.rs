@@ -179,6 +179,11 @@ impl Engine {
         })
     }
 
+    /// Holds every shard, as an instance alone does (the back-test, the fuzz target, the benches).
+    pub fn hold_every_shard(&mut self) {
+        self.owned = (0..self.shards).collect();
+    }
+
     /// Deletes event-id records older than `processing.dedup_retention` from the shards held here, looking
     /// at [`SWEEP_PER_MESSAGE`] records per message of the batch (`messages`), one shard after the other:
     /// the deletions go out with the batch (changelog tombstones), so the changelog stays bounded too. A

@@ -27,7 +27,7 @@ use crate::store::{OutRecord, TempStore};
 fn engine() -> Engine {
     let cfg = config();
     let mut engine = Engine::new(&cfg, Metrics::new().expect("metrics")).expect("engine");
-    engine.owned = (0..cfg.scaleout.shards).collect();
+    engine.hold_every_shard();
     engine
 }
 

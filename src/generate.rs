@@ -109,37 +109,11 @@ pub fn send(
         .set("queue.buffering.max.messages", "1000000")
         .set("compression.type", "lz4")
         .create()?;
-    let codec = AvroCodec::channel_event().map_err(|e| GenerateError::Encode(e.to_string()))?;
+    let codec = channel_codec()?;
     let started = Instant::now();
     let mut sent = 0u64;
     for m in &journeys.messages {
-        let (channel, key, bytes) = match m {
-            Generated::Event {
-                channel,
-                key,
-                event,
-            } => {
-                let (_, format) = routes
-                    .get(*channel)
-                    .ok_or_else(|| GenerateError::NoTopic(channel.to_string()))?;
-                let bytes = match format {
-                    Format::Avro => codec
-                        .encode(1, event)
-                        .map_err(|e| GenerateError::Encode(e.to_string()))?,
-                    Format::Json => serde_json::to_vec(event)
-                        .map_err(|e| GenerateError::Encode(e.to_string()))?,
-                };
-                (*channel, key, bytes)
-            }
-            Generated::Malformed {
-                channel,
-                key,
-                bytes,
-            } => (*channel, key, bytes.clone()),
-        };
-        let (topic, _) = routes
-            .get(channel)
-            .ok_or_else(|| GenerateError::NoTopic(channel.to_string()))?;
+        let (topic, key, bytes) = encoded(routes, &codec, m)?;
         let mut record = BaseRecord::to(topic).key(key.as_bytes()).payload(&bytes);
         loop {
             match producer.send(record) {
@@ -161,6 +135,40 @@ pub fn send(
     }
     producer.flush(Duration::from_secs(60))?;
     Ok(sent)
+}
+
+/// The codec of generated Avro events ([`encoded`]).
+pub fn channel_codec() -> Result<AvroCodec, GenerateError> {
+    AvroCodec::channel_event().map_err(|e| GenerateError::Encode(e.to_string()))
+}
+
+/// A generated message as it goes to Kafka: its channel's topic, its key and its bytes in the channel's
+/// format (Avro with schema id 1, or JSON), or the malformed bytes as they are.
+pub fn encoded<'a>(
+    routes: &'a Routes,
+    codec: &AvroCodec,
+    m: &'a Generated,
+) -> Result<(&'a str, &'a str, Vec<u8>), GenerateError> {
+    let (channel, key) = match m {
+        Generated::Event { channel, key, .. } | Generated::Malformed { channel, key, .. } => {
+            (*channel, key.as_str())
+        }
+    };
+    let (topic, format) = routes
+        .get(channel)
+        .ok_or_else(|| GenerateError::NoTopic(channel.to_string()))?;
+    let bytes = match m {
+        Generated::Event { event, .. } => match format {
+            Format::Avro => codec
+                .encode(1, event)
+                .map_err(|e| GenerateError::Encode(e.to_string()))?,
+            Format::Json => {
+                serde_json::to_vec(event).map_err(|e| GenerateError::Encode(e.to_string()))?
+            }
+        },
+        Generated::Malformed { bytes, .. } => bytes.clone(),
+    };
+    Ok((topic, key, bytes))
 }
 
 /// Writes the truth as JSON lines, one person a line.
