@@ -1,7 +1,7 @@
 //! The service's own work per message, without Kafka, counted in instructions. `stitcher bench` times the
 //! whole service against a broker, and one binary's CPU per message moves by a third from run to run on a
 //! shared machine, which hides any change of less than a tenth. Under callgrind a count is the same from
-//! run to run. `scripts/instructions.sh engine_instructions` builds this, runs it under callgrind (counting
+//! run to run. `BENCH=engine_instructions scripts/instructions.sh` builds this, runs it under callgrind (counting
 //! only inside [`measured`], on this thread: not RocksDB's flushes and compactions) and prints the
 //! instructions per message and the functions they went to.
 //!
@@ -15,11 +15,12 @@
 //! `ENGINE_WARM` batches (default 40) go through first, uncounted, so that the state holds most persons;
 //! then `ENGINE_BATCHES` (default 10) are counted.
 
-#[path = "common/clock.rs"]
-mod clock;
+#[path = "common/instructions.rs"]
+mod instructions;
 
 use std::hint::black_box;
 
+use instructions::{env_or, thread_cpu};
 use stitcher::config::Config;
 use stitcher::engine::{changelog_records, sorted_changes, Decoder, Engine, Work};
 use stitcher::generate::{channel_codec, channel_routes, encoded};
@@ -33,13 +34,6 @@ use stitcher::store::{Store, TempStore};
 /// The allocator the service runs with (src/main.rs).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// A generated message as the consumer hands it over: topic, key, bytes.
 type Message<'a> = (&'a str, &'a str, Vec<u8>);
@@ -86,7 +80,7 @@ fn main() {
     }
     let measured_batches = &batches[warm..warm + counted];
     let n: usize = measured_batches.iter().map(|b| b.len()).sum();
-    let cpu = clock::thread_cpu();
+    let cpu = thread_cpu();
     measured(
         &mut engine,
         &decoder,
@@ -94,7 +88,7 @@ fn main() {
         measured_batches,
         &mut offset,
     );
-    let cpu = clock::thread_cpu() - cpu;
+    let cpu = thread_cpu() - cpu;
     println!("engine_instructions: {persons} persons, {warm} batches warm, {n} messages counted");
     // Natively (not under callgrind): the counted batches' time on this thread's CPU.
     println!(

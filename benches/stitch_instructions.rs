@@ -9,11 +9,12 @@
 //! so that the store holds the stream's own records too), then `STITCH_BATCHES` batches counted (default 5;
 //! batches of 2,000 events, made before they are counted).
 
-#[path = "common/clock.rs"]
-mod clock;
 mod common;
+#[path = "common/instructions.rs"]
+mod instructions;
 
 use common::{apply_batch, preload, Stream, BATCH};
+use instructions::{env_or, thread_cpu};
 use stitcher::config::{GuardrailConfig, StateConfig};
 use stitcher::model::Event;
 use stitcher::stitch::{Rules, Stitcher};
@@ -22,13 +23,6 @@ use stitcher::store::{Store, TempStore};
 /// The allocator the service runs with (src/main.rs).
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn batch(stream: &mut Stream) -> Vec<Event> {
     (0..BATCH).map(|_| stream.next_event()).collect()
@@ -55,9 +49,9 @@ fn main() {
         apply_batch(&temp.store, &stitcher, &batch(&mut stream));
     }
     let batches: Vec<Vec<Event>> = (0..counted).map(|_| batch(&mut stream)).collect();
-    let cpu = clock::thread_cpu();
+    let cpu = thread_cpu();
     measured(&temp.store, &stitcher, &batches);
-    let cpu = clock::thread_cpu() - cpu;
+    let cpu = thread_cpu() - cpu;
     let events = counted * BATCH as u64;
     println!(
         "stitch_instructions: {persons} persons preloaded, {warm} batches warm, {events} events counted"

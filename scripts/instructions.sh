@@ -9,7 +9,7 @@
 #                                                  (default target/<bench>.callgrind)
 #
 # STITCH_PERSONS, STITCH_WARM and STITCH_BATCHES, or ENGINE_PERSONS, ENGINE_WARM and ENGINE_BATCHES, size
-# the workload (see the bench). Needs valgrind; takes about two minutes (the stitch step) or five (the
+# the workload (see the bench). Needs valgrind; takes about two minutes (the stitch step) or three (the
 # engine) at the defaults.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -16,8 +16,9 @@ pub use story::{Enrichment, Story};
 
 /// Reads a map as a `BTreeMap` writes it, keys in order (every stored profile and part): built in one
 /// pass from its entries (`FromIterator` finds them sorted and builds the tree bottom up) rather than by
-/// inserting each one with a search from the root. A profile's identifiers, a few hundred for a customer
-/// seen on many devices, made that search a tenth of reading such a profile. Entries out of order or
+/// inserting each one with a search from the root. A profile's identifiers (dozens for a customer seen on
+/// many devices, up to `guardrails.max_profile_identifiers`) made that search a third of reading such a
+/// profile (docs/BENCHMARKS.md, thirty-seventh session). Entries out of order or
 /// repeated give the map inserting them in turn gives: they are sorted stably, and the last of equal keys
 /// is kept. For `#[serde(deserialize_with)]` on the profile's maps; the encoding does not change.
 pub(crate) fn sorted_map<'de, D, K, V>(d: D) -> Result<BTreeMap<K, V>, D::Error>

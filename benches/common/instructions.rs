@@ -1,4 +1,13 @@
-//! The bench thread's own CPU time, for the instruction benches' native figure.
+//! What the instruction benches (`stitch_instructions`, `engine_instructions`) share: their sizes from the
+//! environment, and the bench thread's own CPU time for their native figure.
+
+/// The value of the environment variable `name`, or `default` when it is unset or does not parse.
+pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
 
 /// The CPU time this thread has used.
 pub fn thread_cpu() -> std::time::Duration {
