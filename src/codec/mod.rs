@@ -132,17 +132,23 @@ impl EventDecoder {
                     Some(Writer::Registry(registry)) => {
                         let writer = registry.writer_of_message(id)?;
                         if writer.same_schema(&self.avro) {
-                            self.avro.decode(body)
+                            read_native(body)
                         } else {
                             self.avro.decode_resolved(writer.schema(), body)
                         }
                     }
-                    _ if self.accepted_ids.contains(&id) => self.avro.decode(body),
+                    _ if self.accepted_ids.contains(&id) => read_native(body),
                     _ => Err(DecodeError::UnknownSchemaId(id)),
                 }
             }
         }
     }
+}
+
+/// An event written with the service's own schema, read straight into the event (`binary`: what
+/// apache-avro reads, without its `Value` tree).
+fn read_native(body: &[u8]) -> Result<ChannelEvent, DecodeError> {
+    binary::read(body).map_err(|e| DecodeError::Avro(e.to_string()))
 }
 
 #[cfg(test)]
