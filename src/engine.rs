@@ -5,7 +5,7 @@
 //! of the internal topic. The batch's records are its dead letters, those shard messages, the profile
 //! updates, redirects and tombstones of what changed, and the changelog record of every state change.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::breaker::{topic_key, type_key, Breaker};
@@ -39,6 +39,11 @@ pub struct Work {
     departed: BTreeMap<NodeId, Profile>,
     /// Input messages the merge-storm breaker holds back, for the quarantine topic.
     quarantined: Vec<OutRecord>,
+    /// The batch's shard messages by kind and route, and its applied events by channel, added to their
+    /// labelled counters once, in [`Engine::output`]: a labelled counter hashes its labels and takes a
+    /// lock at each lookup, several per message here.
+    shard_messages: HashMap<(&'static str, &'static str), u64, foldhash::fast::RandomState>,
+    events_applied: HashMap<String, u64, foldhash::fast::RandomState>,
 }
 
 /// A node of a shard as a batch-wide node number: the shard in the top 24 bits.
@@ -384,10 +389,7 @@ impl Engine {
                 work.remote.push(self.shard_record(shard, &msg)?);
                 continue;
             }
-            self.metrics
-                .shard_messages
-                .with_label_values(&[msg.kind(), route])
-                .inc();
+            *work.shard_messages.entry((msg.kind(), route)).or_default() += 1;
             let channel = match &msg {
                 Msg::Event(ev) => Some(ev.channel.clone()),
                 _ => None,
@@ -445,10 +447,12 @@ impl Engine {
             match step {
                 Step::Event(ev, applied) => {
                     let Some(applied) = applied else { continue };
-                    self.metrics
-                        .events_applied
-                        .with_label_values(&[&ev.channel])
-                        .inc();
+                    match work.events_applied.get_mut(&ev.channel) {
+                        Some(n) => *n += 1,
+                        None => {
+                            work.events_applied.insert(ev.channel.clone(), 1);
+                        }
+                    }
                     for r in &applied.refused {
                         self.metrics
                             .merge_refusals
@@ -590,6 +594,18 @@ impl Engine {
         batch: &mut Batch,
         work: &mut Work,
     ) -> Result<Vec<OutRecord>, PipelineError> {
+        for ((kind, route), n) in work.shard_messages.drain() {
+            self.metrics
+                .shard_messages
+                .with_label_values(&[kind, route])
+                .inc_by(n);
+        }
+        for (channel, n) in work.events_applied.drain() {
+            self.metrics
+                .events_applied
+                .with_label_values(&[&channel])
+                .inc_by(n);
+        }
         let now = now_millis();
         let mut out = std::mem::take(&mut batch.dead_letters);
         out.append(&mut work.remote);

@@ -4,6 +4,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use prometheus::IntCounter;
+
 use crate::codec::identity::{IdentityChange, IdentityRef, TriggerRecord};
 use crate::codec::update::ProfileRecord;
 use crate::codec::{DecodeError, EventDecoder, Layout, ProfileUpdate, SchemaError, UpdateEncoder};
@@ -112,6 +114,29 @@ impl Decoded {
 struct Input {
     channel: String,
     layout: Layout,
+    /// `stitcher_events_consumed_total` for its channel, looked up once.
+    consumed: IntCounter,
+}
+
+/// `stitcher_output_records_total` by kind, looked up once: a labelled counter hashes its labels and
+/// takes a lock at each lookup, and a batch makes a few records per message.
+struct OutputCounters {
+    update: IntCounter,
+    redirect: IntCounter,
+    tombstone: IntCounter,
+    identity: IntCounter,
+}
+
+impl OutputCounters {
+    fn new(metrics: &Metrics) -> Self {
+        let kind = |k: &str| metrics.output_records.with_label_values(&[k]);
+        Self {
+            update: kind("update"),
+            redirect: kind("redirect"),
+            tombstone: kind("tombstone"),
+            identity: kind("identity"),
+        }
+    }
 }
 
 pub struct Processor {
@@ -131,6 +156,7 @@ pub struct Processor {
     /// Largest record produced (`output.max_record_bytes`).
     max_record_bytes: usize,
     metrics: Metrics,
+    output_counts: OutputCounters,
 }
 
 impl Processor {
@@ -161,6 +187,7 @@ impl Processor {
                     let input = Input {
                         channel: i.channel.clone(),
                         layout,
+                        consumed: metrics.events_consumed.with_label_values(&[&i.channel]),
                     };
                     Ok((i.topic.clone(), input))
                 })
@@ -176,6 +203,7 @@ impl Processor {
             identity_topic: Some(cfg.output.identity_topic.clone()).filter(|t| !t.is_empty()),
             dlq_topic: cfg.output.dead_letter_topic.clone(),
             max_record_bytes: cfg.output.max_record_bytes,
+            output_counts: OutputCounters::new(&metrics),
             metrics,
         })
     }
@@ -198,10 +226,7 @@ impl Processor {
                 "message from a topic that is not a configured input",
             ));
         };
-        self.metrics
-            .events_consumed
-            .with_label_values(&[&input.channel])
-            .inc();
+        input.consumed.inc();
         let raw = match self
             .decoder
             .decode(&input.layout, msg.payload.unwrap_or_default())
@@ -405,10 +430,7 @@ impl Processor {
         for (id, version, kind, trigger) in changes.erased() {
             if profiles.live_node(id)?.is_none() {
                 out.push(self.output(id.as_str(), None));
-                self.metrics
-                    .output_records
-                    .with_label_values(&["tombstone"])
-                    .inc();
+                self.output_counts.tombstone.inc();
                 let ended = IdentityChange::ended(
                     id.to_string(),
                     version,
@@ -506,10 +528,7 @@ impl Processor {
         let Some(topic) = &self.identity_topic else {
             return;
         };
-        self.metrics
-            .output_records
-            .with_label_values(&["identity"])
-            .inc();
+        self.output_counts.identity.inc();
         out.push(OutRecord {
             topic: topic.clone(),
             partition: None,
@@ -527,19 +546,13 @@ impl Processor {
         now: Millis,
     ) -> Result<OutRecord, ProcessError> {
         let redirect = ProfileUpdate::redirect(old, to, now);
-        self.metrics
-            .output_records
-            .with_label_values(&["redirect"])
-            .inc();
+        self.output_counts.redirect.inc();
         Ok(self.output(old.as_str(), Some(self.encoder.encode(&redirect)?)))
     }
 
     /// The record of a profile update, keyed by its profile id.
     pub fn update(&self, update: &ProfileUpdate) -> Result<OutRecord, ProcessError> {
-        self.metrics
-            .output_records
-            .with_label_values(&["update"])
-            .inc();
+        self.output_counts.update.inc();
         Ok(self.output(&update.profile_id, Some(self.encoder.encode(update)?)))
     }
 
