@@ -559,6 +559,14 @@ impl<'a, 'de> Blocks<'a, 'de> {
         self.left -= 1;
         Ok(true)
     }
+
+    /// The next item (an array's element or a map's key), if another follows.
+    fn next<S: DeserializeSeed<'de>>(&mut self, seed: S) -> Result<Option<S::Value>, Error> {
+        if !self.another()? {
+            return Ok(None);
+        }
+        seed.deserialize(&mut *self.reader).map(Some)
+    }
 }
 
 impl<'de> de::SeqAccess<'de> for Blocks<'_, 'de> {
@@ -567,10 +575,7 @@ impl<'de> de::SeqAccess<'de> for Blocks<'_, 'de> {
         &mut self,
         seed: T,
     ) -> Result<Option<T::Value>, Error> {
-        if !self.another()? {
-            return Ok(None);
-        }
-        seed.deserialize(&mut *self.reader).map(Some)
+        self.next(seed)
     }
     fn size_hint(&self) -> Option<usize> {
         Some(self.left)
@@ -583,10 +588,7 @@ impl<'de> de::MapAccess<'de> for Blocks<'_, 'de> {
         &mut self,
         seed: K,
     ) -> Result<Option<K::Value>, Error> {
-        if !self.another()? {
-            return Ok(None);
-        }
-        seed.deserialize(&mut *self.reader).map(Some)
+        self.next(seed)
     }
     fn next_value_seed<V: DeserializeSeed<'de>>(&mut self, seed: V) -> Result<V::Value, Error> {
         seed.deserialize(&mut *self.reader)
