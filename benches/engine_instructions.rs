@@ -74,9 +74,9 @@ fn main() {
     let mut engine = Engine::new(&cfg, Metrics::new().expect("metrics")).expect("engine");
     engine.hold_every_shard();
     let decoder = engine.decoder();
-    let mut offset = 0;
+    let mut at = Position::default();
     for b in &batches[..warm] {
-        run_batch(&mut engine, &decoder, &temp.store, b, &mut offset);
+        run_batch(&mut engine, &decoder, &temp.store, b, &mut at);
     }
     let measured_batches = &batches[warm..warm + counted];
     let n: usize = measured_batches.iter().map(|b| b.len()).sum();
@@ -86,7 +86,7 @@ fn main() {
         &decoder,
         &temp.store,
         measured_batches,
-        &mut offset,
+        &mut at,
     );
     let cpu = thread_cpu() - cpu;
     println!("engine_instructions: {persons} persons, {warm} batches warm, {n} messages counted");
@@ -105,11 +105,19 @@ fn measured(
     decoder: &Decoder,
     store: &Store,
     batches: &[&[Message]],
-    offset: &mut i64,
+    at: &mut Position,
 ) {
     for b in batches {
-        run_batch(engine, decoder, store, b, offset);
+        run_batch(engine, decoder, store, b, at);
     }
+}
+
+/// Where the input stands between batches, as the pipeline keeps it: the next offset, and how many keys
+/// the last batch touched (its overlay's starting room).
+#[derive(Default)]
+struct Position {
+    offset: i64,
+    batch_keys: usize,
 }
 
 /// One batch as the service's decode, worker and commit threads handle it (src/pipeline.rs), without the
@@ -119,20 +127,20 @@ fn run_batch(
     decoder: &Decoder,
     store: &Store,
     messages: &[Message],
-    offset: &mut i64,
+    at: &mut Position,
 ) {
-    let mut overlay = ShardOverlay::new(store);
+    let mut overlay = ShardOverlay::new(store).with_capacity(at.batch_keys);
     let mut batch = Batch::default();
     let mut work = Work::default();
     for (topic, key, bytes) in messages {
         let msg = InMessage {
             topic,
             partition: 0,
-            offset: *offset,
+            offset: at.offset,
             key: Some(key.as_bytes()),
             payload: Some(bytes),
         };
-        *offset += 1;
+        at.offset += 1;
         let ahead = decoder.decode(msg);
         engine
             .take_decoded(&mut overlay, &mut batch, &mut work, msg, ahead)
@@ -144,6 +152,7 @@ fn run_batch(
     let records = engine
         .output(&overlay, &mut batch, &mut work)
         .expect("output");
+    at.batch_keys = overlay.keys();
     let changes = overlay.into_changes().expect("encode");
     let sorted = sorted_changes(&changes);
     black_box(changelog_records("engine-changelog", &sorted).count());

@@ -345,6 +345,8 @@ pub struct Pipeline {
     expected: BTreeMap<(String, i32), i64>,
     /// The message whose poll revealed a rebalance: the first of the next batch.
     carried: Option<OwnedMessage>,
+    /// The keys the last batch touched: the next batch's overlay starts with room for as many.
+    batch_keys: usize,
     /// The subscribed topics in the cluster's metadata, for the missing-topic readiness check.
     topics: TopicWatch,
     /// A consumer that never gets its partitions back is replaced.
@@ -412,6 +414,7 @@ impl Pipeline {
             synced_at: None,
             expected: BTreeMap::new(),
             carried: None,
+            batch_keys: 0,
         })
     }
 
@@ -455,7 +458,7 @@ impl Pipeline {
         let linger_until = started + self.cfg.processing.batch_linger;
         let store = self.store.clone();
         let pending = self.in_flight.as_ref().map(|f| Arc::clone(&f.changes));
-        let mut overlay = ShardOverlay::over(&store, pending);
+        let mut overlay = ShardOverlay::over(&store, pending).with_capacity(self.batch_keys);
         let mut batch = Batch::default();
         let mut work = Work::default();
         let mut rebalanced = false;
@@ -554,6 +557,7 @@ impl Pipeline {
         self.engine
             .sweep(&mut overlay, batch.messages, now_millis())?;
         let records = self.engine.output(&overlay, &mut batch, &mut work)?;
+        self.batch_keys = overlay.keys();
         let changes = overlay.into_changes()?;
         fence_changed_shards(
             &mut batch.positions,

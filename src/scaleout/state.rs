@@ -481,6 +481,18 @@ impl<'s> ShardOverlay<'s> {
         }
     }
 
+    /// Room for `keys` keys from the start: a batch's map grows to tens of thousands of keys, and each
+    /// doubling hashes every key again. The pipeline gives the size of the batch before.
+    pub fn with_capacity(self, keys: usize) -> Self {
+        self.slots.borrow_mut().reserve(keys);
+        self
+    }
+
+    /// How many keys the batch touched (read or wrote).
+    pub fn keys(&self) -> usize {
+        self.slots.borrow().len()
+    }
+
     /// The committed state under the overlay.
     pub fn store(&self) -> &'s Store {
         self.store
