@@ -93,19 +93,23 @@ fn out_of_range(field: impl Into<String>, reason: String) -> EventError {
     }
 }
 
+/// Names looked up for every identifier (its type, its value among the junk values, its channel): a set
+/// made once from the configuration, hashed with foldhash rather than SipHash.
+type Names = HashSet<String, foldhash::fast::RandomState>;
+
 /// Normalises identifiers and events according to [`IdentityConfig`].
 #[derive(Debug, Clone)]
 pub struct Normalizer {
-    known_types: HashSet<String>,
-    hashed_types: HashSet<String>,
+    known_types: Names,
+    hashed_types: Names,
     /// The HMAC key of `hashed_types` (set when there are any); its `Debug` hides it.
     hash_key: Option<HashKey>,
-    blocked: HashSet<String>,
+    blocked: Names,
     blocked_patterns: RegexSet,
     /// The country of national phone numbers (and of their international dialling prefix).
     country: phonenumber::country::Id,
     phones: PhoneCache,
-    store_channels: HashSet<String>,
+    store_channels: Names,
     max_identifiers: usize,
     max_value_len: usize,
     limits: LimitsConfig,
@@ -132,7 +136,7 @@ impl Normalizer {
             })?;
         let blocked_patterns = RegexSet::new(&cfg.blocked_patterns)
             .map_err(|e| ConfigError::Invalid(format!("identity.blocked_patterns: {e}")))?;
-        let mut known_types: HashSet<String> =
+        let mut known_types: Names =
             BUILTIN_TYPES.iter().map(|s| s.to_string()).collect();
         known_types.extend(cfg.custom_types.iter().cloned());
         for t in &cfg.hashed_types {
@@ -158,7 +162,7 @@ impl Normalizer {
                 ))
             }
         };
-        let mut blocked: HashSet<String> = DEFAULT_JUNK.iter().map(|s| s.to_string()).collect();
+        let mut blocked: Names = DEFAULT_JUNK.iter().map(|s| s.to_string()).collect();
         blocked.extend(cfg.blocked_values.iter().map(|v| v.trim().to_lowercase()));
         Ok(Self {
             phones: PhoneCache::default(),

@@ -144,7 +144,8 @@ pub struct Processor {
     normalizer: Normalizer,
     stitcher: Stitcher,
     encoder: UpdateEncoder,
-    inputs: HashMap<String, Input>,
+    /// By topic, looked up for every message.
+    inputs: HashMap<String, Input, foldhash::fast::RandomState>,
     /// Every input channel, for the channel-scoped copies of an erased identifier.
     channels: Vec<String>,
     output_topic: String,
