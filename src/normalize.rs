@@ -136,8 +136,7 @@ impl Normalizer {
             })?;
         let blocked_patterns = RegexSet::new(&cfg.blocked_patterns)
             .map_err(|e| ConfigError::Invalid(format!("identity.blocked_patterns: {e}")))?;
-        let mut known_types: Names =
-            BUILTIN_TYPES.iter().map(|s| s.to_string()).collect();
+        let mut known_types: Names = BUILTIN_TYPES.iter().map(|s| s.to_string()).collect();
         known_types.extend(cfg.custom_types.iter().cloned());
         for t in &cfg.hashed_types {
             if !known_types.contains(t) {
