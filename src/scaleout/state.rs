@@ -474,6 +474,7 @@ impl<'s> ShardOverlay<'s> {
 
     /// An overlay over `pending`, the changes of a batch not yet written to `store`.
     pub fn over(store: &'s Store, pending: Option<Arc<Changes>>) -> Self {
+        crate::store::uncounted();
         Self {
             store,
             pending,
@@ -1438,6 +1439,42 @@ mod tests {
             idle.is_empty(),
             "deleting what the store does not hold changes nothing"
         );
+    }
+
+    /// RocksDB counts by default, per thread; a batch's reads and its write turn that off (each on a
+    /// thread of its own here, as the poll and commit threads are: the level is the thread's).
+    #[test]
+    fn a_batch_leaves_rocksdb_counting_nothing() {
+        use rocksdb::perf::{PerfContext, PerfMetric};
+        let t = TempStore::new().unwrap();
+        let k = key(0, NODE, b"a");
+        let counted = |f: &(dyn Fn() + Sync)| {
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    let mut ctx = PerfContext::default();
+                    ctx.reset();
+                    f();
+                    ctx.metric(PerfMetric::UserKeyComparisonCount)
+                        + ctx.metric(PerfMetric::GetFromMemtableCount)
+                })
+                .join()
+                .unwrap()
+            })
+        };
+        committed(&t.store, &[(&k, Some(b"1"))]);
+        let read = || {
+            t.store.shard_value(&k).unwrap();
+        };
+        assert!(counted(&read) > 0, "RocksDB's default counts");
+        let batch = || {
+            let overlay = ShardOverlay::new(&t.store);
+            assert_eq!(overlay.get(&k).unwrap(), Some(b"1".to_vec()));
+            t.store
+                .write_shard_changes([(k.clone(), Some(b"2".to_vec()))], [])
+                .unwrap();
+            t.store.shard_value(&k).unwrap();
+        };
+        assert_eq!(counted(&batch), 0);
     }
 
     #[derive(Debug, Clone)]
