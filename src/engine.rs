@@ -350,7 +350,7 @@ impl Engine {
             }
             batch.event_times.push(ev.timestamp);
             let to = entry_shard(&ev, self.shards);
-            self.deliver(overlay, work, vec![(to, Msg::Event(ev))], "local")?;
+            self.deliver(overlay, work, vec![(to, Msg::Event(Box::new(ev)))], "local")?;
         }
         Ok(())
     }
@@ -390,10 +390,6 @@ impl Engine {
                 continue;
             }
             *work.shard_messages.entry((msg.kind(), route)).or_default() += 1;
-            let channel = match &msg {
-                Msg::Event(ev) => Some(ev.channel.clone()),
-                _ => None,
-            };
             let mut out = Out::default();
             let mut view = ShardView { kv: overlay, shard };
             Shard {
@@ -419,7 +415,7 @@ impl Engine {
                     .with_label_values(&["event"])
                     .inc_by(events);
             }
-            if let (Some(channel), true) = (channel, out.duplicates > 0) {
+            if let Some(channel) = out.duplicate.take() {
                 self.metrics
                     .events_duplicate
                     .with_label_values(&[&channel])

@@ -106,7 +106,7 @@ pub fn apply_batch(store: &Store, stitcher: &Stitcher, events: &[Event]) {
 /// Every event through the owner protocol of a single shard held in `kv`.
 pub fn apply_events<K: Kv + ?Sized>(kv: &mut K, stitcher: &Stitcher, events: &[Event]) {
     for ev in events {
-        let mut queue = vec![Msg::Event(ev.clone())];
+        let mut queue = vec![Msg::Event(Box::new(ev.clone()))];
         while let Some(msg) = queue.pop() {
             let mut out = Out::default();
             let mut view = ShardView {

@@ -176,7 +176,8 @@ mod tests {
         let stitcher = Stitcher::new(Rules::unlimited());
         let mut overlay = ShardOverlay::new(store);
         for e in events {
-            let mut queue = VecDeque::from([(entry_shard(e, SHARDS), Msg::Event(e.clone()))]);
+            let mut queue =
+                VecDeque::from([(entry_shard(e, SHARDS), Msg::Event(Box::new(e.clone())))]);
             while let Some((shard, msg)) = queue.pop_front() {
                 let mut out = Out::default();
                 let mut view = ShardView {

@@ -78,11 +78,11 @@ pub struct Piece {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Msg {
     /// A new event, at its entry shard (`entry_shard`), where it is deduplicated.
-    Event(Event),
+    Event(Box<Event>),
     /// Find the owners of `ids` (sorted by home, then identifier), from `ids[next]` on, at its home;
     /// `scoped`: `ids` holds the event's scoped copies too (else they count as [`Found::Unreserved`]).
     Locate {
-        ev: Event,
+        ev: Box<Event>,
         ids: Vec<Identifier>,
         next: usize,
         found: Vec<(Identifier, Found)>,
@@ -90,7 +90,7 @@ pub enum Msg {
     },
     /// Apply `ev` here once the components of every identifier in `found` are here.
     Gather {
-        ev: Event,
+        ev: Box<Event>,
         found: Vec<(Identifier, Found)>,
     },
     /// Send the component of `x` to shard `to`, for event `event`. `after`: the gen at which the
@@ -192,8 +192,8 @@ pub struct Out {
     pub departed: Vec<(NodeId, Profile)>,
     /// Components that arrived: the shard and node they came from, and their node here.
     pub arrived: Vec<((ShardId, NodeId), NodeId)>,
-    /// Events seen before (dropped at their home).
-    pub duplicates: u64,
+    /// An event seen before (dropped at its home): its channel, which the duplicates are counted by.
+    pub duplicate: Option<String>,
     /// Identifiers stripped from events for being on the suppression list, and events left with none.
     pub suppressed: (u64, u64),
     /// A release of the merge-storm breaker reached this shard (its trigger).
@@ -222,7 +222,7 @@ pub(crate) enum Moved {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Pending {
-    ev: Event,
+    ev: Box<Event>,
     found: BTreeMap<Identifier, Found>,
     /// Identifiers whose component is not here yet.
     missing: BTreeSet<Identifier>,
@@ -462,12 +462,12 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
         self.unpark(stitcher, PARKED_BEHIND, event.as_bytes(), out)
     }
 
-    fn event(&mut self, ev: Event, out: &mut Out) -> Result<(), StoreError> {
+    fn event(&mut self, ev: Box<Event>, out: &mut Out) -> Result<(), StoreError> {
         if !self
             .view
             .first_seen(&ev.event_id, crate::model::now_millis())?
         {
-            out.duplicates += 1;
+            out.duplicate = Some(ev.channel);
             return Ok(());
         }
         self.start(ev, false, out);
@@ -475,7 +475,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
     }
 
     /// Starts locating an event's identifiers, at the first home in order.
-    fn start(&mut self, ev: Event, scoped: bool, out: &mut Out) {
+    fn start(&mut self, ev: Box<Event>, scoped: bool, out: &mut Out) {
         let ids = locate_order(&ev, self.shards, scoped);
         match ids.first() {
             Some(first) => {
@@ -496,7 +496,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
 
     fn locate(
         &mut self,
-        mut ev: Event,
+        mut ev: Box<Event>,
         mut ids: Vec<Identifier>,
         mut next: usize,
         mut found: Vec<(Identifier, Found)>,
@@ -602,7 +602,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
     fn gather(
         &mut self,
         stitcher: &Stitcher,
-        ev: Event,
+        ev: Box<Event>,
         found: Vec<(Identifier, Found)>,
         out: &mut Out,
     ) -> Result<(), StoreError> {
@@ -773,7 +773,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
                 self.send(out, home(x, self.shards), msg);
             }
         }
-        out.steps.push(Step::Event(p.ev, applied));
+        out.steps.push(Step::Event(*p.ev, applied));
         Ok(())
     }
 

@@ -197,7 +197,7 @@ impl Sim {
                 }
                 return;
             }
-            Input::Event(ev) => (entry_shard(&ev, n), Msg::Event(ev)),
+            Input::Event(ev) => (entry_shard(&ev, n), Msg::Event(Box::new(ev))),
             Input::Erase(x) => (
                 home(&x, n),
                 Msg::Erase {
@@ -740,7 +740,7 @@ fn a_locate_that_took_the_scoped_copies_along_leaves_no_reservation() {
         let ids = locate_order(&ev, n, true);
         assert_eq!(ids.len(), 2 * ev.identifiers.len());
         let msg = Msg::Locate {
-            ev,
+            ev: Box::new(ev),
             ids: ids.clone(),
             next: 0,
             found: vec![],
@@ -799,7 +799,7 @@ fn a_gather_for_a_component_that_moved_on_follows_it() {
     // An event located `a` at its old owner before it moved.
     let ev = event(2, 2, std::slice::from_ref(&a), false);
     let msg = Msg::Gather {
-        ev,
+        ev: Box::new(ev),
         found: vec![(a.clone(), Found::Owned(from))],
     };
     sim.in_flight.push((from, msg));
