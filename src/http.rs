@@ -210,7 +210,7 @@ async fn for_profile(s: HttpState, headers: HeaderMap, id: String, what: What) -
             s.enrichment.clone(),
         );
         tokio::task::spawn_blocking(move || {
-            profile_here_rendered(&store, &held, &asked, (what, &cfg))
+            store.settled(|| profile_here_rendered(&store, &held, &asked, (what, &cfg)))
         })
         .await
     };
@@ -459,7 +459,7 @@ async fn forwarded_profile(
     }
     let (what, cfg) = (q.what, s.enrichment.clone());
     let answer = tokio::task::spawn_blocking(move || {
-        profile_here_rendered(&store, &held, &asked, (what, &cfg))
+        store.settled(|| profile_here_rendered(&store, &held, &asked, (what, &cfg)))
     })
     .await;
     respond(answer)
@@ -628,13 +628,15 @@ async fn resolve(
 ) -> Response {
     let (key, cfg) = (id.clone(), s.enrichment.clone());
     let answer = tokio::task::spawn_blocking(move || {
-        Ok(match lookup(&store, &held, &key, step)? {
-            Lookup::Found { shard, node } => {
-                let read = ShardRead { kv: &store, shard };
-                Err(render(&read, node, (what, &cfg), None))
-            }
-            Lookup::Unknown => Err(Ok(None)),
-            Lookup::Elsewhere(step) => Ok(step),
+        store.settled(|| {
+            Ok(match lookup(&store, &held, &key, step)? {
+                Lookup::Found { shard, node } => {
+                    let read = ShardRead { kv: &store, shard };
+                    Err(render(&read, node, (what, &cfg), None))
+                }
+                Lookup::Unknown => Err(Ok(None)),
+                Lookup::Elsewhere(step) => Ok(step),
+            })
         })
     })
     .await;

@@ -14,7 +14,7 @@
 
 use std::ops::ControlFlow;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB,
@@ -118,6 +118,9 @@ pub struct Store {
     db: Arc<DB>,
     /// Per shard, whether a key with a given prefix exists, as last looked up ([`Store::has_prefix`]).
     prefixes: Arc<std::sync::Mutex<std::collections::HashMap<Vec<u8>, bool>>>,
+    /// Held exclusively while a write lands, key by key (`unordered_write`), and shared by the readers that
+    /// must see every write whole ([`Store::settled`]).
+    landing: Arc<RwLock<()>>,
 }
 
 /// What a data block takes in the block cache, about (RocksDB's default block size of 4 KiB and its
@@ -149,6 +152,11 @@ impl Store {
         // memtables is what the column families held since their last flush, and they are flushed together,
         // so the state and the changelog positions in `meta` are lost together, never one without the other.
         opts.set_atomic_flush(true);
+        // A write's keys go into the memtable as concurrent inserts, which follow the batch's own hint (its
+        // keys are sorted) instead of searching the skip list from its top for each: the write lands key
+        // by key, which only readers under `settled` are shielded from (docs/DESIGN.md, "A write lands key
+        // by key").
+        opts.set_unordered_write(true);
         // A clock cache: a lookup is a few atomic operations on an open-addressed table, where the LRU
         // cache took a shard's mutex and moved the entry in its list (every point read looks up a block).
         let cache = Cache::new_hyper_clock_cache(block_cache_mb.max(8) << 20, BLOCK_CHARGE);
@@ -185,6 +193,7 @@ impl Store {
         Ok(Self {
             db: Arc::new(db),
             prefixes: Default::default(),
+            landing: Default::default(),
         })
     }
 
@@ -205,8 +214,23 @@ impl Store {
     fn write(&self, batch: WriteBatch) -> Result<(), StoreError> {
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        self.db.write_opt(batch, &opts)?;
+        self.land(batch, &opts)
+    }
+
+    /// Writes a batch, shutting out the readers under [`Store::settled`] while its keys land.
+    fn land(&self, batch: WriteBatch, opts: &WriteOptions) -> Result<(), StoreError> {
+        let _landing = self.landing.write().unwrap_or_else(PoisonError::into_inner);
+        self.db.write_opt(batch, opts)?;
         Ok(())
+    }
+
+    /// Runs `f` while no write is landing: its reads see each write whole or not at all, and a snapshot
+    /// taken in it stays immutable. RocksDB inserts a write's keys one by one after publishing them
+    /// (`unordered_write`); the pipeline never reads a key while it lands (it reads its pending layer
+    /// first), but lookups and scans would see a batch half written.
+    pub fn settled<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _settled = self.landing.read().unwrap_or_else(PoisonError::into_inner);
+        f()
     }
 
     /// Approximate live data size per column family, in bytes (for the state-size metric and reports).
@@ -319,7 +343,7 @@ impl Store {
         limit: usize,
         mut f: impl FnMut(&[u8], &[u8]) -> Result<ControlFlow<()>, StoreError>,
     ) -> Result<(), StoreError> {
-        let snapshot = self.db.snapshot();
+        let snapshot = self.settled(|| self.db.snapshot());
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_snapshot(&snapshot);
         let mut it = self.db.raw_iterator_cf_opt(self.cf(CF_SHARDS)?, ro);
@@ -377,8 +401,9 @@ impl Store {
             .map(i64::from_be_bytes))
     }
 
-    /// Writes sharded-state changes (`None` deletes) and the changelog positions they reach, in one
-    /// atomic write without the WAL, as Kafka Streams writes its stores: the changelog holds every change
+    /// Writes sharded-state changes (`None` deletes) and the changelog positions they reach, in one write
+    /// without the WAL (whole after a crash, and to readers under [`Store::settled`]), as Kafka Streams
+    /// writes its stores: the changelog holds every change
     /// before it is written here, so a crash of the process or the machine takes what the memtables held
     /// since their last (atomic) flush, positions included, and leaves the copy behind at the position the
     /// flushed state reached; the restore replays the changelog from there (docs/DESIGN.md, crash table). A
@@ -412,8 +437,8 @@ impl Store {
         }
         let mut opts = WriteOptions::default();
         opts.disable_wal(true);
-        self.db.write_opt(batch, &opts)?;
-        Ok(())
+        opts.set_memtable_insert_hint_per_batch(true);
+        self.land(batch, &opts)
     }
 
     /// Forgets this instance's copy of a shard (before restoring it from the start of its changelog).
@@ -628,6 +653,62 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    /// A write lands key by key (`unordered_write`): a reader under `settled` still sees each batch whole,
+    /// in its point reads and in a scan's snapshot, while batches land on another thread. Without the lock
+    /// the reads catch batches half landed.
+    #[test]
+    fn a_write_lands_whole_for_settled_readers() {
+        const BATCHES: u64 = 150;
+        const FILL: usize = 2000;
+        let t = TempStore::new().unwrap();
+        let (first, last) = (b"x/0".to_vec(), b"x/9".to_vec());
+        let batch = |n: u64| {
+            let v = n.to_be_bytes().to_vec();
+            let fill = (0..FILL).map(|i| format!("x/5{i:05}").into_bytes());
+            std::iter::once(first.clone())
+                .chain(fill)
+                .chain([last.clone()])
+                .map(move |k| (k, Some(v.clone())))
+        };
+        t.store.write_shard_changes(batch(0), []).unwrap();
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let value = |v: Option<Vec<u8>>| u64::from_be_bytes(v.unwrap().try_into().unwrap());
+        let (reads, seen) = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                for n in 1..=BATCHES {
+                    t.store.write_shard_changes(batch(n), []).unwrap();
+                }
+                done.store(true, std::sync::atomic::Ordering::Release);
+            });
+            let (mut reads, mut seen) = (0, std::collections::BTreeSet::new());
+            while !done.load(std::sync::atomic::Ordering::Acquire) {
+                let (a, z) = t.store.settled(|| {
+                    let a = value(t.store.shard_value(&first).unwrap());
+                    let z = value(t.store.shard_value(&last).unwrap());
+                    (a, z)
+                });
+                assert_eq!(a, z, "point reads of one batch's first and last keys");
+                let mut scanned = Vec::new();
+                t.store
+                    .scan_shards(b"x/", b"x/", usize::MAX, |_, v| {
+                        scanned.push(value(Some(v.to_vec())));
+                        Ok(ControlFlow::Continue(()))
+                    })
+                    .unwrap();
+                assert_eq!(scanned.len(), FILL + 2);
+                assert!(
+                    scanned.iter().all(|v| *v == scanned[0]),
+                    "a scan's snapshot holds one batch"
+                );
+                reads += 1;
+                seen.insert(a);
+            }
+            (reads, seen)
+        });
+        // The reads overlapped the writes: they saw batches come and go.
+        assert!(seen.len() > 5, "{reads} reads saw only batches {seen:?}");
     }
 
     /// A state directory of the former one-instance mode is recognised (to be refused at start).
