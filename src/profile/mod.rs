@@ -394,8 +394,8 @@ impl Profile {
     /// An identifier's part (a profile without identifiers: the unit that splits carry, docs/DESIGN.md
     /// "Evidence and parts") with one more event: `part`, or a new one, with the event applied in place,
     /// which is joining the event's own part into it (parts join like profiles).
-    pub fn part_with(part: Option<Self>, event: &Event, cfg: &Enrichment) -> Self {
-        let mut p = part.unwrap_or_else(Self::empty);
+    pub fn part_with(part: Option<Box<Self>>, event: &Event, cfg: &Enrichment) -> Box<Self> {
+        let mut p = part.unwrap_or_else(|| Box::new(Self::empty()));
         p.apply(event, &[], cfg);
         p
     }

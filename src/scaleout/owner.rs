@@ -60,7 +60,7 @@ impl Found {
 pub struct Member {
     pub id: Identifier,
     pub links: Vec<(Identifier, Evidence)>,
-    pub part: Option<Profile>,
+    pub part: Option<Box<Profile>>,
     /// How many times the identifier has been placed (created or moved).
     pub gen: u32,
 }
@@ -68,7 +68,8 @@ pub struct Member {
 /// A whole component on its way from one shard to another.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Piece {
-    pub profile: Profile,
+    /// Boxed, as the graph hands it out (serde writes a box as what it holds).
+    pub profile: Box<Profile>,
     pub members: Vec<Member>,
     /// Retired public ids leading to this profile's id (directly or through a chain), with where each
     /// redirects.

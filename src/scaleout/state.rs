@@ -305,17 +305,21 @@ pub trait Kv: KvRead {
     fn has_prefix(&self, prefix: &[u8]) -> Result<bool, StoreError>;
 
     /// Takes the profile under `key` out of the state: it is deleted unless the caller puts it back.
-    fn take_profile(&mut self, key: &[u8]) -> Result<Option<Profile>, StoreError> {
+    fn take_profile(&mut self, key: &[u8]) -> Result<Option<Box<Profile>>, StoreError> {
         let p = decode_profile(self, key)?;
         if p.is_some() {
             self.set(key.to_vec(), None);
         }
-        Ok(p)
+        Ok(p.map(Box::new))
     }
 
     /// Sets (`Some`) or deletes (`None`) a profile (a `PROFILE` or `PART` record).
-    fn set_profile(&mut self, key: Vec<u8>, profile: Option<Profile>) -> Result<(), StoreError> {
-        let v = profile.as_ref().map(encode_profile).transpose()?;
+    fn set_profile(
+        &mut self,
+        key: Vec<u8>,
+        profile: Option<Box<Profile>>,
+    ) -> Result<(), StoreError> {
+        let v = profile.as_deref().map(encode_profile).transpose()?;
         self.set(key, v);
         Ok(())
     }
@@ -443,10 +447,10 @@ impl Slot {
     }
 
     /// Writes the profile as the key's value, to be encoded when the batch's changes are taken.
-    fn put_profile(&mut self, p: Profile) {
+    fn put_profile(&mut self, p: Box<Profile>) {
         self.bytes = None;
         self.written = true;
-        self.profile = Some(Box::new(p));
+        self.profile = Some(p);
         self.unencoded = true;
     }
 
@@ -647,20 +651,20 @@ impl Kv for ShardOverlay<'_> {
     }
 
     /// The kept profile moves out, or the record is decoded; either way it is deleted until put back.
-    fn take_profile(&mut self, key: &[u8]) -> Result<Option<Profile>, StoreError> {
+    fn take_profile(&mut self, key: &[u8]) -> Result<Option<Box<Profile>>, StoreError> {
         let kept = match self.slots.get_mut().get_mut(key) {
             Some(slot) => match slot.profile.take() {
                 Some(p) => {
                     slot.check_kept(key, &p);
-                    Some(*p)
+                    Some(p)
                 }
-                None => decode_slot(key, slot)?,
+                None => decode_slot(key, slot)?.map(Box::new),
             },
             None => {
                 let slot = Slot::below(self.below(key)?);
                 let p = decode_slot(key, &slot)?;
                 self.slots.get_mut().insert(key.to_vec(), slot);
-                p
+                p.map(Box::new)
             }
         };
         if kept.is_some() {
@@ -671,7 +675,11 @@ impl Kv for ShardOverlay<'_> {
 
     /// Encoded when the batch's changes are taken ([`ShardOverlay::into_changes`]), unless its bytes are
     /// read before.
-    fn set_profile(&mut self, key: Vec<u8>, profile: Option<Profile>) -> Result<(), StoreError> {
+    fn set_profile(
+        &mut self,
+        key: Vec<u8>,
+        profile: Option<Box<Profile>>,
+    ) -> Result<(), StoreError> {
         match profile {
             Some(p) => self.slots.get_mut().entry(key).or_default().put_profile(p),
             None => self.set(key, None),
@@ -1028,7 +1036,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         &mut self,
         kind: u8,
         rest: &(impl KeyRest + ?Sized),
-    ) -> Result<Option<Profile>, StoreError> {
+    ) -> Result<Option<Box<Profile>>, StoreError> {
         self.kv.take_profile(&ReadKey::new(self.shard, kind, rest))
     }
 
@@ -1036,7 +1044,7 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
         &mut self,
         kind: u8,
         rest: &(impl KeyRest + ?Sized),
-        profile: Option<Profile>,
+        profile: Option<Box<Profile>>,
     ) -> Result<(), StoreError> {
         self.kv.set_profile(key(self.shard, kind, rest), profile)
     }
@@ -1272,13 +1280,13 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
         let r = self.view.put::<NodeId>(NODE, id, None);
         self.keep(r);
     }
-    fn take_profile(&mut self, node: NodeId) -> Result<Option<Profile>, StoreError> {
+    fn take_profile(&mut self, node: NodeId) -> Result<Option<Box<Profile>>, StoreError> {
         self.view.take_profile(PROFILE, &node.0.to_be_bytes())
     }
     fn seal(&mut self, node: NodeId) -> Result<Option<Seal>, StoreError> {
         self.view.read().seal(node)
     }
-    fn put_profile(&mut self, node: NodeId, profile: Profile) {
+    fn put_profile(&mut self, node: NodeId, profile: Box<Profile>) {
         let r = self
             .view
             .set_profile(PROFILE, &node.0.to_be_bytes(), Some(profile));
@@ -1342,10 +1350,10 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
             self.keep(r);
         }
     }
-    fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, StoreError> {
+    fn take_part(&mut self, id: &Identifier) -> Result<Option<Box<Profile>>, StoreError> {
         self.view.take_profile(PART, id)
     }
-    fn put_part(&mut self, id: &Identifier, part: Profile) {
+    fn put_part(&mut self, id: &Identifier, part: Box<Profile>) {
         let r = self.view.set_profile(PART, id, Some(part));
         self.keep(r);
     }
@@ -1502,11 +1510,11 @@ mod tests {
         ]
     }
 
-    fn a_profile(n: u8) -> Profile {
+    fn a_profile(n: u8) -> Box<Profile> {
         let mut p = Profile::empty();
         p.events = u64::from(n);
         p.shared = n % 2 == 1;
-        p
+        Box::new(p)
     }
 
     /// Everything a batch can read of a record, by every path.

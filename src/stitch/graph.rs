@@ -30,8 +30,9 @@ pub trait GraphStore {
     fn set_node(&mut self, id: &Identifier, node: NodeId);
     fn remove_identifier(&mut self, id: &Identifier);
     /// Takes the profile out; it must be given back with `put_profile` or removed with `delete_profile`.
-    fn take_profile(&mut self, node: NodeId) -> Result<Option<Profile>, Self::Error>;
-    fn put_profile(&mut self, node: NodeId, profile: Profile);
+    /// Boxed, as the batch keeps it: a profile is large and moves through every merge.
+    fn take_profile(&mut self, node: NodeId) -> Result<Option<Box<Profile>>, Self::Error>;
+    fn put_profile(&mut self, node: NodeId, profile: Box<Profile>);
     /// A profile's seal, read without taking the profile out.
     fn seal(&mut self, node: NodeId) -> Result<Option<Seal>, Self::Error>;
     fn delete_profile(&mut self, node: NodeId);
@@ -53,8 +54,8 @@ pub trait GraphStore {
     fn link_all(&mut self, ids: &[Identifier], evidence: &Evidence);
     fn remove_link(&mut self, a: &Identifier, b: &Identifier);
     /// Takes the part of an identifier out; give it back with `put_part`.
-    fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, Self::Error>;
-    fn put_part(&mut self, id: &Identifier, part: Profile);
+    fn take_part(&mut self, id: &Identifier) -> Result<Option<Box<Profile>>, Self::Error>;
+    fn put_part(&mut self, id: &Identifier, part: Box<Profile>);
     /// Adds one event to the part of an identifier (`Profile::part_with`).
     fn add_to_part(&mut self, id: &Identifier, ev: &Event, cfg: &Enrichment);
     fn delete_part(&mut self, id: &Identifier);
@@ -310,7 +311,7 @@ impl Stitcher {
         let (mut node, mut profile, created) = match rest.next() {
             Some((n, p)) => (n, p, false),
             None => {
-                let mut p = Profile::new(ev, &self.enrichment);
+                let mut p = Box::new(Profile::new(ev, &self.enrichment));
                 // Identifiers are linked below, within the limits.
                 p.identifiers.clear();
                 (store.allocate_node()?, p, true)
@@ -361,7 +362,7 @@ impl Stitcher {
                     for id in small.identifiers.keys() {
                         store.set_node(id, keep);
                     }
-                    big.absorb(small);
+                    big.absorb(*small);
                     store.delete_profile(gone);
                     absorbed_nodes.push(gone);
                     merged_into_primary.insert(other);
@@ -475,7 +476,7 @@ impl Stitcher {
 type Owners = Vec<Option<NodeId>>;
 
 /// Profiles taken out of the store, with their nodes.
-type Taken = Vec<(NodeId, Profile)>;
+type Taken = Vec<(NodeId, Box<Profile>)>;
 
 /// Nodes of identifiers, in the same order.
 fn resolve<S: GraphStore>(store: &mut S, ids: &[Identifier]) -> Result<Owners, S::Error> {

@@ -13,13 +13,13 @@ use super::graph::{add_evidence, remove_evidence, GraphStore};
 #[derive(Debug, Default, Clone)]
 pub struct MemStore {
     pub nodes: HashMap<Identifier, NodeId>,
-    pub profiles: HashMap<NodeId, Profile>,
+    pub profiles: HashMap<NodeId, Box<Profile>>,
     pub seen: std::collections::HashSet<String>,
     pub redirects: HashMap<ProfileId, ProfileId>,
     pub index: HashMap<ProfileId, NodeId>,
     /// Each identifier's links, sorted by identifier as the sharded state keeps them.
     pub links: HashMap<Identifier, Vec<(Identifier, Evidence)>>,
-    pub parts: HashMap<Identifier, Profile>,
+    pub parts: HashMap<Identifier, Box<Profile>>,
     next: u64,
 }
 
@@ -35,14 +35,14 @@ impl GraphStore for MemStore {
     fn remove_identifier(&mut self, id: &Identifier) {
         self.nodes.remove(id);
     }
-    fn take_profile(&mut self, node: NodeId) -> Result<Option<Profile>, Self::Error> {
+    fn take_profile(&mut self, node: NodeId) -> Result<Option<Box<Profile>>, Self::Error> {
         Ok(self.profiles.remove(&node))
     }
-    fn put_profile(&mut self, node: NodeId, profile: Profile) {
+    fn put_profile(&mut self, node: NodeId, profile: Box<Profile>) {
         self.profiles.insert(node, profile);
     }
     fn seal(&mut self, node: NodeId) -> Result<Option<Seal>, Self::Error> {
-        Ok(self.profiles.get(&node).map(Profile::seal))
+        Ok(self.profiles.get(&node).map(|p| p.seal()))
     }
     fn delete_profile(&mut self, node: NodeId) {
         self.profiles.remove(&node);
@@ -105,10 +105,10 @@ impl GraphStore for MemStore {
             }
         }
     }
-    fn take_part(&mut self, id: &Identifier) -> Result<Option<Profile>, Self::Error> {
+    fn take_part(&mut self, id: &Identifier) -> Result<Option<Box<Profile>>, Self::Error> {
         Ok(self.parts.remove(id))
     }
-    fn put_part(&mut self, id: &Identifier, part: Profile) {
+    fn put_part(&mut self, id: &Identifier, part: Box<Profile>) {
         self.parts.insert(id.clone(), part);
     }
     fn add_to_part(&mut self, id: &Identifier, ev: &Event, cfg: &Enrichment) {
@@ -123,7 +123,7 @@ impl GraphStore for MemStore {
 impl MemStore {
     /// Profiles by public id, for comparisons.
     pub fn by_public_id(&self) -> BTreeMap<ProfileId, &Profile> {
-        self.profiles.values().map(|p| (p.id(), p)).collect()
+        self.profiles.values().map(|p| (p.id(), &**p)).collect()
     }
 
     /// The graph as sets of identifiers, for comparisons that ignore ids and enrichment.

@@ -46,7 +46,7 @@ impl<'k, K: Kv + ?Sized> Shard<'_, 'k, K> {
             for pid in std::iter::once(&live).chain(piece.redirects.iter().map(|(from, _)| from)) {
                 self.view.put(MOVED_PROFILE, pid.0.as_bytes(), Some(&to))?;
             }
-            out.departed.push((node, piece.profile.clone()));
+            out.departed.push((node, Profile::clone(&piece.profile)));
             self.send(
                 out,
                 to,

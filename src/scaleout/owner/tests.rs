@@ -498,7 +498,7 @@ impl Sim {
                 for x in p.identifiers.keys() {
                     all.nodes.insert(x.clone(), NodeId(next));
                 }
-                all.profiles.insert(NodeId(next), p);
+                all.profiles.insert(NodeId(next), Box::new(p));
             }
         }
         all

@@ -76,7 +76,7 @@ impl Stitcher {
         let q = store.allocate_node()?;
         let mut own = Profile::empty();
         if let Some(part) = store.take_part(x)? {
-            own.absorb(part.clone());
+            own.absorb(Profile::clone(&part));
             store.put_part(x, part);
         }
         own.identifiers.insert(x.clone(), seen);
@@ -87,7 +87,7 @@ impl Stitcher {
         let id = own.id();
         store.remove_redirect(&id);
         store.index(&id, q);
-        store.put_profile(q, own);
+        store.put_profile(q, Box::new(own));
         reshape.quarantined.push(q);
         Ok(())
     }
@@ -100,7 +100,7 @@ impl Stitcher {
         &self,
         store: &mut S,
         node: NodeId,
-        profile: Profile,
+        profile: Box<Profile>,
         removed: &[Identifier],
         purge: bool,
         reshape: &mut Reshape,
@@ -129,10 +129,10 @@ impl Stitcher {
             for id in component {
                 let part = store.take_part(id)?;
                 if !tree.is_empty() {
-                    returns.insert(return_id(id, part.as_ref()), pieces.len());
+                    returns.insert(return_id(id, part.as_deref()), pieces.len());
                 }
                 if let Some(part) = part {
-                    piece.absorb(part.clone());
+                    piece.absorb(Profile::clone(&part));
                     store.put_part(id, part);
                 }
                 if let Some(seen) = profile.identifiers.get(id) {
@@ -151,7 +151,7 @@ impl Stitcher {
         if !tree.is_empty() {
             for id in removed {
                 let part = store.take_part(id)?;
-                returns.insert(return_id(id, part.as_ref()), gone);
+                returns.insert(return_id(id, part.as_deref()), gone);
                 if let Some(part) = part {
                     store.put_part(id, part);
                 }
@@ -180,7 +180,7 @@ impl Stitcher {
             // An id that comes back (it was retired by a merge) no longer redirects anywhere.
             store.remove_redirect(id);
             store.index(id, n);
-            store.put_profile(n, piece);
+            store.put_profile(n, Box::new(piece));
             into.push(n);
         }
         // Where the old id leads after the split: where it comes back, else the largest piece unless

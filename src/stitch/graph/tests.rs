@@ -298,7 +298,7 @@ fn assert_parts_add_up(store: &MemStore) {
         let mut joined = Profile::empty();
         for id in p.identifiers.keys() {
             if let Some(part) = store.parts.get(id) {
-                joined.absorb(part.clone());
+                joined.absorb(Profile::clone(part));
             }
         }
         joined.identifiers = p.identifiers.clone();
@@ -308,7 +308,7 @@ fn assert_parts_add_up(store: &MemStore) {
             // Rebuilt from parts that had no event: anchored on its earliest identifier for good.
             joined.anchor = p.anchor.clone();
         }
-        assert_eq!(&joined, p, "profile {} differs from its parts", p.id());
+        assert_eq!(&joined, &**p, "profile {} differs from its parts", p.id());
     }
 }
 
