@@ -123,6 +123,27 @@ pub struct Store {
     landing: Arc<RwLock<()>>,
 }
 
+thread_local! {
+    /// Whether this thread is inside [`Store::settled`].
+    static SETTLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Marks the thread inside [`Store::settled`] until dropped (a panic included).
+struct Settled;
+
+impl Settled {
+    fn enter() -> Self {
+        SETTLED.set(true);
+        Settled
+    }
+}
+
+impl Drop for Settled {
+    fn drop(&mut self) {
+        SETTLED.set(false);
+    }
+}
+
 /// What a data block takes in the block cache, about (RocksDB's default block size of 4 KiB and its
 /// bookkeeping): the clock cache sizes its table by it.
 const BLOCK_CHARGE: usize = 4 << 10;
@@ -229,7 +250,12 @@ impl Store {
     /// (`unordered_write`); the pipeline never reads a key while it lands (it reads its pending layer
     /// first), but lookups and scans would see a batch half written.
     pub fn settled<R>(&self, f: impl FnOnce() -> R) -> R {
+        // Taken once per thread: a second read lock behind a waiting write would wait for ever.
+        if SETTLED.get() {
+            return f();
+        }
         let _settled = self.landing.read().unwrap_or_else(PoisonError::into_inner);
+        let _inside = Settled::enter();
         f()
     }
 
@@ -709,6 +735,49 @@ mod tests {
         });
         // The reads overlapped the writes: they saw batches come and go.
         assert!(seen.len() > 5, "{reads} reads saw only batches {seen:?}");
+    }
+
+    /// A reader under `settled` that scans (which settles too) does not wait for a write that waits for
+    /// it: the thread's second `settled` takes no second read lock.
+    #[test]
+    fn settled_nests_while_a_write_waits() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{mpsc, Barrier};
+        let t = Arc::new(TempStore::new().unwrap());
+        let entered = Arc::new(Barrier::new(2));
+        let written = Arc::new(AtomicBool::new(false));
+        let writer = {
+            let (t, entered, written) = (t.clone(), entered.clone(), written.clone());
+            std::thread::spawn(move || {
+                entered.wait();
+                t.store
+                    .write_shard_changes([(b"k".to_vec(), Some(b"v".to_vec()))], [])
+                    .unwrap();
+                written.store(true, Ordering::Release);
+            })
+        };
+        let (done, finished) = mpsc::channel();
+        {
+            let (t, written) = (t.clone(), written.clone());
+            // Not joined if it hangs: the test fails on the timeout below instead.
+            std::thread::spawn(move || {
+                t.store.settled(|| {
+                    entered.wait();
+                    // Time for the write to queue behind this reader.
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                    assert!(!written.load(Ordering::Acquire), "the write waits");
+                    t.store
+                        .scan_shards(b"k", b"k", 1, |_, _| Ok(ControlFlow::Break(())))
+                        .unwrap();
+                });
+                done.send(()).unwrap();
+            });
+        }
+        finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("a nested settled read hung behind a waiting write");
+        writer.join().unwrap();
+        assert!(written.load(Ordering::Acquire));
     }
 
     /// A state directory of the former one-instance mode is recognised (to be refused at start).
