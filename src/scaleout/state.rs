@@ -1483,6 +1483,14 @@ mod tests {
             t.store.shard_value(&k).unwrap();
         };
         assert_eq!(counted(&batch), 0);
+        // The commit thread writes without an overlay before it.
+        let write = || {
+            t.store
+                .write_shard_changes([(k.clone(), Some(b"3".to_vec()))], [])
+                .unwrap();
+            t.store.shard_value(&k).unwrap();
+        };
+        assert_eq!(counted(&write), 0);
     }
 
     #[derive(Debug, Clone)]
