@@ -429,12 +429,11 @@ impl Store {
 
     /// Writes sharded-state changes (`None` deletes) and the changelog positions they reach, in one write
     /// without the WAL (whole after a crash, and to readers under [`Store::settled`]), as Kafka Streams
-    /// writes its stores: the changelog holds every change
-    /// before it is written here, so a crash of the process or the machine takes what the memtables held
-    /// since their last (atomic) flush, positions included, and leaves the copy behind at the position the
-    /// flushed state reached; the restore replays the changelog from there (docs/DESIGN.md, crash table). A
-    /// replay from an older position over records already written ends in the same state: each key ends at
-    /// its last changelog record.
+    /// writes its stores: the changelog holds every change before it is written here, so a crash of the
+    /// process or the machine takes what the memtables held since their last (atomic) flush, positions
+    /// included, and leaves the copy behind at the position the flushed state reached; the restore replays
+    /// the changelog from there (docs/DESIGN.md, crash table). A replay from an older position over records
+    /// already written ends in the same state: each key ends at its last changelog record.
     pub fn write_shard_changes<K: AsRef<[u8]>, V: AsRef<[u8]>>(
         &self,
         changes: impl IntoIterator<Item = (K, Option<V>)>,
