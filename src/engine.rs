@@ -415,10 +415,10 @@ impl Engine {
                     .with_label_values(&["event"])
                     .inc_by(events);
             }
-            if let Some(channel) = out.duplicate.take() {
+            if let Some(channel) = &out.duplicate {
                 self.metrics
                     .events_duplicate
-                    .with_label_values(&[&channel])
+                    .with_label_values(&[channel])
                     .inc();
             }
             for (node, profile) in out.departed {
