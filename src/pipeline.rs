@@ -37,9 +37,7 @@ use crate::metrics::Metrics;
 use crate::model::{now_millis, Millis};
 use crate::processor::{positions_vec, Batch, InMessage, ProcessError};
 use crate::scaleout::lookup::HeldShards;
-use crate::scaleout::state::{
-    local_only, refuse_former_format, restored, shard_of_key, Changes, ShardOverlay,
-};
+use crate::scaleout::state::{refuse_former_format, shard_of_key, Changes, Restore, ShardOverlay};
 use crate::scaleout::ShardId;
 use crate::store::{OutRecord, Position, RecordRef, Store, StoreError};
 use crate::worker::{Ended, Worker};
@@ -320,7 +318,7 @@ pub(crate) fn subscribed_consumer(
     Ok(consumer)
 }
 
-/// Changelog records applied per RocksDB write while restoring.
+/// Records (changelog records and those they derive) per RocksDB write while restoring.
 const RESTORE_CHUNK: usize = 10_000;
 
 pub struct Pipeline {
@@ -891,9 +889,8 @@ impl Pipeline {
         shutdown: &CancellationToken,
     ) -> Result<u64, PipelineError> {
         let deadline = self.restore_deadline();
-        let mut pending: Vec<(Vec<u8>, Option<Vec<u8>>)> = Vec::new();
+        let mut restore = Restore::default();
         let mut reached: BTreeMap<i32, i64> = BTreeMap::new();
-        let mut applied = 0u64;
         while !high.is_empty() {
             if shutdown.is_cancelled() {
                 return Err(PipelineError::Restore("shutdown during restore".into()));
@@ -910,9 +907,8 @@ impl Pipeline {
             match restorer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
                     refuse_former_format(m.key().unwrap_or_default())?;
-                    restored(
+                    restore.apply(
                         &self.store,
-                        &mut pending,
                         m.key().unwrap_or_default().to_vec(),
                         m.payload().map(<[u8]>::to_vec),
                     )?;
@@ -949,15 +945,14 @@ impl Pipeline {
                     });
                 }
             }
-            if pending.len() >= RESTORE_CHUNK || high.is_empty() {
-                applied += pending.iter().filter(|(k, _)| !local_only(k)).count() as u64;
+            if restore.held() >= RESTORE_CHUNK || high.is_empty() {
                 self.store.write_shard_changes(
-                    std::mem::take(&mut pending),
+                    restore.take(),
                     reached.iter().map(|(p, at)| (*p as ShardId, *at)),
                 )?;
             }
         }
-        Ok(applied)
+        Ok(restore.applied)
     }
 }
 

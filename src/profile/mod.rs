@@ -328,9 +328,9 @@ impl Seal {
 /// rest), for the looks at consent and sharing that every event takes.
 #[derive(Debug, Deserialize)]
 pub struct ProfileHead {
-    _anchor: (Millis, String),
+    anchor: (Millis, String),
     #[serde(deserialize_with = "sorted_map")]
-    _identifiers: BTreeMap<Identifier, Seen>,
+    identifiers: BTreeMap<Identifier, Seen>,
     _seen: Seen,
     _events: u64,
     #[serde(deserialize_with = "sorted_map")]
@@ -348,6 +348,19 @@ pub struct ProfileHead {
 impl ProfileHead {
     pub fn seal(&self) -> Seal {
         Seal::of(&self.consent, self.shared)
+    }
+
+    /// The public id, as [`Profile::id`].
+    pub fn id(&self) -> ProfileId {
+        ProfileId::from_anchor(&self.anchor.1)
+    }
+
+    pub fn identifiers(&self) -> impl Iterator<Item = &Identifier> {
+        self.identifiers.keys()
+    }
+
+    pub fn holds(&self, id: &Identifier) -> bool {
+        self.identifiers.contains_key(id)
     }
 }
 

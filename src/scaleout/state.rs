@@ -26,7 +26,8 @@
 //! | `s` HMAC(salt, identifier key)    | a suppressed identifier homed here: when (ms, i64)           |
 //!
 //! A batch's changes go to partition `shard` of the changelog topic (same key and value; a delete is a
-//! tombstone; `f` records travel packed in their `E` record, see [`restored`]) inside the batch's
+//! tombstone; `f` records travel packed in their `E` record, and node and index records are left out, see
+//! [`Restore`]) inside the batch's
 //! transaction. The local copy is written only after that transaction
 //! committed, with the changelog offsets it reached, so it is never ahead of the changelog: a crash in
 //! between leaves it behind, and the restore on start-up catches up (docs/DESIGN.md, "Scale-out").
@@ -818,36 +819,144 @@ fn pack_seen(changes: &mut Changes) {
 }
 
 /// Whether a change stays in the local copy only: an `f` record, which the changelog carries in its `E`
-/// record.
+/// record, and a node or profile-index record, which a restore derives from the profile records
+/// ([`Restore`]).
 pub fn local_only(key: &[u8]) -> bool {
-    key.get(4) == Some(&SEEN)
+    matches!(key.get(4), Some(&(SEEN | NODE | INDEX)))
 }
 
-/// A changelog record as the restore writes it to the local copy, onto `chunk` (the records read and not
-/// written yet): itself, and for an `E` record the `f` records it packs (for its tombstone, the deletion
-/// of those its last value listed, found in `chunk`, else in `store`).
-pub fn restored(
-    store: &Store,
-    chunk: &mut Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    key: Vec<u8>,
-    value: Option<Vec<u8>>,
-) -> Result<(), StoreError> {
-    if let (Some(SEEN_BATCH), Some(shard)) = (key.get(4).copied(), shard_of_key(&key)) {
-        let at = batch_time(&key).unwrap_or(0).to_be_bytes().to_vec();
-        let ids = match &value {
-            Some(ids) => Some(ids.clone()),
-            None => match chunk.iter().rev().find(|(k, _)| *k == key) {
-                Some((_, last)) => last.clone(),
-                None => store.shard_value(&key)?,
-            },
+/// A restore's chunk: the changelog records read and not written to the local copy yet, as the local
+/// copy will hold them (each key's last value), with the records derived from them that the changelog
+/// does not carry ([`local_only`]): the `f` records of an `E` record (for its tombstone, the deletion of
+/// those its last value listed), and the node and profile-index records of a profile record
+/// (docs/DESIGN.md, "Nodes and the profile-id index are derived, not logged"). The node and index
+/// records the changelog of a version before carries are skipped: the profiles give them.
+#[derive(Default)]
+pub struct Restore {
+    chunk: Changes,
+    /// Changelog records applied since the restore began.
+    pub applied: u64,
+}
+
+impl Restore {
+    /// Applies one changelog record, after every record before it.
+    pub fn apply(
+        &mut self,
+        store: &Store,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let Some(shard) = shard_of_key(&key) else {
+            return Ok(());
         };
-        for id in ids.iter().flat_map(|ids| ids.chunks_exact(ID_LEN)) {
-            let f = self::key(shard, SEEN, id);
-            chunk.push((f, value.as_ref().map(|_| at.clone())));
+        match key.get(4).copied() {
+            Some(NODE | INDEX) => return Ok(()),
+            Some(SEEN_BATCH) => self.expand_seen(store, shard, &key, value.as_deref())?,
+            Some(PROFILE) => self.derive(store, shard, &key, value.as_deref())?,
+            _ => {}
+        }
+        self.applied += 1;
+        self.chunk.insert(key, value);
+        Ok(())
+    }
+
+    /// Records in the chunk.
+    pub fn held(&self) -> usize {
+        self.chunk.len()
+    }
+
+    /// The chunk, to be written to the local copy; the next one starts empty.
+    pub fn take(&mut self) -> Changes {
+        std::mem::take(&mut self.chunk)
+    }
+
+    /// What `key` holds as of the records applied: the chunk's value, else the local copy's.
+    fn current(&self, store: &Store, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.chunk.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => store.shard_value(key),
         }
     }
-    chunk.push((key, value));
-    Ok(())
+
+    /// The `f` records an `E` record packs, or for its tombstone the deletion of those it listed.
+    fn expand_seen(
+        &mut self,
+        store: &Store,
+        shard: ShardId,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let at = batch_time(key).unwrap_or(0).to_be_bytes();
+        let ids = match value {
+            Some(ids) => Some(ids.to_vec()),
+            None => self.current(store, key)?,
+        };
+        for id in ids.iter().flat_map(|ids| ids.chunks_exact(ID_LEN)) {
+            self.chunk
+                .insert(self::key(shard, SEEN, id), value.map(|_| at.to_vec()));
+        }
+        Ok(())
+    }
+
+    /// The node and index records of a profile record at a node: every identifier of the new profile
+    /// and its id name the node; an identifier or id of the profile it replaces that the new one lacks
+    /// loses its record if that still names the node.
+    fn derive(
+        &mut self,
+        store: &Store,
+        shard: ShardId,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let node = profile_node(key)?;
+        let head = |v: &[u8]| decode_value::<ProfileHead>(v, CF_SHARDS, "profile");
+        let new = value.map(head).transpose()?;
+        if let Some(old) = self.current(store, key)? {
+            let old = head(&old)?;
+            for x in old.identifiers() {
+                if !new.as_ref().is_some_and(|n| n.holds(x)) {
+                    self.unname(store, self::key(shard, NODE, x), node)?;
+                }
+            }
+            let id = old.id();
+            if new.as_ref().map(ProfileHead::id).as_ref() != Some(&id) {
+                self.unname(store, self::key(shard, INDEX, id.0.as_bytes()), node)?;
+            }
+        }
+        if let Some(new) = new {
+            let named = encode_value(&node, 16)?;
+            for x in new.identifiers() {
+                self.chunk
+                    .insert(self::key(shard, NODE, x), Some(named.clone()));
+            }
+            self.chunk
+                .insert(self::key(shard, INDEX, new.id().0.as_bytes()), Some(named));
+        }
+        Ok(())
+    }
+
+    /// Deletes a node or index record if it names `node`.
+    fn unname(&mut self, store: &Store, key: Vec<u8>, node: NodeId) -> Result<(), StoreError> {
+        let named = match self.current(store, &key)? {
+            Some(v) => decode_value::<NodeId>(&v, CF_SHARDS, record_kind(&key))? == node,
+            None => false,
+        };
+        if named {
+            self.chunk.insert(key, None);
+        }
+        Ok(())
+    }
+}
+
+/// The node a profile record's key names.
+fn profile_node(key: &[u8]) -> Result<NodeId, StoreError> {
+    key.get(5..)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map(|b| NodeId(u64::from_be_bytes(b)))
+        .ok_or_else(|| StoreError::Corrupt {
+            cf: CF_SHARDS,
+            reason: "a profile key without a node number".into(),
+        })
 }
 
 /// Every live profile in `shards` of the local copy, with its shard and node, from one snapshot per shard.
@@ -859,15 +968,11 @@ pub fn for_each_profile(
     for shard in shards {
         let prefix = key(*shard, PROFILE, &[]);
         store.scan_shards(&prefix, &prefix, usize::MAX, |k, v| {
-            let node = k
-                .get(5..)
-                .and_then(|b| <[u8; 8]>::try_from(b).ok())
-                .map(|b| NodeId(u64::from_be_bytes(b)))
-                .ok_or_else(|| StoreError::Corrupt {
-                    cf: CF_SHARDS,
-                    reason: "a profile key without a node number".into(),
-                })?;
-            f(*shard, node, decode_value(v, CF_SHARDS, "profile")?);
+            f(
+                *shard,
+                profile_node(k)?,
+                decode_value(v, CF_SHARDS, "profile")?,
+            );
             Ok(ControlFlow::Continue(()))
         })?;
     }
@@ -1371,7 +1476,7 @@ impl<K: Kv + ?Sized> GraphStore for ShardGraph<'_, '_, K> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::store::TempStore;
 
@@ -1611,7 +1716,7 @@ mod tests {
     }
 
     /// The whole sharded state of a store, key by key.
-    fn dump(store: &Store) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    pub(crate) fn dump(store: &Store) -> BTreeMap<Vec<u8>, Vec<u8>> {
         let mut all = BTreeMap::new();
         store
             .scan_shards(&[], &[], usize::MAX, |k, v| {
@@ -1625,26 +1730,32 @@ mod tests {
     /// A store restored from `log` in chunks of `chunk` records, as the pipeline's restore writes them.
     fn restore(log: &[(Vec<u8>, Option<Vec<u8>>)], chunk: usize) -> TempStore {
         let t = TempStore::new().unwrap();
-        let mut pending = Vec::new();
-        for (i, (k, v)) in log.iter().enumerate() {
-            restored(&t.store, &mut pending, k.clone(), v.clone()).unwrap();
-            if (i + 1) % chunk == 0 || i + 1 == log.len() {
-                t.store
-                    .write_shard_changes(std::mem::take(&mut pending), [])
-                    .unwrap();
-            }
-        }
+        restore_onto(&t.store, log, chunk);
         t
     }
 
-    /// What log compaction leaves of `log`: each key's last record, in the order of those, without
-    /// tombstones (their delete retention passed).
-    fn compacted(log: &[(Vec<u8>, Option<Vec<u8>>)]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+    /// Applies `log` to `store` in chunks of `chunk` records, as the pipeline's restore writes them.
+    pub(crate) fn restore_onto(store: &Store, log: &[(Vec<u8>, Option<Vec<u8>>)], chunk: usize) {
+        let mut restore = Restore::default();
+        for (i, (k, v)) in log.iter().enumerate() {
+            restore.apply(store, k.clone(), v.clone()).unwrap();
+            if (i + 1) % chunk == 0 || i + 1 == log.len() {
+                store.write_shard_changes(restore.take(), []).unwrap();
+            }
+        }
+    }
+
+    /// What log compaction leaves of `log`: each key's last record, in the order of those, and the
+    /// tombstones among them unless their delete retention passed.
+    pub(crate) fn compacted(
+        log: &[(Vec<u8>, Option<Vec<u8>>)],
+        tombstones: bool,
+    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
         let last: HashMap<&Vec<u8>, usize> =
             log.iter().enumerate().map(|(i, (k, _))| (k, i)).collect();
         log.iter()
             .enumerate()
-            .filter(|(i, (k, v))| last[k] == *i && v.is_some())
+            .filter(|(i, (k, v))| last[k] == *i && (tombstones || v.is_some()))
             .map(|(_, r)| r.clone())
             .collect()
     }
@@ -1734,7 +1845,7 @@ mod tests {
             let ids: BTreeSet<Vec<u8>> = written.keys().filter(|k| k.get(4) == Some(&SEEN)).cloned().collect();
             proptest::prop_assert_eq!(&ids, &packed);
             proptest::prop_assert_eq!(&dump(&restore(&log, chunk).store), &written);
-            proptest::prop_assert_eq!(&dump(&restore(&compacted(&log), chunk).store), &written);
+            proptest::prop_assert_eq!(&dump(&restore(&compacted(&log, false), chunk).store), &written);
         }
     }
 

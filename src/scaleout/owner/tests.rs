@@ -17,14 +17,18 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::config::GuardrailConfig;
 use crate::model::ConsentChange;
+use crate::scaleout::state::tests::{compacted, dump, restore_onto};
 use crate::scaleout::state::{
-    key, ShardRead, DIR, FIRST_PLACEMENT, GEN, INDEX, NODE, PROFILE, REDIRECT,
+    key, local_only, ShardRead, DIR, FIRST_PLACEMENT, GEN, INDEX, NODE, PROFILE, REDIRECT,
 };
 use crate::stitch::{MemStore, Rules};
 use crate::store::{decode_identifier, decode_value};
 
 /// One shard's state in memory.
 type MemKv = BTreeMap<Vec<u8>, Vec<u8>>;
+
+/// Changelog records: key and value (`None`: a tombstone).
+type Log = Vec<(Vec<u8>, Option<Vec<u8>>)>;
 
 /// The records of one kind of a shard: (rest of the key, value).
 fn records(kv: &MemKv, shard: ShardId, kind: u8) -> Vec<(&[u8], &[u8])> {
@@ -158,6 +162,9 @@ struct Sim {
     by_kind: BTreeMap<&'static str, u64>,
     /// Messages sent to another shard than the sender's: hops between instances when shards are spread.
     between: u64,
+    /// When set, what each message handled changed, as the changelog carries it (`local_only` records
+    /// left out; no step may be lost).
+    log: Option<Log>,
 }
 
 impl Sim {
@@ -175,6 +182,7 @@ impl Sim {
             handled: 0,
             by_kind: BTreeMap::new(),
             between: 0,
+            log: None,
         }
     }
 
@@ -224,6 +232,7 @@ impl Sim {
     fn handle(&mut self, to: ShardId, msg: Msg) -> Out {
         let mut out = Out::default();
         let shards = self.n();
+        let before = self.log.as_ref().map(|_| self.shards[to as usize].clone());
         let mut view = ShardView {
             kv: &mut self.shards[to as usize],
             shard: to,
@@ -236,6 +245,16 @@ impl Sim {
         .handle(&self.stitcher, msg, &mut out)
         .expect("in-memory state cannot fail");
         self.check_redirects();
+        self.check_derived(to);
+        if let (Some(log), Some(before)) = (&mut self.log, before) {
+            let after = &self.shards[to as usize];
+            let keys: BTreeSet<&Vec<u8>> = before.keys().chain(after.keys()).collect();
+            log.extend(
+                keys.into_iter()
+                    .filter(|k| before.get(*k) != after.get(*k) && !local_only(k))
+                    .map(|k| (k.clone(), after.get(k).cloned())),
+            );
+        }
         out
     }
 
@@ -479,6 +498,36 @@ impl Sim {
         }
     }
 
+    /// A shard's nodes and profile-id index are exactly what its profiles say (docs/DESIGN.md, "Nodes and
+    /// the profile-id index are derived"): an identifier has a node iff a profile there holds it, a profile
+    /// id is indexed iff a profile there has it. Checked after every message, as the restore derives them
+    /// from the profile records at any transaction's end.
+    fn check_derived(&self, s: ShardId) {
+        let kv = &self.shards[s as usize];
+        let nodes: BTreeMap<Identifier, NodeId> = records(kv, s, NODE)
+            .into_iter()
+            .map(|(k, v)| {
+                let x = decode_identifier(k).expect("identifier");
+                (x, decode_value(v, "t", "node").expect("node"))
+            })
+            .collect();
+        let index: BTreeMap<ProfileId, NodeId> = records(kv, s, INDEX)
+            .into_iter()
+            .map(|(k, v)| {
+                let id = ProfileId(String::from_utf8(k.to_vec()).expect("profile id"));
+                (id, decode_value(v, "t", "index").expect("index"))
+            })
+            .collect();
+        let profiles = self.profiles(s);
+        let held: BTreeMap<Identifier, NodeId> = profiles
+            .iter()
+            .flat_map(|(n, p)| p.identifiers.keys().map(|x| (x.clone(), *n)))
+            .collect();
+        let ids: BTreeMap<ProfileId, NodeId> = profiles.iter().map(|(n, p)| (p.id(), *n)).collect();
+        assert_eq!(nodes, held, "shard {s}: nodes not those its profiles hold");
+        assert_eq!(index, ids, "shard {s}: index not its profiles' ids");
+    }
+
     fn profiles(&self, s: ShardId) -> BTreeMap<NodeId, Profile> {
         records(&self.shards[s as usize], s, PROFILE)
             .into_iter()
@@ -678,6 +727,62 @@ proptest! {
         loss in 0.0f64..0.3,
     ) {
         check(inputs, n, Schedule::Instances, seed, loss);
+    }
+}
+
+/// The sharded state of `shards` (all of them in one map, as one store holds them), without the event
+/// ids: the simulation writes them unpacked, and the restore of their `E` records is tested on its own
+/// (`state::tests::event_ids_restored_equal_event_ids_written`).
+fn without_event_ids<'a>(shards: impl IntoIterator<Item = &'a MemKv>) -> MemKv {
+    shards
+        .into_iter()
+        .flatten()
+        .filter(|(k, _)| k.get(4) != Some(&b'f'))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// A store holding `state`, then restored from `log` in chunks of `chunk` records.
+fn restored(state: &MemKv, log: &[(Vec<u8>, Option<Vec<u8>>)], chunk: usize) -> MemKv {
+    let t = crate::store::TempStore::new().expect("store");
+    t.store
+        .write_shard_changes(state.iter().map(|(k, v)| (k, Some(v))), [])
+        .expect("write");
+    restore_onto(&t.store, log, chunk);
+    dump(&t.store)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(
+        crate::env_or("PROPTEST_CASES", 64)
+    ))]
+
+    /// docs/DESIGN.md, "Nodes and the profile-id index are derived, not logged": the changelog records of
+    /// the simulation's steps (each message handled a transaction, without the node and index records)
+    /// restore the state the steps wrote, nodes and index included: whole, compacted, and onto a local copy
+    /// written part of the way, from there, in chunks of any size.
+    #[test]
+    fn nodes_and_index_restored_equal_those_written(
+        inputs in arb_inputs(),
+        n in 1u32..5,
+        split in 0usize..64,
+        seed in any::<u64>(),
+        chunk in 1usize..40,
+    ) {
+        let mut rest = inputs;
+        let first: Vec<Input> = rest.drain(..split.min(rest.len())).collect();
+        let mut sim = Sim::new(n);
+        sim.log = Some(Vec::new());
+        sim.run(first, Schedule::AnyNext, seed, 0.0);
+        let midway = without_event_ids(&sim.shards);
+        let from = sim.log.as_ref().map_or(0, Vec::len);
+        sim.run(rest, Schedule::AnyNext, seed.wrapping_add(1), 0.0);
+        let log = sim.log.take().unwrap_or_default();
+        prop_assert!(log.iter().all(|(k, _)| !matches!(k.get(4), Some(&(NODE | INDEX)))));
+        let written = without_event_ids(&sim.shards);
+        prop_assert_eq!(&restored(&MemKv::new(), &log, chunk), &written);
+        prop_assert_eq!(&restored(&MemKv::new(), &compacted(&log, false), chunk), &written);
+        prop_assert_eq!(&restored(&midway, &compacted(&log[from..], true), chunk), &written);
     }
 }
 
