@@ -326,7 +326,7 @@ impl Metrics {
             last_commit: gauge(&r, "stitcher_last_commit_timestamp_seconds", "Unix time of the last committed batch.")?,
             shard_messages: counter_vec(&r, "stitcher_shard_messages_total", "Scale-out: messages handled by this instance's shards, by kind (event, locate, gather, fetch, component, own, gone, erase, unsuppress, release, erase_profile, unlink) and route (local: sent and handled in the same batch; topic: read from the internal topic).", &["kind", "route"])?,
             shards_owned: gauge(&r, "stitcher_shards_owned", "Scale-out: shards this instance holds (restored and processing).")?,
-            restored_records: counter(&r, "stitcher_restored_records_total", "Scale-out: changelog records applied while restoring shards.")?,
+            restored_records: counter(&r, "stitcher_restored_records_total", "Scale-out: changelog records applied while restoring shards (not counting the records derived from them).")?,
             state_rewound: counter(&r, "stitcher_state_rewound_total", "Shards whose local copy held changes of a transaction aborted after its commit was reported, restored from the start of their changelog.")?,
             restore_duration: histogram(&r, "stitcher_restore_duration_seconds", "Scale-out: time to restore one shard from its changelog.", exponential_buckets(0.01, 2.0, 15)?)?,
             registry: r,

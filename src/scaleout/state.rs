@@ -4,11 +4,11 @@
 //!
 //! | key: shard (u32 BE), kind, rest   | value (v2 + postcard)                                        |
 //! |-----------------------------------|--------------------------------------------------------------|
-//! | `n` identifier key                | `NodeId`: the node of an identifier this shard owns           |
+//! | `n` identifier key                | `NodeId`: the node of an identifier this shard owns; local only |
 //! | `P` node (u64 BE)                 | `Profile`                                                     |
 //! | `l` identifier key                | links: `[(Identifier, Evidence)]`                             |
 //! | `t` identifier key                | the identifier's part (`Profile`)                             |
-//! | `i` profile id                    | `NodeId`: the live profile with this public id               |
+//! | `i` profile id                    | `NodeId`: the live profile with this public id; local only   |
 //! | `R` profile id                    | `ProfileId`: where a retired id redirects                      |
 //! | `F` profile id                    | `[ProfileId]`: the retired ids redirecting to it              |
 //! | `N`                               | the next node number                                          |
@@ -56,7 +56,7 @@ const LINKS: u8 = b'l';
 const PART: u8 = b't';
 pub(crate) const INDEX: u8 = b'i';
 pub(crate) const REDIRECT: u8 = b'R';
-const REDIRECTED_FROM: u8 = b'F';
+pub(crate) const REDIRECTED_FROM: u8 = b'F';
 const NEXT_NODE: u8 = b'N';
 pub(crate) const DIR: u8 = b'd';
 pub(crate) const GEN: u8 = b'g';
@@ -819,18 +819,19 @@ fn pack_seen(changes: &mut Changes) {
 }
 
 /// Whether a change stays in the local copy only: an `f` record, which the changelog carries in its `E`
-/// record, and a node or profile-index record, which a restore derives from the profile records
-/// ([`Restore`]).
+/// record, a node or profile-index record, which a restore derives from the profile records, and the
+/// list of ids redirecting to a profile, which it derives from the redirects ([`Restore`]).
 pub fn local_only(key: &[u8]) -> bool {
-    matches!(key.get(4), Some(&(SEEN | NODE | INDEX)))
+    matches!(key.get(4), Some(&(SEEN | NODE | INDEX | REDIRECTED_FROM)))
 }
 
 /// A restore's chunk: the changelog records read and not written to the local copy yet, as the local
 /// copy will hold them (each key's last value), with the records derived from them that the changelog
 /// does not carry ([`local_only`]): the `f` records of an `E` record (for its tombstone, the deletion of
-/// those its last value listed), and the node and profile-index records of a profile record
-/// (docs/DESIGN.md, "Nodes and the profile-id index are derived, not logged"). The node and index
-/// records the changelog of a version before carries are skipped: the profiles give them.
+/// those its last value listed), the node and profile-index records of a profile record, and the lists
+/// of ids redirecting to a profile, of the redirects (docs/DESIGN.md, "Indexes derived, not logged").
+/// Those records in the changelog of a version before are skipped: the
+/// profiles and redirects give them.
 #[derive(Default)]
 pub struct Restore {
     chunk: Changes,
@@ -850,9 +851,10 @@ impl Restore {
             return Ok(());
         };
         match key.get(4).copied() {
-            Some(NODE | INDEX) => return Ok(()),
+            Some(NODE | INDEX | REDIRECTED_FROM) => return Ok(()),
             Some(SEEN_BATCH) => self.expand_seen(store, shard, &key, value.as_deref())?,
             Some(PROFILE) => self.derive(store, shard, &key, value.as_deref())?,
+            Some(REDIRECT) => self.redirected_from(store, shard, &key, value.as_deref())?,
             _ => {}
         }
         self.applied += 1;
@@ -935,6 +937,46 @@ impl Restore {
         Ok(())
     }
 
+    /// The lists of ids redirecting to a profile, after a redirect record: its id leaves the list of the
+    /// profile it redirected to and joins that of the one it redirects to now, as
+    /// [`ShardView::put_redirect`] and [`ShardView::delete_redirect`] keep them.
+    fn redirected_from(
+        &mut self,
+        store: &Store,
+        shard: ShardId,
+        key: &[u8],
+        value: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        let from = ProfileId(String::from_utf8_lossy(&key[5..]).into_owned());
+        let target = |v: &[u8]| decode_value::<ProfileId>(v, CF_SHARDS, "redirect");
+        if let Some(old) = self.current(store, key)? {
+            self.edit_redirected_from(store, shard, &target(&old)?, |ids| {
+                ids.retain(|x| *x != from)
+            })?;
+        }
+        if let Some(new) = value {
+            self.edit_redirected_from(store, shard, &target(new)?, |ids| ids.push(from.clone()))?;
+        }
+        Ok(())
+    }
+
+    fn edit_redirected_from(
+        &mut self,
+        store: &Store,
+        shard: ShardId,
+        to: &ProfileId,
+        f: impl FnOnce(&mut Vec<ProfileId>),
+    ) -> Result<(), StoreError> {
+        let k = self::key(shard, REDIRECTED_FROM, to.0.as_bytes());
+        let mut ids: Vec<ProfileId> = match self.current(store, &k)? {
+            Some(v) => decode_value(&v, CF_SHARDS, "ids redirecting here")?,
+            None => Vec::new(),
+        };
+        f(&mut ids);
+        self.chunk.insert(k, set_value(ids)?);
+        Ok(())
+    }
+
     /// Deletes a node or index record if it names `node`.
     fn unname(&mut self, store: &Store, key: Vec<u8>, node: NodeId) -> Result<(), StoreError> {
         let named = match self.current(store, &key)? {
@@ -946,6 +988,15 @@ impl Restore {
         }
         Ok(())
     }
+}
+
+/// The value of a record that holds a set as a sorted list: `None` (deleted) for an empty set.
+fn set_value<T: Ord + Serialize>(mut set: Vec<T>) -> Result<Option<Vec<u8>>, StoreError> {
+    set.sort();
+    set.dedup();
+    (!set.is_empty())
+        .then(|| encode_value(&set, 64))
+        .transpose()
 }
 
 /// The node a profile record's key names.
@@ -1271,10 +1322,9 @@ impl<K: Kv + ?Sized> ShardView<'_, K> {
     ) -> Result<(), StoreError> {
         let mut set: Vec<T> = self.get(kind, rest)?.unwrap_or_default();
         f(&mut set);
-        set.sort();
-        set.dedup();
-        let value = (!set.is_empty()).then_some(&set);
-        self.put(kind, rest, value)
+        let value = set_value(set)?;
+        self.kv.set(key(self.shard, kind, rest), value);
+        Ok(())
     }
 
     fn edit_links(

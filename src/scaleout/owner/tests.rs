@@ -20,6 +20,7 @@ use crate::model::ConsentChange;
 use crate::scaleout::state::tests::{compacted, dump, restore_onto};
 use crate::scaleout::state::{
     key, local_only, ShardRead, DIR, FIRST_PLACEMENT, GEN, INDEX, NODE, PROFILE, REDIRECT,
+    REDIRECTED_FROM,
 };
 use crate::stitch::{MemStore, Rules};
 use crate::store::{decode_identifier, decode_value};
@@ -498,10 +499,11 @@ impl Sim {
         }
     }
 
-    /// A shard's nodes and profile-id index are exactly what its profiles say (docs/DESIGN.md, "Nodes and
-    /// the profile-id index are derived"): an identifier has a node iff a profile there holds it, a profile
-    /// id is indexed iff a profile there has it. Checked after every message, as the restore derives them
-    /// from the profile records at any transaction's end.
+    /// A shard's nodes, profile-id index and lists of ids redirecting to a profile are exactly what its
+    /// profiles and redirects say (docs/DESIGN.md, "Indexes derived, not logged"): an identifier has a
+    /// node iff a profile there holds it, a profile id is indexed iff a profile there has it, and a
+    /// profile's list holds the ids that redirect to it. Checked after every message, as the restore
+    /// derives them from the profile and redirect records at any transaction's end.
     fn check_derived(&self, s: ShardId) {
         let kv = &self.shards[s as usize];
         let nodes: BTreeMap<Identifier, NodeId> = records(kv, s, NODE)
@@ -525,7 +527,29 @@ impl Sim {
             .collect();
         let ids: BTreeMap<ProfileId, NodeId> = profiles.iter().map(|(n, p)| (p.id(), *n)).collect();
         assert_eq!(nodes, held, "shard {s}: nodes not those its profiles hold");
+        assert_eq!(
+            index.len(),
+            profiles.len(),
+            "shard {s}: two profiles with one id"
+        );
         assert_eq!(index, ids, "shard {s}: index not its profiles' ids");
+        let mut inverse: BTreeMap<ProfileId, Vec<ProfileId>> = BTreeMap::new();
+        for (k, v) in records(kv, s, REDIRECT) {
+            let from = ProfileId(String::from_utf8(k.to_vec()).expect("profile id"));
+            let to: ProfileId = decode_value(v, "t", "redirect").expect("redirect");
+            inverse.entry(to).or_default().push(from);
+        }
+        let lists: BTreeMap<ProfileId, Vec<ProfileId>> = records(kv, s, REDIRECTED_FROM)
+            .into_iter()
+            .map(|(k, v)| {
+                let to = ProfileId(String::from_utf8(k.to_vec()).expect("profile id"));
+                (to, decode_value(v, "t", "redirected from").expect("list"))
+            })
+            .collect();
+        assert_eq!(
+            lists, inverse,
+            "shard {s}: ids redirecting here not the redirects' inverse"
+        );
     }
 
     fn profiles(&self, s: ShardId) -> BTreeMap<NodeId, Profile> {
@@ -757,12 +781,12 @@ proptest! {
         crate::env_or("PROPTEST_CASES", 64)
     ))]
 
-    /// docs/DESIGN.md, "Nodes and the profile-id index are derived, not logged": the changelog records of
+    /// docs/DESIGN.md, "Indexes derived, not logged": the changelog records of
     /// the simulation's steps (each message handled a transaction, without the node and index records)
     /// restore the state the steps wrote, nodes and index included: whole, compacted, and onto a local copy
     /// written part of the way, from there, in chunks of any size.
     #[test]
-    fn nodes_and_index_restored_equal_those_written(
+    fn indexes_restored_equal_those_written(
         inputs in arb_inputs(),
         n in 1u32..5,
         split in 0usize..64,
@@ -778,7 +802,9 @@ proptest! {
         let from = sim.log.as_ref().map_or(0, Vec::len);
         sim.run(rest, Schedule::AnyNext, seed.wrapping_add(1), 0.0);
         let log = sim.log.take().unwrap_or_default();
-        prop_assert!(log.iter().all(|(k, _)| !matches!(k.get(4), Some(&(NODE | INDEX)))));
+        prop_assert!(log
+            .iter()
+            .all(|(k, _)| !matches!(k.get(4), Some(&(NODE | INDEX | REDIRECTED_FROM)))));
         let written = without_event_ids(&sim.shards);
         prop_assert_eq!(&restored(&MemKv::new(), &log, chunk), &written);
         prop_assert_eq!(&restored(&MemKv::new(), &compacted(&log, false), chunk), &written);
