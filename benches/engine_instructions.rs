@@ -14,6 +14,11 @@
 //! (fetching, producing, compressing, the transaction), the broker, and the background threads.
 //! `ENGINE_WARM` batches (default 40) go through first, uncounted, so that the state holds most persons;
 //! then `ENGINE_BATCHES` (default 10) are counted.
+//!
+//! `ENGINE_RESTORE=1` (natively, not under callgrind) then times a restore of every batch's changelog
+//! records into an empty store, as the pipeline's restore applies them (`Restore`: the node, index and
+//! redirect-list records derived from the profiles and redirects), against writing the batches' changes
+//! with those records as they are, which is what the restore did while the changelog carried them.
 
 #[path = "common/instructions.rs"]
 mod instructions;
@@ -28,7 +33,7 @@ use stitcher::journeys::{generate, JourneyConfig};
 use stitcher::metrics::Metrics;
 use stitcher::model::now_millis;
 use stitcher::processor::{Batch, InMessage};
-use stitcher::scaleout::state::ShardOverlay;
+use stitcher::scaleout::state::{local_only, KvRead, Restore, ShardOverlay};
 use stitcher::store::{Store, TempStore};
 
 /// The allocator the service runs with (src/main.rs).
@@ -75,8 +80,9 @@ fn main() {
     engine.hold_every_shard();
     let decoder = engine.decoder();
     let mut at = Position::default();
+    let mut log = (env_or("ENGINE_RESTORE", 0) == 1).then(Log::default);
     for b in &batches[..warm] {
-        run_batch(&mut engine, &decoder, &temp.store, b, &mut at);
+        run_batch(&mut engine, &decoder, &temp.store, b, &mut at, log.as_mut());
     }
     let measured_batches = &batches[warm..warm + counted];
     let n: usize = measured_batches.iter().map(|b| b.len()).sum();
@@ -96,6 +102,71 @@ fn main() {
         cpu.as_secs_f64() * 1e3,
         cpu.as_secs_f64() * 1e6 / n as f64
     );
+    if let Some(log) = log {
+        let messages = warm * cfg.processing.batch_max_events;
+        restore(&log, messages);
+    }
+}
+
+/// The changes of the warm batches: as the changelog carries them, and as the local copy writes them.
+#[derive(Default)]
+struct Log {
+    changelog: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    written: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+/// Times a restore of `log` into an empty store, both ways, in chunks of 10,000 as the pipeline writes.
+fn restore(log: &Log, messages: usize) {
+    const CHUNK: usize = 10_000;
+    let derived = TempStore::new().expect("temp store");
+    let cpu = thread_cpu();
+    let mut restore = Restore::default();
+    for (k, v) in &log.changelog {
+        restore
+            .apply(&derived.store, k.clone(), v.clone())
+            .expect("restore");
+        if restore.held() >= CHUNK {
+            derived
+                .store
+                .write_shard_changes(restore.take(), [])
+                .expect("write");
+        }
+    }
+    derived
+        .store
+        .write_shard_changes(restore.take(), [])
+        .expect("write");
+    let with_derived = thread_cpu() - cpu;
+    let plain = TempStore::new().expect("temp store");
+    let cpu = thread_cpu();
+    for chunk in log.written.chunks(CHUNK) {
+        plain
+            .store
+            .write_shard_changes(chunk.iter().cloned(), [])
+            .expect("write");
+    }
+    let as_written = thread_cpu() - cpu;
+    // Every key the batches wrote (the derived ones among them) holds the same in both.
+    for (k, _) in &log.written {
+        let value = |store: &Store| store.read_with(k, |v| v.map(<[u8]>::to_vec)).expect("read");
+        assert_eq!(
+            value(&derived.store),
+            value(&plain.store),
+            "the restore derived another state than the batches wrote"
+        );
+    }
+    println!(
+        "engine_instructions: restore of {messages} messages' changes: {} changelog records, derived \
+         ones written too: {:.1} ms ({:.2} µs per message); the {} records with them written as they \
+         are: {:.1} ms ({:.2} µs per message); {:.2}x",
+        log.changelog.len(),
+        with_derived.as_secs_f64() * 1e3,
+        with_derived.as_secs_f64() * 1e6 / messages as f64,
+        log.written.len(),
+        as_written.as_secs_f64() * 1e3,
+        as_written.as_secs_f64() * 1e6 / messages as f64,
+        with_derived.as_secs_f64() / as_written.as_secs_f64(),
+    );
 }
 
 /// What callgrind counts (`--toggle-collect`).
@@ -108,7 +179,7 @@ fn measured(
     at: &mut Position,
 ) {
     for b in batches {
-        run_batch(engine, decoder, store, b, at);
+        run_batch(engine, decoder, store, b, at, None);
     }
 }
 
@@ -128,6 +199,7 @@ fn run_batch(
     store: &Store,
     messages: &[Message],
     at: &mut Position,
+    log: Option<&mut Log>,
 ) {
     let mut overlay = ShardOverlay::new(store).with_capacity(at.batch_keys);
     let mut batch = Batch::default();
@@ -157,6 +229,15 @@ fn run_batch(
     let sorted = sorted_changes(&changes);
     black_box(changelog_records("engine-changelog", &sorted).count());
     black_box(records);
+    if let Some(log) = log {
+        for (k, v) in &sorted {
+            let record = ((*k).clone(), (*v).clone());
+            if !local_only(k) {
+                log.changelog.push(record.clone());
+            }
+            log.written.push(record);
+        }
+    }
     store
         .write_shard_changes(sorted.iter().map(|(k, v)| (k, v.as_ref())), [])
         .expect("write");
