@@ -10,7 +10,7 @@
 //! | `t` identifier key                | the identifier's part (`Profile`)                             |
 //! | `i` profile id                    | `NodeId`: the live profile with this public id; local only   |
 //! | `R` profile id                    | `ProfileId`: where a retired id redirects                      |
-//! | `F` profile id                    | `[ProfileId]`: the retired ids redirecting to it              |
+//! | `F` profile id                    | `[ProfileId]`: the retired ids redirecting to it; local only  |
 //! | `N`                               | the next node number                                          |
 //! | `d` identifier key                | directory entry of an identifier homed here (`Dir`)           |
 //! | `g` identifier key                | how many times an identifier owned here was placed            |
@@ -26,11 +26,11 @@
 //! | `s` HMAC(salt, identifier key)    | a suppressed identifier homed here: when (ms, i64)           |
 //!
 //! A batch's changes go to partition `shard` of the changelog topic (same key and value; a delete is a
-//! tombstone; `f` records travel packed in their `E` record, and node and index records are left out, see
-//! [`Restore`]) inside the batch's
-//! transaction. The local copy is written only after that transaction
-//! committed, with the changelog offsets it reached, so it is never ahead of the changelog: a crash in
-//! between leaves it behind, and the restore on start-up catches up (docs/DESIGN.md, "Scale-out").
+//! tombstone; `f` records travel packed in their `E` record, and the node, index and redirect-list
+//! records are left out, see [`Restore`]) inside the batch's transaction. The local copy is written only
+//! after that transaction committed, with the changelog offsets it reached, so it is never ahead of the
+//! changelog: a crash in between leaves it behind, and the restore on start-up catches up
+//! (docs/DESIGN.md, "Scale-out").
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -830,8 +830,7 @@ pub fn local_only(key: &[u8]) -> bool {
 /// does not carry ([`local_only`]): the `f` records of an `E` record (for its tombstone, the deletion of
 /// those its last value listed), the node and profile-index records of a profile record, and the lists
 /// of ids redirecting to a profile, of the redirects (docs/DESIGN.md, "Indexes derived, not logged").
-/// Those records in the changelog of a version before are skipped: the
-/// profiles and redirects give them.
+/// Those records in the changelog of a version before are skipped: the profiles and redirects give them.
 #[derive(Default)]
 pub struct Restore {
     chunk: Changes,
@@ -847,14 +846,15 @@ impl Restore {
         key: Vec<u8>,
         value: Option<Vec<u8>>,
     ) -> Result<(), StoreError> {
-        let Some(shard) = shard_of_key(&key) else {
-            return Ok(());
-        };
-        match key.get(4).copied() {
-            Some(NODE | INDEX | REDIRECTED_FROM) => return Ok(()),
-            Some(SEEN_BATCH) => self.expand_seen(store, shard, &key, value.as_deref())?,
-            Some(PROFILE) => self.derive(store, shard, &key, value.as_deref())?,
-            Some(REDIRECT) => self.redirected_from(store, shard, &key, value.as_deref())?,
+        match (key.get(4).copied(), shard_of_key(&key)) {
+            (Some(NODE | INDEX | REDIRECTED_FROM), _) => return Ok(()),
+            (Some(SEEN_BATCH), Some(shard)) => {
+                self.expand_seen(store, shard, &key, value.as_deref())?
+            }
+            (Some(PROFILE), Some(shard)) => self.derive(store, shard, &key, value.as_deref())?,
+            (Some(REDIRECT), Some(shard)) => {
+                self.redirected_from(store, shard, &key, value.as_deref())?
+            }
             _ => {}
         }
         self.applied += 1;
