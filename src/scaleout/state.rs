@@ -913,6 +913,7 @@ impl Restore {
         let node = profile_node(key)?;
         let head = |v: &[u8]| decode_value::<ProfileHead>(v, CF_SHARDS, "profile");
         let new = value.map(head).transpose()?;
+        let new_id = new.as_ref().map(ProfileHead::id);
         if let Some(old) = self.current(store, key)? {
             let old = head(&old)?;
             for x in old.identifiers() {
@@ -921,18 +922,18 @@ impl Restore {
                 }
             }
             let id = old.id();
-            if new.as_ref().map(ProfileHead::id).as_ref() != Some(&id) {
+            if new_id.as_ref() != Some(&id) {
                 self.unname(store, self::key(shard, INDEX, id.0.as_bytes()), node)?;
             }
         }
-        if let Some(new) = new {
+        if let (Some(new), Some(id)) = (new, new_id) {
             let named = encode_value(&node, 16)?;
             for x in new.identifiers() {
                 self.chunk
                     .insert(self::key(shard, NODE, x), Some(named.clone()));
             }
             self.chunk
-                .insert(self::key(shard, INDEX, new.id().0.as_bytes()), Some(named));
+                .insert(self::key(shard, INDEX, id.0.as_bytes()), Some(named));
         }
         Ok(())
     }

@@ -507,6 +507,7 @@ impl Sim {
     /// derives them from the profile and redirect records at any transaction's end.
     fn check_derived(&self, s: ShardId) {
         let kv = &self.shards[s as usize];
+        let profile_id = |k: &[u8]| ProfileId(String::from_utf8(k.to_vec()).expect("profile id"));
         let nodes: BTreeMap<Identifier, NodeId> = records(kv, s, NODE)
             .into_iter()
             .map(|(k, v)| {
@@ -516,10 +517,7 @@ impl Sim {
             .collect();
         let index: BTreeMap<ProfileId, NodeId> = records(kv, s, INDEX)
             .into_iter()
-            .map(|(k, v)| {
-                let id = ProfileId(String::from_utf8(k.to_vec()).expect("profile id"));
-                (id, decode_value(v, "t", "index").expect("index"))
-            })
+            .map(|(k, v)| (profile_id(k), decode_value(v, "t", "index").expect("index")))
             .collect();
         let profiles = self.profiles(s);
         let held: BTreeMap<Identifier, NodeId> = profiles
@@ -536,15 +534,14 @@ impl Sim {
         assert_eq!(index, ids, "shard {s}: index not its profiles' ids");
         let mut inverse: BTreeMap<ProfileId, Vec<ProfileId>> = BTreeMap::new();
         for (k, v) in records(kv, s, REDIRECT) {
-            let from = ProfileId(String::from_utf8(k.to_vec()).expect("profile id"));
             let to: ProfileId = decode_value(v, "t", "redirect").expect("redirect");
-            inverse.entry(to).or_default().push(from);
+            inverse.entry(to).or_default().push(profile_id(k));
         }
         let lists: BTreeMap<ProfileId, Vec<ProfileId>> = records(kv, s, REDIRECTED_FROM)
             .into_iter()
             .map(|(k, v)| {
-                let to = ProfileId(String::from_utf8(k.to_vec()).expect("profile id"));
-                (to, decode_value(v, "t", "redirected from").expect("list"))
+                let list = decode_value(v, "t", "redirected from").expect("list");
+                (profile_id(k), list)
             })
             .collect();
         assert_eq!(
