@@ -69,7 +69,10 @@ pub struct BenchReport {
     /// The pipeline's rate over the passthroughs' mean.
     pub ratio: f64,
     pub latency_rate_msgs_per_sec: u64,
+    /// Live events timed: those that a seen update's trigger follows in their input partition.
     pub latency_samples: usize,
+    /// Live events sent that no seen update's trigger follows in their input partition.
+    pub latency_untimed: usize,
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
@@ -230,6 +233,8 @@ pub struct LatencyCpu {
     pub service: PhaseCpu,
     /// This process, the phase's sender and reader, as a share of a core.
     pub bench_cores: f64,
+    /// Transactions the service committed per second (none if its metrics could not be read).
+    pub transactions_per_sec: Option<f64>,
     /// Cores idle on the machine, of `cores` (unknown where `/proc/stat` is not readable).
     pub idle_cores: Option<f64>,
     pub cores: usize,
@@ -245,8 +250,24 @@ impl std::fmt::Display for LatencyCpu {
         if let Some(idle) = self.idle_cores {
             write!(f, "; {idle:.2} of the machine's {} cores idle", self.cores)?;
         }
+        if let Some(t) = self.transactions_per_sec {
+            write!(f, "; {t:.0} transactions a second")?;
+        }
         Ok(())
     }
+}
+
+/// The service's committed transactions so far, from its metrics (`stitcher_transactions_total`).
+fn committed_transactions(listen: std::net::SocketAddr) -> Option<f64> {
+    let text = ureq::get(&format!("http://{listen}/metrics"))
+        .timeout(Duration::from_secs(5))
+        .call()
+        .ok()?
+        .into_string()
+        .ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(r#"stitcher_transactions_total{result="committed"} "#))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Clock ticks per second in `/proc`'s CPU times (`USER_HZ`, 100 on Linux).
@@ -385,6 +406,9 @@ fn bench_config(args: &BenchArgs, run: &str, topics: &Topics, state: &Path) -> C
     }
     if let Some(ms) = args.batch_linger_ms {
         cfg.processing.batch_linger = std::time::Duration::from_millis(ms);
+    }
+    if let Some(ms) = args.batch_min_ms {
+        cfg.processing.batch_min_duration = std::time::Duration::from_millis(ms);
     }
     cfg.scaleout.shards = args.shards;
     cfg.kafka.producer.extend(args.producer.iter().cloned());
@@ -786,14 +810,15 @@ impl Drop for Service {
     }
 }
 
-/// Latency samples: send time of each live event, matched with the time its profile update became visible.
+/// The latency of each live event from its send time to its batch's update being visible
+/// ([`event_latencies`]), and how many events were sent that no update timed.
 fn measure_latency(
     args: &BenchArgs,
     rate: u64,
     topics: &Topics,
     persons: usize,
-    service: Watched,
-) -> anyhow::Result<(Vec<f64>, u64, LatencyCpu)> {
+    (service, metrics): (Watched, std::net::SocketAddr),
+) -> anyhow::Result<(Vec<f64>, usize, LatencyCpu)> {
     let reader: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", format!("{}-latency", topics.output))
@@ -836,15 +861,16 @@ fn measure_latency(
             seen
         })
     };
-    let (before, bench, idle, started) = (
+    let (before, transactions, bench, idle, started) = (
         service.cpu(),
+        committed_transactions(metrics),
         cpu_secs(std::process::id()),
         machine_idle(),
         Instant::now(),
     );
     let sent = pace_events(args, rate, topics, persons);
     let secs = started.elapsed().as_secs_f64().max(1e-3);
-    let messages = sent.as_ref().map_or(0, |(_, n)| *n as i64);
+    let messages = sent.as_ref().map_or(0, |(sent, _)| sent.len() as i64);
     let (idle_cores, cores) = match (idle, machine_idle()) {
         (Some((b, cores)), Some((a, _))) => (Some((a - b) / secs), cores),
         _ => (None, 0),
@@ -852,6 +878,9 @@ fn measure_latency(
     let cpu = LatencyCpu {
         service: Watched::spent(&before, &service.cpu(), messages, secs),
         bench_cores: (cpu_secs(std::process::id()) - bench) / secs,
+        transactions_per_sec: transactions
+            .zip(committed_transactions(metrics))
+            .map(|(b, a)| (a - b) / secs),
         idle_cores,
         cores,
     };
@@ -861,26 +890,99 @@ fn measure_latency(
     let seen = watcher
         .join()
         .map_err(|_| anyhow::anyhow!("the latency reader panicked"))?;
-    let (sent_at, sent) = sent?;
-    let latencies = seen
-        .iter()
-        .filter_map(|(id, at)| sent_at.get(id).map(|t| (at - t) as f64))
-        .collect();
-    Ok((latencies, sent, cpu))
+    let (sent, landed) = sent?;
+    let (latencies, untimed) = event_latencies(&sent, &landed, &seen);
+    Ok((latencies, untimed, cpu))
 }
 
 /// How far ahead of its schedule the latency phase's sender gets before it sleeps: it sends in bursts of
 /// at most this long's messages.
 const PACING_TICK: Duration = Duration::from_millis(1);
 
+/// One live event sent: its id, input topic and send time (its event time).
+struct Sent {
+    event_id: String,
+    topic: String,
+    at: i64,
+}
+
+/// Where live events landed: (partition, offset) by their index in the order sent.
+type Places = HashMap<usize, (i32, i64)>;
+
+/// The live events' [`Places`], set by each one's delivery report.
+#[derive(Default)]
+struct Landed(std::sync::Mutex<Places>);
+
+impl rdkafka::ClientContext for Landed {}
+
+impl rdkafka::producer::ProducerContext for Landed {
+    type DeliveryOpaque = Box<usize>;
+
+    fn delivery(&self, result: &rdkafka::producer::DeliveryResult<'_>, index: Box<usize>) {
+        if let (Ok(m), Ok(mut landed)) = (result, self.0.lock()) {
+            landed.insert(*index, (m.partition(), m.offset()));
+        }
+    }
+}
+
+/// Each live event's latency: from its send time to the first update seen whose trigger is at or after it
+/// in its input partition. That update's transaction, or one before it, committed the event's batch (a
+/// batch commits its input offsets with its output, and batches commit in order), so every event is
+/// timed, not only the one an update names (the last of its profile in its batch: timing only those
+/// would favour large batches). An event whose own update names a later event of another partition is
+/// timed by the next trigger in its own, a little late. Also: how many sent events no seen trigger
+/// follows in their partition (untimed).
+fn event_latencies(sent: &[Sent], landed: &Places, seen: &[(String, i64)]) -> (Vec<f64>, usize) {
+    let index: HashMap<&str, usize> = sent
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.event_id.as_str(), i))
+        .collect();
+    let place = |i: usize| {
+        landed
+            .get(&i)
+            .map(|(p, o)| ((sent[i].topic.as_str(), *p), *o))
+    };
+    // Per input partition: trigger offsets, each with the earliest time any trigger at or after it was
+    // seen.
+    let mut triggers: HashMap<(&str, i32), Vec<(i64, i64)>> = HashMap::new();
+    for (id, at) in seen {
+        if let Some((tp, offset)) = index.get(id.as_str()).and_then(|i| place(*i)) {
+            triggers.entry(tp).or_default().push((offset, *at));
+        }
+    }
+    for list in triggers.values_mut() {
+        list.sort_unstable();
+        let mut earliest = i64::MAX;
+        for (_, at) in list.iter_mut().rev() {
+            earliest = earliest.min(*at);
+            *at = earliest;
+        }
+    }
+    let mut latencies = Vec::with_capacity(sent.len());
+    let mut untimed = 0;
+    for (i, s) in sent.iter().enumerate() {
+        let visible = place(i).and_then(|(tp, offset)| {
+            let list = triggers.get(&tp)?;
+            list.get(list.partition_point(|(o, _)| *o < offset))
+                .map(|(_, at)| *at)
+        });
+        match visible {
+            Some(at) => latencies.push((at - s.at) as f64),
+            None => untimed += 1,
+        }
+    }
+    (latencies, untimed)
+}
+
 /// Sends `persons`' journeys at `rate` messages per second for at most `args.latency_secs`, each event
-/// stamped with the time it is sent; the send time of each event id, and how many were sent.
+/// stamped with the time it is sent: the events sent, in order, and where each landed.
 fn pace_events(
     args: &BenchArgs,
     rate: u64,
     topics: &Topics,
     persons: usize,
-) -> anyhow::Result<(HashMap<String, i64>, u64)> {
+) -> anyhow::Result<(Vec<Sent>, Places)> {
     let j = journeys::generate(&JourneyConfig {
         persons,
         seed: args.seed.wrapping_add(1),
@@ -889,16 +991,15 @@ fn pace_events(
     // librdkafka's default linger, as a channel's producer would have it (1 ms made a produce request
     // per millisecond and a wake-up of its thread for each, on the machine being measured); an event
     // is stamped before it is sent, so its wait in the producer counts in its latency.
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    let producer: ThreadedProducer<Landed> = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("linger.ms", "5")
         .set("enable.idempotence", "true")
-        .create()?;
+        .create_with_context(Landed::default())?;
     let event_codec = AvroCodec::channel_event()?;
-    let mut sent_at: HashMap<String, i64> = HashMap::new();
+    let mut sent: Vec<Sent> = Vec::new();
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.latency_secs);
-    let mut sent = 0u64;
     for m in &j.messages {
         if Instant::now() >= deadline {
             break;
@@ -920,14 +1021,21 @@ fn pace_events(
             Format::Avro => event_codec.encode(1, &event)?,
             Format::Json => serde_json::to_vec(&event)?,
         };
-        sent_at.insert(event.event_id.clone(), event.timestamp);
         producer
-            .send(BaseRecord::to(topic).key(key.as_bytes()).payload(&bytes))
+            .send(
+                BaseRecord::with_opaque_to(topic, Box::new(sent.len()))
+                    .key(key.as_bytes())
+                    .payload(&bytes),
+            )
             .map_err(|(e, _)| e)?;
-        sent += 1;
+        sent.push(Sent {
+            event_id: event.event_id,
+            topic: topic.clone(),
+            at: event.timestamp,
+        });
         // Pace to the rate, sleeping only once a whole tick ahead: a sleep per message (60 µs apart at
         // 17,000 msg/s) cost the bench a wake-up each, a fifth of a core taken from the machine it measures.
-        let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+        let due = started + Duration::from_secs_f64(sent.len() as f64 / rate as f64);
         if let Some(wait) = due.checked_duration_since(Instant::now()) {
             if wait >= PACING_TICK {
                 std::thread::sleep(wait);
@@ -935,7 +1043,14 @@ fn pace_events(
         }
     }
     producer.flush(Duration::from_secs(30))?;
-    Ok((sent_at, sent))
+    let landed = std::mem::take(
+        &mut *producer
+            .context()
+            .0
+            .lock()
+            .map_err(|_| anyhow::anyhow!("a delivery report panicked"))?,
+    );
+    Ok((sent, landed))
 }
 
 /// (d) The Kafka Streams stitching of `benches/kstreams` (built in `build`) over the same input, exactly-once
@@ -1080,7 +1195,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         t.elapsed()
     );
 
-    let cfg = bench_config(args, &run, &topics, &dir.join("state"));
+    let mut cfg = bench_config(args, &run, &topics, &dir.join("state"));
+    // A port known here, so that the latency phase can read the service's transaction count.
+    cfg.http.listen = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?;
     let timeout = Duration::from_secs(args.timeout_secs);
 
     // (a) passthrough
@@ -1152,8 +1269,13 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         .unwrap_or((pipe_rate / 2.0).round() as u64)
         .max(1);
     let live_persons = (live_rate * args.latency_secs / 15).max(10) as usize;
-    let (mut latencies, live_sent, latency_cpu) =
-        measure_latency(args, live_rate, &topics, live_persons, watched)?;
+    let (mut latencies, untimed, latency_cpu) = measure_latency(
+        args,
+        live_rate,
+        &topics,
+        live_persons,
+        (watched, cfg.http.listen),
+    )?;
     service.check()?;
     let (rss, cpu) = service.usage();
     let status = service.stop()?;
@@ -1162,7 +1284,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     }
     latencies.sort_by(f64::total_cmp);
     if latencies.is_empty() {
-        bail!("no profile update seen for {live_sent} live events");
+        bail!("no profile update seen for {untimed} live events");
     }
     // (d) passthrough again, the machine as the pipeline left it
     let (pass_after, pass_after_cpu) =
@@ -1192,6 +1314,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         ratio: pipe_rate / pass_rate,
         latency_rate_msgs_per_sec: live_rate,
         latency_samples: latencies.len(),
+        latency_untimed: untimed,
         latency_p50_ms: percentile(&latencies, 0.50),
         latency_p99_ms: percentile(&latencies, 0.99),
         latency_max_ms: percentile(&latencies, 1.0),
@@ -1250,9 +1373,10 @@ impl std::fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "  latency event time -> update visible, live at {} msg/s ({} samples): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+            "  latency event time -> its batch's update visible, live at {} msg/s ({} events timed, {} not): p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
             self.latency_rate_msgs_per_sec,
             self.latency_samples,
+            self.latency_untimed,
             self.latency_p50_ms,
             self.latency_p99_ms,
             self.latency_max_ms
@@ -1444,5 +1568,40 @@ mod tests {
         assert_eq!(thread_kind("rdk:broker1"), "librdkafka");
         assert_eq!(thread_kind("rocksdb:high"), "rocksdb");
         assert_eq!(thread_kind("C2 CompilerThre"), "C2 CompilerThre");
+    }
+
+    #[test]
+    fn every_event_is_timed_by_the_first_trigger_at_or_after_it_in_its_partition() {
+        let sent: Vec<Sent> = [
+            ("a", "web", 100),
+            ("b", "web", 110),
+            ("c", "pos", 120),
+            ("d", "web", 130),
+        ]
+        .into_iter()
+        .map(|(id, topic, at)| Sent {
+            event_id: id.into(),
+            topic: topic.into(),
+            at,
+        })
+        .collect();
+        // a, b and d in web's partition 0 at offsets 5, 6, 7; c in pos's partition 0 at offset 5.
+        let landed = HashMap::from([(0, (0, 5)), (1, (0, 6)), (2, (0, 5)), (3, (0, 7))]);
+        // b's update (naming a too) at 150; d's at 140, seen earlier though later in the partition;
+        // c's trigger never seen. An unknown id is ignored.
+        let seen = vec![
+            ("d".to_string(), 140),
+            ("b".to_string(), 150),
+            ("x".to_string(), 1),
+        ];
+        let (mut latencies, untimed) = event_latencies(&sent, &landed, &seen);
+        latencies.sort_by(f64::total_cmp);
+        // a: 140 - 100 (d's commit covers it too); b: 140 - 110; d: 140 - 130.
+        assert_eq!(latencies, vec![10.0, 30.0, 40.0]);
+        assert_eq!(untimed, 1);
+        // An event whose delivery was not reported is untimed too.
+        let (latencies, untimed) = event_latencies(&sent, &HashMap::new(), &seen);
+        assert!(latencies.is_empty());
+        assert_eq!(untimed, 4);
     }
 }

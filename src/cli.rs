@@ -231,6 +231,10 @@ pub struct BenchArgs {
     /// default (`processing.batch_linger`) if not given.
     #[arg(long)]
     pub batch_linger_ms: Option<u64>,
+    /// Shortest a pipeline batch stays open (ms) unless it fills; the service's default
+    /// (`processing.batch_min_duration`) if not given.
+    #[arg(long)]
+    pub batch_min_ms: Option<u64>,
     /// Shards of the pipeline's graph (one instance holds them all).
     #[arg(long, default_value_t = 1)]
     pub shards: u32,

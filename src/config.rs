@@ -543,6 +543,11 @@ pub struct ProcessingConfig {
     /// before it committed and no message is waiting).
     #[serde(with = "humantime_serde")]
     pub batch_linger: Duration,
+    /// Shortest time a batch stays open before it ends that sooner way (at most `batch_linger`): a
+    /// ceiling on the transaction rate at low and moderate load; a full batch still ends at once. "0s":
+    /// a batch may end as soon as the one before it committed.
+    #[serde(with = "humantime_serde")]
+    pub batch_min_duration: Duration,
     /// On SIGTERM/SIGINT: how long the current batch may take to finish and commit.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -566,6 +571,7 @@ impl Default for ProcessingConfig {
             guarantee: Guarantee::ExactlyOnce,
             batch_max_events: 2000,
             batch_linger: Duration::from_millis(100),
+            batch_min_duration: Duration::from_millis(25),
             drain_timeout: Duration::from_secs(30),
             transaction_timeout: Duration::from_secs(60),
             avro_schema_ids: vec![1],

@@ -454,6 +454,7 @@ impl Pipeline {
         let generation = self.consumer.context().rebalances();
         let started = Instant::now();
         let linger_until = started + self.cfg.processing.batch_linger;
+        let open_until = started + self.cfg.processing.batch_min_duration;
         let store = self.store.clone();
         let pending = self.in_flight.as_ref().map(|f| Arc::clone(&f.changes));
         let mut overlay = ShardOverlay::over(&store, pending).with_capacity(self.batch_keys);
@@ -486,10 +487,13 @@ impl Pipeline {
             // Nothing would come of waiting once the batch before has committed: the batch closes as
             // soon as no message is ready (docs/DESIGN.md, "Overlapped commits"). Nor while polled
             // messages are at the decode thread: they are taken back instead.
-            let ready = polled.count > 0 && self.commit_idle();
+            let may_close = polled.count > 0 && self.commit_idle();
+            let ready = may_close && now >= open_until;
             let busy = !polled.chunk.is_empty() || self.ahead.in_flight() > 0;
             let next = self.consumer.poll(if ready || busy {
                 Duration::ZERO
+            } else if may_close {
+                open_until - now
             } else {
                 linger_until - now
             });

@@ -46,7 +46,13 @@ fn every_phase_runs_and_the_traffic_phase_writes_what_the_pipeline_wrote() {
     ] {
         assert!(num(rate) > 0.0, "{rate} = {}", num(rate));
     }
-    assert!(num("/latency_samples") > 0.0);
+    // Every live event is timed, not only those an update names; at most the partition's tail is not.
+    let (timed, untimed) = (num("/latency_samples"), num("/latency_untimed"));
+    assert!(
+        timed > 300.0 && untimed < timed / 10.0,
+        "{timed} events timed, {untimed} not"
+    );
+    assert!(num("/latency_cpu/transactions_per_sec") > 0.0);
     assert!(num("/quality/f1") > 0.95, "F1 {}", num("/quality/f1"));
 
     // The traffic phase writes the changelog's records, the output's and the identity topic's: at least

@@ -205,6 +205,59 @@ fn a_lone_event_is_committed_without_waiting_out_the_linger() {
 
 /// The identity change stream alone rebuilds the identifier-to-profile mapping of the live profiles; every
 /// record names its trigger (an input record, or a control command's record).
+#[test]
+fn batches_stay_open_for_their_minimum_duration_at_a_trickle() {
+    let s = Setup::new(
+        "floor",
+        1,
+        "[processing]\nbatch_linger = \"20s\"\nbatch_min_duration = \"500ms\"\ndrain_timeout = \"30s\"\n",
+    );
+    let topic = s.json_topic();
+    let event = |i: usize| {
+        serde_json::json!({
+            "event_id": format!("floor-{i}"),
+            "event_type": "page_view",
+            "timestamp": stitcher::model::now_millis(),
+            "identifiers": [{"type": "anonymous_id", "value": format!("floor-cookie-{i}")}],
+        })
+        .to_string()
+    };
+    send_one(&topic, event(0).as_bytes());
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, TIMEOUT);
+    let committed = || {
+        let (_, metrics) = s.http_get("/metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"stitcher_transactions_total{result="committed"} "#))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no committed transactions in\n{metrics}"))
+    };
+    let before = committed();
+    // 40 events 50 ms apart: without the floor each commit (a few ms) would close a batch of one
+    // (tried: 40 transactions in 5.2 s).
+    let started = std::time::Instant::now();
+    let mut last = (0, 0);
+    for i in 1..=40 {
+        last = send_one(&topic, event(i).as_bytes());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (partition, offset) = last;
+    let (status, body) = s.http_get(&format!(
+        "/v1/identifiers/anonymous_id/floor-cookie-40?after={topic}:{partition}:{offset}&wait_ms=8000"
+    ));
+    assert_eq!(status, 200, "the last event not visible within 8 s: {body}");
+    let elapsed = started.elapsed().as_secs_f64();
+    let transactions = committed() - before;
+    // At most one batch per 500 ms, and one more for the batch open when the first event came.
+    assert!(
+        transactions <= (elapsed / 0.5).ceil() + 1.0,
+        "{transactions} transactions in {elapsed:.1} s with batches of at least 500 ms"
+    );
+    assert!(transactions >= 2.0, "{transactions} transactions");
+    assert!(sigterm(&mut child).success());
+}
+
 fn assert_identity_stream_matches(s: &Setup, out: &Output) {
     let rebuilt = s.identity_mapping();
     let live = out.identity_mapping();
