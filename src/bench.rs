@@ -6,7 +6,8 @@
 //!    transactions of the same batch size. No decoding, no state: the rate this broker and client allow.
 //! 3. **Pipeline**: the service (this binary, `run`) processes the same input with exactly-once on.
 //! 4. **Latency**: with the service caught up, new journeys are produced live at a fixed rate with event time
-//!    = send time; a read_committed consumer of the profile topic measures event time → update visible.
+//!    = send time; a read_committed consumer of the profile topic measures, for every event, event time →
+//!    its batch's update visible ([`event_latencies`]).
 //! 5. **Passthrough again**, with the service stopped: the ratio is taken against the mean of both
 //!    passthroughs, so that neither the first phase's place (right after the input was written) nor the
 //!    machine's drift over the run lands on one side of it alone.
