@@ -69,6 +69,10 @@ error_from!(PipelineError {
     ProcessError => Process,
 });
 
+/// How long a poll waits, while the batch holds messages and the commit before it is in flight, before
+/// it looks again whether that commit has ended (a commit takes a few to a few tens of milliseconds).
+const COMMIT_LOOK: Duration = Duration::from_millis(2);
+
 /// Totals of one run, for logs and the demo's summary.
 #[derive(Debug, Default, Clone)]
 pub struct RunSummary {
@@ -494,6 +498,10 @@ impl Pipeline {
                 Duration::ZERO
             } else if may_close {
                 open_until - now
+            } else if polled.count > 0 {
+                // The commit before is in flight and nothing wakes this poll when it ends: look again
+                // soon, or the batch's last messages would wait out the linger.
+                (linger_until - now).min(COMMIT_LOOK)
             } else {
                 linger_until - now
             });

@@ -210,7 +210,7 @@ fn batches_stay_open_for_their_minimum_duration_at_a_trickle() {
     let s = Setup::new(
         "floor",
         1,
-        "[processing]\nbatch_linger = \"20s\"\nbatch_min_duration = \"500ms\"\ndrain_timeout = \"30s\"\n",
+        "[processing]\nbatch_linger = \"2s\"\nbatch_min_duration = \"500ms\"\ndrain_timeout = \"30s\"\n",
     );
     let topic = s.json_topic();
     let event = |i: usize| {
