@@ -488,9 +488,10 @@ impl Pipeline {
                     self.take_all(&mut overlay, &mut batch, &mut work, chunk)?;
                 }
             }
-            // Nothing would come of waiting once the batch before has committed: the batch closes as
-            // soon as no message is ready (docs/DESIGN.md, "Overlapped commits"). Nor while polled
-            // messages are at the decode thread: they are taken back instead.
+            // Nothing would come of waiting once the batch before has committed and this one is
+            // `batch_min_duration` old: the batch closes as soon as no message is ready (docs/DESIGN.md,
+            // "Overlapped commits"). Nor while polled messages are at the decode thread: they are taken
+            // back instead.
             let may_close = polled.count > 0 && self.commit_idle();
             let ready = may_close && now >= open_until;
             let busy = !polled.chunk.is_empty() || self.ahead.in_flight() > 0;

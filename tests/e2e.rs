@@ -164,8 +164,9 @@ fn read_your_writes_lookups_reflect_the_event_just_sent() {
     );
 }
 
-/// A batch ends as soon as the batch before it committed and no message is waiting, not at the linger:
-/// with a linger of 20 s, a lone event is visible to a lookup that waits for it within a few seconds.
+/// A batch ends as soon as the batch before it committed, no message is waiting and it is
+/// `batch_min_duration` old, not at the linger: with a linger of 20 s, a lone event is visible to a lookup
+/// that waits for it within a few seconds.
 #[test]
 fn a_lone_event_is_committed_without_waiting_out_the_linger() {
     let s = Setup::new(
@@ -174,15 +175,7 @@ fn a_lone_event_is_committed_without_waiting_out_the_linger() {
         "[processing]\nbatch_linger = \"20s\"\ndrain_timeout = \"30s\"\n",
     );
     let topic = s.json_topic();
-    let event = |i: usize, cookie: &str| {
-        serde_json::json!({
-            "event_id": format!("lone-{i}"),
-            "event_type": "page_view",
-            "timestamp": stitcher::model::now_millis(),
-            "identifiers": [{"type": "anonymous_id", "value": cookie}],
-        })
-        .to_string()
-    };
+    let event = |i: usize, cookie: &str| page_view(&format!("lone-{i}"), cookie);
     // Started, assigned and caught up with one event first.
     send_one(&topic, event(0, "lone-cookie-0").as_bytes());
     let mut child = s.start();
@@ -203,8 +196,8 @@ fn a_lone_event_is_committed_without_waiting_out_the_linger() {
     assert!(sigterm(&mut child).success());
 }
 
-/// The identity change stream alone rebuilds the identifier-to-profile mapping of the live profiles; every
-/// record names its trigger (an input record, or a control command's record).
+/// A batch that is not full stays open `batch_min_duration`: events at a trickle commit in a few
+/// transactions, not one each, and the last of them is still visible soon.
 #[test]
 fn batches_stay_open_for_their_minimum_duration_at_a_trickle() {
     let s = Setup::new(
@@ -213,25 +206,16 @@ fn batches_stay_open_for_their_minimum_duration_at_a_trickle() {
         "[processing]\nbatch_linger = \"2s\"\nbatch_min_duration = \"500ms\"\ndrain_timeout = \"30s\"\n",
     );
     let topic = s.json_topic();
-    let event = |i: usize| {
-        serde_json::json!({
-            "event_id": format!("floor-{i}"),
-            "event_type": "page_view",
-            "timestamp": stitcher::model::now_millis(),
-            "identifiers": [{"type": "anonymous_id", "value": format!("floor-cookie-{i}")}],
-        })
-        .to_string()
-    };
+    let event = |i: usize| page_view(&format!("floor-{i}"), &format!("floor-cookie-{i}"));
     send_one(&topic, event(0).as_bytes());
     let mut child = s.start();
     s.wait_caught_up(&mut child, TIMEOUT);
     let committed = || {
         let (_, metrics) = s.http_get("/metrics");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(r#"stitcher_transactions_total{result="committed"} "#))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or_else(|| panic!("no committed transactions in\n{metrics}"))
+        metric(
+            &metrics,
+            r#"stitcher_transactions_total{result="committed"}"#,
+        )
     };
     let before = committed();
     // 40 events 50 ms apart: without the floor each commit (a few ms) would close a batch of one
@@ -258,6 +242,19 @@ fn batches_stay_open_for_their_minimum_duration_at_a_trickle() {
     assert!(sigterm(&mut child).success());
 }
 
+/// A JSON page view of one anonymous id, stamped now.
+fn page_view(event_id: &str, cookie: &str) -> String {
+    serde_json::json!({
+        "event_id": event_id,
+        "event_type": "page_view",
+        "timestamp": stitcher::model::now_millis(),
+        "identifiers": [{"type": "anonymous_id", "value": cookie}],
+    })
+    .to_string()
+}
+
+/// The identity change stream alone rebuilds the identifier-to-profile mapping of the live profiles; every
+/// record names its trigger (an input record, or a control command's record).
 fn assert_identity_stream_matches(s: &Setup, out: &Output) {
     let rebuilt = s.identity_mapping();
     let live = out.identity_mapping();
