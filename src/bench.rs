@@ -236,6 +236,8 @@ pub struct LatencyCpu {
     pub bench_cores: f64,
     /// Transactions the service committed per second (none if its metrics could not be read).
     pub transactions_per_sec: Option<f64>,
+    /// Mean milliseconds of each step of those transactions' commits (`stitcher_commit_step_seconds`).
+    pub commit_steps_ms: BTreeMap<String, f64>,
     /// Cores idle on the machine, of `cores` (unknown where `/proc/stat` is not readable).
     pub idle_cores: Option<f64>,
     pub cores: usize,
@@ -254,21 +256,80 @@ impl std::fmt::Display for LatencyCpu {
         if let Some(t) = self.transactions_per_sec {
             write!(f, "; {t:.0} transactions a second")?;
         }
+        if !self.commit_steps_ms.is_empty() {
+            let steps: Vec<String> = ["produce", "offsets", "deliveries", "end"]
+                .iter()
+                .filter_map(|s| {
+                    self.commit_steps_ms
+                        .get(*s)
+                        .map(|ms| format!("{s} {ms:.1}"))
+                })
+                .collect();
+            write!(f, "; a commit's steps, mean ms: {}", steps.join(", "))?;
+        }
         Ok(())
     }
 }
 
-/// The service's committed transactions so far, from its metrics (`stitcher_transactions_total`).
-fn committed_transactions(listen: std::net::SocketAddr) -> Option<f64> {
-    let text = ureq::get(&format!("http://{listen}/metrics"))
-        .timeout(Duration::from_secs(5))
-        .call()
-        .ok()?
-        .into_string()
-        .ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(r#"stitcher_transactions_total{result="committed"} "#))
-        .and_then(|v| v.trim().parse().ok())
+/// What the latency phase reads of the service's metrics, before and after it: committed transactions
+/// (`stitcher_transactions_total`) and the time of each step of their commits
+/// (`stitcher_commit_step_seconds`, its sum and count by step).
+#[derive(Default)]
+struct ServiceCounters {
+    transactions: f64,
+    steps: BTreeMap<String, (f64, f64)>,
+}
+
+impl ServiceCounters {
+    fn read(listen: std::net::SocketAddr) -> Option<Self> {
+        let text = ureq::get(&format!("http://{listen}/metrics"))
+            .timeout(Duration::from_secs(5))
+            .call()
+            .ok()?
+            .into_string()
+            .ok()?;
+        Self::parse(&text)
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        let mut counters = Self::default();
+        let mut transactions = None;
+        for line in text.lines() {
+            let Some((name, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            if name == r#"stitcher_transactions_total{result="committed"}"# {
+                transactions = Some(value);
+            } else if let Some(step) = name
+                .strip_prefix(r#"stitcher_commit_step_seconds_sum{step=""#)
+                .and_then(|s| s.strip_suffix("\"}"))
+            {
+                counters.steps.entry(step.to_string()).or_default().0 = value;
+            } else if let Some(step) = name
+                .strip_prefix(r#"stitcher_commit_step_seconds_count{step=""#)
+                .and_then(|s| s.strip_suffix("\"}"))
+            {
+                counters.steps.entry(step.to_string()).or_default().1 = value;
+            }
+        }
+        counters.transactions = transactions?;
+        Some(counters)
+    }
+
+    /// Mean milliseconds of each commit step between `before` and `self`, over the commits in between.
+    fn step_means_since(&self, before: &Self) -> BTreeMap<String, f64> {
+        self.steps
+            .iter()
+            .filter_map(|(step, (sum, count))| {
+                let (sum0, count0) = before.steps.get(step).copied().unwrap_or_default();
+                let n = count - count0;
+                (n > 0.0).then(|| (step.clone(), (sum - sum0) / n * 1000.0))
+            })
+            .collect()
+    }
 }
 
 /// Clock ticks per second in `/proc`'s CPU times (`USER_HZ`, 100 on Linux).
@@ -862,9 +923,9 @@ fn measure_latency(
             seen
         })
     };
-    let (before, transactions, bench, idle, started) = (
+    let (before, counters, bench, idle, started) = (
         service.cpu(),
-        committed_transactions(metrics),
+        ServiceCounters::read(metrics),
         cpu_secs(std::process::id()),
         machine_idle(),
         Instant::now(),
@@ -876,12 +937,19 @@ fn measure_latency(
         (Some((b, cores)), Some((a, _))) => (Some((a - b) / secs), cores),
         _ => (None, 0),
     };
+    let after = ServiceCounters::read(metrics);
+    let (transactions_per_sec, commit_steps_ms) = match (&counters, &after) {
+        (Some(b), Some(a)) => (
+            Some((a.transactions - b.transactions) / secs),
+            a.step_means_since(b),
+        ),
+        _ => (None, BTreeMap::new()),
+    };
     let cpu = LatencyCpu {
         service: Watched::spent(&before, &service.cpu(), messages, secs),
         bench_cores: (cpu_secs(std::process::id()) - bench) / secs,
-        transactions_per_sec: transactions
-            .zip(committed_transactions(metrics))
-            .map(|(b, a)| (a - b) / secs),
+        transactions_per_sec,
+        commit_steps_ms,
         idle_cores,
         cores,
     };
@@ -1569,6 +1637,42 @@ mod tests {
         assert_eq!(thread_kind("rdk:broker1"), "librdkafka");
         assert_eq!(thread_kind("rocksdb:high"), "rocksdb");
         assert_eq!(thread_kind("C2 CompilerThre"), "C2 CompilerThre");
+    }
+
+    /// The latency phase's reading of the service's metrics: the committed transactions, and each commit
+    /// step's mean over the commits between two readings (a step with no commit in between is left out).
+    #[test]
+    fn commit_steps_are_averaged_over_the_commits_between_two_readings() {
+        let before = ServiceCounters::parse(concat!(
+            "# TYPE stitcher_transactions_total counter\n",
+            "stitcher_transactions_total{result=\"aborted\"} 2\n",
+            "stitcher_transactions_total{result=\"committed\"} 10\n",
+            "stitcher_commit_step_seconds_bucket{step=\"offsets\",le=\"0.01\"} 3\n",
+            "stitcher_commit_step_seconds_sum{step=\"offsets\"} 0.1\n",
+            "stitcher_commit_step_seconds_count{step=\"offsets\"} 10\n",
+            "stitcher_commit_step_seconds_sum{step=\"end\"} 0.02\n",
+            "stitcher_commit_step_seconds_count{step=\"end\"} 10\n",
+        ))
+        .expect("parsed");
+        let after = ServiceCounters::parse(concat!(
+            "stitcher_transactions_total{result=\"committed\"} 14\n",
+            "stitcher_commit_step_seconds_sum{step=\"offsets\"} 0.18\n",
+            "stitcher_commit_step_seconds_count{step=\"offsets\"} 14\n",
+            "stitcher_commit_step_seconds_sum{step=\"end\"} 0.02\n",
+            "stitcher_commit_step_seconds_count{step=\"end\"} 10\n",
+            "stitcher_commit_step_seconds_sum{step=\"produce\"} 0.008\n",
+            "stitcher_commit_step_seconds_count{step=\"produce\"} 4\n",
+        ))
+        .expect("parsed");
+        assert_eq!(after.transactions - before.transactions, 4.0);
+        let means = after.step_means_since(&before);
+        assert_eq!(means.len(), 2, "{means:?}");
+        assert!((means["offsets"] - 20.0).abs() < 1e-9, "{means:?}");
+        assert!((means["produce"] - 2.0).abs() < 1e-9, "{means:?}");
+        assert!(
+            ServiceCounters::parse("stitcher_up 1\n").is_none(),
+            "no transactions counter"
+        );
     }
 
     #[test]

@@ -53,6 +53,11 @@ fn every_phase_runs_and_the_traffic_phase_writes_what_the_pipeline_wrote() {
         "{timed} events timed, {untimed} not"
     );
     assert!(num("/latency_cpu/transactions_per_sec") > 0.0);
+    // Each step of the phase's commits, timed by the service.
+    for step in ["produce", "offsets", "deliveries", "end"] {
+        let ms = num(&format!("/latency_cpu/commit_steps_ms/{step}"));
+        assert!(ms > 0.0 && ms < 60_000.0, "{step}: {ms} ms");
+    }
     assert!(num("/quality/f1") > 0.95, "F1 {}", num("/quality/f1"));
 
     // The traffic phase writes the changelog's records, the output's and the identity topic's: at least
