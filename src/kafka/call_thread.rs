@@ -9,20 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::metrics::Health;
 
 type Call<C> = Box<dyn FnOnce(&C) + Send>;
-
-/// A call queued by [`CallThread::queue`], its outcome not yet waited for.
-#[must_use = "a queued call's outcome is waited for with `CallThread::wait`"]
-pub struct Queued<T> {
-    call: &'static str,
-    /// `None` when the thread was gone before the call could be queued.
-    outcome: Option<mpsc::Receiver<T>>,
-    since: Instant,
-}
 
 /// A call that had not returned after `bound`: it was left behind with its client.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -90,18 +81,6 @@ impl<C: Send + Sync + 'static> CallThread<C> {
         call: &'static str,
         f: impl FnOnce(&C) -> T + Send + 'static,
     ) -> Result<T, Hung> {
-        let queued = self.queue(call, f)?;
-        self.wait(queued)
-    }
-
-    /// Queues `f` on the client's thread without waiting for it, so that the caller can do something
-    /// else meanwhile (the client's other calls that return by themselves); [`CallThread::wait`] takes
-    /// its outcome. Calls run in the order queued.
-    pub fn queue<T: Send + 'static>(
-        &mut self,
-        call: &'static str,
-        f: impl FnOnce(&C) -> T + Send + 'static,
-    ) -> Result<Queued<T>, Hung> {
         if let Some(hung) = &self.hung {
             return Err(hung.clone());
         }
@@ -114,21 +93,13 @@ impl<C: Send + Sync + 'static> CallThread<C> {
                 }))
                 .is_ok()
         });
-        Ok(Queued {
-            call,
-            outcome: queued.then_some(outcome),
-            since: Instant::now(),
-        })
-    }
-
-    /// The outcome of a queued call, waited for until the bound has passed since it was queued.
-    pub fn wait<T>(&mut self, queued: Queued<T>) -> Result<T, Hung> {
-        let left = self.bound.saturating_sub(queued.since.elapsed());
-        let returned = queued
-            .outcome
-            .and_then(|outcome| outcome.recv_timeout(left).ok());
+        let returned = if queued {
+            outcome.recv_timeout(self.bound).ok()
+        } else {
+            None
+        };
         // Timed out, or the thread is gone (a call panicked): either way this client is done with.
-        returned.ok_or_else(|| self.leave(queued.call))
+        returned.ok_or_else(|| self.leave(call))
     }
 
     fn leave(&mut self, call: &'static str) -> Hung {
@@ -243,38 +214,6 @@ mod tests {
         drop(gates);
         wait_until("all returned", || health.left_behind() == 0);
         assert_eq!(health.live(), Ok(()));
-    }
-
-    /// A queued call runs while its caller goes on; its outcome is waited for later, and the bound counts
-    /// from when it was queued: a caller busy past the bound finds the call left behind at once.
-    #[test]
-    fn a_queued_call_runs_while_its_caller_goes_on() {
-        let health = Health::default();
-        let (open, gate) = mpsc::channel();
-        let bound = Duration::from_millis(300);
-        let mut thread = CallThread::start("test-calls", Gate(Mutex::new(gate)), bound, &health)
-            .expect("thread");
-        let started = Instant::now();
-        let queued = thread.queue("block", Gate::block).expect("queued");
-        assert!(started.elapsed() < bound, "queueing does not wait");
-        open.send(()).expect("gate");
-        assert_eq!(thread.wait(queued).expect("returns"), "returned");
-
-        let queued = thread.queue("block", Gate::block).expect("queued");
-        std::thread::sleep(bound + Duration::from_millis(50));
-        let started = Instant::now();
-        let hung = thread.wait(queued).expect_err("past its bound");
-        assert!(started.elapsed() < bound, "not waited for again");
-        assert_eq!(hung.call, "block");
-        assert!(
-            thread.queue("block", Gate::block).is_err(),
-            "its client is done with"
-        );
-        drop(thread);
-        open.send(()).expect("gate");
-        wait_until("the call left behind returned", || {
-            health.left_behind() == 0
-        });
     }
 
     /// Dropped without a call left behind, the thread ends and the client is closed before `drop` returns.

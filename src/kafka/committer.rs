@@ -19,7 +19,7 @@ use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::ProducerContext;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
-use super::call_thread::{CallThread, Hung, Queued};
+use super::call_thread::{CallThread, Hung};
 use super::dead_letters;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -483,27 +483,17 @@ impl Committer {
         let mut step = StepTimer::new(&self.metrics);
         self.producer.client().begin_transaction()?;
         self.needs_abort = true;
-        // The offsets' round trips to the coordinators (AddOffsetsToTxn, then TxnOffsetCommit) go on the
-        // producer's thread while this one hands the records over: a transaction's parts may come in any
-        // order, and produce calls need no transactional call to have returned (docs/DESIGN.md, "Overlapped
-        // commits").
-        let offsets = if tpl.count() > 0 {
+        self.send_all(records, deadline)?;
+        step.done("produce");
+        if tpl.count() > 0 {
             let group = Arc::clone(
                 group.ok_or(KafkaError::ConsumerCommit(RDKafkaErrorCode::UnknownGroup))?,
             );
             let tpl = tpl.clone();
-            Some(self.queue("send_offsets_to_transaction", move |p| {
+            self.call("send_offsets_to_transaction", move |p| {
                 p.send_offsets_to_transaction(&tpl, &group, timeout)
-            })?)
-        } else {
-            None
-        };
-        let sent = self.send_all(records, deadline);
-        step.done("produce");
-        if let Some(offsets) = offsets {
-            self.wait(offsets)?;
+            })?;
         }
-        sent?;
         step.done("offsets");
         super::await_deliveries(self.producer.client(), timeout)?;
         step.done("deliveries");
@@ -538,17 +528,6 @@ impl Committer {
         call: &'static str,
         f: impl FnOnce(&TxnProducer) -> Result<T, KafkaError> + Send + 'static,
     ) -> Result<T, TxnError> {
-        let queued = self.queue(call, f)?;
-        self.wait(queued)
-    }
-
-    /// A blocking transactional call queued on the producer's thread, for [`Committer::wait`]: this thread
-    /// may produce meanwhile.
-    fn queue<T: Send + 'static>(
-        &mut self,
-        call: &'static str,
-        f: impl FnOnce(&TxnProducer) -> Result<T, KafkaError> + Send + 'static,
-    ) -> Result<Queued<Result<T, KafkaError>>, TxnError> {
         #[cfg(feature = "kafka-it")]
         let f = move |p: &TxnProducer| {
             let due = hang_on_demand::due(call);
@@ -558,11 +537,7 @@ impl Committer {
             }
             r
         };
-        self.producer.queue(call, f).map_err(TxnError::Hung)
-    }
-
-    fn wait<T>(&mut self, queued: Queued<Result<T, KafkaError>>) -> Result<T, TxnError> {
-        match self.producer.wait(queued) {
+        match self.producer.call(call, f) {
             Ok(result) => Ok(result?),
             Err(hung) => Err(TxnError::Hung(hung)),
         }
