@@ -203,8 +203,10 @@ pub fn producer_config(cfg: &Config, instance: &str) -> ClientConfig {
         // commit's records sent at once").
         .set("linger.ms", "0")
         // A transaction begun right after the one before is often told CONCURRENT_TRANSACTIONS while the
-        // coordinator writes the markers, and retried after this (docs/DESIGN.md, "Overlapped commits").
+        // coordinator writes the markers, and retried after this; repeated answers back off no further
+        // than the maximum, not up to librdkafka's 1 s (docs/DESIGN.md, "Overlapped commits").
         .set("retry.backoff.ms", "10")
+        .set("retry.backoff.max.ms", "40")
         .set("compression.type", "lz4")
         .set(
             "message.timeout.ms",
