@@ -206,7 +206,7 @@ pub fn producer_config(cfg: &Config, instance: &str) -> ClientConfig {
         // coordinator writes the markers, and retried after this; repeated answers back off no further
         // than the maximum, not up to librdkafka's 1 s (docs/DESIGN.md, "Overlapped commits").
         .set("retry.backoff.ms", "10")
-        .set("retry.backoff.max.ms", "40")
+        .set("retry.backoff.max.ms", RETRY_BACKOFF_MAX_MS.to_string())
         .set("compression.type", "lz4")
         .set(
             "message.timeout.ms",
@@ -228,8 +228,24 @@ pub fn producer_config(cfg: &Config, instance: &str) -> ClientConfig {
     for (k, v) in &cfg.kafka.producer {
         c.set(k, v);
     }
+    // A longer `retry.backoff.ms` set in `[kafka.producer]` keeps its meaning: librdkafka would only warn
+    // and back off a fixed maximum instead.
+    if !cfg.kafka.producer.contains_key("retry.backoff.max.ms") {
+        if let Some(ms) = cfg
+            .kafka
+            .producer
+            .get("retry.backoff.ms")
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .filter(|ms| *ms > RETRY_BACKOFF_MAX_MS)
+        {
+            c.set("retry.backoff.max.ms", ms.to_string());
+        }
+    }
     c
 }
+
+/// The producer's longest wait before a request is retried (librdkafka's default is 1 s).
+const RETRY_BACKOFF_MAX_MS: u64 = 40;
 
 /// Fetches cluster metadata once: proves the brokers are reachable with these credentials. librdkafka's own
 /// error events (an authentication or TLS failure, say) are logged through [`LoggingContext`] on the way.
@@ -381,6 +397,32 @@ mod tests {
             "cooperative-sticky".into(),
         );
         assert_eq!(strategy(&cfg).as_deref(), Some("cooperative-sticky"));
+    }
+
+    /// The producer's retries back off at most 40 ms, unless `[kafka.producer]` says otherwise: its own
+    /// maximum, or a longer first backoff, which then is the maximum too.
+    #[test]
+    fn retries_back_off_at_most_40_ms_unless_the_operator_says_otherwise() {
+        let backoff = |cfg: &Config| {
+            let c = producer_config(cfg, "test");
+            let get = |k: &str| c.get(k).map(str::to_string);
+            (get("retry.backoff.ms"), get("retry.backoff.max.ms"))
+        };
+        let some = |ms: &str| Some(ms.to_string());
+        let mut cfg = Config::default();
+        assert_eq!(backoff(&cfg), (some("10"), some("40")));
+        cfg.kafka
+            .producer
+            .insert("retry.backoff.ms".into(), "20".into());
+        assert_eq!(backoff(&cfg), (some("20"), some("40")));
+        cfg.kafka
+            .producer
+            .insert("retry.backoff.ms".into(), "200".into());
+        assert_eq!(backoff(&cfg), (some("200"), some("200")));
+        cfg.kafka
+            .producer
+            .insert("retry.backoff.max.ms".into(), "5000".into());
+        assert_eq!(backoff(&cfg), (some("200"), some("5000")));
     }
 
     #[test]
