@@ -195,6 +195,9 @@ pub struct CpuUse {
 pub struct PhaseCpu {
     pub process: CpuUse,
     pub broker: Option<CpuUse>,
+    /// Of the broker's share, what its JVM's JIT compiler threads used: a broker started shortly before
+    /// spends a part of the phase compiling, which a broker in service long since does not.
+    pub broker_jit_cores: Option<f64>,
     /// The process's share of a core by kind of thread, largest first: which thread bounds it (a thread
     /// that ended within the window is not counted).
     pub threads: Vec<(String, f64)>,
@@ -220,9 +223,13 @@ impl std::fmt::Display for PhaseCpu {
         if let Some(b) = self.broker {
             write!(
                 f,
-                "; broker {:.1} µs ({:.2} of a core)",
+                "; broker {:.1} µs ({:.2} of a core",
                 b.us_per_message, b.cores
             )?;
+            match self.broker_jit_cores {
+                Some(jit) if jit >= 0.01 => write!(f, ", of it JIT compiling {jit:.2})")?,
+                _ => write!(f, ")")?,
+            }
         }
         Ok(())
     }
@@ -360,11 +367,11 @@ struct Watched {
 }
 
 /// CPU seconds so far: of the process, of each of its threads (by thread id: its kind and seconds),
-/// and of the broker.
+/// and of the broker (all of it, and its JIT compiler threads').
 struct Reading {
     process: f64,
     threads: HashMap<u32, (String, f64)>,
-    broker: Option<f64>,
+    broker: Option<(f64, f64)>,
 }
 
 impl Watched {
@@ -372,7 +379,14 @@ impl Watched {
         Reading {
             process: cpu_secs(self.process),
             threads: thread_cpu(self.process),
-            broker: self.broker.map(cpu_secs),
+            broker: self.broker.map(|pid| {
+                let jit = thread_cpu(pid)
+                    .into_values()
+                    .filter(|(kind, _)| kind == JIT)
+                    .map(|(_, secs)| secs)
+                    .sum();
+                (cpu_secs(pid), jit)
+            }),
         }
     }
 
@@ -392,14 +406,24 @@ impl Watched {
         threads.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         PhaseCpu {
             process: used(before.process, after.process),
-            broker: before.broker.zip(after.broker).map(|(b, a)| used(b, a)),
+            broker: before
+                .broker
+                .zip(after.broker)
+                .map(|((b, _), (a, _))| used(b, a)),
+            broker_jit_cores: before
+                .broker
+                .zip(after.broker)
+                .map(|((_, b), (_, a))| (a - b) / secs),
             threads,
         }
     }
 }
 
+/// The kind of a HotSpot JVM's compiler threads (`C1 CompilerThread0`, `C2 CompilerThread1`, ...).
+const JIT: &str = "JIT compiler";
+
 /// The kind of a thread, from its name: the service's own threads by role, librdkafka's and RocksDB's
-/// together, any other by its name (a JVM's, say).
+/// together, a JVM's compiler threads together, any other by its name (a JVM's, say).
 fn thread_kind(name: &str) -> String {
     match name {
         "tokio-rt-worker" | "tokio-runtime-w" => "worker",
@@ -410,6 +434,7 @@ fn thread_kind(name: &str) -> String {
             "librdkafka"
         }
         n if n.starts_with("rocksdb:") => "rocksdb",
+        n if n.starts_with("C1 CompilerThre") || n.starts_with("C2 CompilerThre") => JIT,
         n => n,
     }
     .to_string()
@@ -1577,7 +1602,8 @@ mod tests {
 
     #[test]
     fn cpu_is_per_message_committed_and_per_second_of_the_window() {
-        // 1.5 s of the process and 0.25 s of the broker for 50,000 messages over 2 s.
+        // 1.5 s of the process and 0.25 s of the broker (0.1 s of it compiling) for 50,000 messages over
+        // 2 s.
         let reading = |process, commit, worker: Option<f64>, broker| Reading {
             process,
             threads: [(7, ("commit".to_string(), commit))]
@@ -1588,8 +1614,8 @@ mod tests {
         };
         // A worker thread born within the window counts from zero.
         let spent = Watched::spent(
-            &reading(10.0, 3.0, None, Some(4.0)),
-            &reading(11.5, 3.2, Some(1.2), Some(4.25)),
+            &reading(10.0, 3.0, None, Some((4.0, 1.0))),
+            &reading(11.5, 3.2, Some(1.2), Some((4.25, 1.1))),
             50_000,
             2.0,
         );
@@ -1598,10 +1624,22 @@ mod tests {
         let broker = spent.broker.expect("the broker was watched");
         assert!((broker.us_per_message - 5.0).abs() < 1e-9);
         assert!((broker.cores - 0.125).abs() < 1e-9);
+        assert!((spent.broker_jit_cores.expect("watched") - 0.05).abs() < 1e-9);
         assert_eq!(
             spent.to_string(),
-            "30.0 µs (0.75 of a core) [worker 0.60, commit 0.10]; broker 5.0 µs (0.12 of a core)"
+            "30.0 µs (0.75 of a core) [worker 0.60, commit 0.10]; broker 5.0 µs (0.12 of a core, of it \
+             JIT compiling 0.05)"
         );
+        // A warm broker's compiler, idle or nearly, is not mentioned.
+        let warm = Watched::spent(
+            &reading(10.0, 3.0, None, Some((4.0, 1.0))),
+            &reading(11.5, 3.2, None, Some((4.25, 1.01))),
+            50_000,
+            2.0,
+        );
+        assert!(warm
+            .to_string()
+            .ends_with("; broker 5.0 µs (0.12 of a core)"));
         let alone = Watched::spent(
             &reading(1.0, 0.0, None, None),
             &reading(1.5, 0.0, None, None),
@@ -1636,7 +1674,9 @@ mod tests {
         assert_eq!(thread_kind("stitcher-commit"), "commit");
         assert_eq!(thread_kind("rdk:broker1"), "librdkafka");
         assert_eq!(thread_kind("rocksdb:high"), "rocksdb");
-        assert_eq!(thread_kind("C2 CompilerThre"), "C2 CompilerThre");
+        assert_eq!(thread_kind("C2 CompilerThre"), "JIT compiler");
+        assert_eq!(thread_kind("C1 CompilerThre"), "JIT compiler");
+        assert_eq!(thread_kind("GC Thread#0"), "GC Thread#0");
     }
 
     /// The latency phase's reading of the service's metrics: the committed transactions, and each commit

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::sync::{Arc, PoisonError, RwLock};
 
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB,
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, Env, Options, WriteBatch, WriteOptions, DB,
 };
 use serde::{Deserialize, Serialize};
 
@@ -161,6 +161,15 @@ impl Store {
     /// Opens (or creates) the state.
     pub fn open(path: &Path, block_cache_mb: usize) -> Result<Self, StoreError> {
         let mut opts = Options::default();
+        // Flushes and compactions run at the lowest CPU priority (nice 19): on a core they share with the
+        // batch thread they take what it leaves, instead of stalling a batch for a flush's hundreds of
+        // milliseconds; should they fall behind, RocksDB's write stall holds the batch thread back until
+        // they catch up (docs/DESIGN.md, "Background work yields"). Applied by each background thread
+        // at its next job; process-wide (the default environment), and the service opens one store.
+        let mut env = Env::new()?;
+        env.lower_thread_pool_cpu_priority();
+        env.lower_high_priority_thread_pool_cpu_priority();
+        opts.set_env(&env);
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
         opts.increase_parallelism(2);
@@ -677,6 +686,45 @@ mod tests {
                 err.to_string().contains(&format!("format {version}")),
                 "{err}"
             );
+        }
+    }
+
+    /// RocksDB's flushes and compactions run at nice 19, so that on a core shared with the batch thread
+    /// they take what it leaves. A background thread lowers itself when it takes a job: after a flush
+    /// (the high-priority pool) and a compaction (the low one), each pool has a thread that did.
+    #[test]
+    fn background_work_runs_at_the_lowest_cpu_priority() {
+        let t = TempStore::new().unwrap();
+        let cf = t.store.cf(CF_SHARDS).unwrap();
+        for round in 0..2u8 {
+            let changes = (0..100u8).map(|i| (vec![round, i], Some(vec![i])));
+            t.store.write_shard_changes(changes, []).unwrap();
+            t.store.db.flush_cf(cf).unwrap();
+        }
+        t.store
+            .db
+            .compact_range_cf(cf, None::<&[u8]>, None::<&[u8]>);
+        let nice_of = |pool: &str| -> Vec<i64> {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .flatten()
+                .filter(|task| {
+                    std::fs::read_to_string(task.path().join("comm"))
+                        .unwrap_or_default()
+                        .trim_end()
+                        == pool
+                })
+                .filter_map(|task| {
+                    let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+                    // After the name: state, ppid, ..., priority (15), nice (16).
+                    let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+                    fields.get(16)?.parse().ok()
+                })
+                .collect()
+        };
+        for pool in ["rocksdb:high", "rocksdb:low"] {
+            let nice = nice_of(pool);
+            assert!(nice.contains(&19), "{pool} threads' nice values: {nice:?}");
         }
     }
 
