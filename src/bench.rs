@@ -19,7 +19,7 @@
 //! Both rates are measured the same way, from the group's committed offsets: messages committed between
 //! the first commit and the last, over that time, so start-up (group join, RocksDB open) counts for neither.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -77,6 +77,10 @@ pub struct BenchReport {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
+    /// The latency phase's stretches of 100 ms (by send time) in which the events at or above p99 were
+    /// sent: when each began (Unix ms, to find in a log), and how many stretches the phase had
+    /// ([`tail_stretches`]).
+    pub latency_tail_stretches: (Vec<i64>, usize),
     /// What the service, the broker, this bench (its sender and reader) and the whole machine spent
     /// while the latency phase sent: whether the latencies were the service's or a full machine's.
     pub latency_cpu: LatencyCpu,
@@ -897,7 +901,7 @@ impl Drop for Service {
     }
 }
 
-/// The latency of each live event from its send time to its batch's update being visible
+/// The send time and latency of each live event, from its send time to its batch's update being visible
 /// ([`event_latencies`]), and how many events were sent that no update timed.
 fn measure_latency(
     args: &BenchArgs,
@@ -905,7 +909,7 @@ fn measure_latency(
     topics: &Topics,
     persons: usize,
     (service, metrics): (Watched, std::net::SocketAddr),
-) -> anyhow::Result<(Vec<f64>, usize, LatencyCpu)> {
+) -> anyhow::Result<(Vec<Timed>, usize, LatencyCpu)> {
     let reader: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &args.brokers)
         .set("group.id", format!("{}-latency", topics.output))
@@ -985,8 +989,8 @@ fn measure_latency(
         .join()
         .map_err(|_| anyhow::anyhow!("the latency reader panicked"))?;
     let (sent, landed) = sent?;
-    let (latencies, untimed) = event_latencies(&sent, &landed, &seen);
-    Ok((latencies, untimed, cpu))
+    let (timed, untimed) = event_latencies(&sent, &landed, &seen);
+    Ok((timed, untimed, cpu))
 }
 
 /// How far ahead of its schedule the latency phase's sender gets before it sleeps: it sends in bursts of
@@ -999,6 +1003,9 @@ struct Sent {
     topic: String,
     at: i64,
 }
+
+/// A live event timed: its send time (Unix ms) and its latency (ms).
+type Timed = (i64, f64);
 
 /// Where live events landed: (partition, offset) by their index in the order sent.
 type Places = HashMap<usize, (i32, i64)>;
@@ -1026,7 +1033,7 @@ impl rdkafka::producer::ProducerContext for Landed {
 /// would favour large batches). An event whose own update names a later event of another partition is
 /// timed by the next trigger in its own, a little late. Also: how many sent events no seen trigger
 /// follows in their partition (untimed).
-fn event_latencies(sent: &[Sent], landed: &Places, seen: &[(String, i64)]) -> (Vec<f64>, usize) {
+fn event_latencies(sent: &[Sent], landed: &Places, seen: &[(String, i64)]) -> (Vec<Timed>, usize) {
     let index: HashMap<&str, usize> = sent
         .iter()
         .enumerate()
@@ -1062,11 +1069,35 @@ fn event_latencies(sent: &[Sent], landed: &Places, seen: &[(String, i64)]) -> (V
                 .map(|(_, at)| *at)
         });
         match visible {
-            Some(at) => latencies.push((at - s.at) as f64),
+            Some(at) => latencies.push((s.at, (at - s.at) as f64)),
             None => untimed += 1,
         }
     }
     (latencies, untimed)
+}
+
+/// The stretches of the latency phase, by send time, that [`tail_stretches`] counts.
+const STRETCH_MS: i64 = 100;
+
+/// The phase's stretches of [`STRETCH_MS`] (by send time) in which the events whose latency is at least
+/// `p99` were sent, each by when it began, and how many stretches the phase had: a few means stalls (a
+/// flush, a slow commit, a pause of the broker), most means that every batch waits about that long.
+fn tail_stretches(timed: &[Timed], p99: f64) -> (Vec<i64>, usize) {
+    let (Some(first), Some(last)) = (
+        timed.iter().map(|(at, _)| *at).min(),
+        timed.iter().map(|(at, _)| *at).max(),
+    ) else {
+        return (Vec::new(), 0);
+    };
+    let hit: BTreeSet<i64> = timed
+        .iter()
+        .filter(|(_, latency)| *latency >= p99)
+        .map(|(at, _)| first + (at - first) / STRETCH_MS * STRETCH_MS)
+        .collect();
+    (
+        hit.into_iter().collect(),
+        ((last - first) / STRETCH_MS + 1) as usize,
+    )
 }
 
 /// Sends `persons`' journeys at `rate` messages per second for at most `args.latency_secs`, each event
@@ -1363,7 +1394,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         .unwrap_or((pipe_rate / 2.0).round() as u64)
         .max(1);
     let live_persons = (live_rate * args.latency_secs / 15).max(10) as usize;
-    let (mut latencies, untimed, latency_cpu) = measure_latency(
+    let (timed, untimed, latency_cpu) = measure_latency(
         args,
         live_rate,
         &topics,
@@ -1376,6 +1407,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     if !status.success() {
         bail!("the service exited with {status}");
     }
+    let mut latencies: Vec<f64> = timed.iter().map(|(_, latency)| *latency).collect();
     latencies.sort_by(f64::total_cmp);
     if latencies.is_empty() {
         bail!("no profile update seen for {untimed} live events");
@@ -1412,6 +1444,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         latency_p50_ms: percentile(&latencies, 0.50),
         latency_p99_ms: percentile(&latencies, 0.99),
         latency_max_ms: percentile(&latencies, 1.0),
+        latency_tail_stretches: tail_stretches(&timed, percentile(&latencies, 0.99)),
         latency_cpu,
         service_peak_rss_mib: rss,
         service_cpu_secs: cpu,
@@ -1474,6 +1507,12 @@ impl std::fmt::Display for BenchReport {
             self.latency_p50_ms,
             self.latency_p99_ms,
             self.latency_max_ms
+        )?;
+        let (hit, stretches) = &self.latency_tail_stretches;
+        writeln!(
+            f,
+            "    the slowest 1% sent in {} of the phase's {stretches} stretches of {STRETCH_MS} ms",
+            hit.len()
         )?;
         writeln!(f, "    CPU per message while sending: {}", self.latency_cpu)?;
         writeln!(
@@ -1739,7 +1778,8 @@ mod tests {
             ("b".to_string(), 150),
             ("x".to_string(), 1),
         ];
-        let (mut latencies, untimed) = event_latencies(&sent, &landed, &seen);
+        let (timed, untimed) = event_latencies(&sent, &landed, &seen);
+        let mut latencies: Vec<f64> = timed.iter().map(|(_, latency)| *latency).collect();
         latencies.sort_by(f64::total_cmp);
         // a: 140 - 100 (d's commit covers it too); b: 140 - 110; d: 140 - 130.
         assert_eq!(latencies, vec![10.0, 30.0, 40.0]);
@@ -1748,5 +1788,35 @@ mod tests {
         let (latencies, untimed) = event_latencies(&sent, &HashMap::new(), &seen);
         assert!(latencies.is_empty());
         assert_eq!(untimed, 4);
+    }
+
+    /// The slowest events bunched in one stretch of the phase are a stall; spread over all of it, a
+    /// steady wait.
+    #[test]
+    fn the_tail_says_whether_it_was_a_stall() {
+        // An event a millisecond for a second, 10 ms each.
+        let steady = |at: i64| (at, 10.0);
+        let stall: Vec<(i64, f64)> = (0..1000)
+            .map(|at| {
+                if (300..310).contains(&at) {
+                    (at, 250.0)
+                } else {
+                    steady(at)
+                }
+            })
+            .collect();
+        assert_eq!(tail_stretches(&stall, 250.0), (vec![300], 10));
+        let spread: Vec<(i64, f64)> = (0..1000)
+            .map(|at| {
+                if at % 100 == 50 {
+                    (at, 250.0)
+                } else {
+                    steady(at)
+                }
+            })
+            .collect();
+        let (hit, stretches) = tail_stretches(&spread, 250.0);
+        assert_eq!((hit.len(), stretches), (10, 10));
+        assert_eq!(tail_stretches(&[], 1.0), (vec![], 0));
     }
 }

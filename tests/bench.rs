@@ -52,6 +52,16 @@ fn every_phase_runs_and_the_traffic_phase_writes_what_the_pipeline_wrote() {
         timed > 300.0 && untimed < timed / 10.0,
         "{timed} events timed, {untimed} not"
     );
+    // The stretches of the phase the slowest 1% were sent in: at least one, at most all.
+    let hit = report
+        .pointer("/latency_tail_stretches/0")
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len) as f64;
+    let stretches = num("/latency_tail_stretches/1");
+    assert!(
+        hit >= 1.0 && hit <= stretches,
+        "the slowest 1% in {hit} of {stretches} stretches"
+    );
     assert!(num("/latency_cpu/transactions_per_sec") > 0.0);
     // Each step of the phase's commits, timed by the service.
     for step in ["produce", "offsets", "deliveries", "end"] {
