@@ -850,12 +850,12 @@ struct Service {
 }
 
 impl Service {
-    /// This binary's `run` with `config`.
-    fn start(config: &Path, log: &Path) -> anyhow::Result<Self> {
+    /// This binary's `run` with `config`, logging at `level` (`STITCHER_LOG`) to `log`.
+    fn start(config: &Path, log: &Path, level: &str) -> anyhow::Result<Self> {
         let mut cmd = Command::new(std::env::current_exe()?);
         cmd.args(["run", "--config"])
             .arg(config)
-            .env("STITCHER_LOG", "warn");
+            .env("STITCHER_LOG", level);
         Self::spawn(cmd, log)
     }
 
@@ -1334,7 +1334,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     // (b) pipeline
     let config_path = dir.join("stitcher.toml");
     std::fs::write(&config_path, toml::to_string(&cfg)?)?;
-    let mut service = Service::start(&config_path, &dir.join("service.log"))?;
+    let service_log = args
+        .service_log
+        .clone()
+        .unwrap_or_else(|| dir.join("service.log"));
+    let mut service = Service::start(&config_path, &service_log, &args.service_log_level)?;
     let progress = Progress::new(
         &args.brokers,
         &cfg.kafka.group_id,

@@ -267,6 +267,14 @@ pub struct BenchArgs {
     /// the compiler threads' share): compare on `--persons 48000` or more.
     #[arg(long)]
     pub kstreams: Option<PathBuf>,
+    /// Keep the service's log in this file (otherwise it goes with the run's directory). With
+    /// `--service-log-level warn,librdkafka=debug --producer debug=eos,protocol` it holds librdkafka's
+    /// account of each transaction's requests and their retries.
+    #[arg(long, value_name = "FILE")]
+    pub service_log: Option<PathBuf>,
+    /// The service's `STITCHER_LOG` (an `EnvFilter`).
+    #[arg(long, value_name = "FILTER", default_value = "warn")]
+    pub service_log_level: String,
     /// Also measure the pipeline's own Kafka traffic without its work, after the second passthrough: the
     /// passthrough's loop writing, for each input message, the output, identity and changelog records the
     /// pipeline wrote (their rates and mean sizes, counted after the pipeline's phase), to topics set up

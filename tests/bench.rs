@@ -15,6 +15,7 @@ use common::*;
 fn every_phase_runs_and_the_traffic_phase_writes_what_the_pipeline_wrote() {
     let dir = tempfile::tempdir().expect("temp dir");
     let json = dir.path().join("bench.json");
+    let service_log = dir.path().join("service.log");
     let out = Command::new(env!("CARGO_BIN_EXE_stitcher"))
         .args(["bench", "--brokers", &brokers()])
         .args(["--persons", "3000", "--partitions", "1", "--traffic"])
@@ -24,10 +25,16 @@ fn every_phase_runs_and_the_traffic_phase_writes_what_the_pipeline_wrote() {
         .args(["--latency-rate", "300", "--latency-secs", "2"])
         .args(["--timeout-secs", "180", "--json"])
         .arg(&json)
+        .arg("--service-log")
+        .arg(&service_log)
+        .args(["--service-log-level", "info"])
         .output()
         .expect("stitcher bench runs");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "stitcher bench failed:\n{stderr}");
+    // The service's log is kept where asked, at the level asked.
+    let log = std::fs::read_to_string(&service_log).expect("the service's log is kept");
+    assert!(log.contains("partitions assigned"), "service log:\n{log}");
     let report: Value =
         serde_json::from_slice(&std::fs::read(&json).expect("report written")).expect("JSON");
     let num = |path: &str| {
