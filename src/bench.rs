@@ -371,11 +371,11 @@ struct Watched {
 }
 
 /// CPU seconds so far: of the process, of each of its threads (by thread id: its kind and seconds),
-/// and of the broker (all of it, and its JIT compiler threads').
+/// and of the broker (all of it, and each of its JIT compiler threads by thread id).
 struct Reading {
     process: f64,
     threads: HashMap<u32, (String, f64)>,
-    broker: Option<(f64, f64)>,
+    broker: Option<(f64, HashMap<u32, f64>)>,
 }
 
 impl Watched {
@@ -385,10 +385,10 @@ impl Watched {
             threads: thread_cpu(self.process),
             broker: self.broker.map(|pid| {
                 let jit = thread_cpu(pid)
-                    .into_values()
-                    .filter(|(kind, _)| kind == JIT)
-                    .map(|(_, secs)| secs)
-                    .sum();
+                    .into_iter()
+                    .filter(|(_, (kind, _))| kind == JIT)
+                    .map(|(tid, (_, secs))| (tid, secs))
+                    .collect();
                 (cpu_secs(pid), jit)
             }),
         }
@@ -405,19 +405,21 @@ impl Watched {
             let b = before.threads.get(tid).map_or(0.0, |(_, b)| *b);
             *kinds.entry(kind.as_str()).or_default() += (a - b) / secs;
         }
+        let broker = before.broker.as_ref().zip(after.broker.as_ref());
         let mut threads: Vec<(String, f64)> =
             kinds.into_iter().map(|(k, c)| (k.to_string(), c)).collect();
         threads.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
         PhaseCpu {
             process: used(before.process, after.process),
-            broker: before
-                .broker
-                .zip(after.broker)
-                .map(|((b, _), (a, _))| used(b, a)),
-            broker_jit_cores: before
-                .broker
-                .zip(after.broker)
-                .map(|((_, b), (_, a))| (a - b) / secs),
+            broker: broker.map(|((b, _), (a, _))| used(*b, *a)),
+            // HotSpot starts and stops compiler threads as the work needs: as for the process's threads,
+            // one born within the window counts from zero and one that ended is not counted.
+            broker_jit_cores: broker.map(|((_, b), (_, a))| {
+                a.iter()
+                    .map(|(tid, a)| a - b.get(tid).copied().unwrap_or(0.0))
+                    .sum::<f64>()
+                    / secs
+            }),
             threads,
         }
     }
@@ -1647,18 +1649,22 @@ mod tests {
     fn cpu_is_per_message_committed_and_per_second_of_the_window() {
         // 1.5 s of the process and 0.25 s of the broker (0.1 s of it compiling) for 50,000 messages over
         // 2 s.
-        let reading = |process, commit, worker: Option<f64>, broker| Reading {
-            process,
-            threads: [(7, ("commit".to_string(), commit))]
-                .into_iter()
-                .chain(worker.map(|w| (8, ("worker".to_string(), w))))
-                .collect(),
-            broker,
-        };
+        let reading =
+            |process, commit, worker: Option<f64>, broker: Option<(f64, [(u32, f64); 2])>| {
+                Reading {
+                    process,
+                    threads: [(7, ("commit".to_string(), commit))]
+                        .into_iter()
+                        .chain(worker.map(|w| (8, ("worker".to_string(), w))))
+                        .collect(),
+                    broker: broker.map(|(cpu, jit)| (cpu, HashMap::from(jit))),
+                }
+            };
         // A worker thread born within the window counts from zero.
         let spent = Watched::spent(
-            &reading(10.0, 3.0, None, Some((4.0, 1.0))),
-            &reading(11.5, 3.2, Some(1.2), Some((4.25, 1.1))),
+            &reading(10.0, 3.0, None, Some((4.0, [(20, 1.0), (21, 0.5)]))),
+            // Compiler thread 21 ended; 22 began and used 0.02 s.
+            &reading(11.5, 3.2, Some(1.2), Some((4.25, [(20, 1.08), (22, 0.02)]))),
             50_000,
             2.0,
         );
@@ -1675,8 +1681,8 @@ mod tests {
         );
         // A warm broker's compiler, idle or nearly, is not mentioned.
         let warm = Watched::spent(
-            &reading(10.0, 3.0, None, Some((4.0, 1.0))),
-            &reading(11.5, 3.2, None, Some((4.25, 1.01))),
+            &reading(10.0, 3.0, None, Some((4.0, [(20, 1.0), (21, 0.5)]))),
+            &reading(11.5, 3.2, None, Some((4.25, [(20, 1.01), (21, 0.5)]))),
             50_000,
             2.0,
         );
