@@ -370,12 +370,15 @@ struct Watched {
     broker: Option<u32>,
 }
 
-/// CPU seconds so far: of the process, of each of its threads (by thread id: its kind and seconds),
-/// and of the broker (all of it, and each of its JIT compiler threads by thread id).
+/// CPU seconds so far of each thread of a process, by thread id: its kind and seconds.
+type ThreadCpu = HashMap<u32, (String, f64)>;
+
+/// CPU seconds so far: of the process and of each of its threads, and of the broker and each of its
+/// threads.
 struct Reading {
     process: f64,
-    threads: HashMap<u32, (String, f64)>,
-    broker: Option<(f64, HashMap<u32, f64>)>,
+    threads: ThreadCpu,
+    broker: Option<(f64, ThreadCpu)>,
 }
 
 impl Watched {
@@ -383,14 +386,7 @@ impl Watched {
         Reading {
             process: cpu_secs(self.process),
             threads: thread_cpu(self.process),
-            broker: self.broker.map(|pid| {
-                let jit = thread_cpu(pid)
-                    .into_iter()
-                    .filter(|(_, (kind, _))| kind == JIT)
-                    .map(|(tid, (_, secs))| (tid, secs))
-                    .collect();
-                (cpu_secs(pid), jit)
-            }),
+            broker: self.broker.map(|pid| (cpu_secs(pid), thread_cpu(pid))),
         }
     }
 
@@ -400,29 +396,32 @@ impl Watched {
             us_per_message: (a - b) * 1e6 / messages.max(1) as f64,
             cores: (a - b) / secs,
         };
-        let mut kinds: HashMap<&str, f64> = HashMap::new();
-        for (tid, (kind, a)) in &after.threads {
-            let b = before.threads.get(tid).map_or(0.0, |(_, b)| *b);
-            *kinds.entry(kind.as_str()).or_default() += (a - b) / secs;
-        }
-        let broker = before.broker.as_ref().zip(after.broker.as_ref());
-        let mut threads: Vec<(String, f64)> =
-            kinds.into_iter().map(|(k, c)| (k.to_string(), c)).collect();
+        let mut threads: Vec<(String, f64)> = secs_by_kind(&before.threads, &after.threads)
+            .into_iter()
+            .map(|(k, s)| (k.to_string(), s / secs))
+            .collect();
         threads.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        let broker = before.broker.as_ref().zip(after.broker.as_ref());
         PhaseCpu {
             process: used(before.process, after.process),
             broker: broker.map(|((b, _), (a, _))| used(*b, *a)),
-            // HotSpot starts and stops compiler threads as the work needs: as for the process's threads,
-            // one born within the window counts from zero and one that ended is not counted.
-            broker_jit_cores: broker.map(|((_, b), (_, a))| {
-                a.iter()
-                    .map(|(tid, a)| a - b.get(tid).copied().unwrap_or(0.0))
-                    .sum::<f64>()
-                    / secs
-            }),
+            // HotSpot starts and stops compiler threads as the work needs.
+            broker_jit_cores: broker
+                .map(|((_, b), (_, a))| secs_by_kind(b, a).get(JIT).copied().unwrap_or(0.0) / secs),
             threads,
         }
     }
+}
+
+/// CPU seconds by kind of thread between two readings of one process's threads: a thread born in
+/// between counts from zero, one that ended is not counted.
+fn secs_by_kind<'a>(before: &ThreadCpu, after: &'a ThreadCpu) -> HashMap<&'a str, f64> {
+    let mut kinds: HashMap<&str, f64> = HashMap::new();
+    for (tid, (kind, a)) in after {
+        let b = before.get(tid).map_or(0.0, |(_, b)| *b);
+        *kinds.entry(kind.as_str()).or_default() += a - b;
+    }
+    kinds
 }
 
 /// The kind of a HotSpot JVM's compiler threads (`C1 CompilerThread0`, `C2 CompilerThread1`, ...).
@@ -447,7 +446,7 @@ fn thread_kind(name: &str) -> String {
 }
 
 /// CPU seconds of each thread of a process, with its kind; empty if unreadable.
-fn thread_cpu(pid: u32) -> HashMap<u32, (String, f64)> {
+fn thread_cpu(pid: u32) -> ThreadCpu {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return HashMap::new();
     };
@@ -1418,6 +1417,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     if latencies.is_empty() {
         bail!("no profile update seen for {untimed} live events");
     }
+    let p99 = percentile(&latencies, 0.99);
     // (d) passthrough again, the machine as the pipeline left it
     let (pass_after, pass_after_cpu) =
         measure_passthrough(&cfg, &topics, copy(), phase, ("2", args.broker_pid))?;
@@ -1448,9 +1448,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         latency_samples: latencies.len(),
         latency_untimed: untimed,
         latency_p50_ms: percentile(&latencies, 0.50),
-        latency_p99_ms: percentile(&latencies, 0.99),
+        latency_p99_ms: p99,
         latency_max_ms: percentile(&latencies, 1.0),
-        latency_tail_stretches: tail_stretches(&timed, percentile(&latencies, 0.99)),
+        latency_tail_stretches: tail_stretches(&timed, p99),
         latency_cpu,
         service_peak_rss_mib: rss,
         service_cpu_secs: cpu,
@@ -1657,7 +1657,10 @@ mod tests {
                         .into_iter()
                         .chain(worker.map(|w| (8, ("worker".to_string(), w))))
                         .collect(),
-                    broker: broker.map(|(cpu, jit)| (cpu, HashMap::from(jit))),
+                    broker: broker.map(|(cpu, jit)| {
+                        let jit = jit.map(|(tid, secs)| (tid, (JIT.to_string(), secs)));
+                        (cpu, HashMap::from(jit))
+                    }),
                 }
             };
         // A worker thread born within the window counts from zero.

@@ -268,7 +268,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub kstreams: Option<PathBuf>,
     /// Keep the service's log in this file (otherwise it goes with the run's directory). With
-    /// `--service-log-level warn,librdkafka=debug --producer debug=eos,protocol` it holds librdkafka's
+    /// `--service-log-level warn,librdkafka=debug --producer debug=eos` it holds librdkafka's
     /// account of each transaction's requests and their retries.
     #[arg(long, value_name = "FILE")]
     pub service_log: Option<PathBuf>,
