@@ -6,6 +6,11 @@
 #
 #   scripts/bench-pinned.sh <stitcher binary> <report file> [more `stitcher bench` flags]
 #
+# The bench first warms the broker up (`--warm-up-secs`, WARM_UP_SECS seconds at most, default 180; 0 for
+# none): on a broker started minutes before, the passthrough ran at half its later rate while the broker's
+# JVM compiled, which doubled the pipeline / passthrough ratio. A broker long in service is quiet after
+# three rounds.
+#
 # Needs two CPUs. docs/BENCHMARKS.md calls it "pinned".
 set -euo pipefail
 [ $# -ge 2 ] || { sed -n 2,8p "$0"; exit 2; }
@@ -15,7 +20,7 @@ broker=$(pgrep -f kafka.Kafka | head -1) || { echo "no local broker running" >&2
 before=$(taskset -p -c "$broker" | awk '{print $NF}')
 trap 'taskset -a -p -c "$before" "$broker" >/dev/null' EXIT
 taskset -a -p -c 0 "$broker" >/dev/null
-taskset -c 0 "$bin" bench --partitions 1 --broker-pid "$broker" "$@" >"$out" 2>&1 &
+taskset -c 0 "$bin" bench --partitions 1 --broker-pid "$broker" --warm-up-secs "${WARM_UP_SECS:-180}" "$@" >"$out" 2>&1 &
 bench=$!
 pinned=" "
 while kill -0 "$bench" 2>/dev/null; do

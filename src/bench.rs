@@ -1,6 +1,8 @@
 //! `stitcher bench`: end-to-end throughput and latency against a real broker, in one run.
 //!
 //! 1. Generated journeys are written once to fresh channel topics.
+//!    With `--warm-up-secs`, unmeasured passthroughs follow until the broker's JIT compiler is quiet or
+//!    the time is spent ([`warm_up`]): a broker started minutes before spends much of a core compiling.
 //! 2. **Passthrough**: a consumer and a transactional producer built from the same client settings as the
 //!    service read every input message and write the same bytes to another topic, committing offsets in
 //!    transactions of the same batch size. No decoding, no state: the rate this broker and client allow.
@@ -55,6 +57,8 @@ use crate::scaleout::state::record_kind;
 /// What one run measured; printed and optionally written as JSON.
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
+    /// The unmeasured passthroughs before the first phase, if `--warm-up-secs` asked for them.
+    pub warm_up: Option<WarmUp>,
     pub messages: u64,
     pub events: usize,
     pub partitions: i32,
@@ -735,6 +739,55 @@ fn measure_passthrough(
     Ok((rate, cpu))
 }
 
+/// The warm-up ends when the broker's JIT compiler took less than this share of a core in each of its last
+/// `QUIET_ROUNDS` rounds: a broker in service long since compiles next to nothing. One quiet round is not
+/// enough: a broker restarted a minute before compiled in bursts, 0.02 of a core in one round and 0.36 in
+/// another.
+const WARM_JIT_CORES: f64 = 0.05;
+const QUIET_ROUNDS: usize = 3;
+
+/// The unmeasured passthroughs run before the first measured phase (`--warm-up-secs`).
+#[derive(Debug, Clone, Serialize)]
+pub struct WarmUp {
+    /// Each round's rate and, with `--broker-pid`, the share of a core the broker's JIT compiler took.
+    pub rounds: Vec<(f64, Option<f64>)>,
+    pub secs: f64,
+}
+
+/// Whether the warm-up is over: its time is spent, or its last rounds found the broker's compiler quiet.
+fn warmed(rounds: &[(f64, Option<f64>)], spent: Duration, budget: Duration) -> bool {
+    spent >= budget
+        || rounds.len() >= QUIET_ROUNDS
+            && rounds[rounds.len() - QUIET_ROUNDS..]
+                .iter()
+                .all(|r| r.1.is_some_and(|jit| jit < WARM_JIT_CORES))
+}
+
+/// Passthroughs over the input, measured only to decide when to stop (`--warm-up-secs`).
+fn warm_up(
+    cfg: &Config,
+    topics: &Topics,
+    phase: (u64, i32, Duration),
+    args: &BenchArgs,
+) -> anyhow::Result<Option<WarmUp>> {
+    if args.warm_up_secs == 0 {
+        return Ok(None);
+    }
+    let (started, budget) = (Instant::now(), Duration::from_secs(args.warm_up_secs));
+    let mut rounds = Vec::new();
+    while !warmed(&rounds, started.elapsed(), budget) {
+        let name = format!("warm-up-{}", rounds.len() + 1);
+        let writes = Writes::Copy(topics.passthrough.clone());
+        let (rate, cpu) =
+            measure_passthrough(cfg, topics, writes, phase, (&name, args.broker_pid))?;
+        rounds.push((rate, cpu.broker_jit_cores));
+    }
+    Ok(Some(WarmUp {
+        rounds,
+        secs: started.elapsed().as_secs_f64(),
+    }))
+}
+
 /// Reads every input message and writes what `writes` says for it, in transactions of `batch_max_events`
 /// with offsets, with the service's client settings (`cfg`, whose group it joins). Returns when `stop` is
 /// set.
@@ -1326,9 +1379,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
     cfg.http.listen = std::net::TcpListener::bind(("127.0.0.1", 0))?.local_addr()?;
     let timeout = Duration::from_secs(args.timeout_secs);
 
-    // (a) passthrough
     let phase = (messages, args.partitions, timeout);
     let copy = || Writes::Copy(topics.passthrough.clone());
+    let warm_up = warm_up(&cfg, &topics, phase, args)?;
+
+    // (a) passthrough
     let (pass_before, pass_before_cpu) =
         measure_passthrough(&cfg, &topics, copy(), phase, ("1", args.broker_pid))?;
 
@@ -1435,6 +1490,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         None => None,
     };
     let report = BenchReport {
+        warm_up,
         messages,
         events: j.events,
         partitions: args.partitions,
@@ -1482,6 +1538,29 @@ impl std::fmt::Display for BenchReport {
             "end-to-end, {} messages ({} events) over {} partitions, exactly-once",
             self.messages, self.events, self.partitions
         )?;
+        if let Some(w) = &self.warm_up {
+            let jit: Vec<String> = w
+                .rounds
+                .iter()
+                .filter_map(|r| r.1)
+                .map(|jit| format!("{jit:.2}"))
+                .collect();
+            write!(
+                f,
+                "  warm-up (unmeasured): {} passthroughs in {:.0} s",
+                w.rounds.len(),
+                w.secs
+            )?;
+            if jit.is_empty() {
+                writeln!(f)?;
+            } else {
+                writeln!(
+                    f,
+                    "; the broker's JIT compiler took {} of a core",
+                    jit.join(", ")
+                )?;
+            }
+        }
         let [before, after] = self.passthrough_runs;
         writeln!(
             f,
@@ -1801,6 +1880,28 @@ mod tests {
         let (latencies, untimed) = event_latencies(&sent, &HashMap::new(), &seen);
         assert!(latencies.is_empty());
         assert_eq!(untimed, 4);
+    }
+
+    /// Warming up goes on while the broker compiles and there is time left; without the broker's pid,
+    /// for all the time given.
+    #[test]
+    fn the_warm_up_ends_when_the_broker_stops_compiling_or_the_time_is_spent() {
+        let (spent, budget) = (Duration::from_secs(10), Duration::from_secs(60));
+        let jit = |shares: &[f64]| -> Vec<(f64, Option<f64>)> {
+            shares.iter().map(|s| (1e5, Some(*s))).collect()
+        };
+        assert!(!warmed(&[], spent, budget), "at least one round");
+        assert!(!warmed(&jit(&[0.40]), spent, budget));
+        assert!(
+            !warmed(&jit(&[0.40, 0.03]), spent, budget),
+            "one quiet round"
+        );
+        assert!(!warmed(&jit(&[0.40, 0.03, 0.04]), spent, budget));
+        assert!(warmed(&jit(&[0.40, 0.03, 0.04, 0.01]), spent, budget));
+        assert!(!warmed(&jit(&[0.03, 0.04, 0.01, 0.20]), spent, budget));
+        assert!(!warmed(&[(9e4, None); 4], spent, budget));
+        assert!(warmed(&[(9e4, None)], budget, budget));
+        assert!(warmed(&[(9e4, Some(0.40))], budget, budget));
     }
 
     /// The slowest events bunched in one stretch of the phase are a stall; spread over all of it, a

@@ -286,6 +286,12 @@ pub struct BenchArgs {
     /// bound by the broker, by its client or by neither (waiting on commits).
     #[arg(long)]
     pub broker_pid: Option<u32>,
+    /// Before the first measured phase, run unmeasured passthroughs for up to this many seconds, so that
+    /// a broker started shortly before is not measured while its JVM compiles itself (a fifth to a half of
+    /// a core for minutes). With `--broker-pid` they stop once they find the broker's JIT
+    /// compiler under 0.05 of a core three times in a row. 0: none.
+    #[arg(long, default_value_t = 0)]
+    pub warm_up_secs: u64,
 }
 
 #[derive(Debug, Args)]
