@@ -767,6 +767,7 @@ fn warmed(rounds: &[(f64, Option<f64>)], spent: Duration, budget: Duration) -> b
 fn warm_up(
     cfg: &Config,
     topics: &Topics,
+    copy: impl Fn() -> Writes,
     phase: (u64, i32, Duration),
     args: &BenchArgs,
 ) -> anyhow::Result<Option<WarmUp>> {
@@ -777,9 +778,8 @@ fn warm_up(
     let mut rounds = Vec::new();
     while !warmed(&rounds, started.elapsed(), budget) {
         let name = format!("warm-up-{}", rounds.len() + 1);
-        let writes = Writes::Copy(topics.passthrough.clone());
         let (rate, cpu) =
-            measure_passthrough(cfg, topics, writes, phase, (&name, args.broker_pid))?;
+            measure_passthrough(cfg, topics, copy(), phase, (&name, args.broker_pid))?;
         rounds.push((rate, cpu.broker_jit_cores));
     }
     Ok(Some(WarmUp {
@@ -1381,7 +1381,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
 
     let phase = (messages, args.partitions, timeout);
     let copy = || Writes::Copy(topics.passthrough.clone());
-    let warm_up = warm_up(&cfg, &topics, phase, args)?;
+    let warm_up = warm_up(&cfg, &topics, copy, phase, args)?;
 
     // (a) passthrough
     let (pass_before, pass_before_cpu) =
