@@ -3,6 +3,8 @@
 //! 1. Generated journeys are written once to fresh channel topics.
 //!    With `--warm-up-secs`, unmeasured passthroughs follow until the broker's JIT compiler is quiet or
 //!    the time is spent ([`warm_up`]): a broker started minutes before spends much of a core compiling.
+//!    Then the service runs once over the input, unmeasured too ([`warm_up_pipeline`]), for the broker's
+//!    paths that only a pipeline uses.
 //! 2. **Passthrough**: a consumer and a transactional producer built from the same client settings as the
 //!    service read every input message and write the same bytes to another topic, committing offsets in
 //!    transactions of the same batch size. No decoding, no state: the rate this broker and client allow.
@@ -57,7 +59,8 @@ use crate::scaleout::state::record_kind;
 /// What one run measured; printed and optionally written as JSON.
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
-    /// The unmeasured passthroughs before the first phase, if `--warm-up-secs` asked for them.
+    /// The unmeasured passthroughs and pipeline before the first phase, if `--warm-up-secs` asked for
+    /// them.
     pub warm_up: Option<WarmUp>,
     pub messages: u64,
     pub events: usize,
@@ -253,6 +256,11 @@ pub struct LatencyCpu {
     pub transactions_per_sec: Option<f64>,
     /// Mean milliseconds of each step of those transactions' commits (`stitcher_commit_step_seconds`).
     pub commit_steps_ms: BTreeMap<String, f64>,
+    /// The phase's slow spells: how many of those commits spent more than [`SLOW_STEP_SECS`] in each
+    /// step, and how many batches took more than [`SLOW_BATCH_SECS`] from their first message to their
+    /// commit (`stitcher_batch_duration_seconds`). The events of such a batch are the tail of the latency.
+    pub slow_steps: BTreeMap<String, u64>,
+    pub slow_batches: Option<u64>,
     /// Cores idle on the machine, of `cores` (unknown where `/proc/stat` is not readable).
     pub idle_cores: Option<f64>,
     pub cores: usize,
@@ -282,17 +290,46 @@ impl std::fmt::Display for LatencyCpu {
                 .collect();
             write!(f, "; a commit's steps, mean ms: {}", steps.join(", "))?;
         }
+        if let Some(batches) = self.slow_batches {
+            let ms = |secs: f64| (secs * 1000.0).round();
+            write!(f, "; batches over {} ms: {batches}", ms(SLOW_BATCH_SECS))?;
+            let steps: Vec<String> = ["produce", "offsets", "deliveries", "end"]
+                .iter()
+                .filter_map(|s| self.slow_steps.get(*s).map(|n| format!("{s} {n}")))
+                .collect();
+            if !steps.is_empty() {
+                write!(
+                    f,
+                    ", commit steps over {} ms: {}",
+                    ms(SLOW_STEP_SECS),
+                    steps.join(", ")
+                )?;
+            }
+        }
         Ok(())
     }
 }
 
+/// A bucket bound of `stitcher_batch_duration_seconds` (1 ms doubling): a batch slower than this is a
+/// slow spell of the latency phase, near the target's p99 of 150 ms.
+const SLOW_BATCH_SECS: f64 = 0.128;
+
+/// A bucket bound of `stitcher_commit_step_seconds` (0.1 ms doubling): a commit step slower than this
+/// alone makes its batch's events late.
+const SLOW_STEP_SECS: f64 = 0.1024;
+
 /// What the latency phase reads of the service's metrics, before and after it: committed transactions
-/// (`stitcher_transactions_total`) and the time of each step of their commits
-/// (`stitcher_commit_step_seconds`, its sum and count by step).
+/// (`stitcher_transactions_total`), the time of each step of their commits
+/// (`stitcher_commit_step_seconds`, its sum and count by step, and how many took longer than
+/// [`SLOW_STEP_SECS`]), and how many batches took longer than [`SLOW_BATCH_SECS`].
 #[derive(Default)]
 struct ServiceCounters {
     transactions: f64,
     steps: BTreeMap<String, (f64, f64)>,
+    /// Per step, the commits whose step took at most [`SLOW_STEP_SECS`].
+    steps_quick: BTreeMap<String, f64>,
+    /// Batches, and those that took at most [`SLOW_BATCH_SECS`].
+    batches: (f64, f64),
 }
 
 impl ServiceCounters {
@@ -309,6 +346,9 @@ impl ServiceCounters {
     fn parse(text: &str) -> Option<Self> {
         let mut counters = Self::default();
         let mut transactions = None;
+        let quick_step = format!("\",le=\"{SLOW_STEP_SECS}\"}}");
+        let quick_batches =
+            format!("stitcher_batch_duration_seconds_bucket{{le=\"{SLOW_BATCH_SECS}\"}}");
         for line in text.lines() {
             let Some((name, value)) = line.rsplit_once(' ') else {
                 continue;
@@ -328,6 +368,15 @@ impl ServiceCounters {
                 .and_then(|s| s.strip_suffix("\"}"))
             {
                 counters.steps.entry(step.to_string()).or_default().1 = value;
+            } else if let Some(step) = name
+                .strip_prefix(r#"stitcher_commit_step_seconds_bucket{step=""#)
+                .and_then(|s| s.strip_suffix(quick_step.as_str()))
+            {
+                counters.steps_quick.insert(step.to_string(), value);
+            } else if name == "stitcher_batch_duration_seconds_count" {
+                counters.batches.0 = value;
+            } else if name == quick_batches {
+                counters.batches.1 = value;
             }
         }
         counters.transactions = transactions?;
@@ -344,6 +393,27 @@ impl ServiceCounters {
                 (n > 0.0).then(|| (step.clone(), (sum - sum0) / n * 1000.0))
             })
             .collect()
+    }
+
+    /// Between `before` and `self`: per step, the commits whose step took longer than
+    /// [`SLOW_STEP_SECS`] (steps with none left out), and the batches that took longer than
+    /// [`SLOW_BATCH_SECS`].
+    fn slow_since(&self, before: &Self) -> (BTreeMap<String, u64>, u64) {
+        let slow = |(n, quick): (f64, f64), (n0, quick0): (f64, f64)| {
+            ((n - n0) - (quick - quick0)).max(0.0).round() as u64
+        };
+        let steps = self
+            .steps
+            .iter()
+            .filter_map(|(step, &(_, count))| {
+                let quick = self.steps_quick.get(step).copied().unwrap_or_default();
+                let count0 = before.steps.get(step).map_or(0.0, |s| s.1);
+                let quick0 = before.steps_quick.get(step).copied().unwrap_or_default();
+                let n = slow((count, quick), (count0, quick0));
+                (n > 0).then(|| (step.clone(), n))
+            })
+            .collect();
+        (steps, slow(self.batches, before.batches))
     }
 }
 
@@ -746,12 +816,15 @@ fn measure_passthrough(
 const WARM_JIT_CORES: f64 = 0.05;
 const QUIET_ROUNDS: usize = 3;
 
-/// The unmeasured passthroughs run before the first measured phase (`--warm-up-secs`).
+/// The unmeasured phases run before the first measured one (`--warm-up-secs`).
 #[derive(Debug, Clone, Serialize)]
 pub struct WarmUp {
-    /// Each round's rate and, with `--broker-pid`, the share of a core the broker's JIT compiler took.
+    /// Each passthrough's rate and, with `--broker-pid`, the share of a core the broker's JIT compiler
+    /// took.
     pub rounds: Vec<(f64, Option<f64>)>,
     pub secs: f64,
+    /// The pipeline's run after them, the same two figures ([`warm_up_pipeline`]).
+    pub pipeline: (f64, Option<f64>),
 }
 
 /// Whether the warm-up is over: its time is spent, or its last rounds found the broker's compiler quiet.
@@ -766,6 +839,7 @@ fn warmed(rounds: &[(f64, Option<f64>)], spent: Duration, budget: Duration) -> b
 /// Passthroughs over the input, measured only to decide when to stop (`--warm-up-secs`).
 fn warm_up(
     cfg: &Config,
+    (run, dir): (&str, &Path),
     topics: &Topics,
     copy: impl Fn() -> Writes,
     phase: (u64, i32, Duration),
@@ -782,10 +856,54 @@ fn warm_up(
             measure_passthrough(cfg, topics, copy(), phase, (&name, args.broker_pid))?;
         rounds.push((rate, cpu.broker_jit_cores));
     }
+    let pipeline = warm_up_pipeline(args, run, topics, dir, phase)?;
     Ok(Some(WarmUp {
         rounds,
+        pipeline,
         secs: started.elapsed().as_secs_f64(),
     }))
+}
+
+/// The service once over the input, unmeasured, with a group, state and output topics of its own. A
+/// passthrough warms only the broker's paths it uses; on a broker started a minute before, the pipeline's
+/// phases had its JIT compiler at 0.10 to 0.36 of a core again after the passthroughs were quiet
+/// (compacted topics, transactions over more partitions, the changelog's records), and the latency
+/// phase, whose broker shares its core with the bench's sender and reader, at 0.27
+/// (docs/BENCHMARKS.md, forty-fifth and forty-sixth sessions). Returns its rate and, with
+/// `--broker-pid`, the share of a core the broker's JIT compiler took.
+fn warm_up_pipeline(
+    args: &BenchArgs,
+    run: &str,
+    topics: &Topics,
+    dir: &Path,
+    phase: (u64, i32, Duration),
+) -> anyhow::Result<(f64, Option<f64>)> {
+    let (messages, partitions, timeout) = phase;
+    let run = format!("{run}-warm-up");
+    let own = Topics {
+        routes: topics.routes.clone(),
+        inputs: topics.inputs.clone(),
+        passthrough: topics.passthrough.clone(),
+        output: format!("{run}-profiles"),
+        dead_letters: format!("{run}-dlq"),
+    };
+    let cfg = bench_config(args, &run, &own, &dir.join("warm-up-state"));
+    let config_path = dir.join("warm-up.toml");
+    std::fs::write(&config_path, toml::to_string(&cfg)?)?;
+    let log = dir.join("warm-up-service.log");
+    let mut service = Service::start(&config_path, &log, &args.service_log_level)?;
+    let progress = Progress::new(&args.brokers, &cfg.kafka.group_id, &own.inputs, partitions)?;
+    let watched = Watched {
+        process: service.child.id(),
+        broker: args.broker_pid,
+    };
+    let (rate, cpu) = progress.measure(messages as i64, timeout, watched, || service.check())?;
+    let status = service.stop()?;
+    if !status.success() {
+        bail!("the warm-up's service exited with {status}");
+    }
+    eprintln!("bench: pipeline warm-up {rate:.0} msg/s; CPU per message: service {cpu}");
+    Ok((rate, cpu.broker_jit_cores))
 }
 
 /// Reads every input message and writes what `writes` says for it, in transactions of `batch_max_events`
@@ -1021,18 +1139,25 @@ fn measure_latency(
         _ => (None, 0),
     };
     let after = ServiceCounters::read(metrics);
-    let (transactions_per_sec, commit_steps_ms) = match (&counters, &after) {
-        (Some(b), Some(a)) => (
-            Some((a.transactions - b.transactions) / secs),
-            a.step_means_since(b),
-        ),
-        _ => (None, BTreeMap::new()),
-    };
+    let (transactions_per_sec, commit_steps_ms, (slow_steps, slow_batches)) =
+        match (&counters, &after) {
+            (Some(b), Some(a)) => {
+                let (steps, batches) = a.slow_since(b);
+                (
+                    Some((a.transactions - b.transactions) / secs),
+                    a.step_means_since(b),
+                    (steps, Some(batches)),
+                )
+            }
+            _ => (None, BTreeMap::new(), (BTreeMap::new(), None)),
+        };
     let cpu = LatencyCpu {
         service: Watched::spent(&before, &service.cpu(), messages, secs),
         bench_cores: (cpu_secs(std::process::id()) - bench) / secs,
         transactions_per_sec,
         commit_steps_ms,
+        slow_steps,
+        slow_batches,
         idle_cores,
         cores,
     };
@@ -1381,7 +1506,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
 
     let phase = (messages, args.partitions, timeout);
     let copy = || Writes::Copy(topics.passthrough.clone());
-    let warm_up = warm_up(&cfg, &topics, copy, phase, args)?;
+    let warm_up = warm_up(&cfg, (&run, &dir), &topics, copy, phase, args)?;
 
     // (a) passthrough
     let (pass_before, pass_before_cpu) =
@@ -1547,18 +1672,21 @@ impl std::fmt::Display for BenchReport {
                 .collect();
             write!(
                 f,
-                "  warm-up (unmeasured): {} passthroughs in {:.0} s",
+                "  warm-up (unmeasured): {} passthroughs, then the pipeline once, in {:.0} s",
                 w.rounds.len(),
                 w.secs
             )?;
-            if jit.is_empty() {
-                writeln!(f)?;
-            } else {
-                writeln!(
+            if !jit.is_empty() {
+                write!(
                     f,
                     "; the broker's JIT compiler took {} of a core",
                     jit.join(", ")
                 )?;
+            }
+            write!(f, "; the pipeline {:.0} msg/s", w.pipeline.0)?;
+            match w.pipeline.1 {
+                Some(jit) => writeln!(f, ", the broker's JIT compiler {jit:.2} of a core then")?,
+                None => writeln!(f)?,
             }
         }
         let [before, after] = self.passthrough_runs;
@@ -1843,6 +1971,42 @@ mod tests {
         assert!(
             ServiceCounters::parse("stitcher_up 1\n").is_none(),
             "no transactions counter"
+        );
+    }
+
+    /// The slow spells are read from the service's own histograms: a bound that is not one of their
+    /// buckets would count nothing (or everything) and fails here.
+    #[test]
+    fn slow_batches_and_commit_steps_are_counted_from_the_service_histograms() {
+        let metrics = Metrics::new().expect("metrics");
+        metrics.transactions.with_label_values(&["committed"]).inc();
+        let before = ServiceCounters::parse(&metrics.render()).expect("parsed");
+        for secs in [0.01, 0.2, 0.127, 0.5] {
+            metrics.batch_duration.observe(secs);
+        }
+        for (step, secs) in [
+            ("offsets", 0.15),
+            ("offsets", 0.003),
+            ("offsets", 0.2),
+            ("end", 0.001),
+            ("deliveries", 0.11),
+        ] {
+            metrics
+                .commit_steps
+                .with_label_values(&[step])
+                .observe(secs);
+        }
+        let after = ServiceCounters::parse(&metrics.render()).expect("parsed");
+        let (steps, batches) = after.slow_since(&before);
+        assert_eq!(batches, 2, "0.2 s and 0.5 s");
+        assert_eq!(
+            steps.into_iter().collect::<Vec<_>>(),
+            [("deliveries".to_string(), 1), ("offsets".to_string(), 2)]
+        );
+        let (steps, batches) = after.slow_since(&after);
+        assert!(
+            steps.is_empty() && batches == 0,
+            "nothing between one reading and itself"
         );
     }
 

@@ -46,12 +46,13 @@ fn every_phase_runs_and_the_traffic_phase_writes_what_the_pipeline_wrote() {
             .unwrap_or_else(|| panic!("{path} in {report:#}"))
     };
 
-    // The warm-up ran one unmeasured passthrough over the input.
+    // The warm-up ran one unmeasured passthrough over the input, then the pipeline once.
     let rounds = report["warm_up"]["rounds"]
         .as_array()
         .expect("warm-up rounds");
     assert_eq!(rounds.len(), 1, "{rounds:?}");
     assert!(num("/warm_up/rounds/0/0") > 0.0);
+    assert!(num("/warm_up/pipeline/0") > 0.0);
     let messages = num("/messages");
     assert!(messages > 40_000.0, "{messages} messages");
     for rate in [
@@ -83,6 +84,14 @@ fn every_phase_runs_and_the_traffic_phase_writes_what_the_pipeline_wrote() {
         let ms = num(&format!("/latency_cpu/commit_steps_ms/{step}"));
         assert!(ms > 0.0 && ms < 60_000.0, "{step}: {ms} ms");
     }
+    // The phase's slow batches, counted from the service's histogram (none is fine, but a count).
+    // At most the phase's transactions (its stretches are 100 ms of sending; doubled for the drain).
+    let transactions = num("/latency_cpu/transactions_per_sec") * stretches / 10.0 * 2.0;
+    let slow = num("/latency_cpu/slow_batches");
+    assert!(
+        slow >= 0.0 && slow <= transactions + 1.0,
+        "{slow} slow batches of about {transactions}"
+    );
     assert!(num("/quality/f1") > 0.95, "F1 {}", num("/quality/f1"));
 
     // The traffic phase writes the changelog's records, the output's and the identity topic's: at least
