@@ -3,8 +3,6 @@
 //! 1. Generated journeys are written once to fresh channel topics.
 //!    With `--warm-up-secs`, unmeasured passthroughs follow until the broker's JIT compiler is quiet or
 //!    the time is spent ([`warm_up`]): a broker started minutes before spends much of a core compiling.
-//!    Then the service runs once over the input, unmeasured too ([`warm_up_pipeline`]), for the broker's
-//!    paths that only a pipeline uses.
 //! 2. **Passthrough**: a consumer and a transactional producer built from the same client settings as the
 //!    service read every input message and write the same bytes to another topic, committing offsets in
 //!    transactions of the same batch size. No decoding, no state: the rate this broker and client allow.
@@ -59,8 +57,7 @@ use crate::scaleout::state::record_kind;
 /// What one run measured; printed and optionally written as JSON.
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
-    /// The unmeasured passthroughs and pipeline before the first phase, if `--warm-up-secs` asked for
-    /// them.
+    /// The unmeasured passthroughs before the first phase, if `--warm-up-secs` asked for them.
     pub warm_up: Option<WarmUp>,
     pub messages: u64,
     pub events: usize,
@@ -816,15 +813,12 @@ fn measure_passthrough(
 const WARM_JIT_CORES: f64 = 0.05;
 const QUIET_ROUNDS: usize = 3;
 
-/// The unmeasured phases run before the first measured one (`--warm-up-secs`).
+/// The unmeasured passthroughs run before the first measured phase (`--warm-up-secs`).
 #[derive(Debug, Clone, Serialize)]
 pub struct WarmUp {
-    /// Each passthrough's rate and, with `--broker-pid`, the share of a core the broker's JIT compiler
-    /// took.
+    /// Each round's rate and, with `--broker-pid`, the share of a core the broker's JIT compiler took.
     pub rounds: Vec<(f64, Option<f64>)>,
     pub secs: f64,
-    /// The pipeline's run after them, the same two figures ([`warm_up_pipeline`]).
-    pub pipeline: (f64, Option<f64>),
 }
 
 /// Whether the warm-up is over: its time is spent, or its last rounds found the broker's compiler quiet.
@@ -839,7 +833,6 @@ fn warmed(rounds: &[(f64, Option<f64>)], spent: Duration, budget: Duration) -> b
 /// Passthroughs over the input, measured only to decide when to stop (`--warm-up-secs`).
 fn warm_up(
     cfg: &Config,
-    (run, dir): (&str, &Path),
     topics: &Topics,
     copy: impl Fn() -> Writes,
     phase: (u64, i32, Duration),
@@ -856,54 +849,10 @@ fn warm_up(
             measure_passthrough(cfg, topics, copy(), phase, (&name, args.broker_pid))?;
         rounds.push((rate, cpu.broker_jit_cores));
     }
-    let pipeline = warm_up_pipeline(args, run, topics, dir, phase)?;
     Ok(Some(WarmUp {
         rounds,
-        pipeline,
         secs: started.elapsed().as_secs_f64(),
     }))
-}
-
-/// The service once over the input, unmeasured, with a group, state and output topics of its own. A
-/// passthrough warms only the broker's paths it uses; on a broker started a minute before, the pipeline's
-/// phases had its JIT compiler at 0.10 to 0.36 of a core again after the passthroughs were quiet
-/// (compacted topics, transactions over more partitions, the changelog's records), and the latency
-/// phase, whose broker shares its core with the bench's sender and reader, at 0.27
-/// (docs/BENCHMARKS.md, forty-fifth and forty-sixth sessions). Returns its rate and, with
-/// `--broker-pid`, the share of a core the broker's JIT compiler took.
-fn warm_up_pipeline(
-    args: &BenchArgs,
-    run: &str,
-    topics: &Topics,
-    dir: &Path,
-    phase: (u64, i32, Duration),
-) -> anyhow::Result<(f64, Option<f64>)> {
-    let (messages, partitions, timeout) = phase;
-    let run = format!("{run}-warm-up");
-    let own = Topics {
-        routes: topics.routes.clone(),
-        inputs: topics.inputs.clone(),
-        passthrough: topics.passthrough.clone(),
-        output: format!("{run}-profiles"),
-        dead_letters: format!("{run}-dlq"),
-    };
-    let cfg = bench_config(args, &run, &own, &dir.join("warm-up-state"));
-    let config_path = dir.join("warm-up.toml");
-    std::fs::write(&config_path, toml::to_string(&cfg)?)?;
-    let log = dir.join("warm-up-service.log");
-    let mut service = Service::start(&config_path, &log, &args.service_log_level)?;
-    let progress = Progress::new(&args.brokers, &cfg.kafka.group_id, &own.inputs, partitions)?;
-    let watched = Watched {
-        process: service.child.id(),
-        broker: args.broker_pid,
-    };
-    let (rate, cpu) = progress.measure(messages as i64, timeout, watched, || service.check())?;
-    let status = service.stop()?;
-    if !status.success() {
-        bail!("the warm-up's service exited with {status}");
-    }
-    eprintln!("bench: pipeline warm-up {rate:.0} msg/s; CPU per message: service {cpu}");
-    Ok((rate, cpu.broker_jit_cores))
 }
 
 /// Reads every input message and writes what `writes` says for it, in transactions of `batch_max_events`
@@ -1506,7 +1455,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
 
     let phase = (messages, args.partitions, timeout);
     let copy = || Writes::Copy(topics.passthrough.clone());
-    let warm_up = warm_up(&cfg, (&run, &dir), &topics, copy, phase, args)?;
+    let warm_up = warm_up(&cfg, &topics, copy, phase, args)?;
 
     // (a) passthrough
     let (pass_before, pass_before_cpu) =
@@ -1672,21 +1621,18 @@ impl std::fmt::Display for BenchReport {
                 .collect();
             write!(
                 f,
-                "  warm-up (unmeasured): {} passthroughs, then the pipeline once, in {:.0} s",
+                "  warm-up (unmeasured): {} passthroughs in {:.0} s",
                 w.rounds.len(),
                 w.secs
             )?;
-            if !jit.is_empty() {
-                write!(
+            if jit.is_empty() {
+                writeln!(f)?;
+            } else {
+                writeln!(
                     f,
                     "; the broker's JIT compiler took {} of a core",
                     jit.join(", ")
                 )?;
-            }
-            write!(f, "; the pipeline {:.0} msg/s", w.pipeline.0)?;
-            match w.pipeline.1 {
-                Some(jit) => writeln!(f, ", the broker's JIT compiler {jit:.2} of a core then")?,
-                None => writeln!(f)?,
             }
         }
         let [before, after] = self.passthrough_runs;
