@@ -9,7 +9,7 @@
 # The bench first warms the broker up (`--warm-up-secs`, WARM_UP_SECS seconds at most, default 180; 0 for
 # none): on a broker started minutes before, the passthrough ran at half its later rate while the broker's
 # JVM compiled, which doubled the pipeline / passthrough ratio. A broker long in service is quiet after
-# three rounds. The latency phase then also runs once unmeasured first: its paths are not a passthrough's.
+# three rounds.
 #
 # Needs two CPUs. docs/BENCHMARKS.md calls it "pinned".
 set -euo pipefail

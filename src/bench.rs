@@ -3,7 +3,6 @@
 //! 1. Generated journeys are written once to fresh channel topics.
 //!    With `--warm-up-secs`, unmeasured passthroughs follow until the broker's JIT compiler is quiet or
 //!    the time is spent ([`warm_up`]): a broker started minutes before spends much of a core compiling.
-//!    The latency phase (4) then also runs once unmeasured first, with other persons.
 //! 2. **Passthrough**: a consumer and a transactional producer built from the same client settings as the
 //!    service read every input message and write the same bytes to another topic, committing offsets in
 //!    transactions of the same batch size. No decoding, no state: the rate this broker and client allow.
@@ -58,7 +57,7 @@ use crate::scaleout::state::record_kind;
 /// What one run measured; printed and optionally written as JSON.
 #[derive(Debug, Serialize)]
 pub struct BenchReport {
-    /// The unmeasured phases before the measured ones, if `--warm-up-secs` asked for them.
+    /// The unmeasured passthroughs before the first phase, if `--warm-up-secs` asked for them.
     pub warm_up: Option<WarmUp>,
     pub messages: u64,
     pub events: usize,
@@ -814,17 +813,12 @@ fn measure_passthrough(
 const WARM_JIT_CORES: f64 = 0.05;
 const QUIET_ROUNDS: usize = 3;
 
-/// The unmeasured phases run before the measured ones (`--warm-up-secs`).
+/// The unmeasured passthroughs run before the first measured phase (`--warm-up-secs`).
 #[derive(Debug, Clone, Serialize)]
 pub struct WarmUp {
-    /// Each passthrough's rate and, with `--broker-pid`, the share of a core the broker's JIT compiler
-    /// took.
+    /// Each round's rate and, with `--broker-pid`, the share of a core the broker's JIT compiler took.
     pub rounds: Vec<(f64, Option<f64>)>,
     pub secs: f64,
-    /// The latency phase run once unmeasured before the measured one, with other persons: its p50 and
-    /// p99 (ms) and the broker's JIT compiler's share of a core meanwhile. A bulk pipeline does not
-    /// warm the broker's paths the latency phase uses (docs/BENCHMARKS.md, forty-sixth session).
-    pub latency: Option<(f64, f64, Option<f64>)>,
 }
 
 /// Whether the warm-up is over: its time is spent, or its last rounds found the broker's compiler quiet.
@@ -858,7 +852,6 @@ fn warm_up(
     Ok(Some(WarmUp {
         rounds,
         secs: started.elapsed().as_secs_f64(),
-        latency: None,
     }))
 }
 
@@ -1033,7 +1026,7 @@ impl Drop for Service {
 /// ([`event_latencies`]), and how many events were sent that no update timed.
 fn measure_latency(
     args: &BenchArgs,
-    (rate, seed): (u64, u64),
+    rate: u64,
     topics: &Topics,
     persons: usize,
     (service, metrics): (Watched, std::net::SocketAddr),
@@ -1087,7 +1080,7 @@ fn measure_latency(
         machine_idle(),
         Instant::now(),
     );
-    let sent = pace_events(args, (rate, seed), topics, persons);
+    let sent = pace_events(args, rate, topics, persons);
     let secs = started.elapsed().as_secs_f64().max(1e-3);
     let messages = sent.as_ref().map_or(0, |(sent, _)| sent.len() as i64);
     let (idle_cores, cores) = match (idle, machine_idle()) {
@@ -1141,13 +1134,6 @@ struct Sent {
 
 /// A live event timed: its send time (Unix ms) and its latency (ms).
 type Timed = (i64, f64);
-
-/// The latencies of `timed`, in ms, smallest first.
-fn sorted_latencies(timed: &[Timed]) -> Vec<f64> {
-    let mut latencies: Vec<f64> = timed.iter().map(|(_, latency)| *latency).collect();
-    latencies.sort_by(f64::total_cmp);
-    latencies
-}
 
 /// Where live events landed: (partition, offset) by their index in the order sent.
 type Places = HashMap<usize, (i32, i64)>;
@@ -1246,13 +1232,13 @@ fn tail_stretches(timed: &[Timed], p99: f64) -> (Vec<i64>, usize) {
 /// stamped with the time it is sent: the events sent, in order, and where each landed.
 fn pace_events(
     args: &BenchArgs,
-    (rate, seed): (u64, u64),
+    rate: u64,
     topics: &Topics,
     persons: usize,
 ) -> anyhow::Result<(Vec<Sent>, Places)> {
     let j = journeys::generate(&JourneyConfig {
         persons,
-        seed,
+        seed: args.seed.wrapping_add(1),
         ..Default::default()
     });
     // librdkafka's default linger, as a channel's producer would have it (1 ms made a produce request
@@ -1469,7 +1455,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
 
     let phase = (messages, args.partitions, timeout);
     let copy = || Writes::Copy(topics.passthrough.clone());
-    let mut warm_up = warm_up(&cfg, &topics, copy, phase, args)?;
+    let warm_up = warm_up(&cfg, &topics, copy, phase, args)?;
 
     // (a) passthrough
     let (pass_before, pass_before_cpu) =
@@ -1542,32 +1528,21 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<BenchReport> {
         .unwrap_or((pipe_rate / 2.0).round() as u64)
         .max(1);
     let live_persons = (live_rate * args.latency_secs / 15).max(10) as usize;
-    let latency = |seed: u64| {
-        measure_latency(
-            args,
-            (live_rate, seed),
-            &topics,
-            live_persons,
-            (watched, cfg.http.listen),
-        )
-    };
-    if let Some(w) = &mut warm_up {
-        let (timed, _, cpu) = latency(args.seed.wrapping_add(2))?;
-        let ms = sorted_latencies(&timed);
-        w.latency = Some((
-            percentile(&ms, 0.5),
-            percentile(&ms, 0.99),
-            cpu.service.broker_jit_cores,
-        ));
-    }
-    let (timed, untimed, latency_cpu) = latency(args.seed.wrapping_add(1))?;
+    let (timed, untimed, latency_cpu) = measure_latency(
+        args,
+        live_rate,
+        &topics,
+        live_persons,
+        (watched, cfg.http.listen),
+    )?;
     service.check()?;
     let (rss, cpu) = service.usage();
     let status = service.stop()?;
     if !status.success() {
         bail!("the service exited with {status}");
     }
-    let latencies = sorted_latencies(&timed);
+    let mut latencies: Vec<f64> = timed.iter().map(|(_, latency)| *latency).collect();
+    latencies.sort_by(f64::total_cmp);
     if latencies.is_empty() {
         bail!("no profile update seen for {untimed} live events");
     }
@@ -1650,25 +1625,14 @@ impl std::fmt::Display for BenchReport {
                 w.rounds.len(),
                 w.secs
             )?;
-            if !jit.is_empty() {
-                write!(
+            if jit.is_empty() {
+                writeln!(f)?;
+            } else {
+                writeln!(
                     f,
                     "; the broker's JIT compiler took {} of a core",
                     jit.join(", ")
                 )?;
-            }
-            writeln!(f)?;
-            if let Some((p50, p99, jit)) = w.latency {
-                write!(
-                    f,
-                    "    and the latency phase once, other persons: p50 {p50:.0} ms, p99 {p99:.0} ms"
-                )?;
-                match jit {
-                    Some(jit) => {
-                        writeln!(f, "; the broker's JIT compiler took {jit:.2} of a core")?
-                    }
-                    None => writeln!(f)?,
-                }
             }
         }
         let [before, after] = self.passthrough_runs;
@@ -2017,7 +1981,8 @@ mod tests {
             ("x".to_string(), 1),
         ];
         let (timed, untimed) = event_latencies(&sent, &landed, &seen);
-        let latencies = sorted_latencies(&timed);
+        let mut latencies: Vec<f64> = timed.iter().map(|(_, latency)| *latency).collect();
+        latencies.sort_by(f64::total_cmp);
         // a: 140 - 100 (d's commit covers it too); b: 140 - 110; d: 140 - 130.
         assert_eq!(latencies, vec![10.0, 30.0, 40.0]);
         assert_eq!(untimed, 1);

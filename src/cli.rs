@@ -289,9 +289,7 @@ pub struct BenchArgs {
     /// Before the first measured phase, run unmeasured passthroughs for up to this many seconds, so that
     /// a broker started shortly before is not measured while its JVM compiles itself (a fifth to a half of
     /// a core for minutes). With `--broker-pid` they stop once they find the broker's JIT
-    /// compiler under 0.05 of a core three times in a row. The latency phase then also runs once
-    /// unmeasured before the measured one, with other persons (its paths are not a passthrough's).
-    /// 0: none.
+    /// compiler under 0.05 of a core three times in a row. 0: none.
     #[arg(long, default_value_t = 0)]
     pub warm_up_secs: u64,
 }

@@ -52,9 +52,6 @@ fn every_phase_runs_and_the_traffic_phase_writes_what_the_pipeline_wrote() {
         .expect("warm-up rounds");
     assert_eq!(rounds.len(), 1, "{rounds:?}");
     assert!(num("/warm_up/rounds/0/0") > 0.0);
-    // And the latency phase once, unmeasured: its events were timed.
-    assert!(num("/warm_up/latency/1") >= num("/warm_up/latency/0"));
-    assert!(num("/warm_up/latency/0") > 0.0);
     let messages = num("/messages");
     assert!(messages > 40_000.0, "{messages} messages");
     for rate in [
