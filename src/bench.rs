@@ -277,34 +277,31 @@ impl std::fmt::Display for LatencyCpu {
             write!(f, "; {t:.0} transactions a second")?;
         }
         if !self.commit_steps_ms.is_empty() {
-            let steps: Vec<String> = ["produce", "offsets", "deliveries", "end"]
-                .iter()
-                .filter_map(|s| {
-                    self.commit_steps_ms
-                        .get(*s)
-                        .map(|ms| format!("{s} {ms:.1}"))
-                })
-                .collect();
-            write!(f, "; a commit's steps, mean ms: {}", steps.join(", "))?;
+            let steps = by_step(&self.commit_steps_ms, |s, ms| format!("{s} {ms:.1}"));
+            write!(f, "; a commit's steps, mean ms: {steps}")?;
         }
         if let Some(batches) = self.slow_batches {
             let ms = |secs: f64| (secs * 1000.0).round();
             write!(f, "; batches over {} ms: {batches}", ms(SLOW_BATCH_SECS))?;
-            let steps: Vec<String> = ["produce", "offsets", "deliveries", "end"]
-                .iter()
-                .filter_map(|s| self.slow_steps.get(*s).map(|n| format!("{s} {n}")))
-                .collect();
+            let steps = by_step(&self.slow_steps, |s, n| format!("{s} {n}"));
             if !steps.is_empty() {
-                write!(
-                    f,
-                    ", commit steps over {} ms: {}",
-                    ms(SLOW_STEP_SECS),
-                    steps.join(", ")
-                )?;
+                write!(f, ", commit steps over {} ms: {steps}", ms(SLOW_STEP_SECS))?;
             }
         }
         Ok(())
     }
+}
+
+/// A commit's steps in their order (`stitcher_commit_step_seconds`'s `step` label).
+const COMMIT_STEPS: [&str; 4] = ["produce", "offsets", "deliveries", "end"];
+
+/// The steps `values` holds, in [`COMMIT_STEPS`] order, each shown by `show`, joined by commas.
+fn by_step<V>(values: &BTreeMap<String, V>, show: impl Fn(&str, &V) -> String) -> String {
+    COMMIT_STEPS
+        .iter()
+        .filter_map(|s| values.get(*s).map(|v| show(s, v)))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// A bucket bound of `stitcher_batch_duration_seconds` (1 ms doubling): a batch slower than this is a
@@ -322,11 +319,24 @@ const SLOW_STEP_SECS: f64 = 0.1024;
 #[derive(Default)]
 struct ServiceCounters {
     transactions: f64,
-    steps: BTreeMap<String, (f64, f64)>,
-    /// Per step, the commits whose step took at most [`SLOW_STEP_SECS`].
-    steps_quick: BTreeMap<String, f64>,
-    /// Batches, and those that took at most [`SLOW_BATCH_SECS`].
-    batches: (f64, f64),
+    steps: BTreeMap<String, Observed>,
+    /// Batches (their `quick`: those that took at most [`SLOW_BATCH_SECS`]; no sum kept).
+    batches: Observed,
+}
+
+/// A histogram's reading: the sum and count of its observations, and how many were at most its slow
+/// bound ([`SLOW_STEP_SECS`] or [`SLOW_BATCH_SECS`]).
+#[derive(Default, Clone, Copy)]
+struct Observed {
+    sum: f64,
+    count: f64,
+    quick: f64,
+}
+
+impl Observed {
+    fn slow(&self) -> f64 {
+        self.count - self.quick
+    }
 }
 
 impl ServiceCounters {
@@ -359,21 +369,21 @@ impl ServiceCounters {
                 .strip_prefix(r#"stitcher_commit_step_seconds_sum{step=""#)
                 .and_then(|s| s.strip_suffix("\"}"))
             {
-                counters.steps.entry(step.to_string()).or_default().0 = value;
+                counters.steps.entry(step.to_string()).or_default().sum = value;
             } else if let Some(step) = name
                 .strip_prefix(r#"stitcher_commit_step_seconds_count{step=""#)
                 .and_then(|s| s.strip_suffix("\"}"))
             {
-                counters.steps.entry(step.to_string()).or_default().1 = value;
+                counters.steps.entry(step.to_string()).or_default().count = value;
             } else if let Some(step) = name
                 .strip_prefix(r#"stitcher_commit_step_seconds_bucket{step=""#)
                 .and_then(|s| s.strip_suffix(quick_step.as_str()))
             {
-                counters.steps_quick.insert(step.to_string(), value);
+                counters.steps.entry(step.to_string()).or_default().quick = value;
             } else if name == "stitcher_batch_duration_seconds_count" {
-                counters.batches.0 = value;
+                counters.batches.count = value;
             } else if name == quick_batches {
-                counters.batches.1 = value;
+                counters.batches.quick = value;
             }
         }
         counters.transactions = transactions?;
@@ -384,10 +394,10 @@ impl ServiceCounters {
     fn step_means_since(&self, before: &Self) -> BTreeMap<String, f64> {
         self.steps
             .iter()
-            .filter_map(|(step, (sum, count))| {
-                let (sum0, count0) = before.steps.get(step).copied().unwrap_or_default();
-                let n = count - count0;
-                (n > 0.0).then(|| (step.clone(), (sum - sum0) / n * 1000.0))
+            .filter_map(|(step, now)| {
+                let then = before.steps.get(step).copied().unwrap_or_default();
+                let n = now.count - then.count;
+                (n > 0.0).then(|| (step.clone(), (now.sum - then.sum) / n * 1000.0))
             })
             .collect()
     }
@@ -396,21 +406,20 @@ impl ServiceCounters {
     /// [`SLOW_STEP_SECS`] (steps with none left out), and the batches that took longer than
     /// [`SLOW_BATCH_SECS`].
     fn slow_since(&self, before: &Self) -> (BTreeMap<String, u64>, u64) {
-        let slow = |(n, quick): (f64, f64), (n0, quick0): (f64, f64)| {
-            ((n - n0) - (quick - quick0)).max(0.0).round() as u64
+        let slow = |now: &Observed, then: Option<&Observed>| {
+            (now.slow() - then.map_or(0.0, Observed::slow))
+                .max(0.0)
+                .round() as u64
         };
         let steps = self
             .steps
             .iter()
-            .filter_map(|(step, &(_, count))| {
-                let quick = self.steps_quick.get(step).copied().unwrap_or_default();
-                let count0 = before.steps.get(step).map_or(0.0, |s| s.1);
-                let quick0 = before.steps_quick.get(step).copied().unwrap_or_default();
-                let n = slow((count, quick), (count0, quick0));
+            .filter_map(|(step, now)| {
+                let n = slow(now, before.steps.get(step));
                 (n > 0).then(|| (step.clone(), n))
             })
             .collect();
-        (steps, slow(self.batches, before.batches))
+        (steps, slow(&self.batches, Some(&before.batches)))
     }
 }
 
