@@ -495,23 +495,17 @@ impl Engine {
 
     /// Counts an event's merges in the breaker, by the types that matched and by its input topic.
     fn count_merges(&self, ev: &Event, applied: &Applied) {
-        let mut trips = Vec::new();
-        for kind in &applied.merged_kinds {
-            trips.extend(
-                self.breaker
-                    .observe(&type_key(kind), ev.timestamp, 1)
-                    .map(|t| (type_key(kind), t)),
-            );
-        }
-        if let Some(o) = &ev.origin {
-            let merges = applied.absorbed_nodes.len() as u64;
-            let key = topic_key(&o.topic);
-            trips.extend(
-                self.breaker
-                    .observe(&key, ev.timestamp, merges)
-                    .map(|t| (key, t)),
-            );
-        }
+        // Most events merge nothing: they count nothing, so no key is made for them.
+        let merges = applied.absorbed_nodes.len() as u64;
+        let by_topic = ev.origin.as_ref().filter(|_| merges > 0);
+        let keys = (applied.merged_kinds.iter().map(|kind| (type_key(kind), 1)))
+            .chain(by_topic.map(|o| (topic_key(&o.topic), merges)));
+        let trips: Vec<_> = keys
+            .filter_map(|(key, n)| {
+                let trip = self.breaker.observe(&key, ev.timestamp, n)?;
+                Some((key, trip))
+            })
+            .collect();
         for (key, trip) in trips {
             tracing::warn!(
                 key = key.as_str(),

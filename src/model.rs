@@ -84,8 +84,16 @@ pub struct ProfileId(pub String);
 impl ProfileId {
     /// The id of a profile anchored on `event_id`.
     pub fn from_anchor(event_id: &str) -> Self {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
         let digest = Sha256::digest(event_id.as_bytes());
-        ProfileId(format!("p-{}", hex::encode(&digest[..10])))
+        // `p-` and the first 10 bytes of the digest in lower-case hex, written into one string.
+        let mut id = String::with_capacity(22);
+        id.push_str("p-");
+        for b in &digest[..10] {
+            id.push(char::from(HEX[usize::from(b >> 4)]));
+            id.push(char::from(HEX[usize::from(b & 0xf)]));
+        }
+        ProfileId(id)
     }
 
     pub fn as_str(&self) -> &str {
@@ -356,6 +364,12 @@ mod tests {
         assert_eq!(a, ProfileId::from_anchor("evt-1"));
         assert_ne!(a, ProfileId::from_anchor("evt-2"));
         assert_eq!(a.as_str().len(), 22);
+        // `p-` and the first 10 bytes of SHA-256 in lower-case hex: ids written before stay the same.
+        let empty = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        assert_eq!(
+            ProfileId::from_anchor("").as_str(),
+            format!("p-{}", &empty[..20])
+        );
     }
 
     #[test]

@@ -205,7 +205,7 @@ fn field_values(ev: &Event, field: &str) -> Vec<String> {
         "amount" => ev
             .purchase
             .as_ref()
-            .map(|p| decimal(p.amount_minor))
+            .map(|p| Decimal(p.amount_minor).to_string())
             .into_iter()
             .collect(),
         "currency" => ev.purchase.iter().map(|p| p.currency.clone()).collect(),
@@ -222,11 +222,15 @@ fn field_values(ev: &Event, field: &str) -> Vec<String> {
     }
 }
 
-/// Minor units as a decimal number (`-0.50`).
-fn decimal(minor: i64) -> String {
-    let sign = if minor < 0 { "-" } else { "" };
-    let abs = minor.unsigned_abs();
-    format!("{sign}{}.{:02}", abs / 100, abs % 100)
+/// Minor units, displayed as a decimal number (`-0.50`).
+struct Decimal(i64);
+
+impl std::fmt::Display for Decimal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sign = if self.0 < 0 { "-" } else { "" };
+        let abs = self.0.unsigned_abs();
+        write!(f, "{sign}{}.{:02}", abs / 100, abs % 100)
+    }
 }
 
 /// A number in thousandths, so that sums are exact and joins associative.
@@ -664,31 +668,46 @@ fn clip(mut text: String, max: usize) -> String {
     text
 }
 
-/// What an interaction was about, shortly.
+/// What an interaction was about, shortly: its parts joined by `; `, written into one string.
 fn summary(cfg: &Enrichment, ev: &Event) -> String {
-    let mut parts: Vec<String> = Vec::new();
+    use std::fmt::Write;
+    let mut text = String::new();
+    let mut parts = 0;
+    let mut part = |args: std::fmt::Arguments<'_>| {
+        if parts > 0 {
+            text.push_str("; ");
+        }
+        parts += 1;
+        // Writing into a `String` does not fail.
+        let _ = text.write_fmt(args);
+    };
     if let Some(p) = &ev.purchase {
-        parts.push(format!("order {} {}", decimal(p.amount_minor), p.currency));
+        part(format_args!(
+            "order {} {}",
+            Decimal(p.amount_minor),
+            p.currency
+        ));
     }
     if let Some(c) = &ev.campaign_id {
-        parts.push(format!("campaign {c}"));
+        part(format_args!("campaign {c}"));
     }
     if let Some(r) = ev.attributes.get(&cfg.errand_reason) {
-        parts.push(format!("reason {r}"));
+        part(format_args!("reason {r}"));
     }
     if let Some(c) = ev.attributes.get(&cfg.category) {
-        parts.push(format!("category {c}"));
+        part(format_args!("category {c}"));
     }
-    if !ev.items.is_empty() {
-        let skus: Vec<&str> = ev.items.iter().take(3).map(|i| i.sku.as_str()).collect();
+    if let Some((first, rest)) = ev.items.split_first() {
+        part(format_args!("{}", first.sku));
+        for item in rest.iter().take(2) {
+            let _ = write!(text, ", {}", item.sku);
+        }
         let more = ev.items.len().saturating_sub(3);
-        parts.push(if more > 0 {
-            format!("{} +{more}", skus.join(", "))
-        } else {
-            skus.join(", ")
-        });
+        if more > 0 {
+            let _ = write!(text, " +{more}");
+        }
     }
-    clip(parts.join("; "), SUMMARY_LEN)
+    clip(text, SUMMARY_LEN)
 }
 
 impl Story {
@@ -1060,6 +1079,43 @@ mod tests {
                 .collect(),
             ..Event::new(format!("e{n:02}"), channel, kind, at, vec![])
         }
+    }
+
+    /// Every part of a summary, in order, joined by `; `; at most three SKUs and how many more.
+    #[test]
+    fn a_summary_names_what_the_interaction_was_about() {
+        use crate::model::{Item, Purchase, Venue};
+        let cfg = Enrichment::default();
+        let item = |sku: &str| Item {
+            sku: sku.into(),
+            quantity: 1,
+            price: None,
+        };
+        let mut ev = event(1, 1_000, "store", "purchase", &[("reason", "gift")]);
+        ev.attributes.insert("category".into(), "shoes".into());
+        ev.purchase = Some(Purchase {
+            amount_minor: -1_205,
+            currency: "EUR".into(),
+            venue: Venue::Store,
+        });
+        ev.campaign_id = Some("spring".into());
+        ev.items = ["a", "b", "c", "d", "e"].map(item).to_vec();
+        assert_eq!(
+            summary(&cfg, &ev),
+            "order -12.05 EUR; campaign spring; reason gift; category shoes; a, b, c +2"
+        );
+        ev.items.truncate(2);
+        ev.purchase = None;
+        assert_eq!(
+            summary(&cfg, &ev),
+            "campaign spring; reason gift; category shoes; a, b"
+        );
+        ev.items = vec![item("")];
+        ev.attributes.clear();
+        assert_eq!(summary(&cfg, &ev), "campaign spring; ");
+        ev.items = vec![item(&"x".repeat(200))];
+        assert_eq!(summary(&cfg, &ev).len(), SUMMARY_LEN);
+        assert_eq!(summary(&cfg, &event(2, 1_000, "web", "page_view", &[])), "");
     }
 
     #[test]
