@@ -217,6 +217,9 @@ impl Store {
             cf.set_memtable_whole_key_filtering(true);
             cf.set_memtable_prefix_bloom_ratio(0.1);
             cf.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            // The memtables keep RocksDB's default size (64 MiB). On the one core of the pinned bench, 16
+            // MiB made the batch's write cheaper and its flushes and compactions dearer by more, and 128
+            // MiB the other way round: both slower (docs/BENCHMARKS.md, forty-seventh session).
             ColumnFamilyDescriptor::new(name, cf)
         });
         let db = DB::open_cf_descriptors(&opts, path, cfs)?;
