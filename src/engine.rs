@@ -498,7 +498,10 @@ impl Engine {
         // Most events merge nothing: they count nothing, so no key is made for them.
         let merges = applied.absorbed_nodes.len() as u64;
         let by_topic = ev.origin.as_ref().filter(|_| merges > 0);
-        let keys = (applied.merged_kinds.iter().map(|kind| (type_key(kind), 1)))
+        let keys = applied
+            .merged_kinds
+            .iter()
+            .map(|kind| (type_key(kind), 1))
             .chain(by_topic.map(|o| (topic_key(&o.topic), merges)));
         let trips: Vec<_> = keys
             .filter_map(|(key, n)| {
