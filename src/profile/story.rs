@@ -672,12 +672,12 @@ fn clip(mut text: String, max: usize) -> String {
 fn summary(cfg: &Enrichment, ev: &Event) -> String {
     use std::fmt::Write;
     let mut text = String::new();
-    let mut parts = 0;
+    let mut first = true;
     let mut part = |args: std::fmt::Arguments<'_>| {
-        if parts > 0 {
+        if !first {
             text.push_str("; ");
         }
-        parts += 1;
+        first = false;
         // Writing into a `String` does not fail.
         let _ = text.write_fmt(args);
     };
@@ -700,7 +700,8 @@ fn summary(cfg: &Enrichment, ev: &Event) -> String {
     if let Some((first, rest)) = ev.items.split_first() {
         part(format_args!("{}", first.sku));
         for item in rest.iter().take(2) {
-            let _ = write!(text, ", {}", item.sku);
+            text.push_str(", ");
+            text.push_str(&item.sku);
         }
         let more = ev.items.len().saturating_sub(3);
         if more > 0 {
