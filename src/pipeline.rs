@@ -54,6 +54,10 @@ pub enum PipelineError {
     Process(ProcessError),
     #[error("restoring shards: {0}")]
     Restore(String),
+    /// The service was told to stop while it restored shards: not a failure (the restored part is kept
+    /// with its changelog position, and the next restore goes on from there).
+    #[error("stopped while restoring shards")]
+    StoppedInRestore,
     #[error("state directory: {0}")]
     WrongMode(String),
     #[error("commit thread: {0}")]
@@ -424,11 +428,17 @@ impl Pipeline {
     pub fn run(mut self, shutdown: CancellationToken) -> Result<RunSummary, PipelineError> {
         tracing::info!(inputs = self.cfg.inputs.len(), "pipeline running");
         while !shutdown.is_cancelled() {
-            if let Err(e) = self.run_batch(&shutdown) {
-                if let Err(also) = self.settle() {
-                    tracing::warn!(error = %also, "the batch in flight did not commit either");
+            match self.run_batch(&shutdown) {
+                Ok(()) => {}
+                Err(PipelineError::StoppedInRestore) => {
+                    tracing::info!("stopped while restoring shards; the part restored is kept");
                 }
-                return Err(e);
+                Err(e) => {
+                    if let Err(also) = self.settle() {
+                        tracing::warn!(error = %also, "the batch in flight did not commit either");
+                    }
+                    return Err(e);
+                }
             }
         }
         self.settle()?;
@@ -906,7 +916,7 @@ impl Pipeline {
         let mut reached: BTreeMap<i32, i64> = BTreeMap::new();
         while !high.is_empty() {
             if shutdown.is_cancelled() {
-                return Err(PipelineError::Restore("shutdown during restore".into()));
+                return Err(PipelineError::StoppedInRestore);
             }
             if Instant::now() > deadline {
                 return Err(PipelineError::Restore(format!(
@@ -999,7 +1009,7 @@ fn first_offsets(
     let mut first = BTreeMap::new();
     while first.len() < from.len() {
         if shutdown.is_cancelled() {
-            return Err(PipelineError::Restore("shutdown during restore".into()));
+            return Err(PipelineError::StoppedInRestore);
         }
         if Instant::now() > deadline {
             return Err(PipelineError::Restore(format!(

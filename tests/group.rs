@@ -308,7 +308,7 @@ fn a_pending_offset_commit_holds_a_stable_fetch_until_its_transaction_ends() {
 /// shard's owner commits past a transaction that a killed process left open on the changelog, and a fresh
 /// instance that takes the shard over (the same static member, an empty state directory) restores it to the
 /// log's end once that transaction is aborted, not to the last stable offset it held back. It then answers
-/// every lookup as the owner did.
+/// every lookup as the owner did. Stopped while it waits in the restore, it exits as asked.
 #[test]
 fn a_restore_reads_past_a_killed_owners_open_transaction() {
     use rdkafka::producer::{BaseRecord, Producer};
@@ -374,7 +374,8 @@ fn a_restore_reads_past_a_killed_owners_open_transaction() {
     let state = s.dir.join("fresh-state");
     let restores = || s.log().matches("shards restored").count();
     let before = restores();
-    let mut fresh = s.start_with_env(&[("STITCHER_STATE_DIR", &state.to_string_lossy())]);
+    let start_fresh = || s.start_with_env(&[("STITCHER_STATE_DIR", &state.to_string_lossy())]);
+    let mut fresh = start_fresh();
     std::thread::sleep(Duration::from_secs(5));
     assert_eq!(
         restores(),
@@ -382,6 +383,18 @@ fn a_restore_reads_past_a_killed_owners_open_transaction() {
         "the restore ended while a transaction below the changelog's end was open\n{}",
         s.log_tail()
     );
+    // Told to stop while it waits in the restore, it stops as asked: exit 0, not an error.
+    assert!(
+        sigterm(&mut fresh).success(),
+        "a stop during the restore failed\n{}",
+        s.log_tail()
+    );
+    assert!(
+        s.log().contains("stopped while restoring shards"),
+        "{}",
+        s.log_tail()
+    );
+    let mut fresh = start_fresh();
     zombie.abort_transaction(call).expect("abort");
     let aborted = Instant::now();
     // Restored is logged before the shard is published to lookups and the instance reports ready.
