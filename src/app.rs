@@ -43,23 +43,57 @@ pub async fn run(
     ));
     let readiness = tokio::spawn(log_readiness(metrics.clone(), http_stop.clone()));
 
-    connect(&cfg, &shutdown).await?;
-    if cfg.registry.enabled() {
-        cfg.output.schema_id = register_output(&cfg, &shutdown).await?;
-    }
-    fit_record_limit(&mut cfg).await;
-    let instance = cfg.kafka.instance_id.clone();
-    let pipeline_stop = shutdown.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        let pipeline = Pipeline::start(cfg, store, metrics, &instance, held, &pipeline_stop)?;
-        pipeline.run(pipeline_stop)
-    })
-    .await;
+    let result = match start_up(&mut cfg, &shutdown).await {
+        Ok(Started::Yes) => run_pipeline(cfg, store, metrics, held, shutdown).await,
+        Ok(Started::StoppedBefore) => {
+            tracing::info!("stopped before the pipeline started");
+            Ok(RunSummary::default())
+        }
+        Err(e) => Err(e),
+    };
     http_stop.cancel();
     let _ = http.await;
     let _ = sizes.await;
     let _ = readiness.await;
-    Ok(result??)
+    result
+}
+
+/// Runs the pipeline on a thread of its own until `shutdown`, or until it fails.
+async fn run_pipeline(
+    cfg: Config,
+    store: Store,
+    metrics: Metrics,
+    held: HeldShards,
+    shutdown: CancellationToken,
+) -> anyhow::Result<RunSummary> {
+    let instance = cfg.kafka.instance_id.clone();
+    Ok(tokio::task::spawn_blocking(move || {
+        let pipeline = Pipeline::start(cfg, store, metrics, &instance, held, &shutdown)?;
+        pipeline.run(shutdown)
+    })
+    .await??)
+}
+
+/// Whether the start-up got through, or a stop came while it waited for Kafka or the schema registry.
+enum Started {
+    Yes,
+    StoppedBefore,
+}
+
+/// Waits for the brokers (and the schema registry, when configured), registers the output schema and fits
+/// the record limit to the topics'. A stop while it waits ends it: not a failure.
+async fn start_up(cfg: &mut Config, shutdown: &CancellationToken) -> anyhow::Result<Started> {
+    if !connect(cfg, shutdown).await? {
+        return Ok(Started::StoppedBefore);
+    }
+    if cfg.registry.enabled() {
+        match register_output(cfg, shutdown).await? {
+            Some(id) => cfg.output.schema_id = id,
+            None => return Ok(Started::StoppedBefore),
+        }
+    }
+    fit_record_limit(cfg).await;
+    Ok(Started::Yes)
 }
 
 async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
@@ -71,8 +105,8 @@ async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
 }
 
 /// Waits until the brokers answer with these credentials (logging why not), then creates missing topics if
-/// configured to.
-async fn connect(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<()> {
+/// configured to. `false`: stopped while waiting.
+async fn connect(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<bool> {
     let mut backoff = Duration::from_millis(200);
     loop {
         let probe = cfg.clone();
@@ -83,8 +117,11 @@ async fn connect(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<(
             other => other,
         };
         match result {
-            Ok(()) => return Ok(()),
-            Err(e) if shutdown.is_cancelled() => return Err(e.into()),
+            Ok(()) => return Ok(true),
+            Err(e) if shutdown.is_cancelled() => {
+                tracing::info!(error = %e, "stopped while waiting for kafka");
+                return Ok(false);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "cannot reach kafka or create topics yet, retrying");
                 pause(&mut backoff, shutdown).await;
@@ -104,8 +141,12 @@ async fn pause(backoff: &mut Duration, shutdown: &CancellationToken) {
 
 /// Registers the output schema under `<output.topic>-value` after the registry's compatibility check and
 /// returns its id. An unreachable registry is asked again with backoff (the instance is not ready
-/// meanwhile); an incompatible schema stops the start with an error that says so.
-async fn register_output(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<u32> {
+/// meanwhile; `None`: stopped while waiting); an incompatible schema stops the start with an error that
+/// says so.
+async fn register_output(
+    cfg: &Config,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Option<u32>> {
     let registry = Arc::new(crate::registry::Registry::new(&cfg.registry)?);
     let subject = format!("{}-value", cfg.output.topic);
     let mut backoff = Duration::from_millis(200);
@@ -117,9 +158,13 @@ async fn register_output(cfg: &Config, shutdown: &CancellationToken) -> anyhow::
         match result {
             Ok(id) => {
                 tracing::info!(subject, id, "output schema registered");
-                return Ok(id);
+                return Ok(Some(id));
             }
-            Err(e) if e.is_unreachable() && !shutdown.is_cancelled() => {
+            Err(e) if e.is_unreachable() && shutdown.is_cancelled() => {
+                tracing::info!(error = %e, "stopped while waiting for the schema registry");
+                return Ok(None);
+            }
+            Err(e) if e.is_unreachable() => {
                 tracing::warn!(error = %e, "cannot reach the schema registry yet, retrying");
                 pause(&mut backoff, shutdown).await;
             }

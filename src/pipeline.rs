@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerGroupMetadata, RebalanceProtocol};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
@@ -54,10 +54,11 @@ pub enum PipelineError {
     Process(ProcessError),
     #[error("restoring shards: {0}")]
     Restore(String),
-    /// The service was told to stop while it restored shards: not a failure (the restored part is kept
-    /// with its changelog position, and the next restore goes on from there).
-    #[error("stopped while restoring shards")]
-    StoppedInRestore,
+    /// The service was told to stop while it took shards over (waited for their previous owners'
+    /// transactions, or restored them): not a failure. The restored part is kept with its changelog
+    /// position, and the next restore goes on from there.
+    #[error("stopped while taking shards over")]
+    StoppedTakingOver,
     #[error("state directory: {0}")]
     WrongMode(String),
     #[error("commit thread: {0}")]
@@ -72,6 +73,9 @@ error_from!(PipelineError {
     StoreError => Store,
     ProcessError => Process,
 });
+
+/// How long one ask for stable committed offsets waits before a stop is looked for and it asks again.
+const STABLE_TURN: Duration = Duration::from_millis(500);
 
 /// How long a poll waits, while the batch holds messages and the commit before it is in flight, before
 /// it looks again whether that commit has ended (a commit takes a few to a few tens of milliseconds).
@@ -430,8 +434,8 @@ impl Pipeline {
         while !shutdown.is_cancelled() {
             match self.run_batch(&shutdown) {
                 Ok(()) => {}
-                Err(PipelineError::StoppedInRestore) => {
-                    tracing::info!("stopped while restoring shards; the part restored is kept");
+                Err(PipelineError::StoppedTakingOver) => {
+                    tracing::info!("stopped while taking shards over; the part restored is kept");
                 }
                 Err(e) => {
                     if let Err(also) = self.settle() {
@@ -731,12 +735,7 @@ impl Pipeline {
             self.metrics.health.set_running(false);
         }
         let started = Instant::now();
-        // Stable committed offsets (KIP-447): this returns once a transaction of a previous owner of these
-        // partitions is over, so the changelog records of the shards' previous owners are final.
-        let committed = self.consumer.committed_offsets(
-            assignment.clone(),
-            self.cfg.processing.transaction_timeout * 2,
-        )?;
+        let committed = self.stable_offsets(&assignment, shutdown)?;
         if !assigned.is_empty() {
             self.restore(&assigned, started, shutdown)?;
             self.engine.owned.extend(assigned);
@@ -770,6 +769,33 @@ impl Pipeline {
         self.held.publish(&self.engine.owned);
         self.metrics.health.set_running(true);
         self.synced_at = Some(generation);
+    }
+
+    /// The committed offsets of `assignment`, stable (KIP-447): known once a transaction of a previous owner
+    /// of these partitions is over, so the changelog records of the shards' previous owners are final. That
+    /// can take twice the transaction timeout (a killed owner's is aborted by the coordinator), so they are
+    /// asked for in turns of [`STABLE_TURN`], and a stop ends the wait.
+    fn stable_offsets(
+        &self,
+        assignment: &TopicPartitionList,
+        shutdown: &CancellationToken,
+    ) -> Result<TopicPartitionList, PipelineError> {
+        let deadline = Instant::now() + self.cfg.processing.transaction_timeout * 2;
+        loop {
+            let turn = deadline
+                .saturating_duration_since(Instant::now())
+                .min(STABLE_TURN);
+            match self.consumer.committed_offsets(assignment.clone(), turn) {
+                Err(KafkaError::MetadataFetch(RDKafkaErrorCode::OperationTimedOut))
+                    if Instant::now() < deadline =>
+                {
+                    if shutdown.is_cancelled() {
+                        return Err(PipelineError::StoppedTakingOver);
+                    }
+                }
+                other => return Ok(other?),
+            }
+        }
     }
 
     /// Restores shards from their changelog partitions, from where the local copy stands to the end, once
@@ -916,7 +942,7 @@ impl Pipeline {
         let mut reached: BTreeMap<i32, i64> = BTreeMap::new();
         while !high.is_empty() {
             if shutdown.is_cancelled() {
-                return Err(PipelineError::StoppedInRestore);
+                return Err(PipelineError::StoppedTakingOver);
             }
             if Instant::now() > deadline {
                 return Err(PipelineError::Restore(format!(
@@ -1009,7 +1035,7 @@ fn first_offsets(
     let mut first = BTreeMap::new();
     while first.len() < from.len() {
         if shutdown.is_cancelled() {
-            return Err(PipelineError::StoppedInRestore);
+            return Err(PipelineError::StoppedTakingOver);
         }
         if Instant::now() > deadline {
             return Err(PipelineError::Restore(format!(

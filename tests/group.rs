@@ -390,7 +390,7 @@ fn a_restore_reads_past_a_killed_owners_open_transaction() {
         s.log_tail()
     );
     assert!(
-        s.log().contains("stopped while restoring shards"),
+        s.log().contains("stopped while taking shards over"),
         "{}",
         s.log_tail()
     );
@@ -426,4 +426,72 @@ fn a_restore_reads_past_a_killed_owners_open_transaction() {
         want.len(),
     );
     assert!(sigterm(&mut fresh).success(), "{}", s.log_tail());
+}
+
+/// A stop while the instance waits to take its partitions over (a previous owner's transaction holds their
+/// committed offsets: the stable fetch waits until it ends, up to twice the transaction timeout) ends the
+/// wait: the instance exits 0 within moments, never having reported ready.
+#[test]
+fn a_stop_while_waiting_for_a_previous_owners_transaction_exits_at_once() {
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::producer::Producer;
+    use rdkafka::{Offset, TopicPartitionList};
+
+    let s = Setup::new("stable-wait", 1, "");
+    let topic = &s.input_topics[0];
+    // A member of the service's group for a moment, whose transaction commits an offset of an input
+    // partition and stays open, as a killed owner's would.
+    let previous: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", &s.group)
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    previous.subscribe(&[topic]).expect("subscribe");
+    wait_for(
+        "the previous owner's partition",
+        Duration::from_secs(30),
+        || {
+            previous.poll(Duration::from_millis(100));
+            previous.assignment().map(|a| a.count()).unwrap_or(0) == 1
+        },
+    );
+    let zombie = transactional_producer("stable-wait-txn");
+    let call = Duration::from_secs(20);
+    let mut offsets = TopicPartitionList::new();
+    offsets
+        .add_partition_offset(topic, 0, Offset::Offset(0))
+        .expect("tpl");
+    zombie.begin_transaction().expect("begin");
+    zombie
+        .send_offsets_to_transaction(
+            &offsets,
+            &previous.group_metadata().expect("metadata"),
+            call,
+        )
+        .expect("offsets");
+    drop(previous);
+
+    let mut waiting = s.start();
+    wait_for("the instance to join", Duration::from_secs(30), || {
+        s.log().contains("partitions assigned")
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    assert_ne!(s.http_get("/readyz").0, 200, "ready while it waits");
+    let asked = Instant::now();
+    assert!(sigterm(&mut waiting).success(), "{}", s.log_tail());
+    let stopped = asked.elapsed();
+    assert!(
+        stopped < Duration::from_secs(10),
+        "the stop waited {stopped:?} for the open transaction\n{}",
+        s.log_tail()
+    );
+    assert!(
+        s.log().contains("stopped while taking shards over"),
+        "{}",
+        s.log_tail()
+    );
+    zombie.abort_transaction(call).expect("abort");
+    println!("stable wait: stopped {stopped:?} after SIGTERM");
 }

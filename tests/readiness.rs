@@ -2,7 +2,8 @@
 //! - a configured input topic that does not exist makes the instance not ready, naming the topic, while the
 //!   other channels keep flowing; once created it is picked up without pausing anything, and no log line
 //!   blames another instance;
-//! - after a restart with a backlog, `stitcher_consumer_lag_messages` falls to 0 once the backlog is read.
+//! - after a restart with a backlog, `stitcher_consumer_lag_messages` falls to 0 once the backlog is read;
+//! - an instance stopped while it waits for unreachable brokers exits 0, never having reported ready.
 #![cfg(feature = "kafka-it")]
 
 mod common;
@@ -135,4 +136,40 @@ fn the_lag_gauge_is_right_after_a_restart_with_a_backlog() {
         more.messages.len()
     );
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+}
+
+#[test]
+fn a_stop_while_kafka_is_unreachable_exits_0() {
+    let s = Setup::new("unreachable", 1, "");
+    // Nothing listens on port 1 of the loopback interface.
+    s.edit_config(|c| {
+        c.replacen(
+            &format!("brokers = \"{}\"", brokers()),
+            "brokers = \"127.0.0.1:1\"",
+            1,
+        )
+    });
+    let mut child = s.start();
+    wait_for(
+        "the first failed attempt",
+        &s,
+        Duration::from_secs(60),
+        || s.log().contains("cannot reach kafka"),
+    );
+    let (status, why) = s.http_get("/readyz");
+    assert_eq!(status, 503, "{why}");
+    let asked = Instant::now();
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+    let stopped = asked.elapsed();
+    // A connection attempt under way ends at its own timeout (10 s) first.
+    assert!(
+        stopped < Duration::from_secs(15),
+        "stopped after {stopped:?}"
+    );
+    assert!(
+        s.log().contains("stopped before the pipeline started"),
+        "{}",
+        s.log_tail()
+    );
+    println!("unreachable: stopped {stopped:.1?} after SIGTERM");
 }
