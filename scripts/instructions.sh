@@ -15,12 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bench=${BENCH:-stitch_instructions}
 out=${1:-${CARGO_TARGET_DIR:-target}/$bench.callgrind}
-bin=$(cargo bench --bench "$bench" --no-run --message-format=json 2>/dev/null |
-  python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == sys.argv[1]:
-        print(m["executable"])' "$bench")
+bin=$(scripts/bench-binary.sh "$bench" 2>/dev/null)
 [ -n "$bin" ] || { echo "the bench did not build: cargo bench --bench $bench --no-run" >&2; exit 1; }
 valgrind --tool=callgrind --collect-atstart=no --toggle-collect="*$bench::measured*" \
   --callgrind-out-file="$out" "$bin" 2>"$out.log" | tee "$out.txt"

@@ -30,12 +30,7 @@ fi
 # 1. The engine bench, instrumented (RUSTFLAGS with --target: the build scripts are left alone), run once.
 rm -rf "$work/raw"
 bench=$(CARGO_TARGET_DIR=$work/gen RUSTFLAGS="-Cprofile-generate=$work/raw" \
-  cargo bench --target "$triple" --bench engine_instructions --no-run --message-format=json |
-  python3 -c 'import json,sys
-for l in sys.stdin:
-    m = json.loads(l)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "engine_instructions":
-        print(m["executable"])')
+  scripts/bench-binary.sh engine_instructions --target "$triple")
 [ -n "$bench" ] || { echo "the instrumented bench did not build" >&2; exit 1; }
 "$bench"
 "$profdata" merge -o "$work/stitcher.profdata" "$work/raw"

@@ -161,6 +161,16 @@ fn a_commit_refused_for_a_rebalance_leaves_no_transaction_open() {
     );
 }
 
+/// Subscribes `consumer` to `topic` (of one partition) and polls until the partition is assigned to it.
+fn join_for_one_partition(consumer: &rdkafka::consumer::BaseConsumer, topic: &str, what: &str) {
+    use rdkafka::consumer::Consumer;
+    consumer.subscribe(&[topic]).expect("subscribe");
+    wait_for(what, Duration::from_secs(30), || {
+        consumer.poll(Duration::from_millis(100));
+        consumer.assignment().map(|a| a.count()).unwrap_or(0) == 1
+    });
+}
+
 /// A producer with a transactional id of its own (`name`, made unique), its transactions initialised.
 fn transactional_producer(
     name: &str,
@@ -204,11 +214,7 @@ fn a_pending_offset_commit_holds_a_stable_fetch_until_its_transaction_ends() {
         c.create().expect("consumer")
     };
     let owner = consumer(&[("session.timeout.ms", "6000")]);
-    owner.subscribe(&[&shards]).expect("subscribe");
-    wait_for("the owner's partition", Duration::from_secs(30), || {
-        owner.poll(Duration::from_millis(100));
-        owner.assignment().map(|a| a.count()).unwrap_or(0) == 1
-    });
+    join_for_one_partition(&owner, &shards, "the owner's partition");
     let producer = transactional_producer("pending-txn");
     let timeout = Duration::from_secs(20);
     let mut unchanged = TopicPartitionList::new();
@@ -448,15 +454,7 @@ fn a_stop_while_waiting_for_a_previous_owners_transaction_exits_at_once() {
         .set("enable.auto.commit", "false")
         .create()
         .expect("consumer");
-    previous.subscribe(&[topic]).expect("subscribe");
-    wait_for(
-        "the previous owner's partition",
-        Duration::from_secs(30),
-        || {
-            previous.poll(Duration::from_millis(100));
-            previous.assignment().map(|a| a.count()).unwrap_or(0) == 1
-        },
-    );
+    join_for_one_partition(&previous, topic, "the previous owner's partition");
     let zombie = transactional_producer("stable-wait-txn");
     let call = Duration::from_secs(20);
     let mut offsets = TopicPartitionList::new();
