@@ -157,6 +157,7 @@ fn dockerfile_builds_from_what_the_repository_has() {
     let docker = read("deploy/docker/Dockerfile");
     let stages = docker.lines().filter(|l| l.starts_with("FROM ")).count();
     assert!(stages >= 2, "multi-stage");
+    let mut copied = Vec::new();
     for line in docker
         .lines()
         .filter(|l| l.starts_with("COPY ") && !l.contains("--from"))
@@ -174,8 +175,32 @@ fn dockerfile_builds_from_what_the_repository_has() {
                 path.exists(),
                 "Dockerfile copies {src}, which does not exist"
             );
+            copied.push(src.to_string());
         }
     }
+    // The scripts the build runs, and those they run, are in the image's build stage.
+    let is_copied = |path: &str| {
+        copied
+            .iter()
+            .any(|c| path == c || path.starts_with(&format!("{}/", c.trim_end_matches('/'))))
+    };
+    let mut seen = BTreeSet::new();
+    let mut texts = vec![("the Dockerfile".to_string(), docker.clone())];
+    while let Some((from, text)) = texts.pop() {
+        for script in scripts_named(&text) {
+            assert!(
+                is_copied(&script),
+                "{from} runs {script}, which the Dockerfile does not copy"
+            );
+            if seen.insert(script.clone()) {
+                texts.push((script.clone(), read(&script)));
+            }
+        }
+    }
+    assert!(
+        seen.len() >= 2,
+        "the build runs scripts/pgo-build.sh and what it runs"
+    );
     let user = docker
         .lines()
         .rev()
@@ -185,6 +210,23 @@ fn dockerfile_builds_from_what_the_repository_has() {
         !user.starts_with('0') && !user.starts_with("root"),
         "runs as {user}"
     );
+}
+
+/// The `scripts/…` paths a text names.
+fn scripts_named(text: &str) -> BTreeSet<String> {
+    text.match_indices("scripts/")
+        .filter(|(i, _)| {
+            !text[..*i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '/' || c == '_')
+        })
+        .map(|(i, _)| {
+            let tail = &text[i..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_alphanumeric() || "/._-".contains(c)))
+                .unwrap_or(tail.len());
+            tail[..end].trim_end_matches('.').to_string()
+        })
+        .filter(|path| !path.ends_with('/'))
+        .collect()
 }
 
 /// The environment the StatefulSet gives its container: literal values, secrets from
