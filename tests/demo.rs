@@ -6,9 +6,9 @@ mod common;
 
 use std::io::Read;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::free_port;
+use common::{exit_within, free_port};
 
 /// The demo's bound: a small stream takes seconds; a hang is killed and fails the test.
 const WITHIN: Duration = Duration::from_secs(180);
@@ -35,18 +35,7 @@ fn the_demo_commits_every_message_and_erases_what_it_shows_erased() {
             .stderr(Stdio::piped())
             .spawn()
             .expect("stitcher demo starts");
-        let started = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break Some(status);
-            }
-            if started.elapsed() > WITHIN {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
+        let status = exit_within(&mut child, WITHIN);
         let mut out = String::new();
         let mut err = String::new();
         child

@@ -141,18 +141,8 @@ fn an_incompatible_output_schema_stops_the_start_with_a_clear_error() {
         .expect("set the subject's compatibility level");
 
     let mut child = s.start();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            started.elapsed() < TIMEOUT,
-            "still running: {}",
-            s.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = exit_within(&mut child, TIMEOUT)
+        .unwrap_or_else(|| panic!("still running: {}", s.log_tail()));
     assert!(!status.success());
     let log = s.log();
     assert!(

@@ -870,6 +870,21 @@ pub fn kill9(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// The child's exit status if it exits within `timeout`; otherwise it is killed and `None` returned.
+pub fn exit_within(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Some(status);
+        }
+        if started.elapsed() > timeout {
+            kill9(child);
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 pub fn sigterm(child: &mut Child) -> std::process::ExitStatus {
     // SAFETY: plain kill(2) on our own child's pid.
     unsafe {
