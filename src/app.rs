@@ -8,9 +8,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::http::{self, HttpState};
+use crate::kafka::committer::CommitError;
 use crate::metrics::Metrics;
 use crate::normalize::Normalizer;
-use crate::pipeline::{Pipeline, RunSummary};
+use crate::pipeline::{Pipeline, PipelineError, RunSummary};
 use crate::scaleout::lookup::HeldShards;
 use crate::scaleout::routing::Owners;
 use crate::store::Store;
@@ -68,8 +69,14 @@ async fn run_pipeline(
 ) -> anyhow::Result<RunSummary> {
     let instance = cfg.kafka.instance_id.clone();
     Ok(tokio::task::spawn_blocking(move || {
-        let pipeline = Pipeline::start(cfg, store, metrics, &instance, held, &shutdown)?;
-        pipeline.run(shutdown)
+        match Pipeline::start(cfg, store, metrics, &instance, held, &shutdown) {
+            Ok(pipeline) => pipeline.run(shutdown),
+            Err(PipelineError::Commit(CommitError::Stopped)) => {
+                tracing::info!("stopped before the pipeline started");
+                Ok(RunSummary::default())
+            }
+            Err(e) => Err(e),
+        }
     })
     .await??)
 }

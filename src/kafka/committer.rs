@@ -44,6 +44,10 @@ pub enum CommitError {
     Hung(Hung),
     #[error("could not commit before the deadline: {0}")]
     Deadline(KafkaError),
+    /// Told to stop while transactions were not initialised yet (the coordinator unreachable): nothing
+    /// was opened, so nothing is left to finish.
+    #[error("stopped before the transactional producer was initialised")]
+    Stopped,
     #[error("kafka client: {0}")]
     Client(KafkaError),
 }
@@ -116,6 +120,38 @@ fn call_bound() -> Duration {
     CALL_BOUND
 }
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// How long one `init_transactions` call waits before a stop is looked for; calling it again resumes the
+/// initialisation under way.
+const INIT_TURN: Duration = Duration::from_secs(1);
+/// How often a wait for the transaction coordinator is logged.
+const INIT_WAIT_LOG: Duration = Duration::from_secs(10);
+
+/// A wait for the transaction coordinator, in turns of at least [`INIT_TURN`] (a turn that failed at
+/// once is waited out, not repeated at once), logged at its first failed turn and every
+/// [`INIT_WAIT_LOG`] after.
+struct InitWait {
+    since: Instant,
+    logged: Option<Instant>,
+}
+
+impl InitWait {
+    fn new() -> Self {
+        Self {
+            since: Instant::now(),
+            logged: None,
+        }
+    }
+
+    fn failed_turn(&mut self, turn: Instant, e: &KafkaError) {
+        if self.logged.is_none_or(|at| at.elapsed() >= INIT_WAIT_LOG) {
+            self.logged = Some(Instant::now());
+            tracing::warn!(error = %e, waited_s = self.since.elapsed().as_secs(),
+                "transactions not initialised yet (is the transaction coordinator reachable?), waiting");
+        }
+        std::thread::sleep(INIT_TURN.saturating_sub(turn.elapsed()));
+    }
+}
+
 /// How long a record waits for room in the producer's queue before the wait is logged.
 const QUEUE_FULL_WARN_AFTER: Duration = Duration::from_secs(10);
 
@@ -134,6 +170,11 @@ impl Deadline {
             drain,
             drain_started: Cell::new(None),
         }
+    }
+
+    /// Whether the service was told to stop.
+    pub fn stopping(&self) -> bool {
+        self.shutdown.is_cancelled()
     }
 
     /// Would waiting `wait` more overrun the deadline?
@@ -314,16 +355,18 @@ impl Committer {
         };
         let mut producer = start()?;
         let mut backoff = Duration::from_millis(200);
+        let mut waiting = InitWait::new();
         loop {
-            let init = producer.call("init_transactions", |p| {
-                p.init_transactions(TXN_CALL_TIMEOUT)
-            });
+            let turn = Instant::now();
+            let init = producer.call("init_transactions", |p| p.init_transactions(INIT_TURN));
             match init {
                 Ok(Ok(())) => break,
                 Ok(Err(e)) if is_fatal(&e) => return Err(CommitError::Fatal(e)),
-                Ok(Err(e)) if deadline.passed_after(backoff) => {
-                    return Err(CommitError::Deadline(e))
-                }
+                // No transaction is open yet, so nothing is left to finish: a stop ends the wait at once.
+                Ok(Err(_)) | Err(_) if deadline.stopping() => return Err(CommitError::Stopped),
+                // A turn that timed out (the coordinator not found or not loaded yet): the call resumes
+                // the initialisation under way in the background.
+                Ok(Err(e)) if is_retriable(&e) => waiting.failed_turn(turn, &e),
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "init_transactions failed, retrying");
                     std::thread::sleep(backoff);
@@ -331,9 +374,6 @@ impl Committer {
                 }
                 Err(hung) => {
                     metrics.errors.with_label_values(&["hung"]).inc();
-                    if deadline.passed_after(Duration::ZERO) {
-                        return Err(CommitError::Hung(hung));
-                    }
                     tracing::error!(error = %hung, "starting another producer");
                     producer = start()?;
                 }
@@ -647,6 +687,74 @@ mod tests {
     use rdkafka::mocking::{MockCluster, MockCoordinator};
 
     use super::*;
+
+    /// Transactions initialised while the transaction coordinator is down: the producer waits in turns
+    /// and resumes the initialisation once the coordinator is back; a stop during the wait ends it at
+    /// once (nothing was opened, so there is nothing to drain), not after the drain timeout.
+    #[test]
+    fn initialising_transactions_waits_for_the_coordinator_and_a_stop_ends_the_wait_at_once() {
+        let cluster = MockCluster::new(2).expect("mock cluster");
+        let mut cfg = Config::default();
+        cfg.kafka.brokers = cluster.bootstrap_servers();
+        cfg.kafka.transactional_id = "init".into();
+        cluster
+            .coordinator(MockCoordinator::Transaction("init-0".into()), 2)
+            .expect("transaction coordinator");
+        let metrics = Metrics::new().expect("metrics");
+
+        // Initialises a producer on a thread of its own, with `deadline`: whether it did, and when.
+        let init = |cfg: &Config, deadline: Deadline| {
+            let (cfg, metrics) = (cfg.clone(), metrics.clone());
+            std::thread::spawn(move || {
+                let r = Committer::new(&cfg, "0", metrics, &deadline).map(drop);
+                (r, Instant::now())
+            })
+        };
+
+        // The coordinator comes back during the wait: the initialisation resumes and completes.
+        cluster.broker_down(2).expect("coordinator down");
+        let started = Instant::now();
+        let waiting = init(
+            &cfg,
+            Deadline::new(CancellationToken::new(), Duration::from_secs(30)),
+        );
+        std::thread::sleep(Duration::from_millis(2_500));
+        assert!(
+            !waiting.is_finished(),
+            "initialised without its coordinator"
+        );
+        cluster.broker_up(2).expect("coordinator up");
+        let (back, at) = waiting.join().expect("init thread");
+        assert!(back.is_ok(), "{:?}", back.err());
+        assert!(at - started < Duration::from_secs(15), "{:?}", at - started);
+
+        // Told to stop during the wait: it ends within a turn, with `Stopped`.
+        cfg.kafka.transactional_id = "init-stopped".into();
+        cluster
+            .coordinator(MockCoordinator::Transaction("init-stopped-0".into()), 2)
+            .expect("transaction coordinator");
+        cluster.broker_down(2).expect("coordinator down");
+        let shutdown = CancellationToken::new();
+        let waiting = init(
+            &cfg,
+            Deadline::new(shutdown.clone(), Duration::from_secs(30)),
+        );
+        std::thread::sleep(Duration::from_millis(2_500));
+        assert!(
+            !waiting.is_finished(),
+            "initialised without its coordinator"
+        );
+        let stop_at = Instant::now();
+        shutdown.cancel();
+        let (stopped, at) = waiting.join().expect("init thread");
+        let after_stop = at - stop_at;
+        assert!(
+            matches!(stopped, Err(CommitError::Stopped)),
+            "{:?}",
+            stopped.err()
+        );
+        assert!(after_stop < Duration::from_secs(3), "{after_stop:?}");
+    }
 
     /// librdkafka#5456: with the group coordinator down, `send_offsets_to_transaction` does not return,
     /// whatever its timeout. The commit comes back hung at the bound instead of blocking its thread for
