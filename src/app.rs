@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::http::{self, HttpState};
-use crate::kafka::committer::CommitError;
+use crate::kafka::CommitError;
 use crate::metrics::Metrics;
 use crate::normalize::Normalizer;
 use crate::pipeline::{Pipeline, PipelineError, RunSummary};
@@ -116,9 +116,10 @@ async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
 async fn connect(cfg: &Config, shutdown: &CancellationToken) -> anyhow::Result<bool> {
     let mut backoff = Duration::from_millis(200);
     loop {
-        let probe = cfg.clone();
+        let (probe, stop) = (cfg.clone(), shutdown.clone());
         let reachable =
-            tokio::task::spawn_blocking(move || crate::kafka::check_connection(&probe)).await?;
+            tokio::task::spawn_blocking(move || crate::kafka::check_connection(&probe, &stop))
+                .await?;
         let result = match reachable {
             Ok(()) if cfg.output.create_topics => crate::kafka::ensure_topics(cfg).await,
             other => other,

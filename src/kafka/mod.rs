@@ -17,6 +17,7 @@ use rdkafka::producer::{Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 
@@ -247,16 +248,32 @@ pub fn producer_config(cfg: &Config, instance: &str) -> ClientConfig {
 /// The producer's longest wait before a request is retried (librdkafka's default is 1 s).
 const RETRY_BACKOFF_MAX_MS: u64 = 40;
 
-/// Fetches cluster metadata once: proves the brokers are reachable with these credentials. librdkafka's own
-/// error events (an authentication or TLS failure, say) are logged through [`LoggingContext`] on the way.
-pub fn check_connection(cfg: &Config) -> Result<(), KafkaError> {
+/// How long the start-up's connection check waits for an answer before the attempt fails (and is logged).
+const CONNECTION_CHECK: Duration = Duration::from_secs(10);
+/// How long one ask of the connection check waits before a stop is looked for.
+const CONNECTION_TURN: Duration = Duration::from_secs(1);
+
+/// Fetches cluster metadata: proves the brokers are reachable with these credentials, waiting up to
+/// [`CONNECTION_CHECK`] for an answer, less after `stop`. librdkafka's own error events (an authentication
+/// or TLS failure, say) are logged through [`LoggingContext`] on the way.
+pub fn check_connection(cfg: &Config, stop: &CancellationToken) -> Result<(), KafkaError> {
     use rdkafka::producer::{BaseProducer, Producer};
     let producer: BaseProducer<LoggingContext> =
         base_config(cfg).create_with_context(LoggingContext)?;
-    let result = producer
-        .client()
-        .fetch_metadata(None, Duration::from_secs(10))
-        .map(|_| ());
+    // Asked in turns, so that a stop is seen within one; the client goes on connecting between them.
+    let until = Instant::now() + CONNECTION_CHECK;
+    let result = loop {
+        let turn = Instant::now();
+        let result = producer
+            .client()
+            .fetch_metadata(None, CONNECTION_TURN)
+            .map(|_| ());
+        if result.is_ok() || stop.is_cancelled() || Instant::now() >= until {
+            break result;
+        }
+        // A turn that failed at once is waited out, not asked again at once.
+        std::thread::sleep(CONNECTION_TURN.saturating_sub(turn.elapsed()));
+    };
     // Error events are delivered to the context when the client is polled.
     producer.poll(Duration::from_millis(200));
     result
