@@ -99,7 +99,9 @@ async fn start_up(cfg: &mut Config, shutdown: &CancellationToken) -> anyhow::Res
             None => return Ok(Started::StoppedBefore),
         }
     }
-    fit_record_limit(cfg).await;
+    if cfg.output.read_topic_limits {
+        fit_record_limit(cfg).await;
+    }
     Ok(Started::Yes)
 }
 

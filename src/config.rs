@@ -376,6 +376,11 @@ pub struct OutputConfig {
     /// smaller. A dead letter larger than this carries only the first part of its payload; a profile stays
     /// far smaller by the profile bounds (README "Bounds").
     pub max_record_bytes: usize,
+    /// Whether the start-up reads the topics' limits for `max_record_bytes`. Not a setting: only the
+    /// demo turns it off, since librdkafka's mock cluster does not answer DescribeConfigs (the read waited
+    /// 10 s for nothing).
+    #[serde(skip)]
+    pub read_topic_limits: bool,
 }
 
 impl Default for OutputConfig {
@@ -388,6 +393,7 @@ impl Default for OutputConfig {
             create_topics: true,
             partitions: 1,
             max_record_bytes: 1_000_000,
+            read_topic_limits: true,
         }
     }
 }
@@ -1009,6 +1015,15 @@ mod tests {
             preset = "snowplow"
             "#);
         assert!(e.contains("snowplow"), "{e}");
+    }
+
+    /// The service always reads the topics' record limits; a file cannot turn that off (only the demo does).
+    #[test]
+    fn the_topic_limits_are_read_whatever_the_file_says() {
+        let cfg: Config = toml::from_str("[output]\nmax_record_bytes = 500000\n").unwrap();
+        assert!(cfg.output.read_topic_limits);
+        let refused = toml::from_str::<Config>("[output]\nread_topic_limits = false\n");
+        assert!(refused.is_err());
     }
 
     #[test]

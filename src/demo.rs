@@ -38,6 +38,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.state.dir = state_dir.clone();
     cfg.http.listen = args.http_listen;
     cfg.output.create_topics = false;
+    // The mock cluster does not answer DescribeConfigs: its topics take the default record limit.
+    cfg.output.read_topic_limits = false;
     for t in cfg.inputs.iter().map(|i| i.topic.clone()).chain([
         cfg.output.topic.clone(),
         cfg.output.dead_letter_topic.clone(),
