@@ -123,11 +123,14 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// How long one `init_transactions` call waits before a stop is looked for; calling it again resumes the
 /// initialisation under way.
 const INIT_TURN: Duration = Duration::from_secs(1);
-/// How often a wait for the transaction coordinator is logged.
+/// How long a wait for the transaction coordinator goes unlogged: after a crash, the coordinator ends the
+/// crashed producer's transaction first, which takes a few seconds.
+const INIT_WAIT_QUIET: Duration = Duration::from_secs(5);
+/// How often a longer wait for the transaction coordinator is logged.
 const INIT_WAIT_LOG: Duration = Duration::from_secs(10);
 
 /// A wait for the transaction coordinator, in turns of at least [`INIT_TURN`] (a turn that failed at
-/// once is waited out, not repeated at once), logged at its first failed turn and every
+/// once is waited out, not repeated at once), logged once it passed [`INIT_WAIT_QUIET`] and every
 /// [`INIT_WAIT_LOG`] after.
 struct InitWait {
     since: Instant,
@@ -143,10 +146,11 @@ impl InitWait {
     }
 
     fn failed_turn(&mut self, turn: Instant, e: &KafkaError) {
-        if self.logged.is_none_or(|at| at.elapsed() >= INIT_WAIT_LOG) {
+        let logged_long_ago = self.logged.is_none_or(|at| at.elapsed() >= INIT_WAIT_LOG);
+        if self.since.elapsed() >= INIT_WAIT_QUIET && logged_long_ago {
             self.logged = Some(Instant::now());
             tracing::warn!(error = %e, waited_s = self.since.elapsed().as_secs(),
-                "transactions not initialised yet (is the transaction coordinator reachable?), waiting");
+                "transactions not initialised yet (the transaction coordinator unreachable, or still ending an earlier producer's transaction), waiting");
         }
         std::thread::sleep(INIT_TURN.saturating_sub(turn.elapsed()));
     }
