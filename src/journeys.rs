@@ -541,8 +541,9 @@ impl Builder<'_> {
                 &[],
             )
         };
+        let at = self.events.len();
         self.events.push((channel, event));
-        &mut self.events.last_mut().expect("just pushed").1
+        &mut self.events[at].1
     }
 
     /// A contact with customer service `after_ms` after the previous event (no random draw, so the rest

@@ -273,6 +273,9 @@ pub fn check_connection(cfg: &Config, stop: &CancellationToken) -> Result<(), Ka
         }
         // A turn that failed at once is waited out, not asked again at once.
         std::thread::sleep(CONNECTION_TURN.saturating_sub(turn.elapsed()));
+        if stop.is_cancelled() {
+            break result;
+        }
     };
     // Error events are delivered to the context when the client is polled.
     producer.poll(Duration::from_millis(200));
