@@ -97,18 +97,30 @@ pub async fn send(cfg: &Config, command: &Command) -> anyhow::Result<(i32, i64)>
         !cfg.control.topic.is_empty(),
         "control.topic is empty: this deployment has no control topic"
     );
+    // Brokers that do not answer fail the command within the connection check (librdkafka would keep
+    // the record for its `message.timeout.ms`, five minutes, while the operator waits).
+    let probe = cfg.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::kafka::check_connection(&probe, &tokio_util::sync::CancellationToken::new())
+    })
+    .await?
+    .map_err(|e| anyhow::anyhow!("cannot reach the brokers at {}: {e}", cfg.kafka.brokers))?;
     let producer: FutureProducer = crate::kafka::base_config(cfg)
         .set("enable.idempotence", "true")
+        .set("message.timeout.ms", SEND_TIMEOUT.as_millis().to_string())
         .create()?;
     let payload = serde_json::to_vec(command)?;
     producer
         .send(
             FutureRecord::<[u8], _>::to(&cfg.control.topic).payload(&payload),
-            std::time::Duration::from_secs(30),
+            SEND_TIMEOUT,
         )
         .await
         .map_err(|(e, _)| anyhow::anyhow!("cannot send to {}: {e}", cfg.control.topic))
 }
+
+/// How long a command waits to be written to the control topic.
+const SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

@@ -460,6 +460,49 @@ fn suppressing_without_a_salt_is_refused_clearly() {
     assert_eq!(dead[0].headers["dlq.stage"], "control");
 }
 
+/// A command for brokers that do not answer fails within the connection check, naming them. (It waited
+/// for librdkafka's message timeout, five minutes, with the operator at the prompt.)
+#[test]
+fn a_command_for_unreachable_brokers_fails_at_once_naming_them() {
+    use std::io::Read;
+    // Nothing listens on port 1 of the loopback interface.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+        .args([
+            "erase",
+            "--identifier",
+            "email:x@x.io",
+            "--brokers",
+            "127.0.0.1:1",
+        ])
+        .arg("--config")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/config/stitcher.toml"
+        ))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run erase");
+    let started = std::time::Instant::now();
+    let status = exit_within(&mut child, Duration::from_secs(60));
+    let took = started.elapsed();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr read");
+    let status = status.unwrap_or_else(|| panic!("still waiting after 60 s:\n{err}"));
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains("cannot reach the brokers at 127.0.0.1:1"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    println!("unreachable brokers: erase failed after {took:.1?}");
+}
+
 fn identity_records(s: &Setup) -> Vec<stitcher::codec::identity::IdentityChange> {
     read_all(&s.identity_topic)
         .into_iter()
