@@ -90,33 +90,38 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         shared_device_persons: args.shared_device_persons,
         junk_rate: args.junk_rate,
     };
+    let (j, routes) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let j = journeys::generate(&jc);
+        // Every generated channel needs a configured input; checked before anything is sent, and the
+        // truth is written only once everything was.
+        let mut unrouted: Vec<&str> = j
+            .messages
+            .iter()
+            .map(journeys::Generated::channel)
+            .filter(|c| !routes.contains_key(*c))
+            .collect();
+        unrouted.sort_unstable();
+        unrouted.dedup();
+        anyhow::ensure!(
+            unrouted.is_empty(),
+            "no [[inputs]] entry in the configuration for channel(s) {}: configure them or choose \
+             --channels among {}",
+            unrouted.join(", "),
+            {
+                let mut known: Vec<&str> = routes.keys().map(String::as_str).collect();
+                known.sort_unstable();
+                known.join(", ")
+            }
+        );
+        Ok((j, routes))
+    })
+    .await??;
+    crate::kafka::ensure_reachable(&cfg).await?;
     let brokers = cfg.kafka.brokers.clone();
     let rate = args.rate;
     let truth_path = args.truth.clone();
     let (sent, events, malformed, duplicates) =
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let j = journeys::generate(&jc);
-            // Every generated channel needs a configured input; checked before anything is sent, and the
-            // truth is written only once everything was.
-            let mut unrouted: Vec<&str> = j
-                .messages
-                .iter()
-                .map(journeys::Generated::channel)
-                .filter(|c| !routes.contains_key(*c))
-                .collect();
-            unrouted.sort_unstable();
-            unrouted.dedup();
-            anyhow::ensure!(
-                unrouted.is_empty(),
-                "no [[inputs]] entry in the configuration for channel(s) {}: configure them or choose \
-                 --channels among {}",
-                unrouted.join(", "),
-                {
-                    let mut known: Vec<&str> = routes.keys().map(String::as_str).collect();
-                    known.sort_unstable();
-                    known.join(", ")
-                }
-            );
             let sent = generate::send(&brokers, &routes, &j, rate)?;
             if let Some(path) = &truth_path {
                 generate::write_truth(path, &j.truth)?;

@@ -97,14 +97,7 @@ pub async fn send(cfg: &Config, command: &Command) -> anyhow::Result<(i32, i64)>
         !cfg.control.topic.is_empty(),
         "control.topic is empty: this deployment has no control topic"
     );
-    // Brokers that do not answer fail the command within the connection check (librdkafka would keep
-    // the record for its `message.timeout.ms`, five minutes, while the operator waits).
-    let probe = cfg.clone();
-    tokio::task::spawn_blocking(move || {
-        crate::kafka::check_connection(&probe, &tokio_util::sync::CancellationToken::new())
-    })
-    .await?
-    .map_err(|e| anyhow::anyhow!("cannot reach the brokers at {}: {e}", cfg.kafka.brokers))?;
+    crate::kafka::ensure_reachable(cfg).await?;
     let producer: FutureProducer = crate::kafka::base_config(cfg)
         .set("enable.idempotence", "true")
         .set("message.timeout.ms", SEND_TIMEOUT.as_millis().to_string())

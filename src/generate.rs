@@ -3,13 +3,17 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
 
 use crate::codec::AvroCodec;
 use crate::config::Format;
@@ -27,6 +31,17 @@ pub enum GenerateError {
     NoTopic(String),
     #[error("cannot create topic {0}: {1}")]
     CreateTopic(String, RDKafkaErrorCode),
+    #[error(
+        "topic(s) {0} do not exist, and the brokers do not create topics on first use: create them \
+         first (`kafka-topics.sh --create --topic <name>`)"
+    )]
+    MissingTopics(String),
+    #[error("{failed} of {sent} messages were not delivered; the first: {first}")]
+    Undelivered {
+        failed: u64,
+        sent: u64,
+        first: String,
+    },
 }
 
 error_from!(GenerateError {
@@ -101,14 +116,40 @@ pub fn send(
     journeys: &Journeys,
     rate: u64,
 ) -> Result<u64, GenerateError> {
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    let producer: ThreadedProducer<Deliveries> = ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
         .set("compression.type", "lz4")
-        .create()?;
+        .create_with_context(Deliveries::default())?;
+    // A record for a topic that does not exist waits in the queue for its metadata, 30 s, and is then
+    // dropped: refused here at once, by name, rather than after the wait. Asked topic by topic, as a
+    // producer asks, so that a broker that creates topics on first use creates them now.
+    let mut topics: Vec<&str> = journeys
+        .messages
+        .iter()
+        .filter_map(|m| routes.get(m.channel()).map(|(topic, _)| topic.as_str()))
+        .collect();
+    topics.sort_unstable();
+    topics.dedup();
+    let mut missing = Vec::new();
+    for topic in topics {
+        let metadata = producer
+            .client()
+            .fetch_metadata(Some(topic), METADATA_TIMEOUT)?;
+        let unknown = metadata.topics().iter().any(|t| {
+            t.error()
+                == Some(rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART)
+        });
+        if unknown {
+            missing.push(topic);
+        }
+    }
+    if !missing.is_empty() {
+        return Err(GenerateError::MissingTopics(missing.join(", ")));
+    }
     let codec = channel_codec()?;
     let started = Instant::now();
     let mut sent = 0u64;
@@ -134,7 +175,46 @@ pub fn send(
         }
     }
     producer.flush(Duration::from_secs(60))?;
-    Ok(sent)
+    let context = producer.context();
+    match context.failed.load(Ordering::Acquire) {
+        0 => Ok(sent),
+        failed => Err(GenerateError::Undelivered {
+            failed,
+            sent,
+            first: context
+                .first
+                .lock()
+                .ok()
+                .and_then(|f| f.clone())
+                .unwrap_or_default(),
+        }),
+    }
+}
+
+/// How long the generator waits for the brokers' list of topics.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The generator's producer context: counts the records not delivered and keeps the first one's error,
+/// so that a run says whether everything it sent arrived.
+#[derive(Default)]
+struct Deliveries {
+    failed: AtomicU64,
+    first: Mutex<Option<String>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, record)) = result {
+            self.failed.fetch_add(1, Ordering::AcqRel);
+            if let Ok(mut first) = self.first.lock() {
+                first.get_or_insert_with(|| format!("{}: {e}", record.topic()));
+            }
+        }
+    }
 }
 
 /// The codec of generated Avro events ([`encoded`]).
@@ -189,4 +269,56 @@ pub fn read_truth(path: &Path) -> Result<Vec<PersonTruth>, GenerateError> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(l).map_err(|e| GenerateError::Encode(e.to_string())))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::mocking::MockCluster;
+
+    use super::*;
+    use crate::journeys::{generate, JourneyConfig};
+
+    /// Journeys of `persons` web visitors, each channel's records to `<prefix>-<channel>`.
+    fn web_journeys(persons: usize) -> (Routes, Journeys) {
+        let (routes, _) = channel_routes("gen");
+        let journeys = generate(&JourneyConfig {
+            persons,
+            channels: vec!["web".into()],
+            ..Default::default()
+        });
+        (routes, journeys)
+    }
+
+    /// A broker that creates topics on first use (librdkafka's mock cluster does) gets them created by
+    /// the generator's look for them, and every record is delivered.
+    #[test]
+    fn topics_a_broker_creates_on_first_use_are_not_refused() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let (routes, journeys) = web_journeys(5);
+        let sent = send(&cluster.bootstrap_servers(), &routes, &journeys, 0).expect("sent");
+        assert_eq!(sent, journeys.messages.len() as u64);
+    }
+
+    /// Records the brokers refuse fail the run, counted, with the first one's error: a run that says it
+    /// sent its messages delivered them.
+    #[test]
+    fn records_not_delivered_fail_the_run() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let (routes, journeys) = web_journeys(5);
+        cluster.create_topic("gen-web", 1, 1).expect("topic");
+        let refused =
+            [rdkafka::types::RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 64];
+        cluster.request_errors(rdkafka::types::RDKafkaApiKey::Produce, &refused);
+        match send(&cluster.bootstrap_servers(), &routes, &journeys, 0) {
+            Err(GenerateError::Undelivered {
+                failed,
+                sent,
+                first,
+            }) => {
+                assert!(failed > 0 && failed <= sent, "{failed} of {sent}");
+                assert!(first.starts_with("gen-web: "), "{first}");
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+    }
 }

@@ -173,3 +173,59 @@ fn a_stop_while_kafka_is_unreachable_exits_0() {
     );
     println!("unreachable: stopped {stopped:.1?} after SIGTERM");
 }
+
+/// `stitcher generate` for channel topics the broker does not have (it does not create topics on first
+/// use) fails at once, naming them, and writes no ground truth. It used to wait 30 s for their metadata,
+/// drop every record and say they were sent.
+#[test]
+fn generate_refuses_topics_that_do_not_exist() {
+    use std::io::Read;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("stitcher.toml");
+    let topic = unique("absent-web");
+    std::fs::write(
+        &config,
+        format!(
+            "[kafka]\nbrokers = \"{}\"\n[[inputs]]\ntopic = \"{topic}\"\nchannel = \"web\"\nformat = \"json\"\n",
+            brokers()
+        ),
+    )
+    .expect("config");
+    let truth = dir.path().join("truth.jsonl");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+        .args([
+            "generate",
+            "--persons",
+            "5",
+            "--channels",
+            "web",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--truth")
+        .arg(&truth)
+        .env_remove("STITCHER_BROKERS")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run generate");
+    let started = Instant::now();
+    let status = exit_within(&mut child, Duration::from_secs(90));
+    let took = started.elapsed();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr read");
+    let status = status.unwrap_or_else(|| panic!("still running after 90 s:\n{err}"));
+    assert!(!status.success(), "{err}");
+    assert!(
+        err.contains(&topic) && err.contains("do not exist"),
+        "{err}"
+    );
+    assert!(!truth.exists(), "no ground truth written");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    println!("absent topics: generate refused them after {took:.1?}");
+}

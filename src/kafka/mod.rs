@@ -282,6 +282,16 @@ pub fn check_connection(cfg: &Config, stop: &CancellationToken) -> Result<(), Ka
     result
 }
 
+/// [`check_connection`] for a command-line tool, off the async runtime's threads: brokers that do not
+/// answer fail the command within the check (librdkafka would keep a record for its `message.timeout.ms`,
+/// five minutes, while the operator waits), with an error that names them.
+pub async fn ensure_reachable(cfg: &Config) -> anyhow::Result<()> {
+    let probe = cfg.clone();
+    tokio::task::spawn_blocking(move || check_connection(&probe, &CancellationToken::new()))
+        .await?
+        .map_err(|e| anyhow::anyhow!("cannot reach the brokers at {}: {e}", cfg.kafka.brokers))
+}
+
 /// The settings of the profile and identity topics: compacted, the last record of every key kept, and a
 /// record kept at least a minute before the cleaner may drop it.
 pub const PROFILE_TOPIC_SETTINGS: [(&str, &str); 2] = [
