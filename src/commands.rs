@@ -136,10 +136,20 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Opens a stopped instance's state directory for the tools that read it (`inspect`, `export`,
+/// `quality`): a path that holds no state is an error, not an empty state created there.
+fn open_state(dir: &std::path::Path) -> anyhow::Result<Store> {
+    anyhow::ensure!(
+        dir.join("CURRENT").is_file(),
+        "{} holds no state (no RocksDB database): give the state.dir of a service",
+        dir.display()
+    );
+    Store::open(dir, 64).context("opening state (is the service still running?)")
+}
+
 pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
     use crate::scaleout::lookup::{self, Lookup, Step};
-    let store = Store::open(&args.state_dir, 64)
-        .context("opening state (is the service still running?)")?;
+    let store = open_state(&args.state_dir)?;
     let held = lookup::held_locally(&store)?;
     let cfg = match &args.config {
         Some(path) => Config::from_toml_file(path)?,
@@ -375,8 +385,7 @@ async fn send_control(cfg: &Config, command: &ControlCommand) -> anyhow::Result<
 }
 
 pub fn export(args: ExportArgs) -> anyhow::Result<()> {
-    let store = Store::open(&args.state_dir, 64)
-        .context("opening state (is the service still running?)")?;
+    let store = open_state(&args.state_dir)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     let held = crate::scaleout::lookup::held_locally(&store)?;
@@ -448,8 +457,7 @@ pub fn quality(args: QualityArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading {}", args.truth.display()))?;
     let mapping = match (&args.state_dir, &args.topic, &args.brokers) {
         (Some(dir), _, _) => {
-            let store =
-                Store::open(dir, 64).context("opening state (is the service still running?)")?;
+            let store = open_state(dir)?;
             crate::quality::mapping_from_state(&store)?
         }
         (None, Some(topic), Some(brokers)) => {

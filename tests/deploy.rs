@@ -466,3 +466,35 @@ fn generate_refuses_channels_without_an_input() {
         assert!(!truth.exists(), "{channels}: no ground truth written");
     }
 }
+
+/// `inspect`, `export` and `quality` read a stopped instance's state: a path that holds none (a typo, say)
+/// is refused by name, and no empty state is created there.
+#[test]
+fn the_state_tools_refuse_a_path_without_state_and_create_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let absent = dir.path().join("no-state");
+    let truth = dir.path().join("truth.jsonl");
+    std::fs::write(&truth, "").expect("truth");
+    let absent_arg = absent.to_str().expect("utf-8 path");
+    let truth_arg = truth.to_str().expect("utf-8 path");
+    for args in [
+        vec![
+            "inspect",
+            "--state-dir",
+            absent_arg,
+            "--identifier",
+            "email:a@b.io",
+        ],
+        vec!["export", "--state-dir", absent_arg],
+        vec!["quality", "--truth", truth_arg, "--state-dir", absent_arg],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+            .args(&args)
+            .output()
+            .expect("run the tool");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(err.contains("holds no state"), "{args:?}: {err}");
+        assert!(!absent.exists(), "{args:?} created {}", absent.display());
+    }
+}
