@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{exit_within, free_port};
+use common::{finish_within, free_port, Finished};
 
 /// The demo's bound: a small stream takes seconds; a hang is killed and fails the test.
 const WITHIN: Duration = Duration::from_secs(180);
@@ -28,28 +27,19 @@ fn the_demo_commits_every_message_and_erases_what_it_shows_erased() {
     let listen = format!("127.0.0.1:{}", free_port());
     // Seeds 7 and 2 hung in 3 of 3 runs of the old demo on this machine (in 5 of 9 runs over seeds 1 to 7).
     for seed in ["7", "2"] {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_stitcher"))
+        let child = Command::new(env!("CARGO_BIN_EXE_stitcher"))
             .args(["demo", "--persons", "300", "--seed", seed])
             .args(["--http-listen", &listen])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("stitcher demo starts");
-        let status = exit_within(&mut child, WITHIN);
-        let mut out = String::new();
-        let mut err = String::new();
-        child
-            .stdout
-            .take()
-            .expect("stdout")
-            .read_to_string(&mut out)
-            .expect("stdout read");
-        child
-            .stderr
-            .take()
-            .expect("stderr")
-            .read_to_string(&mut err)
-            .expect("stderr read");
+        let Finished {
+            status,
+            stdout: out,
+            stderr: err,
+            ..
+        } = finish_within(child, WITHIN);
         let status = status.unwrap_or_else(|| {
             panic!(
                 "seed {seed}: the demo did not finish within {} s:\n{out}\n{err}",

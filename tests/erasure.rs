@@ -464,9 +464,8 @@ fn suppressing_without_a_salt_is_refused_clearly() {
 /// for librdkafka's message timeout, five minutes, with the operator at the prompt.)
 #[test]
 fn a_command_for_unreachable_brokers_fails_at_once_naming_them() {
-    use std::io::Read;
     // Nothing listens on port 1 of the loopback interface.
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
         .args([
             "erase",
             "--identifier",
@@ -483,16 +482,12 @@ fn a_command_for_unreachable_brokers_fails_at_once_naming_them() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run erase");
-    let started = std::time::Instant::now();
-    let status = exit_within(&mut child, Duration::from_secs(60));
-    let took = started.elapsed();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut err)
-        .expect("stderr read");
+    let Finished {
+        status,
+        stderr: err,
+        took,
+        ..
+    } = finish_within(child, Duration::from_secs(60));
     let status = status.unwrap_or_else(|| panic!("still waiting after 60 s:\n{err}"));
     assert!(!status.success(), "{err}");
     assert!(

@@ -179,7 +179,6 @@ fn a_stop_while_kafka_is_unreachable_exits_0() {
 /// drop every record and say they were sent.
 #[test]
 fn generate_refuses_topics_that_do_not_exist() {
-    use std::io::Read;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("stitcher.toml");
     let topic = unique("absent-web");
@@ -192,7 +191,7 @@ fn generate_refuses_topics_that_do_not_exist() {
     )
     .expect("config");
     let truth = dir.path().join("truth.jsonl");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
         .args([
             "generate",
             "--persons",
@@ -209,16 +208,12 @@ fn generate_refuses_topics_that_do_not_exist() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run generate");
-    let started = Instant::now();
-    let status = exit_within(&mut child, Duration::from_secs(90));
-    let took = started.elapsed();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut err)
-        .expect("stderr read");
+    let Finished {
+        status,
+        stderr: err,
+        took,
+        ..
+    } = finish_within(child, Duration::from_secs(90));
     let status = status.unwrap_or_else(|| panic!("still running after 90 s:\n{err}"));
     assert!(!status.success(), "{err}");
     assert!(

@@ -885,6 +885,45 @@ pub fn exit_within(child: &mut Child, timeout: Duration) -> Option<std::process:
     }
 }
 
+/// How a child ended and what it wrote ([`finish_within`]).
+pub struct Finished {
+    /// Its exit status; `None` if it was killed at the bound.
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+    /// From the call to its end.
+    pub took: Duration,
+}
+
+/// Waits for `child` to exit within `timeout` ([`exit_within`]), reading its piped stdout and stderr
+/// meanwhile (so that a full pipe never holds it up; empty where not piped).
+pub fn finish_within(mut child: Child, timeout: Duration) -> Finished {
+    fn drain<R: std::io::Read + Send + 'static>(
+        pipe: Option<R>,
+    ) -> std::thread::JoinHandle<String> {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut pipe) = pipe {
+                let mut bytes = Vec::new();
+                pipe.read_to_end(&mut bytes)
+                    .expect("read the child's output");
+                text = String::from_utf8_lossy(&bytes).into_owned();
+            }
+            text
+        })
+    }
+    let started = Instant::now();
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let status = exit_within(&mut child, timeout);
+    Finished {
+        status,
+        took: started.elapsed(),
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: stderr.join().expect("stderr reader"),
+    }
+}
+
 pub fn sigterm(child: &mut Child) -> std::process::ExitStatus {
     // SAFETY: plain kill(2) on our own child's pid.
     unsafe {
