@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -23,7 +24,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunSummary> {
     let store = open_store(&cfg).await?;
-    let listener = TcpListener::bind(cfg.http.listen).await?;
+    let listener = TcpListener::bind(cfg.http.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (http.listen)", cfg.http.listen))?;
     let held = HeldShards::new(cfg.scaleout.shards);
     tracing::info!(addr = %listener.local_addr()?, "http listening");
     let http_state = HttpState {
@@ -105,12 +108,28 @@ async fn start_up(cfg: &mut Config, shutdown: &CancellationToken) -> anyhow::Res
     Ok(Started::Yes)
 }
 
+/// Opens (or creates) the state at `state.dir`; an error names the directory, and a lock held by another
+/// process says so.
 async fn open_store(cfg: &Config) -> anyhow::Result<Store> {
     let dir = cfg.state.dir.clone();
     let cache = cfg.state.block_cache_mb;
-    std::fs::create_dir_all(&dir)?;
-    let store = tokio::task::spawn_blocking(move || Store::open(&dir, cache)).await??;
-    Ok(store)
+    let cannot = || format!("cannot open the state at {} (state.dir)", dir.display());
+    std::fs::create_dir_all(&dir).with_context(cannot)?;
+    let opened = {
+        let dir = dir.clone();
+        tokio::task::spawn_blocking(move || Store::open(&dir, cache)).await?
+    };
+    opened.map_err(|e| {
+        let held = e.to_string().contains("LOCK");
+        anyhow::Error::new(e).context(if held {
+            format!(
+                "{}: another process holds it (each instance needs a state.dir of its own)",
+                cannot()
+            )
+        } else {
+            cannot()
+        })
+    })
 }
 
 /// Waits until the brokers answer with these credentials (logging why not), then creates missing topics if

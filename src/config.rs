@@ -459,6 +459,8 @@ pub struct GuardrailConfig {
     /// Most identifiers one profile may hold; a merge that would exceed it is refused.
     pub max_profile_identifiers: usize,
     /// Most values of one type a profile may hold (`email = 5`); a merge that would exceed it is refused.
+    /// Per type, over the defaults: a file that sets `email` keeps the other types' limits; `0` is no limit.
+    #[serde(deserialize_with = "limits_over_defaults")]
     pub limits: BTreeMap<String, usize>,
     /// Types in decreasing trust: the profile matched by the most trusted type is the one an event lands in
     /// when a merge is refused, and links are tried in this order.
@@ -466,29 +468,96 @@ pub struct GuardrailConfig {
     /// Shared-identifier detection: an identifier of one of these types that has been seen with more than
     /// this many distinct owner identifiers (`owner_types`) is a shared one (a family tablet, a shop's
     /// till, a call-centre phone): it stops linking, is taken out of the profile it glued together, which
-    /// is recomputed from the link evidence and split, and lives on in a profile of its own.
+    /// is recomputed from the link evidence and split, and lives on in a profile of its own. Per type, over
+    /// the defaults, as `limits`; `0` is no detection for the type.
+    #[serde(deserialize_with = "shared_limits_over_defaults")]
     pub shared_limits: BTreeMap<String, usize>,
     /// Types that name one person (an account, an email address, a loyalty card); what `shared_limits`
     /// counts.
     pub owner_types: Vec<String>,
 }
 
+impl GuardrailConfig {
+    const LIMITS: [(&'static str, usize); 6] = [
+        ("customer_id", 1),
+        ("loyalty_id", 3),
+        ("email", 5),
+        ("phone", 5),
+        ("device_id", 10),
+        ("anonymous_id", 50),
+    ];
+    const SHARED_LIMITS: [(&'static str, usize); 3] =
+        [("device_id", 3), ("anonymous_id", 3), ("phone", 3)];
+
+    /// The types every list and table of the guardrails names must be known (built in or
+    /// `identity.custom_types`): a misspelt type would otherwise leave its guardrail off, silently.
+    fn validate(&self, custom_types: &[String]) -> Result<(), String> {
+        let known = |t: &String| {
+            crate::normalize::BUILTIN_TYPES.contains(&t.as_str()) || custom_types.contains(t)
+        };
+        let named = [
+            ("limits", self.limits.keys().collect::<Vec<_>>()),
+            ("priority", self.priority.iter().collect()),
+            ("shared_limits", self.shared_limits.keys().collect()),
+            ("owner_types", self.owner_types.iter().collect()),
+        ];
+        for (key, types) in named {
+            if let Some(t) = types.into_iter().find(|t| !known(t)) {
+                return Err(format!(
+                    "guardrails.{key} names unknown identifier type {t:?} (known: {}{})",
+                    crate::normalize::BUILTIN_TYPES.join(", "),
+                    custom_types
+                        .iter()
+                        .map(|c| format!(", {c}"))
+                        .collect::<String>()
+                ));
+            }
+        }
+        if let Some(t) = self
+            .shared_limits
+            .iter()
+            .find(|(t, limit)| **limit > 0 && self.owner_types.contains(t))
+        {
+            return Err(format!(
+                "guardrails: {:?} is both an owner type and has a shared limit (set shared_limits.{} = 0)",
+                t.0, t.0
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn table(entries: &[(&str, usize)]) -> BTreeMap<String, usize> {
+    entries.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+}
+
+/// The table given over `defaults`, key by key.
+fn over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+    defaults: &[(&str, usize)],
+) -> Result<BTreeMap<String, usize>, D::Error> {
+    let mut merged = table(defaults);
+    merged.extend(BTreeMap::<String, usize>::deserialize(d)?);
+    Ok(merged)
+}
+
+fn limits_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, usize>, D::Error> {
+    over_defaults(d, &GuardrailConfig::LIMITS)
+}
+
+fn shared_limits_over_defaults<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, usize>, D::Error> {
+    over_defaults(d, &GuardrailConfig::SHARED_LIMITS)
+}
+
 impl Default for GuardrailConfig {
     fn default() -> Self {
-        let limits = [
-            ("customer_id", 1),
-            ("loyalty_id", 3),
-            ("email", 5),
-            ("phone", 5),
-            ("device_id", 10),
-            ("anonymous_id", 50),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
         Self {
             max_profile_identifiers: 200,
-            limits,
+            limits: table(&Self::LIMITS),
             priority: [
                 "customer_id",
                 "loyalty_id",
@@ -500,10 +569,7 @@ impl Default for GuardrailConfig {
             .iter()
             .map(|s| s.to_string())
             .collect(),
-            shared_limits: [("device_id", 3), ("anonymous_id", 3), ("phone", 3)]
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            shared_limits: table(&Self::SHARED_LIMITS),
             owner_types: ["customer_id", "email", "loyalty_id"]
                 .iter()
                 .map(|s| s.to_string())
@@ -864,15 +930,8 @@ impl Config {
                 crate::model::SCOPE_SEPARATOR
             ));
         }
-        if let Some(t) = self
-            .guardrails
-            .shared_limits
-            .keys()
-            .find(|t| self.guardrails.owner_types.contains(t))
-        {
-            return invalid(format!(
-                "guardrails: {t:?} is both an owner type and has a shared limit"
-            ));
+        if let Err(e) = self.guardrails.validate(&self.identity.custom_types) {
+            return invalid(e);
         }
         if !(self.limits.max_amount.is_finite() && self.limits.max_amount > 0.0)
             || self.limits.max_amount > 1e15
@@ -1024,6 +1083,66 @@ mod tests {
         assert!(cfg.output.read_topic_limits);
         let refused = toml::from_str::<Config>("[output]\nread_topic_limits = false\n");
         assert!(refused.is_err());
+    }
+
+    /// A guardrail table set in a file changes the types it names and keeps the others' defaults (it
+    /// replaced the whole table: `email = 3` took away the customer id's limit of 1); 0 turns one off.
+    #[test]
+    fn guardrail_tables_apply_over_the_defaults_type_by_type() {
+        let cfg: Config = toml::from_str(
+            "[guardrails.limits]\nemail = 3\ndevice_id = 0\n[guardrails.shared_limits]\nphone = 0\n",
+        )
+        .unwrap();
+        let limits = &cfg.guardrails.limits;
+        assert_eq!(limits.get("email"), Some(&3));
+        assert_eq!(limits.get("customer_id"), Some(&1));
+        assert_eq!(limits.get("anonymous_id"), Some(&50));
+        assert_eq!(cfg.guardrails.shared_limits.get("device_id"), Some(&3));
+        let rules = crate::stitch::Rules::new(&cfg.guardrails);
+        let id = |kind: &str| crate::model::Identifier::new(kind, "x");
+        assert_eq!(rules.shared_limit(&id("device_id")), Some(3));
+        assert_eq!(rules.shared_limit(&id("phone")), None, "0 is no detection");
+        // The written form reads back as the same configuration (the bench hands the service a file).
+        let again: Config = toml::from_str(&toml::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(again.guardrails.limits, cfg.guardrails.limits);
+        assert_eq!(again.guardrails.shared_limits, cfg.guardrails.shared_limits);
+    }
+
+    /// Every type the guardrails name must exist: a misspelt one would leave its guardrail off.
+    #[test]
+    fn guardrails_naming_an_unknown_type_are_refused() {
+        let with = |guardrails: &str| {
+            let text = format!(
+                "[[inputs]]\ntopic = \"web\"\nchannel = \"web\"\n\
+                 [identity]\ncustom_types = [\"ticket_id\"]\n[guardrails]\n{guardrails}\n"
+            );
+            toml::from_str::<Config>(&text).unwrap().validate()
+        };
+        for (bad, key, name) in [
+            ("limits = { emial = 3 }", "limits", "emial"),
+            (
+                "priority = [\"customer_id\", \"emial\"]",
+                "priority",
+                "emial",
+            ),
+            (
+                "shared_limits = { devise_id = 2 }",
+                "shared_limits",
+                "devise_id",
+            ),
+            ("owner_types = [\"emial\"]", "owner_types", "emial"),
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            let named = format!("guardrails.{key} names unknown identifier type {name:?}");
+            assert!(e.contains(&named), "{bad}: {e}");
+        }
+        with("limits = { ticket_id = 2 }\npriority = [\"ticket_id\"]").unwrap();
+        // An owner type cannot also have a shared limit, unless that limit is turned off.
+        let e = with("owner_types = [\"email\", \"phone\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("shared_limits.phone = 0"), "{e}");
+        with("owner_types = [\"email\", \"phone\"]\nshared_limits = { phone = 0 }").unwrap();
     }
 
     #[test]

@@ -15,7 +15,8 @@ use stitcher::generate;
 use stitcher::journeys::{self, JourneyConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(300);
-const LENIENT: &str = "[guardrails]\nshared_limits = {}\n";
+const LENIENT: &str =
+    "[guardrails]\nshared_limits = { device_id = 0, anonymous_id = 0, phone = 0 }\n";
 
 /// Live profile -> the other run's profile ids its identifiers are in, where there are several.
 fn splits(

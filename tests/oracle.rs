@@ -23,13 +23,11 @@ const UNLIMITED: &str = r#"
 [guardrails]
 max_profile_identifiers = 1000000000
 priority = []
-limits = {}
-shared_limits = {}
 "#;
 
 #[test]
 fn export_equals_networkx_components_with_guardrails_off() {
-    let s = Setup::new("oracle", 3, UNLIMITED);
+    let s = Setup::new("oracle", 3, &format!("{UNLIMITED}{NO_TYPE_LIMITS}"));
     let mut j = journeys::generate(&JourneyConfig {
         persons: 1500,
         seed: 41,

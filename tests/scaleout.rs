@@ -23,12 +23,9 @@ const PARTITIONS: i32 = 12;
 const TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Guardrails that never refuse: what the sharded protocol computes (it applies no stateful guardrail).
-const UNLIMITED: &str = r#"
-[guardrails]
-max_profile_identifiers = 1000000
-limits = {}
-shared_limits = {}
-"#;
+fn unlimited() -> String {
+    format!("[guardrails]\nmax_profile_identifiers = 1000000\n{NO_TYPE_LIMITS}")
+}
 
 /// A sharded setup: its own internal topic, failover within seconds (short session and transaction
 /// timeouts), with these guardrails (`""`: the defaults).
@@ -320,8 +317,8 @@ fn lookups_agree(
 #[test]
 fn three_instances_one_killed_one_added_one_leaving_equal_one_instance() {
     let persons = env_or("SCALEOUT_PERSONS", 3_000usize);
-    let (setup, shard_topic) = sharded("scaleout", UNLIMITED);
-    let reference = setup.sibling("scaleout-ref", UNLIMITED);
+    let (setup, shard_topic) = sharded("scaleout", &unlimited());
+    let reference = setup.sibling("scaleout-ref", &unlimited());
     let j = journeys::generate(&JourneyConfig {
         persons,
         seed: 33,
@@ -800,7 +797,7 @@ fn throughput_with_one_two_three_instances() {
     });
     {
         // Baseline: one shard (no `[scaleout]`), one instance, same input and guardrails.
-        let one_shard = Setup::new("scaleout-bench-one-shard", PARTITIONS, UNLIMITED);
+        let one_shard = Setup::new("scaleout-bench-one-shard", PARTITIONS, &unlimited());
         batching(&one_shard, batch);
         let sent = generate::send(&brokers(), &one_shard.routes, &j, 0).expect("send");
         let mut child = one_shard.start();
@@ -830,7 +827,7 @@ fn throughput_with_one_two_three_instances() {
         counts.into_iter().map(move |n| (round, n))
     });
     for (round, n) in phases {
-        let (setup, shard_topic) = sharded(&format!("scaleout-bench{n}"), UNLIMITED);
+        let (setup, shard_topic) = sharded(&format!("scaleout-bench{n}"), &unlimited());
         batching(&setup, batch);
         if let Ok(assignor) = std::env::var("SCALEOUT_ASSIGNOR") {
             // For a comparison: the group's partition assignment strategy instead of the service's.

@@ -22,7 +22,7 @@ const MIN_MERGES: u64 = 30;
 fn a_storm_trips_the_breaker_and_release_restores_the_no_storm_result() {
     let quarantine = unique("storm-quarantine");
     let extra = format!(
-        "[guardrails]\nshared_limits = {{}}\nlimits = {{}}\nmax_profile_identifiers = 100000\n\n\
+        "[guardrails]\n{NO_TYPE_LIMITS}max_profile_identifiers = 100000\n\n\
          [breaker]\nmultiple = 5.0\nmin_merges = {MIN_MERGES}\nbaseline_minutes = 10\n\
          quarantine_topic = \"{quarantine}\"\n"
     );

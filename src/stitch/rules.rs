@@ -41,12 +41,20 @@ pub struct Rules {
 }
 
 impl Rules {
+    /// The configuration's rules; a limit of 0 is none.
     pub fn new(cfg: &GuardrailConfig) -> Self {
+        let set = |limits: &BTreeMap<String, usize>| {
+            limits
+                .iter()
+                .filter(|(_, limit)| **limit > 0)
+                .map(|(kind, limit)| (kind.clone(), *limit))
+                .collect()
+        };
         Self {
-            limits: cfg.limits.clone(),
+            limits: set(&cfg.limits),
             max_identifiers: cfg.max_profile_identifiers,
             priority: cfg.priority.clone(),
-            shared_limits: cfg.shared_limits.clone(),
+            shared_limits: set(&cfg.shared_limits),
             owner_types: cfg.owner_types.clone(),
         }
     }

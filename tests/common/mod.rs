@@ -21,6 +21,11 @@ use stitcher::config::Format;
 use stitcher::generate::Routes;
 use stitcher::journeys::{self, PersonTruth, StoryTruth};
 
+/// Inside `[guardrails]`: every default type limit and shared limit turned off (a table in a file applies
+/// over the defaults type by type, and 0 is none).
+pub const NO_TYPE_LIMITS: &str = "limits = { customer_id = 0, loyalty_id = 0, email = 0, phone = 0, \
+    device_id = 0, anonymous_id = 0 }\nshared_limits = { device_id = 0, anonymous_id = 0, phone = 0 }\n";
+
 /// A free loopback port: bind to 0, read it, release it for a service.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
