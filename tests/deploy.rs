@@ -498,3 +498,66 @@ fn the_state_tools_refuse_a_path_without_state_and_create_nothing() {
         assert!(!absent.exists(), "{args:?} created {}", absent.display());
     }
 }
+
+/// The service's start-up errors name the setting to change: an HTTP address already in use names
+/// `http.listen`, and a state directory another process holds says so (RocksDB's own words were
+/// `While lock file: <dir>/LOCK: Resource temporarily unavailable`). Both come before any broker is asked.
+#[test]
+fn start_up_errors_name_the_setting_to_change() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("stitcher.toml");
+    std::fs::write(
+        &config,
+        "[kafka]\nbrokers = \"127.0.0.1:1\"\n[[inputs]]\ntopic = \"web\"\nchannel = \"web\"\n",
+    )
+    .expect("config");
+    // Fails within the bound (a start that got past these steps would wait for the absent brokers).
+    let fails = |state: &Path, listen: &str| -> String {
+        let log = dir.path().join("stderr");
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+            .args(["run", "--config", config.to_str().expect("utf-8 path")])
+            .args(["--state-dir", state.to_str().expect("utf-8 path")])
+            .args(["--http-listen", listen])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"))
+            .spawn()
+            .expect("start the service");
+        let started = std::time::Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "still running after 20 s: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
+        let err = std::fs::read_to_string(&log).expect("log");
+        assert!(!status.success(), "{err}");
+        err
+    };
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");
+    let addr = taken.local_addr().expect("address").to_string();
+    let err = fails(&dir.path().join("state-a"), &addr);
+    assert!(
+        err.contains(&format!("cannot listen on {addr} (http.listen)")),
+        "{err}"
+    );
+
+    let held = dir.path().join("state-b");
+    let _holder = stitcher::store::Store::open(&held, 8).expect("open the state");
+    let err = fails(&held, "127.0.0.1:0");
+    assert!(
+        err.contains(&format!(
+            "cannot open the state at {} (state.dir): another process holds it",
+            held.display()
+        )),
+        "{err}"
+    );
+}
