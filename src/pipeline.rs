@@ -549,6 +549,15 @@ impl Pipeline {
                 Some(Err(e)) => {
                     self.metrics.errors.with_label_values(&["consume"]).inc();
                     tracing::warn!(error = %e, "consume error");
+                    if matches!(
+                        e,
+                        KafkaError::MessageConsumption(
+                            RDKafkaErrorCode::UnknownTopicOrPartition
+                                | RDKafkaErrorCode::UnknownTopic
+                        )
+                    ) {
+                        self.topics.doubt();
+                    }
                 }
                 Some(Ok(m)) => polled.push(self, m.detach()),
             }

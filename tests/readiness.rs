@@ -90,7 +90,22 @@ fn a_missing_input_topic_is_named_and_picked_up_once_created() {
         Duration::from_secs(60),
         || s.http_get("/v1/identifiers/email/kiosk@x.io").0 == 200,
     );
-    println!("missing topic: ready {taken:.1?} after creation, its first event visible {picked:.1?} later");
+    // A topic deleted while the instance runs is named as soon as the consumer misses it (the metadata
+    // was read again only after a minute).
+    delete_topics(std::slice::from_ref(&late));
+    let gone = wait_for(
+        "not ready once the topic is deleted",
+        &s,
+        Duration::from_secs(20),
+        || {
+            let (status, why) = s.http_get("/readyz");
+            status == 503 && why.contains(&late)
+        },
+    );
+    println!(
+        "missing topic: ready {taken:.1?} after creation, its first event visible {picked:.1?} later, \
+         not ready {gone:.1?} after its deletion"
+    );
     let log = s.log();
     assert!(
         !log.contains("another instance"),

@@ -165,6 +165,8 @@ pub struct TopicWatch {
     /// Partitions of the existing topics, and when that was read.
     last: Option<(usize, Instant)>,
     missing: Vec<String>,
+    /// The consumer reported a topic it cannot find since the last read (one deleted, say).
+    doubted: bool,
 }
 
 /// How old the metadata may be while every topic exists; while one is missing it is read this often.
@@ -177,13 +179,21 @@ impl TopicWatch {
             topics,
             last: None,
             missing: Vec::new(),
+            doubted: false,
         }
+    }
+
+    /// The consumer says a subscribed topic does not exist (it was deleted, say): the next look reads the
+    /// metadata if the last read is older than [`TOPICS_FRESH_MISSING`], not [`TOPICS_FRESH`], so the
+    /// instance is not ready within seconds rather than a minute.
+    pub fn doubt(&mut self) {
+        self.doubted = true;
     }
 
     /// Partitions of the subscribed topics that exist, from recent metadata; `None` if the metadata cannot
     /// be read now.
     pub fn partitions(&mut self, consumer: &StitchConsumer, health: &Health) -> Option<usize> {
-        let fresh = if self.missing.is_empty() {
+        let fresh = if self.missing.is_empty() && !self.doubted {
             TOPICS_FRESH
         } else {
             TOPICS_FRESH_MISSING
@@ -220,6 +230,7 @@ impl TopicWatch {
             self.missing = missing;
         }
         self.last = Some((total, Instant::now()));
+        self.doubted = false;
         Some(total)
     }
 }

@@ -609,6 +609,25 @@ pub fn create_topics(topics: &[String], partitions: i32) {
     stitcher::generate::create_topics(&brokers(), topics, partitions).expect("create topics");
 }
 
+pub fn delete_topics(topics: &[String]) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .expect("admin client");
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    for r in rt
+        .block_on(admin.delete_topics(&names, &AdminOptions::new()))
+        .expect("delete topics")
+    {
+        r.unwrap_or_else(|(topic, code)| panic!("delete {topic}: {code}"));
+    }
+}
+
 /// The output topic as a consumer sees it.
 #[derive(Default)]
 pub struct Output {
