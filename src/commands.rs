@@ -117,12 +117,12 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     })
     .await??;
     crate::kafka::ensure_reachable(&cfg).await?;
-    let brokers = cfg.kafka.brokers.clone();
+    let client = crate::kafka::base_config(&cfg);
     let rate = args.rate;
     let truth_path = args.truth.clone();
     let (sent, events, malformed, duplicates) =
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let sent = generate::send(&brokers, &routes, &j, rate)?;
+            let sent = generate::send_with(client, &routes, &j, rate)?;
             if let Some(path) = &truth_path {
                 generate::write_truth(path, &j.truth)?;
             }

@@ -108,16 +108,27 @@ pub fn create_topics_with(
     Ok(())
 }
 
-/// Produces every generated message; `rate` limits messages per second (0: as fast as possible).
-/// Returns the number of messages sent.
+/// Produces every generated message to `brokers` (no other client settings); `rate` limits messages per
+/// second (0: as fast as possible). Returns the number of messages sent.
 pub fn send(
     brokers: &str,
     routes: &Routes,
     journeys: &Journeys,
     rate: u64,
 ) -> Result<u64, GenerateError> {
-    let producer: ThreadedProducer<Deliveries> = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    let mut client = ClientConfig::new();
+    client.set("bootstrap.servers", brokers);
+    send_with(client, routes, journeys, rate)
+}
+
+/// [`send`] with the client settings given (the service's `[kafka.common]`: SASL and TLS, say).
+pub fn send_with(
+    mut client: ClientConfig,
+    routes: &Routes,
+    journeys: &Journeys,
+    rate: u64,
+) -> Result<u64, GenerateError> {
+    let producer: ThreadedProducer<Deliveries> = client
         .set("enable.idempotence", "true")
         .set("linger.ms", "20")
         .set("batch.num.messages", "10000")

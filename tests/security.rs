@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use stitcher::generate;
-use stitcher::journeys::{self, JourneyConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(120);
+const PASSWORD: (&str, &str) = ("STITCHER_RDKAFKA__SASL_PASSWORD", "stitcher-secret");
 
 fn plain_port() -> u16 {
     brokers()
@@ -58,20 +58,32 @@ fn pipeline_runs_over_sasl_scram_and_tls() {
             &format!("127.0.0.1:{port}"),
             &security_toml(protocol),
         );
-        let j = journeys::generate(&JourneyConfig {
-            persons: 60,
-            seed: 31,
-            ..Default::default()
-        });
-        let sent = generate::send(&brokers(), &s.routes, &j, 0).expect("send");
-        let mut child = s.start_with_env(&[("STITCHER_RDKAFKA__SASL_PASSWORD", "stitcher-secret")]);
+        // The events go through the secured listener too, with `stitcher generate` and the service's
+        // configuration (the generator used only the brokers' addresses, so it could not reach a secured
+        // cluster).
+        let truth = s.dir.join("truth.jsonl");
+        let out = s.cli_with_env(
+            &[
+                "generate",
+                "--persons",
+                "60",
+                "--seed",
+                "31",
+                "--truth",
+                truth.to_str().expect("utf-8 path"),
+            ],
+            &[PASSWORD],
+        );
+        let said = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let truth = generate::read_truth(&truth).expect("truth");
+        let mut child = s.start_with_env(&[PASSWORD]);
         s.wait_caught_up(&mut child, TIMEOUT);
         assert!(sigterm(&mut child).success(), "{}", s.log_tail());
         let got = live_summaries(&s.output().view);
-        let want = truth_summaries(&j.truth);
+        let want = truth_summaries(&truth);
         assert!(got == want, "{protocol}: {}", diff(&got, &want));
         println!(
-            "security: {protocol} on 127.0.0.1:{port}: {sent} messages, {} profiles",
+            "security: {protocol} on 127.0.0.1:{port}: {said}; {} profiles",
             got.len()
         );
     }
@@ -86,7 +98,7 @@ fn a_wrong_password_is_refused_clearly() {
         &format!("127.0.0.1:{port}"),
         &security_toml("SASL_PLAINTEXT"),
     );
-    let mut child = s.start_with_env(&[("STITCHER_RDKAFKA__SASL_PASSWORD", "not-the-password")]);
+    let mut child = s.start_with_env(&[(PASSWORD.0, "not-the-password")]);
     let start = Instant::now();
     let mut exited = None;
     while start.elapsed() < Duration::from_secs(60) {

@@ -311,6 +311,11 @@ topic = "{control_topic}"
 
     /// Runs the stitcher binary with this setup's config (a CLI command such as `erase`); its output.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        self.cli_with_env(args, &[])
+    }
+
+    /// [`Setup::cli`] with these environment variables (a secret, say).
+    pub fn cli_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_stitcher"));
         for (k, _) in std::env::vars() {
             if k.starts_with("STITCHER_") {
@@ -318,6 +323,7 @@ topic = "{control_topic}"
             }
         }
         let out = cmd
+            .envs(env.iter().copied())
             .args(args)
             .arg("--config")
             .arg(&self.config_path)
