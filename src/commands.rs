@@ -215,7 +215,11 @@ pub async fn erase(args: EraseArgs) -> anyhow::Result<()> {
             }
         }
         (None, Some(p)) => ControlCommand::EraseProfile {
-            profile_id: p.clone(),
+            profile_id: ProfileId::parse(p)
+                .with_context(|| {
+                    format!("--profile {p:?}: {}", crate::model::MALFORMED_PROFILE_ID)
+                })?
+                .0,
         },
         (None, None) => anyhow::bail!("give --identifier or --profile"),
     };

@@ -280,6 +280,13 @@ impl Engine {
                 return Ok(());
             };
             let trigger = Trigger::command_name(&msg.origin());
+            // The receipt: what follows is logged (and counted) where a shard changes something, and a
+            // command about what the state does not hold changes nothing.
+            tracing::info!(
+                op = command.op(),
+                trigger = trigger.as_str(),
+                "control command read"
+            );
             let hash = |x: &Identifier| {
                 self.suppression
                     .as_ref()

@@ -185,13 +185,11 @@ fn profile_request(
     id: String,
 ) -> Result<(Store, ProfileId), Refused> {
     authorize(s, headers)?;
-    if !id.starts_with("p-") || id.len() != 22 || !id[2..].bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err((
-            StatusCode::BAD_REQUEST,
-            "malformed profile id: expected p- and 20 hex digits".into(),
-        ));
-    }
-    Ok((state(s)?, ProfileId(id)))
+    let id = ProfileId::parse(&id).ok_or((
+        StatusCode::BAD_REQUEST,
+        crate::model::MALFORMED_PROFILE_ID.to_string(),
+    ))?;
+    Ok((state(s)?, id))
 }
 
 /// Answers with `what` of a profile found by any of its ids (redirects followed), read off the async

@@ -96,10 +96,20 @@ impl ProfileId {
         ProfileId(id)
     }
 
+    /// A profile id as written (`p-` and 20 lower- or upper-case hex digits); `None` if it is not one.
+    pub fn parse(id: &str) -> Option<Self> {
+        let digits = id.strip_prefix("p-")?;
+        (digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_hexdigit()))
+            .then(|| ProfileId(id.to_string()))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
     }
 }
+
+/// What [`ProfileId::parse`] refuses, said the same way everywhere.
+pub const MALFORMED_PROFILE_ID: &str = "malformed profile id: expected p- and 20 hex digits";
 
 impl fmt::Display for ProfileId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -370,6 +380,16 @@ mod tests {
             ProfileId::from_anchor("").as_str(),
             format!("p-{}", &empty[..20])
         );
+        assert_eq!(ProfileId::parse(a.as_str()), Some(a));
+        for bad in [
+            "p-123",
+            "p-",
+            "q-e3b0c44298fc1c149afb",
+            "p-e3b0c44298fc1c149afz",
+            "p-ü3b0c44298fc1c149af",
+        ] {
+            assert_eq!(ProfileId::parse(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -333,9 +333,9 @@ impl Processor {
                 .and_then(|()| given(&kind, value, hash))
                 .map(Control::Unsuppress),
             Command::Release {} => Ok(Control::Release),
-            Command::EraseProfile { profile_id } => {
-                Ok(Control::EraseProfile(ProfileId(profile_id)))
-            }
+            Command::EraseProfile { profile_id } => ProfileId::parse(&profile_id)
+                .map(Control::EraseProfile)
+                .ok_or_else(|| crate::model::MALFORMED_PROFILE_ID.to_string()),
             Command::Unlink { a, b } => {
                 match (normalize(&a.kind, &a.value), normalize(&b.kind, &b.value)) {
                     (Ok(a), Ok(b)) => Ok(Control::Unlink(a, b)),

@@ -440,24 +440,58 @@ fn suppressed_identifiers_stay_erased_across_restart_and_restore() {
     assert!(s.identity_mapping() == s.output().identity_mapping());
 }
 
-/// An erasure with `--suppress` on a service without a salt is a dead letter that says what is missing.
+/// Commands the service cannot apply are dead letters that say why: an erasure with `--suppress` on a
+/// service without a salt, and an erase of a malformed profile id (which `stitcher erase` refuses before
+/// sending: it sent `p-123`, and the service looked for it in every shard and found nothing, silently).
+/// A command it can apply is logged as read, whatever it then finds.
 #[test]
-fn suppressing_without_a_salt_is_refused_clearly() {
+fn commands_that_cannot_be_applied_are_refused_clearly() {
     let s = Setup::new("nosalt", 1, "");
     send(&s, vec![event("n1", 1, &[("email", "x@x.io")])]);
     let mut child = s.start();
     s.wait_caught_up(&mut child, TIMEOUT);
     s.cli(&["erase", "--identifier", "email:x@x.io", "--suppress"]);
+    send_all(
+        &s.control_topic,
+        [r#"{"op":"erase_profile","profile_id":"p-123"}"#],
+    );
+    s.cli(&["erase", "--identifier", "email:nobody@x.io"]);
     s.wait_caught_up(&mut child, TIMEOUT);
     assert!(sigterm(&mut child).success());
     let dead = s.dead_letters();
-    assert_eq!(dead.len(), 1);
+    assert_eq!(dead.len(), 2, "{dead:?}");
     assert!(
         dead[0].headers["dlq.error"].contains("STITCHER_SUPPRESSION_SALT"),
         "{:?}",
         dead[0].headers
     );
-    assert_eq!(dead[0].headers["dlq.stage"], "control");
+    assert!(
+        dead[1].headers["dlq.error"].contains("malformed profile id"),
+        "{:?}",
+        dead[1].headers
+    );
+    assert!(dead.iter().all(|d| d.headers["dlq.stage"] == "control"));
+    let log = s.log();
+    let read = log
+        .lines()
+        .filter(|l| l.contains("control command read") && l.contains("erase_identifier"))
+        .count();
+    assert_eq!(
+        read, 1,
+        "the erase of an absent identifier is logged as read"
+    );
+
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+        .args(["erase", "--profile", "p-123", "--config"])
+        .arg(&s.config_path)
+        .output()
+        .expect("run erase");
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{err}");
+    assert!(
+        err.contains("--profile \"p-123\": malformed profile id"),
+        "{err}"
+    );
 }
 
 /// A command for brokers that do not answer fails within the connection check, naming them. (It waited
