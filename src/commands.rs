@@ -138,6 +138,12 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 
 /// Opens a stopped instance's state directory for the tools that read it (`inspect`, `export`,
 /// `quality`): a path that holds no state is an error, not an empty state created there.
+/// A `--profile` argument, refused by name unless it is a profile id.
+fn profile_arg(p: &str) -> anyhow::Result<ProfileId> {
+    ProfileId::parse(p)
+        .with_context(|| format!("--profile {p:?}: {}", crate::model::MALFORMED_PROFILE_ID))
+}
+
 fn open_state(dir: &std::path::Path) -> anyhow::Result<Store> {
     anyhow::ensure!(
         dir.join("CURRENT").is_file(),
@@ -156,7 +162,7 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<()> {
         None => Config::default(),
     };
     let found = match (&args.profile, &args.identifier) {
-        (Some(p), _) => lookup::profile_here(&store, &held, &ProfileId(p.clone()))?
+        (Some(p), _) => lookup::profile_here(&store, &held, &profile_arg(p)?)?
             .map(|(shard, _, node)| (shard, node)),
         (None, Some(spec)) => {
             let id = parse_identifier(&Normalizer::new(&cfg.identity)?, spec)?;
@@ -215,11 +221,7 @@ pub async fn erase(args: EraseArgs) -> anyhow::Result<()> {
             }
         }
         (None, Some(p)) => ControlCommand::EraseProfile {
-            profile_id: ProfileId::parse(p)
-                .with_context(|| {
-                    format!("--profile {p:?}: {}", crate::model::MALFORMED_PROFILE_ID)
-                })?
-                .0,
+            profile_id: profile_arg(p)?.0,
         },
         (None, None) => anyhow::bail!("give --identifier or --profile"),
     };

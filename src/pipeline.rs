@@ -31,7 +31,7 @@ use crate::engine::{changelog_records, sorted_changes, Engine, Work};
 use crate::kafka::reader::QuietEof;
 use crate::kafka::{
     base_config, consumer_config, watermarks, AssignmentWatch, CommitError, Committer, Deadline,
-    GroupPeers, StitchConsumer, StitchContext, TopicWatch,
+    FenceWatch, GroupPeers, StitchConsumer, StitchContext, TopicWatch,
 };
 use crate::metrics::Metrics;
 use crate::model::{now_millis, Millis};
@@ -65,6 +65,9 @@ pub enum PipelineError {
     CommitThread(String),
     #[error("decode thread: {0}")]
     DecodeThread(String),
+    /// Another process runs with this instance's identity (see [`crate::kafka::FenceWatch`]).
+    #[error("{0}")]
+    InstanceTaken(String),
 }
 
 error_from!(PipelineError {
@@ -361,6 +364,7 @@ pub struct Pipeline {
     topics: TopicWatch,
     /// A consumer that never gets its partitions back is replaced.
     unassigned: AssignmentWatch,
+    fences: FenceWatch,
     /// Whether another member is in the consumer group.
     peers: GroupPeers,
 }
@@ -410,6 +414,7 @@ impl Pipeline {
         Ok(Self {
             topics,
             unassigned: AssignmentWatch::default(),
+            fences: FenceWatch::default(),
             peers: GroupPeers::default(),
             cfg,
             store,
@@ -541,9 +546,21 @@ impl Pipeline {
                 None => {}
                 Some(Err(KafkaError::MessageConsumptionFatal(code))) => {
                     self.metrics.errors.with_label_values(&["consume"]).inc();
-                    tracing::warn!(?code, "consumer failed fatally; replacing it");
                     drop(overlay);
                     self.settle()?;
+                    if code == RDKafkaErrorCode::FencedInstanceId
+                        && self.fences.another_process(Instant::now())
+                    {
+                        return Err(PipelineError::InstanceTaken(format!(
+                            "kafka.instance_id {:?} is in use by another process in group {:?} (its \
+                             consumer, group.instance.id {:?}, was fenced three times within two \
+                             minutes): every instance needs a kafka.instance_id of its own",
+                            self.cfg.kafka.instance_id,
+                            self.cfg.kafka.group_id,
+                            crate::kafka::group_instance_id(&self.cfg),
+                        )));
+                    }
+                    tracing::warn!(?code, "consumer failed fatally; replacing it");
                     return self.restart_consumer();
                 }
                 Some(Err(e)) => {

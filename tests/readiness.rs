@@ -3,7 +3,8 @@
 //!   other channels keep flowing; once created it is picked up without pausing anything, and no log line
 //!   blames another instance;
 //! - after a restart with a backlog, `stitcher_consumer_lag_messages` falls to 0 once the backlog is read;
-//! - an instance stopped while it waits for unreachable brokers exits 0, never having reported ready.
+//! - an instance stopped while it waits for unreachable brokers exits 0, never having reported ready;
+//! - of two processes started with the same instance id, one exits saying so and the other goes on.
 #![cfg(feature = "kafka-it")]
 
 mod common;
@@ -238,4 +239,70 @@ fn generate_refuses_topics_that_do_not_exist() {
     assert!(!truth.exists(), "no ground truth written");
     assert!(took < Duration::from_secs(20), "{took:?}");
     println!("absent topics: generate refused them after {took:.1?}");
+}
+
+/// Two processes with the same `kafka.instance_id` (a copied deployment, a second `stitcher run` by hand)
+/// fenced each other's consumers back and forth for ever, each ready now and then and neither saying why.
+/// One must give way within a minute, exiting non-zero with an error naming `kafka.instance_id`, and the
+/// other must go on: ready, and applying events.
+#[test]
+fn a_second_process_with_the_same_instance_id_is_told_so_and_one_goes_on() {
+    let s = Setup::new("twins", 1, "");
+    let mut first = s.start();
+    wait_for("the first ready", &s, TIMEOUT, || is_ready(s.http_port));
+    let twin_port = free_port();
+    let twin_state = s.dir.join("twin-state");
+    let twin_listen = format!("127.0.0.1:{twin_port}");
+    let mut twin = s.start_with_env(&[
+        (
+            "STITCHER_STATE_DIR",
+            twin_state.to_str().expect("utf-8 path"),
+        ),
+        ("STITCHER_HTTP_LISTEN", twin_listen.as_str()),
+    ]);
+    let started = Instant::now();
+    let (gone, mut survivor, port) = loop {
+        if let Some(status) = first.try_wait().expect("wait") {
+            break (status, twin, twin_port);
+        }
+        if let Some(status) = twin.try_wait().expect("wait") {
+            break (status, first, s.http_port);
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "both still running after 60 s:\n{}",
+            s.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let took = started.elapsed();
+    assert!(!gone.success(), "{}", s.log_tail());
+    assert!(
+        s.log().contains("is in use by another process") && s.log().contains("kafka.instance_id"),
+        "{}",
+        s.log_tail()
+    );
+    let j = journeys::generate(&JourneyConfig {
+        persons: 20,
+        seed: 12,
+        ..Default::default()
+    });
+    generate::send(&brokers(), &s.routes, &j, 0).expect("send");
+    let (_, email) = j
+        .truth
+        .iter()
+        .flat_map(|t| &t.identifiers)
+        .find(|(kind, _)| kind == "email")
+        .expect("an email")
+        .clone();
+    wait_for("the survivor applies events", &s, TIMEOUT, || {
+        is_ready(port) && http_get(port, &format!("/v1/identifiers/email/{email}")).0 == 200
+    });
+    assert!(
+        survivor.try_wait().expect("wait").is_none(),
+        "{}",
+        s.log_tail()
+    );
+    assert!(sigterm(&mut survivor).success(), "{}", s.log_tail());
+    println!("twins: one exited {took:.1?} after the second started; the other went on");
 }

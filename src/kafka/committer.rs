@@ -27,7 +27,7 @@ use crate::store::{Position, RecordRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
-    #[error("producer fenced or in a fatal state: {0}")]
+    #[error("producer fenced or in a fatal state: {0}{}", fenced_hint(.0))]
     Fatal(KafkaError),
     /// The group coordinator no longer knows this consumer (its session expired during a broker outage, or
     /// the group rebalanced). Retrying cannot help until the consumer has polled and rejoined the group.
@@ -287,6 +287,24 @@ fn is_record_error(e: &KafkaError) -> bool {
                 | RDKafkaErrorCode::MessageBatchTooLarge
         )
     ) || e.to_string().contains("too large")
+}
+
+/// What a fenced producer means: another process initialised transactions with the same transactional id.
+fn fenced_hint(e: &KafkaError) -> &'static str {
+    let fenced = matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::Fenced
+                | RDKafkaErrorCode::ProducerFenced
+                | RDKafkaErrorCode::InvalidProducerEpoch
+        )
+    ) || e.to_string().to_lowercase().contains("fenced");
+    if fenced {
+        " (another process started with this transactional id, kafka.transactional_id and \
+         kafka.instance_id: every instance needs a kafka.instance_id of its own)"
+    } else {
+        ""
+    }
 }
 
 fn is_fatal(e: &KafkaError) -> bool {

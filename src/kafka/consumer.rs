@@ -270,6 +270,30 @@ impl GroupPeers {
     }
 }
 
+/// Tells a static member that races itself once while rejoining (a coordinator restart: the consumer is
+/// replaced and goes on) from another process running with the same `group.instance.id`. Two such
+/// processes fence each other's new consumers back and forth for ever, each ready now and then and neither
+/// saying why; fenced this often, this one gives way.
+#[derive(Default)]
+pub struct FenceWatch {
+    /// When the consumer was fenced, within the last [`FENCED_WINDOW`].
+    fenced: Vec<Instant>,
+}
+
+/// How many fencings within the window mean another process: a self-race happens once per rejoin.
+const FENCED_TIMES: usize = 3;
+const FENCED_WINDOW: Duration = Duration::from_secs(120);
+
+impl FenceWatch {
+    /// Records a fencing at `now`; whether the consumer has been fenced too often to go on.
+    pub fn another_process(&mut self, now: Instant) -> bool {
+        self.fenced
+            .retain(|at| now.duration_since(*at) < FENCED_WINDOW);
+        self.fenced.push(now);
+        self.fenced.len() >= FENCED_TIMES
+    }
+}
+
 /// Watches for a consumer that holds no partition although nothing else in its group does: librdkafka can
 /// fail to rejoin a group for good after its session timed out during a broker outage when static
 /// membership is on (librdkafka issue 3437, seen here after a broker stop). Such a consumer polls happily
@@ -322,5 +346,26 @@ impl AssignmentWatch {
         peers.forget();
         health.set_unassigned_since(None);
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One fencing (a self-race while rejoining) or one now and then is gone on from; three within two
+    /// minutes are another process with the same instance id.
+    #[test]
+    fn fenced_three_times_within_two_minutes_is_another_process() {
+        let mut watch = FenceWatch::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(!watch.another_process(at(0)));
+        assert!(!watch.another_process(at(100)));
+        // The first one is out of the window by now.
+        assert!(!watch.another_process(at(130)));
+        assert!(watch.another_process(at(131)));
+        let mut spaced = FenceWatch::default();
+        assert!((0..10).all(|i| !spaced.another_process(at(i * 61))));
     }
 }

@@ -22,7 +22,9 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 
 pub use committer::{CommitError, Committer, Deadline};
-pub use consumer::{AssignmentWatch, GroupPeers, StitchConsumer, StitchContext, TopicWatch};
+pub use consumer::{
+    AssignmentWatch, FenceWatch, GroupPeers, StitchConsumer, StitchContext, TopicWatch,
+};
 
 /// Logs what librdkafka reports as client errors (the default context sends them to the `log` crate, which
 /// this service does not read). Authentication and TLS failures are errors an operator must fix, so they are
@@ -75,15 +77,17 @@ pub fn base_config(cfg: &Config) -> ClientConfig {
     c
 }
 
+/// The consumer's static member id in its group: the transactional id's prefix and the instance id.
+pub fn group_instance_id(cfg: &Config) -> String {
+    format!("{}-{}", cfg.kafka.transactional_id, cfg.kafka.instance_id)
+}
+
 /// Consumer settings: manual offsets (they travel in our transactions), read_committed.
 pub fn consumer_config(cfg: &Config) -> ClientConfig {
     let mut c = base_config(cfg);
     c.set("group.id", &cfg.kafka.group_id)
         // Static membership: a restarted instance takes its partitions back at once, no rebalance.
-        .set(
-            "group.instance.id",
-            format!("{}-{}", cfg.kafka.transactional_id, cfg.kafka.instance_id),
-        )
+        .set("group.instance.id", group_instance_id(cfg))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")

@@ -40,6 +40,12 @@ pub fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Whether a service listens on loopback `port` and answers `/readyz` with 200 (`false` while it does not
+/// listen yet).
+pub fn is_ready(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() && http_get(port, "/readyz").0 == 200
+}
+
 /// Like [`http_get`], with the response's header lines (lower-cased names) as well.
 pub fn http_get_head(port: u16, path: &str) -> (u16, Vec<(String, String)>, String) {
     use std::io::Read;
