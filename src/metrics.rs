@@ -77,6 +77,8 @@ struct HealthState {
     running: AtomicBool,
     /// Since when (epoch ms) commits fail; 0 while the last one succeeded.
     commit_failing_since: AtomicI64,
+    /// The last failed commit's error, for the readiness answer.
+    commit_error: Mutex<String>,
     /// Since when (epoch ms) the commit under way has been trying; 0 between commits.
     committing_since: AtomicI64,
     /// Since when (epoch ms) no broker is up; 0 while one is.
@@ -113,7 +115,11 @@ impl Health {
             .store(now_millis(), Ordering::Release);
     }
 
-    pub fn commit_failed(&self) {
+    /// A commit failed with `error` (said by `/readyz` while commits fail).
+    pub fn commit_failed(&self, error: &dyn std::fmt::Display) {
+        if let Ok(mut e) = self.0.commit_error.lock() {
+            *e = error.to_string();
+        }
         let _ = self.0.commit_failing_since.compare_exchange(
             0,
             now_millis(),
@@ -195,9 +201,11 @@ impl Health {
         }
         let since = s.commit_failing_since.load(Ordering::Acquire);
         if since != 0 {
+            let error = s.commit_error.lock().map(|e| e.clone()).unwrap_or_default();
             return Err(format!(
-                "commits failing for {} s",
-                (now_millis() - since).max(0) / 1000
+                "commits failing for {} s (last: {})",
+                (now_millis() - since).max(0) / 1000,
+                crate::kafka::dead_letters::truncate_str(&error, 300)
             ));
         }
         let committing = s.committing_since.load(Ordering::Acquire);
@@ -366,6 +374,24 @@ mod tests {
         let why = h.check().expect_err("stuck");
         assert!(why.contains("started no batch"), "{why}");
         h.turned();
+        assert_eq!(h.check(), Ok(()));
+    }
+
+    /// While commits fail, `/readyz` says with what (it said only for how long), and a commit that
+    /// succeeds clears it.
+    #[test]
+    fn failing_commits_are_not_ready_and_say_their_last_error() {
+        let h = Health::default();
+        h.set_running(true);
+        h.commit_failed(&"Broker: Topic authorization failed");
+        let why = h.check().expect_err("failing");
+        assert!(
+            why.starts_with("commits failing for 0 s (last: Broker: Topic authorization failed)"),
+            "{why}"
+        );
+        h.commit_failed(&"x".repeat(1_000));
+        assert!(h.check().expect_err("failing").len() < 400);
+        h.commit_settled();
         assert_eq!(h.check(), Ok(()));
     }
 }

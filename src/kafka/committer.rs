@@ -450,19 +450,18 @@ impl Committer {
                 Err(TxnError::Hung(hung)) => {
                     // Its transaction is settled by the producer that takes over (docs/DESIGN.md).
                     tracing::error!(error = %hung, "a transactional call never returned; a new producer is needed");
-                    self.metrics.health.commit_failed();
+                    self.metrics.health.commit_failed(&hung);
                     self.metrics.errors.with_label_values(&["hung"]).inc();
                     return Err(CommitError::Hung(hung));
                 }
                 Err(TxnError::Kafka(e)) => e,
             };
+            self.metrics.health.commit_failed(&e);
             match e {
                 e if is_fatal(&e) => {
-                    self.metrics.health.commit_failed();
                     return Err(CommitError::Fatal(e));
                 }
                 e if needs_rejoin(&e) => {
-                    self.metrics.health.commit_failed();
                     // Aborted now, not when the next transaction begins: its records hold the changelog's
                     // last stable offset, and the restore after the rejoin reads up to it (left open, the
                     // restore waited for the transaction timeout; the group test caught it).
@@ -482,12 +481,10 @@ impl Committer {
                 }
                 // The transactional calls already waited their own timeout; retrying in place did not help.
                 e if is_retriable(&e) => {
-                    self.metrics.health.commit_failed();
                     self.metrics.errors.with_label_values(&["commit"]).inc();
                     return Err(CommitError::Stuck(e));
                 }
                 e => {
-                    self.metrics.health.commit_failed();
                     self.metrics.errors.with_label_values(&["commit"]).inc();
                     self.metrics
                         .transactions

@@ -139,7 +139,7 @@ pub fn unproducible(dlq_topic: &str, r: RecordRef<'_>, error: &str, limit: usize
 }
 
 /// At most `max` bytes of `s`, cut at a character boundary.
-fn truncate_str(s: &str, max: usize) -> String {
+pub fn truncate_str(s: &str, max: usize) -> String {
     let mut end = s.len().min(max);
     while !s.is_char_boundary(end) {
         end -= 1;
