@@ -15,15 +15,17 @@ use crate::codec::{Layout, Writer};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    // The cause is printed in the message and not a `source` (a field of that name would be one): every
+    // report of the chain printed it twice (see `error_from!`).
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("invalid config file {path}: {source}")]
+    #[error("invalid config file {path}: {error}")]
     Parse {
         path: PathBuf,
-        source: toml::de::Error,
+        error: toml::de::Error,
     },
     #[error("invalid environment variable {name}: {reason}")]
     Env { name: String, reason: String },
@@ -720,13 +722,13 @@ impl Config {
     }
 
     pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        toml::from_str(&text).map_err(|error| ConfigError::Parse {
             path: path.to_path_buf(),
-            source,
+            error,
         })
     }
 
@@ -858,6 +860,12 @@ impl Config {
         }
         if self.guardrails.max_profile_identifiers == 0 {
             return invalid("guardrails.max_profile_identifiers must be at least 1".into());
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return invalid(
+                "kafka.brokers is empty: give the bootstrap servers (host:port, comma separated)"
+                    .into(),
+            );
         }
         if self.kafka.group_id.is_empty() || self.kafka.transactional_id.is_empty() {
             return invalid("kafka.group_id and kafka.transactional_id are required".into());
@@ -1145,6 +1153,25 @@ mod tests {
         with("owner_types = [\"email\", \"phone\"]\nshared_limits = { phone = 0 }").unwrap();
     }
 
+    /// A file that cannot be read or parsed is reported once, as the service prints its errors (the
+    /// whole chain): the cause was both in the message and the source, so printed twice.
+    #[test]
+    fn a_bad_config_file_is_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let absent = dir.path().join("absent.toml");
+        let bad = dir.path().join("bad.toml");
+        std::fs::write(&bad, "[http]\nlisten = \"localhost:9464\"\n").unwrap();
+        for (path, cause) in [
+            (&absent, "No such file or directory"),
+            (&bad, "invalid socket address syntax"),
+        ] {
+            let e = Config::from_toml_file(path).unwrap_err();
+            let printed = format!("{:#}", anyhow::Error::from(e));
+            assert_eq!(printed.matches(cause).count(), 1, "{printed}");
+            assert!(printed.contains(&path.display().to_string()), "{printed}");
+        }
+    }
+
     #[test]
     fn file_env_and_flags_apply_in_order() {
         let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
@@ -1207,5 +1234,11 @@ mod tests {
         let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
         cfg.identity.default_country = "Atlantis".into();
         assert!(cfg.validate().is_err());
+        // No brokers (an empty STITCHER_BROKERS, say): refused at once, not retried for ever.
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        cfg.apply_env([("STITCHER_BROKERS".to_string(), " ".to_string())])
+            .unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("kafka.brokers is empty"), "{e}");
     }
 }
