@@ -23,7 +23,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -84,6 +85,35 @@ struct ErrorAnswer {
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
     (status, Json(ErrorAnswer { error: msg.into() })).into_response()
+}
+
+/// axum's `Path` and `Query`, refusing as every other answer does: the status and a JSON `error` (axum's
+/// own refusals were plain text, `Failed to deserialize query string: ...`).
+struct Path<T>(T);
+struct Query<T>(T);
+
+#[axum::async_trait]
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> FromRequestParts<S> for Path<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match axum::extract::Path::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(t)) => Ok(Self(t)),
+            Err(r) => Err(error(r.status(), r.body_text())),
+        }
+    }
+}
+
+#[axum::async_trait]
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Query<T> {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(t)) => Ok(Self(t)),
+            Err(r) => Err(error(r.status(), r.body_text())),
+        }
+    }
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -261,8 +291,8 @@ async fn by_profile_id(
     State(s): State<HttpState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    axum::extract::Query(select): axum::extract::Query<Select>,
-    axum::extract::Query(fresh): axum::extract::Query<Fresh>,
+    Query(select): Query<Select>,
+    Query(fresh): Query<Fresh>,
 ) -> Response {
     let answer = fresh
         .wait(|| for_profile(s.clone(), headers.clone(), id.clone(), What::Profile))
@@ -445,7 +475,7 @@ async fn forwarded_profile(
     State(s): State<HttpState>,
     headers: HeaderMap,
     Path(id): Path<String>,
-    axum::extract::Query(q): axum::extract::Query<Forwarded>,
+    Query(q): Query<Forwarded>,
 ) -> Response {
     let (store, asked) = match profile_request(&s, &headers, id) {
         Ok(x) => x,
@@ -485,8 +515,8 @@ async fn by_identifier(
     State(s): State<HttpState>,
     headers: HeaderMap,
     Path(key): Path<(String, String)>,
-    axum::extract::Query(select): axum::extract::Query<Select>,
-    axum::extract::Query(fresh): axum::extract::Query<Fresh>,
+    Query(select): Query<Select>,
+    Query(fresh): Query<Fresh>,
 ) -> Response {
     let answer = fresh
         .wait(|| identifier(s.clone(), headers.clone(), key.clone(), What::Profile))
@@ -587,7 +617,7 @@ async fn forwarded_lookup(
     State(s): State<HttpState>,
     headers: HeaderMap,
     Path((kind, value)): Path<(String, String)>,
-    axum::extract::Query(q): axum::extract::Query<Forwarded>,
+    Query(q): Query<Forwarded>,
 ) -> Response {
     if let Err((status, message)) = authorize(&s, &headers) {
         return error(status, message);

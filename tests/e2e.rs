@@ -154,6 +154,18 @@ fn read_your_writes_lookups_reflect_the_event_just_sent() {
     );
     let (status, body) = s.http_get(&format!("/v1/identifiers/email/{email}?after=web"));
     assert_eq!(status, 400, "{body}");
+    // Every refusal is JSON with an `error`, also those of the query's and the path's parsing.
+    for bad in [
+        format!("/v1/identifiers/email/{email}?wait_ms=soon"),
+        format!("/v1/identifiers/email/{email}?min_version=-1"),
+        "/v1/profiles/p-0000000000000000000%C3".to_string(),
+    ] {
+        let (status, body) = s.http_get(&bad);
+        assert_eq!(status, 400, "{bad}: {body}");
+        let refusal: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("{bad}: {e}: {body}"));
+        assert!(refusal["error"].is_string(), "{bad}: {body}");
+    }
     assert!(sigterm(&mut child).success());
     waited.sort();
     println!(
