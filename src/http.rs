@@ -127,6 +127,12 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/identifiers/:kind/:value/explain", get(explain))
         .route("/internal/v1/lookup/:kind/:value", get(forwarded_lookup))
         .route("/internal/v1/profiles/:id", get(forwarded_profile))
+        .fallback(|uri: axum::http::Uri| async move {
+            error(
+                StatusCode::NOT_FOUND,
+                format!("no route {}: see README \"HTTP\"", uri.path()),
+            )
+        })
         .with_state(state)
 }
 
