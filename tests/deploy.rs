@@ -427,17 +427,22 @@ fn the_readme_mapping_examples_are_valid() {
     assert_eq!(decoded, 3);
 }
 
+/// `stitcher.toml` in `dir`, holding `text`.
+fn config_file(dir: &Path, text: &str) -> std::path::PathBuf {
+    let config = dir.join("stitcher.toml");
+    std::fs::write(&config, text).expect("config");
+    config
+}
+
 /// `generate` with channels the configuration has no input for fails before sending anything, and writes
 /// no ground truth.
 #[test]
 fn generate_refuses_channels_without_an_input() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("stitcher.toml");
-    std::fs::write(
-        &config,
+    let config = config_file(
+        dir.path(),
         "[kafka]\nbrokers = \"127.0.0.1:9\"\n[[inputs]]\ntopic = \"w\"\nchannel = \"web\"\nformat = \"json\"\n",
-    )
-    .expect("config");
+    );
     let truth = dir.path().join("truth.jsonl");
     for channels in ["web,email", "web,kiosk"] {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
@@ -505,12 +510,10 @@ fn the_state_tools_refuse_a_path_without_state_and_create_nothing() {
 #[test]
 fn start_up_errors_name_the_setting_to_change() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("stitcher.toml");
-    std::fs::write(
-        &config,
+    let config = config_file(
+        dir.path(),
         "[kafka]\nbrokers = \"127.0.0.1:1\"\n[[inputs]]\ntopic = \"web\"\nchannel = \"web\"\n",
-    )
-    .expect("config");
+    );
     // Fails within the bound (a start that got past these steps would wait for the absent brokers).
     let fails = |state: &Path, listen: &str| -> String {
         let log = dir.path().join("stderr");
