@@ -861,6 +861,19 @@ impl Config {
         if self.guardrails.max_profile_identifiers == 0 {
             return invalid("guardrails.max_profile_identifiers must be at least 1".into());
         }
+        if self
+            .http
+            .bearer_token
+            .as_ref()
+            .is_some_and(|t| t.trim().is_empty())
+        {
+            // An unmounted secret, say: the lookups would take any `Authorization: Bearer ` header.
+            return invalid(
+                "http.bearer_token (STITCHER_HTTP_BEARER_TOKEN) is set but empty: give the token, or \
+                 leave it unset for lookups without one"
+                    .into(),
+            );
+        }
         if self.kafka.brokers.trim().is_empty() {
             return invalid(
                 "kafka.brokers is empty: give the bootstrap servers (host:port, comma separated)"
@@ -1240,5 +1253,11 @@ mod tests {
             .unwrap();
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains("kafka.brokers is empty"), "{e}");
+        // An empty token (a secret not mounted) would let any `Bearer ` header through.
+        let mut cfg: Config = toml::from_str(EXAMPLE).unwrap();
+        cfg.apply_env([("STITCHER_HTTP_BEARER_TOKEN".to_string(), String::new())])
+            .unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("set but empty"), "{e}");
     }
 }
