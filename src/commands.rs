@@ -116,6 +116,19 @@ pub async fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         Ok((j, routes))
     })
     .await??;
+    if let Some(path) = &args.truth {
+        // Written once everything was sent: a directory that is not there would lose it after the run.
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        anyhow::ensure!(
+            dir.is_dir(),
+            "--truth {}: the directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
     crate::kafka::ensure_reachable(&cfg).await?;
     let client = crate::kafka::base_config(&cfg);
     let rate = args.rate;

@@ -470,6 +470,27 @@ fn generate_refuses_channels_without_an_input() {
         assert!(!err.contains("panicked"), "{err}");
         assert!(!truth.exists(), "{channels}: no ground truth written");
     }
+    // A truth file in a directory that does not exist is refused before anything is sent (the truth is
+    // written after the run, so the run's truth was lost).
+    let nowhere = dir.path().join("no-such-dir").join("truth.jsonl");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+        .args([
+            "generate",
+            "--persons",
+            "20",
+            "--channels",
+            "web",
+            "--config",
+        ])
+        .arg(&config)
+        .arg("--truth")
+        .arg(&nowhere)
+        .env_remove("STITCHER_BROKERS")
+        .output()
+        .expect("run generate");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("no-such-dir does not exist"), "{err}");
 }
 
 /// `inspect`, `export` and `quality` read a stopped instance's state: a path that holds none (a typo, say)
