@@ -444,24 +444,23 @@ fn generate_refuses_channels_without_an_input() {
         "[kafka]\nbrokers = \"127.0.0.1:9\"\n[[inputs]]\ntopic = \"w\"\nchannel = \"web\"\nformat = \"json\"\n",
     );
     let truth = dir.path().join("truth.jsonl");
-    for channels in ["web,email", "web,kiosk"] {
+    // `stitcher generate` for `channels`, writing the truth to `truth`: it must fail; its error.
+    let refused = |channels: &str, truth: &Path| -> String {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
-            .args([
-                "generate",
-                "--persons",
-                "20",
-                "--channels",
-                channels,
-                "--config",
-            ])
+            .args(["generate", "--persons", "20", "--channels", channels])
+            .arg("--config")
             .arg(&config)
             .arg("--truth")
-            .arg(&truth)
+            .arg(truth)
             .env_remove("STITCHER_BROKERS")
             .output()
             .expect("run generate");
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!out.status.success(), "{channels}: {err}");
+        err
+    };
+    for channels in ["web,email", "web,kiosk"] {
+        let err = refused(channels, &truth);
         let named = channels.split(',').nth(1).expect("second channel");
         assert!(
             err.contains(named),
@@ -472,24 +471,7 @@ fn generate_refuses_channels_without_an_input() {
     }
     // A truth file in a directory that does not exist is refused before anything is sent (the truth is
     // written after the run, so the run's truth was lost).
-    let nowhere = dir.path().join("no-such-dir").join("truth.jsonl");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
-        .args([
-            "generate",
-            "--persons",
-            "20",
-            "--channels",
-            "web",
-            "--config",
-        ])
-        .arg(&config)
-        .arg("--truth")
-        .arg(&nowhere)
-        .env_remove("STITCHER_BROKERS")
-        .output()
-        .expect("run generate");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    let err = refused("web", &dir.path().join("no-such-dir").join("truth.jsonl"));
     assert!(err.contains("no-such-dir does not exist"), "{err}");
 }
 
