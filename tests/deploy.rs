@@ -3,6 +3,8 @@
 //! the Dockerfile builds what the repository has. (`promtool check rules` and the Kubernetes schema validation
 //! run in scripts/test.sh; `promtool check metrics` runs on a live scrape in tests/e2e.rs.)
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -446,18 +448,18 @@ fn generate_refuses_channels_without_an_input() {
     let truth = dir.path().join("truth.jsonl");
     // `stitcher generate` for `channels`, writing the truth to `truth`: it must fail; its error.
     let refused = |channels: &str, truth: &Path| -> String {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
             .args(["generate", "--persons", "20", "--channels", channels])
             .arg("--config")
             .arg(&config)
             .arg("--truth")
             .arg(truth)
             .env_remove("STITCHER_BROKERS")
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .expect("run generate");
-        let err = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(!out.status.success(), "{channels}: {err}");
-        err
+        common::failed_within(child, std::time::Duration::from_secs(60)).0
     };
     for channels in ["web,email", "web,kiosk"] {
         let err = refused(channels, &truth);
@@ -519,33 +521,15 @@ fn start_up_errors_name_the_setting_to_change() {
     );
     // Fails within the bound (a start that got past these steps would wait for the absent brokers).
     let fails = |state: &Path, listen: &str| -> String {
-        let log = dir.path().join("stderr");
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
             .args(["run", "--config", config.to_str().expect("utf-8 path")])
             .args(["--state-dir", state.to_str().expect("utf-8 path")])
             .args(["--http-listen", listen])
             .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log"))
+            .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("start the service");
-        let started = std::time::Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().expect("wait") {
-                break status;
-            }
-            if started.elapsed() > std::time::Duration::from_secs(20) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "still running after 20 s: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        };
-        let err = std::fs::read_to_string(&log).expect("log");
-        assert!(!status.success(), "{err}");
-        err
+        common::failed_within(child, std::time::Duration::from_secs(20)).0
     };
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");

@@ -224,14 +224,7 @@ fn generate_refuses_topics_that_do_not_exist() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run generate");
-    let Finished {
-        status,
-        stderr: err,
-        took,
-        ..
-    } = finish_within(child, Duration::from_secs(90));
-    let status = status.unwrap_or_else(|| panic!("still running after 90 s:\n{err}"));
-    assert!(!status.success(), "{err}");
+    let (err, took) = failed_within(child, Duration::from_secs(90));
     assert!(
         err.contains(&topic) && err.contains("do not exist"),
         "{err}"

@@ -960,6 +960,20 @@ pub fn finish_within(mut child: Child, timeout: Duration) -> Finished {
     }
 }
 
+/// [`finish_within`] for a command that must fail: its stderr and how long it took. Panics, showing the
+/// stderr, if it was still running at the bound or succeeded.
+pub fn failed_within(child: Child, timeout: Duration) -> (String, Duration) {
+    let Finished {
+        status,
+        stderr,
+        took,
+        ..
+    } = finish_within(child, timeout);
+    let status = status.unwrap_or_else(|| panic!("still running after {timeout:?}:\n{stderr}"));
+    assert!(!status.success(), "{stderr}");
+    (stderr, took)
+}
+
 pub fn sigterm(child: &mut Child) -> std::process::ExitStatus {
     // SAFETY: plain kill(2) on our own child's pid.
     unsafe {
