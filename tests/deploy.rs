@@ -448,18 +448,17 @@ fn generate_refuses_channels_without_an_input() {
     let truth = dir.path().join("truth.jsonl");
     // `stitcher generate` for `channels`, writing the truth to `truth`: it must fail; its error.
     let refused = |channels: &str, truth: &Path| -> String {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
-            .args(["generate", "--persons", "20", "--channels", channels])
-            .arg("--config")
-            .arg(&config)
-            .arg("--truth")
-            .arg(truth)
-            .env_remove("STITCHER_BROKERS")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run generate");
-        common::failed_within(child, std::time::Duration::from_secs(60)).0
+        common::failed_within(
+            std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+                .args(["generate", "--persons", "20", "--channels", channels])
+                .arg("--config")
+                .arg(&config)
+                .arg("--truth")
+                .arg(truth)
+                .env_remove("STITCHER_BROKERS"),
+            std::time::Duration::from_secs(60),
+        )
+        .0
     };
     for channels in ["web,email", "web,kiosk"] {
         let err = refused(channels, &truth);
@@ -521,15 +520,14 @@ fn start_up_errors_name_the_setting_to_change() {
     );
     // Fails within the bound (a start that got past these steps would wait for the absent brokers).
     let fails = |state: &Path, listen: &str| -> String {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
-            .args(["run", "--config", config.to_str().expect("utf-8 path")])
-            .args(["--state-dir", state.to_str().expect("utf-8 path")])
-            .args(["--http-listen", listen])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start the service");
-        common::failed_within(child, std::time::Duration::from_secs(20)).0
+        common::failed_within(
+            std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+                .args(["run", "--config", config.to_str().expect("utf-8 path")])
+                .args(["--state-dir", state.to_str().expect("utf-8 path")])
+                .args(["--http-listen", listen]),
+            std::time::Duration::from_secs(20),
+        )
+        .0
     };
 
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("a port");

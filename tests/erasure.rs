@@ -499,24 +499,22 @@ fn commands_that_cannot_be_applied_are_refused_clearly() {
 #[test]
 fn a_command_for_unreachable_brokers_fails_at_once_naming_them() {
     // Nothing listens on port 1 of the loopback interface.
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
-        .args([
-            "erase",
-            "--identifier",
-            "email:x@x.io",
-            "--brokers",
-            "127.0.0.1:1",
-        ])
-        .arg("--config")
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/deploy/config/stitcher.toml"
-        ))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run erase");
-    let (err, took) = failed_within(child, Duration::from_secs(60));
+    let (err, took) = failed_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+            .args([
+                "erase",
+                "--identifier",
+                "email:x@x.io",
+                "--brokers",
+                "127.0.0.1:1",
+            ])
+            .arg("--config")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/deploy/config/stitcher.toml"
+            )),
+        Duration::from_secs(60),
+    );
     assert!(
         err.contains("cannot reach the brokers at 127.0.0.1:1"),
         "{err}"

@@ -207,24 +207,22 @@ fn generate_refuses_topics_that_do_not_exist() {
     )
     .expect("config");
     let truth = dir.path().join("truth.jsonl");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
-        .args([
-            "generate",
-            "--persons",
-            "5",
-            "--channels",
-            "web",
-            "--config",
-        ])
-        .arg(&config)
-        .arg("--truth")
-        .arg(&truth)
-        .env_remove("STITCHER_BROKERS")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run generate");
-    let (err, took) = failed_within(child, Duration::from_secs(90));
+    let (err, took) = failed_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_stitcher"))
+            .args([
+                "generate",
+                "--persons",
+                "5",
+                "--channels",
+                "web",
+                "--config",
+            ])
+            .arg(&config)
+            .arg("--truth")
+            .arg(&truth)
+            .env_remove("STITCHER_BROKERS"),
+        Duration::from_secs(90),
+    );
     assert!(
         err.contains(&topic) && err.contains("do not exist"),
         "{err}"

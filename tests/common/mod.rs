@@ -960,9 +960,14 @@ pub fn finish_within(mut child: Child, timeout: Duration) -> Finished {
     }
 }
 
-/// [`finish_within`] for a command that must fail: its stderr and how long it took. Panics, showing the
-/// stderr, if it was still running at the bound or succeeded.
-pub fn failed_within(child: Child, timeout: Duration) -> (String, Duration) {
+/// Runs `command` ([`finish_within`], its stderr piped) when it must fail: its stderr and how long it took.
+/// Panics, showing the stderr, if it was still running at the bound or succeeded.
+pub fn failed_within(command: &mut Command, timeout: Duration) -> (String, Duration) {
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the command");
     let Finished {
         status,
         stderr,
