@@ -21,8 +21,8 @@ use crate::processor::{
 use crate::profile::Profile;
 use crate::scaleout::owner::{Msg, Out, Shard, Step};
 use crate::scaleout::state::{
-    local_only, shard_of_key, suppression_hash, sweep_seen, Changes, ShardOverlay, ShardRead,
-    ShardView,
+    local_only, mark_shard_count, shard_of_key, suppression_hash, sweep_seen, Changes,
+    ShardOverlay, ShardRead, ShardView,
 };
 use crate::scaleout::{entry_shard, home, ShardId};
 use crate::stitch::{Applied, BatchChanges, Reshape, Trigger};
@@ -219,6 +219,16 @@ impl Engine {
             Some(next) => (shard, Some(next)),
             None => (shard.saturating_add(1), None),
         };
+        Ok(())
+    }
+
+    /// Marks the changelog of every shard held here with the shard count where the batch's view holds no
+    /// mark yet: once per shard, and a restore refuses a changelog marked with another count (docs/DESIGN.md,
+    /// "Dedup retention and the shard count").
+    pub fn mark_shard_count(&self, overlay: &mut ShardOverlay<'_>) -> Result<(), StoreError> {
+        for shard in &self.owned {
+            mark_shard_count(overlay, *shard, self.shards)?;
+        }
         Ok(())
     }
 
@@ -654,7 +664,7 @@ pub fn changelog_records<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::scaleout::state::{Kv, KvRead};
+    use crate::scaleout::state::{misplaced, Kv, KvRead};
     use crate::store::TempStore;
 
     /// The sweep deletes event-id records older than the retention, in the batch's overlay (so in the
@@ -890,6 +900,37 @@ mod tests {
             next.get(&key).expect("read"),
             Some(now.to_be_bytes().to_vec())
         );
+    }
+
+    /// The first batch marks the changelog of every shard held here with the shard count; once the mark
+    /// is in the view (the batch in flight's changes, the store), no batch writes it again.
+    #[test]
+    fn each_shard_held_is_marked_with_the_shard_count_once() {
+        let tmp = TempStore::new().expect("store");
+        let mut cfg = Config::default();
+        cfg.scaleout.shards = 3;
+        let mut engine = Engine::new(&cfg, Metrics::new().expect("metrics")).expect("engine");
+        engine.owned = [0, 2].into();
+        let mut first = ShardOverlay::new(&tmp.store);
+        engine.mark_shard_count(&mut first).expect("mark");
+        let marks = std::sync::Arc::new(first.into_changes().expect("encode"));
+        let mut shards: Vec<_> = marks.keys().filter_map(|k| shard_of_key(k)).collect();
+        shards.sort_unstable();
+        assert_eq!(shards, [0, 2]);
+        for (key, value) in marks.iter() {
+            let shard = shard_of_key(key).expect("shard") as i32;
+            assert_eq!(misplaced(key, value.as_deref(), shard, 3), None);
+            assert!(misplaced(key, value.as_deref(), shard, 4).is_some());
+        }
+        let mut next = ShardOverlay::over(&tmp.store, Some(std::sync::Arc::clone(&marks)));
+        engine.mark_shard_count(&mut next).expect("mark");
+        assert!(next.is_empty(), "marked again above the batch in flight");
+        tmp.store
+            .write_shard_changes(marks.iter().map(|(k, v)| (k.clone(), v.clone())), [])
+            .expect("write");
+        let mut later = ShardOverlay::new(&tmp.store);
+        engine.mark_shard_count(&mut later).expect("mark");
+        assert!(later.is_empty(), "marked again above the store");
     }
 
     /// Over three shards held here: an erasure with `suppress` strips the identifier from later events

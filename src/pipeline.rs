@@ -37,7 +37,9 @@ use crate::metrics::Metrics;
 use crate::model::{now_millis, Millis};
 use crate::processor::{positions_vec, Batch, InMessage, ProcessError};
 use crate::scaleout::lookup::HeldShards;
-use crate::scaleout::state::{refuse_former_format, shard_of_key, Changes, Restore, ShardOverlay};
+use crate::scaleout::state::{
+    misplaced, refuse_former_format, shard_of_key, Changes, Restore, ShardOverlay,
+};
 use crate::scaleout::ShardId;
 use crate::store::{OutRecord, Position, RecordRef, Store, StoreError};
 use crate::worker::{Ended, Worker};
@@ -61,6 +63,9 @@ pub enum PipelineError {
     StoppedTakingOver,
     #[error("state directory: {0}")]
     WrongMode(String),
+    /// The state directory, the internal topics or the changelog were made with another shard count.
+    #[error("shard count: {0}")]
+    ShardCount(String),
     #[error("commit thread: {0}")]
     CommitThread(String),
     #[error("decode thread: {0}")]
@@ -387,19 +392,20 @@ impl Pipeline {
                 cfg.state.dir.display()
             )));
         }
-        match store.shard_count()? {
-            Some(n) if n != cfg.scaleout.shards => {
-                return Err(PipelineError::WrongMode(format!(
-                    "{} was made with {n} shards and the configuration says {}: identifiers are placed \
-                     by hash modulo the shard count, so it is fixed for the life of the state. To change \
-                     it, replay the input topics into a new deployment (README \"Changing the number of \
-                     shards\"), or set scaleout.shards = {n}",
-                    cfg.state.dir.display(),
-                    cfg.scaleout.shards
-                )));
-            }
-            Some(_) => {}
-            None => store.put_shard_count(cfg.scaleout.shards)?,
+        let recorded = store.shard_count()?;
+        if let Some(n) = recorded.filter(|n| *n != cfg.scaleout.shards) {
+            return Err(PipelineError::ShardCount(format!(
+                "{} was made with {n} shards and the configuration says {}: identifiers are placed by \
+                 hash modulo the shard count, so it is fixed for the life of the state. To change it, \
+                 replay the input topics into a new deployment (README \"Changing the number of \
+                 shards\"), or set scaleout.shards = {n}",
+                cfg.state.dir.display(),
+                cfg.scaleout.shards
+            )));
+        }
+        check_shard_topics(&cfg)?;
+        if recorded.is_none() {
+            store.put_shard_count(cfg.scaleout.shards)?;
         }
         let engine = Engine::new(&cfg, metrics.clone())?;
         let ahead = DecodeAhead::start(engine.decoder())?;
@@ -607,6 +613,7 @@ impl Pipeline {
         }
         self.engine
             .sweep(&mut overlay, batch.messages, now_millis())?;
+        self.engine.mark_shard_count(&mut overlay)?;
         let records = self.engine.output(&overlay, &mut batch, &mut work)?;
         self.batch_keys = overlay.keys();
         let changes = overlay.into_changes()?;
@@ -747,11 +754,21 @@ impl Pipeline {
         self.engine.owned.clear();
         self.held.publish(&self.engine.owned);
         let assignment = self.consumer.assignment()?;
-        let assigned: Vec<ShardId> = assignment
+        let (assigned, beyond): (Vec<ShardId>, Vec<ShardId>) = assignment
             .elements_for_topic(self.engine.shard_topic())
             .iter()
             .filter_map(|e| ShardId::try_from(e.partition()).ok())
-            .collect();
+            .partition(|s| *s < self.cfg.scaleout.shards);
+        if !beyond.is_empty() {
+            // Partitions added to the shard topic while the service runs: no identifier is placed there.
+            // The next start refuses the topic ([`check_shard_topics`]).
+            tracing::error!(
+                partitions = ?beyond,
+                topic = self.engine.shard_topic(),
+                shards = self.cfg.scaleout.shards,
+                "partitions of the shard topic beyond the shard count: ignored"
+            );
+        }
         self.expected.clear();
         if assignment.count() == 0 {
             self.synced(generation);
@@ -981,12 +998,23 @@ impl Pipeline {
             }
             match restorer.poll(Duration::from_millis(200)) {
                 Some(Ok(m)) => {
-                    refuse_former_format(m.key().unwrap_or_default())?;
-                    restore.apply(
-                        &self.store,
-                        m.key().unwrap_or_default().to_vec(),
-                        m.payload().map(<[u8]>::to_vec),
-                    )?;
+                    let key = m.key().unwrap_or_default();
+                    refuse_former_format(key)?;
+                    if let Some(what) =
+                        misplaced(key, m.payload(), m.partition(), self.cfg.scaleout.shards)
+                    {
+                        return Err(PipelineError::ShardCount(format!(
+                            "partition {} of {} holds {what}: the changelog was written with another \
+                             shard count than scaleout.shards = {} (were partitions added to the \
+                             internal topics?). Identifiers are placed by hash modulo the shard count, \
+                             so it is fixed for the life of the state: replay the input topics into a \
+                             new deployment (README \"Changing the number of shards\")",
+                            m.partition(),
+                            self.engine.changelog(),
+                            self.cfg.scaleout.shards
+                        )));
+                    }
+                    restore.apply(&self.store, key.to_vec(), m.payload().map(<[u8]>::to_vec))?;
                     reached.insert(m.partition(), m.offset() + 1);
                     if m.offset() + 1 >= high.get(&m.partition()).copied().unwrap_or(0) {
                         high.remove(&m.partition());
@@ -1123,6 +1151,31 @@ fn fence_changed_shards(
 const ABORT_SWEEP: Duration = Duration::from_secs(20);
 
 /// A consumer outside the group, reading changelog partitions as committed.
+/// Refuses internal topics (the shard topic, its changelog) whose partition count is not the shard count:
+/// shard s is partition s of both (docs/DESIGN.md, "Dedup retention and the shard count"). A topic that
+/// does not exist yet is left to [`TopicWatch`] and the restore.
+fn check_shard_topics(cfg: &Config) -> Result<(), PipelineError> {
+    let client: BaseConsumer<QuietEof> = restore_config(cfg).create_with_context(QuietEof)?;
+    let shards = cfg.scaleout.shards;
+    for topic in [cfg.shard_topic(), cfg.changelog_topic()] {
+        let md = client.fetch_metadata(Some(&topic), Duration::from_secs(30))?;
+        let partitions = match md.topics().first() {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => t.partitions().len(),
+            _ => continue,
+        };
+        if partitions != shards as usize {
+            return Err(PipelineError::ShardCount(format!(
+                "{topic} has {partitions} partitions and scaleout.shards = {shards}: shard s is \
+                 partition s of the shard topic and of its changelog, so each needs exactly {shards}. \
+                 Set scaleout.shards to the count this deployment was made with, or to change the count \
+                 replay the input topics into a new deployment (README \"Changing the number of \
+                 shards\")"
+            )));
+        }
+    }
+    Ok(())
+}
+
 fn restore_config(cfg: &Config) -> ClientConfig {
     let mut c = base_config(cfg);
     c.set(

@@ -1025,6 +1025,25 @@ fn changing_the_shard_count_by_replay_gives_the_same_profiles() {
         old.log_tail()
     );
 
+    // A new state directory (a lost volume) passes that check: the internal topics' partitions refuse it.
+    old.edit_config(|c| c.replace("/state\"", "/state-fresh\""));
+    let shard_topic = format!("{}-shards", old.group);
+    let internal = [shard_topic.clone(), format!("{shard_topic}-changelog")];
+    let refused_saying = |says: &str| {
+        let mut child = old.start();
+        let status = exit_within(&mut child, Duration::from_secs(120)).expect("exits");
+        assert!(!status.success(), "started: {}", old.log_tail());
+        assert!(old.log().contains(says), "{}", old.log_tail());
+    };
+    refused_saying(&format!(
+        "{shard_topic} has 1 partitions and scaleout.shards = 4"
+    ));
+    // Partitions added to match (kafka-topics --alter): the changelog's placement refuses it.
+    add_partitions(&internal, 4);
+    refused_saying(&format!(
+        "partition 0 of {shard_topic}-changelog holds the mark of a changelog of 1 shards"
+    ));
+
     let new = old.sibling("reshard-4", "[scaleout]\nshards = 4\n");
     let mut child = new.start();
     new.wait_caught_up(&mut child, TIMEOUT);

@@ -23,6 +23,11 @@ pub fn home(id: &Identifier, shards: ShardId) -> ShardId {
     hash_mod(shards, || crate::store::identifier_key(id))
 }
 
+/// [`home`] of the identifier whose state key (type, NUL, value) is `key`.
+pub(crate) fn home_of_key(key: &[u8], shards: ShardId) -> ShardId {
+    hash_mod(shards, || key)
+}
+
 /// The shard an event enters at, where it is deduplicated: the first home of its identifiers (where its
 /// first `Locate` goes, so entering costs no hop of its own); the hash of its id if it has none. Every copy
 /// of an event enters at the same shard: it depends on nothing but the event's identifiers.

@@ -24,6 +24,7 @@
 //! | `k` identifier key                | messages about an identifier in flight to here, parked until it arrives |
 //! | `K` event id                      | fetches parked behind a pending event of higher priority     |
 //! | `s` HMAC(salt, identifier key)    | a suppressed identifier homed here: when (ms, i64)           |
+//! | `C`                               | the shard count the changelog was written with (u32)          |
 //!
 //! A batch's changes go to partition `shard` of the changelog topic (same key and value; a delete is a
 //! tombstone; `f` records travel packed in their `E` record, and the node, index and redirect-list
@@ -74,6 +75,8 @@ pub(crate) const WAITING: u8 = b'W';
 pub(crate) const PARKED: u8 = b'k';
 pub(crate) const PARKED_BEHIND: u8 = b'K';
 const SUPPRESSED: u8 = b's';
+/// The shard count, one record per shard: a restore refuses a changelog written with another count.
+const SHARD_COUNT: u8 = b'C';
 
 /// The placement count of an identifier's first placement anywhere (its home had no directory entry,
 /// `Absent(0)`): the count that an identifier in a graph without a `GEN` record has.
@@ -159,6 +162,52 @@ pub fn refuse_former_format(key: &[u8]) -> Result<(), StoreError> {
         }),
         _ => Ok(()),
     }
+}
+
+/// Why a changelog record (`key`, `value`) read from partition `partition` cannot belong to a state of
+/// `shards` shards: its key names another shard, it is the mark of another shard count, or it is the
+/// directory entry of an identifier homed at another shard (a changelog written with another shard
+/// count, its topics given more partitions to match). `None` if it can (docs/DESIGN.md, "Dedup retention
+/// and the shard count").
+pub fn misplaced(
+    key: &[u8],
+    value: Option<&[u8]>,
+    partition: i32,
+    shards: ShardId,
+) -> Option<String> {
+    let shard = shard_of_key(key)?;
+    if i64::from(shard) != i64::from(partition) {
+        return Some(format!("a record of shard {shard}"));
+    }
+    match (key.get(4), key.get(5..)) {
+        (Some(&SHARD_COUNT), _) => {
+            let marked: ShardId = decode_value(value?, CF_SHARDS, "shard count").ok()?;
+            (marked != shards).then(|| format!("the mark of a changelog of {marked} shards"))
+        }
+        (Some(&DIR), Some(id)) => {
+            let home = super::home_of_key(id, shards);
+            (home != shard).then(|| {
+                format!(
+                    "the directory entry of an identifier that {shards} shards place at shard {home}"
+                )
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Marks `shard`'s changelog with the shard count, `shards`, unless the view holds the mark already: once
+/// per shard, in the first batch that changes anything (a restore brings the mark in with the rest).
+pub fn mark_shard_count(
+    view: &mut impl Kv,
+    shard: ShardId,
+    shards: ShardId,
+) -> Result<(), StoreError> {
+    let key = key(shard, SHARD_COUNT, b"");
+    if !view.contains(&key)? {
+        view.set(key, Some(encode_value(&shards, 8)?));
+    }
+    Ok(())
 }
 
 /// Reads of sharded state.
@@ -1148,6 +1197,7 @@ fn kind_name(kind: u8) -> &'static str {
         WAITING => "events waiting on an identifier",
         PARKED | PARKED_BEHIND => "parked messages",
         SUPPRESSED => "suppression",
+        SHARD_COUNT => "shard count",
         SEEN | SEEN_LEGACY => "event id",
         SEEN_BATCH => "event ids of a batch",
         _ => "record",
@@ -1562,6 +1612,67 @@ pub(crate) mod tests {
                 key(1, PART, rest.as_slice()).as_slice()
             );
         }
+    }
+
+    /// A changelog's directory entries tell the shard count that wrote it: read with that count nothing
+    /// is misplaced; read with another, exactly the identifiers that count homes elsewhere are named. A
+    /// record in another shard's partition is named too.
+    #[test]
+    fn a_changelog_written_with_another_shard_count_is_recognised() {
+        use crate::scaleout::home;
+        let ids: Vec<Identifier> = (0..200)
+            .map(|i| Identifier::new("email", format!("p{i}@example.com")))
+            .collect();
+        let written = |id: &Identifier| (home(id, 4), key(home(id, 4), DIR, id));
+        for id in &ids {
+            let (shard, dir) = written(id);
+            assert_eq!(misplaced(&dir, None, shard as i32, 4), None);
+            assert_eq!(
+                misplaced(&key(shard, LINKS, id), None, shard as i32, 8),
+                None
+            );
+        }
+        for shards in [1, 8, 5] {
+            let refused: Vec<&Identifier> = ids
+                .iter()
+                .filter(|id| {
+                    let (shard, dir) = written(id);
+                    misplaced(&dir, None, shard as i32, shards).is_some()
+                })
+                .collect();
+            let moved: Vec<&Identifier> = ids
+                .iter()
+                .filter(|id| home(id, shards) != home(id, 4))
+                .collect();
+            assert!(!moved.is_empty(), "{shards} shards move some of 200");
+            assert_eq!(refused, moved, "{shards} shards");
+        }
+        let (shard, dir) = written(&ids[0]);
+        let elsewhere = (shard + 1) as i32;
+        assert_eq!(
+            misplaced(&dir, None, elsewhere, 4).as_deref(),
+            Some(format!("a record of shard {shard}").as_str())
+        );
+        let tmp = TempStore::new().unwrap();
+        let mut view = ShardOverlay::new(&tmp.store);
+        mark_shard_count(&mut view, 2, 4).unwrap();
+        let changes = view.into_changes().unwrap();
+        let (mark, value) = changes.iter().next().unwrap();
+        assert_eq!(changes.len(), 1);
+        assert_eq!(misplaced(mark, value.as_deref(), 2, 4), None);
+        assert_eq!(
+            misplaced(mark, value.as_deref(), 2, 8).as_deref(),
+            Some("the mark of a changelog of 4 shards")
+        );
+        let moved = ids.iter().find(|id| home(id, 8) != home(id, 4)).unwrap();
+        let (shard, dir) = written(moved);
+        assert_eq!(
+            misplaced(&dir, None, shard as i32, 8),
+            Some(format!(
+                "the directory entry of an identifier that 8 shards place at shard {}",
+                home(moved, 8)
+            ))
+        );
     }
 
     #[test]

@@ -621,22 +621,46 @@ pub fn create_topics(topics: &[String], partitions: i32) {
     stitcher::generate::create_topics(&brokers(), topics, partitions).expect("create topics");
 }
 
-pub fn delete_topics(topics: &[String]) {
-    use rdkafka::admin::{AdminClient, AdminOptions};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> = rdkafka::ClientConfig::new()
+/// Runs `call` with an admin client of the harness's broker, on a runtime of its own.
+fn with_admin<T, F: std::future::Future<Output = T>>(
+    call: impl FnOnce(rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>) -> F,
+) -> T {
+    let admin = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", brokers())
         .create()
         .expect("admin client");
-    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .expect("runtime");
-    for r in rt
-        .block_on(admin.delete_topics(&names, &AdminOptions::new()))
-        .expect("delete topics")
-    {
+        .expect("runtime")
+        .block_on(call(admin))
+}
+
+pub fn delete_topics(topics: &[String]) {
+    let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+    let results = with_admin(|admin| async move {
+        admin
+            .delete_topics(&names, &rdkafka::admin::AdminOptions::new())
+            .await
+    });
+    for r in results.expect("delete topics") {
         r.unwrap_or_else(|(topic, code)| panic!("delete {topic}: {code}"));
+    }
+}
+
+/// Grows each of `topics` to `total` partitions (what `kafka-topics.sh --alter --partitions` does).
+pub fn add_partitions(topics: &[String], total: usize) {
+    use rdkafka::admin::{AdminOptions, NewPartitions};
+    let growth: Vec<NewPartitions> = topics
+        .iter()
+        .map(|t| NewPartitions::new(t, total))
+        .collect();
+    let results =
+        with_admin(
+            |admin| async move { admin.create_partitions(&growth, &AdminOptions::new()).await },
+        );
+    for r in results.expect("add partitions") {
+        r.unwrap_or_else(|(topic, code)| panic!("add partitions to {topic}: {code}"));
     }
 }
 

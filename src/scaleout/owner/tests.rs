@@ -7,7 +7,8 @@
 //!
 //! `SIM_TRACE='e0041|device_id-0"'` prints every message handled whose debug form contains one of the
 //! `|`-separated strings (the first failing case proptest replays comes first in the output).
-//! After every message, no profile id is live at one shard while any shard keeps a redirect from it.
+//! After every message, no profile id is live at one shard while any shard keeps a redirect from it, and
+//! every directory entry is at its identifier's home (what a restore checks the changelog against).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -19,8 +20,8 @@ use crate::config::GuardrailConfig;
 use crate::model::ConsentChange;
 use crate::scaleout::state::tests::{compacted, dump, restore_onto};
 use crate::scaleout::state::{
-    key, local_only, ShardRead, DIR, FIRST_PLACEMENT, GEN, INDEX, NODE, PROFILE, REDIRECT,
-    REDIRECTED_FROM,
+    key, local_only, misplaced, ShardRead, DIR, FIRST_PLACEMENT, GEN, INDEX, NODE, PROFILE,
+    REDIRECT, REDIRECTED_FROM,
 };
 use crate::stitch::{MemStore, Rules};
 use crate::store::{decode_identifier, decode_value};
@@ -519,6 +520,14 @@ impl Sim {
             .into_iter()
             .map(|(k, v)| (profile_id(k), decode_value(v, "t", "index").expect("index")))
             .collect();
+        let count = self.shards.len() as ShardId;
+        for (k, _) in records(kv, s, DIR) {
+            let misplaced = misplaced(&key(s, DIR, k), None, s as i32, count);
+            assert_eq!(
+                misplaced, None,
+                "shard {s}: a directory entry away from home"
+            );
+        }
         let profiles = self.profiles(s);
         let held: BTreeMap<Identifier, NodeId> = profiles
             .iter()
