@@ -24,6 +24,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<RunSummary> {
     let store = open_store(&cfg).await?;
+    crate::pipeline::check_state(&cfg, &store)?;
     let listener = TcpListener::bind(cfg.http.listen)
         .await
         .with_context(|| format!("cannot listen on {} (http.listen)", cfg.http.listen))?;

@@ -63,9 +63,12 @@ pub enum PipelineError {
     StoppedTakingOver,
     #[error("state directory: {0}")]
     WrongMode(String),
-    /// The state directory, the internal topics or the changelog were made with another shard count.
+    /// The state directory or the changelog was made with another shard count.
     #[error("shard count: {0}")]
     ShardCount(String),
+    /// The internal topics cannot hold the shards (their partitions, the changelog's cleanup policy).
+    #[error("internal topics: {0}")]
+    InternalTopics(String),
     #[error("commit thread: {0}")]
     CommitThread(String),
     #[error("decode thread: {0}")]
@@ -383,28 +386,8 @@ impl Pipeline {
         held: HeldShards,
         shutdown: &CancellationToken,
     ) -> Result<Self, PipelineError> {
-        if store.has_former_state()? {
-            return Err(PipelineError::WrongMode(format!(
-                "{} holds the state of stitcher 0.3's one-instance mode, which this version does not \
-                 read: its state is kept in shards restored from Kafka. Start with an empty state \
-                 directory under a new consumer group and output topic and let it replay the input \
-                 topics (README \"Upgrading\")",
-                cfg.state.dir.display()
-            )));
-        }
-        let recorded = store.shard_count()?;
-        if let Some(n) = recorded.filter(|n| *n != cfg.scaleout.shards) {
-            return Err(PipelineError::ShardCount(format!(
-                "{} was made with {n} shards and the configuration says {}: identifiers are placed by \
-                 hash modulo the shard count, so it is fixed for the life of the state. To change it, \
-                 replay the input topics into a new deployment (README \"Changing the number of \
-                 shards\"), or set scaleout.shards = {n}",
-                cfg.state.dir.display(),
-                cfg.scaleout.shards
-            )));
-        }
-        check_shard_topics(&cfg)?;
-        if recorded.is_none() {
+        check_internal_topics(&cfg)?;
+        if store.shard_count()?.is_none() {
             store.put_shard_count(cfg.scaleout.shards)?;
         }
         let engine = Engine::new(&cfg, metrics.clone())?;
@@ -1151,10 +1134,37 @@ fn fence_changed_shards(
 const ABORT_SWEEP: Duration = Duration::from_secs(20);
 
 /// A consumer outside the group, reading changelog partitions as committed.
-/// Refuses internal topics (the shard topic, its changelog) whose partition count is not the shard count:
-/// shard s is partition s of both (docs/DESIGN.md, "Dedup retention and the shard count"). A topic that
-/// does not exist yet is left to [`TopicWatch`] and the restore.
-fn check_shard_topics(cfg: &Config) -> Result<(), PipelineError> {
+/// Refuses a state directory this configuration cannot take: one of the former one-instance mode, or one
+/// made with another shard count. Checked once the state is open, before anything connects.
+pub fn check_state(cfg: &Config, store: &Store) -> Result<(), PipelineError> {
+    if store.has_former_state()? {
+        return Err(PipelineError::WrongMode(format!(
+            "{} holds the state of stitcher 0.3's one-instance mode, which this version does not \
+             read: its state is kept in shards restored from Kafka. Start with an empty state \
+             directory under a new consumer group and output topic and let it replay the input \
+             topics (README \"Upgrading\")",
+            cfg.state.dir.display()
+        )));
+    }
+    match store.shard_count()? {
+        Some(n) if n != cfg.scaleout.shards => Err(PipelineError::ShardCount(format!(
+            "{} was made with {n} shards and the configuration says {}: identifiers are placed by \
+             hash modulo the shard count, so it is fixed for the life of the state. To change it, \
+             replay the input topics into a new deployment (README \"Changing the number of \
+             shards\"), or set scaleout.shards = {n}",
+            cfg.state.dir.display(),
+            cfg.scaleout.shards
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses internal topics that cannot hold the shards: a shard topic or changelog whose partition count
+/// is not the shard count (shard s is partition s of both; docs/DESIGN.md, "Dedup retention and the shard
+/// count"), or a changelog whose cleanup policy deletes records (a restore after the retention would miss
+/// every older record of the state; Kafka Streams refuses such a changelog too). A topic that does not
+/// exist yet is left to [`TopicWatch`] and the restore.
+fn check_internal_topics(cfg: &Config) -> Result<(), PipelineError> {
     let client: BaseConsumer<QuietEof> = restore_config(cfg).create_with_context(QuietEof)?;
     let shards = cfg.scaleout.shards;
     for topic in [cfg.shard_topic(), cfg.changelog_topic()] {
@@ -1164,7 +1174,7 @@ fn check_shard_topics(cfg: &Config) -> Result<(), PipelineError> {
             _ => continue,
         };
         if partitions != shards as usize {
-            return Err(PipelineError::ShardCount(format!(
+            return Err(PipelineError::InternalTopics(format!(
                 "{topic} has {partitions} partitions and scaleout.shards = {shards}: shard s is \
                  partition s of the shard topic and of its changelog, so each needs exactly {shards}. \
                  Set scaleout.shards to the count this deployment was made with, or to change the count \
@@ -1172,6 +1182,27 @@ fn check_shard_topics(cfg: &Config) -> Result<(), PipelineError> {
                  shards\")"
             )));
         }
+    }
+    let changelog = cfg.changelog_topic();
+    let policies = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| PipelineError::InternalTopics(format!("cannot read {changelog}: {e}")))?
+        .block_on(crate::kafka::topic_settings(
+            cfg,
+            &[changelog.as_str()],
+            "cleanup.policy",
+        ))?;
+    if let Some(policy) = policies
+        .iter()
+        .find(|p| p.split(',').any(|x| x.trim() == "delete"))
+    {
+        return Err(PipelineError::InternalTopics(format!(
+            "{changelog} has cleanup.policy={policy}: it is the shards' state, and a restore after \
+             its retention would miss every older record of it. Set cleanup.policy=compact on it \
+             (kafka-configs.sh --alter --entity-type topics --entity-name {changelog} --add-config \
+             cleanup.policy=compact)"
+        )));
     }
     Ok(())
 }
@@ -1239,13 +1270,9 @@ mod tests {
     }
 
     fn start_error(cfg: &Config, store: &Store) -> String {
-        let shutdown = CancellationToken::new();
-        let metrics = Metrics::new().expect("metrics");
-        let held = HeldShards::new(cfg.scaleout.shards);
-        match Pipeline::start(cfg.clone(), store.clone(), metrics, "i0", held, &shutdown) {
-            Ok(_) => panic!("started on state it cannot take"),
-            Err(e) => e.to_string(),
-        }
+        check_state(cfg, store)
+            .expect_err("took a state it cannot")
+            .to_string()
     }
 
     /// A state directory of the former one-instance mode, or one made with another shard count, is

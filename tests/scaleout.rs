@@ -997,6 +997,54 @@ fn throughput_with_one_two_three_instances() {
 /// deployment with four shards (new group, transactional id, output topic, empty state) replaying the same
 /// input topics ends with the same profiles. The old state directory started with the new count is
 /// refused, saying what to do.
+/// A changelog made beforehand with the default cleanup policy (delete: a platform team's topic, with
+/// `output.create_topics = false`) would lose the state's records older than its retention; the start is
+/// refused, naming the setting, and goes on once the topic is compacted.
+#[test]
+fn a_changelog_that_deletes_records_is_refused() {
+    let setup = Setup::new("changelog-policy", 1, "");
+    setup.edit_config(|c| c.replacen("[output]\n", "[output]\ncreate_topics = false\n", 1));
+    let shard_topic = format!("{}-shards", setup.group);
+    let changelog = format!("{shard_topic}-changelog");
+    create_topics(
+        &[
+            shard_topic,
+            changelog.clone(),
+            setup.output_topic.clone(),
+            setup.dlq_topic.clone(),
+            setup.identity_topic.clone(),
+        ],
+        1,
+    );
+    let mut refused = setup.start();
+    let status = exit_within(&mut refused, Duration::from_secs(60)).expect("exits");
+    assert!(!status.success(), "started: {}", setup.log_tail());
+    assert!(
+        setup.log().contains(&format!(
+            "internal topics: {changelog} has cleanup.policy=delete"
+        )),
+        "{}",
+        setup.log_tail()
+    );
+    set_topic_config(&changelog, &[("cleanup.policy", "compact")]);
+    let mut child = setup.start();
+    let started = Instant::now();
+    while !is_ready(setup.http_port) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not ready once compacted: {}",
+            setup.log_tail()
+        );
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "{}",
+            setup.log_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(sigterm(&mut child).success(), "{}", setup.log_tail());
+}
+
 #[test]
 fn changing_the_shard_count_by_replay_gives_the_same_profiles() {
     let old = Setup::new("reshard-1", 4, "");

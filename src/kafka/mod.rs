@@ -381,28 +381,37 @@ pub async fn ensure_topics(cfg: &Config) -> Result<(), rdkafka::error::KafkaErro
 /// (the broker's `message.max.bytes` unless the topic overrides it). `None` for a topic that does not
 /// exist or whose configuration cannot be read.
 pub async fn topic_record_limit(cfg: &Config) -> Result<Option<usize>, KafkaError> {
+    let topics = [
+        cfg.output.topic.as_str(),
+        cfg.output.dead_letter_topic.as_str(),
+    ];
+    Ok(topic_settings(cfg, &topics, "max.message.bytes")
+        .await?
+        .iter()
+        .filter_map(|v| v.parse::<usize>().ok())
+        .min())
+}
+
+/// The effective value of the topic setting `name` of each of `topics` that exists and whose
+/// configuration can be read.
+pub async fn topic_settings(
+    cfg: &Config,
+    topics: &[&str],
+    name: &str,
+) -> Result<Vec<String>, KafkaError> {
     use rdkafka::admin::ResourceSpecifier;
     let admin: AdminClient<LoggingContext> =
         base_config(cfg).create_with_context(LoggingContext)?;
-    let topics = [
-        ResourceSpecifier::Topic(&cfg.output.topic),
-        ResourceSpecifier::Topic(&cfg.output.dead_letter_topic),
-    ];
+    let resources: Vec<ResourceSpecifier<'_>> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
-    let limit = admin
-        .describe_configs(&topics, &opts)
+    Ok(admin
+        .describe_configs(&resources, &opts)
         .await?
         .into_iter()
         .filter_map(Result::ok)
-        .filter_map(|r| {
-            r.get("max.message.bytes")?
-                .value
-                .as_deref()?
-                .parse::<usize>()
-                .ok()
-        })
-        .min();
-    Ok(limit)
+        .filter_map(|r| r.get(name)?.value.clone())
+        .collect())
 }
 
 #[cfg(test)]

@@ -648,6 +648,23 @@ pub fn delete_topics(topics: &[String]) {
     }
 }
 
+/// Sets the topic configuration of `topic` to `settings` (all of it: what is not named returns to the
+/// broker's default).
+pub fn set_topic_config(topic: &str, settings: &[(&str, &str)]) {
+    use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
+    let alter = settings.iter().fold(
+        AlterConfig::new(ResourceSpecifier::Topic(topic)),
+        |alter, (k, v)| alter.set(k, v),
+    );
+    let results =
+        with_admin(
+            |admin| async move { admin.alter_configs(&[alter], &AdminOptions::new()).await },
+        );
+    for r in results.expect("alter configs") {
+        r.unwrap_or_else(|(resource, code)| panic!("alter {resource:?}: {code}"));
+    }
+}
+
 /// Grows each of `topics` to `total` partitions (what `kafka-topics.sh --alter --partitions` does).
 pub fn add_partitions(topics: &[String], total: usize) {
     use rdkafka::admin::{AdminOptions, NewPartitions};
