@@ -236,6 +236,26 @@ fn generate_refuses_topics_that_do_not_exist() {
 /// fenced each other's consumers back and forth for ever, each ready now and then and neither saying why.
 /// One must give way within a minute, exiting non-zero with an error naming `kafka.instance_id`, and the
 /// other must go on: ready, and applying events.
+/// A transaction timeout longer than the broker allows (`transaction.max.timeout.ms`, 15 minutes) stops
+/// the start with an error that names the setting; librdkafka's own words name only the broker's.
+#[test]
+fn a_transaction_timeout_the_broker_refuses_names_the_setting() {
+    let s = Setup::new(
+        "txn-timeout",
+        1,
+        "[processing]\ntransaction_timeout = \"20m\"\n",
+    );
+    let mut child = s.start();
+    let status = exit_within(&mut child, TIMEOUT).expect("exits");
+    assert!(!status.success(), "{}", s.log_tail());
+    assert!(
+        s.log()
+            .contains("processing.transaction_timeout is longer than the broker's"),
+        "{}",
+        s.log_tail()
+    );
+}
+
 #[test]
 fn a_second_process_with_the_same_instance_id_is_told_so_and_one_goes_on() {
     let s = Setup::new("twins", 1, "");

@@ -27,7 +27,7 @@ use crate::store::{Position, RecordRef};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommitError {
-    #[error("producer fenced or in a fatal state: {0}{}", fenced_hint(.0))]
+    #[error("producer fenced or in a fatal state: {0}{}", fatal_hint(.0))]
     Fatal(KafkaError),
     /// The group coordinator no longer knows this consumer (its session expired during a broker outage, or
     /// the group rebalanced). Retrying cannot help until the consumer has polled and rejoined the group.
@@ -289,17 +289,25 @@ fn is_record_error(e: &KafkaError) -> bool {
     ) || e.to_string().contains("too large")
 }
 
-/// What a fenced producer means: another process initialised transactions with the same transactional id.
-fn fenced_hint(e: &KafkaError) -> &'static str {
-    let fenced = matches!(
-        e.rdkafka_error_code(),
+/// What to change for a fatal producer error that a setting causes: fenced, another process initialised
+/// transactions with the same transactional id; a transaction timeout the broker refuses, a setting here.
+fn fatal_hint(e: &KafkaError) -> &'static str {
+    let code = e.rdkafka_error_code();
+    let text = e.to_string().to_lowercase();
+    if matches!(code, Some(RDKafkaErrorCode::InvalidTransactionTimeout))
+        || text.contains("transaction timeout is larger")
+    {
+        " (processing.transaction_timeout is longer than the broker's transaction.max.timeout.ms \
+         allows, 15 minutes by default: lower it)"
+    } else if matches!(
+        code,
         Some(
             RDKafkaErrorCode::Fenced
                 | RDKafkaErrorCode::ProducerFenced
                 | RDKafkaErrorCode::InvalidProducerEpoch
         )
-    ) || e.to_string().to_lowercase().contains("fenced");
-    if fenced {
+    ) || text.contains("fenced")
+    {
         " (another process started with this transactional id, kafka.transactional_id and \
          kafka.instance_id: every instance needs a kafka.instance_id of its own)"
     } else {
@@ -710,6 +718,28 @@ mod tests {
     use rdkafka::mocking::{MockCluster, MockCoordinator};
 
     use super::*;
+
+    /// A fatal error a setting causes names the setting to change.
+    #[test]
+    fn fatal_errors_name_the_setting_to_change() {
+        let timeout = CommitError::Fatal(KafkaError::Global(
+            RDKafkaErrorCode::InvalidTransactionTimeout,
+        ));
+        assert!(
+            timeout
+                .to_string()
+                .contains("processing.transaction_timeout"),
+            "{timeout}"
+        );
+        let fenced = CommitError::Fatal(KafkaError::Global(RDKafkaErrorCode::ProducerFenced));
+        assert!(fenced.to_string().contains("kafka.instance_id"), "{fenced}");
+        let other = CommitError::Fatal(KafkaError::Global(RDKafkaErrorCode::Fatal));
+        let said = other.to_string();
+        assert!(
+            !said.contains("kafka.instance_id") && !said.contains("processing."),
+            "{said}"
+        );
+    }
 
     /// Transactions initialised while the transaction coordinator is down: the producer waits in turns
     /// and resumes the initialisation once the coordinator is back; a stop during the wait ends it at
