@@ -1161,25 +1161,43 @@ pub fn check_state(cfg: &Config, store: &Store) -> Result<(), PipelineError> {
 
 /// Refuses internal topics that cannot hold the shards: a shard topic or changelog whose partition count
 /// is not the shard count (shard s is partition s of both; docs/DESIGN.md, "Dedup retention and the shard
-/// count"), or a changelog whose cleanup policy deletes records (a restore after the retention would miss
-/// every older record of the state; Kafka Streams refuses such a changelog too). A topic that does not
-/// exist yet is left to [`TopicWatch`] and the restore.
+/// count"), a control topic of more than one partition (commands would not apply in the order sent), or a
+/// changelog whose cleanup policy deletes records (a restore after the retention would miss every older
+/// record of the state; Kafka Streams refuses such a changelog too). A topic that does not exist yet is
+/// left to [`TopicWatch`] and the restore.
 fn check_internal_topics(cfg: &Config) -> Result<(), PipelineError> {
     let client: BaseConsumer<QuietEof> = restore_config(cfg).create_with_context(QuietEof)?;
+    let partitions = |topic: &str| -> Result<Option<usize>, KafkaError> {
+        let md = client.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+        Ok(match md.topics().first() {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                Some(t.partitions().len())
+            }
+            _ => None,
+        })
+    };
     let shards = cfg.scaleout.shards;
     for topic in [cfg.shard_topic(), cfg.changelog_topic()] {
-        let md = client.fetch_metadata(Some(&topic), Duration::from_secs(30))?;
-        let partitions = match md.topics().first() {
-            Some(t) if t.error().is_none() && !t.partitions().is_empty() => t.partitions().len(),
-            _ => continue,
-        };
-        if partitions != shards as usize {
+        match partitions(&topic)? {
+            Some(n) if n != shards as usize => {
+                return Err(PipelineError::InternalTopics(format!(
+                    "{topic} has {n} partitions and scaleout.shards = {shards}: shard s is partition s \
+                     of the shard topic and of its changelog, so each needs exactly {shards}. Set \
+                     scaleout.shards to the count this deployment was made with, or to change the \
+                     count replay the input topics into a new deployment (README \"Changing the number \
+                     of shards\")"
+                )));
+            }
+            _ => {}
+        }
+    }
+    let control = &cfg.control.topic;
+    if !control.is_empty() {
+        if let Some(n) = partitions(control)?.filter(|n| *n > 1) {
             return Err(PipelineError::InternalTopics(format!(
-                "{topic} has {partitions} partitions and scaleout.shards = {shards}: shard s is \
-                 partition s of the shard topic and of its changelog, so each needs exactly {shards}. \
-                 Set scaleout.shards to the count this deployment was made with, or to change the count \
-                 replay the input topics into a new deployment (README \"Changing the number of \
-                 shards\")"
+                "{control} (control.topic) has {n} partitions: commands apply in the order they were \
+                 sent only within one partition (an unsuppress could come before the erasure it \
+                 undoes). Give control.topic a topic of one partition"
             )));
         }
     }

@@ -997,12 +997,13 @@ fn throughput_with_one_two_three_instances() {
 /// deployment with four shards (new group, transactional id, output topic, empty state) replaying the same
 /// input topics ends with the same profiles. The old state directory started with the new count is
 /// refused, saying what to do.
-/// A changelog made beforehand with the default cleanup policy (delete: a platform team's topic, with
-/// `output.create_topics = false`) would lose the state's records older than its retention; the start is
-/// refused, naming the setting, and goes on once the topic is compacted.
+/// Topics made beforehand (a platform team's, with `output.create_topics = false`) are checked: a control
+/// topic of three partitions would apply commands out of order, and a changelog with the default cleanup
+/// policy (delete) would lose the state's records older than its retention. Each start is refused, naming
+/// the topic; once both are right, the instance starts.
 #[test]
-fn a_changelog_that_deletes_records_is_refused() {
-    let setup = Setup::new("changelog-policy", 1, "");
+fn topics_made_beforehand_are_checked() {
+    let setup = Setup::new("own-topics", 1, "");
     setup.edit_config(|c| c.replacen("[output]\n", "[output]\ncreate_topics = false\n", 1));
     let shard_topic = format!("{}-shards", setup.group);
     let changelog = format!("{shard_topic}-changelog");
@@ -1016,16 +1017,22 @@ fn a_changelog_that_deletes_records_is_refused() {
         ],
         1,
     );
-    let mut refused = setup.start();
-    let status = exit_within(&mut refused, Duration::from_secs(60)).expect("exits");
-    assert!(!status.success(), "started: {}", setup.log_tail());
-    assert!(
-        setup.log().contains(&format!(
-            "internal topics: {changelog} has cleanup.policy=delete"
-        )),
-        "{}",
-        setup.log_tail()
-    );
+    let refused_saying = |says: &str| {
+        let mut refused = setup.start();
+        let status = exit_within(&mut refused, Duration::from_secs(60)).expect("exits");
+        assert!(!status.success(), "started: {}", setup.log_tail());
+        assert!(setup.log().contains(says), "{}", setup.log_tail());
+    };
+    let spread = format!("{}-spread", setup.control_topic);
+    create_topics(std::slice::from_ref(&spread), 3);
+    setup.edit_config(|c| c.replace(&setup.control_topic, &spread));
+    refused_saying(&format!(
+        "internal topics: {spread} (control.topic) has 3 partitions"
+    ));
+    setup.edit_config(|c| c.replace(&spread, &setup.control_topic));
+    refused_saying(&format!(
+        "internal topics: {changelog} has cleanup.policy=delete"
+    ));
     set_topic_config(&changelog, &[("cleanup.policy", "compact")]);
     let mut child = setup.start();
     let started = Instant::now();
