@@ -190,12 +190,12 @@ async fn register_output(
                 tracing::info!(subject, id, "output schema registered");
                 return Ok(Some(id));
             }
-            Err(e) if e.is_unreachable() && shutdown.is_cancelled() => {
+            Err(e) if e.is_transient() && shutdown.is_cancelled() => {
                 tracing::info!(error = %e, "stopped while waiting for the schema registry");
                 return Ok(None);
             }
-            Err(e) if e.is_unreachable() => {
-                tracing::warn!(error = %e, "cannot reach the schema registry yet, retrying");
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "the schema registry cannot answer yet, retrying");
                 pause(&mut backoff, shutdown).await;
             }
             Err(e) => return Err(e.into()),

@@ -38,8 +38,14 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
-    pub fn is_unreachable(&self) -> bool {
-        matches!(self, RegistryError::Unreachable { .. })
+    /// Worth asking again: the registry could not be asked, or answered that it cannot answer now (a
+    /// server error, 408, 429).
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RegistryError::Unreachable { .. } => true,
+            RegistryError::Refused { status, .. } => *status >= 500 || matches!(status, 408 | 429),
+            _ => false,
+        }
     }
 }
 
@@ -161,9 +167,12 @@ impl Registry {
         self.writer_of_message(id)?.decode_value(body)
     }
 
-    /// The writer schema of a message's id, as a decode error when there is none: asked again for up to
-    /// `registry.patience` while the registry is unreachable, then [`DecodeError::RegistryUnavailable`];
-    /// an id the registry does not have is [`DecodeError::UnknownSchemaId`].
+    /// The writer schema of a message's id, as a decode error when there is none. Only an id the registry
+    /// does not have ([`DecodeError::UnknownSchemaId`]) or a schema that is not Avro is the message's
+    /// fault, to be dead-lettered. A registry that cannot answer now (unreachable, a server error) is
+    /// asked again for up to `registry.patience`, then [`DecodeError::RegistryUnavailable`], as at once
+    /// for any other refusal (credentials refused, say): the batch fails rather than dead-letter messages
+    /// for the registry's trouble.
     pub fn writer_of_message(&self, id: u32) -> Result<Arc<AvroCodec>, DecodeError> {
         let patience = self.patience;
         let started = Instant::now();
@@ -171,18 +180,18 @@ impl Registry {
         loop {
             match self.writer(id) {
                 Ok(w) => return Ok(w),
-                Err(e) if e.is_unreachable() && started.elapsed() + backoff < patience => {
-                    tracing::warn!(error = %e, id, "schema registry unreachable; retrying");
+                Err(e) if e.is_transient() && started.elapsed() + backoff < patience => {
+                    tracing::warn!(error = %e, id, "schema registry cannot answer; retrying");
                     std::thread::sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(5));
-                }
-                Err(e) if e.is_unreachable() => {
-                    return Err(DecodeError::RegistryUnavailable(e.to_string()))
                 }
                 Err(RegistryError::Refused { status: 404, .. }) => {
                     return Err(DecodeError::UnknownSchemaId(id))
                 }
-                Err(e) => return Err(DecodeError::Avro(e.to_string())),
+                Err(e @ RegistryError::BadSchema { .. }) => {
+                    return Err(DecodeError::Avro(e.to_string()))
+                }
+                Err(e) => return Err(DecodeError::RegistryUnavailable(e.to_string())),
             }
         }
     }
@@ -307,6 +316,70 @@ mod tests {
         );
         // Cached: no second request (the server is gone).
         assert!(registry.writer(42).is_ok());
+    }
+
+    /// A loopback registry that answers its connections in turn with `answers` (status, body), one each,
+    /// and hands back the requests' first lines.
+    fn answering(answers: Vec<(u16, &'static str)>) -> (u16, std::thread::JoinHandle<Vec<String>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let mut lines = Vec::new();
+            for (status, body) in answers {
+                let (mut conn, _) = listener.accept().unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = conn.read(&mut buf).unwrap();
+                    request.extend_from_slice(&buf[..n]);
+                }
+                write!(
+                    conn,
+                    "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nConnection: close\r\n\
+                     Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+                let text = String::from_utf8(request).unwrap();
+                lines.push(text.lines().next().unwrap_or_default().to_string());
+            }
+            lines
+        });
+        (port, server)
+    }
+
+    /// Only an unknown id is the message's fault: a registry that cannot answer now is asked again, and
+    /// one that refuses the credentials fails the batch at once. Neither dead-letters the message.
+    #[test]
+    fn only_an_unknown_id_is_the_messages_fault() {
+        const SCHEMA: &str = r#"{"schema": "\"string\""}"#;
+        const UNKNOWN: &str = r#"{"error_code": 40403, "message": "Schema 7 not found"}"#;
+        let registry = |port: u16| {
+            Registry::new(&RegistryConfig {
+                url: format!("http://127.0.0.1:{port}"),
+                patience: Duration::from_secs(5),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let (port, server) = answering(vec![(503, "{}"), (500, "{}"), (200, SCHEMA)]);
+        assert!(registry(port).writer_of_message(7).is_ok());
+        assert_eq!(server.join().unwrap().len(), 3);
+
+        let (port, server) = answering(vec![(401, r#"{"message": "Unauthorized"}"#)]);
+        match registry(port).writer_of_message(7) {
+            Err(DecodeError::RegistryUnavailable(e)) => assert!(e.contains("401"), "{e}"),
+            Err(other) => panic!("credentials refused: {other}"),
+            Ok(_) => panic!("credentials refused, and a schema"),
+        }
+        assert_eq!(server.join().unwrap().len(), 1, "asked once");
+
+        let (port, server) = answering(vec![(404, UNKNOWN)]);
+        assert!(matches!(
+            registry(port).writer_of_message(7),
+            Err(DecodeError::UnknownSchemaId(7))
+        ));
+        server.join().unwrap();
     }
 
     #[test]
