@@ -30,6 +30,9 @@ pub async fn run(
         .with_context(|| format!("cannot listen on {} (http.listen)", cfg.http.listen))?;
     let held = HeldShards::new(cfg.scaleout.shards);
     tracing::info!(addr = %listener.local_addr()?, "http listening");
+    if let Some(why) = crate::scaleout::routing::unroutable(&cfg.http.advertised()) {
+        tracing::warn!("lookups cannot be forwarded here from other instances: {why}");
+    }
     let http_state = HttpState {
         metrics: metrics.clone(),
         store: Some(store.clone()),

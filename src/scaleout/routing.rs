@@ -191,6 +191,20 @@ fn idle() -> &'static Mutex<HashMap<String, Vec<TcpStream>>> {
     IDLE.get_or_init(Default::default)
 }
 
+/// Why another instance cannot reach an instance that advertises `addr`, if it cannot: an unspecified
+/// address (`0.0.0.0`, `[::]`: `http.listen` on every interface with no `http.advertised_address`) reaches
+/// whoever dials it, so a lookup forwarded there goes back to the instance that forwarded it.
+pub fn unroutable(addr: &str) -> Option<String> {
+    let ip = addr.parse::<std::net::SocketAddr>().ok()?.ip();
+    ip.is_unspecified().then(|| {
+        format!(
+            "the instance advertises {addr}, which no other instance can reach: set its \
+             http.advertised_address (STITCHER_HTTP_ADVERTISED_ADDRESS) to the host:port the others \
+             reach it at"
+        )
+    })
+}
+
 /// GET `path` from `addr` over HTTP/1.1 with an optional bearer token: (status, body). For forwarding
 /// lookups between instances on the internal network; bounded by `timeout`. An idle connection to `addr`
 /// is reused if there is one (one the peer closed meanwhile fails at once and a new one is made), and the
@@ -201,6 +215,12 @@ pub async fn http_get(
     token: Option<&str>,
     timeout: Duration,
 ) -> std::io::Result<(u16, Vec<u8>)> {
+    if let Some(why) = unroutable(addr) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrNotAvailable,
+            why,
+        ));
+    }
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{}\r\n",
         token
@@ -330,6 +350,33 @@ async fn exchange(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An instance advertising an unspecified address is never dialled: the dial would reach the
+    /// forwarding instance itself (every instance listens on the same port), and the lookup would go round
+    /// until its hops ran out, answered as "shards are moving".
+    #[tokio::test]
+    async fn an_unspecified_address_is_not_forwarded_to() {
+        for addr in ["0.0.0.0:9464", "[::]:9464"] {
+            let why = unroutable(addr).expect("unroutable");
+            assert!(why.contains("http.advertised_address"), "{why}");
+            let err = http_get(
+                addr,
+                "/internal/v1/profiles/p",
+                None,
+                Duration::from_secs(1),
+            )
+            .await
+            .expect_err("not dialled");
+            assert_eq!(err.to_string(), why);
+        }
+        for addr in [
+            "127.0.0.1:9464",
+            "pod-0.stitcher-headless:9464",
+            "[::1]:9464",
+        ] {
+            assert_eq!(unroutable(addr), None, "{addr}");
+        }
+    }
 
     fn assignment(topics: &[(&str, &[i32])]) -> Vec<u8> {
         let mut b = vec![0, 1];
