@@ -184,7 +184,7 @@ impl Health {
         }
     }
 
-    /// The configured input topics the cluster does not have.
+    /// The configured topics the cluster does not have.
     pub fn set_missing_topics(&self, topics: Vec<String>) {
         if let Ok(mut m) = self.0.missing_topics.lock() {
             *m = topics;
@@ -196,7 +196,7 @@ impl Health {
         let s = &self.0;
         if let Ok(m) = s.missing_topics.lock() {
             if !m.is_empty() {
-                return Err(format!("input topics missing: {}", m.join(", ")));
+                return Err(format!("topics missing: {}", m.join(", ")));
             }
         }
         let since = s.commit_failing_since.load(Ordering::Acquire);

@@ -1000,7 +1000,8 @@ fn throughput_with_one_two_three_instances() {
 /// Topics made beforehand (a platform team's, with `output.create_topics = false`) are checked: a control
 /// topic of three partitions would apply commands out of order, and a changelog with the default cleanup
 /// policy (delete) would lose the state's records older than its retention. Each start is refused, naming
-/// the topic; once both are right, the instance starts.
+/// the topic; once both are right, the instance starts, and is not ready while the dead-letter topic, never
+/// made, is missing (the first bad message would have failed every commit), until it is created.
 #[test]
 fn topics_made_beforehand_are_checked() {
     let setup = Setup::new("own-topics", 1, "");
@@ -1012,7 +1013,6 @@ fn topics_made_beforehand_are_checked() {
             shard_topic,
             changelog.clone(),
             setup.output_topic.clone(),
-            setup.dlq_topic.clone(),
             setup.identity_topic.clone(),
         ],
         1,
@@ -1035,20 +1035,35 @@ fn topics_made_beforehand_are_checked() {
     ));
     set_topic_config(&changelog, &[("cleanup.policy", "compact")]);
     let mut child = setup.start();
-    let started = Instant::now();
-    while !is_ready(setup.http_port) {
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "not ready once compacted: {}",
-            setup.log_tail()
-        );
-        assert!(
-            child.try_wait().expect("wait").is_none(),
-            "{}",
-            setup.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let wait = |what: &str, child: &mut Child, done: &dyn Fn() -> bool| {
+        let started = Instant::now();
+        while !done() {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{what}: {}",
+                setup.log_tail()
+            );
+            assert!(
+                child.try_wait().expect("wait").is_none(),
+                "{}",
+                setup.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let missing = format!("topics missing: {}", setup.dlq_topic);
+    wait(
+        "not ready naming the dead-letter topic",
+        &mut child,
+        &|| {
+            std::net::TcpStream::connect(("127.0.0.1", setup.http_port)).is_ok()
+                && setup.http_get("/readyz").1.contains(&missing)
+        },
+    );
+    create_topics(std::slice::from_ref(&setup.dlq_topic), 1);
+    wait("ready once it exists", &mut child, &|| {
+        is_ready(setup.http_port)
+    });
     assert!(sigterm(&mut child).success(), "{}", setup.log_tail());
 }
 

@@ -157,13 +157,15 @@ impl ConsumerContext for StitchContext {
     }
 }
 
-/// Watches the subscribed topics in the cluster's metadata: how many partitions they have, and which are
-/// missing (reported to [`Health`], so the instance is not ready while a configured topic does not exist,
-/// and logged by name).
+/// Watches the topics the service reads and writes in the cluster's metadata: which are missing (reported
+/// to [`Health`], so the instance is not ready while a configured topic does not exist, and logged by
+/// name). A topic it writes that is missing (`output.create_topics = false`, or deleted) would otherwise be
+/// found only by the first record for it: a dead-letter topic by the first bad message, which then failed
+/// every commit.
 pub struct TopicWatch {
     topics: Vec<String>,
-    /// Partitions of the existing topics, and when that was read.
-    last: Option<(usize, Instant)>,
+    /// When the metadata was last read.
+    last: Option<Instant>,
     missing: Vec<String>,
     /// The consumer reported a topic it cannot find since the last read (one deleted, say).
     doubted: bool,
@@ -190,48 +192,43 @@ impl TopicWatch {
         self.doubted = true;
     }
 
-    /// Partitions of the subscribed topics that exist, from recent metadata; `None` if the metadata cannot
-    /// be read now.
-    pub fn partitions(&mut self, consumer: &StitchConsumer, health: &Health) -> Option<usize> {
+    /// Reads which topics are missing if the last read is old enough, and reports a change; a read that
+    /// fails (no broker answers now) is tried again next time.
+    pub fn look(&mut self, consumer: &StitchConsumer, health: &Health) {
         let fresh = if self.missing.is_empty() && !self.doubted {
             TOPICS_FRESH
         } else {
             TOPICS_FRESH_MISSING
         };
-        if let Some((n, at)) = self.last {
-            if at.elapsed() < fresh {
-                return Some(n);
-            }
+        if self.last.is_some_and(|at| at.elapsed() < fresh) {
+            return;
         }
-        let mut total = 0;
         let mut missing = Vec::new();
         for topic in &self.topics {
-            let md = consumer
-                .fetch_metadata(Some(topic), Duration::from_secs(5))
-                .ok()?;
+            let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+                return;
+            };
             match md.topics().first() {
-                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                    total += t.partitions().len()
-                }
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {}
                 _ => missing.push(topic.clone()),
             }
         }
         if missing != self.missing {
             if missing.is_empty() {
-                tracing::info!("every subscribed topic exists");
+                tracing::info!("every configured topic exists");
             } else {
                 tracing::error!(
                     topics = missing.join(", ").as_str(),
-                    "subscribed topics do not exist: create them (the service does not create input \
-                     topics); not ready until they exist"
+                    "configured topics do not exist: create them (the service never creates input \
+                     topics, and its own only with output.create_topics = true); not ready until they \
+                     exist"
                 );
             }
             health.set_missing_topics(missing.clone());
             self.missing = missing;
         }
-        self.last = Some((total, Instant::now()));
+        self.last = Some(Instant::now());
         self.doubted = false;
-        Some(total)
     }
 }
 
