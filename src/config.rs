@@ -816,6 +816,39 @@ impl Config {
         format!("{}-changelog", self.shard_topic())
     }
 
+    /// Every topic the service reads or writes, with the setting that names it.
+    fn topic_roles(&self) -> Vec<(String, String)> {
+        let inputs = self.inputs.iter().map(|i| {
+            (
+                format!("the input of channel {:?}", i.channel),
+                i.topic.clone(),
+            )
+        });
+        let own = [
+            ("output.topic", self.output.topic.clone()),
+            (
+                "output.dead_letter_topic",
+                self.output.dead_letter_topic.clone(),
+            ),
+            ("output.identity_topic", self.output.identity_topic.clone()),
+            ("control.topic", self.control.topic.clone()),
+            (
+                "breaker.quarantine_topic",
+                if self.breaker.enabled() {
+                    self.breaker.quarantine_topic.clone()
+                } else {
+                    String::new()
+                },
+            ),
+            ("the shard topic (scaleout.topic)", self.shard_topic()),
+            ("the shard topic's changelog", self.changelog_topic()),
+        ]
+        .into_iter()
+        .filter(|(_, t)| !t.is_empty())
+        .map(|(setting, t)| (setting.to_string(), t));
+        inputs.chain(own).collect()
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.inputs.is_empty() {
@@ -842,9 +875,6 @@ impl Config {
         }
         if self.output.topic.is_empty() || self.output.dead_letter_topic.is_empty() {
             return invalid("output.topic and output.dead_letter_topic are required".into());
-        }
-        if topics.contains(&self.output.topic) {
-            return invalid("output.topic must not also be an input".into());
         }
         if self.output.max_record_bytes < 16 * 1024 {
             return invalid("output.max_record_bytes must be at least 16384".into());
@@ -883,42 +913,8 @@ impl Config {
         if self.kafka.group_id.is_empty() || self.kafka.transactional_id.is_empty() {
             return invalid("kafka.group_id and kafka.transactional_id are required".into());
         }
-        if topics.contains(&self.control.topic) || self.control.topic == self.output.topic {
-            return invalid("control.topic must not also be an input or the output".into());
-        }
         if let Err(e) = self.breaker.validate() {
             return invalid(e);
-        }
-        let quarantine = &self.breaker.quarantine_topic;
-        if self.breaker.enabled()
-            && (topics.contains(quarantine)
-                || [
-                    &self.output.topic,
-                    &self.output.dead_letter_topic,
-                    &self.output.identity_topic,
-                    &self.control.topic,
-                ]
-                .contains(&quarantine))
-        {
-            return invalid(
-                "breaker.quarantine_topic must not be an input, output, identity, dead-letter or control topic"
-                    .into(),
-            );
-        }
-        let identity = &self.output.identity_topic;
-        if !identity.is_empty()
-            && (topics.contains(identity)
-                || [
-                    &self.output.topic,
-                    &self.output.dead_letter_topic,
-                    &self.control.topic,
-                ]
-                .contains(&identity))
-        {
-            return invalid(
-                "output.identity_topic must not be an input, the output, dead-letter or control topic"
-                    .into(),
-            );
         }
         if !self.scaleout.enabled() {
             return invalid(
@@ -926,19 +922,15 @@ impl Config {
                     .into(),
             );
         }
-        let (topic, changelog) = (self.shard_topic(), self.changelog_topic());
-        let internal = [topic.as_str(), changelog.as_str()];
-        if internal.iter().any(|t| {
-            topics.contains(&t.to_string())
-                || *t == self.output.topic
-                || *t == self.control.topic
-                || *t == self.output.dead_letter_topic
-                || *t == self.output.identity_topic
-        }) {
-            return invalid(
-                "scaleout.topic and its changelog must not be an input, output or control topic"
-                    .into(),
-            );
+        // One topic in two roles mixes what each carries, or loops: a dead-letter topic that is also an
+        // input read every dead letter again, for ever.
+        let roles = self.topic_roles();
+        for (i, (setting, topic)) in roles.iter().enumerate() {
+            if let Some((other, _)) = roles[..i].iter().find(|(_, t)| t == topic) {
+                return invalid(format!(
+                    "{other} and {setting} are the same topic {topic:?}: each needs a topic of its own"
+                ));
+            }
         }
         if let Some(t) = self
             .identity
@@ -1233,6 +1225,55 @@ mod tests {
         cfg.apply_env(injected.map(|(k, v)| (k.to_string(), v.to_string())))
             .unwrap();
         assert_eq!(toml::to_string(&cfg).unwrap(), before);
+    }
+
+    /// No topic may serve two roles; each pair is named.
+    #[test]
+    fn each_topic_serves_one_role() {
+        let base: Config = toml::from_str(EXAMPLE).unwrap();
+        base.validate().unwrap();
+        let web = base.inputs[0].topic.clone();
+        type Change<'a> = Box<dyn Fn(&mut Config) + 'a>;
+        let cases: Vec<(Change, &str)> = vec![
+            (
+                Box::new(|c| c.output.dead_letter_topic = web.clone()),
+                "output.dead_letter_topic are the same topic",
+            ),
+            (
+                Box::new(|c| c.output.topic = web.clone()),
+                "and output.topic are the same topic",
+            ),
+            (
+                Box::new(|c| c.output.identity_topic = c.output.topic.clone()),
+                "output.topic and output.identity_topic",
+            ),
+            (
+                Box::new(|c| c.output.dead_letter_topic = c.output.topic.clone()),
+                "output.topic and output.dead_letter_topic",
+            ),
+            (
+                Box::new(|c| c.control.topic = c.output.dead_letter_topic.clone()),
+                "output.dead_letter_topic and control.topic",
+            ),
+            (
+                Box::new(|c| c.scaleout.topic = web.clone()),
+                "and the shard topic (scaleout.topic)",
+            ),
+            (
+                Box::new(|c| c.output.topic = format!("{}-changelog", c.shard_topic())),
+                "output.topic and the shard topic's changelog",
+            ),
+        ];
+        for (change, says) in cases {
+            let mut cfg = base.clone();
+            change(&mut cfg);
+            let err = cfg.validate().expect_err(says).to_string();
+            assert!(err.contains(says), "{err}");
+        }
+        let mut off = base.clone();
+        off.output.identity_topic = String::new();
+        off.control.topic = String::new();
+        off.validate().expect("empty topics are no role");
     }
 
     #[test]
