@@ -106,7 +106,7 @@ async fn start_up(cfg: &mut Config, shutdown: &CancellationToken) -> anyhow::Res
             None => return Ok(Started::StoppedBefore),
         }
     }
-    if cfg.output.read_topic_limits {
+    if cfg.output.read_topic_configs {
         fit_record_limit(cfg).await;
     }
     Ok(Started::Yes)

@@ -378,11 +378,11 @@ pub struct OutputConfig {
     /// smaller. A dead letter larger than this carries only the first part of its payload; a profile stays
     /// far smaller by the profile bounds (README "Bounds").
     pub max_record_bytes: usize,
-    /// Whether the start-up reads the topics' limits for `max_record_bytes`. Not a setting: only the
-    /// demo turns it off, since librdkafka's mock cluster does not answer DescribeConfigs (the read waited
-    /// 10 s for nothing).
+    /// Whether the start-up reads the topics' configurations: their record limits for `max_record_bytes`,
+    /// the changelog's cleanup policy. Not a setting: only the demo turns it off, since librdkafka's mock
+    /// cluster does not answer DescribeConfigs (each read waited 10 s for nothing).
     #[serde(skip)]
-    pub read_topic_limits: bool,
+    pub read_topic_configs: bool,
 }
 
 impl Default for OutputConfig {
@@ -395,7 +395,7 @@ impl Default for OutputConfig {
             create_topics: true,
             partitions: 1,
             max_record_bytes: 1_000_000,
-            read_topic_limits: true,
+            read_topic_configs: true,
         }
     }
 }
@@ -1089,12 +1089,13 @@ mod tests {
         assert!(e.contains("snowplow"), "{e}");
     }
 
-    /// The service always reads the topics' record limits; a file cannot turn that off (only the demo does).
+    /// The service always reads the topics' configurations; a file cannot turn that off (only the demo
+    /// does).
     #[test]
-    fn the_topic_limits_are_read_whatever_the_file_says() {
+    fn the_topic_configs_are_read_whatever_the_file_says() {
         let cfg: Config = toml::from_str("[output]\nmax_record_bytes = 500000\n").unwrap();
-        assert!(cfg.output.read_topic_limits);
-        let refused = toml::from_str::<Config>("[output]\nread_topic_limits = false\n");
+        assert!(cfg.output.read_topic_configs);
+        let refused = toml::from_str::<Config>("[output]\nread_topic_configs = false\n");
         assert!(refused.is_err());
     }
 

@@ -38,15 +38,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     cfg.state.dir = state_dir.clone();
     cfg.http.listen = args.http_listen;
     cfg.output.create_topics = false;
-    // The mock cluster does not answer DescribeConfigs: its topics take the default record limit.
-    cfg.output.read_topic_limits = false;
+    // The mock cluster does not answer DescribeConfigs: its topics take the default record limit, and the
+    // changelog it is given here is not read back.
+    cfg.output.read_topic_configs = false;
     for t in cfg.inputs.iter().map(|i| i.topic.clone()).chain([
         cfg.output.topic.clone(),
         cfg.output.dead_letter_topic.clone(),
-        cfg.control.topic.clone(),
+        cfg.output.identity_topic.clone(),
+        cfg.breaker.quarantine_topic.clone(),
     ]) {
+        if t.is_empty() {
+            continue;
+        }
         cluster.create_topic(&t, 3, 1)?;
     }
+    // Commands apply in the order sent only within one partition; the service refuses more.
+    cluster.create_topic(&cfg.control.topic, 1, 1)?;
     // The graph's shards: their message topic and changelog, one partition per shard.
     let shards = i32::try_from(cfg.scaleout.shards)?;
     for t in [cfg.shard_topic(), cfg.changelog_topic()] {
@@ -107,9 +114,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     };
     while consumed() < sent
         && !shutdown.is_cancelled()
+        && !service.is_finished()
         && started.elapsed() < Duration::from_secs(600)
     {
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if service.is_finished() {
+        // The service failed before it took every message: its error ends the demo (the waits below
+        // would wait for it for ever).
+        service.await??;
+        anyhow::bail!("the service stopped before it took every message");
     }
     let elapsed = started.elapsed();
     // Right to be forgotten: erase one person's email through the control topic, as `stitcher erase` does.

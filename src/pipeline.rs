@@ -763,7 +763,7 @@ impl Pipeline {
             .partition(|s| *s < self.cfg.scaleout.shards);
         if !beyond.is_empty() {
             // Partitions added to the shard topic while the service runs: no identifier is placed there.
-            // The next start refuses the topic ([`check_shard_topics`]).
+            // The next start refuses the topic ([`check_internal_topics`]).
             tracing::error!(
                 partitions = ?beyond,
                 topic = self.engine.shard_topic(),
@@ -1152,7 +1152,6 @@ fn fence_changed_shards(
 /// ones every `transaction.abort.timed.out.transaction.cleanup.interval.ms` (10 s by default), twice that.
 const ABORT_SWEEP: Duration = Duration::from_secs(20);
 
-/// A consumer outside the group, reading changelog partitions as committed.
 /// Refuses a state directory this configuration cannot take: one of the former one-instance mode, or one
 /// made with another shard count. Checked once the state is open, before anything connects.
 pub fn check_state(cfg: &Config, store: &Store) -> Result<(), PipelineError> {
@@ -1220,6 +1219,9 @@ fn check_internal_topics(cfg: &Config) -> Result<(), PipelineError> {
             )));
         }
     }
+    if !cfg.output.read_topic_configs {
+        return Ok(());
+    }
     let changelog = cfg.changelog_topic();
     let read = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1253,6 +1255,7 @@ fn check_internal_topics(cfg: &Config) -> Result<(), PipelineError> {
     Ok(())
 }
 
+/// A consumer outside the group, reading changelog partitions as committed.
 fn restore_config(cfg: &Config) -> ClientConfig {
     let mut c = base_config(cfg);
     c.set(

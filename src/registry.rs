@@ -270,61 +270,13 @@ mod tests {
     use super::*;
     use std::io::{Read, Write};
 
-    /// What the client sends on the wire for basic auth (Apicurio, the registry in the integration tests,
-    /// authenticates only through OIDC): one request read from a loopback socket.
-    #[test]
-    fn basic_auth_goes_in_every_request() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let server = std::thread::spawn(move || {
-            let (mut conn, _) = listener.accept().unwrap();
-            let mut request = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-                let n = conn.read(&mut buf).unwrap();
-                request.extend_from_slice(&buf[..n]);
-            }
-            let body = r#"{"schema": "\"string\""}"#;
-            write!(
-                conn,
-                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .unwrap();
-            String::from_utf8(request).unwrap()
-        });
-        let registry = Registry::new(&RegistryConfig {
-            url: format!("http://127.0.0.1:{port}/apis/ccompat/v7/"),
-            username: "alice".into(),
-            password: "s3cret".into(),
-            ..Default::default()
-        })
-        .unwrap();
-        let codec = registry.writer(42).unwrap();
-        assert_eq!(codec.schema(), &apache_avro::Schema::String);
-        let request = server.join().unwrap();
-        assert!(
-            request.starts_with("GET /apis/ccompat/v7/schemas/ids/42 HTTP/1.1\r\n"),
-            "{request}"
-        );
-        // base64("alice:s3cret")
-        assert!(
-            request
-                .to_ascii_lowercase()
-                .contains("authorization: basic ywxpy2u6cznjcmv0\r\n"),
-            "{request}"
-        );
-        // Cached: no second request (the server is gone).
-        assert!(registry.writer(42).is_ok());
-    }
-
     /// A loopback registry that answers its connections in turn with `answers` (status, body), one each,
-    /// and hands back the requests' first lines.
+    /// and hands back the requests.
     fn answering(answers: Vec<(u16, &'static str)>) -> (u16, std::thread::JoinHandle<Vec<String>>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let server = std::thread::spawn(move || {
-            let mut lines = Vec::new();
+            let mut requests = Vec::new();
             for (status, body) in answers {
                 let (mut conn, _) = listener.accept().unwrap();
                 let mut request = Vec::new();
@@ -340,12 +292,41 @@ mod tests {
                     body.len()
                 )
                 .unwrap();
-                let text = String::from_utf8(request).unwrap();
-                lines.push(text.lines().next().unwrap_or_default().to_string());
+                requests.push(String::from_utf8(request).unwrap());
             }
-            lines
+            requests
         });
         (port, server)
+    }
+
+    /// What the client sends on the wire for basic auth (Apicurio, the registry in the integration tests,
+    /// authenticates only through OIDC): one request read from a loopback socket.
+    #[test]
+    fn basic_auth_goes_in_every_request() {
+        let (port, server) = answering(vec![(200, r#"{"schema": "\"string\""}"#)]);
+        let registry = Registry::new(&RegistryConfig {
+            url: format!("http://127.0.0.1:{port}/apis/ccompat/v7/"),
+            username: "alice".into(),
+            password: "s3cret".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let codec = registry.writer(42).unwrap();
+        assert_eq!(codec.schema(), &apache_avro::Schema::String);
+        let request = server.join().unwrap().remove(0);
+        assert!(
+            request.starts_with("GET /apis/ccompat/v7/schemas/ids/42 HTTP/1.1\r\n"),
+            "{request}"
+        );
+        // base64("alice:s3cret")
+        assert!(
+            request
+                .to_ascii_lowercase()
+                .contains("authorization: basic ywxpy2u6cznjcmv0\r\n"),
+            "{request}"
+        );
+        // Cached: no second request (the server is gone).
+        assert!(registry.writer(42).is_ok());
     }
 
     /// Only an unknown id is the message's fault: a registry that cannot answer now is asked again, and

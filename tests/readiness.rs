@@ -17,19 +17,6 @@ use stitcher::journeys::{self, JourneyConfig};
 
 const TIMEOUT: Duration = Duration::from_secs(180);
 
-fn wait_for(what: &str, s: &Setup, timeout: Duration, mut done: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !done() {
-        assert!(
-            start.elapsed() < timeout,
-            "{what}: not within {timeout:?}\n{}",
-            s.log_tail()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
-    start.elapsed()
-}
-
 #[test]
 fn a_missing_input_topic_is_named_and_picked_up_once_created() {
     let s = Setup::new("missing", 1, "");
@@ -68,9 +55,8 @@ fn a_missing_input_topic_is_named_and_picked_up_once_created() {
         "kiosk".into(),
         (late.clone(), stitcher::config::Format::Json),
     );
-    let taken = wait_for(
+    let taken = s.wait_for(
         "ready once the topic exists",
-        &s,
         Duration::from_secs(60),
         || s.http_get("/readyz").0 == 200,
     );
@@ -85,18 +71,16 @@ fn a_missing_input_topic_is_named_and_picked_up_once_created() {
         0,
     )
     .expect("send");
-    let picked = wait_for(
+    let picked = s.wait_for(
         "the new topic's event applied",
-        &s,
         Duration::from_secs(60),
         || s.http_get("/v1/identifiers/email/kiosk@x.io").0 == 200,
     );
     // A topic deleted while the instance runs is named as soon as the consumer misses it (the metadata
     // was read again only after a minute).
     delete_topics(std::slice::from_ref(&late));
-    let gone = wait_for(
+    let gone = s.wait_for(
         "not ready once the topic is deleted",
-        &s,
         Duration::from_secs(20),
         || {
             let (status, why) = s.http_get("/readyz");
@@ -146,7 +130,7 @@ fn the_lag_gauge_is_right_after_a_restart_with_a_backlog() {
             .filter_map(|l| l.rsplit(' ').next()?.parse::<i64>().ok())
             .sum::<i64>()
     };
-    let took = wait_for("lag gauge at 0", &s, Duration::from_secs(20), || lag() == 0);
+    let took = s.wait_for("lag gauge at 0", Duration::from_secs(20), || lag() == 0);
     println!(
         "lag gauge: 0 {took:.1?} after catching up a backlog of {} messages",
         more.messages.len()
@@ -166,12 +150,9 @@ fn a_stop_while_kafka_is_unreachable_exits_0() {
         )
     });
     let mut child = s.start();
-    wait_for(
-        "the first failed attempt",
-        &s,
-        Duration::from_secs(60),
-        || s.log().contains("cannot reach kafka"),
-    );
+    s.wait_for("the first failed attempt", Duration::from_secs(60), || {
+        s.log().contains("cannot reach kafka")
+    });
     let (status, why) = s.http_get("/readyz");
     assert_eq!(status, 503, "{why}");
     let asked = Instant::now();
@@ -260,7 +241,7 @@ fn a_transaction_timeout_the_broker_refuses_names_the_setting() {
 fn a_second_process_with_the_same_instance_id_is_told_so_and_one_goes_on() {
     let s = Setup::new("twins", 1, "");
     let mut first = s.start();
-    wait_for("the first ready", &s, TIMEOUT, || is_ready(s.http_port));
+    s.wait_for("the first ready", TIMEOUT, || is_ready(s.http_port));
     let twin_port = free_port();
     let twin_state = s.dir.join("twin-state");
     let twin_listen = format!("127.0.0.1:{twin_port}");
@@ -306,7 +287,7 @@ fn a_second_process_with_the_same_instance_id_is_told_so_and_one_goes_on() {
         .find(|(kind, _)| kind == "email")
         .expect("an email")
         .clone();
-    wait_for("the survivor applies events", &s, TIMEOUT, || {
+    s.wait_for("the survivor applies events", TIMEOUT, || {
         is_ready(port) && http_get(port, &format!("/v1/identifiers/email/{email}")).0 == 200
     });
     assert!(

@@ -1035,35 +1035,19 @@ fn topics_made_beforehand_are_checked() {
     ));
     set_topic_config(&changelog, &[("cleanup.policy", "compact")]);
     let mut child = setup.start();
-    let wait = |what: &str, child: &mut Child, done: &dyn Fn() -> bool| {
-        let started = Instant::now();
-        while !done() {
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "{what}: {}",
-                setup.log_tail()
-            );
-            assert!(
-                child.try_wait().expect("wait").is_none(),
-                "{}",
-                setup.log_tail()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
+    let bound = Duration::from_secs(60);
     let missing = format!("topics missing: {}", setup.dlq_topic);
-    wait(
-        "not ready naming the dead-letter topic",
-        &mut child,
-        &|| {
-            std::net::TcpStream::connect(("127.0.0.1", setup.http_port)).is_ok()
-                && setup.http_get("/readyz").1.contains(&missing)
-        },
-    );
-    create_topics(std::slice::from_ref(&setup.dlq_topic), 1);
-    wait("ready once it exists", &mut child, &|| {
-        is_ready(setup.http_port)
+    setup.wait_for("not ready naming the dead-letter topic", bound, || {
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "{}",
+            setup.log_tail()
+        );
+        std::net::TcpStream::connect(("127.0.0.1", setup.http_port)).is_ok()
+            && setup.http_get("/readyz").1.contains(&missing)
     });
+    create_topics(std::slice::from_ref(&setup.dlq_topic), 1);
+    setup.wait_for("ready once it exists", bound, || is_ready(setup.http_port));
     assert!(sigterm(&mut child).success(), "{}", setup.log_tail());
 }
 

@@ -423,6 +423,26 @@ topic = "{control_topic}"
         Ok((committed, total))
     }
 
+    /// Waits until `done`, failing the test with the log's tail if that takes longer than `timeout`; how
+    /// long it took.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut() -> bool,
+    ) -> Duration {
+        let start = Instant::now();
+        while !done() {
+            assert!(
+                start.elapsed() < timeout,
+                "{what}: not within {timeout:?}\n{}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        start.elapsed()
+    }
+
     /// Changes the service config before a start (`edit` gets and returns the TOML text).
     pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
         let text = std::fs::read_to_string(&self.config_path).expect("config");
