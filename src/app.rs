@@ -108,6 +108,7 @@ async fn start_up(cfg: &mut Config, shutdown: &CancellationToken) -> anyhow::Res
     }
     if cfg.output.read_topic_configs {
         fit_record_limit(cfg).await;
+        check_changelog_policy(cfg).await?;
     }
     Ok(Started::Yes)
 }
@@ -224,6 +225,35 @@ async fn fit_record_limit(cfg: &mut Config) {
             max_record_bytes = cfg.output.max_record_bytes,
             "cannot read the topics' max.message.bytes; keeping output.max_record_bytes"
         ),
+    }
+}
+
+/// Refuses a changelog whose cleanup policy deletes records: it is the shards' state, and a restore after
+/// the retention would miss every older record of it (Kafka Streams refuses such a changelog too). A
+/// cluster that does not let this service read topic configurations (its ACLs) leaves it unchecked, as
+/// the record limit is.
+async fn check_changelog_policy(cfg: &Config) -> Result<(), PipelineError> {
+    let changelog = cfg.changelog_topic();
+    let policies = match crate::kafka::topic_settings(cfg, &[changelog.as_str()], "cleanup.policy")
+        .await
+    {
+        Ok(policies) => policies,
+        Err(e) => {
+            tracing::warn!(error = %e, topic = changelog.as_str(), "cannot read the changelog's cleanup.policy; not checked");
+            return Ok(());
+        }
+    };
+    match policies
+        .iter()
+        .find(|p| p.split(',').any(|x| x.trim() == "delete"))
+    {
+        Some(policy) => Err(PipelineError::InternalTopics(format!(
+            "{changelog} has cleanup.policy={policy}: it is the shards' state, and a restore after \
+             its retention would miss every older record of it. Set cleanup.policy=compact on it \
+             (kafka-configs.sh --alter --entity-type topics --entity-name {changelog} --add-config \
+             cleanup.policy=compact)"
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -30,8 +30,8 @@ use crate::config::Config;
 use crate::engine::{changelog_records, sorted_changes, Engine, Work};
 use crate::kafka::reader::QuietEof;
 use crate::kafka::{
-    base_config, consumer_config, watermarks, AssignmentWatch, CommitError, Committer, Deadline,
-    FenceWatch, GroupPeers, StitchConsumer, StitchContext, TopicWatch,
+    base_config, consumer_config, partition_count, watermarks, AssignmentWatch, CommitError,
+    Committer, Deadline, FenceWatch, GroupPeers, StitchConsumer, StitchContext, TopicWatch,
 };
 use crate::metrics::Metrics;
 use crate::model::{now_millis, Millis};
@@ -1179,21 +1179,12 @@ pub fn check_state(cfg: &Config, store: &Store) -> Result<(), PipelineError> {
 
 /// Refuses internal topics that cannot hold the shards: a shard topic or changelog whose partition count
 /// is not the shard count (shard s is partition s of both; docs/DESIGN.md, "Dedup retention and the shard
-/// count"), a control topic of more than one partition (commands would not apply in the order sent), or a
-/// changelog whose cleanup policy deletes records (a restore after the retention would miss every older
-/// record of the state; Kafka Streams refuses such a changelog too). A topic that does not exist yet is
-/// left to [`TopicWatch`] and the restore.
+/// count"), or a control topic of more than one partition (commands would not apply in the order sent).
+/// A topic that does not exist yet is left to [`TopicWatch`] and the restore. (The changelog's cleanup
+/// policy is read with the other topic configurations at start-up: `app::check_changelog_policy`.)
 fn check_internal_topics(cfg: &Config) -> Result<(), PipelineError> {
     let client: BaseConsumer<QuietEof> = restore_config(cfg).create_with_context(QuietEof)?;
-    let partitions = |topic: &str| -> Result<Option<usize>, KafkaError> {
-        let md = client.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-        Ok(match md.topics().first() {
-            Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                Some(t.partitions().len())
-            }
-            _ => None,
-        })
-    };
+    let partitions = |topic: &str| partition_count(client.client(), topic, Duration::from_secs(30));
     let shards = cfg.scaleout.shards;
     for topic in [cfg.shard_topic(), cfg.changelog_topic()] {
         match partitions(&topic)? {
@@ -1218,39 +1209,6 @@ fn check_internal_topics(cfg: &Config) -> Result<(), PipelineError> {
                  undoes). Give control.topic a topic of one partition"
             )));
         }
-    }
-    if !cfg.output.read_topic_configs {
-        return Ok(());
-    }
-    let changelog = cfg.changelog_topic();
-    let read = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| e.to_string())
-        .and_then(|rt| {
-            rt.block_on(crate::kafka::topic_settings(
-                cfg,
-                &[changelog.as_str()],
-                "cleanup.policy",
-            ))
-            .map_err(|e| e.to_string())
-        });
-    // A cluster that does not let this service read topic configurations (its ACLs) leaves it unchecked,
-    // as the record limit is.
-    let policies = read.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, topic = changelog.as_str(), "cannot read the changelog's cleanup.policy; not checked");
-        Vec::new()
-    });
-    if let Some(policy) = policies
-        .iter()
-        .find(|p| p.split(',').any(|x| x.trim() == "delete"))
-    {
-        return Err(PipelineError::InternalTopics(format!(
-            "{changelog} has cleanup.policy={policy}: it is the shards' state, and a restore after \
-             its retention would miss every older record of it. Set cleanup.policy=compact on it \
-             (kafka-configs.sh --alter --entity-type topics --entity-name {changelog} --add-config \
-             cleanup.policy=compact)"
-        )));
     }
     Ok(())
 }

@@ -997,9 +997,9 @@ fn throughput_with_one_two_three_instances() {
 /// deployment with four shards (new group, transactional id, output topic, empty state) replaying the same
 /// input topics ends with the same profiles. The old state directory started with the new count is
 /// refused, saying what to do.
-/// Topics made beforehand (a platform team's, with `output.create_topics = false`) are checked: a control
-/// topic of three partitions would apply commands out of order, and a changelog with the default cleanup
-/// policy (delete) would lose the state's records older than its retention. Each start is refused, naming
+/// Topics made beforehand (a platform team's, with `output.create_topics = false`) are checked: a changelog
+/// with the default cleanup policy (delete) would lose the state's records older than its retention, and a
+/// control topic of three partitions would apply commands out of order. Each start is refused, naming
 /// the topic; once both are right, the instance starts, and is not ready while the dead-letter topic, never
 /// made, is missing (the first bad message would have failed every commit), until it is created.
 #[test]
@@ -1023,6 +1023,10 @@ fn topics_made_beforehand_are_checked() {
         assert!(!status.success(), "started: {}", setup.log_tail());
         assert!(setup.log().contains(says), "{}", setup.log_tail());
     };
+    refused_saying(&format!(
+        "internal topics: {changelog} has cleanup.policy=delete"
+    ));
+    set_topic_config(&changelog, &[("cleanup.policy", "compact")]);
     let spread = format!("{}-spread", setup.control_topic);
     create_topics(std::slice::from_ref(&spread), 3);
     setup.edit_config(|c| c.replace(&setup.control_topic, &spread));
@@ -1030,10 +1034,6 @@ fn topics_made_beforehand_are_checked() {
         "internal topics: {spread} (control.topic) has 3 partitions"
     ));
     setup.edit_config(|c| c.replace(&spread, &setup.control_topic));
-    refused_saying(&format!(
-        "internal topics: {changelog} has cleanup.policy=delete"
-    ));
-    set_topic_config(&changelog, &[("cleanup.policy", "compact")]);
     let mut child = setup.start();
     let bound = Duration::from_secs(60);
     let missing = format!("topics missing: {}", setup.dlq_topic);

@@ -205,12 +205,10 @@ impl TopicWatch {
         }
         let mut missing = Vec::new();
         for topic in &self.topics {
-            let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
-                return;
-            };
-            match md.topics().first() {
-                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {}
-                _ => missing.push(topic.clone()),
+            match super::partition_count(consumer.client(), topic, Duration::from_secs(5)) {
+                Ok(Some(_)) => {}
+                Ok(None) => missing.push(topic.clone()),
+                Err(_) => return,
             }
         }
         if missing != self.missing {

@@ -392,6 +392,19 @@ pub async fn topic_record_limit(cfg: &Config) -> Result<Option<usize>, KafkaErro
         .min())
 }
 
+/// How many partitions `topic` has; `None` if it does not exist (or has none the metadata shows).
+pub fn partition_count<C: ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Option<usize>, KafkaError> {
+    let md = client.fetch_metadata(Some(topic), timeout)?;
+    Ok(match md.topics().first() {
+        Some(t) if t.error().is_none() && !t.partitions().is_empty() => Some(t.partitions().len()),
+        _ => None,
+    })
+}
+
 /// The effective value of the topic setting `name` of each of `topics` that exists and whose
 /// configuration can be read.
 pub async fn topic_settings(
