@@ -817,7 +817,7 @@ impl Config {
     }
 
     /// Every topic the service reads or writes, with the setting that names it.
-    fn topic_roles(&self) -> Vec<(String, String)> {
+    pub fn topic_roles(&self) -> Vec<(String, String)> {
         let inputs = self.inputs.iter().map(|i| {
             (
                 format!("the input of channel {:?}", i.channel),

@@ -329,25 +329,6 @@ pub(crate) fn subscribed_topics(cfg: &Config) -> Vec<String> {
         .collect()
 }
 
-/// Every topic the service reads or writes: [`subscribed_topics`], the output, dead-letter, identity and
-/// quarantine topics, and the changelog.
-fn configured_topics(cfg: &Config) -> Vec<String> {
-    let written = [
-        cfg.output.topic.clone(),
-        cfg.output.dead_letter_topic.clone(),
-        cfg.output.identity_topic.clone(),
-        if cfg.breaker.enabled() {
-            cfg.breaker.quarantine_topic.clone()
-        } else {
-            String::new()
-        },
-        cfg.changelog_topic(),
-    ];
-    let mut topics = subscribed_topics(cfg);
-    topics.extend(written.into_iter().filter(|t| !t.is_empty()));
-    topics
-}
-
 /// A consumer with the service's settings, subscribed to [`subscribed_topics`].
 pub(crate) fn subscribed_consumer(
     cfg: &Config,
@@ -418,7 +399,7 @@ impl Pipeline {
             topic = cfg.shard_topic().as_str(),
             "shards of the graph"
         );
-        let topics = TopicWatch::new(configured_topics(&cfg));
+        let topics = TopicWatch::new(cfg.topic_roles().into_iter().map(|(_, t)| t).collect());
         Ok(Self {
             topics,
             unassigned: AssignmentWatch::default(),
