@@ -3,6 +3,9 @@
 
   interop.py produce BROKERS TOPIC PERSONS [REGISTRY]   channel events written with confluent-kafka's
                                              AvroSerializer
+  interop.py produce-json BROKERS TOPIC PERSONS  the same events in the service's JSON shape, written with
+                                             confluent-kafka's JSONSerializer (JSON Schema, in-process
+                                             registry): the wire format's header before each document
   interop.py consume BROKERS TOPIC [REGISTRY]  the profile topic read with confluent-kafka's AvroDeserializer,
                                              one JSON line per record: {"key", "schema_id", "profile_id",
                                              "redirect_to", "split_from", "identifiers": [[type, value], ...]}
@@ -23,6 +26,7 @@ import time
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
+from confluent_kafka.schema_registry.json_schema import JSONSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
 SCHEMAS = pathlib.Path(__file__).resolve().parent.parent / "schemas"
@@ -48,30 +52,18 @@ def evolved(schema_text):
     return json.dumps(schema)
 
 
-def produce(brokers, topic, persons, registry_url=None):
-    # The serializer registers the schema itself (its default); in the mock registry the first: id 1.
-    client = SchemaRegistryClient.new_client({"url": registry_url or "mock://stitcher-interop"})
-    event_schema = (SCHEMAS / "channel_event.avsc").read_text()
-    serializer = AvroSerializer(client, event_schema)
-    serializer_v2 = AvroSerializer(client, evolved(event_schema)) if registry_url else serializer
-    producer = Producer({"bootstrap.servers": brokers, "enable.idempotence": True})
-    failed = []
-
-    def delivered(err, _msg):
-        if err is not None:
-            failed.append(str(err))
-
-    sent = 0
+def events(persons):
+    """(key, event) for each person: a cookie visit, then a login with email and cookie, then a store
+    purchase with email and loyalty card that is older than both (delivered late): the profile's id changes,
+    the old id gets a redirect."""
     for p in range(persons):
-        # A cookie visit, then a login with email and cookie, then a store purchase with email and loyalty card
-        # that is older than both (delivered late): the profile's id changes, the old id gets a redirect.
-        events = [
+        kinds = [
             ("page_view", [("anonymous_id", f"py-ck-{p}")], None),
             ("login", [("anonymous_id", f"py-ck-{p}"), ("email", f" Py.Person{p}@Example.org ")], None),
             ("purchase", [("email", f"py.person{p}@example.org"), ("loyalty_id", f"py-lc-{p}")], 12.5),
         ]
-        for i, (kind, ids, amount) in enumerate(events):
-            value = {
+        for i, (kind, ids, amount) in enumerate(kinds):
+            yield p, f"py-{p}", {
                 "event_id": f"py-{p}-{i}",
                 "channel": None,
                 "event_type": kind,
@@ -85,19 +77,80 @@ def produce(brokers, topic, persons, registry_url=None):
                 "consent": None,
                 "attributes": {"source": "confluent-kafka-python"},
             }
-            ctx = SerializationContext(topic, MessageField.VALUE)
+
+
+def send(brokers, topic, records):
+    """Produces (key, value bytes) records; returns how many, or exits on a failed delivery."""
+    producer = Producer({"bootstrap.servers": brokers, "enable.idempotence": True})
+    failed = []
+
+    def delivered(err, _msg):
+        if err is not None:
+            failed.append(str(err))
+
+    sent = 0
+    for key, value in records:
+        producer.produce(topic, key=key, value=value, on_delivery=delivered)
+        sent += 1
+    if producer.flush(30) > 0 or failed:
+        raise SystemExit(f"delivery failed: {failed[:3]}")
+    return sent
+
+
+def produce(brokers, topic, persons, registry_url=None):
+    # The serializer registers the schema itself (its default); in the mock registry the first: id 1.
+    client = SchemaRegistryClient.new_client({"url": registry_url or "mock://stitcher-interop"})
+    event_schema = (SCHEMAS / "channel_event.avsc").read_text()
+    serializer = AvroSerializer(client, event_schema)
+    serializer_v2 = AvroSerializer(client, evolved(event_schema)) if registry_url else serializer
+    ctx = SerializationContext(topic, MessageField.VALUE)
+
+    def records():
+        for p, key, value in events(persons):
             use = serializer
             if registry_url and p >= persons // 2:
                 use = serializer_v2
                 value["source_app"] = "interop-v2"
-            producer.produce(topic, key=f"py-{p}", value=use(value, ctx), on_delivery=delivered)
-            sent += 1
-    if producer.flush(30) > 0 or failed:
-        raise SystemExit(f"delivery failed: {failed[:3]}")
+            yield key, use(value, ctx)
+
+    sent = send(brokers, topic, records())
     registered = client.get_latest_version(f"{topic}-value")
     if not registry_url:
         assert registered.schema_id == 1, f"registered as id {registered.schema_id}"
     print(json.dumps({"sent": sent, "latest_id": registered.schema_id}))
+
+
+# The events' JSON shape as a JSON Schema, which the serializer registers and validates each event against.
+EVENT_JSON_SCHEMA = json.dumps({
+    "$schema": "http://json-schema.org/draft-07/schema#",
+    "title": "ChannelEvent",
+    "type": "object",
+    "properties": {
+        "event_id": {"type": "string"},
+        "event_type": {"type": "string"},
+        "timestamp": {"type": "integer"},
+        "identifiers": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"type": {"type": "string"}, "value": {"type": "string"}},
+                "required": ["type", "value"],
+            },
+        },
+        "amount": {"type": ["number", "null"]},
+        "currency": {"type": ["string", "null"]},
+    },
+    "required": ["event_id", "event_type", "timestamp", "identifiers"],
+})
+
+
+def produce_json(brokers, topic, persons):
+    client = SchemaRegistryClient.new_client({"url": "mock://stitcher-interop-json"})
+    serializer = JSONSerializer(EVENT_JSON_SCHEMA, client)
+    ctx = SerializationContext(topic, MessageField.VALUE)
+    framed = [(key, serializer(value, ctx)) for _, key, value in events(persons)]
+    assert all(v[0] == 0 for _, v in framed), "the serializer frames each document"
+    print(json.dumps({"sent": send(brokers, topic, framed)}))
 
 
 def consume(brokers, topic, registry_url=None):
@@ -159,6 +212,8 @@ if __name__ == "__main__":
     cmd, brokers, topic = sys.argv[1], sys.argv[2], sys.argv[3]
     if cmd == "produce":
         produce(brokers, topic, int(sys.argv[4]), sys.argv[5] if len(sys.argv) > 5 else None)
+    elif cmd == "produce-json":
+        produce_json(brokers, topic, int(sys.argv[4]))
     elif cmd == "consume":
         consume(brokers, topic, sys.argv[4] if len(sys.argv) > 4 else None)
     else:

@@ -30,10 +30,10 @@ if [ ! -x "$venv/bin/kubernetes-validate" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet kubernetes-validate
 fi
-# confluent-kafka (Confluent's Python client, with its Avro serializers) for tests/interop.rs.
-if ! "$venv/bin/python" -c "import confluent_kafka.schema_registry.avro, fastavro" >/dev/null 2>&1; then
-  echo "[setup] installing confluent-kafka[avro] from PyPI into $venv"
-  "$venv/bin/pip" install --quiet "confluent-kafka[avro]"
+# confluent-kafka (Confluent's Python client, with its Avro and JSON Schema serializers) for tests/interop.rs.
+if ! "$venv/bin/python" -c "import confluent_kafka.schema_registry.avro, confluent_kafka.schema_registry.json_schema, fastavro, jsonschema" >/dev/null 2>&1; then
+  echo "[setup] installing confluent-kafka[avro,json] from PyPI into $venv"
+  "$venv/bin/pip" install --quiet "confluent-kafka[avro,json]"
 fi
 # Segment's own analytics SDK, whose batch calls tests/byo.rs captures (scripts/segment_sdk.py).
 if ! "$venv/bin/python" -c "import segment.analytics" >/dev/null 2>&1; then

@@ -28,16 +28,18 @@ pub struct DecodeAhead {
 
 impl DecodeAhead {
     pub fn start(decoder: Decoder) -> Result<Self, PipelineError> {
-        let worker = Worker::start("stitcher-decode", move |chunk: Vec<OwnedMessage>| {
-            chunk
-                .into_iter()
-                .map(|m| {
-                    let d = decoder.decode(InMessage::of(&m));
-                    (m, d)
-                })
-                .collect()
-        })
-        .map_err(|e| PipelineError::DecodeThread(e.to_string()))?;
+        let stack = crate::codec::avro::DECODE_STACK;
+        let worker =
+            Worker::start_with_stack("stitcher-decode", stack, move |chunk: Vec<OwnedMessage>| {
+                chunk
+                    .into_iter()
+                    .map(|m| {
+                        let d = decoder.decode(InMessage::of(&m));
+                        (m, d)
+                    })
+                    .collect()
+            })
+            .map_err(|e| PipelineError::DecodeThread(e.to_string()))?;
         Ok(Self {
             worker,
             in_flight: 0,

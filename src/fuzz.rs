@@ -13,6 +13,7 @@
 
 use proptest::prelude::*;
 
+use crate::codec::avro::on_decode_stack;
 use crate::codec::{AvroCodec, ProfileUpdate};
 use crate::config::{Config, Format, InputConfig};
 use crate::engine::{Engine, Work};
@@ -36,6 +37,24 @@ const AVRO_TOPIC: &str = "pos-avro";
 const CONTROL_TOPIC: &str = "ctl";
 /// Segment/RudderStack JSON, read through the preset's field paths.
 const SEGMENT_TOPIC: &str = "site-segment";
+/// Avro in a till's own schema, read through a field mapping with its writer schema from a file: a
+/// recursive schema (a sale holds the sales it refunds) with a decimal amount.
+const TILL_TOPIC: &str = "till-avro";
+const TILL_SCHEMA: &str = r#"{"type": "record", "name": "Sale", "namespace": "till", "fields": [
+    {"name": "receipt", "type": "string"},
+    {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+    {"name": "card", "type": "string"},
+    {"name": "total", "type": {"type": "bytes", "logicalType": "decimal", "precision": 9, "scale": 2}},
+    {"name": "currency", "type": ["null", "string"]},
+    {"name": "refunds", "type": {"type": "array", "items": "Sale"}}]}"#;
+const TILL_FIELDS: &str = r#"
+    event_id = "receipt"
+    timestamp = "at"
+    default_event_type = "purchase"
+    amount = "total"
+    currency = "currency"
+    identifiers = [{ type = "loyalty_id", path = "card" }, { type = "loyalty_id", path = "refunds[].card" }]
+"#;
 /// Small, so that the record-size limit is reached by inputs a test can afford.
 const MAX_RECORD_BYTES: usize = 64 * 1024;
 
@@ -49,6 +68,12 @@ fn config() -> Config {
                 format: None,
                 ..InputConfig::new(SEGMENT_TOPIC, "app", Format::Json)
             },
+            InputConfig {
+                fields: Some(toml::from_str(TILL_FIELDS).expect("till fields")),
+                schema_file: Some(till_schema_file()),
+                schema_ids: vec![TILL_SCHEMA_ID],
+                ..InputConfig::new(TILL_TOPIC, "pos", Format::Avro)
+            },
         ],
         ..Config::default()
     };
@@ -61,6 +86,40 @@ fn config() -> Config {
     cfg.enrichment.interests_kept = 8;
     cfg.enrichment.preferences = 4;
     cfg
+}
+
+const TILL_SCHEMA_ID: u32 = 21;
+
+/// The till's writer schema in a file, as `schema_file` takes it.
+fn till_schema_file() -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("stitcher-fuzz-till-{}.avsc", std::process::id()));
+    std::fs::write(&path, TILL_SCHEMA).expect("write the till's schema");
+    path
+}
+
+/// A till sale refunding a chain of `depth` sales, each refunding the next, written by hand (apache-avro's
+/// writer recurses as its reader does).
+fn till_sale(depth: usize) -> Vec<u8> {
+    fn text(out: &mut Vec<u8>, s: &str) {
+        varint(out, s.len() as i64);
+        out.extend_from_slice(s.as_bytes());
+    }
+    fn sale(out: &mut Vec<u8>, i: usize) {
+        text(out, &format!("t-{i}")); // receipt
+        varint(out, now_millis() - 60_000); // at
+        text(out, &format!("LC-{}", i % 3)); // card
+        out.extend_from_slice(&[4, 0x04, 0xd2]); // total: the two bytes of 1234, 12.34
+        out.extend_from_slice(&[2, 6, b'E', b'U', b'R']); // currency: the string branch
+    }
+    let mut out = vec![0, 0, 0, 0, TILL_SCHEMA_ID as u8];
+    for i in 0..depth {
+        sale(&mut out, i);
+        out.push(2); // a block of one refund
+    }
+    sale(&mut out, depth);
+    out.push(0); // refunds nothing
+    out.extend(std::iter::repeat_n(0u8, depth)); // each block list ends
+    out
 }
 
 fn good_event(id: &str, ids: &[(&str, &str)]) -> ChannelEvent {
@@ -120,6 +179,10 @@ fn good_seeds() -> Vec<(&'static str, Vec<u8>)> {
         (AVRO_TOPIC, avro(&base)),
         (SEGMENT_TOPIC, br#"{"type":"identify","messageId":"seg-1","timestamp":"2026-01-01T00:00:00Z","anonymousId":"d-1","userId":"u-1","traits":{"email":"a@x.io"}}"#.to_vec()),
         (SEGMENT_TOPIC, br#"{"type":"track","event":"Order Completed","messageId":"seg-2","timestamp":1767225600,"userId":"u-1","properties":{"total":"12.5","currency":"EUR","products":[{"sku":"s-1","quantity":2,"price":5}]}}"#.to_vec()),
+        // JSON framed by Confluent's JSON Schema serializer.
+        (SEGMENT_TOPIC, [&[0u8, 0, 0, 0, 3][..], br#"{"type":"page","messageId":"seg-3","timestamp":1767225600,"anonymousId":"d-1"}"#].concat()),
+        (TILL_TOPIC, till_sale(0)),
+        (TILL_TOPIC, till_sale(3)),
         (CONTROL_TOPIC, br#"{"op":"erase_identifier","type":"email","value":"a@x.io"}"#.to_vec()),
         (CONTROL_TOPIC, br#"{"op":"erase_profile","profile_id":"p-e3b0c44298fc1c149afb"}"#.to_vec()),
         (CONTROL_TOPIC, br#"{"op":"unlink","a":{"type":"email","value":"a@x.io"},"b":{"type":"device_id","value":"d-1"}}"#.to_vec()),
@@ -219,6 +282,13 @@ fn bad_seeds() -> Vec<(&'static str, Vec<u8>)> {
     seeds.push((AVRO_TOPIC, huge_map));
     seeds.push((AVRO_TOPIC, vec![0, 0, 0, 0, 9, 1, 2, 3]));
     seeds.push((AVRO_TOPIC, vec![7; 40]));
+    // A till sale nested past the bound (apache-avro's reader overflowed the stack on it), and one whose
+    // refunds announce more sales than it has bytes.
+    seeds.push((TILL_TOPIC, till_sale(5_000)));
+    let mut announced = till_sale(0);
+    announced.truncate(announced.len() - 1);
+    varint(&mut announced, 1 << 30);
+    seeds.push((TILL_TOPIC, announced));
     // Segment events whose fields do not make an event, or whose values are out of range.
     for bad in [
         r#"{"type":"page","timestamp":"2026-01-01T00:00:00Z","anonymousId":"d-1"}"#,
@@ -245,7 +315,8 @@ fn message() -> impl Strategy<Value = (&'static str, Vec<u8>)> {
         Just(JSON_TOPIC),
         Just(AVRO_TOPIC),
         Just(CONTROL_TOPIC),
-        Just(SEGMENT_TOPIC)
+        Just(SEGMENT_TOPIC),
+        Just(TILL_TOPIC)
     ];
     prop_oneof![
         3 => (0..n).prop_map(move |i| seeds[i].clone()),
@@ -338,6 +409,47 @@ fn run_batch(engine: &Engine, store: &TempStore, messages: &[(&str, Vec<u8>)]) -
         .collect()
 }
 
+/// A record without a value on an input (a compacted topic's tombstone: a key deleted upstream) is
+/// skipped and counted by channel. It was dead-lettered as an empty message, so a table's topic filled the
+/// dead-letter topic with every deletion. An empty value is still a dead letter.
+#[test]
+fn a_tombstone_on_an_input_is_skipped_and_counted() {
+    let metrics = Metrics::new().expect("metrics");
+    let mut engine = Engine::new(&config(), metrics.clone()).expect("engine");
+    engine.hold_every_shard();
+    let store = TempStore::new().expect("store");
+    let mut overlay = ShardOverlay::new(&store.store);
+    let mut batch = Batch::default();
+    let mut work = Work::default();
+    for (offset, (topic, payload)) in [
+        (JSON_TOPIC, None),
+        (TILL_TOPIC, None),
+        (JSON_TOPIC, Some(&b""[..])),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let msg = InMessage {
+            topic,
+            partition: 0,
+            offset: offset as i64,
+            key: Some(b"k"),
+            payload,
+        };
+        engine
+            .take(&mut overlay, &mut batch, &mut work, msg)
+            .expect("take");
+    }
+    assert_eq!(batch.messages, 3);
+    assert_eq!(batch.dead_letters.len(), 1, "only the empty value");
+    for channel in ["web", "pos"] {
+        assert_eq!(
+            metrics.input_tombstones.with_label_values(&[channel]).get(),
+            1
+        );
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
         cases: cases(),
@@ -348,15 +460,22 @@ proptest! {
     fn every_message_is_applied_or_dead_lettered(
         messages in proptest::collection::vec(message(), 1..24)
     ) {
-        let engine = engine();
-        let store = TempStore::new().expect("store");
-        run_batch(&engine, &store, &messages);
+        // On a thread with the decode thread's stack, as the service decodes.
+        on_decode_stack(move || {
+            let engine = engine();
+            let store = TempStore::new().expect("store");
+            run_batch(&engine, &store, &messages);
+        });
     }
 }
 
 /// Every seed, one batch each: the good ones applied, every bad one dead-lettered once, with what it gets.
 #[test]
 fn every_seed_is_handled() {
+    on_decode_stack(every_seed_is_handled_here)
+}
+
+fn every_seed_is_handled_here() {
     let engine = engine();
     let store = TempStore::new().expect("store");
     let good = good_seeds().len();

@@ -16,6 +16,7 @@ use prometheus::{
 pub struct Metrics {
     registry: Registry,
     pub events_consumed: IntCounterVec,
+    pub input_tombstones: IntCounterVec,
     pub events_applied: IntCounterVec,
     pub events_duplicate: IntCounterVec,
     pub identifiers_rejected: IntCounterVec,
@@ -305,6 +306,7 @@ impl Metrics {
         let r = Registry::new();
         let m = Metrics {
             events_consumed: counter_vec(&r, "stitcher_events_consumed_total", "Input messages read, by channel.", &["channel"])?,
+            input_tombstones: counter_vec(&r, "stitcher_input_tombstones_total", "Input records without a value (tombstones of a compacted topic: a deletion upstream), skipped, by channel: they carry no event.", &["channel"])?,
             events_applied: counter_vec(&r, "stitcher_events_applied_total", "Events applied to a profile, by channel.", &["channel"])?,
             events_duplicate: counter_vec(&r, "stitcher_events_duplicate_total", "Events skipped because their event_id was already applied, by channel.", &["channel"])?,
             identifiers_rejected: counter_vec(&r, "stitcher_identifiers_rejected_total", "Identifiers dropped by normalisation, by reason (blocked, invalid, unknown_type, too_long).", &["reason"])?,

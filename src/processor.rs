@@ -94,6 +94,9 @@ impl Batch {
 #[derive(Debug)]
 pub enum Decoded {
     Event(Event),
+    /// A record without a value, skipped: on a compacted topic (a table's changes, say) it says a key was
+    /// deleted upstream, which is no event and no error.
+    Tombstone,
     /// For the dead-letter topic: the stage that refused the message, and why.
     Refused {
         stage: &'static str,
@@ -116,6 +119,8 @@ struct Input {
     layout: Layout,
     /// `stitcher_events_consumed_total` for its channel, looked up once.
     consumed: IntCounter,
+    /// `stitcher_input_tombstones_total` for its channel.
+    tombstones: IntCounter,
 }
 
 /// `stitcher_output_records_total` by kind, looked up once: a labelled counter hashes its labels and
@@ -189,6 +194,7 @@ impl Processor {
                         channel: i.channel.clone(),
                         layout,
                         consumed: metrics.events_consumed.with_label_values(&[&i.channel]),
+                        tombstones: metrics.input_tombstones.with_label_values(&[&i.channel]),
                     };
                     Ok((i.topic.clone(), input))
                 })
@@ -228,10 +234,11 @@ impl Processor {
             ));
         };
         input.consumed.inc();
-        let raw = match self
-            .decoder
-            .decode(&input.layout, msg.payload.unwrap_or_default())
-        {
+        let Some(payload) = msg.payload else {
+            input.tombstones.inc();
+            return Ok(Decoded::Tombstone);
+        };
+        let raw = match self.decoder.decode(&input.layout, payload) {
             Ok(raw) => raw,
             Err(DecodeError::RegistryUnavailable(e)) => return Err(ProcessError::Registry(e)),
             Err(e) => return Ok(Decoded::refused("decode", e)),
@@ -262,6 +269,7 @@ impl Processor {
     pub fn admit(&self, batch: &mut Batch, msg: InMessage<'_>, decoded: Decoded) -> Option<Event> {
         match decoded {
             Decoded::Event(ev) => Some(ev),
+            Decoded::Tombstone => None,
             Decoded::Refused { stage, error } => {
                 self.dead_letter(batch, source(msg), msg, stage, &error);
                 None

@@ -25,6 +25,13 @@ pub enum RegistryError {
         status: u16,
         body: String,
     },
+    /// A 404 without the error code a registry's API gives for what was asked: not that API that
+    /// answered.
+    #[error(
+        "{url} answered 404 without the error code of a schema registry's answer ({body}): does \
+         registry.url lead to the Confluent-compatible API? For Apicurio it ends in /apis/ccompat/v7"
+    )]
+    NotTheApi { url: String, body: String },
     #[error("schema {what} from the registry is not valid Avro: {reason}")]
     BadSchema { what: String, reason: String },
     #[error("registry.ca_file {path}: {reason}")]
@@ -38,6 +45,29 @@ pub enum RegistryError {
 }
 
 impl RegistryError {
+    /// A 404 whose error code (`{"error_code": 40403, ...}`) is not one of `codes`, the answers of a
+    /// Confluent-compatible registry's API to the request made, becomes [`RegistryError::NotTheApi`]:
+    /// a wrong path in `registry.url` or a proxy answered (Apicurio says `"error_code": 404` for a path
+    /// it does not serve), and taking it for "not found" would dead-letter every message as of an
+    /// unknown id.
+    fn not_found_unless(self, codes: &[u64]) -> Self {
+        match self {
+            RegistryError::Refused {
+                url,
+                status: 404,
+                body,
+            } if !serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|answer| {
+                answer["error_code"]
+                    .as_u64()
+                    .is_some_and(|code| codes.contains(&code))
+            }) =>
+            {
+                RegistryError::NotTheApi { url, body }
+            }
+            other => other,
+        }
+    }
+
     /// Worth asking again: the registry could not be asked, or answered that it cannot answer now (a
     /// server error, 408, 429).
     pub fn is_transient(&self) -> bool {
@@ -142,7 +172,9 @@ impl Registry {
             return Ok(codec);
         }
         let (url, req) = self.request("GET", &format!("/schemas/ids/{id}"));
-        let found: SchemaById = Self::answer(url, req.call())?;
+        // 40403: no schema of that id.
+        let found: SchemaById =
+            Self::answer(url, req.call()).map_err(|e| e.not_found_unless(&[40403]))?;
         let bad = |reason: String| RegistryError::BadSchema {
             what: format!("id {id}"),
             reason,
@@ -157,14 +189,6 @@ impl Registry {
             w.insert(id, codec.clone());
         }
         Ok(codec)
-    }
-
-    /// Decodes a Confluent-framed Avro message with the writer schema its id names. A registry that
-    /// cannot be reached is asked again for up to `registry.patience`; an id the registry does not have
-    /// is a bad message.
-    pub fn decode_value(&self, payload: &[u8]) -> Result<apache_avro::types::Value, DecodeError> {
-        let (id, body) = crate::codec::avro::split_confluent(payload)?;
-        self.writer_of_message(id)?.decode_value(body)
     }
 
     /// The writer schema of a message's id, as a decode error when there is none. Only an id the registry
@@ -204,7 +228,10 @@ impl Registry {
             "POST",
             &format!("/compatibility/subjects/{subject}/versions/latest"),
         );
-        match Self::answer::<Compatibility>(url, req.send_json(&body)) {
+        // 40401, 40402: no such subject or version.
+        match Self::answer::<Compatibility>(url, req.send_json(&body))
+            .map_err(|e| e.not_found_unless(&[40401, 40402]))
+        {
             Ok(c) if !c.is_compatible => {
                 return Err(RegistryError::Incompatible {
                     subject: subject.into(),
@@ -360,6 +387,21 @@ mod tests {
             registry(port).writer_of_message(7),
             Err(DecodeError::UnknownSchemaId(7))
         ));
+        server.join().unwrap();
+
+        // A 404 from what is not the registry's API (registry.url without /apis/ccompat/v7, as Apicurio
+        // answers it): every message would be dead-lettered as of an unknown id.
+        let (port, server) = answering(vec![(
+            404,
+            r#"{"error_code": 404, "message": "RESTEASY003210: Could not find resource"}"#,
+        )]);
+        match registry(port).writer_of_message(7) {
+            Err(DecodeError::RegistryUnavailable(e)) => {
+                assert!(e.contains("does registry.url lead to the Confluent"), "{e}")
+            }
+            Err(other) => panic!("a 404 without the error code: {other}"),
+            Ok(_) => panic!("a 404, and a schema"),
+        }
         server.join().unwrap();
     }
 

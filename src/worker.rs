@@ -23,20 +23,35 @@ impl<J: Send + 'static, R: Send + 'static> Worker<J, R> {
     /// Starts the thread `name`, which turns each job into its outcome with `f`.
     pub fn start(
         name: &'static str,
+        f: impl FnMut(J) -> R + Send + 'static,
+    ) -> std::io::Result<Self> {
+        Self::spawn(std::thread::Builder::new(), name, f)
+    }
+
+    /// [`Worker::start`] with a stack of `bytes` (the default is 2 MiB).
+    pub fn start_with_stack(
+        name: &'static str,
+        bytes: usize,
+        f: impl FnMut(J) -> R + Send + 'static,
+    ) -> std::io::Result<Self> {
+        Self::spawn(std::thread::Builder::new().stack_size(bytes), name, f)
+    }
+
+    fn spawn(
+        builder: std::thread::Builder,
+        name: &'static str,
         mut f: impl FnMut(J) -> R + Send + 'static,
     ) -> std::io::Result<Self> {
         let (jobs, todo) = mpsc::channel::<J>();
         let (report, done) = mpsc::channel();
-        let thread = std::thread::Builder::new()
-            .name(name.into())
-            .spawn(move || {
-                // Ends when the worker is dropped (its sender with it).
-                for job in todo {
-                    if report.send(f(job)).is_err() {
-                        break;
-                    }
+        let thread = builder.name(name.into()).spawn(move || {
+            // Ends when the worker is dropped (its sender with it).
+            for job in todo {
+                if report.send(f(job)).is_err() {
+                    break;
                 }
-            })?;
+            }
+        })?;
         Ok(Self {
             jobs: Some(jobs),
             done,

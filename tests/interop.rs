@@ -3,7 +3,8 @@
 //! profile topic is read by its AvroDeserializer into the same profiles the service's own decoder sees:
 //! with the client's in-process registry and fixed ids, and with a real Schema Registry (Apicurio,
 //! `TEST_REGISTRY_URL`), where the producer evolves its schema half-way and the service's output carries
-//! the id the registry gave it.
+//! the id the registry gave it. Events written by its JSONSerializer (JSON Schema: the wire format's header
+//! before each JSON document) are read by a JSON input.
 #![cfg(feature = "kafka-it")]
 
 mod common;
@@ -38,6 +39,31 @@ fn confluent_python_client_with_a_real_schema_registry() {
     let url = std::env::var("TEST_REGISTRY_URL")
         .unwrap_or_else(|_| "http://127.0.0.1:18081/apis/ccompat/v7".into());
     round_trip(Some(&url));
+}
+
+/// Confluent's JSONSerializer frames each document as the Avro serializer does (magic byte 0, the schema
+/// id): every such event was a dead letter (`invalid json`) before JSON inputs read the frame.
+#[test]
+fn confluent_json_schema_serializer_events_are_read() {
+    let s = Setup::new("interop-json", 1, "");
+    let topic = s.json_topic();
+    let persons = 20;
+    let sent = interop(&["produce-json", &brokers(), &topic, &persons.to_string()]);
+    assert!(
+        sent.contains(&format!("\"sent\": {}", persons * 3)),
+        "{sent}"
+    );
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, Duration::from_secs(120));
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+    assert!(s.dead_letters().is_empty(), "{:?}", s.dead_letters());
+    let out = s.output();
+    let live = out.live();
+    assert_eq!(live.len(), persons, "one profile per person");
+    for u in live {
+        let p = u.profile.as_ref().expect("profile");
+        assert_eq!((p.events, p.identifiers.len()), (3, 3), "{p:?}");
+    }
 }
 
 fn round_trip(registry: Option<&str>) {

@@ -1,8 +1,10 @@
 //! A real Confluent-compatible Schema Registry (Apicurio, deploy/local-registry; `TEST_REGISTRY_URL`)
 //! with the real broker: a till writes Avro in its own schema and evolves it; the service reads every
 //! message with the writer schema its id names, registers the output schema under `<output>-value` and
-//! writes the id the registry gave in every record; an id the registry does not know is dead-lettered; an
-//! output schema the subject's compatibility level refuses stops the start with an error that says so.
+//! writes the id the registry gave in every record; an id the registry does not know is dead-lettered, as
+//! is a datum of a recursive schema nested too deep to decode; a `registry.url` that does not lead to the
+//! registry's API stops the start, saying so, as does an output schema the subject's compatibility level
+//! refuses.
 #![cfg(feature = "kafka-it")]
 
 mod common;
@@ -23,6 +25,31 @@ const SALE_V2: &str = r#"{"type": "record", "name": "Sale", "namespace": "till",
     {"name": "total", "type": "double"},
     {"name": "currency", "type": ["null", "string"], "default": null}]}"#;
 
+/// V2 plus the sales it refunds: a recursive schema, as a tree of records is.
+const SALE_V3: &str = r#"{"type": "record", "name": "Sale", "namespace": "till", "fields": [
+    {"name": "receipt", "type": "string"},
+    {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+    {"name": "card", "type": "string"},
+    {"name": "total", "type": "double"},
+    {"name": "currency", "type": ["null", "string"], "default": null},
+    {"name": "refunds", "type": {"type": "array", "items": "Sale"}, "default": []}]}"#;
+
+/// A v3 sale whose refunds nest `depth` sales deep, written by hand (apache-avro's encoder recurses as
+/// its decoder does): each level an empty receipt, time 0, empty card, total 0, no currency and one
+/// refund; the innermost refunds nothing.
+fn nested_refunds(id: u32, depth: usize) -> Vec<u8> {
+    let level = [&[0u8, 0, 0][..], &[0; 8], &[0]].concat();
+    let mut payload = [&[0u8][..], &id.to_be_bytes()].concat();
+    for _ in 0..depth {
+        payload.extend(&level);
+        payload.push(2); // a block of one refund
+    }
+    payload.extend(&level);
+    payload.push(0); // no refunds
+    payload.extend(std::iter::repeat_n(0u8, depth)); // each block list ends
+    payload
+}
+
 #[test]
 fn writer_schemas_come_from_the_registry_and_the_output_schema_is_registered() {
     let name = unique("registry");
@@ -33,6 +60,7 @@ fn writer_schemas_come_from_the_registry_and_the_output_schema_is_registered() {
     let v1 = r.register(&subject, SALE_V1).expect("register v1");
     let v2 = r.register(&subject, SALE_V2).expect("register v2");
     assert_ne!(v1, v2);
+    let v3 = r.register(&subject, SALE_V3).expect("register v3");
 
     let extra = registry_toml() + &till_input(&sales);
     let mut s = Setup::new("registry", 1, &extra);
@@ -54,9 +82,19 @@ fn writer_schemas_come_from_the_registry_and_the_output_schema_is_registered() {
         "currency".into(),
         A::Union(1, Box::new(A::String("EUR".into()))),
     ));
+    let newer_sale = newer.clone();
     let newer = framed(v2, SALE_V2, A::Record(newer));
     let unknown = framed(999_999, SALE_V1, A::Record(sale("r-3", day + 2_000, 1.0)));
-    send_all(&sales, [&old, &newer, &unknown]);
+    let mut refund = sale("r-4", day + 2_500, 2.0);
+    refund.push(("currency".into(), A::Union(0, Box::new(A::Null))));
+    let mut refunded = newer_sale;
+    refunded.push(("refunds".into(), A::Array(vec![])));
+    refund.push(("refunds".into(), A::Array(vec![A::Record(refunded)])));
+    let refund = framed(v3, SALE_V3, A::Record(refund));
+    // 10,000 refunds deep in 140 kB: this aborted the service (apache-avro's decoder overflowed the
+    // stack), and again at every restart.
+    let deep = nested_refunds(v3, 10_000);
+    send_all(&sales, [&old, &newer, &unknown, &deep, &refund]);
     // A newer version of the service's own schema (a field added, with a default) on one of its Avro
     // inputs, known only to the registry.
     let (native_topic, _) = s
@@ -111,15 +149,20 @@ fn writer_schemas_come_from_the_registry_and_the_output_schema_is_registered() {
     assert_eq!(live.len(), 1, "{live:#?}");
     let p = live[0].profile.as_ref().expect("profile");
     assert_eq!(
-        p.events, 3,
-        "both versions of the till's schema, and the evolved own schema"
+        p.events, 4,
+        "the three versions of the till's schema, and the evolved own schema"
     );
     let letters = s.dead_letters();
-    assert_eq!(letters.len(), 1);
+    assert_eq!(letters.len(), 2);
     assert!(
         letters[0].headers["dlq.error"].contains("unknown schema id 999999"),
         "{:?}",
         letters[0].headers
+    );
+    assert!(
+        letters[1].headers["dlq.error"].contains("nested deeper than 64 levels"),
+        "{:?}",
+        letters[1].headers
     );
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
 }
@@ -147,6 +190,33 @@ fn an_incompatible_output_schema_stops_the_start_with_a_clear_error() {
     let log = s.log();
     assert!(
         log.contains("incompatible") && log.contains(&subject),
+        "{}",
+        s.log_tail()
+    );
+}
+
+/// `registry.url` without Apicurio's `/apis/ccompat/v7`: the server answers a bare 404 to the start's
+/// registration of the output schema, and the start stops saying what to check (a bare 404 was an
+/// unknown schema id, so, with the registration passed, every Avro message would have been
+/// dead-lettered).
+#[test]
+fn a_registry_url_without_the_apis_path_stops_the_start_saying_so() {
+    let url = registry_url();
+    let origin = url
+        .strip_suffix("/apis/ccompat/v7")
+        .unwrap_or_else(|| panic!("TEST_REGISTRY_URL {url} ends in /apis/ccompat/v7"));
+    let s = Setup::new(
+        "registry-wrong-path",
+        1,
+        &format!("\n[registry]\nurl = \"{origin}\"\n"),
+    );
+    let mut child = s.start();
+    let status = exit_within(&mut child, TIMEOUT)
+        .unwrap_or_else(|| panic!("still running: {}", s.log_tail()));
+    assert!(!status.success());
+    assert!(
+        s.log()
+            .contains("does registry.url lead to the Confluent-compatible API"),
         "{}",
         s.log_tail()
     );

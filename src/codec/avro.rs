@@ -1,7 +1,9 @@
 //! Avro datums with the Confluent wire-format header: magic byte 0, schema id (u32 BE), Avro binary.
 
+use std::collections::HashMap;
 use std::sync::Mutex;
 
+use apache_avro::schema::{Name, Namespace, ResolvedSchema};
 use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -38,7 +40,7 @@ fn whole_datum(
     Ok(value)
 }
 
-/// Splits the Confluent header from the Avro body.
+/// Splits the Confluent wire format's header (magic byte 0, the schema id) from the body.
 pub fn split_confluent(payload: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
     match payload {
         [0, a, b, c, d, body @ ..] => Ok((u32::from_be_bytes([*a, *b, *c, *d]), body)),
@@ -57,6 +59,8 @@ pub fn split_confluent(payload: &[u8]) -> Result<(u32, &[u8]), DecodeError> {
 /// adds before decoding and strips after encoding.
 pub struct AvroCodec {
     schema: Schema,
+    /// The schema's named types by full name, for [`check_bounds`].
+    names: HashMap<Name, Schema>,
     header: [u8; 10],
     reader: GenericSingleObjectReader,
     /// The writer keeps its buffer between calls; behind a lock so that the codec can be shared.
@@ -71,8 +75,15 @@ impl AvroCodec {
         let writer = Self::writer(&schema)?;
         let reader = GenericSingleObjectReader::new(schema.clone())
             .map_err(|e| SchemaError::Parse(e.to_string()))?;
+        let names = ResolvedSchema::try_from(&schema)
+            .map_err(|e| SchemaError::Parse(e.to_string()))?
+            .get_names()
+            .iter()
+            .map(|(name, named)| (name.clone(), (*named).clone()))
+            .collect();
         Ok(Self {
             schema,
+            names,
             header,
             reader,
             writer: Mutex::new(writer),
@@ -98,6 +109,11 @@ impl AvroCodec {
         &self.schema
     }
 
+    /// The named type (record, enum, fixed) of the full name `name` in this schema.
+    pub fn named(&self, name: &Name) -> Option<&Schema> {
+        self.names.get(name)
+    }
+
     /// Whether both schemas have the same canonical form (Rabin fingerprint).
     pub fn same_schema(&self, other: &AvroCodec) -> bool {
         self.header == other.header
@@ -121,17 +137,19 @@ impl AvroCodec {
     /// Decodes an Avro body written with `writer`, resolved to this schema (Avro schema resolution).
     pub fn decode_resolved<T: DeserializeOwned>(
         &self,
-        writer: &Schema,
+        writer: &AvroCodec,
         body: &[u8],
     ) -> Result<T, DecodeError> {
+        writer.check_bounds(body)?;
         let mut rest = body;
-        let value = apache_avro::from_avro_datum(writer, &mut rest, Some(&self.schema));
+        let value = apache_avro::from_avro_datum(&writer.schema, &mut rest, Some(&self.schema));
         let value = whole_datum(value, rest)?;
         apache_avro::from_value(&value).map_err(|e| DecodeError::Avro(e.to_string()))
     }
 
     /// Decodes an Avro body written with this schema into a generic value.
     pub fn decode_value(&self, body: &[u8]) -> Result<apache_avro::types::Value, DecodeError> {
+        self.check_bounds(body)?;
         let mut rest = body;
         let value = self
             .reader
@@ -159,5 +177,382 @@ impl AvroCodec {
         // The writer wrote its 10-byte single-object header where the datum starts: drop it.
         framed.drain(5..15);
         Ok(framed)
+    }
+}
+
+/// How deeply a datum may nest, in calls of apache-avro's recursive decoder: one for each record, field,
+/// union branch, array item, map value, decimal and named reference on the way down (an optional record
+/// inside a record is two). Event schemas take a dozen; a recursive schema (a tree, a linked list) lets a
+/// datum nest as deep as its bytes go. Each call takes about 63 KB of stack (measured in this build,
+/// dependencies optimised), so a few kilobytes of such a message overflowed the decode thread's 2 MiB
+/// stack, which aborts the process: every restart read the same message and aborted again.
+pub const MAX_NESTING: usize = 64;
+
+/// The stack of a thread that decodes Avro in a team's schema (the pipeline's decode thread): room for
+/// [`MAX_NESTING`] calls of the decoder (about 4 MB) four times over. Pages never touched cost nothing.
+pub const DECODE_STACK: usize = 16 << 20;
+
+/// Runs `f` on a thread of [`DECODE_STACK`] bytes, as the pipeline's decode thread is, for tests that
+/// decode Avro in a team's schema (a test's thread has 2 MiB).
+#[cfg(test)]
+pub(crate) fn on_decode_stack<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        std::thread::Builder::new()
+            .stack_size(DECODE_STACK)
+            .spawn_scoped(scope, f)
+            .expect("a decode thread")
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+    })
+}
+
+/// The namespace that names inside a type called `name` resolve in, where the names around it resolve in
+/// `enclosing`: apache-avro's `Name::fully_qualified_name(enclosing).namespace`, without making a name.
+pub fn namespace_within<'s>(name: &'s Name, enclosing: &'s Namespace) -> &'s Namespace {
+    if name.namespace.is_some() {
+        &name.namespace
+    } else if enclosing.as_deref().is_some_and(|ns| !ns.is_empty()) {
+        enclosing
+    } else {
+        NO_NAMESPACE
+    }
+}
+
+/// Where a schema's top-level names resolve.
+pub const NO_NAMESPACE: &Namespace = &None;
+
+/// What [`AvroCodec::check_bounds`] has yet to walk.
+enum Pending<'s> {
+    /// A value of the schema, in the namespace its names are resolved in, at its nesting depth.
+    Value(&'s Schema, &'s Namespace, usize),
+    /// The items left in the current block of an array, or of a map (whose items each begin with a
+    /// string key); 0: the next block's count is read.
+    Items {
+        item: &'s Schema,
+        namespace: &'s Namespace,
+        depth: usize,
+        left: usize,
+        map: bool,
+    },
+}
+
+impl AvroCodec {
+    /// Walks `body` as apache-avro's decoder will, without recursing, and refuses what that decoder does
+    /// not bound itself: a datum nested deeper than [`MAX_NESTING`], or an array or map block that
+    /// announces more items than bytes are left (it reserves room for them all at once, and reads a
+    /// union or boolean past the end as null, so that 20 bytes could make it build millions of values).
+    /// Whatever else is wrong (a truncated datum, a union index out of range) is left for the decoder to
+    /// report: the walk stops there.
+    fn check_bounds(&self, body: &[u8]) -> Result<(), DecodeError> {
+        let mut input = body;
+        let mut pending = vec![Pending::Value(&self.schema, NO_NAMESPACE, 0)];
+        while let Some(next) = pending.pop() {
+            let (schema, namespace, depth) = match next {
+                Pending::Value(schema, namespace, depth) => (schema, namespace, depth),
+                Pending::Items {
+                    item,
+                    namespace,
+                    depth,
+                    left,
+                    map,
+                } => {
+                    let left = match left {
+                        0 => match block(&mut input)? {
+                            Some(0) => continue,
+                            Some(count) => count,
+                            None => return Ok(()),
+                        },
+                        left => left,
+                    };
+                    pending.push(Pending::Items {
+                        item,
+                        namespace,
+                        depth,
+                        left: left - 1,
+                        map,
+                    });
+                    if map && skip_sized(&mut input).is_none() {
+                        return Ok(());
+                    }
+                    (item, namespace, depth)
+                }
+            };
+            if depth > MAX_NESTING {
+                return Err(DecodeError::Avro(format!(
+                    "a datum nested deeper than {MAX_NESTING} levels"
+                )));
+            }
+            let read = match schema {
+                Schema::Null => Some(()),
+                Schema::Boolean => skip(&mut input, 1),
+                Schema::Int
+                | Schema::Long
+                | Schema::Enum(_)
+                | Schema::Date
+                | Schema::TimeMillis
+                | Schema::TimeMicros
+                | Schema::TimestampMillis
+                | Schema::TimestampMicros
+                | Schema::TimestampNanos
+                | Schema::LocalTimestampMillis
+                | Schema::LocalTimestampMicros
+                | Schema::LocalTimestampNanos => varint(&mut input).map(drop),
+                Schema::Float => skip(&mut input, 4),
+                Schema::Double => skip(&mut input, 8),
+                Schema::Duration => skip(&mut input, 12),
+                Schema::Fixed(fixed) => skip(&mut input, fixed.size),
+                Schema::Bytes | Schema::String | Schema::BigDecimal | Schema::Uuid => {
+                    skip_sized(&mut input)
+                }
+                Schema::Decimal(decimal) => {
+                    pending.push(Pending::Value(&decimal.inner, namespace, depth + 1));
+                    Some(())
+                }
+                Schema::Union(union) => varint(&mut input)
+                    .and_then(|i| usize::try_from(i).ok())
+                    .and_then(|i| union.variants().get(i))
+                    .map(|variant| pending.push(Pending::Value(variant, namespace, depth + 1))),
+                Schema::Record(record) => {
+                    let inner = namespace_within(&record.name, namespace);
+                    for field in record.fields.iter().rev() {
+                        pending.push(Pending::Value(&field.schema, inner, depth + 1));
+                    }
+                    Some(())
+                }
+                Schema::Array(array) => {
+                    pending.push(Pending::Items {
+                        item: &array.items,
+                        namespace,
+                        depth: depth + 1,
+                        left: 0,
+                        map: false,
+                    });
+                    Some(())
+                }
+                Schema::Map(map) => {
+                    pending.push(Pending::Items {
+                        item: &map.types,
+                        namespace,
+                        depth: depth + 1,
+                        left: 0,
+                        map: true,
+                    });
+                    Some(())
+                }
+                Schema::Ref { name } => {
+                    self.names
+                        .get(&name.fully_qualified_name(namespace))
+                        .map(|named| {
+                            let inner = namespace_within(name, namespace);
+                            pending.push(Pending::Value(named, inner, depth + 1));
+                        })
+                }
+            };
+            if read.is_none() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A zig-zag varint, or `None` where the input ends inside one or it runs past ten bytes.
+fn varint(input: &mut &[u8]) -> Option<i64> {
+    let mut z = 0u64;
+    for shift in (0..70).step_by(7) {
+        let (&b, rest) = input.split_first()?;
+        *input = rest;
+        z |= u64::from(b & 0x7f) << shift;
+        if b & 0x80 == 0 {
+            return Some(((z >> 1) as i64) ^ -((z & 1) as i64));
+        }
+    }
+    None
+}
+
+fn skip(input: &mut &[u8], n: usize) -> Option<()> {
+    *input = input.get(n..)?;
+    Some(())
+}
+
+/// Skips a length and that many bytes (a string, bytes).
+fn skip_sized(input: &mut &[u8]) -> Option<()> {
+    let n = usize::try_from(varint(input)?).ok()?;
+    skip(input, n)
+}
+
+/// The item count of the next block of an array or map (a negative count is followed by the block's
+/// size in bytes), refused when more items are announced than bytes are left; `None` where the input
+/// ends.
+fn block(input: &mut &[u8]) -> Result<Option<usize>, DecodeError> {
+    let Some(n) = varint(input) else {
+        return Ok(None);
+    };
+    if n < 0 && varint(input).is_none() {
+        return Ok(None);
+    }
+    let count = n.unsigned_abs();
+    if count > input.len() as u64 {
+        return Err(DecodeError::Avro(format!(
+            "a block of {count} items in {} bytes",
+            input.len()
+        )));
+    }
+    Ok(Some(count as usize))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apache_avro::types::Value;
+    use proptest::prelude::*;
+
+    fn codec(schema: &str) -> AvroCodec {
+        AvroCodec::new(Schema::parse_str(schema).expect("schema")).expect("codec")
+    }
+
+    /// A linked list: a node holds a label and, or not, the next node.
+    const LIST: &str = r#"{"type": "record", "name": "Node", "namespace": "t", "fields": [
+        {"name": "label", "type": "string"},
+        {"name": "next", "type": ["null", "Node"]}]}"#;
+
+    /// `links` nodes that have a next one, then the last: each an empty label and the union's branch.
+    fn list(links: usize) -> Vec<u8> {
+        let mut body = [0x00, 0x02].repeat(links);
+        body.extend([0x00, 0x00]);
+        body
+    }
+
+    fn zigzag(n: i64, out: &mut Vec<u8>) {
+        let mut z = ((n << 1) ^ (n >> 63)) as u64;
+        while z >= 0x80 {
+            out.push((z as u8) | 0x80);
+            z >>= 7;
+        }
+        out.push(z as u8);
+    }
+
+    #[test]
+    fn a_datum_nested_past_the_bound_is_refused_before_it_is_decoded() {
+        let codec = codec(LIST);
+        // 200 kB. Without the check apache-avro's decoder recursed through it and overflowed the stack.
+        let err = codec.decode_value(&list(100_000)).unwrap_err();
+        assert!(
+            err.to_string().contains("nested deeper than 64 levels"),
+            "{err}"
+        );
+
+        let deepest = (0..1_000)
+            .take_while(|&links| codec.check_bounds(&list(links)).is_ok())
+            .last()
+            .expect("a list of one node");
+        assert!(deepest >= 20, "a node is three levels: {deepest} links");
+        // The deepest datum accepted decodes, converts and drops within the decode thread's stack.
+        let links = on_decode_stack(|| {
+            let value = codec
+                .decode_value(&list(deepest))
+                .expect("the deepest list");
+            let json = crate::codec::mapping::avro_to_json(value, &codec);
+            let mut json = &json;
+            let mut links = 0;
+            while let Some(next) = json.get("next").filter(|next| !next.is_null()) {
+                json = next;
+                links += 1;
+            }
+            links
+        });
+        assert_eq!(links, deepest);
+        assert!(codec.decode_value(&list(deepest + 1)).is_err());
+    }
+
+    #[test]
+    fn a_block_announcing_more_items_than_bytes_is_refused() {
+        // apache-avro reads a union past the end as null: 10 million of them from five bytes.
+        let unions = codec(r#"{"type": "array", "items": ["null", "string"]}"#);
+        let mut body = Vec::new();
+        zigzag(10_000_000, &mut body);
+        let err = unions.decode_value(&body).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("a block of 10000000 items in 0 bytes"),
+            "{err}"
+        );
+        // A negative count carries the block's size; its items count all the same.
+        let nulls = codec(r#"{"type": "map", "values": "null"}"#);
+        let mut body = Vec::new();
+        zigzag(-3, &mut body);
+        zigzag(6, &mut body);
+        body.extend([0x02, b'a', 0x02, b'b']);
+        assert!(nulls.decode_value(&body).is_err());
+        body.extend([0x02, b'c', 0x00]);
+        let Value::Map(map) = nulls.decode_value(&body).expect("three entries") else {
+            panic!("a map");
+        };
+        assert_eq!(map.len(), 3);
+    }
+
+    const TREE: &str = r#"{"type": "record", "name": "Tree", "namespace": "t", "fields": [
+        {"name": "label", "type": "string"},
+        {"name": "tags", "type": {"type": "map", "values": "long"}},
+        {"name": "children", "type": {"type": "array", "items": "Tree"}},
+        {"name": "when", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}]},
+        {"name": "kind", "type": {"type": "enum", "name": "Kind", "symbols": ["A", "B"]}},
+        {"name": "code", "type": {"type": "fixed", "name": "Code", "size": 2}},
+        {"name": "weight", "type": "double"},
+        {"name": "open", "type": "boolean"}]}"#;
+
+    fn tree() -> impl Strategy<Value = Value> {
+        let leaf = Just(Vec::<Value>::new());
+        let children =
+            leaf.prop_recursive(5, 40, 4, |inner| prop::collection::vec(node(inner), 0..4));
+        node(children.boxed())
+    }
+
+    fn node(children: BoxedStrategy<Vec<Value>>) -> impl Strategy<Value = Value> {
+        (
+            "[a-z]{0,6}",
+            prop::collection::hash_map("[a-z]{1,3}", any::<i64>(), 0..3),
+            children,
+            prop::option::of(any::<i64>()),
+            any::<bool>(),
+            any::<[u8; 2]>(),
+            any::<i32>(),
+        )
+            .prop_map(|(label, tags, children, when, kind, code, weight)| {
+                Value::Record(vec![
+                    ("label".into(), Value::String(label)),
+                    (
+                        "tags".into(),
+                        Value::Map(tags.into_iter().map(|(k, v)| (k, Value::Long(v))).collect()),
+                    ),
+                    ("children".into(), Value::Array(children)),
+                    (
+                        "when".into(),
+                        match when {
+                            Some(t) => Value::Union(1, Box::new(Value::TimestampMillis(t))),
+                            None => Value::Union(0, Box::new(Value::Null)),
+                        },
+                    ),
+                    (
+                        "kind".into(),
+                        Value::Enum(u32::from(kind), if kind { "B" } else { "A" }.into()),
+                    ),
+                    ("code".into(), Value::Fixed(2, code.to_vec())),
+                    ("weight".into(), Value::Double(f64::from(weight))),
+                    ("open".into(), Value::Boolean(kind)),
+                ])
+            })
+    }
+
+    proptest! {
+        /// The check refuses nothing apache-avro writes within the bound: every kind of value, blocks,
+        /// named references and namespaces walked as the decoder walks them.
+        #[test]
+        fn every_datum_within_the_bound_passes_and_decodes(value in tree()) {
+            let codec = codec(TREE);
+            let body = apache_avro::to_avro_datum(codec.schema(), value.clone()).expect("write");
+            prop_assert!(codec.check_bounds(&body).is_ok());
+            prop_assert_eq!(codec.decode_value(&body).expect("read"), value);
+        }
     }
 }

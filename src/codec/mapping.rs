@@ -8,8 +8,13 @@
 
 use std::collections::BTreeMap;
 
+use apache_avro::schema::{Namespace, Schema};
+use apache_avro::types::Value as AvroValue;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+
+use super::avro::{namespace_within, NO_NAMESPACE};
+use super::AvroCodec;
 
 use crate::model::{ChannelEvent, ConsentChange, Item, Millis, RawIdentifier};
 
@@ -419,9 +424,57 @@ impl Mapping {
 /// An Avro datum as JSON, so that a path means the same for both: records and maps are objects, arrays
 /// arrays, a union its branch, an enum its symbol, bytes and fixed their text (lossy UTF-8), a UUID its
 /// text; dates become epoch milliseconds, times and timestamps stay numbers in their unit (which
-/// [`millis`] tells apart by size). A `decimal` is converted only with its own scale (`big-decimal`);
-/// a fixed-scale `decimal` becomes null: send amounts as `double` or `string`.
-pub fn avro_to_json(v: apache_avro::types::Value) -> Value {
+/// [`millis`] tells apart by size); a `decimal` becomes its exact text (`"12.50"`, which amounts read as a
+/// number), with the scale its writer schema (`writer`, which decoded it) gives.
+pub fn avro_to_json(v: AvroValue, writer: &AvroCodec) -> Value {
+    with_schema(v, writer.schema(), NO_NAMESPACE, writer)
+}
+
+/// [`avro_to_json`] of a datum of `schema`, whose names resolve in `namespace`.
+fn with_schema(v: AvroValue, schema: &Schema, namespace: &Namespace, writer: &AvroCodec) -> Value {
+    match (v, schema) {
+        (v, Schema::Ref { name }) => match writer.named(&name.fully_qualified_name(namespace)) {
+            Some(named) => with_schema(v, named, namespace_within(name, namespace), writer),
+            None => without_schema(v),
+        },
+        (AvroValue::Decimal(d), Schema::Decimal(decimal)) => {
+            decimal_text(&d, decimal.scale).map_or(Value::Null, Value::String)
+        }
+        (AvroValue::Union(i, inner), Schema::Union(union)) => {
+            match union.variants().get(i as usize) {
+                Some(variant) => with_schema(*inner, variant, namespace, writer),
+                None => without_schema(*inner),
+            }
+        }
+        (AvroValue::Array(items), Schema::Array(array)) => Value::Array(
+            items
+                .into_iter()
+                .map(|item| with_schema(item, &array.items, namespace, writer))
+                .collect(),
+        ),
+        (AvroValue::Map(m), Schema::Map(map)) => Value::Object(
+            m.into_iter()
+                .map(|(k, v)| (k, with_schema(v, &map.types, namespace, writer)))
+                .collect(),
+        ),
+        (AvroValue::Record(fields), Schema::Record(record)) => {
+            // The decoder reads a record's fields in the schema's order.
+            let inner = namespace_within(&record.name, namespace);
+            Value::Object(
+                fields
+                    .into_iter()
+                    .zip(&record.fields)
+                    .map(|((k, v), field)| (k, with_schema(v, &field.schema, inner, writer)))
+                    .collect(),
+            )
+        }
+        (v, _) => without_schema(v),
+    }
+}
+
+/// [`avro_to_json`] where the schema says nothing more than the datum: a `decimal` has no scale here and
+/// becomes null.
+fn without_schema(v: AvroValue) -> Value {
     use apache_avro::types::Value as A;
     match v {
         A::Null | A::Decimal(_) | A::Duration(_) => Value::Null,
@@ -444,16 +497,39 @@ pub fn avro_to_json(v: apache_avro::types::Value) -> Value {
         A::String(s) | A::Enum(_, s) => Value::String(s),
         A::Uuid(u) => Value::String(u.to_string()),
         A::BigDecimal(d) => Value::String(d.to_string()),
-        A::Union(_, inner) => avro_to_json(*inner),
-        A::Array(items) => Value::Array(items.into_iter().map(avro_to_json).collect()),
-        A::Map(m) => Value::Object(m.into_iter().map(|(k, v)| (k, avro_to_json(v))).collect()),
+        A::Union(_, inner) => without_schema(*inner),
+        A::Array(items) => Value::Array(items.into_iter().map(without_schema).collect()),
+        A::Map(m) => Value::Object(m.into_iter().map(|(k, v)| (k, without_schema(v))).collect()),
         A::Record(fields) => Value::Object(
             fields
                 .into_iter()
-                .map(|(k, v)| (k, avro_to_json(v)))
+                .map(|(k, v)| (k, without_schema(v)))
                 .collect(),
         ),
     }
+}
+
+/// A decimal's exact text: its unscaled value (big-endian two's complement) with `scale` digits after
+/// the point. `None` beyond 38 digits (a 128-bit integer), which no amount needs.
+fn decimal_text(d: &apache_avro::Decimal, scale: usize) -> Option<String> {
+    let bytes = Vec::<u8>::try_from(d).ok()?;
+    let negative = bytes.first().is_some_and(|b| b & 0x80 != 0);
+    let sign = if negative { 0xff } else { 0 };
+    // Sign extension beyond 16 bytes (a wide `fixed`) says nothing.
+    let skip = bytes.len().saturating_sub(16);
+    if bytes[..skip].iter().any(|&b| b != sign) || scale > 38 {
+        return None;
+    }
+    let mut wide = [sign; 16];
+    wide[16 - (bytes.len() - skip)..].copy_from_slice(&bytes[skip..]);
+    let unscaled = i128::from_be_bytes(wide);
+    let digits = format!("{:0>width$}", unscaled.unsigned_abs(), width = scale + 1);
+    let (whole, fraction) = digits.split_at(digits.len() - scale);
+    let sign = if negative { "-" } else { "" };
+    Some(match scale {
+        0 => format!("{sign}{whole}"),
+        _ => format!("{sign}{whole}.{fraction}"),
+    })
 }
 
 /// A channel name taken from an event: short, lower case letters, digits, `_` and `-`.
@@ -924,6 +1000,81 @@ mod tests {
             ]
         );
         assert_eq!(ev.consent.and_then(|c| c.cross_channel), Some(false));
+    }
+
+    /// A till's amounts as Avro decimals (money is rarely a double in a till's database, and Debezium
+    /// writes a NUMERIC column so): read exactly, with the scale of the writer schema, wherever the decimal
+    /// sits (a union, a wide fixed, an array, a named record used again). They were null, so purchases lost
+    /// their amounts without a word.
+    #[test]
+    fn avro_decimals_are_read_with_their_writer_schemas_scale() {
+        use apache_avro::types::Value as A;
+        let schema = r#"{"type": "record", "name": "Sale", "namespace": "till", "fields": [
+            {"name": "receipt", "type": "string"},
+            {"name": "at", "type": "long"},
+            {"name": "card", "type": "string"},
+            {"name": "total", "type": {"type": "bytes", "logicalType": "decimal",
+                "precision": 10, "scale": 2}},
+            {"name": "tax", "type": ["null", {"type": "fixed", "name": "Money", "size": 20,
+                "logicalType": "decimal", "precision": 40, "scale": 4}]},
+            {"name": "refunds", "type": {"type": "array", "items": {"type": "record", "name": "Refund",
+                "fields": [{"name": "amount", "type": {"type": "bytes", "logicalType": "decimal",
+                    "precision": 40, "scale": 4}}]}}},
+            {"name": "last_refund", "type": ["null", "Refund"]},
+            {"name": "units", "type": {"type": "bytes", "logicalType": "decimal",
+                "precision": 4, "scale": 0}}]}"#;
+        let codec = AvroCodec::new(apache_avro::Schema::parse_str(schema).unwrap()).unwrap();
+        let decimal = |n: i128, width: usize| {
+            let bytes = n.to_be_bytes();
+            let mut b = vec![if n < 0 { 0xff } else { 0 }; width.saturating_sub(16)];
+            b.extend(&bytes[16 - width.min(16)..]);
+            A::Decimal(apache_avro::Decimal::from(b))
+        };
+        let refund = |n: i128| A::Record(vec![("amount".into(), decimal(n, 16))]);
+        let sale = A::Record(vec![
+            ("receipt".into(), A::String("r-1".into())),
+            ("at".into(), A::Long(1_764_504_000_000)),
+            ("card".into(), A::String("LC-1".into())),
+            ("total".into(), decimal(1250, 4)),
+            ("tax".into(), A::Union(1, Box::new(decimal(-5, 20)))),
+            (
+                "refunds".into(),
+                A::Array(vec![refund(123_456), refund(i128::MIN)]),
+            ),
+            ("last_refund".into(), A::Union(1, Box::new(refund(-70)))),
+            ("units".into(), decimal(7, 1)),
+        ]);
+        let body = apache_avro::to_avro_datum(codec.schema(), sale).unwrap();
+        let doc = avro_to_json(codec.decode_value(&body).unwrap(), &codec);
+        assert_eq!(doc["total"], json!("12.50"));
+        assert_eq!(doc["tax"], json!("-0.0005"));
+        assert_eq!(
+            doc["refunds"],
+            json!([{"amount": "12.3456"}, {"amount": "-17014118346046923173168730371588410.5728"}])
+        );
+        assert_eq!(doc["last_refund"], json!({"amount": "-0.0070"}));
+        assert_eq!(doc["units"], json!("7"));
+
+        let fields: FieldMapping = toml::from_str(
+            r#"
+            event_id = "receipt"
+            timestamp = "at"
+            default_event_type = "purchase"
+            amount = "total"
+            identifiers = [{ type = "loyalty_id", path = "card" }]
+            "#,
+        )
+        .unwrap();
+        let ev = Mapping::compile(&fields).unwrap().apply(&doc).unwrap();
+        assert_eq!(ev.amount, Some(12.5));
+
+        // Wider than 128 bits: no amount rather than a wrong one.
+        let wide = apache_avro::Decimal::from([&[1u8][..], &[0; 16]].concat());
+        assert_eq!(decimal_text(&wide, 2), None);
+        assert_eq!(
+            decimal_text(&apache_avro::Decimal::from([0xff; 20]), 2),
+            Some("-0.01".into())
+        );
     }
 
     #[test]

@@ -108,21 +108,19 @@ impl EventDecoder {
                     if !ids.contains(&id) {
                         return Err(DecodeError::UnknownSchemaId(id));
                     }
-                    mapping::avro_to_json(writer.decode_value(body)?)
+                    mapping::avro_to_json(writer.decode_value(body)?, writer)
                 }
                 (Format::Avro, Some(Writer::Registry(registry))) => {
-                    mapping::avro_to_json(registry.decode_value(payload)?)
+                    let (id, body) = avro::split_confluent(payload)?;
+                    let writer = registry.writer_of_message(id)?;
+                    mapping::avro_to_json(writer.decode_value(body)?, &writer)
                 }
-                _ => {
-                    serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))?
-                }
+                _ => read_json(payload)?,
             };
             return mapping.apply(&doc).map_err(DecodeError::Fields);
         }
         match layout.format {
-            Format::Json => {
-                serde_json::from_slice(payload).map_err(|e| DecodeError::Json(e.to_string()))
-            }
+            Format::Json => read_json(payload),
             Format::Avro => {
                 let (id, body) = avro::split_confluent(payload)?;
                 match &layout.writer {
@@ -134,7 +132,7 @@ impl EventDecoder {
                         if writer.same_schema(&self.avro) {
                             read_native(body)
                         } else {
-                            self.avro.decode_resolved(writer.schema(), body)
+                            self.avro.decode_resolved(&writer, body)
                         }
                     }
                     _ if self.accepted_ids.contains(&id) => read_native(body),
@@ -143,6 +141,17 @@ impl EventDecoder {
             }
         }
     }
+}
+
+/// A JSON document, bare or framed as Confluent's JSON Schema serializer frames it: magic byte 0 and a
+/// 4-byte schema id first, which no JSON text begins with. The id is not looked up: JSON is read by its
+/// fields, whatever schema it was checked against.
+fn read_json<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
+    let body = match payload {
+        [0, ..] => avro::split_confluent(payload)?.1,
+        _ => payload,
+    };
+    serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))
 }
 
 /// An event written with the service's own schema, read straight into the event (`binary`: what
@@ -206,6 +215,39 @@ mod tests {
         let ev = d.decode(&Layout::native(Format::Json), json).unwrap();
         assert_eq!(ev.identifiers.len(), 1);
         assert!(ev.items.is_empty());
+    }
+
+    /// JSON from Confluent's JSON Schema serializer carries the wire format's 5-byte header: it reads as
+    /// the bare document, in the service's own shape and through a mapping (each such message was a
+    /// dead letter, `invalid json`). A header with nothing after it is still refused.
+    #[test]
+    fn json_framed_by_the_json_schema_serializer_reads_as_json() {
+        let d = EventDecoder::new(&[1], 1 << 20).unwrap();
+        let json = br#"{"event_id":"e","event_type":"page_view","timestamp":5,"identifiers":[{"type":"anonymous_id","value":"c"}]}"#;
+        let framed = [&[0u8, 0, 0, 0, 42][..], json].concat();
+        assert_eq!(
+            d.decode(&Layout::native(Format::Json), &framed).unwrap(),
+            d.decode(&Layout::native(Format::Json), json).unwrap()
+        );
+        let segment = Layout {
+            format: Format::Json,
+            mapping: Some(Mapping::compile(&mapping::FieldMapping::segment()).unwrap()),
+            writer: None,
+        };
+        let track = br#"{"type":"track","event":"Signed Up","messageId":"m-1","anonymousId":"a-1","timestamp":"2026-11-30T12:00:00Z"}"#;
+        let framed = [&[0u8, 0, 0, 1, 7][..], track].concat();
+        assert_eq!(
+            d.decode(&segment, &framed).unwrap(),
+            d.decode(&segment, track).unwrap()
+        );
+        assert!(matches!(
+            d.decode(&Layout::native(Format::Json), &[0, 0, 0, 0, 42]),
+            Err(DecodeError::Json(_))
+        ));
+        assert_eq!(
+            d.decode(&Layout::native(Format::Json), &[0, 0, 1]),
+            Err(DecodeError::ShortHeader)
+        );
     }
 
     /// Avro in a team's own schema is read with its writer schema and the same paths as JSON; ids not
