@@ -145,12 +145,14 @@ impl EventDecoder {
 
 /// A JSON document, bare or framed as Confluent's JSON Schema serializer frames it: magic byte 0 and a
 /// 4-byte schema id first, which no JSON text begins with. The id is not looked up: JSON is read by its
-/// fields, whatever schema it was checked against.
+/// fields, whatever schema it was checked against. A UTF-8 byte-order mark before the document (some
+/// .NET and Windows writers put one) is skipped, as RFC 8259 allows a parser to.
 fn read_json<T: serde::de::DeserializeOwned>(payload: &[u8]) -> Result<T, DecodeError> {
     let body = match payload {
         [0, ..] => avro::split_confluent(payload)?.1,
         _ => payload,
     };
+    let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     serde_json::from_slice(body).map_err(|e| DecodeError::Json(e.to_string()))
 }
 
@@ -219,7 +221,8 @@ mod tests {
 
     /// JSON from Confluent's JSON Schema serializer carries the wire format's 5-byte header: it reads as
     /// the bare document, in the service's own shape and through a mapping (each such message was a
-    /// dead letter, `invalid json`). A header with nothing after it is still refused.
+    /// dead letter, `invalid json`), as does a document after a byte-order mark. A header with nothing
+    /// after it is still refused.
     #[test]
     fn json_framed_by_the_json_schema_serializer_reads_as_json() {
         let d = EventDecoder::new(&[1], 1 << 20).unwrap();
@@ -244,6 +247,15 @@ mod tests {
             d.decode(&Layout::native(Format::Json), &[0, 0, 0, 0, 42]),
             Err(DecodeError::Json(_))
         ));
+        // A byte-order mark, bare or framed.
+        let marked = [&b"\xEF\xBB\xBF"[..], json].concat();
+        let framed_marked = [&[0u8, 0, 0, 0, 42][..], &marked].concat();
+        for payload in [&marked, &framed_marked] {
+            assert_eq!(
+                d.decode(&Layout::native(Format::Json), payload).unwrap(),
+                d.decode(&Layout::native(Format::Json), json).unwrap()
+            );
+        }
         assert_eq!(
             d.decode(&Layout::native(Format::Json), &[0, 0, 1]),
             Err(DecodeError::ShortHeader)
