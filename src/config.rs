@@ -259,7 +259,9 @@ pub struct InputConfig {
     /// For Avro in the team's own schema (with `preset` or `fields`): the writer schema (`.avsc`)...
     #[serde(default)]
     pub schema_file: Option<PathBuf>,
-    /// ...and the Confluent schema ids written with it; messages with other ids are dead-lettered.
+    /// ...and the Confluent schema ids written with it; messages with other ids are dead-lettered. Messages
+    /// in Avro's single-object encoding are read by the schema's fingerprint instead; with no ids, only
+    /// they are read.
     #[serde(default)]
     pub schema_ids: Vec<u32>,
 }
@@ -331,12 +333,6 @@ impl InputConfig {
                 }
             },
             (Format::Avro, Some(path)) => {
-                if self.schema_ids.is_empty() {
-                    return Err(format!(
-                        "`schema_ids`: the schema ids written with {} are required",
-                        path.display()
-                    ));
-                }
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("schema_file {}: {e}", path.display()))?;
                 let schema = apache_avro::Schema::parse_str(&text)

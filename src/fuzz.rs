@@ -122,6 +122,13 @@ fn till_sale(depth: usize) -> Vec<u8> {
     out
 }
 
+/// A till sale in Avro's single-object encoding instead of the Confluent wire format.
+fn single_object(confluent: &[u8]) -> Vec<u8> {
+    let schema = apache_avro::Schema::parse_str(TILL_SCHEMA).expect("the till's schema");
+    let fingerprint = schema.fingerprint::<apache_avro::rabin::Rabin>().bytes;
+    [&[0xC3, 0x01][..], &fingerprint, &confluent[5..]].concat()
+}
+
 fn good_event(id: &str, ids: &[(&str, &str)]) -> ChannelEvent {
     ChannelEvent {
         order_id: Some("o-1".into()),
@@ -183,6 +190,7 @@ fn good_seeds() -> Vec<(&'static str, Vec<u8>)> {
         (SEGMENT_TOPIC, [&[0u8, 0, 0, 0, 3][..], br#"{"type":"page","messageId":"seg-3","timestamp":1767225600,"anonymousId":"d-1"}"#].concat()),
         (TILL_TOPIC, till_sale(0)),
         (TILL_TOPIC, till_sale(3)),
+        (TILL_TOPIC, single_object(&till_sale(2))),
         (CONTROL_TOPIC, br#"{"op":"erase_identifier","type":"email","value":"a@x.io"}"#.to_vec()),
         (CONTROL_TOPIC, br#"{"op":"erase_profile","profile_id":"p-e3b0c44298fc1c149afb"}"#.to_vec()),
         (CONTROL_TOPIC, br#"{"op":"unlink","a":{"type":"email","value":"a@x.io"},"b":{"type":"device_id","value":"d-1"}}"#.to_vec()),
@@ -289,6 +297,9 @@ fn bad_seeds() -> Vec<(&'static str, Vec<u8>)> {
     announced.truncate(announced.len() - 1);
     varint(&mut announced, 1 << 30);
     seeds.push((TILL_TOPIC, announced));
+    let mut other_schema = single_object(&till_sale(1));
+    other_schema[5] ^= 0x40;
+    seeds.push((TILL_TOPIC, other_schema));
     // Segment events whose fields do not make an event, or whose values are out of range.
     for bad in [
         r#"{"type":"page","timestamp":"2026-01-01T00:00:00Z","anonymousId":"d-1"}"#,

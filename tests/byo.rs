@@ -1,6 +1,7 @@
 //! Bring your own events (issue 14), against the real broker: a web tracker writing the Segment spec, a
 //! call-centre tool writing its own JSON read through `[inputs.fields]`, a till on the service's own
-//! schema and another till writing Avro in its own schema (writer schema from a file), all for one
+//! schema and another till writing Avro in its own schema (writer schema from a file; in the Confluent wire
+//! format and in Avro's single-object encoding), all for one
 //! person, end in one profile that every channel's events reach; a message whose fields do not make an
 //! event is dead-lettered with the path that failed, and nothing else is lost.
 #![cfg(feature = "kafka-it")]
@@ -152,6 +153,20 @@ schema_ids = [7]
         &sales_topic,
         [7, 8].map(|id| framed(id, sale_schema, sale.clone())),
     );
+    // The same till writing Avro's single-object encoding (`C3 01` and the schema's fingerprint, as
+    // Java's generated `toByteBuffer()` writes it): another sale; then one whose fingerprint is another
+    // schema's.
+    let A::Record(mut second) = sale else {
+        panic!("a record")
+    };
+    second[0].1 = A::String("r-2".into());
+    let schema = apache_avro::Schema::parse_str(sale_schema).expect("schema");
+    let fingerprint = schema.fingerprint::<apache_avro::rabin::Rabin>().bytes;
+    let body = apache_avro::to_avro_datum(&schema, A::Record(second)).expect("avro");
+    let single_object = [&[0xC3u8, 0x01][..], &fingerprint, &body].concat();
+    let mut other_schema = single_object.clone();
+    other_schema[2] ^= 0xff;
+    send_all(&sales_topic, [single_object, other_schema]);
 
     let mut child = s.start();
     s.wait_caught_up(&mut child, TIMEOUT);
@@ -176,7 +191,7 @@ schema_ids = [7]
             "{want:?} in {ids:?}"
         );
     }
-    assert_eq!(p.events, 7);
+    assert_eq!(p.events, 8);
     assert_eq!(p.first_seen, day + 1_000, "ISO-8601 with Z");
     let types: Vec<&str> = p.event_types.keys().map(String::as_str).collect();
     assert_eq!(
@@ -198,7 +213,7 @@ schema_ids = [7]
     purchases.sort();
     assert_eq!(
         purchases,
-        [("online", "USD", 1, 7990), ("store", "EUR", 2, 3250)]
+        [("online", "USD", 1, 7990), ("store", "EUR", 3, 4500)]
     );
     let channels: Vec<&str> = p.channels.iter().map(|c| c.channel.as_str()).collect();
     assert_eq!(channels, ["callcenter", "pos", "web"]);
@@ -209,9 +224,17 @@ schema_ids = [7]
         .map(|l| l.headers["dlq.error"].clone())
         .collect();
     errors.sort();
-    assert_eq!(errors.len(), 2, "no message id; unknown schema: {errors:?}");
+    assert_eq!(
+        errors.len(),
+        3,
+        "no message id; unknown schema id; unknown fingerprint: {errors:?}"
+    );
     assert!(errors[0].contains("messageId"), "{errors:?}");
-    assert!(errors[1].contains("unknown schema id 8"), "{errors:?}");
+    assert!(
+        errors[1].contains("single-object Avro of schema fingerprint"),
+        "{errors:?}"
+    );
+    assert!(errors[2].contains("unknown schema id 8"), "{errors:?}");
     assert!(sigterm(&mut child).success(), "{}", s.log_tail());
 }
 

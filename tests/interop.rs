@@ -41,6 +41,24 @@ fn confluent_python_client_with_a_real_schema_registry() {
     round_trip(Some(&url));
 }
 
+/// Runs `scripts/interop.py` with `args`, which sends three events for each of `persons`.
+fn produce(args: &[&str], persons: usize) {
+    let sent = interop(args);
+    assert!(
+        sent.contains(&format!("\"sent\": {}", persons * 3)),
+        "{sent}"
+    );
+}
+
+/// Runs the service until it has caught up with what was sent, stops it, and requires that it decoded
+/// every record the Python serializer wrote.
+fn run_over_all(s: &Setup) {
+    let mut child = s.start();
+    s.wait_caught_up(&mut child, Duration::from_secs(120));
+    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
+    assert!(s.dead_letters().is_empty(), "{:?}", s.dead_letters());
+}
+
 /// Confluent's JSONSerializer frames each document as the Avro serializer does (magic byte 0, the schema
 /// id): every such event was a dead letter (`invalid json`) before JSON inputs read the frame.
 #[test]
@@ -48,15 +66,11 @@ fn confluent_json_schema_serializer_events_are_read() {
     let s = Setup::new("interop-json", 1, "");
     let topic = s.json_topic();
     let persons = 20;
-    let sent = interop(&["produce-json", &brokers(), &topic, &persons.to_string()]);
-    assert!(
-        sent.contains(&format!("\"sent\": {}", persons * 3)),
-        "{sent}"
+    produce(
+        &["produce-json", &brokers(), &topic, &persons.to_string()],
+        persons,
     );
-    let mut child = s.start();
-    s.wait_caught_up(&mut child, Duration::from_secs(120));
-    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
-    assert!(s.dead_letters().is_empty(), "{:?}", s.dead_letters());
+    run_over_all(&s);
     let out = s.output();
     let live = out.live();
     assert_eq!(live.len(), persons, "one profile per person");
@@ -82,19 +96,8 @@ fn round_trip(registry: Option<&str>) {
     ];
     args.extend(registry.map(String::from));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let sent = interop(&args);
-    assert!(
-        sent.contains(&format!("\"sent\": {}", persons * 3)),
-        "{sent}"
-    );
-
-    let mut child = s.start();
-    s.wait_caught_up(&mut child, Duration::from_secs(120));
-    assert!(sigterm(&mut child).success(), "{}", s.log_tail());
-    assert!(
-        s.dead_letters().is_empty(),
-        "the service decoded every record the Python serializer wrote"
-    );
+    produce(&args, persons);
+    run_over_all(&s);
 
     // Ours, decoded by the service's own Avro reader.
     let ours = s.output();

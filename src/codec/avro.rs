@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use apache_avro::schema::{Name, Namespace, ResolvedSchema};
+use apache_avro::schema::{ArraySchema, MapSchema, Name, Namespace, ResolvedSchema};
 use apache_avro::{GenericSingleObjectReader, GenericSingleObjectWriter, Schema};
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -112,6 +112,19 @@ impl AvroCodec {
     /// The named type (record, enum, fixed) of the full name `name` in this schema.
     pub fn named(&self, name: &Name) -> Option<&Schema> {
         self.names.get(name)
+    }
+
+    /// The body of a datum in Avro's single-object encoding (`C3 01`, then the writer schema's 64-bit
+    /// Rabin fingerprint, little-endian; Java's generated `toByteBuffer()` writes it), which must be
+    /// this schema's.
+    pub fn single_object_body<'a>(&self, payload: &'a [u8]) -> Result<&'a [u8], DecodeError> {
+        match payload.split_at_checked(self.header.len()) {
+            Some((header, body)) if header == self.header => Ok(body),
+            Some((header, _)) => Err(DecodeError::UnknownFingerprint(
+                header[2..].iter().map(|b| format!("{b:02x}")).collect(),
+            )),
+            None => Err(DecodeError::ShortHeader),
+        }
     }
 
     /// Whether both schemas have the same canonical form (Rabin fingerprint).
@@ -321,23 +334,14 @@ impl AvroCodec {
                     }
                     Some(())
                 }
-                Schema::Array(array) => {
+                Schema::Array(ArraySchema { items: item, .. })
+                | Schema::Map(MapSchema { types: item, .. }) => {
                     pending.push(Pending::Items {
-                        item: &array.items,
+                        item,
                         namespace,
                         depth: depth + 1,
                         left: 0,
-                        map: false,
-                    });
-                    Some(())
-                }
-                Schema::Map(map) => {
-                    pending.push(Pending::Items {
-                        item: &map.types,
-                        namespace,
-                        depth: depth + 1,
-                        left: 0,
-                        map: true,
+                        map: matches!(schema, Schema::Map(_)),
                     });
                     Some(())
                 }

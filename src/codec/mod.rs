@@ -27,10 +27,13 @@ pub enum DecodeError {
     TooLarge(usize, usize),
     #[error("not Confluent wire format: magic byte {0:#04x}, expected 0x00")]
     BadMagic(u8),
-    #[error("message shorter than the 5-byte Confluent header")]
+    #[error("message shorter than its header (5 bytes in the Confluent wire format, 10 in Avro's single-object encoding)")]
     ShortHeader,
     #[error("unknown schema id {0}")]
     UnknownSchemaId(u32),
+    /// Avro's single-object encoding with the fingerprint (hex, as written) of another schema.
+    #[error("single-object Avro of schema fingerprint {0}, not the fingerprint of the input's schema_file")]
+    UnknownFingerprint(String),
     #[error("invalid avro: {0}")]
     Avro(String),
     #[error("invalid json: {0}")]
@@ -104,10 +107,17 @@ impl EventDecoder {
         if let Some(mapping) = &layout.mapping {
             let doc = match (layout.format, &layout.writer) {
                 (Format::Avro, Some(Writer::File(writer, ids))) => {
-                    let (id, body) = avro::split_confluent(payload)?;
-                    if !ids.contains(&id) {
-                        return Err(DecodeError::UnknownSchemaId(id));
-                    }
+                    let body = match payload {
+                        // Avro's own framing: the schema's fingerprint instead of a registry's id.
+                        [0xC3, 0x01, ..] => writer.single_object_body(payload)?,
+                        _ => {
+                            let (id, body) = avro::split_confluent(payload)?;
+                            if !ids.contains(&id) {
+                                return Err(DecodeError::UnknownSchemaId(id));
+                            }
+                            body
+                        }
+                    };
                     mapping::avro_to_json(writer.decode_value(body)?, writer)
                 }
                 (Format::Avro, Some(Writer::Registry(registry))) => {
@@ -298,7 +308,7 @@ mod tests {
             ),
         ]);
         let mut payload = vec![0, 0, 0, 0, 7];
-        payload.extend(apache_avro::to_avro_datum(&schema, sale).unwrap());
+        payload.extend(apache_avro::to_avro_datum(&schema, sale.clone()).unwrap());
         let fields: mapping::FieldMapping = toml::from_str(
             r#"
             event_id = "receipt"
@@ -329,6 +339,25 @@ mod tests {
         assert_eq!(
             d.decode(&layout, &payload),
             Err(DecodeError::UnknownSchemaId(8))
+        );
+
+        // Avro's single-object encoding of the same sale, as apache-avro's own writer frames it: read by
+        // the schema's fingerprint, whatever the ids.
+        let mut framed = Vec::new();
+        apache_avro::GenericSingleObjectWriter::new_with_capacity(&schema, 64)
+            .unwrap()
+            .write_value_ref(&sale, &mut framed)
+            .unwrap();
+        assert_eq!(&framed[..2], &[0xC3, 0x01]);
+        assert_eq!(d.decode(&layout, &framed).unwrap().event_id, "r-1");
+        framed[9] ^= 1;
+        assert!(matches!(
+            d.decode(&layout, &framed),
+            Err(DecodeError::UnknownFingerprint(_))
+        ));
+        assert_eq!(
+            d.decode(&layout, &framed[..6]),
+            Err(DecodeError::ShortHeader)
         );
     }
 
