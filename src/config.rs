@@ -335,9 +335,7 @@ impl InputConfig {
             (Format::Avro, Some(path)) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("schema_file {}: {e}", path.display()))?;
-                let schema = apache_avro::Schema::parse_str(&text)
-                    .map_err(|e| format!("schema_file {}: {e}", path.display()))?;
-                let codec = crate::codec::AvroCodec::new(schema)
+                let codec = crate::codec::AvroCodec::from_text(&text)
                     .map_err(|e| format!("schema_file {}: {e}", path.display()))?;
                 Some(Writer::File(
                     Box::new(codec),

@@ -61,7 +61,10 @@ pub struct AvroCodec {
     schema: Schema,
     /// The schema's named types by full name, for [`check_bounds`].
     names: HashMap<Name, Schema>,
+    /// apache-avro's single-object header: its fingerprint keeps logical types in the canonical form.
     header: [u8; 10],
+    /// The fingerprint of the specification's canonical form, which Java writes, when built from text.
+    parsing_fingerprint: Option<[u8; 8]>,
     reader: GenericSingleObjectReader,
     /// The writer keeps its buffer between calls; behind a lock so that the codec can be shared.
     writer: Mutex<GenericSingleObjectWriter>,
@@ -85,8 +88,19 @@ impl AvroCodec {
             schema,
             names,
             header,
+            parsing_fingerprint: None,
             reader,
             writer: Mutex::new(writer),
+        })
+    }
+
+    /// A schema from its JSON text (a `schema_file`), which also gives the fingerprint Avro's
+    /// specification defines for single-object encoding ([`parsing_fingerprint`]).
+    pub fn from_text(text: &str) -> Result<Self, SchemaError> {
+        let schema = Schema::parse_str(text).map_err(|e| SchemaError::Parse(e.to_string()))?;
+        Ok(Self {
+            parsing_fingerprint: Some(parsing_fingerprint(text)?),
+            ..Self::new(schema)?
         })
     }
 
@@ -116,10 +130,16 @@ impl AvroCodec {
 
     /// The body of a datum in Avro's single-object encoding (`C3 01`, then the writer schema's 64-bit
     /// Rabin fingerprint, little-endian; Java's generated `toByteBuffer()` writes it), which must be
-    /// this schema's.
+    /// this schema's: by the specification's fingerprint, or by apache-avro's (the same for a schema
+    /// without logical types).
     pub fn single_object_body<'a>(&self, payload: &'a [u8]) -> Result<&'a [u8], DecodeError> {
         match payload.split_at_checked(self.header.len()) {
-            Some((header, body)) if header == self.header => Ok(body),
+            Some((header, body))
+                if header == self.header
+                    || self.parsing_fingerprint.as_ref().map(|f| &f[..]) == Some(&header[2..]) =>
+            {
+                Ok(body)
+            }
             Some((header, _)) => Err(DecodeError::UnknownFingerprint(
                 header[2..].iter().map(|b| format!("{b:02x}")).collect(),
             )),
@@ -191,6 +211,158 @@ impl AvroCodec {
         framed.drain(5..15);
         Ok(framed)
     }
+}
+
+/// The 64-bit Rabin fingerprint (CRC-64-AVRO), little-endian, of the Parsing Canonical Form of the schema
+/// `text`, as the Avro specification defines them and Java's `SchemaNormalization` computes them: only
+/// names (in full), types, fields, symbols, items, values and sizes, in that order, without whitespace;
+/// a logical type is its underlying type. apache-avro 0.17 keeps logical types in its canonical form, so
+/// its fingerprint of such a schema is not the one Java writes in single-object encoding.
+pub fn parsing_fingerprint(text: &str) -> Result<[u8; 8], SchemaError> {
+    let json: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| SchemaError::Parse(e.to_string()))?;
+    let mut form = String::new();
+    canonical_form(&json, "", &mut form)?;
+    Ok(rabin(form.as_bytes()).to_le_bytes())
+}
+
+/// Appends the Parsing Canonical Form of `schema`, whose names resolve in `namespace`.
+fn canonical_form(
+    schema: &serde_json::Value,
+    namespace: &str,
+    out: &mut String,
+) -> Result<(), SchemaError> {
+    use serde_json::Value as J;
+    const PRIMITIVES: [&str; 8] = [
+        "null", "boolean", "int", "long", "float", "double", "bytes", "string",
+    ];
+    let quoted = |s: &str| J::String(s.to_string()).to_string();
+    let full = |name: &str, namespace: &str| match (name.contains('.'), namespace) {
+        (false, ns) if !ns.is_empty() => format!("{ns}.{name}"),
+        _ => name.to_string(),
+    };
+    let bad = |what: &str| SchemaError::Parse(format!("{what} in {schema}"));
+    match schema {
+        J::String(name) if PRIMITIVES.contains(&name.as_str()) => out.push_str(&quoted(name)),
+        J::String(name) => out.push_str(&quoted(&full(name, namespace))),
+        J::Array(branches) => {
+            out.push('[');
+            for (i, branch) in branches.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_form(branch, namespace, out)?;
+            }
+            out.push(']');
+        }
+        J::Object(o) => match o.get("type") {
+            Some(J::String(kind))
+                if matches!(kind.as_str(), "record" | "error" | "enum" | "fixed") =>
+            {
+                let name = o
+                    .get("name")
+                    .and_then(J::as_str)
+                    .ok_or_else(|| bad("a named type without a name"))?;
+                let own = match name.rsplit_once('.') {
+                    Some((ns, _)) => ns.to_string(),
+                    None => match o.get("namespace") {
+                        Some(J::String(ns)) => ns.clone(),
+                        _ => namespace.to_string(),
+                    },
+                };
+                let short = name.rsplit('.').next().unwrap_or(name);
+                out.push_str(&format!(
+                    "{{\"name\":{},\"type\":{}",
+                    quoted(&full(short, &own)),
+                    quoted(kind)
+                ));
+                match kind.as_str() {
+                    "enum" => {
+                        let symbols = o
+                            .get("symbols")
+                            .and_then(J::as_array)
+                            .ok_or_else(|| bad("an enum without symbols"))?;
+                        let symbols: Vec<String> =
+                            symbols.iter().filter_map(J::as_str).map(quoted).collect();
+                        out.push_str(&format!(",\"symbols\":[{}]", symbols.join(",")));
+                    }
+                    "fixed" => {
+                        let size = o
+                            .get("size")
+                            .and_then(J::as_u64)
+                            .ok_or_else(|| bad("a fixed without a size"))?;
+                        out.push_str(&format!(",\"size\":{size}"));
+                    }
+                    _ => {
+                        let fields = o
+                            .get("fields")
+                            .and_then(J::as_array)
+                            .ok_or_else(|| bad("a record without fields"))?;
+                        out.push_str(",\"fields\":[");
+                        for (i, field) in fields.iter().enumerate() {
+                            let field_name = field
+                                .get("name")
+                                .and_then(J::as_str)
+                                .ok_or_else(|| bad("a field without a name"))?;
+                            let field_type = field
+                                .get("type")
+                                .ok_or_else(|| bad("a field without a type"))?;
+                            if i > 0 {
+                                out.push(',');
+                            }
+                            out.push_str(&format!("{{\"name\":{},\"type\":", quoted(field_name)));
+                            canonical_form(field_type, &own, out)?;
+                            out.push('}');
+                        }
+                        out.push(']');
+                    }
+                }
+                out.push('}');
+            }
+            Some(J::String(kind)) if kind == "array" || kind == "map" => {
+                let (key, inner) = if kind == "array" {
+                    ("items", "items")
+                } else {
+                    ("values", "values")
+                };
+                let inner = o
+                    .get(inner)
+                    .ok_or_else(|| bad("an array or map without its type"))?;
+                out.push_str(&format!("{{\"type\":{},\"{key}\":", quoted(kind)));
+                canonical_form(inner, namespace, out)?;
+                out.push('}');
+            }
+            // A primitive (whatever logical type it carries), a named type's name, or a type written
+            // inside "type".
+            Some(inner) => canonical_form(inner, namespace, out)?,
+            None => return Err(bad("an object without a type")),
+        },
+        _ => return Err(bad("not a schema")),
+    }
+    Ok(())
+}
+
+/// CRC-64-AVRO, the specification's Rabin fingerprint.
+fn rabin(bytes: &[u8]) -> u64 {
+    const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
+    const TABLE: [u64; 256] = {
+        let mut table = [0u64; 256];
+        let mut i = 0;
+        while i < 256 {
+            let mut fp = i as u64;
+            let mut j = 0;
+            while j < 8 {
+                fp = (fp >> 1) ^ (EMPTY & (fp & 1).wrapping_neg());
+                j += 1;
+            }
+            table[i] = fp;
+            i += 1;
+        }
+        table
+    };
+    bytes.iter().fold(EMPTY, |fp, &b| {
+        (fp >> 8) ^ TABLE[((fp ^ u64::from(b)) & 0xff) as usize]
+    })
 }
 
 /// How deeply a datum may nest, in calls of apache-avro's recursive decoder: one for each record, field,
@@ -469,6 +641,31 @@ mod tests {
         });
         assert_eq!(links, deepest);
         assert!(codec.decode_value(&list(deepest + 1)).is_err());
+    }
+
+    /// The fingerprint in the single-object header Java's `BinaryMessageEncoder` (Avro 1.12.2) wrote for
+    /// this schema, with a logical type in it; apache-avro's differs, and a schema without logical types
+    /// gets the same from both.
+    #[test]
+    fn the_parsing_fingerprint_is_the_one_java_writes() {
+        let sale = r#"{"type": "record", "name": "Sale", "namespace": "till", "fields": [
+            {"name": "receipt", "type": "string"},
+            {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+            {"name": "card", "type": "string"},
+            {"name": "total", "type": "double"}]}"#;
+        let java = [0xe8, 0x9e, 0x55, 0xbd, 0x29, 0xa2, 0xbd, 0x47];
+        assert_eq!(parsing_fingerprint(sale).unwrap(), java);
+        let sales = AvroCodec::from_text(sale).unwrap();
+        assert_ne!(sales.header[2..], java);
+        let mut java_framed = vec![0xC3, 0x01];
+        java_framed.extend(java);
+        java_framed.push(0);
+        assert_eq!(sales.single_object_body(&java_framed).unwrap(), [0]);
+        // The specification's own example values: the empty string's fingerprint, and a schema without
+        // logical types, where both fingerprints agree.
+        assert_eq!(rabin(b""), 0xc15d_213a_a4d7_a795);
+        let plain = codec(LIST);
+        assert_eq!(parsing_fingerprint(LIST).unwrap(), plain.header[2..]);
     }
 
     #[test]
