@@ -670,7 +670,7 @@ mod tests {
 
     #[test]
     fn a_block_announcing_more_items_than_bytes_is_refused() {
-        // apache-avro reads a union past the end as null: 10 million of them from five bytes.
+        // apache-avro reads a union past the end as null: 10 million of them from four bytes.
         let unions = codec(r#"{"type": "array", "items": ["null", "string"]}"#);
         let mut body = Vec::new();
         zigzag(10_000_000, &mut body);
